@@ -1,0 +1,186 @@
+"""The snapshot: what one poll of one network namespace saw.
+
+Every consumer (rules, exporter, report) reads these frozen dataclasses and nothing else.
+Mappings inside them are built once by a source and never mutated afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# Exported state names, in the kernel's numbering order (TCP_ESTABLISHED = 1 ... TCP_CLOSING = 11).
+STATES: tuple[str, ...] = (
+    "established",
+    "syn_sent",
+    "syn_recv",
+    "fin_wait1",
+    "fin_wait2",
+    "time_wait",
+    "close",
+    "close_wait",
+    "last_ack",
+    "listen",
+    "closing",
+)
+FAMILIES: tuple[str, ...] = ("ipv4", "ipv6")
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One listening socket and its two queues.
+
+    ``socket_index`` tells apart SO_REUSEPORT sockets sharing one address:port: 0 for a lone
+    listener, 0..N-1 in ascending inode order (creation order) within a reuseport group.
+    """
+
+    family: str
+    address: str
+    port: int
+    queue_length: int  # accept queue now (sk_ack_backlog; `ss -lnt` Recv-Q)
+    queue_max: int  # effective backlog (sk_max_ack_backlog; `ss -lnt` Send-Q)
+    syn_recv: int  # request sockets (half-open connections) on this listener's port and address
+    inode: int
+    socket_index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationUse:
+    """Sockets bound to an ephemeral local port towards one (source, destination, port)."""
+
+    family: str
+    source: str
+    address: str
+    port: int
+    sockets: int  # all states that hold the 4-tuple, TIME_WAIT included
+    time_wait: int
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """A remote endpoint with a count of sockets in one state towards it (e.g. SYN_SENT)."""
+
+    family: str
+    address: str
+    port: int
+    sockets: int
+
+
+@dataclass(frozen=True, slots=True)
+class SelfConnect:
+    """A socket connected to itself (local address:port == remote address:port)."""
+
+    family: str
+    address: str
+    port: int
+    state: str
+    inode: int
+
+
+@dataclass(frozen=True, slots=True)
+class SocketTable:
+    """What the sock_diag dumps of one namespace yielded."""
+
+    counts: Mapping[str, Mapping[str, int]]  # family -> state -> sockets (all STATES present)
+    listeners: tuple[Listener, ...]
+    ephemeral_use: tuple[DestinationUse, ...]  # sorted by sockets, largest first
+    syn_sent: tuple[Destination, ...]  # SYN_SENT sockets per destination, largest first
+    self_connects: tuple[SelfConnect, ...]
+    # Socket inodes in the states chosen for process attribution (state -> inodes).
+    inodes_by_state: Mapping[str, frozenset[int]]
+    # "derived": inbound ESTABLISHED counted as sockstat inuse minus the dumped full sockets;
+    # "dumped": every ESTABLISHED socket was dumped and counted.
+    established_method: str
+    messages: int  # netlink messages parsed, a measure of the poll's cost
+
+    def total(self, state: str) -> int:
+        return sum(by_state.get(state, 0) for by_state in self.counts.values())
+
+
+@dataclass(frozen=True, slots=True)
+class SockStat:
+    """/proc/net/sockstat and sockstat6, TCP lines."""
+
+    inuse_ipv4: int  # full TCP sockets in the hash tables (no TIME_WAIT, no request sockets)
+    inuse_ipv6: int
+    orphan: int
+    time_wait: int  # both families; FIN_WAIT2 timewait sockets included
+    alloc: int
+    memory_pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class KernelCounters:
+    """/proc/net/netstat and /proc/net/snmp, named as nstat names them (``TcpExtListenOverflows``)."""
+
+    values: Mapping[str, int]
+
+    def get(self, name: str) -> int | None:
+        return self.values.get(name)
+
+
+@dataclass(frozen=True, slots=True)
+class Sysctls:
+    """TCP tunables. A sysctl the kernel lacks is absent from ``values``."""
+
+    values: Mapping[str, tuple[int, ...]]  # dotted name -> its integer fields
+    reserved_ports: tuple[tuple[int, int], ...] = ()  # ip_local_reserved_ports as ranges
+
+    def get(self, name: str, index: int = 0) -> int | None:
+        fields = self.values.get(name)
+        if fields is None or index >= len(fields):
+            return None
+        return fields[index]
+
+    @property
+    def port_range(self) -> tuple[int, int] | None:
+        fields = self.values.get("net.ipv4.ip_local_port_range")
+        if fields is None or len(fields) != 2:
+            return None
+        return fields[0], fields[1]
+
+    def port_reserved(self, port: int) -> bool:
+        return any(low <= port <= high for low, high in self.reserved_ports)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRef:
+    pid: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """Socket inode -> owning process, from one scan of /proc/*/fd."""
+
+    owners: Mapping[int, ProcessRef]
+    processes_scanned: int
+    complete: bool  # every wanted inode was found or every process was scanned
+
+    def owner(self, inode: int) -> ProcessRef | None:
+        return self.owners.get(inode)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStatus:
+    name: str
+    ok: bool
+    duration_seconds: float
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One network namespace at one instant. A source that failed leaves its field None."""
+
+    netns: str
+    taken_at: float  # unix time
+    sockets: SocketTable | None
+    counters: KernelCounters | None
+    sockstat: SockStat | None
+    sysctls: Sysctls | None
+    attribution: Attribution | None
+    sources: tuple[SourceStatus, ...] = field(default_factory=tuple)
+
+    def source_ok(self, name: str) -> bool:
+        return any(status.name == name and status.ok for status in self.sources)

@@ -1,0 +1,436 @@
+"""TCP sockets through NETLINK_SOCK_DIAG (inet_diag), parsed with struct, streaming.
+
+Cost is what matters here, so the dumps ask the kernel for as little as possible:
+
+* dump 1 (per family): every state but ESTABLISHED, no filter. Listeners come first (the kernel
+  walks the listening hash before the established one), then request sockets, TIME_WAIT,
+  CLOSE_WAIT ... These are few on a healthy host, apart from TIME_WAIT.
+* dump 2 (per family): ESTABLISHED only, with an inet_diag bytecode filter that keeps local ports
+  inside ``ip_local_port_range``: the outbound connections that use ephemeral ports, counted per
+  destination. Inbound connections (local port = a service port) are never copied out.
+* Inbound ESTABLISHED is then exact arithmetic: ``/proc/net/sockstat{,6}`` ``inuse`` counts every
+  full socket in the hash tables of a family, so inuse minus the full sockets dump 1 saw minus the
+  ESTABLISHED sockets dump 2 saw is the rest of ESTABLISHED. Without inuse or a port range, every
+  ESTABLISHED socket is dumped and counted instead.
+
+Message layout (``struct nlmsghdr`` + ``struct inet_diag_msg``, native endian except ports and
+addresses), offsets from the start of the netlink message::
+
+     0 nlmsg_len u32 | 4 nlmsg_type u16 | 6 flags u16 | 8 seq u32 | 12 pid u32
+    16 family u8 | 17 state u8 | 18 timer u8 | 19 retrans u8
+    20 sport be16 | 22 dport be16 | 24 src[16] | 40 dst[16] | 56 if u32 | 60 cookie u32[2]
+    68 expires u32 | 72 rqueue u32 | 76 wqueue u32 | 80 uid u32 | 84 inode u32 | 88 attributes
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+from tcpwatch.model import (
+    FAMILIES,
+    STATES,
+    Destination,
+    DestinationUse,
+    Listener,
+    SelfConnect,
+    SocketTable,
+)
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_SHUTDOWN = 8  # every full socket carries it; request and TIME_WAIT sockets never do
+INET_DIAG_BC_S_GE = 2
+INET_DIAG_BC_S_LE = 3
+
+# Kernel TCP state numbers (include/net/tcp_states.h).
+TCP_ESTABLISHED = 1
+TCP_SYN_SENT = 2
+TCP_SYN_RECV = 3
+TCP_TIME_WAIT = 6
+TCP_CLOSE = 7
+TCP_LISTEN = 10
+TCP_NEW_SYN_RECV = 12
+TIMER_TIME_WAIT = 3  # idiag_timer of timewait sockets (inet_twsk_diag_fill), FIN_WAIT2 ones too
+
+ALL_STATES_MASK = sum(1 << n for n in range(1, 13))  # 1..11 and NEW_SYN_RECV; what `ss -ta` asks
+ESTABLISHED_MASK = 1 << TCP_ESTABLISHED
+
+_FAMILY_NUMBER = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
+_ADDRESS_LENGTH = {"ipv4": 4, "ipv6": 16}
+# States whose sockets hold a 4-tuple: the ones that use an ephemeral port towards a destination.
+_TUPLE_STATES = frozenset({1, 2, 4, 5, 6, 8, 9, 11})
+_STATE_BY_NAME = {name: number for number, name in enumerate(STATES, start=1)}
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_REQUEST = struct.Struct("=BBBxI")  # inet_diag_req_v2 head; the 48-byte sockid follows
+_HEADER = struct.Struct("=IH")
+_PORTS = struct.Struct("!HH")
+_QUEUES_INODE = struct.Struct("=II4xI")  # rqueue, wqueue, (uid), inode at offset 72
+_ERRNO = struct.Struct("=i")
+_ATTR = struct.Struct("=HH")
+_MESSAGE_MIN = 88
+
+
+class SockDiagError(Exception):
+    """The dump failed or returned something we cannot parse."""
+
+
+def state_mask(states: Iterable[int]) -> int:
+    mask = 0
+    for number in states:
+        mask |= 1 << number
+    return mask
+
+
+def port_range_bytecode(low: int, high: int) -> bytes:
+    """inet_diag bytecode accepting sockets whose local port is in [low, high].
+
+    Each op is {code u8, yes u8, no u16}; a jump landing exactly at the end accepts, one landing
+    4 bytes past it rejects. The port operand travels in the ``no`` field of the following op.
+    """
+    program_length = 16
+    return b"".join(
+        (
+            struct.pack("=BBH", INET_DIAG_BC_S_GE, 8, program_length + 4),
+            struct.pack("=BBH", 0, 0, low),
+            struct.pack("=BBH", INET_DIAG_BC_S_LE, 8, 8 + 4),
+            struct.pack("=BBH", 0, 0, high),
+        )
+    )
+
+
+def build_request(family: str, states: int, bytecode: bytes = b"", sequence: int = 1) -> bytes:
+    body = _REQUEST.pack(_FAMILY_NUMBER[family], socket.IPPROTO_TCP, 0, states) + bytes(48)
+    if bytecode:
+        attr_len = 4 + len(bytecode)
+        body += _ATTR.pack(attr_len, INET_DIAG_REQ_BYTECODE) + bytecode
+    flags = NLM_F_REQUEST | NLM_F_DUMP
+    return _NLMSGHDR.pack(16 + len(body), SOCK_DIAG_BY_FAMILY, flags, sequence, 0) + body
+
+
+def _has_attribute(data: memoryview | bytes, start: int, end: int, wanted: int) -> bool:
+    while start + 4 <= end:
+        length, kind = _ATTR.unpack_from(data, start)
+        if kind & 0x3FFF == wanted:
+            return True
+        if length < 4:
+            return False
+        start += (length + 3) & ~3
+    return False
+
+
+@dataclass(slots=True)
+class _FamilyTotals:
+    states: list[int]  # index = kernel state number, 0..12
+    full_sockets: int  # full sockets seen in the unfiltered dump (what sockstat inuse counts)
+
+
+class DumpAggregator:
+    """Consumes inet_diag messages and keeps only aggregates: counts, listeners, destinations.
+
+    Fed one netlink datagram at a time (``feed``), so a dump of any size needs one buffer.
+    """
+
+    def __init__(
+        self,
+        port_range: tuple[int, int] | None,
+        attribute_states: Iterable[str] = ("close_wait",),
+    ) -> None:
+        self.port_range = port_range
+        self.attribute_numbers = frozenset(_STATE_BY_NAME[name] for name in attribute_states)
+        self.totals = {name: _FamilyTotals([0] * 13, 0) for name in FAMILIES}
+        # raw listeners: (family, address bytes, port, rqueue, wqueue, inode)
+        self.listeners: list[tuple[str, bytes, int, int, int, int]] = []
+        self.listen_ports: set[int] = set()
+        self.request_sockets: Counter[tuple[str, bytes, int]] = Counter()
+        # ephemeral use key: (family, bytes of dport+src+dst) -> [sockets, time_wait]
+        self.ephemeral: dict[tuple[str, bytes], list[int]] = {}
+        self.syn_sent: Counter[tuple[str, bytes]] = Counter()
+        self.self_connects: list[SelfConnect] = []
+        self.inodes: dict[int, set[int]] = {n: set() for n in self.attribute_numbers}
+        self.messages = 0
+
+    def feed(self, data: memoryview | bytes, length: int, family: str) -> bool:
+        """Parse one datagram; True once NLMSG_DONE has been seen."""
+        totals = self.totals[family]
+        states = totals.states
+        low, high = self.port_range if self.port_range else (1, 0)
+        addr_len = _ADDRESS_LENGTH[family]
+        offset = 0
+        while offset < length:
+            if length - offset < 16:
+                raise SockDiagError(f"truncated netlink header at byte {offset} of {length}")
+            msg_len, msg_type = _HEADER.unpack_from(data, offset)
+            if msg_len < 16 or offset + msg_len > length:
+                raise SockDiagError(
+                    f"bad netlink message length {msg_len} at byte {offset} of {length}"
+                )
+            if msg_type == NLMSG_DONE:
+                return True
+            if msg_type == NLMSG_ERROR:
+                code = -_ERRNO.unpack_from(data, offset + 16)[0] if msg_len >= 20 else 0
+                raise SockDiagError(f"kernel answered the dump with {errno.errorcode.get(code, code)}")
+            if msg_len < _MESSAGE_MIN:
+                raise SockDiagError(f"inet_diag message of {msg_len} bytes at byte {offset}")
+            self.messages += 1
+            state = data[offset + 17]
+            if state == TCP_NEW_SYN_RECV:
+                state = TCP_SYN_RECV
+            if state > 12 or state == 0:
+                raise SockDiagError(f"unknown TCP state {state} at byte {offset}")
+            states[state] += 1
+            timewait = data[offset + 18] == TIMER_TIME_WAIT
+            if state == TCP_LISTEN:
+                sport = (data[offset + 20] << 8) | data[offset + 21]
+                rqueue, wqueue, inode = _QUEUES_INODE.unpack_from(data, offset + 72)
+                address = bytes(data[offset + 24 : offset + 24 + addr_len])
+                self.listeners.append((family, address, sport, rqueue, wqueue, inode))
+                self.listen_ports.add(sport)
+                totals.full_sockets += 1
+            elif state == TCP_SYN_RECV and not _has_attribute(
+                data, offset + _MESSAGE_MIN, offset + msg_len, INET_DIAG_SHUTDOWN
+            ):
+                # A request socket: its local port and address are its listener's.
+                sport = (data[offset + 20] << 8) | data[offset + 21]
+                address = bytes(data[offset + 24 : offset + 24 + addr_len])
+                self.request_sockets[(family, address, sport)] += 1
+            else:
+                if not timewait:
+                    totals.full_sockets += 1
+                sport = (data[offset + 20] << 8) | data[offset + 21]
+                if state in _TUPLE_STATES:
+                    self._tuple_socket(data, offset, family, state, sport, low, high, addr_len)
+                if state in self.attribute_numbers and not timewait:
+                    self.inodes[state].add(_QUEUES_INODE.unpack_from(data, offset + 72)[2])
+            offset += (msg_len + 3) & ~3
+        return False
+
+    def _tuple_socket(
+        self,
+        data: memoryview | bytes,
+        offset: int,
+        family: str,
+        state: int,
+        sport: int,
+        low: int,
+        high: int,
+        addr_len: int,
+    ) -> None:
+        dport = (data[offset + 22] << 8) | data[offset + 23]
+        if sport == dport and (
+            data[offset + 24 : offset + 24 + addr_len] == data[offset + 40 : offset + 40 + addr_len]
+        ):
+            address = _address(family, bytes(data[offset + 24 : offset + 24 + addr_len]))
+            inode = _QUEUES_INODE.unpack_from(data, offset + 72)[2]
+            self.self_connects.append(SelfConnect(family, address, sport, STATES[state - 1], inode))
+        if state == TCP_SYN_SENT:
+            key = bytes(data[offset + 22 : offset + 24]) + bytes(
+                data[offset + 40 : offset + 40 + addr_len]
+            )
+            self.syn_sent[(family, key)] += 1
+        if low <= sport <= high and sport not in self.listen_ports:
+            key = bytes(data[offset + 22 : offset + 24 + addr_len]) + bytes(
+                data[offset + 40 : offset + 40 + addr_len]
+            )
+            use = self.ephemeral.get((family, key))
+            if use is None:
+                use = self.ephemeral[(family, key)] = [0, 0]
+            use[0] += 1
+            if state == TCP_TIME_WAIT:
+                use[1] += 1
+
+    def result(
+        self, inuse: Mapping[str, int] | None, established_dumped: bool
+    ) -> SocketTable:
+        counts: dict[str, dict[str, int]] = {}
+        for family, totals in self.totals.items():
+            by_state = {name: totals.states[number] for number, name in enumerate(STATES, 1)}
+            if not established_dumped and inuse is not None:
+                # Full sockets not yet seen are the inbound ESTABLISHED ones dump 2 skipped.
+                # Under churn the two reads can disagree by a few sockets; never below zero.
+                unseen = inuse[family] - totals.full_sockets
+                by_state["established"] += max(unseen, 0)
+            counts[family] = by_state
+        return SocketTable(
+            counts=counts,
+            listeners=self._listeners(),
+            ephemeral_use=self._ephemeral_use(),
+            syn_sent=self._syn_sent(),
+            self_connects=tuple(self.self_connects),
+            inodes_by_state={
+                STATES[number - 1]: frozenset(inodes) for number, inodes in self.inodes.items()
+            },
+            established_method="dumped" if established_dumped else "derived",
+            messages=self.messages,
+        )
+
+    def _listeners(self) -> tuple[Listener, ...]:
+        raw = sorted(self.listeners, key=lambda item: (item[2], item[0], item[1], item[5]))
+        syn_queues = self._syn_queues(raw)
+        listeners: list[Listener] = []
+        seen: Counter[tuple[str, bytes, int]] = Counter()
+        for family, address, port, rqueue, wqueue, inode in raw:
+            index = seen[(family, address, port)]
+            seen[(family, address, port)] += 1
+            listeners.append(
+                Listener(
+                    family=family,
+                    address=_address(family, address),
+                    port=port,
+                    queue_length=rqueue,
+                    queue_max=wqueue,
+                    syn_recv=syn_queues.get((family, address, port, index), 0),
+                    inode=inode,
+                    socket_index=index,
+                )
+            )
+        return tuple(listeners)
+
+    def _syn_queues(
+        self, raw: list[tuple[str, bytes, int, int, int, int]]
+    ) -> dict[tuple[str, bytes, int, int], int]:
+        """Give each listener the request sockets on its port, by the most specific address.
+
+        Request sockets carry the local address the SYN was sent to, which is a wildcard
+        listener's only when it was bound to that address; an IPv4 SYN to a dual-stack [::]
+        listener yields an IPv4 request socket. Within a SO_REUSEPORT group the kernel does not
+        say which socket a request belongs to, so the group's first socket carries them all.
+        """
+        exact = {(f, a, p) for f, a, p, *_ in raw}
+        queues: Counter[tuple[str, bytes, int, int]] = Counter()
+        for (family, address, port), count in self.request_sockets.items():
+            target = _owner_of_request(family, address, port, exact)
+            if target is not None:
+                queues[(*target, 0)] += count
+        return dict(queues)
+
+    def _ephemeral_use(self) -> tuple[DestinationUse, ...]:
+        uses: list[DestinationUse] = []
+        for (family, key), (sockets, time_wait) in self.ephemeral.items():
+            addr_len = _ADDRESS_LENGTH[family]
+            port = (key[0] << 8) | key[1]
+            source = _address(family, key[2 : 2 + addr_len])
+            destination = _address(family, key[2 + addr_len : 2 + 2 * addr_len])
+            uses.append(DestinationUse(family, source, destination, port, sockets, time_wait))
+        uses.sort(key=lambda use: (-use.sockets, use.family, use.source, use.address, use.port))
+        return tuple(uses)
+
+    def _syn_sent(self) -> tuple[Destination, ...]:
+        destinations = [
+            Destination(family, _address(family, key[2:]), (key[0] << 8) | key[1], count)
+            for (family, key), count in self.syn_sent.items()
+        ]
+        destinations.sort(key=lambda d: (-d.sockets, d.family, d.address, d.port))
+        return tuple(destinations)
+
+
+def _owner_of_request(
+    family: str,
+    address: bytes,
+    port: int,
+    exact: set[tuple[str, bytes, int]],
+) -> tuple[str, bytes, int] | None:
+    wildcard = bytes(_ADDRESS_LENGTH[family])
+    for candidate in ((family, address, port), (family, wildcard, port)):
+        if candidate in exact:
+            return candidate
+    if family == "ipv4":
+        mapped = bytes(10) + b"\xff\xff" + address
+        for candidate in (("ipv6", mapped, port), ("ipv6", bytes(16), port)):
+            if candidate in exact:
+                return candidate
+    return None
+
+
+def _address(family: str, raw: bytes) -> str:
+    return socket.inet_ntop(_FAMILY_NUMBER[family], raw)
+
+
+# A receive function: fills the buffer, returns the byte count. Injectable for tests.
+Receiver = Callable[[memoryview], int]
+
+
+def run_dump(
+    send: Callable[[bytes], object],
+    receive: Receiver,
+    request: bytes,
+    family: str,
+    aggregator: DumpAggregator,
+    buffer: memoryview,
+) -> None:
+    send(request)
+    while True:
+        length = receive(buffer)
+        if length <= 0:
+            raise SockDiagError("netlink socket closed before the dump ended")
+        if aggregator.feed(buffer, length, family):
+            return
+
+
+def recorded_receiver(datagrams: Iterable[bytes]) -> Receiver:
+    """A receiver replaying recorded datagrams, for tests and fixture replays."""
+    pending: Iterator[bytes] = iter(datagrams)
+
+    def receive(buffer: memoryview) -> int:
+        chunk = next(pending, b"")
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+    return receive
+
+
+def open_socket() -> socket.socket:
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
+    except (OSError, AttributeError) as error:
+        raise SockDiagError(f"cannot open a NETLINK_SOCK_DIAG socket: {error}") from error
+    sock.bind((0, 0))
+    return sock
+
+
+def collect(
+    port_range: tuple[int, int] | None,
+    inuse: Mapping[str, int] | None,
+    attribute_states: Iterable[str] = ("close_wait",),
+    dump_established: bool = False,
+    sock: socket.socket | None = None,
+) -> SocketTable:
+    """Dump this namespace's TCP sockets (see the module docstring for the plan)."""
+    aggregator = DumpAggregator(port_range, attribute_states)
+    established_dumped = dump_established or inuse is None or port_range is None
+    buffer = memoryview(bytearray(1 << 17))
+    owned = sock is None
+    netlink = open_socket() if sock is None else sock
+    try:
+        send = netlink.send
+        receive = netlink.recv_into
+        sequence = 0
+        plan: list[tuple[str, int, bytes]] = []
+        first_mask = ALL_STATES_MASK if established_dumped else ALL_STATES_MASK & ~ESTABLISHED_MASK
+        for family in FAMILIES:
+            plan.append((family, first_mask, b""))
+        if not established_dumped and port_range is not None:
+            bytecode = port_range_bytecode(*port_range)
+            for family in FAMILIES:
+                plan.append((family, ESTABLISHED_MASK, bytecode))
+        for family, mask, bytecode in plan:
+            sequence += 1
+            request = build_request(family, mask, bytecode, sequence)
+            try:
+                run_dump(send, receive, request, family, aggregator, buffer)
+            except OSError as error:
+                raise SockDiagError(f"sock_diag dump ({family}) failed: {error}") from error
+    finally:
+        if owned:
+            netlink.close()
+    return aggregator.result(inuse, established_dumped)
