@@ -1,0 +1,249 @@
+"""Command line: `tcpwatch metrics | check | rules | serve`.
+
+Exit codes (docs/cli.md): 0 success / OK; 1 WARNING and 2 CRITICAL findings (`check`, Nagios
+convention); 3 tcpwatch could not run: bad flag, bad config, not Linux, no netlink, unreadable
+procfs. Errors a user can cause print one line to stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
+
+from tcpwatch import __version__
+from tcpwatch.config import Config, ConfigError, RuleCatalogue, load_config
+from tcpwatch.model import Snapshot
+
+EXIT_OK = 0
+EXIT_WARNING = 1
+EXIT_CRITICAL = 2
+EXIT_UNKNOWN = 3
+
+log = logging.getLogger("tcpwatch")
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed as one line, exit 3."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse exits 2, which Nagios reads as CRITICAL: a bad flag is UNKNOWN (3).
+        self.exit(EXIT_UNKNOWN, f"tcpwatch: {message} (see tcpwatch --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    common.add_argument(
+        "--procfs", metavar="DIR", help="procfs mount point (default /proc; config: procfs)"
+    )
+    common.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="log verbosity on stderr (default info; debug shows tracebacks of failing sources)",
+    )
+    parser = _Parser(
+        prog="tcpwatch",
+        description="TCP connection-health monitor for Linux: is TCP healthy on this host, "
+        "and if not, what exactly do I change?",
+        epilog="Exit codes: 0 OK, 1 warning, 2 critical (check), 3 tcpwatch could not run.",
+    )
+    parser.add_argument("--version", action="version", version=f"tcpwatch {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+    commands.add_parser(
+        "metrics",
+        parents=[common],
+        help="take one snapshot and print the Prometheus exposition to stdout",
+        description="Take one snapshot and print the Prometheus exposition text to stdout "
+        "(for debugging, or for node_exporter's textfile collector).",
+    )
+    check = commands.add_parser(
+        "check",
+        parents=[common],
+        help="audit this host once and exit with a Nagios status",
+        description="Take a snapshot, wait --window seconds, take another, evaluate every rule "
+        "and print the findings. Exit 0 OK, 1 warning, 2 critical, 3 could not run.",
+    )
+    check.add_argument(
+        "--window",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between the two snapshots, so counters can be seen moving "
+        "(default 5; config: check.window; 0 = one snapshot)",
+    )
+    check.add_argument(
+        "--format", choices=("text", "json"), default="text", help="report format (default text)"
+    )
+    commands.add_parser(
+        "rules",
+        parents=[common],
+        help="list the rule catalogue",
+        description="List every rule: id, slug, default severity, title, thresholds.",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = getattr(args, "log_level", None)
+    _setup_logging(level or "info")
+    try:
+        config = _load(args)
+        if level is None and config.log_level != "info":
+            _setup_logging(config.log_level)
+        if args.command == "rules":
+            return _rules()
+        _require_linux(config.procfs)
+        if args.command == "metrics":
+            return _metrics(config)
+        if args.command == "check":
+            return _check(config, args)
+    except UsageError as error:
+        print(f"tcpwatch: {error}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    except ConfigError as error:
+        for line in error.errors:
+            print(f"tcpwatch: {line}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        format="level=%(levelname)s msg=%(message)s",
+        level=level.upper(),
+        force=True,
+    )
+
+
+def rule_catalogue() -> RuleCatalogue:
+    from tcpwatch.rules import RULES
+
+    return {
+        rule.id: {t.name: (t.minimum, t.maximum, t.unit) for t in rule.thresholds}
+        for rule in RULES
+    }
+
+
+def _load(args: argparse.Namespace) -> Config:
+    from dataclasses import replace
+
+    config = load_config(args.config, rule_catalogue()) if args.config else Config()
+    changes: dict[str, object] = {}
+    if getattr(args, "procfs", None):
+        changes["procfs"] = args.procfs
+    if getattr(args, "window", None) is not None:
+        if not 0 <= args.window <= 300:
+            raise UsageError(f"--window: expected seconds between 0 and 300, got {args.window}")
+        changes["check_window"] = args.window
+    return replace(config, **changes) if changes else config
+
+
+def _require_linux(procfs: str) -> None:
+    if not sys.platform.startswith("linux"):
+        raise UsageError(
+            f"tcpwatch needs Linux (netlink sock_diag and procfs); this is {sys.platform}"
+        )
+    if not os.path.isfile(os.path.join(procfs, "net", "sockstat")):
+        raise UsageError(
+            f"{procfs} does not look like a procfs mount (no net/sockstat): "
+            "pass --procfs pointing at a mounted /proc"
+        )
+
+
+def _poll(config: Config) -> Snapshot:
+    from tcpwatch.paths import ProcPaths
+    from tcpwatch.snapshot import take_snapshot
+
+    snapshot = take_snapshot(config.collect, ProcPaths(root=config.procfs))
+    if snapshot.sockets is None:
+        error = next(
+            (s.error for s in snapshot.sources if s.name == "sockdiag" and not s.ok), "unknown"
+        )
+        raise UsageError(
+            f"cannot read TCP sockets over netlink sock_diag: {error} "
+            "(is this Linux with CONFIG_INET_DIAG, and is netlink allowed here?)"
+        )
+    for status in snapshot.sources:
+        if not status.ok:
+            log.warning("source %s failed: %s", status.name, status.error)
+    return snapshot
+
+
+def _metrics(config: Config) -> int:
+    from tcpwatch.exporter import ExportState, render
+    from tcpwatch.rules import Window, evaluate
+    from tcpwatch.sources.sysctl_files import read_persisted_sysctls
+
+    started = time.perf_counter()
+    snapshot = _poll(config)
+    window = Window(snapshot, None, {}, read_persisted_sysctls())
+    findings = tuple(evaluate(window, _rule_settings(config)))
+    from tcpwatch.exporter import PollHistogram
+
+    state = ExportState(
+        snapshots=(snapshot,),
+        findings=findings,
+        last_poll=snapshot.taken_at,
+        poll_durations=PollHistogram().observe(time.perf_counter() - started),
+        top_processes=config.collect.top_processes,
+        top_destinations=config.collect.top_destinations,
+    )
+    sys.stdout.buffer.write(render(state))
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def _rule_settings(config: Config) -> Mapping[str, object]:
+    from tcpwatch.rules import RuleSettings
+
+    return {
+        rule_id: RuleSettings(enabled=override.enabled, thresholds=dict(override.thresholds))
+        for rule_id, override in config.rules.items()
+    }
+
+
+def _check(config: Config, args: argparse.Namespace) -> int:
+    from tcpwatch.report import render_json, render_text
+    from tcpwatch.rules import Window, evaluate, worst_exit_code
+    from tcpwatch.sources.sysctl_files import read_persisted_sysctls
+
+    first = _poll(config)
+    previous: Snapshot | None = None
+    current = first
+    if config.check_window > 0:
+        time.sleep(config.check_window)
+        previous, current = first, _poll(config)
+    window = Window(current, previous, {}, read_persisted_sysctls())
+    findings = evaluate(window, _rule_settings(config))  # type: ignore[arg-type]
+    if args.format == "json":
+        sys.stdout.write(render_json(findings, [current], config.check_window))
+    else:
+        color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
+        sys.stdout.write(render_text(findings, [current], color))
+    sys.stdout.flush()
+    return worst_exit_code(findings)
+
+
+def _rules() -> int:
+    from tcpwatch.rules import RULES
+
+    for rule in RULES:
+        print(f"{rule.id}  {rule.slug:<28} {rule.severity:<8} {rule.title}")
+        for threshold in rule.thresholds:
+            default = "unset" if threshold.default is None else f"{threshold.default:g}"
+            print(
+                f"      rules.{rule.id}.{threshold.name} = {default} ({threshold.unit}): "
+                f"{threshold.description}"
+            )
+    return EXIT_OK

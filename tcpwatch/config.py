@@ -1,0 +1,262 @@
+"""YAML configuration -> frozen Config. Validation collects every error with its key path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import yaml
+
+from tcpwatch.model import STATES
+
+ESTABLISHED_METHODS = ("derived", "dumped")
+# States whose sockets carry an inode in the cheap dumps (ESTABLISHED is counted, not dumped;
+# TIME_WAIT and request sockets have no owner).
+ATTRIBUTABLE_STATES = tuple(s for s in STATES if s not in ("established", "time_wait", "listen"))
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """One or more configuration errors, each a line naming the file and the key path."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True, slots=True)
+class CollectSettings:
+    """What a poll collects and how (the `collect:` section)."""
+
+    established: str = "derived"
+    process_attribution: bool = True
+    attribute_states: tuple[str, ...] = ("close_wait",)
+    process_scan_timeout: float = 5.0
+    top_processes: int = 20
+    top_destinations: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class RuleOverride:
+    """`rules.<ID>:` as written in the file: validated against the rule catalogue by the caller."""
+
+    enabled: bool = True
+    thresholds: Mapping[str, float | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str = "<defaults>"
+    procfs: str = "/proc"
+    log_level: str = "info"
+    listen: str = ":9477"
+    interval: float = 15.0
+    web_config: str | None = None
+    check_window: float = 5.0
+    collect: CollectSettings = field(default_factory=CollectSettings)
+    rules: Mapping[str, RuleOverride] = field(default_factory=dict)
+
+
+# A rule catalogue lookup for validation: rule id -> {threshold name: (minimum, maximum, unit)}.
+RuleCatalogue = Mapping[str, Mapping[str, tuple[float, float, str]]]
+
+
+class _Validator:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.errors: list[str] = []
+
+    def error(self, path: str, message: str) -> None:
+        self.errors.append(f"{self.source}: {path}: {message}")
+
+    def mapping(self, value: object, path: str) -> Mapping[str, Any] | None:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.error(path, f"expected a mapping, got {_show(value)}")
+            return None
+        return value
+
+    def unknown_keys(self, section: Mapping[str, Any], known: set[str], path: str) -> None:
+        for key in section:
+            if key not in known:
+                where = f"{path}.{key}" if path else str(key)
+                self.error(where, f"unknown key (known: {', '.join(sorted(known))})")
+
+    def number(self, value: object, path: str, low: float, high: float) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.error(path, f"expected a number between {_n(low)} and {_n(high)}, got {_show(value)}")
+            return None
+        if not low <= value <= high:
+            self.error(path, f"expected a number between {_n(low)} and {_n(high)}, got {value}")
+            return None
+        return float(value)
+
+    def integer(self, value: object, path: str, low: int, high: int) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            self.error(path, f"expected a whole number between {low} and {high}, got {_show(value)}")
+            return None
+        return value
+
+    def boolean(self, value: object, path: str) -> bool | None:
+        if not isinstance(value, bool):
+            self.error(path, f"expected true or false, got {_show(value)}")
+            return None
+        return value
+
+    def choice(self, value: object, path: str, choices: tuple[str, ...]) -> str | None:
+        if not isinstance(value, str) or value not in choices:
+            self.error(path, f"expected one of {', '.join(choices)}, got {_show(value)}")
+            return None
+        return value
+
+    def string(self, value: object, path: str) -> str | None:
+        if not isinstance(value, str) or not value:
+            self.error(path, f"expected a non-empty string, got {_show(value)}")
+            return None
+        return value
+
+
+def _show(value: object) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if value is None:
+        return "nothing"
+    return repr(value)
+
+
+def _n(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def load_config(path: str, catalogue: RuleCatalogue | None = None) -> Config:
+    """Read and validate a YAML file; raises ConfigError with every problem found."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read the configuration file: {error.strerror}"]) from None
+    return parse_config(text, path, catalogue)
+
+
+def parse_config(text: str, source: str, catalogue: RuleCatalogue | None = None) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "?"
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError([f"{source}: {where}: not valid YAML: {problem}"]) from None
+    check = _Validator(source)
+    top = check.mapping(raw, "(top level)")
+    if top is None:
+        raise ConfigError(check.errors)
+    setters: dict[str, Callable[[object, str], object]] = {
+        "procfs": check.string,
+        "log_level": lambda v, p: check.choice(v, p, LOG_LEVELS),
+        "listen": check.string,
+        "interval": lambda v, p: check.number(v, p, 1, 3600),
+        "web_config": check.string,
+    }
+    check.unknown_keys(top, {*setters, "collect", "check", "rules"}, "")
+    values: dict[str, Any] = {"source": source}
+    for key, parse in setters.items():
+        if key in top:
+            parsed = parse(top[key], key)
+            if parsed is not None:
+                values[key] = parsed
+    check_section = check.mapping(top.get("check"), "check")
+    if check_section is not None:
+        check.unknown_keys(check_section, {"window"}, "check")
+        if "window" in check_section:
+            window = check.number(check_section["window"], "check.window", 0, 300)
+            if window is not None:
+                values["check_window"] = window
+    values["collect"] = _collect(check, top.get("collect"))
+    values["rules"] = _rules(check, top.get("rules"), catalogue)
+    if check.errors:
+        raise ConfigError(check.errors)
+    return Config(**values)
+
+
+def _collect(check: _Validator, raw: object) -> CollectSettings:
+    section = check.mapping(raw, "collect")
+    settings = CollectSettings()
+    if not section:
+        return settings
+    known = {
+        "established",
+        "process_attribution",
+        "attribute_states",
+        "process_scan_timeout",
+        "top_processes",
+        "top_destinations",
+    }
+    check.unknown_keys(section, known, "collect")
+    changes: dict[str, Any] = {}
+    if "established" in section:
+        changes["established"] = check.choice(
+            section["established"], "collect.established", ESTABLISHED_METHODS
+        )
+    if "process_attribution" in section:
+        changes["process_attribution"] = check.boolean(
+            section["process_attribution"], "collect.process_attribution"
+        )
+    if "attribute_states" in section:
+        states = section["attribute_states"]
+        if not isinstance(states, list):
+            check.error("collect.attribute_states", f"expected a list, got {_show(states)}")
+        else:
+            chosen = [
+                check.choice(state, f"collect.attribute_states[{i}]", ATTRIBUTABLE_STATES)
+                for i, state in enumerate(states)
+            ]
+            changes["attribute_states"] = tuple(s for s in chosen if s is not None)
+    if "process_scan_timeout" in section:
+        changes["process_scan_timeout"] = check.number(
+            section["process_scan_timeout"], "collect.process_scan_timeout", 0.1, 120
+        )
+    for key in ("top_processes", "top_destinations"):
+        if key in section:
+            changes[key] = check.integer(section[key], f"collect.{key}", 0, 10_000)
+    return replace(settings, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _rules(
+    check: _Validator, raw: object, catalogue: RuleCatalogue | None
+) -> dict[str, RuleOverride]:
+    section = check.mapping(raw, "rules")
+    overrides: dict[str, RuleOverride] = {}
+    if not section:
+        return overrides
+    for rule_id, body in section.items():
+        path = f"rules.{rule_id}"
+        known = catalogue.get(str(rule_id)) if catalogue is not None else None
+        if catalogue is not None and known is None:
+            check.error(path, f"unknown rule id (known: {', '.join(sorted(catalogue))})")
+            continue
+        if isinstance(body, bool):  # `Q03: false` disables a rule
+            overrides[str(rule_id)] = RuleOverride(enabled=body)
+            continue
+        entries = check.mapping(body, path)
+        if entries is None:
+            continue
+        enabled = True
+        thresholds: dict[str, float | None] = {}
+        for key, value in entries.items():
+            key_path = f"{path}.{key}"
+            if key == "enabled":
+                parsed_flag = check.boolean(value, key_path)
+                enabled = parsed_flag if parsed_flag is not None else enabled
+                continue
+            if known is not None and key not in known:
+                names = ", ".join(["enabled", *sorted(known)])
+                check.error(key_path, f"unknown setting for rule {rule_id} (known: {names})")
+                continue
+            low, high = known[key][:2] if known is not None else (float("-inf"), float("inf"))
+            parsed = check.number(value, key_path, low, high)
+            if parsed is not None:
+                thresholds[str(key)] = parsed
+        overrides[str(rule_id)] = RuleOverride(enabled=enabled, thresholds=thresholds)
+    return overrides

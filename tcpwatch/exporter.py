@@ -1,0 +1,391 @@
+"""Prometheus exposition of the latest snapshots and findings (a custom collector).
+
+collect() builds every family afresh from an immutable ExportState, so a scrape never sees half a
+poll and no labelled series outlives the socket or finding it described.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from tcpwatch import __version__
+from tcpwatch.model import FAMILIES, STATES, Snapshot
+from tcpwatch.rules import Finding
+from tcpwatch.snapshot import SOURCES
+from tcpwatch.sources.sysctl import MULTI_FIELD_SUFFIXES
+
+# Kernel counter (nstat name) -> exported counter name and help.
+KERNEL_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    (
+        "TcpExtListenOverflows",
+        "tcpwatch_listen_overflows",
+        "Connections dropped because a listener's accept queue was full (TcpExtListenOverflows).",
+    ),
+    (
+        "TcpExtListenDrops",
+        "tcpwatch_listen_drops",
+        "SYNs and final ACKs dropped on the listen path, overflows included (TcpExtListenDrops).",
+    ),
+    (
+        "TcpExtTCPReqQFullDrop",
+        "tcpwatch_syn_queue_drops",
+        "SYNs dropped because the SYN queue was full and syncookies were off (TcpExtTCPReqQFullDrop).",
+    ),
+    (
+        "TcpExtTCPReqQFullDoCookies",
+        "tcpwatch_syn_queue_cookies",
+        "SYNs answered with a syncookie because the SYN queue was full (TcpExtTCPReqQFullDoCookies).",
+    ),
+    ("TcpExtSyncookiesSent", "tcpwatch_syncookies_sent", "Syncookies sent (TcpExtSyncookiesSent)."),
+    (
+        "TcpExtSyncookiesRecv",
+        "tcpwatch_syncookies_received",
+        "Valid syncookies received back (TcpExtSyncookiesRecv).",
+    ),
+    (
+        "TcpExtSyncookiesFailed",
+        "tcpwatch_syncookies_failed",
+        "Invalid syncookies received (TcpExtSyncookiesFailed).",
+    ),
+    (
+        "TcpExtTCPTimeWaitOverflow",
+        "tcpwatch_timewait_overflows",
+        "TIME_WAIT sockets destroyed at once because tcp_max_tw_buckets was reached "
+        "(TcpExtTCPTimeWaitOverflow).",
+    ),
+)
+
+POLL_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+CACHED = " Cached: values are from the latest poll (see tcpwatch_last_poll_timestamp_seconds)."
+
+
+@dataclass(frozen=True, slots=True)
+class PollHistogram:
+    """Poll durations so far, as cumulative-free bucket counts (bucket i: <= POLL_BUCKETS[i])."""
+
+    counts: tuple[int, ...] = (0,) * (len(POLL_BUCKETS) + 1)  # last slot: +Inf
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> PollHistogram:
+        counts = list(self.counts)
+        counts[bisect.bisect_left(POLL_BUCKETS, seconds)] += 1
+        return PollHistogram(tuple(counts), self.total + seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportState:
+    """Everything one scrape renders. Replaced whole after each poll, never mutated."""
+
+    snapshots: tuple[Snapshot, ...]
+    findings: tuple[Finding, ...]
+    last_poll: float
+    poll_durations: PollHistogram = field(default_factory=PollHistogram)
+    source_errors: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    top_processes: int = 20
+    top_destinations: int = 20
+    cached: bool = False
+
+
+def _gauge(name: str, doc: str, labels: Sequence[str], cached: bool) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc + (CACHED if cached else ""), labels=labels)
+
+
+def _endpoint(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def process_socket_counts(snapshot: Snapshot) -> Counter[tuple[str, str]]:
+    """(process name, state) -> attributed sockets, listeners included."""
+    counts: Counter[tuple[str, str]] = Counter()
+    if snapshot.sockets is None or snapshot.attribution is None:
+        return counts
+    owners = snapshot.attribution.owners
+    for listener in snapshot.sockets.listeners:
+        owner = owners.get(listener.inode)
+        if owner is not None:
+            counts[(owner.name, "listen")] += 1
+    for state, inodes in snapshot.sockets.inodes_by_state.items():
+        for inode in inodes:
+            owner = owners.get(inode)
+            if owner is not None:
+                counts[(owner.name, state)] += 1
+    return counts
+
+
+class TcpwatchCollector(Collector):
+    def __init__(self, state: Callable[[], ExportState | None]) -> None:
+        self._state = state
+
+    def describe(self) -> list[Metric]:
+        # Describing nothing keeps registration from calling collect() (and so from polling).
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._state()
+        yield from _build_info()
+        if state is None:
+            return
+        yield from _socket_families(state)
+        yield from _listener_families(state)
+        yield from _kernel_families(state)
+        yield from _port_families(state)
+        yield from _process_families(state)
+        yield from _finding_families(state)
+        yield from _self_families(state)
+
+
+def _build_info() -> Iterator[Metric]:
+    info = GaugeMetricFamily(
+        "tcpwatch_build_info", "tcpwatch version; always 1.", labels=["version"]
+    )
+    info.add_metric([__version__], 1)
+    yield info
+
+
+def _socket_families(state: ExportState) -> Iterator[Metric]:
+    sockets = _gauge(
+        "tcpwatch_sockets",
+        "TCP sockets by address family and state, as `ss -tan` counts them.",
+        ["netns", "family", "state"],
+        state.cached,
+    )
+    for snap in state.snapshots:
+        if snap.sockets is None:
+            continue
+        for family in FAMILIES:
+            by_state = snap.sockets.counts.get(family, {})
+            for name in STATES:
+                sockets.add_metric([snap.netns, family, name], by_state.get(name, 0))
+    yield sockets
+
+
+def _listener_families(state: ExportState) -> Iterator[Metric]:
+    labels = ["netns", "address", "port", "socket"]
+    length = _gauge(
+        "tcpwatch_listen_queue_length",
+        "Connections waiting in a listener's accept queue (`ss -lnt` Recv-Q). socket tells apart "
+        "SO_REUSEPORT sockets sharing one address:port.",
+        labels,
+        state.cached,
+    )
+    maximum = _gauge(
+        "tcpwatch_listen_queue_max",
+        "A listener's effective accept-queue limit: min(listen() backlog, net.core.somaxconn) "
+        "(`ss -lnt` Send-Q).",
+        labels,
+        state.cached,
+    )
+    syn_recv = _gauge(
+        "tcpwatch_listen_syn_recv",
+        "Half-open connections (request sockets in SYN_RECV) in a listener's SYN queue.",
+        labels,
+        state.cached,
+    )
+    info = _gauge(
+        "tcpwatch_listener_info",
+        "The process owning a listening socket; always 1.",
+        [*labels, "process", "pid"],
+        state.cached,
+    )
+    for snap in state.snapshots:
+        if snap.sockets is None:
+            continue
+        for listener in snap.sockets.listeners:
+            values = [snap.netns, listener.address, str(listener.port), str(listener.socket_index)]
+            length.add_metric(values, listener.queue_length)
+            maximum.add_metric(values, listener.queue_max)
+            syn_recv.add_metric(values, listener.syn_recv)
+            owner = snap.attribution.owner(listener.inode) if snap.attribution else None
+            if owner is not None:
+                info.add_metric([*values, owner.name, str(owner.pid)], 1)
+    yield from (length, maximum, syn_recv, info)
+
+
+def _kernel_families(state: ExportState) -> Iterator[Metric]:
+    families = {
+        name: CounterMetricFamily(name, doc, labels=["netns"])
+        for _, name, doc in KERNEL_COUNTERS
+    }
+    orphans = _gauge(
+        "tcpwatch_orphan_sockets",
+        "TCP sockets closed by their application but not yet finished (/proc/net/sockstat orphan).",
+        ["netns"],
+        state.cached,
+    )
+    memory = _gauge(
+        "tcpwatch_tcp_memory_bytes",
+        "Memory the kernel accounts to TCP sockets (/proc/net/sockstat mem, pages x page size); "
+        "compare with net.ipv4.tcp_mem, which is in pages.",
+        ["netns"],
+        state.cached,
+    )
+    sysctls = _gauge(
+        "tcpwatch_sysctl",
+        "TCP tunables under /proc/sys/net. Multi-valued ones get one series per field, named "
+        "with a suffix (net.ipv4.ip_local_port_range.min/.max, net.ipv4.tcp_mem.min/.pressure/.max).",
+        ["netns", "name"],
+        state.cached,
+    )
+    page_size = os.sysconf("SC_PAGE_SIZE")
+    for snap in state.snapshots:
+        if snap.counters is not None:
+            for nstat_name, name, _ in KERNEL_COUNTERS:
+                value = snap.counters.get(nstat_name)
+                if value is not None:
+                    families[name].add_metric([snap.netns], value)
+        if snap.sockstat is not None:
+            orphans.add_metric([snap.netns], snap.sockstat.orphan)
+            memory.add_metric([snap.netns], snap.sockstat.memory_pages * page_size)
+        if snap.sysctls is not None:
+            for name, fields in sorted(snap.sysctls.values.items()):
+                suffixes = MULTI_FIELD_SUFFIXES.get(name)
+                if suffixes is None or len(suffixes) != len(fields):
+                    if len(fields) == 1:
+                        sysctls.add_metric([snap.netns, name], fields[0])
+                    continue
+                for suffix, value in zip(suffixes, fields, strict=True):
+                    sysctls.add_metric([snap.netns, f"{name}.{suffix}"], value)
+    yield from families.values()
+    yield from (orphans, memory, sysctls)
+
+
+def _port_families(state: ExportState) -> Iterator[Metric]:
+    used = _gauge(
+        "tcpwatch_ephemeral_ports_used",
+        "Sockets on ephemeral local ports (inside net.ipv4.ip_local_port_range) towards one "
+        "destination address:port from one source address, TIME_WAIT included; the top "
+        "destinations only.",
+        ["netns", "source", "destination"],
+        state.cached,
+    )
+    size = _gauge(
+        "tcpwatch_ephemeral_port_range_size",
+        "Ports the kernel can pick for outgoing connections: ip_local_port_range minus "
+        "ip_local_reserved_ports inside it. Each (source, destination) can use at most this many.",
+        ["netns"],
+        state.cached,
+    )
+    destinations = _gauge(
+        "tcpwatch_ephemeral_destinations",
+        "Distinct (source, destination) pairs using ephemeral ports, before the top-N cut.",
+        ["netns"],
+        state.cached,
+    )
+    for snap in state.snapshots:
+        if snap.sysctls is not None and snap.sysctls.port_range is not None:
+            low, high = snap.sysctls.port_range
+            reserved = sum(1 for port in range(low, high + 1) if snap.sysctls.port_reserved(port))
+            size.add_metric([snap.netns], max(high - low + 1 - reserved, 0))
+        if snap.sockets is None:
+            continue
+        destinations.add_metric([snap.netns], len(snap.sockets.ephemeral_use))
+        for use in snap.sockets.ephemeral_use[: state.top_destinations]:
+            used.add_metric(
+                [snap.netns, use.source, _endpoint(use.address, use.port)], use.sockets
+            )
+    yield from (used, size, destinations)
+
+
+def _process_families(state: ExportState) -> Iterator[Metric]:
+    family = _gauge(
+        "tcpwatch_process_sockets",
+        "Sockets attributed to a process name (listeners and the states chosen in "
+        "collect.attribute_states), for the processes holding the most.",
+        ["netns", "process", "state"],
+        state.cached,
+    )
+    for snap in state.snapshots:
+        counts = process_socket_counts(snap)
+        per_process: Counter[str] = Counter()
+        for (name, _), count in counts.items():
+            per_process[name] += count
+        top = {name for name, _ in per_process.most_common(state.top_processes)}
+        for (name, socket_state), count in sorted(counts.items()):
+            if name in top:
+                family.add_metric([snap.netns, name, socket_state], count)
+    yield family
+
+
+def _finding_families(state: ExportState) -> Iterator[Metric]:
+    family = _gauge(
+        "tcpwatch_finding",
+        "1 for each active finding; id and slug name the rule (docs/rules/<id>-<slug>.md), "
+        "subject the listener, process or destination it is about (empty when host-wide).",
+        ["netns", "id", "slug", "severity", "subject"],
+        state.cached,
+    )
+    seen: set[tuple[str, ...]] = set()
+    for finding in state.findings:
+        labels = (finding.netns, finding.rule_id, finding.slug, finding.severity, finding.subject)
+        if labels not in seen:
+            seen.add(labels)
+            family.add_metric(list(labels), 1)
+    yield family
+
+
+def _self_families(state: ExportState) -> Iterator[Metric]:
+    up = GaugeMetricFamily(
+        "tcpwatch_source_up",
+        "1 if the source worked in the latest poll, 0 if it failed (its metrics are then absent).",
+        labels=["netns", "source"],
+    )
+    duration = GaugeMetricFamily(
+        "tcpwatch_source_duration_seconds",
+        "How long the source took in the latest poll.",
+        labels=["netns", "source"],
+    )
+    errors = CounterMetricFamily(
+        "tcpwatch_source_errors",
+        "Polls in which the source failed, since tcpwatch started.",
+        labels=["netns", "source"],
+    )
+    for snap in state.snapshots:
+        for status in snap.sources:
+            up.add_metric([snap.netns, status.name], 1 if status.ok else 0)
+            duration.add_metric([snap.netns, status.name], status.duration_seconds)
+        for source in SOURCES:
+            errors.add_metric([snap.netns, source], state.source_errors.get((snap.netns, source), 0))
+    last = GaugeMetricFamily(
+        "tcpwatch_last_poll_timestamp_seconds",
+        "Unix time at which the latest poll started.",
+    )
+    last.add_metric([], state.last_poll)
+    histogram = HistogramMetricFamily(
+        "tcpwatch_poll_duration_seconds", "How long whole polls took (all sources, all namespaces)."
+    )
+    cumulative = 0
+    buckets: list[tuple[str, float]] = []
+    for bound, count in zip((*POLL_BUCKETS, float("inf")), state.poll_durations.counts, strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+    histogram.add_metric([], buckets, state.poll_durations.total)
+    yield from (up, duration, errors, last, histogram)
+
+
+def make_registry(
+    state: Callable[[], ExportState | None], include_process: bool = True
+) -> CollectorRegistry:
+    """A private registry: tcpwatch's collector plus the process and platform collectors."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TcpwatchCollector(state))
+    if include_process:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+    return registry
+
+
+def render(state: ExportState, include_process: bool = True) -> bytes:
+    return generate_latest(make_registry(lambda: state, include_process))

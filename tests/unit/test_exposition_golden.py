@@ -1,0 +1,128 @@
+"""The whole exposition of a hand-built snapshot, against a checked-in golden file.
+
+Regenerate after an intended change with: TCPWATCH_UPDATE_GOLDEN=1 python -m pytest tests/unit/test_exposition_golden.py
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tcpwatch.exporter import ExportState, PollHistogram, render
+from tcpwatch.model import (
+    STATES,
+    Attribution,
+    DestinationUse,
+    KernelCounters,
+    Listener,
+    ProcessRef,
+    Snapshot,
+    SocketTable,
+    SockStat,
+    SourceStatus,
+    Sysctls,
+)
+from tcpwatch.rules import Finding
+
+GOLDEN = Path(__file__).parent.parent / "golden" / "metrics.prom"
+
+
+def fixture_state() -> ExportState:
+    counts = {
+        "ipv4": {state: 0 for state in STATES} | {"established": 120, "listen": 3, "time_wait": 7},
+        "ipv6": {state: 0 for state in STATES} | {"established": 2, "listen": 1, "close_wait": 60},
+    }
+    listeners = (
+        Listener("ipv4", "0.0.0.0", 80, 129, 128, 4, 1001, 0),
+        Listener("ipv4", "127.0.0.1", 8080, 0, 4096, 0, 1002, 0),
+        Listener("ipv4", "127.0.0.1", 8080, 2, 4096, 0, 1003, 1),
+        Listener("ipv6", "::", 443, 0, 511, 0, 1004, 0),
+    )
+    sockets = SocketTable(
+        counts=counts,
+        listeners=listeners,
+        ephemeral_use=(
+            DestinationUse("ipv4", "10.0.0.1", "10.0.0.9", 5432, 900, 850),
+            DestinationUse("ipv6", "::1", "::1", 6379, 3, 0),
+        ),
+        syn_sent=(),
+        self_connects=(),
+        inodes_by_state={"close_wait": frozenset(range(2000, 2060))},
+        established_method="derived",
+        messages=140,
+    )
+    owners = {1001: ProcessRef(10, "nginx"), 1002: ProcessRef(11, "app"), 1003: ProcessRef(12, "app")}
+    owners |= {inode: ProcessRef(11, "app") for inode in range(2000, 2060)}
+    snapshot = Snapshot(
+        netns="host",
+        taken_at=1_700_000_000.0,
+        sockets=sockets,
+        counters=KernelCounters(
+            {"TcpExtListenOverflows": 17, "TcpExtListenDrops": 19, "TcpExtSyncookiesSent": 0}
+        ),
+        sockstat=SockStat(125, 63, 1, 7, 130, 12),
+        sysctls=Sysctls(
+            {
+                "net.core.somaxconn": (4096,),
+                "net.ipv4.ip_local_port_range": (32768, 60999),
+                "net.ipv4.tcp_mem": (190000, 253000, 380000),
+            },
+            ((32768, 32769),),
+        ),
+        attribution=Attribution(owners, processes_scanned=40, complete=True),
+        sources=(
+            SourceStatus("sysctl", True, 0.001),
+            SourceStatus("sockstat", True, 0.0001),
+            SourceStatus("counters", False, 0.0002, "permission denied"),
+            SourceStatus("sockdiag", True, 0.01),
+            SourceStatus("processes", True, 0.02),
+        ),
+    )
+    finding = Finding(
+        rule_id="Q01",
+        slug="accept-queue-full",
+        severity="critical",
+        title="Accept queue full",
+        netns="host",
+        subject="0.0.0.0:80",
+        evidence={"queue_length": 129, "queue_max": 128},
+        remediation="raise the backlog",
+        doc="docs/rules/Q01-accept-queue-full.md",
+    )
+    return ExportState(
+        snapshots=(snapshot,),
+        findings=(finding,),
+        last_poll=1_700_000_000.0,
+        poll_durations=PollHistogram().observe(0.03).observe(0.2),
+        source_errors={("host", "counters"): 2},
+        top_processes=20,
+        top_destinations=1,
+        cached=True,
+    )
+
+
+def test_exposition_matches_golden_file() -> None:
+    text = render(fixture_state(), include_process=False).decode()
+    if os.environ.get("TCPWATCH_UPDATE_GOLDEN"):
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+
+
+def test_golden_file_passes_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool not found: install Debian's prometheus package (scripts/test does)")
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=GOLDEN.read_bytes(), capture_output=True, timeout=30
+    )
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_live_process_metrics_are_included_by_default() -> None:
+    text = render(fixture_state()).decode()
+    assert "process_cpu_seconds_total" in text
+    assert 'tcpwatch_build_info{version="' in text
