@@ -81,6 +81,27 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--format", choices=("text", "json"), default="text", help="report format (default text)"
     )
+    serve = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="run the exporter: poll on an interval, serve /metrics (default :9477)",
+        description="Poll on its own interval and serve the latest snapshot and findings to "
+        "Prometheus. SIGHUP reloads --config; SIGTERM/SIGINT stop it.",
+    )
+    serve.add_argument(
+        "--listen", metavar="[ADDRESS]:PORT", help='address to serve on (default ":9477")'
+    )
+    serve.add_argument(
+        "--interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between polls (default 15; config: interval)",
+    )
+    serve.add_argument(
+        "--web-config",
+        metavar="FILE",
+        help="exporter-toolkit web config file: TLS and basic auth (config: web_config)",
+    )
     commands.add_parser(
         "rules",
         parents=[common],
@@ -105,6 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _metrics(config)
         if args.command == "check":
             return _check(config, args)
+        if args.command == "serve":
+            from tcpwatch.daemon import serve
+
+            return serve(config, lambda: _load(args))
     except UsageError as error:
         print(f"tcpwatch: {error}", file=sys.stderr)
         return EXIT_UNKNOWN
@@ -142,6 +167,14 @@ def _load(args: argparse.Namespace) -> Config:
     changes: dict[str, object] = {}
     if getattr(args, "procfs", None):
         changes["procfs"] = args.procfs
+    if getattr(args, "listen", None):
+        changes["listen"] = args.listen
+    if getattr(args, "web_config", None):
+        changes["web_config"] = args.web_config
+    if getattr(args, "interval", None) is not None:
+        if not 1 <= args.interval <= 3600:
+            raise UsageError(f"--interval: expected seconds between 1 and 3600, got {args.interval}")
+        changes["interval"] = args.interval
     if getattr(args, "window", None) is not None:
         if not 0 <= args.window <= 300:
             raise UsageError(f"--window: expected seconds between 0 and 300, got {args.window}")
