@@ -1,0 +1,150 @@
+"""Kernel counters from /proc/net/{netstat,snmp} and socket totals from /proc/net/sockstat{,6}.
+
+Everything here is per network namespace when read through ``/proc/net`` (or
+``/proc/thread-self/net`` after setns()). The parsers are pure functions of the file text;
+``read_*`` do the I/O through :class:`~tcpwatch.paths.ProcPaths`.
+"""
+
+from __future__ import annotations
+
+from tcpwatch.model import KernelCounters, SockStat
+from tcpwatch.paths import ProcPaths
+
+# Offending text longer than this is cut in the message (a netstat line runs to ~2,000 chars).
+_MAX_SHOWN = 120
+
+
+class ProcParseError(Exception):
+    """A /proc file did not have the expected shape.
+
+    ``line`` is 1-based; ``text`` is the offending line ("" when a line is missing), e.g.
+    ``/proc/net/netstat:4: expected as many values as names in "TcpExt: 1 2"``.
+    """
+
+    def __init__(self, path: str, line: int, text: str, reason: str) -> None:
+        super().__init__(path, line, text, reason)
+        self.path = path
+        self.line = line
+        self.text = text
+        self.reason = reason
+
+    def __str__(self) -> str:
+        message = f"{self.path}:{self.line}: {self.reason}"
+        if not self.text:
+            return message
+        shown = self.text if len(self.text) <= _MAX_SHOWN else self.text[:_MAX_SHOWN] + "..."
+        return f'{message} in "{shown}"'
+
+
+def parse_counter_table(text: str, path: str) -> dict[str, int]:
+    """Parse the header-line/value-line pairs of /proc/net/netstat and /proc/net/snmp.
+
+    Each pair shares a prefix; keys are prefix + field, as ``nstat`` names them::
+
+        TcpExt: SyncookiesSent ListenOverflows        -> TcpExtSyncookiesSent = 0
+        TcpExt: 0 3                                      TcpExtListenOverflows = 3
+        Tcp: RtoAlgorithm MaxConn CurrEstab           -> TcpRtoAlgorithm = 1
+        Tcp: 1 -1 2                                      TcpMaxConn = -1, TcpCurrEstab = 2
+
+    Values stay signed (``Tcp: MaxConn`` is -1). Anything else raises :class:`ProcParseError`.
+    """
+    lines = text.splitlines()
+    if not lines:
+        raise ProcParseError(path, 1, "", "empty file")
+    counters: dict[str, int] = {}
+    for index in range(0, len(lines), 2):
+        header = lines[index]
+        prefix, separator, names_text = header.partition(":")
+        if not separator or not prefix or " " in prefix:
+            raise ProcParseError(path, index + 1, header, 'expected a "Prefix: names" line')
+        if index + 1 == len(lines):
+            raise ProcParseError(path, index + 2, "", f'missing the value line after "{prefix}:"')
+        value_line = lines[index + 1]
+        value_prefix, separator, values_text = value_line.partition(":")
+        if not separator or value_prefix != prefix:
+            raise ProcParseError(path, index + 2, value_line, f'expected a "{prefix}:" value line')
+        names = names_text.split()
+        values = values_text.split()
+        if not all(name[0].isalpha() for name in names):
+            raise ProcParseError(path, index + 1, header, "expected counter names")
+        if len(names) != len(values):
+            raise ProcParseError(path, index + 2, value_line, "expected as many values as names")
+        try:
+            for name, value in zip(names, values, strict=True):
+                counters[prefix + name] = int(value)
+        except ValueError:
+            raise ProcParseError(path, index + 2, value_line, "expected integer values") from None
+    return counters
+
+
+def _tcp_fields(text: str, path: str, tag: str, keys: tuple[str, ...]) -> tuple[int, ...]:
+    """Values of ``keys`` on the line starting with ``tag`` (``TCP:`` or ``TCP6:``)."""
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.startswith(tag):
+            continue
+        words = line[len(tag) :].split()
+        if len(words) % 2:
+            raise ProcParseError(path, number, line, "expected key/value pairs")
+        fields = dict(zip(words[::2], words[1::2], strict=True))
+        missing = [key for key in keys if key not in fields]
+        if missing:
+            raise ProcParseError(path, number, line, f"missing {', '.join(missing)}")
+        try:
+            return tuple(int(fields[key]) for key in keys)
+        except ValueError:
+            raise ProcParseError(path, number, line, "expected integer values") from None
+    raise ProcParseError(path, len(lines) + 1, "", f'no "{tag}" line')
+
+
+def parse_sockstat(text4: str, text6: str | None, path: str, path6: str | None = None) -> SockStat:
+    """Parse the TCP lines of /proc/net/sockstat and /proc/net/sockstat6.
+
+    ``text6`` is None when sockstat6 does not exist (a kernel without IPv6): inuse_ipv6 is 0::
+
+        sockets: used 12
+        TCP: inuse 5 orphan 0 tw 2 alloc 7 mem 165     (sockstat)
+        TCP6: inuse 3                                  (sockstat6)
+        -> SockStat(inuse_ipv4=5, inuse_ipv6=3, orphan=0, time_wait=2, alloc=7, memory_pages=165)
+
+    ``path6`` names sockstat6 in errors; by default ``path`` + "6".
+    """
+    path6 = path + "6" if path6 is None else path6
+    inuse, orphan, time_wait, alloc, memory = _tcp_fields(
+        text4, path, "TCP:", ("inuse", "orphan", "tw", "alloc", "mem")
+    )
+    inuse_ipv6 = 0 if text6 is None else _tcp_fields(text6, path6, "TCP6:", ("inuse",))[0]
+    return SockStat(
+        inuse_ipv4=inuse,
+        inuse_ipv6=inuse_ipv6,
+        orphan=orphan,
+        time_wait=time_wait,
+        alloc=alloc,
+        memory_pages=memory,
+    )
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="ascii") as file:
+        return file.read()
+
+
+def read_counters(paths: ProcPaths) -> KernelCounters:
+    """/proc/net/netstat and /proc/net/snmp merged; OSError (with the path) if either is missing."""
+    values: dict[str, int] = {}
+    for name in ("netstat", "snmp"):
+        path = paths.net(name)
+        values.update(parse_counter_table(_read(path), path))
+    return KernelCounters(values=values)
+
+
+def read_sockstat(paths: ProcPaths) -> SockStat:
+    """/proc/net/sockstat and, when IPv6 exists, /proc/net/sockstat6."""
+    path = paths.net("sockstat")
+    path6 = paths.net("sockstat6")
+    text4 = _read(path)
+    try:
+        text6: str | None = _read(path6)
+    except FileNotFoundError:
+        text6 = None
+    return parse_sockstat(text4, text6, path, path6)

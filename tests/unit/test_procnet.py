@@ -1,0 +1,344 @@
+"""/proc/net counter and sockstat parsers, fed the real files copied into tests/fixtures/proc."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tcpwatch.model import SockStat
+from tcpwatch.paths import ProcPaths
+from tcpwatch.sources.procnet import (
+    ProcParseError,
+    parse_counter_table,
+    parse_sockstat,
+    read_counters,
+    read_sockstat,
+)
+
+FIXTURE_ROOT = Path(__file__).resolve().parent.parent / "fixtures" / "proc"
+FIXTURE = ProcPaths(root=str(FIXTURE_ROOT))
+# Values nstat leaves out as "useless" (not counters); we keep them.
+NSTAT_SKIPS = {
+    "IpForwarding",
+    "IpDefaultTTL",
+    "TcpRtoAlgorithm",
+    "TcpRtoMin",
+    "TcpRtoMax",
+    "TcpMaxConn",
+    "TcpCurrEstab",
+}
+
+
+def fixture_text(name: str) -> str:
+    return (FIXTURE_ROOT / "net" / name).read_text()
+
+
+def header_field_count(text: str) -> int:
+    lines = text.splitlines()
+    return sum(len(line.split()) - 1 for line in lines[0::2])
+
+
+# --- parse_counter_table ----------------------------------------------------------------------
+
+
+def test_docstring_example() -> None:
+    text = (
+        "TcpExt: SyncookiesSent ListenOverflows\n"
+        "TcpExt: 0 3\n"
+        "Tcp: RtoAlgorithm MaxConn CurrEstab\n"
+        "Tcp: 1 -1 2\n"
+    )
+    assert parse_counter_table(text, "/proc/net/x") == {
+        "TcpExtSyncookiesSent": 0,
+        "TcpExtListenOverflows": 3,
+        "TcpRtoAlgorithm": 1,
+        "TcpMaxConn": -1,
+        "TcpCurrEstab": 2,
+    }
+
+
+def test_fixture_netstat_values() -> None:
+    text = fixture_text("netstat")
+    counters = parse_counter_table(text, "netstat")
+    assert len(counters) == header_field_count(text) == 229
+    assert counters["TcpExtTW"] == 10
+    assert counters["TcpExtDelayedACKLost"] == 1
+    assert counters["TcpExtTCPHPHits"] == 9
+    assert counters["TcpExtListenOverflows"] == 0
+    assert counters["TcpExtTCPAODroppedIcmps"] == 0  # last field of the TcpExt line
+    assert counters["IpExtInOctets"] == 58660694
+    assert counters["MPTcpExtWinProbe"] == 0
+
+
+def test_fixture_snmp_values_keep_signs_and_icmpmsg() -> None:
+    text = fixture_text("snmp")
+    counters = parse_counter_table(text, "snmp")
+    assert len(counters) == header_field_count(text) == 83
+    assert counters["TcpMaxConn"] == -1
+    assert counters["TcpActiveOpens"] == 14
+    assert counters["TcpOutRsts"] == 6
+    assert counters["TcpCurrEstab"] == 0
+    assert counters["IpForwarding"] == 2
+    assert counters["IcmpMsgInType3"] == 1  # IcmpMsg columns exist only for types seen
+    assert counters["UdpInDatagrams"] == 27
+    assert counters["UdpLiteMemErrors"] == 0
+
+
+def test_read_counters_merges_both_files() -> None:
+    counters = read_counters(FIXTURE)
+    netstat = parse_counter_table(fixture_text("netstat"), "netstat")
+    snmp = parse_counter_table(fixture_text("snmp"), "snmp")
+    assert dict(counters.values) == netstat | snmp
+    assert len(counters.values) == len(netstat) + len(snmp)
+    assert counters.get("TcpExtTW") == 10
+    assert counters.get("TcpMaxConn") == -1
+    assert counters.get("NoSuchCounter") is None
+
+
+def test_names_and_values_match_nstat_parsing_the_same_files(tmp_path: Path) -> None:
+    """nstat reads the files named by PROC_NET_*; it must name every counter as we do."""
+    environment = {
+        **os.environ,
+        "PROC_NET_NETSTAT": str(FIXTURE_ROOT / "net" / "netstat"),
+        "PROC_NET_SNMP": str(FIXTURE_ROOT / "net" / "snmp"),
+        "PROC_NET_SNMP6": os.devnull,
+        "NSTAT_HISTORY": str(tmp_path / "history"),
+    }
+    result = subprocess.run(
+        ["nstat", "--json", "-a", "-s", "-z"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    from_nstat: dict[str, int] = json.loads(result.stdout)["kernel"]
+    ours = dict(read_counters(FIXTURE).values)
+    assert len(from_nstat) == 305
+    assert set(ours) - set(from_nstat) == NSTAT_SKIPS
+    assert {name: ours[name] for name in from_nstat} == from_nstat
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "TcpExt: A B\nTcpExt: 1 2\nIpExt: X\nIpExt: 1 2\n",
+            '/proc/net/netstat:4: expected as many values as names in "IpExt: 1 2"',
+        ),
+        (
+            "TcpExt: A B C\nTcpExt: 1 2\n",
+            '/proc/net/netstat:2: expected as many values as names in "TcpExt: 1 2"',
+        ),
+        (
+            "Tcp: ActiveOpens PassiveOpens\nTcp: 1 x\n",
+            '/proc/net/netstat:2: expected integer values in "Tcp: 1 x"',
+        ),
+        (
+            "Tcp: ActiveOpens\nTcp: 1\nUdp: InDatagrams\n",
+            '/proc/net/netstat:4: missing the value line after "Udp:"',
+        ),
+        (
+            "Tcp: ActiveOpens\nUdp: 1\n",
+            '/proc/net/netstat:2: expected a "Tcp:" value line in "Udp: 1"',
+        ),
+        (
+            "Tcp: ActiveOpens\nTcp 1\n",
+            '/proc/net/netstat:2: expected a "Tcp:" value line in "Tcp 1"',
+        ),
+        (
+            "some garbage\nTcp: 1\n",
+            '/proc/net/netstat:1: expected a "Prefix: names" line in "some garbage"',
+        ),
+        (
+            "Tcp: 1 2\nTcp: 3 4\n",
+            '/proc/net/netstat:1: expected counter names in "Tcp: 1 2"',
+        ),
+        ("", "/proc/net/netstat:1: empty file"),
+    ],
+)
+def test_malformed_counter_tables(text: str, message: str) -> None:
+    with pytest.raises(ProcParseError) as caught:
+        parse_counter_table(text, "/proc/net/netstat")
+    assert str(caught.value) == message
+    assert caught.value.path == "/proc/net/netstat"
+    assert f":{caught.value.line}:" in message
+
+
+def test_empty_icmpmsg_pair_is_accepted() -> None:
+    assert parse_counter_table("IcmpMsg:\nIcmpMsg:\nTcp: A\nTcp: 7\n", "snmp") == {"TcpA": 7}
+
+
+@pytest.mark.parametrize("name", ["netstat", "snmp"])
+def test_truncated_files_fail_loudly_or_keep_their_prefix(name: str) -> None:
+    """Cut the real file at every byte: either a ProcParseError naming a real line, or the
+    counters read so far, where only the last number may have lost trailing digits."""
+    text = fixture_text(name)
+    full = parse_counter_table(text, name)
+    line_count = len(text.splitlines())
+    failures = 0
+    for cut in range(len(text)):
+        try:
+            partial = parse_counter_table(text[:cut], name)
+        except ProcParseError as error:
+            failures += 1
+            assert error.path == name
+            assert 1 <= error.line <= line_count + 1
+            continue
+        differing = [key for key, value in partial.items() if full[key] != value]
+        assert len(differing) <= 1, (cut, differing)
+        for key in differing:
+            assert str(full[key]).startswith(str(partial[key])), (cut, key)
+    # Most cuts land inside a line and must be caught.
+    assert failures > len(text) * 0.9
+
+
+def test_long_offending_text_is_shortened_in_the_message() -> None:
+    line = "TcpExt: " + " ".join(["1"] * 500)
+    with pytest.raises(ProcParseError) as caught:
+        parse_counter_table("TcpExt: A\n" + line + "\n", "netstat")
+    assert caught.value.text == line
+    rendered = str(caught.value)
+    assert rendered.startswith('netstat:2: expected as many values as names in "TcpExt: 1 1')
+    assert rendered.endswith('..."')
+    assert len(rendered) < 200
+    assert "\n" not in rendered
+
+
+# --- sockstat -----------------------------------------------------------------------------------
+
+
+def test_fixture_sockstat() -> None:
+    assert read_sockstat(FIXTURE) == SockStat(
+        inuse_ipv4=1, inuse_ipv6=0, orphan=0, time_wait=0, alloc=1, memory_pages=165
+    )
+
+
+def test_sockstat_docstring_example() -> None:
+    text4 = "sockets: used 12\nTCP: inuse 5 orphan 0 tw 2 alloc 7 mem 165\nUDP: inuse 0 mem 0\n"
+    text6 = "TCP6: inuse 3\nUDP6: inuse 0\n"
+    assert parse_sockstat(text4, text6, "/proc/net/sockstat") == SockStat(
+        inuse_ipv4=5, inuse_ipv6=3, orphan=0, time_wait=2, alloc=7, memory_pages=165
+    )
+
+
+def test_sockstat_without_ipv6() -> None:
+    text4 = "TCP: inuse 5 orphan 1 tw 2 alloc 7 mem 9\n"
+    stat = parse_sockstat(text4, None, "/proc/net/sockstat")
+    assert stat.inuse_ipv6 == 0
+    assert (stat.inuse_ipv4, stat.orphan, stat.time_wait, stat.alloc, stat.memory_pages) == (
+        5,
+        1,
+        2,
+        7,
+        9,
+    )
+
+
+def test_sockstat_ignores_fields_it_does_not_know() -> None:
+    text4 = "TCP: inuse 5 orphan 1 tw 2 alloc 7 mem 9 future 3\n"
+    assert parse_sockstat(text4, None, "s").memory_pages == 9
+
+
+@pytest.mark.parametrize(
+    ("text4", "text6", "message"),
+    [
+        (
+            "sockets: used 1\nUDP: inuse 0 mem 0\n",
+            None,
+            '/proc/net/sockstat:3: no "TCP:" line',
+        ),
+        (
+            "sockets: used 1\nTCP: inuse 1 orphan 0\n",
+            None,
+            '/proc/net/sockstat:2: missing tw, alloc, mem in "TCP: inuse 1 orphan 0"',
+        ),
+        (
+            "TCP: inuse 1 orphan 0 tw x alloc 1 mem 2\n",
+            None,
+            '/proc/net/sockstat:1: expected integer values in "TCP: inuse 1 orphan 0 tw x alloc 1 '
+            'mem 2"',
+        ),
+        (
+            "TCP: inuse 1 orphan 0 tw 0 alloc 1 mem\n",
+            None,
+            '/proc/net/sockstat:1: expected key/value pairs in "TCP: inuse 1 orphan 0 tw 0 alloc 1 '
+            'mem"',
+        ),
+        (
+            "TCP: inuse 1 orphan 0 tw 0 alloc 1 mem 2\n",
+            "UDP6: inuse 0\n",
+            '/proc/net/sockstat6:2: no "TCP6:" line',
+        ),
+        (
+            "TCP: inuse 1 orphan 0 tw 0 alloc 1 mem 2\n",
+            "TCP6: inuse\n",
+            '/proc/net/sockstat6:1: expected key/value pairs in "TCP6: inuse"',
+        ),
+        (
+            "TCP: inuse 1 orphan 0 tw 0 alloc 1 mem 2\n",
+            "TCP6: used 4\n",
+            '/proc/net/sockstat6:1: missing inuse in "TCP6: used 4"',
+        ),
+    ],
+)
+def test_malformed_sockstat(text4: str, text6: str | None, message: str) -> None:
+    with pytest.raises(ProcParseError) as caught:
+        parse_sockstat(text4, text6, "/proc/net/sockstat")
+    assert str(caught.value) == message
+
+
+def test_sockstat6_errors_name_the_given_path() -> None:
+    with pytest.raises(ProcParseError) as caught:
+        parse_sockstat("TCP: inuse 1 orphan 0 tw 0 alloc 1 mem 2\n", "", "a/sockstat", "b/six")
+    assert caught.value.path == "b/six"
+
+
+# --- reading files ------------------------------------------------------------------------------
+
+
+def make_root(tmp_path: Path, files: dict[str, str]) -> ProcPaths:
+    for name, text in files.items():
+        (tmp_path / "net").mkdir(exist_ok=True)
+        (tmp_path / "net" / name).write_text(text)
+    return ProcPaths(root=str(tmp_path))
+
+
+def test_read_sockstat_without_sockstat6_file(tmp_path: Path) -> None:
+    paths = make_root(tmp_path, {"sockstat": "TCP: inuse 4 orphan 0 tw 3 alloc 5 mem 6\n"})
+    assert read_sockstat(paths) == SockStat(4, 0, 0, 3, 5, 6)
+
+
+def test_read_sockstat_missing_file_names_the_path(tmp_path: Path) -> None:
+    paths = make_root(tmp_path, {"sockstat6": "TCP6: inuse 1\n"})
+    with pytest.raises(FileNotFoundError) as caught:
+        read_sockstat(paths)
+    assert caught.value.filename == paths.net("sockstat")
+
+
+def test_read_counters_missing_file_names_the_path(tmp_path: Path) -> None:
+    paths = make_root(tmp_path, {"netstat": fixture_text("netstat")})
+    with pytest.raises(FileNotFoundError) as caught:
+        read_counters(paths)
+    assert caught.value.filename == paths.net("snmp")
+
+
+def test_read_counters_malformed_file_names_the_path(tmp_path: Path) -> None:
+    paths = make_root(tmp_path, {"netstat": fixture_text("netstat"), "snmp": "Tcp: A B\nTcp: 1\n"})
+    with pytest.raises(ProcParseError) as caught:
+        read_counters(paths)
+    assert (
+        str(caught.value) == f'{paths.net("snmp")}:2: expected as many values as names in "Tcp: 1"'
+    )
+
+
+def test_read_counters_follows_net_dir(tmp_path: Path) -> None:
+    (tmp_path / "thread-self" / "net").mkdir(parents=True)
+    (tmp_path / "thread-self" / "net" / "netstat").write_text("TcpExt: TW\nTcpExt: 4\n")
+    (tmp_path / "thread-self" / "net" / "snmp").write_text("Tcp: CurrEstab\nTcp: 9\n")
+    counters = read_counters(ProcPaths(root=str(tmp_path), net_dir="thread-self/net"))
+    assert dict(counters.values) == {"TcpExtTW": 4, "TcpCurrEstab": 9}

@@ -1,0 +1,202 @@
+"""Sysctl parsers and reader, fed the real values copied into tests/fixtures/proc/sys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tcpwatch.paths import ProcPaths
+from tcpwatch.sources.procnet import ProcParseError
+from tcpwatch.sources.sysctl import (
+    MULTI_FIELD_SUFFIXES,
+    RESERVED_PORTS,
+    SYSCTLS,
+    parse_reserved_ports,
+    parse_sysctl,
+    read_sysctls,
+)
+
+FIXTURE = ProcPaths(root=str(Path(__file__).resolve().parent.parent / "fixtures" / "proc"))
+
+EXPECTED_NAMES = {
+    "net.core.somaxconn",
+    "net.core.netdev_max_backlog",
+    *(
+        f"net.ipv4.{name}"
+        for name in [
+            "tcp_max_syn_backlog",
+            "tcp_syncookies",
+            "tcp_abort_on_overflow",
+            "tcp_fin_timeout",
+            "tcp_tw_reuse",
+            "tcp_tw_recycle",
+            "tcp_max_tw_buckets",
+            "tcp_max_orphans",
+            "ip_local_port_range",
+            "tcp_keepalive_time",
+            "tcp_keepalive_intvl",
+            "tcp_keepalive_probes",
+            "tcp_syn_retries",
+            "tcp_synack_retries",
+            "tcp_mem",
+            "tcp_rmem",
+            "tcp_wmem",
+            "ip_unprivileged_port_start",
+        ]
+    ),
+}
+
+
+def test_sysctl_names() -> None:
+    assert len(SYSCTLS) == len(set(SYSCTLS)) == 20
+    assert set(SYSCTLS) == EXPECTED_NAMES
+    assert RESERVED_PORTS not in SYSCTLS
+
+
+def test_multi_field_suffixes() -> None:
+    assert dict(MULTI_FIELD_SUFFIXES) == {
+        "net.ipv4.ip_local_port_range": ("min", "max"),
+        "net.ipv4.tcp_mem": ("min", "pressure", "max"),
+        "net.ipv4.tcp_rmem": ("min", "default", "max"),
+        "net.ipv4.tcp_wmem": ("min", "default", "max"),
+    }
+    assert set(MULTI_FIELD_SUFFIXES) <= set(SYSCTLS)
+    with pytest.raises(TypeError):
+        MULTI_FIELD_SUFFIXES["net.core.somaxconn"] = ("x",)  # type: ignore[index]
+
+
+def test_read_fixture() -> None:
+    sysctls = read_sysctls(FIXTURE)
+    # This kernel (6.18) has no tcp_tw_recycle (removed in 4.12): absent, not an error.
+    assert set(sysctls.values) == EXPECTED_NAMES - {"net.ipv4.tcp_tw_recycle"}
+    assert sysctls.values["net.core.somaxconn"] == (4096,)
+    assert sysctls.values["net.ipv4.tcp_syncookies"] == (1,)
+    assert sysctls.values["net.ipv4.tcp_tw_reuse"] == (2,)
+    assert sysctls.values["net.ipv4.ip_local_port_range"] == (32768, 60999)
+    assert sysctls.values["net.ipv4.tcp_mem"] == (287898, 383866, 575796)
+    assert sysctls.values["net.ipv4.tcp_rmem"] == (4096, 131072, 33554432)
+    assert sysctls.values["net.ipv4.tcp_wmem"] == (4096, 16384, 4194304)
+    assert sysctls.reserved_ports == ()
+    assert sysctls.port_range == (32768, 60999)
+    assert sysctls.get("net.ipv4.tcp_tw_recycle") is None
+    assert sysctls.get("net.ipv4.tcp_mem", 1) == 383866
+    for name, suffixes in MULTI_FIELD_SUFFIXES.items():
+        assert len(sysctls.values[name]) == len(suffixes)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("net.ipv4.ip_local_port_range", "32768\t60999\n", (32768, 60999)),
+        ("net.core.somaxconn", "4096\n", (4096,)),
+        ("net.core.somaxconn", "  -1  ", (-1,)),
+        ("net.ipv4.tcp_mem", "1 2 3\n", (1, 2, 3)),
+    ],
+)
+def test_parse_sysctl(name: str, text: str, expected: tuple[int, ...]) -> None:
+    assert parse_sysctl(name, text, "p") == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        (
+            "net.ipv4.ip_local_port_range",
+            "32768\n",
+            'p:1: expected 2 integers for net.ipv4.ip_local_port_range in "32768"',
+        ),
+        ("net.core.somaxconn", "\n", "p:1: expected 1 integer for net.core.somaxconn"),
+        (
+            "net.core.somaxconn",
+            "12 13\n",
+            'p:1: expected 1 integer for net.core.somaxconn in "12 13"',
+        ),
+        ("net.core.somaxconn", "lots\n", 'p:1: expected integers for net.core.somaxconn in "lots"'),
+        ("net.ipv4.tcp_rmem", "1 2 x\n", 'p:1: expected integers for net.ipv4.tcp_rmem in "1 2 x"'),
+    ],
+)
+def test_malformed_sysctl(name: str, text: str, message: str) -> None:
+    with pytest.raises(ProcParseError) as caught:
+        parse_sysctl(name, text, "p")
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8080,9000-9010\n", ((8080, 8080), (9000, 9010))),
+        ("", ()),
+        ("\n", ()),
+        ("0-65535\n", ((0, 65535),)),
+        ("40000\n", ((40000, 40000),)),
+    ],
+)
+def test_parse_reserved_ports(text: str, expected: tuple[tuple[int, int], ...]) -> None:
+    assert parse_reserved_ports(text, "p") == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("80-\n", 'p:1: expected a port or range, got "80-" in "80-"'),
+        ("8080,,9000\n", 'p:1: expected a port or range, got "" in "8080,,9000"'),
+        ("http\n", 'p:1: expected a port or range, got "http" in "http"'),
+        ("9010-9000\n", 'p:1: port range "9010-9000" out of order or bounds in "9010-9000"'),
+        ("70000\n", 'p:1: port range "70000" out of order or bounds in "70000"'),
+    ],
+)
+def test_malformed_reserved_ports(text: str, message: str) -> None:
+    with pytest.raises(ProcParseError) as caught:
+        parse_reserved_ports(text, "p")
+    assert str(caught.value) == message
+
+
+def write_sysctl(root: Path, dotted: str, text: str) -> None:
+    path = root / "sys" / Path(*dotted.split("."))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_read_sysctls_partial_tree(tmp_path: Path) -> None:
+    write_sysctl(tmp_path, "net.core.somaxconn", "128\n")
+    write_sysctl(tmp_path, "net.ipv4.ip_local_port_range", "40000\t40999\n")
+    write_sysctl(tmp_path, RESERVED_PORTS, "40100,40200-40299\n")
+    sysctls = read_sysctls(ProcPaths(root=str(tmp_path)))
+    assert dict(sysctls.values) == {
+        "net.core.somaxconn": (128,),
+        "net.ipv4.ip_local_port_range": (40000, 40999),
+    }
+    assert sysctls.reserved_ports == ((40100, 40100), (40200, 40299))
+    assert sysctls.port_reserved(40250)
+    assert not sysctls.port_reserved(40101)
+
+
+def test_read_sysctls_empty_tree(tmp_path: Path) -> None:
+    sysctls = read_sysctls(ProcPaths(root=str(tmp_path)))
+    assert dict(sysctls.values) == {}
+    assert sysctls.reserved_ports == ()
+
+
+def test_read_sysctls_malformed_value_names_the_file(tmp_path: Path) -> None:
+    write_sysctl(tmp_path, "net.ipv4.tcp_fin_timeout", "sixty\n")
+    paths = ProcPaths(root=str(tmp_path))
+    with pytest.raises(ProcParseError) as caught:
+        read_sysctls(paths)
+    assert caught.value.path == paths.sysctl("net.ipv4.tcp_fin_timeout")
+    assert str(caught.value).endswith('net.ipv4.tcp_fin_timeout in "sixty"')
+
+
+def test_read_sysctls_malformed_reserved_ports_names_the_file(tmp_path: Path) -> None:
+    write_sysctl(tmp_path, RESERVED_PORTS, "1-2-3\n")
+    paths = ProcPaths(root=str(tmp_path))
+    with pytest.raises(ProcParseError) as caught:
+        read_sysctls(paths)
+    assert caught.value.path == paths.sysctl(RESERVED_PORTS)
+
+
+def test_read_sysctls_other_errors_propagate(tmp_path: Path) -> None:
+    # A directory where a value file should be: not "absent", a real error.
+    (tmp_path / "sys" / "net" / "core" / "somaxconn").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError):
+        read_sysctls(ProcPaths(root=str(tmp_path)))
