@@ -1,0 +1,220 @@
+"""scan_owners over fixture procfs trees: fd symlinks like ``socket:[123]`` and comm files."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from tcpwatch.model import ProcessRef
+from tcpwatch.paths import ProcPaths
+from tcpwatch.sources.processes import parse_comm, parse_socket_link, scan_owners
+
+# pid -> (comm, fd number -> link target); comm None leaves the comm file out.
+Tree = Mapping[int, tuple[str | None, Mapping[int, str]]]
+
+
+def build_proc(root: Path, tree: Tree) -> ProcPaths:
+    for pid, (comm, fds) in tree.items():
+        fd_dir = root / str(pid) / "fd"
+        fd_dir.mkdir(parents=True)
+        if comm is not None:
+            (root / str(pid) / "comm").write_text(comm + "\n")
+        for fd, target in fds.items():
+            os.symlink(target, fd_dir / str(fd))
+    (root / "self").symlink_to(str(min(tree, default=1)))  # not a pid: must be ignored
+    return ProcPaths(root=str(root))
+
+
+def test_parse_socket_link() -> None:
+    assert parse_socket_link("socket:[48213]") == 48213
+    assert parse_socket_link("pipe:[48220]") is None
+    assert parse_socket_link("anon_inode:[eventpoll]") is None
+    assert parse_socket_link("/dev/null") is None
+
+
+@pytest.mark.parametrize("link", ["socket:[12a]", "socket:[]", "socket:[123", "socket:[-5]"])
+def test_parse_socket_link_names_the_file_and_text_when_malformed(link: str) -> None:
+    with pytest.raises(ValueError, match=r"/proc/7/fd/3: malformed socket link") as error:
+        parse_socket_link(link, "/proc/7/fd/3")
+    assert repr(link) in str(error.value)
+
+
+def test_parse_comm() -> None:
+    assert parse_comm(b"nginx\n") == "nginx"
+    assert parse_comm(b"tw-holder-proce\n") == "tw-holder-proce"
+    assert parse_comm(b"bad\xffname\n") == "bad\ufffdname"
+
+
+def test_finds_the_owner_of_each_wanted_socket_only(tmp_path: Path) -> None:
+    paths = build_proc(
+        tmp_path,
+        {
+            10: ("nginx", {0: "/dev/null", 3: "socket:[101]", 4: "pipe:[900]", 5: "socket:[102]"}),
+            20: ("postgres", {3: "socket:[202]", 4: "anon_inode:[eventpoll]"}),
+            30: ("sshd", {3: "socket:[303]"}),
+        },
+    )
+    result = scan_owners(paths, frozenset({101, 202, 303}))
+    assert result.owners == {
+        101: ProcessRef(10, "nginx"),
+        202: ProcessRef(20, "postgres"),
+        303: ProcessRef(30, "sshd"),
+    }
+    assert result.owner(102) is None  # open, but not asked for
+    assert result.complete
+    assert result.processes_scanned == 3
+
+
+def test_a_shared_socket_belongs_to_the_lowest_pid(tmp_path: Path) -> None:
+    # Created highest pid first so directory order does not hand the answer over.
+    paths = build_proc(
+        tmp_path,
+        {
+            900: ("worker", {3: "socket:[555]"}),
+            77: ("worker", {3: "socket:[555]"}),
+            12: ("master", {3: "socket:[555]", 4: "socket:[556]"}),
+        },
+    )
+    result = scan_owners(paths, frozenset({555}))
+    assert result.owners == {555: ProcessRef(12, "master")}
+
+
+def test_stops_once_every_wanted_socket_is_found(tmp_path: Path) -> None:
+    paths = build_proc(
+        tmp_path,
+        {
+            5: ("app", {3: "socket:[1]", 4: "socket:[2]"}),
+            6: ("later", {3: "socket:[3]"}),
+            7: ("later", {3: "socket:[4]"}),
+        },
+    )
+    result = scan_owners(paths, frozenset({1, 2}))
+    assert result.processes_scanned == 1
+    assert result.complete
+    assert set(result.owners) == {1, 2}
+
+
+def test_walks_everything_when_a_socket_has_no_owner(tmp_path: Path) -> None:
+    paths = build_proc(tmp_path, {5: ("app", {3: "socket:[1]"}), 6: ("other", {3: "socket:[3]"})})
+    result = scan_owners(paths, frozenset({1, 99}))
+    assert result.owners == {1: ProcessRef(5, "app")}
+    assert result.processes_scanned == 2
+    assert result.complete  # every process read: 99 is owned by nobody
+
+
+def test_nothing_wanted_means_no_scan(tmp_path: Path) -> None:
+    missing_root = ProcPaths(root=str(tmp_path / "does-not-exist"))
+    for wanted in (frozenset[int](), frozenset({0})):  # inode 0: TIME_WAIT, request sockets
+        result = scan_owners(missing_root, wanted)
+        assert result.owners == {}
+        assert result.processes_scanned == 0
+        assert result.complete
+
+
+def test_inode_zero_is_ignored_and_does_not_prevent_the_early_exit(tmp_path: Path) -> None:
+    paths = build_proc(tmp_path, {5: ("app", {3: "socket:[1]"}), 6: ("other", {3: "socket:[3]"})})
+    result = scan_owners(paths, frozenset({0, 1}))
+    assert result.owners == {1: ProcessRef(5, "app")}
+    assert result.processes_scanned == 1
+
+
+def test_processes_that_exit_mid_scan_are_skipped(tmp_path: Path) -> None:
+    paths = build_proc(
+        tmp_path,
+        {
+            5: (None, {3: "socket:[1]"}),  # exited between its fd read and its name read
+            6: ("app", {3: "socket:[2]"}),
+            8: ("app", {3: "socket:[3]"}),
+        },
+    )
+    (tmp_path / "7").mkdir()  # listed, but its fd directory is already gone
+    result = scan_owners(paths, frozenset({1, 2, 3}))
+    assert result.owners == {2: ProcessRef(6, "app"), 3: ProcessRef(8, "app")}
+    assert result.processes_scanned == 3  # 5, 6 and 8 had fd tables; 7 had none
+    assert result.complete  # an exited process hides nothing
+
+
+@pytest.fixture
+def deny_fd_dir(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, str], None]:
+    """Deny one fd directory as the kernel does for a process we may not inspect.
+
+    ``"open"``: the directory itself is refused (another user's process, without privileges).
+    ``"readlink"``: it lists, but every link is refused (the ptrace access check fails).
+    Root bypasses file modes on a fixture tree, so the kernel's answer is reproduced here.
+    """
+    real_open, real_readlink = os.open, os.readlink
+
+    def deny(path: str, how: str) -> None:
+        def fake_open(name: str, flags: int, *args: int, **kwargs: int) -> int:
+            if str(name) == path and how == "open":
+                raise PermissionError(13, "Permission denied", name)
+            return real_open(name, flags, *args, **kwargs)
+
+        def fake_readlink(name: str, *, dir_fd: int | None = None) -> str:
+            denied = dir_fd is not None and real_readlink(f"/proc/self/fd/{dir_fd}") == path
+            if how == "readlink" and denied:
+                raise PermissionError(13, "Permission denied", name)
+            return real_readlink(name, dir_fd=dir_fd)
+
+        monkeypatch.setattr(os, "open", fake_open)
+        monkeypatch.setattr(os, "readlink", fake_readlink)
+
+    return deny
+
+
+@pytest.mark.parametrize("how", ["open", "readlink"])
+def test_denied_processes_are_skipped_and_leave_the_scan_incomplete(
+    tmp_path: Path, deny_fd_dir: Callable[[str, str], None], how: str
+) -> None:
+    paths = build_proc(tmp_path, {5: ("secret", {3: "socket:[1]"}), 6: ("app", {3: "socket:[2]"})})
+    deny_fd_dir(paths.pid(5, "fd"), how)
+    result = scan_owners(paths, frozenset({1, 2}))
+    assert result.owners == {2: ProcessRef(6, "app")}
+    assert result.processes_scanned == 1
+    assert not result.complete  # socket 1 may belong to the process we could not read
+
+
+def test_a_denied_process_does_not_matter_once_everything_is_found(
+    tmp_path: Path, deny_fd_dir: Callable[[str, str], None]
+) -> None:
+    paths = build_proc(tmp_path, {5: ("secret", {3: "socket:[1]"}), 6: ("app", {3: "socket:[2]"})})
+    deny_fd_dir(paths.pid(5, "fd"), "open")
+    result = scan_owners(paths, frozenset({2}))
+    assert result.owners == {2: ProcessRef(6, "app")}
+    assert result.complete
+
+
+def fake_clock(readings: list[float]) -> Callable[[], float]:
+    values: Iterator[float] = itertools.chain(readings, itertools.repeat(readings[-1]))
+    return lambda: next(values)
+
+
+def test_stops_at_the_deadline(tmp_path: Path) -> None:
+    paths = build_proc(
+        tmp_path,
+        {pid: ("app", {3: f"socket:[{pid}]"}) for pid in (5, 6, 7, 8)},
+    )
+    # start, then one reading before each process: pids 5 and 6 fit in 1 s, 7 does not.
+    clock = fake_clock([100.0, 100.0, 100.5, 101.0])
+    result = scan_owners(paths, frozenset({5, 6, 7, 8}), deadline_seconds=1.0, clock=clock)
+    assert result.owners == {5: ProcessRef(5, "app"), 6: ProcessRef(6, "app")}
+    assert result.processes_scanned == 2
+    assert not result.complete
+
+
+def test_a_zero_deadline_scans_nothing(tmp_path: Path) -> None:
+    paths = build_proc(tmp_path, {5: ("app", {3: "socket:[1]"})})
+    result = scan_owners(paths, frozenset({1}), deadline_seconds=0.0)
+    assert result.owners == {}
+    assert result.processes_scanned == 0
+    assert not result.complete
+
+
+def test_a_malformed_socket_link_is_reported_with_its_path(tmp_path: Path) -> None:
+    paths = build_proc(tmp_path, {5: ("app", {3: "socket:[oops]"})})
+    with pytest.raises(ValueError, match=r"5/fd/3: malformed socket link 'socket:\[oops\]'"):
+        scan_owners(paths, frozenset({1}))
