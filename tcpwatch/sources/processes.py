@@ -73,7 +73,8 @@ def wanted_sockets_in(fd_dir: str, wanted: Set[int]) -> list[int]:
     skipped.
     """
     found: list[int] = []
-    # readlink relative to the directory's fd spares a path walk per fd.
+    # Links are read relative to the open directory: it stays bound to this process, so once the
+    # process exits they fail instead of reading whatever process reuses the pid.
     dir_fd = os.open(fd_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         with os.scandir(dir_fd) as entries:
