@@ -108,7 +108,10 @@ def scan_owners(
 
     ``complete`` is True when every wanted inode was found, or when every process was read: then
     an inode without an owner belongs to no process. A process denied to us (or the deadline)
-    leaves it False.
+    leaves it False. The skipped counts are logged at debug level only, as Attribution has no
+    field for them yet.
+
+    Raises ValueError only for a malformed ``socket:[`` link, which the kernel never writes.
     """
     missing = set(wanted)
     missing.discard(0)
