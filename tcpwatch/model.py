@@ -111,7 +111,7 @@ class SockStat:
 
 @dataclass(frozen=True, slots=True)
 class KernelCounters:
-    """/proc/net/netstat and /proc/net/snmp, named as nstat names them (``TcpExtListenOverflows``)."""
+    """/proc/net/netstat and /proc/net/snmp counters, with nstat names (TcpExtListenOverflows)."""
 
     values: Mapping[str, int]
 
@@ -156,6 +156,7 @@ class Attribution:
     owners: Mapping[int, ProcessRef]
     processes_scanned: int
     complete: bool  # every wanted inode was found or every process was scanned
+    processes_denied: int = 0  # processes whose fds we may not read (no CAP_SYS_PTRACE...)
 
     def owner(self, inode: int) -> ProcessRef | None:
         return self.owners.get(inode)

@@ -1,4 +1,4 @@
-"""Where procfs lives. The only module that builds /proc paths, so tests can point it at fixtures."""
+"""Where procfs lives: the only module that builds /proc paths, so tests can use fixtures."""
 
 from __future__ import annotations
 

@@ -108,8 +108,8 @@ def scan_owners(
 
     ``complete`` is True when every wanted inode was found, or when every process was read: then
     an inode without an owner belongs to no process. A process denied to us (or the deadline)
-    leaves it False. The skipped counts are logged at debug level only, as Attribution has no
-    field for them yet.
+    leaves it False. The denied count is kept in Attribution.processes_denied; exits are only
+    logged at debug level.
 
     Raises ValueError only for a malformed ``socket:[`` link, which the kernel never writes.
     """
@@ -151,4 +151,6 @@ def scan_owners(
     if vanished or denied:
         _log.debug("fd scan skipped %d exited and %d denied processes", vanished, denied)
     complete = not missing or (walked_all and denied == 0)
-    return Attribution(owners=owners, processes_scanned=scanned, complete=complete)
+    return Attribution(
+        owners=owners, processes_scanned=scanned, complete=complete, processes_denied=denied
+    )

@@ -179,7 +179,8 @@ class DumpAggregator:
                 return True
             if msg_type == NLMSG_ERROR:
                 code = -_ERRNO.unpack_from(data, offset + 16)[0] if msg_len >= 20 else 0
-                raise SockDiagError(f"kernel answered the dump with {errno.errorcode.get(code, code)}")
+                name = errno.errorcode.get(code, str(code))
+                raise SockDiagError(f"kernel answered the dump with {name}")
             if msg_len < _MESSAGE_MIN:
                 raise SockDiagError(f"inet_diag message of {msg_len} bytes at byte {offset}")
             self.messages += 1
@@ -249,9 +250,7 @@ class DumpAggregator:
             if state == TCP_TIME_WAIT:
                 use[1] += 1
 
-    def result(
-        self, inuse: Mapping[str, int] | None, established_dumped: bool
-    ) -> SocketTable:
+    def result(self, inuse: Mapping[str, int] | None, established_dumped: bool) -> SocketTable:
         counts: dict[str, dict[str, int]] = {}
         for family, totals in self.totals.items():
             by_state = {name: totals.states[number] for number, name in enumerate(STATES, 1)}
@@ -391,7 +390,9 @@ def recorded_receiver(datagrams: Iterable[bytes]) -> Receiver:
 
 def open_socket() -> socket.socket:
     try:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
+        sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
+        )
     except (OSError, AttributeError) as error:
         raise SockDiagError(f"cannot open a NETLINK_SOCK_DIAG socket: {error}") from error
     sock.bind((0, 0))
@@ -414,7 +415,6 @@ def collect(
     try:
         send = netlink.send
         receive = netlink.recv_into
-        sequence = 0
         plan: list[tuple[str, int, bytes]] = []
         first_mask = ALL_STATES_MASK if established_dumped else ALL_STATES_MASK & ~ESTABLISHED_MASK
         for family in FAMILIES:
@@ -423,8 +423,7 @@ def collect(
             bytecode = port_range_bytecode(*port_range)
             for family in FAMILIES:
                 plan.append((family, ESTABLISHED_MASK, bytecode))
-        for family, mask, bytecode in plan:
-            sequence += 1
+        for sequence, (family, mask, bytecode) in enumerate(plan, start=1):
             request = build_request(family, mask, bytecode, sequence)
             try:
                 run_dump(send, receive, request, family, aggregator, buffer)
