@@ -307,7 +307,24 @@ def _process_families(state: ExportState) -> Iterator[Metric]:
         ["netns", "process", "state"],
         state.cached,
     )
+    complete = _gauge(
+        "tcpwatch_process_scan_complete",
+        "1 if the latest /proc/*/fd scan found the owner of every wanted socket or read every "
+        "process; 0 if processes were denied to it (missing CAP_SYS_PTRACE/CAP_DAC_READ_SEARCH) "
+        "or it hit collect.process_scan_timeout.",
+        ["netns"],
+        state.cached,
+    )
+    denied = _gauge(
+        "tcpwatch_process_scan_denied_processes",
+        "Processes whose file descriptors the latest scan was not allowed to read.",
+        ["netns"],
+        state.cached,
+    )
     for snap in state.snapshots:
+        if snap.attribution is not None:
+            complete.add_metric([snap.netns], 1 if snap.attribution.complete else 0)
+            denied.add_metric([snap.netns], snap.attribution.processes_denied)
         counts = process_socket_counts(snap)
         per_process: Counter[str] = Counter()
         for (name, _), count in counts.items():
@@ -316,7 +333,7 @@ def _process_families(state: ExportState) -> Iterator[Metric]:
         for (name, socket_state), count in sorted(counts.items()):
             if name in top:
                 family.add_metric([snap.netns, name, socket_state], count)
-    yield family
+    yield from (family, complete, denied)
 
 
 def _finding_families(state: ExportState) -> Iterator[Metric]:
