@@ -1,0 +1,127 @@
+"""The rule registry and engine: Snapshot(s) in, Findings out.
+
+Each rule is a pure function over a :class:`Window` (the snapshot now, the one at the start of
+the window, CLOSE_WAIT history and the persisted sysctl lines) and its thresholds. ``evaluate``
+runs every enabled rule; one that raises becomes a single ``warning`` finding for that rule
+(its condition went unchecked, which the operator must know, but it is no evidence of a network
+problem, so it does not page as critical) and the others still run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+
+from tcpwatch.rules.base import (
+    SEVERITY_RANK,
+    EvidenceValue,
+    Finding,
+    Rule,
+    RuleSettings,
+    Severity,
+    Threshold,
+    Thresholds,
+    Window,
+)
+
+__all__ = [
+    "ERROR_SEVERITY",
+    "RULES",
+    "SYSCTLS_USED",
+    "EvidenceValue",
+    "Finding",
+    "Rule",
+    "RuleSettings",
+    "Severity",
+    "Threshold",
+    "Thresholds",
+    "Window",
+    "evaluate",
+    "rule_by_id",
+    "sort_key",
+    "worst_exit_code",
+]
+
+log = logging.getLogger(__name__)
+
+RULES: tuple[Rule, ...] = tuple(sorted((), key=lambda r: r.id))
+ERROR_SEVERITY: Severity = "warning"
+
+# Every sysctl a rule reads: the sysctl source must try each (absent ones are simply missing).
+SYSCTLS_USED: tuple[str, ...] = (
+    "net.core.somaxconn",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_abort_on_overflow",
+    "net.ipv4.tcp_ehash_entries",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_max_orphans",
+    "net.ipv4.tcp_max_syn_backlog",
+    "net.ipv4.tcp_max_tw_buckets",
+    "net.ipv4.tcp_mem",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.tcp_tw_recycle",
+    "net.ipv4.tcp_tw_reuse",
+)
+
+
+def rule_by_id(rule_id: str) -> Rule | None:
+    return next((rule for rule in RULES if rule.id == rule_id), None)
+
+
+def sort_key(finding: Finding) -> tuple[int, str, str, str]:
+    """Critical first, then by rule id, subject and namespace."""
+    return (SEVERITY_RANK[finding.severity], finding.rule_id, finding.subject, finding.netns)
+
+
+def _error_finding(rule: Rule, window: Window, error: Exception) -> Finding:
+    described = f"{type(error).__name__}: {error}"
+    return Finding(
+        rule_id=rule.id,
+        slug=rule.slug,
+        severity=ERROR_SEVERITY,
+        title=f"rule {rule.id} ({rule.slug}) could not run: {described}",
+        netns=window.current.netns,
+        subject="",
+        evidence=MappingProxyType({"error": described, "rule_title": rule.title}),
+        remediation="tcpwatch failed to evaluate this rule, so its condition went unchecked "
+        "here.\nRun `tcpwatch check --log-level debug` to see the traceback, and report it as a "
+        "tcpwatch bug with that output.",
+        doc=rule.doc,
+    )
+
+
+def evaluate(
+    window: Window,
+    settings: Mapping[str, RuleSettings],
+    rules: Sequence[Rule] = RULES,
+) -> list[Finding]:
+    """Run every enabled rule over one namespace's window; findings sorted by :func:`sort_key`."""
+    findings: list[Finding] = []
+    for rule in rules:
+        setting = settings.get(rule.id, RuleSettings())
+        if not setting.enabled:
+            continue
+        try:
+            # list() so a rule failing half-way contributes only its error finding.
+            findings.extend(list(rule.check(window, rule.threshold_values(setting.thresholds))))
+        except Exception as error:  # one broken rule must never abort the run
+            log.warning("rule %s failed in netns %s: %s", rule.id, window.current.netns, error)
+            log.debug("rule %s traceback", rule.id, exc_info=True)
+            findings.append(_error_finding(rule, window, error))
+    findings.sort(key=sort_key)
+    return findings
+
+
+def worst_exit_code(findings: Iterable[Finding]) -> int:
+    """Nagios plugin convention: 0 nothing above info, 1 a warning, 2 a critical."""
+    code = 0
+    for finding in findings:
+        if finding.severity == "critical":
+            return 2
+        if finding.severity == "warning":
+            code = 1
+    return code

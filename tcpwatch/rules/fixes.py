@@ -1,0 +1,100 @@
+"""Shared wording for findings: endpoints, process names, and sysctl fixes per namespace."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+
+from tcpwatch.model import ProcessRef, Snapshot
+from tcpwatch.sources.sysctl_files import PersistedSysctl, lines_for
+
+HOST_NETNS = "host"  # the snapshot's name for the init network namespace (that of PID 1)
+
+
+def endpoint(address: str, port: int) -> str:
+    """ "10.0.0.5:5432", "[::1]:8080"."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def process_label(process: ProcessRef | None) -> str:
+    """ "nginx[1234]", or "unknown process" when no /proc/*/fd link was found."""
+    return "unknown process" if process is None else f"{process.name}[{process.pid}]"
+
+
+def owner_of(snapshot: Snapshot, inode: int) -> ProcessRef | None:
+    if snapshot.attribution is None or inode == 0:
+        return None
+    return snapshot.attribution.owner(inode)
+
+
+def _in_netns(netns: str, command: str) -> str:
+    if netns == HOST_NETNS:
+        return command
+    if netns.startswith("pid:"):
+        return f"nsenter --net=/proc/{netns[4:]}/ns/net {command}"
+    return f"ip netns exec {shlex.quote(netns)} {command}"
+
+
+def run_in(netns: str, command: str) -> str:
+    """A command as it must be typed to act on ``netns`` from the host."""
+    return _in_netns(netns, command)
+
+
+def sysctl_fix(
+    netns: str,
+    name: str,
+    value: int | str,
+    persisted: Sequence[PersistedSysctl] = (),
+    global_setting: bool = False,
+) -> str:
+    """Lines that set a sysctl now and keep it across reboots.
+
+    In the host namespace: ``sysctl -w`` plus a drop-in file of its own (one file per setting,
+    so running several fixes never overwrites another's file), and a note for each persisted
+    line elsewhere that sets another value and would undo the fix at boot. In another namespace
+    the files under /etc/sysctl.d do not apply: the setting belongs where the namespace is made.
+    """
+    text = str(value)
+    # Values are integers, spaces and commas: double quotes are exact and read naturally.
+    assignment = f'{name}="{text}"' if " " in text else f"{name}={text}"
+    lines = [_in_netns(netns, f"sysctl -w {assignment}")]
+    if netns == HOST_NETNS or global_setting:
+        short = name.rsplit(".", 1)[-1].replace("_", "-")
+        lines.append(f"echo '{name} = {text}' > /etc/sysctl.d/90-tcpwatch-{short}.conf")
+        for entry in lines_for(persisted, name):
+            if entry.value.split() != text.split() and not entry.path.endswith(
+                f"90-tcpwatch-{short}.conf"
+            ):
+                lines.append(
+                    f"# {entry.path}:{entry.line} sets {name} = {entry.value}: "
+                    "change or remove that line, or it may undo this at boot"
+                )
+    else:
+        lines.append(
+            f"# {name} is per network namespace and /etc/sysctl.d does not apply to "
+            f"'{netns}': set it where the namespace is created "
+            f"(docker run --sysctl {assignment}, "
+            "Kubernetes securityContext.sysctls, or the script that runs `ip netns add`)"
+        )
+    return "\n".join(lines)
+
+
+def format_port_ranges(ranges: Sequence[tuple[int, int]]) -> str:
+    """((8080, 8080), (9000, 9010)) -> "8080,9000-9010" (ip_local_reserved_ports syntax)."""
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in ranges)
+
+
+def reserve_ports_fix(
+    netns: str,
+    reserved: Sequence[tuple[int, int]],
+    ports: Sequence[int],
+    persisted: Sequence[PersistedSysctl] = (),
+) -> str:
+    """Add ``ports`` to ip_local_reserved_ports, keeping what is reserved already.
+
+    Writing the sysctl replaces the whole list, so the fix repeats the current reservations.
+    """
+    merged = sorted({*reserved, *((port, port) for port in ports)})
+    return sysctl_fix(
+        netns, "net.ipv4.ip_local_reserved_ports", format_port_ranges(merged), persisted
+    )

@@ -1,0 +1,141 @@
+"""Persisted sysctl settings: the lines that set kernel tunables at boot.
+
+Rules read these to find settings that no longer exist (``tcp_tw_recycle`` left in
+/etc/sysctl.conf after Linux 4.12) and lines that would override a fix after a reboot.
+
+Files are read the way ``sysctl --system`` (procps) and systemd-sysctl apply them: every
+``*.conf`` in the drop-in directories, ordered by file name, a name in an earlier directory
+masking the same name in later ones (/etc before /run before /usr/local/lib before /usr/lib and
+/lib), then /etc/sysctl.conf last unless a drop-in already links to it. A later line for the same
+key wins, so :func:`effective` returns the last one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+# Highest priority first: a file name found in an earlier directory masks the later ones.
+DROP_IN_DIRECTORIES: tuple[str, ...] = (
+    "etc/sysctl.d",
+    "run/sysctl.d",
+    "usr/local/lib/sysctl.d",
+    "usr/lib/sysctl.d",
+    "lib/sysctl.d",
+)
+MAIN_FILE = "etc/sysctl.conf"
+_MAX_FILE_BYTES = 1 << 20  # a sysctl file is a few KiB; refuse to slurp anything huge
+
+
+@dataclass(frozen=True, slots=True)
+class PersistedSysctl:
+    """One assignment in a sysctl configuration file."""
+
+    path: str  # as on the host, e.g. "/etc/sysctl.d/99-sysctl.conf"
+    line: int  # 1-based
+    name: str  # dotted, "/" separators normalised to "."; a leading "-" (ignore errors) removed
+    value: str  # as written, surrounding whitespace removed
+
+
+class SysctlConfError(ValueError):
+    """A line of a sysctl configuration file that is not ``key = value``."""
+
+    def __init__(self, path: str, line: int, text: str) -> None:
+        super().__init__(f"{path}:{line}: expected 'key = value', got {text!r}")
+        self.path = path
+        self.line = line
+        self.text = text
+
+
+def parse_sysctl_conf(text: str, path: str, strict: bool = True) -> tuple[PersistedSysctl, ...]:
+    """Parse the text of a sysctl.conf / sysctl.d file.
+
+    Example input (``path`` = "/etc/sysctl.conf")::
+
+        # comment
+        ; also a comment
+        net.ipv4.tcp_tw_recycle = 1
+        net/core/somaxconn=1024
+        -net.ipv4.tcp_fin_timeout = 30
+
+    gives ``PersistedSysctl("/etc/sysctl.conf", 3, "net.ipv4.tcp_tw_recycle", "1")``,
+    ``(..., 4, "net.core.somaxconn", "1024")`` and ``(..., 5, "net.ipv4.tcp_fin_timeout", "30")``.
+    A line without "=" raises :class:`SysctlConfError` (file, line number, text) when ``strict``,
+    and is skipped otherwise, as systemd-sysctl skips it with a warning.
+    """
+    entries: list[PersistedSysctl] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        key, equals, value = line.partition("=")
+        key = key.strip().lstrip("-").strip()
+        if not equals or not key:
+            if strict:
+                raise SysctlConfError(path, number, raw)
+            continue
+        entries.append(PersistedSysctl(path, number, key.replace("/", "."), value.strip()))
+    return tuple(entries)
+
+
+def _conf_files(root: str) -> list[str]:
+    """Host paths (without ``root``) of the files to read, in the order they are applied."""
+    chosen: dict[str, str] = {}
+    for directory in DROP_IN_DIRECTORIES:
+        try:
+            names = os.listdir(os.path.join(root, directory))
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith(".conf") and name not in chosen:
+                chosen[name] = "/" + directory + "/" + name
+    ordered = [chosen[name] for name in sorted(chosen)]
+    main = "/" + MAIN_FILE
+    resolved = {_resolve(root, path) for path in ordered}
+    if _resolve(root, main) not in resolved:
+        ordered.append(main)
+    return ordered
+
+
+def _resolve(root: str, host_path: str) -> str:
+    return os.path.realpath(os.path.join(root, host_path.lstrip("/")))
+
+
+def _read(root: str, host_path: str) -> str | None:
+    try:
+        with open(os.path.join(root, host_path.lstrip("/")), encoding="utf-8") as file:
+            return file.read(_MAX_FILE_BYTES)
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def read_persisted_sysctls(etc_root: str = "/") -> tuple[PersistedSysctl, ...]:
+    """Every assignment in the host's sysctl files, in the order they would be applied.
+
+    ``etc_root`` is the filesystem root to read below ("/" on a live host, a fixture tree in
+    tests); paths in the result are as seen on the host. Unreadable files are skipped, and so
+    are malformed lines (see :func:`parse_sysctl_conf`): this is advice input, never fatal.
+    """
+    entries: list[PersistedSysctl] = []
+    seen: set[str] = set()
+    for host_path in _conf_files(etc_root):
+        real = _resolve(etc_root, host_path)
+        if real in seen:  # /lib -> /usr/lib on merged-/usr systems
+            continue
+        seen.add(real)
+        text = _read(etc_root, host_path)
+        if text is not None:
+            entries.extend(parse_sysctl_conf(text, host_path, strict=False))
+    return tuple(entries)
+
+
+def lines_for(persisted: Iterable[PersistedSysctl], name: str) -> tuple[PersistedSysctl, ...]:
+    """The assignments of one dotted name, in application order."""
+    return tuple(entry for entry in persisted if entry.name == name)
+
+
+def effective(persisted: Sequence[PersistedSysctl], name: str) -> PersistedSysctl | None:
+    """The assignment that wins at boot for ``name`` (the last one applied), if any."""
+    found = lines_for(persisted, name)
+    return found[-1] if found else None

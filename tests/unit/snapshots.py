@@ -1,0 +1,210 @@
+"""Build Snapshots and Windows for rule and report tests, no kernel involved.
+
+``healthy_snapshot()`` is a host with the kernel's defaults (as on the 6.18 test VM) and a few
+ordinary listeners; tests change one thing at a time with the keyword arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+
+from tcpwatch.model import (
+    STATES,
+    Attribution,
+    Destination,
+    DestinationUse,
+    KernelCounters,
+    Listener,
+    ProcessRef,
+    SelfConnect,
+    Snapshot,
+    SocketTable,
+    SockStat,
+    SourceStatus,
+    Sysctls,
+)
+from tcpwatch.rules import Window
+from tcpwatch.sources.sysctl_files import PersistedSysctl
+
+DEFAULT_SYSCTLS: Mapping[str, tuple[int, ...]] = MappingProxyType(
+    {
+        "net.core.somaxconn": (4096,),
+        "net.core.netdev_max_backlog": (1000,),
+        "net.ipv4.tcp_max_syn_backlog": (2048,),
+        "net.ipv4.tcp_syncookies": (1,),
+        "net.ipv4.tcp_abort_on_overflow": (0,),
+        "net.ipv4.tcp_fin_timeout": (60,),
+        "net.ipv4.tcp_tw_reuse": (2,),
+        "net.ipv4.tcp_max_tw_buckets": (131072,),
+        "net.ipv4.tcp_ehash_entries": (262144,),
+        "net.ipv4.tcp_max_orphans": (131072,),
+        "net.ipv4.ip_local_port_range": (32768, 60999),
+        "net.ipv4.ip_unprivileged_port_start": (1024,),
+        "net.ipv4.tcp_keepalive_time": (7200,),
+        "net.ipv4.tcp_keepalive_intvl": (75,),
+        "net.ipv4.tcp_keepalive_probes": (9,),
+        "net.ipv4.tcp_mem": (287898, 383866, 575796),
+    }
+)
+
+DEFAULT_COUNTERS: Mapping[str, int] = MappingProxyType(
+    {
+        "TcpExtListenOverflows": 0,
+        "TcpExtListenDrops": 0,
+        "TcpExtTCPReqQFullDrop": 0,
+        "TcpExtTCPReqQFullDoCookies": 0,
+        "TcpExtSyncookiesSent": 0,
+        "TcpExtSyncookiesRecv": 0,
+        "TcpExtSyncookiesFailed": 0,
+        "TcpExtTCPTimeWaitOverflow": 0,
+        "TcpExtTCPAbortOnMemory": 0,
+        "TcpExtTCPMemoryPressures": 0,
+    }
+)
+
+SSHD = ProcessRef(611, "sshd")
+NGINX = ProcessRef(1234, "nginx")
+
+
+def listener(
+    port: int,
+    address: str = "0.0.0.0",
+    queue_length: int = 0,
+    queue_max: int = 511,
+    syn_recv: int = 0,
+    inode: int | None = None,
+    socket_index: int = 0,
+    family: str | None = None,
+) -> Listener:
+    return Listener(
+        family=family or ("ipv6" if ":" in address else "ipv4"),
+        address=address,
+        port=port,
+        queue_length=queue_length,
+        queue_max=queue_max,
+        syn_recv=syn_recv,
+        inode=inode if inode is not None else 10_000 + port,
+        socket_index=socket_index,
+    )
+
+
+DEFAULT_LISTENERS: tuple[Listener, ...] = (
+    listener(22, queue_max=128, inode=5001),
+    listener(22, "::", queue_max=128, inode=5002),
+    listener(80, queue_max=511, inode=5003),
+)
+DEFAULT_OWNERS: Mapping[int, ProcessRef] = MappingProxyType({5001: SSHD, 5002: SSHD, 5003: NGINX})
+
+
+def sysctls(
+    overrides: Mapping[str, tuple[int, ...] | None] | None = None,
+    reserved_ports: tuple[tuple[int, int], ...] = (),
+) -> Sysctls:
+    """Default sysctls; an override of None removes the sysctl (the kernel lacks it)."""
+    values = dict(DEFAULT_SYSCTLS)
+    for name, value in (overrides or {}).items():
+        if value is None:
+            values.pop(name, None)
+        else:
+            values[name] = value
+    return Sysctls(values=values, reserved_ports=reserved_ports)
+
+
+def socket_table(
+    listeners: Sequence[Listener] = DEFAULT_LISTENERS,
+    states: Mapping[str, int] | None = None,
+    ephemeral_use: Sequence[DestinationUse] = (),
+    syn_sent: Sequence[Destination] = (),
+    self_connects: Sequence[SelfConnect] = (),
+    close_wait_inodes: Iterable[int] = (),
+) -> SocketTable:
+    close_wait = frozenset(close_wait_inodes)
+    ipv4 = dict.fromkeys(STATES, 0)
+    ipv4["established"] = 12
+    ipv4["listen"] = sum(1 for lsn in listeners if lsn.family == "ipv4")
+    ipv4["close_wait"] = len(close_wait)
+    ipv4["syn_sent"] = sum(d.sockets for d in syn_sent)
+    ipv4.update(states or {})
+    ipv6 = dict.fromkeys(STATES, 0)
+    ipv6["listen"] = sum(1 for lsn in listeners if lsn.family == "ipv6")
+    return SocketTable(
+        counts={"ipv4": ipv4, "ipv6": ipv6},
+        listeners=tuple(listeners),
+        ephemeral_use=tuple(sorted(ephemeral_use, key=lambda use: -use.sockets)),
+        syn_sent=tuple(sorted(syn_sent, key=lambda d: -d.sockets)),
+        self_connects=tuple(self_connects),
+        inodes_by_state={"close_wait": close_wait},
+        established_method="derived",
+        messages=40,
+    )
+
+
+def sockstat(orphan: int = 0, time_wait: int = 3, memory_pages: int = 165) -> SockStat:
+    return SockStat(
+        inuse_ipv4=15,
+        inuse_ipv6=1,
+        orphan=orphan,
+        time_wait=time_wait,
+        alloc=20,
+        memory_pages=memory_pages,
+    )
+
+
+DEFAULT_TABLE = socket_table()
+DEFAULT_SOCKSTAT = sockstat()
+
+
+T0 = 1_700_000_000.0  # a window's start
+T1 = T0 + 5.0  # and its end
+
+
+def snapshot(
+    *,
+    netns: str = "host",
+    taken_at: float = T1,
+    sysctl_overrides: Mapping[str, tuple[int, ...] | None] | None = None,
+    reserved_ports: tuple[tuple[int, int], ...] = (),
+    sockets: SocketTable | None = DEFAULT_TABLE,
+    counters: Mapping[str, int] | None = DEFAULT_COUNTERS,
+    stat: SockStat | None = DEFAULT_SOCKSTAT,
+    owners: Mapping[int, ProcessRef] | None = DEFAULT_OWNERS,
+    attribution_complete: bool = True,
+    no_sysctls: bool = False,
+    failed_sources: Mapping[str, str] | None = None,
+) -> Snapshot:
+    """A snapshot of a healthy host; pass None for a part to make its source fail."""
+    failed = dict(failed_sources or {})
+    sources = tuple(
+        SourceStatus(name, name not in failed, 0.001, failed.get(name))
+        for name in ("sysctl", "sockstat", "counters", "sockdiag", "processes")
+    )
+    return Snapshot(
+        netns=netns,
+        taken_at=taken_at,
+        sockets=sockets,
+        counters=None if counters is None else KernelCounters(dict(counters)),
+        sockstat=stat,
+        sysctls=None if no_sysctls else sysctls(sysctl_overrides, reserved_ports),
+        attribution=None
+        if owners is None
+        else Attribution(dict(owners), processes_scanned=50, complete=attribution_complete),
+        sources=sources,
+    )
+
+
+def counters_plus(increments: Mapping[str, int]) -> dict[str, int]:
+    """Default counters with some grown by the given amounts."""
+    values = dict(DEFAULT_COUNTERS)
+    for name, amount in increments.items():
+        values[name] = values.get(name, 0) + amount
+    return values
+
+
+def window(
+    current: Snapshot,
+    previous: Snapshot | None = None,
+    close_wait_first_seen: Mapping[int, float] | None = None,
+    persisted: Sequence[PersistedSysctl] = (),
+) -> Window:
+    return Window(current, previous, dict(close_wait_first_seen or {}), tuple(persisted))
