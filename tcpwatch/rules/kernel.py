@@ -1,0 +1,742 @@
+"""K rules: kernel tunables that are set wrong, or limits the kernel is close to.
+
+Each check reads ``window.current.sysctls`` and yields nothing when the sysctl source failed
+or the tunable is absent there (tcp_mem and tcp_max_orphans exist only in the host namespace).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from tcpwatch.model import Sysctls
+from tcpwatch.rules.base import (
+    EvidenceValue,
+    Finding,
+    Rule,
+    RuleInfo,
+    Severity,
+    Threshold,
+    Thresholds,
+    Window,
+    required,
+)
+from tcpwatch.rules.fixes import HOST_NETNS, endpoint, run_in, sysctl_fix
+from tcpwatch.sources.sysctl_files import lines_for
+
+TIME_WAIT_SECONDS = 60  # TCP_TIMEWAIT_LEN in include/net/tcp.h; no sysctl changes it
+
+
+def _sysctls(window: Window) -> Sysctls | None:
+    return window.current.sysctls
+
+
+def _add_counter(
+    evidence: dict[str, EvidenceValue], window: Window, name: str, total: bool = True
+) -> int | None:
+    """Put a counter's growth in the window (and its value since boot) into the evidence."""
+    delta = window.counter_delta(name)
+    if delta is not None:
+        evidence[f"{name}_in_window"] = delta
+    counters = window.current.counters
+    value = counters.get(name) if counters is not None else None
+    if total and value is not None:
+        evidence[f"{name}_total"] = value
+    return delta
+
+
+def _add_window(evidence: dict[str, EvidenceValue], window: Window) -> None:
+    seconds = window.seconds
+    if seconds is not None:
+        evidence["window_seconds"] = round(seconds, 3)
+
+
+# --- K01 -------------------------------------------------------------------------------------
+
+K01 = RuleInfo(
+    "K01",
+    "syncookies-disabled",
+    "warning",
+    "SYN cookies are disabled (net.ipv4.tcp_syncookies = 0)",
+)
+
+
+def no_cookie_syn_limit(queue_max: int, max_syn_backlog: int | None) -> int:
+    """Request sockets a listener holds before it drops unproven peers, with tcp_syncookies=0.
+
+    The SYN queue is full past the listener's backlog; without cookies the kernel also drops
+    SYNs from peers it has no history with once fewer than a quarter of tcp_max_syn_backlog
+    slots remain (tcp_conn_request() in net/ipv4/tcp_input.c).
+    """
+    if max_syn_backlog is None:
+        return queue_max
+    return min(queue_max, max_syn_backlog - (max_syn_backlog >> 2))
+
+
+def check_syncookies_disabled(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    sysctls = _sysctls(window)
+    if sysctls is None or sysctls.get("net.ipv4.tcp_syncookies") != 0:
+        return
+    max_syn_backlog = sysctls.get("net.ipv4.tcp_max_syn_backlog")
+    evidence: dict[str, EvidenceValue] = {"tcp_syncookies": 0}
+    if max_syn_backlog is not None:
+        evidence["tcp_max_syn_backlog"] = max_syn_backlog
+    drops = _add_counter(evidence, window, "TcpExtTCPReqQFullDrop")
+    _add_window(evidence, window)
+    crowded: list[str] = []
+    sockets = window.current.sockets
+    if sockets is not None:
+        for listener in sockets.listeners:
+            limit = no_cookie_syn_limit(listener.queue_max, max_syn_backlog)
+            if listener.syn_recv > 0 and listener.syn_recv >= limit:
+                crowded.append(f"{endpoint(listener.address, listener.port)} ({listener.syn_recv})")
+    if crowded:
+        evidence["listeners_dropping_syns"] = ", ".join(crowded)
+    dropping = bool(drops) or bool(crowded)
+    severity: Severity = "critical" if dropping else "warning"
+    title = (
+        "SYN cookies are off and SYNs are being dropped: new connections are lost"
+        if dropping
+        else "SYN cookies are off: a SYN flood or a burst of connections will drop clients"
+    )
+    remediation = "\n".join(
+        [
+            sysctl_fix(
+                window.current.netns, "net.ipv4.tcp_syncookies", 1, window.persisted_sysctls
+            ),
+            "# verify: SYNs beyond a full SYN queue are now answered with cookies:",
+            run_in(
+                window.current.netns, "nstat -az TcpExtTCPReqQFullDrop TcpExtTCPReqQFullDoCookies"
+            ),
+        ]
+    )
+    yield K01.finding(window, title, evidence, remediation, severity=severity)
+
+
+# --- K02 -------------------------------------------------------------------------------------
+
+K02 = RuleInfo(
+    "K02",
+    "syncookies-forced",
+    "warning",
+    "SYN cookies are forced for every connection (net.ipv4.tcp_syncookies = 2)",
+)
+
+
+def check_syncookies_forced(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    sysctls = _sysctls(window)
+    if sysctls is None or sysctls.get("net.ipv4.tcp_syncookies") != 2:
+        return
+    evidence: dict[str, EvidenceValue] = {"tcp_syncookies": 2}
+    _add_counter(evidence, window, "TcpExtSyncookiesSent")
+    _add_window(evidence, window)
+    remediation = sysctl_fix(
+        window.current.netns, "net.ipv4.tcp_syncookies", 1, window.persisted_sysctls
+    )
+    yield K02.finding(
+        window,
+        "every SYN is answered with a SYN cookie (tcp_syncookies = 2, a test mode): "
+        "connections lose TCP options when timestamps are off",
+        evidence,
+        remediation,
+    )
+
+
+# --- K03 -------------------------------------------------------------------------------------
+
+K03 = RuleInfo(
+    "K03",
+    "tw-recycle-enabled",
+    "critical",
+    "net.ipv4.tcp_tw_recycle is enabled, or still set in a sysctl file",
+)
+
+
+def check_tw_recycle(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    sysctls = _sysctls(window)
+    if sysctls is None:
+        return
+    name = "net.ipv4.tcp_tw_recycle"
+    netns = window.current.netns
+    value = sysctls.get(name)
+    if value is not None:
+        if value != 0:
+            yield K03.finding(
+                window,
+                "tcp_tw_recycle is on: clients behind NAT fail to connect",
+                {"tcp_tw_recycle": value},
+                sysctl_fix(netns, name, 0, window.persisted_sysctls),
+            )
+        return
+    # The running kernel has no such sysctl (removed in 4.12); flag leftovers once, on the host.
+    leftovers = lines_for(window.persisted_sysctls, name)
+    if netns != HOST_NETNS or not leftovers:
+        return
+    by_file: dict[str, list[int]] = {}
+    for entry in leftovers:
+        by_file.setdefault(entry.path, []).append(entry.line)
+    commands = [
+        "sed -i "
+        + " ".join(
+            f"-e '{line}s/^/# tcp_tw_recycle was removed in Linux 4.12: /'" for line in lines
+        )
+        + f" {path}"
+        for path, lines in by_file.items()
+    ]
+    yield K03.finding(
+        window,
+        "a sysctl file still sets tcp_tw_recycle, which this kernel no longer has",
+        {
+            "kernel_has_tcp_tw_recycle": "no",
+            "persisted_lines": ", ".join(
+                f"{e.path}:{e.line} ({e.name} = {e.value})" for e in leftovers
+            ),
+        },
+        "\n".join(
+            [
+                "# harmless at runtime, but `sysctl --system` reports an error at every boot and "
+                "the line misleads readers; comment it out:",
+                *commands,
+            ]
+        ),
+        severity="info",
+    )
+
+
+# --- K04 -------------------------------------------------------------------------------------
+
+K04 = RuleInfo(
+    "K04",
+    "abort-on-overflow",
+    "warning",
+    "net.ipv4.tcp_abort_on_overflow = 1: a full accept queue resets clients",
+)
+
+
+def check_abort_on_overflow(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    sysctls = _sysctls(window)
+    if sysctls is None or sysctls.get("net.ipv4.tcp_abort_on_overflow") != 1:
+        return
+    evidence: dict[str, EvidenceValue] = {"tcp_abort_on_overflow": 1}
+    _add_counter(evidence, window, "TcpExtListenOverflows")
+    _add_window(evidence, window)
+    remediation = "\n".join(
+        [
+            sysctl_fix(
+                window.current.netns,
+                "net.ipv4.tcp_abort_on_overflow",
+                0,
+                window.persisted_sysctls,
+            ),
+            "# then make the application accept() faster (see Q01): with 0, a burst that "
+            "overflows the queue is retried by the client instead of reset",
+        ]
+    )
+    yield K04.finding(
+        window,
+        "tcp_abort_on_overflow is on: when an accept queue overflows, clients get a reset "
+        "instead of a retry",
+        evidence,
+        remediation,
+    )
+
+
+# --- K05 -------------------------------------------------------------------------------------
+
+K05 = RuleInfo(
+    "K05", "somaxconn-low", "warning", "net.core.somaxconn is below the recommended minimum"
+)
+
+
+def check_somaxconn(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    sysctls = _sysctls(window)
+    if sysctls is None:
+        return
+    somaxconn = sysctls.get("net.core.somaxconn")
+    minimum = int(required(thresholds, "minimum"))
+    if somaxconn is None or somaxconn >= minimum:
+        return
+    evidence: dict[str, EvidenceValue] = {"somaxconn": somaxconn, "minimum": minimum}
+    sockets = window.current.sockets
+    if sockets is not None:
+        capped = sorted(
+            {
+                endpoint(lsn.address, lsn.port)
+                for lsn in sockets.listeners
+                if lsn.queue_max == somaxconn
+            }
+        )
+        evidence["listeners_at_somaxconn"] = len(capped)
+        if capped:
+            evidence["listeners_capped"] = ", ".join(capped[:10]) + (
+                f" (+{len(capped) - 10} more)" if len(capped) > 10 else ""
+            )
+    remediation = "\n".join(
+        [
+            sysctl_fix(
+                window.current.netns, "net.core.somaxconn", minimum, window.persisted_sysctls
+            ),
+            "# the cap is applied when listen() is called: restart or reload the listening "
+            "services, and raise their own backlog setting where it is lower",
+        ]
+    )
+    yield K05.finding(
+        window,
+        f"net.core.somaxconn is {somaxconn}: every listen() backlog is cut to it",
+        evidence,
+        remediation,
+    )
+
+
+# --- K06 -------------------------------------------------------------------------------------
+
+K06 = RuleInfo(
+    "K06",
+    "timewait-buckets",
+    "warning",
+    "TIME_WAIT sockets are limited by a lowered or nearly full tcp_max_tw_buckets",
+)
+
+
+def tw_buckets_default(sysctls: Sysctls) -> int | None:
+    """The kernel's default tcp_max_tw_buckets for this namespace: half its ehash buckets.
+
+    tcp_set_hashinfo() sets it to ehash entries / 2; ``tcp_ehash_entries`` (Linux 6.1+) shows
+    the entries, negative when the namespace shares the host's table. None on older kernels.
+    """
+    entries = sysctls.get("net.ipv4.tcp_ehash_entries")
+    if not entries:
+        return None
+    return abs(entries) // 2
+
+
+def check_timewait_buckets(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    sysctls = _sysctls(window)
+    if sysctls is None:
+        return
+    limit = sysctls.get("net.ipv4.tcp_max_tw_buckets")
+    if limit is None:
+        return
+    usage_threshold = required(thresholds, "usage")
+    default = tw_buckets_default(sysctls)
+    time_wait: int | None = None
+    if window.current.sockstat is not None:
+        time_wait = window.current.sockstat.time_wait
+    elif window.current.sockets is not None:
+        time_wait = window.current.sockets.total("time_wait")
+    evidence: dict[str, EvidenceValue] = {"tcp_max_tw_buckets": limit}
+    if default is not None:
+        evidence["kernel_default"] = default
+    problems: list[str] = []
+    if default is not None and limit < default:
+        problems.append(f"lowered from the kernel default {default}")
+    if time_wait is not None:
+        evidence["time_wait_sockets"] = time_wait
+        usage = time_wait / limit if limit > 0 else (1.0 if time_wait else 0.0)
+        evidence["usage_ratio"] = round(usage, 4)
+        if time_wait > 0 and usage >= usage_threshold:
+            problems.append(f"{time_wait} TIME_WAIT sockets use {usage:.0%} of it")
+    overflows = _add_counter(evidence, window, "TcpExtTCPTimeWaitOverflow")
+    _add_window(evidence, window)
+    if overflows:
+        problems.append(f"{overflows} TIME_WAIT sockets destroyed early during the window")
+    if not problems:
+        return
+    evidence["problems"] = "; ".join(problems)
+    netns = window.current.netns
+    lines: list[str] = []
+    if default is not None and limit < default:
+        lines.append(
+            sysctl_fix(netns, "net.ipv4.tcp_max_tw_buckets", default, window.persisted_sysctls)
+        )
+    elif time_wait is not None and limit > 0 and time_wait / limit >= usage_threshold:
+        lines.append(
+            "# many short connections: reuse them (HTTP keep-alive, connection pools) so fewer "
+            f"end in TIME_WAIT, which always lasts {TIME_WAIT_SECONDS} s "
+            "(tcp_fin_timeout does not shorten it)"
+        )
+        lines.append("# or raise the limit (each TIME_WAIT socket costs a few hundred bytes):")
+        lines.append(
+            sysctl_fix(netns, "net.ipv4.tcp_max_tw_buckets", limit * 2, window.persisted_sysctls)
+        )
+    else:
+        lines.append(
+            "# TIME_WAIT sockets were destroyed at the limit: raise it, and reuse connections"
+        )
+        lines.append(
+            sysctl_fix(netns, "net.ipv4.tcp_max_tw_buckets", limit * 2, window.persisted_sysctls)
+        )
+    lines.append("# verify: " + run_in(netns, "cat /proc/net/sockstat") + " (TCP ... tw N)")
+    yield K06.finding(
+        window,
+        "tcp_max_tw_buckets " + "; ".join(problems),
+        evidence,
+        "\n".join(lines),
+    )
+
+
+# --- K07 -------------------------------------------------------------------------------------
+
+K07 = RuleInfo(
+    "K07",
+    "orphans-near-limit",
+    "warning",
+    "Orphaned TCP sockets are approaching net.ipv4.tcp_max_orphans",
+)
+
+
+def check_orphans(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    sysctls = _sysctls(window)
+    sockstat = window.current.sockstat
+    if sysctls is None or sockstat is None:
+        return
+    limit = sysctls.get("net.ipv4.tcp_max_orphans")
+    if limit is None or limit <= 0:
+        return
+    usage = sockstat.orphan / limit
+    severity: Severity
+    if usage >= required(thresholds, "critical"):
+        severity = "critical"
+    elif usage >= required(thresholds, "warning"):
+        severity = "warning"
+    else:
+        return
+    evidence: dict[str, EvidenceValue] = {
+        "orphans": sockstat.orphan,
+        "tcp_max_orphans": limit,
+        "usage_ratio": round(usage, 4),
+    }
+    _add_counter(evidence, window, "TcpExtTCPAbortOnMemory")
+    netns = window.current.netns
+    remediation = "\n".join(
+        [
+            "# find who closes connections that do not finish (FIN not acknowledged):",
+            run_in(netns, "ss -tan state fin-wait-1 state last-ack state closing | head -50"),
+            "# past the limit the kernel resets orphans; under memory pressure each counts 2-4x."
+            " Raise the limit if memory allows (each orphan can hold up to ~64 KiB):",
+            sysctl_fix(
+                netns,
+                "net.ipv4.tcp_max_orphans",
+                limit * 2,
+                window.persisted_sysctls,
+                global_setting=True,
+            ),
+        ]
+    )
+    yield K07.finding(
+        window,
+        f"{sockstat.orphan} orphaned sockets: {usage:.0%} of tcp_max_orphans ({limit})",
+        evidence,
+        remediation,
+        severity=severity,
+    )
+
+
+# --- K08 -------------------------------------------------------------------------------------
+
+K08 = RuleInfo(
+    "K08",
+    "port-range",
+    "warning",
+    "ip_local_port_range is narrow, overlaps privileged ports, or has ends of equal parity",
+)
+DEFAULT_PORT_RANGE = (32768, 60999)
+
+
+def check_port_range(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    sysctls = _sysctls(window)
+    if sysctls is None or sysctls.port_range is None:
+        return
+    low, high = sysctls.port_range
+    size = high - low + 1
+    minimum = int(required(thresholds, "minimum_ports"))
+    unprivileged = sysctls.get("net.ipv4.ip_unprivileged_port_start")
+    netns = window.current.netns
+    problems: list[str] = []
+    severity: Severity = "info"
+    if size < minimum:
+        problems.append(f"only {size} ports (< {minimum})")
+        severity = "warning"
+    if unprivileged is not None and low < unprivileged:
+        problems.append(f"starts below ip_unprivileged_port_start ({unprivileged})")
+        severity = "warning"
+    if low % 2 == high % 2:
+        problems.append("both ends have the same parity")
+    persisted_rejected = ""
+    if netns == HOST_NETNS and unprivileged is not None:
+        for entry in lines_for(window.persisted_sysctls, "net.ipv4.ip_local_port_range"):
+            words = entry.value.split()
+            if len(words) == 2 and words[0].isdigit() and int(words[0]) < unprivileged:
+                persisted_rejected = f"{entry.path}:{entry.line} ({entry.value})"
+                problems.append(
+                    f"{persisted_rejected} starts below ip_unprivileged_port_start: the kernel "
+                    "rejects it at boot (EINVAL), so that range is not in effect"
+                )
+                severity = "warning"
+    if not problems:
+        return
+    evidence: dict[str, EvidenceValue] = {
+        "port_range_low": low,
+        "port_range_high": high,
+        "ports": size,
+    }
+    if unprivileged is not None:
+        evidence["ip_unprivileged_port_start"] = unprivileged
+    if persisted_rejected:
+        evidence["rejected_persisted_line"] = persisted_rejected
+    evidence["problems"] = "; ".join(problems)
+    new_low = max(low, unprivileged or 0) if size >= minimum else DEFAULT_PORT_RANGE[0]
+    new_high = high if size >= minimum else DEFAULT_PORT_RANGE[1]
+    if new_low % 2 == new_high % 2:
+        new_high -= 1
+    remediation = "\n".join(
+        [
+            sysctl_fix(
+                netns,
+                "net.ipv4.ip_local_port_range",
+                f"{new_low} {new_high}",
+                window.persisted_sysctls,
+            ),
+            "# listeners on ports inside the new range need them reserved first (see P02): "
+            "sysctl -w net.ipv4.ip_local_reserved_ports=PORT[,PORT...]",
+        ]
+    )
+    yield K08.finding(
+        window,
+        f"ip_local_port_range {low}-{high}: " + "; ".join(problems),
+        evidence,
+        remediation,
+        severity=severity,
+    )
+
+
+# --- K09 -------------------------------------------------------------------------------------
+
+K09 = RuleInfo(
+    "K09",
+    "keepalive-vs-idle-timeout",
+    "warning",
+    "tcp_keepalive_time is longer than the declared middlebox idle timeout",
+)
+
+
+def check_keepalive(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    idle_timeout = thresholds.get("idle_timeout")
+    sysctls = _sysctls(window)
+    if idle_timeout is None or sysctls is None:
+        return
+    keepalive = sysctls.get("net.ipv4.tcp_keepalive_time")
+    if keepalive is None or keepalive < idle_timeout:
+        return
+    suggested = max(int(idle_timeout * 0.8), 1)
+    evidence: dict[str, EvidenceValue] = {
+        "tcp_keepalive_time": keepalive,
+        "idle_timeout": int(idle_timeout) if float(idle_timeout).is_integer() else idle_timeout,
+        "suggested_keepalive_time": suggested,
+    }
+    remediation = "\n".join(
+        [
+            sysctl_fix(
+                window.current.netns,
+                "net.ipv4.tcp_keepalive_time",
+                suggested,
+                window.persisted_sysctls,
+            ),
+            "# keepalive only runs on sockets with SO_KEEPALIVE, and TCP_KEEPIDLE set by the "
+            "application overrides this default: enable keepalive in the client/pool settings",
+        ]
+    )
+    yield K09.finding(
+        window,
+        f"tcp_keepalive_time {keepalive} s >= idle timeout {idle_timeout:g} s: idle connections "
+        "are dropped by the middlebox before the first keepalive probe",
+        evidence,
+        remediation,
+    )
+
+
+# --- K10 -------------------------------------------------------------------------------------
+
+K10 = RuleInfo(
+    "K10",
+    "fin-timeout-misread",
+    "info",
+    "tcp_fin_timeout was changed, probably to shorten TIME_WAIT, which it does not do",
+)
+
+
+def check_fin_timeout(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    sysctls = _sysctls(window)
+    if sysctls is None:
+        return
+    value = sysctls.get("net.ipv4.tcp_fin_timeout")
+    if value is None or value == 60:
+        return
+    yield K10.finding(
+        window,
+        f"tcp_fin_timeout is {value} s: it only bounds orphaned FIN_WAIT2 sockets; "
+        f"TIME_WAIT stays {TIME_WAIT_SECONDS} s",
+        {"tcp_fin_timeout": value, "kernel_default": 60, "time_wait_seconds": TIME_WAIT_SECONDS},
+        "# nothing is broken; if the goal was fewer TIME_WAIT sockets, this setting does not "
+        "do it: reuse connections instead (keep-alive, pools).\n"
+        "# to return to the default:\n"
+        + sysctl_fix(
+            window.current.netns, "net.ipv4.tcp_fin_timeout", 60, window.persisted_sysctls
+        ),
+    )
+
+
+# --- K11 -------------------------------------------------------------------------------------
+
+K11 = RuleInfo(
+    "K11",
+    "tcp-memory-pressure",
+    "warning",
+    "TCP memory is above tcp_mem pressure, or close to its maximum",
+)
+
+
+def check_tcp_memory(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    sysctls = _sysctls(window)
+    sockstat = window.current.sockstat
+    if sysctls is None or sockstat is None:
+        return
+    pressure = sysctls.get("net.ipv4.tcp_mem", 1)
+    maximum = sysctls.get("net.ipv4.tcp_mem", 2)
+    if pressure is None or maximum is None or maximum <= 0:
+        return
+    pages = sockstat.memory_pages
+    severity: Severity
+    if pages >= required(thresholds, "critical") * maximum:
+        severity = "critical"
+    elif pages > required(thresholds, "warning") * pressure:
+        severity = "warning"
+    else:
+        return
+    evidence: dict[str, EvidenceValue] = {
+        "memory_pages": pages,
+        "tcp_mem_min": sysctls.get("net.ipv4.tcp_mem", 0) or 0,
+        "tcp_mem_pressure": pressure,
+        "tcp_mem_max": maximum,
+        "usage_of_max_ratio": round(pages / maximum, 4),
+    }
+    _add_counter(evidence, window, "TcpExtTCPMemoryPressures")
+    netns = window.current.netns
+    low = sysctls.get("net.ipv4.tcp_mem", 0) or 0
+    remediation = "\n".join(
+        [
+            "# find the sockets holding memory: large Recv-Q (the application reads slowly)",
+            run_in(netns, "ss -tn | sort -k2,2nr | head -20"),
+            "# and large Send-Q (the peer reads slowly):",
+            run_in(netns, "ss -tn | sort -k3,3nr | head -20"),
+            "# if the load is legitimate and RAM allows, raise tcp_mem (pages):",
+            sysctl_fix(
+                netns,
+                "net.ipv4.tcp_mem",
+                f"{low * 2} {pressure * 2} {maximum * 2}",
+                window.persisted_sysctls,
+                global_setting=True,
+            ),
+        ]
+    )
+    title = (
+        f"TCP memory {pages} pages is at {pages / maximum:.0%} of tcp_mem max ({maximum}): "
+        "allocations will fail"
+        if severity == "critical"
+        else f"TCP memory {pages} pages is above the tcp_mem pressure threshold ({pressure}): "
+        "the kernel is shrinking socket buffers"
+    )
+    yield K11.finding(window, title, evidence, remediation, severity=severity)
+
+
+RULES: tuple[Rule, ...] = (
+    K01.rule(check_syncookies_disabled),
+    K02.rule(check_syncookies_forced),
+    K03.rule(check_tw_recycle),
+    K04.rule(check_abort_on_overflow),
+    K05.rule(
+        check_somaxconn,
+        (
+            Threshold(
+                "minimum",
+                4096,
+                1,
+                1 << 20,
+                "sockets",
+                "warn when net.core.somaxconn is below this (the kernel default since 5.4)",
+            ),
+        ),
+    ),
+    K06.rule(
+        check_timewait_buckets,
+        (
+            Threshold(
+                "usage",
+                0.9,
+                0.01,
+                1.0,
+                "ratio",
+                "warn when TIME_WAIT sockets reach this fraction of tcp_max_tw_buckets",
+            ),
+        ),
+    ),
+    K07.rule(
+        check_orphans,
+        (
+            Threshold(
+                "warning", 0.25, 0.01, 1.0, "ratio", "orphans / tcp_max_orphans for a warning"
+            ),
+            Threshold(
+                "critical", 0.5, 0.01, 1.0, "ratio", "orphans / tcp_max_orphans for critical"
+            ),
+        ),
+    ),
+    K08.rule(
+        check_port_range,
+        (
+            Threshold(
+                "minimum_ports",
+                10000,
+                1,
+                65535,
+                "ports",
+                "warn when ip_local_port_range holds fewer ports than this",
+            ),
+        ),
+    ),
+    K09.rule(
+        check_keepalive,
+        (
+            Threshold(
+                "idle_timeout",
+                None,
+                1,
+                86400,
+                "seconds",
+                "idle timeout of the load balancer / NAT / firewall in the path; "
+                "the rule is silent until it is set",
+            ),
+        ),
+    ),
+    K10.rule(check_fin_timeout),
+    K11.rule(
+        check_tcp_memory,
+        (
+            Threshold(
+                "warning",
+                1.0,
+                0.1,
+                1.0,
+                "ratio",
+                "warn when TCP memory exceeds this fraction of tcp_mem pressure",
+            ),
+            Threshold(
+                "critical",
+                0.9,
+                0.1,
+                1.0,
+                "ratio",
+                "critical when TCP memory reaches this fraction of tcp_mem max",
+            ),
+        ),
+    ),
+)
