@@ -1,0 +1,431 @@
+"""Q rules: listeners' accept and SYN queues, and the kernel counters of their overflows.
+
+Listeners are judged per address:port. Sockets sharing one with SO_REUSEPORT each have their
+own queues: the accept queue is judged on the fullest socket of the group; the SYN queue on the
+group's sum, because request sockets cannot be told apart per socket (see model.Listener).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from tcpwatch.model import Listener, ProcessRef, Snapshot
+from tcpwatch.rules.base import (
+    EvidenceValue,
+    Finding,
+    Rule,
+    RuleInfo,
+    Severity,
+    Threshold,
+    Thresholds,
+    Window,
+    required,
+)
+from tcpwatch.rules.fixes import endpoint, owner_of, process_label, run_in, sysctl_fix
+from tcpwatch.rules.kernel import no_cookie_syn_limit
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerGroup:
+    """The sockets listening on one address:port (several with SO_REUSEPORT)."""
+
+    family: str
+    address: str
+    port: int
+    sockets: tuple[Listener, ...]
+
+    @property
+    def name(self) -> str:
+        return endpoint(self.address, self.port)
+
+
+def listener_groups(snapshot: Snapshot) -> tuple[ListenerGroup, ...]:
+    if snapshot.sockets is None:
+        return ()
+    grouped: dict[tuple[str, str, int], list[Listener]] = {}
+    for listener in snapshot.sockets.listeners:
+        grouped.setdefault((listener.family, listener.address, listener.port), []).append(listener)
+    return tuple(
+        ListenerGroup(family, address, port, tuple(members))
+        for (family, address, port), members in sorted(
+            grouped.items(), key=lambda item: (item[0][2], item[0][0], item[0][1])
+        )
+    )
+
+
+def _owners(snapshot: Snapshot, listeners: Sequence[Listener]) -> list[ProcessRef | None]:
+    return [owner_of(snapshot, listener.inode) for listener in listeners]
+
+
+def _owner_evidence(evidence: dict[str, EvidenceValue], owner: ProcessRef | None) -> None:
+    if owner is None:
+        evidence["process"] = "unknown"
+        return
+    evidence["process"] = owner.name
+    evidence["pid"] = owner.pid
+
+
+# Where common servers set their listen() backlog.
+_BACKLOG_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("nginx", "nginx: `listen {port} backlog={n};` in the server block, then `nginx -s reload`"),
+    ("redis-server", "redis: `tcp-backlog {n}` in redis.conf, then restart"),
+    ("gunicorn", "gunicorn: `--backlog {n}`"),
+    ("uwsgi", "uWSGI: `--listen {n}`"),
+    ("haproxy", "HAProxy: `backlog {n}` in the frontend/bind section"),
+    ("httpd", "Apache: `ListenBacklog {n}`"),
+    ("apache2", "Apache: `ListenBacklog {n}`"),
+    ("php-fpm", "PHP-FPM: `listen.backlog = {n}` in the pool config"),
+    ("node", "Node.js: `server.listen({{port: {port}, backlog: {n}}})`"),
+    (
+        "java",
+        "Java: the server's accept-queue setting (Tomcat `acceptCount`, Jetty `acceptQueueSize`)",
+    ),
+)
+
+
+def backlog_hint(owner: ProcessRef | None, port: int, backlog: int) -> str:
+    """How to raise the listen() backlog of the owning program, best guess from its name."""
+    if owner is not None:
+        for prefix, template in _BACKLOG_SETTINGS:
+            if owner.name.startswith(prefix):
+                return "# " + template.format(port=port, n=backlog)
+    return f"# raise the listen() backlog in the application to {backlog} (listen(fd, {backlog}))"
+
+
+def _suggested_backlog(current: int) -> int:
+    """Twice the current backlog, rounded up to a power of two, at least 4096."""
+    wanted = max(4096, current * 2)
+    return 1 << (wanted - 1).bit_length()
+
+
+# --- Q01 -------------------------------------------------------------------------------------
+
+Q01 = RuleInfo(
+    "Q01",
+    "accept-queue-full",
+    "critical",
+    "A listener's accept queue is (nearly) full: the application is not accepting fast enough",
+)
+
+
+def _fill(listener: Listener) -> float:
+    # Full means the next connection overflows: length >= max (length can read max+1).
+    return listener.queue_length / max(listener.queue_max, 1)
+
+
+def check_accept_queue(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    warning = required(thresholds, "warning")
+    critical = required(thresholds, "critical")
+    snapshot = window.current
+    somaxconn = snapshot.sysctls.get("net.core.somaxconn") if snapshot.sysctls else None
+    previous_lengths: dict[int, int] = {}
+    if window.previous is not None and window.previous.sockets is not None:
+        previous_lengths = {
+            lsn.inode: lsn.queue_length for lsn in window.previous.sockets.listeners
+        }
+    for group in listener_groups(snapshot):
+        worst = max(group.sockets, key=_fill)
+        fill = _fill(worst)
+        if worst.queue_length == 0 or fill < warning:
+            continue
+        severity: Severity = "critical" if fill >= critical else "warning"
+        owner = owner_of(snapshot, worst.inode)
+        evidence: dict[str, EvidenceValue] = {
+            "listener": group.name,
+            "queue_length": worst.queue_length,
+            "queue_max": worst.queue_max,
+            "fill_ratio": round(min(fill, 9.99), 4),
+        }
+        _owner_evidence(evidence, owner)
+        if worst.inode in previous_lengths:
+            evidence["queue_length_at_window_start"] = previous_lengths[worst.inode]
+        if len(group.sockets) > 1:
+            evidence["reuseport_sockets"] = len(group.sockets)
+            evidence["reuseport_sockets_at_threshold"] = sum(
+                1 for lsn in group.sockets if lsn.queue_length and _fill(lsn) >= warning
+            )
+        if somaxconn is not None:
+            evidence["somaxconn"] = somaxconn
+        overflows = window.counter_delta("TcpExtListenOverflows")
+        if overflows is not None:
+            evidence["TcpExtListenOverflows_in_window"] = overflows
+        netns = snapshot.netns
+        bigger = _suggested_backlog(worst.queue_max)
+        lines = [
+            f"# {process_label(owner)} is not calling accept() fast enough: check that it is "
+            "alive and not blocked (CPU, a stuck event loop, too few workers/threads)",
+            run_in(netns, f"ss -ltn 'sport = :{group.port}'") + "   # Recv-Q / Send-Q",
+            "# a bigger backlog only absorbs bursts:",
+        ]
+        if somaxconn is not None and worst.queue_max >= somaxconn:
+            lines.append(sysctl_fix(netns, "net.core.somaxconn", bigger, window.persisted_sysctls))
+        lines.append(backlog_hint(owner, group.port, bigger))
+        title = (
+            f"accept queue {'full' if severity == 'critical' else 'filling'} on {group.name}: "
+            f"{worst.queue_length} of {worst.queue_max} ({process_label(owner)})"
+        )
+        yield Q01.finding(
+            window, title, evidence, "\n".join(lines), subject=group.name, severity=severity
+        )
+
+
+# --- Q02 -------------------------------------------------------------------------------------
+
+Q02 = RuleInfo(
+    "Q02",
+    "listen-overflows",
+    "warning",
+    "Connections were dropped at listen sockets during the window (ListenOverflows/ListenDrops)",
+)
+
+
+def check_listen_overflows(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    overflows = window.counter_delta("TcpExtListenOverflows")
+    drops = window.counter_delta("TcpExtListenDrops")
+    if overflows is None and drops is None:
+        return
+    minimum = required(thresholds, "minimum")
+    if max(overflows or 0, drops or 0) < minimum:
+        return
+    seconds = window.seconds or 0.0
+    evidence: dict[str, EvidenceValue] = {}
+    if overflows is not None:
+        evidence["TcpExtListenOverflows_in_window"] = overflows
+    if drops is not None:
+        evidence["TcpExtListenDrops_in_window"] = drops
+    evidence["window_seconds"] = round(seconds, 3)
+    if seconds > 0:
+        evidence["drops_per_second"] = round(max(overflows or 0, drops or 0) / seconds, 3)
+    full: list[str] = []
+    for group in listener_groups(window.current):
+        worst = max(group.sockets, key=_fill)
+        if worst.queue_length and _fill(worst) >= 1.0:
+            owner = owner_of(window.current, worst.inode)
+            full.append(f"{group.name} {process_label(owner)}")
+    evidence["listeners_full_now"] = ", ".join(full) if full else "none at the end of the window"
+    netns = window.current.netns
+    remediation = "\n".join(
+        [
+            "# find the listener whose Recv-Q reaches its Send-Q (the accept queue is full):",
+            run_in(netns, "ss -ltn"),
+            "# then see Q01: make that application accept() faster and raise its backlog; "
+            "ListenDrops beyond ListenOverflows are SYN-queue drops (see Q04, K01)",
+            "# verify: the counters stop growing:",
+            run_in(netns, "nstat -az TcpExtListenOverflows TcpExtListenDrops"),
+        ]
+    )
+    lost = max(overflows or 0, drops or 0)
+    yield Q02.finding(
+        window,
+        f"{lost} incoming connection attempts dropped at listen sockets in {seconds:.1f} s",
+        evidence,
+        remediation,
+    )
+
+
+# --- Q03 -------------------------------------------------------------------------------------
+
+Q03 = RuleInfo(
+    "Q03",
+    "backlog-capped",
+    "info",
+    "A listener's backlog equals net.core.somaxconn: the application asked for more and was cut",
+)
+
+
+def check_backlog_capped(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    snapshot = window.current
+    if snapshot.sysctls is None:
+        return
+    somaxconn = snapshot.sysctls.get("net.core.somaxconn")
+    if somaxconn is None:
+        return
+    pressure = required(thresholds, "pressure")
+    for group in listener_groups(snapshot):
+        capped = [lsn for lsn in group.sockets if lsn.queue_max == somaxconn]
+        if not capped:
+            continue
+        worst = max(capped, key=_fill)
+        fill = _fill(worst)
+        owner = owner_of(snapshot, worst.inode)
+        severity: Severity = "warning" if worst.queue_length and fill >= pressure else "info"
+        evidence: dict[str, EvidenceValue] = {
+            "listener": group.name,
+            "queue_max": worst.queue_max,
+            "somaxconn": somaxconn,
+            "queue_length": worst.queue_length,
+            "fill_ratio": round(min(fill, 9.99), 4),
+        }
+        _owner_evidence(evidence, owner)
+        bigger = _suggested_backlog(somaxconn)
+        lines = [
+            "# the backlog the application asked for is unknown (the kernel keeps only the "
+            "capped value); if it asked for more than somaxconn, raise somaxconn:",
+            sysctl_fix(snapshot.netns, "net.core.somaxconn", bigger, window.persisted_sysctls),
+            "# the cap is applied at listen(): restart or reload the service afterwards",
+            backlog_hint(owner, group.port, bigger),
+        ]
+        title = (
+            f"backlog of {group.name} ({process_label(owner)}) is capped at somaxconn "
+            f"{somaxconn}"
+            + (f" and its accept queue is {fill:.0%} full" if severity == "warning" else "")
+        )
+        yield Q03.finding(
+            window, title, evidence, "\n".join(lines), subject=group.name, severity=severity
+        )
+
+
+# --- Q04 -------------------------------------------------------------------------------------
+
+Q04 = RuleInfo(
+    "Q04",
+    "syn-queue-pressure",
+    "warning",
+    "A listener's SYN queue is filling, or SYN-queue drops / SYN cookies grew during the window",
+)
+
+
+def check_syn_queue(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    warning = required(thresholds, "warning")
+    snapshot = window.current
+    syncookies = snapshot.sysctls.get("net.ipv4.tcp_syncookies") if snapshot.sysctls else None
+    max_syn_backlog = (
+        snapshot.sysctls.get("net.ipv4.tcp_max_syn_backlog") if snapshot.sysctls else None
+    )
+    netns = snapshot.netns
+    for group in listener_groups(snapshot):
+        syn_recv = sum(lsn.syn_recv for lsn in group.sockets)
+        if syn_recv == 0:
+            continue
+        if syncookies == 0:
+            limit = sum(
+                no_cookie_syn_limit(lsn.queue_max, max_syn_backlog) for lsn in group.sockets
+            )
+        else:
+            limit = sum(lsn.queue_max for lsn in group.sockets)
+        fill = syn_recv / max(limit, 1)
+        if fill < warning:
+            continue
+        owner = owner_of(snapshot, group.sockets[0].inode)
+        evidence: dict[str, EvidenceValue] = {
+            "listener": group.name,
+            "syn_recv": syn_recv,
+            "syn_queue_limit": limit,
+            "fill_ratio": round(min(fill, 9.99), 4),
+        }
+        _owner_evidence(evidence, owner)
+        if syncookies is not None:
+            evidence["tcp_syncookies"] = syncookies
+        if max_syn_backlog is not None:
+            evidence["tcp_max_syn_backlog"] = max_syn_backlog
+        lines = [
+            "# many half-open connections: a SYN flood, or clients whose final ACK is lost "
+            "(a firewall dropping it)",
+            run_in(netns, f"ss -tn state syn-recv 'sport = :{group.port}' | head -20"),
+        ]
+        if syncookies != 1:
+            lines.append("# turn SYN cookies on so a full SYN queue does not drop clients:")
+            lines.append(sysctl_fix(netns, "net.ipv4.tcp_syncookies", 1, window.persisted_sysctls))
+        lines.append("# the SYN queue holds as many as the listen() backlog:")
+        lines.append(
+            backlog_hint(owner, group.port, _suggested_backlog(group.sockets[0].queue_max))
+        )
+        yield Q04.finding(
+            window,
+            f"SYN queue of {group.name} at {fill:.0%}: {syn_recv} half-open of {limit} "
+            f"({process_label(owner)})",
+            evidence,
+            "\n".join(lines),
+            subject=group.name,
+        )
+    drops = window.counter_delta("TcpExtTCPReqQFullDrop")
+    cookies = window.counter_delta("TcpExtTCPReqQFullDoCookies")
+    sent = window.counter_delta("TcpExtSyncookiesSent")
+    if syncookies == 2:
+        # Every SYN gets a cookie in this mode (K02): cookie counters say nothing of pressure.
+        cookies = sent = None
+    if not (drops or cookies or sent):
+        return
+    evidence = {}
+    if drops is not None:
+        evidence["TcpExtTCPReqQFullDrop_in_window"] = drops
+    if cookies is not None:
+        evidence["TcpExtTCPReqQFullDoCookies_in_window"] = cookies
+    if sent is not None:
+        evidence["TcpExtSyncookiesSent_in_window"] = sent
+    evidence["window_seconds"] = round(window.seconds or 0.0, 3)
+    if syncookies is not None:
+        evidence["tcp_syncookies"] = syncookies
+    severity: Severity = "critical" if drops else "warning"
+    lines = [
+        "# a SYN queue overflowed: find the listener with many SYN-RECV entries:",
+        run_in(netns, "ss -tn state syn-recv | awk 'NR>1 {print $3}' | sort | uniq -c | sort -rn"),
+    ]
+    if drops:
+        lines.append("# SYNs were dropped, not answered with cookies:")
+        lines.append(sysctl_fix(netns, "net.ipv4.tcp_syncookies", 1, window.persisted_sysctls))
+    lines.append(
+        "# verify: " + run_in(netns, "nstat -az TcpExtTCPReqQFullDrop TcpExtSyncookiesSent")
+    )
+    title = (
+        f"{drops} SYNs dropped because a SYN queue was full during the window"
+        if drops
+        else "a SYN queue overflowed during the window; SYN cookies were sent"
+    )
+    yield Q04.finding(window, title, evidence, "\n".join(lines), severity=severity)
+
+
+RULES: tuple[Rule, ...] = (
+    Q01.rule(
+        check_accept_queue,
+        (
+            Threshold(
+                "warning", 0.8, 0.01, 1.0, "ratio", "accept queue length / backlog for a warning"
+            ),
+            Threshold(
+                "critical", 1.0, 0.01, 1.0, "ratio", "accept queue length / backlog for critical"
+            ),
+        ),
+    ),
+    Q02.rule(
+        check_listen_overflows,
+        (
+            Threshold(
+                "minimum",
+                1,
+                1,
+                1e9,
+                "connections",
+                "fire when ListenOverflows or ListenDrops grew by at least this in the window",
+            ),
+        ),
+    ),
+    Q03.rule(
+        check_backlog_capped,
+        (
+            Threshold(
+                "pressure",
+                0.5,
+                0.01,
+                1.0,
+                "ratio",
+                "a capped listener whose accept queue is at least this full is a warning, "
+                "otherwise info",
+            ),
+        ),
+    ),
+    Q04.rule(
+        check_syn_queue,
+        (
+            Threshold(
+                "warning",
+                0.8,
+                0.01,
+                1.0,
+                "ratio",
+                "SYN_RECV entries / the listener's SYN-queue limit for a warning",
+            ),
+        ),
+    ),
+)
