@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 
-from tcpwatch.rules import kernel, queues
+from tcpwatch.rules import kernel, ports, queues
 from tcpwatch.rules.base import (
     SEVERITY_RANK,
     EvidenceValue,
@@ -46,7 +46,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RULES: tuple[Rule, ...] = tuple(sorted((*kernel.RULES, *queues.RULES), key=lambda r: r.id))
+RULES: tuple[Rule, ...] = tuple(
+    sorted((*kernel.RULES, *queues.RULES, *ports.RULES), key=lambda r: r.id)
+)
 ERROR_SEVERITY: Severity = "warning"
 
 # Every sysctl a rule reads: the sysctl source must try each (absent ones are simply missing).

@@ -1,0 +1,225 @@
+"""P rules: the ephemeral port range, as outgoing connections and listeners use it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from tcpwatch.model import Snapshot
+from tcpwatch.rules.base import (
+    EvidenceValue,
+    Finding,
+    Rule,
+    RuleInfo,
+    Severity,
+    Threshold,
+    Thresholds,
+    Window,
+    required,
+)
+from tcpwatch.rules.fixes import (
+    endpoint,
+    owner_of,
+    process_label,
+    reserve_ports_fix,
+    run_in,
+    sysctl_fix,
+)
+from tcpwatch.rules.queues import listener_groups
+
+# A wider range to suggest: ends of different parity, above the registered ports most services
+# use, below 65536. Listener ports inside it must be reserved first.
+WIDE_PORT_RANGE = (15000, 64999)
+
+
+def ports_available(low: int, high: int, reserved: Sequence[tuple[int, int]]) -> int:
+    """Ports of [low, high] that connect() may pick: the range minus ip_local_reserved_ports."""
+    taken = 0
+    for start, end in sorted(set(reserved)):
+        overlap = min(end, high) - max(start, low) + 1
+        taken += max(overlap, 0)
+    return max(high - low + 1 - taken, 0)
+
+
+def ports_to_reserve(snapshot: Snapshot, low: int, high: int) -> list[int]:
+    """Listener and self-connect ports inside [low, high] that are not reserved yet.
+
+    Every fix that reserves ports uses this whole list, so running several findings' fixes
+    (each rewrites the sysctl's full list) never drops another's reservation.
+    """
+    if snapshot.sockets is None or snapshot.sysctls is None:
+        return []
+    sysctls = snapshot.sysctls
+    ports = {lsn.port for lsn in snapshot.sockets.listeners if low <= lsn.port <= high}
+    ports |= {sock.port for sock in snapshot.sockets.self_connects if low <= sock.port <= high}
+    return sorted(port for port in ports if not sysctls.port_reserved(port))
+
+
+# --- P01 -------------------------------------------------------------------------------------
+
+P01 = RuleInfo(
+    "P01",
+    "ephemeral-exhaustion",
+    "critical",
+    "Connections to one destination use most of the ephemeral port range",
+)
+
+
+def check_ephemeral_exhaustion(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    snapshot = window.current
+    sysctls, sockets = snapshot.sysctls, snapshot.sockets
+    if sysctls is None or sockets is None or sysctls.port_range is None:
+        return
+    warning = required(thresholds, "warning")
+    critical = required(thresholds, "critical")
+    low, high = sysctls.port_range
+    available = ports_available(low, high, sysctls.reserved_ports)
+    tw_reuse = sysctls.get("net.ipv4.tcp_tw_reuse")
+    netns = snapshot.netns
+    for use in sockets.ephemeral_use:  # largest first
+        usage = use.sockets / max(available, 1)
+        if usage < warning:
+            break
+        severity: Severity = "critical" if usage >= critical else "warning"
+        destination = endpoint(use.address, use.port)
+        subject = f"{use.source} -> {destination}"
+        evidence: dict[str, EvidenceValue] = {
+            "source": use.source,
+            "destination": destination,
+            "sockets": use.sockets,
+            "time_wait": use.time_wait,
+            "ports_available": available,
+            "port_range": f"{low}-{high}",
+            "usage_ratio": round(usage, 4),
+        }
+        if tw_reuse is not None:
+            evidence["tcp_tw_reuse"] = tw_reuse
+        lines = [
+            f"# every connection from {use.source} to {destination} needs its own local port; "
+            f"{available} exist, {use.sockets} are taken ({use.time_wait} by TIME_WAIT, 60 s "
+            "each): connect() fails with EADDRNOTAVAIL when they run out, and gets slower "
+            "past half the range",
+            "# 1. reuse connections (HTTP keep-alive, a connection pool) instead of one "
+            "connection per request",
+        ]
+        if use.time_wait * 2 >= use.sockets and tw_reuse != 1:
+            lines.append(
+                "# 2. most are TIME_WAIT from closing outgoing connections: let new outgoing "
+                "connections reuse them (safe with TCP timestamps, which are on by default):"
+            )
+            lines.append(sysctl_fix(netns, "net.ipv4.tcp_tw_reuse", 1, window.persisted_sysctls))
+        if (low, high) != WIDE_PORT_RANGE and high - low < WIDE_PORT_RANGE[1] - WIDE_PORT_RANGE[0]:
+            wide_low, wide_high = min(low, WIDE_PORT_RANGE[0]), max(high, WIDE_PORT_RANGE[1])
+            if wide_low % 2 == wide_high % 2:
+                wide_high -= 1
+            lines.append("# 3. widen the range; first reserve the listener ports inside it:")
+            to_reserve = ports_to_reserve(snapshot, wide_low, wide_high)
+            if to_reserve:
+                lines.append(
+                    reserve_ports_fix(
+                        netns, sysctls.reserved_ports, to_reserve, window.persisted_sysctls
+                    )
+                )
+            lines.append(
+                sysctl_fix(
+                    netns,
+                    "net.ipv4.ip_local_port_range",
+                    f"{wide_low} {wide_high}",
+                    window.persisted_sysctls,
+                )
+            )
+        lines.append(
+            "# or spread the load: more destination addresses/ports, or several source addresses "
+            "(each pair has its own ports); clients that bind() before connect() should set "
+            "IP_BIND_ADDRESS_NO_PORT"
+        )
+        lines.append("# verify: " + run_in(netns, f"ss -tan 'dst {destination}' | wc -l"))
+        yield P01.finding(
+            window,
+            f"{use.sockets} connections from {use.source} to {destination} use {usage:.0%} of "
+            f"the {available} ephemeral ports",
+            evidence,
+            "\n".join(lines),
+            subject=subject,
+            severity=severity,
+        )
+
+
+# --- P02 -------------------------------------------------------------------------------------
+
+P02 = RuleInfo(
+    "P02",
+    "listener-in-ephemeral-range",
+    "warning",
+    "A listening port lies inside ip_local_port_range and is not reserved",
+)
+
+
+def check_listener_in_range(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    snapshot = window.current
+    sysctls = snapshot.sysctls
+    if sysctls is None or sysctls.port_range is None or snapshot.sockets is None:
+        return
+    low, high = sysctls.port_range
+    to_reserve = ports_to_reserve(snapshot, low, high)
+    netns = snapshot.netns
+    for group in listener_groups(snapshot):
+        if not low <= group.port <= high or sysctls.port_reserved(group.port):
+            continue
+        owner = owner_of(snapshot, group.sockets[0].inode)
+        evidence: dict[str, EvidenceValue] = {
+            "listener": group.name,
+            "port": group.port,
+            "port_range": f"{low}-{high}",
+        }
+        if owner is None:
+            evidence["process"] = "unknown"
+        else:
+            evidence["process"] = owner.name
+            evidence["pid"] = owner.pid
+        remediation = "\n".join(
+            [
+                f"# an outgoing connection may take port {group.port} while {process_label(owner)} "
+                "is restarting (bind() then fails with EADDRINUSE), and a client of this port can "
+                "connect to itself while it is down",
+                "# reserve it (the list repeats the current reservations: writing replaces it):",
+                reserve_ports_fix(
+                    netns, sysctls.reserved_ports, to_reserve, window.persisted_sysctls
+                ),
+                f"# or move the service to a port below {low}",
+            ]
+        )
+        yield P02.finding(
+            window,
+            f"{group.name} ({process_label(owner)}) listens inside the ephemeral port range "
+            f"{low}-{high}",
+            evidence,
+            remediation,
+            subject=group.name,
+        )
+
+
+RULES: tuple[Rule, ...] = (
+    P01.rule(
+        check_ephemeral_exhaustion,
+        (
+            Threshold(
+                "warning",
+                0.5,
+                0.01,
+                1.0,
+                "ratio",
+                "sockets to one (source, destination, port) / available ephemeral ports to warn",
+            ),
+            Threshold(
+                "critical",
+                0.8,
+                0.01,
+                1.0,
+                "ratio",
+                "sockets to one (source, destination, port) / available ephemeral ports for "
+                "critical",
+            ),
+        ),
+    ),
+    P02.rule(check_listener_in_range),
+)
