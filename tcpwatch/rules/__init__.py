@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 
-from tcpwatch.rules import kernel, ports, queues
+from tcpwatch.rules import kernel, ports, queues, sockets
 from tcpwatch.rules.base import (
     SEVERITY_RANK,
     EvidenceValue,
@@ -47,7 +47,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RULES: tuple[Rule, ...] = tuple(
-    sorted((*kernel.RULES, *queues.RULES, *ports.RULES), key=lambda r: r.id)
+    sorted((*kernel.RULES, *queues.RULES, *sockets.RULES, *ports.RULES), key=lambda r: r.id)
 )
 ERROR_SEVERITY: Severity = "warning"
 
