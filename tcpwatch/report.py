@@ -1,0 +1,197 @@
+"""The `tcpwatch check` report: text for a person at 3 a.m., JSON for programs.
+
+The text report's first line follows the Nagios plugin convention
+(``TCPWATCH CRITICAL - 2 critical, 1 warning``); findings follow, grouped by severity, each with
+its evidence, the fix and the documentation page. The JSON schema is documented in
+docs/check-json.md and versioned by ``schema_version``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+from tcpwatch.model import Snapshot
+from tcpwatch.rules import Finding, Severity, sort_key, worst_exit_code
+
+SCHEMA_VERSION = 1
+STATUS_BY_EXIT_CODE: Mapping[int, str] = MappingProxyType({0: "OK", 1: "WARNING", 2: "CRITICAL"})
+SEVERITIES: tuple[Severity, ...] = ("critical", "warning", "info")
+
+_RESET = "\033[0m"
+_BOLD = "\033[1m"
+_DIM = "\033[2m"
+_COLOURS: Mapping[str, str] = MappingProxyType(
+    {
+        "critical": "\033[1;31m",  # bold red
+        "warning": "\033[1;33m",  # bold yellow
+        "info": "\033[1;36m",  # bold cyan
+        "ok": "\033[1;32m",  # bold green
+    }
+)
+_LABEL_WIDTH = 12
+
+
+def status_of(findings: Iterable[Finding]) -> tuple[str, int]:
+    """("CRITICAL", 2), ("WARNING", 1) or ("OK", 0)."""
+    code = worst_exit_code(findings)
+    return STATUS_BY_EXIT_CODE[code], code
+
+
+def summary_line(findings: Sequence[Finding]) -> str:
+    """The Nagios-style first line: ``TCPWATCH CRITICAL - 2 critical, 1 warning``."""
+    status, _ = status_of(findings)
+    counts = Counter(f.severity for f in findings)
+    parts = [f"{counts[s]} {s}" for s in SEVERITIES if counts[s]]
+    return f"TCPWATCH {status} - " + (", ".join(parts) if parts else "no findings")
+
+
+def _paint(text: str, style: str, color: bool) -> str:
+    return f"{style}{text}{_RESET}" if color and style else text
+
+
+def _field(label: str, text: str) -> list[str]:
+    """A labelled block; continuation lines aligned under the first."""
+    indent = " " * (4 + _LABEL_WIDTH)
+    lines = text.splitlines() or [""]
+    first = f"    {label:<{_LABEL_WIDTH}}{lines[0]}"
+    return [first, *(indent + line for line in lines[1:])]
+
+
+def _format_value(value: str | int | float) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _finding_lines(finding: Finding, color: bool, show_netns: bool) -> list[str]:
+    tag = _paint(f"[{finding.rule_id} {finding.slug}]", _COLOURS[finding.severity], color)
+    lines = [f"  {tag} {_paint(finding.title, _BOLD, color)}"]
+    if show_netns:
+        lines += _field("netns", finding.netns)
+    if finding.subject:
+        lines += _field("subject", finding.subject)
+    if finding.evidence:
+        width = max(len(key) for key in finding.evidence)
+        evidence = "\n".join(
+            f"{key:<{width}}  {_format_value(value)}" for key, value in finding.evidence.items()
+        )
+        lines += _field("evidence", evidence)
+    if finding.remediation:
+        lines += _field("fix", finding.remediation)
+    lines += _field("doc", _paint(finding.doc, _DIM, color))
+    return lines
+
+
+def _taken(snapshot: Snapshot) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snapshot.taken_at))
+
+
+def render_text(findings: Sequence[Finding], snapshots: Sequence[Snapshot], color: bool) -> str:
+    """The human report; ANSI colour only when ``color``."""
+    ordered = sorted(findings, key=sort_key)
+    status, _ = status_of(ordered)
+    first = summary_line(ordered)
+    style = _COLOURS["ok"] if status == "OK" else _COLOURS[status.lower()]
+    lines = [_paint(first, style, color)]
+    for snapshot in snapshots:
+        ok = sum(1 for s in snapshot.sources if s.ok)
+        failed = len(snapshot.sources) - ok
+        lines.append(
+            f"netns {snapshot.netns}: snapshot at {_taken(snapshot)}, "
+            f"sources {ok} ok" + (f", {failed} failed" if failed else "")
+        )
+    for snapshot in snapshots:
+        for source in snapshot.sources:
+            if not source.ok:
+                message = (
+                    f"source {source.name} failed in netns {snapshot.netns} "
+                    f"({source.duration_seconds:.3f} s): {source.error or 'unknown error'}; "
+                    "rules that need it were skipped"
+                )
+                lines.append(_paint("! " + message, _COLOURS["warning"], color))
+    namespaces = {f.netns for f in ordered} | {s.netns for s in snapshots}
+    show_netns = len(namespaces) > 1
+    for severity in SEVERITIES:
+        group = [f for f in ordered if f.severity == severity]
+        if not group:
+            continue
+        lines.append("")
+        lines.append(_paint(f"{severity.upper()} ({len(group)})", _COLOURS[severity], color))
+        for index, finding in enumerate(group):
+            if index:
+                lines.append("")
+            lines.extend(_finding_lines(finding, color, show_netns))
+    return "\n".join(lines) + "\n"
+
+
+def finding_to_json(finding: Finding) -> dict[str, Any]:
+    return {
+        "id": finding.rule_id,
+        "slug": finding.slug,
+        "severity": finding.severity,
+        "title": finding.title,
+        "netns": finding.netns,
+        "subject": finding.subject,
+        "evidence": dict(finding.evidence),
+        "remediation": finding.remediation,
+        "doc": finding.doc,
+    }
+
+
+def render_json(
+    findings: Sequence[Finding], snapshots: Sequence[Snapshot], window_seconds: float
+) -> str:
+    """The machine report (schema in docs/check-json.md), one JSON document and a newline."""
+    ordered = sorted(findings, key=sort_key)
+    status, code = status_of(ordered)
+    counts = Counter(f.severity for f in ordered)
+    document = {
+        "schema_version": SCHEMA_VERSION,
+        "status": status,
+        "exit_code": code,
+        "summary": {severity: counts[severity] for severity in SEVERITIES},
+        "window_seconds": window_seconds,
+        "namespaces": [
+            {"netns": snapshot.netns, "taken_at": snapshot.taken_at} for snapshot in snapshots
+        ],
+        "findings": [finding_to_json(finding) for finding in ordered],
+        "sources": [
+            {
+                "netns": snapshot.netns,
+                "name": source.name,
+                "ok": source.ok,
+                "duration_seconds": source.duration_seconds,
+                "error": source.error,
+            }
+            for snapshot in snapshots
+            for source in snapshot.sources
+        ],
+    }
+    return json.dumps(document, indent=2) + "\n"
+
+
+def findings_from_json(text: str) -> list[Finding]:
+    """The findings of a render_json document, as Finding objects (for tests and tooling)."""
+    document = json.loads(text)
+    version = document.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"unsupported check report schema_version {version!r}")
+    return [
+        Finding(
+            rule_id=item["id"],
+            slug=item["slug"],
+            severity=item["severity"],
+            title=item["title"],
+            netns=item["netns"],
+            subject=item["subject"],
+            evidence=MappingProxyType(dict(item["evidence"])),
+            remediation=item["remediation"],
+            doc=item["doc"],
+        )
+        for item in document["findings"]
+    ]
