@@ -176,6 +176,10 @@ class DumpAggregator:
                     f"bad netlink message length {msg_len} at byte {offset} of {length}"
                 )
             if msg_type == NLMSG_DONE:
+                # A dump that failed part-way ends with DONE carrying a negative errno.
+                if msg_len >= 20 and (code := -_ERRNO.unpack_from(data, offset + 16)[0]) > 0:
+                    name = errno.errorcode.get(code, str(code))
+                    raise SockDiagError(f"kernel ended the dump with {name}")
                 return True
             if msg_type == NLMSG_ERROR:
                 code = -_ERRNO.unpack_from(data, offset + 16)[0] if msg_len >= 20 else 0
@@ -300,10 +304,11 @@ class DumpAggregator:
     ) -> dict[tuple[str, bytes, int, int], int]:
         """Give each listener the request sockets on its port, by the most specific address.
 
-        Request sockets carry the local address the SYN was sent to, which is a wildcard
-        listener's only when it was bound to that address; an IPv4 SYN to a dual-stack [::]
-        listener yields an IPv4 request socket. Within a SO_REUSEPORT group the kernel does not
-        say which socket a request belongs to, so the group's first socket carries them all.
+        Request sockets carry the local address the SYN was sent to, so one on a wildcard
+        listener's port names a specific address; an IPv4 SYN to a dual-stack [::] listener
+        yields an IPv6 request socket with a ::ffff:a.b.c.d address (both seen on 6.18). Within
+        a SO_REUSEPORT group the kernel does not say which socket a request belongs to, so the
+        group's first socket carries them all.
         """
         exact = {(f, a, p) for f, a, p, *_ in raw}
         queues: Counter[tuple[str, bytes, int, int]] = Counter()

@@ -583,15 +583,10 @@ def test_done_ends_the_dump_mid_datagram() -> None:
     assert not feed(message(1, attributes=SHUTDOWN), aggregator=aggregator)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sockdiag.feed() treats an NLMSG_DONE whose payload is a negative errno (the dump "
-    "failed, e.g. -ENOENT when tcp_diag is unavailable) as a complete, empty dump",
-)
 def test_done_carrying_an_error_fails_the_dump() -> None:
     # Seen on 6.18: a dump request for a protocol without an inet_diag handler is answered by
-    # exactly this single message (nlmsg_len 20, NLMSG_DONE, NLM_F_MULTI, payload -ENOENT), and
-    # run_dump() returns as if the namespace had no sockets.
+    # exactly this single message (nlmsg_len 20, NLMSG_DONE, NLM_F_MULTI, payload -ENOENT); it
+    # must fail the dump rather than read as a namespace without sockets.
     failed_done = struct.pack("=IHHIIi", 20, NLMSG_DONE, 2, 1, 0, -errno.ENOENT)
     with pytest.raises(SockDiagError, match="ENOENT"):
         feed(failed_done)
