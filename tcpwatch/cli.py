@@ -12,11 +12,11 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from tcpwatch import __version__
-from tcpwatch.config import Config, ConfigError, RuleCatalogue, load_config
+from tcpwatch.config import Config, ConfigError, RuleCatalogue, load_config, parse_namespaces
 from tcpwatch.model import Snapshot
 
 EXIT_OK = 0
@@ -38,10 +38,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="YAML configuration file")
     common.add_argument(
         "--procfs", metavar="DIR", help="procfs mount point (default /proc; config: procfs)"
+    )
+    common.add_argument(
+        "--netns",
+        metavar="WHICH",
+        help='network namespaces to poll: "self" (default), "all", or comma-separated names '
+        'or patterns such as "host,pod:default/*" (config: namespaces; needs CAP_SYS_ADMIN)',
     )
     common.add_argument(
         "--log-level",
@@ -155,8 +161,7 @@ def rule_catalogue() -> RuleCatalogue:
     from tcpwatch.rules import RULES
 
     return {
-        rule.id: {t.name: (t.minimum, t.maximum, t.unit) for t in rule.thresholds}
-        for rule in RULES
+        rule.id: {t.name: (t.minimum, t.maximum, t.unit) for t in rule.thresholds} for rule in RULES
     }
 
 
@@ -164,16 +169,23 @@ def _load(args: argparse.Namespace) -> Config:
     from dataclasses import replace
 
     config = load_config(args.config, rule_catalogue()) if args.config else Config()
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     if getattr(args, "procfs", None):
         changes["procfs"] = args.procfs
+    if getattr(args, "netns", None):
+        selection = parse_namespaces(args.netns)
+        if selection is None:
+            raise UsageError(f'--netns: expected "self", "all" or names, got "{args.netns}"')
+        changes["namespaces"] = selection
     if getattr(args, "listen", None):
         changes["listen"] = args.listen
     if getattr(args, "web_config", None):
         changes["web_config"] = args.web_config
     if getattr(args, "interval", None) is not None:
         if not 1 <= args.interval <= 3600:
-            raise UsageError(f"--interval: expected seconds between 1 and 3600, got {args.interval}")
+            raise UsageError(
+                f"--interval: expected seconds between 1 and 3600, got {args.interval}"
+            )
         changes["interval"] = args.interval
     if getattr(args, "window", None) is not None:
         if not 0 <= args.window <= 300:
@@ -194,40 +206,43 @@ def _require_linux(procfs: str) -> None:
         )
 
 
-def _poll(config: Config) -> Snapshot:
+def _poll(config: Config) -> tuple[Snapshot, ...]:
     from tcpwatch.paths import ProcPaths
-    from tcpwatch.snapshot import take_snapshot
+    from tcpwatch.snapshot import poll
 
-    snapshot = take_snapshot(config.collect, ProcPaths(root=config.procfs))
-    if snapshot.sockets is None:
-        error = next(
-            (s.error for s in snapshot.sources if s.name == "sockdiag" and not s.ok), "unknown"
-        )
-        raise UsageError(
-            f"cannot read TCP sockets over netlink sock_diag: {error} "
-            "(is this Linux with CONFIG_INET_DIAG, and is netlink allowed here?)"
-        )
-    for status in snapshot.sources:
-        if not status.ok:
-            log.warning("source %s failed: %s", status.name, status.error)
-    return snapshot
+    snapshots = poll(config.collect, config.namespaces, ProcPaths(root=config.procfs))
+    if not any(snapshot.sockets is not None for snapshot in snapshots):
+        failed = [s for snap in snapshots for s in snap.sources if not s.ok]
+        reason = failed[0].error if failed else "no namespace matched --netns/namespaces"
+        if failed and failed[0].name == "sockdiag":
+            reason = (
+                f"cannot read TCP sockets over netlink sock_diag: {reason} "
+                "(is this Linux with CONFIG_INET_DIAG, and is netlink allowed here?)"
+            )
+        elif failed:
+            reason = f"cannot poll namespace {snapshots[0].netns}: {reason}"
+        raise UsageError(reason)
+    for snapshot in snapshots:
+        for status in snapshot.sources:
+            if not status.ok:
+                log.warning(
+                    "netns %s: source %s failed: %s", snapshot.netns, status.name, status.error
+                )
+    return snapshots
 
 
 def _metrics(config: Config) -> int:
-    from tcpwatch.exporter import ExportState, render
-    from tcpwatch.rules import Window, evaluate
+    from tcpwatch.audit import audit, rule_settings
+    from tcpwatch.exporter import ExportState, PollHistogram, render
     from tcpwatch.sources.sysctl_files import read_persisted_sysctls
 
     started = time.perf_counter()
-    snapshot = _poll(config)
-    window = Window(snapshot, None, {}, read_persisted_sysctls())
-    findings = tuple(evaluate(window, _rule_settings(config)))
-    from tcpwatch.exporter import PollHistogram
-
+    snapshots = _poll(config)
+    findings = audit(snapshots, {}, rule_settings(config), read_persisted_sysctls())
     state = ExportState(
-        snapshots=(snapshot,),
-        findings=findings,
-        last_poll=snapshot.taken_at,
+        snapshots=snapshots,
+        findings=tuple(findings),
+        last_poll=snapshots[0].taken_at,
         poll_durations=PollHistogram().observe(time.perf_counter() - started),
         top_processes=config.collect.top_processes,
         top_destinations=config.collect.top_destinations,
@@ -237,33 +252,24 @@ def _metrics(config: Config) -> int:
     return EXIT_OK
 
 
-def _rule_settings(config: Config) -> Mapping[str, object]:
-    from tcpwatch.rules import RuleSettings
-
-    return {
-        rule_id: RuleSettings(enabled=override.enabled, thresholds=dict(override.thresholds))
-        for rule_id, override in config.rules.items()
-    }
-
-
 def _check(config: Config, args: argparse.Namespace) -> int:
+    from tcpwatch.audit import audit, rule_settings
     from tcpwatch.report import render_json, render_text
-    from tcpwatch.rules import Window, evaluate, worst_exit_code
+    from tcpwatch.rules import worst_exit_code
     from tcpwatch.sources.sysctl_files import read_persisted_sysctls
 
-    first = _poll(config)
-    previous: Snapshot | None = None
-    current = first
+    current = _poll(config)
+    previous: dict[str, Snapshot] = {}
     if config.check_window > 0:
         time.sleep(config.check_window)
-        previous, current = first, _poll(config)
-    window = Window(current, previous, {}, read_persisted_sysctls())
-    findings = evaluate(window, _rule_settings(config))  # type: ignore[arg-type]
+        previous = {snapshot.netns: snapshot for snapshot in current}
+        current = _poll(config)
+    findings = audit(current, previous, rule_settings(config), read_persisted_sysctls())
     if args.format == "json":
-        sys.stdout.write(render_json(findings, [current], config.check_window))
+        sys.stdout.write(render_json(findings, list(current), config.check_window))
     else:
         color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
-        sys.stdout.write(render_text(findings, [current], color))
+        sys.stdout.write(render_text(findings, list(current), color))
     sys.stdout.flush()
     return worst_exit_code(findings)
 

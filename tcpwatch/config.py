@@ -54,6 +54,7 @@ class Config:
     interval: float = 15.0
     web_config: str | None = None
     check_window: float = 5.0
+    namespaces: tuple[str, ...] = ("self",)  # ("self",), ("all",) or name patterns
     collect: CollectSettings = field(default_factory=CollectSettings)
     rules: Mapping[str, RuleOverride] = field(default_factory=dict)
 
@@ -86,7 +87,9 @@ class _Validator:
 
     def number(self, value: object, path: str, low: float, high: float) -> float | None:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            self.error(path, f"expected a number between {_n(low)} and {_n(high)}, got {_show(value)}")
+            self.error(
+                path, f"expected a number between {_n(low)} and {_n(high)}, got {_show(value)}"
+            )
             return None
         if not low <= value <= high:
             self.error(path, f"expected a number between {_n(low)} and {_n(high)}, got {value}")
@@ -95,7 +98,9 @@ class _Validator:
 
     def integer(self, value: object, path: str, low: int, high: int) -> int | None:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            self.error(path, f"expected a whole number between {low} and {high}, got {_show(value)}")
+            self.error(
+                path, f"expected a whole number between {low} and {high}, got {_show(value)}"
+            )
             return None
         return value
 
@@ -136,7 +141,9 @@ def load_config(path: str, catalogue: RuleCatalogue | None = None) -> Config:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except OSError as error:
-        raise ConfigError([f"{path}: cannot read the configuration file: {error.strerror}"]) from None
+        raise ConfigError(
+            [f"{path}: cannot read the configuration file: {error.strerror}"]
+        ) from None
     return parse_config(text, path, catalogue)
 
 
@@ -159,7 +166,7 @@ def parse_config(text: str, source: str, catalogue: RuleCatalogue | None = None)
         "interval": lambda v, p: check.number(v, p, 1, 3600),
         "web_config": check.string,
     }
-    check.unknown_keys(top, {*setters, "collect", "check", "rules"}, "")
+    check.unknown_keys(top, {*setters, "namespaces", "collect", "check", "rules"}, "")
     values: dict[str, Any] = {"source": source}
     for key, parse in setters.items():
         if key in top:
@@ -173,11 +180,32 @@ def parse_config(text: str, source: str, catalogue: RuleCatalogue | None = None)
             window = check.number(check_section["window"], "check.window", 0, 300)
             if window is not None:
                 values["check_window"] = window
+    if "namespaces" in top:
+        selection = parse_namespaces(top["namespaces"])
+        if selection is None:
+            check.error(
+                "namespaces",
+                'expected "self", "all" or a list of namespace names or patterns, '
+                f"got {_show(top['namespaces'])}",
+            )
+        else:
+            values["namespaces"] = selection
     values["collect"] = _collect(check, top.get("collect"))
     values["rules"] = _rules(check, top.get("rules"), catalogue)
     if check.errors:
         raise ConfigError(check.errors)
     return Config(**values)
+
+
+def parse_namespaces(raw: object) -> tuple[str, ...] | None:
+    """`namespaces:` / --netns: "self", "all", a comma-separated string or a list of patterns."""
+    if isinstance(raw, str):
+        raw = [part.strip() for part in raw.split(",")]
+    if not isinstance(raw, list) or not raw:
+        return None
+    if not all(isinstance(item, str) and item for item in raw):
+        return None
+    return tuple(raw)
 
 
 def _collect(check: _Validator, raw: object) -> CollectSettings:

@@ -12,7 +12,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -42,12 +47,14 @@ KERNEL_COUNTERS: tuple[tuple[str, str, str], ...] = (
     (
         "TcpExtTCPReqQFullDrop",
         "tcpwatch_syn_queue_drops",
-        "SYNs dropped because the SYN queue was full and syncookies were off (TcpExtTCPReqQFullDrop).",
+        "SYNs dropped because the SYN queue was full and syncookies were off "
+        "(TcpExtTCPReqQFullDrop).",
     ),
     (
         "TcpExtTCPReqQFullDoCookies",
         "tcpwatch_syn_queue_cookies",
-        "SYNs answered with a syncookie because the SYN queue was full (TcpExtTCPReqQFullDoCookies).",
+        "SYNs answered with a syncookie because the SYN queue was full "
+        "(TcpExtTCPReqQFullDoCookies).",
     ),
     ("TcpExtSyncookiesSent", "tcpwatch_syncookies_sent", "Syncookies sent (TcpExtSyncookiesSent)."),
     (
@@ -138,6 +145,7 @@ class TcpwatchCollector(Collector):
         yield from _build_info()
         if state is None:
             return
+        yield from _netns_families(state)
         yield from _socket_families(state)
         yield from _listener_families(state)
         yield from _kernel_families(state)
@@ -153,6 +161,34 @@ def _build_info() -> Iterator[Metric]:
     )
     info.add_metric([__version__], 1)
     yield info
+
+
+def _netns_families(state: ExportState) -> Iterator[Metric]:
+    info = _gauge(
+        "tcpwatch_netns_info",
+        "1 for each polled network namespace; container, pod, pod_namespace and pod_uid name who "
+        "lives there when a member process' cgroup tells (empty otherwise). Join on netns.",
+        ["netns", "inode", "container", "pod", "pod_namespace", "pod_uid"],
+        state.cached,
+    )
+    for snap in state.snapshots:
+        identity = snap.identity
+        info.add_metric(
+            [
+                snap.netns,
+                str(identity.inode) if identity.inode else "",
+                identity.container,
+                identity.pod,
+                identity.pod_namespace,
+                identity.pod_uid,
+            ],
+            1,
+        )
+    polled = GaugeMetricFamily(
+        "tcpwatch_netns_polled", "Network namespaces polled in the latest poll."
+    )
+    polled.add_metric([], len(state.snapshots))
+    yield from (info, polled)
 
 
 def _socket_families(state: ExportState) -> Iterator[Metric]:
@@ -216,8 +252,7 @@ def _listener_families(state: ExportState) -> Iterator[Metric]:
 
 def _kernel_families(state: ExportState) -> Iterator[Metric]:
     families = {
-        name: CounterMetricFamily(name, doc, labels=["netns"])
-        for _, name, doc in KERNEL_COUNTERS
+        name: CounterMetricFamily(name, doc, labels=["netns"]) for _, name, doc in KERNEL_COUNTERS
     }
     orphans = _gauge(
         "tcpwatch_orphan_sockets",
@@ -235,7 +270,8 @@ def _kernel_families(state: ExportState) -> Iterator[Metric]:
     sysctls = _gauge(
         "tcpwatch_sysctl",
         "TCP tunables under /proc/sys/net. Multi-valued ones get one series per field, named "
-        "with a suffix (net.ipv4.ip_local_port_range.min/.max, net.ipv4.tcp_mem.min/.pressure/.max).",
+        "with a suffix (net.ipv4.ip_local_port_range.min/.max, "
+        "net.ipv4.tcp_mem.min/.pressure/.max).",
         ["netns", "name"],
         state.cached,
     )
@@ -293,9 +329,7 @@ def _port_families(state: ExportState) -> Iterator[Metric]:
             continue
         destinations.add_metric([snap.netns], len(snap.sockets.ephemeral_use))
         for use in snap.sockets.ephemeral_use[: state.top_destinations]:
-            used.add_metric(
-                [snap.netns, use.source, _endpoint(use.address, use.port)], use.sockets
-            )
+            used.add_metric([snap.netns, use.source, _endpoint(use.address, use.port)], use.sockets)
     yield from (used, size, destinations)
 
 
@@ -374,7 +408,8 @@ def _self_families(state: ExportState) -> Iterator[Metric]:
             up.add_metric([snap.netns, status.name], 1 if status.ok else 0)
             duration.add_metric([snap.netns, status.name], status.duration_seconds)
         for source in SOURCES:
-            errors.add_metric([snap.netns, source], state.source_errors.get((snap.netns, source), 0))
+            failures = state.source_errors.get((snap.netns, source), 0)
+            errors.add_metric([snap.netns, source], failures)
     last = GaugeMetricFamily(
         "tcpwatch_last_poll_timestamp_seconds",
         "Unix time at which the latest poll started.",
@@ -385,7 +420,8 @@ def _self_families(state: ExportState) -> Iterator[Metric]:
     )
     cumulative = 0
     buckets: list[tuple[str, float]] = []
-    for bound, count in zip((*POLL_BUCKETS, float("inf")), state.poll_durations.counts, strict=True):
+    bounds = (*POLL_BUCKETS, float("inf"))
+    for bound, count in zip(bounds, state.poll_durations.counts, strict=True):
         cumulative += count
         buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
     histogram.add_metric([], buckets, state.poll_durations.total)

@@ -171,6 +171,17 @@ class SourceStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class NetnsIdentity:
+    """Who lives in a namespace, when its member processes tell (container runtimes' cgroups)."""
+
+    inode: int = 0
+    container: str = ""
+    pod: str = ""
+    pod_namespace: str = ""
+    pod_uid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """One network namespace at one instant. A source that failed leaves its field None."""
 
@@ -182,6 +193,7 @@ class Snapshot:
     sysctls: Sysctls | None
     attribution: Attribution | None
     sources: tuple[SourceStatus, ...] = field(default_factory=tuple)
+    identity: NetnsIdentity = field(default_factory=NetnsIdentity)
 
     def source_ok(self, name: str) -> bool:
         return any(status.name == name and status.ok for status in self.sources)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TypeVar
 
 from tcpwatch.config import CollectSettings
-from tcpwatch.model import Attribution, Snapshot, SocketTable, SourceStatus
+from tcpwatch.model import Attribution, NetnsIdentity, Snapshot, SocketTable, SourceStatus
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources import netns as netns_source
 from tcpwatch.sources import processes, procnet, sockdiag, sysctl
 
-SOURCES = ("sysctl", "sockstat", "counters", "sockdiag", "processes")
+SOURCES = ("netns", "sysctl", "sockstat", "counters", "sockdiag", "processes")
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,8 +59,13 @@ def take_snapshot(
     paths: ProcPaths | None = None,
     netns: str | None = None,
     clock: Callable[[], float] = time.time,
+    scan_processes: bool = True,
 ) -> Snapshot:
-    """One poll of the namespace that ``paths`` (and this process' netlink socket) sees."""
+    """One poll of the namespace that ``paths`` (and this process' netlink socket) sees.
+
+    ``scan_processes=False`` still collects the inodes to attribute but leaves the /proc/*/fd
+    scan to the caller (poll() does one scan for every namespace).
+    """
     paths = paths or ProcPaths()
     statuses: list[SourceStatus] = []
     taken_at = clock()
@@ -77,11 +84,12 @@ def take_snapshot(
             inuse,
             settings.attribute_states if settings.process_attribution else (),
             dump_established=settings.established == "dumped",
+            time_wait=sockstat.time_wait if sockstat is not None else None,
         ),
         statuses,
     )
     attribution: Attribution | None = None
-    if settings.process_attribution and sockets is not None:
+    if settings.process_attribution and scan_processes and sockets is not None:
         wanted = wanted_inodes(sockets)
         attribution = _timed(
             "processes",
@@ -98,3 +106,82 @@ def take_snapshot(
         attribution=attribution,
         sources=tuple(statuses),
     )
+
+
+def poll(
+    settings: CollectSettings,
+    selection: tuple[str, ...] = ("self",),
+    paths: ProcPaths | None = None,
+    run_netns_dir: str = netns_source.RUN_NETNS_DIR,
+    clock: Callable[[], float] = time.time,
+) -> tuple[Snapshot, ...]:
+    """Snapshots of every selected namespace (`namespaces:`), with one process scan for all.
+
+    Each namespace is polled from a thread that setns() into it, so netlink sockets, /proc/net
+    and /proc/sys/net are that namespace's. One that vanished since discovery is left out
+    quietly; one that cannot be entered yields a snapshot whose `netns` source failed.
+    """
+    paths = paths or ProcPaths()
+    if selection == ("self",):
+        return (take_snapshot(settings, paths, clock=clock),)
+    discovery_started = time.perf_counter()
+    try:
+        targets = netns_source.select(netns_source.discover(paths, run_netns_dir), selection)
+    except OSError as error:
+        failed = SourceStatus("netns", False, time.perf_counter() - discovery_started, str(error))
+        return (_failed_snapshot(resolve_netns_name(paths), clock(), failed),)
+    entered = ProcPaths(root=paths.root, net_dir="thread-self/net")
+    snapshots: list[Snapshot] = []
+    for target in targets:
+        identity = NetnsIdentity(
+            target.inode, target.container, target.pod, target.pod_namespace, target.pod_uid
+        )
+        target_paths = paths if target.path is None else entered
+        started = time.perf_counter()
+        try:
+            snapshot = netns_source.run_inside(
+                target,
+                functools.partial(take_snapshot, settings, target_paths, target.name, clock, False),
+            )
+        except netns_source.NetnsGone:
+            log.debug("namespace %s vanished before it was polled", target.name)
+            continue
+        except Exception as error:  # one namespace must not take the others down
+            failed = SourceStatus("netns", False, time.perf_counter() - started, _describe(error))
+            snapshots.append(
+                replace(_failed_snapshot(target.name, clock(), failed), identity=identity)
+            )
+            continue
+        entering = SourceStatus("netns", True, time.perf_counter() - started)
+        snapshots.append(
+            replace(snapshot, identity=identity, sources=(entering, *snapshot.sources))
+        )
+    if settings.process_attribution:
+        snapshots = _attribute(snapshots, settings, paths)
+    return tuple(snapshots)
+
+
+def _failed_snapshot(name: str, taken_at: float, status: SourceStatus) -> Snapshot:
+    return Snapshot(name, taken_at, None, None, None, None, None, (status,))
+
+
+def _attribute(
+    snapshots: list[Snapshot], settings: CollectSettings, paths: ProcPaths
+) -> list[Snapshot]:
+    """One /proc/*/fd scan serves every namespace: socket inodes are unique host-wide."""
+    wanted: set[int] = set()
+    for snapshot in snapshots:
+        if snapshot.sockets is not None:
+            wanted |= wanted_inodes(snapshot.sockets)
+    statuses: list[SourceStatus] = []
+    attribution = _timed(
+        "processes",
+        lambda: processes.scan_owners(paths, frozenset(wanted), settings.process_scan_timeout),
+        statuses,
+    )
+    return [
+        replace(snapshot, attribution=attribution, sources=(*snapshot.sources, *statuses))
+        if snapshot.sockets is not None
+        else snapshot
+        for snapshot in snapshots
+    ]

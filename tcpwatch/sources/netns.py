@@ -16,7 +16,14 @@ namespace (entering each one with setns) can name the ones it enters with the sa
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import os
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from tcpwatch.paths import ProcPaths
 
@@ -76,3 +83,229 @@ def _inode_of(path: str) -> int | None:
         return os.stat(path).st_ino
     except OSError:  # gone, or not ours to read (PID 1 of a more privileged sandbox)
         return None
+
+
+# --- discovery of every namespace on the host, and entering one -------------------------------
+
+# Container ids in cgroup paths, as Docker, containerd (CRI), CRI-O and Podman write them:
+# .../docker-<id>.scope, /docker/<id>, .../cri-containerd-<id>.scope, .../crio-<id>.scope,
+# .../libpod-<id>.scope, /kubepods/<qos>/pod<uid>/<id>.
+_CONTAINER_ID = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?(?:/|$)", re.MULTILINE)
+# Pod UID: kubepods-besteffort-pod<uid with _>.slice (systemd driver) or /pod<uid>/ (cgroupfs).
+_POD_UID = re.compile(
+    r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})"
+)
+SERVICE_ACCOUNT_NAMESPACE = "var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+@dataclass(frozen=True, slots=True)
+class NetnsTarget:
+    """A network namespace to poll: how to enter it and what to call it."""
+
+    name: str
+    inode: int
+    path: str | None  # nsfs file to setns() into; None for the namespace we already are in
+    container: str = ""  # container id (12 hex digits) of a member process, if any
+    pod: str = ""
+    pod_namespace: str = ""
+    pod_uid: str = ""
+
+
+def discover(paths: ProcPaths, run_netns_dir: str = RUN_NETNS_DIR) -> tuple[NetnsTarget, ...]:
+    """Every network namespace with a handle: ``ip netns`` names and member processes.
+
+    One entry per distinct nsfs inode, ours first, the rest by name. Handles we may not read
+    (other users' processes without CAP_SYS_PTRACE) are skipped.
+    """
+    own = current_netns_inode(paths)
+    handles: dict[int, str] = {}
+    names: dict[int, str] = {}
+    try:
+        entries = sorted(os.listdir(run_netns_dir))
+    except OSError:
+        entries = []
+    for entry in entries:
+        path = os.path.join(run_netns_dir, entry)
+        inode = _inode_of(path)
+        if inode is not None and inode not in names:
+            names[inode] = entry
+            handles[inode] = path
+    members: dict[int, list[int]] = {}
+    for pid in sorted(paths.list_pids()):
+        path = paths.pid(pid, "ns", "net")
+        inode = _inode_of(path)
+        if inode is None:
+            continue
+        members.setdefault(inode, []).append(pid)
+        handles.setdefault(inode, path)
+    targets: list[NetnsTarget] = []
+    for inode in {own, *handles}:
+        pids = members.get(inode, [])
+        identity = _container_identity(paths, pids)
+        if inode == own:
+            name = netns_name(paths, inode, run_netns_dir)
+        elif inode == NET_NS_INIT_INO:
+            name = "host"
+        elif inode in names:
+            name = names[inode]
+        elif identity.pod and identity.pod_namespace:
+            name = f"pod:{identity.pod_namespace}/{identity.pod}"
+        elif identity.container:
+            name = f"container:{identity.container}"
+        elif pids:
+            name = f"pid:{pids[0]}"
+        else:
+            name = f"net:[{inode}]"
+        targets.append(
+            NetnsTarget(
+                name=name,
+                inode=inode,
+                path=None if inode == own else handles[inode],
+                container=identity.container,
+                pod=identity.pod,
+                pod_namespace=identity.pod_namespace,
+                pod_uid=identity.pod_uid,
+            )
+        )
+    targets.sort(key=lambda t: (t.path is not None, t.name != "host", t.name))
+    return tuple(_unique_names(targets))
+
+
+def _unique_names(targets: list[NetnsTarget]) -> list[NetnsTarget]:
+    """Two namespaces must never share a name (e.g. two netns of one pod's containers)."""
+    seen: dict[str, int] = {}
+    unique: list[NetnsTarget] = []
+    for target in targets:
+        count = seen.get(target.name, 0)
+        seen[target.name] = count + 1
+        if count:
+            target = replace(target, name=f"{target.name}#{target.inode}")
+        unique.append(target)
+    return unique
+
+
+@dataclass(frozen=True, slots=True)
+class _Identity:
+    container: str = ""
+    pod: str = ""
+    pod_namespace: str = ""
+    pod_uid: str = ""
+
+
+def _container_identity(paths: ProcPaths, pids: list[int]) -> _Identity:
+    """Container id and pod of the first member process whose cgroup names one (best effort).
+
+    The pod UID is in the cgroup path; its name and namespace are not, so they come from a
+    member's /etc/hostname and mounted service-account namespace file, read through
+    /proc/PID/root (needs CAP_SYS_PTRACE for other users' processes).
+    """
+    for pid in pids[:16]:
+        try:
+            with open(paths.pid(pid, "cgroup"), encoding="utf-8", errors="replace") as handle:
+                cgroup = handle.read()
+        except OSError:
+            continue
+        container = _CONTAINER_ID.search(cgroup)
+        if container is None:
+            continue
+        pod_uid = _POD_UID.search(cgroup)
+        identity = _Identity(container=container.group(1)[:12])
+        if pod_uid is None:
+            return identity
+        pod_namespace = ""
+        pod = ""
+        for member in pids[:16]:
+            pod_namespace = pod_namespace or _read_first_line(
+                paths.pid(member, "root", SERVICE_ACCOUNT_NAMESPACE)
+            )
+            pod = pod or _read_first_line(paths.pid(member, "root", "etc", "hostname"))
+            if pod and pod_namespace:
+                break
+        return replace(
+            identity,
+            pod=pod,
+            pod_namespace=pod_namespace,
+            pod_uid=pod_uid.group(1).replace("_", "-"),
+        )
+    return _Identity()
+
+
+def _read_first_line(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.readline(256).strip()
+    except OSError:
+        return ""
+
+
+def select(targets: tuple[NetnsTarget, ...], selection: tuple[str, ...]) -> tuple[NetnsTarget, ...]:
+    """Apply the `namespaces:` setting: ("self",), ("all",) or name patterns (fnmatch)."""
+    if selection == ("self",):
+        return tuple(t for t in targets if t.path is None)
+    if selection == ("all",):
+        return targets
+    return tuple(
+        t
+        for t in targets
+        if any(
+            fnmatch.fnmatchcase(t.name, pattern) or (pattern == "self" and t.path is None)
+            for pattern in selection
+        )
+    )
+
+
+T = TypeVar("T")
+
+
+class NetnsGone(Exception):
+    """The namespace vanished between discovery and entering it."""
+
+
+def run_inside(target: NetnsTarget, work: Callable[[], T], timeout: float = 60.0) -> T:
+    """Run ``work`` with this thread's network namespace switched to ``target``.
+
+    setns() changes only the calling thread, so the work runs in a fresh thread that enters the
+    namespace and ends afterwards; the rest of the process never leaves its own namespace. Sockets
+    opened there stay bound to that namespace, and /proc/thread-self/net and /proc/sys/net show it.
+    """
+    if target.path is None:
+        return work()
+    try:
+        descriptor = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError) as error:
+        raise NetnsGone(f"{target.name}: {error.strerror}") from None
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def enter_and_work() -> None:
+        try:
+            _setns(descriptor)
+            outcome.append(work())
+        except BaseException as error:  # handed to the caller's thread
+            failure.append(error)
+
+    try:
+        thread = threading.Thread(target=enter_and_work, name=f"netns-{target.name}", daemon=True)
+        thread.start()
+        thread.join(timeout)
+    finally:
+        os.close(descriptor)
+    if thread.is_alive():
+        raise TimeoutError(f"polling namespace {target.name} took over {timeout:g} s")
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+def _setns(descriptor: int) -> None:
+    from pyroute2 import netns as pyroute2_netns
+
+    try:
+        # flags=0: never create anything; an fd argument is used as it is.
+        pyroute2_netns.setns(descriptor, flags=0)
+    except OSError as error:
+        if error.errno == errno.EPERM:
+            raise PermissionError(
+                "entering another network namespace needs CAP_SYS_ADMIN"
+            ) from None
+        raise

@@ -1,0 +1,45 @@
+"""Snapshots of every polled namespace -> findings: one Window per namespace, evaluated alike."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from tcpwatch.config import Config
+from tcpwatch.model import Snapshot
+from tcpwatch.rules import Finding, RuleSettings, Window, evaluate
+from tcpwatch.sources.sysctl_files import PersistedSysctl
+
+
+def rule_settings(config: Config) -> dict[str, RuleSettings]:
+    return {
+        rule_id: RuleSettings(enabled=override.enabled, thresholds=dict(override.thresholds))
+        for rule_id, override in config.rules.items()
+    }
+
+
+def audit(
+    current: Sequence[Snapshot],
+    previous: Mapping[str, Snapshot],
+    settings: Mapping[str, RuleSettings],
+    persisted_sysctls: tuple[PersistedSysctl, ...] = (),
+    close_wait_first_seen: Mapping[str, Mapping[int, float]] | None = None,
+) -> list[Finding]:
+    """Evaluate the rules in each namespace against its own earlier snapshot (by netns name).
+
+    /etc/sysctl* lines are the host's: only the host namespace (or the only one polled) is
+    judged against them.
+    """
+    findings: list[Finding] = []
+    first_seen = close_wait_first_seen or {}
+    for snapshot in current:
+        host_like = snapshot.netns == "host" or len(current) == 1
+        window = Window(
+            current=snapshot,
+            previous=previous.get(snapshot.netns),
+            close_wait_first_seen=first_seen.get(snapshot.netns, {}),
+            persisted_sysctls=persisted_sysctls if host_like else (),
+        )
+        findings.extend(evaluate(window, settings))
+    order = {"critical": 0, "warning": 1, "info": 2}
+    findings.sort(key=lambda f: (order.get(f.severity, 3), f.netns, f.rule_id, f.subject))
+    return findings
