@@ -21,6 +21,11 @@ def process_label(process: ProcessRef | None) -> str:
     return "unknown process" if process is None else f"{process.name}[{process.pid}]"
 
 
+def process_phrase(process: ProcessRef | None) -> str:
+    """For sentences: "nginx[1234]", or "the owning process" when it was not found."""
+    return "the owning process" if process is None else f"{process.name}[{process.pid}]"
+
+
 def owner_of(snapshot: Snapshot, inode: int) -> ProcessRef | None:
     if snapshot.attribution is None or inode == 0:
         return None

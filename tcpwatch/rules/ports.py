@@ -20,6 +20,7 @@ from tcpwatch.rules.fixes import (
     endpoint,
     owner_of,
     process_label,
+    process_phrase,
     reserve_ports_fix,
     run_in,
     sysctl_fix,
@@ -178,9 +179,9 @@ def check_listener_in_range(window: Window, thresholds: Thresholds) -> Iterator[
             evidence["pid"] = owner.pid
         remediation = "\n".join(
             [
-                f"# an outgoing connection may take port {group.port} while {process_label(owner)} "
-                "is restarting (bind() then fails with EADDRINUSE), and a client of this port can "
-                "connect to itself while it is down",
+                f"# an outgoing connection may take port {group.port} while "
+                f"{process_phrase(owner)} is restarting (bind() then fails with EADDRINUSE), "
+                "and a client of this port can connect to itself while it is down",
                 "# reserve it (the list repeats the current reservations: writing replaces it):",
                 reserve_ports_fix(
                     netns, sysctls.reserved_ports, to_reserve, window.persisted_sysctls

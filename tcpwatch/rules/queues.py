@@ -22,7 +22,14 @@ from tcpwatch.rules.base import (
     Window,
     required,
 )
-from tcpwatch.rules.fixes import endpoint, owner_of, process_label, run_in, sysctl_fix
+from tcpwatch.rules.fixes import (
+    endpoint,
+    owner_of,
+    process_label,
+    process_phrase,
+    run_in,
+    sysctl_fix,
+)
 from tcpwatch.rules.kernel import no_cookie_syn_limit
 
 
@@ -153,12 +160,12 @@ def check_accept_queue(window: Window, thresholds: Thresholds) -> Iterator[Findi
         netns = snapshot.netns
         bigger = _suggested_backlog(worst.queue_max)
         lines = [
-            f"# {process_label(owner)} is not calling accept() fast enough: check that it is "
+            f"# {process_phrase(owner)} is not calling accept() fast enough: check that it is "
             "alive and not blocked (CPU, a stuck event loop, too few workers/threads)",
             run_in(netns, f"ss -ltn 'sport = :{group.port}'") + "   # Recv-Q / Send-Q",
             "# a bigger backlog only absorbs bursts:",
         ]
-        if somaxconn is not None and worst.queue_max >= somaxconn:
+        if somaxconn is not None and bigger > somaxconn:
             lines.append(sysctl_fix(netns, "net.core.somaxconn", bigger, window.persisted_sysctls))
         lines.append(backlog_hint(owner, group.port, bigger))
         title = (

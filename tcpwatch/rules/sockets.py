@@ -16,7 +16,14 @@ from tcpwatch.rules.base import (
     Window,
     required,
 )
-from tcpwatch.rules.fixes import endpoint, owner_of, process_label, reserve_ports_fix, run_in
+from tcpwatch.rules.fixes import (
+    endpoint,
+    owner_of,
+    process_label,
+    process_phrase,
+    reserve_ports_fix,
+    run_in,
+)
 from tcpwatch.rules.ports import ports_to_reserve
 
 # --- S01 -------------------------------------------------------------------------------------
@@ -99,8 +106,8 @@ def check_close_wait(window: Window, thresholds: Thresholds) -> Iterator[Finding
         grep = f" | grep 'pid={owner.pid},'" if owner is not None else ""
         remediation = "\n".join(
             [
-                f"# {label} does not close() connections after the peer closed them "
-                "(read() returned 0 / EOF); no kernel setting frees them, only the "
+                f"# {process_phrase(owner)} does not close() connections after the peer closed "
+                "them (read() returned 0 / EOF); no kernel setting frees them, only the "
                 "application's close() or its exit",
                 "# which peers (the upstream whose connections leak):",
                 run_in(netns, "ss -tnp state close-wait")

@@ -205,3 +205,12 @@ def test_q04_ignores_cookie_counters_when_cookies_are_forced() -> None:
 def test_q04_silent_on_a_calm_host() -> None:
     table = socket_table([listener(8080, queue_max=128, syn_recv=10)])
     assert only(evaluate(window(snapshot(sockets=table), snapshot(taken_at=T0)), {}), "Q04") == []
+
+
+def test_q01_proposes_raising_somaxconn_when_the_suggested_backlog_would_be_cut() -> None:
+    table = socket_table([listener(8080, "127.0.0.1", queue_length=5, queue_max=4, inode=7001)])
+    current = snapshot(sockets=table, owners={}, sysctl_overrides={"net.core.somaxconn": (512,)})
+    (finding,) = only(evaluate(window(current), {}), "Q01")
+    assert "sysctl -w net.core.somaxconn=4096" in finding.remediation
+    assert "listen(fd, 4096)" in finding.remediation
+    assert "# the owning process is not calling accept() fast enough" in finding.remediation
