@@ -1,0 +1,504 @@
+"""The unit's privilege set suffices, and less of it degrades attribution visibly.
+
+tcpwatch runs as ``nobody`` (uid 65534) through ``setpriv``, holding exactly the capabilities of
+deploy/systemd/tcpwatch.service (read from the unit) as ambient, inheritable and bounding sets
+with no_new_privs, as systemd would start it; then with none, and with each one alone. Inside a
+throw-away namespace two other users own the sockets to attribute::
+
+    uid 10001  tw-priv-listen  a listener on LISTEN_PORT
+    uid 10002  tw-priv-leak    a listener on LEAK_PORT and CLOSE_WAITS sockets in CLOSE_WAIT
+
+Counts and queues come from sock_diag, which needs no privilege; naming the processes needs
+both capabilities: CAP_DAC_READ_SEARCH to list another user's /proc/PID/fd (mode 0500) and
+CAP_SYS_PTRACE for the ptrace access check on each fd link. Without them tcpwatch still reports
+every socket, reports ``tcpwatch_source_up{source="processes"} 1`` (the source ran), drops the
+process names, and says so with ``tcpwatch_process_scan_complete 0`` and a non-zero
+``tcpwatch_process_scan_denied_processes``.
+
+The interpreter is Debian's /usr/bin/python3 with tcpwatch and its dependencies installed into
+a directory every user can read: the test runner's own Python may live under /root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.netns import Netns, parse_ss
+from tests.integration.systemd_container import build_wheelhouse
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+UNIT = REPO / "deploy" / "systemd" / "tcpwatch.service"
+SYSTEM_PYTHON = "/usr/bin/python3"
+NOBODY = 65534
+LISTEN_UID = 10001
+LEAK_UID = 10002
+LISTEN_PORT = 20501
+LEAK_PORT = 20502
+SERVE_PORT = 20509
+CLOSE_WAITS = 3
+LISTEN_NAME = "tw-priv-listen"
+LEAK_NAME = "tw-priv-leak"
+CAP_BITS = {"sys_ptrace": 19, "dac_read_search": 2, "sys_admin": 21}
+
+# Stdlib only: runs as another user under Debian's python3. Names itself, listens, and leaves
+# `close_waits` accepted connections whose client end it closed (so they sit in CLOSE_WAIT).
+HOLDER = r"""
+import ctypes, json, os, socket, sys, time
+name, port, close_waits = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+if ctypes.CDLL(None, use_errno=True).prctl(15, name.encode(), 0, 0, 0) != 0:
+    raise OSError(ctypes.get_errno(), "prctl(PR_SET_NAME)")
+listener = socket.socket()
+listener.bind(("127.0.0.1", port))
+listener.listen(16)
+held = []
+for _ in range(close_waits):
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    server, _ = listener.accept()
+    client.close()
+    held.append(server)
+print(json.dumps({"pid": os.getpid(), "uid": os.getuid()}), flush=True)
+time.sleep(240)
+"""
+
+GET = r"""
+import sys, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=5) as response:
+        sys.stdout.write(response.read().decode())
+except OSError as error:
+    sys.exit(f"GET {sys.argv[1]}: {error}")
+"""
+
+
+def unit_capabilities() -> tuple[str, ...]:
+    """The capabilities tcpwatch.service grants (AmbientCapabilities=), setpriv-spelled."""
+    for line in UNIT.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "AmbientCapabilities":
+            return tuple(sorted(cap.lower().removeprefix("cap_") for cap in value.split()))
+    raise AssertionError(f"{UNIT} sets no AmbientCapabilities=")
+
+
+def as_nobody(capabilities: Sequence[str]) -> list[str]:
+    """setpriv argv: uid/gid nobody, no groups, no_new_privs, exactly ``capabilities``."""
+    caps = ",".join(["-all", *(f"+{cap}" for cap in capabilities)])
+    return [
+        "setpriv",
+        f"--reuid={NOBODY}",
+        f"--regid={NOBODY}",
+        "--clear-groups",
+        "--no-new-privs",
+        f"--inh-caps={caps}",
+        f"--ambient-caps={caps}",
+        f"--bounding-set={caps}",
+        "--",
+    ]
+
+
+def as_user(uid: int) -> list[str]:
+    return [
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={uid}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--",
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """tcpwatch installed for the system Python into a directory every user can read."""
+
+    site: str
+    config: str  # S01 warns from CLOSE_WAITS sockets, so `check` names the leaking process
+
+    def env(self) -> dict[str, str]:
+        return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": self.site, "LANG": "C.UTF-8"}
+
+    def tcpwatch(self, *args: str) -> list[str]:
+        return [SYSTEM_PYTHON, "-m", "tcpwatch", *args]
+
+
+@pytest.fixture(scope="module")
+def runtime() -> Iterator[Runtime]:
+    for tool in ("setpriv", SYSTEM_PYTHON):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is missing: install the Debian packages util-linux and python3")
+    version = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
+    scratch = Path(tempfile.mkdtemp(prefix="tw-priv-"))
+    try:
+        wheels = build_wheelhouse(scratch / "wheels", python_version=version)
+        site = scratch / "site"
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "--disable-pip-version-check",
+                "--quiet",
+                "install",
+                "--no-index",
+                "--find-links",
+                str(wheels),
+                "--only-binary=:all:",
+                "--python-version",
+                version,
+                "--implementation",
+                "cp",
+                "--target",
+                str(site),
+                "tcpwatch",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, f"installing tcpwatch for {SYSTEM_PYTHON}: {result.stderr}"
+        config = scratch / "config.yaml"
+        config.write_text(f"rules:\n  S01:\n    warning: {CLOSE_WAITS}\n")
+        _readable_by_all(scratch)
+        yield Runtime(site=str(site), config=str(config))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _readable_by_all(top: Path) -> None:
+    for directory, _, files in os.walk(top):
+        os.chmod(directory, os.stat(directory).st_mode | 0o755)
+        for name in files:
+            path = os.path.join(directory, name)
+            mode = os.stat(path).st_mode
+            os.chmod(path, mode | stat.S_IROTH | (stat.S_IXOTH if mode & stat.S_IXUSR else 0))
+
+
+@dataclass(frozen=True, slots=True)
+class Owners:
+    listen_pid: int
+    leak_pid: int
+
+
+@pytest.fixture
+def population(netns: Netns) -> Owners:
+    """The two holders, checked with ss: names, users and socket states as the kernel sees them."""
+    listen = netns.spawn(
+        [*as_user(LISTEN_UID), SYSTEM_PYTHON, "-c", HOLDER, LISTEN_NAME, str(LISTEN_PORT), "0"]
+    )
+    leak = netns.spawn(
+        [
+            *as_user(LEAK_UID),
+            SYSTEM_PYTHON,
+            "-c",
+            HOLDER,
+            LEAK_NAME,
+            str(LEAK_PORT),
+            str(CLOSE_WAITS),
+        ]
+    )
+    listen_info = json.loads(netns.read_line(listen))
+    leak_info = json.loads(netns.read_line(leak))
+    assert (listen_info["uid"], leak_info["uid"]) == (LISTEN_UID, LEAK_UID)
+    deadline = time.monotonic() + 10
+    while True:
+        sockets = parse_ss(netns.ss("-tanpH"))
+        close_wait = [s for s in sockets if s.state == "close_wait" and s.local_port == LEAK_PORT]
+        if len(close_wait) == CLOSE_WAITS or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(close_wait) == CLOSE_WAITS, sockets
+    owners = {
+        s.local_port: {(p.name, p.pid) for p in s.processes} for s in sockets if s.state == "listen"
+    }
+    assert owners == {
+        LISTEN_PORT: {(LISTEN_NAME, listen_info["pid"])},
+        LEAK_PORT: {(LEAK_NAME, leak_info["pid"])},
+    }, owners
+    return Owners(listen_pid=listen_info["pid"], leak_pid=leak_info["pid"])
+
+
+def effective_capabilities(
+    netns: Netns, runtime: Runtime, capabilities: Sequence[str]
+) -> dict[str, int]:
+    status = netns.run(*as_nobody(capabilities), "cat", "/proc/self/status", env=runtime.env())
+    fields = {}
+    for line in status.stdout.splitlines():
+        key, _, value = line.partition(":")
+        if key.startswith("Cap") or key in ("Uid", "NoNewPrivs"):
+            fields[key] = int(value.split()[0], 16 if key.startswith("Cap") else 10)
+    return fields
+
+
+@dataclass(frozen=True, slots=True)
+class Exposition:
+    """The parts of one /metrics text this test reads."""
+
+    netns: str
+    listener_owners: dict[int, tuple[str, int]]  # port -> (process, pid)
+    listener_ports: set[int]
+    process_sockets: dict[tuple[str, str], float]  # (process, state) -> sockets
+    sockets: dict[str, float]  # state -> sockets, both families
+    source_up: dict[str, float]
+    scan_complete: float
+    denied: float
+
+
+def parse_exposition(text: str) -> Exposition:
+    owners: dict[int, tuple[str, int]] = {}
+    ports: set[int] = set()
+    per_process: dict[tuple[str, str], float] = {}
+    sockets: dict[str, float] = {}
+    up: dict[str, float] = {}
+    complete = denied = -1.0
+    netns = ""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "tcpwatch_listener_info":
+                owners[int(labels["port"])] = (labels["process"], int(labels["pid"]))
+            elif sample.name == "tcpwatch_listen_queue_max":
+                ports.add(int(labels["port"]))
+            elif sample.name == "tcpwatch_process_sockets":
+                per_process[(labels["process"], labels["state"])] = sample.value
+            elif sample.name == "tcpwatch_sockets":
+                sockets[labels["state"]] = sockets.get(labels["state"], 0) + sample.value
+            elif sample.name == "tcpwatch_source_up":
+                up[labels["source"]] = sample.value
+                netns = labels["netns"]
+            elif sample.name == "tcpwatch_process_scan_complete":
+                complete = sample.value
+            elif sample.name == "tcpwatch_process_scan_denied_processes":
+                denied = sample.value
+    return Exposition(netns, owners, ports, per_process, sockets, up, complete, denied)
+
+
+def metrics_once(
+    netns: Netns, runtime: Runtime, capabilities: Sequence[str], hidepid: bool = False
+) -> Exposition:
+    argv = [*as_nobody(capabilities), *runtime.tcpwatch("metrics")]
+    if hidepid:
+        argv = with_hidepid_proc(argv)
+    result = netns.run(*argv, env=runtime.env(), check=False)
+    assert result.returncode == 0, f"tcpwatch metrics exited {result.returncode}: {result.stderr}"
+    return parse_exposition(result.stdout)
+
+
+def check_once(
+    netns: Netns, runtime: Runtime, capabilities: Sequence[str], hidepid: bool = False
+) -> tuple[int, dict[str, Any]]:
+    """`check --format json`: its exit code and its S01 finding about the leaking holder."""
+    argv = [
+        *as_nobody(capabilities),
+        *runtime.tcpwatch("check", "--config", runtime.config, "--format", "json", "--window", "0"),
+    ]
+    if hidepid:
+        argv = with_hidepid_proc(argv)
+    result = netns.run(*argv, env=runtime.env(), check=False)
+    assert result.returncode in (0, 1, 2), f"check exited {result.returncode}: {result.stderr}"
+    report = json.loads(result.stdout)
+    assert report["exit_code"] == result.returncode
+    sources = {(s["name"], s["ok"]) for s in report["sources"] if s["netns"] == netns.name}
+    assert ("processes", True) in sources and ("sockdiag", True) in sources, report["sources"]
+    leaks = [f for f in report["findings"] if f["id"] == "S01" and f["netns"] == netns.name]
+    assert len(leaks) == 1, report["findings"]
+    assert leaks[0]["evidence"]["close_wait_sockets"] == CLOSE_WAITS
+    return result.returncode, leaks[0]
+
+
+def with_hidepid_proc(argv: Sequence[str]) -> list[str]:
+    """``argv`` in a private mount namespace whose /proc hides other users' processes, as
+    ProtectProc=invisible sets it up (procfs ``hidepid=invisible``)."""
+    script = 'mount -t proc -o hidepid=invisible proc /proc && exec "$@"'
+    return ["unshare", "--mount", "--propagation=private", "sh", "-c", script, "sh", *argv]
+
+
+def assert_counts_and_queues(seen: Exposition) -> None:
+    """What sock_diag gives without any privilege: every socket and both listeners' queues."""
+    assert seen.source_up == {
+        "sysctl": 1,
+        "sockstat": 1,
+        "counters": 1,
+        "sockdiag": 1,
+        "processes": 1,
+    }, seen.source_up
+    assert seen.sockets["close_wait"] == CLOSE_WAITS
+    assert {LISTEN_PORT, LEAK_PORT} <= seen.listener_ports
+
+
+def assert_fully_attributed(seen: Exposition, owners: Owners) -> None:
+    assert_counts_and_queues(seen)
+    assert seen.listener_owners[LISTEN_PORT] == (LISTEN_NAME, owners.listen_pid)
+    assert seen.listener_owners[LEAK_PORT] == (LEAK_NAME, owners.leak_pid)
+    assert seen.process_sockets[(LEAK_NAME, "close_wait")] == CLOSE_WAITS
+    assert seen.process_sockets[(LEAK_NAME, "listen")] == 1
+    assert seen.process_sockets[(LISTEN_NAME, "listen")] == 1
+    assert seen.scan_complete == 1
+
+
+def assert_degraded_visibly(seen: Exposition) -> None:
+    assert_counts_and_queues(seen)
+    assert LISTEN_PORT not in seen.listener_owners
+    assert LEAK_PORT not in seen.listener_owners
+    assert not [key for key in seen.process_sockets if key[0] in (LISTEN_NAME, LEAK_NAME)]
+    assert seen.scan_complete == 0
+    assert seen.denied >= 2  # at least the two holders
+
+
+def test_setpriv_grants_exactly_the_units_capabilities(netns: Netns, runtime: Runtime) -> None:
+    capabilities = unit_capabilities()
+    assert capabilities == ("dac_read_search", "sys_ptrace")
+    mask = sum(1 << CAP_BITS[cap] for cap in capabilities)
+    status = effective_capabilities(netns, runtime, capabilities)
+    assert status == {
+        "Uid": NOBODY,
+        "CapInh": mask,
+        "CapPrm": mask,
+        "CapEff": mask,
+        "CapBnd": mask,
+        "CapAmb": mask,
+        "NoNewPrivs": 1,
+    }, status
+    bare = effective_capabilities(netns, runtime, ())
+    assert (bare["CapEff"], bare["CapBnd"], bare["CapAmb"]) == (0, 0, 0)
+
+
+def test_unit_capabilities_attribute_other_users_sockets(
+    netns: Netns, runtime: Runtime, population: Owners
+) -> None:
+    seen = metrics_once(netns, runtime, unit_capabilities())
+    assert seen.netns == netns.name
+    assert_fully_attributed(seen, population)
+    code, leak = check_once(netns, runtime, unit_capabilities())
+    assert code == 1  # S01 is a warning
+    assert (leak["evidence"]["process"], leak["evidence"]["pid"]) == (
+        LEAK_NAME,
+        population.leak_pid,
+    )
+
+
+@pytest.mark.parametrize(
+    "capabilities",
+    [(), ("sys_ptrace",), ("dac_read_search",)],
+    ids=["none", "sys_ptrace-only", "dac_read_search-only"],
+)
+def test_without_both_capabilities_names_are_missing_and_flagged(
+    netns: Netns, runtime: Runtime, population: Owners, capabilities: tuple[str, ...]
+) -> None:
+    seen = metrics_once(netns, runtime, capabilities)
+    assert_degraded_visibly(seen)
+    _, leak = check_once(netns, runtime, capabilities)
+    assert leak["evidence"]["process"] == "unknown"
+    assert leak["evidence"]["attribution"] == "incomplete: not every process was scanned"
+    assert "pid" not in leak["evidence"]
+
+
+def _serve_and_scrape(
+    netns: Netns, runtime: Runtime, capabilities: Sequence[str]
+) -> tuple[Exposition, str]:
+    daemon = netns.spawn(
+        [
+            *as_nobody(capabilities),
+            *runtime.tcpwatch(
+                "serve",
+                "--listen",
+                f"127.0.0.1:{SERVE_PORT}",
+                "--interval",
+                "1",
+                "--log-level",
+                "debug",
+            ),
+        ],
+        env=runtime.env(),
+        lifetime=120,
+    )
+    base = f"http://127.0.0.1:{SERVE_PORT}"
+    deadline = time.monotonic() + 30
+    while True:
+        assert daemon.poll() is None, f"tcpwatch serve exited: {netns.stderr_of(daemon)}"
+        ready = netns.run(SYSTEM_PYTHON, "-c", GET, f"{base}/-/ready", check=False)
+        if ready.returncode == 0:
+            break
+        assert time.monotonic() < deadline, (
+            f"{base}/-/ready not 200 within 30 s: {ready.stderr}; "
+            f"daemon stderr: {netns.stderr_of(daemon)}"
+        )
+        time.sleep(0.3)
+    scrape = netns.run(SYSTEM_PYTHON, "-c", GET, f"{base}/metrics", check=False)
+    assert scrape.returncode == 0, f"{scrape.stderr}; daemon stderr: {netns.stderr_of(daemon)}"
+    return parse_exposition(scrape.stdout), scrape.stdout
+
+
+def test_serve_with_unit_capabilities_attributes_other_users_sockets(
+    netns: Netns, runtime: Runtime, population: Owners
+) -> None:
+    seen, _ = _serve_and_scrape(netns, runtime, unit_capabilities())
+    assert_fully_attributed(seen, population)
+
+
+def test_serve_without_capabilities_degrades_visibly(
+    netns: Netns, runtime: Runtime, population: Owners
+) -> None:
+    seen, text = _serve_and_scrape(netns, runtime, ())
+    assert_degraded_visibly(seen)
+    # Its own listener is the one it may still name: same uid, no capability needed.
+    own = seen.listener_owners.get(SERVE_PORT)
+    assert own is not None and own[0] in ("python3", "tcpwatch"), text
+    assert re.search(r'^tcpwatch_source_up\{netns="[^"]+",source="processes"\} 1', text, re.M)
+
+
+def test_hidden_proc_still_shows_everything_with_the_units_capabilities(
+    netns: Netns, runtime: Runtime, population: Owners
+) -> None:
+    # ProtectProc=invisible: CAP_SYS_PTRACE passes the ptrace check that hides a process.
+    seen = metrics_once(netns, runtime, unit_capabilities(), hidepid=True)
+    assert_fully_attributed(seen, population)
+    _, leak = check_once(netns, runtime, unit_capabilities(), hidepid=True)
+    assert (leak["evidence"]["process"], leak["evidence"]["pid"]) == (
+        LEAK_NAME,
+        population.leak_pid,
+    )
+
+
+def test_hidden_proc_without_capabilities_degrades_silently(
+    netns: Netns, runtime: Runtime, population: Owners
+) -> None:
+    """A known gap, asserted as it is: when /proc hides the other users' processes instead of
+    denying their fds, the scan never meets them, counts no denial and calls itself complete.
+
+    Under the unit this needs someone to drop the capabilities while keeping ProtectProc=; the
+    fix belongs in the processes source (e.g. /proc/1 missing from the listing means a hiding
+    procfs). Update this test when it lands.
+    """
+    seen = metrics_once(netns, runtime, (), hidepid=True)
+    assert_counts_and_queues(seen)
+    assert LISTEN_PORT not in seen.listener_owners
+    assert LEAK_PORT not in seen.listener_owners
+    assert (seen.scan_complete, seen.denied) == (1, 0)
+    # ... and `check` then states something false: that no process holds the sockets.
+    _, leak = check_once(netns, runtime, (), hidepid=True)
+    assert leak["evidence"]["process"] == "unknown"
+    assert leak["evidence"]["attribution"] == "complete: no process holds them"
