@@ -153,5 +153,5 @@ def required(thresholds: Thresholds, name: str) -> float:
     """A threshold that has a default: its value (the engine merged defaults in)."""
     value = thresholds.get(name)
     if value is None:
-        raise KeyError(f"threshold {name} has no value")
+        raise ValueError(f"threshold {name} has no value")
     return value

@@ -12,12 +12,12 @@ HOST_NETNS = "host"  # the snapshot's name for the init network namespace (that 
 
 
 def endpoint(address: str, port: int) -> str:
-    """ "10.0.0.5:5432", "[::1]:8080"."""
+    """An address and port as users write them: "10.0.0.5:5432", "[::1]:8080"."""
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def process_label(process: ProcessRef | None) -> str:
-    """ "nginx[1234]", or "unknown process" when no /proc/*/fd link was found."""
+    """A finding's subject for a process: "nginx[1234]", or "unknown process" when not found."""
     return "unknown process" if process is None else f"{process.name}[{process.pid}]"
 
 
@@ -32,17 +32,13 @@ def owner_of(snapshot: Snapshot, inode: int) -> ProcessRef | None:
     return snapshot.attribution.owner(inode)
 
 
-def _in_netns(netns: str, command: str) -> str:
+def run_in(netns: str, command: str) -> str:
+    """A command as it must be typed to act on ``netns`` from the host."""
     if netns == HOST_NETNS:
         return command
     if netns.startswith("pid:"):
         return f"nsenter --net=/proc/{netns[4:]}/ns/net {command}"
     return f"ip netns exec {shlex.quote(netns)} {command}"
-
-
-def run_in(netns: str, command: str) -> str:
-    """A command as it must be typed to act on ``netns`` from the host."""
-    return _in_netns(netns, command)
 
 
 def sysctl_fix(
@@ -62,7 +58,7 @@ def sysctl_fix(
     text = str(value)
     # Values are integers, spaces and commas: double quotes are exact and read naturally.
     assignment = f'{name}="{text}"' if " " in text else f"{name}={text}"
-    lines = [_in_netns(netns, f"sysctl -w {assignment}")]
+    lines = [run_in(netns, f"sysctl -w {assignment}")]
     if netns == HOST_NETNS or global_setting:
         short = name.rsplit(".", 1)[-1].replace("_", "-")
         lines.append(f"echo '{name} = {text}' > /etc/sysctl.d/90-tcpwatch-{short}.conf")
@@ -89,17 +85,54 @@ def format_port_ranges(ranges: Sequence[tuple[int, int]]) -> str:
     return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in ranges)
 
 
-def reserve_ports_fix(
-    netns: str,
-    reserved: Sequence[tuple[int, int]],
-    ports: Sequence[int],
-    persisted: Sequence[PersistedSysctl] = (),
-) -> str:
-    """Add ``ports`` to ip_local_reserved_ports, keeping what is reserved already.
+DEFAULT_PORT_RANGE = (32768, 60999)  # the kernel's default ip_local_port_range
+# The wider range P01 proposes: ends of different parity, above the ports most services use.
+WIDE_PORT_RANGE = (15000, 64999)
 
-    Writing the sysctl replaces the whole list, so the fix repeats the current reservations.
+
+def ports_to_reserve(snapshot: Snapshot) -> list[int]:
+    """Listener and self-connect ports that are, or may become, ephemeral and are not reserved.
+
+    "May become": inside the current range or a range a fix proposes (K08 the default range, P01
+    the wide one). Writing ip_local_reserved_ports replaces the whole list, so every fix that
+    reserves ports reserves this one list: applying several findings' fixes, in any order, never
+    drops a reservation another one needs.
     """
-    merged = sorted({*reserved, *((port, port) for port in ports)})
+    sysctls, sockets = snapshot.sysctls, snapshot.sockets
+    if sockets is None or sysctls is None or sysctls.port_range is None:
+        return []
+    low = min(sysctls.port_range[0], DEFAULT_PORT_RANGE[0], WIDE_PORT_RANGE[0])
+    high = max(sysctls.port_range[1], DEFAULT_PORT_RANGE[1], WIDE_PORT_RANGE[1])
+    ports = {lsn.port for lsn in sockets.listeners if low <= lsn.port <= high}
+    ports |= {sock.port for sock in sockets.self_connects if low <= sock.port <= high}
+    return sorted(port for port in ports if not sysctls.port_reserved(port))
+
+
+def reserve_ports_fix(
+    netns: str, snapshot: Snapshot, persisted: Sequence[PersistedSysctl] = ()
+) -> str | None:
+    """The command reserving :func:`ports_to_reserve` plus what is reserved already, if needed."""
+    ports = ports_to_reserve(snapshot)
+    if not ports or snapshot.sysctls is None:
+        return None
+    merged = sorted({*snapshot.sysctls.reserved_ports, *((port, port) for port in ports)})
     return sysctl_fix(
         netns, "net.ipv4.ip_local_reserved_ports", format_port_ranges(merged), persisted
     )
+
+
+def manual_reservation(port: int) -> str:
+    """Advice for when the current reservations are unknown, so no exact command can be given."""
+    return (
+        f"# add {port} to net.ipv4.ip_local_reserved_ports, keeping the ports already listed "
+        "there (writing the sysctl replaces the whole list)"
+    )
+
+
+def ports_available(low: int, high: int, reserved: Sequence[tuple[int, int]]) -> int:
+    """Ports of [low, high] that connect() may pick: the range minus ip_local_reserved_ports."""
+    taken = 0
+    for start, end in sorted(set(reserved)):
+        overlap = min(end, high) - max(start, low) + 1
+        taken += max(overlap, 0)
+    return max(high - low + 1 - taken, 0)

@@ -20,7 +20,14 @@ from tcpwatch.rules.base import (
     Window,
     required,
 )
-from tcpwatch.rules.fixes import HOST_NETNS, endpoint, run_in, sysctl_fix
+from tcpwatch.rules.fixes import (
+    DEFAULT_PORT_RANGE,
+    HOST_NETNS,
+    endpoint,
+    reserve_ports_fix,
+    run_in,
+    sysctl_fix,
+)
 from tcpwatch.sources.sysctl_files import lines_for
 
 TIME_WAIT_SECONDS = 60  # TCP_TIMEWAIT_LEN in include/net/tcp.h; no sysctl changes it
@@ -439,7 +446,6 @@ K08 = RuleInfo(
     "warning",
     "ip_local_port_range is narrow, overlaps privileged ports, or has ends of equal parity",
 )
-DEFAULT_PORT_RANGE = (32768, 60999)
 
 
 def check_port_range(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
@@ -488,18 +494,17 @@ def check_port_range(window: Window, thresholds: Thresholds) -> Iterator[Finding
     new_high = high if size >= minimum else DEFAULT_PORT_RANGE[1]
     if new_low % 2 == new_high % 2:
         new_high -= 1
-    remediation = "\n".join(
-        [
-            sysctl_fix(
-                netns,
-                "net.ipv4.ip_local_port_range",
-                f"{new_low} {new_high}",
-                window.persisted_sysctls,
-            ),
-            "# listeners on ports inside the new range need them reserved first (see P02): "
-            "sysctl -w net.ipv4.ip_local_reserved_ports=PORT[,PORT...]",
-        ]
+    lines: list[str] = []
+    reservation = reserve_ports_fix(netns, window.current, window.persisted_sysctls)
+    if reservation and (new_low, new_high) != (low, high):
+        lines.append("# first reserve the listener ports inside the new range (see P02):")
+        lines.append(reservation)
+    lines.append(
+        sysctl_fix(
+            netns, "net.ipv4.ip_local_port_range", f"{new_low} {new_high}", window.persisted_sysctls
+        )
     )
+    remediation = "\n".join(lines)
     yield K08.finding(
         window,
         f"ip_local_port_range {low}-{high}: " + "; ".join(problems),

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
-from tcpwatch.model import Snapshot
 from tcpwatch.rules.base import (
     EvidenceValue,
     Finding,
@@ -17,8 +16,11 @@ from tcpwatch.rules.base import (
     required,
 )
 from tcpwatch.rules.fixes import (
+    WIDE_PORT_RANGE,
     endpoint,
+    manual_reservation,
     owner_of,
+    ports_available,
     process_label,
     process_phrase,
     reserve_ports_fix,
@@ -26,34 +28,6 @@ from tcpwatch.rules.fixes import (
     sysctl_fix,
 )
 from tcpwatch.rules.queues import listener_groups
-
-# A wider range to suggest: ends of different parity, above the registered ports most services
-# use, below 65536. Listener ports inside it must be reserved first.
-WIDE_PORT_RANGE = (15000, 64999)
-
-
-def ports_available(low: int, high: int, reserved: Sequence[tuple[int, int]]) -> int:
-    """Ports of [low, high] that connect() may pick: the range minus ip_local_reserved_ports."""
-    taken = 0
-    for start, end in sorted(set(reserved)):
-        overlap = min(end, high) - max(start, low) + 1
-        taken += max(overlap, 0)
-    return max(high - low + 1 - taken, 0)
-
-
-def ports_to_reserve(snapshot: Snapshot, low: int, high: int) -> list[int]:
-    """Listener and self-connect ports inside [low, high] that are not reserved yet.
-
-    Every fix that reserves ports uses this whole list, so running several findings' fixes
-    (each rewrites the sysctl's full list) never drops another's reservation.
-    """
-    if snapshot.sockets is None or snapshot.sysctls is None:
-        return []
-    sysctls = snapshot.sysctls
-    ports = {lsn.port for lsn in snapshot.sockets.listeners if low <= lsn.port <= high}
-    ports |= {sock.port for sock in snapshot.sockets.self_connects if low <= sock.port <= high}
-    return sorted(port for port in ports if not sysctls.port_reserved(port))
-
 
 # --- P01 -------------------------------------------------------------------------------------
 
@@ -113,13 +87,9 @@ def check_ephemeral_exhaustion(window: Window, thresholds: Thresholds) -> Iterat
             if wide_low % 2 == wide_high % 2:
                 wide_high -= 1
             lines.append("# 3. widen the range; first reserve the listener ports inside it:")
-            to_reserve = ports_to_reserve(snapshot, wide_low, wide_high)
-            if to_reserve:
-                lines.append(
-                    reserve_ports_fix(
-                        netns, sysctls.reserved_ports, to_reserve, window.persisted_sysctls
-                    )
-                )
+            reservation = reserve_ports_fix(netns, snapshot, window.persisted_sysctls)
+            if reservation:
+                lines.append(reservation)
             lines.append(
                 sysctl_fix(
                     netns,
@@ -161,7 +131,6 @@ def check_listener_in_range(window: Window, thresholds: Thresholds) -> Iterator[
     if sysctls is None or sysctls.port_range is None or snapshot.sockets is None:
         return
     low, high = sysctls.port_range
-    to_reserve = ports_to_reserve(snapshot, low, high)
     netns = snapshot.netns
     for group in listener_groups(snapshot):
         if not low <= group.port <= high or sysctls.port_reserved(group.port):
@@ -183,9 +152,8 @@ def check_listener_in_range(window: Window, thresholds: Thresholds) -> Iterator[
                 f"{process_phrase(owner)} is restarting (bind() then fails with EADDRINUSE), "
                 "and a client of this port can connect to itself while it is down",
                 "# reserve it (the list repeats the current reservations: writing replaces it):",
-                reserve_ports_fix(
-                    netns, sysctls.reserved_ports, to_reserve, window.persisted_sysctls
-                ),
+                reserve_ports_fix(netns, snapshot, window.persisted_sysctls)
+                or manual_reservation(group.port),
                 f"# or move the service to a port below {low}",
             ]
         )

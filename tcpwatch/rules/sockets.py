@@ -18,13 +18,13 @@ from tcpwatch.rules.base import (
 )
 from tcpwatch.rules.fixes import (
     endpoint,
+    manual_reservation,
     owner_of,
     process_label,
     process_phrase,
     reserve_ports_fix,
     run_in,
 )
-from tcpwatch.rules.ports import ports_to_reserve
 
 # --- S01 -------------------------------------------------------------------------------------
 
@@ -140,9 +140,6 @@ def check_self_connect(window: Window, thresholds: Thresholds) -> Iterator[Findi
     snapshot = window.current
     if snapshot.sockets is None:
         return
-    sysctls = snapshot.sysctls
-    reserved = sysctls.reserved_ports if sysctls is not None else ()
-    port_range = sysctls.port_range if sysctls is not None else None
     for sock in snapshot.sockets.self_connects:
         name = endpoint(sock.address, sock.port)
         owner = owner_of(snapshot, sock.inode)
@@ -167,12 +164,8 @@ def check_self_connect(window: Window, thresholds: Thresholds) -> Iterator[Findi
                 run_in(netns, f"ss -K -tn src {name} dst {name}"),
                 "# keep it from happening again: move the service port below "
                 "ip_local_port_range, or reserve it:",
-                reserve_ports_fix(
-                    netns,
-                    reserved,
-                    ports_to_reserve(snapshot, *port_range) if port_range else [sock.port],
-                    window.persisted_sysctls,
-                ),
+                reserve_ports_fix(netns, snapshot, window.persisted_sysctls)
+                or manual_reservation(sock.port),
             ]
         )
         yield S02.finding(

@@ -336,3 +336,15 @@ def test_k11_silent_below_pressure_or_without_tcp_mem() -> None:
         stat=sockstat(memory_pages=900_000), sysctl_overrides={"net.ipv4.tcp_mem": None}
     )
     assert only(evaluate(window(child), {}), "K11") == []
+
+
+def test_k08_reserves_listener_ports_that_the_proposed_range_would_cover() -> None:
+    table = socket_table([listener(22), listener(50000), listener(42000)])
+    current = snapshot(
+        sockets=table, sysctl_overrides={"net.ipv4.ip_local_port_range": (40000, 44999)}
+    )
+    (finding,) = only(evaluate(window(current), {}), "K08")
+    lines = finding.remediation.splitlines()
+    reserve = lines.index("sysctl -w net.ipv4.ip_local_reserved_ports=42000,50000")
+    widen = lines.index('sysctl -w net.ipv4.ip_local_port_range="32768 60999"')
+    assert reserve < widen

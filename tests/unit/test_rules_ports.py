@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tcpwatch.model import DestinationUse, ProcessRef
+from tcpwatch.model import DestinationUse, ProcessRef, SelfConnect
 from tcpwatch.rules import Finding, evaluate
-from tcpwatch.rules.ports import ports_available
+from tcpwatch.rules.fixes import ports_available
 from tests.unit.snapshots import DEFAULT_LISTENERS, listener, snapshot, socket_table, window
 
 APP = ProcessRef(4321, "app-server")
@@ -91,3 +91,27 @@ def test_p02_silent_for_service_ports_below_the_range_and_reserved_ports() -> No
     table = socket_table(listeners=[*DEFAULT_LISTENERS, listener(45000)])
     reserved = snapshot(sockets=table, reserved_ports=((44000, 46000),))
     assert only(evaluate(window(reserved), {}), "P02") == []
+
+
+def test_every_reservation_command_of_one_snapshot_is_the_same_superset() -> None:
+    # Writing ip_local_reserved_ports replaces the list: if K08, P01, P02 and S02 each reserved
+    # only "their" ports, applying one fix after another would undo the earlier ones.
+    table = socket_table(
+        listeners=[*DEFAULT_LISTENERS, listener(20000), listener(40500), listener(62000)],
+        ephemeral_use=[use(900, time_wait=800)],
+        self_connects=[SelfConnect("ipv4", "127.0.0.1", 40010, "established", 9)],
+    )
+    current = snapshot(
+        sockets=table,
+        sysctl_overrides={"net.ipv4.ip_local_port_range": (40000, 40999)},
+        reserved_ports=((9100, 9100),),
+    )
+    findings = evaluate(window(current), {})
+    commands = {
+        line
+        for f in findings
+        for line in f.remediation.splitlines()
+        if line.startswith("sysctl -w net.ipv4.ip_local_reserved_ports=")
+    }
+    assert {f.rule_id for f in findings} >= {"K08", "P01", "P02", "S02"}
+    assert commands == {"sysctl -w net.ipv4.ip_local_reserved_ports=9100,20000,40010,40500,62000"}
