@@ -83,7 +83,10 @@ def check_ephemeral_exhaustion(window: Window, thresholds: Thresholds) -> Iterat
             )
             lines.append(sysctl_fix(netns, "net.ipv4.tcp_tw_reuse", 1, window.persisted_sysctls))
         if (low, high) != WIDE_PORT_RANGE and high - low < WIDE_PORT_RANGE[1] - WIDE_PORT_RANGE[0]:
-            wide_low, wide_high = min(low, WIDE_PORT_RANGE[0]), max(high, WIDE_PORT_RANGE[1])
+            # The kernel refuses a range starting below ip_unprivileged_port_start (EINVAL).
+            unprivileged = sysctls.get("net.ipv4.ip_unprivileged_port_start") or 0
+            wide_low = max(min(low, WIDE_PORT_RANGE[0]), unprivileged)
+            wide_high = max(high, WIDE_PORT_RANGE[1])
             if wide_low % 2 == wide_high % 2:
                 wide_high -= 1
             lines.append("# 3. widen the range; first reserve the listener ports inside it:")

@@ -115,3 +115,16 @@ def test_every_reservation_command_of_one_snapshot_is_the_same_superset() -> Non
     }
     assert {f.rule_id for f in findings} >= {"K08", "P01", "P02", "S02"}
     assert commands == {"sysctl -w net.ipv4.ip_local_reserved_ports=9100,20000,40010,40500,62000"}
+
+
+def test_p01_never_proposes_a_range_below_ip_unprivileged_port_start() -> None:
+    table = socket_table(ephemeral_use=[use(900)])
+    current = snapshot(
+        sockets=table,
+        sysctl_overrides={
+            "net.ipv4.ip_local_port_range": (40000, 40999),
+            "net.ipv4.ip_unprivileged_port_start": (20001,),
+        },
+    )
+    (finding,) = only(evaluate(window(current), {}), "P01")
+    assert 'sysctl -w net.ipv4.ip_local_port_range="20001 64998"' in finding.remediation
