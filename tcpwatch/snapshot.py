@@ -47,6 +47,13 @@ def wanted_inodes(table: SocketTable) -> frozenset[int]:
     return frozenset(inodes)
 
 
+def _own_netns_inode(paths: ProcPaths) -> frozenset[int]:
+    try:
+        return frozenset({netns_source.current_netns_inode(paths)})
+    except OSError:
+        return frozenset()
+
+
 def resolve_netns_name(paths: ProcPaths) -> str:
     try:
         return netns_source.netns_name(paths, netns_source.current_netns_inode(paths))
@@ -89,11 +96,17 @@ def take_snapshot(
         statuses,
     )
     attribution: Attribution | None = None
+    own_inode = _own_netns_inode(paths)
     if settings.process_attribution and scan_processes and sockets is not None:
         wanted = wanted_inodes(sockets)
         attribution = _timed(
             "processes",
-            lambda: processes.scan_owners(paths, wanted, settings.process_scan_timeout),
+            lambda: processes.scan_owners(
+                paths,
+                wanted,
+                settings.process_scan_timeout,
+                netns_inodes=own_inode,
+            ),
             statuses,
         )
     return Snapshot(
@@ -176,7 +189,12 @@ def _attribute(
     statuses: list[SourceStatus] = []
     attribution = _timed(
         "processes",
-        lambda: processes.scan_owners(paths, frozenset(wanted), settings.process_scan_timeout),
+        lambda: processes.scan_owners(
+            paths,
+            frozenset(wanted),
+            settings.process_scan_timeout,
+            netns_inodes=frozenset(s.identity.inode for s in snapshots if s.sockets is not None),
+        ),
         statuses,
     )
     return [

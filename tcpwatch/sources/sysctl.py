@@ -32,6 +32,10 @@ _IPV4 = (
     "tcp_rmem",
     "tcp_wmem",
     "ip_unprivileged_port_start",
+    # Read-only: hash buckets of this namespace's established table; negative when it shares
+    # the host's (then every dump here walks the host's sockets too). Linux 6.1+.
+    "tcp_ehash_entries",
+    "tcp_child_ehash_entries",
 )
 
 SYSCTLS: tuple[str, ...] = (

@@ -26,6 +26,8 @@ EXPECTED_NAMES = {
         f"net.ipv4.{name}"
         for name in [
             "tcp_max_syn_backlog",
+            "tcp_ehash_entries",
+            "tcp_child_ehash_entries",
             "tcp_syncookies",
             "tcp_abort_on_overflow",
             "tcp_fin_timeout",
@@ -49,7 +51,7 @@ EXPECTED_NAMES = {
 
 
 def test_sysctl_names() -> None:
-    assert len(SYSCTLS) == len(set(SYSCTLS)) == 20
+    assert len(SYSCTLS) == len(set(SYSCTLS)) == 22
     assert set(SYSCTLS) == EXPECTED_NAMES
     assert RESERVED_PORTS not in SYSCTLS
 
@@ -200,3 +202,10 @@ def test_read_sysctls_other_errors_propagate(tmp_path: Path) -> None:
     (tmp_path / "sys" / "net" / "core" / "somaxconn").mkdir(parents=True)
     with pytest.raises(IsADirectoryError):
         read_sysctls(ProcPaths(root=str(tmp_path)))
+
+
+def test_every_sysctl_a_rule_reads_is_collected() -> None:
+    from tcpwatch.rules import SYSCTLS_USED
+    from tcpwatch.sources.sysctl import RESERVED_PORTS, SYSCTLS
+
+    assert set(SYSCTLS_USED) <= {*SYSCTLS, RESERVED_PORTS}
