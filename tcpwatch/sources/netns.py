@@ -10,16 +10,19 @@ Names, first match wins: ``host`` for the initial namespace, the ``ip netns`` na
 ``pid:<lowest member pid>`` (stable while that process lives, e.g. a container's init), and
 ``net:[INODE]`` when no handle we can read points at it.
 
-The functions take an inode rather than reading "self", so the later discovery of every
-namespace (entering each one with setns) can name the ones it enters with the same code.
+``discover`` (every namespace on the host, for ``--netns all``) also names a namespace after the
+container or Kubernetes pod its member processes belong to (``pod:<namespace>/<name>``,
+``container:<id>``): see its docstring and docs/namespaces.md.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fnmatch
 import os
 import re
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -89,13 +92,29 @@ def _inode_of(path: str) -> int | None:
 
 # Container ids in cgroup paths, as Docker, containerd (CRI), CRI-O and Podman write them:
 # .../docker-<id>.scope, /docker/<id>, .../cri-containerd-<id>.scope, .../crio-<id>.scope,
-# .../libpod-<id>.scope, /kubepods/<qos>/pod<uid>/<id>.
-_CONTAINER_ID = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?(?:/|$)", re.MULTILINE)
+# .../libpod-<id>.scope/container, /kubepods/<qos>/pod<uid>/<id>. Lookarounds, so that ids nested
+# in one path (a kind node's container holding a pod's) are all found.
+_CONTAINER_ID = re.compile(r"(?:^|(?<=[/-]))([0-9a-f]{64})(?=(?:\.scope)?(?:/|$))", re.MULTILINE)
 # Pod UID: kubepods-besteffort-pod<uid with _>.slice (systemd driver) or /pod<uid>/ (cgroupfs).
 _POD_UID = re.compile(
     r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})"
 )
+# A UUID in an ip netns name marks a runtime's pin, not a name a person chose: containerd
+# (cni-<uuid>), CRI-O (<uuid>) and Podman (netns-<uuid>) bind pod namespaces under /run/netns.
+_RUNTIME_PIN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# Kubernetes object names: a pod's is a DNS-1123 subdomain, a namespace's a DNS-1123 label.
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(
+    r"(?=.{1,253}$)[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
+)
 SERVICE_ACCOUNT_NAMESPACE = "var/run/secrets/kubernetes.io/serviceaccount/namespace"
+MEMBERS_READ = 16  # member processes whose cgroup and files are read per namespace
+SMALL_FILE_LIMIT = 4096  # bytes read from a container's hostname, namespace or resolv.conf
+
+# openat2(2): one syscall number on every architecture with the common table (Linux >= 5.6).
+_SYS_OPENAT2 = 437
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_IN_ROOT = 0x10
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +133,14 @@ class NetnsTarget:
 def discover(paths: ProcPaths, run_netns_dir: str = RUN_NETNS_DIR) -> tuple[NetnsTarget, ...]:
     """Every network namespace with a handle: ``ip netns`` names and member processes.
 
-    One entry per distinct nsfs inode, ours first, the rest by name. Handles we may not read
-    (other users' processes without CAP_SYS_PTRACE) are skipped.
+    One entry per distinct nsfs inode, ours first, then ``host``, the rest by name. Handles we
+    may not read (other users' processes without CAP_SYS_PTRACE) are skipped. Names, first match
+    wins: ``host``; the ``ip netns`` name, unless it is a runtime's UUID pin of a container's
+    namespace; ``pod:<namespace>/<name>``; ``container:<id>``; a runtime's pin name;
+    ``pid:<lowest member pid>``; ``net:[INODE]``.
     """
     own = current_netns_inode(paths)
+    host = _inode_of(paths.pid(1, "ns", "net"))
     handles: dict[int, str] = {}
     names: dict[int, str] = {}
     try:
@@ -141,24 +164,13 @@ def discover(paths: ProcPaths, run_netns_dir: str = RUN_NETNS_DIR) -> tuple[Netn
     targets: list[NetnsTarget] = []
     for inode in {own, *handles}:
         pids = members.get(inode, [])
-        identity = _container_identity(paths, pids)
-        if inode == own:
-            name = netns_name(paths, inode, run_netns_dir)
-        elif inode == NET_NS_INIT_INO:
-            name = "host"
-        elif inode in names:
-            name = names[inode]
-        elif identity.pod and identity.pod_namespace:
-            name = f"pod:{identity.pod_namespace}/{identity.pod}"
-        elif identity.container:
-            name = f"container:{identity.container}"
-        elif pids:
-            name = f"pid:{pids[0]}"
-        else:
-            name = f"net:[{inode}]"
+        is_host = inode in (NET_NS_INIT_INO, host)
+        # The host's processes include hostNetwork pods and runtimes' helpers (conmon): their
+        # cgroups say nothing about the namespace.
+        identity = _Identity() if is_host else _container_identity(paths, pids)
         targets.append(
             NetnsTarget(
-                name=name,
+                name=_choose_name(inode, is_host, names.get(inode), identity, pids),
                 inode=inode,
                 path=None if inode == own else handles[inode],
                 container=identity.container,
@@ -167,12 +179,32 @@ def discover(paths: ProcPaths, run_netns_dir: str = RUN_NETNS_DIR) -> tuple[Netn
                 pod_uid=identity.pod_uid,
             )
         )
-    targets.sort(key=lambda t: (t.path is not None, t.name != "host", t.name))
+    # The inode breaks ties, so which of two same-named namespaces gets the suffix never flips.
+    targets.sort(key=lambda t: (t.path is not None, t.name != "host", t.name, t.inode))
     return tuple(_unique_names(targets))
 
 
+def _choose_name(
+    inode: int, is_host: bool, ip_name: str | None, identity: _Identity, pids: list[int]
+) -> str:
+    if is_host:
+        return "host"
+    runtime_pin = ip_name is not None and _RUNTIME_PIN.search(ip_name) is not None
+    if ip_name is not None and not (runtime_pin and identity.container):
+        return ip_name
+    if identity.pod and identity.pod_namespace:
+        return f"pod:{identity.pod_namespace}/{identity.pod}"
+    if identity.container:
+        return f"container:{identity.container}"
+    if ip_name is not None:
+        return ip_name
+    if pids:
+        return f"pid:{pids[0]}"
+    return f"net:[{inode}]"
+
+
 def _unique_names(targets: list[NetnsTarget]) -> list[NetnsTarget]:
-    """Two namespaces must never share a name (e.g. two netns of one pod's containers)."""
+    """Two namespaces must never share a name (e.g. a pod's old and new sandbox)."""
     seen: dict[str, int] = {}
     unique: list[NetnsTarget] = []
     for target in targets:
@@ -192,50 +224,158 @@ class _Identity:
     pod_uid: str = ""
 
 
+def container_in_cgroup(text: str) -> tuple[str, str] | None:
+    """The container id (first 12 hex digits) and pod UID that a ``/proc/PID/cgroup`` names.
+
+    ``None`` when no line names a container; the pod UID is ``""`` outside Kubernetes. Within a
+    line the innermost container wins (a pod inside a kind node's container); a systemd-style
+    UID (``_``) is given with ``-``. Example (cgroup v2, containerd with the systemd driver)::
+
+        0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod6b4b1c9a_8d1e_4a4c_
+        9f07_1f2d3c4b5a69.slice/cri-containerd-3f1c...<64 hex digits>.scope
+
+    (one line in the file) gives ``("3f1c........", "6b4b1c9a-8d1e-4a4c-9f07-1f2d3c4b5a69")``.
+    """
+    for line in text.splitlines():
+        ids = _CONTAINER_ID.findall(line)
+        if not ids:
+            continue
+        uids = _POD_UID.findall(line)
+        return ids[-1][:12], uids[-1].replace("_", "-") if uids else ""
+    return None
+
+
+def pod_namespace_from_resolv_conf(text: str) -> str:
+    """The pod's namespace from the search list kubelet writes into its /etc/resolv.conf.
+
+    Kubelet's list (dnsPolicy ClusterFirst) starts ``<namespace>.svc.<domain> svc.<domain>``;
+    anything else gives ``""``. Example::
+
+        search shop.svc.cluster.local svc.cluster.local cluster.local
+        nameserver 10.96.0.10
+
+    gives ``"shop"``.
+    """
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 3 or words[0] != "search":
+            continue
+        first, second = words[1], words[2]
+        namespace, dot, rest = first.partition(".")
+        if (
+            dot
+            and rest.startswith("svc.")
+            and rest == second
+            and _DNS_LABEL.fullmatch(namespace) is not None
+        ):
+            return namespace
+    return ""
+
+
 def _container_identity(paths: ProcPaths, pids: list[int]) -> _Identity:
     """Container id and pod of the first member process whose cgroup names one (best effort).
 
     The pod UID is in the cgroup path; its name and namespace are not, so they come from a
-    member's /etc/hostname and mounted service-account namespace file, read through
-    /proc/PID/root (needs CAP_SYS_PTRACE for other users' processes).
+    member's /etc/hostname and mounted service-account namespace file (else its resolv.conf
+    search list), read through /proc/PID/root (needs CAP_SYS_PTRACE for other users'
+    processes).
     """
-    for pid in pids[:16]:
+    for pid in pids[:MEMBERS_READ]:
         try:
             with open(paths.pid(pid, "cgroup"), encoding="utf-8", errors="replace") as handle:
-                cgroup = handle.read()
+                cgroup = handle.read(SMALL_FILE_LIMIT * 4)
         except OSError:
             continue
-        container = _CONTAINER_ID.search(cgroup)
-        if container is None:
+        found = container_in_cgroup(cgroup)
+        if found is None:
             continue
-        pod_uid = _POD_UID.search(cgroup)
-        identity = _Identity(container=container.group(1)[:12])
-        if pod_uid is None:
-            return identity
-        pod_namespace = ""
-        pod = ""
-        for member in pids[:16]:
-            pod_namespace = pod_namespace or _read_first_line(
-                paths.pid(member, "root", SERVICE_ACCOUNT_NAMESPACE)
-            )
-            pod = pod or _read_first_line(paths.pid(member, "root", "etc", "hostname"))
-            if pod and pod_namespace:
-                break
-        return replace(
-            identity,
-            pod=pod,
-            pod_namespace=pod_namespace,
-            pod_uid=pod_uid.group(1).replace("_", "-"),
-        )
+        container, pod_uid = found
+        if not pod_uid:
+            return _Identity(container=container)
+        pod, pod_namespace = _pod_name(paths, pids)
+        return _Identity(container, pod, pod_namespace, pod_uid)
     return _Identity()
 
 
-def _read_first_line(path: str) -> str:
+def _pod_name(paths: ProcPaths, pids: list[int]) -> tuple[str, str]:
+    """(pod name, pod namespace) from the members' root filesystems; "" for what none tells."""
+    pod = pod_namespace = ""
+    for member in pids[:MEMBERS_READ]:
+        root = paths.pid(member, "root")
+        if not pod:
+            pod = _valid(read_inside_root(root, "etc/hostname"), _DNS_SUBDOMAIN)
+        if not pod_namespace:
+            pod_namespace = _valid(
+                read_inside_root(root, SERVICE_ACCOUNT_NAMESPACE), _DNS_LABEL
+            ) or pod_namespace_from_resolv_conf(read_inside_root(root, "etc/resolv.conf"))
+        if pod and pod_namespace:
+            break
+    return pod, pod_namespace
+
+
+def _valid(text: str, pattern: re.Pattern[str]) -> str:
+    """The first line of ``text`` if it is a well-formed name, else "" (it becomes a label)."""
+    lines = text.splitlines()
+    first = lines[0].strip() if lines else ""
+    return first if pattern.fullmatch(first) else ""
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = (
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    )
+
+
+def read_inside_root(root: str, relative: str, limit: int = SMALL_FILE_LIMIT) -> str:
+    """Up to ``limit`` bytes of the regular file ``relative`` below ``root``; "" if unreadable.
+
+    ``root`` is a container's /proc/PID/root, a tree its owner controls: symlinks in it resolve
+    as if ``root`` were ``/`` (openat2 RESOLVE_IN_ROOT), so ``etc/hostname -> /etc/shadow``
+    reads the container's own file, never the host's, and image links such as
+    ``/var/run -> /run`` lead where the container sees them. FIFOs and devices are refused
+    (opened non-blocking, checked with fstat), so a hostile file can neither block nor flood us.
+    """
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.readline(256).strip()
+        directory = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return ""
+    try:
+        descriptor = _openat2(
+            directory,
+            relative,
+            os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY,
+            _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS,
+        )
+    except OSError:  # missing, not ours to read, or a kernel before 5.6 (ENOSYS)
+        return ""
+    finally:
+        os.close(directory)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return ""
+        return os.read(descriptor, limit).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(descriptor)
+
+
+def _openat2(directory: int, relative: str, flags: int, resolve: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    how = _OpenHow(flags, 0, resolve)
+    descriptor: int = libc.syscall(
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(directory),
+        ctypes.c_char_p(os.fsencode(relative)),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    if descriptor < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), relative)
+    return descriptor
 
 
 def select(targets: tuple[NetnsTarget, ...], selection: tuple[str, ...]) -> tuple[NetnsTarget, ...]:
@@ -274,6 +414,15 @@ def run_inside(target: NetnsTarget, work: Callable[[], T], timeout: float = 60.0
         descriptor = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError) as error:
         raise NetnsGone(f"{target.name}: {error.strerror}") from None
+    # Between discovery and now the pid may have been reused, or `ip netns del` may have left
+    # the unmounted file: either way the handle no longer leads to the namespace we named.
+    try:
+        opened = os.fstat(descriptor).st_ino
+    except OSError:
+        opened = None
+    if opened != target.inode:
+        os.close(descriptor)
+        raise NetnsGone(f"{target.name}: {target.path} no longer refers to net:[{target.inode}]")
     outcome: list[T] = []
     failure: list[BaseException] = []
 
