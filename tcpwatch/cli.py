@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--format", choices=("text", "json"), default="text", help="report format (default text)"
     )
+    check.add_argument(
+        "--verbose",
+        action="store_true",
+        help="text format: show evidence and fixes of info findings too (they are one line each)",
+    )
     serve = commands.add_parser(
         "serve",
         parents=[common],
@@ -269,7 +274,7 @@ def _check(config: Config, args: argparse.Namespace) -> int:
         sys.stdout.write(render_json(findings, list(current), config.check_window))
     else:
         color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
-        sys.stdout.write(render_text(findings, list(current), color))
+        sys.stdout.write(render_text(findings, list(current), color, verbose=args.verbose))
     sys.stdout.flush()
     return worst_exit_code(findings)
 

@@ -91,8 +91,18 @@ def _taken(snapshot: Snapshot) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snapshot.taken_at))
 
 
-def render_text(findings: Sequence[Finding], snapshots: Sequence[Snapshot], color: bool) -> str:
-    """The human report; ANSI colour only when ``color``."""
+def render_text(
+    findings: Sequence[Finding],
+    snapshots: Sequence[Snapshot],
+    color: bool,
+    verbose: bool = False,
+) -> str:
+    """The human report; ANSI colour only when ``color``.
+
+    With several namespaces, findings are grouped by namespace first, then by severity. Info
+    findings are one line each (title and doc page) unless ``verbose``: they explain, they do not
+    ask for action, and a node with a hundred listeners must not bury its one warning.
+    """
     ordered = sorted(findings, key=sort_key)
     status, _ = status_of(ordered)
     first = summary_line(ordered)
@@ -114,19 +124,32 @@ def render_text(findings: Sequence[Finding], snapshots: Sequence[Snapshot], colo
                     "rules that need it were skipped"
                 )
                 lines.append(_paint("! " + message, _COLOURS["warning"], color))
-    namespaces = {f.netns for f in ordered} | {s.netns for s in snapshots}
-    show_netns = len(namespaces) > 1
-    for severity in SEVERITIES:
-        group = [f for f in ordered if f.severity == severity]
-        if not group:
-            continue
-        lines.append("")
-        lines.append(_paint(f"{severity.upper()} ({len(group)})", _COLOURS[severity], color))
-        for index, finding in enumerate(group):
-            if index:
-                lines.append("")
-            lines.extend(_finding_lines(finding, color, show_netns))
+    namespaces = list(dict.fromkeys([s.netns for s in snapshots] + [f.netns for f in ordered]))
+    grouped = len(namespaces) > 1
+    for netns in namespaces if grouped else [None]:
+        in_netns = [f for f in ordered if netns is None or f.netns == netns]
+        if grouped:
+            lines.append("")
+            lines.append(_paint(f"== netns {netns}: {summary_line(in_netns)}", _BOLD, color))
+        for severity in SEVERITIES:
+            group = [f for f in in_netns if f.severity == severity]
+            if not group:
+                continue
+            lines.append("")
+            lines.append(_paint(f"{severity.upper()} ({len(group)})", _COLOURS[severity], color))
+            if severity == "info" and not verbose:
+                lines.extend(_info_line(finding, color) for finding in group)
+                continue
+            for index, finding in enumerate(group):
+                if index:
+                    lines.append("")
+                lines.extend(_finding_lines(finding, color, show_netns=False))
     return "\n".join(lines) + "\n"
+
+
+def _info_line(finding: Finding, color: bool) -> str:
+    tag = _paint(f"[{finding.rule_id} {finding.slug}]", _COLOURS[finding.severity], color)
+    return f"  {tag} {finding.title}  {_paint(finding.doc, _DIM, color)}"
 
 
 def finding_to_json(finding: Finding) -> dict[str, Any]:

@@ -99,14 +99,28 @@ def test_colour_text_has_the_same_words_with_ansi_styles() -> None:
     assert ok.startswith("\033[1;32mTCPWATCH OK - no findings\033[0m\n")
 
 
-def test_text_names_the_namespace_of_each_finding_when_there_are_several() -> None:
+def test_text_groups_findings_by_namespace_when_there_are_several() -> None:
     host = snapshot(sysctl_overrides={"net.core.somaxconn": (1024,)})
-    other = snapshot(netns="tw-7", sysctl_overrides={"net.core.somaxconn": (1024,)})
+    other = snapshot(netns="tw-7", sysctl_overrides={"net.core.somaxconn": (4096,)})
     findings = evaluate(window(host), {}) + evaluate(window(other), {})
     text = render_text(findings, [host, other], color=False)
-    assert text.count("    netns       host") == 1
-    assert text.count("    netns       tw-7") == 1
+    host_section = text.index("== netns host: TCPWATCH WARNING - 1 warning")
+    other_section = text.index("== netns tw-7: TCPWATCH OK")
+    k05 = text.index("[K05 somaxconn-low]")
+    assert host_section < k05 < other_section
+    assert text.count("[K05 somaxconn-low]") == 1
     assert "netns tw-7: snapshot at" in text
+
+
+def test_info_findings_are_one_line_unless_verbose() -> None:
+    tuned = snapshot(sysctl_overrides={"net.ipv4.tcp_fin_timeout": (30,)})
+    findings = evaluate(window(tuned), {})
+    assert [f.rule_id for f in findings] == ["K10"]
+    short = render_text(findings, [tuned], color=False)
+    assert "[K10 fin-timeout-misread]" in short
+    assert "docs/rules/K10-fin-timeout-misread.md" in short
+    assert "    fix " not in short
+    assert "    fix " in render_text(findings, [tuned], color=False, verbose=True)
 
 
 def test_json_schema_fields_and_values() -> None:
