@@ -1,0 +1,494 @@
+"""`tcpwatch serve` for real: the daemon as a process in a throw-away namespace, scraped over HTTP.
+
+Each test starts ``python -m tcpwatch serve`` inside its own namespace (next to known socket
+populations), scrapes it from inside that namespace and compares the numbers with ``ss`` and
+``nstat`` there; it sends SIGHUP with a changed and with a broken config, SIGTERM/SIGINT with a
+stopwatch, and checks that every startup problem is one line and exit code 3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from . import populations
+from .netns import REPO_ROOT, Netns, parse_ss, run_tcpwatch, tcpwatch_env
+
+pytestmark = pytest.mark.integration
+
+PORT = 19477  # the namespace is fresh, so any port is free
+READY_TIMEOUT = 30.0
+STOP_LIMIT = 2.0
+
+# Scrapes from inside the namespace (the daemon listens on its loopback). Prints the status line,
+# then the body.
+_SCRAPE = """
+import http.client, sys
+connection = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=20)
+connection.request("GET", sys.argv[3], headers={"Connection": "close"})
+response = connection.getresponse()
+sys.stdout.write(f"{response.status}\\n" + response.read().decode())
+"""
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+StartServe = Callable[..., "Served"]
+
+
+def parse_samples(text: str) -> Samples:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def matching(samples: Samples, name: str, **labels: str) -> dict[frozenset[tuple[str, str]], float]:
+    wanted = set(labels.items())
+    return {key: v for (n, key), v in samples.items() if n == name and wanted <= key}
+
+
+@dataclass
+class Served:
+    """A `tcpwatch serve` process inside a namespace."""
+
+    ns: Netns
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    port: int = PORT
+
+    def get(self, path: str = "/metrics") -> tuple[int, str]:
+        result = self.ns.run(
+            sys.executable, "-c", _SCRAPE, "127.0.0.1", str(self.port), path, timeout=30
+        )
+        status, _, body = result.stdout.partition("\n")
+        return int(status), body
+
+    def metrics(self) -> Samples:
+        status, body = self.get("/metrics")
+        assert status == 200, body
+        return parse_samples(body)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"tcpwatch serve exited: {self.log()}"
+            try:
+                if self.get("/-/ready")[0] == 200:
+                    return
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"not ready within {timeout} s; log: {self.log()}")
+
+    def polls(self) -> float:
+        count = value(self.metrics(), "tcpwatch_poll_duration_seconds_count")
+        assert count is not None
+        return count
+
+    def wait_for_polls(self, more_than: float, timeout: float = 20.0) -> Samples:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            samples = self.metrics()
+            count = value(samples, "tcpwatch_poll_duration_seconds_count") or 0
+            if count > more_than:
+                return samples
+            time.sleep(0.2)
+        raise AssertionError(f"no poll after #{more_than} within {timeout} s; log: {self.log()}")
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log()
+            if text in log:
+                return log
+            time.sleep(0.1)
+        raise AssertionError(f"{text!r} never appeared in the log: {self.log()}")
+
+    def signal(self, number: signal.Signals) -> None:
+        os.kill(self.process.pid, number)
+
+
+def start_serve(ns: Netns, log_path: Path, *args: str) -> Served:
+    # `ip netns exec` execs the command, so the Popen pid is tcpwatch's own: signals reach it
+    # directly and its exit code is ours to read.
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            ns.exec_argv(sys.executable, "-m", "tcpwatch", "serve", *args),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=tcpwatch_env(),
+            cwd=str(REPO_ROOT),
+        )
+    return Served(ns, process, log_path)
+
+
+@pytest.fixture
+def serve(netns: Netns, tmp_path: Path) -> Iterator[StartServe]:
+    """``serve(*args)`` starts tcpwatch serve in the test's namespace; killed after the test."""
+    started: list[Served] = []
+
+    def run(*args: str) -> Served:
+        served = start_serve(netns, tmp_path / f"serve-{len(started)}.log", *args)
+        started.append(served)
+        return served
+
+    yield run
+    for served in started:
+        if served.process.poll() is None:
+            served.process.kill()
+        served.process.wait(timeout=10)
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+# -- numbers against ss and nstat ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """What ss and nstat showed, unchanged, around one of the daemon's polls."""
+
+    counts: Mapping[tuple[str, str], int]  # (family, state) -> sockets, as `ss -tanH -4/-6`
+    counters: Mapping[str, int]  # `nstat -asz`
+
+
+def ss_view(ns: Netns) -> tuple[tuple[object, ...], Window]:
+    keys: list[tuple[object, ...]] = []
+    counts: Counter[tuple[str, str]] = Counter()
+    for family, flag in (("ipv4", "-4"), ("ipv6", "-6")):
+        for sock in parse_ss(ns.ss("-tanH", flag)):
+            keys.append((family, *sock.key))
+            counts[(family, sock.state)] += 1
+    counters = ns.nstat()
+    watched = tuple(
+        counters.get(name, 0) for name in ("TcpExtListenOverflows", "TcpExtListenDrops")
+    )
+    return (tuple(sorted(keys, key=repr)), watched), Window(dict(counts), counters)
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets a process holds, from its fd links (``socket:[12345]``)."""
+    inodes = set()
+    fd_dir = f"/proc/{pid}/fd"
+    for name in os.listdir(fd_dir):
+        with contextlib.suppress(OSError):
+            link = os.readlink(os.path.join(fd_dir, name))
+            if link.startswith("socket:["):
+                inodes.add(int(link[8:-1]))
+    return inodes
+
+
+def comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def quiet_poll(served: Served, interval: float, attempts: int = 8) -> tuple[Samples, Window]:
+    """Metrics of a poll that ran wholly inside a window in which ss and nstat stood still.
+
+    The daemon polls on its own; the window is: read ss, wait past a whole poll, read ss again,
+    then scrape (so the scrape's own connection is not in the window). The scraped poll must
+    have started after the first read and ended before the second.
+    """
+    problem = ""
+    for _ in range(attempts):
+        window_start = time.time()
+        before, window = ss_view(served.ns)
+        time.sleep(interval * 1.5 + 0.5)
+        after, _ = ss_view(served.ns)
+        window_end = time.time()
+        samples = served.metrics()
+        started = value(samples, "tcpwatch_last_poll_timestamp_seconds") or 0.0
+        took = sum(matching(samples, "tcpwatch_source_duration_seconds").values())
+        if before != after:
+            problem = "sockets or counters moved"
+        elif not window_start <= started <= started + took < window_end:
+            problem = f"poll at {started} (+{took:.3f} s) outside [{window_start}, {window_end}]"
+        else:
+            return samples, window
+    raise AssertionError(f"never a quiet poll in {attempts} tries: {problem}")
+
+
+def test_scrape_matches_ss_and_history_escalates_close_wait(
+    netns: Netns, serve: StartServe, tmp_path: Path
+) -> None:
+    populations.established(netns, pairs=40, port=20001)
+    populations.established(netns, pairs=12, port=20002, address="::1")
+    leaker = populations.close_wait(netns, count=16, port=20005, process_name="tw-leaker")
+    full = populations.accept_queue_full(netns, port=20008, backlog=4, overflowing=3)
+    config = write(
+        tmp_path / "config.yaml",
+        "collect:\n  attribute_states: [close_wait]\n"
+        "rules:\n  S01: {warning: 5, stale_seconds: 10, critical: 5}\n",
+    )
+    served = serve("--listen", f"127.0.0.1:{PORT}", "--interval", "1", "--config", config)
+    served.wait_ready()
+    netns_label = netns.name
+    subject = f"tw-leaker[{leaker.info['pid']}]"
+    first = matching(served.metrics(), "tcpwatch_finding", id="S01", subject=subject)
+    first_s01 = [dict(labels)["severity"] for labels in first]
+
+    samples, window = quiet_poll(served, interval=1.0)
+    counts = window.counts
+    for family in ("ipv4", "ipv6"):
+        for state in populations.TCP_STATE_CODES:
+            got = value(samples, "tcpwatch_sockets", netns=netns_label, family=family, state=state)
+            assert got == counts.get((family, state), 0), (family, state, got, counts)
+    assert counts[("ipv4", "established")] >= 80
+    assert counts[("ipv6", "established")] == 24
+    assert counts[("ipv4", "close_wait")] == 16
+
+    # Owners from the kernel's own records (`ss -e` inodes, /proc/PID/fd) rather than `ss -p`,
+    # which scans every process of the host and takes seconds.
+    (listener,) = [s for s in parse_ss(netns.ss("-ltnHe")) if s.local_port == 20008]
+    labels = {"netns": netns_label, "address": "127.0.0.1", "port": "20008", "socket": "0"}
+    assert value(samples, "tcpwatch_listen_queue_length", **labels) == listener.recv_q == 5
+    assert value(samples, "tcpwatch_listen_queue_max", **labels) == listener.send_q == 4
+    ((owner_labels, _),) = matching(samples, "tcpwatch_listener_info", **labels).items()
+    owner = dict(owner_labels)
+    assert listener.inode in socket_inodes(full.info["pid"])
+    assert (owner["process"], int(owner["pid"])) == (comm(full.info["pid"]), full.info["pid"])
+    overflows = value(samples, "tcpwatch_listen_overflows_total", netns=netns_label)
+    assert overflows == window.counters["TcpExtListenOverflows"] >= 1
+
+    close_wait = {s.inode for s in parse_ss(netns.ss("-tanHe")) if s.state == "close_wait"}
+    held = len(close_wait & socket_inodes(leaker.info["pid"]))
+    assert held == 16
+    assert comm(leaker.info["pid"]) == "tw-leaker"
+    leaker_labels = {"netns": netns_label, "process": "tw-leaker", "state": "close_wait"}
+    assert value(samples, "tcpwatch_process_sockets", **leaker_labels) == held
+
+    # S01 fired at once (16 >= 5) as a warning; once the daemon has seen the same sockets in
+    # CLOSE_WAIT for 10 s (its history across polls), it is critical.
+    assert first_s01 == ["warning"]
+    deadline = time.monotonic() + 30
+    severity = "warning"
+    while severity != "critical" and time.monotonic() < deadline:
+        time.sleep(1)
+        found = matching(served.metrics(), "tcpwatch_finding", id="S01", subject=subject)
+        severity = next(dict(k)["severity"] for k in found)
+    assert severity == "critical", served.log()
+
+    status, page = served.get("/")
+    assert status == 200
+    assert "tcpwatch" in page and 'href="/metrics"' in page and subject in page
+    assert served.get("/-/healthy") == (200, "Healthy\n")
+    assert "Traceback" not in served.log()
+
+
+def test_a_failing_source_degrades_only_its_metrics(
+    netns: Netns, serve: StartServe, tmp_path: Path
+) -> None:
+    # A procfs whose /proc/net lacks netstat and snmp: the counters source fails every poll,
+    # while sock_diag (netlink, no procfs) keeps working.
+    fake = tmp_path / "proc"
+    (fake / "net").mkdir(parents=True)
+    for name in ("sockstat", "sockstat6"):
+        (fake / "net" / name).write_text(netns.run("cat", f"/proc/net/{name}").stdout)
+    config = write(tmp_path / "config.yaml", "collect:\n  established: dumped\n")
+    served = serve(
+        "--listen", f"127.0.0.1:{PORT}", "--interval", "1", "--procfs", str(fake),
+        "--config", config,
+    )  # fmt: skip
+    served.wait_ready()
+    samples = served.wait_for_polls(3)
+    up = {dict(k)["source"]: v for k, v in matching(samples, "tcpwatch_source_up").items()}
+    assert up["counters"] == 0
+    assert up["sockdiag"] == 1
+    (errors,) = matching(samples, "tcpwatch_source_errors_total", source="counters").values()
+    assert errors >= 3
+    assert not matching(samples, "tcpwatch_listen_overflows_total")  # its metrics are absent
+    listening = matching(samples, "tcpwatch_sockets", family="ipv4", state="listen")
+    assert list(listening.values()) == [1.0]  # tcpwatch's own listener, seen over netlink
+    assert served.get("/-/healthy")[0] == 200
+    log = served.log()
+    assert log.count("source counters in netns") == 1, log  # rate-limited: one line, not one a poll
+
+    for name in ("netstat", "snmp"):
+        (fake / "net" / name).write_text(netns.run("cat", f"/proc/net/{name}").stdout)
+    log = served.wait_for_log("source counters in netns")
+    served.wait_for_log("recovered after")
+    samples = served.wait_for_polls(served.polls())
+    assert matching(samples, "tcpwatch_source_up", source="counters").popitem()[1] == 1
+    assert "Traceback" not in served.log()
+
+
+# -- reload and stop -------------------------------------------------------------------------------
+
+
+def test_sighup_reloads_a_changed_config_and_keeps_it_over_a_broken_one(
+    netns: Netns, serve: StartServe, tmp_path: Path
+) -> None:
+    leaker = populations.close_wait(netns, count=8, port=20005, process_name="tw-leaker")
+    subject = f"tw-leaker[{leaker.info['pid']}]"
+    path = tmp_path / "config.yaml"
+    write(
+        path,
+        f'listen: "127.0.0.1:{PORT}"\ninterval: 1\nrules:\n  S01: {{warning: 5}}\n',
+    )
+    served = serve("--config", str(path))
+    served.wait_ready()
+    before = served.wait_for_polls(1)
+    assert matching(before, "tcpwatch_finding", id="S01", subject=subject)
+    assert matching(before, "tcpwatch_process_sockets", process="tw-leaker")
+
+    # A changed config: S01 off, no per-process series, a one-hour interval, another port.
+    write(
+        path,
+        f'listen: "127.0.0.1:{PORT + 1}"\ninterval: 3600\n'
+        "collect:\n  top_processes: 0\nrules:\n  S01: false\n",
+    )
+    served.signal(signal.SIGHUP)
+    served.wait_for_log("configuration reloaded from")
+    # The reload polls at once with the new settings (the next regular poll is an hour away).
+    deadline = time.monotonic() + 10
+    after = served.metrics()
+    while matching(after, "tcpwatch_finding", id="S01") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        after = served.metrics()
+    assert not matching(after, "tcpwatch_finding", id="S01")
+    assert not matching(after, "tcpwatch_process_sockets")
+    log = served.log()
+    assert (
+        f"listen changed from 127.0.0.1:{PORT} to 127.0.0.1:{PORT + 1}: that takes a restart" in log
+    )
+    reloaded_polls = value(after, "tcpwatch_poll_duration_seconds_count")
+    time.sleep(2.5)  # on the old 1 s interval this would be two more polls
+    assert served.polls() == reloaded_polls
+
+    # A broken config: one error line naming the key, the running config stays.
+    write(path, 'interval: "fast"\nrules:\n  S01: {warning: 5}\n')
+    served.signal(signal.SIGHUP)
+    log = served.wait_for_log("reload failed")
+    failures = [line for line in log.splitlines() if "reload failed" in line]
+    assert failures == [
+        "level=ERROR msg=reload failed, still running the previous configuration: "
+        f'{path}: interval: expected a number between 1 and 3600, got "fast"'
+    ]
+    assert served.process.poll() is None
+    status, body = served.get("/metrics")
+    assert status == 200
+    samples = parse_samples(body)
+    assert not matching(samples, "tcpwatch_finding", id="S01")  # still the reloaded config
+    assert "Traceback" not in served.log()
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_exits_0_within_2_seconds(
+    netns: Netns, serve: StartServe, stop_signal: signal.Signals
+) -> None:
+    populations.established(netns, pairs=20, port=20001)
+    served = serve("--listen", f"127.0.0.1:{PORT}", "--interval", "1")
+    served.wait_ready()
+    served.wait_for_polls(2)
+    began = time.monotonic()
+    served.signal(stop_signal)
+    code = served.process.wait(timeout=10)
+    took = time.monotonic() - began
+    assert code == 0, served.log()
+    assert took < STOP_LIMIT, f"stopped after {took:.2f} s"
+    assert f"{stop_signal.name} received: stopping" in served.log()
+    assert "Traceback" not in served.log()
+    listeners = [s for s in parse_ss(netns.ss("-ltnH")) if s.local_port == PORT]
+    assert listeners == []
+
+
+# -- startup errors --------------------------------------------------------------------------------
+
+
+def expect_one_line_exit_3(ns: Netns, *args: str) -> str:
+    started = time.monotonic()
+    result = run_tcpwatch(ns, "serve", *args, timeout=30)
+    assert result.returncode == 3, (result.returncode, result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tcpwatch: ")
+    assert time.monotonic() - started < 20
+    return lines[0]
+
+
+def test_port_taken_by_another_tcpwatch(netns: Netns, serve: StartServe) -> None:
+    served = serve("--listen", f"127.0.0.1:{PORT}", "--interval", "1")
+    served.wait_ready()
+    line = expect_one_line_exit_3(netns, "--listen", f"127.0.0.1:{PORT}")
+    assert line == (
+        f"tcpwatch: cannot listen on 127.0.0.1:{PORT}: the port is already in use (another "
+        "tcpwatch or exporter running?)"
+    )
+    assert served.process.poll() is None  # the first one goes on
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        (
+            "192.0.2.1:9477",
+            "tcpwatch: cannot listen on 192.0.2.1:9477: no interface of this host has that address",
+        ),
+        (
+            "127.0.0.1:99999",
+            'tcpwatch: listen address "127.0.0.1:99999": port must be a number 0-65535, got '
+            '"99999"',
+        ),
+        (
+            "nonsense",
+            'tcpwatch: listen address "nonsense": expected [ADDRESS]:PORT, e.g. ":9477", '
+            '"127.0.0.1:9477" or "[::1]:9477"',
+        ),
+    ],
+)
+def test_bad_listen_address(netns: Netns, listen: str, expected: str) -> None:
+    assert expect_one_line_exit_3(netns, "--listen", listen) == expected
+
+
+def test_config_problems(netns: Netns, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    assert expect_one_line_exit_3(netns, "--config", str(missing)) == (
+        f"tcpwatch: {missing}: cannot read the configuration file: No such file or directory"
+    )
+    malformed = write(tmp_path / "malformed.yaml", "interval: 15\nrules: [\n")
+    assert expect_one_line_exit_3(netns, "--config", malformed).startswith(
+        f"tcpwatch: {malformed}: line 3: not valid YAML: "
+    )
+    invalid = write(tmp_path / "invalid.yaml", "interval: fast\n")
+    assert expect_one_line_exit_3(netns, "--config", invalid) == (
+        f'tcpwatch: {invalid}: interval: expected a number between 1 and 3600, got "fast"'
+    )
+    web = write(tmp_path / "web.yml", "tls_server_config:\n  cert_file: nowhere.crt\n")
+    assert expect_one_line_exit_3(netns, "--listen", f"127.0.0.1:{PORT}", "--web-config", web) == (
+        f"tcpwatch: {web}: tls_server_config.key_file: missing: TLS needs both cert_file and "
+        "key_file"
+    )
+
+
+def test_unreadable_procfs(netns: Netns, tmp_path: Path) -> None:
+    empty = tmp_path / "not-proc"
+    empty.mkdir()
+    assert expect_one_line_exit_3(netns, "--procfs", str(empty)) == (
+        f"tcpwatch: {empty} does not look like a procfs mount (no net/sockstat): pass --procfs "
+        "pointing at a mounted /proc"
+    )
