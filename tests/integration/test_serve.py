@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -127,7 +128,9 @@ class Served:
         os.kill(self.process.pid, number)
 
 
-def start_serve(ns: Netns, log_path: Path, *args: str) -> Served:
+def start_serve(
+    ns: Netns, log_path: Path, *args: str, env: Mapping[str, str] | None = None
+) -> Served:
     # `ip netns exec` execs the command, so the Popen pid is tcpwatch's own: signals reach it
     # directly and its exit code is ours to read.
     with open(log_path, "wb") as log:
@@ -136,7 +139,7 @@ def start_serve(ns: Netns, log_path: Path, *args: str) -> Served:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=tcpwatch_env(),
+            env={**tcpwatch_env(), **(env or {})},
             cwd=str(REPO_ROOT),
         )
     return Served(ns, process, log_path)
@@ -147,8 +150,8 @@ def serve(netns: Netns, tmp_path: Path) -> Iterator[StartServe]:
     """``serve(*args)`` starts tcpwatch serve in the test's namespace; killed after the test."""
     started: list[Served] = []
 
-    def run(*args: str) -> Served:
-        served = start_serve(netns, tmp_path / f"serve-{len(started)}.log", *args)
+    def run(*args: str, env: Mapping[str, str] | None = None) -> Served:
+        served = start_serve(netns, tmp_path / f"serve-{len(started)}.log", *args, env=env)
         started.append(served)
         return served
 
@@ -413,6 +416,84 @@ def test_stop_signal_exits_0_within_2_seconds(
     assert "Traceback" not in served.log()
     listeners = [s for s in parse_ss(netns.ss("-ltnH")) if s.local_port == PORT]
     assert listeners == []
+
+
+class NotifySocket:
+    """systemd's side of sd_notify: a datagram socket (a path: unix paths cross namespaces)."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.path = str(path)
+
+    def receive(self, seconds: float) -> list[str]:
+        deadline = time.monotonic() + seconds
+        messages = []
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                messages.append(self.sock.recv(4096).decode())
+        return messages
+
+    def wait_for(self, prefix: str, timeout: float = READY_TIMEOUT) -> list[str]:
+        """Messages up to and including the first that starts with ``prefix``."""
+        deadline = time.monotonic() + timeout
+        seen: list[str] = []
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                seen.append(self.sock.recv(4096).decode())
+                if seen[-1].startswith(prefix):
+                    return seen
+        raise AssertionError(f"no {prefix!r} within {timeout} s; got {seen}")
+
+
+def test_systemd_notifications_and_a_hung_poll(
+    netns: Netns, serve: StartServe, tmp_path: Path
+) -> None:
+    # A procfs copy whose net/netstat becomes a FIFO mid-run: reading it blocks, as a hung
+    # /proc read or netlink dump would, while the HTTP side goes on serving.
+    fake = tmp_path / "proc"
+    (fake / "net").mkdir(parents=True)
+    for name in ("sockstat", "sockstat6", "netstat", "snmp"):
+        (fake / "net" / name).write_text(netns.run("cat", f"/proc/net/{name}").stdout)
+    notify = NotifySocket(tmp_path / "notify")
+    try:
+        served = serve(
+            "--listen", f"127.0.0.1:{PORT}", "--interval", "1", "--procfs", str(fake),
+            env={
+                "NOTIFY_SOCKET": notify.path,
+                "WATCHDOG_USEC": "400000",  # a ping every 0.2 s
+                "WATCHDOG_PID": "",  # tcpwatch's own pid is not known before it starts
+            },
+        )  # fmt: skip
+        ready = notify.wait_for("READY=1")[-1]
+        assert ready.startswith("READY=1\nSTATUS=polling every 1s; ")
+        pings = notify.receive(1.0).count("WATCHDOG=1")
+        assert pings >= 3, pings
+
+        served.signal(signal.SIGHUP)
+        reload = notify.wait_for("RELOADING=1", timeout=10)[-1]
+        assert "\nMONOTONIC_USEC=" in reload
+        assert notify.wait_for("READY=1", timeout=10)[-1].startswith("READY=1")
+
+        netstat = fake / "net" / "netstat"
+        netstat.unlink()
+        os.mkfifo(netstat)
+        time.sleep(1.5)  # the next poll starts within a second and blocks on the FIFO
+        notify.receive(0.3)  # a ping sent just before may still be queued
+        assert notify.receive(1.5).count("WATCHDOG=1") == 0  # systemd would restart us now
+        assert served.get("/-/healthy")[0] == 200  # (503 only after STALLED_POLL_SECONDS)
+        assert served.get("/metrics")[0] == 200  # scrapes still get the last poll
+
+        began = time.monotonic()
+        served.signal(signal.SIGTERM)
+        code = served.process.wait(timeout=10)
+        assert time.monotonic() - began < STOP_LIMIT
+        assert code == 0, served.log()
+        assert any(m.startswith("STOPPING=1") for m in notify.receive(0.5))
+        assert "a poll was still running at shutdown" in served.log()
+    finally:
+        notify.sock.close()
 
 
 # -- startup errors --------------------------------------------------------------------------------
