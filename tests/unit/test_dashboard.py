@@ -320,11 +320,33 @@ def undocumented_use(expr: str) -> list[str]:
             if label not in labels | TARGET_LABELS:
                 problems.append(f"{selector.metric} has no label {label!r}")
             if selector.metric == "tcpwatch_sysctl" and label == "name":
-                values = value.split("|") if operator == "=~" else [value]
-                unknown = sorted(set(values) - documented_sysctls())
+                unknown = unknown_sysctls(operator, value)
                 if unknown:
                     problems.append(f"tcpwatch_sysctl name(s) {unknown} are not documented")
     return problems
+
+
+def unknown_sysctls(operator: str, value: str) -> list[str]:
+    """Names (or, for a regex, top-level alternatives) that match no documented sysctl.
+
+    >>> unknown_sysctls("=~", "net.core.somaxconn|net.core.somaxcon")
+    ['net.core.somaxcon']
+    """
+    documented = documented_sysctls()
+    if operator in ("=", "!="):
+        return [] if value in documented else [value]
+    alternatives, depth, start = [], 0, 0
+    for position, character in enumerate(value):
+        depth += {"(": 1, ")": -1}.get(character, 0)
+        if character == "|" and depth == 0:
+            alternatives.append(value[start:position])
+            start = position + 1
+    alternatives.append(value[start:])
+    return [
+        alternative
+        for alternative in alternatives
+        if not any(re.fullmatch(alternative, name) for name in documented)
+    ]
 
 
 # -- tests -------------------------------------------------------------------------------------
