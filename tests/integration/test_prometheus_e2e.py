@@ -400,6 +400,12 @@ def test_unhealthy_population_fires_alerts_and_fills_every_dashboard_panel(netns
         )
 
         assert_rules_evaluate_cleanly(stack)
+        # Every fleet view has data.
+        recording = shortened_rules()[1]
+        records = [rule["record"] for group in recording["groups"] for rule in group["rules"]]
+        answers = stack.fetch([api_url("/api/v1/query", query=record) for record in records])
+        recorded = {r: api_data(a, r)["result"] for r, a in zip(records, answers, strict=True)}
+        assert [record for record, result in recorded.items() if not result] == []
 
         # Every dashboard query, as Grafana would send it, returns data (instant queries).
         queries = substituted_dashboard_queries(netns.name)
