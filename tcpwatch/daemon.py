@@ -469,8 +469,8 @@ def describe(config: Config, web: WebConfig) -> str:
         f"{len(disabled)} rules disabled ({', '.join(disabled)})" if disabled else "all rules on"
     )
     return (
-        f"polling every {config.interval:g} s, {attribution}, {rules}, {tuned} thresholds set; "
-        f"web: {web.summary()}"
+        f"polling {', '.join(config.namespaces)} every {config.interval:g} s, {attribution}, "
+        f"{rules}, {tuned} thresholds set; web: {web.summary()}"
     )
 
 
@@ -504,6 +504,7 @@ def serve(config: Config, reload: Callable[[], Config]) -> int:
         daemon.stop()
         _drain_signals()
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        log.info("stopped")
 
 
 def _wait_for_signals(daemon: Daemon) -> int:

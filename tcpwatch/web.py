@@ -368,6 +368,7 @@ def landing_page(
         ("Listening on", f"{listening_on or config.listen} ({web.summary()})"),
         ("Web config", config.web_config or "none"),
         ("Poll interval", f"{config.interval:g} s"),
+        ("Namespaces", ", ".join(config.namespaces)),
         ("procfs", config.procfs),
         ("ESTABLISHED counted", collect.established),
         ("Process attribution", attribution),

@@ -364,6 +364,6 @@ def test_describe_names_what_an_operator_changes() -> None:
         rules={"Q03": RuleOverride(False), "S01": RuleOverride(True, {"warning": 5.0})},
     )
     assert describe(config, WebConfig()) == (
-        "polling every 30 s, no process attribution, 1 rules disabled (Q03), 1 thresholds set; "
-        "web: plain HTTP"
+        "polling self every 30 s, no process attribution, 1 rules disabled (Q03), 1 thresholds "
+        "set; web: plain HTTP"
     )

@@ -155,6 +155,7 @@ def test_ready_after_the_first_poll(start: Start, systemd: Systemd) -> None:
     assert ready.startswith("READY=1\nSTATUS=polling every 3600s; ")
     assert fetch(daemon, "/-/ready") == (200, "Ready\n")
     status, body = fetch(daemon, "/metrics")
+    assert status == 200
     assert 'tcpwatch_sockets{family="ipv4",netns="host",state="close_wait"} 3.0' in body
 
 
@@ -279,7 +280,7 @@ def test_reload_applies_interval_rules_collect_and_web_config(
     assert state.top_processes == 2
     assert [f.rule_id for f in state.findings if f.rule_id == "S01"] == ["S01"]
     assert fetch(daemon, "/-/healthy")[0] == 401  # basic auth is on now
-    assert "configuration reloaded from new.yaml: polling every 0.2 s" in caplog.text
+    assert "configuration reloaded from new.yaml: polling self every 0.2 s" in caplog.text
 
 
 def test_invalid_reload_keeps_the_running_config(

@@ -229,6 +229,7 @@ def test_landing_page_shows_version_config_findings_and_links() -> None:
         "/etc/tcpwatch/config.yaml",
         "127.0.0.1:9477 (plain HTTP, basic auth (1 user))",
         "30 s",
+        "<th>Namespaces</th><td>self</td>",
         "close_wait, syn_sent",
         "Q03 disabled; S01.warning = 5",
         "Latest poll 42 s ago",
