@@ -256,7 +256,11 @@ def check_backlog_capped(window: Window, thresholds: Thresholds) -> Iterator[Fin
         worst = max(capped, key=_fill)
         fill = _fill(worst)
         owner = owner_of(snapshot, worst.inode)
-        severity: Severity = "warning" if worst.queue_length and fill >= pressure else "info"
+        # A backlog equal to somaxconn is also what Go servers and listen(fd, -1) ask for, so a
+        # calm capped listener says nothing; it matters once its queue fills.
+        if not (worst.queue_length and fill >= pressure):
+            continue
+        severity: Severity = "warning"
         evidence: dict[str, EvidenceValue] = {
             "listener": group.name,
             "queue_max": worst.queue_max,

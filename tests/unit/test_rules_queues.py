@@ -128,10 +128,16 @@ def test_q02_silent_without_growth_or_without_a_window() -> None:
 # Q03 -----------------------------------------------------------------------------------------
 
 
-def test_q03_capped_backlog_is_info_when_the_queue_is_calm() -> None:
-    table = socket_table([listener(8080, queue_max=4096, inode=7001)])
+def test_q03_capped_backlog_is_silent_while_the_queue_is_calm() -> None:
+    # Go servers and listen(fd, -1) ask for exactly somaxconn: indistinguishable from a cut.
+    calm = socket_table([listener(8080, queue_length=10, queue_max=4096, inode=7001)])
+    assert only(evaluate(window(snapshot(sockets=calm, owners={7001: APP})), {}), "Q03") == []
+
+
+def test_q03_names_process_and_fix_under_pressure() -> None:
+    table = socket_table([listener(8080, queue_length=3000, queue_max=4096, inode=7001)])
     (finding,) = only(evaluate(window(snapshot(sockets=table, owners={7001: APP})), {}), "Q03")
-    assert finding.severity == "info"
+    assert finding.severity == "warning"
     assert finding.evidence["somaxconn"] == 4096
     assert finding.evidence["process"] == "app-server"
     assert "sysctl -w net.core.somaxconn=8192" in finding.remediation
