@@ -236,8 +236,8 @@ def check_listen_overflows(window: Window, thresholds: Thresholds) -> Iterator[F
 Q03 = RuleInfo(
     "Q03",
     "backlog-capped",
-    "info",
-    "A listener's backlog equals net.core.somaxconn: the application asked for more and was cut",
+    "warning",
+    "A filling listener's backlog equals net.core.somaxconn: the application may have been cut",
 )
 
 
