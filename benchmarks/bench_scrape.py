@@ -2,14 +2,15 @@
 
 Run as root from the repository root::
 
-    python benchmarks/bench_scrape.py [--sockets 0,18000] [--requests 500] [--threads 50]
+    python benchmarks/bench_scrape.py [--sockets 0,18000,100000] [--requests 500] [--threads 50]
 
 For each socket count: a network namespace (``ip netns add tw-scrape-<random>``) gets that many
 ESTABLISHED loopback sockets (a helper process holding both ends of sockets/2 connections), then
 ``python -m tcpwatch serve --listen 127.0.0.1:PORT --interval 3600`` starts there with
 ``collect.established: dumped`` (every socket is dumped and parsed, so polls grow with the
 population). After its first poll, a load client inside the namespace fires ``--requests``
-GET /metrics over ``--threads`` threads, all released at once, each request on a new connection.
+GET /metrics over ``--threads`` threads, all released at once: once with a new connection per
+request, once with one kept-alive connection per thread (as Prometheus scrapes).
 
 It prints, per socket count: status codes, p50/p90/p99/max latency (connect to last body byte),
 requests per second, the daemon's CPU seconds over the load, its poll duration, and how many polls
@@ -83,22 +84,31 @@ class Result:
     error: str = ""
 
 
-def _scrape(port: int) -> Result:
+def _scrape(port: int, connection: http.client.HTTPConnection | None) -> Result:
+    """One GET /metrics: on ``connection`` (kept alive) or, if None, on a new connection."""
     started = time.perf_counter()
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
+    own = connection is None
+    if connection is None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
     try:
         connection.request("GET", "/metrics", headers={"Accept-Encoding": "gzip"})
         response = connection.getresponse()
         response.read()
         return Result(response.status, time.perf_counter() - started)
     except (OSError, http.client.HTTPException) as error:
+        connection.close()
         return Result(0, time.perf_counter() - started, f"{type(error).__name__}: {error}")
     finally:
-        connection.close()
+        if own:
+            connection.close()
 
 
-def run_load(port: int, requests: int, threads: int) -> dict[str, Any]:
-    """``requests`` scrapes over ``threads`` threads released together; JSON-ready results."""
+def run_load(port: int, requests: int, threads: int, keep_alive: bool) -> dict[str, Any]:
+    """``requests`` scrapes over ``threads`` threads released together; JSON-ready results.
+
+    With ``keep_alive`` each thread reuses one connection, as Prometheus does between scrapes;
+    without, every request pays for a new TCP connection.
+    """
     per_thread = [
         requests // threads + (1 if i < requests % threads else 0) for i in range(threads)
     ]
@@ -107,8 +117,15 @@ def run_load(port: int, requests: int, threads: int) -> dict[str, Any]:
     start = threading.Barrier(threads + 1)
 
     def worker(count: int) -> None:
+        kept = (
+            http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
+            if keep_alive
+            else None
+        )
         start.wait(timeout=30)
-        mine = [_scrape(port) for _ in range(count)]
+        mine = [_scrape(port, kept) for _ in range(count)]
+        if kept is not None:
+            kept.close()
         with lock:
             results.extend(mine)
 
@@ -215,7 +232,7 @@ def _wait_ready(netns: str, port: int, daemon: subprocess.Popen[bytes], log: Pat
     raise RuntimeError(f"tcpwatch serve not ready within 120 s: {log.read_text()}")
 
 
-def measure(sockets: int, requests: int, threads: int) -> dict[str, Any]:
+def measure(sockets: int, requests: int, threads: int) -> list[dict[str, Any]]:
     pairs = sockets // 2
     with namespace() as netns, tempfile.TemporaryDirectory(prefix="tw-scrape-") as scratch:
         children: list[subprocess.Popen[Any]] = []
@@ -266,39 +283,34 @@ def measure(sockets: int, requests: int, threads: int) -> dict[str, Any]:
                 )
             children.append(daemon)
             _wait_ready(netns, PORT, daemon, log)
-            before = _fetch_metrics(netns, PORT)
-            load = _run(
-                _in_netns(
-                    netns,
-                    sys.executable,
-                    __file__,
-                    "load",
-                    "--port",
-                    str(PORT),
-                    "--requests",
-                    str(requests),
-                    "--threads",
-                    str(threads),
-                ),
-                timeout=REQUEST_TIMEOUT * requests / threads + 120,
-            )
-            after = _fetch_metrics(netns, PORT)
-            result: dict[str, Any] = json.loads(load.stdout)
-            result["sockets"] = sockets
-            result["counted"] = sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in after.splitlines()
-                if line.startswith("tcpwatch_sockets{")
-            )
-            result["poll_seconds"] = _metric(after, "tcpwatch_poll_duration_seconds_sum")
-            result["polls_during_load"] = _metric(
-                after, "tcpwatch_poll_duration_seconds_count"
-            ) - _metric(before, "tcpwatch_poll_duration_seconds_count")
-            result["cpu_seconds"] = _metric(after, "process_cpu_seconds_total") - _metric(
-                before, "process_cpu_seconds_total"
-            )
-            result["exposition_bytes"] = len(after.encode())
-            return result
+            results = []
+            for keep_alive in (False, True):
+                before = _fetch_metrics(netns, PORT)
+                argv = ["load", "--port", str(PORT), "--requests", str(requests)]
+                argv += ["--threads", str(threads)] + (["--keep-alive"] if keep_alive else [])
+                load = _run(
+                    _in_netns(netns, sys.executable, __file__, *argv),
+                    timeout=REQUEST_TIMEOUT * requests / threads + 120,
+                )
+                after = _fetch_metrics(netns, PORT)
+                result: dict[str, Any] = json.loads(load.stdout)
+                result["sockets"] = sockets
+                result["keep_alive"] = keep_alive
+                result["counted"] = sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in after.splitlines()
+                    if line.startswith("tcpwatch_sockets{")
+                )
+                result["poll_seconds"] = _metric(after, "tcpwatch_poll_duration_seconds_sum")
+                result["polls_during_load"] = _metric(
+                    after, "tcpwatch_poll_duration_seconds_count"
+                ) - _metric(before, "tcpwatch_poll_duration_seconds_count")
+                result["cpu_seconds"] = _metric(after, "process_cpu_seconds_total") - _metric(
+                    before, "process_cpu_seconds_total"
+                )
+                result["exposition_bytes"] = len(after.encode())
+                results.append(result)
+            return results
         finally:
             for child in children:
                 if child.poll() is None:
@@ -312,17 +324,19 @@ def _ms(seconds: float | None) -> str:
 
 def report(results: Sequence[dict[str, Any]], requests: int, threads: int) -> str:
     lines = [
-        f"{requests} GET /metrics over {threads} threads, a new loopback connection each, "
-        "gzip accepted; tcpwatch serve with --interval 3600 (one poll before the load).",
+        f"{requests} GET /metrics over {threads} threads on loopback, gzip accepted; connections: "
+        "a new one per request, or one kept alive per thread (as Prometheus does); tcpwatch "
+        "serve --interval 3600 (one poll, before the load).",
         "",
-        "| sockets in netns | statuses | p50 ms | p90 ms | p99 ms | max ms | req/s | "
+        "| sockets in netns | connections | statuses | p50 ms | p90 ms | p99 ms | max ms | req/s | "
         "daemon CPU s | poll s | polls during load | exposition bytes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         statuses = ", ".join(f"{code}: {n}" for code, n in sorted(r["statuses"].items()))
         lines.append(
-            f"| {r['sockets']:,} (tcpwatch counted {r['counted']:,.0f}) | {statuses} | "
+            f"| {r['sockets']:,} (tcpwatch counted {r['counted']:,.0f}) | "
+            f"{'kept alive' if r['keep_alive'] else 'new each'} | {statuses} | "
             f"{_ms(r['p50'])} | {_ms(r['p90'])} | {_ms(r['p99'])} | {_ms(r['max'])} | "
             f"{r['answered'] / r['wall']:.0f} | {r['cpu_seconds']:.2f} | {r['poll_seconds']:.3f} | "
             f"{r['polls_during_load']:.0f} | {r['exposition_bytes']:,} |"
@@ -340,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     load.add_argument("--port", type=int, required=True)
     load.add_argument("--requests", type=int, required=True)
     load.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--sockets", default="0,18000", help="socket counts, comma-separated")
+    load.add_argument("--keep-alive", action="store_true")
+    parser.add_argument("--sockets", default="0,18000,100000", help="socket counts, comma-separated")
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--threads", type=int, default=50)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -348,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "hold":
         return hold_population(args.pairs, args.port)
     if args.command == "load":
-        print(json.dumps(run_load(args.port, args.requests, args.threads)))
+        print(json.dumps(run_load(args.port, args.requests, args.threads, args.keep_alive)))
         return 0
     if os.geteuid() != 0:
         print("bench_scrape: run as root (it creates a network namespace)", file=sys.stderr)
@@ -358,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         sizes = [int(part) for part in args.sockets.split(",")]
-        results = [measure(size, args.requests, args.threads) for size in sizes]
+        results = [r for size in sizes for r in measure(size, args.requests, args.threads)]
     except (RuntimeError, subprocess.SubprocessError, OSError, ValueError) as error:
         print(f"bench_scrape: {error}", file=sys.stderr)
         return 2

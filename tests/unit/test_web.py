@@ -9,6 +9,8 @@ import base64
 import gzip
 import http.client
 import socket
+import statistics
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from types import MappingProxyType
@@ -409,6 +411,27 @@ def test_keep_alive_and_head(served: tuple[Holder, WebServer]) -> None:
         assert head.getheader("Server") == f"tcpwatch/{__version__}"
     finally:
         connection.close()
+
+
+def test_kept_alive_scrapes_are_not_held_up_by_delayed_acks(
+    served: tuple[Holder, WebServer],
+) -> None:
+    # Headers and body written separately would wait for the client's delayed ACK (40 ms on
+    # Linux) on every scrape of a reused connection, which is how Prometheus scrapes.
+    _, server = served
+    connection = http.client.HTTPConnection("127.0.0.1", server.address.port, timeout=5)
+    took = []
+    try:
+        for _ in range(15):
+            started = time.perf_counter()
+            connection.request("GET", "/metrics")
+            response = connection.getresponse()
+            assert response.status == 200
+            response.read()
+            took.append(time.perf_counter() - started)
+    finally:
+        connection.close()
+    assert statistics.median(took) < 0.03, took
 
 
 def test_overload_gets_a_quick_503(served: tuple[Holder, WebServer]) -> None:
