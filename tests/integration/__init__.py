@@ -1,0 +1,1 @@
+"""Integration tests: the real kernel, inside throw-away network namespaces."""
