@@ -136,7 +136,13 @@ def poll(
     """
     paths = paths or ProcPaths()
     if selection == ("self",):
-        return (take_snapshot(settings, paths, clock=clock),)
+        snapshot = take_snapshot(settings, paths, clock=clock)
+        # tcpwatch_netns_info carries the inode in every mode; container and pod come only from
+        # discovery (--netns), which self skips.
+        own = _own_netns_inode(paths)
+        if own:
+            snapshot = replace(snapshot, identity=NetnsIdentity(inode=next(iter(own))))
+        return (snapshot,)
     discovery_started = time.perf_counter()
     try:
         targets = netns_source.select(netns_source.discover(paths, run_netns_dir), selection)
