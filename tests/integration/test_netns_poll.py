@@ -563,3 +563,15 @@ def test_metrics_for_all_namespaces_pass_promtool_with_one_info_each(fleet: Flee
     [polled] = [s for s in seen if s.name == "tcpwatch_netns_polled"]
     assert polled.value == len(info)
     assert {s.labels["netns"] for s in seen if "netns" in s.labels} <= set(info)
+
+
+def test_self_is_identified_by_its_inode_like_every_polled_namespace(fleet: Fleet) -> None:
+    """The default `namespaces: self`, run inside a namespace: same info series as with --netns."""
+    done = fleet.healthy.run(
+        sys.executable, "-m", "tcpwatch", "metrics",
+        check=False, timeout=COMMAND_TIMEOUT, env=tcpwatch_env(), cwd=str(REPO_ROOT),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    [info] = [s for s in samples(done.stdout) if s.name == "tcpwatch_netns_info"]
+    assert info.labels["netns"] == fleet.healthy.name
+    assert info.labels["inode"] == str(ip_netns_inode(fleet.healthy.name))
