@@ -349,6 +349,8 @@ def _owner_of_request(
         if candidate in exact:
             return candidate
     if family == "ipv4":
+        # Not seen on 6.18 (such request sockets are IPv6 with a ::ffff: address); kept so a
+        # kernel that reports them as IPv4 still finds its dual-stack listener.
         mapped = bytes(10) + b"\xff\xff" + address
         for candidate in (("ipv6", mapped, port), ("ipv6", bytes(16), port)):
             if candidate in exact:

@@ -26,7 +26,15 @@ pytestmark = pytest.mark.integration
 
 # Series without a netns label, as docs/metrics.md lists them ("all but tcpwatch_build_info and
 # the process_* metrics"); every other tcpwatch_* series must name the namespace.
-WITHOUT_NETNS = frozenset({"tcpwatch_build_info"})
+# Process-wide series: about tcpwatch's poll as a whole, not one namespace (docs/metrics.md).
+WITHOUT_NETNS = frozenset(
+    {
+        "tcpwatch_build_info",
+        "tcpwatch_netns_polled",
+        "tcpwatch_last_poll_timestamp_seconds",
+        "tcpwatch_poll_duration_seconds",
+    }
+)
 
 
 @dataclass(frozen=True)
