@@ -103,18 +103,15 @@ def _scrape(port: int, connection: http.client.HTTPConnection | None) -> Result:
             connection.close()
 
 
-def run_load(port: int, requests: int, threads: int, keep_alive: bool) -> dict[str, Any]:
-    """``requests`` scrapes over ``threads`` threads released together; JSON-ready results.
-
-    With ``keep_alive`` each thread reuses one connection, as Prometheus does between scrapes;
-    without, every request pays for a new TCP connection.
-    """
-    per_thread = [
-        requests // threads + (1 if i < requests % threads else 0) for i in range(threads)
-    ]
+def _client_process(
+    port: int,
+    counts: Sequence[int],
+    keep_alive: bool,
+    start: Any,  # multiprocessing.synchronize.Barrier shared by every client thread
+    out: Any,  # multiprocessing.Queue for this process' results
+) -> None:
     results: list[Result] = []
     lock = threading.Lock()
-    start = threading.Barrier(threads + 1)
 
     def worker(count: int) -> None:
         kept = (
@@ -122,21 +119,61 @@ def run_load(port: int, requests: int, threads: int, keep_alive: bool) -> dict[s
             if keep_alive
             else None
         )
-        start.wait(timeout=30)
+        start.wait(timeout=60)
         mine = [_scrape(port, kept) for _ in range(count)]
         if kept is not None:
             kept.close()
         with lock:
             results.extend(mine)
 
-    workers = [threading.Thread(target=worker, args=(n,), daemon=True) for n in per_thread]
+    workers = [threading.Thread(target=worker, args=(n,), daemon=True) for n in counts]
     for thread in workers:
         thread.start()
-    start.wait(timeout=30)
-    began = time.perf_counter()
     for thread in workers:
-        thread.join(timeout=REQUEST_TIMEOUT * max(per_thread) + 30)
-    wall = time.perf_counter() - began
+        thread.join(timeout=REQUEST_TIMEOUT * max(counts, default=0) + 60)
+    out.put([(r.status, r.seconds, r.error) for r in results])
+
+
+def run_load(
+    port: int, requests: int, threads: int, keep_alive: bool, processes: int
+) -> dict[str, Any]:
+    """``requests`` scrapes over ``threads`` threads released together; JSON-ready results.
+
+    The threads are spread over ``processes`` client processes, so the client's own GIL does
+    not queue responses that have already arrived. With ``keep_alive`` each thread reuses one
+    connection, as Prometheus does between scrapes; without, every request opens a new one.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    per_thread = [
+        requests // threads + (1 if i < requests % threads else 0) for i in range(threads)
+    ]
+    processes = max(1, min(processes, threads))
+    groups = [per_thread[i::processes] for i in range(processes)]
+    start = context.Barrier(threads + 1)
+    out = context.Queue()
+    clients = [
+        context.Process(target=_client_process, args=(port, group, keep_alive, start, out))
+        for group in groups
+    ]
+    for client in clients:
+        client.start()
+    try:
+        start.wait(timeout=60)
+        began = time.perf_counter()
+        deadline = REQUEST_TIMEOUT * max(per_thread) + 90
+        results = [
+            Result(status, seconds, error)
+            for _ in clients
+            for status, seconds, error in out.get(timeout=deadline)
+        ]
+        wall = time.perf_counter() - began
+    finally:
+        for client in clients:
+            client.join(timeout=10)
+            if client.is_alive():
+                client.kill()
     latencies = sorted(r.seconds for r in results)
     quantiles = statistics.quantiles(latencies, n=100, method="inclusive") if latencies else []
     return {
@@ -232,7 +269,7 @@ def _wait_ready(netns: str, port: int, daemon: subprocess.Popen[bytes], log: Pat
     raise RuntimeError(f"tcpwatch serve not ready within 120 s: {log.read_text()}")
 
 
-def measure(sockets: int, requests: int, threads: int) -> list[dict[str, Any]]:
+def measure(sockets: int, requests: int, threads: int, processes: int) -> list[dict[str, Any]]:
     pairs = sockets // 2
     with namespace() as netns, tempfile.TemporaryDirectory(prefix="tw-scrape-") as scratch:
         children: list[subprocess.Popen[Any]] = []
@@ -287,7 +324,8 @@ def measure(sockets: int, requests: int, threads: int) -> list[dict[str, Any]]:
             for keep_alive in (False, True):
                 before = _fetch_metrics(netns, PORT)
                 argv = ["load", "--port", str(PORT), "--requests", str(requests)]
-                argv += ["--threads", str(threads)] + (["--keep-alive"] if keep_alive else [])
+                argv += ["--threads", str(threads), "--processes", str(processes)]
+                argv += ["--keep-alive"] if keep_alive else []
                 load = _run(
                     _in_netns(netns, sys.executable, __file__, *argv),
                     timeout=REQUEST_TIMEOUT * requests / threads + 120,
@@ -322,9 +360,10 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f}"
 
 
-def report(results: Sequence[dict[str, Any]], requests: int, threads: int) -> str:
+def report(results: Sequence[dict[str, Any]], requests: int, threads: int, processes: int) -> str:
     lines = [
-        f"{requests} GET /metrics over {threads} threads on loopback, gzip accepted; connections: "
+        f"{requests} GET /metrics over {threads} threads in {processes} client processes on "
+        "loopback, gzip accepted; connections: "
         "a new one per request, or one kept alive per thread (as Prometheus does); tcpwatch "
         "serve --interval 3600 (one poll, before the load).",
         "",
@@ -355,15 +394,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     load.add_argument("--requests", type=int, required=True)
     load.add_argument("--threads", type=int, required=True)
     load.add_argument("--keep-alive", action="store_true")
-    parser.add_argument("--sockets", default="0,18000,100000", help="socket counts, comma-separated")
+    load.add_argument("--processes", type=int, required=True)
+    parser.add_argument(
+        "--sockets", default="0,18000,100000", help="socket counts, comma-separated"
+    )
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--threads", type=int, default=50)
+    parser.add_argument(
+        "--processes", type=int, default=10, help="client processes the threads are spread over"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if args.command == "hold":
         return hold_population(args.pairs, args.port)
     if args.command == "load":
-        print(json.dumps(run_load(args.port, args.requests, args.threads, args.keep_alive)))
+        result = run_load(args.port, args.requests, args.threads, args.keep_alive, args.processes)
+        print(json.dumps(result))
         return 0
     if os.geteuid() != 0:
         print("bench_scrape: run as root (it creates a network namespace)", file=sys.stderr)
@@ -373,12 +419,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         sizes = [int(part) for part in args.sockets.split(",")]
-        results = [r for size in sizes for r in measure(size, args.requests, args.threads)]
+        results = [
+            result
+            for size in sizes
+            for result in measure(size, args.requests, args.threads, args.processes)
+        ]
     except (RuntimeError, subprocess.SubprocessError, OSError, ValueError) as error:
         print(f"bench_scrape: {error}", file=sys.stderr)
         return 2
     print(
-        json.dumps(results, indent=2) if args.json else report(results, args.requests, args.threads)
+        json.dumps(results, indent=2)
+        if args.json
+        else report(results, args.requests, args.threads, args.processes)
     )
     ok = all(
         r["statuses"] == {"200": args.requests} and r["polls_during_load"] == 0 for r in results
