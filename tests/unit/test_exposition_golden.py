@@ -1,6 +1,7 @@
 """The whole exposition of a hand-built snapshot, against a checked-in golden file.
 
-Regenerate after an intended change with: TCPWATCH_UPDATE_GOLDEN=1 python -m pytest tests/unit/test_exposition_golden.py
+Regenerate after an intended change with:
+    TCPWATCH_UPDATE_GOLDEN=1 python -m pytest tests/unit/test_exposition_golden.py
 """
 
 from __future__ import annotations
@@ -55,7 +56,11 @@ def fixture_state() -> ExportState:
         established_method="derived",
         messages=140,
     )
-    owners = {1001: ProcessRef(10, "nginx"), 1002: ProcessRef(11, "app"), 1003: ProcessRef(12, "app")}
+    owners = {
+        1001: ProcessRef(10, "nginx"),
+        1002: ProcessRef(11, "app"),
+        1003: ProcessRef(12, "app"),
+    }
     owners |= {inode: ProcessRef(11, "app") for inode in range(2000, 2060)}
     snapshot = Snapshot(
         netns="host",
