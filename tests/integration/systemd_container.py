@@ -250,6 +250,7 @@ class BootedContainer:
         self.workdir: Path | None = None
         self.nspawn: subprocess.Popen[bytes] | None = None
         self.pid1: int | None = None
+        self._spawned: list[subprocess.Popen[str]] = []
 
     @property
     def root(self) -> Path:
@@ -405,8 +406,8 @@ class BootedContainer:
         return result
 
     def spawn(self, *argv: str) -> subprocess.Popen[str]:
-        """Start a long-lived process inside the container (it dies with the container)."""
-        return subprocess.Popen(
+        """Start a long-lived process inside the container; killed by ``close()`` at the latest."""
+        process = subprocess.Popen(
             self.exec_argv(*argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -415,6 +416,8 @@ class BootedContainer:
             env=self.environment(),
             start_new_session=True,
         )
+        self._spawned.append(process)
+        return process
 
     def properties(self, unit: str, *names: str) -> dict[str, str]:
         """``systemctl show`` properties of a unit inside the container."""
@@ -447,6 +450,16 @@ class BootedContainer:
     def close(self) -> None:
         """Stop the container (poweroff, then SIGKILL) and remove the copy. Safe to call twice."""
         problems: list[str] = []
+        # First what we started with nsenter: while one lives, the container's shutdown waits.
+        for process in self._spawned:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            try:
+                process.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                problems.append(f"{process.args!r} survived SIGKILL")
+        self._spawned.clear()
         if self.nspawn is not None:
             if self.nspawn.poll() is None:
                 # SIGTERM makes nspawn ask the container's init to power off.

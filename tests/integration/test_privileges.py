@@ -225,12 +225,13 @@ def population(netns: Netns) -> Owners:
     assert (listen_info["uid"], leak_info["uid"]) == (LISTEN_UID, LEAK_UID)
     deadline = time.monotonic() + 10
     while True:
-        sockets = parse_ss(netns.ss("-tanpH"))
+        sockets = parse_ss(netns.ss("-tanH"))
         close_wait = [s for s in sockets if s.state == "close_wait" and s.local_port == LEAK_PORT]
         if len(close_wait) == CLOSE_WAITS or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     assert len(close_wait) == CLOSE_WAITS, sockets
+    sockets = parse_ss(netns.ss("-tanpH"))  # -p reads every process' fds: once
     owners = {
         s.local_port: {(p.name, p.pid) for p in s.processes} for s in sockets if s.state == "listen"
     }
