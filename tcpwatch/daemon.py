@@ -492,19 +492,21 @@ def serve(config: Config, reload: Callable[[], Config]) -> int:
     # Blocked in every thread (the ones started below inherit the mask), taken by sigtimedwait:
     # no handler runs at an arbitrary point of the main thread, so none can deadlock on a lock.
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-    daemon = Daemon(config, reload, web, notifier)
     try:
+        daemon = Daemon(config, reload, web, notifier)
         try:
             server = daemon.start(listen)
         except ListenError as error:
             raise UsageError(str(error)) from None
-        log.info("tcpwatch %s serving %s (%s)", __version__, server.url, describe(config, web))
-        return _wait_for_signals(daemon)
+        try:
+            log.info("tcpwatch %s serving %s (%s)", __version__, server.url, describe(config, web))
+            return _wait_for_signals(daemon)
+        finally:
+            daemon.stop()
+            log.info("stopped")
     finally:
-        daemon.stop()
         _drain_signals()
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-        log.info("stopped")
 
 
 def _wait_for_signals(daemon: Daemon) -> int:
