@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(level or "info")
     try:
         config = _load(args)
-        if level is None and config.log_level != "info":
+        if config.log_level != (level or "info"):
             _setup_logging(config.log_level)
         if args.command == "rules":
             return _rules()
@@ -175,6 +175,8 @@ def _load(args: argparse.Namespace) -> Config:
 
     config = load_config(args.config, rule_catalogue()) if args.config else Config()
     changes: dict[str, Any] = {}
+    if getattr(args, "log_level", None):
+        changes["log_level"] = args.log_level
     if getattr(args, "procfs", None):
         changes["procfs"] = args.procfs
     if getattr(args, "netns", None):
