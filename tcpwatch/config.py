@@ -141,9 +141,11 @@ def load_config(path: str, catalogue: RuleCatalogue | None = None) -> Config:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except OSError as error:
-        raise ConfigError(
-            [f"{path}: cannot read the configuration file: {error.strerror}"]
-        ) from None
+        problem = f"{path}: cannot read the configuration file: {error.strerror}"
+        raise ConfigError([problem]) from None
+    except UnicodeDecodeError as error:
+        problem = f"{path}: not UTF-8 text (byte {error.start}); is this the YAML file?"
+        raise ConfigError([problem]) from None
     return parse_config(text, path, catalogue)
 
 
