@@ -73,12 +73,12 @@ HANG_ROOT = "/srv/tw-hang"
 # `close_waits` accepted connections whose client end it closed, reports its pid, holds.
 HOLDER = r"""
 import ctypes, json, os, socket, sys, time
-name, port, close_waits = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+name, port, close_waits, backlog = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 if ctypes.CDLL(None, use_errno=True).prctl(15, name.encode(), 0, 0, 0) != 0:
     raise OSError(ctypes.get_errno(), "prctl(PR_SET_NAME)")
 listener = socket.socket()
 listener.bind(("127.0.0.1", port))
-listener.listen(16)
+listener.listen(backlog)
 held = []
 for _ in range(close_waits):
     client = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -135,7 +135,8 @@ def start_holder(box: BootedContainer, name: str, uid: int, close_waits: int, *w
     process = box.spawn(
         *wrap,
         "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
-        "--bounding-set=-all", "--", "python3", "-c", HOLDER, name, str(port), str(close_waits),
+        "--bounding-set=-all", "--",
+        "python3", "-c", HOLDER, name, str(port), str(close_waits), str(HOLDER_BACKLOG),
     )  # fmt: skip
     assert process.stdout is not None
     with selectors.DefaultSelector() as selector:
@@ -445,7 +446,9 @@ def test_watchdog_restarts_a_hung_poll_loop(service: Service) -> None:
     finally:
         # The running daemon holds the hanging configuration; the restarted one reads this.
         write_config(service, service.config_text)
-    # Only the poll loop is stuck: HTTP still answers, but the data stops moving.
+    # Only the poll loop is stuck: HTTP still answers, but the data stops moving. (A poll that
+    # was running when the reload came still publishes: let it finish first.)
+    time.sleep(INTERVAL + 1)
     frozen = scrape(service).last_poll
     time.sleep(2 * INTERVAL + 1)
     assert scrape(service).last_poll == frozen, "the poll loop was supposed to be stuck"

@@ -151,6 +151,7 @@ def test_exposure_is_at_most_three_and_every_open_check_is_explained() -> None:
     ]
     assert not unexplained, f"README.md does not explain these open checks: {unexplained}"
     assert f"rates it **{score:.1f}" in readme, f"README.md should quote the exposure, {score:.1f}"
+    assert f"rates it {score:.1f}." in UNIT.read_text(), f"the unit should quote {score:.1f}"
 
 
 def test_exposure_parser_sees_an_unhardened_unit(tmp_path: Path) -> None:
