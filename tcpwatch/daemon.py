@@ -14,6 +14,7 @@ first-seen times, error counters, poll histogram).
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -489,6 +490,8 @@ def serve(config: Config, reload: Callable[[], Config]) -> int:
         raise UsageError(str(error)) from None
     web = load_web_config(config.web_config) if config.web_config else WebConfig()
     notifier = Notifier.from_environment()
+    # systemd's watchdog kills a hung daemon with SIGABRT: leave every thread's stack in the log.
+    faulthandler.enable()
     # Blocked in every thread (the ones started below inherit the mask), taken by sigtimedwait:
     # no handler runs at an arbitrary point of the main thread, so none can deadlock on a lock.
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)

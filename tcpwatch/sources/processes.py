@@ -93,6 +93,39 @@ def wanted_sockets_in(fd_dir: str, wanted: Set[int]) -> list[int]:
     return found
 
 
+CAP_SYS_PTRACE = 19
+
+
+def procfs_hides_processes(paths: ProcPaths) -> bool:
+    """True when the procfs at ``paths.root`` is mounted with hidepid and we cannot see past it.
+
+    mountinfo's super options carry ``hidepid=`` (``invisible``/``ptraceable``/``noaccess`` or
+    1/2/4); a process with CAP_SYS_PTRACE passes the check that hides the others.
+    """
+    try:
+        with open(paths.pid("self", "mountinfo"), encoding="utf-8", errors="replace") as handle:
+            mounts = handle.read().splitlines()
+        with open(paths.pid("self", "status"), encoding="utf-8", errors="replace") as handle:
+            status = handle.read().splitlines()
+    except OSError:
+        return False
+    root = os.path.realpath(paths.root)
+    hiding = False
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 5 or fields[4] != root or " - proc " not in line:
+            continue
+        options = line.rsplit(" ", 1)[-1].split(",")
+        hiding = any(
+            option.startswith("hidepid=") and option not in ("hidepid=0", "hidepid=off")
+            for option in options
+        )
+    if not hiding:
+        return False
+    effective = next((line.split()[1] for line in status if line.startswith("CapEff:")), "0")
+    return not int(effective, 16) & (1 << CAP_SYS_PTRACE)
+
+
 def _scan_order(paths: ProcPaths, netns_inodes: frozenset[int]) -> list[int]:
     """Ascending pids, members of ``netns_inodes`` first (see scan_owners)."""
     pids = sorted(paths.list_pids())
@@ -171,7 +204,10 @@ def scan_owners(
             break
     if vanished or denied:
         _log.debug("fd scan skipped %d exited and %d denied processes", vanished, denied)
-    complete = not missing or (walked_all and denied == 0)
+    # hidepid (systemd's ProtectProc=) hides other users' processes instead of denying them:
+    # without CAP_SYS_PTRACE a walk that met no denial has still not seen every process.
+    hidden = bool(missing) and procfs_hides_processes(paths)
+    complete = not missing or (walked_all and denied == 0 and not hidden)
     return Attribution(
         owners=owners, processes_scanned=scanned, complete=complete, processes_denied=denied
     )

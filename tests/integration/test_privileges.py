@@ -484,22 +484,18 @@ def test_hidden_proc_still_shows_everything_with_the_units_capabilities(
     )
 
 
-def test_hidden_proc_without_capabilities_degrades_silently(
+def test_hidden_proc_without_capabilities_reports_the_scan_incomplete(
     netns: Netns, runtime: Runtime, population: Owners
 ) -> None:
-    """A known gap, asserted as it is: when /proc hides the other users' processes instead of
-    denying their fds, the scan never meets them, counts no denial and calls itself complete.
-
-    Under the unit this needs someone to drop the capabilities while keeping ProtectProc=; the
-    fix belongs in the processes source (e.g. /proc/1 missing from the listing means a hiding
-    procfs). Update this test when it lands.
+    """When /proc hides other users' processes (hidepid, systemd's ProtectProc=) instead of
+    denying their fds, the scan meets no denial, yet it has not seen every process: tcpwatch reads
+    the procfs mount options and its own CapEff and says the scan is incomplete.
     """
     seen = metrics_once(netns, runtime, (), hidepid=True)
     assert_counts_and_queues(seen)
     assert LISTEN_PORT not in seen.listener_owners
     assert LEAK_PORT not in seen.listener_owners
-    assert (seen.scan_complete, seen.denied) == (1, 0)
-    # ... and `check` then states something false: that no process holds the sockets.
+    assert (seen.scan_complete, seen.denied) == (0, 0)
     _, leak = check_once(netns, runtime, (), hidepid=True)
     assert leak["evidence"]["process"] == "unknown"
-    assert leak["evidence"]["attribution"] == "complete: no process holds them"
+    assert leak["evidence"]["attribution"] == "incomplete: not every process was scanned"

@@ -11,7 +11,12 @@ import pytest
 
 from tcpwatch.model import ProcessRef
 from tcpwatch.paths import ProcPaths
-from tcpwatch.sources.processes import parse_comm, parse_socket_link, scan_owners
+from tcpwatch.sources.processes import (
+    parse_comm,
+    parse_socket_link,
+    procfs_hides_processes,
+    scan_owners,
+)
 
 # pid -> (comm, fd number -> link target); comm None leaves the comm file out.
 Tree = Mapping[int, tuple[str | None, Mapping[int, str]]]
@@ -218,3 +223,27 @@ def test_a_malformed_socket_link_is_reported_with_its_path(tmp_path: Path) -> No
     paths = build_proc(tmp_path, {5: ("app", {3: "socket:[oops]"})})
     with pytest.raises(ValueError, match=r"5/fd/3: malformed socket link 'socket:\[oops\]'"):
         scan_owners(paths, frozenset({1}))
+
+
+def _procfs_with(tmp_path: Path, proc_options: str, cap_eff: str) -> ProcPaths:
+    root = tmp_path / "proc"
+    (root / "self").mkdir(parents=True)
+    (root / "self" / "mountinfo").write_text(
+        "22 1 0:5 / / rw - ext4 /dev/vda rw\n"
+        f"23 22 0:21 / {os.path.realpath(root)} rw,nosuid - proc proc {proc_options}\n"
+    )
+    (root / "self" / "status").write_text(f"Name:\ttcpwatch\nCapEff:\t{cap_eff}\n")
+    return ProcPaths(root=str(root))
+
+
+def test_hidepid_without_ptrace_capability_means_processes_are_hidden(tmp_path: Path) -> None:
+
+    assert procfs_hides_processes(_procfs_with(tmp_path, "rw,hidepid=invisible", "0"))
+
+
+def test_hidepid_with_ptrace_capability_or_plain_procfs_hides_nothing(tmp_path: Path) -> None:
+
+    with_ptrace = f"{1 << 19:016x}"
+    assert not procfs_hides_processes(_procfs_with(tmp_path / "a", "rw,hidepid=2", with_ptrace))
+    assert not procfs_hides_processes(_procfs_with(tmp_path / "b", "rw", "0"))
+    assert not procfs_hides_processes(_procfs_with(tmp_path / "c", "rw,hidepid=0", "0"))
