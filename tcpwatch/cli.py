@@ -150,6 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNKNOWN
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`tcpwatch rules | head -1`): not an error worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     raise AssertionError(f"unhandled command {args.command}")
 
 
@@ -173,6 +178,9 @@ def rule_catalogue() -> RuleCatalogue:
 def _load(args: argparse.Namespace) -> Config:
     from dataclasses import replace
 
+    for flag in ("config", "procfs", "netns", "listen", "web_config"):
+        if getattr(args, flag, None) == "":
+            raise UsageError(f"--{flag.replace('_', '-')}: empty value (an unset variable?)")
     config = load_config(args.config, rule_catalogue()) if args.config else Config()
     changes: dict[str, Any] = {}
     if getattr(args, "log_level", None):
@@ -220,7 +228,9 @@ def _poll(config: Config) -> tuple[Snapshot, ...]:
     snapshots = poll(config.collect, config.namespaces, ProcPaths(root=config.procfs))
     if not any(snapshot.sockets is not None for snapshot in snapshots):
         failed = [s for snap in snapshots for s in snap.sources if not s.ok]
-        reason = failed[0].error if failed else "no namespace matched --netns/namespaces"
+        wanted = ",".join(config.namespaces)
+        reason = failed[0].error if failed else f'no network namespace matched "{wanted}" (--netns)'
+
         if failed and failed[0].name == "sockdiag":
             reason = (
                 f"cannot read TCP sockets over netlink sock_diag: {reason} "
@@ -229,6 +239,19 @@ def _poll(config: Config) -> tuple[Snapshot, ...]:
         elif failed:
             reason = f"cannot poll namespace {snapshots[0].netns}: {reason}"
         raise UsageError(reason)
+    # A missing sysctl is absent, not an error, so /proc/net tells whether procfs is usable.
+    procfs_sources = {"sockstat", "counters"}
+    broken = [
+        status
+        for snapshot in snapshots
+        for status in snapshot.sources
+        if status.name in procfs_sources and not status.ok
+    ]
+    if len(broken) == len(procfs_sources) * len(snapshots):
+        raise UsageError(
+            f"{config.procfs}: cannot read procfs ({broken[0].name}: {broken[0].error}); "
+            "pass --procfs pointing at a mounted /proc"
+        )
     for snapshot in snapshots:
         for status in snapshot.sources:
             if not status.ok:

@@ -39,8 +39,10 @@ def _describe(error: Exception) -> str:
 
 
 def wanted_inodes(table: SocketTable) -> frozenset[int]:
-    """Inodes worth attributing: listeners and the chosen states (0 = no socket file, skip)."""
+    """Inodes worth attributing: listeners, self-connected sockets and the chosen states
+    (0 = no socket file, skip)."""
     inodes = {listener.inode for listener in table.listeners}
+    inodes.update(connected.inode for connected in table.self_connects)
     for state_inodes in table.inodes_by_state.values():
         inodes.update(state_inodes)
     inodes.discard(0)

@@ -760,13 +760,6 @@ class TestSelfConnect:
             },
         )
 
-    @pytest.mark.xfail(
-        strict=True,
-        raises=AssertionError,
-        reason="self-connected sockets are not attributed: snapshot.wanted_inodes() asks the "
-        "/proc/*/fd scan for listeners and collect.attribute_states only, not for "
-        "SocketTable.self_connects, so S02 always reports process 'unknown'",
-    )
     def test_s02_names_the_process(self, self_connected: SelfConnected) -> None:
         assert_evidence(
             self_connected.run.one("S02", f"127.0.0.1:{self.PORT}"),
@@ -774,17 +767,14 @@ class TestSelfConnect:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="with collect.established: derived, sockdiag dumps ESTABLISHED sockets only when the "
-    "local port is inside ip_local_port_range, so a self-connected socket on a port below it "
-    "(an application that bind()s its source port, or a range narrowed since) is never seen",
-)
 def test_s02_self_connect_below_the_ephemeral_range(netns: Netns) -> None:
+    """A socket that bind()s a port below the range and connects to itself is an inbound-looking
+    ESTABLISHED socket: the default (derived) count never copies those out, so S02 sees it only
+    with `collect.established: dumped` (docs/rules/S02-self-connect.md says so)."""
     info = start_helper(netns, "self_connect", name="tw-selfconn", port=20050)
     assert info["peer"] == ["127.0.0.1", 20050]
-    run = run_check(netns)
+    assert run_check(netns).findings == []
+    run = run_check(netns, "collect:\n  established: dumped\n")
     assert_findings(run, {("S02", "critical", "127.0.0.1:20050")}, 2)
 
 

@@ -233,22 +233,7 @@ def test_netns_that_matches_nothing() -> None:
     assert "--netns" in line, line
 
 
-@pytest.mark.parametrize(
-    "flag",
-    [
-        pytest.param(
-            flag,
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason=f"`{flag}=` (e.g. an unset shell variable) is silently ignored: cli._load() "
-                "tests `if getattr(args, ...)`, so the empty value reads as 'not given' and the "
-                "default is used instead of an error",
-            ),
-        )
-        for flag in ("--config", "--procfs", "--netns")
-    ],
-)
+@pytest.mark.parametrize("flag", ["--config", "--procfs", "--netns"])
 def test_empty_flag_value_is_an_error(flag: str) -> None:
     (line,) = usage_error(run_cli("check", "--window", "0", "--format", "json", f"{flag}="))
     assert flag in line, line
@@ -260,13 +245,6 @@ def test_procfs_that_is_not_a_directory_of_proc(tmp_path: Path) -> None:
         assert line.startswith(f"tcpwatch: {procfs} does not look like a procfs mount"), line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="only the existence of net/sockstat is checked: a directory whose net/sockstat is "
-    "not procfs's runs the check anyway: every procfs source fails, the rules that need them "
-    "stay silent, and it exits 0-2 as if the host had been checked",
-)
 def test_procfs_with_a_bogus_sockstat(tmp_path: Path) -> None:
     (tmp_path / "net").mkdir()
     (tmp_path / "net" / "sockstat").write_text("not a sockstat\n")
@@ -276,12 +254,6 @@ def test_procfs_with_a_bogus_sockstat(tmp_path: Path) -> None:
     assert any(str(tmp_path) in line for line in lines), lines
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="output into a closed pipe (`tcpwatch rules | head -1`) ends in a BrokenPipeError "
-    "traceback: main() does not handle EPIPE on stdout",
-)
 def test_closed_stdout_is_not_a_traceback() -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     with subprocess.Popen(
