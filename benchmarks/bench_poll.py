@@ -269,7 +269,8 @@ class Runs:
     costs: list[RunCost] = field(default_factory=list)
     details: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    rss_kib: int = 0
+    rss_kib: int = 0  # peak
+    start_rss_kib: int = 0  # tcpwatch pollers: after imports, before the first poll
 
     def median(self, what: Callable[[RunCost], float]) -> float:
         return statistics.median(what(cost) for cost in self.costs)
@@ -551,7 +552,7 @@ def scrape_block(exporter: NodeExporter, scrapes: int) -> tuple[RunCost, dict[st
 # One population
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class PopulationResult:
     plan: PopulationPlan
     namespace: str
@@ -698,6 +699,7 @@ def run_population(
                         warmups=1,
                     )
             runs.rss_kib = int(poller.finish()["maxrss_kib"])
+            runs.start_rss_kib = poller.ready_rss_kib
             tools[label] = runs
 
         log("  node_exporter")
@@ -836,7 +838,16 @@ def render_population(result: PopulationResult) -> str:
             f"| {mib(runs.rss_kib)} | {seconds(runs.median(lambda c: c.wall))} | {count} |"
         )
     lines.append("")
+    block = exporter.details[0]
     default = result.tools[TCPWATCH_MODES[0][0]]
+    lines.append(
+        f"node_exporter: tcpstat collector {seconds(block['collector_seconds'])} s wall per scrape "
+        f"(median of `node_scrape_collector_duration_seconds`); CPU per scrape from "
+        f"/proc/PID/stat over the same block {seconds(block['stat_cpu_per_scrape'])} s. "
+        f"tcpwatch poll processes: {mib(default.start_rss_kib)} MiB RSS after imports, "
+        f"before the first poll."
+    )
+    lines.append("")
     ratio = default.median(lambda c: c.cpu) / reference
     if plan.size >= 100_000:
         verdict_cpu = "met" if ratio <= 0.5 else "MISSED"
@@ -1016,7 +1027,8 @@ def write_between_markers(path: str, name: str, text: str) -> None:
         current = ""
     start, stop = current.find(begin), current.find(end)
     if start >= 0 and stop > start:
-        updated = current[:start] + block + current[stop + len(end) :].lstrip("\n")
+        rest = current[stop + len(end) :].lstrip("\n")
+        updated = current[:start] + block + ("\n" + rest if rest else "")
     else:
         updated = current.rstrip("\n") + ("\n\n" if current else "") + block
     with open(path, "w", encoding="utf-8") as handle:

@@ -17,7 +17,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -122,25 +121,8 @@ class Namespace:
         """Remove the namespace; its sockets go when its last process is gone."""
         _run(["ip", "netns", "del", self.name])
 
-    def pids(self) -> list[int]:
-        output = subprocess.run(
-            ["ip", "netns", "pids", self.name], capture_output=True, text=True, timeout=10
-        ).stdout
-        return [int(word) for word in output.split()]
-
 
 def _run(argv: Sequence[str]) -> None:
     result = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
         raise NamespaceError(f"{' '.join(argv)}: {result.stderr.strip() or result.returncode}")
-
-
-def wait_gone(pids: Sequence[int], timeout: float) -> list[int]:
-    """Pids still alive after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
-        alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}")]
-        if alive:
-            time.sleep(0.05)
-    return alive
