@@ -495,7 +495,9 @@ def test_hidden_proc_without_capabilities_reports_the_scan_incomplete(
     assert_counts_and_queues(seen)
     assert LISTEN_PORT not in seen.listener_owners
     assert LEAK_PORT not in seen.listener_owners
-    assert (seen.scan_complete, seen.denied) == (0, 0)
+    # Hidden processes are not denials (a visible one of ours may still deny its fds, e.g. while
+    # it execs): what must hold is that the scan does not call itself complete.
+    assert seen.scan_complete == 0
     _, leak = check_once(netns, runtime, (), hidepid=True)
     assert leak["evidence"]["process"] == "unknown"
     assert leak["evidence"]["attribution"] == "incomplete: not every process was scanned"
