@@ -28,7 +28,7 @@ from tcpwatch.audit import audit, rule_settings
 from tcpwatch.cli import UsageError
 from tcpwatch.config import Config, ConfigError
 from tcpwatch.exporter import ExportState, PollHistogram
-from tcpwatch.model import Snapshot
+from tcpwatch.model import Attribution, Snapshot
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sdnotify import Notifier
 from tcpwatch.snapshot import poll
@@ -77,9 +77,23 @@ def track_close_wait(first_seen: Mapping[int, float], snapshot: Snapshot) -> Map
     return {inode: first_seen.get(inode, snapshot.taken_at) for inode in inodes if inode != 0}
 
 
-def take_snapshots(config: Config) -> tuple[Snapshot, ...]:
-    """One poll of every namespace the configuration selects (`namespaces:`, `--netns`)."""
-    return poll(config.collect, config.namespaces, ProcPaths(root=config.procfs))
+class SnapshotTaker:
+    """Polls every namespace the configuration selects (`namespaces:`, `--netns`), remembering
+    where the previous poll found each socket's owner so the next one re-checks those with one
+    readlink each instead of walking every process' fds (most of a poll's cost otherwise)."""
+
+    def __init__(self) -> None:
+        self._known: Attribution | None = None
+
+    def __call__(self, config: Config) -> tuple[Snapshot, ...]:
+        snapshots = poll(
+            config.collect,
+            config.namespaces,
+            ProcPaths(root=config.procfs),
+            known_owners=self._known,
+        )
+        self._known = next((s.attribution for s in snapshots if s.attribution), None)
+        return snapshots
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,13 +181,13 @@ class Poller:
 
     def __init__(
         self,
-        take: Callable[[Config], Sequence[Snapshot]] = take_snapshots,
+        take: Callable[[Config], Sequence[Snapshot]] | None = None,
         persisted: Callable[[], tuple[PersistedSysctl, ...]] = read_persisted_sysctls,
         clock: Callable[[], float] = time.time,
         timer: Callable[[], float] = time.perf_counter,
         failure_log: SourceFailureLog | None = None,
     ) -> None:
-        self._take = take
+        self._take = take or SnapshotTaker()
         self._persisted = persisted
         self._clock = clock
         self._timer = timer

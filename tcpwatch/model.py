@@ -157,6 +157,10 @@ class Attribution:
     processes_scanned: int
     complete: bool  # every wanted inode was found or every process was scanned
     processes_denied: int = 0  # processes whose fds we may not read (no CAP_SYS_PTRACE...)
+    # Where each owner holds the socket (inode -> (pid, fd name)): the next scan re-checks these
+    # with one readlink each instead of walking every process' fd table again.
+    locations: Mapping[int, tuple[int, str]] = field(default_factory=dict)
+    confirmed: int = 0  # owners found again at their known location, without a walk
 
     def owner(self, inode: int) -> ProcessRef | None:
         return self.owners.get(inode)

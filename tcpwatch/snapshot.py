@@ -69,6 +69,7 @@ def take_snapshot(
     netns: str | None = None,
     clock: Callable[[], float] = time.time,
     scan_processes: bool = True,
+    known_owners: Attribution | None = None,
 ) -> Snapshot:
     """One poll of the namespace that ``paths`` (and this process' netlink socket) sees.
 
@@ -108,6 +109,7 @@ def take_snapshot(
                 wanted,
                 settings.process_scan_timeout,
                 netns_inodes=own_inode,
+                known=known_owners,
             ),
             statuses,
         )
@@ -129,12 +131,15 @@ def poll(
     paths: ProcPaths | None = None,
     run_netns_dir: str = netns_source.RUN_NETNS_DIR,
     clock: Callable[[], float] = time.time,
+    known_owners: Attribution | None = None,
 ) -> tuple[Snapshot, ...]:
     """Snapshots of every selected namespace (`namespaces:`), with one process scan for all.
 
     Each namespace is polled from a thread that setns() into it, so netlink sockets, /proc/net
     and /proc/sys/net are that namespace's. One that vanished since discovery is left out
     quietly; one that cannot be entered yields a snapshot whose `netns` source failed.
+    ``known_owners`` (the previous poll's attribution) spares the fd walk for sockets whose owner
+    still holds them where it was found.
     """
     paths = paths or ProcPaths()
     if selection == ("self",):
@@ -178,7 +183,7 @@ def poll(
             replace(snapshot, identity=identity, sources=(entering, *snapshot.sources))
         )
     if settings.process_attribution:
-        snapshots = _attribute(snapshots, settings, paths)
+        snapshots = _attribute(snapshots, settings, paths, known_owners)
     return tuple(snapshots)
 
 
@@ -187,7 +192,10 @@ def _failed_snapshot(name: str, taken_at: float, status: SourceStatus) -> Snapsh
 
 
 def _attribute(
-    snapshots: list[Snapshot], settings: CollectSettings, paths: ProcPaths
+    snapshots: list[Snapshot],
+    settings: CollectSettings,
+    paths: ProcPaths,
+    known_owners: Attribution | None,
 ) -> list[Snapshot]:
     """One /proc/*/fd scan serves every namespace: socket inodes are unique host-wide."""
     wanted: set[int] = set()
@@ -202,6 +210,7 @@ def _attribute(
             frozenset(wanted),
             settings.process_scan_timeout,
             netns_inodes=frozenset(s.identity.inode for s in snapshots if s.sockets is not None),
+            known=known_owners,
         ),
         statuses,
     )

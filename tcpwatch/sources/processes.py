@@ -65,14 +65,14 @@ def parse_comm(data: bytes) -> str:
     return data.rstrip(b"\n").decode("utf-8", errors="replace")
 
 
-def wanted_sockets_in(fd_dir: str, wanted: Set[int]) -> list[int]:
-    """The inodes of ``wanted`` among the sockets open in one fd directory.
+def wanted_sockets_in(fd_dir: str, wanted: Set[int]) -> list[tuple[int, str]]:
+    """(inode, fd name) of the sockets of ``wanted`` open in one fd directory.
 
     Raises OSError when the directory or its links cannot be read (PermissionError: access is
     denied; others: the process exited). An fd closed between the listing and its readlink is
     skipped.
     """
-    found: list[int] = []
+    found: list[tuple[int, str]] = []
     # Links are read relative to the open directory: it stays bound to this process, so once the
     # process exits they fail instead of reading whatever process reuses the pid.
     dir_fd = os.open(fd_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -85,12 +85,49 @@ def wanted_sockets_in(fd_dir: str, wanted: Set[int]) -> list[int]:
                     raise  # the listing can be allowed while the links are not (ptrace check)
                 except OSError:
                     continue
-                inode = parse_socket_link(link, os.path.join(fd_dir, entry.name))
+                if not link.startswith("socket:["):
+                    continue  # most fds: files, pipes; no path is built for them
+                inode = parse_socket_link(link, f"{fd_dir}/{entry.name}")
                 if inode is not None and inode in wanted:
-                    found.append(inode)
+                    found.append((inode, entry.name))
     finally:
         os.close(dir_fd)
     return found
+
+
+def confirm_known_owners(
+    paths: ProcPaths, wanted: Set[int], known: Attribution
+) -> tuple[dict[int, ProcessRef], dict[int, tuple[int, str]]]:
+    """Owners of ``wanted`` still holding the socket where ``known`` last found it.
+
+    One readlink per socket: an fd that still links to ``socket:[INODE]`` is the same socket in
+    the same process (inodes are unique while the socket lives). Names are re-read, once per pid,
+    since a process may exec or rename itself.
+    """
+    owners: dict[int, ProcessRef] = {}
+    locations: dict[int, tuple[int, str]] = {}
+    names: dict[int, str | None] = {}
+    for inode in wanted:
+        location = known.locations.get(inode)
+        if location is None:
+            continue
+        pid, fd = location
+        try:
+            if os.readlink(paths.pid(pid, "fd", fd)) != f"socket:[{inode}]":
+                continue
+        except OSError:
+            continue
+        if pid not in names:
+            try:
+                with open(paths.pid(pid, "comm"), "rb") as comm:
+                    names[pid] = parse_comm(comm.read())
+            except OSError:
+                names[pid] = None
+        name = names[pid]
+        if name is not None:
+            owners[inode] = ProcessRef(pid=pid, name=name)
+            locations[inode] = location
+    return owners, locations
 
 
 CAP_SYS_PTRACE = 19
@@ -148,6 +185,7 @@ def scan_owners(
     deadline_seconds: float = 5.0,
     clock: Callable[[], float] = time.monotonic,
     netns_inodes: frozenset[int] = frozenset(),
+    known: Attribution | None = None,
 ) -> Attribution:
     """Find the process owning each inode of ``wanted``; never raises for a process.
 
@@ -165,14 +203,24 @@ def scan_owners(
     always held by a process of its own namespace, so the early stop comes sooner and a
     deadline hit on a host with huge fd tables elsewhere still finds the owners that matter.
 
+    ``known`` (the previous scan) is checked first, one readlink per socket; the walk runs only
+    for sockets not found there, so a steady host costs a readlink per attributed socket.
+
     Raises ValueError only for a malformed ``socket:[`` link, which the kernel never writes.
     """
     missing = set(wanted)
     missing.discard(0)
     if not missing:
         return Attribution(owners={}, processes_scanned=0, complete=True)
-    deadline = clock() + deadline_seconds
     owners: dict[int, ProcessRef] = {}
+    locations: dict[int, tuple[int, str]] = {}
+    if known is not None and known.locations:
+        owners, locations = confirm_known_owners(paths, missing, known)
+        missing.difference_update(owners)
+    confirmed = len(owners)
+    if not missing:
+        return Attribution(owners, 0, complete=True, locations=locations, confirmed=confirmed)
+    deadline = clock() + deadline_seconds
     scanned = vanished = denied = 0
     walked_all = True
     for pid in _scan_order(paths, netns_inodes):
@@ -197,9 +245,11 @@ def scan_owners(
             vanished += 1
             continue
         owner = ProcessRef(pid=pid, name=name)
-        for inode in found:
-            owners[inode] = owner
-        missing.difference_update(found)
+        for inode, fd in found:
+            if inode in missing:  # the lowest pid keeps a socket shared across a fork
+                owners[inode] = owner
+                locations[inode] = (pid, fd)
+        missing.difference_update(inode for inode, _ in found)
         if not missing:
             break
     if vanished or denied:
@@ -209,5 +259,10 @@ def scan_owners(
     hidden = bool(missing) and procfs_hides_processes(paths)
     complete = not missing or (walked_all and denied == 0 and not hidden)
     return Attribution(
-        owners=owners, processes_scanned=scanned, complete=complete, processes_denied=denied
+        owners=owners,
+        processes_scanned=scanned,
+        complete=complete,
+        processes_denied=denied,
+        locations=locations,
+        confirmed=confirmed,
     )

@@ -247,3 +247,41 @@ def test_hidepid_with_ptrace_capability_or_plain_procfs_hides_nothing(tmp_path: 
     assert not procfs_hides_processes(_procfs_with(tmp_path / "a", "rw,hidepid=2", with_ptrace))
     assert not procfs_hides_processes(_procfs_with(tmp_path / "b", "rw", "0"))
     assert not procfs_hides_processes(_procfs_with(tmp_path / "c", "rw,hidepid=0", "0"))
+
+
+def test_next_scan_confirms_known_owners_without_walking(tmp_path: Path) -> None:
+    paths = build_proc(
+        tmp_path,
+        {
+            10: ("nginx", {3: "socket:[101]"}),
+            20: ("app", {7: "socket:[202]"}),
+        },
+    )
+    first = scan_owners(paths, frozenset({101, 202}))
+    assert first.locations == {101: (10, "3"), 202: (20, "7")}
+    assert first.confirmed == 0
+    (tmp_path / "20" / "comm").write_text("app-renamed\n")
+    second = scan_owners(paths, frozenset({101, 202}), known=first)
+    assert second.owners == {101: ProcessRef(10, "nginx"), 202: ProcessRef(20, "app-renamed")}
+    assert (second.confirmed, second.processes_scanned, second.complete) == (2, 0, True)
+
+
+def test_a_moved_or_closed_socket_falls_back_to_the_walk(tmp_path: Path) -> None:
+    paths = build_proc(
+        tmp_path,
+        {
+            10: ("nginx", {3: "socket:[101]"}),
+            20: ("app", {7: "socket:[202]"}),
+        },
+    )
+    first = scan_owners(paths, frozenset({101, 202}))
+    # fd 7 now holds another socket, and 202 was passed to a new process 30 at fd 4.
+    os.remove(tmp_path / "20" / "fd" / "7")
+    os.symlink("socket:[999]", tmp_path / "20" / "fd" / "7")
+    (tmp_path / "30" / "fd").mkdir(parents=True)
+    (tmp_path / "30" / "comm").write_text("worker\n")
+    os.symlink("socket:[202]", tmp_path / "30" / "fd" / "4")
+    second = scan_owners(paths, frozenset({101, 202}), known=first)
+    assert second.owners == {101: ProcessRef(10, "nginx"), 202: ProcessRef(30, "worker")}
+    assert second.confirmed == 1
+    assert second.locations[202] == (30, "4")
