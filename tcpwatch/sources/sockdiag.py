@@ -75,6 +75,7 @@ _NLMSGHDR = struct.Struct("=IHHII")
 _REQUEST = struct.Struct("=BBBxI")  # inet_diag_req_v2 head; the 48-byte sockid follows
 _HEADER = struct.Struct("=IH")
 _PORTS = struct.Struct("!HH")
+_TUPLE_KEY = struct.Struct("34s")  # dport, src[16], dst[16]: one bytes object per socket
 _QUEUES_INODE = struct.Struct("=II4xI")  # rqueue, wqueue, (uid), inode at offset 72
 _ERRNO = struct.Struct("=i")
 _ATTR = struct.Struct("=HH")
@@ -153,106 +154,121 @@ class DumpAggregator:
         self.listeners: list[tuple[str, bytes, int, int, int, int]] = []
         self.listen_ports: set[int] = set()
         self.request_sockets: Counter[tuple[str, bytes, int]] = Counter()
-        # ephemeral use key: (family, bytes of dport+src+dst) -> [sockets, time_wait]
-        self.ephemeral: dict[tuple[str, bytes], list[int]] = {}
+        # family -> {dport + src[16] + dst[16] bytes: sockets}, and the TIME_WAIT among them
+        self.ephemeral: dict[str, dict[bytes, int]] = {name: {} for name in FAMILIES}
+        self.ephemeral_time_wait: dict[str, dict[bytes, int]] = {name: {} for name in FAMILIES}
+        # (family, dport + src[16] + dst[16]) -> SYN_SENT sockets
         self.syn_sent: Counter[tuple[str, bytes]] = Counter()
         self.self_connects: list[SelfConnect] = []
         self.inodes: dict[int, set[int]] = {n: set() for n in self.attribute_numbers}
         self.messages = 0
 
     def feed(self, data: memoryview | bytes, length: int, family: str) -> bool:
-        """Parse one datagram; True once NLMSG_DONE has been seen."""
+        """Parse one datagram; True once NLMSG_DONE has been seen.
+
+        The hot path of a poll (one pass per message of every dump): locals instead of
+        attributes, one struct call per field group, no per-socket objects.
+        """
         totals = self.totals[family]
         states = totals.states
         low, high = self.port_range if self.port_range else (1, 0)
         addr_len = _ADDRESS_LENGTH[family]
+        listen_ports = self.listen_ports
+        tuple_states = _TUPLE_STATES
+        attribute_numbers = self.attribute_numbers
+        ephemeral = self.ephemeral[family]
+        ephemeral_time_wait = self.ephemeral_time_wait[family]
+        header = _HEADER.unpack_from
+        ports = _PORTS.unpack_from
+        tuple_key = _TUPLE_KEY.unpack_from
         offset = 0
         while offset < length:
             if length - offset < 16:
                 raise SockDiagError(f"truncated netlink header at byte {offset} of {length}")
-            msg_len, msg_type = _HEADER.unpack_from(data, offset)
-            if msg_len < 16 or offset + msg_len > length:
-                raise SockDiagError(
-                    f"bad netlink message length {msg_len} at byte {offset} of {length}"
-                )
-            if msg_type == NLMSG_DONE:
-                # A dump that failed part-way ends with DONE carrying a negative errno.
-                if msg_len >= 20 and (code := -_ERRNO.unpack_from(data, offset + 16)[0]) > 0:
-                    name = errno.errorcode.get(code, str(code))
-                    raise SockDiagError(f"kernel ended the dump with {name}")
-                return True
-            if msg_type == NLMSG_ERROR:
-                code = -_ERRNO.unpack_from(data, offset + 16)[0] if msg_len >= 20 else 0
-                name = errno.errorcode.get(code, str(code))
-                raise SockDiagError(f"kernel answered the dump with {name}")
-            if msg_len < _MESSAGE_MIN:
-                raise SockDiagError(f"inet_diag message of {msg_len} bytes at byte {offset}")
-            self.messages += 1
+            msg_len, msg_type = header(data, offset)
+            if msg_len < _MESSAGE_MIN or offset + msg_len > length:
+                self._unusual_message(data, offset, msg_len, msg_type, length)
+                return True  # NLMSG_DONE (everything else raised)
             state = data[offset + 17]
+            if not 0 < state <= TCP_NEW_SYN_RECV or msg_type != SOCK_DIAG_BY_FAMILY:
+                self._unusual_message(data, offset, msg_len, msg_type, length)
+                return True
+            self.messages += 1
             if state == TCP_NEW_SYN_RECV:
                 state = TCP_SYN_RECV
-            if state > 12 or state == 0:
-                raise SockDiagError(f"unknown TCP state {state} at byte {offset}")
             states[state] += 1
-            timewait = data[offset + 18] == TIMER_TIME_WAIT
+            sport, dport = ports(data, offset + 20)
             if state == TCP_LISTEN:
-                sport = (data[offset + 20] << 8) | data[offset + 21]
                 rqueue, wqueue, inode = _QUEUES_INODE.unpack_from(data, offset + 72)
                 address = bytes(data[offset + 24 : offset + 24 + addr_len])
                 self.listeners.append((family, address, sport, rqueue, wqueue, inode))
-                self.listen_ports.add(sport)
+                listen_ports.add(sport)
                 totals.full_sockets += 1
             elif state == TCP_SYN_RECV and not _has_attribute(
                 data, offset + _MESSAGE_MIN, offset + msg_len, INET_DIAG_SHUTDOWN
             ):
                 # A request socket: its local port and address are its listener's.
-                sport = (data[offset + 20] << 8) | data[offset + 21]
                 address = bytes(data[offset + 24 : offset + 24 + addr_len])
                 self.request_sockets[(family, address, sport)] += 1
             else:
+                timewait = data[offset + 18] == TIMER_TIME_WAIT
                 if not timewait:
                     totals.full_sockets += 1
-                sport = (data[offset + 20] << 8) | data[offset + 21]
-                if state in _TUPLE_STATES:
-                    self._tuple_socket(data, offset, family, state, sport, low, high, addr_len)
-                if state in self.attribute_numbers and not timewait:
+                if state in tuple_states:
+                    if low <= sport <= high and sport not in listen_ports:
+                        # dport + src[16] + dst[16] (IPv4 addresses are zero-padded)
+                        key = tuple_key(data, offset + 22)[0]
+                        ephemeral[key] = ephemeral.get(key, 0) + 1
+                        if state == TCP_TIME_WAIT:
+                            ephemeral_time_wait[key] = ephemeral_time_wait.get(key, 0) + 1
+                    if state == TCP_SYN_SENT:
+                        self.syn_sent[(family, tuple_key(data, offset + 22)[0])] += 1
+                    if sport == dport:
+                        self._maybe_self_connect(data, offset, family, state, sport, addr_len)
+                if state in attribute_numbers and not timewait:
                     self.inodes[state].add(_QUEUES_INODE.unpack_from(data, offset + 72)[2])
             offset += (msg_len + 3) & ~3
         return False
 
-    def _tuple_socket(
+    def _unusual_message(
+        self, data: memoryview | bytes, offset: int, msg_len: int, msg_type: int, length: int
+    ) -> None:
+        """Everything but an inet_diag message: DONE returns, the rest raises (off the hot path)."""
+        if msg_len < 16 or offset + msg_len > length:
+            raise SockDiagError(
+                f"bad netlink message length {msg_len} at byte {offset} of {length}"
+            )
+        if msg_type == NLMSG_DONE:
+            # A dump that failed part-way ends with DONE carrying a negative errno.
+            if msg_len >= 20 and (code := -_ERRNO.unpack_from(data, offset + 16)[0]) > 0:
+                name = errno.errorcode.get(code, str(code))
+                raise SockDiagError(f"kernel ended the dump with {name}")
+            return
+        if msg_type == NLMSG_ERROR:
+            code = -_ERRNO.unpack_from(data, offset + 16)[0] if msg_len >= 20 else 0
+            name = errno.errorcode.get(code, str(code))
+            raise SockDiagError(f"kernel answered the dump with {name}")
+        if msg_len < _MESSAGE_MIN:
+            raise SockDiagError(f"inet_diag message of {msg_len} bytes at byte {offset}")
+        if msg_type != SOCK_DIAG_BY_FAMILY:
+            raise SockDiagError(f"unexpected netlink message type {msg_type} at byte {offset}")
+        raise SockDiagError(f"unknown TCP state {data[offset + 17]} at byte {offset}")
+
+    def _maybe_self_connect(
         self,
         data: memoryview | bytes,
         offset: int,
         family: str,
         state: int,
-        sport: int,
-        low: int,
-        high: int,
+        port: int,
         addr_len: int,
     ) -> None:
-        dport = (data[offset + 22] << 8) | data[offset + 23]
-        if sport == dport and (
-            data[offset + 24 : offset + 24 + addr_len] == data[offset + 40 : offset + 40 + addr_len]
-        ):
-            address = _address(family, bytes(data[offset + 24 : offset + 24 + addr_len]))
-            inode = _QUEUES_INODE.unpack_from(data, offset + 72)[2]
-            self.self_connects.append(SelfConnect(family, address, sport, STATES[state - 1], inode))
-        if state == TCP_SYN_SENT:
-            key = bytes(data[offset + 22 : offset + 24]) + bytes(
-                data[offset + 40 : offset + 40 + addr_len]
-            )
-            self.syn_sent[(family, key)] += 1
-        if low <= sport <= high and sport not in self.listen_ports:
-            key = bytes(data[offset + 22 : offset + 24 + addr_len]) + bytes(
-                data[offset + 40 : offset + 40 + addr_len]
-            )
-            use = self.ephemeral.get((family, key))
-            if use is None:
-                use = self.ephemeral[(family, key)] = [0, 0]
-            use[0] += 1
-            if state == TCP_TIME_WAIT:
-                use[1] += 1
+        source = bytes(data[offset + 24 : offset + 24 + addr_len])
+        if source != bytes(data[offset + 40 : offset + 40 + addr_len]):
+            return
+        inode = _QUEUES_INODE.unpack_from(data, offset + 72)[2]
+        address = _address(family, source)
+        self.self_connects.append(SelfConnect(family, address, port, STATES[state - 1], inode))
 
     def result(self, inuse: Mapping[str, int] | None, established_dumped: bool) -> SocketTable:
         counts: dict[str, dict[str, int]] = {}
@@ -320,22 +336,32 @@ class DumpAggregator:
 
     def _ephemeral_use(self) -> tuple[DestinationUse, ...]:
         uses: list[DestinationUse] = []
-        for (family, key), (sockets, time_wait) in self.ephemeral.items():
-            addr_len = _ADDRESS_LENGTH[family]
-            port = (key[0] << 8) | key[1]
-            source = _address(family, key[2 : 2 + addr_len])
-            destination = _address(family, key[2 + addr_len : 2 + 2 * addr_len])
-            uses.append(DestinationUse(family, source, destination, port, sockets, time_wait))
+        for family, counts in self.ephemeral.items():
+            time_wait = self.ephemeral_time_wait[family]
+            for key, sockets in counts.items():
+                port, source, destination = _decode_tuple_key(family, key)
+                uses.append(
+                    DestinationUse(
+                        family, source, destination, port, sockets, time_wait.get(key, 0)
+                    )
+                )
         uses.sort(key=lambda use: (-use.sockets, use.family, use.source, use.address, use.port))
         return tuple(uses)
 
     def _syn_sent(self) -> tuple[Destination, ...]:
-        destinations = [
-            Destination(family, _address(family, key[2:]), (key[0] << 8) | key[1], count)
-            for (family, key), count in self.syn_sent.items()
-        ]
+        destinations: list[Destination] = []
+        for (family, key), count in self.syn_sent.items():
+            port, _, address = _decode_tuple_key(family, key)
+            destinations.append(Destination(family, address, port, count))
         destinations.sort(key=lambda d: (-d.sockets, d.family, d.address, d.port))
         return tuple(destinations)
+
+
+def _decode_tuple_key(family: str, key: bytes) -> tuple[int, str, str]:
+    """(destination port, source, destination) from a dport + src[16] + dst[16] key."""
+    addr_len = _ADDRESS_LENGTH[family]
+    port = (key[0] << 8) | key[1]
+    return port, _address(family, key[2 : 2 + addr_len]), _address(family, key[18 : 18 + addr_len])
 
 
 def _owner_of_request(
