@@ -38,7 +38,7 @@ from typing import IO, Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tcpwatch.config import CollectSettings
-from tcpwatch.model import Snapshot
+from tcpwatch.model import Attribution, Snapshot
 from tcpwatch.paths import ProcPaths
 from tcpwatch.snapshot import take_snapshot
 from tcpwatch.sources import procnet, sockdiag, sysctl
@@ -171,8 +171,15 @@ def profile_rows(profiler: cProfile.Profile) -> list[list[Any]]:
     return rows[:PROFILE_ROWS]
 
 
-def serve(settings: CollectSettings, profile: bool, commands: IO[str], replies: IO[str]) -> int:
+def serve(
+    settings: CollectSettings,
+    profile: bool,
+    commands: IO[str],
+    replies: IO[str],
+    remember_owners: bool = False,
+) -> int:
     profiler = cProfile.Profile() if profile else None
+    known: Attribution | None = None  # the previous poll's owners, as tcpwatch serve keeps them
 
     def reply(data: dict[str, Any]) -> None:
         replies.write(json.dumps(data) + "\n")
@@ -193,7 +200,8 @@ def serve(settings: CollectSettings, profile: bool, commands: IO[str], replies: 
         started = time.perf_counter()
         if profiler is not None:
             profiler.enable()
-        snapshot = take_snapshot(settings)
+        snapshot = take_snapshot(settings, known_owners=known if remember_owners else None)
+        known = snapshot.attribution
         if profiler is not None:
             profiler.disable()
         wall = time.perf_counter() - started
@@ -215,13 +223,19 @@ def serve(settings: CollectSettings, profile: bool, commands: IO[str], replies: 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description="tcpwatch poll child of bench_poll.py")
     parser.add_argument("--established", choices=("derived", "dumped"), default="derived")
-    parser.add_argument("--attribution", choices=("on", "off"), default="on")
+    parser.add_argument(
+        "--attribution",
+        choices=("on", "off", "remembered"),
+        default="on",
+        help="on: every poll walks /proc/*/fd (tcpwatch check/metrics); remembered: owners found "
+        "by the previous poll are re-checked with one readlink each (tcpwatch serve)",
+    )
     parser.add_argument("--cprofile", action="store_true", help="profile the polls (cProfile)")
     args = parser.parse_args(argv)
     settings = CollectSettings(
-        established=args.established, process_attribution=args.attribution == "on"
+        established=args.established, process_attribution=args.attribution != "off"
     )
-    return serve(settings, args.cprofile, sys.stdin, sys.stdout)
+    return serve(settings, args.cprofile, sys.stdin, sys.stdout, args.attribution == "remembered")
 
 
 if __name__ == "__main__":
