@@ -201,8 +201,15 @@ def helper(spec: dict[str, Any]) -> int:
     deadline = time.monotonic() + BUILD_SECONDS
     held: list[socket.socket] = []
     listeners: list[socket.socket] = []
+    home = os.stat("/proc/thread-self/ns/net").st_ino
     for path in paths:
         setns(path)
+        if os.stat("/proc/thread-self/ns/net").st_ino in (home, netns_source.NET_NS_INIT_INO):
+            raise OSError(f"setns({path}) left us in the host's namespace")
+        # Our namespace's own copy: loopback's default (2) lets a connect() made a second later
+        # take over a TIME_WAIT port, and the TIME_WAIT count would never settle.
+        with open("/proc/sys/net/ipv4/tcp_tw_reuse", "w", encoding="ascii") as reuse:
+            reuse.write("0")
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", PORT))
@@ -220,9 +227,9 @@ def helper(spec: dict[str, Any]) -> int:
             server, _ = listener.accept()
             client.close()  # the side that closes first keeps TIME_WAIT
             server.close()
-        while sockstat_time_wait() != time_wait:
+        while (seen := sockstat_time_wait()) != time_wait:
             if time.monotonic() > deadline:
-                raise OSError(f"{path}: TIME_WAIT stayed at {sockstat_time_wait()}")
+                raise OSError(f"{path}: {seen} TIME_WAIT sockets, made {time_wait}")
             time.sleep(0.01)
     print(json.dumps({"ready": True, "time_wait_since": started, "fds": len(held)}), flush=True)
     end = time.monotonic() + HELPER_SECONDS
@@ -475,6 +482,23 @@ def render(results: Sequence[RunResult], total: int, polls: int) -> str:
     cpus = os.cpu_count()
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
+        "## Polling many network namespaces",
+        "",
+        "What `--netns` costs as the namespaces multiply while the sockets stay the same, and what "
+        "a per-namespace established hash (`net.ipv4.tcp_child_ehash_entries`) changes. "
+        "Background, and what to do about it: [namespaces.md](namespaces.md#cost). This section "
+        "is written by `python benchmarks/bench_netns.py --output docs/performance.md`.",
+        "",
+        "How to read it: every sock_diag dump walks every bucket of the hash its namespace uses "
+        "and every socket in that hash, whichever namespace the socket belongs to. With the "
+        "*shared* hash (the default: every namespace uses the host's), a dump costs about one "
+        "*empty walk* over the whole host however few sockets the namespace has, so *dumps per "
+        "poll* x *empty walk* is the floor of a poll's system time. With an *own* hash "
+        "(namespaces created after `tcp_child_ehash_entries` was set where they were created), "
+        "a dump walks only that namespace's table. The *idle* row (no socket at all) is the "
+        "fixed cost of a namespace: discovery, a thread and setns(), its /proc/net and "
+        "/proc/sys/net files; sockstat shows there is nothing to dump.",
+        "",
         "### Measured",
         "",
         f"{now}, Linux {kernel}, {cpus} CPUs, `python benchmarks/bench_netns.py` (up to {polls} "
@@ -502,8 +526,9 @@ def render(results: Sequence[RunResult], total: int, polls: int) -> str:
     ]
     for result in results:
         cost = per_poll(result.default)
+        sockets = f"{result.sockets_each:,}" if result.sockets_each else "0 (idle)"
         lines.append(
-            f"| {result.namespaces} | {result.sockets_each:,} | {result.hash_mode} "
+            f"| {result.namespaces} | {sockets} | {result.hash_mode} "
             f"({result.ehash_entries:,}) | {median([c.dumps for c in result.default]):g} | "
             f"{milliseconds(cost)} | {system_share(result.default):.0%} | "
             f"{milliseconds(per_poll(result.no_attribution))} | "
