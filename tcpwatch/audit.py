@@ -33,9 +33,12 @@ def audit(
     first_seen = close_wait_first_seen or {}
     for snapshot in current:
         host_like = snapshot.netns == "host" or len(current) == 1
+        before = previous.get(snapshot.netns)
+        if before is not None and before.identity.inode != snapshot.identity.inode:
+            before = None  # same name, new namespace (a re-created pod): nothing to compare
         window = Window(
             current=snapshot,
-            previous=previous.get(snapshot.netns),
+            previous=before,
             close_wait_first_seen=first_seen.get(snapshot.netns, {}),
             persisted_sysctls=persisted_sysctls if host_like else (),
         )

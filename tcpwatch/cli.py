@@ -301,7 +301,13 @@ def _check(config: Config, args: argparse.Namespace) -> int:
         color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
         sys.stdout.write(render_text(findings, list(current), color, verbose=args.verbose))
     sys.stdout.flush()
-    return worst_exit_code(findings)
+    code = worst_exit_code(findings)
+    unpolled = [s.netns for s in current if not s.source_ok("netns") and s.sockets is None]
+    if unpolled and code < EXIT_CRITICAL:
+        # A namespace asked for but not audited: the result is not OK, it is unknown.
+        log.warning("namespaces not audited: %s", ", ".join(unpolled))
+        return EXIT_UNKNOWN
+    return code
 
 
 def _rules() -> int:
