@@ -33,6 +33,9 @@ class CollectSettings:
     process_attribution: bool = True
     attribute_states: tuple[str, ...] = ("close_wait",)
     process_scan_timeout: float = 5.0
+    # serve: seconds between per-destination scans (ESTABLISHED sockets on ephemeral ports are
+    # copied out only for them); polls in between reuse the latest. 0 = every poll.
+    destinations_interval: float = 60.0
     top_processes: int = 20
     top_destinations: int = 20
 
@@ -220,6 +223,7 @@ def _collect(check: _Validator, raw: object) -> CollectSettings:
         "process_attribution",
         "attribute_states",
         "process_scan_timeout",
+        "destinations_interval",
         "top_processes",
         "top_destinations",
     }
@@ -246,6 +250,10 @@ def _collect(check: _Validator, raw: object) -> CollectSettings:
     if "process_scan_timeout" in section:
         changes["process_scan_timeout"] = check.number(
             section["process_scan_timeout"], "collect.process_scan_timeout", 0.1, 120
+        )
+    if "destinations_interval" in section:
+        changes["destinations_interval"] = check.number(
+            section["destinations_interval"], "collect.destinations_interval", 0, 3600
         )
     for key in ("top_processes", "top_destinations"):
         if key in section:

@@ -28,7 +28,7 @@ from tcpwatch.audit import audit, rule_settings
 from tcpwatch.cli import UsageError
 from tcpwatch.config import Config, ConfigError
 from tcpwatch.exporter import ExportState, PollHistogram
-from tcpwatch.model import Attribution, Snapshot
+from tcpwatch.model import Attribution, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sdnotify import Notifier
 from tcpwatch.snapshot import poll
@@ -78,21 +78,36 @@ def track_close_wait(first_seen: Mapping[int, float], snapshot: Snapshot) -> Map
 
 
 class SnapshotTaker:
-    """Polls every namespace the configuration selects (`namespaces:`, `--netns`), remembering
-    where the previous poll found each socket's owner so the next one re-checks those with one
-    readlink each instead of walking every process' fds (most of a poll's cost otherwise)."""
+    """Polls every namespace the configuration selects (`namespaces:`, `--netns`), carrying what
+    makes the next poll cheaper: where each socket's owner was found (re-checked with one
+    readlink each instead of a walk of every process' fds) and each namespace's per-destination
+    data, dumped afresh only every `collect.destinations_interval` seconds."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._known: Attribution | None = None
+        self._tables: dict[str, SocketTable] = {}
+        self._destinations_at: float | None = None
 
     def __call__(self, config: Config) -> tuple[Snapshot, ...]:
+        now = self._clock()
+        interval = config.collect.destinations_interval
+        due = (
+            self._destinations_at is None
+            or interval <= 0
+            or now - self._destinations_at >= interval
+        )
         snapshots = poll(
             config.collect,
             config.namespaces,
             ProcPaths(root=config.procfs),
             known_owners=self._known,
+            earlier=None if due else self._tables,
         )
+        if due:
+            self._destinations_at = now
         self._known = next((s.attribution for s in snapshots if s.attribution), None)
+        self._tables = {s.netns: s.sockets for s in snapshots if s.sockets is not None}
         return snapshots
 
 

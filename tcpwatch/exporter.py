@@ -320,7 +320,16 @@ def _port_families(state: ExportState) -> Iterator[Metric]:
         ["netns"],
         state.cached,
     )
+    scanned = _gauge(
+        "tcpwatch_ephemeral_scan_timestamp_seconds",
+        "Unix time of the per-destination scan tcpwatch_ephemeral_ports_used comes from; serve "
+        "repeats it every collect.destinations_interval seconds, not every poll.",
+        ["netns"],
+        state.cached,
+    )
     for snap in state.snapshots:
+        if snap.sockets is not None and snap.sockets.destinations_at:
+            scanned.add_metric([snap.netns], snap.sockets.destinations_at)
         if snap.sysctls is not None and snap.sysctls.port_range is not None:
             low, high = snap.sysctls.port_range
             reserved = sum(1 for port in range(low, high + 1) if snap.sysctls.port_reserved(port))
@@ -330,7 +339,7 @@ def _port_families(state: ExportState) -> Iterator[Metric]:
         destinations.add_metric([snap.netns], len(snap.sockets.ephemeral_use))
         for use in snap.sockets.ephemeral_use[: state.top_destinations]:
             used.add_metric([snap.netns, use.source, _endpoint(use.address, use.port)], use.sockets)
-    yield from (used, size, destinations)
+    yield from (used, size, destinations, scanned)
 
 
 def _process_families(state: ExportState) -> Iterator[Metric]:

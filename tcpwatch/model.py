@@ -92,6 +92,9 @@ class SocketTable:
     # "dumped": every ESTABLISHED socket was dumped and counted.
     established_method: str
     messages: int  # netlink messages parsed, a measure of the poll's cost
+    # Unix time the per-destination data (ephemeral_use, established self-connects) was taken:
+    # the poll's own time, or an earlier poll's when collect.destinations_interval spared it.
+    destinations_at: float = 0.0
 
     def total(self, state: str) -> int:
         return sum(by_state.get(state, 0) for by_state in self.counts.values())

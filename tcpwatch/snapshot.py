@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import TypeVar
 
@@ -49,6 +49,19 @@ def wanted_inodes(table: SocketTable) -> frozenset[int]:
     return frozenset(inodes)
 
 
+def _with_destinations_of(sockets: SocketTable, earlier: SocketTable) -> SocketTable:
+    """This poll's counts with an earlier poll's per-destination data (and its age)."""
+    return replace(
+        sockets,
+        ephemeral_use=earlier.ephemeral_use,
+        self_connects=(
+            *sockets.self_connects,
+            *(c for c in earlier.self_connects if c.state == "established"),
+        ),
+        destinations_at=earlier.destinations_at,
+    )
+
+
 def _own_netns_inode(paths: ProcPaths) -> frozenset[int]:
     try:
         return frozenset({netns_source.current_netns_inode(paths)})
@@ -70,11 +83,13 @@ def take_snapshot(
     clock: Callable[[], float] = time.time,
     scan_processes: bool = True,
     known_owners: Attribution | None = None,
+    earlier: SocketTable | None = None,
 ) -> Snapshot:
     """One poll of the namespace that ``paths`` (and this process' netlink socket) sees.
 
     ``scan_processes=False`` still collects the inodes to attribute but leaves the /proc/*/fd
-    scan to the caller (poll() does one scan for every namespace).
+    scan to the caller (poll() does one scan for every namespace). With ``earlier`` (a previous
+    poll's table of this namespace), the per-destination data is reused instead of dumped.
     """
     paths = paths or ProcPaths()
     statuses: list[SourceStatus] = []
@@ -87,6 +102,7 @@ def take_snapshot(
     if sockstat is not None and settings.established == "derived":
         inuse = {"ipv4": sockstat.inuse_ipv4, "ipv6": sockstat.inuse_ipv6}
     port_range = sysctls.port_range if sysctls is not None else None
+    fresh = earlier is None or settings.established == "dumped"
     sockets = _timed(
         "sockdiag",
         lambda: sockdiag.collect(
@@ -95,9 +111,15 @@ def take_snapshot(
             settings.attribute_states if settings.process_attribution else (),
             dump_established=settings.established == "dumped",
             time_wait=sockstat.time_wait if sockstat is not None else None,
+            destinations=fresh,
         ),
         statuses,
     )
+    if sockets is not None:
+        if fresh or earlier is None:
+            sockets = replace(sockets, destinations_at=taken_at)
+        else:
+            sockets = _with_destinations_of(sockets, earlier)
     attribution: Attribution | None = None
     own_inode = _own_netns_inode(paths)
     if settings.process_attribution and scan_processes and sockets is not None:
@@ -132,6 +154,7 @@ def poll(
     run_netns_dir: str = netns_source.RUN_NETNS_DIR,
     clock: Callable[[], float] = time.time,
     known_owners: Attribution | None = None,
+    earlier: Mapping[str, SocketTable] | None = None,
 ) -> tuple[Snapshot, ...]:
     """Snapshots of every selected namespace (`namespaces:`), with one process scan for all.
 
@@ -139,17 +162,17 @@ def poll(
     and /proc/sys/net are that namespace's. One that vanished since discovery is left out
     quietly; one that cannot be entered yields a snapshot whose `netns` source failed.
     ``known_owners`` (the previous poll's attribution) spares the fd walk for sockets whose owner
-    still holds them where it was found.
+    still holds them where it was found; ``earlier`` (netns name -> table) spares the
+    per-destination dumps of the namespaces it names.
     """
     paths = paths or ProcPaths()
     if selection == ("self",):
-        snapshot = take_snapshot(settings, paths, clock=clock)
-        # tcpwatch_netns_info carries the inode in every mode; container and pod come only from
-        # discovery (--netns), which self skips.
-        own = _own_netns_inode(paths)
-        if own:
-            snapshot = replace(snapshot, identity=NetnsIdentity(inode=next(iter(own))))
-        return (snapshot,)
+        # take_snapshot() sets the identity's inode; container and pod come only from discovery
+        # (--netns), which self skips.
+        only = next(iter(earlier.values()), None) if earlier else None
+        return (
+            take_snapshot(settings, paths, clock=clock, known_owners=known_owners, earlier=only),
+        )
     discovery_started = time.perf_counter()
     try:
         targets = netns_source.select(netns_source.discover(paths, run_netns_dir), selection)
@@ -167,7 +190,15 @@ def poll(
         try:
             snapshot = netns_source.run_inside(
                 target,
-                functools.partial(take_snapshot, settings, target_paths, target.name, clock, False),
+                functools.partial(
+                    take_snapshot,
+                    settings,
+                    target_paths,
+                    target.name,
+                    clock,
+                    scan_processes=False,
+                    earlier=(earlier or {}).get(target.name),
+                ),
             )
         except netns_source.NetnsGone:
             log.debug("namespace %s vanished before it was polled", target.name)

@@ -439,6 +439,7 @@ def collect(
     dump_established: bool = False,
     sock: socket.socket | None = None,
     time_wait: int | None = None,
+    destinations: bool = True,
 ) -> SocketTable:
     """Dump this namespace's TCP sockets (see the module docstring for the plan).
 
@@ -446,8 +447,13 @@ def collect(
     socket and no timewait socket has nothing to dump (request sockets need a listener), and once
     dump 1 has seen every full socket of a family, no ESTABLISHED socket is left for dump 2. Each
     dump walks the host-wide hash, so on a node with many namespaces this is most of the saving.
+
+    ``destinations=False`` skips the per-destination work: dump 2 exists only for it (derived
+    ESTABLISHED needs no dump), and dump 1 then counts without keying ephemeral sockets. The
+    table's ephemeral_use is then empty and established self-connects unseen: the caller reuses
+    an earlier poll's (collect.destinations_interval).
     """
-    aggregator = DumpAggregator(port_range, attribute_states)
+    aggregator = DumpAggregator(port_range if destinations else None, attribute_states)
     established_dumped = dump_established or inuse is None or port_range is None
     families = FAMILIES
     if inuse is not None and time_wait == 0:
@@ -471,7 +477,7 @@ def collect(
         first_mask = ALL_STATES_MASK if established_dumped else ALL_STATES_MASK & ~ESTABLISHED_MASK
         for family in families:
             dump(family, first_mask)
-        if not established_dumped and inuse is not None and port_range is not None:
+        if destinations and not established_dumped and inuse is not None and port_range:
             bytecode = port_range_bytecode(*port_range)
             for family in families:
                 if inuse[family] > aggregator.totals[family].full_sockets:

@@ -55,6 +55,7 @@ def fixture_state() -> ExportState:
         inodes_by_state={"close_wait": frozenset(range(2000, 2060))},
         established_method="derived",
         messages=140,
+        destinations_at=1_699_999_970.0,
     )
     owners = {
         1001: ProcessRef(10, "nginx"),
