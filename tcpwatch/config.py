@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from tcpwatch.model import STATES
+from tcpwatch.validation import Validator, show
 
 ESTABLISHED_METHODS = ("derived", "dumped")
 # States whose sockets carry an inode in the cheap dumps (ESTABLISHED is counted, not dumped;
@@ -66,78 +67,6 @@ class Config:
 RuleCatalogue = Mapping[str, Mapping[str, tuple[float, float, str]]]
 
 
-class _Validator:
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.errors: list[str] = []
-
-    def error(self, path: str, message: str) -> None:
-        self.errors.append(f"{self.source}: {path}: {message}")
-
-    def mapping(self, value: object, path: str) -> Mapping[str, Any] | None:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.error(path, f"expected a mapping, got {_show(value)}")
-            return None
-        return value
-
-    def unknown_keys(self, section: Mapping[str, Any], known: set[str], path: str) -> None:
-        for key in section:
-            if key not in known:
-                where = f"{path}.{key}" if path else str(key)
-                self.error(where, f"unknown key (known: {', '.join(sorted(known))})")
-
-    def number(self, value: object, path: str, low: float, high: float) -> float | None:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self.error(
-                path, f"expected a number between {_n(low)} and {_n(high)}, got {_show(value)}"
-            )
-            return None
-        if not low <= value <= high:
-            self.error(path, f"expected a number between {_n(low)} and {_n(high)}, got {value}")
-            return None
-        return float(value)
-
-    def integer(self, value: object, path: str, low: int, high: int) -> int | None:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            self.error(
-                path, f"expected a whole number between {low} and {high}, got {_show(value)}"
-            )
-            return None
-        return value
-
-    def boolean(self, value: object, path: str) -> bool | None:
-        if not isinstance(value, bool):
-            self.error(path, f"expected true or false, got {_show(value)}")
-            return None
-        return value
-
-    def choice(self, value: object, path: str, choices: tuple[str, ...]) -> str | None:
-        if not isinstance(value, str) or value not in choices:
-            self.error(path, f"expected one of {', '.join(choices)}, got {_show(value)}")
-            return None
-        return value
-
-    def string(self, value: object, path: str) -> str | None:
-        if not isinstance(value, str) or not value:
-            self.error(path, f"expected a non-empty string, got {_show(value)}")
-            return None
-        return value
-
-
-def _show(value: object) -> str:
-    if isinstance(value, str):
-        return f'"{value}"'
-    if value is None:
-        return "nothing"
-    return repr(value)
-
-
-def _n(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
 def load_config(path: str, catalogue: RuleCatalogue | None = None) -> Config:
     """Read and validate a YAML file; raises ConfigError with every problem found."""
     try:
@@ -160,7 +89,7 @@ def parse_config(text: str, source: str, catalogue: RuleCatalogue | None = None)
         where = f"line {mark.line + 1}" if mark is not None else "?"
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError([f"{source}: {where}: not valid YAML: {problem}"]) from None
-    check = _Validator(source)
+    check = Validator(source)
     top = check.mapping(raw, "(top level)")
     if top is None:
         raise ConfigError(check.errors)
@@ -191,7 +120,7 @@ def parse_config(text: str, source: str, catalogue: RuleCatalogue | None = None)
             check.error(
                 "namespaces",
                 'expected "self", "all" or a list of namespace names or patterns, '
-                f"got {_show(top['namespaces'])}",
+                f"got {show(top['namespaces'])}",
             )
         else:
             values["namespaces"] = selection
@@ -213,7 +142,7 @@ def parse_namespaces(raw: object) -> tuple[str, ...] | None:
     return tuple(raw)
 
 
-def _collect(check: _Validator, raw: object) -> CollectSettings:
+def _collect(check: Validator, raw: object) -> CollectSettings:
     section = check.mapping(raw, "collect")
     settings = CollectSettings()
     if not section:
@@ -240,7 +169,7 @@ def _collect(check: _Validator, raw: object) -> CollectSettings:
     if "attribute_states" in section:
         states = section["attribute_states"]
         if not isinstance(states, list):
-            check.error("collect.attribute_states", f"expected a list, got {_show(states)}")
+            check.error("collect.attribute_states", f"expected a list, got {show(states)}")
         else:
             chosen = [
                 check.choice(state, f"collect.attribute_states[{i}]", ATTRIBUTABLE_STATES)
@@ -262,7 +191,7 @@ def _collect(check: _Validator, raw: object) -> CollectSettings:
 
 
 def _rules(
-    check: _Validator, raw: object, catalogue: RuleCatalogue | None
+    check: Validator, raw: object, catalogue: RuleCatalogue | None
 ) -> dict[str, RuleOverride]:
     section = check.mapping(raw, "rules")
     overrides: dict[str, RuleOverride] = {}

@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from tcpwatch.config import ConfigError
+from tcpwatch.validation import Validator, show
 
 TLS_VERSIONS: Mapping[str, ssl.TLSVersion] = {
     "TLS10": ssl.TLSVersion.TLSv1,
@@ -130,55 +131,6 @@ class WebConfig:
         return ", ".join(parts)
 
 
-class _Checker:
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.errors: list[str] = []
-
-    def error(self, path: str, message: str) -> None:
-        self.errors.append(f"{self.source}: {path}: {message}")
-
-    def mapping(self, value: object, path: str) -> Mapping[Any, Any] | None:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.error(path, f"expected a mapping, got {_show(value)}")
-            return None
-        return value
-
-    def unknown(self, section: Mapping[Any, Any], known: tuple[str, ...], path: str) -> None:
-        for key in section:
-            if key not in known:
-                where = f"{path}.{key}" if path else str(key)
-                self.error(where, f"unknown key (known: {', '.join(sorted(known))})")
-
-    def string(self, value: object, path: str) -> str | None:
-        if not isinstance(value, str) or not value:
-            self.error(path, f"expected a non-empty string, got {_show(value)}")
-            return None
-        return value
-
-    def boolean(self, value: object, path: str) -> bool | None:
-        if not isinstance(value, bool):
-            self.error(path, f"expected true or false, got {_show(value)}")
-            return None
-        return value
-
-    def choice(self, value: object, path: str, choices: tuple[str, ...]) -> str | None:
-        if not isinstance(value, str) or value not in choices:
-            self.error(path, f"expected one of {', '.join(choices)}, got {_show(value)}")
-            return None
-        return value
-
-
-def _show(value: object) -> str:
-    if isinstance(value, str):
-        return f'"{value}"'
-    if value is None:
-        return "nothing"
-    return repr(value)
-
-
 def parse_duration(text: str) -> float | None:
     """Seconds in a Go duration string (``"1s"``, ``"100ms"``, ``"1m30s"``, ``"0"``); None if
     it is not one."""
@@ -207,11 +159,11 @@ def parse_web_config(text: str, source: str, base_dir: str = ".") -> WebConfig:
         where = f"line {mark.line + 1}" if mark is not None else "?"
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise WebConfigError([f"{source}: {where}: not valid YAML: {problem}"]) from None
-    check = _Checker(source)
+    check = Validator(source)
     top = check.mapping(raw, "(top level)")
     if top is None:
         raise WebConfigError(check.errors)
-    check.unknown(
+    check.unknown_keys(
         top, ("tls_server_config", "http_server_config", "basic_auth_users", "rate_limit"), ""
     )
     tls = _tls(check, top.get("tls_server_config"), base_dir)
@@ -223,7 +175,7 @@ def parse_web_config(text: str, source: str, base_dir: str = ".") -> WebConfig:
     return WebConfig(source, tls, users, headers, rate_limit)
 
 
-def _tls(check: _Checker, raw: object, base_dir: str) -> TlsSettings | None:
+def _tls(check: Validator, raw: object, base_dir: str) -> TlsSettings | None:
     section = check.mapping(raw, "tls_server_config")
     if not section:
         return None
@@ -249,7 +201,7 @@ def _tls(check: _Checker, raw: object, base_dir: str) -> TlsSettings | None:
     for key, reason in unsupported.items():
         if key in section:
             check.error(f"{path}.{key}", reason)
-    check.unknown(section, (*known, *unsupported), path)
+    check.unknown_keys(section, (*known, *unsupported), path)
 
     def file(key: str) -> str | None:
         if key not in section:
@@ -296,7 +248,7 @@ def _tls(check: _Checker, raw: object, base_dir: str) -> TlsSettings | None:
     if "client_allowed_sans" in section:
         raw_sans = section["client_allowed_sans"]
         if not isinstance(raw_sans, list):
-            check.error(f"{path}.client_allowed_sans", f"expected a list, got {_show(raw_sans)}")
+            check.error(f"{path}.client_allowed_sans", f"expected a list, got {show(raw_sans)}")
         else:
             parsed = [
                 check.string(item, f"{path}.client_allowed_sans[{index}]")
@@ -340,11 +292,11 @@ def _tls(check: _Checker, raw: object, base_dir: str) -> TlsSettings | None:
     )
 
 
-def _http(check: _Checker, raw: object) -> dict[str, str]:
+def _http(check: Validator, raw: object) -> dict[str, str]:
     section = check.mapping(raw, "http_server_config")
     if not section:
         return {}
-    check.unknown(section, ("http2", "headers"), "http_server_config")
+    check.unknown_keys(section, ("http2", "headers"), "http_server_config")
     if "http2" in section:
         check.boolean(section["http2"], "http_server_config.http2")
     headers = check.mapping(section.get("headers"), "http_server_config.headers")
@@ -368,7 +320,7 @@ def _http(check: _Checker, raw: object) -> dict[str, str]:
     return chosen
 
 
-def _users(check: _Checker, raw: object) -> dict[str, str]:
+def _users(check: Validator, raw: object) -> dict[str, str]:
     section = check.mapping(raw, "basic_auth_users")
     users: dict[str, str] = {}
     for user, hashed in (section or {}).items():
@@ -396,11 +348,11 @@ def _users(check: _Checker, raw: object) -> dict[str, str]:
     return users
 
 
-def _rate_limit(check: _Checker, raw: object) -> RateLimit | None:
+def _rate_limit(check: Validator, raw: object) -> RateLimit | None:
     section = check.mapping(raw, "rate_limit")
     if not section:
         return None
-    check.unknown(section, ("interval", "burst"), "rate_limit")
+    check.unknown_keys(section, ("interval", "burst"), "rate_limit")
     interval: float | None = 0.0
     if "interval" in section:
         value = section["interval"]
@@ -408,11 +360,11 @@ def _rate_limit(check: _Checker, raw: object) -> RateLimit | None:
         if interval is None:
             check.error(
                 "rate_limit.interval",
-                f'expected a duration such as "1s" or "100ms", got {_show(value)}',
+                f'expected a duration such as "1s" or "100ms", got {show(value)}',
             )
     burst = section.get("burst", 0)
     if isinstance(burst, bool) or not isinstance(burst, int) or not 0 <= burst <= 1_000_000:
-        check.error("rate_limit.burst", f"expected a whole number from 0, got {_show(burst)}")
+        check.error("rate_limit.burst", f"expected a whole number from 0, got {show(burst)}")
         return None
     if not interval:  # 0 (or a broken value, reported above) disables the limiter
         return None
