@@ -94,7 +94,8 @@ SS_STATES = {
 # First-run duration guesses, seconds per socket (+0.3 s); later runs use what was measured.
 GUESS_PER_SOCKET = {"tcpwatch": 5e-6, "node_exporter": 6e-6, "ss": 8e-6, "ss -p": 1e-4}
 TCPWATCH_MODES = (  # (label, established, attribution)
-    ("tcpwatch serve (default: derived, owners remembered)", "derived", "remembered"),
+    ("tcpwatch serve between destination scans (3 polls in 4 at the defaults)", "derived", "serve"),
+    ("tcpwatch serve, destination-scan poll (owners remembered)", "derived", "remembered"),
     ("tcpwatch check (derived, attribution walks /proc every poll)", "derived", "on"),
     ("tcpwatch derived, attribution off", "derived", "off"),
     ("tcpwatch dumped, attribution on", "dumped", "on"),
@@ -687,7 +688,7 @@ def run_population(
                 guess("tcpwatch", plan) * (5 if established == "dumped" else 1),
                 functools.partial(poller.poll, 600),
                 label,
-                warmups=0 if attribution == "on" else 1,  # "remembered" needs its first walk
+                warmups=0 if attribution == "on" else 1,  # serve modes need their first walk
             )
             if attribution == "off":
                 for part in ("dumps", "walk"):
@@ -922,8 +923,8 @@ def render_breakdown(result: PopulationResult) -> list[str]:
 
     columns = []
     for mode, on_label, off_label in (
-        ("derived", TCPWATCH_MODES[1][0], TCPWATCH_MODES[2][0]),
-        ("dumped", TCPWATCH_MODES[3][0], TCPWATCH_MODES[4][0]),
+        ("derived", TCPWATCH_MODES[2][0], TCPWATCH_MODES[3][0]),
+        ("dumped", TCPWATCH_MODES[4][0], TCPWATCH_MODES[5][0]),
     ):
         walk, dumps = cpu(f"walk {mode}"), cpu(f"dumps {mode}")
         off, on = cpu(off_label), cpu(on_label)

@@ -38,7 +38,7 @@ from typing import IO, Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tcpwatch.config import CollectSettings
-from tcpwatch.model import Attribution, Snapshot
+from tcpwatch.model import Attribution, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
 from tcpwatch.snapshot import take_snapshot
 from tcpwatch.sources import procnet, sockdiag, sysctl
@@ -177,9 +177,11 @@ def serve(
     commands: IO[str],
     replies: IO[str],
     remember_owners: bool = False,
+    reuse_destinations: bool = False,
 ) -> int:
     profiler = cProfile.Profile() if profile else None
     known: Attribution | None = None  # the previous poll's owners, as tcpwatch serve keeps them
+    earlier: SocketTable | None = None  # and its per-destination scan, between scans
 
     def reply(data: dict[str, Any]) -> None:
         replies.write(json.dumps(data) + "\n")
@@ -200,8 +202,13 @@ def serve(
         started = time.perf_counter()
         if profiler is not None:
             profiler.enable()
-        snapshot = take_snapshot(settings, known_owners=known if remember_owners else None)
+        snapshot = take_snapshot(
+            settings,
+            known_owners=known if remember_owners else None,
+            earlier=earlier if reuse_destinations else None,
+        )
         known = snapshot.attribution
+        earlier = snapshot.sockets
         if profiler is not None:
             profiler.disable()
         wall = time.perf_counter() - started
@@ -225,17 +232,26 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--established", choices=("derived", "dumped"), default="derived")
     parser.add_argument(
         "--attribution",
-        choices=("on", "off", "remembered"),
+        choices=("on", "off", "remembered", "serve"),
         default="on",
         help="on: every poll walks /proc/*/fd (tcpwatch check/metrics); remembered: owners found "
-        "by the previous poll are re-checked with one readlink each (tcpwatch serve)",
+        "by the previous poll are re-checked with one readlink each (tcpwatch serve on a "
+        "destination-scan poll); serve: that, and the previous per-destination scan reused "
+        "(tcpwatch serve between scans)",
     )
     parser.add_argument("--cprofile", action="store_true", help="profile the polls (cProfile)")
     args = parser.parse_args(argv)
     settings = CollectSettings(
         established=args.established, process_attribution=args.attribution != "off"
     )
-    return serve(settings, args.cprofile, sys.stdin, sys.stdout, args.attribution == "remembered")
+    return serve(
+        settings,
+        args.cprofile,
+        sys.stdin,
+        sys.stdout,
+        remember_owners=args.attribution in ("remembered", "serve"),
+        reuse_destinations=args.attribution == "serve",
+    )
 
 
 if __name__ == "__main__":
