@@ -144,6 +144,8 @@ def take_snapshot(
         sysctls=sysctls,
         attribution=attribution,
         sources=tuple(statuses),
+        # Container and pod come only from discovery (--netns); the inode is known in every mode.
+        identity=NetnsIdentity(inode=next(iter(own_inode), 0)),
     )
 
 
