@@ -289,7 +289,8 @@ class TestHealthyNamespace:
     few hundred short connections that ended in TIME_WAIT."""
 
     @pytest.fixture(scope="class")
-    def healthy(self, class_netns: Netns) -> Healthy:
+    @classmethod
+    def healthy(cls, class_netns: Netns) -> Healthy:
         ns = class_netns
         populations.established(ns, pairs=20, port=20001)
         populations.time_wait(ns, count=300, port=20003, closer="client")
@@ -510,16 +511,17 @@ class TestAcceptQueueFull:
     PORT = 20008
 
     @pytest.fixture(scope="class")
-    def full(self, class_netns: Netns) -> FullQueue:
+    @classmethod
+    def full(cls, class_netns: Netns) -> FullQueue:
         ns = class_netns
-        population = populations.accept_queue_full(ns, port=self.PORT, backlog=4, overflowing=3)
+        population = populations.accept_queue_full(ns, port=cls.PORT, backlog=4, overflowing=3)
         quiet = run_check(ns)
-        (listener,) = [s for s in parse_ss(ns.ss("-ltnH")) if s.local_port == self.PORT]
+        (listener,) = [s for s in parse_ss(ns.ss("-ltnH")) if s.local_port == cls.PORT]
         start_helper(
             ns,
             "ticker",
             name="tw-impatient",
-            port=self.PORT,
+            port=cls.PORT,
             counter="ListenOverflows",
             interval=0.05,
             keep_seconds=0.5,  # ~10 SYN_SENT at a time: below S03's 20
@@ -583,11 +585,12 @@ class TestBacklogCapped:
     IDLE = 20001  # listen(16) cut to 8, empty
 
     @pytest.fixture(scope="class")
-    def capped(self, class_netns: Netns) -> Capped:
+    @classmethod
+    def capped(cls, class_netns: Netns) -> Capped:
         ns = class_netns
         ns.sysctl("net.core.somaxconn", 8)
-        busy = populations.reuseport(ns, port=self.BUSY, backlogs=(64,), clients=5)
-        populations.established(ns, pairs=0, port=self.IDLE)
+        busy = populations.reuseport(ns, port=cls.BUSY, backlogs=(64,), clients=5)
+        populations.established(ns, pairs=0, port=cls.IDLE)
         run = run_check(ns)
         disabled = run_check(ns, "rules:\n  Q03: false\n")
         return Capped(run, disabled, busy.info["pid"])
@@ -638,16 +641,17 @@ class TestSynQueuePressure:
     PORT = 20007
 
     @pytest.fixture(scope="class")
-    def syn_queue(self, class_netns: Netns) -> SynQueue:
+    @classmethod
+    def syn_queue(cls, class_netns: Netns) -> SynQueue:
         ns = class_netns
-        drop_final_acks(ns, self.PORT)
-        info = start_helper(ns, "syn_queue", name="tw-synq", port=self.PORT, backlog=8, half_open=7)
+        drop_final_acks(ns, cls.PORT)
+        info = start_helper(ns, "syn_queue", name="tw-synq", port=cls.PORT, backlog=8, half_open=7)
         half_open = run_check(ns)
         start_helper(
             ns,
             "ticker",
             name="tw-syn-burst",
-            port=self.PORT,
+            port=cls.PORT,
             counter="SyncookiesSent",
             interval=0.05,
             keep_seconds=None,
@@ -700,7 +704,8 @@ class Leak:
 
 class TestCloseWaitLeak:
     @pytest.fixture(scope="class")
-    def leak(self, class_netns: Netns) -> Leak:
+    @classmethod
+    def leak(cls, class_netns: Netns) -> Leak:
         ns = class_netns
         leaker = populations.close_wait(ns, count=60, port=20005, process_name="tw-leaker")
         tidy = populations.close_wait(ns, count=10, port=20015, process_name="tw-tidy")
@@ -740,11 +745,12 @@ class TestSelfConnect:
     PORT = 45678  # inside the default ip_local_port_range, where the kernel picks source ports
 
     @pytest.fixture(scope="class")
-    def self_connected(self, class_netns: Netns) -> SelfConnected:
-        info = start_helper(class_netns, "self_connect", name="tw-selfconn", port=self.PORT)
-        assert info["peer"] == ["127.0.0.1", self.PORT]
+    @classmethod
+    def self_connected(cls, class_netns: Netns) -> SelfConnected:
+        info = start_helper(class_netns, "self_connect", name="tw-selfconn", port=cls.PORT)
+        assert info["peer"] == ["127.0.0.1", cls.PORT]
         (sock,) = ss_sockets(class_netns, "established")
-        assert (sock.local_port, sock.peer_port) == (self.PORT, self.PORT)
+        assert (sock.local_port, sock.peer_port) == (cls.PORT, cls.PORT)
         return SelfConnected(run_check(class_netns), info)
 
     def test_s02_critical(self, self_connected: SelfConnected) -> None:
@@ -786,7 +792,8 @@ class Unreachable:
 
 class TestSynSentPileup:
     @pytest.fixture(scope="class")
-    def unreachable(self, class_netns: Netns) -> Unreachable:
+    @classmethod
+    def unreachable(cls, class_netns: Netns) -> Unreachable:
         ns = class_netns
         populations.syn_sent(ns, count=25, port=20006)
         populations.syn_sent(ns, count=5, port=20016)
@@ -823,7 +830,8 @@ class TestEphemeralExhaustion:
     """Short connections to two destinations in a 200-port ip_local_port_range."""
 
     @pytest.fixture(scope="class")
-    def exhausted(self, class_netns: Netns) -> Exhausted:
+    @classmethod
+    def exhausted(cls, class_netns: Netns) -> Exhausted:
         ns = class_netns
         ns.sysctl("net.ipv4.ip_local_port_range", "40000 40199")
         populations.time_wait(ns, count=170, port=20003, closer="client")  # 85 %: critical
@@ -909,7 +917,8 @@ class TestMisconfiguredNamespace:
     LEAKY = 20005
 
     @pytest.fixture(scope="class")
-    def misconfigured(self, class_netns: Netns) -> Misconfigured:
+    @classmethod
+    def misconfigured(cls, class_netns: Netns) -> Misconfigured:
         ns = class_netns
         for name, value in {
             "net.core.somaxconn": "16",
@@ -919,8 +928,8 @@ class TestMisconfiguredNamespace:
         }.items():
             ns.sysctl(name, value)
         # listen(128) cut to 16; 17 connections queued (the kernel admits backlog + 1).
-        full = populations.reuseport(ns, port=self.FULL, backlogs=(128,), clients=17)
-        leaker = populations.close_wait(ns, count=60, port=self.LEAKY, process_name="tw-leaker")
+        full = populations.reuseport(ns, port=cls.FULL, backlogs=(128,), clients=17)
+        leaker = populations.close_wait(ns, count=60, port=cls.LEAKY, process_name="tw-leaker")
         run = run_check(ns, "rules:\n  K09:\n    idle_timeout: 350\n")
         return Misconfigured(run, full.info["pid"], leaker.info["pid"])
 
