@@ -112,8 +112,10 @@ def evaluate(
             # list() so a rule failing half-way contributes only its error finding.
             findings.extend(list(rule.check(window, rule.threshold_values(setting.thresholds))))
         except Exception as error:  # one broken rule must never abort the run
-            log.warning("rule %s failed in netns %s: %s", rule.id, window.current.netns, error)
-            log.debug("rule %s traceback", rule.id, exc_info=True)
+            # The error finding reports it (check's report, serve's tcpwatch_finding); a log line
+            # here would repeat on every poll of the daemon.
+            netns = window.current.netns
+            log.debug("rule %s failed in netns %s: %s", rule.id, netns, error, exc_info=True)
             findings.append(_error_finding(rule, window, error))
     findings.sort(key=sort_key)
     return findings
