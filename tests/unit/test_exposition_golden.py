@@ -132,3 +132,18 @@ def test_live_process_metrics_are_included_by_default() -> None:
     text = render(fixture_state()).decode()
     assert "process_cpu_seconds_total" in text
     assert 'tcpwatch_build_info{version="' in text
+
+
+def test_every_exported_family_is_documented_with_an_example() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    docs = (Path(__file__).parent.parent.parent / "docs" / "metrics.md").read_text()
+    families = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in text_string_to_metric_families(render(fixture_state()).decode())
+        if family.name.startswith("tcpwatch_")
+    }
+    assert len(families) > 30
+    for exposed in sorted(families):
+        assert f"`{exposed}`" in docs, f"{exposed} has no row in docs/metrics.md"
+        assert f"\n{exposed}" in docs or f"\n{exposed}{{" in docs, f"{exposed}: no example line"
