@@ -483,3 +483,57 @@ class TestCheckPipeline:
             f"tcpwatch: {config}: rules.Q99: unknown rule id (known: {known})",
         ]
         assert poll.calls == 0
+
+
+class FakeFleetPoll:
+    """tcpwatch.snapshot.poll for --netns: a healthy namespace and one that could not be entered."""
+
+    def __init__(self, entered: Snapshot) -> None:
+        self.entered = entered
+
+    def __call__(self, *args: Any, **keywords: Any) -> tuple[Snapshot, ...]:
+        from dataclasses import replace as replace_fields
+
+        from tcpwatch.model import SourceStatus
+
+        refused = SourceStatus("netns", False, 0.001, "entering needs CAP_SYS_ADMIN")
+        unentered = replace_fields(
+            self.entered,
+            netns="blue",
+            sockets=None,
+            counters=None,
+            sockstat=None,
+            sysctls=None,
+            attribution=None,
+            sources=(refused,),
+        )
+        return (self.entered, unentered)
+
+
+@pytest.mark.usefixtures("no_persisted_sysctls")
+def test_a_namespace_that_could_not_be_audited_makes_check_unknown(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(snapshot_source, "poll", FakeFleetPoll(snapshot()))
+    code = main(["check", "--format", "json", "--window", "0", "--netns", "host,blue"])
+    captured = capsys.readouterr()
+    assert code == EXIT_UNKNOWN
+    assert "namespaces not audited: blue" in captured.err
+    report = json.loads(captured.out)
+    assert report["findings"] == []
+    assert {"netns": "blue", "name": "netns", "ok": False}.items() <= next(
+        s for s in report["sources"] if s["netns"] == "blue"
+    ).items()
+
+
+@pytest.mark.usefixtures("no_persisted_sysctls")
+def test_critical_findings_outrank_an_unaudited_namespace(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    full = snapshot(
+        sockets=socket_table([listener(8080, queue_length=129, queue_max=128, inode=7001)]),
+        owners={7001: NGINX},
+    )
+    monkeypatch.setattr(snapshot_source, "poll", FakeFleetPoll(full))
+    assert main(["check", "--format", "json", "--window", "0", "--netns", "host,blue"]) == 2
+    capsys.readouterr()
