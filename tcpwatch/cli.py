@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from tcpwatch import __version__
 from tcpwatch.config import Config, ConfigError, RuleCatalogue, load_config, parse_namespaces
+from tcpwatch.errors import UsageError
 from tcpwatch.model import Snapshot
 
 EXIT_OK = 0
@@ -25,10 +26,6 @@ EXIT_CRITICAL = 2
 EXIT_UNKNOWN = 3
 
 log = logging.getLogger("tcpwatch")
-
-
-class UsageError(Exception):
-    """A problem the user can fix; printed as one line, exit 3."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -263,8 +260,9 @@ def _poll(config: Config) -> tuple[Snapshot, ...]:
 
 def _metrics(config: Config) -> int:
     from tcpwatch.audit import audit, rule_settings
-    from tcpwatch.exporter import ExportState, PollHistogram, render
+    from tcpwatch.exporter import render
     from tcpwatch.sources.sysctl_files import read_persisted_sysctls
+    from tcpwatch.state import ExportState, PollHistogram
 
     started = time.perf_counter()
     snapshots = _poll(config)

@@ -6,11 +6,9 @@ poll and no labelled series outlives the socket or finding it described.
 
 from __future__ import annotations
 
-import bisect
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -28,9 +26,9 @@ from prometheus_client.registry import Collector
 
 from tcpwatch import __version__
 from tcpwatch.model import FAMILIES, STATES, Snapshot
-from tcpwatch.rules import Finding
 from tcpwatch.snapshot import SOURCES
 from tcpwatch.sources.sysctl import MULTI_FIELD_SUFFIXES
+from tcpwatch.state import POLL_BUCKETS, ExportState
 
 # Kernel counter (nstat name) -> exported counter name and help.
 KERNEL_COUNTERS: tuple[tuple[str, str, str], ...] = (
@@ -75,35 +73,7 @@ KERNEL_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ),
 )
 
-POLL_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 CACHED = " Cached: values are from the latest poll (see tcpwatch_last_poll_timestamp_seconds)."
-
-
-@dataclass(frozen=True, slots=True)
-class PollHistogram:
-    """Poll durations so far, as cumulative-free bucket counts (bucket i: <= POLL_BUCKETS[i])."""
-
-    counts: tuple[int, ...] = (0,) * (len(POLL_BUCKETS) + 1)  # last slot: +Inf
-    total: float = 0.0
-
-    def observe(self, seconds: float) -> PollHistogram:
-        counts = list(self.counts)
-        counts[bisect.bisect_left(POLL_BUCKETS, seconds)] += 1
-        return PollHistogram(tuple(counts), self.total + seconds)
-
-
-@dataclass(frozen=True, slots=True)
-class ExportState:
-    """Everything one scrape renders. Replaced whole after each poll, never mutated."""
-
-    snapshots: tuple[Snapshot, ...]
-    findings: tuple[Finding, ...]
-    last_poll: float
-    poll_durations: PollHistogram = field(default_factory=PollHistogram)
-    source_errors: Mapping[tuple[str, str], int] = field(default_factory=dict)
-    top_processes: int = 20
-    top_destinations: int = 20
-    cached: bool = False
 
 
 def _gauge(name: str, doc: str, labels: Sequence[str], cached: bool) -> GaugeMetricFamily:

@@ -38,7 +38,8 @@ from prometheus_client import (
 
 from tcpwatch import __version__
 from tcpwatch.config import Config
-from tcpwatch.exporter import ExportState, make_registry
+from tcpwatch.exporter import make_registry
+from tcpwatch.state import ExportState
 from tcpwatch.webconfig import RateLimit, WebConfig, client_sans
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,6 @@ from tcpwatch.daemon import (
     status_line,
     track_close_wait,
 )
-from tcpwatch.exporter import POLL_BUCKETS
 from tcpwatch.model import (
     FAMILIES,
     STATES,
@@ -39,6 +38,7 @@ from tcpwatch.model import (
 from tcpwatch.rules import Finding, RuleSettings, Window
 from tcpwatch.snapshot import SOURCES
 from tcpwatch.sources.sysctl_files import PersistedSysctl
+from tcpwatch.state import POLL_BUCKETS
 from tcpwatch.webconfig import WebConfig
 
 

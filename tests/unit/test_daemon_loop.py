@@ -19,9 +19,9 @@ from typing import Any
 import bcrypt
 import pytest
 
-from tcpwatch.cli import UsageError
 from tcpwatch.config import CollectSettings, Config, ConfigError, RuleOverride
 from tcpwatch.daemon import Daemon, Poller
+from tcpwatch.errors import UsageError
 from tcpwatch.model import Snapshot
 from tcpwatch.sdnotify import Notifier
 from tcpwatch.web import ListenAddress

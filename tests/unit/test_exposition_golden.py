@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tcpwatch.exporter import ExportState, PollHistogram, render
+from tcpwatch.exporter import render
 from tcpwatch.model import (
     STATES,
     Attribution,
@@ -28,6 +28,7 @@ from tcpwatch.model import (
     Sysctls,
 )
 from tcpwatch.rules import Finding
+from tcpwatch.state import ExportState, PollHistogram
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "metrics.prom"
 

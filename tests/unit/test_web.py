@@ -20,9 +20,9 @@ import pytest
 
 from tcpwatch import __version__, exporter, web
 from tcpwatch.config import CollectSettings, Config, RuleOverride
-from tcpwatch.exporter import ExportState
 from tcpwatch.model import ProcessRef
 from tcpwatch.rules import Finding
+from tcpwatch.state import ExportState
 from tcpwatch.web import (
     BasicAuth,
     Health,

@@ -1,0 +1,7 @@
+"""Errors a user can cause and fix: printed by the CLI as one line each, exit code 3."""
+
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """A problem the user can fix (a flag, an address, a missing privilege): one line, exit 3."""

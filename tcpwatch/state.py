@@ -1,0 +1,39 @@
+"""What renderers read: the pipeline's latest state, replaced whole after each poll."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from tcpwatch.model import Snapshot
+from tcpwatch.rules import Finding
+
+POLL_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+@dataclass(frozen=True, slots=True)
+class PollHistogram:
+    """Poll durations so far, as cumulative-free bucket counts (bucket i: <= POLL_BUCKETS[i])."""
+
+    counts: tuple[int, ...] = (0,) * (len(POLL_BUCKETS) + 1)  # last slot: +Inf
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> PollHistogram:
+        counts = list(self.counts)
+        counts[bisect.bisect_left(POLL_BUCKETS, seconds)] += 1
+        return PollHistogram(tuple(counts), self.total + seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportState:
+    """Everything one scrape renders. Replaced whole after each poll, never mutated."""
+
+    snapshots: tuple[Snapshot, ...]
+    findings: tuple[Finding, ...]
+    last_poll: float
+    poll_durations: PollHistogram = field(default_factory=PollHistogram)
+    source_errors: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    top_processes: int = 20
+    top_destinations: int = 20
+    cached: bool = False
