@@ -25,6 +25,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from tcpwatch import __version__
+from tcpwatch.endpoints import endpoint
 from tcpwatch.model import FAMILIES, STATES, Snapshot
 from tcpwatch.snapshot import SOURCES
 from tcpwatch.sources.sysctl import MULTI_FIELD_SUFFIXES
@@ -78,10 +79,6 @@ CACHED = " Cached: values are from the latest poll (see tcpwatch_last_poll_times
 
 def _gauge(name: str, doc: str, labels: Sequence[str], cached: bool) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc + (CACHED if cached else ""), labels=labels)
-
-
-def _endpoint(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def process_socket_counts(snapshot: Snapshot) -> Counter[tuple[str, str]]:
@@ -308,7 +305,7 @@ def _port_families(state: ExportState) -> Iterator[Metric]:
             continue
         destinations.add_metric([snap.netns], len(snap.sockets.ephemeral_use))
         for use in snap.sockets.ephemeral_use[: state.top_destinations]:
-            used.add_metric([snap.netns, use.source, _endpoint(use.address, use.port)], use.sockets)
+            used.add_metric([snap.netns, use.source, endpoint(use.address, use.port)], use.sockets)
     yield from (used, size, destinations, scanned)
 
 

@@ -38,6 +38,7 @@ from prometheus_client import (
 
 from tcpwatch import __version__
 from tcpwatch.config import Config
+from tcpwatch.endpoints import endpoint
 from tcpwatch.exporter import make_registry
 from tcpwatch.state import ExportState
 from tcpwatch.webconfig import RateLimit, WebConfig, client_sans
@@ -68,7 +69,7 @@ class ListenAddress:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return endpoint(self.host, self.port)
 
 
 def parse_listen(text: str) -> ListenAddress:

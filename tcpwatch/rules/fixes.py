@@ -11,11 +11,6 @@ from tcpwatch.sources.sysctl_files import PersistedSysctl, lines_for
 HOST_NETNS = "host"  # the snapshot's name for the init network namespace (that of PID 1)
 
 
-def endpoint(address: str, port: int) -> str:
-    """An address and port as users write them: "10.0.0.5:5432", "[::1]:8080"."""
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
 def process_label(process: ProcessRef | None) -> str:
     """A finding's subject for a process: "nginx[1234]", or "unknown process" when not found."""
     return "unknown process" if process is None else f"{process.name}[{process.pid}]"
@@ -127,12 +122,3 @@ def manual_reservation(port: int) -> str:
         f"# add {port} to net.ipv4.ip_local_reserved_ports, keeping the ports already listed "
         "there (writing the sysctl replaces the whole list)"
     )
-
-
-def ports_available(low: int, high: int, reserved: Sequence[tuple[int, int]]) -> int:
-    """Ports of [low, high] that connect() may pick: the range minus ip_local_reserved_ports."""
-    taken = 0
-    for start, end in sorted(set(reserved)):
-        overlap = min(end, high) - max(start, low) + 1
-        taken += max(overlap, 0)
-    return max(high - low + 1 - taken, 0)

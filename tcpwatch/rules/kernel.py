@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from tcpwatch.endpoints import endpoint
 from tcpwatch.model import Sysctls
 from tcpwatch.rules.base import (
     EvidenceValue,
@@ -23,7 +24,6 @@ from tcpwatch.rules.base import (
 from tcpwatch.rules.fixes import (
     DEFAULT_PORT_RANGE,
     HOST_NETNS,
-    endpoint,
     reserve_ports_fix,
     run_in,
     sysctl_fix,

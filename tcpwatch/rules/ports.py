@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from tcpwatch.endpoints import endpoint, ports_available
 from tcpwatch.rules.base import (
     EvidenceValue,
     Finding,
@@ -17,10 +18,8 @@ from tcpwatch.rules.base import (
 )
 from tcpwatch.rules.fixes import (
     WIDE_PORT_RANGE,
-    endpoint,
     manual_reservation,
     owner_of,
-    ports_available,
     process_label,
     process_phrase,
     reserve_ports_fix,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from tcpwatch.endpoints import endpoint
 from tcpwatch.model import Listener, ProcessRef, Snapshot
 from tcpwatch.rules.base import (
     EvidenceValue,
@@ -23,7 +24,6 @@ from tcpwatch.rules.base import (
     required,
 )
 from tcpwatch.rules.fixes import (
-    endpoint,
     owner_of,
     process_label,
     process_phrase,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from tcpwatch.endpoints import endpoint
 from tcpwatch.model import ProcessRef
 from tcpwatch.rules.base import (
     EvidenceValue,
@@ -17,7 +18,6 @@ from tcpwatch.rules.base import (
     required,
 )
 from tcpwatch.rules.fixes import (
-    endpoint,
     manual_reservation,
     owner_of,
     process_label,

@@ -1,0 +1,22 @@
+"""How addresses, ports and port ranges are written and counted: one place for every layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def endpoint(address: str, port: int) -> str:
+    """An address and port as users write them: "10.0.0.5:5432", "[::1]:8080"."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def ports_available(low: int, high: int, reserved: Sequence[tuple[int, int]]) -> int:
+    """Ports of [low, high] that connect() may pick: the range minus ip_local_reserved_ports.
+
+    Arithmetic over the ranges, never a loop over ports: the ranges come from the kernel.
+    """
+    taken = 0
+    for start, end in sorted(set(reserved)):
+        overlap = min(end, high) - max(start, low) + 1
+        taken += max(overlap, 0)
+    return max(high - low + 1 - taken, 0)
