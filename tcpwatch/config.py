@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -39,6 +39,7 @@ class CollectSettings:
     destinations_interval: float = 60.0
     top_processes: int = 20
     top_destinations: int = 20
+    disabled_sources: tuple[str, ...] = ()  # source names (tcpwatch_source_up) not to run
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +68,9 @@ class Config:
 RuleCatalogue = Mapping[str, Mapping[str, tuple[float, float, str]]]
 
 
-def load_config(path: str, catalogue: RuleCatalogue | None = None) -> Config:
+def load_config(
+    path: str, catalogue: RuleCatalogue | None = None, sources: Collection[str] | None = None
+) -> Config:
     """Read and validate a YAML file; raises ConfigError with every problem found."""
     try:
         with open(path, encoding="utf-8") as handle:
@@ -78,10 +81,17 @@ def load_config(path: str, catalogue: RuleCatalogue | None = None) -> Config:
     except UnicodeDecodeError as error:
         problem = f"{path}: not UTF-8 text (byte {error.start}); is this the YAML file?"
         raise ConfigError([problem]) from None
-    return parse_config(text, path, catalogue)
+    return parse_config(text, path, catalogue, sources)
 
 
-def parse_config(text: str, source: str, catalogue: RuleCatalogue | None = None) -> Config:
+def parse_config(
+    text: str,
+    source: str,
+    catalogue: RuleCatalogue | None = None,
+    sources: Collection[str] | None = None,
+) -> Config:
+    """``catalogue`` (rule thresholds) and ``sources`` (names that may be disabled) validate
+    what names them; without them any name is taken."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -124,7 +134,7 @@ def parse_config(text: str, source: str, catalogue: RuleCatalogue | None = None)
             )
         else:
             values["namespaces"] = selection
-    values["collect"] = _collect(check, top.get("collect"))
+    values["collect"] = _collect(check, top.get("collect"), sources)
     values["rules"] = _rules(check, top.get("rules"), catalogue)
     if check.errors:
         raise ConfigError(check.errors)
@@ -142,7 +152,24 @@ def parse_namespaces(raw: object) -> tuple[str, ...] | None:
     return tuple(raw)
 
 
-def _collect(check: Validator, raw: object) -> CollectSettings:
+def _source_names(
+    check: Validator, raw: object, path: str, sources: Collection[str] | None
+) -> tuple[str, ...] | None:
+    if not isinstance(raw, list):
+        check.error(path, f"expected a list of source names, got {show(raw)}")
+        return None
+    names: list[str] = []
+    for i, name in enumerate(raw):
+        if sources is not None:
+            chosen = check.choice(name, f"{path}[{i}]", tuple(sources))
+        else:
+            chosen = check.string(name, f"{path}[{i}]")
+        if chosen is not None:
+            names.append(chosen)
+    return tuple(names)
+
+
+def _collect(check: Validator, raw: object, sources: Collection[str] | None) -> CollectSettings:
     section = check.mapping(raw, "collect")
     settings = CollectSettings()
     if not section:
@@ -155,6 +182,7 @@ def _collect(check: Validator, raw: object) -> CollectSettings:
         "destinations_interval",
         "top_processes",
         "top_destinations",
+        "disabled_sources",
     }
     check.unknown_keys(section, known, "collect")
     changes: dict[str, Any] = {}
@@ -187,6 +215,10 @@ def _collect(check: Validator, raw: object) -> CollectSettings:
     for key in ("top_processes", "top_destinations"):
         if key in section:
             changes[key] = check.integer(section[key], f"collect.{key}", 0, 10_000)
+    if "disabled_sources" in section:
+        changes["disabled_sources"] = _source_names(
+            check, section["disabled_sources"], "collect.disabled_sources", sources
+        )
     return replace(settings, **{k: v for k, v in changes.items() if v is not None})
 
 

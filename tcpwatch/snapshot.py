@@ -1,72 +1,75 @@
-"""take_snapshot(): run every source for one namespace, time each, record failures, never raise."""
+"""Snapshots of namespaces: every registered source, timed, its failure recorded, never raising.
+
+``take_snapshot`` reads one namespace (the one this thread is in); ``poll`` reads every selected
+namespace from a thread inside each, then runs the host-wide sources once for all of them.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import TypeVar
+from typing import Any
 
 from tcpwatch.config import CollectSettings
+from tcpwatch.errors import describe_error
+from tcpwatch.gathering import Gathering
 from tcpwatch.model import Attribution, NetnsIdentity, Snapshot, SocketTable, SourceStatus
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources import netns as netns_source
-from tcpwatch.sources import processes, procnet, sockdiag, sysctl
+from tcpwatch.sources.base import AnySource, LongLivedSource, Source, SourceContext
+from tcpwatch.sources.processes import wanted_inodes
+from tcpwatch.sources.registry import ENTERING, registered_sources, source_names
 
-SOURCES = ("netns", "sysctl", "sockstat", "counters", "sockdiag", "processes")
+__all__ = ["SOURCES", "poll", "resolve_netns_name", "take_snapshot", "wanted_inodes"]
+
+SOURCES = source_names()  # what tcpwatch_source_*{source=...} can name, in poll order
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
-def _timed(name: str, read: Callable[[], T], statuses: list[SourceStatus]) -> T | None:
+def _wanted(sources: Sequence[AnySource], settings: CollectSettings) -> list[AnySource]:
+    return [
+        source
+        for source in sources
+        if source.name not in settings.disabled_sources and source.enabled(settings)
+    ]
+
+
+def _needs_met(source: AnySource, snapshot: Snapshot) -> bool:
+    return all(snapshot.source_ok(need) for need in source.needs)
+
+
+def _timed(
+    source: Source, context: SourceContext, so_far: Sequence[Snapshot]
+) -> tuple[object | None, SourceStatus]:
+    """The one wrapper every source runs in: timed, and a failure recorded, never raised."""
     started = time.perf_counter()
     try:
-        value = read()
+        value = source.read(context, so_far)
     except Exception as error:  # a source must never take the poll down with it
-        log.debug("source %s failed", name, exc_info=True)
-        statuses.append(SourceStatus(name, False, time.perf_counter() - started, _describe(error)))
-        return None
-    statuses.append(SourceStatus(name, True, time.perf_counter() - started))
-    return value
+        log.debug("source %s failed", source.name, exc_info=True)
+        elapsed = time.perf_counter() - started
+        return None, SourceStatus(source.name, False, elapsed, describe_error(error))
+    return value, SourceStatus(source.name, True, time.perf_counter() - started)
 
 
-def _describe(error: Exception) -> str:
-    text = str(error) or type(error).__name__
-    return text.splitlines()[0]
+def _with(snapshot: Snapshot, source: AnySource, value: object, status: SourceStatus) -> Snapshot:
+    # Any: the field is named by the source's declaration; the registry's tests check each
+    # source's value type against its field.
+    changes: dict[str, Any] = {"sources": (*snapshot.sources, status)}
+    if source.field is not None and value is not None:
+        changes[source.field] = value
+    return replace(snapshot, **changes)
 
 
-def wanted_inodes(table: SocketTable) -> frozenset[int]:
-    """Inodes worth attributing: listeners, self-connected sockets and the chosen states
-    (0 = no socket file, skip)."""
-    inodes = {listener.inode for listener in table.listeners}
-    inodes.update(connected.inode for connected in table.self_connects)
-    for state_inodes in table.inodes_by_state.values():
-        inodes.update(state_inodes)
-    inodes.discard(0)
-    return frozenset(inodes)
-
-
-def _with_destinations_of(sockets: SocketTable, earlier: SocketTable) -> SocketTable:
-    """This poll's counts with an earlier poll's per-destination data (and its age)."""
-    return replace(
-        sockets,
-        ephemeral_use=earlier.ephemeral_use,
-        self_connects=(
-            *sockets.self_connects,
-            *(c for c in earlier.self_connects if c.state == "established"),
-        ),
-        destinations_at=earlier.destinations_at,
-    )
-
-
-def _own_netns_inode(paths: ProcPaths) -> frozenset[int]:
+def _own_netns_inode(paths: ProcPaths) -> int:
     try:
-        return frozenset({netns_source.current_netns_inode(paths)})
+        return netns_source.current_netns_inode(paths)
     except OSError:
-        return frozenset()
+        return 0
 
 
 def resolve_netns_name(paths: ProcPaths) -> str:
@@ -74,6 +77,60 @@ def resolve_netns_name(paths: ProcPaths) -> str:
         return netns_source.netns_name(paths, netns_source.current_netns_inode(paths))
     except OSError:
         return "unknown"
+
+
+def _read_namespace(
+    context: SourceContext,
+    sources: Sequence[AnySource],
+    gathering: Gathering | None,
+) -> Snapshot:
+    """The namespace sources (and long-lived drains) in order, into one snapshot."""
+    snapshot = Snapshot(context.netns, context.taken_at, None, None, None, None, None)
+    snapshot = replace(snapshot, identity=NetnsIdentity(inode=context.netns_inode))
+    for source in sources:
+        if isinstance(source, Source) and source.scope == "host":
+            continue
+        if not _needs_met(source, snapshot):
+            continue  # what it needs failed: that failure is reported, this one would repeat it
+        if isinstance(source, LongLivedSource):
+            if gathering is None:
+                continue  # one-shot commands hear nothing between polls
+            key = (context.netns_inode, source.name)
+            started = time.perf_counter()
+            try:
+                gathering.ensure(key, source, context)
+            except Exception as error:  # start failed: reported, tried again next poll
+                log.debug("starting source %s failed", source.name, exc_info=True)
+                failed = SourceStatus(
+                    source.name, False, time.perf_counter() - started, describe_error(error)
+                )
+                snapshot = _with(snapshot, source, None, failed)
+                continue
+            value, status = gathering.drain(key, source.name, snapshot)
+            snapshot = _with(snapshot, source, value, status)
+            continue
+        value, status = _timed(source, context, (snapshot,))
+        snapshot = _with(snapshot, source, value, status)
+    return snapshot
+
+
+def _read_host_wide(
+    snapshots: list[Snapshot],
+    sources: Sequence[AnySource],
+    context: SourceContext,
+) -> list[Snapshot]:
+    """Host sources: one read for every namespace whose needs were met; each of those gets the
+    value and the status."""
+    for source in sources:
+        if not isinstance(source, Source) or source.scope != "host":
+            continue
+        served = [i for i, snapshot in enumerate(snapshots) if _needs_met(source, snapshot)]
+        if not served:
+            continue
+        value, status = _timed(source, context, [snapshots[i] for i in served])
+        for i in served:
+            snapshots[i] = _with(snapshots[i], source, value, status)
+    return snapshots
 
 
 def take_snapshot(
@@ -84,69 +141,33 @@ def take_snapshot(
     scan_processes: bool = True,
     known_owners: Attribution | None = None,
     earlier: SocketTable | None = None,
+    gathering: Gathering | None = None,
+    sources: Sequence[AnySource] | None = None,
+    sysctl_names: tuple[str, ...] = (),
 ) -> Snapshot:
-    """One poll of the namespace that ``paths`` (and this process' netlink socket) sees.
+    """One poll of the namespace that ``paths`` (and this thread's netlink sockets) see.
 
-    ``scan_processes=False`` still collects the inodes to attribute but leaves the /proc/*/fd
-    scan to the caller (poll() does one scan for every namespace). With ``earlier`` (a previous
-    poll's table of this namespace), the per-destination data is reused instead of dumped.
+    ``scan_processes=False`` leaves the host-wide sources (the /proc/*/fd walk) to the caller
+    (poll() runs them once for every namespace). With ``earlier`` (a previous poll's table of
+    this namespace), the per-destination data is reused instead of dumped. ``gathering`` runs
+    the long-lived sources; without it they are left out.
     """
     paths = paths or ProcPaths()
-    statuses: list[SourceStatus] = []
-    taken_at = clock()
-    sysctls = _timed("sysctl", lambda: sysctl.read_sysctls(paths), statuses)
-    # sockstat is read right before the dump: inbound ESTABLISHED is derived from its inuse.
-    sockstat = _timed("sockstat", lambda: procnet.read_sockstat(paths), statuses)
-    counters = _timed("counters", lambda: procnet.read_counters(paths), statuses)
-    inuse = None
-    if sockstat is not None and settings.established == "derived":
-        inuse = {"ipv4": sockstat.inuse_ipv4, "ipv6": sockstat.inuse_ipv6}
-    port_range = sysctls.port_range if sysctls is not None else None
-    fresh = earlier is None or settings.established == "dumped"
-    sockets = _timed(
-        "sockdiag",
-        lambda: sockdiag.collect(
-            port_range,
-            inuse,
-            settings.attribute_states if settings.process_attribution else (),
-            dump_established=settings.established == "dumped",
-            time_wait=sockstat.time_wait if sockstat is not None else None,
-            destinations=fresh,
-        ),
-        statuses,
-    )
-    if sockets is not None:
-        if fresh or earlier is None:
-            sockets = replace(sockets, destinations_at=taken_at)
-        else:
-            sockets = _with_destinations_of(sockets, earlier)
-    attribution: Attribution | None = None
-    own_inode = _own_netns_inode(paths)
-    if settings.process_attribution and scan_processes and sockets is not None:
-        wanted = wanted_inodes(sockets)
-        attribution = _timed(
-            "processes",
-            lambda: processes.scan_owners(
-                paths,
-                wanted,
-                settings.process_scan_timeout,
-                netns_inodes=own_inode,
-                known=known_owners,
-            ),
-            statuses,
-        )
-    return Snapshot(
+    chosen = _wanted(registered_sources() if sources is None else sources, settings)
+    context = SourceContext(
+        paths=paths,
+        settings=settings,
         netns=netns if netns is not None else resolve_netns_name(paths),
-        taken_at=taken_at,
-        sockets=sockets,
-        counters=counters,
-        sockstat=sockstat,
-        sysctls=sysctls,
-        attribution=attribution,
-        sources=tuple(statuses),
-        # Container and pod come only from discovery (--netns); the inode is known in every mode.
-        identity=NetnsIdentity(inode=next(iter(own_inode), 0)),
+        netns_inode=_own_netns_inode(paths),
+        taken_at=clock(),
+        sysctl_names=sysctl_names,
+        earlier=earlier,
+        known_owners=known_owners,
     )
+    snapshot = _read_namespace(context, chosen, gathering)
+    if not scan_processes:
+        return snapshot
+    return _read_host_wide([snapshot], chosen, context)[0]
 
 
 def poll(
@@ -157,6 +178,8 @@ def poll(
     clock: Callable[[], float] = time.time,
     known_owners: Attribution | None = None,
     earlier: Mapping[str, SocketTable] | None = None,
+    gathering: Gathering | None = None,
+    sysctl_names: tuple[str, ...] = (),
 ) -> tuple[Snapshot, ...]:
     """Snapshots of every selected namespace (`namespaces:`), with one process scan for all.
 
@@ -168,18 +191,33 @@ def poll(
     per-destination dumps of the namespaces it names.
     """
     paths = paths or ProcPaths()
+    sources = _wanted(registered_sources(), settings)
+    take = functools.partial(
+        take_snapshot,
+        settings,
+        clock=clock,
+        scan_processes=False,
+        known_owners=known_owners,
+        gathering=gathering,
+        sources=sources,
+        sysctl_names=sysctl_names,
+    )
+    host_context = SourceContext(
+        paths, settings, "", 0, clock(), sysctl_names, known_owners=known_owners
+    )
     if selection == ("self",):
-        # take_snapshot() sets the identity's inode; container and pod come only from discovery
+        # The identity's inode is set from inside; container and pod come only from discovery
         # (--netns), which self skips.
         only = next(iter(earlier.values()), None) if earlier else None
-        return (
-            take_snapshot(settings, paths, clock=clock, known_owners=known_owners, earlier=only),
-        )
+        snapshot = take(paths, earlier=only)
+        return tuple(_read_host_wide([snapshot], sources, host_context))
     discovery_started = time.perf_counter()
     try:
         targets = netns_source.select(netns_source.discover(paths, run_netns_dir), selection)
     except OSError as error:
-        failed = SourceStatus("netns", False, time.perf_counter() - discovery_started, str(error))
+        failed = SourceStatus(
+            ENTERING, False, time.perf_counter() - discovery_started, describe_error(error)
+        )
         return (_failed_snapshot(resolve_netns_name(paths), clock(), failed),)
     entered = ProcPaths(root=paths.root, net_dir="thread-self/net")
     snapshots: list[Snapshot] = []
@@ -193,63 +231,26 @@ def poll(
             snapshot = netns_source.run_inside(
                 target,
                 functools.partial(
-                    take_snapshot,
-                    settings,
-                    target_paths,
-                    target.name,
-                    clock,
-                    scan_processes=False,
-                    earlier=(earlier or {}).get(target.name),
+                    take, target_paths, target.name, earlier=(earlier or {}).get(target.name)
                 ),
             )
         except netns_source.NetnsGone:
             log.debug("namespace %s vanished before it was polled", target.name)
             continue
         except Exception as error:  # one namespace must not take the others down
-            failed = SourceStatus("netns", False, time.perf_counter() - started, _describe(error))
+            failed = SourceStatus(
+                ENTERING, False, time.perf_counter() - started, describe_error(error)
+            )
             snapshots.append(
                 replace(_failed_snapshot(target.name, clock(), failed), identity=identity)
             )
             continue
-        entering = SourceStatus("netns", True, time.perf_counter() - started)
+        entering = SourceStatus(ENTERING, True, time.perf_counter() - started)
         snapshots.append(
             replace(snapshot, identity=identity, sources=(entering, *snapshot.sources))
         )
-    if settings.process_attribution:
-        snapshots = _attribute(snapshots, settings, paths, known_owners)
-    return tuple(snapshots)
+    return tuple(_read_host_wide(snapshots, sources, host_context))
 
 
 def _failed_snapshot(name: str, taken_at: float, status: SourceStatus) -> Snapshot:
     return Snapshot(name, taken_at, None, None, None, None, None, (status,))
-
-
-def _attribute(
-    snapshots: list[Snapshot],
-    settings: CollectSettings,
-    paths: ProcPaths,
-    known_owners: Attribution | None,
-) -> list[Snapshot]:
-    """One /proc/*/fd scan serves every namespace: socket inodes are unique host-wide."""
-    wanted: set[int] = set()
-    for snapshot in snapshots:
-        if snapshot.sockets is not None:
-            wanted |= wanted_inodes(snapshot.sockets)
-    statuses: list[SourceStatus] = []
-    attribution = _timed(
-        "processes",
-        lambda: processes.scan_owners(
-            paths,
-            frozenset(wanted),
-            settings.process_scan_timeout,
-            netns_inodes=frozenset(s.identity.inode for s in snapshots if s.sockets is not None),
-            known=known_owners,
-        ),
-        statuses,
-    )
-    return [
-        replace(snapshot, attribution=attribution, sources=(*snapshot.sources, *statuses))
-        if snapshot.sockets is not None
-        else snapshot
-        for snapshot in snapshots
-    ]

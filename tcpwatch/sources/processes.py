@@ -29,10 +29,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Set
+from collections.abc import Callable, Sequence, Set
 
-from tcpwatch.model import Attribution, ProcessRef
+from tcpwatch.config import CollectSettings
+from tcpwatch.model import Attribution, ProcessRef, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
+from tcpwatch.sources.base import SourceContext, host_source
 
 _SOCKET_PREFIX = "socket:["
 _log = logging.getLogger(__name__)
@@ -265,4 +267,37 @@ def scan_owners(
         processes_denied=denied,
         locations=locations,
         confirmed=confirmed,
+    )
+
+
+def wanted_inodes(table: SocketTable) -> frozenset[int]:
+    """Inodes worth attributing: listeners, self-connected sockets and the chosen states
+    (0 = no socket file, skip)."""
+    inodes = {listener.inode for listener in table.listeners}
+    inodes.update(connected.inode for connected in table.self_connects)
+    for state_inodes in table.inodes_by_state.values():
+        inodes.update(state_inodes)
+    inodes.discard(0)
+    return frozenset(inodes)
+
+
+def _attribution_on(settings: CollectSettings) -> bool:
+    return settings.process_attribution
+
+
+@host_source(
+    "processes", field="attribution", order=50, needs=("sockdiag",), enabled=_attribution_on
+)
+def read_owners_source(context: SourceContext, snapshots: Sequence[Snapshot]) -> Attribution:
+    """One /proc/*/fd walk serves every namespace: socket inodes are unique host-wide."""
+    wanted: set[int] = set()
+    for snapshot in snapshots:
+        if snapshot.sockets is not None:
+            wanted |= wanted_inodes(snapshot.sockets)
+    return scan_owners(
+        context.paths,
+        frozenset(wanted),
+        context.settings.process_scan_timeout,
+        netns_inodes=frozenset(s.identity.inode for s in snapshots if s.identity.inode),
+        known=context.known_owners,
     )

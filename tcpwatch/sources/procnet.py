@@ -7,8 +7,9 @@ Everything here is per network namespace when read through ``/proc/net`` (or
 
 from __future__ import annotations
 
-from tcpwatch.model import KernelCounters, SockStat
+from tcpwatch.model import KernelCounters, Snapshot, SockStat
 from tcpwatch.paths import ProcPaths
+from tcpwatch.sources.base import SourceContext, netns_source
 
 # Offending text longer than this is cut in the message (a netstat line runs to ~2,000 chars).
 _MAX_SHOWN = 120
@@ -148,3 +149,14 @@ def read_sockstat(paths: ProcPaths) -> SockStat:
     except FileNotFoundError:
         text6 = None
     return parse_sockstat(text4, text6, path, path6)
+
+
+# sockstat is read right before the socket dump: inbound ESTABLISHED is derived from its inuse.
+@netns_source("sockstat", field="sockstat", order=20)
+def read_sockstat_source(context: SourceContext, so_far: Snapshot) -> SockStat:
+    return read_sockstat(context.paths)
+
+
+@netns_source("counters", field="counters", order=30)
+def read_counters_source(context: SourceContext, so_far: Snapshot) -> KernelCounters:
+    return read_counters(context.paths)

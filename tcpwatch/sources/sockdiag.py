@@ -29,7 +29,7 @@ import socket
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tcpwatch.model import (
     FAMILIES,
@@ -38,8 +38,10 @@ from tcpwatch.model import (
     DestinationUse,
     Listener,
     SelfConnect,
+    Snapshot,
     SocketTable,
 )
+from tcpwatch.sources.base import SourceContext, netns_source
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -486,3 +488,39 @@ def collect(
         if owned and netlink is not None:
             netlink.close()
     return aggregator.result(inuse, established_dumped)
+
+
+def with_destinations_of(sockets: SocketTable, earlier: SocketTable) -> SocketTable:
+    """This poll's counts with an earlier poll's per-destination data (and its age)."""
+    return replace(
+        sockets,
+        ephemeral_use=earlier.ephemeral_use,
+        self_connects=(
+            *sockets.self_connects,
+            *(c for c in earlier.self_connects if c.state == "established"),
+        ),
+        destinations_at=earlier.destinations_at,
+    )
+
+
+@netns_source("sockdiag", field="sockets", order=40)
+def read_sockets_source(context: SourceContext, so_far: Snapshot) -> SocketTable:
+    """The dump, using sysctl and sockstat when they worked (after them in the poll); with
+    ``context.earlier`` the per-destination data is reused, not dumped."""
+    settings = context.settings
+    sockstat, sysctls = so_far.sockstat, so_far.sysctls
+    inuse = None
+    if sockstat is not None and settings.established == "derived":
+        inuse = {"ipv4": sockstat.inuse_ipv4, "ipv6": sockstat.inuse_ipv6}
+    fresh = context.earlier is None or settings.established == "dumped"
+    sockets = collect(
+        sysctls.port_range if sysctls is not None else None,
+        inuse,
+        settings.attribute_states if settings.process_attribution else (),
+        dump_established=settings.established == "dumped",
+        time_wait=sockstat.time_wait if sockstat is not None else None,
+        destinations=fresh,
+    )
+    if fresh or context.earlier is None:
+        return replace(sockets, destinations_at=context.taken_at)
+    return with_destinations_of(sockets, context.earlier)

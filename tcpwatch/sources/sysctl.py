@@ -6,11 +6,12 @@ a value we cannot parse raises :class:`~tcpwatch.sources.procnet.ProcParseError`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
-from tcpwatch.model import Sysctls
+from tcpwatch.model import Snapshot, Sysctls
 from tcpwatch.paths import ProcPaths
+from tcpwatch.sources.base import SourceContext, netns_source
 from tcpwatch.sources.procnet import ProcParseError
 
 _IPV4 = (
@@ -107,10 +108,11 @@ def _read_optional(path: str) -> str | None:
         return None
 
 
-def read_sysctls(paths: ProcPaths) -> Sysctls:
-    """Every sysctl in SYSCTLS that exists, plus the reserved ports (() when absent)."""
+def read_sysctls(paths: ProcPaths, also: Iterable[str] = ()) -> Sysctls:
+    """Every sysctl in SYSCTLS (and ``also``) that exists, plus the reserved ports (() when
+    absent)."""
     values: dict[str, tuple[int, ...]] = {}
-    for name in SYSCTLS:
+    for name in dict.fromkeys((*SYSCTLS, *also)):
         path = paths.sysctl(name)
         text = _read_optional(path)
         if text is not None:
@@ -119,3 +121,9 @@ def read_sysctls(paths: ProcPaths) -> Sysctls:
     reserved_text = _read_optional(reserved_path)
     reserved = () if reserved_text is None else parse_reserved_ports(reserved_text, reserved_path)
     return Sysctls(values=values, reserved_ports=reserved)
+
+
+@netns_source("sysctl", field="sysctls", order=10)
+def read_sysctl_source(context: SourceContext, so_far: Snapshot) -> Sysctls:
+    """The tunables, and every sysctl a rule declared it reads."""
+    return read_sysctls(context.paths, context.sysctl_names)

@@ -1,0 +1,156 @@
+"""Long-lived sources between polls: one thread, one selector, every running gatherer.
+
+The poll thread starts a gatherer inside its namespace (``start``), drains it each poll
+(``drain``) and retires the ones no longer wanted (``retire``: a namespace vanished, the source was
+switched off by a reload); the gathering thread calls ``read_ready`` whenever a gatherer's
+descriptor is readable. A gatherer whose ``read_ready`` raises is stopped and reported by the
+next drain as a failed source (``tcpwatch_source_up`` 0); the poll after that starts it afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import threading
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from tcpwatch.errors import describe_error
+from tcpwatch.model import Snapshot, SourceStatus
+from tcpwatch.sources.base import Gatherer, LongLivedSource, SourceContext
+
+log = logging.getLogger(__name__)
+
+# (namespace inode, source name): a namespace re-created under the same name is another key.
+GathererKey = tuple[int, str]
+STOP_JOIN_SECONDS = 1.0
+
+
+@dataclass(slots=True)
+class _Running:
+    gatherer: Gatherer
+    failure: str | None = None  # set by the gathering thread when read_ready raised
+
+
+class Gathering:
+    """The running gatherers and the thread that feeds them. Only the poll thread calls its
+    methods; the gathering thread only reads descriptors and marks failures."""
+
+    def __init__(self, timer: Callable[[], float] = time.perf_counter) -> None:
+        self._timer = timer
+        self._lock = threading.Lock()
+        self._selector = selectors.DefaultSelector()
+        self._running: dict[GathererKey, _Running] = {}
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector.register(self._wake_read, selectors.EVENT_READ, None)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def keys(self) -> frozenset[GathererKey]:
+        with self._lock:
+            return frozenset(self._running)
+
+    def ensure(self, key: GathererKey, source: LongLivedSource, context: SourceContext) -> None:
+        """Start ``source`` for ``key`` unless it runs; call from inside the namespace.
+
+        Raises what ``start`` raised: the caller reports it as the source's failure.
+        """
+        with self._lock:
+            if key in self._running:
+                return
+        gatherer = source.start(context)
+        with self._lock:
+            self._running[key] = _Running(gatherer)
+            self._selector.register(gatherer.fileno(), selectors.EVENT_READ, key)
+        self._start_thread()
+        self._wake()
+
+    def drain(
+        self, key: GathererKey, name: str, so_far: Snapshot
+    ) -> tuple[object | None, SourceStatus]:
+        """What the gatherer of ``key`` gathered, with its status. A failed gatherer is closed
+        here and reported; the next ``ensure`` starts it again."""
+        started = self._timer()
+        with self._lock:
+            running = self._running.get(key)
+            failure = running.failure if running is not None else "not running"
+        if running is None or failure is not None:
+            if running is not None:
+                self._close(key)
+            return None, SourceStatus(name, False, self._timer() - started, failure)
+        try:
+            value = running.gatherer.drain(so_far)
+        except Exception as error:  # a source must never take the poll down with it
+            log.debug("draining %s failed", name, exc_info=True)
+            self._close(key)
+            return None, SourceStatus(name, False, self._timer() - started, describe_error(error))
+        return value, SourceStatus(name, True, self._timer() - started)
+
+    def retire(self, keep: Collection[GathererKey]) -> None:
+        """Stop every gatherer not in ``keep``."""
+        for key in self.keys - set(keep):
+            self._close(key)
+
+    def close(self) -> None:
+        """Stop the thread and every gatherer."""
+        self._stop.set()
+        self._wake()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout=STOP_JOIN_SECONDS)
+        self.retire(())
+        self._selector.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _close(self, key: GathererKey) -> None:
+        with self._lock:
+            running = self._running.pop(key, None)
+            if running is None:
+                return
+            # Already unregistered after a failure, or its descriptor is gone.
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._selector.unregister(running.gatherer.fileno())
+        try:
+            running.gatherer.close()
+        except Exception:  # closing must not fail the poll either
+            log.debug("closing a gatherer failed", exc_info=True)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a wake-up is already pending
+            os.write(self._wake_write, b"x")
+
+    def _start_thread(self) -> None:
+        if self._thread is None:
+            thread = threading.Thread(target=self._loop, name="gather", daemon=True)
+            self._thread = thread
+            thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for selected, _ in self._selector.select(timeout=1.0):
+                if selected.data is None:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_read, 4096)
+                    continue
+                self._feed(selected.data)
+
+    def _feed(self, key: GathererKey) -> None:
+        with self._lock:
+            running = self._running.get(key)
+        if running is None or running.failure is not None:
+            return
+        try:
+            running.gatherer.read_ready()
+        except Exception as error:
+            log.debug("gatherer %s failed", key, exc_info=True)
+            with self._lock:
+                running.failure = describe_error(error)
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self._selector.unregister(running.gatherer.fileno())
