@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from tcpwatch import __version__
 from tcpwatch.config import Config, ConfigError, RuleCatalogue, load_config, parse_namespaces
 from tcpwatch.errors import UsageError
-from tcpwatch.model import Snapshot
+from tcpwatch.state import ExportState
 
 EXIT_OK = 0
 EXIT_WARNING = 1
@@ -172,13 +172,23 @@ def rule_catalogue() -> RuleCatalogue:
     }
 
 
+def disableable_sources() -> tuple[str, ...]:
+    from tcpwatch.sources.registry import registered_sources
+
+    return tuple(source.name for source in registered_sources())
+
+
 def _load(args: argparse.Namespace) -> Config:
     from dataclasses import replace
 
     for flag in ("config", "procfs", "netns", "listen", "web_config"):
         if getattr(args, flag, None) == "":
             raise UsageError(f"--{flag.replace('_', '-')}: empty value (an unset variable?)")
-    config = load_config(args.config, rule_catalogue()) if args.config else Config()
+    config = (
+        load_config(args.config, rule_catalogue(), disableable_sources())
+        if args.config
+        else Config()
+    )
     changes: dict[str, Any] = {}
     if getattr(args, "log_level", None):
         changes["log_level"] = args.log_level
@@ -218,11 +228,10 @@ def _require_linux(procfs: str) -> None:
         )
 
 
-def _poll(config: Config) -> tuple[Snapshot, ...]:
-    from tcpwatch.paths import ProcPaths
-    from tcpwatch.snapshot import poll
-
-    snapshots = poll(config.collect, config.namespaces, ProcPaths(root=config.procfs))
+def _usable(config: Config, state: ExportState) -> ExportState:
+    """The state of a poll, or UsageError when nothing could be read (no netlink, no procfs,
+    no namespace matched): then there is nothing to report on."""
+    snapshots = state.snapshots
     if not any(snapshot.sockets is not None for snapshot in snapshots):
         failed = [s for snap in snapshots for s in snap.sources if not s.ok]
         wanted = ",".join(config.namespaces)
@@ -255,49 +264,42 @@ def _poll(config: Config) -> tuple[Snapshot, ...]:
                 log.warning(
                     "netns %s: source %s failed: %s", snapshot.netns, status.name, status.error
                 )
-    return snapshots
+    return state
 
 
 def _metrics(config: Config) -> int:
-    from tcpwatch.audit import audit, rule_settings
     from tcpwatch.exporter import render
-    from tcpwatch.sources.sysctl_files import read_persisted_sysctls
-    from tcpwatch.state import ExportState, PollHistogram
+    from tcpwatch.pipeline import Pipeline
 
-    started = time.perf_counter()
-    snapshots = _poll(config)
-    findings = audit(snapshots, {}, rule_settings(config), read_persisted_sysctls())
-    state = ExportState(
-        snapshots=snapshots,
-        findings=tuple(findings),
-        last_poll=snapshots[0].taken_at,
-        poll_durations=PollHistogram().observe(time.perf_counter() - started),
-        top_processes=config.collect.top_processes,
-        top_destinations=config.collect.top_destinations,
-    )
+    pipeline = Pipeline(long_lived=False, cached=False, log_failures=False)
+    state = _usable(config, pipeline.poll(config))
     sys.stdout.buffer.write(render(state))
     sys.stdout.flush()
     return EXIT_OK
 
 
 def _check(config: Config, args: argparse.Namespace) -> int:
-    from tcpwatch.audit import audit, rule_settings
+    from tcpwatch.pipeline import Pipeline
     from tcpwatch.report import render_json, render_text
     from tcpwatch.rules import worst_exit_code
-    from tcpwatch.sources.sysctl_files import read_persisted_sysctls
 
-    current = _poll(config)
-    previous: dict[str, Snapshot] = {}
-    if config.check_window > 0:
-        time.sleep(config.check_window)
-        previous = {snapshot.netns: snapshot for snapshot in current}
-        current = _poll(config)
-    findings = audit(current, previous, rule_settings(config), read_persisted_sysctls())
+    # With a window, the long-lived sources hear what happens during it.
+    windowed = config.check_window > 0
+    pipeline = Pipeline(long_lived=windowed, cached=False, log_failures=False)
+    try:
+        state = _usable(config, pipeline.poll(config))
+        if windowed:
+            time.sleep(config.check_window)
+            state = _usable(config, pipeline.poll(config))
+    finally:
+        pipeline.close()
+    findings = list(state.findings)
+    current = list(state.snapshots)
     if args.format == "json":
-        sys.stdout.write(render_json(findings, list(current), config.check_window))
+        sys.stdout.write(render_json(findings, current, config.check_window))
     else:
         color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
-        sys.stdout.write(render_text(findings, list(current), color, verbose=args.verbose))
+        sys.stdout.write(render_text(findings, current, color, verbose=args.verbose))
     sys.stdout.flush()
     code = worst_exit_code(findings)
     unpolled = [s.netns for s in current if not s.source_ok("netns") and s.sockets is None]

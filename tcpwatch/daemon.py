@@ -1,15 +1,15 @@
-"""`tcpwatch serve`: the poll loop, its history, signals and systemd notifications.
+"""`tcpwatch serve`: the poll loop, signals and systemd notifications around one Pipeline.
 
 Threads and what they share::
 
-    main thread   waits for SIGTERM/SIGINT/SIGHUP (blocked, taken with sigtimedwait), reloads
-    poll thread   every `interval`: snapshot -> rules -> a new ExportState, published by one
-                  reference assignment; pings the systemd watchdog between polls
-    http threads  render the latest ExportState (web.py); they never poll
+    main thread    waits for SIGTERM/SIGINT/SIGHUP (blocked, taken with sigtimedwait), reloads
+    poll thread    every `interval`: Pipeline.poll() -> a new ExportState, published by one
+                   reference assignment; pings the systemd watchdog between polls
+    gather thread  feeds the long-lived sources between polls (tcpwatch.gathering)
+    http threads   render the latest ExportState; they never poll
 
 Shared values are immutable (Config, ExportState, WebConfig) and replaced whole, so no lock is
-needed to read them. The poll thread alone owns the history (previous snapshot, CLOSE_WAIT
-first-seen times, error counters, poll histogram).
+needed to read them. The poll thread alone owns the pipeline and its history.
 """
 
 from __future__ import annotations
@@ -20,19 +20,14 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 from tcpwatch import __version__
-from tcpwatch.audit import audit, rule_settings
 from tcpwatch.config import Config, ConfigError
 from tcpwatch.errors import UsageError
-from tcpwatch.model import Attribution, Snapshot, SocketTable
-from tcpwatch.paths import ProcPaths
+from tcpwatch.pipeline import Pipeline
 from tcpwatch.sdnotify import Notifier
-from tcpwatch.snapshot import poll
-from tcpwatch.sources.sysctl_files import PersistedSysctl, read_persisted_sysctls
-from tcpwatch.state import ExportState, PollHistogram
+from tcpwatch.state import ExportState
 from tcpwatch.web import Health, ListenAddress, ListenError, WebApp, WebServer, parse_listen
 from tcpwatch.webconfig import WebConfig, load_web_config
 
@@ -40,225 +35,11 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILED = 3
-# A source that keeps failing is logged when it starts, then at most this often, then when it
-# recovers: enough to notice, never a line per poll.
-SOURCE_LOG_REPEAT_SECONDS = 300.0
 # /-/healthy turns 503 when one poll has run this long: the loop is stuck (a hung netlink dump
 # or /proc read). Generous, as a poll of a huge host with attribution can take many seconds.
 STALLED_POLL_SECONDS = 120.0
 STOP_JOIN_SECONDS = 1.0  # SIGTERM must end the process within 2 s, a poll in progress or not
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-# -- history across polls -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class NetnsHistory:
-    """What the rules of one namespace remember from earlier polls."""
-
-    previous: Snapshot | None = None
-    close_wait_first_seen: Mapping[int, float] = field(default_factory=dict)
-
-
-def track_close_wait(first_seen: Mapping[int, float], snapshot: Snapshot) -> Mapping[int, float]:
-    """CLOSE_WAIT socket inode -> unix time it was first seen, carried over from ``first_seen``.
-
-    Inodes no longer in CLOSE_WAIT are dropped (their socket closed, or an inode number came
-    back for a new socket, which then starts afresh). When the socket source failed this poll
-    nothing is known, so the old times are kept; when CLOSE_WAIT sockets are not collected at
-    all (``collect.attribute_states`` lacks close_wait) there is nothing to track.
-    """
-    if snapshot.sockets is None:
-        return first_seen
-    inodes = snapshot.sockets.inodes_by_state.get("close_wait")
-    if inodes is None:
-        return {}
-    return {inode: first_seen.get(inode, snapshot.taken_at) for inode in inodes if inode != 0}
-
-
-class SnapshotTaker:
-    """Polls every namespace the configuration selects (`namespaces:`, `--netns`), carrying what
-    makes the next poll cheaper: where each socket's owner was found (re-checked with one
-    readlink each instead of a walk of every process' fds) and each namespace's per-destination
-    data, dumped afresh only every `collect.destinations_interval` seconds."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._known: Attribution | None = None
-        self._tables: dict[str, SocketTable] = {}
-        self._destinations_at: float | None = None
-
-    def __call__(self, config: Config) -> tuple[Snapshot, ...]:
-        now = self._clock()
-        interval = config.collect.destinations_interval
-        due = (
-            self._destinations_at is None
-            or interval <= 0
-            or now - self._destinations_at >= interval
-        )
-        snapshots = poll(
-            config.collect,
-            config.namespaces,
-            ProcPaths(root=config.procfs),
-            known_owners=self._known,
-            earlier=None if due else self._tables,
-        )
-        if due:
-            self._destinations_at = now
-        self._known = next((s.attribution for s in snapshots if s.attribution), None)
-        self._tables = {s.netns: s.sockets for s in snapshots if s.sockets is not None}
-        return snapshots
-
-
-@dataclass(frozen=True, slots=True)
-class _Failing:
-    since_poll: int  # failed polls in a row
-    logged_at: float  # monotonic time of the latest line
-    unlogged: int  # failures since that line
-    error: str
-
-
-class SourceFailureLog:
-    """Logs failing sources per (netns, source): the first failure, a reminder at most every
-    ``repeat_seconds`` while it keeps failing, and one line when it recovers."""
-
-    def __init__(
-        self,
-        repeat_seconds: float = SOURCE_LOG_REPEAT_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
-        logger: logging.Logger = log,
-    ) -> None:
-        self._repeat = repeat_seconds
-        self._clock = clock
-        self._log = logger
-        self._failing: dict[tuple[str, str], _Failing] = {}
-
-    def record(self, snapshots: Iterable[Snapshot]) -> None:
-        now = self._clock()
-        seen: set[tuple[str, str]] = set()
-        for snapshot in snapshots:
-            for status in snapshot.sources:
-                key = (snapshot.netns, status.name)
-                seen.add(key)
-                failing = self._failing.get(key)
-                if status.ok:
-                    if failing is not None:
-                        del self._failing[key]
-                        self._log.warning(
-                            "source %s in netns %s recovered after %d failed poll%s",
-                            status.name,
-                            snapshot.netns,
-                            failing.since_poll,
-                            "" if failing.since_poll == 1 else "s",
-                        )
-                    continue
-                error = status.error or "unknown error"
-                if failing is None:
-                    self._log.warning(
-                        "source %s in netns %s failed: %s (its metrics are absent and "
-                        "tcpwatch_source_up is 0; repeated at most every %.0f s)",
-                        status.name,
-                        snapshot.netns,
-                        error,
-                        self._repeat,
-                    )
-                    self._failing[key] = _Failing(1, now, 0, error)
-                elif now - failing.logged_at >= self._repeat:
-                    self._log.warning(
-                        "source %s in netns %s still failing (%d polls in a row, %d since the "
-                        "last line): %s",
-                        status.name,
-                        snapshot.netns,
-                        failing.since_poll + 1,
-                        failing.unlogged + 1,
-                        error,
-                    )
-                    self._failing[key] = _Failing(failing.since_poll + 1, now, 0, error)
-                else:
-                    self._failing[key] = _Failing(
-                        failing.since_poll + 1, failing.logged_at, failing.unlogged + 1, error
-                    )
-        # A namespace that vanished, or a source that did not run (attribution switched off):
-        # forget it rather than report a recovery that never happened.
-        for key in [key for key in self._failing if key not in seen]:
-            del self._failing[key]
-
-    def failing(self) -> dict[tuple[str, str], str]:
-        return {key: value.error for key, value in self._failing.items()}
-
-
-class Poller:
-    """Turns polls into ExportStates, carrying the history rules and counters need.
-
-    Only the poll thread calls :meth:`poll`; the state it returns is immutable.
-    """
-
-    def __init__(
-        self,
-        take: Callable[[Config], Sequence[Snapshot]] | None = None,
-        persisted: Callable[[], tuple[PersistedSysctl, ...]] = read_persisted_sysctls,
-        clock: Callable[[], float] = time.time,
-        timer: Callable[[], float] = time.perf_counter,
-        failure_log: SourceFailureLog | None = None,
-    ) -> None:
-        self._take = take or SnapshotTaker()
-        self._persisted = persisted
-        self._clock = clock
-        self._timer = timer
-        self._failure_log = failure_log or SourceFailureLog()
-        self._history: dict[str, NetnsHistory] = {}
-        self._errors: dict[tuple[str, str], int] = {}
-        self._durations = PollHistogram()
-
-    def history(self, netns: str) -> NetnsHistory:
-        return self._history.get(netns, NetnsHistory())
-
-    def poll(self, config: Config) -> ExportState:
-        started_at = self._clock()
-        started = self._timer()
-        snapshots = tuple(self._take(config))
-        try:
-            persisted = self._persisted()
-        except Exception as error:  # advice input only: rules just see no persisted lines
-            log.debug("reading persisted sysctl files failed: %s", error)
-            persisted = ()
-        history: dict[str, NetnsHistory] = {}
-        previous: dict[str, Snapshot] = {}
-        for snapshot in snapshots:
-            past = self._history.get(snapshot.netns, NetnsHistory())
-            if past.previous is not None:
-                previous[snapshot.netns] = past.previous
-            first_seen = track_close_wait(past.close_wait_first_seen, snapshot)
-            history[snapshot.netns] = NetnsHistory(snapshot, first_seen)
-        findings = audit(
-            snapshots,
-            previous,
-            rule_settings(config),
-            persisted,
-            {netns: past.close_wait_first_seen for netns, past in history.items()},
-        )
-        present = set(history)
-        self._history = history
-        errors = {key: count for key, count in self._errors.items() if key[0] in present}
-        for snapshot in snapshots:
-            for status in snapshot.sources:
-                if not status.ok:
-                    key = (snapshot.netns, status.name)
-                    errors[key] = errors.get(key, 0) + 1
-        self._errors = errors
-        self._failure_log.record(snapshots)
-        self._durations = self._durations.observe(self._timer() - started)
-        return ExportState(
-            snapshots=snapshots,
-            findings=tuple(findings),
-            last_poll=started_at,
-            poll_durations=self._durations,
-            source_errors=dict(errors),
-            top_processes=config.collect.top_processes,
-            top_destinations=config.collect.top_destinations,
-            cached=True,
-        )
 
 
 def status_line(state: ExportState, interval: float) -> str:
@@ -290,7 +71,7 @@ class Daemon:
         reload: Callable[[], Config],
         web_config: WebConfig | None = None,
         notifier: Notifier | None = None,
-        poller: Poller | None = None,
+        pipeline: Pipeline | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         stalled_after: float = STALLED_POLL_SECONDS,
         include_process_metrics: bool = True,
@@ -298,7 +79,7 @@ class Daemon:
         self._config = config
         self._reload = reload
         self._notifier = notifier or Notifier(None)
-        self._poller = poller or Poller()
+        self._pipeline = pipeline or Pipeline()
         self._monotonic = monotonic
         self._stalled_after = stalled_after
         self._state: ExportState | None = None
@@ -393,6 +174,8 @@ class Daemon:
             if thread.is_alive():
                 # It is a daemon thread: the process exits without it.
                 log.warning("a poll was still running at shutdown; not waiting for it")
+                return
+        self._pipeline.close()
 
     def reload(self) -> bool:
         """Re-read the configuration (SIGHUP). An invalid one keeps the running one: False."""
@@ -466,7 +249,7 @@ class Daemon:
         config = self._config
         self._poll_started = self._monotonic()
         try:
-            state = self._poller.poll(config)
+            state = self._pipeline.poll(config)
         except Exception as error:  # a bug in one poll must not end the loop
             log.error("poll failed: %s: %s", type(error).__name__, error)
             log.debug("poll traceback", exc_info=True)

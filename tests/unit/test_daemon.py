@@ -15,14 +15,8 @@ import pytest
 
 from tcpwatch import audit
 from tcpwatch.config import CollectSettings, Config, RuleOverride
-from tcpwatch.daemon import (
-    NetnsHistory,
-    Poller,
-    SourceFailureLog,
-    describe,
-    status_line,
-    track_close_wait,
-)
+from tcpwatch.daemon import describe, status_line
+from tcpwatch.history import NetnsHistory, SourceFailureLog, track_close_wait
 from tcpwatch.model import (
     FAMILIES,
     STATES,
@@ -35,6 +29,7 @@ from tcpwatch.model import (
     SourceStatus,
     Sysctls,
 )
+from tcpwatch.pipeline import Pipeline as Poller
 from tcpwatch.rules import Finding, RuleSettings, Window
 from tcpwatch.snapshot import SOURCES
 from tcpwatch.sources.sysctl_files import PersistedSysctl

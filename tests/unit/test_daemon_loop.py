@@ -20,9 +20,10 @@ import bcrypt
 import pytest
 
 from tcpwatch.config import CollectSettings, Config, ConfigError, RuleOverride
-from tcpwatch.daemon import Daemon, Poller
+from tcpwatch.daemon import Daemon
 from tcpwatch.errors import UsageError
 from tcpwatch.model import Snapshot
+from tcpwatch.pipeline import Pipeline
 from tcpwatch.sdnotify import Notifier
 from tcpwatch.web import ListenAddress
 
@@ -110,7 +111,7 @@ def start(systemd: Systemd, tmp_path: Path) -> Iterator[Start]:
             config,
             reload or (lambda: config),
             notifier=Notifier(systemd.path, watchdog),
-            poller=Poller(take=source or Source(), persisted=lambda: ()),
+            pipeline=Pipeline(take=source or Source(), persisted=lambda: ()),
             stalled_after=stalled_after,
             include_process_metrics=False,
         )

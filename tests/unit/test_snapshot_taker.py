@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tcpwatch import daemon
+from tcpwatch import pipeline, snapshot
 from tcpwatch.config import CollectSettings, Config
 from tcpwatch.model import Attribution, ProcessRef, Snapshot, SocketTable
 
@@ -30,7 +30,7 @@ class FakePoll:
 @pytest.fixture
 def fake_poll(monkeypatch: pytest.MonkeyPatch) -> FakePoll:
     fake = FakePoll()
-    monkeypatch.setattr(daemon, "poll", fake)
+    monkeypatch.setattr(snapshot, "poll", fake)
     return fake
 
 
@@ -40,7 +40,7 @@ def config(interval: float) -> Config:
 
 def test_destinations_are_rescanned_only_when_due(fake_poll: FakePoll) -> None:
     now = [1000.0]
-    take = daemon.SnapshotTaker(clock=lambda: now[0])
+    take = pipeline.SnapshotTaker(clock=lambda: now[0])
     for step in (0, 20, 20, 25, 10):  # at 1000, 1020, 1040, 1065, 1075
         now[0] += step
         take(config(60))
@@ -51,7 +51,7 @@ def test_destinations_are_rescanned_only_when_due(fake_poll: FakePoll) -> None:
 
 
 def test_interval_zero_scans_every_poll_and_owners_are_carried(fake_poll: FakePoll) -> None:
-    take = daemon.SnapshotTaker(clock=lambda: 0.0)
+    take = pipeline.SnapshotTaker(clock=lambda: 0.0)
     take(config(0))
     take(config(0))
     assert [c["earlier"] for c in fake_poll.calls] == [None, None]

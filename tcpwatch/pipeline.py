@@ -1,0 +1,158 @@
+"""One poll from sources to findings, the same for `serve`, `check` and `metrics`.
+
+A :class:`Pipeline` takes the snapshot of each selected namespace (carrying what makes the next
+poll cheaper), keeps the history between polls, reads the persisted sysctl files, runs the rules
+and returns the :class:`~tcpwatch.state.ExportState` every renderer reads. It owns the gathering
+thread of the long-lived sources; ``close()`` stops them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from tcpwatch import snapshot as snapshot_source
+from tcpwatch.audit import audit, rule_settings
+from tcpwatch.config import Config
+from tcpwatch.gathering import Gathering
+from tcpwatch.history import NetnsHistory, SourceFailureLog, track_close_wait
+from tcpwatch.model import Attribution, Snapshot, SocketTable
+from tcpwatch.paths import ProcPaths
+from tcpwatch.rules import SYSCTLS_USED
+from tcpwatch.sources.sysctl_files import PersistedSysctl, read_persisted_sysctls
+from tcpwatch.state import ExportState, PollHistogram
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotTaker:
+    """Polls every namespace the configuration selects (`namespaces:`, `--netns`), carrying what
+    makes the next poll cheaper: where each socket's owner was found (re-checked with one
+    readlink each instead of a walk of every process' fds) and each namespace's per-destination
+    data, dumped afresh only every `collect.destinations_interval` seconds."""
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, gathering: Gathering | None = None
+    ) -> None:
+        self._clock = clock
+        self._gathering = gathering
+        self._known: Attribution | None = None
+        self._tables: dict[str, SocketTable] = {}
+        self._destinations_at: float | None = None
+
+    def __call__(self, config: Config) -> tuple[Snapshot, ...]:
+        now = self._clock()
+        interval = config.collect.destinations_interval
+        due = (
+            self._destinations_at is None
+            or interval <= 0
+            or now - self._destinations_at >= interval
+        )
+        snapshots = snapshot_source.poll(
+            config.collect,
+            config.namespaces,
+            ProcPaths(root=config.procfs),
+            known_owners=self._known,
+            earlier=None if due else self._tables,
+            gathering=self._gathering,
+            sysctl_names=SYSCTLS_USED,
+        )
+        if self._gathering is not None:
+            # A gatherer whose namespace was not polled (vanished) or whose source did not run
+            # (switched off by a reload) is stopped.
+            self._gathering.retire(
+                {(s.identity.inode, status.name) for s in snapshots for status in s.sources}
+            )
+        if due:
+            self._destinations_at = now
+        self._known = next((s.attribution for s in snapshots if s.attribution), None)
+        self._tables = {s.netns: s.sockets for s in snapshots if s.sockets is not None}
+        return snapshots
+
+
+class Pipeline:
+    """Turns polls into ExportStates, carrying the history rules and counters need.
+
+    Only one thread calls :meth:`poll` (serve's poll thread, or the CLI); the state it returns
+    is immutable. ``long_lived`` starts the long-lived sources (serve, and check with a window);
+    ``cached`` marks the state as served between polls (HELP says so); ``failure_log`` None
+    leaves logging failed sources to the caller.
+    """
+
+    def __init__(
+        self,
+        take: Callable[[Config], Sequence[Snapshot]] | None = None,
+        persisted: Callable[[], tuple[PersistedSysctl, ...]] = read_persisted_sysctls,
+        clock: Callable[[], float] = time.time,
+        timer: Callable[[], float] = time.perf_counter,
+        failure_log: SourceFailureLog | None = None,
+        long_lived: bool = True,
+        cached: bool = True,
+        log_failures: bool = True,
+    ) -> None:
+        self._gathering = Gathering() if long_lived and take is None else None
+        self._take = take or SnapshotTaker(gathering=self._gathering)
+        self._persisted = persisted
+        self._clock = clock
+        self._timer = timer
+        self._failure_log = (failure_log or SourceFailureLog()) if log_failures else None
+        self._cached = cached
+        self._history: dict[str, NetnsHistory] = {}
+        self._errors: dict[tuple[str, str], int] = {}
+        self._durations = PollHistogram()
+
+    def history(self, netns: str) -> NetnsHistory:
+        return self._history.get(netns, NetnsHistory())
+
+    def poll(self, config: Config) -> ExportState:
+        started_at = self._clock()
+        started = self._timer()
+        snapshots = tuple(self._take(config))
+        try:
+            persisted = self._persisted()
+        except Exception as error:  # advice input only: rules just see no persisted lines
+            log.debug("reading persisted sysctl files failed: %s", error)
+            persisted = ()
+        history: dict[str, NetnsHistory] = {}
+        previous: dict[str, Snapshot] = {}
+        for snapshot in snapshots:
+            past = self._history.get(snapshot.netns, NetnsHistory())
+            if past.previous is not None:
+                previous[snapshot.netns] = past.previous
+            first_seen = track_close_wait(past.close_wait_first_seen, snapshot)
+            history[snapshot.netns] = NetnsHistory(snapshot, first_seen)
+        findings = audit(
+            snapshots,
+            previous,
+            rule_settings(config),
+            persisted,
+            {netns: past.close_wait_first_seen for netns, past in history.items()},
+        )
+        present = set(history)
+        self._history = history
+        errors = {key: count for key, count in self._errors.items() if key[0] in present}
+        for snapshot in snapshots:
+            for status in snapshot.sources:
+                if not status.ok:
+                    key = (snapshot.netns, status.name)
+                    errors[key] = errors.get(key, 0) + 1
+        self._errors = errors
+        if self._failure_log is not None:
+            self._failure_log.record(snapshots)
+        self._durations = self._durations.observe(self._timer() - started)
+        return ExportState(
+            snapshots=snapshots,
+            findings=tuple(findings),
+            last_poll=started_at,
+            poll_durations=self._durations,
+            source_errors=dict(errors),
+            top_processes=config.collect.top_processes,
+            top_destinations=config.collect.top_destinations,
+            cached=self._cached,
+        )
+
+    def close(self) -> None:
+        """Stop the long-lived sources (at exit; the pipeline is not used afterwards)."""
+        if self._gathering is not None:
+            self._gathering.close()
