@@ -260,7 +260,7 @@ def _poll(config: Config) -> tuple[Snapshot, ...]:
 
 def _metrics(config: Config) -> int:
     from tcpwatch.audit import audit, rule_settings
-    from tcpwatch.exporter import render
+    from tcpwatch.render.prometheus import render
     from tcpwatch.sources.sysctl_files import read_persisted_sysctls
     from tcpwatch.state import ExportState, PollHistogram
 

@@ -18,9 +18,10 @@ from types import MappingProxyType
 import bcrypt
 import pytest
 
-from tcpwatch import __version__, exporter, web
+from tcpwatch import __version__, web
 from tcpwatch.config import CollectSettings, Config, RuleOverride
 from tcpwatch.model import ProcessRef
+from tcpwatch.render import prometheus
 from tcpwatch.rules import Finding
 from tcpwatch.state import ExportState
 from tcpwatch.web import (
@@ -142,7 +143,7 @@ def test_process_self_metrics_are_added_per_scrape() -> None:
 
 def test_a_state_is_rendered_once_however_many_scrapes(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[object] = []
-    real = exporter.make_registry
+    real = prometheus.make_registry
 
     def counting(*args: object, **kwargs: object) -> object:
         calls.append(args)
