@@ -282,7 +282,8 @@ def _metrics(config: Config) -> int:
 
 def _check(config: Config, args: argparse.Namespace) -> int:
     from tcpwatch.audit import audit, rule_settings
-    from tcpwatch.report import render_json, render_text
+    from tcpwatch.render.json import render_json
+    from tcpwatch.render.text import render_text
     from tcpwatch.rules import worst_exit_code
     from tcpwatch.sources.sysctl_files import read_persisted_sysctls
 
