@@ -39,9 +39,9 @@ from prometheus_client import (
 from tcpwatch import __version__
 from tcpwatch.config import Config
 from tcpwatch.endpoints import endpoint
+from tcpwatch.http.webconfig import RateLimit, WebConfig, client_sans
 from tcpwatch.render.prometheus import make_registry
 from tcpwatch.state import ExportState
-from tcpwatch.webconfig import RateLimit, WebConfig, client_sans
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from tcpwatch.daemon import (
     status_line,
     track_close_wait,
 )
+from tcpwatch.http.webconfig import WebConfig
 from tcpwatch.model import (
     FAMILIES,
     STATES,
@@ -39,7 +40,6 @@ from tcpwatch.rules import Finding, RuleSettings, Window
 from tcpwatch.snapshot import SOURCES
 from tcpwatch.sources.sysctl_files import PersistedSysctl
 from tcpwatch.state import POLL_BUCKETS
-from tcpwatch.webconfig import WebConfig
 
 
 def make_snapshot(

@@ -20,6 +20,7 @@ import pytest
 
 from tcpwatch import __version__, web
 from tcpwatch.config import CollectSettings, Config, RuleOverride
+from tcpwatch.http.webconfig import RateLimit, WebConfig
 from tcpwatch.model import ProcessRef
 from tcpwatch.render import prometheus
 from tcpwatch.rules import Finding
@@ -36,7 +37,6 @@ from tcpwatch.web import (
     accepts_gzip,
     parse_listen,
 )
-from tcpwatch.webconfig import RateLimit, WebConfig
 
 from .test_daemon import make_snapshot
 
