@@ -22,9 +22,9 @@ import pytest
 from tcpwatch.config import CollectSettings, Config, ConfigError, RuleOverride
 from tcpwatch.daemon import Daemon, Poller
 from tcpwatch.errors import UsageError
+from tcpwatch.http.app import ListenAddress
 from tcpwatch.model import Snapshot
 from tcpwatch.sdnotify import Notifier
-from tcpwatch.web import ListenAddress
 
 from .test_daemon import make_snapshot
 

@@ -18,14 +18,10 @@ from types import MappingProxyType
 import bcrypt
 import pytest
 
-from tcpwatch import __version__, web
+from tcpwatch import __version__
 from tcpwatch.config import CollectSettings, Config, RuleOverride
-from tcpwatch.http.webconfig import RateLimit, WebConfig
-from tcpwatch.model import ProcessRef
-from tcpwatch.render import prometheus
-from tcpwatch.rules import Finding
-from tcpwatch.state import ExportState
-from tcpwatch.web import (
+from tcpwatch.http import app as web
+from tcpwatch.http.app import (
     BasicAuth,
     Health,
     ListenAddress,
@@ -37,6 +33,11 @@ from tcpwatch.web import (
     accepts_gzip,
     parse_listen,
 )
+from tcpwatch.http.webconfig import RateLimit, WebConfig
+from tcpwatch.model import ProcessRef
+from tcpwatch.render import prometheus
+from tcpwatch.rules import Finding
+from tcpwatch.state import ExportState
 
 from .test_daemon import make_snapshot
 

@@ -21,8 +21,8 @@ import bcrypt
 import pytest
 
 from tcpwatch.config import Config
+from tcpwatch.http.app import Health, ListenAddress, WebApp, WebServer
 from tcpwatch.http.webconfig import WebConfigError, load_web_config
-from tcpwatch.web import Health, ListenAddress, WebApp, WebServer
 
 StartServer = Callable[[str], WebServer]
 
