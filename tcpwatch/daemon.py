@@ -27,7 +27,9 @@ from tcpwatch import __version__
 from tcpwatch.audit import audit, rule_settings
 from tcpwatch.config import Config, ConfigError
 from tcpwatch.errors import UsageError
-from tcpwatch.http.app import Health, ListenAddress, ListenError, WebApp, WebServer, parse_listen
+from tcpwatch.http.app import Health, WebApp
+from tcpwatch.http.listen import ListenAddress, ListenError, parse_listen
+from tcpwatch.http.server import WebServer
 from tcpwatch.http.webconfig import WebConfig, load_web_config
 from tcpwatch.model import Attribution, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths

@@ -22,7 +22,7 @@ import pytest
 from tcpwatch.config import CollectSettings, Config, ConfigError, RuleOverride
 from tcpwatch.daemon import Daemon, Poller
 from tcpwatch.errors import UsageError
-from tcpwatch.http.app import ListenAddress
+from tcpwatch.http.listen import ListenAddress
 from tcpwatch.model import Snapshot
 from tcpwatch.sdnotify import Notifier
 

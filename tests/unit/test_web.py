@@ -20,19 +20,12 @@ import pytest
 
 from tcpwatch import __version__
 from tcpwatch.config import CollectSettings, Config, RuleOverride
-from tcpwatch.http import app as web
-from tcpwatch.http.app import (
-    BasicAuth,
-    Health,
-    ListenAddress,
-    ListenError,
-    Response,
-    TokenBucket,
-    WebApp,
-    WebServer,
-    accepts_gzip,
-    parse_listen,
-)
+from tcpwatch.http import app as web_app
+from tcpwatch.http import server as web_server
+from tcpwatch.http.app import Health, Response, WebApp, accepts_gzip
+from tcpwatch.http.auth import BasicAuth, TokenBucket
+from tcpwatch.http.listen import ListenAddress, ListenError, parse_listen
+from tcpwatch.http.server import WebServer
 from tcpwatch.http.webconfig import RateLimit, WebConfig
 from tcpwatch.model import ProcessRef
 from tcpwatch.render import prometheus
@@ -150,7 +143,7 @@ def test_a_state_is_rendered_once_however_many_scrapes(monkeypatch: pytest.Monke
         calls.append(args)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(web, "make_registry", counting)
+    monkeypatch.setattr(web_app, "make_registry", counting)
     holder = Holder()
     holder.state = export_state()
     app = holder.app()
@@ -452,7 +445,7 @@ def test_overload_gets_a_quick_503(served: tuple[Holder, WebServer]) -> None:
     finally:
         for _ in range(taken):
             slots.release()
-    assert taken == web.MAX_PARALLEL_REQUESTS
+    assert taken == web_server.MAX_PARALLEL_REQUESTS
 
 
 def test_a_failing_render_is_a_500_and_the_server_goes_on(

@@ -21,7 +21,9 @@ import bcrypt
 import pytest
 
 from tcpwatch.config import Config
-from tcpwatch.http.app import Health, ListenAddress, WebApp, WebServer
+from tcpwatch.http.app import Health, WebApp
+from tcpwatch.http.listen import ListenAddress
+from tcpwatch.http.server import WebServer
 from tcpwatch.http.webconfig import WebConfigError, load_web_config
 
 StartServer = Callable[[str], WebServer]
