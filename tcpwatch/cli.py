@@ -268,8 +268,8 @@ def _usable(config: Config, state: ExportState) -> ExportState:
 
 
 def _metrics(config: Config) -> int:
-    from tcpwatch.exporter import render
     from tcpwatch.pipeline import Pipeline
+    from tcpwatch.render.prometheus import render
 
     pipeline = Pipeline(long_lived=False, cached=False, log_failures=False)
     state = _usable(config, pipeline.poll(config))
@@ -280,7 +280,8 @@ def _metrics(config: Config) -> int:
 
 def _check(config: Config, args: argparse.Namespace) -> int:
     from tcpwatch.pipeline import Pipeline
-    from tcpwatch.report import render_json, render_text
+    from tcpwatch.render.json import render_json
+    from tcpwatch.render.text import render_text
     from tcpwatch.rules import worst_exit_code
 
     # With a window, the long-lived sources hear what happens during it.

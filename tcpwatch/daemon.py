@@ -25,11 +25,13 @@ from collections.abc import Callable
 from tcpwatch import __version__
 from tcpwatch.config import Config, ConfigError
 from tcpwatch.errors import UsageError
+from tcpwatch.http.app import Health, WebApp
+from tcpwatch.http.listen import ListenAddress, ListenError, parse_listen
+from tcpwatch.http.server import WebServer
+from tcpwatch.http.webconfig import WebConfig, load_web_config
 from tcpwatch.pipeline import Pipeline
 from tcpwatch.sdnotify import Notifier
 from tcpwatch.state import ExportState
-from tcpwatch.web import Health, ListenAddress, ListenError, WebApp, WebServer, parse_listen
-from tcpwatch.webconfig import WebConfig, load_web_config
 
 log = logging.getLogger(__name__)
 

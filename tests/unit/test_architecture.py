@@ -100,7 +100,7 @@ def test_no_import_cycle() -> None:
             if target.startswith(node + "."):
                 continue
             if state.get(target) == 1:
-                cycle = stack[stack.index(target) :] + [target]
+                cycle = [*stack[stack.index(target) :], target]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if target not in state:
                 visit(target)
@@ -139,7 +139,7 @@ def test_every_module_is_in_a_layer() -> None:
 def test_no_module_over_the_size_limit_unless_the_doc_says_why() -> None:
     text = DOC.read_text()
     over = []
-    for module, path in package_modules().items():
+    for path in package_modules().values():
         lines = len(path.read_text().splitlines())
         relative = str(path.relative_to(ROOT))
         if lines > SIZE_LIMIT and f"`{relative}`" not in text.split("## Why these are long")[-1]:
@@ -157,4 +157,6 @@ def test_the_recipes_name_files_that_exist() -> None:
         pattern = re.sub(r"<[^>]+>", "*", name)
         if not list(ROOT.glob(pattern)):
             missing.append(name)
-    assert not missing, f"the recipes in docs/architecture.md name files that do not exist: {missing}"
+    assert not missing, (
+        f"the recipes in docs/architecture.md name files that do not exist: {missing}"
+    )

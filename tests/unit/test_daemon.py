@@ -17,6 +17,7 @@ from tcpwatch import audit
 from tcpwatch.config import CollectSettings, Config, RuleOverride
 from tcpwatch.daemon import describe, status_line
 from tcpwatch.history import NetnsHistory, SourceFailureLog, track_close_wait
+from tcpwatch.http.webconfig import WebConfig
 from tcpwatch.model import (
     FAMILIES,
     STATES,
@@ -34,7 +35,6 @@ from tcpwatch.rules import Finding, RuleSettings, Window
 from tcpwatch.snapshot import SOURCES
 from tcpwatch.sources.sysctl_files import PersistedSysctl
 from tcpwatch.state import POLL_BUCKETS
-from tcpwatch.webconfig import WebConfig
 
 
 def make_snapshot(

@@ -22,10 +22,10 @@ import pytest
 from tcpwatch.config import CollectSettings, Config, ConfigError, RuleOverride
 from tcpwatch.daemon import Daemon
 from tcpwatch.errors import UsageError
+from tcpwatch.http.listen import ListenAddress
 from tcpwatch.model import Snapshot
 from tcpwatch.pipeline import Pipeline
 from tcpwatch.sdnotify import Notifier
-from tcpwatch.web import ListenAddress
 
 from .test_daemon import make_snapshot
 

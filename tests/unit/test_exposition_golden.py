@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from tcpwatch.exporter import render
 from tcpwatch.model import (
     STATES,
     Attribution,
@@ -27,6 +26,7 @@ from tcpwatch.model import (
     SourceStatus,
     Sysctls,
 )
+from tcpwatch.render.prometheus import render
 from tcpwatch.rules import Finding
 from tcpwatch.state import ExportState, PollHistogram
 

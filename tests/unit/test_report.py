@@ -8,13 +8,8 @@ import re
 import pytest
 
 from tcpwatch.model import ProcessRef, Snapshot
-from tcpwatch.report import (
-    SCHEMA_VERSION,
-    findings_from_json,
-    render_json,
-    render_text,
-    summary_line,
-)
+from tcpwatch.render.json import SCHEMA_VERSION, findings_from_json, render_json
+from tcpwatch.render.text import render_text, summary_line
 from tcpwatch.rules import Finding, evaluate
 from tests.unit.snapshots import (
     NGINX,

@@ -18,24 +18,19 @@ from types import MappingProxyType
 import bcrypt
 import pytest
 
-from tcpwatch import __version__, exporter, web
+from tcpwatch import __version__
 from tcpwatch.config import CollectSettings, Config, RuleOverride
+from tcpwatch.http import app as web_app
+from tcpwatch.http import server as web_server
+from tcpwatch.http.app import Health, Response, WebApp, accepts_gzip
+from tcpwatch.http.auth import BasicAuth, TokenBucket
+from tcpwatch.http.listen import ListenAddress, ListenError, parse_listen
+from tcpwatch.http.server import WebServer
+from tcpwatch.http.webconfig import RateLimit, WebConfig
 from tcpwatch.model import ProcessRef
+from tcpwatch.render import prometheus
 from tcpwatch.rules import Finding
 from tcpwatch.state import ExportState
-from tcpwatch.web import (
-    BasicAuth,
-    Health,
-    ListenAddress,
-    ListenError,
-    Response,
-    TokenBucket,
-    WebApp,
-    WebServer,
-    accepts_gzip,
-    parse_listen,
-)
-from tcpwatch.webconfig import RateLimit, WebConfig
 
 from .test_daemon import make_snapshot
 
@@ -142,13 +137,13 @@ def test_process_self_metrics_are_added_per_scrape() -> None:
 
 def test_a_state_is_rendered_once_however_many_scrapes(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[object] = []
-    real = exporter.make_registry
+    real = prometheus.make_registry
 
     def counting(*args: object, **kwargs: object) -> object:
         calls.append(args)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(web, "make_registry", counting)
+    monkeypatch.setattr(web_app, "make_registry", counting)
     holder = Holder()
     holder.state = export_state()
     app = holder.app()
@@ -450,7 +445,7 @@ def test_overload_gets_a_quick_503(served: tuple[Holder, WebServer]) -> None:
     finally:
         for _ in range(taken):
             slots.release()
-    assert taken == web.MAX_PARALLEL_REQUESTS
+    assert taken == web_server.MAX_PARALLEL_REQUESTS
 
 
 def test_a_failing_render_is_a_500_and_the_server_goes_on(

@@ -21,8 +21,10 @@ import bcrypt
 import pytest
 
 from tcpwatch.config import Config
-from tcpwatch.web import Health, ListenAddress, WebApp, WebServer
-from tcpwatch.webconfig import WebConfigError, load_web_config
+from tcpwatch.http.app import Health, WebApp
+from tcpwatch.http.listen import ListenAddress
+from tcpwatch.http.server import WebServer
+from tcpwatch.http.webconfig import WebConfigError, load_web_config
 
 StartServer = Callable[[str], WebServer]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tcpwatch.config import ConfigError
-from tcpwatch.webconfig import (
+from tcpwatch.http.webconfig import (
     RateLimit,
     TlsSettings,
     WebConfig,

@@ -1,26 +1,20 @@
-"""The `tcpwatch check` report: text for a person at 3 a.m., JSON for programs.
+"""The `tcpwatch check` text report, for a person at 3 a.m.
 
-The text report's first line follows the Nagios plugin convention
-(``TCPWATCH CRITICAL - 2 critical, 1 warning``); findings follow, grouped by severity, each with
-its evidence, the fix and the documentation page. The JSON schema is documented in
-docs/check-json.md and versioned by ``schema_version``.
+Its first line follows the Nagios plugin convention (``TCPWATCH CRITICAL - 2 critical,
+1 warning``); findings follow, grouped by severity, each with its evidence, the fix and the
+documentation page. ANSI colour only when asked for.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
 
 from tcpwatch.model import Snapshot
-from tcpwatch.rules import Finding, Severity, sort_key, worst_exit_code
-
-SCHEMA_VERSION = 1
-STATUS_BY_EXIT_CODE: Mapping[int, str] = MappingProxyType({0: "OK", 1: "WARNING", 2: "CRITICAL"})
-SEVERITIES: tuple[Severity, ...] = ("critical", "warning", "info")
+from tcpwatch.render.status import SEVERITIES, status_of
+from tcpwatch.rules import Finding, sort_key
 
 _RESET = "\033[0m"
 _BOLD = "\033[1m"
@@ -34,12 +28,6 @@ _COLOURS: Mapping[str, str] = MappingProxyType(
     }
 )
 _LABEL_WIDTH = 12
-
-
-def status_of(findings: Iterable[Finding]) -> tuple[str, int]:
-    """("CRITICAL", 2), ("WARNING", 1) or ("OK", 0)."""
-    code = worst_exit_code(findings)
-    return STATUS_BY_EXIT_CODE[code], code
 
 
 def summary_line(findings: Sequence[Finding]) -> str:
@@ -150,71 +138,3 @@ def render_text(
 def _info_line(finding: Finding, color: bool) -> str:
     tag = _paint(f"[{finding.rule_id} {finding.slug}]", _COLOURS[finding.severity], color)
     return f"  {tag} {finding.title}  {_paint(finding.doc, _DIM, color)}"
-
-
-def finding_to_json(finding: Finding) -> dict[str, Any]:
-    return {
-        "id": finding.rule_id,
-        "slug": finding.slug,
-        "severity": finding.severity,
-        "title": finding.title,
-        "netns": finding.netns,
-        "subject": finding.subject,
-        "evidence": dict(finding.evidence),
-        "remediation": finding.remediation,
-        "doc": finding.doc,
-    }
-
-
-def render_json(
-    findings: Sequence[Finding], snapshots: Sequence[Snapshot], window_seconds: float
-) -> str:
-    """The machine report (schema in docs/check-json.md), one JSON document and a newline."""
-    ordered = sorted(findings, key=sort_key)
-    status, code = status_of(ordered)
-    counts = Counter(f.severity for f in ordered)
-    document = {
-        "schema_version": SCHEMA_VERSION,
-        "status": status,
-        "exit_code": code,
-        "summary": {severity: counts[severity] for severity in SEVERITIES},
-        "window_seconds": window_seconds,
-        "namespaces": [
-            {"netns": snapshot.netns, "taken_at": snapshot.taken_at} for snapshot in snapshots
-        ],
-        "findings": [finding_to_json(finding) for finding in ordered],
-        "sources": [
-            {
-                "netns": snapshot.netns,
-                "name": source.name,
-                "ok": source.ok,
-                "duration_seconds": source.duration_seconds,
-                "error": source.error,
-            }
-            for snapshot in snapshots
-            for source in snapshot.sources
-        ],
-    }
-    return json.dumps(document, indent=2) + "\n"
-
-
-def findings_from_json(text: str) -> list[Finding]:
-    """The findings of a render_json document, as Finding objects (for tests and tooling)."""
-    document = json.loads(text)
-    version = document.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"unsupported check report schema_version {version!r}")
-    return [
-        Finding(
-            rule_id=item["id"],
-            slug=item["slug"],
-            severity=item["severity"],
-            title=item["title"],
-            netns=item["netns"],
-            subject=item["subject"],
-            evidence=MappingProxyType(dict(item["evidence"])),
-            remediation=item["remediation"],
-            doc=item["doc"],
-        )
-        for item in document["findings"]
-    ]
