@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from tcpwatch.model import Snapshot
 from tcpwatch.rules import Finding
+from tcpwatch.sources.registry import source_names
 
 POLL_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -37,3 +38,5 @@ class ExportState:
     top_processes: int = 20
     top_destinations: int = 20
     cached: bool = False
+    # Every source tcpwatch_source_errors_total counts (0 until one fails), in poll order.
+    source_names: tuple[str, ...] = field(default_factory=source_names)

@@ -27,7 +27,6 @@ from prometheus_client.registry import Collector
 from tcpwatch import __version__
 from tcpwatch.endpoints import endpoint
 from tcpwatch.model import FAMILIES, STATES, Snapshot
-from tcpwatch.snapshot import SOURCES
 from tcpwatch.sources.sysctl import MULTI_FIELD_SUFFIXES
 from tcpwatch.state import POLL_BUCKETS, ExportState
 
@@ -383,7 +382,7 @@ def _self_families(state: ExportState) -> Iterator[Metric]:
         for status in snap.sources:
             up.add_metric([snap.netns, status.name], 1 if status.ok else 0)
             duration.add_metric([snap.netns, status.name], status.duration_seconds)
-        for source in SOURCES:
+        for source in state.source_names:
             failures = state.source_errors.get((snap.netns, source), 0)
             errors.add_metric([snap.netns, source], failures)
     last = GaugeMetricFamily(

@@ -79,7 +79,9 @@ def layer_of(module: str, layers: list[tuple[int, str, tuple[str, ...]]]) -> tup
     best: tuple[int, tuple[int, str]] | None = None
     for level, layer, prefixes in layers:
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and (
+            # The package itself ("tcpwatch": __version__) matches only exactly.
+            below = "." in prefix and module.startswith(prefix + ".")
+            if (module == prefix or below) and (
                 best is None or len(prefix) > best[0]
             ):
                 best = (len(prefix), (level, layer))
