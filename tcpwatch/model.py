@@ -95,6 +95,9 @@ class SocketTable:
     # Unix time the per-destination data (ephemeral_use, established self-connects) was taken:
     # the poll's own time, or an earlier poll's when collect.destinations_interval spared it.
     destinations_at: float = 0.0
+    # Derived mode only: sockstat's inuse moved during the dumps (connections came or went), so
+    # this poll dumped ESTABLISHED instead of deriving it (established_method is "dumped").
+    churned: bool = False
 
     def total(self, state: str) -> int:
         return sum(by_state.get(state, 0) for by_state in self.counts.values())

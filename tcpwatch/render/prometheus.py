@@ -164,6 +164,14 @@ def _socket_families(state: ExportState) -> Iterator[Metric]:
         ["netns", "family", "state"],
         state.cached,
     )
+    dumped = _gauge(
+        "tcpwatch_established_dumped",
+        "1 if this poll counted ESTABLISHED by dumping every such socket (collect.established: "
+        "dumped, or derived mode falling back because connections came or went during the "
+        "dumps), 0 if it derived inbound ESTABLISHED from sockstat.",
+        ["netns"],
+        state.cached,
+    )
     for snap in state.snapshots:
         if snap.sockets is None:
             continue
@@ -171,7 +179,9 @@ def _socket_families(state: ExportState) -> Iterator[Metric]:
             by_state = snap.sockets.counts.get(family, {})
             for name in STATES:
                 sockets.add_metric([snap.netns, family, name], by_state.get(name, 0))
+        dumped.add_metric([snap.netns], 1 if snap.sockets.established_method == "dumped" else 0)
     yield sockets
+    yield dumped
 
 
 def _listener_families(state: ExportState) -> Iterator[Metric]:

@@ -40,7 +40,9 @@ from tcpwatch.model import (
     SelfConnect,
     Snapshot,
     SocketTable,
+    SockStat,
 )
+from tcpwatch.sources import procnet
 from tcpwatch.sources.base import SourceContext, netns_source
 
 NETLINK_SOCK_DIAG = 4
@@ -503,24 +505,43 @@ def with_destinations_of(sockets: SocketTable, earlier: SocketTable) -> SocketTa
     )
 
 
+def _inuse(sockstat: SockStat) -> dict[str, int]:
+    return {"ipv4": sockstat.inuse_ipv4, "ipv6": sockstat.inuse_ipv6}
+
+
 @netns_source("sockdiag", field="sockets", order=40)
 def read_sockets_source(context: SourceContext, so_far: Snapshot) -> SocketTable:
     """The dump, using sysctl and sockstat when they worked (after them in the poll); with
-    ``context.earlier`` the per-destination data is reused, not dumped."""
+    ``context.earlier`` the per-destination data is reused, not dumped.
+
+    Derived ESTABLISHED is exact only if no full socket was created or destroyed between the
+    sockstat read and the dumps. sockstat is read again after them: when ``inuse`` moved, the
+    host churned during the poll and ESTABLISHED is counted by dumping it, as ``ss`` does
+    (the table then says ``established_method="dumped"``). A quiet host keeps the cheap path.
+    """
     settings = context.settings
     sockstat, sysctls = so_far.sockstat, so_far.sysctls
-    inuse = None
-    if sockstat is not None and settings.established == "derived":
-        inuse = {"ipv4": sockstat.inuse_ipv4, "ipv6": sockstat.inuse_ipv6}
-    fresh = context.earlier is None or settings.established == "dumped"
-    sockets = collect(
-        sysctls.port_range if sysctls is not None else None,
-        inuse,
-        settings.attribute_states if settings.process_attribution else (),
-        dump_established=settings.established == "dumped",
-        time_wait=sockstat.time_wait if sockstat is not None else None,
-        destinations=fresh,
-    )
+    derived = settings.established == "derived"
+    inuse = _inuse(sockstat) if sockstat is not None and derived else None
+    fresh = context.earlier is None or not derived
+    port_range = sysctls.port_range if sysctls is not None else None
+    attribute_states = settings.attribute_states if settings.process_attribution else ()
+
+    def dump(inuse: Mapping[str, int] | None, dump_established: bool) -> SocketTable:
+        return collect(
+            port_range,
+            inuse,
+            attribute_states,
+            dump_established=dump_established,
+            time_wait=sockstat.time_wait if sockstat is not None else None,
+            destinations=fresh,
+        )
+
+    sockets = dump(inuse, not derived)
+    if inuse is not None and sockets.established_method == "derived":
+        after = _inuse(procnet.read_sockstat(context.paths))
+        if after != inuse:
+            sockets = replace(dump(None, True), churned=True)
     if fresh or context.earlier is None:
         return replace(sockets, destinations_at=context.taken_at)
     return with_destinations_of(sockets, context.earlier)

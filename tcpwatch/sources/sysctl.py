@@ -112,7 +112,8 @@ def read_sysctls(paths: ProcPaths, also: Iterable[str] = ()) -> Sysctls:
     """Every sysctl in SYSCTLS (and ``also``) that exists, plus the reserved ports (() when
     absent)."""
     values: dict[str, tuple[int, ...]] = {}
-    for name in dict.fromkeys((*SYSCTLS, *also)):
+    # The reserved ports are a list of ranges, read below by their own parser.
+    for name in dict.fromkeys(n for n in (*SYSCTLS, *also) if n != RESERVED_PORTS):
         path = paths.sysctl(name)
         text = _read_optional(path)
         if text is not None:

@@ -209,3 +209,19 @@ def test_every_sysctl_a_rule_reads_is_collected() -> None:
     from tcpwatch.sources.sysctl import RESERVED_PORTS, SYSCTLS
 
     assert set(SYSCTLS_USED) <= {*SYSCTLS, RESERVED_PORTS}
+
+
+
+def test_names_the_rules_declare_are_read_and_reserved_ports_keep_their_parser(
+    tmp_path: Path,
+) -> None:
+    from tcpwatch.rules import SYSCTLS_USED
+
+    ipv4 = tmp_path / "sys" / "net" / "ipv4"
+    ipv4.mkdir(parents=True)
+    (ipv4 / "ip_local_reserved_ports").write_text("8080,9000-9010\n")
+    (ipv4 / "tcp_syncookies").write_text("1\n")
+    sysctls = read_sysctls(ProcPaths(root=str(tmp_path)), SYSCTLS_USED)
+    assert "net.ipv4.ip_local_reserved_ports" in SYSCTLS_USED
+    assert sysctls.reserved_ports == ((8080, 8080), (9000, 9010))
+    assert sysctls.get("net.ipv4.tcp_syncookies") == 1
