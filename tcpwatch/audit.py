@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from tcpwatch.config import Config
-from tcpwatch.model import Snapshot
+from tcpwatch.model import PersistedSysctl, Snapshot
 from tcpwatch.rules import Finding, RuleSettings, Window, evaluate
-from tcpwatch.sources.sysctl_files import PersistedSysctl
 
 
 def rule_settings(config: Config) -> dict[str, RuleSettings]:

@@ -27,11 +27,11 @@ from tcpwatch import __version__
 from tcpwatch.audit import audit, rule_settings
 from tcpwatch.config import Config, ConfigError
 from tcpwatch.errors import UsageError
-from tcpwatch.model import Attribution, Snapshot, SocketTable
+from tcpwatch.model import Attribution, PersistedSysctl, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sdnotify import Notifier
 from tcpwatch.snapshot import poll
-from tcpwatch.sources.sysctl_files import PersistedSysctl, read_persisted_sysctls
+from tcpwatch.sources.sysctl_files import read_persisted_sysctls
 from tcpwatch.state import ExportState, PollHistogram
 from tcpwatch.web import Health, ListenAddress, ListenError, WebApp, WebServer, parse_listen
 from tcpwatch.webconfig import WebConfig, load_web_config

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
-from tcpwatch.model import Snapshot
-from tcpwatch.sources.sysctl_files import PersistedSysctl
+from tcpwatch.model import PersistedSysctl, Snapshot
 
 Severity = Literal["info", "warning", "critical"]
 SEVERITY_RANK: Mapping[str, int] = MappingProxyType({"critical": 0, "warning": 1, "info": 2})

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from tcpwatch.endpoints import endpoint
-from tcpwatch.model import Sysctls
+from tcpwatch.model import Sysctls, lines_for
 from tcpwatch.rules.base import (
     EvidenceValue,
     Finding,
@@ -28,7 +28,6 @@ from tcpwatch.rules.fixes import (
     run_in,
     sysctl_fix,
 )
-from tcpwatch.sources.sysctl_files import lines_for
 
 TIME_WAIT_SECONDS = 60  # TCP_TIMEWAIT_LEN in include/net/tcp.h; no sysctl changes it
 

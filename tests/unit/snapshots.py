@@ -16,6 +16,7 @@ from tcpwatch.model import (
     DestinationUse,
     KernelCounters,
     Listener,
+    PersistedSysctl,
     ProcessRef,
     SelfConnect,
     Snapshot,
@@ -23,9 +24,9 @@ from tcpwatch.model import (
     SockStat,
     SourceStatus,
     Sysctls,
+    lines_for,
 )
 from tcpwatch.rules import Window
-from tcpwatch.sources.sysctl_files import PersistedSysctl
 
 DEFAULT_SYSCTLS: Mapping[str, tuple[int, ...]] = MappingProxyType(
     {
@@ -208,3 +209,9 @@ def window(
     persisted: Sequence[PersistedSysctl] = (),
 ) -> Window:
     return Window(current, previous, dict(close_wait_first_seen or {}), tuple(persisted))
+
+
+def effective(persisted: Sequence[PersistedSysctl], name: str) -> PersistedSysctl | None:
+    """The assignment that wins at boot for ``name`` (the last one applied), if any."""
+    found = lines_for(persisted, name)
+    return found[-1] if found else None

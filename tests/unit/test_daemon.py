@@ -28,6 +28,7 @@ from tcpwatch.model import (
     STATES,
     Attribution,
     KernelCounters,
+    PersistedSysctl,
     ProcessRef,
     Snapshot,
     SocketTable,
@@ -37,7 +38,6 @@ from tcpwatch.model import (
 )
 from tcpwatch.rules import Finding, RuleSettings, Window
 from tcpwatch.snapshot import SOURCES
-from tcpwatch.sources.sysctl_files import PersistedSysctl
 from tcpwatch.state import POLL_BUCKETS
 from tcpwatch.webconfig import WebConfig
 

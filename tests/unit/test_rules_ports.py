@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from tcpwatch.endpoints import ports_available
 from tcpwatch.model import DestinationUse, ProcessRef, SelfConnect
 from tcpwatch.rules import Finding, evaluate
-from tcpwatch.endpoints import ports_available
 from tests.unit.snapshots import DEFAULT_LISTENERS, listener, snapshot, socket_table, window
 
 APP = ProcessRef(4321, "app-server")
