@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import faulthandler
 import logging
-import os
 import signal
 import threading
 import time
@@ -28,7 +27,7 @@ from tcpwatch.audit import audit, rule_settings
 from tcpwatch.config import Config, ConfigError
 from tcpwatch.errors import UsageError
 from tcpwatch.model import Attribution, PersistedSysctl, Snapshot, SocketTable
-from tcpwatch.paths import ProcPaths
+from tcpwatch.paths import ProcPaths, procfs_problem
 from tcpwatch.sdnotify import Notifier
 from tcpwatch.snapshot import poll
 from tcpwatch.sources.sysctl_files import read_persisted_sysctls
@@ -401,10 +400,8 @@ class Daemon:
         try:
             new = self._reload()
             listen = parse_listen(new.listen)
-            if not os.path.isfile(os.path.join(new.procfs, "net", "sockstat")):
-                raise UsageError(
-                    f"{new.procfs} does not look like a procfs mount (no net/sockstat)"
-                )
+            if (problem := procfs_problem(new.procfs)) is not None:
+                raise UsageError(problem)
             web = load_web_config(new.web_config) if new.web_config else WebConfig()
         except ConfigError as error:
             self._reload_failed("; ".join(error.errors))

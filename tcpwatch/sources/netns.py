@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from tcpwatch.paths import ProcPaths
+from tcpwatch.paths import ProcPaths, read_text
 
 # The initial namespace's fixed inode on recent kernels (uapi linux/nsfs.h NET_NS_INIT_INO; this
 # 6.18 VM has it). Older kernels numbered it like any other namespace, from 0xF0000000 upwards, so
@@ -282,8 +282,9 @@ def _container_identity(paths: ProcPaths, pids: list[int]) -> _Identity:
     """
     for pid in pids[:MEMBERS_READ]:
         try:
-            with open(paths.pid(pid, "cgroup"), encoding="utf-8", errors="replace") as handle:
-                cgroup = handle.read(SMALL_FILE_LIMIT * 4)
+            cgroup = read_text(
+                paths.pid(pid, "cgroup"), SMALL_FILE_LIMIT * 4, encoding="utf-8", errors="replace"
+            )
         except OSError:
             continue
         found = container_in_cgroup(cgroup)

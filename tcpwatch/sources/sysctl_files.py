@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 from tcpwatch.model import PersistedSysctl
+from tcpwatch.paths import read_text
 
 # Highest priority first: a file name found in an earlier directory masks the later ones.
 DROP_IN_DIRECTORIES: tuple[str, ...] = (
@@ -94,8 +95,9 @@ def _resolve(root: str, host_path: str) -> str:
 
 def _read(root: str, host_path: str) -> str | None:
     try:
-        with open(os.path.join(root, host_path.lstrip("/")), encoding="utf-8") as file:
-            return file.read(_MAX_FILE_BYTES)
+        return read_text(
+            os.path.join(root, host_path.lstrip("/")), _MAX_FILE_BYTES, encoding="utf-8"
+        )
     except (OSError, UnicodeDecodeError):
         return None
 
