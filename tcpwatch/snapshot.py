@@ -69,13 +69,6 @@ def _own_netns_inode(paths: ProcPaths) -> frozenset[int]:
         return frozenset()
 
 
-def resolve_netns_name(paths: ProcPaths) -> str:
-    try:
-        return netns_source.netns_name(paths, netns_source.current_netns_inode(paths))
-    except OSError:
-        return "unknown"
-
-
 def take_snapshot(
     settings: CollectSettings,
     paths: ProcPaths | None = None,
@@ -136,7 +129,7 @@ def take_snapshot(
             statuses,
         )
     return Snapshot(
-        netns=netns if netns is not None else resolve_netns_name(paths),
+        netns=netns if netns is not None else netns_source.own_netns_name(paths),
         taken_at=taken_at,
         sockets=sockets,
         counters=counters,
@@ -180,7 +173,7 @@ def poll(
         targets = netns_source.select(netns_source.discover(paths, run_netns_dir), selection)
     except OSError as error:
         failed = SourceStatus("netns", False, time.perf_counter() - discovery_started, str(error))
-        return (_failed_snapshot(resolve_netns_name(paths), clock(), failed),)
+        return (_failed_snapshot(netns_source.own_netns_name(paths), clock(), failed),)
     entered = ProcPaths(root=paths.root, net_dir="thread-self/net")
     snapshots: list[Snapshot] = []
     for target in targets:
