@@ -5,11 +5,8 @@ entering (running a poll inside one). Callers use this package's names; the modu
 from tcpwatch.sources.netns.discovery import NetnsTarget, discover, select
 from tcpwatch.sources.netns.entering import NetnsGone, run_inside
 from tcpwatch.sources.netns.naming import (
-    MEMBERS_READ,
     NET_NS_INIT_INO,
     RUN_NETNS_DIR,
-    SERVICE_ACCOUNT_NAMESPACE,
-    SMALL_FILE_LIMIT,
     container_in_cgroup,
     current_netns_inode,
     ip_netns_name,
@@ -21,11 +18,8 @@ from tcpwatch.sources.netns.naming import (
 )
 
 __all__ = [
-    "MEMBERS_READ",
     "NET_NS_INIT_INO",
     "RUN_NETNS_DIR",
-    "SERVICE_ACCOUNT_NAMESPACE",
-    "SMALL_FILE_LIMIT",
     "NetnsGone",
     "NetnsTarget",
     "container_in_cgroup",
