@@ -2,7 +2,7 @@
 
 Each rule is a pure function over a :class:`Window` (the snapshot now, the one at the start of
 the window, CLOSE_WAIT history and the persisted sysctl lines) and its thresholds, declared with
-:func:`~tcpwatch.rules.base.rule` in one of the topic modules (kernel, queues, sockets, ports);
+:func:`~tcpwatch.rules.base.rule` in one of the topic modules (:data:`TOPICS`);
 :data:`RULES` is every rule found there, and :data:`SYSCTLS_USED` what they declare to read.
 ``evaluate``
 runs every enabled rule; one that raises becomes a single ``warning`` finding for that rule
@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType, ModuleType
 
-from tcpwatch.rules import kernel, ports, queues, sockets
+from tcpwatch.rules import kernel, limits, ports, queues, sockets
 from tcpwatch.rules.base import (
     SEVERITY_RANK,
     EvidenceValue,
@@ -49,7 +49,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TOPICS: tuple[ModuleType, ...] = (kernel, queues, sockets, ports)
+TOPICS: tuple[ModuleType, ...] = (kernel, limits, queues, sockets, ports)
 
 
 def collect(modules: Iterable[ModuleType]) -> tuple[Rule, ...]:
