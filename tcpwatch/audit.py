@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from tcpwatch.config import Config
-from tcpwatch.model import Snapshot
-from tcpwatch.rules import Finding, RuleSettings, Window, evaluate
-from tcpwatch.sources.sysctl_files import PersistedSysctl
+from tcpwatch.model import PersistedSysctl, Snapshot
+from tcpwatch.rules import Finding, RuleSettings, Window, evaluate, sort_key
 
 
 def rule_settings(config: Config) -> dict[str, RuleSettings]:
@@ -43,6 +42,5 @@ def audit(
             persisted_sysctls=persisted_sysctls if host_like else (),
         )
         findings.extend(evaluate(window, settings))
-    order = {"critical": 0, "warning": 1, "info": 2}
-    findings.sort(key=lambda f: (order.get(f.severity, 3), f.netns, f.rule_id, f.subject))
+    findings.sort(key=sort_key)
     return findings

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 from tcpwatch import __version__
 from tcpwatch.config import Config, ConfigError, RuleCatalogue, load_config, parse_namespaces
 from tcpwatch.errors import UsageError
+from tcpwatch.paths import procfs_problem
 from tcpwatch.state import ExportState
 
 EXIT_OK = 0
@@ -221,11 +222,8 @@ def _require_linux(procfs: str) -> None:
         raise UsageError(
             f"tcpwatch needs Linux (netlink sock_diag and procfs); this is {sys.platform}"
         )
-    if not os.path.isfile(os.path.join(procfs, "net", "sockstat")):
-        raise UsageError(
-            f"{procfs} does not look like a procfs mount (no net/sockstat): "
-            "pass --procfs pointing at a mounted /proc"
-        )
+    if (problem := procfs_problem(procfs)) is not None:
+        raise UsageError(f"{problem}: pass --procfs pointing at a mounted /proc")
 
 
 def _usable(config: Config, state: ExportState) -> ExportState:

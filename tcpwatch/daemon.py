@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import faulthandler
 import logging
-import os
 import signal
 import threading
 import time
@@ -29,6 +28,7 @@ from tcpwatch.http.app import Health, WebApp
 from tcpwatch.http.listen import ListenAddress, ListenError, parse_listen
 from tcpwatch.http.server import WebServer
 from tcpwatch.http.webconfig import WebConfig, load_web_config
+from tcpwatch.paths import procfs_problem
 from tcpwatch.pipeline import Pipeline
 from tcpwatch.sdnotify import Notifier
 from tcpwatch.state import ExportState
@@ -186,10 +186,8 @@ class Daemon:
         try:
             new = self._reload()
             listen = parse_listen(new.listen)
-            if not os.path.isfile(os.path.join(new.procfs, "net", "sockstat")):
-                raise UsageError(
-                    f"{new.procfs} does not look like a procfs mount (no net/sockstat)"
-                )
+            if (problem := procfs_problem(new.procfs)) is not None:
+                raise UsageError(problem)
             web = load_web_config(new.web_config) if new.web_config else WebConfig()
         except ConfigError as error:
             self._reload_failed("; ".join(error.errors))

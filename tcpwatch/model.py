@@ -6,7 +6,7 @@ Mappings inside them are built once by a source and never mutated afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 # Exported state names, in the kernel's numbering order (TCP_ESTABLISHED = 1 ... TCP_CLOSING = 11).
@@ -147,6 +147,21 @@ class Sysctls:
 
     def port_reserved(self, port: int) -> bool:
         return any(low <= port <= high for low, high in self.reserved_ports)
+
+
+@dataclass(frozen=True, slots=True)
+class PersistedSysctl:
+    """One assignment in a sysctl configuration file (/etc/sysctl.conf, sysctl.d drop-ins)."""
+
+    path: str  # as on the host, e.g. "/etc/sysctl.d/99-sysctl.conf"
+    line: int  # 1-based
+    name: str  # dotted, "/" separators normalised to "."; a leading "-" (ignore errors) removed
+    value: str  # as written, surrounding whitespace removed
+
+
+def lines_for(persisted: Iterable[PersistedSysctl], name: str) -> tuple[PersistedSysctl, ...]:
+    """The assignments of one dotted name, in application order."""
+    return tuple(entry for entry in persisted if entry.name == name)
 
 
 @dataclass(frozen=True, slots=True)

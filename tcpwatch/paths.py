@@ -1,4 +1,8 @@
-"""Where procfs lives: the only module that builds /proc paths, so tests can use fixtures."""
+"""Where procfs lives and how it is read.
+
+The only module that builds /proc paths (so tests can use fixture trees), the one way sources
+read a procfs file, and the one check that a directory is a procfs mount at all.
+"""
 
 from __future__ import annotations
 
@@ -36,3 +40,28 @@ class ProcPaths:
         except OSError:
             return []
         return [int(name) for name in names if name.isdigit()]
+
+
+def read_text(path: str, limit: int = -1, encoding: str = "ascii", errors: str = "strict") -> str:
+    """The text of a procfs file, read in one go (the kernel renders it per read).
+
+    ``limit`` bounds the characters read from files a process or a container controls the size
+    of; kernel tables such as /proc/net/netstat are read whole. The default encoding is strict
+    ASCII, which every kernel-rendered table is: anything else is a parse error, not a guess.
+    Raises OSError (FileNotFoundError when absent) with the path.
+    """
+    with open(path, encoding=encoding, errors=errors) as file:
+        return file.read(limit)
+
+
+def read_bytes(path: str, limit: int = -1) -> bytes:
+    """The raw bytes of a procfs file, at most ``limit`` (``comm`` is whatever the task set)."""
+    with open(path, "rb") as file:
+        return file.read(limit)
+
+
+def procfs_problem(root: str) -> str | None:
+    """Why ``root`` is not a usable procfs mount, or None when it looks like one."""
+    if os.path.isfile(os.path.join(root, "net", "sockstat")):
+        return None
+    return f"{root} does not look like a procfs mount (no net/sockstat)"

@@ -17,10 +17,10 @@ from tcpwatch.audit import audit, rule_settings
 from tcpwatch.config import Config
 from tcpwatch.gathering import Gathering
 from tcpwatch.history import NetnsHistory, SourceFailureLog, track_close_wait
-from tcpwatch.model import Attribution, Snapshot, SocketTable
+from tcpwatch.model import Attribution, PersistedSysctl, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
 from tcpwatch.rules import SYSCTLS_USED
-from tcpwatch.sources.sysctl_files import PersistedSysctl, read_persisted_sysctls
+from tcpwatch.sources.sysctl_files import read_persisted_sysctls
 from tcpwatch.state import ExportState, PollHistogram
 
 log = logging.getLogger(__name__)

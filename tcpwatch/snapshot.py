@@ -23,7 +23,7 @@ from tcpwatch.sources.base import AnySource, LongLivedSource, Source, SourceCont
 from tcpwatch.sources.processes import wanted_inodes
 from tcpwatch.sources.registry import ENTERING, registered_sources, source_names
 
-__all__ = ["SOURCES", "poll", "resolve_netns_name", "take_snapshot", "wanted_inodes"]
+__all__ = ["SOURCES", "poll", "take_snapshot", "wanted_inodes"]
 
 SOURCES = source_names()  # what tcpwatch_source_*{source=...} can name, in poll order
 
@@ -70,13 +70,6 @@ def _own_netns_inode(paths: ProcPaths) -> int:
         return netns_source.current_netns_inode(paths)
     except OSError:
         return 0
-
-
-def resolve_netns_name(paths: ProcPaths) -> str:
-    try:
-        return netns_source.netns_name(paths, netns_source.current_netns_inode(paths))
-    except OSError:
-        return "unknown"
 
 
 def _read_namespace(
@@ -157,7 +150,7 @@ def take_snapshot(
     context = SourceContext(
         paths=paths,
         settings=settings,
-        netns=netns if netns is not None else resolve_netns_name(paths),
+        netns=netns if netns is not None else netns_source.own_netns_name(paths),
         netns_inode=_own_netns_inode(paths),
         taken_at=clock(),
         sysctl_names=sysctl_names,
@@ -218,7 +211,7 @@ def poll(
         failed = SourceStatus(
             ENTERING, False, time.perf_counter() - discovery_started, describe_error(error)
         )
-        return (_failed_snapshot(resolve_netns_name(paths), clock(), failed),)
+        return (_failed_snapshot(netns_source.own_netns_name(paths), clock(), failed),)
     entered = ProcPaths(root=paths.root, net_dir="thread-self/net")
     snapshots: list[Snapshot] = []
     for target in targets:

@@ -1,7 +1,10 @@
 """The rule registry and engine: Snapshot(s) in, Findings out.
 
 Each rule is a pure function over a :class:`Window` (the snapshot now, the one at the start of
-the window, CLOSE_WAIT history and the persisted sysctl lines) and its thresholds. ``evaluate``
+the window, CLOSE_WAIT history and the persisted sysctl lines) and its thresholds, declared with
+:func:`~tcpwatch.rules.base.rule` in one of the topic modules (:data:`TOPICS`);
+:data:`RULES` is every rule found there, and :data:`SYSCTLS_USED` what they declare to read.
+``evaluate``
 runs every enabled rule; one that raises becomes a single ``warning`` finding for that rule
 (its condition went unchecked, which the operator must know, but it is no evidence of a network
 problem, so it does not page as critical) and the others still run.
@@ -11,9 +14,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from types import MappingProxyType
+from types import MappingProxyType, ModuleType
 
-from tcpwatch.rules import kernel, ports, queues, sockets
+from tcpwatch.rules import kernel, limits, ports, queues, sockets
 from tcpwatch.rules.base import (
     SEVERITY_RANK,
     EvidenceValue,
@@ -46,29 +49,28 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RULES: tuple[Rule, ...] = tuple(
-    sorted((*kernel.RULES, *queues.RULES, *sockets.RULES, *ports.RULES), key=lambda r: r.id)
-)
+TOPICS: tuple[ModuleType, ...] = (kernel, limits, queues, sockets, ports)
+
+
+def collect(modules: Iterable[ModuleType]) -> tuple[Rule, ...]:
+    """Every :class:`Rule` defined at the top level of ``modules``, in id order.
+
+    A rule imported into another module is the same object and counts once; two different rules
+    with one id are a programming error, caught at import.
+    """
+    found: dict[str, Rule] = {}
+    for module in modules:
+        for value in vars(module).values():
+            if isinstance(value, Rule) and found.setdefault(value.id, value) is not value:
+                raise RuntimeError(f"two rules are declared with the id {value.id}")
+    return tuple(sorted(found.values(), key=lambda r: r.id))
+
+
+RULES: tuple[Rule, ...] = collect(TOPICS)
 ERROR_SEVERITY: Severity = "warning"
 
 # Every sysctl a rule reads: the sysctl source must try each (absent ones are simply missing).
-SYSCTLS_USED: tuple[str, ...] = (
-    "net.core.somaxconn",
-    "net.ipv4.ip_local_port_range",
-    "net.ipv4.ip_local_reserved_ports",
-    "net.ipv4.ip_unprivileged_port_start",
-    "net.ipv4.tcp_abort_on_overflow",
-    "net.ipv4.tcp_ehash_entries",
-    "net.ipv4.tcp_fin_timeout",
-    "net.ipv4.tcp_keepalive_time",
-    "net.ipv4.tcp_max_orphans",
-    "net.ipv4.tcp_max_syn_backlog",
-    "net.ipv4.tcp_max_tw_buckets",
-    "net.ipv4.tcp_mem",
-    "net.ipv4.tcp_syncookies",
-    "net.ipv4.tcp_tw_recycle",
-    "net.ipv4.tcp_tw_reuse",
-)
+SYSCTLS_USED: tuple[str, ...] = tuple(sorted({name for r in RULES for name in r.sysctls}))
 
 
 def rule_by_id(rule_id: str) -> Rule | None:
@@ -76,8 +78,9 @@ def rule_by_id(rule_id: str) -> Rule | None:
 
 
 def sort_key(finding: Finding) -> tuple[int, str, str, str]:
-    """Critical first, then by rule id, subject and namespace."""
-    return (SEVERITY_RANK[finding.severity], finding.rule_id, finding.subject, finding.netns)
+    """The one order of findings everywhere: critical first, then by namespace, rule id and
+    subject (so a namespace's findings stay together)."""
+    return (SEVERITY_RANK[finding.severity], finding.netns, finding.rule_id, finding.subject)
 
 
 def _error_finding(rule: Rule, window: Window, error: Exception) -> Finding:

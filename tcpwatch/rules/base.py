@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
-from tcpwatch.model import Snapshot
-from tcpwatch.sources.sysctl_files import PersistedSysctl
+from tcpwatch.model import PersistedSysctl, Snapshot
 
 Severity = Literal["info", "warning", "critical"]
 SEVERITY_RANK: Mapping[str, int] = MappingProxyType({"critical": 0, "warning": 1, "info": 2})
@@ -94,6 +93,8 @@ CheckFunction = Callable[[Window, Thresholds], Iterable[Finding]]
 
 @dataclass(frozen=True, slots=True)
 class Rule:
+    """A rule: its identity, its tunables, what it reads, and the check that finds cases."""
+
     id: str
     slug: str
     severity: Severity  # the usual severity; a finding may be raised or lowered from it
@@ -101,6 +102,8 @@ class Rule:
     thresholds: tuple[Threshold, ...]
     check: CheckFunction  # gets the defaults merged with the overrides
     doc: str
+    sysctls: tuple[str, ...] = ()  # dotted names it reads: the sysctl source reads their union
+    counters: tuple[str, ...] = ()  # nstat names of the kernel counters it reads
 
     def threshold_values(self, overrides: Mapping[str, float | None]) -> dict[str, float | None]:
         """Defaults, replaced by the overrides for names this rule knows."""
@@ -109,20 +112,6 @@ class Rule:
             if name in values:
                 values[name] = value
         return values
-
-
-@dataclass(frozen=True, slots=True)
-class RuleInfo:
-    """A rule's identity, used by its check function to make findings."""
-
-    id: str
-    slug: str
-    severity: Severity
-    title: str
-
-    @property
-    def doc(self) -> str:
-        return f"docs/rules/{self.id}-{self.slug}.md"
 
     def finding(
         self,
@@ -133,6 +122,7 @@ class RuleInfo:
         subject: str = "",
         severity: Severity | None = None,
     ) -> Finding:
+        """One case this rule found in ``window``'s namespace, at its usual severity by default."""
         return Finding(
             rule_id=self.id,
             slug=self.slug,
@@ -145,8 +135,31 @@ class RuleInfo:
             doc=self.doc,
         )
 
-    def rule(self, check: CheckFunction, thresholds: tuple[Threshold, ...] = ()) -> Rule:
-        return Rule(self.id, self.slug, self.severity, self.title, thresholds, check, self.doc)
+
+def rule(
+    rule_id: str,
+    slug: str,
+    severity: Severity,
+    title: str,
+    *,
+    thresholds: tuple[Threshold, ...] = (),
+    sysctls: tuple[str, ...] = (),
+    counters: tuple[str, ...] = (),
+) -> Callable[[CheckFunction], Rule]:
+    """Declare a rule on its check function; the function's name then holds the :class:`Rule`.
+
+    ``tcpwatch.rules`` collects every Rule defined in its topic modules, so declaring one here
+    is all it takes to register it. The check makes findings with ``<name>.finding(...)``. The
+    documentation page is ``docs/rules/<ID>-<slug>.md``.
+    """
+
+    def declare(check: CheckFunction) -> Rule:
+        doc = f"docs/rules/{rule_id}-{slug}.md"
+        return Rule(
+            rule_id, slug, severity, title, thresholds, check, doc, tuple(sysctls), counters
+        )
+
+    return declare
 
 
 def required(thresholds: Thresholds, name: str) -> float:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
-from tcpwatch.model import ProcessRef, Snapshot
-from tcpwatch.sources.sysctl_files import PersistedSysctl, lines_for
+from tcpwatch.model import PersistedSysctl, ProcessRef, Snapshot, lines_for
 
 HOST_NETNS = "host"  # the snapshot's name for the init network namespace (that of PID 1)
 

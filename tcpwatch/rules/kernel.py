@@ -1,4 +1,4 @@
-"""K rules: kernel tunables that are set wrong, or limits the kernel is close to.
+"""K rules: kernel tunables that are set wrong (the limits the kernel is close to: limits.py).
 
 Each check reads ``window.current.sysctls`` and yields nothing when the sysctl source failed
 or the tunable is absent there (tcp_mem and tcp_max_orphans exist only in the host namespace).
@@ -9,17 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from tcpwatch.endpoints import endpoint
-from tcpwatch.model import Sysctls
+from tcpwatch.model import Sysctls, lines_for
 from tcpwatch.rules.base import (
     EvidenceValue,
     Finding,
-    Rule,
-    RuleInfo,
     Severity,
     Threshold,
     Thresholds,
     Window,
     required,
+    rule,
 )
 from tcpwatch.rules.fixes import (
     DEFAULT_PORT_RANGE,
@@ -28,7 +27,7 @@ from tcpwatch.rules.fixes import (
     run_in,
     sysctl_fix,
 )
-from tcpwatch.sources.sysctl_files import lines_for
+from tcpwatch.rules.shapes import add_counter, add_window, bad_sysctl_rule
 
 TIME_WAIT_SECONDS = 60  # TCP_TIMEWAIT_LEN in include/net/tcp.h; no sysctl changes it
 
@@ -37,34 +36,7 @@ def _sysctls(window: Window) -> Sysctls | None:
     return window.current.sysctls
 
 
-def _add_counter(
-    evidence: dict[str, EvidenceValue], window: Window, name: str, total: bool = True
-) -> int | None:
-    """Put a counter's growth in the window (and its value since boot) into the evidence."""
-    delta = window.counter_delta(name)
-    if delta is not None:
-        evidence[f"{name}_in_window"] = delta
-    counters = window.current.counters
-    value = counters.get(name) if counters is not None else None
-    if total and value is not None:
-        evidence[f"{name}_total"] = value
-    return delta
-
-
-def _add_window(evidence: dict[str, EvidenceValue], window: Window) -> None:
-    seconds = window.seconds
-    if seconds is not None:
-        evidence["window_seconds"] = round(seconds, 3)
-
-
 # --- K01 -------------------------------------------------------------------------------------
-
-K01 = RuleInfo(
-    "K01",
-    "syncookies-disabled",
-    "warning",
-    "SYN cookies are disabled (net.ipv4.tcp_syncookies = 0)",
-)
 
 
 def no_cookie_syn_limit(queue_max: int, max_syn_backlog: int | None) -> int:
@@ -79,7 +51,15 @@ def no_cookie_syn_limit(queue_max: int, max_syn_backlog: int | None) -> int:
     return min(queue_max, max_syn_backlog - (max_syn_backlog >> 2))
 
 
-def check_syncookies_disabled(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+@rule(
+    "K01",
+    "syncookies-disabled",
+    "warning",
+    "SYN cookies are disabled (net.ipv4.tcp_syncookies = 0)",
+    sysctls=("net.ipv4.tcp_syncookies", "net.ipv4.tcp_max_syn_backlog"),
+    counters=("TcpExtTCPReqQFullDrop",),
+)
+def K01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     sysctls = _sysctls(window)
     if sysctls is None or sysctls.get("net.ipv4.tcp_syncookies") != 0:
         return
@@ -87,8 +67,8 @@ def check_syncookies_disabled(window: Window, thresholds: Thresholds) -> Iterato
     evidence: dict[str, EvidenceValue] = {"tcp_syncookies": 0}
     if max_syn_backlog is not None:
         evidence["tcp_max_syn_backlog"] = max_syn_backlog
-    drops = _add_counter(evidence, window, "TcpExtTCPReqQFullDrop")
-    _add_window(evidence, window)
+    drops = add_counter(evidence, window, "TcpExtTCPReqQFullDrop")
+    add_window(evidence, window)
     crowded: list[str] = []
     sockets = window.current.sockets
     if sockets is not None:
@@ -121,44 +101,31 @@ def check_syncookies_disabled(window: Window, thresholds: Thresholds) -> Iterato
 
 # --- K02 -------------------------------------------------------------------------------------
 
-K02 = RuleInfo(
+K02 = bad_sysctl_rule(
     "K02",
     "syncookies-forced",
     "warning",
     "SYN cookies are forced for every connection (net.ipv4.tcp_syncookies = 2)",
+    sysctl="net.ipv4.tcp_syncookies",
+    bad=lambda value: value == 2,
+    fix=1,
+    finding_title="every SYN is answered with a SYN cookie (tcp_syncookies = 2, a test mode): "
+    "connections lose TCP options when timestamps are off",
+    counters=("TcpExtSyncookiesSent",),
 )
-
-
-def check_syncookies_forced(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
-    sysctls = _sysctls(window)
-    if sysctls is None or sysctls.get("net.ipv4.tcp_syncookies") != 2:
-        return
-    evidence: dict[str, EvidenceValue] = {"tcp_syncookies": 2}
-    _add_counter(evidence, window, "TcpExtSyncookiesSent")
-    _add_window(evidence, window)
-    remediation = sysctl_fix(
-        window.current.netns, "net.ipv4.tcp_syncookies", 1, window.persisted_sysctls
-    )
-    yield K02.finding(
-        window,
-        "every SYN is answered with a SYN cookie (tcp_syncookies = 2, a test mode): "
-        "connections lose TCP options when timestamps are off",
-        evidence,
-        remediation,
-    )
 
 
 # --- K03 -------------------------------------------------------------------------------------
 
-K03 = RuleInfo(
+
+@rule(
     "K03",
     "tw-recycle-enabled",
     "critical",
     "net.ipv4.tcp_tw_recycle is enabled, or still set in a sysctl file",
+    sysctls=("net.ipv4.tcp_tw_recycle",),
 )
-
-
-def check_tw_recycle(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+def K03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     sysctls = _sysctls(window)
     if sysctls is None:
         return
@@ -211,50 +178,45 @@ def check_tw_recycle(window: Window, thresholds: Thresholds) -> Iterator[Finding
 
 # --- K04 -------------------------------------------------------------------------------------
 
-K04 = RuleInfo(
+K04 = bad_sysctl_rule(
     "K04",
     "abort-on-overflow",
     "warning",
     "net.ipv4.tcp_abort_on_overflow = 1: a full accept queue resets clients",
+    sysctl="net.ipv4.tcp_abort_on_overflow",
+    bad=lambda value: value == 1,
+    fix=0,
+    finding_title="tcp_abort_on_overflow is on: when an accept queue overflows, clients get a "
+    "reset instead of a retry",
+    counters=("TcpExtListenOverflows",),
+    after=(
+        "# then make the application accept() faster (see Q01): with 0, a burst that "
+        "overflows the queue is retried by the client instead of reset",
+    ),
 )
-
-
-def check_abort_on_overflow(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
-    sysctls = _sysctls(window)
-    if sysctls is None or sysctls.get("net.ipv4.tcp_abort_on_overflow") != 1:
-        return
-    evidence: dict[str, EvidenceValue] = {"tcp_abort_on_overflow": 1}
-    _add_counter(evidence, window, "TcpExtListenOverflows")
-    _add_window(evidence, window)
-    remediation = "\n".join(
-        [
-            sysctl_fix(
-                window.current.netns,
-                "net.ipv4.tcp_abort_on_overflow",
-                0,
-                window.persisted_sysctls,
-            ),
-            "# then make the application accept() faster (see Q01): with 0, a burst that "
-            "overflows the queue is retried by the client instead of reset",
-        ]
-    )
-    yield K04.finding(
-        window,
-        "tcp_abort_on_overflow is on: when an accept queue overflows, clients get a reset "
-        "instead of a retry",
-        evidence,
-        remediation,
-    )
 
 
 # --- K05 -------------------------------------------------------------------------------------
 
-K05 = RuleInfo(
-    "K05", "somaxconn-low", "warning", "net.core.somaxconn is below the recommended minimum"
+
+@rule(
+    "K05",
+    "somaxconn-low",
+    "warning",
+    "net.core.somaxconn is below the recommended minimum",
+    thresholds=(
+        Threshold(
+            "minimum",
+            4096,
+            1,
+            1 << 20,
+            "sockets",
+            "warn when net.core.somaxconn is below this (the kernel default since 5.4)",
+        ),
+    ),
+    sysctls=("net.core.somaxconn",),
 )
-
-
-def check_somaxconn(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+def K05(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     sysctls = _sysctls(window)
     if sysctls is None:
         return
@@ -294,161 +256,31 @@ def check_somaxconn(window: Window, thresholds: Thresholds) -> Iterator[Finding]
     )
 
 
-# --- K06 -------------------------------------------------------------------------------------
-
-K06 = RuleInfo(
-    "K06",
-    "timewait-buckets",
-    "warning",
-    "TIME_WAIT sockets are limited by a lowered or nearly full tcp_max_tw_buckets",
-)
-
-
-def tw_buckets_default(sysctls: Sysctls) -> int | None:
-    """The kernel's default tcp_max_tw_buckets for this namespace: half its ehash buckets.
-
-    tcp_set_hashinfo() sets it to ehash entries / 2; ``tcp_ehash_entries`` (Linux 6.1+) shows
-    the entries, negative when the namespace shares the host's table. None on older kernels.
-    """
-    entries = sysctls.get("net.ipv4.tcp_ehash_entries")
-    if not entries:
-        return None
-    return abs(entries) // 2
-
-
-def check_timewait_buckets(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
-    sysctls = _sysctls(window)
-    if sysctls is None:
-        return
-    limit = sysctls.get("net.ipv4.tcp_max_tw_buckets")
-    if limit is None:
-        return
-    usage_threshold = required(thresholds, "usage")
-    default = tw_buckets_default(sysctls)
-    time_wait: int | None = None
-    if window.current.sockstat is not None:
-        time_wait = window.current.sockstat.time_wait
-    elif window.current.sockets is not None:
-        time_wait = window.current.sockets.total("time_wait")
-    evidence: dict[str, EvidenceValue] = {"tcp_max_tw_buckets": limit}
-    if default is not None:
-        evidence["kernel_default"] = default
-    problems: list[str] = []
-    if default is not None and limit < default:
-        problems.append(f"lowered from the kernel default {default}")
-    if time_wait is not None:
-        evidence["time_wait_sockets"] = time_wait
-        usage = time_wait / limit if limit > 0 else (1.0 if time_wait else 0.0)
-        evidence["usage_ratio"] = round(usage, 4)
-        if time_wait > 0 and usage >= usage_threshold:
-            problems.append(f"{time_wait} TIME_WAIT sockets use {usage:.0%} of it")
-    overflows = _add_counter(evidence, window, "TcpExtTCPTimeWaitOverflow")
-    _add_window(evidence, window)
-    if overflows:
-        problems.append(f"{overflows} TIME_WAIT sockets destroyed early during the window")
-    if not problems:
-        return
-    evidence["problems"] = "; ".join(problems)
-    netns = window.current.netns
-    lines: list[str] = []
-    if default is not None and limit < default:
-        lines.append(
-            sysctl_fix(netns, "net.ipv4.tcp_max_tw_buckets", default, window.persisted_sysctls)
-        )
-    elif time_wait is not None and limit > 0 and time_wait / limit >= usage_threshold:
-        lines.append(
-            "# many short connections: reuse them (HTTP keep-alive, connection pools) so fewer "
-            f"end in TIME_WAIT, which always lasts {TIME_WAIT_SECONDS} s "
-            "(tcp_fin_timeout does not shorten it)"
-        )
-        lines.append("# or raise the limit (each TIME_WAIT socket costs a few hundred bytes):")
-        lines.append(
-            sysctl_fix(netns, "net.ipv4.tcp_max_tw_buckets", limit * 2, window.persisted_sysctls)
-        )
-    else:
-        lines.append(
-            "# TIME_WAIT sockets were destroyed at the limit: raise it, and reuse connections"
-        )
-        lines.append(
-            sysctl_fix(netns, "net.ipv4.tcp_max_tw_buckets", limit * 2, window.persisted_sysctls)
-        )
-    lines.append("# verify: " + run_in(netns, "cat /proc/net/sockstat") + " (TCP ... tw N)")
-    yield K06.finding(
-        window,
-        "tcp_max_tw_buckets " + "; ".join(problems),
-        evidence,
-        "\n".join(lines),
-    )
-
-
-# --- K07 -------------------------------------------------------------------------------------
-
-K07 = RuleInfo(
-    "K07",
-    "orphans-near-limit",
-    "warning",
-    "Orphaned TCP sockets are approaching net.ipv4.tcp_max_orphans",
-)
-
-
-def check_orphans(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
-    sysctls = _sysctls(window)
-    sockstat = window.current.sockstat
-    if sysctls is None or sockstat is None:
-        return
-    limit = sysctls.get("net.ipv4.tcp_max_orphans")
-    if limit is None or limit <= 0:
-        return
-    usage = sockstat.orphan / limit
-    severity: Severity
-    if usage >= required(thresholds, "critical"):
-        severity = "critical"
-    elif usage >= required(thresholds, "warning"):
-        severity = "warning"
-    else:
-        return
-    evidence: dict[str, EvidenceValue] = {
-        "orphans": sockstat.orphan,
-        "tcp_max_orphans": limit,
-        "usage_ratio": round(usage, 4),
-    }
-    _add_counter(evidence, window, "TcpExtTCPAbortOnMemory")
-    netns = window.current.netns
-    remediation = "\n".join(
-        [
-            "# find who closes connections that do not finish (FIN not acknowledged):",
-            run_in(netns, "ss -tan state fin-wait-1 state last-ack state closing | head -50"),
-            "# past the limit the kernel resets orphans; under memory pressure each counts 2-4x."
-            " Raise the limit if memory allows (each orphan can hold up to ~64 KiB):",
-            sysctl_fix(
-                netns,
-                "net.ipv4.tcp_max_orphans",
-                limit * 2,
-                window.persisted_sysctls,
-                global_setting=True,
-            ),
-        ]
-    )
-    yield K07.finding(
-        window,
-        f"{sockstat.orphan} orphaned sockets: {usage:.0%} of tcp_max_orphans ({limit})",
-        evidence,
-        remediation,
-        severity=severity,
-    )
-
-
 # --- K08 -------------------------------------------------------------------------------------
 
-K08 = RuleInfo(
+
+@rule(
     "K08",
     "port-range",
     "warning",
     "ip_local_port_range is narrow, overlaps privileged ports, or has ends of equal parity",
+    thresholds=(
+        Threshold(
+            "minimum_ports",
+            10000,
+            1,
+            65535,
+            "ports",
+            "warn when ip_local_port_range holds fewer ports than this",
+        ),
+    ),
+    sysctls=(
+        "net.ipv4.ip_local_port_range",
+        "net.ipv4.ip_unprivileged_port_start",
+        "net.ipv4.ip_local_reserved_ports",
+    ),
 )
-
-
-def check_port_range(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+def K08(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     sysctls = _sysctls(window)
     if sysctls is None or sysctls.port_range is None:
         return
@@ -516,15 +348,26 @@ def check_port_range(window: Window, thresholds: Thresholds) -> Iterator[Finding
 
 # --- K09 -------------------------------------------------------------------------------------
 
-K09 = RuleInfo(
+
+@rule(
     "K09",
     "keepalive-vs-idle-timeout",
     "warning",
     "tcp_keepalive_time is longer than the declared middlebox idle timeout",
+    thresholds=(
+        Threshold(
+            "idle_timeout",
+            None,
+            1,
+            86400,
+            "seconds",
+            "idle timeout of the load balancer / NAT / firewall in the path; "
+            "the rule is silent until it is set",
+        ),
+    ),
+    sysctls=("net.ipv4.tcp_keepalive_time",),
 )
-
-
-def check_keepalive(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+def K09(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     idle_timeout = thresholds.get("idle_timeout")
     sysctls = _sysctls(window)
     if idle_timeout is None or sysctls is None:
@@ -561,187 +404,22 @@ def check_keepalive(window: Window, thresholds: Thresholds) -> Iterator[Finding]
 
 # --- K10 -------------------------------------------------------------------------------------
 
-K10 = RuleInfo(
+K10 = bad_sysctl_rule(
     "K10",
     "fin-timeout-misread",
     "info",
     "tcp_fin_timeout was changed, probably to shorten TIME_WAIT, which it does not do",
-)
-
-
-def check_fin_timeout(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
-    sysctls = _sysctls(window)
-    if sysctls is None:
-        return
-    value = sysctls.get("net.ipv4.tcp_fin_timeout")
-    if value is None or value == 60:
-        return
-    yield K10.finding(
-        window,
-        f"tcp_fin_timeout is {value} s: it only bounds orphaned FIN_WAIT2 sockets; "
-        f"TIME_WAIT stays {TIME_WAIT_SECONDS} s",
-        {"tcp_fin_timeout": value, "kernel_default": 60, "time_wait_seconds": TIME_WAIT_SECONDS},
+    sysctl="net.ipv4.tcp_fin_timeout",
+    bad=lambda value: value != 60,
+    fix=60,
+    finding_title=lambda value: (
+        f"tcp_fin_timeout is {value} s: it only bounds orphaned "
+        f"FIN_WAIT2 sockets; TIME_WAIT stays {TIME_WAIT_SECONDS} s"
+    ),
+    facts={"kernel_default": 60, "time_wait_seconds": TIME_WAIT_SECONDS},
+    before=(
         "# nothing is broken; if the goal was fewer TIME_WAIT sockets, this setting does not "
-        "do it: reuse connections instead (keep-alive, pools).\n"
-        "# to return to the default:\n"
-        + sysctl_fix(
-            window.current.netns, "net.ipv4.tcp_fin_timeout", 60, window.persisted_sysctls
-        ),
-    )
-
-
-# --- K11 -------------------------------------------------------------------------------------
-
-K11 = RuleInfo(
-    "K11",
-    "tcp-memory-pressure",
-    "warning",
-    "TCP memory is above tcp_mem pressure, or close to its maximum",
-)
-
-
-def check_tcp_memory(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
-    sysctls = _sysctls(window)
-    sockstat = window.current.sockstat
-    if sysctls is None or sockstat is None:
-        return
-    pressure = sysctls.get("net.ipv4.tcp_mem", 1)
-    maximum = sysctls.get("net.ipv4.tcp_mem", 2)
-    if pressure is None or maximum is None or maximum <= 0:
-        return
-    pages = sockstat.memory_pages
-    severity: Severity
-    if pages >= required(thresholds, "critical") * maximum:
-        severity = "critical"
-    elif pages > required(thresholds, "warning") * pressure:
-        severity = "warning"
-    else:
-        return
-    evidence: dict[str, EvidenceValue] = {
-        "memory_pages": pages,
-        "tcp_mem_min": sysctls.get("net.ipv4.tcp_mem", 0) or 0,
-        "tcp_mem_pressure": pressure,
-        "tcp_mem_max": maximum,
-        "usage_of_max_ratio": round(pages / maximum, 4),
-    }
-    _add_counter(evidence, window, "TcpExtTCPMemoryPressures")
-    netns = window.current.netns
-    low = sysctls.get("net.ipv4.tcp_mem", 0) or 0
-    remediation = "\n".join(
-        [
-            "# find the sockets holding memory: large Recv-Q (the application reads slowly)",
-            run_in(netns, "ss -tn | sort -k2,2nr | head -20"),
-            "# and large Send-Q (the peer reads slowly):",
-            run_in(netns, "ss -tn | sort -k3,3nr | head -20"),
-            "# if the load is legitimate and RAM allows, raise tcp_mem (pages):",
-            sysctl_fix(
-                netns,
-                "net.ipv4.tcp_mem",
-                f"{low * 2} {pressure * 2} {maximum * 2}",
-                window.persisted_sysctls,
-                global_setting=True,
-            ),
-        ]
-    )
-    title = (
-        f"TCP memory {pages} pages is at {pages / maximum:.0%} of tcp_mem max ({maximum}): "
-        "allocations will fail"
-        if severity == "critical"
-        else f"TCP memory {pages} pages is above the tcp_mem pressure threshold ({pressure}): "
-        "the kernel is shrinking socket buffers"
-    )
-    yield K11.finding(window, title, evidence, remediation, severity=severity)
-
-
-RULES: tuple[Rule, ...] = (
-    K01.rule(check_syncookies_disabled),
-    K02.rule(check_syncookies_forced),
-    K03.rule(check_tw_recycle),
-    K04.rule(check_abort_on_overflow),
-    K05.rule(
-        check_somaxconn,
-        (
-            Threshold(
-                "minimum",
-                4096,
-                1,
-                1 << 20,
-                "sockets",
-                "warn when net.core.somaxconn is below this (the kernel default since 5.4)",
-            ),
-        ),
-    ),
-    K06.rule(
-        check_timewait_buckets,
-        (
-            Threshold(
-                "usage",
-                0.9,
-                0.01,
-                1.0,
-                "ratio",
-                "warn when TIME_WAIT sockets reach this fraction of tcp_max_tw_buckets",
-            ),
-        ),
-    ),
-    K07.rule(
-        check_orphans,
-        (
-            Threshold(
-                "warning", 0.25, 0.01, 1.0, "ratio", "orphans / tcp_max_orphans for a warning"
-            ),
-            Threshold(
-                "critical", 0.5, 0.01, 1.0, "ratio", "orphans / tcp_max_orphans for critical"
-            ),
-        ),
-    ),
-    K08.rule(
-        check_port_range,
-        (
-            Threshold(
-                "minimum_ports",
-                10000,
-                1,
-                65535,
-                "ports",
-                "warn when ip_local_port_range holds fewer ports than this",
-            ),
-        ),
-    ),
-    K09.rule(
-        check_keepalive,
-        (
-            Threshold(
-                "idle_timeout",
-                None,
-                1,
-                86400,
-                "seconds",
-                "idle timeout of the load balancer / NAT / firewall in the path; "
-                "the rule is silent until it is set",
-            ),
-        ),
-    ),
-    K10.rule(check_fin_timeout),
-    K11.rule(
-        check_tcp_memory,
-        (
-            Threshold(
-                "warning",
-                1.0,
-                0.1,
-                1.0,
-                "ratio",
-                "warn when TCP memory exceeds this fraction of tcp_mem pressure",
-            ),
-            Threshold(
-                "critical",
-                0.9,
-                0.1,
-                1.0,
-                "ratio",
-                "critical when TCP memory reaches this fraction of tcp_mem max",
-            ),
-        ),
+        "do it: reuse connections instead (keep-alive, pools).",
+        "# to return to the default:",
     ),
 )

@@ -8,13 +8,10 @@ from tcpwatch.endpoints import endpoint, ports_available
 from tcpwatch.rules.base import (
     EvidenceValue,
     Finding,
-    Rule,
-    RuleInfo,
-    Severity,
     Threshold,
     Thresholds,
     Window,
-    required,
+    rule,
 )
 from tcpwatch.rules.fixes import (
     WIDE_PORT_RANGE,
@@ -27,33 +24,55 @@ from tcpwatch.rules.fixes import (
     sysctl_fix,
 )
 from tcpwatch.rules.queues import listener_groups
+from tcpwatch.rules.shapes import ratio_severity
 
 # --- P01 -------------------------------------------------------------------------------------
 
-P01 = RuleInfo(
+
+@rule(
     "P01",
     "ephemeral-exhaustion",
     "critical",
     "Connections to one destination use most of the ephemeral port range",
+    thresholds=(
+        Threshold(
+            "warning",
+            0.5,
+            0.01,
+            1.0,
+            "ratio",
+            "sockets to one (source, destination, port) / available ephemeral ports to warn",
+        ),
+        Threshold(
+            "critical",
+            0.8,
+            0.01,
+            1.0,
+            "ratio",
+            "sockets to one (source, destination, port) / available ephemeral ports for critical",
+        ),
+    ),
+    sysctls=(
+        "net.ipv4.ip_local_port_range",
+        "net.ipv4.ip_local_reserved_ports",
+        "net.ipv4.ip_unprivileged_port_start",
+        "net.ipv4.tcp_tw_reuse",
+    ),
 )
-
-
-def check_ephemeral_exhaustion(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+def P01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     snapshot = window.current
     sysctls, sockets = snapshot.sysctls, snapshot.sockets
     if sysctls is None or sockets is None or sysctls.port_range is None:
         return
-    warning = required(thresholds, "warning")
-    critical = required(thresholds, "critical")
     low, high = sysctls.port_range
     available = ports_available(low, high, sysctls.reserved_ports)
     tw_reuse = sysctls.get("net.ipv4.tcp_tw_reuse")
     netns = snapshot.netns
     for use in sockets.ephemeral_use:  # largest first
         usage = use.sockets / max(available, 1)
-        if usage < warning:
+        severity = ratio_severity(usage, thresholds)
+        if severity is None:
             break
-        severity: Severity = "critical" if usage >= critical else "warning"
         destination = endpoint(use.address, use.port)
         subject = f"{use.source} -> {destination}"
         evidence: dict[str, EvidenceValue] = {
@@ -119,15 +138,15 @@ def check_ephemeral_exhaustion(window: Window, thresholds: Thresholds) -> Iterat
 
 # --- P02 -------------------------------------------------------------------------------------
 
-P02 = RuleInfo(
+
+@rule(
     "P02",
     "listener-in-ephemeral-range",
     "warning",
     "A listening port lies inside ip_local_port_range and is not reserved",
+    sysctls=("net.ipv4.ip_local_port_range", "net.ipv4.ip_local_reserved_ports"),
 )
-
-
-def check_listener_in_range(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+def P02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     snapshot = window.current
     sysctls = snapshot.sysctls
     if sysctls is None or sysctls.port_range is None or snapshot.sockets is None:
@@ -167,30 +186,3 @@ def check_listener_in_range(window: Window, thresholds: Thresholds) -> Iterator[
             remediation,
             subject=group.name,
         )
-
-
-RULES: tuple[Rule, ...] = (
-    P01.rule(
-        check_ephemeral_exhaustion,
-        (
-            Threshold(
-                "warning",
-                0.5,
-                0.01,
-                1.0,
-                "ratio",
-                "sockets to one (source, destination, port) / available ephemeral ports to warn",
-            ),
-            Threshold(
-                "critical",
-                0.8,
-                0.01,
-                1.0,
-                "ratio",
-                "sockets to one (source, destination, port) / available ephemeral ports for "
-                "critical",
-            ),
-        ),
-    ),
-    P02.rule(check_listener_in_range),
-)

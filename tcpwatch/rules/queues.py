@@ -7,7 +7,7 @@ group's sum, because request sockets cannot be told apart per socket (see model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tcpwatch.endpoints import endpoint
@@ -15,13 +15,12 @@ from tcpwatch.model import Listener, ProcessRef, Snapshot
 from tcpwatch.rules.base import (
     EvidenceValue,
     Finding,
-    Rule,
-    RuleInfo,
     Severity,
     Threshold,
     Thresholds,
     Window,
     required,
+    rule,
 )
 from tcpwatch.rules.fixes import (
     owner_of,
@@ -31,6 +30,7 @@ from tcpwatch.rules.fixes import (
     sysctl_fix,
 )
 from tcpwatch.rules.kernel import no_cookie_syn_limit
+from tcpwatch.rules.shapes import ratio_severity, ratio_thresholds
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +59,6 @@ def listener_groups(snapshot: Snapshot) -> tuple[ListenerGroup, ...]:
             grouped.items(), key=lambda item: (item[0][2], item[0][0], item[0][1])
         )
     )
-
-
-def _owners(snapshot: Snapshot, listeners: Sequence[Listener]) -> list[ProcessRef | None]:
-    return [owner_of(snapshot, listener.inode) for listener in listeners]
 
 
 def _owner_evidence(evidence: dict[str, EvidenceValue], owner: ProcessRef | None) -> None:
@@ -108,22 +104,23 @@ def _suggested_backlog(current: int) -> int:
 
 # --- Q01 -------------------------------------------------------------------------------------
 
-Q01 = RuleInfo(
-    "Q01",
-    "accept-queue-full",
-    "critical",
-    "A listener's accept queue is (nearly) full: the application is not accepting fast enough",
-)
-
 
 def _fill(listener: Listener) -> float:
     # Full means the next connection overflows: length >= max (length can read max+1).
     return listener.queue_length / max(listener.queue_max, 1)
 
 
-def check_accept_queue(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+@rule(
+    "Q01",
+    "accept-queue-full",
+    "critical",
+    "A listener's accept queue is (nearly) full: the application is not accepting fast enough",
+    thresholds=ratio_thresholds("accept queue length / backlog", warning=0.8, critical=1.0),
+    sysctls=("net.core.somaxconn",),
+    counters=("TcpExtListenOverflows",),
+)
+def Q01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     warning = required(thresholds, "warning")
-    critical = required(thresholds, "critical")
     snapshot = window.current
     somaxconn = snapshot.sysctls.get("net.core.somaxconn") if snapshot.sysctls else None
     previous_lengths: dict[int, int] = {}
@@ -134,9 +131,9 @@ def check_accept_queue(window: Window, thresholds: Thresholds) -> Iterator[Findi
     for group in listener_groups(snapshot):
         worst = max(group.sockets, key=_fill)
         fill = _fill(worst)
-        if worst.queue_length == 0 or fill < warning:
+        severity = ratio_severity(fill, thresholds)
+        if worst.queue_length == 0 or severity is None:
             continue
-        severity: Severity = "critical" if fill >= critical else "warning"
         owner = owner_of(snapshot, worst.inode)
         evidence: dict[str, EvidenceValue] = {
             "listener": group.name,
@@ -179,15 +176,25 @@ def check_accept_queue(window: Window, thresholds: Thresholds) -> Iterator[Findi
 
 # --- Q02 -------------------------------------------------------------------------------------
 
-Q02 = RuleInfo(
+
+@rule(
     "Q02",
     "listen-overflows",
     "warning",
     "Connections were dropped at listen sockets during the window (ListenOverflows/ListenDrops)",
+    thresholds=(
+        Threshold(
+            "minimum",
+            1,
+            1,
+            1e9,
+            "connections",
+            "fire when ListenOverflows or ListenDrops grew by at least this in the window",
+        ),
+    ),
+    counters=("TcpExtListenOverflows", "TcpExtListenDrops"),
 )
-
-
-def check_listen_overflows(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+def Q02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     overflows = window.counter_delta("TcpExtListenOverflows")
     drops = window.counter_delta("TcpExtListenDrops")
     if overflows is None and drops is None:
@@ -233,15 +240,26 @@ def check_listen_overflows(window: Window, thresholds: Thresholds) -> Iterator[F
 
 # --- Q03 -------------------------------------------------------------------------------------
 
-Q03 = RuleInfo(
+
+@rule(
     "Q03",
     "backlog-capped",
     "warning",
     "A filling listener's backlog equals net.core.somaxconn: the application may have been cut",
+    thresholds=(
+        Threshold(
+            "pressure",
+            0.5,
+            0.01,
+            1.0,
+            "ratio",
+            "a capped listener whose accept queue is at least this full is a warning, "
+            "otherwise info",
+        ),
+    ),
+    sysctls=("net.core.somaxconn",),
 )
-
-
-def check_backlog_capped(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+def Q03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     snapshot = window.current
     if snapshot.sysctls is None:
         return
@@ -289,15 +307,26 @@ def check_backlog_capped(window: Window, thresholds: Thresholds) -> Iterator[Fin
 
 # --- Q04 -------------------------------------------------------------------------------------
 
-Q04 = RuleInfo(
+
+@rule(
     "Q04",
     "syn-queue-pressure",
     "warning",
     "A listener's SYN queue is filling, or SYN-queue drops / SYN cookies grew during the window",
+    thresholds=(
+        Threshold(
+            "warning",
+            0.8,
+            0.01,
+            1.0,
+            "ratio",
+            "SYN_RECV entries / the listener's SYN-queue limit for a warning",
+        ),
+    ),
+    sysctls=("net.ipv4.tcp_syncookies", "net.ipv4.tcp_max_syn_backlog"),
+    counters=("TcpExtTCPReqQFullDrop", "TcpExtTCPReqQFullDoCookies", "TcpExtSyncookiesSent"),
 )
-
-
-def check_syn_queue(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+def Q04(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     warning = required(thresholds, "warning")
     snapshot = window.current
     syncookies = snapshot.sysctls.get("net.ipv4.tcp_syncookies") if snapshot.sysctls else None
@@ -385,58 +414,3 @@ def check_syn_queue(window: Window, thresholds: Thresholds) -> Iterator[Finding]
         else "a SYN queue overflowed during the window; SYN cookies were sent"
     )
     yield Q04.finding(window, title, evidence, "\n".join(lines), severity=severity)
-
-
-RULES: tuple[Rule, ...] = (
-    Q01.rule(
-        check_accept_queue,
-        (
-            Threshold(
-                "warning", 0.8, 0.01, 1.0, "ratio", "accept queue length / backlog for a warning"
-            ),
-            Threshold(
-                "critical", 1.0, 0.01, 1.0, "ratio", "accept queue length / backlog for critical"
-            ),
-        ),
-    ),
-    Q02.rule(
-        check_listen_overflows,
-        (
-            Threshold(
-                "minimum",
-                1,
-                1,
-                1e9,
-                "connections",
-                "fire when ListenOverflows or ListenDrops grew by at least this in the window",
-            ),
-        ),
-    ),
-    Q03.rule(
-        check_backlog_capped,
-        (
-            Threshold(
-                "pressure",
-                0.5,
-                0.01,
-                1.0,
-                "ratio",
-                "a capped listener whose accept queue is at least this full is a warning, "
-                "otherwise info",
-            ),
-        ),
-    ),
-    Q04.rule(
-        check_syn_queue,
-        (
-            Threshold(
-                "warning",
-                0.8,
-                0.01,
-                1.0,
-                "ratio",
-                "SYN_RECV entries / the listener's SYN-queue limit for a warning",
-            ),
-        ),
-    ),
-)

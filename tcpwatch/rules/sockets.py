@@ -9,13 +9,12 @@ from tcpwatch.model import ProcessRef
 from tcpwatch.rules.base import (
     EvidenceValue,
     Finding,
-    Rule,
-    RuleInfo,
     Severity,
     Threshold,
     Thresholds,
     Window,
     required,
+    rule,
 )
 from tcpwatch.rules.fixes import (
     manual_reservation,
@@ -28,19 +27,39 @@ from tcpwatch.rules.fixes import (
 
 # --- S01 -------------------------------------------------------------------------------------
 
-S01 = RuleInfo(
-    "S01",
-    "close-wait-leak",
-    "warning",
-    "A process holds many CLOSE_WAIT sockets: it does not close connections its peers closed",
-)
-
 
 def _owner_key(owner: ProcessRef | None) -> tuple[int, str]:
     return (-1, "") if owner is None else (owner.pid, owner.name)
 
 
-def check_close_wait(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+@rule(
+    "S01",
+    "close-wait-leak",
+    "warning",
+    "A process holds many CLOSE_WAIT sockets: it does not close connections its peers closed",
+    thresholds=(
+        Threshold(
+            "warning", 50, 1, 1e7, "sockets", "CLOSE_WAIT sockets held by one process to warn"
+        ),
+        Threshold(
+            "stale_seconds",
+            300,
+            10,
+            86400,
+            "seconds",
+            "a CLOSE_WAIT socket seen this long by the daemon counts as stale",
+        ),
+        Threshold(
+            "critical",
+            50,
+            1,
+            1e7,
+            "sockets",
+            "stale CLOSE_WAIT sockets of one process for critical (needs daemon history)",
+        ),
+    ),
+)
+def S01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     snapshot = window.current
     sockets = snapshot.sockets
     if sockets is None:
@@ -128,15 +147,15 @@ def check_close_wait(window: Window, thresholds: Thresholds) -> Iterator[Finding
 
 # --- S02 -------------------------------------------------------------------------------------
 
-S02 = RuleInfo(
+
+@rule(
     "S02",
     "self-connect",
     "critical",
     "A socket is connected to itself (local address:port equals remote address:port)",
+    sysctls=("net.ipv4.ip_local_port_range", "net.ipv4.ip_local_reserved_ports"),
 )
-
-
-def check_self_connect(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+def S02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     snapshot = window.current
     if snapshot.sockets is None:
         return
@@ -179,15 +198,17 @@ def check_self_connect(window: Window, thresholds: Thresholds) -> Iterator[Findi
 
 # --- S03 -------------------------------------------------------------------------------------
 
-S03 = RuleInfo(
+
+@rule(
     "S03",
     "syn-sent-pileup",
     "warning",
     "Many sockets in SYN_SENT to one destination: it is unreachable or filtering",
+    thresholds=(
+        Threshold("warning", 20, 1, 1e7, "sockets", "SYN_SENT sockets to one destination to warn"),
+    ),
 )
-
-
-def check_syn_sent(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+def S03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     snapshot = window.current
     if snapshot.sockets is None:
         return
@@ -227,40 +248,3 @@ def check_syn_sent(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             remediation,
             subject=name,
         )
-
-
-RULES: tuple[Rule, ...] = (
-    S01.rule(
-        check_close_wait,
-        (
-            Threshold(
-                "warning", 50, 1, 1e7, "sockets", "CLOSE_WAIT sockets held by one process to warn"
-            ),
-            Threshold(
-                "stale_seconds",
-                300,
-                10,
-                86400,
-                "seconds",
-                "a CLOSE_WAIT socket seen this long by the daemon counts as stale",
-            ),
-            Threshold(
-                "critical",
-                50,
-                1,
-                1e7,
-                "sockets",
-                "stale CLOSE_WAIT sockets of one process for critical (needs daemon history)",
-            ),
-        ),
-    ),
-    S02.rule(check_self_connect),
-    S03.rule(
-        check_syn_sent,
-        (
-            Threshold(
-                "warning", 20, 1, 1e7, "sockets", "SYN_SENT sockets to one destination to warn"
-            ),
-        ),
-    ),
-)

@@ -33,10 +33,11 @@ from collections.abc import Callable, Sequence, Set
 
 from tcpwatch.config import CollectSettings
 from tcpwatch.model import Attribution, ProcessRef, Snapshot, SocketTable
-from tcpwatch.paths import ProcPaths
+from tcpwatch.paths import ProcPaths, read_bytes, read_text
 from tcpwatch.sources.base import SourceContext, host_source
 
 _SOCKET_PREFIX = "socket:["
+COMM_LIMIT = 64  # /proc/PID/comm holds TASK_COMM_LEN (16) bytes and a newline
 _log = logging.getLogger(__name__)
 
 
@@ -121,8 +122,7 @@ def confirm_known_owners(
             continue
         if pid not in names:
             try:
-                with open(paths.pid(pid, "comm"), "rb") as comm:
-                    names[pid] = parse_comm(comm.read())
+                names[pid] = parse_comm(read_bytes(paths.pid(pid, "comm"), COMM_LIMIT))
             except OSError:
                 names[pid] = None
         name = names[pid]
@@ -142,10 +142,10 @@ def procfs_hides_processes(paths: ProcPaths) -> bool:
     1/2/4); a process with CAP_SYS_PTRACE passes the check that hides the others.
     """
     try:
-        with open(paths.pid("self", "mountinfo"), encoding="utf-8", errors="replace") as handle:
-            mounts = handle.read().splitlines()
-        with open(paths.pid("self", "status"), encoding="utf-8", errors="replace") as handle:
-            status = handle.read().splitlines()
+        mountinfo = paths.pid("self", "mountinfo")
+        mounts = read_text(mountinfo, encoding="utf-8", errors="replace").splitlines()
+        status_path = paths.pid("self", "status")
+        status = read_text(status_path, encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return False
     root = os.path.realpath(paths.root)
@@ -241,8 +241,7 @@ def scan_owners(
         if not found:
             continue
         try:
-            with open(paths.pid(pid, "comm"), "rb") as comm:
-                name = parse_comm(comm.read())
+            name = parse_comm(read_bytes(paths.pid(pid, "comm"), COMM_LIMIT))
         except OSError:
             vanished += 1
             continue

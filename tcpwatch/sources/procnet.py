@@ -8,7 +8,7 @@ Everything here is per network namespace when read through ``/proc/net`` (or
 from __future__ import annotations
 
 from tcpwatch.model import KernelCounters, Snapshot, SockStat
-from tcpwatch.paths import ProcPaths
+from tcpwatch.paths import ProcPaths, read_text
 from tcpwatch.sources.base import SourceContext, netns_source
 
 # Offending text longer than this is cut in the message (a netstat line runs to ~2,000 chars).
@@ -125,17 +125,12 @@ def parse_sockstat(text4: str, text6: str | None, path: str, path6: str | None =
     )
 
 
-def _read(path: str) -> str:
-    with open(path, encoding="ascii") as file:
-        return file.read()
-
-
 def read_counters(paths: ProcPaths) -> KernelCounters:
     """/proc/net/netstat and /proc/net/snmp merged; OSError (with the path) if either is missing."""
     values: dict[str, int] = {}
     for name in ("netstat", "snmp"):
         path = paths.net(name)
-        values.update(parse_counter_table(_read(path), path))
+        values.update(parse_counter_table(read_text(path), path))
     return KernelCounters(values=values)
 
 
@@ -143,9 +138,9 @@ def read_sockstat(paths: ProcPaths) -> SockStat:
     """/proc/net/sockstat and, when IPv6 exists, /proc/net/sockstat6."""
     path = paths.net("sockstat")
     path6 = paths.net("sockstat6")
-    text4 = _read(path)
+    text4 = read_text(path)
     try:
-        text6: str | None = _read(path6)
+        text6: str | None = read_text(path6)
     except FileNotFoundError:
         text6 = None
     return parse_sockstat(text4, text6, path, path6)

@@ -28,7 +28,7 @@ import errno
 import socket
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from tcpwatch.model import (
@@ -88,13 +88,6 @@ _MESSAGE_MIN = 88
 
 class SockDiagError(Exception):
     """The dump failed or returned something we cannot parse."""
-
-
-def state_mask(states: Iterable[int]) -> int:
-    mask = 0
-    for number in states:
-        mask |= 1 << number
-    return mask
 
 
 def port_range_bytecode(low: int, high: int) -> bytes:
@@ -411,18 +404,6 @@ def run_dump(
             raise SockDiagError("netlink socket closed before the dump ended")
         if aggregator.feed(buffer, length, family):
             return
-
-
-def recorded_receiver(datagrams: Iterable[bytes]) -> Receiver:
-    """A receiver replaying recorded datagrams, for tests and fixture replays."""
-    pending: Iterator[bytes] = iter(datagrams)
-
-    def receive(buffer: memoryview) -> int:
-        chunk = next(pending, b"")
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
-
-    return receive
 
 
 def open_socket() -> socket.socket:

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
 from tcpwatch.model import Snapshot, Sysctls
-from tcpwatch.paths import ProcPaths
+from tcpwatch.paths import ProcPaths, read_text
 from tcpwatch.sources.base import SourceContext, netns_source
 from tcpwatch.sources.procnet import ProcParseError
 
@@ -102,8 +102,7 @@ def parse_reserved_ports(text: str, path: str) -> tuple[tuple[int, int], ...]:
 
 def _read_optional(path: str) -> str | None:
     try:
-        with open(path, encoding="ascii") as file:
-            return file.read()
+        return read_text(path)
     except FileNotFoundError:
         return None
 

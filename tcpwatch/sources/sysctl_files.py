@@ -7,14 +7,15 @@ Files are read the way ``sysctl --system`` (procps) and systemd-sysctl apply the
 ``*.conf`` in the drop-in directories, ordered by file name, a name in an earlier directory
 masking the same name in later ones (/etc before /run before /usr/local/lib before /usr/lib and
 /lib), then /etc/sysctl.conf last unless a drop-in already links to it. A later line for the same
-key wins, so :func:`effective` returns the last one.
+key wins: the last assignment of a name is the one in effect.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+
+from tcpwatch.model import PersistedSysctl
+from tcpwatch.paths import read_text
 
 # Highest priority first: a file name found in an earlier directory masks the later ones.
 DROP_IN_DIRECTORIES: tuple[str, ...] = (
@@ -26,16 +27,6 @@ DROP_IN_DIRECTORIES: tuple[str, ...] = (
 )
 MAIN_FILE = "etc/sysctl.conf"
 _MAX_FILE_BYTES = 1 << 20  # a sysctl file is a few KiB; refuse to slurp anything huge
-
-
-@dataclass(frozen=True, slots=True)
-class PersistedSysctl:
-    """One assignment in a sysctl configuration file."""
-
-    path: str  # as on the host, e.g. "/etc/sysctl.d/99-sysctl.conf"
-    line: int  # 1-based
-    name: str  # dotted, "/" separators normalised to "."; a leading "-" (ignore errors) removed
-    value: str  # as written, surrounding whitespace removed
 
 
 class SysctlConfError(ValueError):
@@ -104,8 +95,9 @@ def _resolve(root: str, host_path: str) -> str:
 
 def _read(root: str, host_path: str) -> str | None:
     try:
-        with open(os.path.join(root, host_path.lstrip("/")), encoding="utf-8") as file:
-            return file.read(_MAX_FILE_BYTES)
+        return read_text(
+            os.path.join(root, host_path.lstrip("/")), _MAX_FILE_BYTES, encoding="utf-8"
+        )
     except (OSError, UnicodeDecodeError):
         return None
 
@@ -128,14 +120,3 @@ def read_persisted_sysctls(etc_root: str = "/") -> tuple[PersistedSysctl, ...]:
         if text is not None:
             entries.extend(parse_sysctl_conf(text, host_path, strict=False))
     return tuple(entries)
-
-
-def lines_for(persisted: Iterable[PersistedSysctl], name: str) -> tuple[PersistedSysctl, ...]:
-    """The assignments of one dotted name, in application order."""
-    return tuple(entry for entry in persisted if entry.name == name)
-
-
-def effective(persisted: Sequence[PersistedSysctl], name: str) -> PersistedSysctl | None:
-    """The assignment that wins at boot for ``name`` (the last one applied), if any."""
-    found = lines_for(persisted, name)
-    return found[-1] if found else None

@@ -28,7 +28,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,6 +40,7 @@ from tcpwatch.sources.sockdiag import (  # noqa: E402  (needs the repository on 
     NETLINK_SOCK_DIAG,
     NLMSG_DONE,
     NLMSG_ERROR,
+    Receiver,
     build_request,
     port_range_bytecode,
 )
@@ -71,6 +72,26 @@ def write_frames(path: Path, datagrams: list[bytes]) -> None:
         for datagram in datagrams:
             out.write(FRAME.pack(len(datagram)))
             out.write(datagram)
+
+
+def recorded_receiver(datagrams: Iterable[bytes]) -> Receiver:
+    """A receiver (as run_dump takes) replaying recorded datagrams, for tests."""
+    pending: Iterator[bytes] = iter(datagrams)
+
+    def receive(buffer: memoryview) -> int:
+        chunk = next(pending, b"")
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+    return receive
+
+
+def state_mask(states: Iterable[int]) -> int:
+    """The inet_diag state bitmask of kernel TCP state numbers."""
+    mask = 0
+    for number in states:
+        mask |= 1 << number
+    return mask
 
 
 def read_frames(path: Path) -> Iterator[bytes]:

@@ -6,7 +6,8 @@ ordinary listeners; tests change one thing at a time with the keyword arguments.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from tcpwatch.model import (
@@ -16,6 +17,7 @@ from tcpwatch.model import (
     DestinationUse,
     KernelCounters,
     Listener,
+    PersistedSysctl,
     ProcessRef,
     SelfConnect,
     Snapshot,
@@ -23,9 +25,9 @@ from tcpwatch.model import (
     SockStat,
     SourceStatus,
     Sysctls,
+    lines_for,
 )
-from tcpwatch.rules import Window
-from tcpwatch.sources.sysctl_files import PersistedSysctl
+from tcpwatch.rules import EvidenceValue, Finding, Rule, Severity, Thresholds, Window
 
 DEFAULT_SYSCTLS: Mapping[str, tuple[int, ...]] = MappingProxyType(
     {
@@ -208,3 +210,36 @@ def window(
     persisted: Sequence[PersistedSysctl] = (),
 ) -> Window:
     return Window(current, previous, dict(close_wait_first_seen or {}), tuple(persisted))
+
+
+def effective(persisted: Sequence[PersistedSysctl], name: str) -> PersistedSysctl | None:
+    """The assignment that wins at boot for ``name`` (the last one applied), if any."""
+    found = lines_for(persisted, name)
+    return found[-1] if found else None
+
+
+@dataclass(frozen=True, slots=True)
+class RuleInfo:
+    """A rule's identity without a check, for tests that build a rule by hand."""
+
+    id: str
+    slug: str
+    severity: Severity
+    title: str
+
+    def finding(
+        self,
+        window: Window,
+        title: str,
+        evidence: Mapping[str, EvidenceValue],
+        remediation: str,
+        subject: str = "",
+        severity: Severity | None = None,
+    ) -> Finding:
+        doc = f"docs/rules/{self.id}-{self.slug}.md"
+        made = Rule(self.id, self.slug, self.severity, self.title, (), _no_check, doc)
+        return made.finding(window, title, evidence, remediation, subject, severity)
+
+
+def _no_check(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
+    return iter(())

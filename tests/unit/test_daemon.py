@@ -23,6 +23,7 @@ from tcpwatch.model import (
     STATES,
     Attribution,
     KernelCounters,
+    PersistedSysctl,
     ProcessRef,
     Snapshot,
     SocketTable,
@@ -33,7 +34,6 @@ from tcpwatch.model import (
 from tcpwatch.pipeline import Pipeline as Poller
 from tcpwatch.rules import Finding, RuleSettings, Window
 from tcpwatch.snapshot import SOURCES
-from tcpwatch.sources.sysctl_files import PersistedSysctl
 from tcpwatch.state import POLL_BUCKETS
 
 

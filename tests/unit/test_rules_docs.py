@@ -9,9 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tcpwatch.model import Destination, DestinationUse, ProcessRef, SelfConnect
+from tcpwatch.model import Destination, DestinationUse, PersistedSysctl, ProcessRef, SelfConnect
 from tcpwatch.rules import RULES, Finding, RuleSettings, Window, evaluate
-from tcpwatch.sources.sysctl_files import PersistedSysctl
 from tests.unit.snapshots import (
     DEFAULT_LISTENERS,
     NGINX,

@@ -20,8 +20,7 @@ from tcpwatch.rules import (
     rule_by_id,
     worst_exit_code,
 )
-from tcpwatch.rules.base import RuleInfo
-from tests.unit.snapshots import counters_plus, snapshot, window
+from tests.unit.snapshots import RuleInfo, counters_plus, snapshot, window
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from tcpwatch.model import PersistedSysctl
 from tcpwatch.rules import Finding, RuleSettings, evaluate
-from tcpwatch.sources.sysctl_files import PersistedSysctl
 from tests.unit.snapshots import (
     T0,
     counters_plus,

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from tcpwatch.model import PersistedSysctl, lines_for
 from tcpwatch.sources.sysctl_files import (
-    PersistedSysctl,
     SysctlConfError,
-    effective,
-    lines_for,
     parse_sysctl_conf,
     read_persisted_sysctls,
 )
+from tests.unit.snapshots import effective
 
 SAMPLE = """\
 # comment

@@ -36,11 +36,9 @@ from tcpwatch.sources.sockdiag import (
     build_request,
     collect,
     port_range_bytecode,
-    recorded_receiver,
     run_dump,
-    state_mask,
 )
-from tests.tools.record_dump import read_frames
+from tests.tools.record_dump import read_frames, recorded_receiver, state_mask
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "netlink"
 META = json.loads((FIXTURES / "mixed.json").read_text())

@@ -211,7 +211,6 @@ def test_every_sysctl_a_rule_reads_is_collected() -> None:
     assert set(SYSCTLS_USED) <= {*SYSCTLS, RESERVED_PORTS}
 
 
-
 def test_names_the_rules_declare_are_read_and_reserved_ports_keep_their_parser(
     tmp_path: Path,
 ) -> None:

@@ -1,4 +1,4 @@
-"""Which network namespace tcpwatch is looking at, and a stable name for it.
+"""Names for network namespaces, and who lives in them (containers, Kubernetes pods).
 
 A network namespace is identified by the inode of its nsfs file; every handle on it has that
 inode: ``/proc/PID/ns/net`` of each member process and each ``ip netns`` bind mount::
@@ -10,29 +10,21 @@ Names, first match wins: ``host`` for the initial namespace, the ``ip netns`` na
 ``pid:<lowest member pid>`` (stable while that process lives, e.g. a container's init), and
 ``net:[INODE]`` when no handle we can read points at it.
 
-``discover`` (every namespace on the host, for ``--netns all``) also names a namespace after the
+Discovery (every namespace on the host, for ``--netns all``) also names a namespace after the
 container or Kubernetes pod its member processes belong to (``pod:<namespace>/<name>``,
-``container:<id>``): see its docstring and docs/namespaces.md.
+``container:<id>``): see :func:`choose_name` and docs/namespaces.md.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
-import fnmatch
 import os
 import re
 import stat
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import TypeVar
+from dataclasses import dataclass
 
-from tcpwatch.paths import ProcPaths
+from tcpwatch.paths import ProcPaths, read_text
 
-# The initial namespace's fixed inode on recent kernels (uapi linux/nsfs.h NET_NS_INIT_INO; this
-# 6.18 VM has it). Older kernels numbered it like any other namespace, from 0xF0000000 upwards, so
-# this value can never name a different namespace.
 NET_NS_INIT_INO = 0xEFFFFFF9
 RUN_NETNS_DIR = "/run/netns"
 
@@ -50,7 +42,7 @@ def netns_name(paths: ProcPaths, inode: int, run_netns_dir: str = RUN_NETNS_DIR)
     on kernels before 6.18 that is the only clue, and in a container with its own PID namespace
     PID 1 is the container's init, whose namespace is then called ``host`` too.
     """
-    if inode == NET_NS_INIT_INO or inode == _inode_of(paths.pid(1, "ns", "net")):
+    if inode == NET_NS_INIT_INO or inode == inode_of(paths.pid(1, "ns", "net")):
         return "host"
     named = ip_netns_name(inode, run_netns_dir)
     if named is not None:
@@ -61,6 +53,14 @@ def netns_name(paths: ProcPaths, inode: int, run_netns_dir: str = RUN_NETNS_DIR)
     return f"net:[{inode}]"
 
 
+def own_netns_name(paths: ProcPaths) -> str:
+    """The name of the namespace this process is in; "unknown" when /proc/self is unreadable."""
+    try:
+        return netns_name(paths, current_netns_inode(paths))
+    except OSError:
+        return "unknown"
+
+
 def ip_netns_name(inode: int, run_netns_dir: str = RUN_NETNS_DIR) -> str | None:
     """The ``ip netns`` name bound to ``inode`` (alphabetically first if several are)."""
     try:
@@ -68,7 +68,7 @@ def ip_netns_name(inode: int, run_netns_dir: str = RUN_NETNS_DIR) -> str | None:
     except OSError:
         return None
     for name in names:
-        if _inode_of(os.path.join(run_netns_dir, name)) == inode:
+        if inode_of(os.path.join(run_netns_dir, name)) == inode:
             return name
     return None
 
@@ -76,19 +76,17 @@ def ip_netns_name(inode: int, run_netns_dir: str = RUN_NETNS_DIR) -> str | None:
 def lowest_member_pid(paths: ProcPaths, inode: int) -> int | None:
     """The lowest pid whose ``/proc/PID/ns/net`` is ``inode``."""
     for pid in sorted(paths.list_pids()):
-        if _inode_of(paths.pid(pid, "ns", "net")) == inode:
+        if inode_of(paths.pid(pid, "ns", "net")) == inode:
             return pid
     return None
 
 
-def _inode_of(path: str) -> int | None:
+def inode_of(path: str) -> int | None:
     try:
         return os.stat(path).st_ino
     except OSError:  # gone, or not ours to read (PID 1 of a more privileged sandbox)
         return None
 
-
-# --- discovery of every namespace on the host, and entering one -------------------------------
 
 # Container ids in cgroup paths, as Docker, containerd (CRI), CRI-O and Podman write them:
 # .../docker-<id>.scope, /docker/<id>, .../cri-containerd-<id>.scope, .../crio-<id>.scope,
@@ -118,106 +116,9 @@ _RESOLVE_IN_ROOT = 0x10
 
 
 @dataclass(frozen=True, slots=True)
-class NetnsTarget:
-    """A network namespace to poll: how to enter it and what to call it."""
+class Identity:
+    """Container and pod of a namespace's member processes; empty strings when none tells."""
 
-    name: str
-    inode: int
-    path: str | None  # nsfs file to setns() into; None for the namespace we already are in
-    container: str = ""  # container id (12 hex digits) of a member process, if any
-    pod: str = ""
-    pod_namespace: str = ""
-    pod_uid: str = ""
-
-
-def discover(paths: ProcPaths, run_netns_dir: str = RUN_NETNS_DIR) -> tuple[NetnsTarget, ...]:
-    """Every network namespace with a handle: ``ip netns`` names and member processes.
-
-    One entry per distinct nsfs inode, ours first, then ``host``, the rest by name. Handles we
-    may not read (other users' processes without CAP_SYS_PTRACE) are skipped. Names, first match
-    wins: ``host``; the ``ip netns`` name, unless it is a runtime's UUID pin of a container's
-    namespace; ``pod:<namespace>/<name>``; ``container:<id>``; a runtime's pin name;
-    ``pid:<lowest member pid>``; ``net:[INODE]``.
-    """
-    own = current_netns_inode(paths)
-    host = _inode_of(paths.pid(1, "ns", "net"))
-    handles: dict[int, str] = {}
-    names: dict[int, str] = {}
-    try:
-        entries = sorted(os.listdir(run_netns_dir))
-    except OSError:
-        entries = []
-    for entry in entries:
-        path = os.path.join(run_netns_dir, entry)
-        inode = _inode_of(path)
-        if inode is not None and inode not in names:
-            names[inode] = entry
-            handles[inode] = path
-    members: dict[int, list[int]] = {}
-    for pid in sorted(paths.list_pids()):
-        path = paths.pid(pid, "ns", "net")
-        inode = _inode_of(path)
-        if inode is None:
-            continue
-        members.setdefault(inode, []).append(pid)
-        handles.setdefault(inode, path)
-    targets: list[NetnsTarget] = []
-    for inode in {own, *handles}:
-        pids = members.get(inode, [])
-        is_host = inode in (NET_NS_INIT_INO, host)
-        # The host's processes include hostNetwork pods and runtimes' helpers (conmon): their
-        # cgroups say nothing about the namespace.
-        identity = _Identity() if is_host else _container_identity(paths, pids)
-        targets.append(
-            NetnsTarget(
-                name=_choose_name(inode, is_host, names.get(inode), identity, pids),
-                inode=inode,
-                path=None if inode == own else handles[inode],
-                container=identity.container,
-                pod=identity.pod,
-                pod_namespace=identity.pod_namespace,
-                pod_uid=identity.pod_uid,
-            )
-        )
-    # The inode breaks ties, so which of two same-named namespaces gets the suffix never flips.
-    targets.sort(key=lambda t: (t.path is not None, t.name != "host", t.name, t.inode))
-    return tuple(_unique_names(targets))
-
-
-def _choose_name(
-    inode: int, is_host: bool, ip_name: str | None, identity: _Identity, pids: list[int]
-) -> str:
-    if is_host:
-        return "host"
-    runtime_pin = ip_name is not None and _RUNTIME_PIN.search(ip_name) is not None
-    if ip_name is not None and not (runtime_pin and identity.container):
-        return ip_name
-    if identity.pod and identity.pod_namespace:
-        return f"pod:{identity.pod_namespace}/{identity.pod}"
-    if identity.container:
-        return f"container:{identity.container}"
-    if ip_name is not None:
-        return ip_name
-    if pids:
-        return f"pid:{pids[0]}"
-    return f"net:[{inode}]"
-
-
-def _unique_names(targets: list[NetnsTarget]) -> list[NetnsTarget]:
-    """Two namespaces must never share a name (e.g. a pod's old and new sandbox)."""
-    seen: dict[str, int] = {}
-    unique: list[NetnsTarget] = []
-    for target in targets:
-        count = seen.get(target.name, 0)
-        seen[target.name] = count + 1
-        if count:
-            target = replace(target, name=f"{target.name}#{target.inode}")
-        unique.append(target)
-    return unique
-
-
-@dataclass(frozen=True, slots=True)
-class _Identity:
     container: str = ""
     pod: str = ""
     pod_namespace: str = ""
@@ -272,7 +173,7 @@ def pod_namespace_from_resolv_conf(text: str) -> str:
     return ""
 
 
-def _container_identity(paths: ProcPaths, pids: list[int]) -> _Identity:
+def container_identity(paths: ProcPaths, pids: list[int]) -> Identity:
     """Container id and pod of the first member process whose cgroup names one (best effort).
 
     The pod UID is in the cgroup path; its name and namespace are not, so they come from a
@@ -282,8 +183,9 @@ def _container_identity(paths: ProcPaths, pids: list[int]) -> _Identity:
     """
     for pid in pids[:MEMBERS_READ]:
         try:
-            with open(paths.pid(pid, "cgroup"), encoding="utf-8", errors="replace") as handle:
-                cgroup = handle.read(SMALL_FILE_LIMIT * 4)
+            cgroup = read_text(
+                paths.pid(pid, "cgroup"), SMALL_FILE_LIMIT * 4, encoding="utf-8", errors="replace"
+            )
         except OSError:
             continue
         found = container_in_cgroup(cgroup)
@@ -291,10 +193,10 @@ def _container_identity(paths: ProcPaths, pids: list[int]) -> _Identity:
             continue
         container, pod_uid = found
         if not pod_uid:
-            return _Identity(container=container)
+            return Identity(container=container)
         pod, pod_namespace = _pod_name(paths, pids)
-        return _Identity(container, pod, pod_namespace, pod_uid)
-    return _Identity()
+        return Identity(container, pod, pod_namespace, pod_uid)
+    return Identity()
 
 
 def _pod_name(paths: ProcPaths, pids: list[int]) -> tuple[str, str]:
@@ -378,83 +280,24 @@ def _openat2(directory: int, relative: str, flags: int, resolve: int) -> int:
     return descriptor
 
 
-def select(targets: tuple[NetnsTarget, ...], selection: tuple[str, ...]) -> tuple[NetnsTarget, ...]:
-    """Apply the `namespaces:` setting: ("self",), ("all",) or name patterns (fnmatch)."""
-    if selection == ("self",):
-        return tuple(t for t in targets if t.path is None)
-    if selection == ("all",):
-        return targets
-    return tuple(
-        t
-        for t in targets
-        if any(
-            fnmatch.fnmatchcase(t.name, pattern) or (pattern == "self" and t.path is None)
-            for pattern in selection
-        )
-    )
-
-
-T = TypeVar("T")
-
-
-class NetnsGone(Exception):
-    """The namespace vanished between discovery and entering it."""
-
-
-def run_inside(target: NetnsTarget, work: Callable[[], T], timeout: float = 60.0) -> T:
-    """Run ``work`` with this thread's network namespace switched to ``target``.
-
-    setns() changes only the calling thread, so the work runs in a fresh thread that enters the
-    namespace and ends afterwards; the rest of the process never leaves its own namespace. Sockets
-    opened there stay bound to that namespace, and /proc/thread-self/net and /proc/sys/net show it.
+def choose_name(
+    inode: int, is_host: bool, ip_name: str | None, identity: Identity, pids: list[int]
+) -> str:
+    """A discovered namespace's name, first match wins: ``host``; the ``ip netns`` name, unless
+    it is a runtime's UUID pin of a container's namespace; ``pod:<namespace>/<name>``;
+    ``container:<id>``; a runtime's pin name; ``pid:<lowest member pid>``; ``net:[INODE]``.
     """
-    if target.path is None:
-        return work()
-    try:
-        descriptor = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError) as error:
-        raise NetnsGone(f"{target.name}: {error.strerror}") from None
-    # Between discovery and now the pid may have been reused, or `ip netns del` may have left
-    # the unmounted file: either way the handle no longer leads to the namespace we named.
-    try:
-        opened = os.fstat(descriptor).st_ino
-    except OSError:
-        opened = None
-    if opened != target.inode:
-        os.close(descriptor)
-        raise NetnsGone(f"{target.name}: {target.path} no longer refers to net:[{target.inode}]")
-    outcome: list[T] = []
-    failure: list[BaseException] = []
-
-    def enter_and_work() -> None:
-        try:
-            _setns(descriptor)
-            outcome.append(work())
-        except BaseException as error:  # handed to the caller's thread
-            failure.append(error)
-
-    try:
-        thread = threading.Thread(target=enter_and_work, name=f"netns-{target.name}", daemon=True)
-        thread.start()
-        thread.join(timeout)
-    finally:
-        os.close(descriptor)
-    if thread.is_alive():
-        raise TimeoutError(f"polling namespace {target.name} took over {timeout:g} s")
-    if failure:
-        raise failure[0]
-    return outcome[0]
-
-
-def _setns(descriptor: int) -> None:
-    from pyroute2 import netns as pyroute2_netns
-
-    try:
-        # flags=0: never create anything; an fd argument is used as it is.
-        pyroute2_netns.setns(descriptor, flags=0)
-    except OSError as error:
-        if error.errno == errno.EPERM:
-            raise PermissionError(
-                "entering another network namespace needs CAP_SYS_ADMIN"
-            ) from None
-        raise
+    if is_host:
+        return "host"
+    runtime_pin = ip_name is not None and _RUNTIME_PIN.search(ip_name) is not None
+    if ip_name is not None and not (runtime_pin and identity.container):
+        return ip_name
+    if identity.pod and identity.pod_namespace:
+        return f"pod:{identity.pod_namespace}/{identity.pod}"
+    if identity.container:
+        return f"container:{identity.container}"
+    if ip_name is not None:
+        return ip_name
+    if pids:
+        return f"pid:{pids[0]}"
+    return f"net:[{inode}]"
