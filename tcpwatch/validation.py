@@ -48,7 +48,6 @@ _DURATION_UNITS: Mapping[str, float] = {
 }
 
 
-
 def _short_repr() -> reprlib.Repr:
     """repr() that stops after a few items and levels, whatever the size of the value."""
     short = reprlib.Repr()  # keyword arguments only from Python 3.12
@@ -56,7 +55,6 @@ def _short_repr() -> reprlib.Repr:
     short.maxtuple, short.maxset, short.maxfrozenset = 6, 6, 6
     short.maxstring, short.maxother, short.maxlong = 60, 60, 40
     return short
-
 
 
 class ConfigError(Exception):
