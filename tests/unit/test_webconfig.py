@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from tcpwatch.config import ConfigError
+from tcpwatch.validation import parse_duration
 from tcpwatch.webconfig import (
     RateLimit,
     TlsSettings,
     WebConfig,
     WebConfigError,
     load_web_config,
-    parse_duration,
     parse_web_config,
 )
 
