@@ -23,7 +23,7 @@ import yaml
 # A configuration file is a few KiB; 1 MiB leaves room for long comments and many rules.
 MAX_FILE_BYTES = 1 << 20
 # Scalars, sequences and mappings in one document: the example config has ~100.
-MAX_YAML_NODES = 50_000
+MAX_YAML_NODES = 10_000
 # Levels of nesting: the deepest key of either file is 3 levels down.
 MAX_YAML_DEPTH = 64
 # At most this many problems are listed; the rest are counted in one last line.
