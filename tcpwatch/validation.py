@@ -359,8 +359,9 @@ class _BoundedLoader(yaml.SafeLoader):
 
 def load_yaml(text: str, source: str) -> object:
     """Parse one YAML document within the bounds above; ConfigError (one line) if it fails."""
-    loader = _BoundedLoader(text)
+    loader: _BoundedLoader | None = None
     try:
+        loader = _BoundedLoader(text)  # checks the characters already: ReaderError
         return loader.get_single_data()
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
@@ -376,4 +377,5 @@ def load_yaml(text: str, source: str) -> object:
         reason = one_line(str(error) or type(error).__name__, 2 * MAX_SHOWN_CHARS)
         raise ConfigError([f"{one_line(source, 2 * MAX_SHOWN_CHARS)}: {reason}"]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
