@@ -19,7 +19,7 @@ from tcpwatch import __version__
 from tcpwatch.config import Config, ConfigError, RuleCatalogue, load_config, parse_namespaces
 from tcpwatch.errors import UsageError
 from tcpwatch.model import Snapshot
-from tcpwatch.validation import MAX_SHOWN_CHARS, one_line, parse_seconds, show
+from tcpwatch.validation import MAX_SHOWN_CHARS, one_line, parse_seconds, show, shown_path
 
 EXIT_OK = 0
 EXIT_WARNING = 1
@@ -238,7 +238,7 @@ def _require_linux(procfs: str) -> None:
         )
     if not os.path.isfile(os.path.join(procfs, "net", "sockstat")):
         raise UsageError(
-            f"{procfs} does not look like a procfs mount (no net/sockstat): "
+            f"{shown_path(procfs)} does not look like a procfs mount (no net/sockstat): "
             "pass --procfs pointing at a mounted /proc"
         )
 

@@ -33,6 +33,7 @@ from tcpwatch.sdnotify import Notifier
 from tcpwatch.snapshot import poll
 from tcpwatch.sources.sysctl_files import PersistedSysctl, read_persisted_sysctls
 from tcpwatch.state import ExportState, PollHistogram
+from tcpwatch.validation import shown_path
 from tcpwatch.web import Health, ListenAddress, ListenError, WebApp, WebServer, parse_listen
 from tcpwatch.webconfig import WebConfig, load_web_config
 
@@ -403,7 +404,7 @@ class Daemon:
             listen = parse_listen(new.listen)
             if not os.path.isfile(os.path.join(new.procfs, "net", "sockstat")):
                 raise UsageError(
-                    f"{new.procfs} does not look like a procfs mount (no net/sockstat)"
+                    f"{shown_path(new.procfs)} does not look like a procfs mount (no net/sockstat)"
                 )
             web = load_web_config(new.web_config) if new.web_config else WebConfig()
         except ConfigError as error:

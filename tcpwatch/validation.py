@@ -28,8 +28,9 @@ MAX_YAML_NODES = 10_000
 MAX_YAML_DEPTH = 64
 # At most this many problems are listed; the rest are counted in one last line.
 MAX_ERRORS = 20
-# Longest value or key echoed back in an error message.
+# Longest value or key echoed back in an error message, and longest file name.
 MAX_SHOWN_CHARS = 80
+MAX_SHOWN_PATH_CHARS = 512
 # Longest duration text considered ("1h30m15s500ms" is 13).
 _MAX_DURATION_CHARS = 64
 
@@ -75,7 +76,7 @@ class Validator:
     """Collects every error instead of stopping at the first."""
 
     def __init__(self, source: str) -> None:
-        self.source = source
+        self.source = shown_path(source)
         self.errors: list[str] = []
 
     def error(self, path: str, message: str) -> None:
@@ -178,6 +179,11 @@ def one_line(text: str, limit: int) -> str:
     return clipped
 
 
+def shown_path(path: str) -> str:
+    """A file name for an error message: one line, bounded (PATH_MAX is 4096)."""
+    return one_line(path, MAX_SHOWN_PATH_CHARS)
+
+
 def _n(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
@@ -234,7 +240,7 @@ def read_config_file(path: str, what: str) -> str:
     files of at most MAX_FILE_BYTES are read; anything else is refused after fstat() and before
     any read, and the open never blocks (O_NONBLOCK: a FIFO without a writer opens at once).
     """
-    shown = one_line(path, 2 * MAX_SHOWN_CHARS)
+    shown = shown_path(path)
     if "\0" in path:
         raise ConfigError([f"{shown}: cannot read the {what}: the path contains a NUL byte"])
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -370,12 +376,12 @@ def load_yaml(text: str, source: str) -> object:
         problem = getattr(error, "problem", None) or (str(error).splitlines() or ["?"])[0]
         reason = one_line(str(problem), 2 * MAX_SHOWN_CHARS)
         kind = "" if isinstance(error, _Refused) else "not valid YAML: "
-        message = f"{one_line(source, 2 * MAX_SHOWN_CHARS)}: {where}: {kind}{reason}"
+        message = f"{shown_path(source)}: {where}: {kind}{reason}"
         raise ConfigError([message]) from None
     except (ValueError, OverflowError, RecursionError) as error:
         # Constructors of YAML's own types: "2001-13-45" as a date, an int of 5000 digits.
         reason = one_line(str(error) or type(error).__name__, 2 * MAX_SHOWN_CHARS)
-        raise ConfigError([f"{one_line(source, 2 * MAX_SHOWN_CHARS)}: {reason}"]) from None
+        raise ConfigError([f"{shown_path(source)}: {reason}"]) from None
     finally:
         if loader is not None:
             loader.dispose()

@@ -39,10 +39,10 @@ from tcpwatch.validation import (
     Validator,
     check_regular_file,
     load_yaml,
-    one_line,
     parse_duration,
     read_config_file,
     show,
+    shown_path,
 )
 
 TLS_VERSIONS: Mapping[str, ssl.TLSVersion] = {
@@ -383,6 +383,7 @@ def _rate_limit(check: Validator, raw: object) -> RateLimit | None:
 
 def build_ssl_context(tls: TlsSettings, source: str) -> ssl.SSLContext:
     """A server SSLContext for ``tls``; WebConfigError names the key whose file failed."""
+    source = shown_path(source)
     path = "tls_server_config"
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
@@ -400,15 +401,16 @@ def build_ssl_context(tls: TlsSettings, source: str) -> ssl.SSLContext:
         reason = check_regular_file(name)
         if reason is not None:
             unreadable.add(key)
-            errors.append(f"{source}: {path}.{key}: cannot read {one_line(name, 160)}: {reason}")
+            errors.append(f"{source}: {path}.{key}: cannot read {shown_path(name)}: {reason}")
     if not unreadable & {"cert_file", "key_file"}:
         try:
             # Never OpenSSL's passphrase prompt: a daemon would hang reading its terminal.
             context.load_cert_chain(tls.cert_file, tls.key_file, password=_refuse_passphrase)
         except (OSError, ValueError) as error:  # ssl.SSLError is an OSError too
             errors.append(
-                f"{source}: {path}.cert_file: cannot load the certificate {tls.cert_file} with "
-                f"the key {tls.key_file}: {_ssl_reason(error)}"
+                f"{source}: {path}.cert_file: cannot load the certificate "
+                f"{shown_path(tls.cert_file)} with the key {shown_path(tls.key_file)}: "
+                f"{_ssl_reason(error)}"
             )
     if tls.client_auth_type != "NoClientCert" and "client_ca_file" not in unreadable:
         context.verify_mode = CLIENT_AUTH_TYPES[tls.client_auth_type]

@@ -503,3 +503,15 @@ def test_parse_listen_accepts(text: str, expected: ListenAddress) -> None:
 def test_bad_listen_through_serve(listen: str, expected: str) -> None:
     # Refused before anything is bound or polled.
     assert usage_error(run_cli("serve", "--listen", listen)) == [expected]
+
+
+def test_a_newline_in_a_configured_path_stays_on_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text('procfs: "/no\\nwhere"\n')
+    assert main(["check", "--config", str(path)]) == EXIT_UNKNOWN
+    assert capsys.readouterr().err == (
+        "tcpwatch: /no\\nwhere does not look like a procfs mount (no net/sockstat): pass --procfs "
+        "pointing at a mounted /proc\n"
+    )
