@@ -20,6 +20,7 @@ from tcpwatch.config import Config, ConfigError, RuleCatalogue, load_config, par
 from tcpwatch.errors import UsageError
 from tcpwatch.paths import procfs_problem
 from tcpwatch.state import ExportState
+from tcpwatch.validation import MAX_SHOWN_CHARS, one_line, parse_seconds, show
 
 EXIT_OK = 0
 EXIT_WARNING = 1
@@ -31,8 +32,20 @@ log = logging.getLogger("tcpwatch")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        # argparse exits 2, which Nagios reads as CRITICAL: a bad flag is UNKNOWN (3).
-        self.exit(EXIT_UNKNOWN, f"tcpwatch: {message} (see tcpwatch --help)\n")
+        # argparse exits 2, which Nagios reads as CRITICAL: a bad flag is UNKNOWN (3). The
+        # message echoes the value given: one bounded line whatever it was.
+        line = one_line(message, 4 * MAX_SHOWN_CHARS)
+        self.exit(EXIT_UNKNOWN, f"tcpwatch: {line} (see tcpwatch --help)\n")
+
+
+def _seconds(text: str) -> float:
+    """argparse type of the flags taking seconds: ``15``, ``15s``, ``1m``, ``100ms``, ``1h30m``."""
+    seconds = parse_seconds(text)
+    if seconds is None:
+        raise argparse.ArgumentTypeError(
+            f'expected seconds or a duration such as "15s", "1m", "100ms", got {show(text)}'
+        )
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,10 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument(
         "--window",
-        type=float,
-        metavar="SECONDS",
-        help="seconds between the two snapshots, so counters can be seen moving "
-        "(default 5; config: check.window; 0 = one snapshot)",
+        type=_seconds,
+        metavar="DURATION",
+        help="time between the two snapshots, so counters can be seen moving: seconds or "
+        '"5s", "1m" (default 5s; config: check.window; 0 = one snapshot)',
     )
     check.add_argument(
         "--format", choices=("text", "json"), default="text", help="report format (default text)"
@@ -102,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--interval",
-        type=float,
-        metavar="SECONDS",
-        help="seconds between polls (default 15; config: interval)",
+        type=_seconds,
+        metavar="DURATION",
+        help='time between polls: seconds or "15s", "1m" (default 15s; config: interval)',
     )
     serve.add_argument(
         "--web-config",
@@ -183,8 +196,11 @@ def _load(args: argparse.Namespace) -> Config:
     from dataclasses import replace
 
     for flag in ("config", "procfs", "netns", "listen", "web_config"):
-        if getattr(args, flag, None) == "":
+        value = getattr(args, flag, None)
+        if value == "":
             raise UsageError(f"--{flag.replace('_', '-')}: empty value (an unset variable?)")
+        if value is not None and "\0" in value:
+            raise UsageError(f"--{flag.replace('_', '-')}: contains a NUL byte: {show(value)}")
     config = (
         load_config(args.config, rule_catalogue(), disableable_sources())
         if args.config
@@ -198,7 +214,7 @@ def _load(args: argparse.Namespace) -> Config:
     if getattr(args, "netns", None):
         selection = parse_namespaces(args.netns)
         if selection is None:
-            raise UsageError(f'--netns: expected "self", "all" or names, got "{args.netns}"')
+            raise UsageError(f'--netns: expected "self", "all" or names, got {show(args.netns)}')
         changes["namespaces"] = selection
     if getattr(args, "listen", None):
         changes["listen"] = args.listen
@@ -207,14 +223,23 @@ def _load(args: argparse.Namespace) -> Config:
     if getattr(args, "interval", None) is not None:
         if not 1 <= args.interval <= 3600:
             raise UsageError(
-                f"--interval: expected seconds between 1 and 3600, got {args.interval}"
+                f"--interval: expected seconds between 1 and 3600, got {args.interval:g}"
             )
         changes["interval"] = args.interval
     if getattr(args, "window", None) is not None:
         if not 0 <= args.window <= 300:
-            raise UsageError(f"--window: expected seconds between 0 and 300, got {args.window}")
+            raise UsageError(f"--window: expected seconds between 0 and 300, got {args.window:g}")
         changes["check_window"] = args.window
-    return replace(config, **changes) if changes else config
+    config = replace(config, **changes) if changes else config
+    if args.command == "serve":
+        # Checked here, not at bind time, so a bad address is refused by a reload (SIGHUP) too.
+        from tcpwatch.http.listen import ListenError, parse_listen
+
+        try:
+            parse_listen(config.listen)
+        except ListenError as error:
+            raise UsageError(str(error)) from None
+    return config
 
 
 def _require_linux(procfs: str) -> None:

@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import yaml
-
 from tcpwatch.model import STATES
-from tcpwatch.validation import Validator, show
+from tcpwatch.validation import (
+    ConfigError,
+    Validator,
+    load_yaml,
+    one_line,
+    read_config_file,
+    show,
+)
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_config", "parse_namespaces"]
 
 ESTABLISHED_METHODS = ("derived", "dumped")
 # States whose sockets carry an inode in the cheap dumps (ESTABLISHED is counted, not dumped;
 # TIME_WAIT and request sockets have no owner).
 ATTRIBUTABLE_STATES = tuple(s for s in STATES if s not in ("established", "time_wait", "listen"))
 LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-class ConfigError(Exception):
-    """One or more configuration errors, each a line naming the file and the key path."""
-
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,17 +71,13 @@ RuleCatalogue = Mapping[str, Mapping[str, tuple[float, float, str]]]
 def load_config(
     path: str, catalogue: RuleCatalogue | None = None, sources: Collection[str] | None = None
 ) -> Config:
-    """Read and validate a YAML file; raises ConfigError with every problem found."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except OSError as error:
-        problem = f"{path}: cannot read the configuration file: {error.strerror}"
-        raise ConfigError([problem]) from None
-    except UnicodeDecodeError as error:
-        problem = f"{path}: not UTF-8 text (byte {error.start}); is this the YAML file?"
-        raise ConfigError([problem]) from None
-    return parse_config(text, path, catalogue, sources)
+    """Read and validate a YAML file; raises ConfigError with every problem found.
+
+    The file is read within the bounds of :func:`tcpwatch.validation.read_config_file` (a regular
+    file, at most 1 MiB, never blocking) and parsed by the bounded loader (no aliases, bounded
+    nesting and size).
+    """
+    return parse_config(read_config_file(path, "configuration file"), path, catalogue, sources)
 
 
 def parse_config(
@@ -92,23 +88,17 @@ def parse_config(
 ) -> Config:
     """``catalogue`` (rule thresholds) and ``sources`` (names that may be disabled) validate
     what names them; without them any name is taken."""
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "?"
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError([f"{source}: {where}: not valid YAML: {problem}"]) from None
+    raw = load_yaml(text, source)
     check = Validator(source)
     top = check.mapping(raw, "(top level)")
     if top is None:
         raise ConfigError(check.errors)
     setters: dict[str, Callable[[object, str], object]] = {
-        "procfs": check.string,
+        "procfs": check.file_path,
         "log_level": lambda v, p: check.choice(v, p, LOG_LEVELS),
         "listen": check.string,
-        "interval": lambda v, p: check.number(v, p, 1, 3600),
-        "web_config": check.string,
+        "interval": lambda v, p: check.duration(v, p, 1, 3600),
+        "web_config": check.file_path,
     }
     check.unknown_keys(top, {*setters, "namespaces", "collect", "check", "rules"}, "")
     values: dict[str, Any] = {"source": source}
@@ -121,7 +111,7 @@ def parse_config(
     if check_section is not None:
         check.unknown_keys(check_section, {"window"}, "check")
         if "window" in check_section:
-            window = check.number(check_section["window"], "check.window", 0, 300)
+            window = check.duration(check_section["window"], "check.window", 0, 300)
             if window is not None:
                 values["check_window"] = window
     if "namespaces" in top:
@@ -205,11 +195,11 @@ def _collect(check: Validator, raw: object, sources: Collection[str] | None) -> 
             ]
             changes["attribute_states"] = tuple(s for s in chosen if s is not None)
     if "process_scan_timeout" in section:
-        changes["process_scan_timeout"] = check.number(
+        changes["process_scan_timeout"] = check.duration(
             section["process_scan_timeout"], "collect.process_scan_timeout", 0.1, 120
         )
     if "destinations_interval" in section:
-        changes["destinations_interval"] = check.number(
+        changes["destinations_interval"] = check.duration(
             section["destinations_interval"], "collect.destinations_interval", 0, 3600
         )
     for key in ("top_processes", "top_destinations"):
@@ -230,7 +220,7 @@ def _rules(
     if not section:
         return overrides
     for rule_id, body in section.items():
-        path = f"rules.{rule_id}"
+        path = f"rules.{rule_id}"  # clipped to one short line by Validator.error
         known = catalogue.get(str(rule_id)) if catalogue is not None else None
         if catalogue is not None and known is None:
             check.error(path, f"unknown rule id (known: {', '.join(sorted(catalogue))})")
@@ -251,10 +241,14 @@ def _rules(
                 continue
             if known is not None and key not in known:
                 names = ", ".join(["enabled", *sorted(known)])
-                check.error(key_path, f"unknown setting for rule {rule_id} (known: {names})")
+                rule = one_line(str(rule_id), 20)
+                check.error(key_path, f"unknown setting for rule {rule} (known: {names})")
                 continue
-            low, high = known[key][:2] if known is not None else (float("-inf"), float("inf"))
-            parsed = check.number(value, key_path, low, high)
+            low, high, unit = known[key] if known is not None else (-math.inf, math.inf, "")
+            if unit == "seconds":  # the one duration syntax: 30, "30s", "1m"
+                parsed = check.duration(value, key_path, low, high)
+            else:
+                parsed = check.number(value, key_path, low, high)
             if parsed is not None:
                 thresholds[str(key)] = parsed
         overrides[str(rule_id)] = RuleOverride(enabled=enabled, thresholds=thresholds)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from tcpwatch.validation import shown_path
+
 
 @dataclass(frozen=True, slots=True)
 class ProcPaths:
@@ -64,4 +66,4 @@ def procfs_problem(root: str) -> str | None:
     """Why ``root`` is not a usable procfs mount, or None when it looks like one."""
     if os.path.isfile(os.path.join(root, "net", "sockstat")):
         return None
-    return f"{root} does not look like a procfs mount (no net/sockstat)"
+    return f"{shown_path(root)} does not look like a procfs mount (no net/sockstat)"

@@ -34,10 +34,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import yaml
-
-from tcpwatch.config import ConfigError
-from tcpwatch.validation import Validator, show
+from tcpwatch.validation import (
+    ConfigError,
+    Validator,
+    check_regular_file,
+    load_yaml,
+    parse_duration,
+    read_config_file,
+    show,
+    shown_path,
+)
 
 TLS_VERSIONS: Mapping[str, ssl.TLSVersion] = {
     "TLS10": ssl.TLSVersion.TLSv1,
@@ -64,16 +70,11 @@ ALLOWED_HEADERS: tuple[str, ...] = (
     "X-XSS-Protection",
 )
 _BCRYPT_HASH = re.compile(r"^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNITS: Mapping[str, float] = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
+# RFC 9110 field names: a token. Values: visible Latin-1 characters, spaces and tabs (obs-text
+# included, as http.server sends Latin-1), never CR, LF or other control characters.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+MAX_HEADER_VALUE_CHARS = 4096
 
 
 class WebConfigError(ConfigError):
@@ -131,20 +132,6 @@ class WebConfig:
         return ", ".join(parts)
 
 
-def parse_duration(text: str) -> float | None:
-    """Seconds in a Go duration string (``"1s"``, ``"100ms"``, ``"1m30s"``, ``"0"``); None if
-    it is not one."""
-    if text == "0":
-        return 0.0
-    position, total = 0, 0.0
-    for match in _DURATION_PART.finditer(text):
-        if match.start() != position:
-            return None
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        position = match.end()
-    return total if position == len(text) and position > 0 else None
-
-
 def parse_web_config(text: str, source: str, base_dir: str = ".") -> WebConfig:
     """Validate the YAML text of a web config; relative file names are taken from ``base_dir``.
 
@@ -153,12 +140,9 @@ def parse_web_config(text: str, source: str, base_dir: str = ".") -> WebConfig:
     Files are not opened here: :func:`load_web_config` does that.
     """
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "?"
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise WebConfigError([f"{source}: {where}: not valid YAML: {problem}"]) from None
+        raw = load_yaml(text, source)
+    except ConfigError as error:
+        raise WebConfigError(error.errors) from None
     check = Validator(source)
     top = check.mapping(raw, "(top level)")
     if top is None:
@@ -206,7 +190,7 @@ def _tls(check: Validator, raw: object, base_dir: str) -> TlsSettings | None:
     def file(key: str) -> str | None:
         if key not in section:
             return None
-        name = check.string(section[key], f"{path}.{key}")
+        name = check.file_path(section[key], f"{path}.{key}")
         return None if name is None else os.path.join(base_dir, name)
 
     cert_file, key_file = file("cert_file"), file("key_file")
@@ -313,11 +297,34 @@ def _http(check: Validator, raw: object) -> dict[str, str]:
         if value is None or value == "":
             continue  # blank means unset, as in exporter-toolkit
         text = check.string(value, path)
-        if text is not None and ("\n" in text or "\r" in text):
-            check.error(path, "a header value must be one line")
-        elif text is not None:
+        if text is None:
+            continue
+        problem = header_problem(header, text)
+        if problem is not None:
+            check.error(path, problem)
+        else:
             chosen[header] = text
     return chosen
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """Why the HTTP layer could not send ``name: value`` as it is, or None if it can.
+
+    Checked at load so that a value http.server cannot encode never blanks every response.
+    """
+    if not _HEADER_NAME.fullmatch(name):
+        return "a header name must be a token (letters, digits and !#$%&'*+-.^_`|~)"
+    if "\r" in value or "\n" in value:
+        return "a header value must be one line"
+    if len(value) > MAX_HEADER_VALUE_CHARS:
+        return f"a header value is at most {MAX_HEADER_VALUE_CHARS} characters, got {len(value)}"
+    if not _HEADER_VALUE.fullmatch(value):
+        bad = next(c for c in value if not _HEADER_VALUE.fullmatch(c))
+        return (
+            f"a header value must be Latin-1 text without control characters, got {show(value)} "
+            f"(character U+{ord(bad):04X})"
+        )
+    return None
 
 
 def _users(check: Validator, raw: object) -> dict[str, str]:
@@ -376,6 +383,7 @@ def _rate_limit(check: Validator, raw: object) -> RateLimit | None:
 
 def build_ssl_context(tls: TlsSettings, source: str) -> ssl.SSLContext:
     """A server SSLContext for ``tls``; WebConfigError names the key whose file failed."""
+    source = shown_path(source)
     path = "tls_server_config"
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
@@ -384,24 +392,27 @@ def build_ssl_context(tls: TlsSettings, source: str) -> ssl.SSLContext:
     except (ValueError, ssl.SSLError) as error:
         raise WebConfigError([f"{source}: {path}.min_version: {_ssl_reason(error)}"]) from None
     errors: list[str] = []
-    unreadable = False
-    for key, name in (("cert_file", tls.cert_file), ("key_file", tls.key_file)):
-        try:
-            with open(name, "rb"):
-                pass
-        except OSError as error:
-            unreadable = True
-            errors.append(f"{source}: {path}.{key}: cannot read {name}: {_ssl_reason(error)}")
-    if not unreadable:
+    files = {"cert_file": tls.cert_file, "key_file": tls.key_file}
+    if tls.client_ca_file is not None and tls.client_auth_type != "NoClientCert":
+        files["client_ca_file"] = tls.client_ca_file
+    unreadable: set[str] = set()
+    for key, name in files.items():
+        # Checked without blocking before OpenSSL opens them: a FIFO would hang it (and a reload).
+        reason = check_regular_file(name)
+        if reason is not None:
+            unreadable.add(key)
+            errors.append(f"{source}: {path}.{key}: cannot read {shown_path(name)}: {reason}")
+    if not unreadable & {"cert_file", "key_file"}:
         try:
             # Never OpenSSL's passphrase prompt: a daemon would hang reading its terminal.
             context.load_cert_chain(tls.cert_file, tls.key_file, password=_refuse_passphrase)
         except (OSError, ValueError) as error:  # ssl.SSLError is an OSError too
             errors.append(
-                f"{source}: {path}.cert_file: cannot load the certificate {tls.cert_file} with "
-                f"the key {tls.key_file}: {_ssl_reason(error)}"
+                f"{source}: {path}.cert_file: cannot load the certificate "
+                f"{shown_path(tls.cert_file)} with the key {shown_path(tls.key_file)}: "
+                f"{_ssl_reason(error)}"
             )
-    if tls.client_auth_type != "NoClientCert":
+    if tls.client_auth_type != "NoClientCert" and "client_ca_file" not in unreadable:
         context.verify_mode = CLIENT_AUTH_TYPES[tls.client_auth_type]
         try:
             if tls.client_ca is not None:
@@ -440,11 +451,9 @@ def _ssl_reason(error: Exception) -> str:
 def load_web_config(path: str) -> WebConfig:
     """Read, validate and prepare a web config file (certificates loaded, so errors show now)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
-        raise WebConfigError([f"{path}: cannot read the web config file: {reason}"]) from None
+        text = read_config_file(path, "web config file")
+    except ConfigError as error:
+        raise WebConfigError(error.errors) from None
     config = parse_web_config(text, path, os.path.dirname(os.path.abspath(path)))
     if config.tls is None:
         return config

@@ -388,13 +388,39 @@ def test_sighup_reloads_a_changed_config_and_keeps_it_over_a_broken_one(
     failures = [line for line in log.splitlines() if "reload failed" in line]
     assert failures == [
         "level=ERROR msg=reload failed, still running the previous configuration: "
-        f'{path}: interval: expected a number between 1 and 3600, got "fast"'
+        f"{path}: interval: expected a number between 1 and 3600 seconds or a duration such "
+        'as "15s", "1m", "100ms" or "1h30m", got "fast"'
     ]
     assert served.process.poll() is None
     status, body = served.get("/metrics")
     assert status == 200
     samples = parse_samples(body)
     assert not matching(samples, "tcpwatch_finding", id="S01")  # still the reloaded config
+    assert "Traceback" not in served.log()
+
+
+def test_sighup_with_a_fifo_config_does_not_block_sigterm(
+    netns: Netns, serve: StartServe, tmp_path: Path
+) -> None:
+    # Issue 12: with --config naming a FIFO, SIGHUP blocked the main thread in open(), so the
+    # SIGTERM after it was never taken. Nobody writes to the FIFO here.
+    path = tmp_path / "config.yaml"
+    write(path, f'listen: "127.0.0.1:{PORT}"\ninterval: 1s\n')
+    served = serve("--config", str(path))
+    served.wait_ready()
+    path.unlink()
+    os.mkfifo(path)
+    served.signal(signal.SIGHUP)
+    log = served.wait_for_log("reload failed")
+    assert (
+        "level=ERROR msg=reload failed, still running the previous configuration: "
+        f"{path}: cannot read the configuration file: it is a FIFO (named pipe), not a file"
+    ) in log.splitlines()
+    assert served.get("/-/healthy")[0] == 200
+    began = time.monotonic()
+    served.signal(signal.SIGTERM)
+    assert served.process.wait(timeout=10) == 0, served.log()
+    assert time.monotonic() - began < STOP_LIMIT
     assert "Traceback" not in served.log()
 
 
@@ -540,6 +566,13 @@ def test_port_taken_by_another_tcpwatch(netns: Netns, serve: StartServe) -> None
             'tcpwatch: listen address "nonsense": expected [ADDRESS]:PORT, e.g. ":9477", '
             '"127.0.0.1:9477" or "[::1]:9477"',
         ),
+        (":²", 'tcpwatch: listen address ":²": port must be a number 0-65535, got "²"'),
+        (":٣", 'tcpwatch: listen address ":٣": port must be a number 0-65535, got "٣"'),
+        (
+            "a..b:9477",
+            'tcpwatch: listen address "a..b:9477": a host name has an empty label (two dots in a '
+            "row, or a leading dot)",
+        ),
     ],
 )
 def test_bad_listen_address(netns: Netns, listen: str, expected: str) -> None:
@@ -557,8 +590,35 @@ def test_config_problems(netns: Netns, tmp_path: Path) -> None:
     )
     invalid = write(tmp_path / "invalid.yaml", "interval: fast\n")
     assert expect_one_line_exit_3(netns, "--config", invalid) == (
-        f'tcpwatch: {invalid}: interval: expected a number between 1 and 3600, got "fast"'
+        f"tcpwatch: {invalid}: interval: expected a number between 1 and 3600 seconds or a "
+        'duration such as "15s", "1m", "100ms" or "1h30m", got "fast"'
     )
+    assert expect_one_line_exit_3(netns, "--config", "/dev/zero") == (
+        "tcpwatch: /dev/zero: cannot read the configuration file: it is a device, not a file"
+    )
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    assert expect_one_line_exit_3(netns, "--config", str(fifo)) == (
+        f"tcpwatch: {fifo}: cannot read the configuration file: it is a FIFO (named pipe), not a "
+        "file"
+    )
+    bomb = write(
+        tmp_path / "bomb.yaml",
+        'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+        + "".join(
+            f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]\n"
+            for p, n in zip("abcdefg", "bcdefgh", strict=True)
+        ),
+    )
+    assert expect_one_line_exit_3(netns, "--config", bomb) == (
+        f"tcpwatch: {bomb}: line 2: aliases (*name) are not allowed in tcpwatch's configuration: "
+        "write the value out in full"
+    )
+    web_bomb = tmp_path / "web-bomb.yml"
+    web_bomb.write_text(Path(bomb).read_text())
+    assert expect_one_line_exit_3(
+        netns, "--listen", f"127.0.0.1:{PORT}", "--web-config", str(web_bomb)
+    ).startswith(f"tcpwatch: {web_bomb}: line 2: aliases (*name) are not allowed")
     web = write(tmp_path / "web.yml", "tls_server_config:\n  cert_file: nowhere.crt\n")
     assert expect_one_line_exit_3(netns, "--listen", f"127.0.0.1:{PORT}", "--web-config", web) == (
         f"tcpwatch: {web}: tls_server_config.key_file: missing: TLS needs both cert_file and "

@@ -102,7 +102,7 @@ def write(path: Path, text: str) -> str:
         ),
         ("rules:\n  S01:\n    warn: 10\n", "rules.S01.warn: unknown setting for rule S01"),
         ("bogus: 1\n", "bogus: unknown key (known: "),
-        ("check:\n  window: 900\n", "check.window: expected a number between 0 and 300, got 900"),
+        ("check:\n  window: 900\n", "check.window: expected a number between 0 and 300 seconds"),
         ("rules: [\n  Q01: {\n", "line 3: not valid YAML: "),
     ],
     ids=[

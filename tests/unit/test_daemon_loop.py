@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import os
 import socket
 import threading
 import time
@@ -19,7 +20,7 @@ from typing import Any
 import bcrypt
 import pytest
 
-from tcpwatch.config import CollectSettings, Config, ConfigError, RuleOverride
+from tcpwatch.config import CollectSettings, Config, ConfigError, RuleOverride, load_config
 from tcpwatch.daemon import Daemon
 from tcpwatch.errors import UsageError
 from tcpwatch.http.listen import ListenAddress
@@ -339,6 +340,39 @@ def test_reload_from_a_usage_error(start: Start, caplog: pytest.LogCaptureFixtur
     daemon = start(reload=bad_flag)
     assert daemon.reload() is False
     assert "--interval: expected seconds between 1 and 3600, got 0.0" in caplog.text
+
+
+@pytest.mark.parametrize("which", ["config", "web_config"])
+def test_reload_from_a_fifo_does_not_block(
+    start: Start, systemd: Systemd, tmp_path: Path, caplog: pytest.LogCaptureFixture, which: str
+) -> None:
+    # Issue 12: a FIFO named by --config blocked the main thread on SIGHUP, so SIGTERM was
+    # never taken. Nobody ever writes to this one: a blocking open would hang the test.
+    fifo = tmp_path / "named.pipe"
+    os.mkfifo(fifo)
+    config = Config(interval=3600.0, procfs=procfs(tmp_path))
+    if which == "config":
+        reload = lambda: load_config(str(fifo))  # noqa: E731
+        what = "configuration file"
+    else:
+        reload = lambda: replace(config, web_config=str(fifo))  # noqa: E731
+        what = "web config file"
+    daemon = start(config, reload=reload)
+    assert daemon.wait_for_poll(0, WAIT)
+    # In a thread, so a regression fails here instead of hanging the suite.
+    results: list[bool] = []
+    reloading = threading.Thread(target=lambda: results.append(daemon.reload()), daemon=True)
+    reloading.start()
+    reloading.join(WAIT)
+    assert not reloading.is_alive(), "the reload blocked on the FIFO"
+    assert results == [False]
+    assert daemon.config is config
+    assert (
+        "reload failed, still running the previous configuration: "
+        f"{fifo}: cannot read the {what}: it is a FIFO (named pipe), not a file" in caplog.text
+    )
+    systemd.wait_for("READY=1")
+    assert fetch(daemon, "/-/healthy")[0] == 200
 
 
 def test_changed_listen_needs_a_restart(

@@ -364,7 +364,7 @@ def test_parse_listen(text: str, expected: ListenAddress) -> None:
         ("127.0.0.1:http", 'port must be a number 0-65535, got "http"'),
         ("127.0.0.1:65536", 'port must be a number 0-65535, got "65536"'),
         (":", 'port must be a number 0-65535, got ""'),
-        ("my host:9477", 'listen address "my host:9477": expected [ADDRESS]:PORT'),
+        ("my host:9477", 'listen address "my host:9477": not a valid host name: label "my host"'),
     ],
 )
 def test_parse_listen_rejects(text: str, problem: str) -> None:

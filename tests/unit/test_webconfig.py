@@ -17,9 +17,9 @@ from tcpwatch.http.webconfig import (
     WebConfig,
     WebConfigError,
     load_web_config,
-    parse_duration,
     parse_web_config,
 )
+from tcpwatch.validation import parse_duration
 
 HASH = "$2y$10$mDwo.lAisC94iLAyP81MCesa29IzH37oigHC/42V2pdJlUprsJPze"
 
