@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tcpwatch.config import ConfigError
+from tcpwatch.http.tls import GO_CIPHER_SUITES, GO_CURVES, client_sans
 from tcpwatch.http.webconfig import (
     RateLimit,
     TlsSettings,
@@ -20,7 +21,6 @@ from tcpwatch.http.webconfig import (
     parse_duration,
     parse_web_config,
 )
-from tcpwatch.http.tls import GO_CIPHER_SUITES, GO_CURVES, client_sans
 
 HASH = "$2y$10$mDwo.lAisC94iLAyP81MCesa29IzH37oigHC/42V2pdJlUprsJPze"
 
