@@ -1,20 +1,14 @@
-"""TLS from a web config, over loopback: certificates made with the openssl CLI for each run.
-
-A test CA signs the server certificate (SAN localhost, 127.0.0.1) and two client certificates
-(SANs prometheus.example.net and other.example.net), so server auth, client certificates and
-client_allowed_sans are all exercised for real.
+"""TLS from a web config, over loopback, with certificates made for each run (tests/pki.py):
+server auth, every client_auth_type, client_allowed_sans, cipher suites and curves for real.
 """
 
 from __future__ import annotations
 
 import base64
 import http.client
-import shutil
 import socket
 import ssl
-import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import bcrypt
@@ -26,60 +20,14 @@ from tcpwatch.http.listen import ListenAddress
 from tcpwatch.http.server import WebServer
 from tcpwatch.http.webconfig import WebConfigError, load_web_config
 
+from ..pki import Pki, make_pki
+
 StartServer = Callable[[str], WebServer]
-
-
-@dataclass(frozen=True)
-class Pki:
-    directory: Path
-
-    def __getitem__(self, name: str) -> str:
-        return str(self.directory / name)
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    result = subprocess.run(
-        ["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, f"openssl {' '.join(args)}: {result.stderr}"
-
-
-def _issue(directory: Path, name: str, subject: str, sans: str) -> None:
-    _openssl(
-        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject,
-        cwd=directory,
-    )  # fmt: skip
-    (directory / f"{name}.ext").write_text(f"subjectAltName={sans}\n")
-    _openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-out", f"{name}.crt", "-extfile", f"{name}.ext",
-        cwd=directory,
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    assert shutil.which("openssl"), "the openssl command is needed to make test certificates"
-    directory = tmp_path_factory.mktemp("pki")
-    _openssl(
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=tcpwatch test CA",
-        cwd=directory,
-    )  # fmt: skip
-    _issue(directory, "server", "/CN=localhost", "DNS:localhost,IP:127.0.0.1")
-    _issue(directory, "prometheus", "/CN=prometheus", "DNS:prometheus.example.net")
-    _issue(directory, "other", "/CN=other", "DNS:other.example.net")
-    _openssl(
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", "stranger.key", "-out", "stranger.crt", "-days", "2", "-subj", "/CN=stranger",
-        "-addext", "subjectAltName=DNS:prometheus.example.net", cwd=directory,
-    )  # fmt: skip
-    _openssl(
-        "pkey", "-in", "server.key", "-aes256", "-passout", "pass:secret", "-out",
-        "encrypted.key", cwd=directory,
-    )  # fmt: skip
-    return Pki(directory)
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def write_web_config(pki: Pki, body: str) -> str:
