@@ -67,6 +67,11 @@ ALLOWED_HEADERS: tuple[str, ...] = (
     "X-Frame-Options",
     "X-XSS-Protection",
 )
+# Headers whose values exporter-toolkit limits to a list (exact, as there).
+HEADER_VALUES: Mapping[str, tuple[str, ...]] = {
+    "X-Content-Type-Options": ("nosniff",),
+    "X-Frame-Options": ("deny", "sameorigin"),
+}
 _BCRYPT_HASH = re.compile(r"^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS: Mapping[str, float] = {
@@ -183,6 +188,8 @@ def _http(check: Validator, raw: object) -> dict[str, str]:
         text = check.string(value, path)
         if text is not None and ("\n" in text or "\r" in text):
             check.error(path, "a header value must be one line")
+        elif text is not None and text not in HEADER_VALUES.get(header, (text,)):
+            check.choice(text, path, HEADER_VALUES[header])
         elif text is not None:
             chosen[header] = text
     return chosen

@@ -179,6 +179,16 @@ def test_errors_are_collected_one_line_each_with_key_paths() -> None:
             "X-Content-Type-Options, X-Frame-Options, X-XSS-Protection)",
         ),
         (
+            "http_server_config: {headers: {X-Frame-Options: allow-from x}}",
+            "web.yml: http_server_config.headers.X-Frame-Options: expected one of deny, "
+            'sameorigin, got "allow-from x"',
+        ),
+        (
+            "http_server_config: {headers: {X-Content-Type-Options: sniff}}",
+            "web.yml: http_server_config.headers.X-Content-Type-Options: expected one of "
+            'nosniff, got "sniff"',
+        ),
+        (
             "http_server_config: {http2: maybe}",
             'web.yml: http_server_config.http2: expected true or false, got "maybe"',
         ),
