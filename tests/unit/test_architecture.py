@@ -81,7 +81,9 @@ def layer_of(module: str, layers: list[tuple[int, str, tuple[str, ...]]]) -> tup
         for prefix in prefixes:
             # The package itself ("tcpwatch": __version__) matches only exactly.
             below = "." in prefix and module.startswith(prefix + ".")
-            if (module == prefix or below) and (best is None or len(prefix) > best[0]):
+            if (module == prefix or below) and (
+                best is None or len(prefix) > best[0]
+            ):
                 best = (len(prefix), (level, layer))
     assert best is not None, f"{module} is in no layer of docs/architecture.md"
     return best[1]
