@@ -44,9 +44,6 @@ CLIENT_AUTH_TYPES: Mapping[str, str] = {
     "VerifyClientCertIfGiven": "VerifyClientCertIfGiven",
     "RequireAndVerifyClientCert": "RequireAndVerifyClientCert",
 }
-# Types whose certificates are checked against the client CAs (Go uses the system's roots
-# when none are configured; so does tcpwatch).
-VERIFYING_AUTH_TYPES = ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
 # Go's secure cipher suites (crypto/tls.CipherSuites) -> OpenSSL's name; None: a TLS 1.3 suite,
 # always enabled and not configurable, in Go and in OpenSSL's cipher list alike.
 GO_CIPHER_SUITES: Mapping[str, str | None] = {
@@ -105,10 +102,6 @@ class TlsSettings:
     cert: str | None = None  # inline PEM, instead of cert_file
     key: str | None = None  # inline PEM, instead of key_file
 
-    @property
-    def verifies_clients(self) -> bool:
-        return self.client_auth_type in VERIFYING_AUTH_TYPES
-
 
 def parse_tls(check: Validator, raw: object, base_dir: str) -> TlsSettings | None:
     """Validate `tls_server_config` (errors go to ``check``); None if absent or invalid."""
@@ -146,8 +139,9 @@ def parse_tls(check: Validator, raw: object, base_dir: str) -> TlsSettings | Non
             check.error(f"{_PATH}.{named}", f"missing: TLS needs {named} (or inline {inline})")
     auth: str | None = "NoClientCert"
     if "client_auth_type" in section:
-        auth = check.choice(section["client_auth_type"], f"{_PATH}.client_auth_type",
-                            tuple(CLIENT_AUTH_TYPES))  # fmt: skip
+        auth = check.choice(
+            section["client_auth_type"], f"{_PATH}.client_auth_type", tuple(CLIENT_AUTH_TYPES)
+        )
         auth = None if auth is None else CLIENT_AUTH_TYPES[auth]
     if auth == "NoClientCert" and (client_ca_file is not None or client_ca is not None):
         check.error(
@@ -157,13 +151,18 @@ def parse_tls(check: Validator, raw: object, base_dir: str) -> TlsSettings | Non
         )
     sans = _string_list(check, section, "client_allowed_sans")
     if sans and auth == "NoClientCert":
-        check.error(f"{_PATH}.client_allowed_sans", "needs a client_auth_type that asks for a "
-                    "client certificate (RequireAndVerifyClientCert)")  # fmt: skip
+        check.error(
+            f"{_PATH}.client_allowed_sans",
+            "needs a client_auth_type that asks for a "
+            "client certificate (RequireAndVerifyClientCert)",
+        )
     versions = {"min_version": "TLS12", "max_version": "TLS13"}
     for name in versions:
         if name in section:
-            versions[name] = check.choice(section[name], f"{_PATH}.{name}",
-                                          tuple(TLS_VERSIONS)) or versions[name]  # fmt: skip
+            versions[name] = (
+                check.choice(section[name], f"{_PATH}.{name}", tuple(TLS_VERSIONS))
+                or versions[name]
+            )
     if TLS_VERSIONS[versions["min_version"]] > TLS_VERSIONS[versions["max_version"]]:
         check.error(
             f"{_PATH}.min_version",
@@ -171,15 +170,19 @@ def parse_tls(check: Validator, raw: object, base_dir: str) -> TlsSettings | Non
         )
     prefer = True
     if "prefer_server_cipher_suites" in section:
-        flag = check.boolean(section["prefer_server_cipher_suites"],
-                             f"{_PATH}.prefer_server_cipher_suites")  # fmt: skip
+        flag = check.boolean(
+            section["prefer_server_cipher_suites"], f"{_PATH}.prefer_server_cipher_suites"
+        )
         prefer = prefer if flag is None else flag
     suites = _mapped(check, section, "cipher_suites", GO_CIPHER_SUITES)
     tls12_suites = tuple(name for name in suites if name is not None)
     only_tls13 = bool(suites) and not tls12_suites
     if only_tls13 and versions["max_version"] != "TLS13":
-        check.error(f"{_PATH}.cipher_suites", "names TLS 1.3 suites only, so TLS 1.3 is the only "
-                    f"version left, but max_version is {versions['max_version']}")  # fmt: skip
+        check.error(
+            f"{_PATH}.cipher_suites",
+            "names TLS 1.3 suites only, so TLS 1.3 is the only "
+            f"version left, but max_version is {versions['max_version']}",
+        )
     curves = tuple(name for name in _mapped(check, section, "curve_preferences", GO_CURVES) if name)
     if (cert_file is None and cert is None) or (key_file is None and key is None) or auth is None:
         return None
@@ -210,8 +213,9 @@ def _mapped(
     chosen: list[str | None] = []
     for index, item in enumerate(_string_list(check, section, key)):
         if item not in names:
-            check.error(f"{_PATH}.{key}[{index}]",
-                        f"unknown: {show(item)} (known: {', '.join(names)})")  # fmt: skip
+            check.error(
+                f"{_PATH}.{key}[{index}]", f"unknown: {show(item)} (known: {', '.join(names)})"
+            )
         else:
             chosen.append(names[item])
     return chosen
