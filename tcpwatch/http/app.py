@@ -1,8 +1,11 @@
 """The routes of `tcpwatch serve`: /metrics, a landing page, /-/healthy and /-/ready.
 
 A scrape renders the latest ExportState the poll loop published and never polls. The tcpwatch
-part of the exposition depends only on that state, so it is rendered once per poll and reused
-by every scrape until the next one; only the process_* self-metrics are rendered per scrape.
+part of the exposition depends only on that state, so it is rendered once per poll (and format)
+and reused by every scrape until the next one; only the process_* self-metrics are rendered per
+scrape. /metrics negotiates as prometheus-client's own handler does: OpenMetrics when `Accept`
+asks for application/openmetrics-text (Prometheus does), the text format otherwise, and
+`?name[]=a&name[]=b` keeps only the samples so named.
 
 :class:`WebApp` is a plain object that turns a request (method, target, headers) into a
 :class:`Response`, so routing, authentication and rendering are tested without sockets;
@@ -13,16 +16,15 @@ from __future__ import annotations
 
 import gzip
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from urllib.parse import parse_qs
 
-from prometheus_client import (
-    CollectorRegistry,
-    PlatformCollector,
-    ProcessCollector,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from tcpwatch.config import Config
 from tcpwatch.http.auth import BasicAuth, TokenBucket
@@ -31,7 +33,7 @@ from tcpwatch.render.html import landing_page
 from tcpwatch.render.prometheus import make_registry
 from tcpwatch.state import ExportState
 
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_OPENMETRICS_EOF = b"# EOF\n"
 _GZIP_MIN_BYTES = 1024  # smaller bodies grow when compressed
 
 
@@ -65,6 +67,20 @@ def accepts_gzip(accept_encoding: str) -> bool:
                     return False
         return True
     return False
+
+
+class _Collected(Collector):
+    """Families collected once, described by name: a restricted registry (``name[]``) finds
+    collectors by the names they describe."""
+
+    def __init__(self, families: tuple[Metric, ...]) -> None:
+        self._families = families
+
+    def describe(self) -> list[Metric]:
+        return list(self._families)
+
+    def collect(self) -> list[Metric]:
+        return list(self._families)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +120,9 @@ class WebApp:
         self._health = health
         self._clock = clock
         self._policy = self._make_policy(web_config or WebConfig())
-        # (state, its rendering): one tuple, replaced whole, so readers never see a mismatch.
-        self._rendered: tuple[ExportState | None, bytes] | None = None
+        # (state, {content type: its rendering}): one tuple, replaced whole, so readers never
+        # see a rendering of another state.
+        self._rendered: tuple[ExportState | None, Mapping[str, bytes]] = (None, {})
         self._self_metrics = CollectorRegistry(auto_describe=False)
         if include_process_metrics:
             ProcessCollector(registry=self._self_metrics)
@@ -145,9 +162,9 @@ class WebApp:
                 "Unauthorized",
                 ("WWW-Authenticate", 'Basic realm="tcpwatch", charset="UTF-8"'),
             )
-        path = target.partition("?")[0]
+        path, _, query = target.partition("?")
         routes: dict[str, Callable[[], Response]] = {
-            "/metrics": self._metrics,
+            "/metrics": lambda: self._metrics(headers.get("accept", ""), query),
             "/": self._landing,
             "/-/healthy": self._healthy,
             "/-/ready": self._ready,
@@ -172,18 +189,32 @@ class WebApp:
             )
         return response
 
-    def render_metrics(self) -> bytes:
-        """The exposition: tcpwatch's families (rendered once per poll) + process self-metrics."""
+    def render_metrics(self, accept: str = "", names: Sequence[str] = ()) -> tuple[bytes, str]:
+        """The exposition in the format ``accept`` asks for, and its content type: tcpwatch's
+        families (rendered once per poll and format) + process self-metrics; with ``names``,
+        only the samples so named (prometheus-client's restricted registry)."""
+        encoder, content_type = choose_encoder(accept)
         state = self._state()
-        rendered = self._rendered
-        if rendered is None or rendered[0] is not state:
+        if names:
+            families = [*make_registry(lambda: state, include_process=False).collect()]
+            registry = CollectorRegistry()
+            registry.register(_Collected((*families, *self._self_metrics.collect())))
+            return encoder(registry.restricted_registry(names)), content_type
+        rendered_state, renderings = self._rendered
+        body = renderings.get(content_type) if rendered_state is state else None
+        if body is None:
             # Two scrapes racing here both render the same state; either result is right.
-            rendered = (state, generate_latest(make_registry(lambda: state, include_process=False)))
-            self._rendered = rendered
-        return rendered[1] + generate_latest(self._self_metrics)
+            body = encoder(make_registry(lambda: state, include_process=False))
+            # OpenMetrics ends with one "# EOF", which the self-metrics bring.
+            body = body.removesuffix(_OPENMETRICS_EOF)
+            known = renderings if rendered_state is state else {}
+            self._rendered = (state, {**known, content_type: body})
+        return body + encoder(self._self_metrics), content_type
 
-    def _metrics(self) -> Response:
-        return Response(HTTPStatus.OK, METRICS_CONTENT_TYPE, self.render_metrics())
+    def _metrics(self, accept: str, query: str) -> Response:
+        names = parse_qs(query).get("name[]", [])
+        body, content_type = self.render_metrics(accept, names)
+        return Response(HTTPStatus.OK, content_type, body, (("Vary", "Accept"),))
 
     def _healthy(self) -> Response:
         problem = self._health().problem

@@ -621,8 +621,7 @@ def test_config_problems(netns: Netns, tmp_path: Path) -> None:
     ).startswith(f"tcpwatch: {web_bomb}: line 2: aliases (*name) are not allowed")
     web = write(tmp_path / "web.yml", "tls_server_config:\n  cert_file: nowhere.crt\n")
     assert expect_one_line_exit_3(netns, "--listen", f"127.0.0.1:{PORT}", "--web-config", web) == (
-        f"tcpwatch: {web}: tls_server_config.key_file: missing: TLS needs both cert_file and "
-        "key_file"
+        f"tcpwatch: {web}: tls_server_config.key_file: missing: TLS needs key_file (or inline key)"
     )
 
 

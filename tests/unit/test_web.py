@@ -8,11 +8,14 @@ from __future__ import annotations
 import base64
 import gzip
 import http.client
+import shutil
 import socket
 import statistics
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from types import MappingProxyType
 
 import bcrypt
@@ -117,13 +120,122 @@ def test_metrics_render_the_latest_state() -> None:
     assert b"tcpwatch_build_info" in before.body
     assert b"tcpwatch_sockets" not in before.body  # nothing polled yet
     holder.state = export_state(finding())
-    after = get(app, "/metrics?name[]=ignored")
+    after = get(app, "/metrics")
     text = after.body.decode()
     assert 'tcpwatch_sockets{family="ipv4",netns="host",state="close_wait"} 2.0' in text
     assert "Cached: values are from the latest poll" in text
     assert 'tcpwatch_source_up{netns="host",source="sysctl"} 0.0' in text
     assert "tcpwatch_last_poll_timestamp_seconds 1.7e+09" in text
     assert 'tcpwatch_finding{id="Q01",netns="host",severity="critical"' in text
+
+
+# What Prometheus 2.x sends; 3.x adds escaping= and text/plain;version=1.0.0 alternatives.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+@pytest.mark.parametrize("accept", ["", "text/plain", "*/*", "text/html,application/xhtml+xml"])
+def test_metrics_are_text_unless_openmetrics_is_asked_for(accept: str) -> None:
+    holder = Holder()
+    holder.state = export_state()
+    response = get(holder.app(process_metrics=True), "/metrics", accept=accept)
+    assert response.content_type == "text/plain; version=0.0.4; charset=utf-8"
+    assert b"# EOF" not in response.body
+    assert ("Vary", "Accept") in response.headers
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        PROMETHEUS_ACCEPT,
+        "application/openmetrics-text",
+        "application/openmetrics-text; version=1.0.0",
+    ],
+)
+def test_openmetrics_when_the_scraper_asks(accept: str) -> None:
+    holder = Holder()
+    holder.state = export_state(finding())
+    app = holder.app(process_metrics=True)
+    response = get(app, "/metrics", accept=accept)
+    assert response.content_type.startswith("application/openmetrics-text; version=1.0.0;")
+    text = response.body.decode()
+    # One "# EOF", at the very end, after tcpwatch's families and the self-metrics alike.
+    assert text.endswith("\n# EOF\n") and text.count("# EOF") == 1
+    assert "# TYPE tcpwatch_source_errors counter" in text  # OpenMetrics names the family
+    assert "process_cpu_seconds_total" in text
+    assert 'tcpwatch_finding{id="Q01",netns="host",severity="critical"' in text
+    # A text scrape in between does not hand OpenMetrics to the next text scraper, or back.
+    assert b"# EOF" not in get(app, "/metrics").body
+    assert get(app, "/metrics", accept=accept).body.decode().count("# EOF") == 1
+
+
+def test_openmetrics_is_gzipped_as_text_is() -> None:
+    holder = Holder()
+    holder.state = export_state(finding())
+    response = get(holder.app(), "/metrics", accept=PROMETHEUS_ACCEPT, accept_encoding="gzip")
+    assert ("Content-Encoding", "gzip") in response.headers
+    assert gzip.decompress(response.body).endswith(b"# EOF\n")
+
+
+def test_name_filter_keeps_only_the_named_samples() -> None:
+    holder = Holder()
+    holder.state = export_state(finding())
+    app = holder.app(process_metrics=True)
+    query = "/metrics?name[]=tcpwatch_sockets&name[]=process_cpu_seconds_total&name[]=nope"
+    text = get(app, query).body.decode()
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
+    assert names == {"tcpwatch_sockets", "process_cpu_seconds_total"}
+    assert 'tcpwatch_sockets{family="ipv4",netns="host",state="close_wait"} 2.0' in text
+    # As in prometheus-client: a sample's own name counts (a counter's _total), in OpenMetrics too.
+    filtered = get(app, "/metrics?name[]=tcpwatch_source_errors_total", accept=PROMETHEUS_ACCEPT)
+    body = filtered.body.decode()
+    assert "tcpwatch_source_errors_total{" in body and body.endswith("# EOF\n")
+    assert "tcpwatch_sockets" not in body
+    assert get(app, "/metrics?name[]=nope").body == b""
+    # The unfiltered scrape after a filtered one is whole again.
+    assert "tcpwatch_build_info" in get(app, "/metrics").body.decode()
+
+
+def _promtool(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    binary = shutil.which("promtool")
+    assert binary is not None, "promtool is not on PATH (Debian package prometheus)"
+    return subprocess.run(
+        [binary, *args], input=stdin, capture_output=True, timeout=120, check=False
+    )
+
+
+def test_both_formats_pass_prometheus_own_parsers(tmp_path: Path) -> None:
+    holder = Holder()
+    holder.state = export_state(finding())
+    app = holder.app(process_metrics=True)
+    text = get(app, "/metrics").body
+    checked = _promtool("check", "metrics", stdin=text)
+    assert checked.returncode == 0, checked.stderr.decode() + checked.stdout.decode()
+    # `promtool check metrics` reads the text format only (its parser takes an OpenMetrics
+    # counter's `_total` samples for a family of their own); Prometheus' OpenMetrics parser is
+    # what `promtool tsdb create-blocks-from openmetrics` runs, and it wants a timestamp on
+    # every sample, so each sample line gets one.
+    openmetrics = get(app, "/metrics", accept=PROMETHEUS_ACCEPT).body.decode()
+    stamped = "".join(
+        line if line.startswith("#") else line.rstrip("\n") + " 1700000000\n"
+        for line in openmetrics.splitlines(keepends=True)
+    )
+    source = tmp_path / "scrape.om"
+    source.write_text(stamped)
+    backfill = _promtool(
+        "tsdb", "create-blocks-from", "openmetrics", str(source), str(tmp_path / "blocks")
+    )
+    output = (backfill.stdout + backfill.stderr).decode()
+    assert backfill.returncode == 0 and "error" not in output.lower(), output
+    assert any((tmp_path / "blocks").iterdir()), output
+    # A broken exposition fails there: the parser is strict, so the check above can fail.
+    source.write_text(stamped.removesuffix("# EOF\n"))
+    broken = _promtool(
+        "tsdb", "create-blocks-from", "openmetrics", str(source), str(tmp_path / "broken")
+    )
+    assert "EOF" in (broken.stdout + broken.stderr).decode()
 
 
 def test_process_self_metrics_are_added_per_scrape() -> None:

@@ -1,20 +1,14 @@
-"""TLS from a web config, over loopback: certificates made with the openssl CLI for each run.
-
-A test CA signs the server certificate (SAN localhost, 127.0.0.1) and two client certificates
-(SANs prometheus.example.net and other.example.net), so server auth, client certificates and
-client_allowed_sans are all exercised for real.
+"""TLS from a web config, over loopback, with certificates made for each run (tests/pki.py):
+server auth, every client_auth_type, client_allowed_sans, cipher suites and curves for real.
 """
 
 from __future__ import annotations
 
 import base64
 import http.client
-import shutil
 import socket
 import ssl
-import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import bcrypt
@@ -26,55 +20,14 @@ from tcpwatch.http.listen import ListenAddress
 from tcpwatch.http.server import WebServer
 from tcpwatch.http.webconfig import WebConfigError, load_web_config
 
+from ..pki import Pki, make_pki
+
 StartServer = Callable[[str], WebServer]
-
-
-@dataclass(frozen=True)
-class Pki:
-    directory: Path
-
-    def __getitem__(self, name: str) -> str:
-        return str(self.directory / name)
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    result = subprocess.run(
-        ["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, f"openssl {' '.join(args)}: {result.stderr}"
-
-
-def _issue(directory: Path, name: str, subject: str, sans: str) -> None:
-    _openssl(
-        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject,
-        cwd=directory,
-    )  # fmt: skip
-    (directory / f"{name}.ext").write_text(f"subjectAltName={sans}\n")
-    _openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-out", f"{name}.crt", "-extfile", f"{name}.ext",
-        cwd=directory,
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    assert shutil.which("openssl"), "the openssl command is needed to make test certificates"
-    directory = tmp_path_factory.mktemp("pki")
-    _openssl(
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=tcpwatch test CA",
-        cwd=directory,
-    )  # fmt: skip
-    _issue(directory, "server", "/CN=localhost", "DNS:localhost,IP:127.0.0.1")
-    _issue(directory, "prometheus", "/CN=prometheus", "DNS:prometheus.example.net")
-    _issue(directory, "other", "/CN=other", "DNS:other.example.net")
-    _openssl(
-        "pkey", "-in", "server.key", "-aes256", "-passout", "pass:secret", "-out",
-        "encrypted.key", cwd=directory,
-    )  # fmt: skip
-    return Pki(directory)
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def write_web_config(pki: Pki, body: str) -> str:
@@ -233,3 +186,107 @@ def test_inline_client_ca(pki: Pki, serve_with: StartServer) -> None:
         f"  client_ca: |\n{indented}\n"
     )
     assert https_get(server, client_context(pki, "prometheus"))[0] == 200
+
+
+def handshake(server: WebServer, context: ssl.SSLContext) -> tuple[str, str]:
+    """(TLS version, cipher) of a completed handshake that was then answered over HTTP."""
+    with (
+        socket.create_connection(("127.0.0.1", server.address.port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        assert tls.recv(64).startswith(b"HTTP/1.")
+        cipher = tls.cipher()
+        assert cipher is not None
+        return cipher[1], cipher[0]
+
+
+def test_cipher_suites_limit_tls12_and_leave_tls13_alone(pki: Pki, serve_with: StartServer) -> None:
+    server = serve_with(
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+        "  cipher_suites: [TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, TLS_AES_128_GCM_SHA256]\n"
+    )
+    tls12 = client_context(pki)
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    assert handshake(server, tls12) == ("TLSv1.2", "ECDHE-ECDSA-AES256-GCM-SHA384")
+    tls12.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305")
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        handshake(server, tls12)
+    # TLS 1.3 suites are not configurable: every one still works, as with Go.
+    assert handshake(server, client_context(pki))[0] == "TLSv1.3"
+
+
+def test_cipher_suites_of_tls13_only_leave_tls13_only(pki: Pki, serve_with: StartServer) -> None:
+    server = serve_with(
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+        "  cipher_suites: [TLS_AES_256_GCM_SHA384]\n"
+    )
+    tls12 = client_context(pki)
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        handshake(server, tls12)
+    assert handshake(server, client_context(pki))[0] == "TLSv1.3"
+
+
+@pytest.mark.parametrize("curves", ["[CurveP384]", "[X25519, CurveP384]"])
+def test_curve_preferences_are_the_only_groups_offered(
+    pki: Pki, serve_with: StartServer, curves: str
+) -> None:
+    server = serve_with(
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+        f"  curve_preferences: {curves}\n"
+    )
+    p256_only = client_context(pki)
+    p256_only.set_ecdh_curve("prime256v1")
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        handshake(server, p256_only)
+    p384_only = client_context(pki)
+    p384_only.set_ecdh_curve("secp384r1")
+    assert handshake(server, p384_only)[0] == "TLSv1.3"
+
+
+def test_require_any_client_cert_takes_an_unverified_one(pki: Pki, serve_with: StartServer) -> None:
+    server = serve_with(
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+        "  client_auth_type: RequireAnyClientCert\n"
+        "  client_allowed_sans: [prometheus.example.net]\n"
+    )
+    # Self-signed, known to no CA: Go's RequireAnyClientCert takes it, and so does tcpwatch;
+    # client_allowed_sans still applies to it.
+    assert https_get(server, client_context(pki, "stranger"))[0] == 200
+    assert https_get(server, client_context(pki, "prometheus"))[0] == 200
+    with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+        https_get(server, client_context(pki, "other"))  # a SAN not on the list
+    with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+        https_get(server, client_context(pki))  # no certificate at all
+
+
+def test_request_client_cert_takes_any_or_none(pki: Pki, serve_with: StartServer) -> None:
+    server = serve_with(
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+        "  client_auth_type: RequestClientCert\n  client_ca_file: ca.crt\n"
+    )
+    for cert in ("stranger", "prometheus", None):
+        assert https_get(server, client_context(pki, cert))[0] == 200, cert
+
+
+def test_verify_client_cert_if_given(pki: Pki, serve_with: StartServer) -> None:
+    server = serve_with(
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+        "  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: ca.crt\n"
+    )
+    assert https_get(server, client_context(pki))[0] == 200
+    assert https_get(server, client_context(pki, "prometheus"))[0] == 200
+    with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+        https_get(server, client_context(pki, "stranger"))
+
+
+def test_inline_certificate_and_key(pki: Pki, serve_with: StartServer) -> None:
+    def indented(name: str) -> str:
+        return "\n".join("    " + line for line in Path(pki[name]).read_text().splitlines())
+
+    server = serve_with(
+        f"tls_server_config:\n  cert: |\n{indented('server.crt')}\n"
+        f"  key: |\n{indented('server.key')}\n"
+    )
+    assert https_get(server, client_context(pki)) == (200, b"Healthy\n")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tcpwatch.config import ConfigError
+from tcpwatch.http.tls import GO_CIPHER_SUITES, GO_CURVES, client_sans
 from tcpwatch.http.webconfig import (
     RateLimit,
     TlsSettings,
@@ -102,9 +103,10 @@ def test_errors_are_collected_one_line_each_with_key_paths() -> None:
     assert errors == [
         "web.yml: colour: unknown key (known: basic_auth_users, http_server_config, rate_limit, "
         "tls_server_config)",
-        "web.yml: tls_server_config.key_file: missing: TLS needs both cert_file and key_file",
+        "web.yml: tls_server_config.key_file: missing: TLS needs key_file (or inline key)",
         "web.yml: tls_server_config.client_auth_type: expected one of NoClientCert, "
-        'VerifyClientCertIfGiven, RequireAndVerifyClientCert, got "Sometimes"',
+        "RequestClientCert, RequireAnyClientCert, RequireClientCert, VerifyClientCertIfGiven, "
+        'RequireAndVerifyClientCert, got "Sometimes"',
         "web.yml: tls_server_config.min_version: expected one of TLS10, TLS11, TLS12, TLS13, "
         'got "TLS14"',
         "web.yml: basic_auth_users.alice: expected a bcrypt hash ($2a$, $2b$ or $2y$, cost, 53 "
@@ -118,29 +120,14 @@ def test_errors_are_collected_one_line_each_with_key_paths() -> None:
     ("text", "expected"),
     [
         (
-            "tls_server_config: {cert_file: a, key_file: b, client_auth_type: RequireAnyClientCert,"
-            " client_ca_file: ca}",
-            'web.yml: tls_server_config.client_auth_type: "RequireAnyClientCert" accepts '
-            "unverified certificates and is not supported: use RequireAndVerifyClientCert (or "
-            "VerifyClientCertIfGiven) with client_ca_file",
-        ),
-        (
-            "tls_server_config: {cert_file: a, key_file: b, client_auth_type: "
-            "RequireAndVerifyClientCert}",
-            "web.yml: tls_server_config.client_ca_file: missing: client_auth_type "
-            "RequireAndVerifyClientCert needs it",
-        ),
-        (
             "tls_server_config: {cert_file: a, key_file: b, client_ca_file: ca}",
             "web.yml: tls_server_config.client_auth_type: client CAs are configured but "
             "client_auth_type is NoClientCert: set it to RequireAndVerifyClientCert",
         ),
         (
-            "tls_server_config: {cert_file: a, key_file: b, client_auth_type: "
-            "VerifyClientCertIfGiven, client_ca_file: ca, client_allowed_sans: [x]}",
-            "web.yml: tls_server_config.client_allowed_sans: needs client_auth_type "
-            "RequireAndVerifyClientCert (otherwise a client without a certificate has no SAN "
-            "to check)",
+            "tls_server_config: {cert_file: a, key_file: b, client_allowed_sans: [x]}",
+            "web.yml: tls_server_config.client_allowed_sans: needs a client_auth_type that asks "
+            "for a client certificate (RequireAndVerifyClientCert)",
         ),
         (
             "tls_server_config: {cert_file: a, key_file: b, min_version: TLS13, "
@@ -149,14 +136,28 @@ def test_errors_are_collected_one_line_each_with_key_paths() -> None:
         ),
         (
             "tls_server_config: {cert_file: a, key_file: b, "
-            "cipher_suites: [TLS_AES_128_GCM_SHA256]}",
-            "web.yml: tls_server_config.cipher_suites: not supported by tcpwatch (Go cipher "
-            "names); remove it to use OpenSSL's defaults",
+            "cipher_suites: [TLS_RSA_WITH_RC4_128_SHA]}",
+            'web.yml: tls_server_config.cipher_suites[0]: unknown: "TLS_RSA_WITH_RC4_128_SHA" '
+            "(known: " + ", ".join(GO_CIPHER_SUITES) + ")",
         ),
         (
-            "tls_server_config: {cert: '-----BEGIN', key_file: b}",
-            "web.yml: tls_server_config.cert: inline certificates are not supported: put it in "
-            "a file and use cert_file",
+            "tls_server_config: {cert_file: a, key_file: b, max_version: TLS12, "
+            "cipher_suites: [TLS_AES_128_GCM_SHA256]}",
+            "web.yml: tls_server_config.cipher_suites: names TLS 1.3 suites only, so TLS 1.3 is "
+            "the only version left, but max_version is TLS12",
+        ),
+        (
+            "tls_server_config: {cert_file: a, key_file: b, curve_preferences: [P256]}",
+            'web.yml: tls_server_config.curve_preferences[0]: unknown: "P256" (known: CurveP256, '
+            "CurveP384, CurveP521, X25519)",
+        ),
+        (
+            "tls_server_config: {cert_file: a, key_file: b, curve_preferences: X25519}",
+            'web.yml: tls_server_config.curve_preferences: expected a list, got "X25519"',
+        ),
+        (
+            "tls_server_config: {cert: '-----BEGIN', cert_file: a, key_file: b}",
+            "web.yml: tls_server_config.cert: give cert or cert_file, not both",
         ),
         (
             "tls_server_config: {cert_file: '', key_file: b}",
@@ -176,6 +177,16 @@ def test_errors_are_collected_one_line_each_with_key_paths() -> None:
             "web.yml: http_server_config.headers.Set-Cookie: not a header tcpwatch may set "
             "(allowed: Cache-Control, Content-Security-Policy, Strict-Transport-Security, "
             "X-Content-Type-Options, X-Frame-Options, X-XSS-Protection)",
+        ),
+        (
+            "http_server_config: {headers: {X-Frame-Options: allow-from x}}",
+            "web.yml: http_server_config.headers.X-Frame-Options: expected one of deny, "
+            'sameorigin, got "allow-from x"',
+        ),
+        (
+            "http_server_config: {headers: {X-Content-Type-Options: sniff}}",
+            "web.yml: http_server_config.headers.X-Content-Type-Options: expected one of "
+            'nosniff, got "sniff"',
         ),
         (
             "http_server_config: {http2: maybe}",
@@ -222,6 +233,62 @@ def test_errors_are_collected_one_line_each_with_key_paths() -> None:
 )
 def test_one_error(text: str, expected: str) -> None:
     assert errors_of(text) == [expected]
+
+
+def test_go_names_map_to_openssl_in_the_given_order() -> None:
+    config = parse(
+        """
+        tls_server_config:
+          cert_file: a
+          key_file: b
+          client_auth_type: RequireClientCert
+          cipher_suites: [TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384, TLS_AES_128_GCM_SHA256,
+                          TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256]
+          curve_preferences: [X25519, CurveP384]
+        """
+    )
+    assert config.tls is not None
+    # The old alias selects Go's RequireAnyClientCert, as in exporter-toolkit.
+    assert config.tls.client_auth_type == "RequireAnyClientCert"
+    # TLS 1.3 suites are not configurable (in Go and OpenSSL alike) and drop out of the list.
+    assert config.tls.cipher_suites == (
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+    )
+    assert not config.tls.only_tls13_suites
+    assert config.tls.curve_preferences == ("X25519", "P-384")
+
+
+def test_every_mapped_cipher_suite_is_known_to_this_openssl() -> None:
+    import ssl
+
+    known = {cipher["name"] for cipher in ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).get_ciphers()}
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.set_ciphers("ALL:@SECLEVEL=0")
+    known |= {cipher["name"] for cipher in context.get_ciphers()}
+    mapped = {name for name in GO_CIPHER_SUITES.values() if name is not None}
+    assert mapped <= known, sorted(mapped - known)
+    assert set(GO_CURVES.values()) == {"P-256", "P-384", "P-521", "X25519"}
+
+
+def test_client_sans_are_spelt_as_go_spells_them() -> None:
+    peer = {
+        "subjectAltName": (
+            ("DNS", "prometheus.example.net"),
+            ("IP Address", "0:0:0:0:0:0:0:1\n"),
+            ("IP Address", "10.0.0.5"),
+            ("email", "ops@example.net"),
+            ("URI", "spiffe://example.net/prometheus"),
+        )
+    }
+    assert client_sans(peer) == (
+        "prometheus.example.net",
+        "::1",
+        "10.0.0.5",
+        "ops@example.net",
+        "spiffe://example.net/prometheus",
+    )
+    assert client_sans({}) == ()
 
 
 def test_the_hash_itself_is_never_echoed() -> None:
