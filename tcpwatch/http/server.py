@@ -139,8 +139,10 @@ class WebServer:
                 self._accept()
             elif key.data is _WAKE:
                 self._take_returned()
-            elif self._waiting.get(key.fd) is key.data:  # not closed earlier in this batch
-                self._readable(key.data)
+            else:
+                connection = self._waiting.get(key.fd)
+                if connection is key.data and connection is not None:  # not closed this batch
+                    self._readable(connection)
         now = time.monotonic()
         if now - self._last_sweep >= _SWEEP_SECONDS:
             self._last_sweep = now
