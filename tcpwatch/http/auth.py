@@ -143,7 +143,9 @@ class BcryptGate:
         with self._lock:
             self._seq += 1
             job = _Check(password, hashed, priority, self._seq)
-            if len(self._queue) >= self._queue_size:
+            if self._running >= self._threads and len(self._queue) >= self._queue_size:
+                if not self._queue:
+                    return None
                 worst = max(self._queue, key=lambda queued: (queued.priority, queued.seq))
                 if worst.priority <= priority:
                     return None

@@ -18,7 +18,7 @@ import ssl
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from tcpwatch.http.limits import HEADER_DEADLINE_SECONDS, IDLE_SECONDS, MAX_HEADER_BYTES
+from tcpwatch.http import limits
 
 _TLS_HANDSHAKE_RECORD = 0x16
 # What Go's net/http answers on its TLS port to a plain HTTP request: status and reason.
@@ -145,12 +145,14 @@ class Connection:
         self.handshaking = tls  # TLS not yet established (the first bytes not yet checked)
         self.answered = False  # a request on it got a 2xx: shed after the ones that never did
         self.waiting_since = now
-        self.deadline = now + HEADER_DEADLINE_SECONDS
+        self.deadline = now + limits.HEADER_DEADLINE_SECONDS
 
     def wait_for_request(self, now: float) -> None:
         """Back from a worker: idle until the next request begins."""
         self.waiting_since = now
-        self.deadline = now + (HEADER_DEADLINE_SECONDS if self.buffer else IDLE_SECONDS)
+        self.deadline = now + (
+            limits.HEADER_DEADLINE_SECONDS if self.buffer else limits.IDLE_SECONDS
+        )
 
     def shed_order(self) -> tuple[bool, float]:
         return (self.answered, self.waiting_since)
@@ -189,7 +191,7 @@ class Connection:
 
     def read(self, now: float) -> bool:
         """Read what has arrived; False when the client closed or the connection broke."""
-        while len(self.buffer) <= MAX_HEADER_BYTES:
+        while len(self.buffer) <= limits.MAX_HEADER_BYTES:
             try:
                 chunk = self.sock.recv(65536)
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
@@ -201,7 +203,7 @@ class Connection:
             if not chunk:
                 return False
             if not self.buffer:  # the first byte of a request starts its whole-head deadline
-                self.deadline = min(self.deadline, now + HEADER_DEADLINE_SECONDS)
+                self.deadline = min(self.deadline, now + limits.HEADER_DEADLINE_SECONDS)
             self.buffer += chunk
         return True
 
@@ -213,8 +215,8 @@ class Connection:
         while self.buffer.startswith((b"\r", b"\n")):  # blank lines between requests
             del self.buffer[:1]
         end = _head_end(self.buffer)
-        if end < 0 or end > MAX_HEADER_BYTES:
-            if len(self.buffer) > MAX_HEADER_BYTES:
+        if end < 0 or end > limits.MAX_HEADER_BYTES:
+            if len(self.buffer) > limits.MAX_HEADER_BYTES:
                 raise ProtocolError(
                     HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Request headers too large"
                 )
