@@ -8,8 +8,8 @@ right one, so password checks are guarded three ways:
 
 * a successful check is remembered (keyed by a digest of user, password and stored hash), so a
   scraper with valid credentials costs bcrypt once, not once per scrape;
-* failed checks are limited per client address (an IPv6 client by its /64): past the budget a
-  client gets 429 without any bcrypt work;
+* failed checks (and checks refused as busy) are limited per client address (an IPv6 client by
+  its /64): past the budget a client gets 429 without any bcrypt work;
 * bcrypt runs on its own small pool with a short bounded queue, never on the request threads'
   time: when the queue is full a request gets 503 at once, and a client without recent failures
   goes ahead of those with failures, so a flood cannot hold a clean client's first check back.
@@ -36,7 +36,10 @@ FAILURE_BURST = 10  # failed checks a client address may make at once ...
 FAILURE_REFILL_SECONDS = 6.0  # ... and one more per this many seconds (10 a minute)
 FAILURE_CLIENTS = 4096  # addresses remembered; the least recently seen is forgotten first
 BCRYPT_THREADS = 1  # as exporter-toolkit: one check at a time, one core at most
-BCRYPT_QUEUE = 8  # checks waiting beyond the running ones; more get 503 at once
+# Checks waiting beyond the running ones; more get 503 at once. Running plus waiting stays well
+# under the HTTP workers (tcpwatch.http.limits.WORKERS): a request waiting for bcrypt holds a
+# worker, so this is what keeps workers free for scrapes whose credentials are remembered.
+BCRYPT_QUEUE = 2
 BCRYPT_WAIT_SECONDS = 5.0
 # A well-formed hash nobody's password matches. Unknown users are checked against it at the
 # highest cost configured, so response time does not tell which user names exist.
@@ -214,6 +217,9 @@ class BasicAuth:
             return AuthResult.THROTTLED
         result = self._gate.check(password, hashed or self._dummy, self._limiter.failures(client))
         if result is None:
+            # Turned away unchecked, it still counts against the address: a flood that is only
+            # ever refused as busy must not stay "clean" and rank with a client that asks once.
+            self._limiter.record_failure(client)
             return AuthResult.BUSY
         if result and hashed is not None:
             with self._lock:
