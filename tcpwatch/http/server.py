@@ -114,6 +114,7 @@ class WebServer:
         if self._threads:
             self._threads[0].join(timeout=1.0)
         self._listener.close()
+        self._wake_write.close()
 
     # -- the selector thread ----------------------------------------------------------------------
 
