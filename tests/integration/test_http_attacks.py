@@ -195,3 +195,24 @@ def test_plain_http_to_the_tls_port_gets_400(
     status, body = started[-1].get("/metrics")  # plain HTTP
     assert (status, body) == (400, "Client sent an HTTP request to an HTTPS server.\n")
     assert [status for status, _ in scrapes(netns, tls=True)[:3]] == [200, 200, 200]
+
+
+def test_unknown_users_take_as_long_as_known_ones(
+    netns: Netns, tmp_path: Path, started: list[Served]
+) -> None:
+    # A cost-11 user (issue 12's case: cost 12 against a fixed cost-10 dummy, 4x apart).
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(11)).decode()
+    web = write(tmp_path / "web.yml", f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    start(
+        netns, started, tmp_path / "serve.log",
+        "--listen", f"127.0.0.1:{PORT}", "--interval", "1", "--web-config", web,
+    )  # fmt: skip
+
+    def median(user: str) -> float:
+        argv = [sys.executable, HELPER, "scrape", str(PORT), "3", "0", user, "wrong"]
+        results = json.loads(netns.run(*argv, timeout=60).stdout)
+        assert [status for status, _ in results] == [401, 401, 401], results
+        return sorted(took for _, took in results)[1]
+
+    known, unknown = median("prometheus"), median("mallory")
+    assert 0.7 < unknown / known < 1.4, (known, unknown)
