@@ -27,7 +27,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from tcpwatch.config import Config
-from tcpwatch.http.auth import BasicAuth, TokenBucket
+from tcpwatch.http.auth import AuthResult, BasicAuth, BcryptGate, FailureLimiter, TokenBucket
 from tcpwatch.http.webconfig import WebConfig
 from tcpwatch.render.html import landing_page
 from tcpwatch.render.prometheus import make_registry
@@ -83,6 +83,26 @@ class _Collected(Collector):
         return list(self._families)
 
 
+def _refusal(result: AuthResult) -> Response | None:
+    if result is AuthResult.DENIED:
+        return text_response(
+            HTTPStatus.UNAUTHORIZED,
+            "Unauthorized",
+            ("WWW-Authenticate", 'Basic realm="tcpwatch", charset="UTF-8"'),
+        )
+    if result is AuthResult.THROTTLED:
+        return text_response(
+            HTTPStatus.TOO_MANY_REQUESTS,
+            "Too many failed logins from your address; wait a minute",
+            ("Retry-After", "60"),
+        )
+    if result is AuthResult.BUSY:
+        return text_response(
+            HTTPStatus.SERVICE_UNAVAILABLE, "Busy checking passwords", ("Retry-After", "1")
+        )
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class _Policy:
     """What the web config decides, swapped whole on reload."""
@@ -119,6 +139,9 @@ class WebApp:
         self._config = config
         self._health = health
         self._clock = clock
+        # Kept across reloads: a reload must not hand a flooding client a fresh budget.
+        self._failures = FailureLimiter()
+        self._bcrypt = BcryptGate()
         self._policy = self._make_policy(web_config or WebConfig())
         # (state, {content type: its rendering}): one tuple, replaced whole, so readers never
         # see a rendering of another state.
@@ -129,10 +152,10 @@ class WebApp:
             PlatformCollector(registry=self._self_metrics)
         self.listening_on = ""  # set by WebServer once bound, for the landing page
 
-    @staticmethod
-    def _make_policy(web: WebConfig) -> _Policy:
+    def _make_policy(self, web: WebConfig) -> _Policy:
         limiter = TokenBucket(web.rate_limit) if web.rate_limit is not None else None
-        return _Policy(web, BasicAuth(web.basic_auth_users), limiter)
+        auth = BasicAuth(web.basic_auth_users, self._failures, self._bcrypt)
+        return _Policy(web, auth, limiter)
 
     @property
     def web_config(self) -> WebConfig:
@@ -142,26 +165,25 @@ class WebApp:
         """Take a new web config (on reload): TLS context, users and headers at once."""
         self._policy = self._make_policy(web)
 
-    def respond(self, method: str, target: str, headers: Mapping[str, str]) -> Response:
-        """Answer one request; ``headers`` has lower-case names."""
+    def respond(
+        self, method: str, target: str, headers: Mapping[str, str], client: str = ""
+    ) -> Response:
+        """Answer one request; ``headers`` has lower-case names, ``client`` is its address."""
         policy = self._policy
-        response = self._route(policy, method, target, headers)
+        response = self._route(policy, method, target, headers, client)
         extra = tuple(policy.web.headers.items())
         return Response(
             response.status, response.content_type, response.body, response.headers + extra
         )
 
     def _route(
-        self, policy: _Policy, method: str, target: str, headers: Mapping[str, str]
+        self, policy: _Policy, method: str, target: str, headers: Mapping[str, str], client: str
     ) -> Response:
         if policy.limiter is not None and not policy.limiter.take():
             return text_response(HTTPStatus.TOO_MANY_REQUESTS, "Too many requests")
-        if not policy.auth.check(headers.get("authorization")):
-            return text_response(
-                HTTPStatus.UNAUTHORIZED,
-                "Unauthorized",
-                ("WWW-Authenticate", 'Basic realm="tcpwatch", charset="UTF-8"'),
-            )
+        refused = _refusal(policy.auth.verify(headers.get("authorization"), client))
+        if refused is not None:
+            return refused
         path, _, query = target.partition("?")
         routes: dict[str, Callable[[], Response]] = {
             "/metrics": lambda: self._metrics(headers.get("accept", ""), query),

@@ -1,199 +1,371 @@
-"""The listening socket of `tcpwatch serve`: binding, request threads, TLS, timeouts.
+"""The listening socket of `tcpwatch serve`: connections, request threads, TLS, limits.
 
-Each request is handed to the :class:`~tcpwatch.http.app.WebApp`; this module only moves bytes.
+One selector thread accepts connections and reads every request head without blocking; a small
+pool of worker threads answers complete requests through the :class:`~tcpwatch.http.app.WebApp`
+and hands kept-alive connections back (see tcpwatch.http.connection). That shape is what holds a
+flood of slow clients: a client that drips its headers or never speaks costs a descriptor, not a
+thread, and is dropped when its whole-head deadline passes. Open connections are capped well
+below the descriptor limit (tcpwatch.http.limits); when the cap is reached, or accept() runs out
+of descriptors, the connection that has waited longest without ever getting a 2xx answer is
+closed first, so a scraper's fresh connection always gets in and the accept loop never spins.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import queue
+import selectors
 import socket
-import socketserver
+import ssl
 import threading
+import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from tcpwatch import __version__
+from tcpwatch.http import limits
 from tcpwatch.http.app import Response, WebApp, text_response
+from tcpwatch.http.connection import (
+    Connection,
+    ProtocolError,
+    answer_and_close,
+    parse_head,
+    response_bytes,
+)
+from tcpwatch.http.limits import DescriptorBudget, descriptor_budget
 from tcpwatch.http.listen import ListenAddress, ListenError
 from tcpwatch.http.webconfig import client_sans
 
 log = logging.getLogger(__name__)
 
-# Parallel requests beyond this get a quick 503 instead of queueing behind slow ones, as
-# node_exporter's --web.max-requests does; Prometheus servers scrape a host a few at a time.
-MAX_PARALLEL_REQUESTS = 64
-REQUEST_TIMEOUT_SECONDS = 10.0  # idle keep-alive, slow headers, slow TLS handshakes
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"  # keep-alive: Prometheus reuses its scrape connections
-    # Buffered: headers and body leave in one send() (flushed after each request), not as two
-    # small writes that Nagle and the client's delayed ACK would hold up by 40 ms.
-    wbufsize = 1 << 16
-    server_version = f"tcpwatch/{__version__}"
-    timeout = REQUEST_TIMEOUT_SECONDS
-
-    def version_string(self) -> str:
-        return self.server_version
-
-    def do_GET(self) -> None:
-        self._serve("GET")
-
-    def do_HEAD(self) -> None:
-        self._serve("HEAD")
-
-    def do_POST(self) -> None:
-        self._serve("POST")
-
-    def do_PUT(self) -> None:
-        self._serve("PUT")
-
-    def do_DELETE(self) -> None:
-        self._serve("DELETE")
-
-    def _serve(self, method: str) -> None:
-        if method not in ("GET", "HEAD"):
-            self.close_connection = True  # a request body we will not read may follow
-        slots = self.server.slots
-        if not slots.acquire(blocking=False):
-            self._send(
-                method, text_response(HTTPStatus.SERVICE_UNAVAILABLE, "Too many parallel requests")
-            )
-            return
-        try:
-            headers = {name.lower(): value for name, value in self.headers.items()}
-            try:
-                response = self.server.app.respond(method, self.path, headers)
-            except Exception:  # one broken request must not cost the server its thread pool
-                log.exception("error answering %s %s", method, self.path)
-                response = text_response(
-                    HTTPStatus.INTERNAL_SERVER_ERROR, "Internal error (see the log)"
-                )
-            self._send(method, response)
-        finally:
-            slots.release()
-
-    def _send(self, method: str, response: Response) -> None:
-        self.send_response(response.status)
-        self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
-        for name, value in response.headers:
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if method != "HEAD":
-            self.wfile.write(response.body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http %s: " + format, self.address_string(), *args)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a stuck client must never hold up shutdown
-    request_queue_size = 128
-
-    def __init__(
-        self, family: socket.AddressFamily, address: tuple[Any, ...], dual_stack: bool, app: WebApp
-    ) -> None:
-        self.address_family = family
-        self.app = app
-        self.slots = threading.BoundedSemaphore(MAX_PARALLEL_REQUESTS)
-        self._dual_stack = dual_stack
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        if self._dual_stack:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        # Not HTTPServer.server_bind: its getfqdn() can wait on DNS for many seconds.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name = str(self.server_address[0])
-        self.server_port = int(self.server_address[1])
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        connection, address = super().get_request()
-        # As Go's net/http does: a response's last partial segment goes out at once.
-        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return connection, address
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        context = self.app.web_config.ssl_context
-        if context is None:
-            super().finish_request(request, client_address)
-            return
-        request.settimeout(REQUEST_TIMEOUT_SECONDS)
-        tls = context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
-        try:
-            try:
-                tls.do_handshake()
-            except (OSError, ValueError) as error:
-                log.debug("TLS handshake with %s failed: %s", client_address[0], error)
-                return
-            allowed = self.app.web_config.tls
-            if allowed is not None and allowed.client_allowed_sans:
-                sans = client_sans(tls.getpeercert())
-                if not set(sans) & set(allowed.client_allowed_sans):
-                    log.info(
-                        "refused TLS client %s: no allowed SAN in its certificate (%s)",
-                        client_address[0],
-                        ", ".join(sans) or "none",
-                    )
-                    return
-            super().finish_request(tls, client_address)
-        finally:
-            tls.close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Resets and timeouts from clients are routine; never a traceback on stderr.
-        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+SERVER_VERSION = f"tcpwatch/{__version__}"
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_ACCEPT_PAUSE_SECONDS = 0.5  # when nothing can be shed to free a descriptor
+_SWEEP_SECONDS = 0.1
+_LISTENER = "listener"
+_WAKE = "wake"
 
 
 class WebServer:
-    """The listening socket and its serving thread."""
+    """The listening socket, its selector thread and its workers."""
 
-    def __init__(self, listen: ListenAddress, app: WebApp) -> None:
-        self._listen = listen
-        self._server = _bind(listen, app)
-        self._thread: threading.Thread | None = None
-        host, port = self._server.server_address[:2]
+    def __init__(
+        self, listen: ListenAddress, app: WebApp, budget: DescriptorBudget | None = None
+    ) -> None:
+        self._budget = budget or descriptor_budget()
+        self._app = app
+        self._listener = _bind(listen)
+        self._listener.setblocking(False)
+        host, port = self._listener.getsockname()[:2]
         self.address = ListenAddress(str(host), int(port))
         app.listening_on = str(self.address)
+        log.info("%s", limits.describe(self._budget))
+        self._selector = selectors.DefaultSelector()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._wake_write.setblocking(False)
+        self._returned: queue.SimpleQueue[tuple[Connection, bool]] = queue.SimpleQueue()
+        self._ready: queue.Queue[tuple[Connection, bytes] | None] = queue.Queue(
+            maxsize=limits.READY_QUEUE
+        )
+        self._waiting: dict[int, Connection] = {}  # by descriptor: owned by the selector thread
+        self._busy = 0  # connections with the workers (selector thread only)
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._accept_paused_until = 0.0
+        self._last_sweep = 0.0
+        self._last_warning = -3600.0
+
+    @property
+    def max_connections(self) -> int:
+        return self._budget.max_connections
 
     @property
     def url(self) -> str:
-        scheme = "https" if self._server.app.web_config.ssl_context is not None else "http"
+        scheme = "https" if self._app.web_config.ssl_context is not None else "http"
         host = self.address.host
         if host in ("::", "0.0.0.0"):
             host = "localhost"
         shown = f"[{host}]" if ":" in host else host
         return f"{scheme}://{shown}:{self.address.port}/metrics"
 
+    def open_connections(self) -> int:
+        return len(self._waiting) + self._busy
+
     def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="http"
-        )
-        self._thread.daemon = True
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name="http", daemon=True)]
+        self._threads += [
+            threading.Thread(target=self._work, name=f"http-{n}", daemon=True)
+            for n in range(limits.WORKERS)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()  # returns within poll_interval
-            self._thread.join(timeout=1.0)
-        self._server.server_close()
+        self._stopping.set()
+        self._wake()
+        for _ in range(limits.WORKERS):
+            try:
+                self._ready.put_nowait(None)
+            except queue.Full:
+                break  # workers check _stopping after each request anyway
+        if self._threads:
+            self._threads[0].join(timeout=1.0)
+        self._listener.close()
+        self._wake_write.close()
+
+    # -- the selector thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
+        self._selector.register(self._wake_read, selectors.EVENT_READ, _WAKE)
+        try:
+            while not self._stopping.is_set():
+                self._loop_once()
+        finally:
+            for connection in list(self._waiting.values()):
+                self._close(connection)
+            self._selector.close()
+            self._wake_read.close()
+
+    def _loop_once(self) -> None:
+        now = time.monotonic()
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            self._selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
+        for key, _ in self._selector.select(0.25):
+            if key.data is _LISTENER:
+                self._accept()
+            elif key.data is _WAKE:
+                self._take_returned()
+            else:
+                connection = self._waiting.get(key.fd)
+                if connection is key.data and connection is not None:  # not closed this batch
+                    self._readable(connection)
+        now = time.monotonic()
+        if now - self._last_sweep >= _SWEEP_SECONDS:
+            self._last_sweep = now
+            for connection in [c for c in self._waiting.values() if c.deadline <= now]:
+                self._close(connection)  # idle too long, or its head did not arrive in time
+
+    def _accept(self) -> None:
+        for _ in range(64):  # then let the waiting connections have a turn
+            try:
+                sock, address = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in _OUT_OF_DESCRIPTORS:
+                    self._out_of_descriptors(error)
+                return  # ECONNABORTED and the like: the next readiness will tell
+            sock.setblocking(False)
+            # A socket reset before we got to it fails at its first read instead.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.open_connections() >= self._budget.max_connections and not self._shed():
+                sock.close()
+                continue
+            tls = self._app.web_config.ssl_context is not None
+            connection = Connection(sock, str(address[0]), time.monotonic(), tls)
+            self._watch(connection)
+
+    def _out_of_descriptors(self, error: OSError) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= 60:
+            self._last_warning = now
+            log.warning(
+                "out of descriptors accepting a connection (%s): shedding the oldest idle "
+                "connection; %d open",
+                error.strerror,
+                self.open_connections(),
+            )
+        if not self._shed():  # nothing to free: stop asking the listener for a moment
+            self._selector.unregister(self._listener)
+            self._accept_paused_until = now + _ACCEPT_PAUSE_SECONDS
+
+    def _shed(self) -> bool:
+        """Close the waiting connection that matters least; False when there is none."""
+        if not self._waiting:
+            return False
+        victim = min(self._waiting.values(), key=Connection.shed_order)
+        log.debug("shedding the connection from %s", victim.address)
+        self._close(victim)
+        return True
+
+    def _watch(self, connection: Connection) -> None:
+        fd = connection.fd
+        self._waiting[fd] = connection
+        self._selector.register(fd, selectors.EVENT_READ, connection)
+
+    def _close(self, connection: Connection) -> None:
+        fd = connection.fd
+        if self._waiting.pop(fd, None) is not None:
+            self._selector.unregister(fd)
+        with contextlib.suppress(OSError):
+            connection.sock.close()
+
+    def _readable(self, connection: Connection) -> None:
+        if connection.handshaking and not self._secure(connection):
+            return
+        if not connection.read(time.monotonic()):
+            self._close(connection)
+            return
+        self._dispatch(connection)
+
+    def _secure(self, connection: Connection) -> bool:
+        """Move the TLS handshake on; True once application data can be read."""
+        context = self._app.web_config.ssl_context
+        if not isinstance(connection.sock, ssl.SSLSocket):
+            if context is None:
+                connection.handshaking = False  # TLS was switched off by a reload
+                return True
+            started = connection.start_tls(context)
+            if not started:
+                if started is False:
+                    self._close(connection)
+                return False
+        done = connection.handshake()
+        if done is None:
+            return False
+        if not done:
+            log.debug("TLS handshake with %s failed", connection.address)
+            self._close(connection)
+            return False
+        allowed = self._app.web_config.tls
+        if allowed is not None and allowed.client_allowed_sans:
+            sans = client_sans(connection.sock.getpeercert())  # type: ignore[attr-defined]
+            if not set(sans) & set(allowed.client_allowed_sans):
+                log.info(
+                    "refused TLS client %s: no allowed SAN in its certificate (%s)",
+                    connection.address,
+                    ", ".join(sans) or "none",
+                )
+                self._close(connection)
+                return False
+        return True
+
+    def _dispatch(self, connection: Connection) -> None:
+        """Hand a complete request head to the workers (or answer it here when it is bad)."""
+        try:
+            head = connection.take_head()
+        except ProtocolError as error:
+            self._refuse(connection, text_response(error.status, str(error)))
+            return
+        if head is None:
+            return
+        fd = connection.fd
+        del self._waiting[fd]
+        self._selector.unregister(fd)
+        try:
+            self._ready.put_nowait((connection, head))
+        except queue.Full:
+            self._waiting[fd] = connection  # so that _close finds and forgets it
+            self._selector.register(fd, selectors.EVENT_READ, connection)
+            overloaded = text_response(
+                HTTPStatus.SERVICE_UNAVAILABLE, "Too many parallel requests", ("Retry-After", "1")
+            )
+            self._refuse(connection, overloaded)
+            return
+        self._busy += 1
+
+    def _refuse(self, connection: Connection, response: Response) -> None:
+        data = response_bytes(
+            SERVER_VERSION, response.status, response.content_type, response.body,
+            response.headers, keep_alive=False, head_only=False,
+        )  # fmt: skip
+        fd = connection.fd
+        if self._waiting.pop(fd, None) is not None:
+            self._selector.unregister(fd)
+        answer_and_close(connection.sock, data)
+
+    def _take_returned(self) -> None:
+        try:
+            while self._wake_read.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        now = time.monotonic()
+        while True:
+            try:
+                connection, keep = self._returned.get_nowait()
+            except queue.Empty:
+                return
+            self._busy -= 1
+            if not keep:
+                with contextlib.suppress(OSError):
+                    connection.sock.close()
+                continue
+            connection.wait_for_request(now)
+            self._watch(connection)
+            self._dispatch(connection)  # a pipelined request may be buffered already
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # a full wake buffer wakes it already
+            self._wake_write.send(b"\0")
+
+    # -- the workers ------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            item = self._ready.get()
+            if item is None:
+                return
+            connection, head = item
+            try:
+                keep = self._answer(connection, head)
+            except Exception:  # one broken request must not cost the server a worker
+                log.exception("error answering a request from %s", connection.address)
+                keep = False
+            self._returned.put((connection, keep and not self._stopping.is_set()))
+            self._wake()
+
+    def _answer(self, connection: Connection, head: bytes) -> bool:
+        """Answer one request; True to keep the connection for the next one."""
+        try:
+            request = parse_head(head)
+        except ProtocolError as error:
+            return self._send(connection, text_response(error.status, str(error)), False, False)
+        try:
+            response = self._app.respond(
+                request.method, request.target, request.headers, connection.address
+            )
+        except Exception:  # one broken request must not cost the server its worker
+            log.exception("error answering %s %s", request.method, request.target)
+            response = text_response(
+                HTTPStatus.INTERNAL_SERVER_ERROR, "Internal error (see the log)"
+            )
+        if 200 <= response.status < 300:
+            connection.answered = True
+        head_only = request.method == "HEAD"
+        return self._send(connection, response, request.keep_alive, head_only)
+
+    def _send(self, connection: Connection, response: Response, keep: bool, head: bool) -> bool:
+        data = response_bytes(
+            SERVER_VERSION, response.status, response.content_type, response.body,
+            response.headers, keep, head,
+        )  # fmt: skip
+        sock = connection.sock
+        try:
+            sock.settimeout(limits.WRITE_TIMEOUT_SECONDS)
+            sock.sendall(data)
+            sock.settimeout(0.0)
+        except (OSError, ValueError) as error:
+            log.debug("sending to %s failed: %s", connection.address, error)
+            return False
+        return keep
 
 
-def _bind(listen: ListenAddress, app: WebApp) -> _Server:
+def _bind(listen: ListenAddress) -> socket.socket:
     if listen.host == "":
         try:
-            return _Server(socket.AF_INET6, ("::", listen.port), True, app)
+            return _listening(socket.AF_INET6, ("::", listen.port), dual_stack=True)
         except OSError as error:
             if error.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                 raise ListenError(_bind_failure(listen, error)) from None
         # No IPv6 in this kernel or namespace: every IPv4 address will do.
-        return _try_bind(listen, socket.AF_INET, ("0.0.0.0", listen.port), app)
+        return _try_bind(listen, socket.AF_INET, ("0.0.0.0", listen.port))
     try:
         infos = socket.getaddrinfo(
             listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -203,14 +375,30 @@ def _bind(listen: ListenAddress, app: WebApp) -> _Server:
             f'cannot listen on {listen}: cannot resolve "{listen.host}": {error.strerror}'
         ) from None
     family, _, _, _, sockaddr = infos[0]
-    return _try_bind(listen, family, sockaddr, app)
+    return _try_bind(listen, family, sockaddr)
+
+
+def _listening(
+    family: socket.AddressFamily, address: tuple[Any, ...], dual_stack: bool = False
+) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if dual_stack:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _try_bind(
-    listen: ListenAddress, family: socket.AddressFamily, address: tuple[Any, ...], app: WebApp
-) -> _Server:
+    listen: ListenAddress, family: socket.AddressFamily, address: tuple[Any, ...]
+) -> socket.socket:
     try:
-        return _Server(family, address, False, app)
+        return _listening(family, address)
     except OSError as error:
         raise ListenError(_bind_failure(listen, error)) from None
 

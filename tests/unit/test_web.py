@@ -12,6 +12,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -26,7 +27,7 @@ from tcpwatch.config import CollectSettings, Config, RuleOverride
 from tcpwatch.http import app as web_app
 from tcpwatch.http import server as web_server
 from tcpwatch.http.app import Health, Response, WebApp, accepts_gzip
-from tcpwatch.http.auth import BasicAuth, TokenBucket
+from tcpwatch.http.auth import AuthResult, BasicAuth, TokenBucket
 from tcpwatch.http.listen import ListenAddress, ListenError, parse_listen
 from tcpwatch.http.server import WebServer
 from tcpwatch.http.webconfig import RateLimit, WebConfig
@@ -402,19 +403,19 @@ def test_successful_checks_are_cached_failures_are_not(monkeypatch: pytest.Monke
     monkeypatch.setattr(bcrypt, "checkpw", counting)
     auth = BasicAuth({"prometheus": HASH})
     for _ in range(3):
-        assert auth.check(basic("prometheus", PASSWORD))
+        assert auth.verify(basic("prometheus", PASSWORD)) is AuthResult.OK
     assert len(checks) == 1
     for _ in range(2):
-        assert not auth.check(basic("prometheus", "nope"))
+        assert auth.verify(basic("prometheus", "nope")) is AuthResult.DENIED
     assert len(checks) == 3
     # An unknown user costs a bcrypt check too (no timing hint about which users exist).
-    assert not auth.check(basic("mallory", PASSWORD))
+    assert auth.verify(basic("mallory", PASSWORD)) is AuthResult.DENIED
     assert len(checks) == 4
 
 
 def test_a_changed_hash_does_not_reuse_the_cache() -> None:
     old = BasicAuth({"prometheus": HASH})
-    assert old.check(basic("prometheus", PASSWORD))
+    assert old.verify(basic("prometheus", PASSWORD)) is AuthResult.OK
     new_hash = bcrypt.hashpw(b"rotated", bcrypt.gensalt(4)).decode()
     app = Holder().app(WebConfig(basic_auth_users={"prometheus": HASH}))
     assert get(app, "/-/ready", authorization=basic("prometheus", PASSWORD)).status == 503
@@ -541,23 +542,43 @@ def test_kept_alive_scrapes_are_not_held_up_by_delayed_acks(
     assert statistics.median(took) < 0.03, took
 
 
-def test_overload_gets_a_quick_503(served: tuple[Holder, WebServer]) -> None:
-    _, server = served
-    slots = server._server.slots
-    taken = 0
-    while slots.acquire(blocking=False):  # every slot busy, as under a flood of slow scrapes
-        taken += 1
+def test_overload_gets_a_quick_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One worker, one queue place: a request that finds both taken is answered 503 at once.
+    monkeypatch.setattr(web_server.limits, "WORKERS", 1)
+    monkeypatch.setattr(web_server.limits, "READY_QUEUE", 1)
+    holder = Holder()
+    holder.state = export_state()
+    app = holder.app()
+    release = threading.Event()
+    real = app.respond
+
+    def held(*args: object, **kwargs: object) -> Response:
+        release.wait(10)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(app, "respond", held)
+    server = WebServer(ListenAddress("127.0.0.1", 0), app)
+    server.start()
+    busy = [socket.create_connection(("127.0.0.1", server.address.port), timeout=5)]
     try:
+        busy[0].sendall(b"GET /metrics HTTP/1.1\r\n\r\n")  # taken by the worker
+        time.sleep(0.2)
+        busy.append(socket.create_connection(("127.0.0.1", server.address.port), timeout=5))
+        busy[1].sendall(b"GET /metrics HTTP/1.1\r\n\r\n")  # waits in the queue
+        time.sleep(0.2)
         connection = http.client.HTTPConnection("127.0.0.1", server.address.port, timeout=5)
+        started = time.monotonic()
         connection.request("GET", "/metrics")
         response = connection.getresponse()
         assert response.status == 503
         assert b"Too many parallel requests" in response.read()
+        assert time.monotonic() - started < 1.0
         connection.close()
     finally:
-        for _ in range(taken):
-            slots.release()
-    assert taken == web_server.MAX_PARALLEL_REQUESTS
+        release.set()
+        for sock in busy:
+            sock.close()
+        server.stop()
 
 
 def test_a_failing_render_is_a_500_and_the_server_goes_on(

@@ -78,11 +78,12 @@ def test_tls_serves_and_plain_http_is_refused(pki: Pki, serve_with: StartServer)
     server = serve_with("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n")
     assert server.url.startswith("https://127.0.0.1:")
     assert https_get(server, client_context(pki)) == (200, b"Healthy\n")
-    # A plain HTTP client gets no answer (the handshake fails), and the server goes on.
+    # A plain HTTP client gets a 400 that says why (as Go's servers answer), not a reset.
     plain = http.client.HTTPConnection("127.0.0.1", server.address.port, timeout=5)
-    with pytest.raises((http.client.HTTPException, OSError)):
-        plain.request("GET", "/-/healthy")
-        plain.getresponse()
+    plain.request("GET", "/-/healthy")
+    response = plain.getresponse()
+    assert response.status == 400
+    assert response.read() == b"Client sent an HTTP request to an HTTPS server.\n"
     plain.close()
     assert https_get(server, client_context(pki))[0] == 200
 
