@@ -60,12 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tcpwatch {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
-    commands.add_parser(
+    metrics = commands.add_parser(
         "metrics",
         parents=[common],
-        help="take one snapshot and print the Prometheus exposition to stdout",
-        description="Take one snapshot and print the Prometheus exposition text to stdout "
-        "(for debugging, or for node_exporter's textfile collector).",
+        help="take one snapshot and print the Prometheus exposition (or write it to --output)",
+        description="Take one snapshot and print the Prometheus exposition text to stdout, or "
+        "write it atomically to --output for node_exporter's textfile collector. Only tcpwatch_* "
+        "series: no process_* or python_info (node_exporter exports its own process_*).",
+    )
+    metrics.add_argument(
+        "--output",
+        metavar="FILE",
+        help="write to FILE atomically (temporary file in the same directory, fsync, rename), "
+        "e.g. /var/lib/prometheus/node-exporter/tcpwatch.prom",
     )
     check = commands.add_parser(
         "check",
@@ -131,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _rules()
         _require_linux(config.procfs)
         if args.command == "metrics":
-            return _metrics(config)
+            return _metrics(config, args.output)
         if args.command == "check":
             return _check(config, args)
         if args.command == "serve":
@@ -175,7 +182,7 @@ def rule_catalogue() -> RuleCatalogue:
 def _load(args: argparse.Namespace) -> Config:
     from dataclasses import replace
 
-    for flag in ("config", "procfs", "netns", "listen", "web_config"):
+    for flag in ("config", "procfs", "netns", "listen", "web_config", "output"):
         if getattr(args, flag, None) == "":
             raise UsageError(f"--{flag.replace('_', '-')}: empty value (an unset variable?)")
     config = load_config(args.config, rule_catalogue()) if args.config else Config()
@@ -258,7 +265,7 @@ def _poll(config: Config) -> tuple[Snapshot, ...]:
     return snapshots
 
 
-def _metrics(config: Config) -> int:
+def _metrics(config: Config, output: str | None) -> int:
     from tcpwatch.audit import audit, rule_settings
     from tcpwatch.exporter import render
     from tcpwatch.sources.sysctl_files import read_persisted_sysctls
@@ -275,7 +282,15 @@ def _metrics(config: Config) -> int:
         top_processes=config.collect.top_processes,
         top_destinations=config.collect.top_destinations,
     )
-    sys.stdout.buffer.write(render(state))
+    # A one-shot run's process_* series mean nothing, and node_exporter's textfile collector
+    # fails the whole scrape on series it also exports itself ("was collected before").
+    exposition = render(state, include_process=False)
+    if output is not None:
+        from tcpwatch.textfile import write_atomically
+
+        write_atomically(output, exposition)
+        return EXIT_OK
+    sys.stdout.buffer.write(exposition)
     sys.stdout.flush()
     return EXIT_OK
 
