@@ -104,3 +104,11 @@ def test_podmonitor_selects_the_daemonset_pods_and_their_port() -> None:
         "sourceLabels": ["__meta_kubernetes_pod_node_name"],
         "targetLabel": "instance",
     } in endpoint["relabelings"]
+
+
+def test_debian_package_version_is_the_package_version() -> None:
+    first = (ROOT / "debian" / "changelog").read_text(encoding="utf-8").splitlines()[0]
+    match = re.fullmatch(r"tcpwatch \(([^)]+)\) \S+; urgency=\w+", first)
+    assert match is not None, first
+    # A native package: the Debian version is the upstream version, possibly with a +debN suffix.
+    assert match.group(1).split("+")[0] == tcpwatch.__version__
