@@ -10,7 +10,6 @@ it (--force-confold): that is also the conffile's behaviour under test.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import socket
@@ -36,12 +35,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SECONDS = 600
-BUILD_TOOLS = ("dpkg-buildpackage", "dh", "dpkg-deb")
-# Not part of a source tree the package is built from.
-SKIP_IN_COPY = shutil.ignore_patterns(
-    ".git", ".venv", "__pycache__", "*.pyc", ".mypy_cache", ".ruff_cache", ".pytest_cache",
-    "build", "dist", "*.egg-info", "results",
-)  # fmt: skip
+BUILD_TOOLS = ("dpkg-buildpackage", "dh", "dpkg-deb", "tar")
 CONFFILES = {"/etc/tcpwatch/config.yaml", "/etc/default/tcpwatch"}
 DEB_IN_BOX = "/root/tcpwatch.deb"
 
@@ -57,28 +51,21 @@ class Installed:
 
 
 def build_deb(scratch: Path) -> Path:
-    """dpkg-buildpackage in a copy of the working tree (it writes build/ and ../*.deb)."""
+    """The package as README's quick start builds it: `scripts/install --build-only DIR` runs
+    dpkg-buildpackage -us -uc -b in a copy of the working tree."""
     missing = [tool for tool in BUILD_TOOLS if shutil.which(tool) is None]
     assert not missing, f"missing {missing}: scripts/test installs debhelper and dpkg-dev"
-    source = scratch / "tcpwatch"
-    shutil.copytree(REPO, source, ignore=SKIP_IN_COPY, symlinks=True)
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "MAKEFLAGS")
-    }
-    env["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
+    output = scratch / "debs"
     result = subprocess.run(
-        ["dpkg-buildpackage", "-us", "-uc", "-b"],
-        cwd=source,
+        [str(REPO / "scripts" / "install"), "--build-only", str(output)],
         capture_output=True,
         text=True,
         timeout=BUILD_SECONDS,
-        env=env,
         check=False,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    [deb] = scratch.glob("tcpwatch_*.deb")
+    [deb] = output.glob("tcpwatch_*.deb")
+    assert result.stdout.strip().endswith(str(deb)), result.stdout
     return deb
 
 
