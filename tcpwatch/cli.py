@@ -74,12 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tcpwatch {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
-    commands.add_parser(
+    metrics = commands.add_parser(
         "metrics",
         parents=[common],
-        help="take one snapshot and print the Prometheus exposition to stdout",
-        description="Take one snapshot and print the Prometheus exposition text to stdout "
-        "(for debugging, or for node_exporter's textfile collector).",
+        help="take one snapshot and print the Prometheus exposition (or write it to --output)",
+        description="Take one snapshot and print the Prometheus exposition text to stdout, or "
+        "write it atomically to --output for node_exporter's textfile collector. Only tcpwatch_* "
+        "series: no process_* or python_info (node_exporter exports its own process_*).",
+    )
+    metrics.add_argument(
+        "--output",
+        metavar="FILE",
+        help="write to FILE atomically (temporary file in the same directory, fsync, rename), "
+        "e.g. /var/lib/prometheus/node-exporter/tcpwatch.prom",
     )
     check = commands.add_parser(
         "check",
@@ -145,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _rules()
         _require_linux(config.procfs)
         if args.command == "metrics":
-            return _metrics(config)
+            return _metrics(config, args.output)
         if args.command == "check":
             return _check(config, args)
         if args.command == "serve":
@@ -195,7 +202,7 @@ def disableable_sources() -> tuple[str, ...]:
 def _load(args: argparse.Namespace) -> Config:
     from dataclasses import replace
 
-    for flag in ("config", "procfs", "netns", "listen", "web_config"):
+    for flag in ("config", "procfs", "netns", "listen", "web_config", "output"):
         value = getattr(args, flag, None)
         if value == "":
             raise UsageError(f"--{flag.replace('_', '-')}: empty value (an unset variable?)")
@@ -290,13 +297,21 @@ def _usable(config: Config, state: ExportState) -> ExportState:
     return state
 
 
-def _metrics(config: Config) -> int:
+def _metrics(config: Config, output: str | None) -> int:
     from tcpwatch.pipeline import Pipeline
     from tcpwatch.render.prometheus import render
 
     pipeline = Pipeline(long_lived=False, cached=False, log_failures=False)
     state = _usable(config, pipeline.poll(config))
-    sys.stdout.buffer.write(render(state))
+    # A one-shot run's process_* series mean nothing, and node_exporter's textfile collector
+    # fails the whole scrape on series it also exports itself ("was collected before").
+    exposition = render(state, include_process=False)
+    if output is not None:
+        from tcpwatch.textfile import write_atomically
+
+        write_atomically(output, exposition)
+        return EXIT_OK
+    sys.stdout.buffer.write(exposition)
     sys.stdout.flush()
     return EXIT_OK
 

@@ -174,7 +174,7 @@ def build_wheelhouse(
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
     with tempfile.TemporaryDirectory(prefix="tw-wheel-src-") as source:
         # setuptools writes build/ and *.egg-info into the tree it builds: build a copy.
-        for name in ("pyproject.toml", "README.md"):
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
             shutil.copy2(repo / name, Path(source) / name)
         shutil.copytree(
             repo / "tcpwatch",

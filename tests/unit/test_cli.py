@@ -319,7 +319,7 @@ REQUIRED_FLAGS: dict[str, set[str]] = {
         "--format",
         "--verbose",
     },
-    "metrics": {"--help", "--config", "--procfs", "--netns", "--log-level"},
+    "metrics": {"--help", "--config", "--procfs", "--netns", "--log-level", "--output"},
     "serve": {"--help", "--config", "--listen", "--interval", "--web-config", "--netns"},
     "rules": {"--help", "--config"},
 }
