@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=("text", "json"), default="text", help="report format (default text)"
     )
     check.add_argument(
+        "--from",
+        dest="from_url",
+        metavar="URL",
+        help="read the findings of a running `tcpwatch serve` (http[s]://[USER:PASS@]HOST:PORT) "
+        "from its /api/v1/findings instead of polling: its history included, no --window",
+    )
+    check.add_argument(
         "--verbose",
         action="store_true",
         help="text format: show evidence and fixes of info findings too (they are one line each)",
@@ -129,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _setup_logging(config.log_level)
         if args.command == "rules":
             return _rules()
+        if args.command == "check" and args.from_url is not None:
+            return _check_from(args)
         _require_linux(config.procfs)
         if args.command == "metrics":
             return _metrics(config)
@@ -308,6 +317,57 @@ def _check(config: Config, args: argparse.Namespace) -> int:
         # A namespace asked for but not audited: the result is not OK, it is unknown.
         log.warning("namespaces not audited: %s", ", ".join(unpolled))
         return EXIT_UNKNOWN
+    return code
+
+
+def _check_from(args: argparse.Namespace) -> int:
+    """`check --from URL`: the daemon's latest findings, reported as `check` reports its own."""
+    from tcpwatch.client import DaemonError, parse_daemon_url
+    from tcpwatch.model import Snapshot, SourceStatus
+    from tcpwatch.render.json import findings_from_document
+    from tcpwatch.render.text import render_text
+
+    if args.window is not None:
+        raise UsageError("--window: not with --from (the daemon's own poll interval is the window)")
+    daemon = parse_daemon_url(args.from_url)
+    query = {"netns": args.netns} if args.netns and args.netns not in ("all", "self") else {}
+    document = daemon.get_json("/api/v1/findings", {**query, "limit": "10000"})
+    try:
+        findings = findings_from_document(document)
+        code = int(document["exit_code"])
+        sources: dict[str, list[SourceStatus]] = {}
+        for item in document["sources"]:
+            sources.setdefault(item["netns"], []).append(
+                SourceStatus(item["name"], item["ok"], item["duration_seconds"], item["error"])
+            )
+        snapshots = [
+            Snapshot(
+                netns=item["netns"],
+                taken_at=item["taken_at"],
+                sockets=None,
+                counters=None,
+                sockstat=None,
+                sysctls=None,
+                attribution=None,
+                sources=tuple(sources.get(item["netns"], ())),
+            )
+            for item in document["namespaces"]
+        ]
+    except (KeyError, TypeError, ValueError) as error:
+        raise DaemonError(
+            f"tcpwatch at {daemon.shown} answered /api/v1/findings with an unexpected document "
+            f"({type(error).__name__}: {error}); is it the same tcpwatch version?"
+        ) from None
+    if args.netns and args.netns not in ("all", "self") and not snapshots:
+        raise UsageError(f'--netns: the daemon at {daemon.shown} polls no namespace "{args.netns}"')
+    if args.format == "json":
+        import json
+
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
+        sys.stdout.write(render_text(findings, snapshots, color, verbose=args.verbose))
+    sys.stdout.flush()
     return code
 
 
