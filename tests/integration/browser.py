@@ -20,6 +20,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -86,6 +87,7 @@ class Browser:
             stderr=self._log,
             preexec_fn=lambda: (_to_fd(high_r, 3), _to_fd(high_w, 4)),
             pass_fds=(3, 4),
+            start_new_session=True,  # its renderers and helpers are killed with it, as a group
         )
         for fd in {to_browser_r, from_browser_w, high_r, high_w}:
             with contextlib.suppress(OSError):
@@ -104,18 +106,20 @@ class Browser:
         self, method: str, params: dict[str, Any] | None = None, session: bool = False
     ) -> dict[str, Any]:
         self._next_id += 1
-        message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
+        wanted = self._next_id  # events handled while waiting send messages of their own
+        message: dict[str, Any] = {"id": wanted, "method": method, "params": params or {}}
         if session:
             message["sessionId"] = self._session
         os.write(self._to_browser, json.dumps(message).encode() + b"\0")
         deadline = time.monotonic() + self._timeout
         while True:
             reply = self._read(deadline)
-            if reply.get("id") == self._next_id:
+            if reply.get("id") == wanted:
                 if "error" in reply:
                     raise BrowserError(f"{method}: {reply['error']}")
                 return dict(reply.get("result", {}))
-            self._event(reply)
+            if "method" in reply:
+                self._event(reply)
 
     def _read(self, deadline: float) -> dict[str, Any]:
         while b"\0" not in self._buffer:
@@ -163,7 +167,9 @@ class Browser:
         deadline = time.monotonic() + seconds
         with contextlib.suppress(BrowserError):
             while time.monotonic() < deadline:
-                self._event(self._read(deadline))
+                message = self._read(deadline)
+                if "method" in message:
+                    self._event(message)
 
     # -- what tests use ----------------------------------------------------------------------
 
@@ -211,13 +217,16 @@ class Browser:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._to_browser)
-        if self.process.poll() is None:
-            self.process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=10)
+        time.sleep(0.2)  # the group's last processes let go of the profile
         with contextlib.suppress(OSError):
             os.close(self._from_browser)
         self._log.close()
-        self._profile.cleanup()
+        shutil.rmtree(self._profile.name, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self._profile.cleanup()
 
     def __enter__(self) -> Browser:
         return self
