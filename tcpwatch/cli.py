@@ -1,4 +1,4 @@
-"""Command line: `tcpwatch metrics | check | rules | serve`.
+"""Command line: `tcpwatch metrics | check | top | rules | serve`.
 
 Exit codes (docs/cli.md): 0 success / OK; 1 WARNING and 2 CRITICAL findings (`check`, Nagios
 convention); 3 tcpwatch could not run: bad flag, bad config, not Linux, no netlink, unreadable
@@ -117,6 +117,41 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="exporter-toolkit web config file: TLS and basic auth (config: web_config)",
     )
+    top = commands.add_parser(
+        "top",
+        parents=[common],
+        help="live terminal view: states, listeners by fill, CLOSE_WAIT holders, findings",
+        description="A live view like top(1), from a running daemon (--from, default the local "
+        "one when it answers) or by polling this host. Keys: q quit, n next namespace, s sort "
+        "listeners, p pause, r refresh. Batch mode prints one screen and exits.",
+    )
+    top.add_argument(
+        "--from",
+        dest="from_url",
+        metavar="URL",
+        help="a running `tcpwatch serve` (http[s]://[USER:PASS@]HOST:PORT); default: the local "
+        "daemon (config listen) if it answers, else poll this host",
+    )
+    top.add_argument(
+        "-d",
+        "--delay",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between refreshes (default 2)",
+    )
+    top.add_argument(
+        "-b",
+        "--batch",
+        action="store_true",
+        help="print one plain screen and exit (automatic when stdout is not a terminal)",
+    )
+    top.add_argument(
+        "--sort",
+        choices=("fill", "syn_recv", "port"),
+        default="fill",
+        help="listener order (default fill: the fullest accept queue first; key s cycles)",
+    )
     commands.add_parser(
         "rules",
         parents=[common],
@@ -138,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _rules()
         if args.command == "check" and args.from_url is not None:
             return _check_from(args)
+        if args.command == "top":
+            return _top(config, args)
         _require_linux(config.procfs)
         if args.command == "metrics":
             return _metrics(config)
@@ -318,6 +355,20 @@ def _check(config: Config, args: argparse.Namespace) -> int:
         log.warning("namespaces not audited: %s", ", ".join(unpolled))
         return EXIT_UNKNOWN
     return code
+
+
+def _top(config: Config, args: argparse.Namespace) -> int:
+    from tcpwatch.top.app import run_top
+    from tcpwatch.top.feed import open_feed
+
+    if not 0.2 <= args.delay <= 3600:
+        raise UsageError(f"--delay: expected seconds between 0.2 and 3600, got {args.delay:g}")
+    if args.from_url is None:
+        _require_linux(config.procfs)
+    feed = open_feed(config, args.from_url)
+    single = args.netns if args.netns and "," not in args.netns and "*" not in args.netns else None
+    return run_top(feed, single if single not in ("self", "all") else None, args.sort,
+                   args.delay, args.batch)  # fmt: skip
 
 
 def _check_from(args: argparse.Namespace) -> int:
