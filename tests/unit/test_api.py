@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tcpwatch.http.webconfig import RateLimit, WebConfig
 from tcpwatch.model import STATES, DestinationUse, ProcessRef
 from tcpwatch.render import api
 from tcpwatch.render.json import render_json
@@ -138,3 +139,45 @@ def test_trend_keeps_a_bounded_history_and_skips_failed_polls() -> None:
     grown = snapshot(taken_at=T0 + 503, counters={"TcpActiveOpens": 10})
     assert next_trend(None, reset, grown).rates == {"TcpActiveOpens": 5.0}
     assert next_trend(None, grown, reset).rates == {}  # went down: no rate
+
+
+# -- through the routes: the same auth, rate limit and headers as /metrics -----------------------
+
+
+def test_api_routes_answer_json_behind_auth_and_rate_limit() -> None:
+    from .test_web import HASH, PASSWORD, Holder, basic, get
+
+    holder = Holder()
+    app = holder.app(
+        WebConfig(basic_auth_users={"prometheus": HASH}, rate_limit=RateLimit(3600.0, 5))
+    )
+    login = basic("prometheus", PASSWORD)
+    assert get(app, "/api/v1/snapshot").status == 401
+    assert get(app, "/api/v1/findings", authorization=login).status == 503  # no poll yet
+    holder.state = problem_state()
+    snapshot = get(app, "/api/v1/snapshot?limit=2&sort=syn_recv", authorization=login)
+    assert snapshot.status == 200 and snapshot.content_type == "application/json"
+    assert ("X-Content-Type-Options", "nosniff") in snapshot.headers
+    assert len(json.loads(snapshot.body)["namespaces"][0]["listeners"]["items"]) == 2
+    findings = json.loads(get(app, "/api/v1/findings", authorization=login).body)
+    assert findings["status"] == "CRITICAL" and findings["findings"][0]["id"] == "Q01"
+    bad = get(app, "/api/v1/snapshot?offset=x", authorization=login)
+    assert bad.status == 400 and b"offset" in bad.body
+    assert get(app, "/api/v1/snapshot", authorization=login).status == 429  # the 6th request
+
+
+def test_top_screen_fits_any_width_and_keeps_host_strings_as_they_are() -> None:
+    from tcpwatch.top.screen import View, fit, layout
+
+    state = problem_state()
+    snapshot = api.snapshot_document(state, api.SnapshotQuery(limit=5))
+    findings = api.findings_document(state, None, 100)
+    wide = layout(snapshot, findings, View(source="test"), 160)
+    text = "\n".join(line.text for line in wide)
+    assert "0.0.0.0:8080" in text and "nginx[1234]" in text and "<script>[77]" in text
+    assert sum(1 for line in wide if line.text.startswith("STATE ")) == 1
+    narrow = layout(snapshot, findings, View(source="test"), 60)
+    assert all(len(line.text) <= 60 for line in narrow)
+    assert sum(1 for line in narrow if line.text.startswith("STATE ")) >= 2
+    screen = fit(narrow, 60, 20)
+    assert len(screen) == 20 and screen[-1].text.startswith("q quit")
