@@ -49,6 +49,7 @@ class Browser:
         width: int = 1400,
         height: int = 1100,
         timeout: float = 30.0,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         executable = shutil.which(CHROMIUM)
         if executable is None:
@@ -72,6 +73,7 @@ class Browser:
             "--remote-debugging-pipe",
             f"--user-data-dir={self._profile.name}",
             f"--window-size={width},{height}",
+            *extra_args,
             "about:blank",
         )
         to_browser_r, self._to_browser = os.pipe()

@@ -5,13 +5,15 @@ cannot be read."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .netns import Netns, run_tcpwatch
+from .browser import Browser
+from .netns import REPO_ROOT, Netns, run_tcpwatch, tcpwatch_env
 from .views import PASSWORD, USER, problem_host
 
 pytestmark = pytest.mark.integration
@@ -29,6 +31,11 @@ server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Failing)
 print("ready", flush=True)
 server.serve_forever()
 """
+
+
+def tcpwatch_with(ns: Netns, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return ns.run(sys.executable, "-m", "tcpwatch", *args, check=False, timeout=120,
+                  env={**tcpwatch_env(), **env}, cwd=str(REPO_ROOT))  # fmt: skip
 
 
 def key(finding: dict[str, object]) -> tuple[object, ...]:
@@ -96,3 +103,39 @@ def test_check_from_a_daemon_answering_500(netns: Netns) -> None:
     assert netns.read_line(server, timeout=20) == "ready"
     line = one_line_exit_3(netns, "--from", "http://127.0.0.1:19499")
     assert "500" in line and "poll thread died" in line, line
+
+
+def test_over_tls_check_from_the_page_and_top_work(tmp_path: Path) -> None:
+    with problem_host(tmp_path, hostile=False, tls=True) as setup:
+        assert setup.ca_file is not None
+        trusted = {"SSL_CERT_FILE": str(setup.ca_file)}
+        done = tcpwatch_with(setup.viewer, trusted, "check", "--from", setup.auth_url, "--netns",
+                             setup.host.name, "--format", "json")  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert {f["id"] for f in json.loads(done.stdout)["findings"]} >= {"Q01", "S01"}
+        # Without the CA the certificate is refused, in one line.
+        assert "TLS" in one_line_exit_3(setup.viewer, "--from", setup.auth_url)
+        # Plain HTTP to the TLS port is not an answer either.
+        plain = setup.auth_url.replace("https://", "http://")
+        one_line_exit_3(setup.viewer, "--from", plain)
+
+        top = tcpwatch_with(setup.viewer, trusted, "top", "--from", setup.auth_url, "--netns",
+                            setup.host.name, "-b")  # fmt: skip
+        assert top.returncode == 0 and "CRITICAL Q01" in top.stdout, top.stderr
+
+        # The page over HTTPS (the test CA is not in Chromium's store: its errors are ignored),
+        # with basic auth, fills its diagram from the API.
+        with Browser(
+            setup.viewer.exec_argv, extra_args=("--ignore-certificate-errors",)
+        ) as browser:
+            browser.open(setup.url + "/", user=USER, password=PASSWORD)
+            browser.wait_for("document.body.dataset.updated > 0")
+            assert browser.evaluate("location.protocol") == "https:"
+            browser.evaluate(
+                "(() => { const s = document.getElementById('netns');"
+                f" s.value = {json.dumps(setup.host.name)};"
+                " s.dispatchEvent(new Event('change')); })()"
+            )
+            browser.wait_for(
+                "document.querySelector('#state-close_wait .count').textContent === '16'"
+            )

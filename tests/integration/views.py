@@ -5,6 +5,8 @@ connections never change the counts being compared with ss)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -33,14 +35,39 @@ class ProblemHost:
     served: Served
     full: populations.Population
     leaker: populations.Population
+    ca_file: Path | None = None  # with TLS: the CA that signed the daemon's certificate
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ca_file else "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.served.port}"
+        return f"{self.scheme}://127.0.0.1:{self.served.port}"
 
     @property
     def auth_url(self) -> str:
-        return f"http://{USER}:{PASSWORD}@127.0.0.1:{self.served.port}"
+        return f"{self.scheme}://{USER}:{PASSWORD}@127.0.0.1:{self.served.port}"
+
+
+def _openssl(directory: Path, *args: str) -> None:
+    done = subprocess.run(["openssl", *args], cwd=directory, capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, f"openssl {' '.join(args)}: {done.stderr}"
+
+
+def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """(CA certificate, server certificate for 127.0.0.1, its key), made with openssl."""
+    curve = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl(directory, "req", "-x509", *curve, "-keyout", "ca.key", "-out", "ca.crt",
+             "-days", "2", "-subj", "/CN=tcpwatch views test CA")  # fmt: skip
+    _openssl(directory, "req", "-new", *curve, "-keyout", "server.key", "-out", "server.csr",
+             "-subj", "/CN=127.0.0.1")  # fmt: skip
+    (directory / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl(directory, "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "2", "-out", "server.crt",
+             "-extfile", "server.ext")  # fmt: skip
+    return directory / "ca.crt", directory / "server.crt", directory / "server.key"
 
 
 def ss_counts(ns: Netns) -> dict[tuple[str, str], int]:
@@ -69,7 +96,7 @@ def artifacts_dir() -> Path:
 
 @contextmanager
 def problem_host(
-    tmp: Path, auth: bool = True, hostile: bool = True, interval: float = 1.0
+    tmp: Path, auth: bool = True, hostile: bool = True, interval: float = 1.0, tls: bool = False
 ) -> Iterator[ProblemHost]:
     """A full accept queue, CLOSE_WAIT held by a process (named ``<script>tw`` when ``hostile``)
     and TIME_WAIT, watched by a serve in a viewer namespace that polls it (and itself)."""
@@ -90,30 +117,47 @@ def problem_host(
         )
         args = ["--listen", f"127.0.0.1:{PORT}", "--interval", str(interval)]
         args += ["--netns", f"{host.name},self", "--config", str(config)]
+        web = ""
         if auth:
             hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
-            web = tmp / "web.yaml"
-            web.write_text(f"basic_auth_users:\n  {USER}: '{hashed}'\n")
-            args += ["--web-config", str(web)]
+            web += f"basic_auth_users:\n  {USER}: '{hashed}'\n"
+        ca_file = None
+        if tls:
+            ca_file, cert, key = make_certificates(tmp)
+            web += f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
+        if web:
+            (tmp / "web.yaml").write_text(web)
+            args += ["--web-config", str(tmp / "web.yaml")]
         served = start_serve(viewer, tmp / "serve.log", *args)
         try:
-            _wait_ready(served, auth)
-            yield ProblemHost(host, viewer, served, full, leaker)
+            _wait_ready(served, auth, ca_file)
+            yield ProblemHost(host, viewer, served, full, leaker, ca_file)
         finally:
             if served.process.poll() is None:
                 served.process.kill()
             served.process.wait(timeout=10)
 
 
-def _wait_ready(served: Served, auth: bool, timeout: float = 30.0) -> None:
-    # /-/ready answers 401 too when auth is on: readiness is the first poll's log line or a 401.
+_READY = """
+import http.client, ssl, sys
+if sys.argv[2]:
+    c = http.client.HTTPSConnection("127.0.0.1", int(sys.argv[1]), timeout=10,
+                                    context=ssl.create_default_context(cafile=sys.argv[2]))
+else:
+    c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
+c.request("GET", "/-/ready")
+print(c.getresponse().status)
+"""
+
+
+def _wait_ready(served: Served, auth: bool, ca_file: Path | None, timeout: float = 30.0) -> None:
+    # With auth on, /-/ready answers 401 until the password is given: that is ready enough.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert served.process.poll() is None, f"tcpwatch serve exited: {served.log()}"
-        try:
-            status = served.get("/-/ready")[0]
-        except Exception:  # not listening yet
-            status = 0
+        done = served.ns.run(sys.executable, "-c", _READY, str(served.port), str(ca_file or ""),
+                             check=False, timeout=15)  # fmt: skip
+        status = int(done.stdout) if done.returncode == 0 and done.stdout.strip() else 0
         if status == 200 or (auth and status == 401):
             time.sleep(2.5)  # two polls: rates and history have a point before
             return
