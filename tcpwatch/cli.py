@@ -373,9 +373,7 @@ def _top(config: Config, args: argparse.Namespace) -> int:
 
 def _check_from(args: argparse.Namespace) -> int:
     """`check --from URL`: the daemon's latest findings, reported as `check` reports its own."""
-    from tcpwatch.client import DaemonError, parse_daemon_url
-    from tcpwatch.model import Snapshot, SourceStatus
-    from tcpwatch.render.json import findings_from_document
+    from tcpwatch.client import parse_daemon_url, report_from_document
     from tcpwatch.render.text import render_text
 
     if args.window is not None:
@@ -383,32 +381,8 @@ def _check_from(args: argparse.Namespace) -> int:
     daemon = parse_daemon_url(args.from_url)
     query = {"netns": args.netns} if args.netns and args.netns not in ("all", "self") else {}
     document = daemon.get_json("/api/v1/findings", {**query, "limit": "10000"})
-    try:
-        findings = findings_from_document(document)
-        code = int(document["exit_code"])
-        sources: dict[str, list[SourceStatus]] = {}
-        for item in document["sources"]:
-            sources.setdefault(item["netns"], []).append(
-                SourceStatus(item["name"], item["ok"], item["duration_seconds"], item["error"])
-            )
-        snapshots = [
-            Snapshot(
-                netns=item["netns"],
-                taken_at=item["taken_at"],
-                sockets=None,
-                counters=None,
-                sockstat=None,
-                sysctls=None,
-                attribution=None,
-                sources=tuple(sources.get(item["netns"], ())),
-            )
-            for item in document["namespaces"]
-        ]
-    except (KeyError, TypeError, ValueError) as error:
-        raise DaemonError(
-            f"tcpwatch at {daemon.shown} answered /api/v1/findings with an unexpected document "
-            f"({type(error).__name__}: {error}); is it the same tcpwatch version?"
-        ) from None
+    findings, snapshots = report_from_document(daemon, document)
+    code = int(document["exit_code"])
     if args.netns and args.netns not in ("all", "self") and not snapshots:
         raise UsageError(f'--netns: the daemon at {daemon.shown} polls no namespace "{args.netns}"')
     if args.format == "json":

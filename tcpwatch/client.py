@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tcpwatch.errors import UsageError
+from tcpwatch.model import Snapshot, SourceStatus
+from tcpwatch.render.json import findings_from_document
+from tcpwatch.rules import Finding
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # far above any capped answer; a runaway server is cut off
 
@@ -126,3 +129,35 @@ def local_daemon_url(listen: str) -> str:
         host = "127.0.0.1" if host != "::" else "::1"
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port or 9477}"
+
+
+def report_from_document(daemon: Daemon, document: Any) -> tuple[list[Finding], list[Snapshot]]:
+    """The findings of a /api/v1/findings document, and bare snapshots (name, time, sources)
+    for the text report's header; DaemonError when the document is not a check report."""
+    try:
+        findings = findings_from_document(document)
+        sources: dict[str, list[SourceStatus]] = {}
+        for item in document["sources"]:
+            sources.setdefault(item["netns"], []).append(
+                SourceStatus(item["name"], item["ok"], item["duration_seconds"], item["error"])
+            )
+        snapshots = [
+            Snapshot(
+                netns=item["netns"],
+                taken_at=item["taken_at"],
+                sockets=None,
+                counters=None,
+                sockstat=None,
+                sysctls=None,
+                attribution=None,
+                sources=tuple(sources.get(item["netns"], ())),
+            )
+            for item in document["namespaces"]
+        ]
+        int(document["exit_code"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise DaemonError(
+            f"tcpwatch at {daemon.shown} answered /api/v1/findings with an unexpected document "
+            f"({type(error).__name__}: {error}); is it the same tcpwatch version?"
+        ) from None
+    return findings, snapshots
