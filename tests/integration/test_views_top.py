@@ -184,6 +184,16 @@ def test_top_colours_respect_no_color(tmp_path: Path) -> None:
         assert "\x1b[31m" in screens["colour"] or "\x1b[1;31m" in screens["colour"]
         assert not re.search(r"\x1b\[[0-9;]*3[1-6]m", screens["plain"])
 
+        # Without --from, top reads the local daemon (at the configured listen) when it answers.
+        config = tmp_path / "local.yaml"
+        config.write_text(f'listen: "127.0.0.1:{setup.served.port}"\n')
+        local = run_tcpwatch(
+            setup.viewer, "top", "--config", str(config), "--netns", setup.host.name
+        )
+        assert local.returncode == 0, local.stderr
+        assert f"from http://127.0.0.1:{setup.served.port}" in local.stdout.splitlines()[0]
+        assert "CRITICAL Q01" in local.stdout
+
 
 def test_top_batch_prints_one_screen(tmp_path: Path) -> None:
     with problem_host(tmp_path, hostile=False) as setup:
