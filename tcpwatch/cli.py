@@ -1,4 +1,4 @@
-"""Command line: `tcpwatch metrics | check | rules | serve`.
+"""Command line: `tcpwatch metrics | check | top | rules | serve`.
 
 Exit codes (docs/cli.md): 0 success / OK; 1 WARNING and 2 CRITICAL findings (`check`, Nagios
 convention); 3 tcpwatch could not run: bad flag, bad config, not Linux, no netlink, unreadable
@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=("text", "json"), default="text", help="report format (default text)"
     )
     check.add_argument(
+        "--from",
+        dest="from_url",
+        metavar="URL",
+        help="read the findings of a running `tcpwatch serve` (http[s]://[USER:PASS@]HOST:PORT) "
+        "from its /api/v1/findings instead of polling: its history included, no --window",
+    )
+    check.add_argument(
         "--verbose",
         action="store_true",
         help="text format: show evidence and fixes of info findings too (they are one line each)",
@@ -131,6 +138,41 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="exporter-toolkit web config file: TLS and basic auth (config: web_config)",
     )
+    top = commands.add_parser(
+        "top",
+        parents=[common],
+        help="live terminal view: states, listeners by fill, CLOSE_WAIT holders, findings",
+        description="A live view like top(1), from a running daemon (--from, default the local "
+        "one when it answers) or by polling this host. Keys: q quit, n next namespace, s sort "
+        "listeners, p pause, r refresh. Batch mode prints one screen and exits.",
+    )
+    top.add_argument(
+        "--from",
+        dest="from_url",
+        metavar="URL",
+        help="a running `tcpwatch serve` (http[s]://[USER:PASS@]HOST:PORT); default: the local "
+        "daemon (config listen) if it answers, else poll this host",
+    )
+    top.add_argument(
+        "-d",
+        "--delay",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between refreshes (default 2)",
+    )
+    top.add_argument(
+        "-b",
+        "--batch",
+        action="store_true",
+        help="print one plain screen and exit (automatic when stdout is not a terminal)",
+    )
+    top.add_argument(
+        "--sort",
+        choices=("fill", "syn_recv", "port"),
+        default="fill",
+        help="listener order (default fill: the fullest accept queue first; key s cycles)",
+    )
     commands.add_parser(
         "rules",
         parents=[common],
@@ -150,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _setup_logging(config.log_level)
         if args.command == "rules":
             return _rules()
+        if args.command == "check" and args.from_url is not None:
+            return _check_from(args)
+        if args.command == "top":
+            return _top(config, args)
         _require_linux(config.procfs)
         if args.command == "metrics":
             return _metrics(config, args.output)
@@ -346,6 +392,45 @@ def _check(config: Config, args: argparse.Namespace) -> int:
         # A namespace asked for but not audited: the result is not OK, it is unknown.
         log.warning("namespaces not audited: %s", ", ".join(unpolled))
         return EXIT_UNKNOWN
+    return code
+
+
+def _top(config: Config, args: argparse.Namespace) -> int:
+    from tcpwatch.top.app import run_top
+    from tcpwatch.top.feed import open_feed
+
+    if not 0.2 <= args.delay <= 3600:
+        raise UsageError(f"--delay: expected seconds between 0.2 and 3600, got {args.delay:g}")
+    if args.from_url is None:
+        _require_linux(config.procfs)
+    feed = open_feed(config, args.from_url)
+    single = args.netns if args.netns and "," not in args.netns and "*" not in args.netns else None
+    return run_top(feed, single if single not in ("self", "all") else None, args.sort,
+                   args.delay, args.batch)  # fmt: skip
+
+
+def _check_from(args: argparse.Namespace) -> int:
+    """`check --from URL`: the daemon's latest findings, reported as `check` reports its own."""
+    from tcpwatch.client import parse_daemon_url, report_from_document
+    from tcpwatch.render.text import render_text
+
+    if args.window is not None:
+        raise UsageError("--window: not with --from (the daemon's own poll interval is the window)")
+    daemon = parse_daemon_url(args.from_url)
+    query = {"netns": args.netns} if args.netns and args.netns not in ("all", "self") else {}
+    document = daemon.get_json("/api/v1/findings", {**query, "limit": "10000"})
+    findings, snapshots = report_from_document(daemon, document)
+    code = int(document["exit_code"])
+    if args.netns and args.netns not in ("all", "self") and not snapshots:
+        raise UsageError(f'--netns: the daemon at {daemon.shown} polls no namespace "{args.netns}"')
+    if args.format == "json":
+        import json
+
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
+        sys.stdout.write(render_text(findings, snapshots, color, verbose=args.verbose))
+    sys.stdout.flush()
     return code
 
 

@@ -21,7 +21,8 @@ from tcpwatch.model import Attribution, PersistedSysctl, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
 from tcpwatch.rules import SYSCTLS_USED
 from tcpwatch.sources.sysctl_files import read_persisted_sysctls
-from tcpwatch.state import ExportState, PollHistogram
+from tcpwatch.state import ExportState, PollHistogram, Trend
+from tcpwatch.trends import next_trend
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class Pipeline:
         self._history: dict[str, NetnsHistory] = {}
         self._errors: dict[tuple[str, str], int] = {}
         self._durations = PollHistogram()
+        self._trends: dict[str, Trend] = {}
 
     def history(self, netns: str) -> NetnsHistory:
         return self._history.get(netns, NetnsHistory())
@@ -129,6 +131,11 @@ class Pipeline:
             persisted,
             {netns: past.close_wait_first_seen for netns, past in history.items()},
         )
+        # The views' history (state totals, counter rates); a vanished namespace's is dropped.
+        self._trends = {
+            s.netns: next_trend(self._trends.get(s.netns), previous.get(s.netns), s)
+            for s in snapshots
+        }
         present = set(history)
         self._history = history
         errors = {key: count for key, count in self._errors.items() if key[0] in present}
@@ -150,6 +157,8 @@ class Pipeline:
             top_processes=config.collect.top_processes,
             top_destinations=config.collect.top_destinations,
             cached=self._cached,
+            trends=dict(self._trends),
+            interval=config.interval,
         )
 
     def close(self) -> None:

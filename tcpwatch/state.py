@@ -27,6 +27,15 @@ class PollHistogram:
 
 
 @dataclass(frozen=True, slots=True)
+class Trend:
+    """One namespace over the last polls, for the live views (tcpwatch/trends.py builds it)."""
+
+    times: tuple[float, ...] = ()  # unix time of each poll kept, oldest first
+    totals: tuple[tuple[int, ...], ...] = ()  # per poll kept: sockets per state, STATES order
+    rates: Mapping[str, float] = field(default_factory=dict)  # counter -> per second, last poll
+
+
+@dataclass(frozen=True, slots=True)
 class ExportState:
     """Everything one scrape renders. Replaced whole after each poll, never mutated."""
 
@@ -40,3 +49,5 @@ class ExportState:
     cached: bool = False
     # Every source tcpwatch_source_errors_total counts (0 until one fails), in poll order.
     source_names: tuple[str, ...] = field(default_factory=source_names)
+    trends: Mapping[str, Trend] = field(default_factory=dict)  # netns -> its recent polls
+    interval: float = 0.0  # seconds between polls (0: one-shot); the live page refreshes so often

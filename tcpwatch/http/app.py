@@ -15,7 +15,9 @@ tcpwatch.http.server puts it on a listening socket.
 from __future__ import annotations
 
 import gzip
+import json
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -29,6 +31,7 @@ from prometheus_client.registry import Collector
 from tcpwatch.config import Config
 from tcpwatch.http.auth import AuthResult, BasicAuth, BcryptGate, FailureLimiter, TokenBucket
 from tcpwatch.http.webconfig import WebConfig
+from tcpwatch.render import api
 from tcpwatch.render.html import landing_page
 from tcpwatch.render.prometheus import make_registry
 from tcpwatch.state import ExportState
@@ -191,6 +194,8 @@ class WebApp:
             "/-/healthy": self._healthy,
             "/-/ready": self._ready,
         }
+        routes["/api/v1/snapshot"] = lambda: self._api(target, self._snapshot_json)
+        routes["/api/v1/findings"] = lambda: self._api(target, self._findings_json)
         handler = routes.get(path)
         if handler is None:
             return text_response(HTTPStatus.NOT_FOUND, f"Not found: {path} (try /metrics)")
@@ -260,3 +265,34 @@ class WebApp:
             self._clock(),
         )
         return Response(HTTPStatus.OK, "text/html; charset=utf-8", body.encode("utf-8"))
+
+    # -- the JSON API (docs/api.md): same auth, TLS and rate limit as /metrics -------------------
+
+    def _api(
+        self, target: str, render: Callable[[ExportState, dict[str, str]], object]
+    ) -> Response:
+        state = self._state()
+        if state is None:
+            return text_response(
+                HTTPStatus.SERVICE_UNAVAILABLE, "Not ready: the first poll has not finished"
+            )
+        try:
+            pairs = urllib.parse.parse_qsl(target.partition("?")[2], max_num_fields=10)
+            document = render(state, dict(pairs))
+        except ValueError as error:  # api.QueryError, or too many fields
+            return text_response(HTTPStatus.BAD_REQUEST, f"Bad request: {error}")
+        body = json.dumps(document, separators=(",", ":")).encode()
+        return Response(
+            HTTPStatus.OK,
+            "application/json",
+            body,
+            (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")),
+        )
+
+    @staticmethod
+    def _snapshot_json(state: ExportState, query: dict[str, str]) -> object:
+        return api.snapshot_document(state, api.snapshot_query(query))
+
+    @staticmethod
+    def _findings_json(state: ExportState, query: dict[str, str]) -> object:
+        return api.findings_document(state, query.get("netns") or None, api.findings_limit(query))

@@ -36,10 +36,22 @@ def render_json(
     findings: Sequence[Finding], snapshots: Sequence[Snapshot], window_seconds: float
 ) -> str:
     """The machine report (schema in docs/check-json.md), one JSON document and a newline."""
+    return json.dumps(report_document(findings, snapshots, window_seconds), indent=2) + "\n"
+
+
+def report_document(
+    findings: Sequence[Finding],
+    snapshots: Sequence[Snapshot],
+    window_seconds: float,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """The report as a JSON-ready dict. ``limit`` cuts the findings list (the daemon's API);
+    status, exit code and summary still count every finding, and ``findings_total`` says how
+    many there were when the list was cut."""
     ordered = sorted(findings, key=sort_key)
     status, code = status_of(ordered)
     counts = Counter(f.severity for f in ordered)
-    document = {
+    document: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "status": status,
         "exit_code": code,
@@ -48,7 +60,7 @@ def render_json(
         "namespaces": [
             {"netns": snapshot.netns, "taken_at": snapshot.taken_at} for snapshot in snapshots
         ],
-        "findings": [finding_to_json(finding) for finding in ordered],
+        "findings": [finding_to_json(finding) for finding in ordered[:limit]],
         "sources": [
             {
                 "netns": snapshot.netns,
@@ -61,12 +73,20 @@ def render_json(
             for source in snapshot.sources
         ],
     }
-    return json.dumps(document, indent=2) + "\n"
+    if limit is not None and len(ordered) > limit:
+        document["findings_total"] = len(ordered)
+    return document
 
 
 def findings_from_json(text: str) -> list[Finding]:
     """The findings of a render_json document, as Finding objects (for tests and tooling)."""
-    document = json.loads(text)
+    return findings_from_document(json.loads(text))
+
+
+def findings_from_document(document: Any) -> list[Finding]:
+    """The findings of a report document (parsed JSON); ValueError when it is not one."""
+    if not isinstance(document, dict):
+        raise ValueError("not a check report: expected a JSON object")
     version = document.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ValueError(f"unsupported check report schema_version {version!r}")

@@ -1,0 +1,77 @@
+"""Where `tcpwatch top` gets its numbers: a running daemon's JSON API, or this host polled by a
+Pipeline of its own (the same documents either way, so the screen has one code path)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from tcpwatch.client import Daemon, DaemonError, local_daemon_url, parse_daemon_url
+from tcpwatch.config import Config
+from tcpwatch.pipeline import Pipeline
+from tcpwatch.render import api
+
+Documents = tuple[dict[str, Any], dict[str, Any]]  # /api/v1/snapshot, /api/v1/findings
+LIMIT = 100  # listeners and destinations fetched: more than a screen holds
+
+
+class Feed(Protocol):
+    label: str
+
+    def fetch(self, netns: str | None, sort: str) -> Documents: ...
+
+    def close(self) -> None: ...
+
+
+class DaemonFeed:
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        self.label = f"from {daemon.shown}"
+
+    def fetch(self, netns: str | None, sort: str) -> Documents:
+        query = {"sort": sort, "limit": str(LIMIT)}
+        if netns:
+            query["netns"] = netns
+        snapshot = self._daemon.get_json("/api/v1/snapshot", query)
+        findings = self._daemon.get_json("/api/v1/findings", {"netns": netns} if netns else None)
+        if not isinstance(snapshot, dict) or not isinstance(findings, dict):
+            raise DaemonError(f"tcpwatch at {self._daemon.shown} answered an unexpected document")
+        return snapshot, findings
+
+    def close(self) -> None:
+        pass
+
+
+class LocalFeed:
+    """Polls this host each fetch, as `serve` would (rates from the second fetch on)."""
+
+    def __init__(self, config: Config, why: str) -> None:
+        self._config = config
+        self._pipeline = Pipeline(long_lived=False, cached=False, log_failures=False)
+        self.label = f"polling this host ({why})"
+
+    def fetch(self, netns: str | None, sort: str) -> Documents:
+        state = self._pipeline.poll(self._config)
+        query = api.SnapshotQuery(netns=netns, limit=LIMIT, sort=sort)
+        return (
+            api.snapshot_document(state, query),
+            api.findings_document(state, netns, api.DEFAULT_FINDINGS_LIMIT),
+        )
+
+    def close(self) -> None:
+        self._pipeline.close()
+
+
+def open_feed(config: Config, url: str | None) -> Feed:
+    """The daemon at ``url`` (its errors are the caller's), else the local daemon if one
+    answers, else this host polled directly."""
+    if url is not None:
+        feed = DaemonFeed(parse_daemon_url(url))
+        feed.fetch(None, "fill")  # fail now, with its one-line error, not inside curses
+        return feed
+    local = local_daemon_url(config.listen)
+    try:
+        daemon = parse_daemon_url(local)
+        daemon.get_json("/api/v1/snapshot", {"limit": "1"}, timeout=1.0)
+    except DaemonError:
+        return LocalFeed(config, f"no daemon answered at {local}")
+    return DaemonFeed(daemon)

@@ -1,0 +1,257 @@
+"""One screen of `tcpwatch top`, laid out from /api/v1/snapshot and /api/v1/findings documents.
+
+Pure: documents and a size in, styled lines out, so the layout is tested without a terminal and
+the batch mode prints the very same lines. Nothing here interprets a host string: names are
+shown as they are, cut to the width.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# Short column labels, in the order an on-call engineer reads them: opening, open, closing.
+STATE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("listen", "LISTEN"),
+    ("syn_sent", "SYN-SENT"),
+    ("syn_recv", "SYN-RECV"),
+    ("established", "ESTAB"),
+    ("fin_wait1", "FIN-WAIT1"),
+    ("fin_wait2", "FIN-WAIT2"),
+    ("closing", "CLOSING"),
+    ("time_wait", "TIME-WAIT"),
+    ("close_wait", "CLOSE-WAIT"),
+    ("last_ack", "LAST-ACK"),
+    ("close", "CLOSE"),
+)
+# Counters whose rates the header shows (nstat names, shown without the Tcp/TcpExt prefix).
+RATE_COUNTERS: tuple[str, ...] = (
+    "TcpActiveOpens",
+    "TcpPassiveOpens",
+    "TcpAttemptFails",
+    "TcpEstabResets",
+    "TcpRetransSegs",
+    "TcpExtListenOverflows",
+    "TcpExtListenDrops",
+    "TcpExtTCPTimeouts",
+)
+SORT_LABELS: Mapping[str, str] = {
+    "fill": "accept-queue fill",
+    "syn_recv": "SYN queue",
+    "port": "port",
+}
+BAR = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    text: str
+    style: str = ""  # "", "title", "heading", "critical", "warning", "info", "dim", "ok"
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What the person chose: the namespace, the listener sort, paused or not."""
+
+    netns: str | None = None
+    sort: str = "fill"
+    paused: bool = False
+    source: str = ""  # where the numbers come from, for the title
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "~"
+
+
+def _bar(ratio: float) -> str:
+    filled = max(0, min(BAR, round(ratio * BAR)))
+    return "[" + "#" * filled + "." * (BAR - filled) + "]"
+
+
+def _owner(item: Mapping[str, Any]) -> str:
+    return "-" if item.get("process") is None else f"{item['process']}[{item['pid']}]"
+
+
+def _states_block(states: Mapping[str, Mapping[str, int]], width: int) -> list[Line]:
+    """The states table, split into as many column blocks as the width needs."""
+    rows = ("total", "ipv4", "ipv6")
+    columns = []
+    for state, label in STATE_COLUMNS:
+        cells = [str(states[row][state]) for row in rows]
+        columns.append((label, cells, max(len(label), *(len(c) for c in cells)) + 2))
+    lines: list[Line] = []
+    start = 0
+    while start < len(columns):
+        used, end = 7, start
+        while end < len(columns) and (end == start or used + columns[end][2] <= width):
+            used += columns[end][2]
+            end += 1
+        block = columns[start:end]
+        lines.append(Line("STATE  " + "".join(f"{lbl:>{w}}" for lbl, _, w in block), "heading"))
+        for index, row in enumerate(rows):
+            text = "".join(f"{values[index]:>{w}}" for _, values, w in block)
+            lines.append(Line(f"{row:<7}" + text, "" if index == 0 else "dim"))
+        start = end
+    return lines
+
+
+def _rates(rates: Mapping[str, float]) -> str:
+    if not rates:
+        return "rates/s  (after the second poll)"
+    parts = []
+    for name in RATE_COUNTERS:
+        if name in rates:
+            short = name.removeprefix("TcpExt").removeprefix("Tcp")
+            parts.append(f"{short} {rates[name]:.1f}")
+    return "rates/s  " + "  ".join(parts)
+
+
+def _listeners(ns: Mapping[str, Any], sort: str) -> list[Line]:
+    page = ns.get("listeners")
+    if page is None:
+        return [Line("LISTENERS: not known (the socket source failed)", "warning")]
+    lines = [
+        Line(f"LISTENERS by {SORT_LABELS[sort]}, {len(page['items'])} of {page['total']}", "title"),
+        Line(f"  {'LISTENER':<28}{'OWNER':<24}{'QUEUE':>11}  {'FILL':<18}{'SYN-Q':>6}", "heading"),
+    ]
+    for item in page["items"]:
+        ratio = item["fill_ratio"]
+        style = "critical" if ratio >= 1 else "warning" if ratio >= 0.8 else ""
+        queue = f"{item['queue_length']}/{item['queue_max']}"
+        endpoint = item["endpoint"] + (f" #{item['socket']}" if item["socket"] else "")
+        lines.append(
+            Line(
+                f"  {_cut(endpoint, 27):<28}{_cut(_owner(item), 23):<24}{queue:>11}  "
+                f"{_bar(ratio)} {ratio * 100:>4.0f}%  {item['syn_recv']:>6}",
+                style,
+            )
+        )
+    return lines
+
+
+def _holders(ns: Mapping[str, Any]) -> list[Line]:
+    holders = ns.get("close_wait_holders")
+    if holders is None:
+        return [Line("CLOSE_WAIT HOLDERS: not collected (collect.attribute_states)", "dim")]
+    lines = [
+        Line("CLOSE_WAIT HOLDERS", "title"),
+        Line(f"  {'PROCESS':<40}{'CLOSE-WAIT':>10}", "heading"),
+    ]
+    lines += [Line(f"  {_cut(_owner(h), 39):<40}{h['sockets']:>10}") for h in holders]
+    if not holders:
+        lines.append(Line("  none", "dim"))
+    return lines
+
+
+def _destinations(ns: Mapping[str, Any]) -> list[Line]:
+    page = ns.get("destinations")
+    if page is None:
+        return []
+    size = page.get("port_range_size")
+    lines = [
+        Line(f"DESTINATIONS by ephemeral ports ({size or '?'} in the range)", "title"),
+        Line(
+            f"  {'SOURCE -> DESTINATION':<48}{'SOCKETS':>9}{'TIME-WAIT':>11}  RANGE USED", "heading"
+        ),
+    ]
+    for item in page["items"]:
+        ratio = item["fill_ratio"]
+        used = f"{_bar(ratio)} {ratio * 100:.0f}%" if ratio is not None else ""
+        pair = f"{item['source']} -> {item['destination']}"
+        lines.append(
+            Line(
+                f"  {_cut(pair, 47):<48}{item['sockets']:>9}{item['time_wait']:>11}  {used}",
+                "critical" if ratio is not None and ratio > 0.8 else "",
+            )
+        )
+    if not page["items"]:
+        lines.append(Line("  none", "dim"))
+    return lines
+
+
+def _findings(findings: Mapping[str, Any], netns: str) -> list[Line]:
+    items = [f for f in findings.get("findings", []) if f["netns"] == netns]
+    lines = [Line(f"FINDINGS ({len(items)})", "title")]
+    for finding in items:
+        lines.append(
+            Line(
+                f"  {finding['severity'].upper():<9}{finding['id']} {finding['slug']}: "
+                f"{finding['title']}",
+                finding["severity"],
+            )
+        )
+        fix = next((ln for ln in finding["remediation"].splitlines() if ln.strip()), "")
+        if fix and finding["severity"] != "info":
+            lines.append(Line(f"           fix: {fix.strip()}", "dim"))
+    if not items:
+        lines.append(Line("  none: TCP looks healthy here", "ok"))
+    return lines
+
+
+def choose(snapshot: Mapping[str, Any], wanted: str | None) -> Mapping[str, Any] | None:
+    """The namespace document shown: the one wanted, else the first."""
+    namespaces: Sequence[Mapping[str, Any]] = snapshot.get("namespaces", [])
+    for ns in namespaces:
+        if ns["netns"] == wanted:
+            return ns
+    return namespaces[0] if namespaces else None
+
+
+def layout(
+    snapshot: Mapping[str, Any], findings: Mapping[str, Any], view: View, width: int
+) -> list[Line]:
+    """Every line of the screen, in order, each at most ``width`` characters."""
+    names: Sequence[str] = snapshot.get("netns_names", [])
+    ns = choose(snapshot, view.netns)
+    polled = time.strftime("%H:%M:%S", time.localtime(snapshot.get("last_poll", 0)))
+    where = "no namespace" if ns is None else f"netns {ns['netns']}"
+    position = (
+        f" ({names.index(ns['netns']) + 1}/{len(names)})" if ns and ns["netns"] in names else ""
+    )
+    title = f"tcpwatch top - {where}{position} - poll {polled} - {view.source}" + (
+        " - PAUSED" if view.paused else ""
+    )
+    status = findings.get("status", "?")
+    summary = findings.get("summary", {})
+    counts = ", ".join(
+        f"{summary[s]} {s}" for s in ("critical", "warning", "info") if summary.get(s)
+    )
+    lines = [
+        Line(title, "title"),
+        Line(
+            f"status   {status}" + (f" - {counts}" if counts else " - no findings"),
+            {"CRITICAL": "critical", "WARNING": "warning"}.get(status, "ok"),
+        ),
+    ]
+    if ns is None:
+        return [Line(_cut(line.text, width), line.style) for line in lines]
+    failed = [s for s in ns.get("sources", []) if not s["ok"]]
+    for source in failed:
+        lines.append(Line(f"source   {source['name']} failed: {source['error']}", "warning"))
+    if ns.get("states") is None:
+        lines.append(Line("STATES: not known (the socket source failed)", "warning"))
+    else:
+        lines += _states_block(ns["states"], width)
+    lines.append(Line(_rates(ns.get("rates", {}))))
+    lines.append(Line(""))
+    lines += _listeners(ns, view.sort)
+    lines.append(Line(""))
+    lines += _holders(ns)
+    lines.append(Line(""))
+    lines += _destinations(ns)
+    lines.append(Line(""))
+    lines += _findings(findings, ns["netns"])
+    return [Line(_cut(line.text, width), line.style) for line in lines]
+
+
+KEYS_HELP = "q quit  n namespace  s sort  p pause  r refresh now"
+
+
+def fit(lines: Sequence[Line], width: int, height: int) -> list[Line]:
+    """The lines that fit a terminal: the top of the screen, and the keys on the last row."""
+    if height < 2:
+        return list(lines[:height])
+    body = list(lines[: height - 1])
+    return [*body, *[Line("")] * (height - 1 - len(body)), Line(_cut(KEYS_HELP, width), "dim")]
