@@ -202,13 +202,11 @@ def parse_tcp_info(data: bytes | memoryview) -> TcpInfo:
     length = len(data)
     present = bisect.bisect_right(_PREFIX_ENDS, length)
     if present == 0:
-        if length:
-            raise SockDiagError(f"tcp_info of {length} bytes is shorter than its first field")
         return TcpInfo(length=0)
     layout, count = _PREFIX_STRUCTS[present - 1]
     try:
         values = layout.unpack_from(data, 0)
-    except struct.error as error:  # unreachable by construction; kept so callers see one type
+    except struct.error as error:  # unreachable: the prefix fits by construction
         raise SockDiagError(f"tcp_info of {length} bytes: {error}") from error
     fields = {name: value for (name, _, _), value in zip(_FIELDS[:count], values, strict=True)}
     wscale = fields.pop("wscale", None)
