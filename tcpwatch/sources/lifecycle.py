@@ -52,6 +52,7 @@ from tcpwatch.sources.sockdiag import (
     INET_DIAG_MSG_MIN,
     INET_DIAG_PROTOCOL,
     NETLINK_SOCK_DIAG,
+    NLATTR,
     NLMSG_DONE,
     NLMSG_ERROR,
     NLMSG_HEAD,
@@ -72,7 +73,8 @@ SO_RCVBUFFORCE = 33
 SO_MEMINFO = 55  # u32[SK_MEMINFO_VARS]; index 8 is sk_drops (include/uapi/linux/sock_diag.h)
 _SK_MEMINFO_DROPS = 8
 _MAX_DATAGRAMS_PER_READ = 8192  # read_ready returns after this many; the fd stays readable
-_LABEL_CACHE_LIMIT = 4096
+_BATCH = 512  # datagrams read under one hold of the lock
+_ROUTE_CACHE_LIMIT = 4096
 _SWEEP_INTERVAL = 1.0  # seconds between idle-peer sweeps forced by a full table
 
 _FAMILY_NAMES: dict[int, str] = {int(socket.AF_INET): "ipv4", int(socket.AF_INET6): "ipv6"}
@@ -228,25 +230,38 @@ def classify(event: DestroyEvent, context: Context) -> Classification | None:
     return Classification("outbound", peer, OUTCOMES[outcome])
 
 
+def _check_other_message(
+    buffer: bytes | memoryview, offset: int, msg_len: int, msg_type: int, length: int
+) -> None:
+    """Anything but a well-formed inet_diag message: raise, or return to skip it (DONE, NOOP)."""
+    if msg_len < 16 or offset + msg_len > length:
+        raise SockDiagError(f"bad netlink message length {msg_len} at byte {offset} of {length}")
+    if msg_type == SOCK_DIAG_BY_FAMILY:
+        if msg_len < INET_DIAG_MSG_MIN:
+            raise SockDiagError(f"inet_diag message of {msg_len} bytes at byte {offset}")
+        raise SockDiagError(f"unknown address family {buffer[offset + 16]} at byte {offset}")
+    if msg_type == NLMSG_ERROR:
+        raise SockDiagError(f"netlink error message at byte {offset}")
+    if msg_type != NLMSG_DONE and msg_type >= 16:
+        raise SockDiagError(f"unexpected netlink message type {msg_type} at byte {offset}")
+
+
 def _messages(buffer: bytes | memoryview, length: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of each inet_diag message; other netlink messages are skipped."""
+    """(offset, length) of each inet_diag message; DONE and NOOP messages are skipped."""
     offset = 0
     while offset < length:
         if length - offset < 16:
             raise SockDiagError(f"truncated netlink header at byte {offset} of {length}")
         msg_len, msg_type = NLMSG_HEAD.unpack_from(buffer, offset)
-        if msg_len < 16 or offset + msg_len > length:
-            raise SockDiagError(f"bad netlink message length {msg_len} at byte {offset}")
-        if msg_type == SOCK_DIAG_BY_FAMILY:
-            if msg_len < INET_DIAG_MSG_MIN:
-                raise SockDiagError(f"inet_diag message of {msg_len} bytes at byte {offset}")
-            if buffer[offset + 16] not in _ADDRESS_BYTES:
-                raise SockDiagError(f"unknown address family {buffer[offset + 16]} at {offset}")
+        if (
+            msg_type != SOCK_DIAG_BY_FAMILY
+            or msg_len < INET_DIAG_MSG_MIN
+            or offset + msg_len > length
+            or buffer[offset + 16] not in _ADDRESS_BYTES
+        ):
+            _check_other_message(buffer, offset, msg_len, msg_type, length)
+        else:
             yield offset, msg_len
-        elif msg_type == NLMSG_ERROR:
-            raise SockDiagError(f"netlink error message at byte {offset}")
-        elif msg_type != NLMSG_DONE and msg_type >= 16:
-            raise SockDiagError(f"unexpected netlink message type {msg_type} at byte {offset}")
         offset += (msg_len + 3) & ~3
 
 
@@ -287,6 +302,7 @@ class _Peer:
         "bytes_acked",
         "bytes_received",
         "closed",
+        "folded",
         "last_seen",
         "retrans",
         "rtt",
@@ -295,7 +311,8 @@ class _Peer:
         "segs_out",
     )
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, folded: bool = False) -> None:
+        self.folded = folded  # the PEER_OTHER row of its direction
         self.closed = [0] * len(OUTCOMES)
         self.rtt = [0] * (len(_RTT_BOUNDS_US) + 1)
         self.rtt_count = 0
@@ -348,81 +365,143 @@ class LifecycleAggregator:
         self.evicted = 0
         self._peers: dict[tuple[int, str], _Peer] = {}
         self._other: dict[int, _Peer] = {}
-        # (inbound?, family, port, 16-byte address) -> peer label; cleared with the context
-        self._labels: dict[tuple[bool, int, int, bytes], str] = {}
+        self.malformed = 0
+        # (inbound?, family, port, 16-byte address) -> its row (PEER_OTHER's when folded);
+        # cleared when the context changes or a row goes, so no key outlives its row.
+        self._routes: dict[tuple[bool, int, int, bytes], _Peer] = {}
         self._last_sweep = clock()
 
     def update_context(self, context: Context) -> None:
         if context != self.context:
             self.context = context
-            self._labels.clear()
+            self._routes.clear()
 
     def feed(self, data: bytes | memoryview, length: int) -> None:
         """Count every event of one datagram; SockDiagError on garbage (earlier ones count)."""
+        self.consume(data, (length,), strict=True)
+
+    def consume(
+        self, data: bytes | memoryview, lengths: Iterable[int], strict: bool = False
+    ) -> int:
+        """Count the events of each datagram ``data[:length]``, one per ``lengths`` item.
+
+        ``lengths`` may be a generator that refills ``data`` (DestroyListener's recv loop). A
+        datagram that does not parse is counted in ``malformed`` (strict: raised) and the rest
+        of it skipped. Returns the datagrams consumed.
+
+        The hot path (once per closed connection): one unpack for the addresses, one for the
+        tcp_info fields, one dict lookup from the raw (port, address) to the peer's row.
+        """
         now = self.clock()
         context = self.context
         listen_ports = context.listen_ports
         low, high = context.port_range
-        labels = self._labels
-        peers = self._peers
+        routes = self._routes
+        head = NLMSG_HEAD.unpack_from
+        attr = NLATTR.unpack_from
         endpoints = _ENDPOINTS.unpack_from
         close_fields = CLOSE_FIELDS.unpack_from
         close_size = CLOSE_FIELDS.size
         bounds = _RTT_BOUNDS_US
-        info_type = INET_DIAG_INFO
-        for offset, msg_len in _messages(data, length):
-            self.events += 1
-            sport, dport, src, dst = endpoints(data, offset + 20)
-            if dport == 0 and dst == _ZERO16:
-                self.ignored += 1  # a closed listener, or a socket that never connected
-                continue
-            found = find_attribute(data, offset + INET_DIAG_MSG_MIN, offset + msg_len, info_type)
-            if found is None:
-                self.ignored += 1
-                continue
-            start, size = found
-            if size >= close_size:
-                rtt, retrans, acked, received, segs_out, segs_in, delivered = close_fields(
-                    data, start
-                )
-            else:
-                info = parse_tcp_info(bytes(data[start : start + size]))
-                rtt, retrans, acked, received, segs_out, segs_in, delivered = _close_fields(info)
-            family_number = data[offset + 16]
-            inbound = sport in listen_ports or not low <= sport <= high
-            key = (
-                (inbound, family_number, sport, src)
-                if inbound
-                else (False, family_number, dport, dst)
-            )
-            label = labels.get(key)
-            if label is None:
-                if inbound:
-                    label = _inbound_peer(family_number, src, sport, context)
-                else:
-                    label = _outbound_peer(family_number, dst, dport)
-                if len(labels) >= _LABEL_CACHE_LIMIT:
-                    labels.clear()
-                labels[key] = label
-            direction = _INBOUND if inbound else _OUTBOUND
-            peer = peers.get((direction, label)) or self._admit(direction, label, now)
-            if dport == 0:
-                peer.closed[_ABORTED] += 1
-            elif delivered:
-                peer.closed[_OK] += 1
-            elif segs_in:
-                peer.closed[_REFUSED] += 1
-            else:
-                peer.closed[_TIMEOUT] += 1
-            if rtt:
-                peer.rtt[bisect.bisect_left(bounds, rtt)] += 1
-                peer.rtt_count += 1
-                peer.rtt_sum_us += rtt
-            peer.segs_out += segs_out
-            peer.retrans += retrans
-            peer.bytes_acked += acked
-            peer.bytes_received += received
-            peer.last_seen = now
+        bisect_left = bisect.bisect_left
+        datagrams = events = ignored = 0
+        for length in lengths:
+            datagrams += 1
+            offset = 0
+            try:
+                while offset < length:
+                    if length - offset < 16:
+                        raise SockDiagError(
+                            f"truncated netlink header at byte {offset} of {length}"
+                        )
+                    msg_len, msg_type = head(data, offset)
+                    if (
+                        msg_type != SOCK_DIAG_BY_FAMILY
+                        or msg_len < INET_DIAG_MSG_MIN
+                        or offset + msg_len > length
+                        or data[offset + 16] not in _ADDRESS_BYTES
+                    ):
+                        _check_other_message(data, offset, msg_len, msg_type, length)
+                        offset += (msg_len + 3) & ~3
+                        continue
+                    end = offset + msg_len
+                    offset = (end + 3) & ~3
+                    events += 1
+                    sport, dport, src, dst = endpoints(data, end - msg_len + 20)
+                    if dport == 0 and dst == _ZERO16:
+                        ignored += 1  # a closed listener, or a socket that never connected
+                        continue
+                    # INET_DIAG_INFO: the second attribute on 6.18 (after PROTOCOL); walk to it
+                    position = end - msg_len + INET_DIAG_MSG_MIN
+                    size = -1
+                    while position + 4 <= end:
+                        attr_len, attr_type = attr(data, position)
+                        if attr_len < 4 or position + attr_len > end:
+                            break
+                        if attr_type & 0x3FFF == INET_DIAG_INFO:
+                            size = attr_len - 4
+                            break
+                        position += (attr_len + 3) & ~3
+                    if size < 0:
+                        ignored += 1
+                        continue
+                    if size >= close_size:
+                        rtt, retrans, acked, received, segs_out, segs_in, delivered = close_fields(
+                            data, position + 4
+                        )
+                    else:
+                        info = parse_tcp_info(bytes(data[position + 4 : position + 4 + size]))
+                        rtt, retrans, acked, received, segs_out, segs_in, delivered = _close_fields(
+                            info
+                        )
+                    inbound = sport in listen_ports or not low <= sport <= high
+                    family_number = data[end - msg_len + 16]
+                    key = (True, family_number, sport, src) if inbound else (
+                        False, family_number, dport, dst
+                    )  # fmt: skip
+                    peer = routes.get(key)
+                    if peer is None or (peer.folded and now - self._last_sweep >= _SWEEP_INTERVAL):
+                        peer = self._route(key, now)  # new, or folded: a sweep may free a row
+                    if dport == 0:
+                        peer.closed[_ABORTED] += 1
+                    elif delivered:
+                        peer.closed[_OK] += 1
+                    elif segs_in:
+                        peer.closed[_REFUSED] += 1
+                    else:
+                        peer.closed[_TIMEOUT] += 1
+                    if rtt:
+                        peer.rtt[bisect_left(bounds, rtt)] += 1
+                        peer.rtt_count += 1
+                        peer.rtt_sum_us += rtt
+                    peer.segs_out += segs_out
+                    peer.retrans += retrans
+                    peer.bytes_acked += acked
+                    peer.bytes_received += received
+                    peer.last_seen = now
+            except SockDiagError:
+                if strict:
+                    raise
+                self.malformed += 1
+            finally:
+                self.events += events
+                self.ignored += ignored
+                events = ignored = 0
+        return datagrams
+
+    def _route(self, key: tuple[bool, int, int, bytes], now: float) -> _Peer:
+        """The row for a raw (direction, family, port, address) key: named, admitted, cached."""
+        inbound, family_number, port, address = key
+        if inbound:
+            label = _inbound_peer(family_number, address, port, self.context)
+        else:
+            label = _outbound_peer(family_number, address, port)
+        direction = _INBOUND if inbound else _OUTBOUND
+        peer = self._peers.get((direction, label)) or self._admit(direction, label, now)
+        if len(self._routes) >= _ROUTE_CACHE_LIMIT:
+            self._routes.clear()
+        self._routes[key] = peer
+        return peer
 
     def _admit(self, direction: int, label: str, now: float) -> _Peer:
         if len(self._peers) >= self.max_peers and now - self._last_sweep >= _SWEEP_INTERVAL:
@@ -432,7 +511,7 @@ class LifecycleAggregator:
             return peer
         other = self._other.get(direction)
         if other is None:
-            other = self._other[direction] = _Peer(now)
+            other = self._other[direction] = _Peer(now, folded=True)
         return other
 
     def _sweep(self, now: float) -> None:
@@ -444,11 +523,11 @@ class LifecycleAggregator:
         ]
         for key in idle:
             del self._peers[key]
-        self.evicted += len(idle)
+        if idle:
+            self.evicted += len(idle)
+            self._routes.clear()
 
-    def stats(
-        self, malformed: int, overruns: int, lost: int | None, receive_buffer: int
-    ) -> LifecycleStats:
+    def stats(self, overruns: int, lost: int | None, receive_buffer: int) -> LifecycleStats:
         self._sweep(self.clock())
         rows = [peer.frozen(direction, label) for (direction, label), peer in self._peers.items()]
         rows += [peer.frozen(direction, PEER_OTHER) for direction, peer in self._other.items()]
@@ -457,7 +536,7 @@ class LifecycleAggregator:
             peers=tuple(rows),
             events=self.events,
             ignored=self.ignored,
-            malformed=malformed,
+            malformed=self.malformed,
             overruns=overruns,
             lost=lost,
             max_peers=self.max_peers,
@@ -518,7 +597,7 @@ class DestroyListener:
         self._aggregator = LifecycleAggregator(max_peers, peer_idle_seconds, clock)
         self._buffer = memoryview(bytearray(1 << 16))
         self._overruns = 0
-        self._malformed = 0
+        self._drained = False
         self._lost: int | None = None
         self._closed = False
         self.receive_buffer = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
@@ -527,29 +606,37 @@ class DestroyListener:
         return self._sock.fileno()
 
     def read_ready(self) -> None:
-        """Read and count every pending datagram, without blocking (bounded per call)."""
+        """Read and count every pending datagram, without blocking.
+
+        At most 8,192 datagrams per call (the fd stays readable if more wait); the lock is
+        taken per batch of 512, so a drain waits for one batch at most (about 2 ms).
+        """
+        for _ in range(_MAX_DATAGRAMS_PER_READ // _BATCH):
+            with self._lock:
+                consumed = self._aggregator.consume(self._buffer, self._receive(_BATCH))
+            if consumed < _BATCH or self._drained:
+                return
+
+    def _receive(self, limit: int) -> Iterator[int]:
+        """Fill the buffer with the next datagram, up to ``limit`` times; yields its length."""
         receive = self._sock.recv_into
         buffer = self._buffer
-        aggregator = self._aggregator
-        lock = self._lock
-        for _ in range(_MAX_DATAGRAMS_PER_READ):
+        self._drained = False
+        for _ in range(limit):
             try:
                 length = receive(buffer)
             except (BlockingIOError, InterruptedError):
+                self._drained = True
                 return
             except OSError as error:
                 if error.errno == errno.ENOBUFS:
-                    with lock:
-                        self._overruns += 1
+                    self._overruns += 1  # the kernel dropped messages since the last read
                     continue
                 raise SockDiagError(f"reading TCP destroy events failed: {error}") from error
             if length <= 0:
+                self._drained = True
                 return
-            with lock:
-                try:
-                    aggregator.feed(buffer, length)
-                except SockDiagError:
-                    self._malformed += 1
+            yield length
 
     def update_context(
         self,
@@ -569,9 +656,7 @@ class DestroyListener:
         with self._lock:
             if not self._closed:
                 self._lost = _socket_drops(self._sock)
-            return self._aggregator.stats(
-                self._malformed, self._overruns, self._lost, self.receive_buffer
-            )
+            return self._aggregator.stats(self._overruns, self._lost, self.receive_buffer)
 
     def close(self) -> None:
         with self._lock:

@@ -305,11 +305,11 @@ class Clock:
 
 
 def stats(aggregator: LifecycleAggregator) -> LifecycleStats:
-    return aggregator.stats(malformed=0, overruns=0, lost=0, receive_buffer=0)
+    return aggregator.stats(overruns=0, lost=0, receive_buffer=0)
 
 
 def rows(aggregator: LifecycleAggregator) -> dict[tuple[str, str], PeerStats]:
-    result = aggregator.stats(malformed=0, overruns=0, lost=0, receive_buffer=0)
+    result = aggregator.stats(overruns=0, lost=0, receive_buffer=0)
     return {(row.direction, row.peer): row for row in result.peers}
 
 
@@ -342,8 +342,8 @@ def test_aggregation_agrees_with_classify_and_sums_the_counters() -> None:
     assert outbound.segments_retransmitted == 6 * 2 + 3 * 2
     assert (outbound.bytes_sent, outbound.bytes_received) == (6 * 1001, 6 * 501)
     assert outbound.rtt_count == 6 and outbound.rtt_sum_seconds == pytest.approx(6 * 150e-6)
-    result = aggregator.stats(malformed=1, overruns=2, lost=3, receive_buffer=4)
-    assert (result.events, result.ignored, result.malformed, result.overruns) == (15, 1, 1, 2)
+    result = aggregator.stats(overruns=2, lost=3, receive_buffer=4)
+    assert (result.events, result.ignored, result.malformed, result.overruns) == (15, 1, 0, 2)
     assert (result.lost, result.receive_buffer, result.evicted) == (3, 4, 0)
 
 
@@ -386,7 +386,7 @@ def test_peer_table_is_bounded_and_series_stay_monotonic() -> None:
     assert got[("outbound", "127.0.0.1:1001")].closed["ok"] == 2  # kept its series and counts
     assert got[("outbound", "127.0.0.1:1003")].closed["ok"] == 1  # a new series from zero
     assert got[("outbound", PEER_OTHER)].closed["ok"] == 2  # 1002's counts were not moved
-    assert aggregator.stats(0, 0, 0, 0).evicted == 1
+    assert aggregator.stats(0, 0, 0).evicted == 1
     # nothing for an hour: a drain removes idle rows; PEER_OTHER stays
     clock.now += 3600
     assert set(rows(aggregator)) == {("outbound", PEER_OTHER)}
