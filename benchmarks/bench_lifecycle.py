@@ -45,6 +45,7 @@ import json, resource, select, sys, time
 from tcpwatch.sources.lifecycle import DestroyListener
 listener = DestroyListener(receive_buffer=int(sys.argv[1]))
 listener.update_context(frozenset(json.loads(sys.argv[2])), (1024, 65535))
+delay = float(sys.argv[3])
 def process_cpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -58,6 +59,8 @@ while True:
         began = time.thread_time()
         listener.read_ready()
         read_cpu += time.thread_time() - began
+        if delay:
+            time.sleep(delay)  # let events gather: one wake-up reads many
     if time.monotonic() - last_drain >= 1.0:
         listener.drain()
         last_drain = time.monotonic()
@@ -133,7 +136,7 @@ class Result:
     ss_note: str
 
 
-def run_rate(rate: int, seconds: float, receive_buffer: int, clients: int) -> Result:
+def run_rate(rate: int, seconds: float, receive_buffer: int, clients: int, delay: float) -> Result:
     namespace = Namespace.create("tw-bench-lc")
     ss_errors = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in finally)
     children: list[subprocess.Popen[str]] = []
@@ -156,7 +159,14 @@ def run_rate(rate: int, seconds: float, receive_buffer: int, clients: int) -> Re
             return child
 
         reader = spawn(
-            [sys.executable, "-c", READER, str(receive_buffer), json.dumps(list(PORTS))]
+            [
+                sys.executable,
+                "-c",
+                READER,
+                str(receive_buffer),
+                json.dumps(list(PORTS)),
+                str(delay),
+            ]
         )
         ss = namespace.spawn(["ss", "-tinE"], stdout=subprocess.DEVNULL, stderr=ss_errors)
         server = spawn([sys.executable, "-c", SERVER, ports])
@@ -187,9 +197,10 @@ def run_rate(rate: int, seconds: float, receive_buffer: int, clients: int) -> Re
         ss.returncode = 0
         if not os.WIFSIGNALED(status):
             ss_errors.seek(0)
-            ss_note = f"ss exited {os.waitstatus_to_exitcode(status)}: " + " ".join(
-                ss_errors.read().split()
-            )[:120]
+            ss_note = (
+                f"ss exited {os.waitstatus_to_exitcode(status)}: "
+                + " ".join(ss_errors.read().split())[:120]
+            )
         ss_cpu = usage.ru_utime + usage.ru_stime
         out, _ = reader.communicate("", timeout=60)
         stats = json.loads(out.strip().splitlines()[-1])
@@ -203,11 +214,12 @@ def run_rate(rate: int, seconds: float, receive_buffer: int, clients: int) -> Re
         namespace.delete()
 
 
-def report(results: list[Result], receive_buffer: int) -> str:
+def report(results: list[Result], receive_buffer: int, delay: float) -> str:
     lines = [
         f"Linux {platform.release()}, Python {platform.python_version()}, "
         f"{os.cpu_count()} CPUs; receive buffer asked {receive_buffer} B, "
-        f"granted {results[0].reader['receive_buffer']} B.",
+        f"granted {results[0].reader['receive_buffer']} B; reader sleeps {delay} s after "
+        "each read.",
         "",
         "| target conn/s | achieved conn/s | events/s | events counted | lost | overruns "
         "| tcpwatch read_ready CPU / 1k events | tcpwatch process CPU / 1k events "
@@ -231,7 +243,7 @@ def report(results: list[Result], receive_buffer: int) -> str:
     notes = [f"- target {r.rate or 'max'}: {r.ss_note}" for r in results if r.ss_note]
     if any(r.failed for r in results):
         notes += [f"- target {r.rate or 'max'}: {r.failed} connects failed" for r in results]
-    return "\n".join(lines + ([""] + notes if notes else []))
+    return "\n".join(lines + (["", *notes] if notes else []))
 
 
 def main() -> int:
@@ -240,15 +252,21 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--receive-buffer", type=int, default=4 << 20)
     parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument(
+        "--read-delay",
+        type=float,
+        default=0.0,
+        help="seconds the reader sleeps after each read (0: it wakes for every event)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_lifecycle.py needs root (it makes a network namespace)", file=sys.stderr)
         return 2
     results = [
-        run_rate(int(rate), args.seconds, args.receive_buffer, args.clients)
+        run_rate(int(rate), args.seconds, args.receive_buffer, args.clients, args.read_delay)
         for rate in args.rates.split(",")
     ]
-    print(report(results, args.receive_buffer))
+    print(report(results, args.receive_buffer, args.read_delay))
     return 0
 
 

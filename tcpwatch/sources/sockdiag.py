@@ -520,6 +520,7 @@ def collect(
     sock: socket.socket | None = None,
     time_wait: int | None = None,
     destinations: bool = True,
+    live_info: bool = True,
 ) -> SocketTable:
     """Dump this namespace's TCP sockets (see the module docstring for the plan).
 
@@ -532,6 +533,10 @@ def collect(
     ESTABLISHED needs no dump), and dump 1 then counts without keying ephemeral sockets. The
     table's ephemeral_use is then empty and established self-connects unseen: the caller reuses
     an earlier poll's (collect.destinations_interval).
+
+    ``live_info`` asks the per-destination dump for each connection's tcp_info (live RTT and
+    retransmissions per destination); measured on 6.18 at about +0.9 us of CPU per outbound
+    ESTABLISHED connection on each destination scan.
     """
     aggregator = DumpAggregator(port_range if destinations else None, attribute_states)
     established_dumped = dump_established or inuse is None or port_range is None
@@ -559,10 +564,11 @@ def collect(
             dump(family, first_mask)
         if destinations and not established_dumped and inuse is not None and port_range:
             bytecode = port_range_bytecode(*port_range)
-            aggregator.read_info = True  # live RTT and retransmissions per destination
+            aggregator.read_info = live_info  # live RTT and retransmissions per destination
+            extensions = INFO_EXTENSION if live_info else 0
             for family in families:
                 if inuse[family] > aggregator.totals[family].full_sockets:
-                    dump(family, ESTABLISHED_MASK, bytecode, INFO_EXTENSION)
+                    dump(family, ESTABLISHED_MASK, bytecode, extensions)
     finally:
         if owned and netlink is not None:
             netlink.close()

@@ -516,3 +516,17 @@ def test_destination_scan_aggregates_live_rtt_and_retransmissions() -> None:
         segments_sent=82,
     )  # fmt: skip
     assert by_port[6379] == DestinationUse("ipv4", "127.0.0.1", "127.0.0.1", 6379, 1, 0)
+
+
+def test_read_delay_follows_the_buffer() -> None:
+    class Buffer(OverrunSocket):
+        def __init__(self, size: int) -> None:
+            super().__init__()
+            self.size = size
+
+        def getsockopt(self, level: int, option: int, size: int = 0) -> int | bytes:
+            return self.size
+
+    assert DestroyListener(sock=cast(socket.socket, Buffer(8 << 20))).read_delay == 0.02
+    small = DestroyListener(sock=cast(socket.socket, Buffer(425_984))).read_delay
+    assert 0.003 < small < 0.005

@@ -448,6 +448,13 @@ def test_collect_makes_four_dumps_and_derives_established() -> None:
     assert table == replay(COLLECT_DUMPS, inuse=INUSE, established_dumped=False)
 
 
+def test_collect_without_live_info_asks_for_no_tcp_info() -> None:
+    fake = ReplaySocket()
+    table = collect(PORT_RANGE, INUSE, sock=cast(socket.socket, fake), live_info=False)
+    assert [request[18] for request in fake.requests] == [0, 0, 0, 0]
+    assert all(use.established == 0 and use.rtt_mean_seconds is None for use in table.ephemeral_use)
+
+
 @pytest.mark.parametrize(
     ("port_range", "inuse", "dump_established"),
     [(PORT_RANGE, INUSE, True), (None, INUSE, False), (PORT_RANGE, None, False)],
