@@ -187,10 +187,10 @@ class DumpAggregator:
         self.inodes: dict[int, set[int]] = {n: set() for n in self.attribute_numbers}
         self.messages = 0
         # Set before a dump that asked for INET_DIAG_INFO: ESTABLISHED ephemeral sockets then
-        # add their tcp_info to ``live`` (key as ``ephemeral``): [connections, with an RTT
-        # sample, RTT sum us, RTT max us, retrans, total_retrans, segs_out].
+        # add their tcp_info to ``live`` (key as ``ephemeral``): one (retrans, rtt us,
+        # total_retrans, segs_out) per connection, summed up once in _ephemeral_use.
         self.read_info = False
-        self.live: dict[str, dict[bytes, list[int]]] = {name: {} for name in FAMILIES}
+        self.live: dict[str, dict[bytes, list[tuple[int, ...]]]] = {name: {} for name in FAMILIES}
 
     def feed(self, data: memoryview | bytes, length: int, family: str) -> bool:
         """Parse one datagram; True once NLMSG_DONE has been seen.
@@ -210,6 +210,11 @@ class DumpAggregator:
         header = NLMSG_HEAD.unpack_from
         ports = PORTS.unpack_from
         tuple_key = _TUPLE_KEY.unpack_from
+        read_info = self.read_info
+        live = self.live[family]
+        attribute = NLATTR.unpack_from
+        live_fields = _LIVE_INFO.unpack_from
+        info_at = [-1, 0, 0]  # message length, INFO attribute offset, its length
         offset = 0
         while offset < length:
             if length - offset < 16:
@@ -250,8 +255,25 @@ class DumpAggregator:
                         ephemeral[key] = ephemeral.get(key, 0) + 1
                         if state == TCP_TIME_WAIT:
                             ephemeral_time_wait[key] = ephemeral_time_wait.get(key, 0) + 1
-                        elif state == TCP_ESTABLISHED and self.read_info:
-                            self._add_live(data, offset, msg_len, family, key)
+                        elif state == TCP_ESTABLISHED and read_info:
+                            # Once per outbound connection on a scan. INET_DIAG_INFO comes
+                            # after SHUTDOWN, MARK, CGROUP_ID, SOCKOPT on 6.18: every message
+                            # of a dump has the same layout, so try where the last one of the
+                            # same length had it before walking the attributes.
+                            fields: tuple[int, ...] | None
+                            if msg_len == info_at[0] and attribute(data, offset + info_at[1]) == (
+                                info_at[2],
+                                INET_DIAG_INFO,
+                            ):
+                                fields = live_fields(data, offset + info_at[1] + 4)
+                            else:
+                                fields = self._find_live(data, offset, msg_len, info_at)
+                            if fields is not None:
+                                rows = live.get(key)
+                                if rows is None:
+                                    live[key] = [fields]
+                                else:
+                                    rows.append(fields)
                     if state == TCP_SYN_SENT:
                         self.syn_sent[(family, tuple_key(data, offset + 22)[0])] += 1
                     if sport == dport:
@@ -261,32 +283,23 @@ class DumpAggregator:
             offset += (msg_len + 3) & ~3
         return False
 
-    def _add_live(
-        self, data: memoryview | bytes, offset: int, msg_len: int, family: str, key: bytes
-    ) -> None:
+    @staticmethod
+    def _find_live(
+        data: memoryview | bytes, offset: int, msg_len: int, info_at: list[int]
+    ) -> tuple[int, ...] | None:
+        """(retrans, rtt, total_retrans, segs_out) from a message's INET_DIAG_INFO, by walking
+        its attributes; remembers where it was in ``info_at`` for the next message."""
         found = find_attribute(data, offset + INET_DIAG_MSG_MIN, offset + msg_len, INET_DIAG_INFO)
         if found is None:
-            return
+            return None
         start, size = found
         if size >= _LIVE_INFO.size:
-            retrans, rtt, total_retrans, segs_out = _LIVE_INFO.unpack_from(data, start)
-        elif size >= _LIVE_INFO_SHORT.size:
-            retrans, rtt, total_retrans = _LIVE_INFO_SHORT.unpack_from(data, start)
-            segs_out = 0
-        else:
-            return
-        row = self.live[family].get(key)
-        if row is None:
-            row = self.live[family][key] = [0, 0, 0, 0, 0, 0, 0]
-        row[0] += 1
-        if rtt:
-            row[1] += 1
-            row[2] += rtt
-            if rtt > row[3]:
-                row[3] = rtt
-        row[4] += retrans
-        row[5] += total_retrans
-        row[6] += segs_out
+            info_at[:] = [msg_len, start - 4 - offset, size + 4]
+            fields: tuple[int, ...] = _LIVE_INFO.unpack_from(data, start)
+            return fields
+        if size >= _LIVE_INFO_SHORT.size:  # kernels before 4.2: no segs_out
+            return (*_LIVE_INFO_SHORT.unpack_from(data, start), 0)
+        return None
 
     def _unusual_message(
         self, data: memoryview | bytes, offset: int, msg_len: int, msg_type: int, length: int
@@ -399,15 +412,16 @@ class DumpAggregator:
             live = self.live[family]
             for key, sockets in counts.items():
                 port, source, destination = _decode_tuple_key(family, key)
-                row = live.get(key)
-                if row is None:
+                rows = live.get(key)
+                if rows is None:
                     uses.append(
                         DestinationUse(
                             family, source, destination, port, sockets, time_wait.get(key, 0)
                         )
                     )
                     continue
-                established, timed, rtt_sum, rtt_max, retrans, total_retrans, segs_out = row
+                retrans, rtts, total_retrans, segs_out = zip(*rows, strict=True)
+                timed = len(rtts) - rtts.count(0)
                 uses.append(
                     DestinationUse(
                         family,
@@ -416,13 +430,13 @@ class DumpAggregator:
                         port,
                         sockets,
                         time_wait.get(key, 0),
-                        established=established,
+                        established=len(rows),
                         rtt_connections=timed,
-                        rtt_mean_seconds=rtt_sum / timed / 1e6 if timed else None,
-                        rtt_max_seconds=rtt_max / 1e6 if timed else None,
-                        retransmits_in_flight=retrans,
-                        segments_retransmitted=total_retrans,
-                        segments_sent=segs_out,
+                        rtt_mean_seconds=sum(rtts) / timed / 1e6 if timed else None,
+                        rtt_max_seconds=max(rtts) / 1e6 if timed else None,
+                        retransmits_in_flight=sum(retrans),
+                        segments_retransmitted=sum(total_retrans),
+                        segments_sent=sum(segs_out),
                     )
                 )
         uses.sort(key=lambda use: (-use.sockets, use.family, use.source, use.address, use.port))

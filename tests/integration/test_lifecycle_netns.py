@@ -30,7 +30,10 @@ from typing import Any
 
 import pytest
 
+from tcpwatch.config import CollectSettings
+from tcpwatch.snapshot import poll
 from tcpwatch.sources.lifecycle import DEFAULT_RECEIVE_BUFFER
+from tests.integration import populations
 from tests.integration.netns import REPO_ROOT, Netns, tcpwatch_env
 from tests.integration.test_privileges import as_nobody, unit_capabilities
 
@@ -183,6 +186,7 @@ print(json.dumps({name: dict(counts) for name, counts in results.items()}))
 
 @dataclass(frozen=True)
 class SsEvent:
+    state: str  # "UNCONN" for destroyed sockets, "ESTAB" ...
     local: str  # "127.0.0.1:37850", "[::1]:8443"
     peer: str  # "127.0.0.1:8080", "127.0.0.1:*" (port cleared), "*:*", "0.0.0.0:*"
     info: Mapping[str, str]
@@ -207,6 +211,11 @@ class SsEvent:
     def total_retrans(self) -> int:
         return int(self.info["retrans"].split("/")[1]) if "retrans" in self.info else 0
 
+    @property
+    def rtt_us(self) -> int:
+        """Smoothed RTT: ss prints tcpi_rtt / 1000 (ms) with up to three decimals."""
+        return round(float(self.info["rtt"].split("/")[0]) * 1000) if "rtt" in self.info else 0
+
 
 def parse_ss_events(text: str) -> list[SsEvent]:
     """``ss -tinEH`` output: a socket line, then an indented line of key:value tcp_info fields."""
@@ -219,7 +228,7 @@ def parse_ss_events(text: str) -> list[SsEvent]:
             if pending is not None:
                 events.append(SsEvent(*pending, {}))
             words = line.split()
-            pending = (words[3], words[4])
+            pending = (words[0], words[3], words[4])
             continue
         if pending is None:
             raise AssertionError(f"ss printed an info line before any socket: {line!r}")
@@ -305,6 +314,8 @@ class Watch:
     ss_path: Path
 
     def ss_events(self) -> list[SsEvent]:
+        if not self.ss_path.exists():  # the shell that starts ss has not created it yet
+            return []
         return parse_ss_events(self.ss_path.read_text())
 
     def wait_for_ss(
@@ -315,9 +326,8 @@ class Watch:
             if predicate(self.ss_events()):
                 return
             time.sleep(0.05)
-        raise AssertionError(
-            f"ss -tinE never showed {what}; it printed:\n{self.ss_path.read_text()}"
-        )
+        printed = self.ss_path.read_text() if self.ss_path.exists() else "(no output file)"
+        raise AssertionError(f"ss -tinE never showed {what}; it printed:\n{printed}")
 
     def traffic(self, *specs: Mapping[str, Any], timeout: float = 120.0) -> dict[str, Any]:
         result = self.ns.run(
@@ -621,3 +631,26 @@ def test_reader_survives_without_a_context(netns: Netns) -> None:
     # the listener's port is outside the ephemeral range: inbound, named by the local address
     assert_matches(oracle(events, {}, [MARKER_PORT]), got)
     assert got.closed[("inbound", "127.0.0.1:20661", "ok")] == 3
+
+
+def test_live_connections_rtt_and_retransmissions_match_ss(netns: Netns) -> None:
+    """The per-destination scan's tcp_info: idle connections, so ss and the poll see the same."""
+    populations.established(netns, pairs=30, port=20671)
+    populations.established(netns, pairs=5, port=20672, address="::1")
+    time.sleep(0.5)  # let delayed ACKs go out: the counters stop moving
+    (snapshot,) = poll(CollectSettings(process_attribution=False), (netns.name,))
+    events = [e for e in parse_ss_events(netns.ss("-tinH")) if e.state == "ESTAB"]
+    assert snapshot.sockets is not None and snapshot.sockets.established_method == "derived"
+    uses = {(use.address, use.port): use for use in snapshot.sockets.ephemeral_use}
+    for address, port, pairs in (("127.0.0.1", 20671, 30), ("::1", 20672, 5)):
+        outbound = [e for e in events if e.peer_port == port and e.peer_address == address]
+        assert len(outbound) == pairs
+        use = uses[(address, port)]
+        assert (use.established, use.sockets) == (pairs, pairs)
+        rtts = [e.rtt_us for e in outbound if e.rtt_us]
+        assert use.rtt_connections == len(rtts) > 0
+        assert use.rtt_max_seconds == pytest.approx(max(rtts) / 1e6, abs=1e-6)
+        assert use.rtt_mean_seconds == pytest.approx(sum(rtts) / len(rtts) / 1e6, abs=1e-6)
+        assert use.segments_sent == sum(e.number("segs_out") for e in outbound)
+        assert use.segments_retransmitted == sum(e.total_retrans for e in outbound)
+        assert use.retransmits_in_flight == 0

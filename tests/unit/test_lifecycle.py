@@ -530,3 +530,25 @@ def test_read_delay_follows_the_buffer() -> None:
     assert DestroyListener(sock=cast(socket.socket, Buffer(8 << 20))).read_delay == 0.02
     small = DestroyListener(sock=cast(socket.socket, Buffer(425_984))).read_delay
     assert 0.003 < small < 0.005
+
+
+def test_destination_scan_finds_tcp_info_wherever_it_is() -> None:
+    """Same message length, INFO at another place: the remembered position must not misread."""
+    shutdown = struct.pack("=HHB3x", 5, 8, 0)
+    info = info_bytes(rtt=100, total_retrans=1, segs_out=10)
+    first = bytearray(destroy_message(sport=40001, info=None, protocol=None))
+    first += shutdown + attribute(INET_DIAG_INFO, info)
+    second = bytearray(destroy_message(sport=40002, info=None, protocol=None))
+    second += attribute(INET_DIAG_INFO, info_bytes(rtt=300, total_retrans=2, segs_out=20))
+    second += shutdown
+    for message in (first, second):
+        message[17] = 1  # ESTABLISHED
+        struct.pack_into("=I", message, 0, len(message))
+    assert len(first) == len(second)
+    aggregator = DumpAggregator((32768, 60999))
+    aggregator.read_info = True
+    data = bytes(first + second + first)
+    aggregator.feed(memoryview(data), len(data), "ipv4")
+    (use,) = aggregator.result({"ipv4": 3, "ipv6": 0}, established_dumped=False).ephemeral_use
+    assert (use.established, use.rtt_max_seconds) == (3, 300e-6)
+    assert (use.segments_retransmitted, use.segments_sent) == (4, 40)
