@@ -54,6 +54,16 @@ class DestinationUse:
     port: int
     sockets: int  # all states that hold the 4-tuple, TIME_WAIT included
     time_wait: int
+    # Live ESTABLISHED connections' tcp_info (INET_DIAG_INFO of the per-destination dump; only
+    # when ESTABLISHED is "derived", see sources/sockdiag.py). rtt_* cover the connections with
+    # an RTT sample; the sums cover every ESTABLISHED connection counted in ``established``.
+    established: int = 0  # ESTABLISHED connections whose tcp_info was read
+    rtt_connections: int = 0  # of them, with an RTT sample (tcpi_rtt > 0)
+    rtt_mean_seconds: float | None = None  # mean of their smoothed RTT (tcpi_rtt)
+    rtt_max_seconds: float | None = None  # the largest smoothed RTT among them
+    retransmits_in_flight: int = 0  # sum of tcpi_retrans: retransmitted segments not yet acked
+    segments_retransmitted: int = 0  # sum of tcpi_total_retrans over each connection's life
+    segments_sent: int = 0  # sum of tcpi_segs_out over each connection's life
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,3 +232,75 @@ class Snapshot:
 
     def source_ok(self, name: str) -> bool:
         return any(status.name == name and status.ok for status in self.sources)
+
+
+# --- Connection lifecycle: closed connections heard on the socket-destroy multicast ------------
+# Built by tcpwatch/sources/lifecycle.py; meanings in docs/connections.md.
+
+DIRECTIONS: tuple[str, ...] = ("inbound", "outbound")
+# ok: handshake completed; timeout: no answer (segs_in 0); refused: answered (RST) before the
+# handshake completed; aborted: the kernel cleared the peer's port and the counters before
+# reporting (a blocking connect() that failed, or a close() with SO_LINGER 0).
+OUTCOMES: tuple[str, ...] = ("ok", "timeout", "refused", "aborted")
+# Upper bounds of the RTT histogram: loopback/LAN (100 us) to intercontinental (1 s), 1-2-5 steps.
+RTT_BUCKETS_SECONDS: tuple[float, ...] = (
+    0.0001,
+    0.0002,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+)
+PEER_OTHER = "other"  # every peer beyond the table's limit, per direction
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStats:
+    """Cumulative counts for the connections of one (direction, peer) that closed so far."""
+
+    direction: str  # one of DIRECTIONS
+    peer: str  # "10.0.0.5:5432", "[::1]:8080", a bare address (port cleared), or PEER_OTHER
+    closed: Mapping[str, int]  # outcome -> connections closed (every OUTCOMES key present)
+    # Smoothed RTT at close of the connections with an RTT sample: per bucket of
+    # RTT_BUCKETS_SECONDS, then one more for above the last bound (not cumulative).
+    rtt_buckets: tuple[int, ...]
+    rtt_count: int
+    rtt_sum_seconds: float
+    segments_sent: int  # tcpi_segs_out
+    segments_retransmitted: int  # tcpi_total_retrans
+    bytes_sent: int  # tcpi_bytes_acked: bytes the peer acknowledged (SYN and FIN count one each)
+    bytes_received: int  # tcpi_bytes_received (a received FIN counts one)
+
+    def rtt_cumulative(self) -> tuple[int, ...]:
+        """Counts per upper bound, cumulative, the last one being +Inf (Prometheus' shape)."""
+        total = 0
+        cumulative: list[int] = []
+        for count in self.rtt_buckets:
+            total += count
+            cumulative.append(total)
+        return tuple(cumulative)
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleStats:
+    """Everything one namespace's destroy listener aggregated since it started (cumulative)."""
+
+    peers: tuple[PeerStats, ...]  # sorted by direction, then peer; PEER_OTHER rows included
+    events: int  # destroy messages received and parsed (every outcome, ignored ones too)
+    ignored: int  # of them, sockets that never had a peer (closed listeners, never connected)
+    malformed: int  # datagrams that could not be parsed (their remaining messages are skipped)
+    # recv() failures with ENOBUFS: the kernel dropped one or more messages since the last read.
+    overruns: int
+    # Messages the kernel dropped at this socket for a full receive buffer (sk_drops, read with
+    # SO_MEMINFO): exact. None when the kernel does not report it (before 4.12).
+    lost: int | None
+    max_peers: int  # the table's limit (PEER_OTHER not counted)
+    evicted: int  # peers that gave their place up after being idle (their series end)
+    receive_buffer: int  # bytes the kernel granted the socket (SO_RCVBUF as read back)

@@ -196,12 +196,17 @@ def test_established_methods_agree(case: Case) -> None:
     for part in (
         "counts",
         "listeners",
-        "ephemeral_use",
         "syn_sent",
         "self_connects",
         "inodes_by_state",
     ):
         assert derived[part] == dumped[part], part
+    # Counts only: live tcp_info (RTT, retransmissions) comes with the derived method's
+    # per-destination dump alone, and moves between the two snapshots anyway.
+    counted = ("family", "source", "address", "port", "sockets", "time_wait")
+    assert [{key: use[key] for key in counted} for use in derived["ephemeral_use"]] == [
+        {key: use[key] for key in counted} for use in dumped["ephemeral_use"]
+    ]
 
 
 def _listener_rows(listeners: Sequence[Mapping[str, Any]]) -> dict[int, tuple[Any, ...]]:

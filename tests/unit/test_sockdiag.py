@@ -439,9 +439,18 @@ def test_collect_makes_four_dumps_and_derives_established() -> None:
         (socket.AF_INET6, ESTABLISHED_MASK),
     ]
     assert [struct.unpack_from("=I", request, 8)[0] for request in fake.requests] == [1, 2, 3, 4]
+    # idiag_ext: only the per-destination ESTABLISHED dumps ask for tcp_info (INET_DIAG_INFO)
+    assert [request[18] for request in fake.requests] == [0, 0, 2, 2]
     assert table.established_method == "derived"
     assert nonzero(table) == EXPECTED_COUNTS
     assert table == replay(COLLECT_DUMPS, inuse=INUSE, established_dumped=False)
+
+
+def test_collect_without_live_info_asks_for_no_tcp_info() -> None:
+    fake = ReplaySocket()
+    table = collect(PORT_RANGE, INUSE, sock=cast(socket.socket, fake), live_info=False)
+    assert [request[18] for request in fake.requests] == [0, 0, 0, 0]
+    assert all(use.established == 0 and use.rtt_mean_seconds is None for use in table.ephemeral_use)
 
 
 @pytest.mark.parametrize(

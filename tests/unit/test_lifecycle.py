@@ -1,0 +1,554 @@
+"""Destroy events and tcp_info: hand-built binary messages in the kernel's layout (6.18 offsets).
+
+The layouts were checked against real messages (tests/integration/test_lifecycle_netns.py runs
+the same code against the kernel beside ``ss -tinE``); here every branch is driven by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import random
+import socket
+import struct
+from typing import cast
+
+import pytest
+
+from tcpwatch.model import (
+    OUTCOMES,
+    PEER_OTHER,
+    RTT_BUCKETS_SECONDS,
+    DestinationUse,
+    LifecycleStats,
+    PeerStats,
+)
+from tcpwatch.sources import tcpinfo
+from tcpwatch.sources.lifecycle import (
+    DESTROY_GROUPS,
+    Classification,
+    DestroyListener,
+    LifecycleAggregator,
+    classify,
+    make_context,
+    parse_destroy_messages,
+)
+from tcpwatch.sources.sockdiag import (
+    INET_DIAG_INFO,
+    INET_DIAG_PROTOCOL,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    SOCK_DIAG_BY_FAMILY,
+    DumpAggregator,
+    SockDiagError,
+)
+from tcpwatch.sources.tcpinfo import FULL_LENGTH, TcpInfo, parse_tcp_info
+
+CONTEXT = make_context({8080}, (32768, 60999), [("0.0.0.0", 8080), ("::", 8443)])
+FIELD_CODES = {name: (offset, code) for name, offset, code in tcpinfo._FIELDS}
+
+
+def info_bytes(length: int = FULL_LENGTH, **values: int) -> bytes:
+    """A struct tcp_info of ``length`` bytes with the named fields set (the rest zero)."""
+    data = bytearray(max(length, FULL_LENGTH))
+    for name, value in values.items():
+        offset, code = FIELD_CODES[name]
+        struct.pack_into("=" + code, data, offset, value)
+    return bytes(data[:length])
+
+
+def attribute(kind: int, payload: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return raw + bytes(-len(raw) % 4)
+
+
+def destroy_message(
+    source: str = "127.0.0.1",
+    sport: int = 40000,
+    destination: str = "127.0.0.1",
+    dport: int = 5432,
+    info: bytes | None = None,
+    protocol: int | None = 6,
+    cookie: int = 7,
+    family: int | None = None,
+) -> bytes:
+    """nlmsghdr + inet_diag_msg (state TCP_CLOSE) + INET_DIAG_INFO + INET_DIAG_PROTOCOL."""
+    family = family or (socket.AF_INET6 if ":" in destination else socket.AF_INET)
+    src = socket.inet_pton(family, source).ljust(16, b"\0")
+    dst = socket.inet_pton(family, destination).ljust(16, b"\0")
+    body = (
+        struct.pack("=BBBB", family, 7, 0, 0)
+        + struct.pack("!HH", sport, dport)
+        + src
+        + dst
+        + struct.pack("=I", 0)
+        + struct.pack("=Q", cookie)
+        + struct.pack("=IIIII", 0, 0, 0, 0, 0)
+    )
+    if info is not None:
+        body += attribute(INET_DIAG_INFO, info)
+    if protocol is not None:
+        body += attribute(INET_DIAG_PROTOCOL, bytes([protocol]))
+    return struct.pack("=IHHII", 16 + len(body), SOCK_DIAG_BY_FAMILY, 0, 0, 0) + body
+
+
+OK_INFO = info_bytes(
+    rtt=150, total_retrans=2, bytes_acked=1001, bytes_received=501, segs_out=6, segs_in=4,
+    delivered=3,
+)  # fmt: skip
+TIMEOUT_INFO = info_bytes(total_retrans=2, segs_out=3, segs_in=0)
+REFUSED_INFO = info_bytes(segs_out=1, segs_in=1)
+CLEARED_INFO = info_bytes()
+
+
+# --- tcp_info ------------------------------------------------------------------------------
+
+
+def test_full_tcp_info_fields_at_their_offsets() -> None:
+    data = bytearray(info_bytes(rtt=1234, total_retrans=5, bytes_acked=1 << 40, delivered=9))
+    data[6] = 0x97  # snd_wscale 7 (low nibble), rcv_wscale 9
+    data[0] = 7
+    info = parse_tcp_info(bytes(data))
+    assert info.length == 280
+    assert (info.state, info.snd_wscale, info.rcv_wscale) == (7, 7, 9)
+    assert (info.rtt, info.total_retrans, info.bytes_acked, info.delivered) == (1234, 5, 1 << 40, 9)
+    assert info.total_rto_time == 0  # the last parsed field is present
+
+
+@pytest.mark.parametrize(
+    ("length", "last_present", "first_absent"),
+    [
+        (104, "total_retrans", "pacing_rate"),
+        (144, "segs_in", "notsent_bytes"),
+        (196, "delivered", "delivered_ce"),
+        (232, "snd_wnd", "rcv_wnd"),
+        (250, "total_rto_time", None),
+    ],
+)
+def test_short_tcp_info_leaves_missing_fields_none(
+    length: int, last_present: str, first_absent: str | None
+) -> None:
+    info = parse_tcp_info(info_bytes(length, **{last_present: 77}))
+    assert getattr(info, last_present) == 77
+    if first_absent is not None:
+        assert getattr(info, first_absent) is None
+        assert info.total_rto_time is None
+
+
+def test_empty_and_tiny_tcp_info() -> None:
+    assert parse_tcp_info(b"") == TcpInfo(length=0)
+    assert parse_tcp_info(b"\x01\x02").ca_state == 2
+    assert parse_tcp_info(b"\x01\x02").retransmits is None
+
+
+# --- parsing destroy messages --------------------------------------------------------------
+
+
+def test_ipv4_and_ipv6_events_parse() -> None:
+    data = destroy_message(sport=40001, info=OK_INFO) + destroy_message(
+        "::1", 8443, "::1", 50000, info=info_bytes(168, rtt=10)
+    )
+    first, second = parse_destroy_messages(data)
+    assert (first.family, first.source, first.source_port) == ("ipv4", "127.0.0.1", 40001)
+    assert (first.destination, first.destination_port, first.state) == ("127.0.0.1", 5432, 7)
+    assert (first.protocol, first.cookie, first.cleared) == (6, 7, False)
+    assert first.info is not None and first.info.bytes_acked == 1001
+    assert (second.family, second.source, second.destination_port) == ("ipv6", "::1", 50000)
+    assert second.info is not None and second.info.length == 168 and second.info.delivered is None
+
+
+def test_event_without_attributes() -> None:
+    (event,) = parse_destroy_messages(destroy_message(info=None, protocol=None))
+    assert event.info is None and event.protocol is None
+
+
+@pytest.mark.parametrize(
+    ("data", "text"),
+    [
+        (bytes(10), "truncated netlink header at byte 0 of 10"),
+        (destroy_message(info=OK_INFO)[:100], "bad netlink message length"),
+        (struct.pack("=IHHII", 40, SOCK_DIAG_BY_FAMILY, 0, 0, 0) + bytes(24), "of 40 bytes"),
+        (struct.pack("=IHHII", 0, SOCK_DIAG_BY_FAMILY, 0, 0, 0), "bad netlink message length 0"),
+        (struct.pack("=IHHIIi", 20, NLMSG_ERROR, 0, 0, 0, -1), "netlink error message"),
+        (struct.pack("=IHHII", 16, 99, 0, 0, 0), "unexpected netlink message type 99"),
+        (bytes([88, 0, 0, 0, 20, 0]) + bytes(10) + bytes([99]) + bytes(71), "address family 99"),
+    ],
+)
+def test_garbage_raises_the_parse_error(data: bytes, text: str) -> None:
+    with pytest.raises(SockDiagError, match=text):
+        list(parse_destroy_messages(data))
+    with pytest.raises(SockDiagError, match=text):
+        LifecycleAggregator().feed(data, len(data))
+
+
+def test_done_and_noop_messages_are_skipped() -> None:
+    done = struct.pack("=IHHIIi", 20, NLMSG_DONE, 0, 0, 0, 0)
+    data = done + destroy_message(info=OK_INFO) + struct.pack("=IHHII", 16, 1, 0, 0, 0)
+    assert len(list(parse_destroy_messages(data))) == 1
+
+
+def test_attribute_running_past_its_message_is_ignored() -> None:
+    message = bytearray(destroy_message(info=OK_INFO))
+    struct.pack_into("=H", message, 88, 4000)  # INET_DIAG_INFO claims 4000 bytes
+    (event,) = parse_destroy_messages(bytes(message))
+    assert event.info is None
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_random_and_mutated_input_only_ever_raises_the_parse_error(seed: int) -> None:
+    rng = random.Random(seed)
+    if seed % 2:
+        data = bytearray(destroy_message(info=OK_INFO) * 2)
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        data = data[: rng.randint(0, len(data))]
+    else:
+        data = bytearray(rng.randbytes(rng.randint(0, 600)))
+    aggregator = LifecycleAggregator()
+    for attempt in (lambda: list(parse_destroy_messages(bytes(data))),
+                    lambda: aggregator.feed(memoryview(data), len(data))):  # fmt: skip
+        with contextlib.suppress(SockDiagError):
+            attempt()
+
+
+# --- classification ------------------------------------------------------------------------
+
+
+def one(data: bytes) -> Classification | None:
+    (event,) = parse_destroy_messages(data)
+    return classify(event, CONTEXT)
+
+
+OUT, IN = "outbound", "inbound"
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (destroy_message(info=OK_INFO), (OUT, "127.0.0.1:5432", "ok")),
+        (destroy_message(info=TIMEOUT_INFO), (OUT, "127.0.0.1:5432", "timeout")),
+        (destroy_message(info=REFUSED_INFO), (OUT, "127.0.0.1:5432", "refused")),
+        # blocking connect() failure / SO_LINGER 0: port and source address cleared
+        (
+            destroy_message("0.0.0.0", 40000, "10.1.2.3", 0, CLEARED_INFO),
+            (OUT, "10.1.2.3", "aborted"),
+        ),
+        (
+            destroy_message("::", 40000, "2001:db8::5", 0, CLEARED_INFO),
+            (OUT, "2001:db8::5", "aborted"),
+        ),
+        (
+            destroy_message("::", 40000, "2001:db8::5", 443, OK_INFO),
+            (OUT, "[2001:db8::5]:443", "ok"),
+        ),
+        # inbound: the listener's port, named as the (wildcard) listener
+        (destroy_message("10.0.0.1", 8080, "10.0.0.9", 50000, OK_INFO), (IN, "0.0.0.0:8080", "ok")),
+        (destroy_message("::1", 8443, "::1", 50000, OK_INFO), (IN, "[::]:8443", "ok")),
+        (
+            destroy_message("::ffff:10.0.0.1", 8443, "::ffff:10.0.0.9", 50000, OK_INFO),
+            (IN, "[::]:8443", "ok"),
+        ),
+        (
+            destroy_message("0.0.0.0", 8080, "10.0.0.9", 0, CLEARED_INFO),
+            (IN, "0.0.0.0:8080", "aborted"),
+        ),
+        # a port outside the ephemeral range without a known listener: inbound, local address
+        (destroy_message("10.0.0.1", 22, "10.0.0.9", 50000, OK_INFO), (IN, "10.0.0.1:22", "ok")),
+        (destroy_message("0.0.0.0", 22, "10.0.0.9", 0, CLEARED_INFO), (IN, "*:22", "aborted")),
+    ],
+)
+def test_classification(message: bytes, expected: tuple[str, str, str]) -> None:
+    assert one(message) == Classification(*expected)
+
+
+def test_listener_inside_the_ephemeral_range_is_inbound() -> None:
+    context = make_context({40000}, (32768, 60999), [("127.0.0.1", 40000)])
+    (event,) = parse_destroy_messages(destroy_message(info=OK_INFO))
+    assert classify(event, context) == Classification("inbound", "127.0.0.1:40000", "ok")
+
+
+def test_sockets_that_never_had_a_peer_are_not_classified() -> None:
+    closed_listener = destroy_message("0.0.0.0", 8080, "0.0.0.0", 0, CLEARED_INFO)
+    never_connected = destroy_message("0.0.0.0", 0, "0.0.0.0", 0, CLEARED_INFO)
+    assert one(closed_listener) is None and one(never_connected) is None
+    assert one(destroy_message(info=None)) is None
+
+
+@pytest.mark.parametrize(
+    ("info", "outcome"),
+    [
+        (info_bytes(136, bytes_acked=1, bytes_received=1), "ok"),
+        (info_bytes(144, segs_in=1), "refused"),
+        (info_bytes(144, segs_in=0, total_retrans=3), "timeout"),
+        (info_bytes(104, options=7), "ok"),
+        (info_bytes(104), "timeout"),
+    ],
+)
+def test_older_kernels_short_tcp_info(info: bytes, outcome: str) -> None:
+    classified = one(destroy_message(info=info))
+    assert classified is not None and classified.outcome == outcome
+    aggregator = LifecycleAggregator()
+    aggregator.feed(destroy_message(info=info), len(destroy_message(info=info)))
+    (row,) = stats(aggregator).peers
+    assert row.closed[outcome] == 1
+
+
+# --- aggregation ---------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def stats(aggregator: LifecycleAggregator) -> LifecycleStats:
+    return aggregator.stats(overruns=0, lost=0, receive_buffer=0)
+
+
+def rows(aggregator: LifecycleAggregator) -> dict[tuple[str, str], PeerStats]:
+    result = aggregator.stats(overruns=0, lost=0, receive_buffer=0)
+    return {(row.direction, row.peer): row for row in result.peers}
+
+
+def feed(aggregator: LifecycleAggregator, *messages: bytes) -> None:
+    for message in messages:
+        aggregator.feed(memoryview(message), len(message))
+
+
+def test_aggregation_agrees_with_classify_and_sums_the_counters() -> None:
+    messages = [
+        destroy_message(sport=40000 + n, info=OK_INFO if n % 3 else TIMEOUT_INFO) for n in range(9)
+    ] + [
+        destroy_message("10.0.0.1", 8080, "10.0.0.9", 50000 + n, OK_INFO) for n in range(4)
+    ] + [destroy_message("0.0.0.0", 40100, "127.0.0.1", 0, CLEARED_INFO),
+         destroy_message("0.0.0.0", 8080, "0.0.0.0", 0, CLEARED_INFO)]  # fmt: skip
+    aggregator = LifecycleAggregator()
+    aggregator.update_context(CONTEXT)
+    feed(aggregator, b"".join(messages[:5]), *messages[5:])  # several messages in one datagram
+    expected: dict[tuple[str, str], dict[str, int]] = {}
+    for message in messages:
+        classified = one(message)
+        if classified is not None:
+            counts = expected.setdefault((classified.direction, classified.peer), {})
+            counts[classified.outcome] = counts.get(classified.outcome, 0) + 1
+    got = rows(aggregator)
+    assert {key: {k: v for k, v in row.closed.items() if v} for key, row in got.items()} == expected
+    outbound = got[("outbound", "127.0.0.1:5432")]
+    assert outbound.closed == {"ok": 6, "timeout": 3, "refused": 0, "aborted": 0}
+    assert outbound.segments_sent == 6 * 6 + 3 * 3
+    assert outbound.segments_retransmitted == 6 * 2 + 3 * 2
+    assert (outbound.bytes_sent, outbound.bytes_received) == (6 * 1001, 6 * 501)
+    assert outbound.rtt_count == 6 and outbound.rtt_sum_seconds == pytest.approx(6 * 150e-6)
+    result = aggregator.stats(overruns=2, lost=3, receive_buffer=4)
+    assert (result.events, result.ignored, result.malformed, result.overruns) == (15, 1, 0, 2)
+    assert (result.lost, result.receive_buffer, result.evicted) == (3, 4, 0)
+
+
+@pytest.mark.parametrize(
+    ("rtt_us", "bucket"),
+    [(1, 0), (100, 0), (101, 1), (1000, 3), (999_999, 12), (1_000_000, 12), (1_000_001, 13)],
+)
+def test_rtt_buckets_are_upper_bounds(rtt_us: int, bucket: int) -> None:
+    aggregator = LifecycleAggregator()
+    feed(aggregator, destroy_message(info=info_bytes(rtt=rtt_us, delivered=1)))
+    (row,) = rows(aggregator).values()
+    assert len(row.rtt_buckets) == len(RTT_BUCKETS_SECONDS) + 1
+    assert row.rtt_buckets[bucket] == 1 and sum(row.rtt_buckets) == 1
+    assert row.rtt_cumulative()[-1] == 1 and row.rtt_cumulative()[bucket] == 1
+
+
+def test_peer_table_is_bounded_and_series_stay_monotonic() -> None:
+    clock = Clock()
+    aggregator = LifecycleAggregator(max_peers=2, peer_idle_seconds=60, clock=clock)
+    for port in (1001, 1002, 1003, 1004):
+        feed(aggregator, destroy_message(dport=port, info=OK_INFO))
+    got = rows(aggregator)
+    assert set(got) == {
+        ("outbound", "127.0.0.1:1001"),
+        ("outbound", "127.0.0.1:1002"),
+        ("outbound", PEER_OTHER),
+    }
+    assert got[("outbound", PEER_OTHER)].closed["ok"] == 2
+    # 1001 stays busy, 1002 goes idle: after 60 s 1002 gives its place up, 1003 takes it
+    clock.now += 30
+    feed(aggregator, destroy_message(dport=1001, info=OK_INFO))
+    clock.now += 31
+    feed(aggregator, destroy_message(dport=1003, info=OK_INFO))
+    got = rows(aggregator)
+    assert set(got) == {
+        ("outbound", "127.0.0.1:1001"),
+        ("outbound", "127.0.0.1:1003"),
+        ("outbound", PEER_OTHER),
+    }
+    assert got[("outbound", "127.0.0.1:1001")].closed["ok"] == 2  # kept its series and counts
+    assert got[("outbound", "127.0.0.1:1003")].closed["ok"] == 1  # a new series from zero
+    assert got[("outbound", PEER_OTHER)].closed["ok"] == 2  # 1002's counts were not moved
+    assert aggregator.stats(0, 0, 0).evicted == 1
+    # nothing for an hour: a drain removes idle rows; PEER_OTHER stays
+    clock.now += 3600
+    assert set(rows(aggregator)) == {("outbound", PEER_OTHER)}
+
+
+def test_context_change_renames_new_events_only() -> None:
+    aggregator = LifecycleAggregator()
+    inbound = destroy_message("10.0.0.1", 9000, "10.0.0.9", 50000, OK_INFO)
+    feed(aggregator, inbound)
+    aggregator.update_context(make_context({9000}, None, [("0.0.0.0", 9000)]))
+    feed(aggregator, inbound)
+    assert {key: row.closed["ok"] for key, row in rows(aggregator).items()} == {
+        ("inbound", "10.0.0.1:9000"): 1,
+        ("inbound", "0.0.0.0:9000"): 1,
+    }
+
+
+# --- the listener, over a socket pair standing in for netlink -------------------------------
+
+
+def test_listener_reads_every_pending_datagram_and_counts_garbage() -> None:
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    reader.setblocking(False)
+    with writer:
+        listener = DestroyListener(sock=reader)
+        listener.update_context(frozenset({8080}), (32768, 60999), [("0.0.0.0", 8080)])
+        for n in range(50):
+            writer.send(destroy_message(sport=40000 + n, info=OK_INFO))
+        writer.send(b"garbage!")
+        writer.send(destroy_message("10.0.0.1", 8080, "10.0.0.9", 50000, OK_INFO))
+        assert listener.fileno() == reader.fileno()
+        listener.read_ready()
+        result = listener.drain()
+        listener.close()
+        listener.close()
+    assert (result.events, result.malformed, result.overruns, result.lost) == (51, 1, 0, 0)
+    got = {(row.direction, row.peer): row.closed["ok"] for row in result.peers}
+    assert got == {("outbound", "127.0.0.1:5432"): 50, ("inbound", "0.0.0.0:8080"): 1}
+    assert result.receive_buffer > 0
+
+
+class OverrunSocket:
+    """recv_into fails with ENOBUFS once, then yields one event, then would block."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def recv_into(self, buffer: memoryview) -> int:
+        self.calls += 1
+        if self.calls == 1:
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+        if self.calls == 2:
+            data = destroy_message(info=OK_INFO)
+            buffer[: len(data)] = data
+            return len(data)
+        raise BlockingIOError
+
+    def getsockopt(self, level: int, option: int, size: int = 0) -> int | bytes:
+        if size:
+            raise OSError(errno.ENOPROTOOPT, "no SO_MEMINFO")
+        return 1234
+
+    def fileno(self) -> int:
+        return 99
+
+    def close(self) -> None:
+        pass
+
+
+def test_enobufs_counts_an_overrun_and_reading_continues() -> None:
+    listener = DestroyListener(sock=cast(socket.socket, OverrunSocket()))
+    listener.read_ready()
+    result = listener.drain()
+    assert (result.overruns, result.events, result.lost, result.receive_buffer) == (
+        1,
+        1,
+        None,
+        1234,
+    )
+
+
+def test_other_socket_errors_raise_the_parse_error() -> None:
+    class Broken(OverrunSocket):
+        def recv_into(self, buffer: memoryview) -> int:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+
+    listener = DestroyListener(sock=cast(socket.socket, Broken()))
+    with pytest.raises(SockDiagError, match="reading TCP destroy events failed"):
+        listener.read_ready()
+
+
+def test_group_bitmask() -> None:
+    assert DESTROY_GROUPS == 0b101  # groups 1 (IPv4 TCP) and 3 (IPv6 TCP)
+    assert OUTCOMES == ("ok", "timeout", "refused", "aborted")
+
+
+# --- live connections on the per-destination dump -------------------------------------------
+
+
+def dump_message(sport: int, dport: int, info: bytes | None) -> bytes:
+    """An ESTABLISHED answer of the per-destination dump (state 1) with INET_DIAG_INFO."""
+    message = bytearray(destroy_message(sport=sport, dport=dport, info=info, protocol=None))
+    message[17] = 1
+    return bytes(message)
+
+
+def test_destination_scan_aggregates_live_rtt_and_retransmissions() -> None:
+    aggregator = DumpAggregator((32768, 60999))
+    aggregator.read_info = True
+    data = b"".join(
+        [
+            dump_message(40001, 5432, info_bytes(rtt=100, retrans=1, total_retrans=4, segs_out=50)),
+            dump_message(40002, 5432, info_bytes(rtt=300, retrans=0, total_retrans=1, segs_out=30)),
+            dump_message(40003, 5432, info_bytes(rtt=0, segs_out=2)),  # no RTT sample yet
+            dump_message(40004, 5432, info_bytes(104, rtt=200, total_retrans=2)),  # < 4.2
+            dump_message(40005, 6379, None),  # no tcp_info: counted, no live fields
+        ]
+    )
+    aggregator.feed(memoryview(data), len(data), "ipv4")
+    table = aggregator.result({"ipv4": 5, "ipv6": 0}, established_dumped=False)
+    by_port = {use.port: use for use in table.ephemeral_use}
+    assert by_port[5432].rtt_mean_seconds == pytest.approx(200e-6)
+    assert by_port[5432] == DestinationUse(
+        "ipv4", "127.0.0.1", "127.0.0.1", 5432, 4, 0,
+        established=4, rtt_connections=3, rtt_mean_seconds=by_port[5432].rtt_mean_seconds,
+        rtt_max_seconds=300e-6, retransmits_in_flight=1, segments_retransmitted=7,
+        segments_sent=82,
+    )  # fmt: skip
+    assert by_port[6379] == DestinationUse("ipv4", "127.0.0.1", "127.0.0.1", 6379, 1, 0)
+
+
+def test_read_delay_follows_the_buffer() -> None:
+    class Buffer(OverrunSocket):
+        def __init__(self, size: int) -> None:
+            super().__init__()
+            self.size = size
+
+        def getsockopt(self, level: int, option: int, size: int = 0) -> int | bytes:
+            return self.size
+
+    assert DestroyListener(sock=cast(socket.socket, Buffer(8 << 20))).read_delay == 0.02
+    small = DestroyListener(sock=cast(socket.socket, Buffer(425_984))).read_delay
+    assert 0.003 < small < 0.005
+
+
+def test_destination_scan_finds_tcp_info_wherever_it_is() -> None:
+    """Same message length, INFO at another place: the remembered position must not misread."""
+    shutdown = struct.pack("=HHB3x", 5, 8, 0)
+    info = info_bytes(rtt=100, total_retrans=1, segs_out=10)
+    first = bytearray(destroy_message(sport=40001, info=None, protocol=None))
+    first += shutdown + attribute(INET_DIAG_INFO, info)
+    second = bytearray(destroy_message(sport=40002, info=None, protocol=None))
+    second += attribute(INET_DIAG_INFO, info_bytes(rtt=300, total_retrans=2, segs_out=20))
+    second += shutdown
+    for message in (first, second):
+        message[17] = 1  # ESTABLISHED
+        struct.pack_into("=I", message, 0, len(message))
+    assert len(first) == len(second)
+    aggregator = DumpAggregator((32768, 60999))
+    aggregator.read_info = True
+    data = bytes(first + second + first)
+    aggregator.feed(memoryview(data), len(data), "ipv4")
+    (use,) = aggregator.result({"ipv4": 3, "ipv6": 0}, established_dumped=False).ephemeral_use
+    assert (use.established, use.rtt_max_seconds) == (3, 300e-6)
+    assert (use.segments_retransmitted, use.segments_sent) == (4, 40)
