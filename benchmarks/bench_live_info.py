@@ -1,4 +1,4 @@
-"""What INET_DIAG_INFO costs the per-destination scan: sockdiag.collect() with and without it.
+"""What INET_DIAG_INFO costs the per-destination scan: sockets.collect() with and without it.
 
 Run as root from the repository root::
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
 import resource, socket, statistics, sys, time
-from tcpwatch.sources import sockdiag
+from tcpwatch.sources import sockets
 connections, rounds, scans = (int(word) for word in sys.argv[1:4])
 resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
 listeners = []
@@ -54,7 +54,7 @@ def median_cpu(live_info):
     for _ in range(scans):
         counts = inuse()
         start = time.process_time()
-        sockdiag.collect((32768, 60999), counts, time_wait=0, live_info=live_info)
+        sockets.collect((32768, 60999), counts, time_wait=0, live_info=live_info)
         times.append(time.process_time() - start)
     return statistics.median(times)
 

@@ -62,8 +62,8 @@ sys.path.insert(0, REPOSITORY)
 from tcpwatch.config import CollectSettings  # noqa: E402
 from tcpwatch.model import Snapshot  # noqa: E402
 from tcpwatch.snapshot import poll  # noqa: E402
+from tcpwatch.sources import netlink, sockdiag, sockets  # noqa: E402
 from tcpwatch.sources import netns as netns_source  # noqa: E402
-from tcpwatch.sources import sockdiag  # noqa: E402
 
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
@@ -302,18 +302,18 @@ class RunResult:
 
 
 def counting_dumps() -> tuple[list[int], Callable[[], None]]:
-    """Wrap sockdiag.run_dump to count dumps; returns the counter and the undo function."""
+    """Wrap sockets.run_dump to count dumps; returns the counter and the undo function."""
     counter = [0]
-    original = sockdiag.run_dump
+    original = sockets.run_dump
 
     def counted(*args: Any, **kwargs: Any) -> None:
         counter[0] += 1
         original(*args, **kwargs)
 
-    sockdiag.run_dump = counted
+    sockets.run_dump = counted
 
     def undo() -> None:
-        sockdiag.run_dump = original
+        sockets.run_dump = original
 
     return counter, undo
 
@@ -352,13 +352,11 @@ def empty_walk_seconds(path: str, walks: int = EMPTY_WALKS) -> float:
     def walk() -> float:
         aggregator = sockdiag.DumpAggregator(None, ())
         buffer = memoryview(bytearray(1 << 16))
-        with contextlib.closing(sockdiag.open_socket()) as netlink:
+        with contextlib.closing(netlink.open_socket()) as sock:
             before = time.thread_time()
             for sequence in range(1, walks + 1):
-                request = sockdiag.build_request("ipv4", NO_STATE_MASK, b"", sequence)
-                sockdiag.run_dump(
-                    netlink.send, netlink.recv_into, request, "ipv4", aggregator, buffer
-                )
+                request = netlink.build_request("ipv4", NO_STATE_MASK, b"", sequence)
+                sockets.run_dump(sock.send, sock.recv_into, request, "ipv4", aggregator, buffer)
             return (time.thread_time() - before) / walks
 
     return netns_source.run_inside(target, walk)

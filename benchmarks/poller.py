@@ -13,7 +13,7 @@ CPU is this process' own user and system time (getrusage): the kernel's walk of 
 tables runs in our send() and recvmsg() calls, so it lands in ``sys``.
 
 ``dumps`` and ``walk`` split a poll's sock_diag cost. Both run tcpwatch's own
-``sockdiag.collect`` (so the same dumps, whatever its plan) with the message parser swapped for
+``sockets.collect`` (so the same dumps, whatever its plan) with the message parser swapped for
 one that only steps over netlink headers; ``walk`` also swaps every request's state mask for one
 no socket matches (bit 0, an unused state), leaving the kernel's walk of its hash tables and
 nothing to copy out. So: walk = kernel walk; dumps - walk = copying messages out; poll without
@@ -41,7 +41,7 @@ from tcpwatch.config import CollectSettings
 from tcpwatch.model import Attribution, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
 from tcpwatch.snapshot import take_snapshot
-from tcpwatch.sources import procnet, sockdiag, sysctl
+from tcpwatch.sources import netlink, procnet, sockdiag, sockets, sysctl
 
 PROFILE_ROWS = 10
 _NLMSG = struct.Struct("=IH")
@@ -68,7 +68,7 @@ class HeaderOnlyAggregator(sockdiag.DumpAggregator):
             if message_type == NLMSG_DONE:
                 return True
             if message_type == NLMSG_ERROR or message_length < 16:
-                raise sockdiag.SockDiagError(f"dump failed at byte {offset} (type {message_type})")
+                raise netlink.SockDiagError(f"dump failed at byte {offset} (type {message_type})")
             self.messages += 1
             if data[offset + 18] != TIMER_TIME_WAIT and data[offset + 17] not in REQUEST_STATES:
                 totals.full_sockets += 1
@@ -76,7 +76,7 @@ class HeaderOnlyAggregator(sockdiag.DumpAggregator):
         return False
 
 
-ORIGINAL_BUILD_REQUEST = sockdiag.build_request
+ORIGINAL_BUILD_REQUEST = netlink.build_request
 
 
 def _no_state_request(family: str, states: int, bytecode: bytes = b"", sequence: int = 1) -> bytes:
@@ -95,7 +95,7 @@ def swapped(module: Any, name: str, replacement: Any) -> Iterator[None]:
 
 def dumps_only(settings: CollectSettings, walk_only: bool) -> dict[str, Any]:
     """tcpwatch's sock_diag dumps with the parsing (and, for walk_only, the matching) left out."""
-    # The same inputs take_snapshot() hands to sockdiag.collect(), read before the clock starts.
+    # The same inputs take_snapshot() hands to sockets.collect(), read before the clock starts.
     paths = ProcPaths()
     port_range = sysctl.read_sysctls(paths).port_range
     sockstat = procnet.read_sockstat(paths)
@@ -105,10 +105,10 @@ def dumps_only(settings: CollectSettings, walk_only: bool) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(swapped(sockdiag, "DumpAggregator", HeaderOnlyAggregator))
         if walk_only:
-            stack.enter_context(swapped(sockdiag, "build_request", _no_state_request))
+            stack.enter_context(swapped(netlink, "build_request", _no_state_request))
         before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
-        table = sockdiag.collect(
+        table = sockets.collect(
             port_range,
             inuse,
             (),

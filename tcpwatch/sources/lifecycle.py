@@ -47,9 +47,8 @@ from tcpwatch.model import (
     LifecycleStats,
     PeerStats,
 )
-from tcpwatch.sources.sockdiag import (
+from tcpwatch.sources.netlink import (
     INET_DIAG_INFO,
-    INET_DIAG_MSG_MIN,
     INET_DIAG_PROTOCOL,
     NETLINK_SOCK_DIAG,
     NLATTR,
@@ -60,6 +59,7 @@ from tcpwatch.sources.sockdiag import (
     SockDiagError,
     find_attribute,
 )
+from tcpwatch.sources.sockdiag import INET_DIAG_MSG_MIN
 from tcpwatch.sources.tcpinfo import CLOSE_FIELDS, TcpInfo, parse_tcp_info
 
 SKNLGRP_INET_TCP_DESTROY = 1

@@ -32,7 +32,7 @@ import socket
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from tcpwatch.model import (
     FAMILIES,
@@ -41,28 +41,23 @@ from tcpwatch.model import (
     DestinationUse,
     Listener,
     SelfConnect,
-    Snapshot,
     SocketTable,
-    SockStat,
 )
-from tcpwatch.sources import procnet
-from tcpwatch.sources.base import SourceContext, netns_source
+from tcpwatch.sources.netlink import (
+    ERRNO_FIELD,
+    FAMILY_NUMBER,
+    INET_DIAG_INFO,
+    NLATTR,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSG_HEAD,
+    SOCK_DIAG_BY_FAMILY,
+    SockDiagError,
+    find_attribute,
+    has_attribute,
+)
 
-NETLINK_SOCK_DIAG = 4
-SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP = 0x300
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-INET_DIAG_REQ_BYTECODE = 1
-INET_DIAG_INFO = 2  # attribute: struct tcp_info (tcpinfo.py); idiag_ext bit 1 << (2 - 1) asks it
-INET_DIAG_PROTOCOL = 10  # attribute: u8 IPPROTO_*, on destroy messages
-INFO_EXTENSION = 1 << (INET_DIAG_INFO - 1)
 INET_DIAG_SHUTDOWN = 8  # every full socket carries it; request and TIME_WAIT sockets never do
-INET_DIAG_BC_S_GE = 2
-INET_DIAG_BC_S_LE = 3
-
-# Kernel TCP state numbers (include/net/tcp_states.h).
 TCP_ESTABLISHED = 1
 TCP_SYN_SENT = 2
 TCP_SYN_RECV = 3
@@ -75,80 +70,20 @@ TIMER_TIME_WAIT = 3  # idiag_timer of timewait sockets (inet_twsk_diag_fill), FI
 ALL_STATES_MASK = sum(1 << n for n in range(1, 13))  # 1..11 and NEW_SYN_RECV; what `ss -ta` asks
 ESTABLISHED_MASK = 1 << TCP_ESTABLISHED
 
-FAMILY_NUMBER = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 ADDRESS_LENGTH = {"ipv4": 4, "ipv6": 16}
 # States whose sockets hold a 4-tuple: the ones that use an ephemeral port towards a destination.
 _TUPLE_STATES = frozenset({1, 2, 4, 5, 6, 8, 9, 11})
 _STATE_BY_NAME = {name: number for number, name in enumerate(STATES, start=1)}
 
-_NLMSGHDR = struct.Struct("=IHHII")
-_REQUEST = struct.Struct("=BBBxI")  # inet_diag_req_v2 head; the 48-byte sockid follows
-NLMSG_HEAD = struct.Struct("=IH")
 PORTS = struct.Struct("!HH")
 _TUPLE_KEY = struct.Struct("34s")  # dport, src[16], dst[16]: one bytes object per socket
 _QUEUES_INODE = struct.Struct("=II4xI")  # rqueue, wqueue, (uid), inode at offset 72
-ERRNO_FIELD = struct.Struct("=i")
+
 # tcp_info fields a live connection is summarised by (offsets in tcpinfo.py): retrans (36, in
 # flight), rtt (68, us), total_retrans (100), segs_out (136); the short form for kernels < 4.2.
 _LIVE_INFO = struct.Struct("=36xI28xI28xI32xI")
 _LIVE_INFO_SHORT = struct.Struct("=36xI28xI28xI")
-NLATTR = struct.Struct("=HH")
 INET_DIAG_MSG_MIN = 88
-
-
-class SockDiagError(Exception):
-    """The dump failed or returned something we cannot parse."""
-
-
-def port_range_bytecode(low: int, high: int) -> bytes:
-    """inet_diag bytecode accepting sockets whose local port is in [low, high].
-
-    Each op is {code u8, yes u8, no u16}; a jump landing exactly at the end accepts, one landing
-    4 bytes past it rejects. The port operand travels in the ``no`` field of the following op.
-    """
-    program_length = 16
-    return b"".join(
-        (
-            struct.pack("=BBH", INET_DIAG_BC_S_GE, 8, program_length + 4),
-            struct.pack("=BBH", 0, 0, low),
-            struct.pack("=BBH", INET_DIAG_BC_S_LE, 8, 8 + 4),
-            struct.pack("=BBH", 0, 0, high),
-        )
-    )
-
-
-def build_request(
-    family: str, states: int, bytecode: bytes = b"", sequence: int = 1, extensions: int = 0
-) -> bytes:
-    """A SOCK_DIAG_BY_FAMILY dump request; ``extensions`` is idiag_ext (e.g. INFO_EXTENSION)."""
-    body = _REQUEST.pack(FAMILY_NUMBER[family], socket.IPPROTO_TCP, extensions, states)
-    body += bytes(48)
-    if bytecode:
-        attr_len = 4 + len(bytecode)
-        body += NLATTR.pack(attr_len, INET_DIAG_REQ_BYTECODE) + bytecode
-    flags = NLM_F_REQUEST | NLM_F_DUMP
-    return _NLMSGHDR.pack(16 + len(body), SOCK_DIAG_BY_FAMILY, flags, sequence, 0) + body
-
-
-def _has_attribute(data: memoryview | bytes, start: int, end: int, wanted: int) -> bool:
-    return find_attribute(data, start, end, wanted) is not None
-
-
-def find_attribute(
-    data: memoryview | bytes, start: int, end: int, wanted: int
-) -> tuple[int, int] | None:
-    """(payload offset, payload length) of the first attribute of type ``wanted`` in [start, end).
-
-    A malformed attribute (length < 4 or past ``end``) ends the walk: None.
-    """
-    while start + 4 <= end:
-        length, kind = NLATTR.unpack_from(data, start)
-        if length < 4 or start + length > end:
-            return None
-        if kind & 0x3FFF == wanted:
-            return start + 4, length - 4
-        start += (length + 3) & ~3
-    return None
 
 
 @dataclass(slots=True)
@@ -235,7 +170,7 @@ class DumpAggregator:
                 self.listeners.append((family, address, sport, rqueue, wqueue, inode))
                 listen_ports.add(sport)
                 totals.full_sockets += 1
-            elif state == TCP_SYN_RECV and not _has_attribute(
+            elif state == TCP_SYN_RECV and not has_attribute(
                 data, offset + INET_DIAG_MSG_MIN, offset + msg_len, INET_DIAG_SHUTDOWN
             ):
                 # A request socket: its local port and address are its listener's.
@@ -481,149 +416,3 @@ def _address(family: str, raw: bytes) -> str:
 
 # A receive function: fills the buffer, returns the byte count. Injectable for tests.
 Receiver = Callable[[memoryview], int]
-
-
-def run_dump(
-    send: Callable[[bytes], object],
-    receive: Receiver,
-    request: bytes,
-    family: str,
-    aggregator: DumpAggregator,
-    buffer: memoryview,
-) -> None:
-    send(request)
-    while True:
-        length = receive(buffer)
-        if length <= 0:
-            raise SockDiagError("netlink socket closed before the dump ended")
-        if aggregator.feed(buffer, length, family):
-            return
-
-
-def open_socket() -> socket.socket:
-    try:
-        sock = socket.socket(
-            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
-        )
-    except (OSError, AttributeError) as error:
-        raise SockDiagError(f"cannot open a NETLINK_SOCK_DIAG socket: {error}") from error
-    sock.bind((0, 0))
-    return sock
-
-
-def collect(
-    port_range: tuple[int, int] | None,
-    inuse: Mapping[str, int] | None,
-    attribute_states: Iterable[str] = ("close_wait",),
-    dump_established: bool = False,
-    sock: socket.socket | None = None,
-    time_wait: int | None = None,
-    destinations: bool = True,
-    live_info: bool = True,
-) -> SocketTable:
-    """Dump this namespace's TCP sockets (see the module docstring for the plan).
-
-    ``inuse`` and ``time_wait`` (sockstat) also spare whole dumps, exactly: a family with no full
-    socket and no timewait socket has nothing to dump (request sockets need a listener), and once
-    dump 1 has seen every full socket of a family, no ESTABLISHED socket is left for dump 2. Each
-    dump walks the host-wide hash, so on a node with many namespaces this is most of the saving.
-
-    ``destinations=False`` skips the per-destination work: dump 2 exists only for it (derived
-    ESTABLISHED needs no dump), and dump 1 then counts without keying ephemeral sockets. The
-    table's ephemeral_use is then empty and established self-connects unseen: the caller reuses
-    an earlier poll's (collect.destinations_interval).
-
-    ``live_info`` asks the per-destination dump for each connection's tcp_info (live RTT and
-    retransmissions per destination); measured on 6.18 at about +1.1 us of CPU per outbound
-    ESTABLISHED connection on each destination scan (benchmarks/bench_live_info.py).
-    """
-    aggregator = DumpAggregator(port_range if destinations else None, attribute_states)
-    established_dumped = dump_established or inuse is None or port_range is None
-    families = FAMILIES
-    if inuse is not None and time_wait == 0:
-        families = tuple(family for family in FAMILIES if inuse[family] > 0)
-    buffer = memoryview(bytearray(1 << 17))
-    owned = sock is None
-    netlink = open_socket() if sock is None and families else sock
-    sequence = 0
-
-    def dump(family: str, mask: int, bytecode: bytes = b"", extensions: int = 0) -> None:
-        nonlocal sequence
-        assert netlink is not None
-        sequence += 1
-        request = build_request(family, mask, bytecode, sequence, extensions)
-        try:
-            run_dump(netlink.send, netlink.recv_into, request, family, aggregator, buffer)
-        except OSError as error:
-            raise SockDiagError(f"sock_diag dump ({family}) failed: {error}") from error
-
-    try:
-        first_mask = ALL_STATES_MASK if established_dumped else ALL_STATES_MASK & ~ESTABLISHED_MASK
-        for family in families:
-            dump(family, first_mask)
-        if destinations and not established_dumped and inuse is not None and port_range:
-            bytecode = port_range_bytecode(*port_range)
-            aggregator.read_info = live_info  # live RTT and retransmissions per destination
-            extensions = INFO_EXTENSION if live_info else 0
-            for family in families:
-                if inuse[family] > aggregator.totals[family].full_sockets:
-                    dump(family, ESTABLISHED_MASK, bytecode, extensions)
-    finally:
-        if owned and netlink is not None:
-            netlink.close()
-    return aggregator.result(inuse, established_dumped)
-
-
-def with_destinations_of(sockets: SocketTable, earlier: SocketTable) -> SocketTable:
-    """This poll's counts with an earlier poll's per-destination data (and its age)."""
-    return replace(
-        sockets,
-        ephemeral_use=earlier.ephemeral_use,
-        self_connects=(
-            *sockets.self_connects,
-            *(c for c in earlier.self_connects if c.state == "established"),
-        ),
-        destinations_at=earlier.destinations_at,
-    )
-
-
-def _inuse(sockstat: SockStat) -> dict[str, int]:
-    return {"ipv4": sockstat.inuse_ipv4, "ipv6": sockstat.inuse_ipv6}
-
-
-@netns_source("sockdiag", field="sockets", order=40)
-def read_sockets_source(context: SourceContext, so_far: Snapshot) -> SocketTable:
-    """The dump, using sysctl and sockstat when they worked (after them in the poll); with
-    ``context.earlier`` the per-destination data is reused, not dumped.
-
-    Derived ESTABLISHED is exact only if no full socket was created or destroyed between the
-    sockstat read and the dumps. sockstat is read again after them: when ``inuse`` moved, the
-    host churned during the poll and ESTABLISHED is counted by dumping it, as ``ss`` does
-    (the table then says ``established_method="dumped"``). A quiet host keeps the cheap path.
-    """
-    settings = context.settings
-    sockstat, sysctls = so_far.sockstat, so_far.sysctls
-    derived = settings.established == "derived"
-    inuse = _inuse(sockstat) if sockstat is not None and derived else None
-    fresh = context.earlier is None or not derived
-    port_range = sysctls.port_range if sysctls is not None else None
-    attribute_states = settings.attribute_states if settings.process_attribution else ()
-
-    def dump(inuse: Mapping[str, int] | None, dump_established: bool) -> SocketTable:
-        return collect(
-            port_range,
-            inuse,
-            attribute_states,
-            dump_established=dump_established,
-            time_wait=sockstat.time_wait if sockstat is not None else None,
-            destinations=fresh,
-        )
-
-    sockets = dump(inuse, not derived)
-    if inuse is not None and sockets.established_method == "derived":
-        after = _inuse(procnet.read_sockstat(context.paths))
-        if after != inuse:
-            sockets = replace(dump(None, True), churned=True)
-    if fresh or context.earlier is None:
-        return replace(sockets, destinations_at=context.taken_at)
-    return with_destinations_of(sockets, context.earlier)

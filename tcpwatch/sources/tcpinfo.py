@@ -29,7 +29,7 @@ import struct
 import sys
 from dataclasses import dataclass
 
-from tcpwatch.sources.sockdiag import SockDiagError
+from tcpwatch.sources.netlink import SockDiagError
 
 # (name, offset, struct code), in offset order. Every field is native-endian (host byte order).
 _FIELDS: tuple[tuple[str, int, str], ...] = (

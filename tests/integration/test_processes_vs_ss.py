@@ -65,7 +65,7 @@ time.sleep(240)
 
 DUMP = """
 import json
-from tcpwatch.sources.sockdiag import collect
+from tcpwatch.sources.sockets import collect
 table = collect(None, None, attribute_states=("close_wait",))
 print(json.dumps({
     "listen": sorted(listener.inode for listener in table.listeners),

@@ -34,15 +34,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tcpwatch.sources.sockdiag import (  # noqa: E402  (needs the repository on sys.path)
-    ALL_STATES_MASK,
-    ESTABLISHED_MASK,
+from tcpwatch.sources.netlink import (  # noqa: E402  (needs the repository on sys.path)
     NETLINK_SOCK_DIAG,
     NLMSG_DONE,
     NLMSG_ERROR,
-    Receiver,
     build_request,
     port_range_bytecode,
+)
+from tcpwatch.sources.sockdiag import (  # noqa: E402
+    ALL_STATES_MASK,
+    ESTABLISHED_MASK,
+    Receiver,
 )
 
 FRAME = struct.Struct("<I")
@@ -143,7 +145,7 @@ def _sockstat_inuse() -> dict[str, int]:
     return inuse
 
 
-# The dumps tcpwatch makes (see sockdiag.collect), and the full one `dump_established` makes.
+# The dumps tcpwatch makes (see sockets.collect), and the full one `dump_established` makes.
 DUMPS = (
     ("ipv4", "all", None),
     ("ipv6", "all", None),

@@ -33,15 +33,15 @@ from tcpwatch.sources.lifecycle import (
     make_context,
     parse_destroy_messages,
 )
-from tcpwatch.sources.sockdiag import (
+from tcpwatch.sources.netlink import (
     INET_DIAG_INFO,
     INET_DIAG_PROTOCOL,
     NLMSG_DONE,
     NLMSG_ERROR,
     SOCK_DIAG_BY_FAMILY,
-    DumpAggregator,
     SockDiagError,
 )
+from tcpwatch.sources.sockdiag import DumpAggregator
 from tcpwatch.sources.tcpinfo import FULL_LENGTH, TcpInfo, parse_tcp_info
 
 CONTEXT = make_context({8080}, (32768, 60999), [("0.0.0.0", 8080), ("::", 8443)])

@@ -19,25 +19,26 @@ from typing import cast
 import pytest
 
 from tcpwatch.model import STATES, Destination, DestinationUse, Listener, SocketTable
-from tcpwatch.sources.sockdiag import (
-    ALL_STATES_MASK,
-    ESTABLISHED_MASK,
+from tcpwatch.sources.netlink import (
     INET_DIAG_BC_S_GE,
     INET_DIAG_BC_S_LE,
     INET_DIAG_REQ_BYTECODE,
-    INET_DIAG_SHUTDOWN,
     NLM_F_DUMP,
     NLM_F_REQUEST,
     NLMSG_DONE,
     NLMSG_ERROR,
     SOCK_DIAG_BY_FAMILY,
-    DumpAggregator,
     SockDiagError,
     build_request,
-    collect,
     port_range_bytecode,
-    run_dump,
 )
+from tcpwatch.sources.sockdiag import (
+    ALL_STATES_MASK,
+    ESTABLISHED_MASK,
+    INET_DIAG_SHUTDOWN,
+    DumpAggregator,
+)
+from tcpwatch.sources.sockets import collect, run_dump
 from tests.tools.record_dump import read_frames, recorded_receiver, state_mask
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "netlink"
