@@ -172,8 +172,9 @@ def test_the_dummy_hash_has_the_highest_configured_cost() -> None:
 
 
 def test_an_unknown_user_takes_as_long_as_a_known_one() -> None:
-    # Cost 11 (~0.12 s): the case was cost 12 against a fixed cost-10 dummy (4x faster).
-    hashed = bcrypt.hashpw(PASSWORD, bcrypt.gensalt(11)).decode()
+    # Cost 12 (~0.25 s), the case: against a fixed cost-10 dummy an unknown user answered
+    # 4x faster. The bounds leave room for a loaded machine and still catch a 2x difference.
+    hashed = bcrypt.hashpw(PASSWORD, bcrypt.gensalt(12)).decode()
     auth = BasicAuth({"prometheus": hashed}, FailureLimiter(burst=100))
 
     def median(user: str) -> float:
@@ -185,7 +186,7 @@ def test_an_unknown_user_takes_as_long_as_a_known_one() -> None:
         return statistics.median(took)
 
     known, unknown = median("prometheus"), median("mallory")
-    assert 0.7 < unknown / known < 1.4, (known, unknown)
+    assert 0.6 < unknown / known < 1.7, (known, unknown)
 
 
 # -- request heads ---------------------------------------------------------------------------------
