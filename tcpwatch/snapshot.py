@@ -19,7 +19,7 @@ from tcpwatch.gathering import Gathering
 from tcpwatch.model import Attribution, NetnsIdentity, Snapshot, SocketTable, SourceStatus
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources import netns as netns_source
-from tcpwatch.sources.base import AnySource, LongLivedSource, Source, SourceContext
+from tcpwatch.sources.base import AnySource, LongLivedSource, Partial, Source, SourceContext
 from tcpwatch.sources.processes import wanted_inodes
 from tcpwatch.sources.registry import ENTERING, registered_sources, source_names
 
@@ -53,7 +53,10 @@ def _timed(
         log.debug("source %s failed", source.name, exc_info=True)
         elapsed = time.perf_counter() - started
         return None, SourceStatus(source.name, False, elapsed, describe_error(error))
-    return value, SourceStatus(source.name, True, time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    if isinstance(value, Partial):
+        return value.value, SourceStatus(source.name, True, elapsed, skipped=value.skipped)
+    return value, SourceStatus(source.name, True, elapsed)
 
 
 def _with(snapshot: Snapshot, source: AnySource, value: object, status: SourceStatus) -> Snapshot:

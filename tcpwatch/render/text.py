@@ -105,6 +105,12 @@ def render_text(
         )
     for snapshot in snapshots:
         for source in snapshot.sources:
+            if source.ok and source.skipped:
+                message = (
+                    f"source {source.name} degraded in netns {snapshot.netns}: left out "
+                    f"{len(source.skipped)} field(s): {'; '.join(source.skipped[:3])}"
+                )
+                lines.append(_paint("! " + message, _COLOURS["warning"], color))
             if not source.ok:
                 message = (
                     f"source {source.name} failed in netns {snapshot.netns} "
