@@ -99,9 +99,12 @@ def render_text(
     for snapshot in snapshots:
         ok = sum(1 for s in snapshot.sources if s.ok)
         failed = len(snapshot.sources) - ok
+        degraded = sum(1 for s in snapshot.sources if s.ok and s.skipped)
         lines.append(
             f"netns {snapshot.netns}: snapshot at {_taken(snapshot)}, "
-            f"sources {ok} ok" + (f", {failed} failed" if failed else "")
+            f"sources {ok} ok"
+            + (f" ({degraded} degraded)" if degraded else "")
+            + (f", {failed} failed" if failed else "")
         )
     for snapshot in snapshots:
         for source in snapshot.sources:

@@ -3,6 +3,7 @@ that survives a transient procfs failure, and no loop over a kernel-supplied por
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import replace
@@ -78,6 +79,7 @@ def test_a_degraded_source_is_up_and_counts_what_it_left_out() -> None:
     assert 'tcpwatch_source_degraded{netns="host",source="sockstat"} 0.0' in text
     assert 'tcpwatch_source_degraded{netns="host",source="counters"} 0.0' in text
     report = render_text([], list(state.snapshots), color=False)
+    assert "sources 2 ok (1 degraded), 1 failed" in report
     assert (
         "! source sysctl degraded in netns host: left out 2 field(s): "
         "/proc/sys/net/ipv4/tcp_mem:1: bad; x"
@@ -154,3 +156,13 @@ def test_the_label_stays_while_procfs_is_briefly_unreadable(
     os.rename(proc / "self", proc / "gone")  # /proc/self unreadable too
     assert fresh() == ["unknown"]
     assert polled() == ["host"]
+
+
+def test_check_from_a_daemon_keeps_what_a_degraded_source_left_out() -> None:
+    from tcpwatch.client import parse_daemon_url, report_from_document
+    from tcpwatch.render.json import report_document
+
+    statuses = (SourceStatus("sysctl", True, 0.001, skipped=("tcp_mem: bad",)),)
+    document = json.loads(json.dumps(report_document([], [bare(sources=statuses)], 1.7e9)))
+    _, snapshots = report_from_document(parse_daemon_url("http://127.0.0.1"), document)
+    assert snapshots[0].sources == statuses
