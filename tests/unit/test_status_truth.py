@@ -166,3 +166,27 @@ def test_check_from_a_daemon_keeps_what_a_degraded_source_left_out() -> None:
     document = json.loads(json.dumps(report_document([], [bare(sources=statuses)], 1.7e9)))
     _, snapshots = report_from_document(parse_daemon_url("http://127.0.0.1"), document)
     assert snapshots[0].sources == statuses
+
+
+def test_a_degraded_source_is_logged_when_it_starts_then_rarely(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from tcpwatch.history import SourceFailureLog
+
+    now = [0.0]
+    failures = SourceFailureLog(repeat_seconds=300.0, clock=lambda: now[0])
+    caplog.set_level(logging.WARNING)
+    degraded = bare(sources=(SourceStatus("sysctl", True, 0.001, skipped=("tcp_mem: bad",)),))
+    for _ in range(20):  # 285 s
+        failures.record([degraded])
+        now[0] += 15
+    failures.record([degraded])  # 300 s: the reminder
+    failures.record([bare(sources=(SourceStatus("sysctl", True, 0.001),))])  # whole again
+    failures.record([degraded])  # degraded again: a new first line
+    message = (
+        "source sysctl in netns host left out 1 field: tcp_mem: bad (tcpwatch_source_degraded; "
+        "repeated at most every 300 s)"
+    )
+    assert [r.getMessage() for r in caplog.records] == [message] * 3
