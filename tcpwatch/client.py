@@ -139,7 +139,13 @@ def report_from_document(daemon: Daemon, document: Any) -> tuple[list[Finding], 
         sources: dict[str, list[SourceStatus]] = {}
         for item in document["sources"]:
             sources.setdefault(item["netns"], []).append(
-                SourceStatus(item["name"], item["ok"], item["duration_seconds"], item["error"])
+                SourceStatus(
+                    item["name"],
+                    item["ok"],
+                    item["duration_seconds"],
+                    item["error"],
+                    tuple(item.get("skipped", ())),  # absent from daemons before 12 item 8
+                )
             )
         snapshots = [
             Snapshot(

@@ -16,7 +16,10 @@ def ports_available(low: int, high: int, reserved: Sequence[tuple[int, int]]) ->
     Arithmetic over the ranges, never a loop over ports: the ranges come from the kernel.
     """
     taken = 0
-    for start, end in sorted(set(reserved)):
-        overlap = min(end, high) - max(start, low) + 1
-        taken += max(overlap, 0)
+    counted_to = low - 1  # reserved ranges may overlap (a fixture tree's): count a port once
+    for start, end in sorted(reserved):
+        start, end = max(start, counted_to + 1, low), min(end, high)
+        if start <= end:
+            taken += end - start + 1
+            counted_to = end
     return max(high - low + 1 - taken, 0)

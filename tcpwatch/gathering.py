@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from tcpwatch.errors import describe_error
 from tcpwatch.model import Snapshot, SourceStatus
-from tcpwatch.sources.base import Gatherer, LongLivedSource, SourceContext
+from tcpwatch.sources.base import Gatherer, LongLivedSource, Partial, SourceContext
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,10 @@ class Gathering:
             log.debug("draining %s failed", name, exc_info=True)
             self._close(key)
             return None, SourceStatus(name, False, self._timer() - started, describe_error(error))
+        if isinstance(value, Partial):  # worked, but left fields out: degraded
+            return value.value, SourceStatus(
+                name, True, self._timer() - started, skipped=value.skipped
+            )
         return value, SourceStatus(name, True, self._timer() - started)
 
     def retire(self, keep: Collection[GathererKey]) -> None:

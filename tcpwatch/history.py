@@ -63,6 +63,7 @@ class SourceFailureLog:
         self._clock = clock
         self._log = logger
         self._failing: dict[tuple[str, str], _Failing] = {}
+        self._degraded: dict[tuple[str, str], float] = {}  # when it was last logged
 
     def record(self, snapshots: Iterable[Snapshot]) -> None:
         now = self._clock()
@@ -82,6 +83,7 @@ class SourceFailureLog:
                             failing.since_poll,
                             "" if failing.since_poll == 1 else "s",
                         )
+                    self._note_degraded(key, status.skipped, now)
                     continue
                 error = status.error or "unknown error"
                 if failing is None:
@@ -113,6 +115,27 @@ class SourceFailureLog:
         # forget it rather than report a recovery that never happened.
         for key in [key for key in self._failing if key not in seen]:
             del self._failing[key]
+        self._degraded = {key: at for key, at in self._degraded.items() if key in seen}
+
+    def _note_degraded(self, key: tuple[str, str], skipped: tuple[str, ...], now: float) -> None:
+        """A source that works but leaves fields out: logged when it starts, then rarely."""
+        if not skipped:
+            self._degraded.pop(key, None)
+            return
+        last = self._degraded.get(key)
+        if last is not None and now - last < self._repeat:
+            return
+        self._log.warning(
+            "source %s in netns %s left out %d field%s: %s (tcpwatch_source_degraded; "
+            "repeated at most every %.0f s)",
+            key[1],
+            key[0],
+            len(skipped),
+            "" if len(skipped) == 1 else "s",
+            "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else ""),
+            self._repeat,
+        )
+        self._degraded[key] = now
 
     def failing(self) -> dict[tuple[str, str], str]:
         return {key: value.error for key, value in self._failing.items()}

@@ -203,6 +203,9 @@ class SourceStatus:
     ok: bool
     duration_seconds: float
     error: str | None = None
+    # A source that worked but left fields out (a malformed or unreadable sysctl file): one note
+    # per field, naming it and why. ok stays True; tcpwatch_source_degraded counts these.
+    skipped: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from tcpwatch.history import NetnsHistory, SourceFailureLog, track_close_wait
 from tcpwatch.model import Attribution, PersistedSysctl, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
 from tcpwatch.rules import SYSCTLS_USED
+from tcpwatch.sources.netns import NetnsNames
 from tcpwatch.sources.sysctl_files import read_persisted_sysctls
 from tcpwatch.state import ExportState, PollHistogram, Trend
 from tcpwatch.trends import next_trend
@@ -41,6 +42,8 @@ class SnapshotTaker:
         self._known: Attribution | None = None
         self._tables: dict[str, SocketTable] = {}
         self._destinations_at: float | None = None
+        # The name each namespace had: a transient procfs failure must not rename its series.
+        self._names = NetnsNames()
 
     def __call__(self, config: Config) -> tuple[Snapshot, ...]:
         now = self._clock()
@@ -58,6 +61,7 @@ class SnapshotTaker:
             earlier=None if due else self._tables,
             gathering=self._gathering,
             sysctl_names=SYSCTLS_USED,
+            names=self._names,
         )
         if self._gathering is not None:
             # A gatherer whose namespace was not polled (vanished) or whose source did not run

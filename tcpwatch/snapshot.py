@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -19,7 +20,7 @@ from tcpwatch.gathering import Gathering
 from tcpwatch.model import Attribution, NetnsIdentity, Snapshot, SocketTable, SourceStatus
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources import netns as netns_source
-from tcpwatch.sources.base import AnySource, LongLivedSource, Source, SourceContext
+from tcpwatch.sources.base import AnySource, LongLivedSource, Partial, Source, SourceContext
 from tcpwatch.sources.processes import wanted_inodes
 from tcpwatch.sources.registry import ENTERING, registered_sources, source_names
 
@@ -53,7 +54,10 @@ def _timed(
         log.debug("source %s failed", source.name, exc_info=True)
         elapsed = time.perf_counter() - started
         return None, SourceStatus(source.name, False, elapsed, describe_error(error))
-    return value, SourceStatus(source.name, True, time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    if isinstance(value, Partial):
+        return value.value, SourceStatus(source.name, True, elapsed, skipped=value.skipped)
+    return value, SourceStatus(source.name, True, elapsed)
 
 
 def _with(snapshot: Snapshot, source: AnySource, value: object, status: SourceStatus) -> Snapshot:
@@ -173,6 +177,7 @@ def poll(
     earlier: Mapping[str, SocketTable] | None = None,
     gathering: Gathering | None = None,
     sysctl_names: tuple[str, ...] = (),
+    names: netns_source.NetnsNames | None = None,
 ) -> tuple[Snapshot, ...]:
     """Snapshots of every selected namespace (`namespaces:`), with one process scan for all.
 
@@ -181,8 +186,10 @@ def poll(
     quietly; one that cannot be entered yields a snapshot whose `netns` source failed.
     ``known_owners`` (the previous poll's attribution) spares the fd walk for sockets whose owner
     still holds them where it was found; ``earlier`` (netns name -> table) spares the
-    per-destination dumps of the namespaces it names.
+    per-destination dumps of the namespaces it names. ``names`` (the previous polls' names)
+    keeps a namespace's name across a transient procfs failure.
     """
+    names = names if names is not None else netns_source.NetnsNames()
     paths = paths or ProcPaths()
     sources = _wanted(registered_sources(), settings)
     take = functools.partial(
@@ -202,16 +209,19 @@ def poll(
         # The identity's inode is set from inside; container and pod come only from discovery
         # (--netns), which self skips.
         only = next(iter(earlier.values()), None) if earlier else None
-        snapshot = take(paths, earlier=only)
+        snapshot = take(paths, _own_name(paths, names), earlier=only)
         return tuple(_read_host_wide([snapshot], sources, host_context))
     discovery_started = time.perf_counter()
     try:
-        targets = netns_source.select(netns_source.discover(paths, run_netns_dir), selection)
+        targets_found = netns_source.discover(paths, run_netns_dir)
     except OSError as error:
         failed = SourceStatus(
             ENTERING, False, time.perf_counter() - discovery_started, describe_error(error)
         )
-        return (_failed_snapshot(netns_source.own_netns_name(paths), clock(), failed),)
+        return (_failed_snapshot(_own_name(paths, names), clock(), failed),)
+    targets = _settled(targets_found, names)
+    names.keep({target.inode for target in targets})
+    targets = netns_source.select(targets, selection)
     entered = ProcPaths(root=paths.root, net_dir="thread-self/net")
     snapshots: list[Snapshot] = []
     for target in targets:
@@ -243,6 +253,23 @@ def poll(
             replace(snapshot, identity=identity, sources=(entering, *snapshot.sources))
         )
     return tuple(_read_host_wide(snapshots, sources, host_context))
+
+
+def _own_name(paths: ProcPaths, names: netns_source.NetnsNames) -> str:
+    """The name of the namespace tcpwatch runs in, kept across a transient procfs failure."""
+    return names.settle(_own_netns_inode(paths), netns_source.own_netns_name(paths), own=True)
+
+
+def _settled(
+    targets: tuple[netns_source.NetnsTarget, ...], names: netns_source.NetnsNames
+) -> tuple[netns_source.NetnsTarget, ...]:
+    """Discovered namespaces under the names they had (before selecting: a pattern matches the
+    name series carry). Two that would then share a name keep their fresh, unique names."""
+    settled = [replace(t, name=names.settle(t.inode, t.name, own=t.path is None)) for t in targets]
+    counts = Counter(t.name for t in settled)
+    return tuple(
+        new if counts[new.name] == 1 else old for new, old in zip(settled, targets, strict=True)
+    )
 
 
 def _failed_snapshot(name: str, taken_at: float, status: SourceStatus) -> Snapshot:

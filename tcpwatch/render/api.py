@@ -207,7 +207,13 @@ def _namespace(state: ExportState, snapshot: Snapshot, query: SnapshotQuery) -> 
         ),
         "findings": {s: severities[s] for s in ("critical", "warning", "info")},
         "sources": [
-            {"name": s.name, "ok": s.ok, "duration_seconds": s.duration_seconds, "error": s.error}
+            {
+                "name": s.name,
+                "ok": s.ok,
+                "duration_seconds": s.duration_seconds,
+                "error": s.error,
+                "skipped": list(s.skipped),
+            }
             for s in snapshot.sources
         ],
     }

@@ -68,6 +68,7 @@ def report_document(
                 "ok": source.ok,
                 "duration_seconds": source.duration_seconds,
                 "error": source.error,
+                "skipped": list(source.skipped),
             }
             for snapshot in snapshots
             for source in snapshot.sources

@@ -25,7 +25,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from tcpwatch import __version__
-from tcpwatch.endpoints import endpoint
+from tcpwatch.endpoints import endpoint, ports_available
 from tcpwatch.model import FAMILIES, STATES, Snapshot
 from tcpwatch.sources.sysctl import MULTI_FIELD_SUFFIXES
 from tcpwatch.state import POLL_BUCKETS, ExportState
@@ -308,8 +308,9 @@ def _port_families(state: ExportState) -> Iterator[Metric]:
             scanned.add_metric([snap.netns], snap.sockets.destinations_at)
         if snap.sysctls is not None and snap.sysctls.port_range is not None:
             low, high = snap.sysctls.port_range
-            reserved = sum(1 for port in range(low, high + 1) if snap.sysctls.port_reserved(port))
-            size.add_metric([snap.netns], max(high - low + 1 - reserved, 0))
+            # Arithmetic over the ranges: a loop over a kernel-supplied range could take minutes.
+            available = ports_available(low, high, snap.sysctls.reserved_ports)
+            size.add_metric([snap.netns], available)
         if snap.sockets is None:
             continue
         destinations.add_metric([snap.netns], len(snap.sockets.ephemeral_use))
@@ -383,6 +384,12 @@ def _self_families(state: ExportState) -> Iterator[Metric]:
         "How long the source took in the latest poll.",
         labels=["netns", "source"],
     )
+    degraded = GaugeMetricFamily(
+        "tcpwatch_source_degraded",
+        "Fields the source left out in the latest poll because they were malformed or "
+        "unreadable (one per sysctl file); the source is still up. 0 when it read everything.",
+        labels=["netns", "source"],
+    )
     errors = CounterMetricFamily(
         "tcpwatch_source_errors",
         "Polls in which the source failed, since tcpwatch started.",
@@ -392,6 +399,7 @@ def _self_families(state: ExportState) -> Iterator[Metric]:
         for status in snap.sources:
             up.add_metric([snap.netns, status.name], 1 if status.ok else 0)
             duration.add_metric([snap.netns, status.name], status.duration_seconds)
+            degraded.add_metric([snap.netns, status.name], len(status.skipped))
         for source in state.source_names:
             failures = state.source_errors.get((snap.netns, source), 0)
             errors.add_metric([snap.netns, source], failures)
@@ -410,7 +418,7 @@ def _self_families(state: ExportState) -> Iterator[Metric]:
         cumulative += count
         buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
     histogram.add_metric([], buckets, state.poll_durations.total)
-    yield from (up, duration, errors, last, histogram)
+    yield from (up, degraded, duration, errors, last, histogram)
 
 
 def make_registry(

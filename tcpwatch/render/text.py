@@ -99,12 +99,21 @@ def render_text(
     for snapshot in snapshots:
         ok = sum(1 for s in snapshot.sources if s.ok)
         failed = len(snapshot.sources) - ok
+        degraded = sum(1 for s in snapshot.sources if s.ok and s.skipped)
         lines.append(
             f"netns {snapshot.netns}: snapshot at {_taken(snapshot)}, "
-            f"sources {ok} ok" + (f", {failed} failed" if failed else "")
+            f"sources {ok} ok"
+            + (f" ({degraded} degraded)" if degraded else "")
+            + (f", {failed} failed" if failed else "")
         )
     for snapshot in snapshots:
         for source in snapshot.sources:
+            if source.ok and source.skipped:
+                message = (
+                    f"source {source.name} degraded in netns {snapshot.netns}: left out "
+                    f"{len(source.skipped)} field(s): {'; '.join(source.skipped[:3])}"
+                )
+                lines.append(_paint("! " + message, _COLOURS["warning"], color))
             if not source.ok:
                 message = (
                     f"source {source.name} failed in netns {snapshot.netns} "

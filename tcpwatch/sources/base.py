@@ -42,6 +42,19 @@ class SourceContext:
     known_owners: Attribution | None = None  # where each socket's owner was found last poll
 
 
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """What a source returns when it worked but had to leave some fields out.
+
+    ``value`` fills the snapshot as usual; ``skipped`` (one note per field left out, naming it
+    and why) marks the source degraded: up, with ``tcpwatch_source_degraded`` counting the notes.
+    A source that could read nothing at all raises instead: it is not up.
+    """
+
+    value: object
+    skipped: tuple[str, ...]
+
+
 def _always(settings: CollectSettings) -> bool:
     return True
 

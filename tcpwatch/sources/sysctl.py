@@ -1,18 +1,30 @@
 """TCP tunables from /proc/sys/net/... (per network namespace for all but a few).
 
-A sysctl the running kernel lacks (``tcp_tw_recycle`` since 4.12) is absent from the result;
-a value we cannot parse raises :class:`~tcpwatch.sources.procnet.ProcParseError`.
+A sysctl the running kernel lacks (``tcp_tw_recycle`` since 4.12) is absent from the result; a
+file we cannot read or parse is left out too, and named: the source is then degraded, not down.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TypeVar
 
+from tcpwatch.errors import describe_error
 from tcpwatch.model import Snapshot, Sysctls
 from tcpwatch.paths import ProcPaths, read_text
-from tcpwatch.sources.base import SourceContext, netns_source
+from tcpwatch.sources.base import Partial, SourceContext, netns_source
 from tcpwatch.sources.procnet import ProcParseError
+
+_T = TypeVar("_T")
+_MAX_SYSCTL_CHARS = 4096  # a sysctl value is a line; a fixture tree could hold anything
+
+
+class NoSysctls(Exception):
+    """The sysctl source could use no file at all: it failed, it is not up."""
+
 
 _IPV4 = (
     "tcp_max_syn_backlog",
@@ -44,6 +56,7 @@ SYSCTLS: tuple[str, ...] = (
     "net.core.netdev_max_backlog",
     *(f"net.ipv4.{name}" for name in _IPV4),
 )
+PORT_RANGE = "net.ipv4.ip_local_port_range"
 # A comma-separated list of ports and ranges, not integers: read by read_sysctls on its own.
 RESERVED_PORTS = "net.ipv4.ip_local_reserved_ports"
 
@@ -73,9 +86,12 @@ def parse_sysctl(name: str, text: str, path: str) -> tuple[int, ...]:
         plural = "s" if expected > 1 else ""
         raise ProcParseError(path, 1, line, f"expected {expected} integer{plural} for {name}")
     try:
-        return tuple(int(word) for word in words)
+        fields = tuple(int(word) for word in words)
     except ValueError:
         raise ProcParseError(path, 1, line, f"expected integers for {name}") from None
+    if name == PORT_RANGE and not 0 <= fields[0] <= fields[1] <= 65535:
+        raise ProcParseError(path, 1, line, "expected two ports, the lower first")
+    return fields
 
 
 def parse_reserved_ports(text: str, path: str) -> tuple[tuple[int, int], ...]:
@@ -100,30 +116,75 @@ def parse_reserved_ports(text: str, path: str) -> tuple[tuple[int, int], ...]:
     return tuple(ranges)
 
 
-def _read_optional(path: str) -> str | None:
+@dataclass(frozen=True, slots=True)
+class SysctlRead:
+    """What one read of the sysctl files gave, and the files it had to leave out."""
+
+    sysctls: Sysctls
+    skipped: tuple[str, ...]  # "path: why", one per file that exists but could not be used
+
+
+def _read_one(path: str, parse: Callable[[str], _T]) -> _T | None:
+    """The parsed file; None when it is absent (the kernel lacks it). Other errors raise."""
     try:
-        return read_text(path)
+        text = read_text(path, _MAX_SYSCTL_CHARS)
     except FileNotFoundError:
         return None
+    return parse(text)
 
 
-def read_sysctls(paths: ProcPaths, also: Iterable[str] = ()) -> Sysctls:
-    """Every sysctl in SYSCTLS (and ``also``) that exists, plus the reserved ports (() when
-    absent)."""
+def read_sysctl_files(paths: ProcPaths, also: Iterable[str] = ()) -> SysctlRead:
+    """Every sysctl in SYSCTLS (and ``also``) that exists, plus the reserved ports.
+
+    One file is one field: a malformed or unreadable file is left out and named in ``skipped``,
+    the others are kept (a bad value must not take every tcpwatch_sysctl series with it).
+    """
     values: dict[str, tuple[int, ...]] = {}
+    skipped: list[str] = []
     # The reserved ports are a list of ranges, read below by their own parser.
     for name in dict.fromkeys(n for n in (*SYSCTLS, *also) if n != RESERVED_PORTS):
         path = paths.sysctl(name)
-        text = _read_optional(path)
-        if text is not None:
-            values[name] = parse_sysctl(name, text, path)
+        try:
+            fields = _read_one(path, functools.partial(parse_sysctl, name, path=path))
+        except (OSError, UnicodeDecodeError, ProcParseError) as error:
+            skipped.append(_skip_note(path, error))
+            continue
+        if fields is not None:
+            values[name] = fields
     reserved_path = paths.sysctl(RESERVED_PORTS)
-    reserved_text = _read_optional(reserved_path)
-    reserved = () if reserved_text is None else parse_reserved_ports(reserved_text, reserved_path)
-    return Sysctls(values=values, reserved_ports=reserved)
+    try:
+        reserved = _read_one(
+            reserved_path, functools.partial(parse_reserved_ports, path=reserved_path)
+        )
+    except (OSError, UnicodeDecodeError, ProcParseError) as error:
+        skipped.append(_skip_note(reserved_path, error))
+        reserved = None
+    return SysctlRead(Sysctls(values=values, reserved_ports=reserved or ()), tuple(skipped))
+
+
+def _skip_note(path: str, error: Exception) -> str:
+    if isinstance(error, ProcParseError):
+        return str(error)
+    return f"{path}: {describe_error(error)}"
+
+
+def read_sysctls(paths: ProcPaths, also: Iterable[str] = ()) -> Sysctls:
+    """The sysctls :func:`read_sysctl_files` could use (benchmarks and tests want only these)."""
+    return read_sysctl_files(paths, also).sysctls
 
 
 @netns_source("sysctl", field="sysctls", order=10)
-def read_sysctl_source(context: SourceContext, so_far: Snapshot) -> Sysctls:
-    """The tunables, and every sysctl a rule declared it reads."""
-    return read_sysctls(context.paths, context.sysctl_names)
+def read_sysctl_source(context: SourceContext, so_far: Snapshot) -> Sysctls | Partial:
+    """The tunables, and every sysctl a rule declared it reads.
+
+    Degraded (up, with notes) when some files could not be used; failed when none could: a
+    source that read nothing is not up (procfs gone or not mounted where --path.procfs says).
+    """
+    read = read_sysctl_files(context.paths, context.sysctl_names)
+    if not read.sysctls.values:
+        if read.skipped:
+            raise NoSysctls(f"no sysctl file was usable, e.g. {read.skipped[0]}")
+        raise NoSysctls(f"no TCP sysctl under {context.paths.sysctl('net')} (is it procfs?)")
+    if read.skipped:
+        return Partial(read.sysctls, read.skipped)
+    return read.sysctls

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -632,3 +633,64 @@ def test_unreadable_procfs(netns: Netns, tmp_path: Path) -> None:
         f"tcpwatch: {empty} does not look like a procfs mount (no net/sockstat): pass --procfs "
         "pointing at a mounted /proc"
     )
+
+
+# -- status that tells the truth (issue 12, item 8) ---------------------------------------------
+
+
+@pytest.mark.parametrize("selection", ["self", "pattern"])
+def test_status_tells_the_truth_when_procfs_misbehaves(
+    netns: Netns, serve: StartServe, tmp_path: Path, selection: str
+) -> None:
+    # A procfs stand-in the test can break: net/ copied from the namespace, sys/net/ written
+    # here, self -> /proc/self (what names the namespace). "pattern" polls through discovery
+    # (--netns NAME), which fails whole while /proc/self is unreadable.
+    fake = tmp_path / "proc"
+    (fake / "net").mkdir(parents=True)
+    for name in ("sockstat", "sockstat6", "netstat", "snmp"):
+        (fake / "net" / name).write_text(netns.run("cat", f"/proc/net/{name}").stdout)
+    sysctls = {
+        "core/somaxconn": "4096\n",
+        "ipv4/tcp_syncookies": "1\n",
+        "ipv4/tcp_mem": "287898\t383866\t575796\n",
+        "ipv4/ip_local_port_range": "32768\t60999\n",
+    }
+    for name, text in sysctls.items():
+        (fake / "sys" / "net" / name).parent.mkdir(parents=True, exist_ok=True)
+        (fake / "sys" / "net" / name).write_text(text)
+    (fake / "self").symlink_to("/proc/self")
+    netns_flag = netns.name if selection == "pattern" else "self"
+    served = serve(
+        "--listen", f"127.0.0.1:{PORT}", "--interval", "1", "--procfs", str(fake),
+        "--netns", netns_flag,
+    )  # fmt: skip
+    served.wait_ready()
+    samples = served.wait_for_polls(1)
+    assert value(samples, "tcpwatch_source_up", netns=netns.name, source="sysctl") == 1
+    assert value(samples, "tcpwatch_source_degraded", netns=netns.name, source="sysctl") == 0
+    assert len(matching(samples, "tcpwatch_sysctl")) == 7  # tcp_mem and the range per field
+
+    # (a) A malformed file drops its own series only, and the source says it is degraded.
+    (fake / "sys" / "net" / "ipv4" / "tcp_mem").write_text("287898 383866\n")
+    (fake / "sys" / "net" / "ipv4" / "ip_local_port_range").write_text("1\t4000000000\n")
+    samples = served.wait_for_polls(served.polls())
+    assert value(samples, "tcpwatch_source_up", netns=netns.name, source="sysctl") == 1
+    assert value(samples, "tcpwatch_source_degraded", netns=netns.name, source="sysctl") == 2
+    names = {dict(key)["name"] for key in matching(samples, "tcpwatch_sysctl")}
+    assert names == {"net.core.somaxconn", "net.ipv4.tcp_syncookies"}
+    assert not matching(samples, "tcpwatch_ephemeral_port_range_size")
+
+    # (b) The sysctl tree gone: the source read nothing, so it is down, not up and empty.
+    shutil.rmtree(fake / "sys")
+    samples = served.wait_for_polls(served.polls())
+    assert value(samples, "tcpwatch_source_up", netns=netns.name, source="sysctl") == 0
+    assert not matching(samples, "tcpwatch_sysctl")
+    assert value(samples, "tcpwatch_source_up", netns=netns.name, source="sockdiag") == 1
+
+    # (c) /proc/self unreadable: the namespace keeps its name, no series moves to "unknown".
+    (fake / "self").unlink()
+    samples = served.wait_for_polls(served.polls() + 1)
+    labels = {dict(key).get("netns") for (_, key) in samples} - {None}
+    assert labels == {netns.name}, labels
+
+    assert "Traceback" not in served.log()

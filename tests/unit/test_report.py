@@ -160,6 +160,7 @@ def test_json_schema_fields_and_values() -> None:
             "ok": False,
             "duration_seconds": 0.001,
             "error": "permission denied",
+            "skipped": [],
         }
     ]
     assert all(s["error"] is None for s in document["sources"] if s["ok"])

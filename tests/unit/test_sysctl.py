@@ -6,17 +6,25 @@ from pathlib import Path
 
 import pytest
 
+from tcpwatch.config import CollectSettings
 from tcpwatch.paths import ProcPaths
+from tcpwatch.snapshot import take_snapshot
+from tcpwatch.sources.base import SourceContext
 from tcpwatch.sources.procnet import ProcParseError
+from tcpwatch.sources.registry import registered_sources
 from tcpwatch.sources.sysctl import (
     MULTI_FIELD_SUFFIXES,
     RESERVED_PORTS,
     SYSCTLS,
+    NoSysctls,
     parse_reserved_ports,
     parse_sysctl,
+    read_sysctl_files,
+    read_sysctl_source,
     read_sysctls,
 )
 
+SYSCTL = next(s for s in registered_sources() if s.name == "sysctl")
 FIXTURE = ProcPaths(root=str(Path(__file__).resolve().parent.parent / "fixtures" / "proc"))
 
 EXPECTED_NAMES = {
@@ -180,28 +188,83 @@ def test_read_sysctls_empty_tree(tmp_path: Path) -> None:
     assert sysctls.reserved_ports == ()
 
 
-def test_read_sysctls_malformed_value_names_the_file(tmp_path: Path) -> None:
+def test_a_malformed_value_drops_only_its_own_field(tmp_path: Path) -> None:
+    write_sysctl(tmp_path, "net.core.somaxconn", "4096\n")
     write_sysctl(tmp_path, "net.ipv4.tcp_fin_timeout", "sixty\n")
+    write_sysctl(tmp_path, "net.ipv4.tcp_mem", "1 2\n")
     paths = ProcPaths(root=str(tmp_path))
-    with pytest.raises(ProcParseError) as caught:
-        read_sysctls(paths)
-    assert caught.value.path == paths.sysctl("net.ipv4.tcp_fin_timeout")
-    assert str(caught.value).endswith('net.ipv4.tcp_fin_timeout in "sixty"')
+    read = read_sysctl_files(paths)
+    assert dict(read.sysctls.values) == {"net.core.somaxconn": (4096,)}
+    assert read.skipped == (
+        f"{paths.sysctl('net.ipv4.tcp_fin_timeout')}:1: expected integers for "
+        'net.ipv4.tcp_fin_timeout in "sixty"',
+        f'{paths.sysctl("net.ipv4.tcp_mem")}:1: expected 3 integers for net.ipv4.tcp_mem in "1 2"',
+    )
 
 
-def test_read_sysctls_malformed_reserved_ports_names_the_file(tmp_path: Path) -> None:
+def test_malformed_reserved_ports_drop_only_the_reservations(tmp_path: Path) -> None:
+    write_sysctl(tmp_path, "net.core.somaxconn", "4096\n")
     write_sysctl(tmp_path, RESERVED_PORTS, "1-2-3\n")
     paths = ProcPaths(root=str(tmp_path))
-    with pytest.raises(ProcParseError) as caught:
-        read_sysctls(paths)
-    assert caught.value.path == paths.sysctl(RESERVED_PORTS)
+    read = read_sysctl_files(paths)
+    assert read.sysctls.values == {"net.core.somaxconn": (4096,)}
+    assert read.sysctls.reserved_ports == ()
+    (note,) = read.skipped
+    assert note.startswith(f"{paths.sysctl(RESERVED_PORTS)}:1: expected a port or range")
 
 
-def test_read_sysctls_other_errors_propagate(tmp_path: Path) -> None:
-    # A directory where a value file should be: not "absent", a real error.
+def test_an_unreadable_file_is_skipped_and_named(tmp_path: Path) -> None:
+    # A directory where a value file should be: not "absent", so it is named, not hidden.
+    write_sysctl(tmp_path, "net.ipv4.tcp_syncookies", "1\n")
     (tmp_path / "sys" / "net" / "core" / "somaxconn").mkdir(parents=True)
-    with pytest.raises(IsADirectoryError):
-        read_sysctls(ProcPaths(root=str(tmp_path)))
+    read = read_sysctl_files(ProcPaths(root=str(tmp_path)))
+    assert read.sysctls.values == {"net.ipv4.tcp_syncookies": (1,)}
+    (note,) = read.skipped
+    assert "somaxconn" in note and "directory" in note.lower()
+
+
+@pytest.mark.parametrize("text", ["60999 32768\n", "1 70000\n", "-1 100\n"])
+def test_a_port_range_that_is_no_range_is_malformed(text: str) -> None:
+    with pytest.raises(ProcParseError, match="expected two ports, the lower first"):
+        parse_sysctl("net.ipv4.ip_local_port_range", text, "p")
+
+
+def _context(root: Path) -> SourceContext:
+    return SourceContext(ProcPaths(root=str(root)), CollectSettings(), "x", 0, 0.0)
+
+
+def test_the_source_is_degraded_not_down_when_some_fields_are_bad(tmp_path: Path) -> None:
+    write_sysctl(tmp_path, "net.core.somaxconn", "4096\n")
+    write_sysctl(tmp_path, "net.ipv4.tcp_fin_timeout", "sixty\n")
+    snapshot = take_snapshot(
+        CollectSettings(), ProcPaths(root=str(tmp_path)), "x", sources=[SYSCTL]
+    )
+    (status,) = snapshot.sources
+    assert status.ok and status.error is None
+    assert len(status.skipped) == 1 and "tcp_fin_timeout" in status.skipped[0]
+    assert snapshot.sysctls is not None
+    assert snapshot.sysctls.values == {"net.core.somaxconn": (4096,)}
+
+
+def test_the_source_fails_when_procfs_has_no_sysctls(tmp_path: Path) -> None:
+    snapshot = take_snapshot(
+        CollectSettings(), ProcPaths(root=str(tmp_path)), "x", sources=[SYSCTL]
+    )
+    (status,) = snapshot.sources
+    assert not status.ok and snapshot.sysctls is None
+    assert status.error == f"no TCP sysctl under {tmp_path}/sys/net (is it procfs?)"
+    with pytest.raises(NoSysctls):
+        read_sysctl_source.read(_context(tmp_path), [snapshot])
+
+
+def test_the_source_fails_when_no_file_is_usable(tmp_path: Path) -> None:
+    write_sysctl(tmp_path, "net.core.somaxconn", "many\n")
+    snapshot = take_snapshot(
+        CollectSettings(), ProcPaths(root=str(tmp_path)), "x", sources=[SYSCTL]
+    )
+    (status,) = snapshot.sources
+    assert not status.ok and status.skipped == ()
+    assert status.error is not None and status.error.startswith("no sysctl file was usable")
 
 
 def test_every_sysctl_a_rule_reads_is_collected() -> None:

@@ -61,6 +61,53 @@ def own_netns_name(paths: ProcPaths) -> str:
         return "unknown"
 
 
+def name_rank(name: str) -> int:
+    """How much a name says, in :func:`choose_name`'s order: a failed read only ever gives a
+    lower rank (``host`` -> ``pid:1234`` when /proc/1 is unreadable, anything -> ``unknown``)."""
+    base = name.partition("#")[0]  # "blue#4026532247": two namespaces shared a name
+    if base == "host":
+        return 7
+    if base == "unknown":
+        return 0
+    for rank, prefix in ((1, "net:["), (2, "pid:"), (4, "container:"), (5, "pod:")):
+        if base.startswith(prefix):
+            return rank
+    return 3 if _RUNTIME_PIN.search(base) else 6  # a runtime's UUID pin, or a chosen name
+
+
+class NetnsNames:
+    """The name each namespace was last given, so a transient procfs failure does not rename it.
+
+    A fresh name replaces the remembered one only if it says at least as much
+    (:func:`name_rank`): ``host`` stays ``host`` while /proc/1 is unreadable, a pod stays a pod
+    while its hostname is, and the series keep their ``netns`` label. Names are remembered per
+    nsfs inode, and for the namespace tcpwatch runs in also without one (/proc/self unreadable).
+    Used by one thread (the poll); :meth:`keep` forgets the namespaces a poll no longer saw.
+    """
+
+    def __init__(self) -> None:
+        self._by_inode: dict[int, str] = {}
+        self._own: str | None = None
+
+    def settle(self, inode: int, fresh: str, own: bool = False) -> str:
+        """The name to give the namespace ``inode`` (0: unknown) whose fresh name is ``fresh``."""
+        remembered = self._by_inode.get(inode) if inode else None
+        if remembered is None and own:
+            remembered = self._own
+        name = fresh
+        if remembered is not None and name_rank(fresh) < name_rank(remembered):
+            name = remembered
+        if inode:
+            self._by_inode[inode] = name
+        if own:
+            self._own = name
+        return name
+
+    def keep(self, inodes: set[int]) -> None:
+        """Forget every namespace but these (the ones the latest poll saw)."""
+        self._by_inode = {i: n for i, n in self._by_inode.items() if i in inodes}
+
+
 def ip_netns_name(inode: int, run_netns_dir: str = RUN_NETNS_DIR) -> str | None:
     """The ``ip netns`` name bound to ``inode`` (alphabetically first if several are)."""
     try:
