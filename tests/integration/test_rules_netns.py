@@ -184,7 +184,7 @@ def run_check(ns: Netns, config: str | None = None) -> CheckRun:
     assert "Traceback" not in result.stdout + result.stderr, output
     assert result.returncode in STATUS, f"exit {result.returncode}; {output}"
     report: dict[str, Any] = json.loads(result.stdout)
-    assert report["schema_version"] == 1
+    assert report["schema_version"] == 2
     assert report["exit_code"] == result.returncode
     assert report["status"] == STATUS[result.returncode]
     assert report["window_seconds"] == WINDOW_SECONDS
@@ -343,7 +343,7 @@ SYSCTL_CASES: Mapping[str, SysctlCase] = {
             "K01": {
                 "tcp_syncookies": 0,
                 "tcp_max_syn_backlog": 1024,
-                "TcpExtTCPReqQFullDrop_in_window": 0,
+                "tcp_req_q_full_drop_in_window": 0,
             }
         },
     ),
@@ -351,13 +351,13 @@ SYSCTL_CASES: Mapping[str, SysctlCase] = {
         {"net.ipv4.tcp_syncookies": "2"},
         {("K02", "warning")},
         1,
-        {"K02": {"tcp_syncookies": 2, "TcpExtSyncookiesSent_in_window": 0}},
+        {"K02": {"tcp_syncookies": 2, "syncookies_sent_in_window": 0}},
     ),
     "K04-abort-on-overflow": SysctlCase(
         {"net.ipv4.tcp_abort_on_overflow": "1"},
         {("K04", "warning")},
         1,
-        {"K04": {"tcp_abort_on_overflow": 1, "TcpExtListenOverflows_in_window": 0}},
+        {"K04": {"tcp_abort_on_overflow": 1, "listen_overflows_in_window": 0}},
     ),
     "K05-somaxconn-low": SysctlCase(
         {"net.core.somaxconn": "1024"},
@@ -380,7 +380,7 @@ SYSCTL_CASES: Mapping[str, SysctlCase] = {
                 "tcp_max_tw_buckets": 1024,
                 "kernel_default": kernel_tw_default,
                 "time_wait_sockets": 0,
-                "TcpExtTCPTimeWaitOverflow_in_window": 0,
+                "tcp_time_wait_overflow_in_window": 0,
             }
         },
         {"K06": ("lowered from the kernel default",)},
@@ -547,7 +547,7 @@ class TestAcceptQueueFull:
                 "pid": full.pid,
                 "queue_length_at_window_start": 5,
                 "somaxconn": 4096,
-                "TcpExtListenOverflows_in_window": 0,
+                "listen_overflows_in_window": 0,
             },
         )
 
@@ -559,9 +559,9 @@ class TestAcceptQueueFull:
         assert_findings(full.overflowing, {("Q01", "critical", subject), ("Q02", "warning", "")}, 2)
         finding = full.overflowing.one("Q02")
         evidence = finding["evidence"]
-        assert evidence["TcpExtListenOverflows_in_window"] >= 1, evidence
+        assert evidence["listen_overflows_in_window"] >= 1, evidence
         assert (
-            evidence["TcpExtListenDrops_in_window"] >= evidence["TcpExtListenOverflows_in_window"]
+            evidence["listen_drops_in_window"] >= evidence["listen_overflows_in_window"]
         )
         assert evidence["drops_per_second"] > 0
         assert_window_evidence(finding)
@@ -682,9 +682,9 @@ class TestSynQueuePressure:
         assert_findings(syn_queue.flooded, {("Q04", "warning", subject), ("Q04", "warning", "")}, 1)
         finding = syn_queue.flooded.one("Q04")
         evidence = finding["evidence"]
-        assert evidence["TcpExtSyncookiesSent_in_window"] >= 1, evidence
-        assert evidence["TcpExtTCPReqQFullDoCookies_in_window"] >= 1, evidence
-        assert evidence["TcpExtTCPReqQFullDrop_in_window"] == 0, evidence
+        assert evidence["syncookies_sent_in_window"] >= 1, evidence
+        assert evidence["tcp_req_q_full_do_cookies_in_window"] >= 1, evidence
+        assert evidence["tcp_req_q_full_drop_in_window"] == 0, evidence
         assert evidence["tcp_syncookies"] == 1
         assert_window_evidence(finding)
         listener = syn_queue.flooded.one("Q04", subject)["evidence"]
