@@ -560,9 +560,7 @@ class TestAcceptQueueFull:
         finding = full.overflowing.one("Q02")
         evidence = finding["evidence"]
         assert evidence["listen_overflows_in_window"] >= 1, evidence
-        assert (
-            evidence["listen_drops_in_window"] >= evidence["listen_overflows_in_window"]
-        )
+        assert evidence["listen_drops_in_window"] >= evidence["listen_overflows_in_window"]
         assert evidence["drops_per_second"] > 0
         assert_window_evidence(finding)
         assert_evidence(
