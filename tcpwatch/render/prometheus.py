@@ -252,6 +252,13 @@ def _kernel_families(state: ExportState) -> Iterator[Metric]:
         state.cached,
     )
     page_size = os.sysconf("SC_PAGE_SIZE")
+    # tcp_mem and sockstat's mem are in pages: 4 KiB on x86-64, 16 or 64 KiB on some arm64 and
+    # ppc64 kernels, so a dashboard multiplying by 4096 is wrong there.
+    page = GaugeMetricFamily(
+        "tcpwatch_page_size_bytes",
+        "The kernel's page size (sysconf PAGE_SIZE): the unit of net.ipv4.tcp_mem.",
+    )
+    page.add_metric([], page_size)
     for snap in state.snapshots:
         if snap.counters is not None:
             for nstat_name, name, _ in KERNEL_COUNTERS:
@@ -271,7 +278,7 @@ def _kernel_families(state: ExportState) -> Iterator[Metric]:
                 for suffix, value in zip(suffixes, fields, strict=True):
                     sysctls.add_metric([snap.netns, f"{name}.{suffix}"], value)
     yield from families.values()
-    yield from (orphans, memory, sysctls)
+    yield from (orphans, memory, page, sysctls)
 
 
 def _port_families(state: ExportState) -> Iterator[Metric]:
