@@ -26,8 +26,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,6 +131,16 @@ elif mode == "ticker":
             sys.exit(f"{params['counter']} never moved")
         time.sleep(params["interval"])
     held.extend(sock for _, sock in opened)
+elif mode == "fd_hog":
+    # A listener whose process also holds `files` descriptors (/dev/null): the test lowers its
+    # RLIMIT_NOFILE from outside with prlimit(1).
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", params["port"]))
+    listener.listen(16)
+    held.append(listener)
+    files = [os.open(os.devnull, os.O_RDONLY) for _ in range(params["files"])]
+    ready(open_fds=len(os.listdir("/proc/self/fd")) - 1)  # minus listdir's own descriptor
 else:
     sys.exit(f"unknown mode {mode}")
 end = time.monotonic() + 300.0
@@ -780,6 +792,56 @@ def test_s02_self_connect_below_the_ephemeral_range(netns: Netns) -> None:
     assert run_check(netns).findings == []
     run = run_check(netns, "collect:\n  established: dumped\n")
     assert_findings(run, {("S02", "critical", "127.0.0.1:20050")}, 2)
+
+
+def lower_nofile(pid: int, soft: int, hard: int) -> None:
+    """prlimit(1) on a running process, as an operator would (it may go below what is open)."""
+    subprocess.run(
+        ["prlimit", "--pid", str(pid), f"--nofile={soft}:{hard}"], check=True, timeout=10
+    )
+    with open(f"/proc/{pid}/limits", encoding="ascii") as limits:
+        line = next(line for line in limits if line.startswith("Max open files"))
+    assert line.split()[3:5] == [str(soft), str(hard)], line
+
+
+def test_q05_listener_owner_near_its_fd_limit(netns: Netns) -> None:
+    """A real process with a listener and 100 open files, its RLIMIT_NOFILE lowered with
+    prlimit: warning at 80% of the soft limit, critical at it (accept() would fail with
+    EMFILE), nothing with room; evidence as psutil and /proc see it."""
+    info = start_helper(netns, "fd_hog", name="tw-fdhog", port=20060, files=100)
+    pid, open_fds = info["pid"], info["open_fds"]
+    assert len(os.listdir(f"/proc/{pid}/fd")) == open_fds
+    subject = f"tw-fdhog[{pid}]"
+    assert not any(f["id"] == "Q05" for f in run_check(netns).findings)
+
+    soft = open_fds * 100 // 85  # open_fds is 85% of it: a warning
+    lower_nofile(pid, soft, 4096)
+    run = run_check(netns)
+    assert_findings(run, {("Q05", "warning", subject)}, 1)
+    assert_evidence(
+        run.one("Q05", subject),
+        {
+            "process": "tw-fdhog",
+            "pid": pid,
+            "user": "root",
+            "open_fds": open_fds,
+            "max_fds": soft,
+            "max_fds_hard": 4096,
+            "fd_ratio": round(open_fds / soft, 4),
+            "listeners": "127.0.0.1:20060",
+            "accept_queue_length": 0,
+        },
+    )
+    started = run.one("Q05", subject)["evidence"]["started_at"]
+    assert time.time() - HELPER_LIFETIME < started <= time.time(), started
+
+    lower_nofile(pid, open_fds, open_fds)  # full: the next accept() gets EMFILE
+    run = run_check(netns)
+    assert_findings(run, {("Q05", "critical", subject)}, 2)
+    finding = run.one("Q05", subject)
+    assert_evidence(finding, {"open_fds": open_fds, "max_fds": open_fds, "fd_ratio": 1.0})
+    assert f"prlimit --pid {pid} --nofile=" in finding["remediation"]
+    assert "LimitNOFILE=" in finding["remediation"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 60.0
 ALL_RULE_IDS = (
     *(f"K{n:02d}" for n in range(1, 12)),
-    *(f"Q{n:02d}" for n in range(1, 5)),
+    *(f"Q{n:02d}" for n in range(1, 6)),
     *(f"S{n:02d}" for n in range(1, 4)),
     "P01",
     "P02",

@@ -17,6 +17,7 @@ from tests.unit.snapshots import (
     T0,
     counters_plus,
     listener,
+    owner_process,
     snapshot,
     socket_table,
     sockstat,
@@ -74,6 +75,7 @@ def scenarios() -> list[tuple[Window, dict[str, RuleSettings]]]:
         stat=stat,
         counters=counters_plus(ALL_COUNTERS),
         attribution_complete=False,
+        described=[owner_process(NGINX.pid, NGINX.name, open_fds=1000, max_fds=1024)],
     )
     persisted = (
         PersistedSysctl("/etc/sysctl.conf", 3, "net.ipv4.ip_local_port_range", "500 65000"),
