@@ -75,6 +75,7 @@ FD_LIMITED_PORT = 20030
 PORT_RANGE = (40000, 43999)  # 4000 ports, ends of different parity (rule K08 stays quiet on that)
 POOL_PAIRS = 3300  # 82.5% of the range to one destination: the critical level (80%)
 LEAKER = "tw-leaker"
+PER_HOST_SCALES = frozenset({"tcpwatch_page_size_bytes"})
 
 # The shipped rules the unhealthy population must raise, and those it must not.
 UNHEALTHY_ALERTS = frozenset(
@@ -330,8 +331,12 @@ def substituted_dashboard_queries(netns: str) -> list[tuple[str, str, bool]]:
         (
             str(query),
             substitute(query.expr, values),
-            # Limits that exist only in the host's namespace are absent here (docs/metrics.md).
-            not all(selects_host_only_sysctls(s) for s in selectors(query.expr)),
+            # Limits that exist only in the host's namespace are absent here (docs/metrics.md),
+            # and so is a product of such a limit with the page size (a per-host scale).
+            not all(
+                selects_host_only_sysctls(s) or s.metric in PER_HOST_SCALES
+                for s in selectors(query.expr)
+            ),
         )
         for query in panel_queries(load_dashboard())
     ]
