@@ -4,7 +4,7 @@ Only a few processes are described each poll: the owners of listening sockets (a
 ``MAX_LISTENER_OWNERS``, the busiest first) and the ``TOP_CLOSE_WAIT`` processes holding the most
 CLOSE_WAIT sockets. They come from the ``processes`` source's attribution, so nothing here walks
 /proc: a poll costs one ``psutil.Process`` per owner (a stat and status read, one fd-directory
-listing, one prlimit), about 30 µs plus 1 µs per open fd (docs/performance.md).
+listing, one prlimit): about 0.1 ms plus 0.5 µs per open fd (docs/performance.md).
 
 Why psutil here and not in ``processes``: the fd walk must read a procfs given by
 ``--path.procfs`` (and fixture trees), which psutil cannot without its module-global
