@@ -198,6 +198,38 @@ class Attribution:
 
 
 @dataclass(frozen=True, slots=True)
+class OwnerProcess:
+    """A socket owner worth describing (a listener's owner, a top CLOSE_WAIT holder), with psutil.
+
+    ``max_fds`` / ``max_fds_hard`` are its RLIMIT_NOFILE soft and hard limits; None when the
+    limit is unlimited (RLIM_INFINITY). ``open_fds`` counts every descriptor, sockets or not.
+    """
+
+    pid: int
+    name: str  # /proc/PID/comm, as process attribution (and `ss -p`) shows it
+    user: str  # the user name, or the uid in decimal when it has none
+    started_at: float  # unix time
+    open_fds: int
+    max_fds: int | None
+    max_fds_hard: int | None
+    listeners: int  # listening sockets it owns, across the polled namespaces
+    close_wait: int  # CLOSE_WAIT sockets attributed to it, across the polled namespaces
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerProcesses:
+    """The owners of interest of one poll, described (pid -> description)."""
+
+    processes: Mapping[int, OwnerProcess]
+    wanted: int  # owners chosen to describe (bounded)
+    failed: int = 0  # of those: exited meanwhile or denied to us
+    skipped: str = ""  # why none was described (another procfs root), "" otherwise
+
+    def get(self, pid: int) -> OwnerProcess | None:
+        return self.processes.get(pid)
+
+
+@dataclass(frozen=True, slots=True)
 class SourceStatus:
     name: str
     ok: bool
@@ -232,6 +264,7 @@ class Snapshot:
     attribution: Attribution | None
     sources: tuple[SourceStatus, ...] = field(default_factory=tuple)
     identity: NetnsIdentity = field(default_factory=NetnsIdentity)
+    owner_processes: OwnerProcesses | None = None  # host-wide: the same value in every snapshot
 
     def source_ok(self, name: str) -> bool:
         return any(status.name == name and status.ok for status in self.sources)

@@ -6,6 +6,7 @@ The schema is documented in docs/check-json.md and versioned by ``schema_version
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from types import MappingProxyType
@@ -13,9 +14,13 @@ from typing import Any
 
 from tcpwatch.model import Snapshot
 from tcpwatch.render.status import SEVERITIES, status_of
-from tcpwatch.rules import Finding, sort_key
+from tcpwatch.rules import EvidenceValue, Finding, sort_key
+from tcpwatch.rules.shapes import counter_key
 
-SCHEMA_VERSION = 1
+# 2: every evidence key is snake_case; kernel counters' keys changed (docs/check-json.md).
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # findings_from_document translates a version 1 report's keys
+_V1_COUNTER = re.compile(r"(TcpExt[A-Za-z]+)_(in_window|total)")
 
 
 def finding_to_json(finding: Finding) -> dict[str, Any]:
@@ -89,7 +94,7 @@ def findings_from_document(document: Any) -> list[Finding]:
     if not isinstance(document, dict):
         raise ValueError("not a check report: expected a JSON object")
     version = document.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(f"unsupported check report schema_version {version!r}")
     return [
         Finding(
@@ -99,9 +104,21 @@ def findings_from_document(document: Any) -> list[Finding]:
             title=item["title"],
             netns=item["netns"],
             subject=item["subject"],
-            evidence=MappingProxyType(dict(item["evidence"])),
+            evidence=MappingProxyType(
+                dict(item["evidence"]) if version == SCHEMA_VERSION else _v1(item["evidence"])
+            ),
             remediation=item["remediation"],
             doc=item["doc"],
         )
         for item in document["findings"]
     ]
+
+
+def _v1(evidence: dict[str, EvidenceValue]) -> dict[str, EvidenceValue]:
+    """A version 1 report's evidence under version 2 keys (TcpExtListenOverflows_in_window ->
+    listen_overflows_in_window); every other key was already snake_case."""
+    renamed: dict[str, EvidenceValue] = {}
+    for key, value in evidence.items():
+        old = _V1_COUNTER.fullmatch(key)
+        renamed[f"{counter_key(old[1])}_{old[2]}" if old else key] = value
+    return renamed

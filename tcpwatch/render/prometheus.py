@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from tcpwatch import __version__
 from tcpwatch.endpoints import endpoint, ports_available
 from tcpwatch.model import FAMILIES, STATES, Snapshot
+from tcpwatch.render.owners import owner_families
 from tcpwatch.sources.sysctl import MULTI_FIELD_SUFFIXES
 from tcpwatch.state import POLL_BUCKETS, ExportState
 
@@ -117,6 +118,7 @@ class TcpwatchCollector(Collector):
         yield from _kernel_families(state)
         yield from _port_families(state)
         yield from _process_families(state)
+        yield from owner_families(state)
         yield from _finding_families(state)
         yield from _self_families(state)
 
@@ -252,6 +254,13 @@ def _kernel_families(state: ExportState) -> Iterator[Metric]:
         state.cached,
     )
     page_size = os.sysconf("SC_PAGE_SIZE")
+    # tcp_mem and sockstat's mem are in pages: 4 KiB on x86-64, 16 or 64 KiB on some arm64 and
+    # ppc64 kernels, so a dashboard multiplying by 4096 is wrong there.
+    page = GaugeMetricFamily(
+        "tcpwatch_page_size_bytes",
+        "The kernel's page size (sysconf PAGE_SIZE): the unit of net.ipv4.tcp_mem.",
+    )
+    page.add_metric([], page_size)
     for snap in state.snapshots:
         if snap.counters is not None:
             for nstat_name, name, _ in KERNEL_COUNTERS:
@@ -271,7 +280,7 @@ def _kernel_families(state: ExportState) -> Iterator[Metric]:
                 for suffix, value in zip(suffixes, fields, strict=True):
                     sysctls.add_metric([snap.netns, f"{name}.{suffix}"], value)
     yield from families.values()
-    yield from (orphans, memory, sysctls)
+    yield from (orphans, memory, page, sysctls)
 
 
 def _port_families(state: ExportState) -> Iterator[Metric]:

@@ -153,7 +153,7 @@ def Q01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             evidence["somaxconn"] = somaxconn
         overflows = window.counter_delta("TcpExtListenOverflows")
         if overflows is not None:
-            evidence["TcpExtListenOverflows_in_window"] = overflows
+            evidence["listen_overflows_in_window"] = overflows
         netns = snapshot.netns
         bigger = _suggested_backlog(worst.queue_max)
         lines = [
@@ -205,9 +205,9 @@ def Q02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     seconds = window.seconds or 0.0
     evidence: dict[str, EvidenceValue] = {}
     if overflows is not None:
-        evidence["TcpExtListenOverflows_in_window"] = overflows
+        evidence["listen_overflows_in_window"] = overflows
     if drops is not None:
-        evidence["TcpExtListenDrops_in_window"] = drops
+        evidence["listen_drops_in_window"] = drops
     evidence["window_seconds"] = round(seconds, 3)
     if seconds > 0:
         evidence["drops_per_second"] = round(max(overflows or 0, drops or 0) / seconds, 3)
@@ -389,11 +389,11 @@ def Q04(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         return
     evidence = {}
     if drops is not None:
-        evidence["TcpExtTCPReqQFullDrop_in_window"] = drops
+        evidence["tcp_req_q_full_drop_in_window"] = drops
     if cookies is not None:
-        evidence["TcpExtTCPReqQFullDoCookies_in_window"] = cookies
+        evidence["tcp_req_q_full_do_cookies_in_window"] = cookies
     if sent is not None:
-        evidence["TcpExtSyncookiesSent_in_window"] = sent
+        evidence["syncookies_sent_in_window"] = sent
     evidence["window_seconds"] = round(window.seconds or 0.0, 3)
     if syncookies is not None:
         evidence["tcp_syncookies"] = syncookies

@@ -4,11 +4,13 @@
   back (K02, K04, K10).
 - :func:`ratio_thresholds` / :func:`ratio_severity`: a ratio judged against a ``warning`` and a
   ``critical`` threshold (Q01, P01, K07).
-- :func:`add_counter` / :func:`add_window`: kernel counters as evidence.
+- :func:`add_counter` / :func:`add_window`: kernel counters as evidence, under
+  :func:`counter_key` names.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 
@@ -26,6 +28,24 @@ from tcpwatch.rules.base import (
 from tcpwatch.rules.fixes import sysctl_fix
 
 _NO_FACTS: Mapping[str, EvidenceValue] = MappingProxyType({})
+# A word boundary inside a CamelCase name: lower->Upper, or the last capital of an acronym.
+_WORD_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def counter_key(name: str) -> str:
+    """A kernel counter's evidence key: its nstat name without the ``TcpExt`` group, snake_case.
+
+    Every evidence key is snake_case (schema 2 of the JSON report).
+
+    >>> counter_key("TcpExtListenOverflows")
+    'listen_overflows'
+    >>> counter_key("TcpExtTCPReqQFullDoCookies")
+    'tcp_req_q_full_do_cookies'
+    >>> counter_key("TcpRetransSegs")
+    'tcp_retrans_segs'
+    """
+    rest = name.removeprefix("TcpExt")
+    return _WORD_BOUNDARY.sub("_", rest).lower()
 
 
 def add_counter(
@@ -34,11 +54,11 @@ def add_counter(
     """Put a counter's growth in the window (and its value since boot) into the evidence."""
     delta = window.counter_delta(name)
     if delta is not None:
-        evidence[f"{name}_in_window"] = delta
+        evidence[f"{counter_key(name)}_in_window"] = delta
     counters = window.current.counters
     value = counters.get(name) if counters is not None else None
     if total and value is not None:
-        evidence[f"{name}_total"] = value
+        evidence[f"{counter_key(name)}_total"] = value
     return delta
 
 

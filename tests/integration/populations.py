@@ -183,6 +183,15 @@ def reuseport(
     )
 
 
+def fd_limited_listener(
+    ns: Netns, port: int, files: int = 100, fill: float = 1.0, address: str = "127.0.0.1"
+) -> Population:
+    """A listener whose process holds ``files`` more descriptors (/dev/null) and then lowers its
+    own RLIMIT_NOFILE soft limit so that its open descriptors are ``fill`` of it (1.0: the next
+    accept() fails with EMFILE). Ready reports ``open_fds`` and ``soft_limit``."""
+    return _start(ns, "fd_limited_listener", port=port, files=files, fill=fill, address=address)
+
+
 # One port per kind, below the default ip_local_port_range, so every kind fits in one namespace.
 STANDARD_PORTS: Mapping[str, int] = {
     "established": 20001,
@@ -608,6 +617,20 @@ def build_reuseport(
     }
 
 
+def build_fd_limited_listener(
+    held: list[socket.socket], deadline: float, port: int, files: int, fill: float, address: str
+) -> dict[str, Any]:
+    _check_size(files + 1)
+    held.append(_listener(address, port, 16))
+    # Raw descriptors, never closed: they live as long as the helper.
+    opened = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(files)]
+    open_fds = len(os.listdir("/proc/self/fd")) - 1  # minus listdir's own descriptor
+    soft = max(int(open_fds / fill), open_fds)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return {"port": port, "files": len(opened), "open_fds": open_fds, "soft_limit": soft}
+
+
 _BUILDERS: Mapping[str, Callable[..., dict[str, Any]]] = {
     "established": build_established,
     "time_wait": build_time_wait,
@@ -617,6 +640,7 @@ _BUILDERS: Mapping[str, Callable[..., dict[str, Any]]] = {
     "accept_queue_full": build_accept_queue_full,
     "dual_stack": build_dual_stack,
     "reuseport": build_reuseport,
+    "fd_limited_listener": build_fd_limited_listener,
 }
 
 

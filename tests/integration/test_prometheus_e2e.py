@@ -71,9 +71,11 @@ CLOSE_WAIT_PORTS = (20005, 20015)
 ACCEPT_QUEUE_PORT = 20008
 SYN_COOKIE_PORT = 20020
 SYN_DROP_PORT = 20021
+FD_LIMITED_PORT = 20030
 PORT_RANGE = (40000, 43999)  # 4000 ports, ends of different parity (rule K08 stays quiet on that)
 POOL_PAIRS = 3300  # 82.5% of the range to one destination: the critical level (80%)
 LEAKER = "tw-leaker"
+PER_HOST_SCALES = frozenset({"tcpwatch_page_size_bytes"})
 
 # The shipped rules the unhealthy population must raise, and those it must not.
 UNHEALTHY_ALERTS = frozenset(
@@ -329,8 +331,12 @@ def substituted_dashboard_queries(netns: str) -> list[tuple[str, str, bool]]:
         (
             str(query),
             substitute(query.expr, values),
-            # Limits that exist only in the host's namespace are absent here (docs/metrics.md).
-            not all(selects_host_only_sysctls(s) for s in selectors(query.expr)),
+            # Limits that exist only in the host's namespace are absent here (docs/metrics.md),
+            # and so is a product of such a limit with the page size (a per-host scale).
+            not all(
+                selects_host_only_sysctls(s) or s.metric in PER_HOST_SCALES
+                for s in selectors(query.expr)
+            ),
         )
         for query in panel_queries(load_dashboard())
     ]
@@ -347,6 +353,8 @@ def test_unhealthy_population_fires_alerts_and_fills_every_dashboard_panel(netns
         populations.close_wait(netns, count=60, port=CLOSE_WAIT_PORTS[0], process_name=LEAKER)
         populations.established(netns, pairs=POOL_PAIRS, port=POOL_PORT)
         start_syn_flood(netns, SYN_COOKIE_PORT)
+        # A listener's owner at its RLIMIT_NOFILE: Q05 critical, which has no alert of its own.
+        fd_limited = populations.fd_limited_listener(netns, port=FD_LIMITED_PORT)
         wait_for(
             "Prometheus sees the first CLOSE_WAIT batch",
             lambda: bool(stack.query(f'tcpwatch_process_sockets{{process="{LEAKER}"}} >= 60')),
@@ -389,13 +397,31 @@ def test_unhealthy_population_fires_alerts_and_fills_every_dashboard_panel(netns
         assert exhausted == {"warning", "critical"}, seen["TcpwatchEphemeralPortsNearlyExhausted"]
         pressured = {alert["labels"]["port"] for alert in seen["TcpwatchSynQueuePressure"]}
         assert {str(SYN_COOKIE_PORT), str(SYN_DROP_PORT)} <= pressured
-        critical = labelled(
-            "TcpwatchCriticalFinding", id="Q01", subject=f"127.0.0.1:{ACCEPT_QUEUE_PORT}"
-        )
+        # One page per problem: the full accept queue pages through TcpwatchAcceptQueueSaturated
+        # only; the generic alert carries the critical findings no other alert covers.
+        paged_twice = {"Q01", "Q04", "K01", "P01"} & {
+            alert["labels"]["id"] for alert in seen["TcpwatchCriticalFinding"]
+        }
+        assert not paged_twice, seen["TcpwatchCriticalFinding"]
+        comm = Path(f"/proc/{fd_limited.info['pid']}/comm").read_text().strip()
+        owner = f"{comm}[{fd_limited.info['pid']}]"
+        critical = labelled("TcpwatchCriticalFinding", id="Q05", subject=owner)
         assert critical, seen["TcpwatchCriticalFinding"]
         assert critical[0]["annotations"]["runbook_url"].endswith(
-            "docs/rules/Q01-accept-queue-full.md"
+            "docs/rules/Q05-listener-owner-near-fd-limit.md"
         )
+        # The owner's descriptors as psutil saw them, next to the limit it set itself.
+        pid = str(fd_limited.info["pid"])
+        described = {
+            name: stack.query(f'tcpwatch_process_{name}{{pid="{pid}"}}')
+            for name in ("open_fds", "max_fds")
+        }
+        assert [float(r["value"][1]) for r in described["max_fds"]] == [
+            fd_limited.info["soft_limit"]
+        ], described
+        assert [float(r["value"][1]) for r in described["open_fds"]] == [
+            fd_limited.info["open_fds"]
+        ], described
 
         assert_rules_evaluate_cleanly(stack)
         # Every fleet view has data.

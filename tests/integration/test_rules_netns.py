@@ -26,8 +26,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,6 +131,16 @@ elif mode == "ticker":
             sys.exit(f"{params['counter']} never moved")
         time.sleep(params["interval"])
     held.extend(sock for _, sock in opened)
+elif mode == "fd_hog":
+    # A listener whose process also holds `files` descriptors (/dev/null): the test lowers its
+    # RLIMIT_NOFILE from outside with prlimit(1).
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", params["port"]))
+    listener.listen(16)
+    held.append(listener)
+    files = [os.open(os.devnull, os.O_RDONLY) for _ in range(params["files"])]
+    ready(open_fds=len(os.listdir("/proc/self/fd")) - 1)  # minus listdir's own descriptor
 else:
     sys.exit(f"unknown mode {mode}")
 end = time.monotonic() + 300.0
@@ -184,7 +196,7 @@ def run_check(ns: Netns, config: str | None = None) -> CheckRun:
     assert "Traceback" not in result.stdout + result.stderr, output
     assert result.returncode in STATUS, f"exit {result.returncode}; {output}"
     report: dict[str, Any] = json.loads(result.stdout)
-    assert report["schema_version"] == 1
+    assert report["schema_version"] == 2
     assert report["exit_code"] == result.returncode
     assert report["status"] == STATUS[result.returncode]
     assert report["window_seconds"] == WINDOW_SECONDS
@@ -343,7 +355,7 @@ SYSCTL_CASES: Mapping[str, SysctlCase] = {
             "K01": {
                 "tcp_syncookies": 0,
                 "tcp_max_syn_backlog": 1024,
-                "TcpExtTCPReqQFullDrop_in_window": 0,
+                "tcp_req_q_full_drop_in_window": 0,
             }
         },
     ),
@@ -351,13 +363,13 @@ SYSCTL_CASES: Mapping[str, SysctlCase] = {
         {"net.ipv4.tcp_syncookies": "2"},
         {("K02", "warning")},
         1,
-        {"K02": {"tcp_syncookies": 2, "TcpExtSyncookiesSent_in_window": 0}},
+        {"K02": {"tcp_syncookies": 2, "syncookies_sent_in_window": 0}},
     ),
     "K04-abort-on-overflow": SysctlCase(
         {"net.ipv4.tcp_abort_on_overflow": "1"},
         {("K04", "warning")},
         1,
-        {"K04": {"tcp_abort_on_overflow": 1, "TcpExtListenOverflows_in_window": 0}},
+        {"K04": {"tcp_abort_on_overflow": 1, "listen_overflows_in_window": 0}},
     ),
     "K05-somaxconn-low": SysctlCase(
         {"net.core.somaxconn": "1024"},
@@ -380,7 +392,7 @@ SYSCTL_CASES: Mapping[str, SysctlCase] = {
                 "tcp_max_tw_buckets": 1024,
                 "kernel_default": kernel_tw_default,
                 "time_wait_sockets": 0,
-                "TcpExtTCPTimeWaitOverflow_in_window": 0,
+                "tcp_time_wait_overflow_in_window": 0,
             }
         },
         {"K06": ("lowered from the kernel default",)},
@@ -547,7 +559,7 @@ class TestAcceptQueueFull:
                 "pid": full.pid,
                 "queue_length_at_window_start": 5,
                 "somaxconn": 4096,
-                "TcpExtListenOverflows_in_window": 0,
+                "listen_overflows_in_window": 0,
             },
         )
 
@@ -559,10 +571,8 @@ class TestAcceptQueueFull:
         assert_findings(full.overflowing, {("Q01", "critical", subject), ("Q02", "warning", "")}, 2)
         finding = full.overflowing.one("Q02")
         evidence = finding["evidence"]
-        assert evidence["TcpExtListenOverflows_in_window"] >= 1, evidence
-        assert (
-            evidence["TcpExtListenDrops_in_window"] >= evidence["TcpExtListenOverflows_in_window"]
-        )
+        assert evidence["listen_overflows_in_window"] >= 1, evidence
+        assert evidence["listen_drops_in_window"] >= evidence["listen_overflows_in_window"]
         assert evidence["drops_per_second"] > 0
         assert_window_evidence(finding)
         assert_evidence(
@@ -682,9 +692,9 @@ class TestSynQueuePressure:
         assert_findings(syn_queue.flooded, {("Q04", "warning", subject), ("Q04", "warning", "")}, 1)
         finding = syn_queue.flooded.one("Q04")
         evidence = finding["evidence"]
-        assert evidence["TcpExtSyncookiesSent_in_window"] >= 1, evidence
-        assert evidence["TcpExtTCPReqQFullDoCookies_in_window"] >= 1, evidence
-        assert evidence["TcpExtTCPReqQFullDrop_in_window"] == 0, evidence
+        assert evidence["syncookies_sent_in_window"] >= 1, evidence
+        assert evidence["tcp_req_q_full_do_cookies_in_window"] >= 1, evidence
+        assert evidence["tcp_req_q_full_drop_in_window"] == 0, evidence
         assert evidence["tcp_syncookies"] == 1
         assert_window_evidence(finding)
         listener = syn_queue.flooded.one("Q04", subject)["evidence"]
@@ -782,6 +792,56 @@ def test_s02_self_connect_below_the_ephemeral_range(netns: Netns) -> None:
     assert run_check(netns).findings == []
     run = run_check(netns, "collect:\n  established: dumped\n")
     assert_findings(run, {("S02", "critical", "127.0.0.1:20050")}, 2)
+
+
+def lower_nofile(pid: int, soft: int, hard: int) -> None:
+    """prlimit(1) on a running process, as an operator would (it may go below what is open)."""
+    subprocess.run(
+        ["prlimit", "--pid", str(pid), f"--nofile={soft}:{hard}"], check=True, timeout=10
+    )
+    with open(f"/proc/{pid}/limits", encoding="ascii") as limits:
+        line = next(line for line in limits if line.startswith("Max open files"))
+    assert line.split()[3:5] == [str(soft), str(hard)], line
+
+
+def test_q05_listener_owner_near_its_fd_limit(netns: Netns) -> None:
+    """A real process with a listener and 100 open files, its RLIMIT_NOFILE lowered with
+    prlimit: warning at 80% of the soft limit, critical at it (accept() would fail with
+    EMFILE), nothing with room; evidence as psutil and /proc see it."""
+    info = start_helper(netns, "fd_hog", name="tw-fdhog", port=20060, files=100)
+    pid, open_fds = info["pid"], info["open_fds"]
+    assert len(os.listdir(f"/proc/{pid}/fd")) == open_fds
+    subject = f"tw-fdhog[{pid}]"
+    assert not any(f["id"] == "Q05" for f in run_check(netns).findings)
+
+    soft = open_fds * 100 // 85  # open_fds is 85% of it: a warning
+    lower_nofile(pid, soft, 4096)
+    run = run_check(netns)
+    assert_findings(run, {("Q05", "warning", subject)}, 1)
+    assert_evidence(
+        run.one("Q05", subject),
+        {
+            "process": "tw-fdhog",
+            "pid": pid,
+            "user": "root",
+            "open_fds": open_fds,
+            "max_fds": soft,
+            "max_fds_hard": 4096,
+            "fd_ratio": round(open_fds / soft, 4),
+            "listeners": "127.0.0.1:20060",
+            "accept_queue_length": 0,
+        },
+    )
+    started = run.one("Q05", subject)["evidence"]["started_at"]
+    assert time.time() - HELPER_LIFETIME < started <= time.time(), started
+
+    lower_nofile(pid, open_fds, open_fds)  # full: the next accept() gets EMFILE
+    run = run_check(netns)
+    assert_findings(run, {("Q05", "critical", subject)}, 2)
+    finding = run.one("Q05", subject)
+    assert_evidence(finding, {"open_fds": open_fds, "max_fds": open_fds, "fd_ratio": 1.0})
+    assert f"prlimit --pid {pid} --nofile=" in finding["remediation"]
+    assert "LimitNOFILE=" in finding["remediation"]
 
 
 @dataclass(frozen=True, slots=True)

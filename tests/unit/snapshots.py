@@ -17,6 +17,8 @@ from tcpwatch.model import (
     DestinationUse,
     KernelCounters,
     Listener,
+    OwnerProcess,
+    OwnerProcesses,
     PersistedSysctl,
     ProcessRef,
     SelfConnect,
@@ -174,8 +176,12 @@ def snapshot(
     attribution_complete: bool = True,
     no_sysctls: bool = False,
     failed_sources: Mapping[str, str] | None = None,
+    described: Iterable[OwnerProcess] | None = None,
 ) -> Snapshot:
-    """A snapshot of a healthy host; pass None for a part to make its source fail."""
+    """A snapshot of a healthy host; pass None for a part to make its source fail.
+
+    ``described``: the owners the ``owners`` source described (None: the source did not run).
+    """
     failed = dict(failed_sources or {})
     sources = tuple(
         SourceStatus(name, name not in failed, 0.001, failed.get(name))
@@ -192,6 +198,26 @@ def snapshot(
         if owners is None
         else Attribution(dict(owners), processes_scanned=50, complete=attribution_complete),
         sources=sources,
+        owner_processes=None if described is None else _described(tuple(described)),
+    )
+
+
+def _described(processes: tuple[OwnerProcess, ...]) -> OwnerProcesses:
+    return OwnerProcesses({p.pid: p for p in processes}, wanted=len(processes))
+
+
+def owner_process(
+    pid: int,
+    name: str,
+    open_fds: int,
+    max_fds: int | None = 1024,
+    max_fds_hard: int | None = 524288,
+    listeners: int = 1,
+    close_wait: int = 0,
+) -> OwnerProcess:
+    """An owner as psutil would describe it (user www-data, started at T0 - 3600)."""
+    return OwnerProcess(
+        pid, name, "www-data", T0 - 3600, open_fds, max_fds, max_fds_hard, listeners, close_wait
     )
 
 

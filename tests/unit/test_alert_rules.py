@@ -217,3 +217,24 @@ def test_kubernetes_daemonset_config_and_its_scrape_job_agree() -> None:
         address["regex"], address["replacement"].replace("$", "\\"), "10.0.0.5:80;9477"
     )
     assert rewritten == "10.0.0.5:9477"
+
+
+def test_generic_critical_alert_excludes_the_rules_with_their_own_critical_alert() -> None:
+    """One page per problem: a rule whose page is the runbook of a dedicated critical alert is
+    left out of TcpwatchCriticalFinding (promtool test rules proves the silence)."""
+    from tcpwatch.rules import RULES
+
+    generic = next(a for a in alerts() if a["alert"] == "TcpwatchCriticalFinding")
+    match = re.search(r'id!~"([A-Z0-9|]+)"', generic["expr"])
+    assert match is not None, generic["expr"]
+    excluded = set(match.group(1).split("|"))
+    own = {
+        found.group(1)
+        for alert in alerts()
+        if alert["alert"] != "TcpwatchCriticalFinding" and alert["labels"]["severity"] == "critical"
+        if (found := re.search(r"docs/rules/([A-Z]\d\d)-", alert["annotations"]["runbook_url"]))
+    }
+    assert own == {"Q01", "K01", "P01"}
+    # Q04's critical case (SYNs dropped) is TcpwatchSynQueueDrops' condition too.
+    assert excluded == own | {"Q04"}
+    assert excluded <= {rule.id for rule in RULES}

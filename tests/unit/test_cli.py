@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 60.0
 ALL_RULE_IDS = (
     *(f"K{n:02d}" for n in range(1, 12)),
-    *(f"Q{n:02d}" for n in range(1, 5)),
+    *(f"Q{n:02d}" for n in range(1, 6)),
     *(f"S{n:02d}" for n in range(1, 4)),
     "P01",
     "P02",
@@ -462,7 +462,7 @@ class TestCheckPipeline:
         code, report, _ = run_main(monkeypatch, capsys, poll, ["--window", "0.01"])
         assert poll.calls == 2
         assert (code, ids(report)) == (1, ["Q02"])
-        assert report["findings"][0]["evidence"]["TcpExtListenOverflows_in_window"] == 20
+        assert report["findings"][0]["evidence"]["listen_overflows_in_window"] == 20
         # Without a window the same end state shows nothing moving.
         code, report, _ = run_main(monkeypatch, capsys, FakePoll(end), ["--window", "0"])
         assert (code, ids(report)) == (0, [])

@@ -39,7 +39,7 @@ def test_the_local_daemon_is_found_at_its_listen_address(listen: str, url: str) 
 
 
 @pytest.mark.parametrize(
-    "document", [[], {"schema_version": 2}, {"schema_version": 1, "findings": [{"id": "Q01"}]}]
+    "document", [[], {"schema_version": 99}, {"schema_version": 2, "findings": [{"id": "Q01"}]}]
 )
 def test_a_document_that_is_not_a_check_report_is_refused(document: object) -> None:
     with pytest.raises(DaemonError, match="unexpected document"):

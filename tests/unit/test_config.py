@@ -29,7 +29,7 @@ SOURCE = "/etc/tcpwatch/config.yaml"
 # The catalogue's ids are fixed (issue 3): none may disappear or be renamed.
 ALL_RULE_IDS = (
     *(f"K{n:02d}" for n in range(1, 12)),
-    *(f"Q{n:02d}" for n in range(1, 5)),
+    *(f"Q{n:02d}" for n in range(1, 6)),
     *(f"S{n:02d}" for n in range(1, 4)),
     "P01",
     "P02",

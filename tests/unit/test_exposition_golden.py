@@ -19,6 +19,8 @@ from tcpwatch.model import (
     DestinationUse,
     KernelCounters,
     Listener,
+    OwnerProcess,
+    OwnerProcesses,
     ProcessRef,
     Snapshot,
     SocketTable,
@@ -87,6 +89,16 @@ def fixture_state() -> ExportState:
             SourceStatus("counters", False, 0.0002, "permission denied"),
             SourceStatus("sockdiag", True, 0.01),
             SourceStatus("processes", True, 0.02),
+            SourceStatus("owners", True, 0.0004),
+        ),
+        # pid 12 (a listener's owner) exited before it was described; app has no fd limit.
+        owner_processes=OwnerProcesses(
+            {
+                10: OwnerProcess(10, "nginx", "www-data", 1_699_990_000.0, 812, 1024, 524288, 1, 0),
+                11: OwnerProcess(11, "app", "app", 1_699_000_000.5, 95, None, None, 1, 60),
+            },
+            wanted=3,
+            failed=1,
         ),
     )
     finding = Finding(

@@ -131,7 +131,7 @@ def test_json_schema_fields_and_values() -> None:
         "findings",
         "sources",
     ]
-    assert document["schema_version"] == SCHEMA_VERSION == 1
+    assert document["schema_version"] == SCHEMA_VERSION == 2
     assert (document["status"], document["exit_code"]) == ("CRITICAL", 2)
     assert document["summary"] == {"critical": 1, "warning": 2, "info": 1}
     assert document["window_seconds"] == 5.0
@@ -180,5 +180,22 @@ def test_json_of_a_healthy_host_is_ok_with_no_findings() -> None:
 
 
 def test_findings_from_json_refuses_another_schema_version() -> None:
-    with pytest.raises(ValueError, match="schema_version 2"):
-        findings_from_json(json.dumps({"schema_version": 2, "findings": []}))
+    with pytest.raises(ValueError, match="schema_version 3"):
+        findings_from_json(json.dumps({"schema_version": 3, "findings": []}))
+
+
+def test_a_version_1_report_is_read_with_version_2_keys() -> None:
+    """Reports saved before the snake_case keys still load (check --from), keys renamed."""
+    findings, snapshots = troubled()
+    document = json.loads(render_json(findings, snapshots, 5.0))
+    q02 = next(f for f in document["findings"] if f["id"] == "Q02")
+    v2_keys = list(q02["evidence"])
+    assert "listen_overflows_in_window" in v2_keys
+    q02["evidence"] = {
+        ("TcpExtListenOverflows_in_window" if key == "listen_overflows_in_window" else key): value
+        for key, value in q02["evidence"].items()
+    }
+    document["schema_version"] = 1
+    back = findings_from_json(json.dumps(document))
+    assert back == findings
+    assert list(next(f for f in back if f.rule_id == "Q02").evidence) == v2_keys

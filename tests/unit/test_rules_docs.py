@@ -17,6 +17,7 @@ from tests.unit.snapshots import (
     T0,
     counters_plus,
     listener,
+    owner_process,
     snapshot,
     socket_table,
     sockstat,
@@ -74,6 +75,7 @@ def scenarios() -> list[tuple[Window, dict[str, RuleSettings]]]:
         stat=stat,
         counters=counters_plus(ALL_COUNTERS),
         attribution_complete=False,
+        described=[owner_process(NGINX.pid, NGINX.name, open_fds=1000, max_fds=1024)],
     )
     persisted = (
         PersistedSysctl("/etc/sysctl.conf", 3, "net.ipv4.ip_local_port_range", "500 65000"),
@@ -108,7 +110,7 @@ def documented(page: str) -> set[str]:
     for line in section.splitlines():
         if line.startswith("| `"):
             first_cell = line.split("|")[1]
-            keys |= set(re.findall(r"`([A-Za-z_]+)`", first_cell))
+            keys |= set(re.findall(r"`([A-Za-z0-9_]+)`", first_cell))
     return keys
 
 
@@ -122,3 +124,15 @@ def test_evidence_keys_match_each_rules_page_exactly() -> None:
     for rule in RULES:
         page = (REPO / rule.doc).read_text()
         assert keys[rule.id] == documented(page), rule.id
+
+
+def test_every_evidence_key_is_snake_case() -> None:
+    """One key style across rules (schema 2 of the JSON report): counters too, via counter_key."""
+    snake = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*")
+    odd = sorted(
+        f"{rule_id}:{key}"
+        for rule_id, keys in emitted().items()
+        for key in keys
+        if not snake.fullmatch(key)
+    )
+    assert odd == []

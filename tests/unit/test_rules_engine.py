@@ -40,6 +40,7 @@ CATALOGUE = {
     "Q02": "listen-overflows",
     "Q03": "backlog-capped",
     "Q04": "syn-queue-pressure",
+    "Q05": "listener-owner-near-fd-limit",
     "S01": "close-wait-leak",
     "S02": "self-connect",
     "S03": "syn-sent-pileup",

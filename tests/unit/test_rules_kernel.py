@@ -49,7 +49,7 @@ def test_k01_is_critical_while_syn_queue_drops_grow() -> None:
     end = snapshot(sysctl_overrides=off, counters=counters_plus({"TcpExtTCPReqQFullDrop": 7}))
     (finding,) = only(evaluate(window(end, start), {}), "K01")
     assert finding.severity == "critical"
-    assert finding.evidence["TcpExtTCPReqQFullDrop_in_window"] == 7
+    assert finding.evidence["tcp_req_q_full_drop_in_window"] == 7
     assert finding.evidence["window_seconds"] == 5.0
 
 
@@ -208,7 +208,7 @@ def test_k06_timewait_overflow_growing() -> None:
     start = snapshot(taken_at=T0)
     end = snapshot(counters=counters_plus({"TcpExtTCPTimeWaitOverflow": 40}))
     (finding,) = only(evaluate(window(end, start), {}), "K06")
-    assert finding.evidence["TcpExtTCPTimeWaitOverflow_in_window"] == 40
+    assert finding.evidence["tcp_time_wait_overflow_in_window"] == 40
     # A counter that was already high but did not move is history, not a finding.
     old = counters_plus({"TcpExtTCPTimeWaitOverflow": 40})
     steady = window(snapshot(counters=old), snapshot(taken_at=T0, counters=old))

@@ -106,8 +106,8 @@ def test_q02_overflows_during_the_window() -> None:
     )
     (finding,) = only(evaluate(window(end, start), {}), "Q02")
     assert finding.severity == "warning"
-    assert finding.evidence["TcpExtListenOverflows_in_window"] == 20
-    assert finding.evidence["TcpExtListenDrops_in_window"] == 20
+    assert finding.evidence["listen_overflows_in_window"] == 20
+    assert finding.evidence["listen_drops_in_window"] == 20
     assert finding.evidence["window_seconds"] == 5.0
     assert finding.evidence["drops_per_second"] == 4.0
     assert finding.evidence["listeners_full_now"] == "0.0.0.0:8080 nginx[1234]"
@@ -194,11 +194,11 @@ def test_q04_counters_cookies_are_a_warning_and_drops_critical() -> None:
     (finding,) = only(evaluate(window(cookies, start), {}), "Q04")
     assert finding.severity == "warning"
     assert finding.subject == ""
-    assert finding.evidence["TcpExtSyncookiesSent_in_window"] == 30
+    assert finding.evidence["syncookies_sent_in_window"] == 30
     drops = snapshot(counters=counters_plus({"TcpExtTCPReqQFullDrop": 4}))
     (finding,) = only(evaluate(window(drops, start), {}), "Q04")
     assert finding.severity == "critical"
-    assert finding.evidence["TcpExtTCPReqQFullDrop_in_window"] == 4
+    assert finding.evidence["tcp_req_q_full_drop_in_window"] == 4
 
 
 def test_q04_ignores_cookie_counters_when_cookies_are_forced() -> None:

@@ -37,6 +37,7 @@ def test_the_package_declares_todays_sources_in_poll_order() -> None:
         "counters",
         "sockdiag",
         "processes",
+        "owners",
     )
 
 
