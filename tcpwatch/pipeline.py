@@ -21,6 +21,7 @@ from tcpwatch.model import Attribution, PersistedSysctl, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
 from tcpwatch.rules import SYSCTLS_USED
 from tcpwatch.sources.netns import NetnsNames
+from tcpwatch.sources.registry import registered_sources, source_names
 from tcpwatch.sources.sysctl_files import read_persisted_sysctls
 from tcpwatch.state import ExportState, PollHistogram, Trend
 from tcpwatch.trends import next_trend
@@ -44,6 +45,7 @@ class SnapshotTaker:
         self._destinations_at: float | None = None
         # The name each namespace had: a transient procfs failure must not rename its series.
         self._names = NetnsNames()
+        self._sources = registered_sources()  # the package does not change while it runs
 
     def __call__(self, config: Config) -> tuple[Snapshot, ...]:
         now = self._clock()
@@ -62,6 +64,7 @@ class SnapshotTaker:
             gathering=self._gathering,
             sysctl_names=SYSCTLS_USED,
             names=self._names,
+            sources=self._sources,
         )
         if self._gathering is not None:
             # A gatherer whose namespace was not polled (vanished) or whose source did not run
@@ -103,6 +106,7 @@ class Pipeline:
         self._timer = timer
         self._failure_log = (failure_log or SourceFailureLog()) if log_failures else None
         self._cached = cached
+        self._source_names = source_names()
         self._history: dict[str, NetnsHistory] = {}
         self._errors: dict[tuple[str, str], int] = {}
         self._durations = PollHistogram()
@@ -161,6 +165,7 @@ class Pipeline:
             top_processes=config.collect.top_processes,
             top_destinations=config.collect.top_destinations,
             cached=self._cached,
+            source_names=self._source_names,
             trends=dict(self._trends),
             interval=config.interval,
         )

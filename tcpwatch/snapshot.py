@@ -178,6 +178,7 @@ def poll(
     gathering: Gathering | None = None,
     sysctl_names: tuple[str, ...] = (),
     names: netns_source.NetnsNames | None = None,
+    sources: Sequence[AnySource] | None = None,
 ) -> tuple[Snapshot, ...]:
     """Snapshots of every selected namespace (`namespaces:`), with one process scan for all.
 
@@ -191,7 +192,7 @@ def poll(
     """
     names = names if names is not None else netns_source.NetnsNames()
     paths = paths or ProcPaths()
-    sources = _wanted(registered_sources(), settings)
+    sources = _wanted(registered_sources() if sources is None else sources, settings)
     take = functools.partial(
         take_snapshot,
         settings,
