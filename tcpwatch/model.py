@@ -229,6 +229,7 @@ class Snapshot:
     attribution: Attribution | None
     sources: tuple[SourceStatus, ...] = field(default_factory=tuple)
     identity: NetnsIdentity = field(default_factory=NetnsIdentity)
+    connections: LifecycleStats | None = None
 
     def source_ok(self, name: str) -> bool:
         return any(status.name == name and status.ok for status in self.sources)
