@@ -40,6 +40,7 @@ from tests.unit.snapshots import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 60.0
 ALL_RULE_IDS = (
+    *(f"C{n:02d}" for n in range(1, 4)),
     *(f"K{n:02d}" for n in range(1, 12)),
     *(f"Q{n:02d}" for n in range(1, 5)),
     *(f"S{n:02d}" for n in range(1, 4)),
