@@ -92,7 +92,7 @@ def write(path: Path, text: str) -> str:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("rules:\n  Q99:\n    warning: 0.5\n", "rules.Q99: unknown rule id (known: K01, "),
+        ("rules:\n  Q99:\n    warning: 0.5\n", "rules.Q99: unknown rule id (known: C01, "),
         (
             "rules:\n  Q01:\n    warning: high\n",
             'rules.Q01.warning: expected a number between 0.01 and 1, got "high"',
