@@ -1,19 +1,16 @@
 """C rules: whether connections work, from the connections that closed during the window.
 
 They read ``Snapshot.connections`` (the socket-destroy listener's cumulative per-peer counts,
-docs/connections.md) at both ends of the window and judge the difference: without a window, or
-when the listener restarted in between (its event count went backwards), they stay silent. A
-peer absent at the window's start counts from zero; so does one whose counts went backwards (it
-was evicted after being idle and came back, so everything it has now happened in the window).
-The ``other`` row folds many peers together and is never judged.
+docs/connections.md) at both ends of the window and judge the difference
+(:mod:`tcpwatch.rules.peers`): without a window, or when the listener restarted in between,
+they stay silent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 
-from tcpwatch.model import OUTCOMES, PEER_OTHER, LifecycleStats, PeerStats, ProcessRef, Snapshot
+from tcpwatch.model import Destination, Snapshot
 from tcpwatch.rules.base import (
     EvidenceValue,
     Finding,
@@ -25,118 +22,31 @@ from tcpwatch.rules.base import (
     rule,
 )
 from tcpwatch.rules.fixes import owner_of, process_label, run_in
+from tcpwatch.rules.peers import (
+    FAILURES,
+    add_owner,
+    peer_windows,
+    split_peer,
+    syn_sent_owners,
+)
 from tcpwatch.rules.queues import listener_groups
 from tcpwatch.rules.shapes import add_window, ratio_severity
-
-FAILURES: tuple[str, ...] = ("timeout", "refused", "aborted")
-
-
-@dataclass(frozen=True, slots=True)
-class PeerWindow:
-    """What one (direction, peer) did during the window."""
-
-    direction: str
-    peer: str
-    closed: dict[str, int]  # outcome -> connections closed in the window
-    rtt_count: int
-    rtt_sum_seconds: float
-    segments_sent: int
-    segments_retransmitted: int
-
-    @property
-    def attempts(self) -> int:
-        return sum(self.closed.values())
-
-    @property
-    def failures(self) -> int:
-        return sum(self.closed[outcome] for outcome in FAILURES)
-
-
-def _difference(now: PeerStats, before: PeerStats | None) -> PeerWindow:
-    if before is not None and (
-        any(now.closed.get(o, 0) < before.closed.get(o, 0) for o in OUTCOMES)
-        or now.rtt_count < before.rtt_count
-        or now.segments_sent < before.segments_sent
-        or now.segments_retransmitted < before.segments_retransmitted
-    ):
-        before = None  # evicted and back: its row restarted inside the window
-    if before is None:
-        return PeerWindow(
-            now.direction,
-            now.peer,
-            {o: now.closed.get(o, 0) for o in OUTCOMES},
-            now.rtt_count,
-            now.rtt_sum_seconds,
-            now.segments_sent,
-            now.segments_retransmitted,
-        )
-    return PeerWindow(
-        now.direction,
-        now.peer,
-        {o: now.closed.get(o, 0) - before.closed.get(o, 0) for o in OUTCOMES},
-        now.rtt_count - before.rtt_count,
-        max(now.rtt_sum_seconds - before.rtt_sum_seconds, 0.0),
-        now.segments_sent - before.segments_sent,
-        now.segments_retransmitted - before.segments_retransmitted,
-    )
-
-
-def peer_windows(window: Window, direction: str) -> tuple[PeerWindow, ...]:
-    """Every peer of ``direction`` (not ``other``) with what it did in the window; () without a
-    window, without the source at either end, or across a restart of the listener."""
-    if window.previous is None:
-        return ()
-    now: LifecycleStats | None = window.current.connections
-    before: LifecycleStats | None = window.previous.connections
-    if now is None or before is None or now.events < before.events:
-        return ()
-    earlier = {(p.direction, p.peer): p for p in before.peers}
-    return tuple(
-        _difference(peer, earlier.get((peer.direction, peer.peer)))
-        for peer in now.peers
-        if peer.direction == direction and peer.peer != PEER_OTHER
-    )
-
-
-def split_peer(peer: str) -> tuple[str, int | None]:
-    """ "10.0.0.5:5432" -> ("10.0.0.5", 5432); "[::1]:443" -> ("::1", 443); a bare address (the
-    kernel cleared the port) -> (address, None)."""
-    if peer.startswith("["):
-        address, _, port = peer[1:].partition("]:")
-        return address, int(port)
-    if peer.count(":") == 1:
-        address, _, port = peer.partition(":")
-        return address, int(port)
-    return peer, None
-
-
-def _add_owner(evidence: dict[str, EvidenceValue], owners: list[ProcessRef]) -> None:
-    if len(owners) == 1:
-        evidence["process"] = owners[0].name
-        evidence["pid"] = owners[0].pid
-    elif owners:
-        evidence["process"] = ", ".join(process_label(owner) for owner in owners)
-
-
-def syn_sent_owners(snapshot: Snapshot, peer: str) -> tuple[int, list[ProcessRef]]:
-    """SYN_SENT sockets towards ``peer`` now, and their owners where that is certain: the
-    snapshot's SYN_SENT inodes carry no destination, so only when every SYN_SENT socket of the
-    namespace goes to this one destination."""
-    sockets = snapshot.sockets
-    if sockets is None:
-        return 0, []
-    address, port = split_peer(peer)
-    count = sum(d.sockets for d in sockets.syn_sent if (d.address, d.port) == (address, port))
-    inodes = sockets.inodes_by_state.get("syn_sent")
-    if count == 0 or not inodes or count != sum(d.sockets for d in sockets.syn_sent):
-        return count, []
-    found = {owner_of(snapshot, inode) for inode in inodes}
-    return count, sorted(
-        (o for o in found if o is not None), key=lambda owner: (owner.name, owner.pid)
-    )
-
+from tcpwatch.rules.sockets import full_queue, local_listener
 
 # --- C01 -------------------------------------------------------------------------------------
+
+
+def _full_local_listener(
+    snapshot: Snapshot, address: str, port: int | None
+) -> tuple[str, str] | None:
+    """(listener, "accept" or "SYN") when the destination is a listener here with a full queue."""
+    if port is None:
+        return None
+    family = "ipv6" if ":" in address else "ipv4"
+    group = local_listener(snapshot, Destination(family, address, port, 0))
+    full = None if group is None else full_queue(snapshot, group)
+    return None if group is None or full is None else (group.name, full)
+
 
 _CAUSES: dict[str, str] = {
     "timeout": "# timeout: no answer to the SYNs: a firewall or security group drops them, the "
@@ -150,7 +60,7 @@ _CAUSES: dict[str, str] = {
 }
 
 
-def _c01_remediation(netns: str, peer: str, closed: dict[str, int]) -> str:
+def _c01_remediation(netns: str, peer: str, closed: Mapping[str, int]) -> str:
     address, port = split_peer(peer)
     lines = [_CAUSES[outcome] for outcome in FAILURES if closed[outcome]]
     where = f"host {address}" if port is None else f"host {address} and tcp port {port}"
@@ -201,6 +111,7 @@ def _c01_remediation(netns: str, peer: str, closed: dict[str, int]) -> str:
             "critical", 0.5, 0.001, 1.0, "ratio", "failed / attempted connections for critical"
         ),
     ),
+    sysctls=("net.ipv4.tcp_syncookies", "net.ipv4.tcp_max_syn_backlog"),  # a local listener's
 )
 def C01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     peers = peer_windows(window, "outbound")
@@ -234,7 +145,17 @@ def C01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         syn_sent, owners = syn_sent_owners(window.current, peer.peer)
         if syn_sent:
             evidence["syn_sent_sockets"] = syn_sent
-        _add_owner(evidence, owners)
+        add_owner(evidence, owners)
+        remediation = _c01_remediation(netns, peer.peer, peer.closed)
+        local = _full_local_listener(window.current, address, port)
+        if local is not None:
+            # The destination is a listener here whose queue is full: the kernel drops the SYNs.
+            evidence["local_listener"], evidence["full_queue"] = local
+            remediation = (
+                f"# {peer.peer} is a listener of this namespace whose {local[1]} queue is full: "
+                f"the kernel drops SYNs to it, the network is not at fault; see the "
+                f"{'Q01' if local[1] == 'accept' else 'Q04'} finding for {local[0]}\n" + remediation
+            )
         what = ", ".join(f"{peer.closed[o]} {o}" for o in FAILURES if peer.closed[o])
         who = f" ({', '.join(process_label(o) for o in owners)})" if owners else ""
         title = (
@@ -247,7 +168,7 @@ def C01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             window,
             title,
             evidence,
-            _c01_remediation(netns, peer.peer, peer.closed),
+            remediation,
             subject=peer.peer,
             severity=severity,
         )
@@ -401,7 +322,7 @@ def C03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         add_window(evidence, window)
         group = groups.get(peer.peer)
         owner = owner_of(snapshot, group.sockets[0].inode) if group is not None else None
-        _add_owner(evidence, [owner] if owner is not None else [])
+        add_owner(evidence, [owner] if owner is not None else [])
         problems = []
         if slow:
             problems.append(f"mean RTT {mean * 1000:.0f} ms")

@@ -9,12 +9,14 @@ import pytest
 
 from tcpwatch.model import PEER_OTHER, Destination, LifecycleStats, PeerStats, ProcessRef
 from tcpwatch.rules import Finding, RuleSettings, Window, evaluate
-from tcpwatch.rules.connections import split_peer
+from tcpwatch.rules.peers import split_peer
 from tests.unit.snapshots import (
+    DEFAULT_LISTENERS,
     DEFAULT_OWNERS,
     NGINX,
     T0,
     lifecycle,
+    listener,
     peer_stats,
     snapshot,
     socket_table,
@@ -262,3 +264,26 @@ def test_c03_silent_for_few_samples_near_clients_and_outbound_peers() -> None:
 def test_window_without_connections_on_either_side_is_silent_for_every_c_rule() -> None:
     win: Window = window(snapshot(), replace(snapshot(), taken_at=T0))
     assert [f for f in evaluate(win, {}) if f.rule_id.startswith("C")] == []
+
+
+def test_c01_timeouts_to_a_full_local_listener_point_to_q01() -> None:
+    full = listener(8080, "0.0.0.0", queue_length=5, queue_max=4, inode=7001)
+    table = socket_table([*DEFAULT_LISTENERS, full])
+    owners = {**DEFAULT_OWNERS, 7001: NGINX}
+    current = snapshot(
+        sockets=table,
+        owners=owners,
+        connections=lifecycle([peer_stats("127.0.0.1:8080", timeout=20)]),
+    )
+    start = snapshot(taken_at=T0, sockets=table, owners=owners, connections=lifecycle())
+    [finding] = only(evaluate(window(current, start), {}), "C01")
+    assert (finding.evidence["local_listener"], finding.evidence["full_queue"]) == (
+        "0.0.0.0:8080",
+        "accept",
+    )
+    first = finding.remediation.splitlines()[0]
+    assert "the network is not at fault; see the Q01 finding for 0.0.0.0:8080" in first
+    # The same timeouts to a remote destination are the network's case.
+    remote = lifecycle([peer_stats("10.0.0.9:8080", timeout=20)])
+    [far] = only(evaluate(window(replace(current, connections=remote), start), {}), "C01")
+    assert "local_listener" not in far.evidence

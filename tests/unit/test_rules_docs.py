@@ -7,6 +7,7 @@ pages and the code must not drift apart. The scenarios below drive every branch 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from tcpwatch.model import Destination, DestinationUse, PersistedSysctl, ProcessRef, SelfConnect
@@ -127,13 +128,33 @@ def connections() -> Window:
             ),
         ]
     )
+    # Connects to listeners of this namespace: one with a full accept queue, one with room
+    # (whose SYN queue is then checked: tcp_syncookies 0).
+    after = replace(
+        after,
+        peers=(
+            *after.peers,
+            peer_stats("127.0.0.1:8080", timeout=20),
+            peer_stats("127.0.0.1:22", timeout=20),
+        ),
+    )
+    listeners = [*DEFAULT_LISTENERS, listener(8080, "127.0.0.1", queue_length=9, queue_max=8)]
     table = socket_table(
-        syn_sent=[Destination("ipv4", "10.0.0.7", 5432, 3)], syn_sent_inodes=(8001, 8002, 8003)
+        listeners,
+        syn_sent=[Destination("ipv4", "10.0.0.7", 5432, 3)],
+        syn_sent_inodes=(8001, 8002, 8003),
     )
     owners = {5003: NGINX, 8001: LEAKY, 8002: LEAKY, 8003: LEAKY}
+    cookies_off = {"net.ipv4.tcp_syncookies": (0,)}
     return window(
-        snapshot(sockets=table, owners=owners, connections=after),
-        snapshot(taken_at=T0, sockets=table, owners=owners, connections=before),
+        snapshot(sockets=table, owners=owners, connections=after, sysctl_overrides=cookies_off),
+        snapshot(
+            taken_at=T0,
+            sockets=table,
+            owners=owners,
+            connections=before,
+            sysctl_overrides=cookies_off,
+        ),
     )
 
 
