@@ -265,6 +265,7 @@ class Snapshot:
     sources: tuple[SourceStatus, ...] = field(default_factory=tuple)
     identity: NetnsIdentity = field(default_factory=NetnsIdentity)
     owner_processes: OwnerProcesses | None = None  # host-wide: the same value in every snapshot
+    connections: LifecycleStats | None = None
 
     def source_ok(self, name: str) -> bool:
         return any(status.name == name and status.ok for status in self.sources)

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType, ModuleType
 
-from tcpwatch.rules import kernel, limits, owners, ports, queues, sockets
+from tcpwatch.rules import connections, kernel, limits, owners, ports, queues, sockets
 from tcpwatch.rules.base import (
     SEVERITY_RANK,
     EvidenceValue,
@@ -49,7 +49,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TOPICS: tuple[ModuleType, ...] = (kernel, limits, queues, owners, sockets, ports)
+TOPICS: tuple[ModuleType, ...] = (kernel, limits, queues, owners, sockets, ports, connections)
 
 
 def collect(modules: Iterable[ModuleType]) -> tuple[Rule, ...]:

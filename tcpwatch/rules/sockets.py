@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 
 from tcpwatch.endpoints import endpoint
-from tcpwatch.model import ProcessRef
+from tcpwatch.model import Destination, ProcessRef, Snapshot
 from tcpwatch.rules.base import (
     EvidenceValue,
     Finding,
@@ -24,6 +25,8 @@ from tcpwatch.rules.fixes import (
     reserve_ports_fix,
     run_in,
 )
+from tcpwatch.rules.kernel import no_cookie_syn_limit
+from tcpwatch.rules.queues import ListenerGroup, listener_groups
 
 # --- S01 -------------------------------------------------------------------------------------
 
@@ -198,6 +201,50 @@ def S02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
 
 # --- S03 -------------------------------------------------------------------------------------
 
+_WILDCARDS = {"ipv4": ("0.0.0.0", "::"), "ipv6": ("::",)}  # "::" takes IPv4 unless v6only
+
+
+def _is_local(snapshot: Snapshot, address: str) -> bool:
+    """Loopback, or an address this namespace uses: a listener bound to it or the source of an
+    outbound connection (the snapshot carries no interface list)."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(parsed, "ipv4_mapped", None)
+    if parsed.is_loopback or (mapped is not None and mapped.is_loopback):
+        return True
+    sockets = snapshot.sockets
+    if sockets is None:
+        return False
+    return any(lsn.address == address for lsn in sockets.listeners) or any(
+        use.source == address for use in sockets.ephemeral_use
+    )
+
+
+def local_listener(snapshot: Snapshot, destination: Destination) -> ListenerGroup | None:
+    """The listener of this namespace a destination reaches: its exact address:port, else a
+    wildcard listener on the port when the address is local."""
+    groups = [group for group in listener_groups(snapshot) if group.port == destination.port]
+    exact = next((g for g in groups if g.address == destination.address), None)
+    if exact is not None or not _is_local(snapshot, destination.address):
+        return exact
+    wildcards = _WILDCARDS.get(destination.family, ())
+    return next((g for w in wildcards for g in groups if g.address == w), None)
+
+
+def full_queue(snapshot: Snapshot, group: ListenerGroup) -> str | None:
+    """ "accept" when a socket of the group has its accept queue full (the kernel drops SYNs
+    then), "SYN" when its SYN queue is full without SYN cookies, else None."""
+    if any(lsn.queue_length and lsn.queue_length >= lsn.queue_max for lsn in group.sockets):
+        return "accept"
+    sysctls = snapshot.sysctls
+    if sysctls is None or sysctls.get("net.ipv4.tcp_syncookies") != 0:
+        return None  # with cookies a full SYN queue still answers
+    max_syn_backlog = sysctls.get("net.ipv4.tcp_max_syn_backlog")
+    limit = sum(no_cookie_syn_limit(lsn.queue_max, max_syn_backlog) for lsn in group.sockets)
+    return "SYN" if sum(lsn.syn_recv for lsn in group.sockets) >= max(limit, 1) else None
+
 
 @rule(
     "S03",
@@ -207,6 +254,7 @@ def S02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     thresholds=(
         Threshold("warning", 20, 1, 1e7, "sockets", "SYN_SENT sockets to one destination to warn"),
     ),
+    sysctls=("net.ipv4.tcp_syncookies", "net.ipv4.tcp_max_syn_backlog"),
 )
 def S03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     snapshot = window.current
@@ -230,21 +278,63 @@ def S03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         key = (destination.family, destination.address, destination.port)
         if key in before:
             evidence["syn_sent_at_window_start"] = before[key]
+        group = local_listener(snapshot, destination)
+        full = None if group is None else full_queue(snapshot, group)
+        if group is None or full is None:
+            yield S03.finding(
+                window,
+                f"{destination.sockets} connections to {name} stuck in SYN_SENT",
+                evidence,
+                _unreachable_remediation(netns, name, destination.address),
+                subject=name,
+            )
+            continue
+        # The destination is a listener of this very namespace whose queue is full: the
+        # kernel drops the SYNs at it, so the network is fine and Q01 (or Q04) is the cause.
+        owner = owner_of(snapshot, group.sockets[0].inode)
+        evidence["local_listener"] = group.name
+        evidence["listener_queue_length"] = max(lsn.queue_length for lsn in group.sockets)
+        evidence["listener_queue_max"] = max(lsn.queue_max for lsn in group.sockets)
+        evidence["listener_syn_recv"] = sum(lsn.syn_recv for lsn in group.sockets)
+        evidence["full_queue"] = full
+        if owner is None:
+            evidence["process"] = "unknown"
+        else:
+            evidence["process"] = owner.name
+            evidence["pid"] = owner.pid
+        see = "Q01 accept-queue-full" if full == "accept" else "Q04 syn-queue-pressure"
         remediation = "\n".join(
             [
-                f"# nothing answers SYNs to {name}: the host is down, a firewall drops them, "
-                "or the route is wrong",
-                "# which processes are trying:",
-                run_in(netns, f"ss -tnp state syn-sent 'dst {name}'"),
-                run_in(netns, f"ip route get {destination.address}"),
-                "# in the clients: set a connect timeout and retry with backoff so a dead "
-                "backend does not pile up sockets",
+                f"# {name} is a listener here ({process_label(owner)}) whose {full} queue is "
+                "full: the kernel drops the SYNs sent to it, so these clients wait and retry. "
+                "The network is not at fault: see the "
+                f"{see} finding for {group.name} and make {process_phrase(owner)} "
+                "accept() faster (more workers, a bigger backlog)",
+                run_in(netns, f"ss -ltn 'sport = :{group.port}'") + "   # Recv-Q / Send-Q",
+                run_in(netns, "nstat -az TcpExtListenOverflows TcpExtListenDrops"),
+                "# in the clients: a connect timeout and retries with backoff keep a saturated "
+                "service from piling up requests",
             ]
         )
         yield S03.finding(
             window,
-            f"{destination.sockets} connections to {name} stuck in SYN_SENT",
+            f"{destination.sockets} connections to {name} stuck in SYN_SENT: its listener "
+            f"here ({process_label(owner)}) has a full {full} queue ({see.split()[0]})",
             evidence,
             remediation,
             subject=name,
         )
+
+
+def _unreachable_remediation(netns: str, name: str, address: str) -> str:
+    return "\n".join(
+        [
+            f"# nothing answers SYNs to {name}: the host is down, a firewall drops them, "
+            "or the route is wrong",
+            "# which processes are trying:",
+            run_in(netns, f"ss -tnp state syn-sent 'dst {name}'"),
+            run_in(netns, f"ip route get {address}"),
+            "# in the clients: set a connect timeout and retry with backoff so a dead "
+            "backend does not pile up sockets",
+        ]
+    )

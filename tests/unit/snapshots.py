@@ -11,14 +11,18 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from tcpwatch.model import (
+    OUTCOMES,
+    RTT_BUCKETS_SECONDS,
     STATES,
     Attribution,
     Destination,
     DestinationUse,
     KernelCounters,
+    LifecycleStats,
     Listener,
     OwnerProcess,
     OwnerProcesses,
+    PeerStats,
     PersistedSysctl,
     ProcessRef,
     SelfConnect,
@@ -122,7 +126,9 @@ def socket_table(
     syn_sent: Sequence[Destination] = (),
     self_connects: Sequence[SelfConnect] = (),
     close_wait_inodes: Iterable[int] = (),
+    syn_sent_inodes: Iterable[int] | None = None,
 ) -> SocketTable:
+    """``syn_sent_inodes``: attribute SYN_SENT sockets too (``collect.attribute_states``)."""
     close_wait = frozenset(close_wait_inodes)
     ipv4 = dict.fromkeys(STATES, 0)
     ipv4["established"] = 12
@@ -138,7 +144,8 @@ def socket_table(
         ephemeral_use=tuple(sorted(ephemeral_use, key=lambda use: -use.sockets)),
         syn_sent=tuple(sorted(syn_sent, key=lambda d: -d.sockets)),
         self_connects=tuple(self_connects),
-        inodes_by_state={"close_wait": close_wait},
+        inodes_by_state={"close_wait": close_wait}
+        | ({} if syn_sent_inodes is None else {"syn_sent": frozenset(syn_sent_inodes)}),
         established_method="derived",
         messages=40,
     )
@@ -177,6 +184,7 @@ def snapshot(
     no_sysctls: bool = False,
     failed_sources: Mapping[str, str] | None = None,
     described: Iterable[OwnerProcess] | None = None,
+    connections: LifecycleStats | None = None,
 ) -> Snapshot:
     """A snapshot of a healthy host; pass None for a part to make its source fail.
 
@@ -199,6 +207,58 @@ def snapshot(
         else Attribution(dict(owners), processes_scanned=50, complete=attribution_complete),
         sources=sources,
         owner_processes=None if described is None else _described(tuple(described)),
+        connections=connections,
+    )
+
+
+def peer_stats(
+    peer: str,
+    direction: str = "outbound",
+    *,
+    ok: int = 0,
+    timeout: int = 0,
+    refused: int = 0,
+    aborted: int = 0,
+    rtt_seconds: Sequence[float] = (),
+    segments_sent: int = 0,
+    segments_retransmitted: int = 0,
+    bytes_sent: int = 0,
+    bytes_received: int = 0,
+) -> PeerStats:
+    """One (direction, peer) row of the destroy listener's table: cumulative counts."""
+    closed = {"ok": ok, "timeout": timeout, "refused": refused, "aborted": aborted}
+    assert set(closed) == set(OUTCOMES)
+    buckets = [0] * (len(RTT_BUCKETS_SECONDS) + 1)
+    for rtt in rtt_seconds:
+        buckets[next((i for i, b in enumerate(RTT_BUCKETS_SECONDS) if rtt <= b), -1)] += 1
+    return PeerStats(
+        direction=direction,
+        peer=peer,
+        closed=closed,
+        rtt_buckets=tuple(buckets),
+        rtt_count=len(rtt_seconds),
+        rtt_sum_seconds=float(sum(rtt_seconds)),
+        segments_sent=segments_sent,
+        segments_retransmitted=segments_retransmitted,
+        bytes_sent=bytes_sent,
+        bytes_received=bytes_received,
+    )
+
+
+def lifecycle(peers: Sequence[PeerStats] = (), events: int | None = None) -> LifecycleStats:
+    """What a namespace's destroy listener aggregated; ``events`` defaults to the peers' closes."""
+    ordered = tuple(sorted(peers, key=lambda p: (p.direction, p.peer)))
+    heard = sum(sum(p.closed.values()) for p in ordered)
+    return LifecycleStats(
+        peers=ordered,
+        events=heard if events is None else events,
+        ignored=0,
+        malformed=0,
+        overruns=0,
+        lost=0,
+        max_peers=100,
+        evicted=0,
+        receive_buffer=8 << 20,
     )
 
 

@@ -40,6 +40,7 @@ from tests.unit.snapshots import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 60.0
 ALL_RULE_IDS = (
+    *(f"C{n:02d}" for n in range(1, 4)),
     *(f"K{n:02d}" for n in range(1, 12)),
     *(f"Q{n:02d}" for n in range(1, 6)),
     *(f"S{n:02d}" for n in range(1, 4)),
@@ -91,7 +92,7 @@ def write(path: Path, text: str) -> str:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("rules:\n  Q99:\n    warning: 0.5\n", "rules.Q99: unknown rule id (known: K01, "),
+        ("rules:\n  Q99:\n    warning: 0.5\n", "rules.Q99: unknown rule id (known: C01, "),
         (
             "rules:\n  Q01:\n    warning: high\n",
             'rules.Q01.warning: expected a number between 0.01 and 1, got "high"',

@@ -124,13 +124,14 @@ def test_the_decorator_makes_the_function_name_the_rule() -> None:
 def test_collect_finds_each_rule_once_and_refuses_two_with_one_id() -> None:
     from tcpwatch.rules import collect
 
+    k01, q01 = (next(r for r in RULES if r.id == rule_id) for rule_id in ("K01", "Q01"))
     first, second = ModuleType("first"), ModuleType("second")
-    first.K01 = RULES[0]  # type: ignore[attr-defined]
-    second.again = RULES[0]  # type: ignore[attr-defined]  # imported elsewhere: same object
-    second.Q01 = RULES[1]  # type: ignore[attr-defined]
-    assert collect([first, second]) == (RULES[0], RULES[1])
+    first.K01 = k01  # type: ignore[attr-defined]
+    second.again = k01  # type: ignore[attr-defined]  # imported elsewhere: same object
+    second.Q01 = q01  # type: ignore[attr-defined]
+    assert collect([first, second]) == (k01, q01)
     clash = ModuleType("clash")
-    clash.K01 = replace(RULES[0], title="another rule, same id")  # type: ignore[attr-defined]
+    clash.K01 = replace(k01, title="another rule, same id")  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match="two rules are declared with the id K01"):
         collect([first, clash])
 

@@ -7,6 +7,7 @@ pages and the code must not drift apart. The scenarios below drive every branch 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from tcpwatch.model import Destination, DestinationUse, PersistedSysctl, ProcessRef, SelfConnect
@@ -16,8 +17,10 @@ from tests.unit.snapshots import (
     NGINX,
     T0,
     counters_plus,
+    lifecycle,
     listener,
     owner_process,
+    peer_stats,
     snapshot,
     socket_table,
     sockstat,
@@ -45,13 +48,18 @@ def scenarios() -> list[tuple[Window, dict[str, RuleSettings]]]:
         listener(443, queue_length=0, queue_max=100, inode=7002),
         listener(443, queue_length=100, queue_max=100, inode=7003, socket_index=1),
         listener(33000, inode=7004),
+        listener(9090, "127.0.0.1", queue_max=100, syn_recv=96, inode=7005),
     ]
     close_wait = list(range(1, 61)) + list(range(100, 160))
     table = socket_table(
         listeners,
         close_wait_inodes=close_wait,
         ephemeral_use=[DestinationUse("ipv4", "10.0.0.1", "10.0.0.5", 5432, 20000, 15000)],
-        syn_sent=[Destination("ipv4", "10.0.0.9", 5432, 30)],
+        syn_sent=[
+            Destination("ipv4", "10.0.0.9", 5432, 30),  # unreachable
+            Destination("ipv4", "127.0.0.1", 8080, 25),  # local listener, accept queue full
+            Destination("ipv4", "127.0.0.1", 9090, 25),  # local listener, SYN queue full
+        ],
         self_connects=[SelfConnect("ipv4", "127.0.0.1", 45123, "established", 9001)],
     )
     owners = {7001: NGINX, 7002: NGINX, 7003: NGINX, 7004: LEAKY, 9001: LEAKY}
@@ -90,7 +98,66 @@ def scenarios() -> list[tuple[Window, dict[str, RuleSettings]]]:
         snapshot(taken_at=T0, sysctl_overrides=forced),
     )
     unattributed = window(snapshot(sockets=socket_table(close_wait_inodes=close_wait), owners=None))
-    return [(everything, settings), (cookies, {}), (unattributed, {})]
+    return [(everything, settings), (cookies, {}), (unattributed, {}), (connections(), {})]
+
+
+def connections() -> Window:
+    """C01 (a failing destination, its cleared-port aborts), C02 and C03 over one window."""
+    before = lifecycle(
+        [
+            peer_stats("10.0.0.7:5432", ok=100, segments_sent=1000, segments_retransmitted=5),
+            peer_stats("0.0.0.0:80", "inbound", ok=10),
+        ]
+    )
+    after = lifecycle(
+        [
+            peer_stats(
+                "10.0.0.7:5432",
+                ok=110,
+                timeout=6,
+                refused=2,
+                segments_sent=3000,
+                segments_retransmitted=400,
+            ),
+            peer_stats("10.0.0.7", aborted=4),
+            peer_stats(
+                "0.0.0.0:80",
+                "inbound",
+                ok=60,
+                rtt_seconds=[0.3] * 50,
+                segments_sent=2000,
+                segments_retransmitted=200,
+            ),
+        ]
+    )
+    # Connects to listeners of this namespace: one with a full accept queue, one with room
+    # (whose SYN queue is then checked: tcp_syncookies 0).
+    after = replace(
+        after,
+        peers=(
+            *after.peers,
+            peer_stats("127.0.0.1:8080", timeout=20),
+            peer_stats("127.0.0.1:22", timeout=20),
+        ),
+    )
+    listeners = [*DEFAULT_LISTENERS, listener(8080, "127.0.0.1", queue_length=9, queue_max=8)]
+    table = socket_table(
+        listeners,
+        syn_sent=[Destination("ipv4", "10.0.0.7", 5432, 3)],
+        syn_sent_inodes=(8001, 8002, 8003),
+    )
+    owners = {5003: NGINX, 8001: LEAKY, 8002: LEAKY, 8003: LEAKY}
+    cookies_off = {"net.ipv4.tcp_syncookies": (0,)}
+    return window(
+        snapshot(sockets=table, owners=owners, connections=after, sysctl_overrides=cookies_off),
+        snapshot(
+            taken_at=T0,
+            sockets=table,
+            owners=owners,
+            connections=before,
+            sysctl_overrides=cookies_off,
+        ),
+    )
 
 
 def emitted() -> dict[str, set[str]]:

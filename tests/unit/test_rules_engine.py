@@ -25,6 +25,9 @@ from tests.unit.snapshots import RuleInfo, counters_plus, snapshot, window
 REPO = Path(__file__).resolve().parents[2]
 
 CATALOGUE = {
+    "C01": "connect-failures",
+    "C02": "retransmissions",
+    "C03": "listener-client-quality",
     "K01": "syncookies-disabled",
     "K02": "syncookies-forced",
     "K03": "tw-recycle-enabled",
@@ -102,6 +105,10 @@ def test_issue_defaults_are_the_thresholds_defaults() -> None:
     assert default("S01", "warning") == 50
     assert (default("P01", "warning"), default("P01", "critical")) == (0.5, 0.8)
     assert (default("K11", "critical")) == 0.9
+    assert default("C01", "minimum_attempts") == 10
+    assert (default("C01", "warning"), default("C01", "critical")) == (0.1, 0.5)
+    assert (default("C02", "warning"), default("C02", "critical")) == (0.02, 0.1)
+    assert default("C03", "rtt_seconds") == 0.25
 
 
 def test_rule_by_id() -> None:

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from tcpwatch.model import Destination, ProcessRef, SelfConnect
+from tcpwatch.model import Destination, DestinationUse, Listener, ProcessRef, SelfConnect
 from tcpwatch.rules import Finding, RuleSettings, evaluate
-from tests.unit.snapshots import T0, T1, snapshot, socket_table, window
+from tests.unit.snapshots import (
+    DEFAULT_LISTENERS,
+    DEFAULT_OWNERS,
+    NGINX,
+    T0,
+    T1,
+    listener,
+    snapshot,
+    socket_table,
+    window,
+)
 
 LEAKY = ProcessRef(2200, "leaky-worker")
 TIDY = ProcessRef(2300, "tidy")
@@ -131,3 +141,75 @@ def test_s03_syn_sent_pileup_to_one_destination() -> None:
 def test_s03_silent_below_the_threshold() -> None:
     few = socket_table(syn_sent=[Destination("ipv4", "10.0.0.9", 5432, 19)])
     assert only(evaluate(window(snapshot(sockets=few)), {}), "S03") == []
+
+
+def s03_towards(
+    destination: Destination,
+    listeners: list[Listener],
+    syncookies: int = 1,
+    ephemeral: tuple[DestinationUse, ...] = (),
+) -> list[Finding]:
+    table = socket_table(
+        [*DEFAULT_LISTENERS, *listeners], syn_sent=[destination], ephemeral_use=ephemeral
+    )
+    owners = {**DEFAULT_OWNERS, **{lsn.inode: NGINX for lsn in listeners}}
+    current = snapshot(
+        sockets=table,
+        owners=owners,
+        sysctl_overrides={"net.ipv4.tcp_syncookies": (syncookies,)},
+    )
+    return only(evaluate(window(current), {}), "S03")
+
+
+def test_s03_a_full_local_listener_is_q01s_case_not_the_networks() -> None:
+    full = listener(8080, "127.0.0.1", queue_length=129, queue_max=128, inode=7001)
+    (finding,) = s03_towards(Destination("ipv4", "127.0.0.1", 8080, 30), [full])
+    assert finding.subject == "127.0.0.1:8080"
+    assert "full accept queue (Q01)" in finding.title and "nginx[1234]" in finding.title
+    assert finding.evidence["local_listener"] == "127.0.0.1:8080"
+    assert finding.evidence["full_queue"] == "accept"
+    assert (finding.evidence["listener_queue_length"], finding.evidence["listener_queue_max"]) == (
+        129,
+        128,
+    )
+    assert (finding.evidence["process"], finding.evidence["pid"]) == ("nginx", 1234)
+    assert "Q01 accept-queue-full finding for 127.0.0.1:8080" in finding.remediation
+    assert "ss -ltn 'sport = :8080'" in finding.remediation
+    assert "the host is down" not in finding.remediation
+
+
+def test_s03_a_wildcard_listener_matches_a_local_address_only() -> None:
+    full = listener(8080, "0.0.0.0", queue_length=128, queue_max=128, inode=7001)
+    [loopback] = s03_towards(Destination("ipv4", "127.0.0.2", 8080, 30), [full])
+    assert loopback.evidence["local_listener"] == "0.0.0.0:8080"
+    # 10.1.1.1 is this host's address: outbound connections leave from it.
+    use = DestinationUse("ipv4", "10.1.1.1", "10.0.0.5", 443, 3, 0)
+    [own] = s03_towards(Destination("ipv4", "10.1.1.1", 8080, 30), [full], ephemeral=(use,))
+    assert own.evidence["local_listener"] == "0.0.0.0:8080"
+    # A remote address on the same port is the network's case: today's text.
+    [remote] = s03_towards(Destination("ipv4", "10.0.0.9", 8080, 30), [full])
+    assert "local_listener" not in remote.evidence
+    assert remote.title == "30 connections to 10.0.0.9:8080 stuck in SYN_SENT"
+    assert "the host is down, a firewall drops them" in remote.remediation
+    # IPv6 loopback reaches the [::] listener.
+    six = listener(8443, "::", queue_length=10, queue_max=10, inode=7002)
+    [v6] = s03_towards(Destination("ipv6", "::1", 8443, 30), [six])
+    assert v6.evidence["local_listener"] == "[::]:8443"
+
+
+def test_s03_a_full_syn_queue_without_cookies_is_named_too() -> None:
+    half_open = listener(9090, "127.0.0.1", queue_max=100, syn_recv=100, inode=7001)
+    destination = Destination("ipv4", "127.0.0.1", 9090, 25)
+    [finding] = s03_towards(destination, [half_open], syncookies=0)
+    assert finding.evidence["full_queue"] == "SYN" and finding.evidence["listener_syn_recv"] == 100
+    assert "(Q04)" in finding.title and "Q04 syn-queue-pressure" in finding.remediation
+    # With SYN cookies a full SYN queue still answers: the network's text.
+    [cookies] = s03_towards(destination, [half_open], syncookies=1)
+    assert "local_listener" not in cookies.evidence
+
+
+def test_s03_a_local_listener_with_room_keeps_the_network_text() -> None:
+    calm = listener(8080, "127.0.0.1", queue_length=3, queue_max=128, inode=7001)
+    [finding] = s03_towards(Destination("ipv4", "127.0.0.1", 8080, 30), [calm])
+    assert finding.title == "30 connections to 127.0.0.1:8080 stuck in SYN_SENT"
+    assert set(finding.evidence) == {"destination", "syn_sent_sockets"}
