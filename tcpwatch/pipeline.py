@@ -84,7 +84,7 @@ class Pipeline:
     def __init__(
         self,
         take: Callable[[Config], Sequence[Snapshot]] | None = None,
-        persisted: Callable[[], tuple[PersistedSysctl, ...]] = read_persisted_sysctls,
+        persisted: Callable[[], tuple[PersistedSysctl, ...]] | None = None,
         clock: Callable[[], float] = time.time,
         timer: Callable[[], float] = time.perf_counter,
         failure_log: SourceFailureLog | None = None,
@@ -112,7 +112,12 @@ class Pipeline:
         started = self._timer()
         snapshots = tuple(self._take(config))
         try:
-            persisted = self._persisted()
+            # By default the files below config.rootfs (--path.rootfs: the node's / in a pod).
+            persisted = (
+                self._persisted()
+                if self._persisted is not None
+                else read_persisted_sysctls(config.rootfs)
+            )
         except Exception as error:  # advice input only: rules just see no persisted lines
             log.debug("reading persisted sysctl files failed: %s", error)
             persisted = ()
