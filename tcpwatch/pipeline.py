@@ -20,7 +20,7 @@ from tcpwatch.history import NetnsHistory, SourceFailureLog, track_close_wait
 from tcpwatch.model import Attribution, PersistedSysctl, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
 from tcpwatch.rules import SYSCTLS_USED
-from tcpwatch.sources.sysctl_files import read_persisted_sysctls
+from tcpwatch.sources import sysctl_files
 from tcpwatch.state import ExportState, PollHistogram, Trend
 from tcpwatch.trends import next_trend
 
@@ -116,7 +116,7 @@ class Pipeline:
             persisted = (
                 self._persisted()
                 if self._persisted is not None
-                else read_persisted_sysctls(config.rootfs)
+                else sysctl_files.read_persisted_sysctls(config.rootfs)
             )
         except Exception as error:  # advice input only: rules just see no persisted lines
             log.debug("reading persisted sysctl files failed: %s", error)

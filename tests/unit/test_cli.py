@@ -374,7 +374,7 @@ class FakePoll:
 @pytest.fixture
 def no_persisted_sysctls(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """This host's /etc/sysctl* lines must not leak into findings about built snapshots."""
-    monkeypatch.setattr(sysctl_files, "read_persisted_sysctls", lambda: ())
+    monkeypatch.setattr(sysctl_files, "read_persisted_sysctls", lambda root="/": ())
     yield
 
 
