@@ -39,7 +39,8 @@ def render_sysctl_snippet(findings: Sequence[Finding]) -> str:
                 reasons[name].append(f"# {why} proposes {name} = {value}, not written")
     lines = [
         f"# {SNIPPET_PATH}: written by `tcpwatch check --emit-sysctl`",
-        "# Review, save as that file, then apply it with: sysctl --system",
+        "# Review, save as that file, then apply it with: sysctl --system (it can replace the",
+        "# one-setting 90-tcpwatch-*.conf files the fixes of `tcpwatch check` write)",
     ]
     if not values:
         lines.append("# No finding proposes a sysctl setting for this host.")
