@@ -217,6 +217,12 @@ def test_completion_and_manual_are_where_the_shells_and_man_look(installed: Inst
     assert manual.startswith('.\\" Generated') and "\n.SH EXIT STATUS\n" in manual
 
 
+def test_rule_pages_are_installed_and_read_offline(installed: Installed) -> None:
+    # Issue 11 item 6: `tcpwatch rules ID` prints the page from the package, no network.
+    page = installed.box.run("/usr/bin/tcpwatch", "rules", "K03").stdout
+    assert page == (REPO / "docs" / "rules" / "K03-tw-recycle-enabled.md").read_text()
+
+
 def test_purge_stops_the_service_and_removes_everything(installed: Installed) -> None:
     box = installed.box
     box.run("dpkg", "--purge", "tcpwatch", timeout=120)
@@ -225,9 +231,3 @@ def test_purge_stops_the_service_and_removes_everything(installed: Installed) ->
     gone = ("/usr/lib/tcpwatch", "/etc/tcpwatch", "/usr/bin/tcpwatch", "/etc/default/tcpwatch")
     for path in gone:
         assert box.run("test", "-e", path, check=False).returncode != 0, path
-
-
-def test_rule_pages_are_installed_and_read_offline(installed: Installed) -> None:
-    # Issue 11 item 6: `tcpwatch rules ID` prints the page from the package, no network.
-    page = installed.box.run("tcpwatch", "rules", "K03").stdout
-    assert page == (REPO / "docs" / "rules" / "K03-tw-recycle-enabled.md").read_text()
