@@ -13,187 +13,47 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
-from tcpwatch import __version__
+from tcpwatch.cli_parser import (
+    EXIT_CRITICAL,
+    EXIT_OK,
+    EXIT_UNKNOWN,
+    EXIT_WARNING,
+    FLAG_NAMES,
+    build_parser,
+)
 from tcpwatch.config import Config, ConfigError, RuleCatalogue, load_config, parse_namespaces
 from tcpwatch.errors import UsageError
+from tcpwatch.logformat import setup_logging
 from tcpwatch.paths import procfs_problem
 from tcpwatch.state import ExportState
-from tcpwatch.validation import MAX_SHOWN_CHARS, one_line, parse_seconds, show
+from tcpwatch.validation import show
 
-EXIT_OK = 0
-EXIT_WARNING = 1
-EXIT_CRITICAL = 2
-EXIT_UNKNOWN = 3
+if TYPE_CHECKING:
+    from tcpwatch.model import Snapshot
+    from tcpwatch.rules.base import Finding
+
+__all__ = ["EXIT_CRITICAL", "EXIT_OK", "EXIT_UNKNOWN", "EXIT_WARNING", "build_parser", "main"]
 
 log = logging.getLogger("tcpwatch")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # argparse exits 2, which Nagios reads as CRITICAL: a bad flag is UNKNOWN (3). The
-        # message echoes the value given: one bounded line whatever it was.
-        line = one_line(message, 4 * MAX_SHOWN_CHARS)
-        self.exit(EXIT_UNKNOWN, f"tcpwatch: {line} (see tcpwatch --help)\n")
-
-
-def _seconds(text: str) -> float:
-    """argparse type of the flags taking seconds: ``15``, ``15s``, ``1m``, ``100ms``, ``1h30m``."""
-    seconds = parse_seconds(text)
-    if seconds is None:
-        raise argparse.ArgumentTypeError(
-            f'expected seconds or a duration such as "15s", "1m", "100ms", got {show(text)}'
-        )
-    return seconds
-
-
-def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="YAML configuration file")
-    common.add_argument(
-        "--procfs", metavar="DIR", help="procfs mount point (default /proc; config: procfs)"
-    )
-    common.add_argument(
-        "--netns",
-        metavar="WHICH",
-        help='network namespaces to poll: "self" (default), "all", or comma-separated names '
-        'or patterns such as "host,pod:default/*" (config: namespaces; needs CAP_SYS_ADMIN)',
-    )
-    common.add_argument(
-        "--log-level",
-        choices=("debug", "info", "warning", "error"),
-        help="log verbosity on stderr (default info; debug shows tracebacks of failing sources)",
-    )
-    parser = _Parser(
-        prog="tcpwatch",
-        description="TCP connection-health monitor for Linux: is TCP healthy on this host, "
-        "and if not, what exactly do I change?",
-        epilog="Exit codes: 0 OK, 1 warning, 2 critical (check), 3 tcpwatch could not run.",
-    )
-    parser.add_argument("--version", action="version", version=f"tcpwatch {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    commands.required = True
-    metrics = commands.add_parser(
-        "metrics",
-        parents=[common],
-        help="take one snapshot and print the Prometheus exposition (or write it to --output)",
-        description="Take one snapshot and print the Prometheus exposition text to stdout, or "
-        "write it atomically to --output for node_exporter's textfile collector. Only tcpwatch_* "
-        "series: no process_* or python_info (node_exporter exports its own process_*).",
-    )
-    metrics.add_argument(
-        "--output",
-        metavar="FILE",
-        help="write to FILE atomically (temporary file in the same directory, fsync, rename), "
-        "e.g. /var/lib/prometheus/node-exporter/tcpwatch.prom",
-    )
-    check = commands.add_parser(
-        "check",
-        parents=[common],
-        help="audit this host once and exit with a Nagios status",
-        description="Take a snapshot, wait --window seconds, take another, evaluate every rule "
-        "and print the findings. Exit 0 OK, 1 warning, 2 critical, 3 could not run.",
-    )
-    check.add_argument(
-        "--window",
-        type=_seconds,
-        metavar="DURATION",
-        help="time between the two snapshots, so counters can be seen moving: seconds or "
-        '"5s", "1m" (default 5s; config: check.window; 0 = one snapshot)',
-    )
-    check.add_argument(
-        "--format", choices=("text", "json"), default="text", help="report format (default text)"
-    )
-    check.add_argument(
-        "--from",
-        dest="from_url",
-        metavar="URL",
-        help="read the findings of a running `tcpwatch serve` (http[s]://[USER:PASS@]HOST:PORT) "
-        "from its /api/v1/findings instead of polling: its history included, no --window",
-    )
-    check.add_argument(
-        "--verbose",
-        action="store_true",
-        help="text format: show evidence and fixes of info findings too (they are one line each)",
-    )
-    serve = commands.add_parser(
-        "serve",
-        parents=[common],
-        help="run the exporter: poll on an interval, serve /metrics (default :9477)",
-        description="Poll on its own interval and serve the latest snapshot and findings to "
-        "Prometheus. SIGHUP reloads --config; SIGTERM/SIGINT stop it.",
-    )
-    serve.add_argument(
-        "--listen", metavar="[ADDRESS]:PORT", help='address to serve on (default ":9477")'
-    )
-    serve.add_argument(
-        "--interval",
-        type=_seconds,
-        metavar="DURATION",
-        help='time between polls: seconds or "15s", "1m" (default 15s; config: interval)',
-    )
-    serve.add_argument(
-        "--web-config",
-        metavar="FILE",
-        help="exporter-toolkit web config file: TLS and basic auth (config: web_config)",
-    )
-    top = commands.add_parser(
-        "top",
-        parents=[common],
-        help="live terminal view: states, listeners by fill, CLOSE_WAIT holders, findings",
-        description="A live view like top(1), from a running daemon (--from, default the local "
-        "one when it answers) or by polling this host. Keys: q quit, n next namespace, s sort "
-        "listeners, p pause, r refresh. Batch mode prints one screen and exits.",
-    )
-    top.add_argument(
-        "--from",
-        dest="from_url",
-        metavar="URL",
-        help="a running `tcpwatch serve` (http[s]://[USER:PASS@]HOST:PORT); default: the local "
-        "daemon (config listen) if it answers, else poll this host",
-    )
-    top.add_argument(
-        "-d",
-        "--delay",
-        type=float,
-        default=2.0,
-        metavar="SECONDS",
-        help="seconds between refreshes (default 2)",
-    )
-    top.add_argument(
-        "-b",
-        "--batch",
-        action="store_true",
-        help="print one plain screen and exit (automatic when stdout is not a terminal)",
-    )
-    top.add_argument(
-        "--sort",
-        choices=("fill", "syn_recv", "port"),
-        default="fill",
-        help="listener order (default fill: the fullest accept queue first; key s cycles)",
-    )
-    commands.add_parser(
-        "rules",
-        parents=[common],
-        help="list the rule catalogue",
-        description="List every rule: id, slug, default severity, title, thresholds.",
-    )
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = getattr(args, "log_level", None)
-    _setup_logging(level or "info")
+    level = getattr(args, "log_level", None) or "info"
+    log_format = getattr(args, "log_format", None) or "logfmt"
+    setup_logging(level, log_format)
     try:
         config = _load(args)
-        if config.log_level != (level or "info"):
-            _setup_logging(config.log_level)
+        if (config.log_level, config.log_format) != (level, log_format):
+            setup_logging(config.log_level, config.log_format)
         if args.command == "rules":
-            return _rules()
+            from tcpwatch.cli_rules import rules_command
+
+            return rules_command(config, args)
         if args.command == "check" and args.from_url is not None:
-            return _check_from(args)
+            return _check_from(config, args)
         if args.command == "top":
             return _top(config, args)
         _require_linux(config.procfs)
@@ -222,15 +82,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(f"unhandled command {args.command}")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        format="level=%(levelname)s msg=%(message)s",
-        level=level.upper(),
-        force=True,
-    )
-
-
 def rule_catalogue() -> RuleCatalogue:
     from tcpwatch.rules import RULES
 
@@ -248,22 +99,28 @@ def disableable_sources() -> tuple[str, ...]:
 def _load(args: argparse.Namespace) -> Config:
     from dataclasses import replace
 
-    for flag in ("config", "procfs", "netns", "listen", "web_config", "output"):
-        value = getattr(args, flag, None)
+    for dest, flag in FLAG_NAMES.items():
+        value = getattr(args, dest, None)
         if value == "":
-            raise UsageError(f"--{flag.replace('_', '-')}: empty value (an unset variable?)")
+            raise UsageError(f"{flag}: empty value (an unset variable?)")
         if value is not None and "\0" in value:
-            raise UsageError(f"--{flag.replace('_', '-')}: contains a NUL byte: {show(value)}")
+            raise UsageError(f"{flag}: contains a NUL byte: {show(value)}")
     config = (
         load_config(args.config, rule_catalogue(), disableable_sources())
         if args.config
         else Config()
     )
     changes: dict[str, Any] = {}
-    if getattr(args, "log_level", None):
-        changes["log_level"] = args.log_level
-    if getattr(args, "procfs", None):
-        changes["procfs"] = args.procfs
+    for dest in ("log_level", "log_format", "procfs", "rootfs"):
+        if getattr(args, dest, None):
+            changes[dest] = getattr(args, dest)
+    if getattr(args, "docs_url", None):
+        url = args.docs_url
+        if not url.startswith(("https://", "http://")) or any(c.isspace() for c in url):
+            raise UsageError(
+                f"--docs-url: expected an http(s):// URL without spaces, got {show(url)}"
+            )
+        changes["docs_url"] = url.rstrip("/")
     if getattr(args, "netns", None):
         selection = parse_namespaces(args.netns)
         if selection is None:
@@ -301,7 +158,7 @@ def _require_linux(procfs: str) -> None:
             f"tcpwatch needs Linux (netlink sock_diag and procfs); this is {sys.platform}"
         )
     if (problem := procfs_problem(procfs)) is not None:
-        raise UsageError(f"{problem}: pass --procfs pointing at a mounted /proc")
+        raise UsageError(f"{problem}: pass --path.procfs pointing at a mounted /proc")
 
 
 def _usable(config: Config, state: ExportState) -> ExportState:
@@ -332,7 +189,7 @@ def _usable(config: Config, state: ExportState) -> ExportState:
     if len(broken) == len(procfs_sources) * len(snapshots):
         raise UsageError(
             f"{config.procfs}: cannot read procfs ({broken[0].name}: {broken[0].error}); "
-            "pass --procfs pointing at a mounted /proc"
+            "pass --path.procfs pointing at a mounted /proc"
         )
     for snapshot in snapshots:
         for status in snapshot.sources:
@@ -364,8 +221,6 @@ def _metrics(config: Config, output: str | None) -> int:
 
 def _check(config: Config, args: argparse.Namespace) -> int:
     from tcpwatch.pipeline import Pipeline
-    from tcpwatch.render.json import render_json
-    from tcpwatch.render.text import render_text
     from tcpwatch.rules import worst_exit_code
 
     # With a window, the long-lived sources hear what happens during it.
@@ -374,18 +229,20 @@ def _check(config: Config, args: argparse.Namespace) -> int:
     try:
         state = _usable(config, pipeline.poll(config))
         if windowed:
+            if sys.stderr.isatty():  # a person waiting: say why nothing happens yet
+                print(
+                    f"tcpwatch: watching the kernel counters for {config.check_window:g} s "
+                    "(--window 0 for an instant audit) ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
             time.sleep(config.check_window)
             state = _usable(config, pipeline.poll(config))
     finally:
         pipeline.close()
     findings = list(state.findings)
     current = list(state.snapshots)
-    if args.format == "json":
-        sys.stdout.write(render_json(findings, current, config.check_window))
-    else:
-        color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
-        sys.stdout.write(render_text(findings, current, color, verbose=args.verbose))
-    sys.stdout.flush()
+    _report(config, args, findings, current, None)
     code = worst_exit_code(findings)
     unpolled = [s.netns for s in current if not s.source_ok("netns") and s.sockets is None]
     if unpolled and code < EXIT_CRITICAL:
@@ -393,6 +250,50 @@ def _check(config: Config, args: argparse.Namespace) -> int:
         log.warning("namespaces not audited: %s", ", ".join(unpolled))
         return EXIT_UNKNOWN
     return code
+
+
+def _report(
+    config: Config,
+    args: argparse.Namespace,
+    findings: Sequence[Finding],
+    snapshots: Sequence[Snapshot],
+    document: dict[str, Any] | None,
+) -> None:
+    """Write check's report as asked: the sysctl snippet, JSON, or text with perfdata."""
+    from tcpwatch.render.json import render_json
+    from tcpwatch.render.text import perfdata, render_text
+
+    if args.emit_sysctl:
+        from tcpwatch.render.sysctl_snippet import render_sysctl_snippet
+
+        sys.stdout.write(render_sysctl_snippet(findings))
+    elif args.format == "json" and document is not None:
+        import json
+
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    elif args.format == "json":
+        sys.stdout.write(render_json(findings, snapshots, config.check_window, config.docs_url))
+    else:
+        if args.color == "auto":
+            color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        else:
+            color = args.color == "always"
+        perf = perfdata(findings, snapshots, _fill_levels(config))
+        text = render_text(findings, snapshots, color, args.verbose, config.docs_url, perf)
+        sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _fill_levels(config: Config) -> tuple[float | None, float | None]:
+    """Q01's warning and critical accept-queue fill ratios in effect: perfdata's warn and crit."""
+    from tcpwatch.rules import RULES
+
+    q01 = next((rule for rule in RULES if rule.id == "Q01"), None)
+    if q01 is None:
+        return (None, None)
+    override = config.rules.get("Q01")
+    values = q01.threshold_values(override.thresholds if override else {})
+    return (values.get("warning"), values.get("critical"))
 
 
 def _top(config: Config, args: argparse.Namespace) -> int:
@@ -409,10 +310,9 @@ def _top(config: Config, args: argparse.Namespace) -> int:
                    args.delay, args.batch)  # fmt: skip
 
 
-def _check_from(args: argparse.Namespace) -> int:
+def _check_from(config: Config, args: argparse.Namespace) -> int:
     """`check --from URL`: the daemon's latest findings, reported as `check` reports its own."""
     from tcpwatch.client import parse_daemon_url, report_from_document
-    from tcpwatch.render.text import render_text
 
     if args.window is not None:
         raise UsageError("--window: not with --from (the daemon's own poll interval is the window)")
@@ -423,26 +323,5 @@ def _check_from(args: argparse.Namespace) -> int:
     code = int(document["exit_code"])
     if args.netns and args.netns not in ("all", "self") and not snapshots:
         raise UsageError(f'--netns: the daemon at {daemon.shown} polls no namespace "{args.netns}"')
-    if args.format == "json":
-        import json
-
-        sys.stdout.write(json.dumps(document, indent=2) + "\n")
-    else:
-        color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
-        sys.stdout.write(render_text(findings, snapshots, color, verbose=args.verbose))
-    sys.stdout.flush()
+    _report(config, args, findings, snapshots, document)
     return code
-
-
-def _rules() -> int:
-    from tcpwatch.rules import RULES
-
-    for rule in RULES:
-        print(f"{rule.id}  {rule.slug:<28} {rule.severity:<8} {rule.title}")
-        for threshold in rule.thresholds:
-            default = "unset" if threshold.default is None else f"{threshold.default:g}"
-            print(
-                f"      rules.{rule.id}.{threshold.name} = {default} ({threshold.unit}): "
-                f"{threshold.description}"
-            )
-    return EXIT_OK

@@ -7,6 +7,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tcpwatch.logformat import LOG_FORMATS, LOG_LEVELS
 from tcpwatch.model import STATES
 from tcpwatch.validation import (
     ConfigError,
@@ -23,7 +24,9 @@ ESTABLISHED_METHODS = ("derived", "dumped")
 # States whose sockets carry an inode in the cheap dumps (ESTABLISHED is counted, not dumped;
 # TIME_WAIT and request sockets have no owner).
 ATTRIBUTABLE_STATES = tuple(s for s in STATES if s not in ("established", "time_wait", "listen"))
-LOG_LEVELS = ("debug", "info", "warning", "error")
+# Where the rule pages are read online: a finding's page is <docs_url>/docs/rules/<ID>-<slug>.md.
+# OWNER is a placeholder for where tcpwatch is hosted (as in deploy/prometheus runbook_url).
+DEFAULT_DOCS_URL = "https://github.com/OWNER/tcpwatch/blob/main"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +57,10 @@ class RuleOverride:
 class Config:
     source: str = "<defaults>"
     procfs: str = "/proc"
+    rootfs: str = "/"  # the host's root: its /etc/sysctl.conf and sysctl.d (--path.rootfs)
     log_level: str = "info"
+    log_format: str = "logfmt"
+    docs_url: str = DEFAULT_DOCS_URL
     listen: str = ":9477"
     interval: float = 15.0
     web_config: str | None = None
@@ -95,7 +101,10 @@ def parse_config(
         raise ConfigError(check.errors)
     setters: dict[str, Callable[[object, str], object]] = {
         "procfs": check.file_path,
+        "rootfs": check.file_path,
         "log_level": lambda v, p: check.choice(v, p, LOG_LEVELS),
+        "log_format": lambda v, p: check.choice(v, p, LOG_FORMATS),
+        "docs_url": lambda v, p: _docs_url(check, v, p),
         "listen": check.string,
         "interval": lambda v, p: check.duration(v, p, 1, 3600),
         "web_config": check.file_path,
@@ -129,6 +138,16 @@ def parse_config(
     if check.errors:
         raise ConfigError(check.errors)
     return Config(**values)
+
+
+def _docs_url(check: Validator, raw: object, path: str) -> str | None:
+    url = check.string(raw, path)
+    if url is None:
+        return None
+    if not url.startswith(("https://", "http://")) or any(c.isspace() for c in url):
+        check.error(path, f"expected an http(s):// URL without spaces, got {show(url)}")
+        return None
+    return url.rstrip("/")
 
 
 def parse_namespaces(raw: object) -> tuple[str, ...] | None:

@@ -47,12 +47,12 @@ FILES: tuple[tuple[str, str], ...] = (
     (
         "/proc/net/*, /proc/sys/net/*, /proc/*/fd",
         "Where the kernel counters, the tunables and the owners of sockets are read "
-        "(--procfs moves the whole tree).",
+        "(--path.procfs moves the whole tree).",
     ),
     (
         ", ".join(f"/{path}/*.conf" for path in DROP_IN_DIRECTORIES) + f", /{MAIN_FILE}",
         "Persisted sysctl settings, read to find settings a reboot would bring back and "
-        "settings that no longer exist.",
+        "settings that no longer exist; below --path.rootfs (the node's / in a container).",
     ),
     (
         "/var/lib/prometheus/node-exporter/tcpwatch.prom",
@@ -158,7 +158,10 @@ def render(parser: argparse.ArgumentParser | None = None) -> str:
         ".SH ENVIRONMENT",
         ".TP",
         _bold("NO_COLOR"),
-        _escape("When set, check prints no colors, even on a terminal."),
+        _escape(
+            "When set and not empty, check prints no colors, even on a terminal, unless "
+            "--color=always."
+        ),
         ".TP",
         _bold("TCPWATCH_FLAGS"),
         _escape("Read by the systemd unit from /etc/default/tcpwatch, appended to its command."),
@@ -171,6 +174,15 @@ def render(parser: argparse.ArgumentParser | None = None) -> str:
         ".TP",
         _bold("tcpwatch check --verbose"),
         _escape("Audit this host once; every finding with its evidence and fix."),
+        ".TP",
+        _bold("tcpwatch check --window 0 --emit-sysctl"),
+        _escape(
+            "An instant audit, printed as one /etc/sysctl.d snippet of every sysctl fix, each "
+            "with its reason."
+        ),
+        ".TP",
+        _bold("tcpwatch rules Q01"),
+        _escape("The page of rule Q01, read from the copy installed with tcpwatch."),
         ".TP",
         _bold("tcpwatch check --netns all --format json"),
         _escape("Audit every network namespace (containers, pods), as JSON."),

@@ -20,9 +20,9 @@ from tcpwatch.history import NetnsHistory, SourceFailureLog, track_close_wait
 from tcpwatch.model import Attribution, PersistedSysctl, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
 from tcpwatch.rules import SYSCTLS_USED
+from tcpwatch.sources import sysctl_files
 from tcpwatch.sources.netns import NetnsNames
 from tcpwatch.sources.registry import registered_sources, source_names
-from tcpwatch.sources.sysctl_files import read_persisted_sysctls
 from tcpwatch.state import ExportState, PollHistogram, Trend
 from tcpwatch.trends import next_trend
 
@@ -91,7 +91,7 @@ class Pipeline:
     def __init__(
         self,
         take: Callable[[Config], Sequence[Snapshot]] | None = None,
-        persisted: Callable[[], tuple[PersistedSysctl, ...]] = read_persisted_sysctls,
+        persisted: Callable[[], tuple[PersistedSysctl, ...]] | None = None,
         clock: Callable[[], float] = time.time,
         timer: Callable[[], float] = time.perf_counter,
         failure_log: SourceFailureLog | None = None,
@@ -120,7 +120,12 @@ class Pipeline:
         started = self._timer()
         snapshots = tuple(self._take(config))
         try:
-            persisted = self._persisted()
+            # By default the files below config.rootfs (--path.rootfs: the node's / in a pod).
+            persisted = (
+                self._persisted()
+                if self._persisted is not None
+                else sysctl_files.read_persisted_sysctls(config.rootfs)
+            )
         except Exception as error:  # advice input only: rules just see no persisted lines
             log.debug("reading persisted sysctl files failed: %s", error)
             persisted = ()

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any
 
+from tcpwatch.config import DEFAULT_DOCS_URL
 from tcpwatch.model import Snapshot
-from tcpwatch.render.status import SEVERITIES, status_of
+from tcpwatch.render.status import SEVERITIES, doc_url, status_of
 from tcpwatch.rules import EvidenceValue, Finding, sort_key
 from tcpwatch.rules.shapes import counter_key
 
@@ -23,7 +24,7 @@ READABLE_VERSIONS = (1, 2)  # findings_from_document translates a version 1 repo
 _V1_COUNTER = re.compile(r"(TcpExt[A-Za-z]+)_(in_window|total)")
 
 
-def finding_to_json(finding: Finding) -> dict[str, Any]:
+def finding_to_json(finding: Finding, docs_url: str = DEFAULT_DOCS_URL) -> dict[str, Any]:
     return {
         "id": finding.rule_id,
         "slug": finding.slug,
@@ -34,14 +35,19 @@ def finding_to_json(finding: Finding) -> dict[str, Any]:
         "evidence": dict(finding.evidence),
         "remediation": finding.remediation,
         "doc": finding.doc,
+        "doc_url": doc_url(finding.doc, docs_url),
     }
 
 
 def render_json(
-    findings: Sequence[Finding], snapshots: Sequence[Snapshot], window_seconds: float
+    findings: Sequence[Finding],
+    snapshots: Sequence[Snapshot],
+    window_seconds: float,
+    docs_url: str = DEFAULT_DOCS_URL,
 ) -> str:
     """The machine report (schema in docs/check-json.md), one JSON document and a newline."""
-    return json.dumps(report_document(findings, snapshots, window_seconds), indent=2) + "\n"
+    document = report_document(findings, snapshots, window_seconds, docs_url=docs_url)
+    return json.dumps(document, indent=2) + "\n"
 
 
 def report_document(
@@ -49,6 +55,7 @@ def report_document(
     snapshots: Sequence[Snapshot],
     window_seconds: float,
     limit: int | None = None,
+    docs_url: str = DEFAULT_DOCS_URL,
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict. ``limit`` cuts the findings list (the daemon's API);
     status, exit code and summary still count every finding, and ``findings_total`` says how
@@ -65,7 +72,7 @@ def report_document(
         "namespaces": [
             {"netns": snapshot.netns, "taken_at": snapshot.taken_at} for snapshot in snapshots
         ],
-        "findings": [finding_to_json(finding) for finding in ordered[:limit]],
+        "findings": [finding_to_json(finding, docs_url) for finding in ordered[:limit]],
         "sources": [
             {
                 "netns": snapshot.netns,

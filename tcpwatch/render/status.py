@@ -18,3 +18,9 @@ def status_of(findings: Iterable[Finding]) -> tuple[str, int]:
     """("CRITICAL", 2), ("WARNING", 1) or ("OK", 0)."""
     code = worst_exit_code(findings)
     return STATUS_BY_EXIT_CODE[code], code
+
+
+def doc_url(doc: str, base: str) -> str:
+    """A page's URL: ``base`` (config ``docs_url``) joined with its repository path
+    (``docs/rules/Q01-accept-queue-full.md``)."""
+    return f"{base.rstrip('/')}/{doc.lstrip('/')}"

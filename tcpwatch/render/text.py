@@ -12,8 +12,9 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
+from tcpwatch.config import DEFAULT_DOCS_URL
 from tcpwatch.model import Snapshot
-from tcpwatch.render.status import SEVERITIES, status_of
+from tcpwatch.render.status import SEVERITIES, doc_url, status_of
 from tcpwatch.rules import Finding, sort_key
 
 _RESET = "\033[0m"
@@ -38,6 +39,40 @@ def summary_line(findings: Sequence[Finding]) -> str:
     return f"TCPWATCH {status} - " + (", ".join(parts) if parts else "no findings")
 
 
+def perfdata(
+    findings: Sequence[Finding],
+    snapshots: Sequence[Snapshot],
+    fill_levels: tuple[float | None, float | None] = (None, None),
+) -> str:
+    """Nagios performance data for the first line, after its ``|``.
+
+    ``label=value[UOM];[warn];[crit];[min];[max]`` per the Nagios plugin guidelines: the
+    findings by severity, then gauges of every namespace polled (left out when no socket table
+    was read): the fullest accept queue in percent (``fill_levels``, Q01's warning and critical
+    ratios, as its warn and crit), and the CLOSE_WAIT, TIME_WAIT and orphaned sockets.
+    """
+    counts = Counter(f.severity for f in findings)
+    parts = [f"{severity}={counts[severity]};;;0" for severity in SEVERITIES]
+    tables = [s.sockets for s in snapshots if s.sockets is not None]
+    if tables:
+        fills = [
+            lsn.queue_length / lsn.queue_max
+            for table in tables
+            for lsn in table.listeners
+            if lsn.queue_max > 0
+        ]
+        levels = ";".join("" if level is None else f"{level * 100:g}" for level in fill_levels)
+        worst = max(fills, default=0.0) * 100
+        parts.append(f"accept_queue_fill={worst:.1f}%;{levels};0;100")
+        close_wait = sum(sum(t.counts[f].get("close_wait", 0) for f in t.counts) for t in tables)
+        parts.append(f"close_wait={close_wait};;;0")
+    stats = [s.sockstat for s in snapshots if s.sockstat is not None]
+    if stats:
+        parts.append(f"time_wait={sum(s.time_wait for s in stats)};;;0")
+        parts.append(f"orphans={sum(s.orphan for s in stats)};;;0")
+    return " ".join(parts)
+
+
 def _paint(text: str, style: str, color: bool) -> str:
     return f"{style}{text}{_RESET}" if color and style else text
 
@@ -56,7 +91,14 @@ def _format_value(value: str | int | float) -> str:
     return str(value)
 
 
-def _finding_lines(finding: Finding, color: bool, show_netns: bool) -> list[str]:
+def _doc(finding: Finding, docs_url: str) -> str:
+    """The page online and how to read it offline."""
+    return f"{doc_url(finding.doc, docs_url)} (offline: tcpwatch rules {finding.rule_id})"
+
+
+def _finding_lines(
+    finding: Finding, color: bool, show_netns: bool, docs_url: str = DEFAULT_DOCS_URL
+) -> list[str]:
     tag = _paint(f"[{finding.rule_id} {finding.slug}]", _COLOURS[finding.severity], color)
     lines = [f"  {tag} {_paint(finding.title, _BOLD, color)}"]
     if show_netns:
@@ -71,7 +113,7 @@ def _finding_lines(finding: Finding, color: bool, show_netns: bool) -> list[str]
         lines += _field("evidence", evidence)
     if finding.remediation:
         lines += _field("fix", finding.remediation)
-    lines += _field("doc", _paint(finding.doc, _DIM, color))
+    lines += _field("doc", _paint(_doc(finding, docs_url), _DIM, color))
     return lines
 
 
@@ -84,18 +126,22 @@ def render_text(
     snapshots: Sequence[Snapshot],
     color: bool,
     verbose: bool = False,
+    docs_url: str = DEFAULT_DOCS_URL,
+    perf: str = "",
 ) -> str:
     """The human report; ANSI colour only when ``color``.
 
     With several namespaces, findings are grouped by namespace first, then by severity. Info
     findings are one line each (title and doc page) unless ``verbose``: they explain, they do not
     ask for action, and a node with a hundred listeners must not bury its one warning.
+    ``perf`` (:func:`perfdata`) follows the first line's ``|``; ``docs_url`` is where the rule
+    pages are (the config's ``docs_url``).
     """
     ordered = sorted(findings, key=sort_key)
     status, _ = status_of(ordered)
     first = summary_line(ordered)
     style = _COLOURS["ok"] if status == "OK" else _COLOURS[status.lower()]
-    lines = [_paint(first, style, color)]
+    lines = [_paint(first, style, color) + (f" | {perf}" if perf else "")]
     for snapshot in snapshots:
         ok = sum(1 for s in snapshot.sources if s.ok)
         failed = len(snapshot.sources) - ok
@@ -135,15 +181,15 @@ def render_text(
             lines.append("")
             lines.append(_paint(f"{severity.upper()} ({len(group)})", _COLOURS[severity], color))
             if severity == "info" and not verbose:
-                lines.extend(_info_line(finding, color) for finding in group)
+                lines.extend(_info_line(finding, color, docs_url) for finding in group)
                 continue
             for index, finding in enumerate(group):
                 if index:
                     lines.append("")
-                lines.extend(_finding_lines(finding, color, show_netns=False))
+                lines.extend(_finding_lines(finding, color, False, docs_url))
     return "\n".join(lines) + "\n"
 
 
-def _info_line(finding: Finding, color: bool) -> str:
+def _info_line(finding: Finding, color: bool, docs_url: str) -> str:
     tag = _paint(f"[{finding.rule_id} {finding.slug}]", _COLOURS[finding.severity], color)
-    return f"  {tag} {finding.title}  {_paint(finding.doc, _DIM, color)}"
+    return f"  {tag} {finding.title}  {_paint(doc_url(finding.doc, docs_url), _DIM, color)}"

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 
 from tcpwatch.model import PersistedSysctl, ProcessRef, Snapshot, lines_for
 
 HOST_NETNS = "host"  # the snapshot's name for the init network namespace (that of PID 1)
+# The persisting line sysctl_fix writes, read back by persisted_settings (check --emit-sysctl).
+_PERSIST = "echo '{name} = {value}' > /etc/sysctl.d/90-tcpwatch-{short}.conf"
+_PERSISTED = re.compile(
+    r"^echo '(?P<name>[a-z0-9_.]+) = (?P<value>[^'\n]*)' "
+    r"> /etc/sysctl\.d/90-tcpwatch-[a-z0-9-]+\.conf$"
+)
 
 
 def process_label(process: ProcessRef | None) -> str:
@@ -55,7 +62,7 @@ def sysctl_fix(
     lines = [run_in(netns, f"sysctl -w {assignment}")]
     if netns == HOST_NETNS or global_setting:
         short = name.rsplit(".", 1)[-1].replace("_", "-")
-        lines.append(f"echo '{name} = {text}' > /etc/sysctl.d/90-tcpwatch-{short}.conf")
+        lines.append(_PERSIST.format(name=name, value=text, short=short))
         for entry in lines_for(persisted, name):
             if entry.value.split() != text.split() and not entry.path.endswith(
                 f"90-tcpwatch-{short}.conf"
@@ -72,6 +79,16 @@ def sysctl_fix(
             "Kubernetes securityContext.sysctls, or the script that runs `ip netns add`)"
         )
     return "\n".join(lines)
+
+
+def persisted_settings(remediation: str) -> list[tuple[str, str]]:
+    """The (sysctl, value) pairs a remediation persists under /etc/sysctl.d, in its order.
+
+    Reads back exactly the lines :func:`sysctl_fix` writes (the format is defined once, above),
+    so a finding from a JSON report (``check --from``) yields them too.
+    """
+    found = (_PERSISTED.match(line.strip()) for line in remediation.splitlines())
+    return [(match["name"], match["value"]) for match in found if match is not None]
 
 
 def format_port_ranges(ranges: Sequence[tuple[int, int]]) -> str:

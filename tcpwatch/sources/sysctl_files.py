@@ -75,7 +75,7 @@ def _conf_files(root: str) -> list[str]:
     chosen: dict[str, str] = {}
     for directory in DROP_IN_DIRECTORIES:
         try:
-            names = os.listdir(os.path.join(root, directory))
+            names = os.listdir(_resolve(root, "/" + directory))
         except OSError:
             continue
         for name in names:
@@ -83,21 +83,54 @@ def _conf_files(root: str) -> list[str]:
                 chosen[name] = "/" + directory + "/" + name
     ordered = [chosen[name] for name in sorted(chosen)]
     main = "/" + MAIN_FILE
-    resolved = {_resolve(root, path) for path in ordered}
-    if _resolve(root, main) not in resolved:
-        ordered.append(main)
+    try:
+        resolved = {_resolve(root, path) for path in ordered}
+        if _resolve(root, main) in resolved:
+            return ordered
+    except OSError:
+        pass
+    ordered.append(main)
     return ordered
 
 
 def _resolve(root: str, host_path: str) -> str:
-    return os.path.realpath(os.path.join(root, host_path.lstrip("/")))
+    """Where ``host_path`` of the host is below ``root``, symlinks followed as the host would.
+
+    An absolute link target is the host's path, so it is taken below ``root`` too: with the
+    node's / at /host, /host/etc/sysctl.d/99-sysctl.conf -> /etc/sysctl.conf is
+    /host/etc/sysctl.conf, not the container's own file. Bounded like the kernel's 40 links.
+    """
+    root = os.path.realpath(root)
+    if root == "/":
+        return os.path.realpath(host_path)
+    parts = [part for part in host_path.split("/") if part]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "." or not part:
+            continue
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        here = os.path.join(root, *resolved, part)
+        if not os.path.islink(here):
+            resolved.append(part)
+            continue
+        hops += 1
+        if hops > 40:
+            raise OSError(f"too many levels of symbolic links: {host_path}")
+        target = os.readlink(here)
+        if target.startswith("/"):
+            resolved = []
+        parts = [p for p in target.split("/") if p] + parts
+    return os.path.join(root, *resolved)
 
 
 def _read(root: str, host_path: str) -> str | None:
     try:
-        return read_text(
-            os.path.join(root, host_path.lstrip("/")), _MAX_FILE_BYTES, encoding="utf-8"
-        )
+        return read_text(_resolve(root, host_path), _MAX_FILE_BYTES, encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
 
@@ -105,14 +138,18 @@ def _read(root: str, host_path: str) -> str | None:
 def read_persisted_sysctls(etc_root: str = "/") -> tuple[PersistedSysctl, ...]:
     """Every assignment in the host's sysctl files, in the order they would be applied.
 
-    ``etc_root`` is the filesystem root to read below ("/" on a live host, a fixture tree in
+    ``etc_root`` is the host's root filesystem to read below (``--path.rootfs``, config
+    ``rootfs``: "/" on a live host, the node's / mounted into a container, a fixture tree in
     tests); paths in the result are as seen on the host. Unreadable files are skipped, and so
     are malformed lines (see :func:`parse_sysctl_conf`): this is advice input, never fatal.
     """
     entries: list[PersistedSysctl] = []
     seen: set[str] = set()
     for host_path in _conf_files(etc_root):
-        real = _resolve(etc_root, host_path)
+        try:
+            real = _resolve(etc_root, host_path)
+        except OSError:
+            continue
         if real in seen:  # /lib -> /usr/lib on merged-/usr systems
             continue
         seen.add(real)

@@ -93,7 +93,7 @@ def installed() -> Iterator[Installed]:
         env_file.write_text(
             re.sub(
                 r"^TCPWATCH_FLAGS=.*$",
-                f'TCPWATCH_FLAGS="--listen 127.0.0.1:{port} --interval 2"',
+                f'TCPWATCH_FLAGS="--web.listen-address 127.0.0.1:{port} --interval 2"',
                 shipped,
                 flags=re.M,
             )
@@ -155,7 +155,7 @@ def test_configuration_files_are_conffiles_and_the_local_one_is_kept(installed: 
     conffiles = {line.split()[0] for line in listed.splitlines() if line.strip()}
     assert conffiles == CONFFILES
     kept = box.run("cat", "/etc/default/tcpwatch").stdout
-    assert f"--listen 127.0.0.1:{installed.port}" in kept
+    assert f"--web.listen-address 127.0.0.1:{installed.port}" in kept
 
 
 def test_the_service_starts_cleanly_and_serves_metrics(installed: Installed) -> None:
@@ -170,7 +170,7 @@ def test_the_service_starts_cleanly_and_serves_metrics(installed: Installed) -> 
     )
     assert state["NRestarts"] == "0" and state["UnitFileState"] == "enabled"
     journal = box.journal("tcpwatch.service")
-    assert "Traceback" not in journal and "level=ERROR" not in journal, journal
+    assert "Traceback" not in journal and "level=error" not in journal, journal
     samples = {
         sample.name: sample
         for family in text_string_to_metric_families(body)
@@ -215,6 +215,12 @@ def test_completion_and_manual_are_where_the_shells_and_man_look(installed: Inst
     assert "complete -F _tcpwatch tcpwatch" in completion
     manual = box.run("zcat", "/usr/share/man/man1/tcpwatch.1.gz").stdout
     assert manual.startswith('.\\" Generated') and "\n.SH EXIT STATUS\n" in manual
+
+
+def test_rule_pages_are_installed_and_read_offline(installed: Installed) -> None:
+    # Issue 11 item 6: `tcpwatch rules ID` prints the page from the package, no network.
+    page = installed.box.run("/usr/bin/tcpwatch", "rules", "K03").stdout
+    assert page == (REPO / "docs" / "rules" / "K03-tw-recycle-enabled.md").read_text()
 
 
 def test_purge_stops_the_service_and_removes_everything(installed: Installed) -> None:

@@ -124,7 +124,7 @@ def free_port() -> int:
 def env_file_for(port: int) -> str:
     """The shipped env file with test flags in TCPWATCH_FLAGS (everything else as shipped)."""
     text = (DEPLOY / "tcpwatch.env").read_text()
-    flags = f'TCPWATCH_FLAGS="--listen 127.0.0.1:{port} --interval {INTERVAL}"'
+    flags = f'TCPWATCH_FLAGS="--web.listen-address 127.0.0.1:{port} --interval {INTERVAL}"'
     changed, count = re.subn(r"^TCPWATCH_FLAGS=.*$", flags, text, flags=re.M)
     assert count == 1, "tcpwatch.env should set TCPWATCH_FLAGS on exactly one line"
     return changed

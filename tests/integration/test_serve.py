@@ -9,6 +9,7 @@ stopwatch, and checks that every startup problem is one line and exit code 3.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.unit.test_cli_conventions import parse_logfmt
 
 from . import populations
 from .netns import REPO_ROOT, Netns, parse_ss, run_tcpwatch, tcpwatch_env
@@ -386,11 +389,17 @@ def test_sighup_reloads_a_changed_config_and_keeps_it_over_a_broken_one(
     write(path, 'interval: "fast"\nrules:\n  S01: {warning: 5}\n')
     served.signal(signal.SIGHUP)
     log = served.wait_for_log("reload failed")
-    failures = [line for line in log.splitlines() if "reload failed" in line]
-    assert failures == [
-        "level=ERROR msg=reload failed, still running the previous configuration: "
-        f"{path}: interval: expected a number between 1 and 3600 seconds or a duration such "
-        'as "15s", "1m", "100ms" or "1h30m", got "fast"'
+    # Every line the daemon wrote is logfmt a strict parser reads (node_exporter's format).
+    records = [parse_logfmt(line) for line in log.splitlines()]
+    assert records and all(list(r)[:3] == ["ts", "level", "msg"] for r in records), log
+    failures = [r for r in records if "reload failed" in r["msg"]]
+    assert [(f["level"], f["msg"]) for f in failures] == [
+        (
+            "error",
+            "reload failed, still running the previous configuration: "
+            f"{path}: interval: expected a number between 1 and 3600 seconds or a duration such "
+            'as "15s", "1m", "100ms" or "1h30m", got "fast"',
+        )
     ]
     assert served.process.poll() is None
     status, body = served.get("/metrics")
@@ -414,9 +423,9 @@ def test_sighup_with_a_fifo_config_does_not_block_sigterm(
     served.signal(signal.SIGHUP)
     log = served.wait_for_log("reload failed")
     assert (
-        "level=ERROR msg=reload failed, still running the previous configuration: "
+        "reload failed, still running the previous configuration: "
         f"{path}: cannot read the configuration file: it is a FIFO (named pipe), not a file"
-    ) in log.splitlines()
+    ) in [parse_logfmt(line).get("msg") for line in log.splitlines() if line.startswith("ts=")]
     assert served.get("/-/healthy")[0] == 200
     began = time.monotonic()
     served.signal(signal.SIGTERM)
@@ -430,7 +439,10 @@ def test_stop_signal_exits_0_within_2_seconds(
     netns: Netns, serve: StartServe, stop_signal: signal.Signals
 ) -> None:
     populations.established(netns, pairs=20, port=20001)
-    served = serve("--listen", f"127.0.0.1:{PORT}", "--interval", "1")
+    # node_exporter's flag names, and JSON log lines.
+    served = serve(
+        "--web.listen-address", f"127.0.0.1:{PORT}", "--interval", "1", "--log.format", "json"
+    )
     served.wait_ready()
     served.wait_for_polls(2)
     began = time.monotonic()
@@ -439,7 +451,9 @@ def test_stop_signal_exits_0_within_2_seconds(
     took = time.monotonic() - began
     assert code == 0, served.log()
     assert took < STOP_LIMIT, f"stopped after {took:.2f} s"
-    assert f"{stop_signal.name} received: stopping" in served.log()
+    records = [json.loads(line) for line in served.log().splitlines()]
+    assert records and all(list(r)[:3] == ["ts", "level", "msg"] for r in records), served.log()
+    assert f"{stop_signal.name} received: stopping" in [r["msg"] for r in records]
     assert "Traceback" not in served.log()
     listeners = [s for s in parse_ss(netns.ss("-ltnH")) if s.local_port == PORT]
     assert listeners == []
@@ -630,8 +644,8 @@ def test_unreadable_procfs(netns: Netns, tmp_path: Path) -> None:
     empty = tmp_path / "not-proc"
     empty.mkdir()
     assert expect_one_line_exit_3(netns, "--procfs", str(empty)) == (
-        f"tcpwatch: {empty} does not look like a procfs mount (no net/sockstat): pass --procfs "
-        "pointing at a mounted /proc"
+        f"tcpwatch: {empty} does not look like a procfs mount (no net/sockstat): pass "
+        "--path.procfs pointing at a mounted /proc"
     )
 
 

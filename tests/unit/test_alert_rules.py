@@ -187,7 +187,7 @@ def test_kubernetes_daemonset_config_and_its_scrape_job_agree() -> None:
     [container] = spec["containers"]
     args = build_parser().parse_args(container["args"])
     assert args.command == "serve" and args.config == "/etc/tcpwatch/config.yaml"
-    [mount] = container["volumeMounts"]
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "config"]
     assert mount["mountPath"] == "/etc/tcpwatch"
     capabilities = container["securityContext"]["capabilities"]
     assert capabilities == {"drop": ["ALL"], "add": ["SYS_PTRACE", "DAC_READ_SEARCH"]}

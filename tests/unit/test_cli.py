@@ -292,7 +292,11 @@ def test_rules_lists_every_rule_with_its_thresholds() -> None:
             expected = f"rules.{rule.id}.{threshold.name} = {default} ({threshold.unit}): "
             (line,) = [line for line in lines if line.strip().startswith(expected)]
             assert line.strip().endswith(threshold.description), line
-    threshold_lines = [line for line in lines if line.startswith(" ")]
+    pages = [line.strip() for line in lines if line.strip().startswith("page: ")]
+    assert pages == [
+        f"page: https://github.com/OWNER/tcpwatch/blob/main/{rule.doc}" for rule in RULES
+    ]
+    threshold_lines = [line for line in lines if line.startswith(" ") and "page: " not in line]
     assert len(threshold_lines) == sum(len(rule.thresholds) for rule in RULES)
 
 
@@ -314,15 +318,31 @@ REQUIRED_FLAGS: dict[str, set[str]] = {
         "--help",
         "--config",
         "--procfs",
+        "--path.procfs",
+        "--path.rootfs",
         "--netns",
         "--log-level",
+        "--log.level",
+        "--log.format",
+        "--docs-url",
         "--window",
         "--format",
         "--verbose",
+        "--color",
+        "--emit-sysctl",
     },
     "metrics": {"--help", "--config", "--procfs", "--netns", "--log-level", "--output"},
-    "serve": {"--help", "--config", "--listen", "--interval", "--web-config", "--netns"},
-    "rules": {"--help", "--config"},
+    "serve": {
+        "--help",
+        "--config",
+        "--listen",
+        "--web.listen-address",
+        "--interval",
+        "--web-config",
+        "--web.config.file",
+        "--netns",
+    },
+    "rules": {"--help", "--config", "--format"},
 }
 
 
@@ -371,7 +391,7 @@ class FakePoll:
 @pytest.fixture
 def no_persisted_sysctls(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """This host's /etc/sysctl* lines must not leak into findings about built snapshots."""
-    monkeypatch.setattr(sysctl_files, "read_persisted_sysctls", lambda: ())
+    monkeypatch.setattr(sysctl_files, "read_persisted_sysctls", lambda root="/": ())
     yield
 
 

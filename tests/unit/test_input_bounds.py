@@ -248,8 +248,8 @@ def test_newlines_in_values_stay_on_one_line(tmp_path: Path) -> None:
     path = tmp_path / "nl.yaml"
     path.write_text('log_level: "a\\nb\\u0000c"\n"x\\ny": 1\n')
     assert config_error(path) == [
-        f"{path}: x\\ny: unknown key (known: check, collect, interval, listen, log_level, "
-        "namespaces, procfs, rules, web_config)",
+        f"{path}: x\\ny: unknown key (known: check, collect, docs_url, interval, listen, "
+        "log_format, log_level, namespaces, procfs, rootfs, rules, web_config)",
         f'{path}: log_level: expected one of debug, info, warning, error, got "a\\nb\\x00c"',
     ]
 
@@ -512,6 +512,6 @@ def test_a_newline_in_a_configured_path_stays_on_one_line(
     path.write_text('procfs: "/no\\nwhere"\n')
     assert main(["check", "--config", str(path)]) == EXIT_UNKNOWN
     assert capsys.readouterr().err == (
-        "tcpwatch: /no\\nwhere does not look like a procfs mount (no net/sockstat): pass --procfs "
-        "pointing at a mounted /proc\n"
+        "tcpwatch: /no\\nwhere does not look like a procfs mount (no net/sockstat): pass "
+        "--path.procfs pointing at a mounted /proc\n"
     )

@@ -135,6 +135,23 @@ def test_bash_completes_commands_flags_and_values(bash_script: Path, tmp_path: P
     assert _bash_complete(bash_script, ["tcpwatch", "serve", "--listen", ""], tmp_path) == []
 
 
+def test_bash_completes_node_exporter_flag_names(bash_script: Path, tmp_path: Path) -> None:
+    (tmp_path / "host").mkdir()
+    (tmp_path / "hosts.txt").write_text("x\n")
+    words = ["tcpwatch", "check", "--path.rootfs", "ho"]
+    assert _bash_complete(bash_script, words, tmp_path) == ["host"]
+    assert _bash_complete(bash_script, ["tcpwatch", "check", "--log.format", ""], tmp_path) == [
+        "logfmt",
+        "json",
+    ]
+    assert _bash_complete(bash_script, ["tcpwatch", "check", "--color", "a"], tmp_path) == [
+        "auto",
+        "always",
+    ]
+    offered = _bash_complete(bash_script, ["tcpwatch", "serve", "--web."], tmp_path)
+    assert sorted(offered) == ["--web.config.file", "--web.listen-address"]
+
+
 @pytest.mark.parametrize("command", ["metrics", "check", "serve", "rules"])
 def test_bash_offers_every_flag_of_each_command(
     bash_script: Path, tmp_path: Path, command: str

@@ -112,3 +112,19 @@ def test_debian_package_version_is_the_package_version() -> None:
     assert match is not None, first
     # A native package: the Debian version is the upstream version, possibly with a +debN suffix.
     assert match.group(1).split("+")[0] == tcpwatch.__version__
+
+
+def test_daemonset_reads_the_nodes_sysctl_files_through_rootfs() -> None:
+    # Issue 11: K03 and the persisted-sysctl notes must describe the node, not the image.
+    pod = _documents(KUBERNETES / "tcpwatch-daemonset.yml")["DaemonSet"]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    (rootfs,) = [arg for arg in container["args"] if arg.startswith("--path.rootfs=")]
+    mount_path = rootfs.split("=", 1)[1]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == mount_path]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["hostPath"]["path"] == "/"
+    from tcpwatch.cli import build_parser
+
+    args = build_parser().parse_args(container["args"])
+    assert args.rootfs == mount_path

@@ -77,7 +77,10 @@ def test_plain_text_groups_by_severity_with_evidence_fix_and_doc() -> None:
     assert re.search(r"evidence    listener +0\.0\.0\.0:8080", block)
     assert re.search(r"\n {16}queue_length +129", block)
     assert "    fix         # nginx[1234] is not calling accept() fast enough" in block
-    assert "    doc         docs/rules/Q01-accept-queue-full.md" in block
+    assert (
+        "    doc         https://github.com/OWNER/tcpwatch/blob/main/docs/rules/"
+        "Q01-accept-queue-full.md (offline: tcpwatch rules Q01)"
+    ) in block
     assert lines.index("CRITICAL (1)") < q01 < lines.index("WARNING (2)") < lines.index("INFO (1)")
     # One namespace: its name is in the header, not repeated per finding.
     assert "    netns" not in text
@@ -147,6 +150,7 @@ def test_json_schema_fields_and_values() -> None:
         "evidence",
         "remediation",
         "doc",
+        "doc_url",
     ]
     assert first["id"] == "Q01" and first["severity"] == "critical"
     assert first["evidence"]["queue_length"] == 129
