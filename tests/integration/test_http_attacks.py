@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -200,19 +201,26 @@ def test_plain_http_to_the_tls_port_gets_400(
 def test_unknown_users_take_as_long_as_known_ones(
     netns: Netns, tmp_path: Path, started: list[Served]
 ) -> None:
-    # A cost-11 user (issue 12's case: cost 12 against a fixed cost-10 dummy, 4x apart).
-    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(11)).decode()
+    # A cost-12 user, issue 12's case: against a fixed cost-10 dummy, unknown users answered 4x
+    # faster. Every attempt here fails from one address, and failures from an address are served
+    # after clean ones, so the users take turns for any drift to fall on both alike.
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(12)).decode()
     web = write(tmp_path / "web.yml", f"basic_auth_users:\n  prometheus: '{hashed}'\n")
     start(
         netns, started, tmp_path / "serve.log",
         "--listen", f"127.0.0.1:{PORT}", "--interval", "1", "--web-config", web,
     )  # fmt: skip
 
-    def median(user: str) -> float:
-        argv = [sys.executable, HELPER, "scrape", str(PORT), "3", "0", user, "wrong"]
+    def timed(user: str) -> list[float]:
+        argv = [sys.executable, HELPER, "scrape", str(PORT), "2", "0", user, "wrong"]
         results = json.loads(netns.run(*argv, timeout=60).stdout)
-        assert [status for status, _ in results] == [401, 401, 401], results
-        return sorted(took for _, took in results)[1]
+        assert [status for status, _ in results] == [401, 401], results
+        return [took for _, took in results]
 
-    known, unknown = median("prometheus"), median("mallory")
-    assert 0.7 < unknown / known < 1.4, (known, unknown)
+    known: list[float] = []
+    unknown: list[float] = []
+    for _ in range(2):
+        known += timed("prometheus")
+        unknown += timed("mallory")
+    known_median, unknown_median = statistics.median(known), statistics.median(unknown)
+    assert 0.6 < unknown_median / known_median < 1.7, (known, unknown)
