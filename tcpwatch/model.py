@@ -235,7 +235,7 @@ class Snapshot:
 
 
 # --- Connection lifecycle: closed connections heard on the socket-destroy multicast ------------
-# Built by tcpwatch/sources/lifecycle.py; meanings in docs/connections.md.
+# Built by tcpwatch/sources/lifecycle*.py; meanings in docs/connections.md.
 
 DIRECTIONS: tuple[str, ...] = ("inbound", "outbound")
 # ok: handshake completed; timeout: no answer (segs_in 0); refused: answered (RST) before the
