@@ -229,6 +229,9 @@ class Snapshot:
     attribution: Attribution | None
     sources: tuple[SourceStatus, ...] = field(default_factory=tuple)
     identity: NetnsIdentity = field(default_factory=NetnsIdentity)
+    # Closed connections heard since the namespace's destroy listener started (the long-lived
+    # source "lifecycle"; serve and check --window only).
+    connections: LifecycleStats | None = None
 
     def source_ok(self, name: str) -> bool:
         return any(status.name == name and status.ok for status in self.sources)

@@ -18,7 +18,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from tcpwatch.model import LifecycleStats
+from tcpwatch.config import CollectSettings
+from tcpwatch.model import LifecycleStats, Snapshot
+from tcpwatch.sources.base import SourceContext, long_lived_source
 from tcpwatch.sources.lifecycle_events import make_context
 from tcpwatch.sources.lifecycle_peers import (
     DEFAULT_MAX_PEERS,
@@ -183,3 +185,53 @@ def _socket_drops(sock: socket.socket) -> int | None:
         return None
     value: int = struct.unpack_from("=I", raw, _SK_MEMINFO_DROPS * 4)[0]
     return value
+
+
+class LifecycleGatherer:
+    """The ``lifecycle`` source's gatherer: a DestroyListener told, at each drain, this poll's
+    listeners and ip_local_port_range (read before it in the same poll), so events are
+    classified by what the namespace looks like now."""
+
+    def __init__(self, listener: DestroyListener) -> None:
+        self.listener = listener
+
+    def fileno(self) -> int:
+        return self.listener.fileno()
+
+    @property
+    def read_delay(self) -> float:
+        return self.listener.read_delay
+
+    def read_ready(self) -> None:
+        self.listener.read_ready()
+
+    def drain(self, so_far: Snapshot) -> LifecycleStats:
+        sockets, sysctls = so_far.sockets, so_far.sysctls
+        if sockets is not None:  # else (the dump failed) the previous poll's context stays
+            listeners = sockets.listeners
+            self.listener.update_context(
+                frozenset(listener.port for listener in listeners),
+                sysctls.port_range if sysctls is not None else None,
+                [(listener.address, listener.port) for listener in listeners],
+            )
+        return self.listener.drain()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _enabled(settings: CollectSettings) -> bool:
+    return settings.connections
+
+
+@long_lived_source("lifecycle", field="connections", order=50, enabled=_enabled)
+def start_lifecycle(context: SourceContext) -> LifecycleGatherer:
+    """Subscribe inside the namespace (the socket hears the namespace it was created in)."""
+    settings = context.settings
+    return LifecycleGatherer(
+        DestroyListener(
+            receive_buffer=settings.connection_receive_buffer,
+            max_peers=settings.connection_peers,
+            peer_idle_seconds=settings.connection_peer_idle,
+        )
+    )
