@@ -324,7 +324,7 @@ def assert_rules_evaluate_cleanly(stack: Stack) -> None:
 
 def substituted_dashboard_queries(netns: str) -> list[tuple[str, str, bool]]:
     """(where, PromQL, expect data) for every panel query, variables set to this stack's."""
-    values = {"instance": TCPWATCH_ADDRESS, "netns": netns, **GRAFANA_INTERVALS}
+    values = {"instance": TCPWATCH_ADDRESS, "netns": netns, "peer": ".+", **GRAFANA_INTERVALS}
     return [
         (
             str(query),
