@@ -37,6 +37,7 @@ import pytest
 import yaml
 
 from tests.integration import populations
+from tests.integration.churn import start_churn
 from tests.integration.netns import Netns
 from tests.unit.test_dashboard import (
     load_dashboard,
@@ -71,6 +72,7 @@ CLOSE_WAIT_PORTS = (20005, 20015)
 ACCEPT_QUEUE_PORT = 20008
 SYN_COOKIE_PORT = 20020
 SYN_DROP_PORT = 20021
+CHURN_PORT = 20030  # 20030 ok, 20031 refused, 20032 SYNs dropped, 20033 15% of segments dropped
 PORT_RANGE = (40000, 43999)  # 4000 ports, ends of different parity (rule K08 stays quiet on that)
 POOL_PAIRS = 3300  # 82.5% of the range to one destination: the critical level (80%)
 LEAKER = "tw-leaker"
@@ -87,6 +89,8 @@ UNHEALTHY_ALERTS = frozenset(
         "TcpwatchSynQueueDrops",
         "TcpwatchEphemeralPortsNearlyExhausted",
         "TcpwatchCloseWaitGrowing",
+        "TcpwatchConnectFailures",
+        "TcpwatchRetransmissionRatioHigh",
     }
 )
 SELF_ALERTS = frozenset(
@@ -347,6 +351,7 @@ def test_unhealthy_population_fires_alerts_and_fills_every_dashboard_panel(netns
         populations.close_wait(netns, count=60, port=CLOSE_WAIT_PORTS[0], process_name=LEAKER)
         populations.established(netns, pairs=POOL_PAIRS, port=POOL_PORT)
         start_syn_flood(netns, SYN_COOKIE_PORT)
+        churn = start_churn(netns, CHURN_PORT, LIFETIME, lossy=True)
         wait_for(
             "Prometheus sees the first CLOSE_WAIT batch",
             lambda: bool(stack.query(f'tcpwatch_process_sockets{{process="{LEAKER}"}} >= 60')),
@@ -396,6 +401,23 @@ def test_unhealthy_population_fires_alerts_and_fills_every_dashboard_panel(netns
         assert critical[0]["annotations"]["runbook_url"].endswith(
             "docs/rules/Q01-accept-queue-full.md"
         )
+        failing = {alert["labels"]["peer"] for alert in seen["TcpwatchConnectFailures"]}
+        assert {churn.peer(churn.refused_port), churn.peer(churn.timeout_port)} <= failing
+        assert churn.peer(churn.ok_port) not in failing
+        assert churn.lossy_port is not None
+        lossy = labelled("TcpwatchRetransmissionRatioHigh", peer=churn.peer(churn.lossy_port))
+        assert lossy, seen["TcpwatchRetransmissionRatioHigh"]
+        # Each churn peer's closed connections are under the outcome it was built for.
+        for port, outcome in (
+            (churn.ok_port, "ok"),
+            (churn.refused_port, "refused"),
+            (churn.timeout_port, "timeout"),
+        ):
+            closed = stack.query(
+                f'tcpwatch_connections_closed_total{{direction="outbound",'
+                f'peer="{churn.peer(port)}",outcome="{outcome}"}} > 0'
+            )
+            assert closed, f"no {outcome} connections to {churn.peer(port)}"
 
         assert_rules_evaluate_cleanly(stack)
         # Every fleet view has data.
