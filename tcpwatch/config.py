@@ -24,6 +24,9 @@ ESTABLISHED_METHODS = ("derived", "dumped")
 # States whose sockets carry an inode in the cheap dumps (ESTABLISHED is counted, not dumped;
 # TIME_WAIT and request sockets have no owner).
 ATTRIBUTABLE_STATES = tuple(s for s in STATES if s not in ("established", "time_wait", "listen"))
+# collect.connection_receive_buffer: 64 KiB (about 100 queued events once doubled) to 256 MiB.
+MIN_RECEIVE_BUFFER = 64 << 10
+MAX_RECEIVE_BUFFER = 256 << 20
 # Where the rule pages are read online: a finding's page is <docs_url>/docs/rules/<ID>-<slug>.md.
 # OWNER is a placeholder for where tcpwatch is hosted (as in deploy/prometheus runbook_url).
 DEFAULT_DOCS_URL = "https://github.com/OWNER/tcpwatch/blob/main"
@@ -43,6 +46,13 @@ class CollectSettings:
     top_processes: int = 20
     top_destinations: int = 20
     disabled_sources: tuple[str, ...] = ()  # source names (tcpwatch_source_up) not to run
+    # The destroy-event source (docs/connections.md): on/off, the per-namespace peer table's
+    # limit and idle time, and the receive buffer asked for (the kernel doubles it).
+    connections: bool = True
+    connection_peers: int = 100
+    connection_peer_idle: float = 3600.0
+    connection_receive_buffer: int = 4 << 20
+    live_tcp_info: bool = True  # tcp_info of live connections on the per-destination scan
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +202,11 @@ def _collect(check: Validator, raw: object, sources: Collection[str] | None) -> 
         "top_processes",
         "top_destinations",
         "disabled_sources",
+        "connections",
+        "connection_peers",
+        "connection_peer_idle",
+        "connection_receive_buffer",
+        "live_tcp_info",
     }
     check.unknown_keys(section, known, "collect")
     changes: dict[str, Any] = {}
@@ -224,6 +239,24 @@ def _collect(check: Validator, raw: object, sources: Collection[str] | None) -> 
     for key in ("top_processes", "top_destinations"):
         if key in section:
             changes[key] = check.integer(section[key], f"collect.{key}", 0, 10_000)
+    for key in ("connections", "live_tcp_info"):
+        if key in section:
+            changes[key] = check.boolean(section[key], f"collect.{key}")
+    if "connection_peers" in section:
+        changes["connection_peers"] = check.integer(
+            section["connection_peers"], "collect.connection_peers", 0, 10_000
+        )
+    if "connection_peer_idle" in section:
+        changes["connection_peer_idle"] = check.duration(
+            section["connection_peer_idle"], "collect.connection_peer_idle", 1, 7 * 86400
+        )
+    if "connection_receive_buffer" in section:
+        changes["connection_receive_buffer"] = check.integer(
+            section["connection_receive_buffer"],
+            "collect.connection_receive_buffer",
+            MIN_RECEIVE_BUFFER,
+            MAX_RECEIVE_BUFFER,
+        )
     if "disabled_sources" in section:
         changes["disabled_sources"] = _source_names(
             check, section["disabled_sources"], "collect.disabled_sources", sources

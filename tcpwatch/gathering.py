@@ -5,6 +5,10 @@ The poll thread starts a gatherer inside its namespace (``start``), drains it ea
 switched off by a reload); the gathering thread calls ``read_ready`` whenever a gatherer's
 descriptor is readable. A gatherer whose ``read_ready`` raises is stopped and reported by the
 next drain as a failed source (``tcpwatch_source_up`` 0); the poll after that starts it afresh.
+
+A gatherer with a ``read_delay`` attribute (seconds, > 0) is read in batches: after each
+``read_ready`` its descriptor is not watched until the delay has passed, so a busy stream wakes
+the thread once per delay instead of once per message. The thread keeps feeding the others.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ STOP_JOIN_SECONDS = 1.0
 class _Running:
     gatherer: Gatherer
     failure: str | None = None  # set by the gathering thread when read_ready raised
+    resume_at: float | None = None  # monotonic time to watch it again (read_delay), or None
 
 
 class Gathering:
@@ -118,7 +123,7 @@ class Gathering:
             running = self._running.pop(key, None)
             if running is None:
                 return
-            # Already unregistered after a failure, or its descriptor is gone.
+            # Already unregistered after a failure or for its read delay, or its descriptor is gone.
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._selector.unregister(running.gatherer.fileno())
         try:
@@ -138,7 +143,8 @@ class Gathering:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            for selected, _ in self._selector.select(timeout=1.0):
+            timeout = min(1.0, max(0.0, self._resume_paused() - time.monotonic()))
+            for selected, _ in self._selector.select(timeout=timeout):
                 if selected.data is None:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_read, 4096)
@@ -158,3 +164,27 @@ class Gathering:
                 running.failure = describe_error(error)
                 with contextlib.suppress(KeyError, ValueError, OSError):
                     self._selector.unregister(running.gatherer.fileno())
+            return
+        delay = getattr(running.gatherer, "read_delay", 0.0)
+        if delay > 0:
+            with self._lock:
+                if self._running.get(key) is running:  # not closed meanwhile
+                    running.resume_at = time.monotonic() + delay
+                    with contextlib.suppress(KeyError, ValueError, OSError):
+                        self._selector.unregister(running.gatherer.fileno())
+
+    def _resume_paused(self) -> float:
+        """Watch again every gatherer whose read delay has passed; when the next one is due."""
+        now = time.monotonic()
+        due = now + 1.0
+        with self._lock:
+            for key, running in self._running.items():
+                if running.resume_at is None or running.failure is not None:
+                    continue
+                if running.resume_at > now:
+                    due = min(due, running.resume_at)
+                    continue
+                running.resume_at = None
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self._selector.register(running.gatherer.fileno(), selectors.EVENT_READ, key)
+        return due

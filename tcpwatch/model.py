@@ -265,6 +265,8 @@ class Snapshot:
     sources: tuple[SourceStatus, ...] = field(default_factory=tuple)
     identity: NetnsIdentity = field(default_factory=NetnsIdentity)
     owner_processes: OwnerProcesses | None = None  # host-wide: the same value in every snapshot
+    # Closed connections heard since the namespace's destroy listener started (the long-lived
+    # source "lifecycle"; serve and check --window only).
     connections: LifecycleStats | None = None
 
     def source_ok(self, name: str) -> bool:
@@ -272,7 +274,7 @@ class Snapshot:
 
 
 # --- Connection lifecycle: closed connections heard on the socket-destroy multicast ------------
-# Built by tcpwatch/sources/lifecycle.py; meanings in docs/connections.md.
+# Built by tcpwatch/sources/lifecycle*.py; meanings in docs/connections.md.
 
 DIRECTIONS: tuple[str, ...] = ("inbound", "outbound")
 # ok: handshake completed; timeout: no answer (segs_in 0); refused: answered (RST) before the

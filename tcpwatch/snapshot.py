@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -70,6 +71,13 @@ def _with(snapshot: Snapshot, source: AnySource, value: object, status: SourceSt
 
 
 def _own_netns_inode(paths: ProcPaths) -> int:
+    """The namespace this *thread* is in: poll() reads other namespaces from threads that
+    setns() into them, where /proc/self still names the process' own (and long-lived sources
+    are keyed by this inode)."""
+    try:
+        return os.stat(paths.pid("thread-self", "ns", "net")).st_ino
+    except OSError:
+        pass
     try:
         return netns_source.current_netns_inode(paths)
     except OSError:

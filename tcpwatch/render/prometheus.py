@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from tcpwatch import __version__
 from tcpwatch.endpoints import endpoint, ports_available
 from tcpwatch.model import FAMILIES, STATES, Snapshot
+from tcpwatch.render.connections import connection_families
 from tcpwatch.render.owners import owner_families
 from tcpwatch.sources.sysctl import MULTI_FIELD_SUFFIXES
 from tcpwatch.state import POLL_BUCKETS, ExportState
@@ -116,6 +117,7 @@ class TcpwatchCollector(Collector):
         yield from _socket_families(state)
         yield from _listener_families(state)
         yield from _kernel_families(state)
+        yield from connection_families(state)
         yield from _port_families(state)
         yield from _process_families(state)
         yield from owner_families(state)

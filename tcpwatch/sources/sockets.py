@@ -141,6 +141,7 @@ def read_sockets_source(context: SourceContext, so_far: Snapshot) -> SocketTable
             dump_established=dump_established,
             time_wait=sockstat.time_wait if sockstat is not None else None,
             destinations=fresh,
+            live_info=settings.live_tcp_info,
         )
 
     sockets = dump(inuse, not derived)

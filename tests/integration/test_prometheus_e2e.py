@@ -37,6 +37,7 @@ import pytest
 import yaml
 
 from tests.integration import populations
+from tests.integration.churn import start_churn
 from tests.integration.netns import Netns
 from tests.unit.test_dashboard import (
     load_dashboard,
@@ -71,7 +72,8 @@ CLOSE_WAIT_PORTS = (20005, 20015)
 ACCEPT_QUEUE_PORT = 20008
 SYN_COOKIE_PORT = 20020
 SYN_DROP_PORT = 20021
-FD_LIMITED_PORT = 20030
+FD_LIMITED_PORT = 20040
+CHURN_PORT = 20030  # 20030 ok, 20031 refused, 20032 SYNs dropped, 20033 15% of segments dropped
 PORT_RANGE = (40000, 43999)  # 4000 ports, ends of different parity (rule K08 stays quiet on that)
 POOL_PAIRS = 3300  # 82.5% of the range to one destination: the critical level (80%)
 LEAKER = "tw-leaker"
@@ -89,6 +91,8 @@ UNHEALTHY_ALERTS = frozenset(
         "TcpwatchSynQueueDrops",
         "TcpwatchEphemeralPortsNearlyExhausted",
         "TcpwatchCloseWaitGrowing",
+        "TcpwatchConnectFailures",
+        "TcpwatchRetransmissionRatioHigh",
     }
 )
 SELF_ALERTS = frozenset(
@@ -326,7 +330,7 @@ def assert_rules_evaluate_cleanly(stack: Stack) -> None:
 
 def substituted_dashboard_queries(netns: str) -> list[tuple[str, str, bool]]:
     """(where, PromQL, expect data) for every panel query, variables set to this stack's."""
-    values = {"instance": TCPWATCH_ADDRESS, "netns": netns, **GRAFANA_INTERVALS}
+    values = {"instance": TCPWATCH_ADDRESS, "netns": netns, "peer": ".+", **GRAFANA_INTERVALS}
     return [
         (
             str(query),
@@ -355,6 +359,7 @@ def test_unhealthy_population_fires_alerts_and_fills_every_dashboard_panel(netns
         start_syn_flood(netns, SYN_COOKIE_PORT)
         # A listener's owner at its RLIMIT_NOFILE: Q05 critical, which has no alert of its own.
         fd_limited = populations.fd_limited_listener(netns, port=FD_LIMITED_PORT)
+        churn = start_churn(netns, CHURN_PORT, LIFETIME, lossy=True)
         wait_for(
             "Prometheus sees the first CLOSE_WAIT batch",
             lambda: bool(stack.query(f'tcpwatch_process_sockets{{process="{LEAKER}"}} >= 60')),
@@ -422,6 +427,23 @@ def test_unhealthy_population_fires_alerts_and_fills_every_dashboard_panel(netns
         assert [float(r["value"][1]) for r in described["open_fds"]] == [
             fd_limited.info["open_fds"]
         ], described
+        failing = {alert["labels"]["peer"] for alert in seen["TcpwatchConnectFailures"]}
+        assert {churn.peer(churn.refused_port), churn.peer(churn.timeout_port)} <= failing
+        assert churn.peer(churn.ok_port) not in failing
+        assert churn.lossy_port is not None
+        lossy = labelled("TcpwatchRetransmissionRatioHigh", peer=churn.peer(churn.lossy_port))
+        assert lossy, seen["TcpwatchRetransmissionRatioHigh"]
+        # Each churn peer's closed connections are under the outcome it was built for.
+        for port, outcome in (
+            (churn.ok_port, "ok"),
+            (churn.refused_port, "refused"),
+            (churn.timeout_port, "timeout"),
+        ):
+            closed = stack.query(
+                f'tcpwatch_connections_closed_total{{direction="outbound",'
+                f'peer="{churn.peer(port)}",outcome="{outcome}"}} > 0'
+            )
+            assert closed, f"no {outcome} connections to {churn.peer(port)}"
 
         assert_rules_evaluate_cleanly(stack)
         # Every fleet view has data.

@@ -18,9 +18,11 @@ from tcpwatch.model import (
     Attribution,
     DestinationUse,
     KernelCounters,
+    LifecycleStats,
     Listener,
     OwnerProcess,
     OwnerProcesses,
+    PeerStats,
     ProcessRef,
     Snapshot,
     SocketTable,
@@ -33,6 +35,48 @@ from tcpwatch.rules import Finding
 from tcpwatch.state import ExportState, PollHistogram
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "metrics.prom"
+
+
+def peer(direction: str, name: str, closed: dict[str, int], rtt: tuple[int, ...]) -> PeerStats:
+    count = sum(closed.values())
+    return PeerStats(
+        direction=direction,
+        peer=name,
+        closed={"ok": 0, "timeout": 0, "refused": 0, "aborted": 0} | closed,
+        rtt_buckets=rtt,
+        rtt_count=sum(rtt),
+        rtt_sum_seconds=0.0005 * sum(rtt),
+        segments_sent=12 * count,
+        segments_retransmitted=count // 10,
+        bytes_sent=1002 * count,
+        bytes_received=5001 * count,
+    )
+
+
+def connections() -> LifecycleStats:
+    """Closed connections: one listener, one destination with failures, the folded rest."""
+    rows = (
+        peer("inbound", "0.0.0.0:80", {"ok": 7000}, (0, 6000, 1000, *[0] * 11)),
+        peer(
+            "outbound",
+            "10.0.0.9:5432",
+            {"ok": 90, "timeout": 3, "refused": 4},
+            (0, 0, 0, 80, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+        ),
+        peer("outbound", "10.0.0.7", {"aborted": 2}, (0,) * 14),
+        peer("outbound", "other", {"ok": 10}, (0, 0, 10, *[0] * 11)),
+    )
+    return LifecycleStats(
+        peers=rows,
+        events=7120,
+        ignored=11,
+        malformed=0,
+        overruns=0,
+        lost=0,
+        max_peers=100,
+        evicted=0,
+        receive_buffer=8 << 20,
+    )
 
 
 def fixture_state() -> ExportState:
@@ -50,7 +94,21 @@ def fixture_state() -> ExportState:
         counts=counts,
         listeners=listeners,
         ephemeral_use=(
-            DestinationUse("ipv4", "10.0.0.1", "10.0.0.9", 5432, 900, 850),
+            DestinationUse(
+                "ipv4",
+                "10.0.0.1",
+                "10.0.0.9",
+                5432,
+                900,
+                850,
+                established=50,
+                rtt_connections=50,
+                rtt_mean_seconds=0.0012,
+                rtt_max_seconds=0.004,
+                retransmits_in_flight=2,
+                segments_retransmitted=31,
+                segments_sent=40_000,
+            ),
             DestinationUse("ipv6", "::1", "::1", 6379, 3, 0),
         ),
         syn_sent=(),
@@ -71,7 +129,25 @@ def fixture_state() -> ExportState:
         taken_at=1_700_000_000.0,
         sockets=sockets,
         counters=KernelCounters(
-            {"TcpExtListenOverflows": 17, "TcpExtListenDrops": 19, "TcpExtSyncookiesSent": 0}
+            {
+                "TcpExtListenOverflows": 17,
+                "TcpExtListenDrops": 19,
+                "TcpExtSyncookiesSent": 0,
+                "TcpActiveOpens": 5000,
+                "TcpPassiveOpens": 7000,
+                "TcpAttemptFails": 12,
+                "TcpEstabResets": 3,
+                "TcpOutRsts": 40,
+                "TcpOutSegs": 900_000,
+                "TcpRetransSegs": 450,
+                "TcpExtTCPTimeouts": 20,
+                "TcpExtTCPSynRetrans": 8,
+                "TcpExtTCPAbortOnTimeout": 1,
+                "TcpExtTCPAbortOnData": 2,
+                "TcpExtTCPAbortOnClose": 0,
+                "TcpExtTCPAbortOnMemory": 0,
+                "TcpExtTCPAbortOnLinger": 0,
+            }
         ),
         sockstat=SockStat(125, 63, 1, 7, 130, 12),
         sysctls=Sysctls(
@@ -88,6 +164,7 @@ def fixture_state() -> ExportState:
             SourceStatus("sockstat", True, 0.0001),
             SourceStatus("counters", False, 0.0002, "permission denied"),
             SourceStatus("sockdiag", True, 0.01),
+            SourceStatus("lifecycle", True, 0.0003),
             SourceStatus("processes", True, 0.02),
             SourceStatus("owners", True, 0.0004),
         ),
@@ -100,6 +177,7 @@ def fixture_state() -> ExportState:
             wanted=3,
             failed=1,
         ),
+        connections=connections(),
     )
     finding = Finding(
         rule_id="Q01",

@@ -24,15 +24,14 @@ from tcpwatch.model import (
     PeerStats,
 )
 from tcpwatch.sources import tcpinfo
-from tcpwatch.sources.lifecycle import (
-    DESTROY_GROUPS,
+from tcpwatch.sources.lifecycle import DESTROY_GROUPS, DestroyListener
+from tcpwatch.sources.lifecycle_events import (
     Classification,
-    DestroyListener,
-    LifecycleAggregator,
     classify,
     make_context,
     parse_destroy_messages,
 )
+from tcpwatch.sources.lifecycle_peers import LifecycleAggregator
 from tcpwatch.sources.netlink import (
     INET_DIAG_INFO,
     INET_DIAG_PROTOCOL,

@@ -36,6 +36,7 @@ def test_the_package_declares_todays_sources_in_poll_order() -> None:
         "sockstat",
         "counters",
         "sockdiag",
+        "lifecycle",
         "processes",
         "owners",
     )
