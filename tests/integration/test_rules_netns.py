@@ -568,7 +568,15 @@ class TestAcceptQueueFull:
 
     def test_q02_fires_while_connections_are_dropped(self, full: FullQueue) -> None:
         subject = f"127.0.0.1:{self.PORT}"
-        assert_findings(full.overflowing, {("Q01", "critical", subject), ("Q02", "warning", "")}, 2)
+        # The clients give up on SYNs the full listener dropped: their connects time out (C01),
+        # and C01 names the full local listener as the cause, not the network.
+        assert_findings(
+            full.overflowing,
+            {("Q01", "critical", subject), ("Q02", "warning", ""), ("C01", "critical", subject)},
+            2,
+        )
+        c01 = full.overflowing.one("C01", subject)
+        assert_evidence(c01, {"local_listener": subject, "full_queue": "accept"})
         finding = full.overflowing.one("Q02")
         evidence = finding["evidence"]
         assert evidence["listen_overflows_in_window"] >= 1, evidence
