@@ -33,6 +33,7 @@ WITHOUT_NETNS = frozenset(
         "tcpwatch_netns_polled",
         "tcpwatch_last_poll_timestamp_seconds",
         "tcpwatch_poll_duration_seconds",
+        "tcpwatch_page_size_bytes",  # the kernel's, the same in every namespace
     }
 )
 
