@@ -261,6 +261,7 @@ def _report(
 ) -> None:
     """Write check's report as asked: the sysctl snippet, JSON, or text with perfdata."""
     from tcpwatch.render.json import render_json
+    from tcpwatch.render.status import Gauges
     from tcpwatch.render.text import perfdata, render_text
 
     if args.emit_sysctl:
@@ -278,7 +279,9 @@ def _report(
             color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
         else:
             color = args.color == "always"
-        perf = perfdata(findings, snapshots, _fill_levels(config))
+        # From a daemon, the gauges come with its report: the bare snapshots have no tables.
+        gauges = None if document is None else Gauges.from_json(document.get("gauges"))
+        perf = perfdata(findings, snapshots, _fill_levels(config), gauges)
         text = render_text(findings, snapshots, color, args.verbose, config.docs_url, perf)
         sys.stdout.write(text)
     sys.stdout.flush()

@@ -14,7 +14,7 @@ from typing import Any
 
 from tcpwatch.config import DEFAULT_DOCS_URL
 from tcpwatch.model import Snapshot
-from tcpwatch.render.status import SEVERITIES, doc_url, status_of
+from tcpwatch.render.status import SEVERITIES, Gauges, doc_url, status_of
 from tcpwatch.rules import EvidenceValue, Finding, sort_key
 from tcpwatch.rules.shapes import counter_key
 
@@ -73,6 +73,7 @@ def report_document(
             {"netns": snapshot.netns, "taken_at": snapshot.taken_at} for snapshot in snapshots
         ],
         "findings": [finding_to_json(finding, docs_url) for finding in ordered[:limit]],
+        "gauges": Gauges.of(snapshots).to_json(),
         "sources": [
             {
                 "netns": snapshot.netns,

@@ -14,7 +14,7 @@ from types import MappingProxyType
 
 from tcpwatch.config import DEFAULT_DOCS_URL
 from tcpwatch.model import Snapshot
-from tcpwatch.render.status import SEVERITIES, doc_url, status_of
+from tcpwatch.render.status import SEVERITIES, Gauges, doc_url, status_of
 from tcpwatch.rules import Finding, sort_key
 
 _RESET = "\033[0m"
@@ -43,33 +43,26 @@ def perfdata(
     findings: Sequence[Finding],
     snapshots: Sequence[Snapshot],
     fill_levels: tuple[float | None, float | None] = (None, None),
+    gauges: Gauges | None = None,
 ) -> str:
     """Nagios performance data for the first line, after its ``|``.
 
     ``label=value[UOM];[warn];[crit];[min];[max]`` per the Nagios plugin guidelines: the
-    findings by severity, then gauges of every namespace polled (left out when no socket table
-    was read): the fullest accept queue in percent (``fill_levels``, Q01's warning and critical
-    ratios, as its warn and crit), and the CLOSE_WAIT, TIME_WAIT and orphaned sockets.
+    findings by severity, then the gauges (:class:`Gauges`, from ``snapshots`` unless given:
+    `check --from` has them from the daemon's report), each left out when it was not read: the
+    fullest accept queue in percent (``fill_levels``, Q01's warning and critical ratios, as its
+    warn and crit), and the CLOSE_WAIT, TIME_WAIT and orphaned sockets.
     """
     counts = Counter(f.severity for f in findings)
     parts = [f"{severity}={counts[severity]};;;0" for severity in SEVERITIES]
-    tables = [s.sockets for s in snapshots if s.sockets is not None]
-    if tables:
-        fills = [
-            lsn.queue_length / lsn.queue_max
-            for table in tables
-            for lsn in table.listeners
-            if lsn.queue_max > 0
-        ]
+    seen = Gauges.of(snapshots) if gauges is None else gauges
+    if seen.accept_queue_fill is not None:
         levels = ";".join("" if level is None else f"{level * 100:g}" for level in fill_levels)
-        worst = max(fills, default=0.0) * 100
-        parts.append(f"accept_queue_fill={worst:.1f}%;{levels};0;100")
-        close_wait = sum(sum(t.counts[f].get("close_wait", 0) for f in t.counts) for t in tables)
-        parts.append(f"close_wait={close_wait};;;0")
-    stats = [s.sockstat for s in snapshots if s.sockstat is not None]
-    if stats:
-        parts.append(f"time_wait={sum(s.time_wait for s in stats)};;;0")
-        parts.append(f"orphans={sum(s.orphan for s in stats)};;;0")
+        parts.append(f"accept_queue_fill={seen.accept_queue_fill * 100:.1f}%;{levels};0;100")
+    for name in ("close_wait", "time_wait", "orphans"):
+        value = getattr(seen, name)
+        if value is not None:
+            parts.append(f"{name}={value};;;0")
     return " ".join(parts)
 
 

@@ -132,8 +132,10 @@ def test_json_schema_fields_and_values() -> None:
         "window_seconds",
         "namespaces",
         "findings",
+        "gauges",
         "sources",
     ]
+    assert set(document["gauges"]) == {"accept_queue_fill", "close_wait", "time_wait", "orphans"}
     assert document["schema_version"] == SCHEMA_VERSION == 2
     assert (document["status"], document["exit_code"]) == ("CRITICAL", 2)
     assert document["summary"] == {"critical": 1, "warning": 2, "info": 1}
