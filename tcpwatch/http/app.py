@@ -168,6 +168,15 @@ class WebApp:
         """Take a new web config (on reload): TLS context, users and headers at once."""
         self._policy = self._make_policy(web)
 
+    def triage(self, headers: Mapping[str, str], client: str) -> tuple[bool, Response | None]:
+        """Before a request takes a worker: (trusted, an answer now). Trusted requests carry
+        credentials verified before and go ahead of the rest; an address out of failure budget
+        gets its 429 at once, so a flood of wrong passwords never fills the workers' queue."""
+        result = self._policy.auth.triage(headers.get("authorization"), client)
+        if result is AuthResult.THROTTLED:
+            return False, _refusal(result)
+        return result is AuthResult.OK, None
+
     def respond(
         self, method: str, target: str, headers: Mapping[str, str], client: str = ""
     ) -> Response:

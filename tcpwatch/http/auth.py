@@ -201,6 +201,26 @@ class BasicAuth:
     def enabled(self) -> bool:
         return bool(self._users)
 
+    def triage(self, authorization: str | None, client: str = "") -> AuthResult | None:
+        """What :meth:`verify` would answer without any bcrypt work, or None when it needs some:
+        OK for credentials verified before, THROTTLED for an address out of failure budget.
+        Cheap (a hash and a lookup), so the server asks it before a request takes a worker."""
+        if not self._users:
+            return None
+        credentials = _decode_basic(authorization)
+        if credentials is None:
+            return None
+        user, password = credentials
+        hashed = self._users.get(user)
+        if hashed is not None:
+            key = hashlib.sha256(b"\0".join((user.encode(), password, hashed))).digest()
+            with self._lock:
+                if key in self._verified:
+                    return AuthResult.OK
+        if not self._limiter.allows(client):
+            return AuthResult.THROTTLED
+        return None
+
     def verify(self, authorization: str | None, client: str = "") -> AuthResult:
         if not self._users:
             return AuthResult.OK

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import queue
 import selectors
@@ -46,6 +47,8 @@ _ACCEPT_PAUSE_SECONDS = 0.5  # when nothing can be shed to free a descriptor
 _SWEEP_SECONDS = 0.1
 _LISTENER = "listener"
 _WAKE = "wake"
+# Ranks in the workers' queue: stop first (on shutdown), then trusted requests, then the rest.
+_STOP, _TRUSTED, _UNTRUSTED = 0, 1, 2
 
 
 class WebServer:
@@ -67,9 +70,14 @@ class WebServer:
         self._wake_read.setblocking(False)
         self._wake_write.setblocking(False)
         self._returned: queue.SimpleQueue[tuple[Connection, bool]] = queue.SimpleQueue()
-        self._ready: queue.Queue[tuple[Connection, bytes] | None] = queue.Queue(
-            maxsize=limits.READY_QUEUE
+        # Requests for the workers, trusted ones (credentials verified before) first; only the
+        # others count against READY_QUEUE, so a flood never costs an authenticated scrape.
+        self._ready: queue.PriorityQueue[tuple[int, int, tuple[Connection, bytes] | None]] = (
+            queue.PriorityQueue()
         )
+        self._sequence = itertools.count()
+        self._untrusted_queued = 0  # selector thread adds, workers subtract under the lock
+        self._queued_lock = threading.Lock()
         self._waiting: dict[int, Connection] = {}  # by descriptor: owned by the selector thread
         self._busy = 0  # connections with the workers (selector thread only)
         self._stopping = threading.Event()
@@ -107,10 +115,7 @@ class WebServer:
         self._stopping.set()
         self._wake()
         for _ in range(limits.WORKERS):
-            try:
-                self._ready.put_nowait(None)
-            except queue.Full:
-                break  # workers check _stopping after each request anyway
+            self._ready.put_nowait((_STOP, next(self._sequence), None))
         if self._threads:
             self._threads[0].join(timeout=1.0)
         self._listener.close()
@@ -255,19 +260,31 @@ class WebServer:
             return
         if head is None:
             return
+        try:
+            trusted, answer = self._app.triage(parse_head(head).headers, connection.address)
+        except ProtocolError:
+            trusted, answer = False, None  # the worker answers the malformed head
+        if answer is not None:
+            self._refuse(connection, answer)
+            return
+        if not trusted:
+            with self._queued_lock:
+                full = self._untrusted_queued >= limits.READY_QUEUE
+                if not full:
+                    self._untrusted_queued += 1
+            if full:
+                overloaded = text_response(
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    "Too many parallel requests",
+                    ("Retry-After", "1"),
+                )
+                self._refuse(connection, overloaded)
+                return
         fd = connection.fd
         del self._waiting[fd]
         self._selector.unregister(fd)
-        try:
-            self._ready.put_nowait((connection, head))
-        except queue.Full:
-            self._waiting[fd] = connection  # so that _close finds and forgets it
-            self._selector.register(fd, selectors.EVENT_READ, connection)
-            overloaded = text_response(
-                HTTPStatus.SERVICE_UNAVAILABLE, "Too many parallel requests", ("Retry-After", "1")
-            )
-            self._refuse(connection, overloaded)
-            return
+        rank = _TRUSTED if trusted else _UNTRUSTED
+        self._ready.put_nowait((rank, next(self._sequence), (connection, head)))
         self._busy += 1
 
     def _refuse(self, connection: Connection, response: Response) -> None:
@@ -309,9 +326,12 @@ class WebServer:
 
     def _work(self) -> None:
         while True:
-            item = self._ready.get()
+            rank, _, item = self._ready.get()
             if item is None:
                 return
+            if rank == _UNTRUSTED:
+                with self._queued_lock:
+                    self._untrusted_queued -= 1
             connection, head = item
             try:
                 keep = self._answer(connection, head)

@@ -332,3 +332,20 @@ def test_a_kept_alive_scraper_outlasts_newer_silent_connections(small_server: We
         connection.close()
         for sock in silent:
             sock.close()
+
+
+def test_triage_trusts_verified_credentials_and_throttles_without_bcrypt() -> None:
+    hashed = bcrypt.hashpw(PASSWORD, bcrypt.gensalt(4)).decode()
+    auth = BasicAuth({"prometheus": hashed}, FailureLimiter(burst=2))
+    right = basic("prometheus", PASSWORD)
+    # Not verified yet: the worker must check it (bcrypt), triage cannot tell.
+    assert auth.triage(right, "192.0.2.1") is None
+    assert auth.verify(right, "192.0.2.1") is AuthResult.OK
+    # Verified once: trusted from any address, before any bcrypt work.
+    assert auth.triage(right, "198.51.100.7") is AuthResult.OK
+    for n in range(2):
+        assert auth.verify(basic("prometheus", b"wrong%d" % n), "203.0.113.9") is AuthResult.DENIED
+    # Out of budget: answered 429 by the selector thread, never queued for a worker.
+    assert auth.triage(basic("prometheus", b"again"), "203.0.113.9") is AuthResult.THROTTLED
+    # Without users there is nothing to triage.
+    assert BasicAuth({}).triage(right, "192.0.2.1") is None
