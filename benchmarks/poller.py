@@ -79,8 +79,10 @@ class HeaderOnlyAggregator(sockdiag.DumpAggregator):
 ORIGINAL_BUILD_REQUEST = netlink.build_request
 
 
-def _no_state_request(family: str, states: int, bytecode: bytes = b"", sequence: int = 1) -> bytes:
-    return ORIGINAL_BUILD_REQUEST(family, NO_STATE_MASK, bytecode, sequence)
+def _no_state_request(
+    family: str, states: int, bytecode: bytes = b"", sequence: int = 1, extensions: int = 0
+) -> bytes:
+    return ORIGINAL_BUILD_REQUEST(family, NO_STATE_MASK, bytecode, sequence, extensions)
 
 
 @contextlib.contextmanager
