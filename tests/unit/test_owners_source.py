@@ -158,3 +158,20 @@ def test_another_procfs_is_not_described() -> None:
     described = describe_owners([item], ProcPaths(root="/host/proc"))
     assert described.processes == {} and described.wanted == 1
     assert "/host/proc" in described.skipped
+
+
+def test_descriptors_are_counted_from_the_fd_directory_size() -> None:
+    import os
+
+    from tcpwatch.paths import ProcPaths
+    from tcpwatch.sources.owners import _count_fds
+
+    before = _count_fds(ProcPaths(), os.getpid())
+    opened = [os.open(os.devnull, os.O_RDONLY) for _ in range(20)]
+    try:
+        # Linux 6.2+ reports the count as the directory's size: 20 more, without a listing.
+        assert _count_fds(ProcPaths(), os.getpid()) == before + 20
+    finally:
+        for fd in opened:
+            os.close(fd)
+    assert _count_fds(ProcPaths(), 2**22 + 7) == 0  # no such process: the caller falls back
