@@ -22,12 +22,7 @@ from tcpwatch.model import Attribution, NetnsIdentity, Snapshot, SocketTable, So
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources import netns as netns_source
 from tcpwatch.sources.base import AnySource, LongLivedSource, Partial, Source, SourceContext
-from tcpwatch.sources.processes import wanted_inodes
-from tcpwatch.sources.registry import ENTERING, registered_sources, source_names
-
-__all__ = ["SOURCES", "poll", "take_snapshot", "wanted_inodes"]
-
-SOURCES = source_names()  # what tcpwatch_source_*{source=...} can name, in poll order
+from tcpwatch.sources.registry import ENTERING, registered_sources
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from tcpwatch.model import (
 )
 from tcpwatch.pipeline import Pipeline as Poller
 from tcpwatch.rules import Finding, RuleSettings, Window
-from tcpwatch.snapshot import SOURCES
+from tcpwatch.sources.registry import source_names
 from tcpwatch.state import POLL_BUCKETS
 
 
@@ -64,7 +64,7 @@ def make_snapshot(
     owners = dict.fromkeys(inodes, owner) if owner is not None else {}
     statuses = tuple(
         SourceStatus(name, name not in failing, 0.001, f"{name} broke" if name in failing else None)
-        for name in SOURCES
+        for name in source_names()
     )
     return Snapshot(
         netns=netns,

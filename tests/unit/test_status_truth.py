@@ -20,11 +20,12 @@ from tcpwatch.paths import ProcPaths
 from tcpwatch.render.prometheus import render
 from tcpwatch.render.text import render_text
 from tcpwatch.sources.netns import NetnsNames, name_rank
+from tcpwatch.sources.registry import source_names
 from tcpwatch.state import ExportState, PollHistogram
 
 # No source runs: these tests are about the names the poll gives, not what sources read.
 NO_SOURCES = CollectSettings(
-    disabled_sources=tuple(name for name in snapshot.SOURCES if name != "netns")
+    disabled_sources=tuple(name for name in source_names() if name != "netns")
 )
 
 
