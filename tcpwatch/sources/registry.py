@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from types import ModuleType
 
 import tcpwatch.sources
+from tcpwatch.errors import UsageError, describe_error
 from tcpwatch.sources.base import AnySource, LongLivedSource, Source
 
 EXTRA_MODULES_VARIABLE = "TCPWATCH_SOURCE_MODULES"
@@ -36,7 +37,18 @@ def _package_modules() -> list[ModuleType]:
 
 def _extra_modules() -> list[ModuleType]:
     wanted = os.environ.get(EXTRA_MODULES_VARIABLE, "")
-    return [importlib.import_module(name.strip()) for name in wanted.split(",") if name.strip()]
+    modules = []
+    for name in (part.strip() for part in wanted.split(",")):
+        if not name:
+            continue
+        try:
+            modules.append(importlib.import_module(name))
+        except Exception as error:  # any failure importing a user's module: one line, exit 3
+            raise UsageError(
+                f"{EXTRA_MODULES_VARIABLE}: cannot import {name[:100]!r}: "
+                f"{describe_error(error)[:200]}"
+            ) from None
+    return modules
 
 
 def declared_in(modules: Iterable[ModuleType]) -> tuple[AnySource, ...]:

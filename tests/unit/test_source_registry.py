@@ -70,3 +70,14 @@ def test_order_then_name_decides_and_host_sources_take_every_snapshot() -> None:
     ordered = declared_in([module(b=b, a=a, first=first, everyone=everyone)])
     assert [source.name for source in ordered] == ["z", "a", "b", "all"]
     assert isinstance(everyone, Source) and everyone.scope == "host"
+
+
+def test_an_extra_module_that_cannot_be_imported_is_one_usage_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tcpwatch.errors import UsageError
+    from tcpwatch.sources.registry import EXTRA_MODULES_VARIABLE
+
+    monkeypatch.setenv(EXTRA_MODULES_VARIABLE, "tcpwatch_no_such_module")
+    with pytest.raises(UsageError, match="cannot import 'tcpwatch_no_such_module'"):
+        registered_sources()
