@@ -176,7 +176,7 @@ def landing_page(
             else None
         ),
         "findings": (
-            api.findings_document(state, first, api.DEFAULT_FINDINGS_LIMIT)
+            api.findings_document(state, first, api.DEFAULT_FINDINGS_LIMIT, config.docs_url)
             if state is not None
             else None
         ),

@@ -142,7 +142,7 @@
       el("div", { class: "meta" }, "netns " + f.netns + (f.subject ? " · " + f.subject : "")),
       el("pre", { class: "evidence" }, Object.entries(f.evidence).map(([k, v]) => k + "  " + v).join("\n")),
       f.remediation ? el("pre", { class: "fix" }, f.remediation) : "",
-      el("div", { class: "meta" }, f.doc))));
+      el("div", { class: "meta" }, el("a", { href: f.doc_url || "rules/" + f.id }, f.doc)))));
   }
 
   function renderSources(ns) {
