@@ -147,9 +147,12 @@
 
   function renderSources(ns) {
     const failed = ns ? ns.sources.filter((s) => !s.ok) : [];
+    const degraded = ns ? ns.sources.filter((s) => s.ok && s.skipped.length) : [];
     document.getElementById("sources").replaceChildren(...failed.map((s) =>
       el("li", { class: "source-failed" }, "source " + s.name + " failed in " + ns.netns + ": " +
-        (s.error || "unknown error") + " (rules that need it were skipped)")));
+        (s.error || "unknown error") + " (rules that need it were skipped)")),
+      ...degraded.map((s) => el("li", { class: "source-degraded" }, "source " + s.name +
+        " left out in " + ns.netns + ": " + s.skipped.join("; "))));
   }
 
   function render() {
