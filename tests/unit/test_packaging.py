@@ -180,13 +180,13 @@ def shipped_text_files() -> list[Path]:
     return files
 
 
-def links_in(path: Path) -> list[tuple[int, str]]:
+def followed_lines(text: str, markdown: bool) -> list[tuple[int, str]]:
     """(line number, text) of every line a reader or a program follows: for Markdown, outside
     fenced code blocks (those are configuration to adapt, `targets: [web-1...]`)."""
     lines: list[tuple[int, str]] = []
     fenced = False
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if path.suffix == ".md" and line.lstrip().startswith("```"):
+    for number, line in enumerate(text.splitlines(), 1):
+        if markdown and line.lstrip().startswith("```"):
             fenced = not fenced
             continue
         if not fenced:
@@ -194,18 +194,28 @@ def links_in(path: Path) -> list[tuple[int, str]]:
     return lines
 
 
+def placeholders(text: str, markdown: bool = False) -> list[str]:
+    """What in ``text`` points at a placeholder: "OWNER", or "LINE: host" for each example host
+    in a URL or an e-mail address."""
+    found = ["OWNER"] if OWNER_PLACEHOLDER.search(text) else []
+    for number, line in followed_lines(text, markdown):
+        hosts = URL_HOST.findall(line) + EMAIL_HOST.findall(line)
+        found += [f"{number}: {host}" for host in hosts if placeholder_host(host)]
+    return found
+
+
+def links_in(path: Path) -> list[tuple[int, str]]:
+    return followed_lines(path.read_text(encoding="utf-8"), path.suffix == ".md")
+
+
 def test_nothing_shipped_points_at_a_placeholder() -> None:
     problems = []
     files = shipped_text_files()
     assert any(path.name == "tcpwatch-alerts.yml" for path in files)
     for path in files:
-        relative = path.relative_to(ROOT)
         text = path.read_text(encoding="utf-8")
-        if OWNER_PLACEHOLDER.search(text):
-            problems.append(f"{relative}: OWNER placeholder")
-        for number, line in links_in(path):
-            hosts = URL_HOST.findall(line) + EMAIL_HOST.findall(line)
-            problems += [f"{relative}:{number}: {host}" for host in hosts if placeholder_host(host)]
+        found = placeholders(text, markdown=path.suffix == ".md")
+        problems += [f"{path.relative_to(ROOT)}:{where}" for where in found]
     assert problems == []
 
 
