@@ -160,3 +160,33 @@ def test_the_recipes_name_files_that_exist() -> None:
     assert not missing, (
         f"the recipes in docs/architecture.md name files that do not exist: {missing}"
     )
+
+
+def declares_rules(path: Path) -> bool:
+    """A topic module of rules/: one that declares a rule (``@rule(...)`` on a function)."""
+    tree = ast.parse(path.read_text(), str(path))
+    return any(
+        isinstance(decorator, ast.Call)
+        and isinstance(decorator.func, ast.Name)
+        and decorator.func.id == "rule"
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef)
+        for decorator in node.decorator_list
+    )
+
+
+def test_rule_topic_modules_take_shared_helpers_from_the_bottom_of_rules_only() -> None:
+    modules = package_modules()
+    topics = {
+        name
+        for name, path in modules.items()
+        if name.startswith("tcpwatch.rules.") and declares_rules(path)
+    }
+    assert {"tcpwatch.rules.kernel", "tcpwatch.rules.queues"} <= topics
+    graph = import_graph()
+    reaching = sorted(
+        f"{name} imports {target}" for name in topics for target in graph[name] & topics
+    )
+    assert not reaching, "a topic module imports another (move the helper to rules/shared.py): " + (
+        ", ".join(reaching)
+    )
