@@ -39,14 +39,7 @@ from tests.unit.snapshots import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 60.0
-ALL_RULE_IDS = (
-    *(f"C{n:02d}" for n in range(1, 4)),
-    *(f"K{n:02d}" for n in range(1, 12)),
-    *(f"Q{n:02d}" for n in range(1, 6)),
-    *(f"S{n:02d}" for n in range(1, 4)),
-    "P01",
-    "P02",
-)
+ALL_RULE_IDS = tuple(rule.id for rule in RULES)  # the registry's; test_rules_engine pins them
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -282,7 +275,6 @@ def test_rules_lists_every_rule_with_its_thresholds() -> None:
     lines = result.stdout.splitlines()
     headers = [line for line in lines if not line.startswith(" ")]
     assert [line.split()[0] for line in headers] == sorted(ALL_RULE_IDS)
-    assert {rule.id for rule in RULES} == set(ALL_RULE_IDS)
     for rule in RULES:
         (header,) = [line for line in headers if line.split()[0] == rule.id]
         assert header.split()[1:3] == [rule.slug, rule.severity], header
