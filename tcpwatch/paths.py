@@ -11,6 +11,18 @@ from dataclasses import dataclass
 
 from tcpwatch.validation import shown_path
 
+# Where persisted sysctl settings live, below the host's root (``--path.rootfs``), as
+# ``sysctl --system`` and systemd-sysctl read them. Highest priority first: a file name found in
+# an earlier directory masks the later ones; the main file is applied last.
+SYSCTL_DROP_IN_DIRECTORIES: tuple[str, ...] = (
+    "etc/sysctl.d",
+    "run/sysctl.d",
+    "usr/local/lib/sysctl.d",
+    "usr/lib/sysctl.d",
+    "lib/sysctl.d",
+)
+SYSCTL_MAIN_FILE = "etc/sysctl.conf"
+
 
 @dataclass(frozen=True, slots=True)
 class ProcPaths:

@@ -29,7 +29,6 @@ from tcpwatch.endpoints import endpoint, ports_available
 from tcpwatch.model import FAMILIES, STATES, Snapshot
 from tcpwatch.render.connections import connection_families
 from tcpwatch.render.owners import owner_families
-from tcpwatch.sources.sysctl import MULTI_FIELD_SUFFIXES
 from tcpwatch.state import POLL_BUCKETS, ExportState
 
 # Kernel counter (nstat name) -> exported counter name and help.
@@ -273,14 +272,8 @@ def _kernel_families(state: ExportState) -> Iterator[Metric]:
             orphans.add_metric([snap.netns], snap.sockstat.orphan)
             memory.add_metric([snap.netns], snap.sockstat.memory_pages * page_size)
         if snap.sysctls is not None:
-            for name, fields in sorted(snap.sysctls.values.items()):
-                suffixes = MULTI_FIELD_SUFFIXES.get(name)
-                if suffixes is None or len(suffixes) != len(fields):
-                    if len(fields) == 1:
-                        sysctls.add_metric([snap.netns, name], fields[0])
-                    continue
-                for suffix, value in zip(suffixes, fields, strict=True):
-                    sysctls.add_metric([snap.netns, f"{name}.{suffix}"], value)
+            for name, value in snap.sysctls.named_fields():
+                sysctls.add_metric([snap.netns, name], value)
     yield from families.values()
     yield from (orphans, memory, page, sysctls)
 

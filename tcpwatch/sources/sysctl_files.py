@@ -15,17 +15,8 @@ from __future__ import annotations
 import os
 
 from tcpwatch.model import PersistedSysctl
-from tcpwatch.paths import read_text
+from tcpwatch.paths import SYSCTL_DROP_IN_DIRECTORIES, SYSCTL_MAIN_FILE, read_text
 
-# Highest priority first: a file name found in an earlier directory masks the later ones.
-DROP_IN_DIRECTORIES: tuple[str, ...] = (
-    "etc/sysctl.d",
-    "run/sysctl.d",
-    "usr/local/lib/sysctl.d",
-    "usr/lib/sysctl.d",
-    "lib/sysctl.d",
-)
-MAIN_FILE = "etc/sysctl.conf"
 _MAX_FILE_BYTES = 1 << 20  # a sysctl file is a few KiB; refuse to slurp anything huge
 
 
@@ -73,7 +64,7 @@ def parse_sysctl_conf(text: str, path: str, strict: bool = True) -> tuple[Persis
 def _conf_files(root: str) -> list[str]:
     """Host paths (without ``root``) of the files to read, in the order they are applied."""
     chosen: dict[str, str] = {}
-    for directory in DROP_IN_DIRECTORIES:
+    for directory in SYSCTL_DROP_IN_DIRECTORIES:
         try:
             names = os.listdir(_resolve(root, "/" + directory))
         except OSError:
@@ -82,7 +73,7 @@ def _conf_files(root: str) -> list[str]:
             if name.endswith(".conf") and name not in chosen:
                 chosen[name] = "/" + directory + "/" + name
     ordered = [chosen[name] for name in sorted(chosen)]
-    main = "/" + MAIN_FILE
+    main = "/" + SYSCTL_MAIN_FILE
     try:
         resolved = {_resolve(root, path) for path in ordered}
         if _resolve(root, main) in resolved:
