@@ -296,6 +296,9 @@ class Snapshot:
     # Closed connections heard since the namespace's destroy listener started (the long-lived
     # source "lifecycle"; serve and check --window only).
     connections: LifecycleStats | None = None
+    # Host-wide, the same in every snapshot: the assignments in the host's sysctl files (the
+    # source "sysctl_files"), in the order they are applied at boot.
+    persisted_sysctls: tuple[PersistedSysctl, ...] | None = None
 
     def source_ok(self, name: str) -> bool:
         return any(status.name == name and status.ok for status in self.sources)

@@ -1,4 +1,4 @@
-"""Where procfs lives and how it is read.
+"""Where procfs and the host's root live, and how procfs is read.
 
 The only module that builds /proc paths (so tests can use fixture trees), the one way sources
 read a procfs file, and the one check that a directory is a procfs mount at all.
@@ -30,10 +30,13 @@ class ProcPaths:
 
     ``net_dir`` names the per-namespace network directory below the root: ``net`` follows the
     reading process' namespace; ``thread-self/net`` follows the reading thread's after setns().
+    ``rootfs`` is the host's root filesystem (``--path.rootfs``): "/" on a live host, the
+    node's / mounted into a container; host-wide sources read the host's /etc below it.
     """
 
     root: str = "/proc"
     net_dir: str = "net"
+    rootfs: str = "/"
 
     def net(self, name: str) -> str:
         """/proc/net/<name>, e.g. ``netstat``, ``snmp``, ``sockstat6``."""

@@ -190,3 +190,24 @@ def test_rule_topic_modules_take_shared_helpers_from_the_bottom_of_rules_only() 
     assert not reaching, "a topic module imports another (move the helper to rules/shared.py): " + (
         ", ".join(reaching)
     )
+
+
+# What the layers above may use of tcpwatch/sources/: the registry, the declarations and the
+# namespace entering that runs them. A source's own module is nobody else's business: what a
+# renderer or the man page needs of it lives in the model or in paths.py.
+SOURCE_ENTRY_POINTS = {
+    "tcpwatch.sources.registry",
+    "tcpwatch.sources.base",
+    "tcpwatch.sources.netns",
+}
+
+
+def test_nothing_downstream_reaches_into_a_source_module() -> None:
+    reaching = sorted(
+        f"{module} imports {target}"
+        for module, targets in import_graph().items()
+        if not module.startswith("tcpwatch.sources")
+        for target in targets
+        if target.startswith("tcpwatch.sources.") and target not in SOURCE_ENTRY_POINTS
+    )
+    assert not reaching, reaching

@@ -14,14 +14,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import tcpwatch.snapshot as snapshot_source
-import tcpwatch.sources.sysctl_files as sysctl_files
 from tcpwatch.cli import EXIT_UNKNOWN, build_parser, main
 from tcpwatch.config import CollectSettings
 from tcpwatch.model import Snapshot
@@ -380,13 +379,6 @@ class FakePoll:
         return (snapshot_now,)
 
 
-@pytest.fixture
-def no_persisted_sysctls(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """This host's /etc/sysctl* lines must not leak into findings about built snapshots."""
-    monkeypatch.setattr(sysctl_files, "read_persisted_sysctls", lambda root="/": ())
-    yield
-
-
 def run_main(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -415,7 +407,6 @@ def ids(report: dict[str, Any]) -> list[str]:
     return [finding["id"] for finding in report["findings"]]
 
 
-@pytest.mark.usefixtures("no_persisted_sysctls")
 class TestCheckPipeline:
     def test_findings_and_exit_code(
         self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -523,7 +514,6 @@ class FakeFleetPoll:
         return (self.entered, unentered)
 
 
-@pytest.mark.usefixtures("no_persisted_sysctls")
 def test_a_namespace_that_could_not_be_audited_makes_check_unknown(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -539,7 +529,6 @@ def test_a_namespace_that_could_not_be_audited_makes_check_unknown(
     ).items()
 
 
-@pytest.mark.usefixtures("no_persisted_sysctls")
 def test_critical_findings_outrank_an_unaudited_namespace(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
