@@ -154,6 +154,9 @@ class Sysctls:
 
     values: Mapping[str, tuple[int, ...]]  # dotted name -> its integer fields
     reserved_ports: tuple[tuple[int, int], ...] = ()  # ip_local_reserved_ports as ranges
+    # False when the file exists but could not be used: which ports are reserved is unknown,
+    # and reserved_ports (then empty) must not be read as "none".
+    reserved_ports_known: bool = True
 
     def get(self, name: str, index: int = 0) -> int | None:
         fields = self.values.get(name)
@@ -169,6 +172,7 @@ class Sysctls:
         return fields[0], fields[1]
 
     def port_reserved(self, port: int) -> bool:
+        """Whether ``port`` is reserved; False also when that is unknown (reserved_ports_known)."""
         return any(low <= port <= high for low, high in self.reserved_ports)
 
     def named_fields(self) -> tuple[tuple[str, int], ...]:

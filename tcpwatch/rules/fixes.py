@@ -122,19 +122,24 @@ def ports_to_reserve(snapshot: Snapshot) -> list[int]:
 def reserve_ports_fix(
     netns: str, snapshot: Snapshot, persisted: Sequence[PersistedSysctl] = ()
 ) -> str | None:
-    """The command reserving :func:`ports_to_reserve` plus what is reserved already, if needed."""
+    """The command reserving :func:`ports_to_reserve` plus what is reserved already, if needed;
+    advice to add them by hand when what is reserved already is unknown (the file was unusable),
+    since the command replaces the whole list."""
     ports = ports_to_reserve(snapshot)
     if not ports or snapshot.sysctls is None:
         return None
+    if not snapshot.sysctls.reserved_ports_known:
+        return manual_reservation(*ports)
     merged = sorted({*snapshot.sysctls.reserved_ports, *((port, port) for port in ports)})
     return sysctl_fix(
         netns, "net.ipv4.ip_local_reserved_ports", format_port_ranges(merged), persisted
     )
 
 
-def manual_reservation(port: int) -> str:
+def manual_reservation(*ports: int) -> str:
     """Advice for when the current reservations are unknown, so no exact command can be given."""
+    listed = format_port_ranges([(port, port) for port in ports])
     return (
-        f"# add {port} to net.ipv4.ip_local_reserved_ports, keeping the ports already listed "
+        f"# add {listed} to net.ipv4.ip_local_reserved_ports, keeping the ports already listed "
         "there (writing the sysctl replaces the whole list)"
     )
