@@ -112,7 +112,7 @@ def _closed_families(state: ExportState) -> Iterator[Metric]:
     closed = _counter(
         "tcpwatch_connections_closed",
         "TCP connections that closed, by direction (inbound: peer is the listener; outbound: "
-        'peer is the destination), peer ("other": beyond collect.connection_peers) and outcome '
+        'peer is the destination), peer ("other": no row left in collect.connection_peers) and outcome '
         "(ok, timeout, refused, aborted; docs/connections.md).",
         [*PEER_LABELS, "outcome"],
     )
@@ -155,12 +155,20 @@ def _closed_families(state: ExportState) -> Iterator[Metric]:
         "socket's sk_drops; absent before Linux 4.12). Missing from every per-peer counter.",
         ["netns"],
     )
+    folded = _counter(
+        "tcpwatch_connections_folded",
+        'Closed connections not counted under their own peer: under peer="other", or under no '
+        "row when the host-wide budget (collect.connection_peers) had none left.",
+        ["netns", "direction"],
+    )
     bounds = [repr(bound) for bound in RTT_BUCKETS_SECONDS] + ["+Inf"]
     for snap in state.snapshots:
         stats = snap.connections
         if stats is None:
             continue
         events.add_metric([snap.netns], stats.events)
+        for direction, count in sorted(stats.folded.items()):
+            folded.add_metric([snap.netns, direction], count)
         if stats.lost is not None:
             lost.add_metric([snap.netns], stats.lost)
         for row in stats.peers:
@@ -174,6 +182,7 @@ def _closed_families(state: ExportState) -> Iterator[Metric]:
             bytes_sent.add_metric(labels, row.bytes_sent)
             bytes_received.add_metric(labels, row.bytes_received)
     yield from (closed, rtt, sent, retransmitted, bytes_sent, bytes_received, events, lost)
+    yield folded
 
 
 def _host_counter_families(state: ExportState) -> Iterator[Metric]:
