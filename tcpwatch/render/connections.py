@@ -112,7 +112,7 @@ def _closed_families(state: ExportState) -> Iterator[Metric]:
     closed = _counter(
         "tcpwatch_connections_closed",
         "TCP connections that closed, by direction (inbound: peer is the listener; outbound: "
-        'peer is the destination), peer ("other": no row left in collect.connection_peers) and outcome '
+        'peer is the destination), peer ("other": beyond collect.connection_peers) and outcome '
         "(ok, timeout, refused, aborted; docs/connections.md).",
         [*PEER_LABELS, "outcome"],
     )

@@ -11,9 +11,8 @@ derived from a sockstat read taken before the dumps came out hundreds of sockets
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -139,7 +138,7 @@ def _nstat_opens(ns: Netns) -> int:
     return counters.get("TcpActiveOpens", 0)
 
 
-def test_established_matches_ss_under_steady_churn(netns: Netns) -> None:
+def test_established_matches_ss_under_steady_churn(netns: Netns, tmp_path: Path) -> None:
     """The issue's case with the real programs: nginx closing every request (keepalive 0) and
     wrk opening a connection per request, beside 300 held pairs. Before the fix, polls whose
     sockstat `inuse` happened to be the same before and after the dumps kept a derived count that
@@ -147,11 +146,9 @@ def test_established_matches_ss_under_steady_churn(netns: Netns) -> None:
     # TIME_WAIT is capped in this namespace only, so each poll's dump stays short.
     netns.sysctl("net.ipv4.tcp_max_tw_buckets", 16384)
     populations.established(netns, pairs=HELD_PAIRS, port=7000)
-    scratch = tempfile.mkdtemp(prefix="tw-nginx-")
-    config = os.path.join(scratch, "nginx.conf")
-    with open(config, "w", encoding="utf-8") as handle:
-        handle.write(_NGINX.format(dir=scratch, port=NGINX_PORT))
-    nginx = netns.spawn(["nginx", "-c", config], lifetime=240)
+    config = tmp_path / "nginx.conf"
+    config.write_text(_NGINX.format(dir=tmp_path, port=NGINX_PORT))
+    nginx = netns.spawn(["nginx", "-c", str(config)], lifetime=240)
     netns.run("sh", "-c", f"for i in $(seq 50); do ss -Hltn 'sport = :{NGINX_PORT}' | "
               "grep -q LISTEN && exit 0; sleep 0.1; done; exit 1")  # fmt: skip
     wrk = netns.spawn(
