@@ -367,5 +367,5 @@ class LifecycleStats:
     # Rows remembered but not exported this poll: a row that comes back goes on from these.
     held: tuple[PeerStats, ...] = ()
     # direction -> closes not counted under their own peer's row (under PEER_OTHER, or under no
-    # row when even PEER_OTHER did not fit the budget); cumulative.
+    # row when even PEER_OTHER did not fit the budget); cumulative; every direction once budgeted.
     folded: Mapping[str, int] = field(default_factory=dict)

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
-from tcpwatch.model import PEER_OTHER, LifecycleStats, PeerStats, Snapshot
+from tcpwatch.model import DIRECTIONS, PEER_OTHER, LifecycleStats, PeerStats, Snapshot
 from tcpwatch.sources.lifecycle_peers import add_peer_stats
 
 HYSTERESIS = 2.0
@@ -215,7 +215,7 @@ class PeerBudget:
             stats,
             peers=tuple(shown),
             held=tuple(held),
-            folded=dict(space.folded),
+            folded={direction: space.folded[direction] for direction in DIRECTIONS},
             max_peers=max_rows,
             evicted=space.gave_up,
             activity=None,
