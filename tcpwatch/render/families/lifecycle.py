@@ -63,12 +63,20 @@ def closed_connection_families(state: ExportState) -> Iterator[Metric]:
         "socket's sk_drops; absent before Linux 4.12). Missing from every per-peer counter.",
         NETNS,
     )
+    folded = counter(
+        "tcpwatch_connections_folded",
+        'Closed connections not counted under their own peer: under peer="other", or under no '
+        "row when the host-wide budget (collect.connection_peers) had none left.",
+        ["netns", "direction"],
+    )
     bounds = [repr(bound) for bound in RTT_BUCKETS_SECONDS] + ["+Inf"]
     for snap in state.snapshots:
         stats = snap.connections
         if stats is None:
             continue
         events.add_metric([snap.netns], stats.events)
+        for direction, count in sorted(stats.folded.items()):
+            folded.add_metric([snap.netns, direction], count)
         if stats.lost is not None:
             lost.add_metric([snap.netns], stats.lost)
         for row in stats.peers:
@@ -82,3 +90,4 @@ def closed_connection_families(state: ExportState) -> Iterator[Metric]:
             bytes_sent.add_metric(labels, row.bytes_sent)
             bytes_received.add_metric(labels, row.bytes_received)
     yield from (closed, rtt, sent, retransmitted, bytes_sent, bytes_received, events, lost)
+    yield folded
