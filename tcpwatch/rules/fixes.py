@@ -17,8 +17,15 @@ _PERSISTED = re.compile(
 )
 
 
+def process_subject(process: ProcessRef | None) -> str:
+    """A finding's subject for a process: its name ("nginx"), or "unknown process" when not
+    found. Never the pid: the subject is a label of tcpwatch_finding, and a restart must not
+    make a new series (nor resolve and re-fire its alert); titles and evidence carry the pid."""
+    return "unknown process" if process is None else process.name
+
+
 def process_label(process: ProcessRef | None) -> str:
-    """A finding's subject for a process: "nginx[1234]", or "unknown process" when not found."""
+    """A process in titles and evidence: "nginx[1234]", or "unknown process" when not found."""
     return "unknown process" if process is None else f"{process.name}[{process.pid}]"
 
 

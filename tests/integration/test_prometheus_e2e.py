@@ -408,8 +408,7 @@ def test_unhealthy_population_fires_alerts_and_fills_every_dashboard_panel(netns
             alert["labels"]["id"] for alert in seen["TcpwatchCriticalFinding"]
         }
         assert not paged_twice, seen["TcpwatchCriticalFinding"]
-        comm = Path(f"/proc/{fd_limited.info['pid']}/comm").read_text().strip()
-        owner = f"{comm}[{fd_limited.info['pid']}]"
+        owner = Path(f"/proc/{fd_limited.info['pid']}/comm").read_text().strip()
         critical = labelled("TcpwatchCriticalFinding", id="Q05", subject=owner)
         assert critical, seen["TcpwatchCriticalFinding"]
         assert critical[0]["annotations"]["runbook_url"].endswith(
