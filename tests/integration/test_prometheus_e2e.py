@@ -415,9 +415,8 @@ def test_unhealthy_population_fires_alerts_and_fills_every_dashboard_panel(netns
             "docs/rules/Q05-listener-owner-near-fd-limit.md"
         )
         # The owner's descriptors as psutil saw them, next to the limit it set itself.
-        pid = str(fd_limited.info["pid"])
-        described = {
-            name: stack.query(f'tcpwatch_process_{name}{{pid="{pid}"}}')
+        described = {  # by process name: the series outlives a restart
+            name: stack.query(f'tcpwatch_process_{name}{{process="{owner}"}}')
             for name in ("open_fds", "max_fds")
         }
         assert [float(r["value"][1]) for r in described["max_fds"]] == [
