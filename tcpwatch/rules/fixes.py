@@ -44,8 +44,9 @@ def run_in(netns: str, command: str) -> str:
     """A command as it must be typed to act on ``netns`` from the host."""
     if netns == HOST_NETNS:
         return command
-    if netns.startswith("pid:"):
-        return f"nsenter --net=/proc/{netns[4:]}/ns/net {command}"
+    if netns.startswith("ns:") and netns[3:].isdigit():
+        # An unnamed namespace is named by its inode; lsns finds a process in it to enter by.
+        return f"nsenter -t $(lsns -n -o PID -t net {netns[3:]}) --net {command}"
     return f"ip netns exec {shlex.quote(netns)} {command}"
 
 
