@@ -412,8 +412,7 @@ def test_unhealthy_population_fires_alerts_and_fills_every_dashboard_panel(netns
             alert["labels"]["id"] for alert in seen["TcpwatchCriticalFinding"]
         }
         assert not paged_twice, seen["TcpwatchCriticalFinding"]
-        comm = Path(f"/proc/{fd_limited.info['pid']}/comm").read_text().strip()
-        owner = f"{comm}[{fd_limited.info['pid']}]"
+        owner = Path(f"/proc/{fd_limited.info['pid']}/comm").read_text().strip()
         critical = labelled("TcpwatchCriticalFinding", id="Q05", subject=owner)
         assert critical, seen["TcpwatchCriticalFinding"]
         assert critical[0]["annotations"]["runbook_url"].endswith("/rules/Q05")
@@ -424,9 +423,8 @@ def test_unhealthy_population_fires_alerts_and_fills_every_dashboard_panel(netns
                 runbook
             )
         # The owner's descriptors as psutil saw them, next to the limit it set itself.
-        pid = str(fd_limited.info["pid"])
-        described = {
-            name: stack.query(f'tcpwatch_process_{name}{{pid="{pid}"}}')
+        described = {  # by process name: the series outlives a restart
+            name: stack.query(f'tcpwatch_process_{name}{{process="{owner}"}}')
             for name in ("open_fds", "max_fds")
         }
         assert [float(r["value"][1]) for r in described["max_fds"]] == [

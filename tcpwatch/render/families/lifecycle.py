@@ -69,6 +69,31 @@ def closed_connection_families(state: ExportState) -> Iterator[Metric]:
         "row when the host-wide budget (collect.connection_peers) had none left.",
         ["netns", "direction"],
     )
+    overruns = counter(
+        "tcpwatch_lifecycle_overruns",
+        "Reads of the destroy events that failed with ENOBUFS: each means the kernel dropped one "
+        "or more events since the previous read (episodes; tcpwatch_lifecycle_events_lost_total "
+        "counts the events).",
+        NETNS,
+    )
+    ignored = counter(
+        "tcpwatch_lifecycle_events_ignored",
+        "Destroy events of sockets that never had a peer (closed listeners, sockets never "
+        "connected): counted in tcpwatch_lifecycle_events_total, in no per-peer counter.",
+        NETNS,
+    )
+    malformed = counter(
+        "tcpwatch_lifecycle_datagrams_malformed",
+        "Netlink datagrams of destroy events that did not parse (the rest of each is skipped); "
+        "should stay 0: more means messages laid out as tcpwatch does not expect.",
+        NETNS,
+    )
+    evicted = counter(
+        "tcpwatch_lifecycle_peers_evicted",
+        "Tracked peers this namespace gave up: to a busier peer (their later closes go to peer "
+        '"other") or after collect.connection_peer_idle without an event (their series end).',
+        NETNS,
+    )
     bounds = [repr(bound) for bound in RTT_BUCKETS_SECONDS] + ["+Inf"]
     for snap in state.snapshots:
         stats = snap.connections
@@ -79,6 +104,10 @@ def closed_connection_families(state: ExportState) -> Iterator[Metric]:
             folded.add_metric([snap.netns, direction], count)
         if stats.lost is not None:
             lost.add_metric([snap.netns], stats.lost)
+        overruns.add_metric([snap.netns], stats.overruns)
+        ignored.add_metric([snap.netns], stats.ignored)
+        malformed.add_metric([snap.netns], stats.malformed)
+        evicted.add_metric([snap.netns], stats.evicted)
         for row in stats.peers:
             labels = [snap.netns, row.direction, row.peer]
             for outcome in OUTCOMES:
@@ -91,3 +120,4 @@ def closed_connection_families(state: ExportState) -> Iterator[Metric]:
             bytes_received.add_metric(labels, row.bytes_received)
     yield from (closed, rtt, sent, retransmitted, bytes_sent, bytes_received, events, lost)
     yield folded
+    yield from (overruns, ignored, malformed, evicted)
