@@ -25,6 +25,7 @@ from tcpwatch.cli_parser import (
 )
 from tcpwatch.config import Config, ConfigError, RuleCatalogue, load_config, parse_namespaces
 from tcpwatch.errors import UsageError
+from tcpwatch.escape import terminal
 from tcpwatch.logformat import setup_logging
 from tcpwatch.paths import procfs_problem
 from tcpwatch.state import ExportState
@@ -66,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return serve(config, lambda: _load(args))
     except UsageError as error:
-        print(f"tcpwatch: {error}", file=sys.stderr)
+        # Messages may quote a daemon's answer or a host's name: escaped, one line whatever it is.
+        print(f"tcpwatch: {terminal(str(error))}", file=sys.stderr)
         return EXIT_UNKNOWN
     except ConfigError as error:
         for line in error.errors:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tcpwatch.errors import UsageError
+from tcpwatch.escape import terminal
 from tcpwatch.model import Snapshot, SourceStatus
 from tcpwatch.render.json import findings_from_document
 from tcpwatch.rules import Finding
@@ -45,8 +46,9 @@ class Daemon:
     ) -> Any:
         """GET path (with ``query``) and parse the JSON answer."""
         target = path + ("?" + urllib.parse.urlencode(dict(query)) if query else "")
-        status, reason, body = self._get(target, timeout)
+        status, raw_reason, body = self._get(target, timeout)
         where = f"tcpwatch at {self.shown}"
+        reason = terminal(raw_reason[:100])  # the server's words: escaped, bounded
         if status in (401, 403):
             raise DaemonError(
                 f"{where} answered {status} {reason}: give the user and password in the URL "
@@ -54,7 +56,7 @@ class Daemon:
             )
         if status != 200:
             first = body.decode("utf-8", "replace").strip().splitlines()[:1]
-            detail = first[0][:200] if first else ""
+            detail = terminal(first[0][:200]) if first else ""
             raise DaemonError(
                 f"{where} answered {status} {reason} for {path}"
                 + (f": {detail}" if detail else "")

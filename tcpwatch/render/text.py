@@ -2,7 +2,8 @@
 
 Its first line follows the Nagios plugin convention (``TCPWATCH CRITICAL - 2 critical,
 1 warning``); findings follow, grouped by severity, each with its evidence, the fix and the
-documentation page. ANSI colour only when asked for.
+documentation page. ANSI colour only when asked for. Names from the host or a daemon are escaped
+(render/printable.py): the only escape sequences in the report are its own colours.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from types import MappingProxyType
 
 from tcpwatch.config import DEFAULT_DOCS_URL
 from tcpwatch.model import Snapshot
+from tcpwatch.render.printable import printable_finding, printable_snapshot
 from tcpwatch.render.status import SEVERITIES, Gauges, doc_url, status_of
 from tcpwatch.rules import Finding, sort_key
 
@@ -130,7 +132,9 @@ def render_text(
     ``perf`` (:func:`perfdata`) follows the first line's ``|``; ``docs_url`` is where the rule
     pages are (the config's ``docs_url``).
     """
-    ordered = sorted(findings, key=sort_key)
+    # Every host or remote string escaped once, here: nothing below prints a control character.
+    ordered = sorted(map(printable_finding, findings), key=sort_key)
+    snapshots = [printable_snapshot(snapshot) for snapshot in snapshots]
     status, _ = status_of(ordered)
     first = summary_line(ordered)
     style = _COLOURS["ok"] if status == "OK" else _COLOURS[status.lower()]

@@ -1,8 +1,10 @@
 """One screen of `tcpwatch top`, laid out from /api/v1/snapshot and /api/v1/findings documents.
 
 Pure: documents and a size in, styled lines out, so the layout is tested without a terminal and
-the batch mode prints the very same lines. Nothing here interprets a host string: names are
-shown as they are, cut to the width.
+the batch mode prints the very same lines. Every line is escaped for the terminal
+(tcpwatch/escape.py) before it is cut to the width: a name from the host or the daemon with an
+escape sequence, a newline or a NUL (which curses refuses) is shown as ``\x1b``, ``\n``,
+``\x00``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from tcpwatch.escape import terminal
 
 # Short column labels, in the order an on-call engineer reads them: opening, open, closing.
 STATE_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -62,6 +66,7 @@ class View:
 
 
 def _cut(text: str, width: int) -> str:
+    text = terminal(text)
     return text if len(text) <= width else text[: max(width - 1, 0)] + "~"
 
 
@@ -251,7 +256,8 @@ KEYS_HELP = "q quit  n namespace  s sort  p pause  r refresh now"
 
 def fit(lines: Sequence[Line], width: int, height: int) -> list[Line]:
     """The lines that fit a terminal: the top of the screen, and the keys on the last row."""
+    lines = [Line(_cut(line.text, width), line.style) for line in lines]
     if height < 2:
-        return list(lines[:height])
-    body = list(lines[: height - 1])
+        return lines[:height]
+    body = lines[: height - 1]
     return [*body, *[Line("")] * (height - 1 - len(body)), Line(_cut(KEYS_HELP, width), "dim")]
