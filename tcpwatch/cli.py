@@ -316,17 +316,29 @@ def _top(config: Config, args: argparse.Namespace) -> int:
 
 
 def _check_from(config: Config, args: argparse.Namespace) -> int:
-    """`check --from URL`: the daemon's latest findings, reported as `check` reports its own."""
+    """`check --from URL`: the daemon's latest findings, reported as `check` reports its own.
+
+    Nothing in the daemon's answer is printed as it came: its findings are checked field by
+    field, the status and exit code are computed here from their severities, and the JSON
+    report is written anew from what was checked."""
     from tcpwatch.client import parse_daemon_url, report_from_document
+    from tcpwatch.render.json import report_document
+    from tcpwatch.render.status import status_of
 
     if args.window is not None:
         raise UsageError("--window: not with --from (the daemon's own poll interval is the window)")
     daemon = parse_daemon_url(args.from_url)
     query = {"netns": args.netns} if args.netns and args.netns not in ("all", "self") else {}
-    document = daemon.get_json("/api/v1/findings", {**query, "limit": "10000"})
-    findings, snapshots = report_from_document(daemon, document)
-    code = int(document["exit_code"])
-    if args.netns and args.netns not in ("all", "self") and not snapshots:
+    report = report_from_document(
+        daemon, daemon.get_json("/api/v1/findings", {**query, "limit": "10000"})
+    )
+    if args.netns and args.netns not in ("all", "self") and not report.snapshots:
         raise UsageError(f'--netns: the daemon at {daemon.shown} polls no namespace "{args.netns}"')
-    _report(config, args, findings, snapshots, document)
-    return code
+    document = report_document(
+        report.findings, report.snapshots, report.window_seconds, docs_url=config.docs_url
+    )
+    document["gauges"] = report.gauges.to_json()
+    if report.findings_total is not None and report.findings_total > len(report.findings):
+        document["findings_total"] = report.findings_total
+    _report(config, args, report.findings, report.snapshots, document)
+    return status_of(report.findings)[1]

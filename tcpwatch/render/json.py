@@ -10,12 +10,13 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 from tcpwatch.config import DEFAULT_DOCS_URL
+from tcpwatch.jsonshape import Shape, ShapeError
 from tcpwatch.model import Snapshot
 from tcpwatch.render.status import SEVERITIES, Gauges, doc_url, status_of
-from tcpwatch.rules import EvidenceValue, Finding, sort_key
+from tcpwatch.rules import EvidenceValue, Finding, Severity, sort_key
 from tcpwatch.rules.shapes import counter_key
 
 # 2: every evidence key is snake_case; kernel counters' keys changed (docs/check-json.md).
@@ -98,28 +99,31 @@ def findings_from_json(text: str) -> list[Finding]:
 
 
 def findings_from_document(document: Any) -> list[Finding]:
-    """The findings of a report document (parsed JSON); ValueError when it is not one."""
+    """The findings of a report document (parsed JSON), every field's type checked; ShapeError
+    (a ValueError) naming the first field that is wrong when it is not one."""
+    root = Shape(document)
     if not isinstance(document, dict):
-        raise ValueError("not a check report: expected a JSON object")
-    version = document.get("schema_version")
+        raise root.fail("a check report (a JSON object)")
+    version = root.field("schema_version").integer()
     if version not in READABLE_VERSIONS:
-        raise ValueError(f"unsupported check report schema_version {version!r}")
-    return [
-        Finding(
-            rule_id=item["id"],
-            slug=item["slug"],
-            severity=item["severity"],
-            title=item["title"],
-            netns=item["netns"],
-            subject=item["subject"],
-            evidence=MappingProxyType(
-                dict(item["evidence"]) if version == SCHEMA_VERSION else _v1(item["evidence"])
-            ),
-            remediation=item["remediation"],
-            doc=item["doc"],
-        )
-        for item in document["findings"]
-    ]
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        raise ShapeError(f"schema_version: {version} is not one this tcpwatch reads ({readable})")
+    return [_finding(item, version) for item in root.field("findings").items()]
+
+
+def _finding(item: Shape, version: int) -> Finding:
+    evidence = {key: value.scalar() for key, value in item.field("evidence").members()}
+    return Finding(
+        rule_id=item.field("id").string(),
+        slug=item.field("slug").string(),
+        severity=cast(Severity, item.field("severity").choice(SEVERITIES)),
+        title=item.field("title").string(),
+        netns=item.field("netns").string(),
+        subject=item.field("subject").string(),
+        evidence=MappingProxyType(evidence if version == SCHEMA_VERSION else _v1(evidence)),
+        remediation=item.field("remediation").string(),
+        doc=item.field("doc").string(),
+    )
 
 
 def _v1(evidence: dict[str, EvidenceValue]) -> dict[str, EvidenceValue]:

@@ -3,12 +3,15 @@ Pipeline of its own (the same documents either way, so the screen has one code p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from tcpwatch.client import Daemon, DaemonError, local_daemon_url, parse_daemon_url
 from tcpwatch.config import Config
+from tcpwatch.jsonshape import ShapeError
 from tcpwatch.pipeline import Pipeline
 from tcpwatch.render import api
+from tcpwatch.top.documents import checked_findings, checked_snapshot
 
 Documents = tuple[dict[str, Any], dict[str, Any]]  # /api/v1/snapshot, /api/v1/findings
 LIMIT = 100  # listeners and destinations fetched: more than a screen holds
@@ -31,11 +34,22 @@ class DaemonFeed:
         query = {"sort": sort, "limit": str(LIMIT)}
         if netns:
             query["netns"] = netns
-        snapshot = self._daemon.get_json("/api/v1/snapshot", query)
-        findings = self._daemon.get_json("/api/v1/findings", {"netns": netns} if netns else None)
-        if not isinstance(snapshot, dict) or not isinstance(findings, dict):
-            raise DaemonError(f"tcpwatch at {self._daemon.shown} answered an unexpected document")
+        snapshot = self._checked("/api/v1/snapshot", checked_snapshot, query)
+        findings = self._checked(
+            "/api/v1/findings", checked_findings, {"netns": netns} if netns else None
+        )
         return snapshot, findings
+
+    def _checked(
+        self, path: str, check: Callable[[Any], dict[str, Any]], query: dict[str, str] | None
+    ) -> dict[str, Any]:
+        try:
+            return check(self._daemon.get_json(path, query))
+        except ShapeError as error:
+            raise DaemonError(
+                f"tcpwatch at {self._daemon.shown} answered {path} with an unexpected document "
+                f"({error}); is it the same tcpwatch version?"
+            ) from None
 
     def close(self) -> None:
         pass
@@ -53,8 +67,8 @@ class LocalFeed:
         state = self._pipeline.poll(self._config)
         query = api.SnapshotQuery(netns=netns, limit=LIMIT, sort=sort)
         return (
-            api.snapshot_document(state, query),
-            api.findings_document(state, netns, api.DEFAULT_FINDINGS_LIMIT),
+            checked_snapshot(api.snapshot_document(state, query)),
+            checked_findings(api.findings_document(state, netns, api.DEFAULT_FINDINGS_LIMIT)),
         )
 
     def close(self) -> None:

@@ -210,7 +210,10 @@ def layout(
     """Every line of the screen, in order, each at most ``width`` characters."""
     names: Sequence[str] = snapshot.get("netns_names", [])
     ns = choose(snapshot, view.netns)
-    polled = time.strftime("%H:%M:%S", time.localtime(snapshot.get("last_poll", 0)))
+    try:
+        polled = time.strftime("%H:%M:%S", time.localtime(snapshot.get("last_poll") or 0))
+    except (OverflowError, OSError, ValueError):  # a daemon's time far outside the calendar
+        polled = "?"
     where = "no namespace" if ns is None else f"netns {ns['netns']}"
     position = (
         f" ({names.index(ns['netns']) + 1}/{len(names)})" if ns and ns["netns"] in names else ""
