@@ -27,7 +27,7 @@ BATCH_WIDTH = 132
 def batch(feed: Feed, netns: str | None, sort: str, width: int | None = None) -> str:
     """One plain screen, every line (like `top -b -n 1`)."""
     snapshot, findings = feed.fetch(netns, sort)
-    view = View(netns=netns, sort=sort, source=feed.label)
+    view = View(netns=netns, sort=sort, source=feed.label, note=feed.note)
     lines = layout(snapshot, findings, view, width or BATCH_WIDTH)
     return "\n".join(line.text.rstrip() for line in lines) + "\n"
 
@@ -118,7 +118,7 @@ class _Loop:
 
 def interactive(feed: Feed, netns: str | None, sort: str, delay: float) -> None:
     color = os.environ.get("NO_COLOR") is None
-    view = View(netns=netns, sort=sort, source=f"{feed.label} - every {delay:g} s")
+    view = View(netns=netns, sort=sort, source=f"{feed.label} - every {delay:g} s", note=feed.note)
 
     def main(screen: Any) -> None:
         _Loop(screen, feed, view, delay, color and curses.has_colors()).run()

@@ -9,16 +9,19 @@ from typing import Any, Protocol
 from tcpwatch.client import Daemon, DaemonError, local_daemon_url, parse_daemon_url
 from tcpwatch.config import Config
 from tcpwatch.jsonshape import ShapeError
+from tcpwatch.paths import ProcPaths
 from tcpwatch.pipeline import Pipeline
 from tcpwatch.render import api
 from tcpwatch.top.documents import checked_findings, checked_snapshot
+from tcpwatch.top.local import verify
 
 Documents = tuple[dict[str, Any], dict[str, Any]]  # /api/v1/snapshot, /api/v1/findings
 LIMIT = 100  # listeners and destinations fetched: more than a screen holds
 
 
 class Feed(Protocol):
-    label: str
+    label: str  # where the numbers come from, for the title
+    note: str  # why, when it is not the daemon one would expect: a line under the status
 
     def fetch(self, netns: str | None, sort: str) -> Documents: ...
 
@@ -26,9 +29,10 @@ class Feed(Protocol):
 
 
 class DaemonFeed:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, detail: str = "") -> None:
         self._daemon = daemon
-        self.label = f"from {daemon.shown}"
+        self.label = f"from {daemon.shown}" + (f" ({detail})" if detail else "")
+        self.note = ""
 
     def fetch(self, netns: str | None, sort: str) -> Documents:
         query = {"sort": sort, "limit": str(LIMIT)}
@@ -61,7 +65,8 @@ class LocalFeed:
     def __init__(self, config: Config, why: str) -> None:
         self._config = config
         self._pipeline = Pipeline(long_lived=False, cached=False, log_failures=False)
-        self.label = f"polling this host ({why})"
+        self.label = "polling this host"
+        self.note = f"{why}: polling this host instead"
 
     def fetch(self, netns: str | None, sort: str) -> Documents:
         state = self._pipeline.poll(self._config)
@@ -76,16 +81,21 @@ class LocalFeed:
 
 
 def open_feed(config: Config, url: str | None) -> Feed:
-    """The daemon at ``url`` (its errors are the caller's), else the local daemon if one
-    answers, else this host polled directly."""
+    """The daemon at ``url`` (its errors are the caller's); else the local daemon when its
+    listener can be verified (top/local.py) and it answers; else this host polled directly,
+    the title saying why."""
     if url is not None:
         feed = DaemonFeed(parse_daemon_url(url))
         feed.fetch(None, "fill")  # fail now, with its one-line error, not inside curses
         return feed
     local = local_daemon_url(config.listen)
+    daemon = parse_daemon_url(local)
+    verdict = verify(local, daemon.host, daemon.port, ProcPaths(config.procfs))
+    if not verdict.trusted:
+        return LocalFeed(config, verdict.detail)
+    feed = DaemonFeed(daemon, verdict.detail)
     try:
-        daemon = parse_daemon_url(local)
-        daemon.get_json("/api/v1/snapshot", {"limit": "1"}, timeout=1.0)
-    except DaemonError:
-        return LocalFeed(config, f"no daemon answered at {local}")
-    return DaemonFeed(daemon)
+        feed.fetch(None, "fill")
+    except DaemonError as error:
+        return LocalFeed(config, f"the daemon at {local} did not answer: {error}")
+    return feed

@@ -63,6 +63,7 @@ class View:
     sort: str = "fill"
     paused: bool = False
     source: str = ""  # where the numbers come from, for the title
+    note: str = ""  # why they come from there, when that needs saying: a line of its own
 
 
 def _cut(text: str, width: int) -> str:
@@ -233,6 +234,8 @@ def layout(
             {"CRITICAL": "critical", "WARNING": "warning"}.get(status, "ok"),
         ),
     ]
+    if view.note:
+        lines.append(Line(f"source   {view.note}", "dim"))
     if ns is None:
         return [Line(_cut(line.text, width), line.style) for line in lines]
     failed = [s for s in ns.get("sources", []) if not s["ok"]]

@@ -1,0 +1,205 @@
+"""Whether `tcpwatch top` may read the daemon at the configured listen address without being told.
+
+Anyone can listen on 127.0.0.1:9477 while no daemon runs, and answer a made-up API: root's `top`
+would then show "no findings" on a host `check` calls CRITICAL. So `top` reads the local daemon
+on its own only when the listener there can be verified (docs/security.md):
+
+* every listening socket a connection to that address may reach (the address itself, or the
+  wildcard of its port) belongs, as sock_diag reports its uid, to root, to the user running `top`,
+  or to the user of a process of the systemd unit tcpwatch.service (its ``DynamicUser=``; only
+  root places processes in that unit's cgroup);
+* and, when /proc shows which process holds it, that process is tcpwatch.
+
+Otherwise `top` polls the host itself and its header says why. ``--from URL`` is never second-
+guessed: it names the server to read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import os
+import socket
+import struct
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+
+from tcpwatch.paths import ProcPaths
+from tcpwatch.sources import netlink
+from tcpwatch.sources.processes import wanted_sockets_in
+
+UNIT = "tcpwatch.service"
+TCP_LISTEN = 10
+_LISTEN_MASK = 1 << TCP_LISTEN
+_MESSAGE = struct.Struct("=IHHII")  # nlmsghdr
+_SPORT = struct.Struct("!H")
+_UID_INODE = struct.Struct("=II")  # inet_diag_msg idiag_uid, idiag_inode at offset 80
+_ADDRESS_BYTES = {"ipv4": 4, "ipv6": 16}
+MAX_PROCESSES = 100_000  # /proc entries looked at, at most, to find a listener's process
+
+
+@dataclass(frozen=True, slots=True)
+class ListeningSocket:
+    family: str
+    address: str
+    port: int
+    uid: int
+    inode: int
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """The process holding a listening socket, as /proc shows it."""
+
+    pid: int
+    name: str
+    is_tcpwatch: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    trusted: bool
+    detail: str  # "daemon pid 812, uid 0" when trusted; why not otherwise
+
+
+def listening_sockets(port: int) -> list[ListeningSocket]:
+    """Every TCP listener of this network namespace on ``port``, from a sock_diag dump."""
+    found: list[ListeningSocket] = []
+    with netlink.open_socket() as sock:
+        for family in ("ipv4", "ipv6"):
+            sock.send(netlink.build_request(family, _LISTEN_MASK))
+            found += [s for s in _read_dump(sock, family) if s.port == port]
+    return found
+
+
+def _read_dump(sock: socket.socket, family: str) -> Iterable[ListeningSocket]:
+    width = _ADDRESS_BYTES[family]
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            raise netlink.SockDiagError("netlink socket closed before the dump ended")
+        offset = 0
+        while offset + 16 <= len(data):
+            length, kind, _, _, _ = _MESSAGE.unpack_from(data, offset)
+            if kind == netlink.NLMSG_DONE:
+                return
+            if kind == netlink.NLMSG_ERROR:
+                (code,) = netlink.ERRNO_FIELD.unpack_from(data, offset + 16)
+                raise netlink.SockDiagError(f"sock_diag dump failed: {os.strerror(-code)}")
+            if length < 88 or offset + length > len(data):
+                raise netlink.SockDiagError("malformed sock_diag message")
+            raw = data[offset + 24 : offset + 24 + width]
+            (port,) = _SPORT.unpack_from(data, offset + 20)
+            uid, inode = _UID_INODE.unpack_from(data, offset + 80)
+            address = str(ipaddress.ip_address(raw))
+            yield ListeningSocket(family, address, port, uid, inode)
+            offset += (length + 3) & ~3
+
+
+def reachable(listeners: Iterable[ListeningSocket], host: str) -> list[ListeningSocket]:
+    """The listeners a connection to ``host`` on their port may reach: those bound to ``host``
+    itself and the wildcards (``[::]`` too for an IPv4 host: a dual-stack socket takes it)."""
+    wildcards = {"0.0.0.0", "::"} if ":" not in host else {"::"}
+    return [s for s in listeners if s.address == host or s.address in wildcards]
+
+
+def unit_uids(paths: ProcPaths, unit: str = UNIT) -> set[int]:
+    """The uids of the processes in the systemd unit ``unit`` (its cgroup's last component)."""
+    uids: set[int] = set()
+    for pid in _pids(paths):
+        try:
+            with open(paths.pid(pid, "cgroup"), encoding="utf-8", errors="replace") as file:
+                groups = [line.rstrip("\n").rpartition(":")[2] for line in file]
+            if not any(group.rstrip("/").rpartition("/")[2] == unit for group in groups):
+                continue
+            with open(paths.pid(pid, "status"), encoding="utf-8", errors="replace") as file:
+                for line in file:
+                    if line.startswith("Uid:"):
+                        uids.add(int(line.split()[1]))  # the real uid
+        except (OSError, ValueError, IndexError):
+            continue  # gone, or not readable: not evidence either way
+    return uids
+
+
+def holders(paths: ProcPaths, inodes: Collection[int]) -> dict[int, Holder]:
+    """Socket inode -> the process holding it, for the processes whose fds we may read."""
+    found: dict[int, Holder] = {}
+    wanted = set(inodes)
+    for pid in _pids(paths):
+        if not wanted - set(found):
+            break
+        try:
+            held = wanted_sockets_in(paths.pid(pid, "fd"), wanted)
+        except OSError:
+            continue  # another user's process (no CAP_SYS_PTRACE), or gone
+        for inode, _ in held:
+            found[inode] = _holder(paths, pid)
+    return found
+
+
+def _holder(paths: ProcPaths, pid: int) -> Holder:
+    try:
+        with open(paths.pid(pid, "cmdline"), "rb") as file:
+            argv = file.read(4096).split(b"\0")
+        with open(paths.pid(pid, "comm"), "rb") as file:
+            name = file.read(64).rstrip(b"\n").decode("utf-8", "replace")
+    except OSError:
+        return Holder(pid, "?", False)
+    return Holder(pid, name, is_tcpwatch_command(argv))
+
+
+def is_tcpwatch_command(argv: list[bytes]) -> bool:
+    """``tcpwatch serve``, ``/usr/bin/python3 /usr/bin/tcpwatch serve``, ``python -m tcpwatch``."""
+    words = [os.path.basename(word) for word in argv[:4]]
+    if b"tcpwatch" in words:
+        return True
+    return any(pair == (b"-m", b"tcpwatch") for pair in itertools.pairwise(argv))
+
+
+def _pids(paths: ProcPaths) -> list[int]:
+    return sorted(paths.list_pids())[:MAX_PROCESSES]
+
+
+def judge(
+    listeners: Collection[ListeningSocket],
+    me: int,
+    unit: Collection[int],
+    held_by: Mapping[int, Holder],
+    where: str,
+) -> Verdict:
+    """Whether the ``listeners`` at ``where`` are a daemon `top` may read unasked."""
+    if not listeners:
+        return Verdict(False, f"no daemon listens at {where}")
+    for sock in listeners:
+        holder = held_by.get(sock.inode)
+        if sock.uid not in (0, me) and sock.uid not in unit:
+            return Verdict(
+                False,
+                f"the listener at {where} belongs to uid {sock.uid}: not root, not you, not "
+                f"{UNIT}; --from {where} reads it anyway",
+            )
+        if holder is not None and not holder.is_tcpwatch:
+            return Verdict(
+                False,
+                f"the listener at {where} is {holder.name}[{holder.pid}], not tcpwatch; "
+                f"--from {where} reads it anyway",
+            )
+    first = next(iter(listeners))
+    holder = held_by.get(first.inode)
+    pid = f"pid {holder.pid}, " if holder is not None else ""
+    return Verdict(True, f"daemon {pid}uid {first.uid}")
+
+
+def verify(url: str, host: str, port: int, paths: ProcPaths) -> Verdict:
+    """The verdict on the daemon at ``url`` (``host``:``port``) in this network namespace."""
+    try:
+        address = str(ipaddress.ip_address(host))
+    except ValueError:
+        return Verdict(False, f"{url} names a host, not an address: it cannot be verified")
+    try:
+        listeners = reachable(listening_sockets(port), address)
+    except (OSError, netlink.SockDiagError) as error:
+        return Verdict(False, f"cannot verify the listener at {url}: {error}")
+    uids = {s.uid for s in listeners}
+    unit = unit_uids(paths) if uids - {0, os.geteuid()} else set()
+    return judge(listeners, os.geteuid(), unit, holders(paths, [s.inode for s in listeners]), url)
