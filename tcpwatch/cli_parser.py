@@ -35,16 +35,21 @@ FLAG_NAMES = {
 }
 
 
+class ArgumentsError(Exception):
+    """The command line is wrong: one line for stderr (`main` prints it; exit 3, UNKNOWN)."""
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, message: str) -> NoReturn:
-        # argparse exits 2, which Nagios reads as CRITICAL: a bad flag is UNKNOWN (3). The
-        # message echoes the value given: one bounded line whatever it was.
+        # argparse exits 2, which Nagios reads as CRITICAL: a bad flag is UNKNOWN (3), and
+        # `check` says so on stdout too, so main() reports it. The message echoes the value
+        # given: one bounded line whatever it was.
         line = one_line(message, 4 * MAX_SHOWN_CHARS)
-        self.exit(EXIT_UNKNOWN, f"tcpwatch: {line} (see tcpwatch --help)\n")
+        raise ArgumentsError(f"{line} (see tcpwatch --help)")
 
 
 def _seconds(text: str) -> float:

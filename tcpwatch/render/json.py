@@ -21,6 +21,7 @@ from tcpwatch.rules.shapes import counter_key
 
 # 2: every evidence key is snake_case; kernel counters' keys changed (docs/check-json.md).
 SCHEMA_VERSION = 2
+EXIT_UNKNOWN = 3  # Nagios: the check could not be done (cli_parser.EXIT_UNKNOWN, one layer up)
 READABLE_VERSIONS = (1, 2)  # findings_from_document translates a version 1 report's keys
 _V1_COUNTER = re.compile(r"(TcpExt[A-Za-z]+)_(in_window|total)")
 
@@ -45,9 +46,12 @@ def render_json(
     snapshots: Sequence[Snapshot],
     window_seconds: float,
     docs_url: str = DEFAULT_DOCS_URL,
+    unknown: str | None = None,
 ) -> str:
     """The machine report (schema in docs/check-json.md), one JSON document and a newline."""
-    document = report_document(findings, snapshots, window_seconds, docs_url=docs_url)
+    document = report_document(
+        findings, snapshots, window_seconds, docs_url=docs_url, unknown=unknown
+    )
     return json.dumps(document, indent=2) + "\n"
 
 
@@ -57,12 +61,16 @@ def report_document(
     window_seconds: float,
     limit: int | None = None,
     docs_url: str = DEFAULT_DOCS_URL,
+    unknown: str | None = None,
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict. ``limit`` cuts the findings list (the daemon's API);
     status, exit code and summary still count every finding, and ``findings_total`` says how
-    many there were when the list was cut."""
+    many there were when the list was cut. ``unknown``: why the check could not be completed
+    (status UNKNOWN, exit code 3, the reason in ``error``), with whatever it found so far."""
     ordered = sorted(findings, key=sort_key)
     status, code = status_of(ordered)
+    if unknown is not None:
+        status, code = "UNKNOWN", EXIT_UNKNOWN
     counts = Counter(f.severity for f in ordered)
     document: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -90,6 +98,8 @@ def report_document(
     }
     if limit is not None and len(ordered) > limit:
         document["findings_total"] = len(ordered)
+    if unknown is not None:
+        document["error"] = unknown
     return document
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 from tcpwatch.config import DEFAULT_DOCS_URL
+from tcpwatch.escape import terminal
 from tcpwatch.model import Snapshot
 from tcpwatch.render.printable import printable_finding, printable_snapshot
 from tcpwatch.render.status import SEVERITIES, Gauges, doc_url, status_of
@@ -33,11 +34,16 @@ _COLOURS: Mapping[str, str] = MappingProxyType(
 _LABEL_WIDTH = 12
 
 
-def summary_line(findings: Sequence[Finding]) -> str:
-    """The Nagios-style first line: ``TCPWATCH CRITICAL - 2 critical, 1 warning``."""
-    status, _ = status_of(findings)
+def summary_line(findings: Sequence[Finding], unknown: str | None = None) -> str:
+    """The Nagios-style first line: ``TCPWATCH CRITICAL - 2 critical, 1 warning``; with
+    ``unknown`` (why the check is incomplete), ``TCPWATCH UNKNOWN - <why> (1 warning)``."""
     counts = Counter(f.severity for f in findings)
     parts = [f"{counts[s]} {s}" for s in SEVERITIES if counts[s]]
+    if unknown is not None:
+        return f"TCPWATCH UNKNOWN - {terminal(unknown)}" + (
+            f" ({', '.join(parts)})" if parts else ""
+        )
+    status, _ = status_of(findings)
     return f"TCPWATCH {status} - " + (", ".join(parts) if parts else "no findings")
 
 
@@ -123,8 +129,10 @@ def render_text(
     verbose: bool = False,
     docs_url: str = DEFAULT_DOCS_URL,
     perf: str = "",
+    unknown: str | None = None,
 ) -> str:
-    """The human report; ANSI colour only when ``color``.
+    """The human report; ANSI colour only when ``color``; ``unknown``: why the check could not
+    be completed (its status is then UNKNOWN, whatever the findings).
 
     With several namespaces, findings are grouped by namespace first, then by severity. Info
     findings are one line each (title and doc page) unless ``verbose``: they explain, they do not
@@ -136,8 +144,10 @@ def render_text(
     ordered = sorted(map(printable_finding, findings), key=sort_key)
     snapshots = [printable_snapshot(snapshot) for snapshot in snapshots]
     status, _ = status_of(ordered)
-    first = summary_line(ordered)
+    first = summary_line(ordered, unknown)
     style = _COLOURS["ok"] if status == "OK" else _COLOURS[status.lower()]
+    if unknown is not None:
+        style = _COLOURS["warning"]
     lines = [_paint(first, style, color) + (f" | {perf}" if perf else "")]
     for snapshot in snapshots:
         ok = sum(1 for s in snapshot.sources if s.ok)

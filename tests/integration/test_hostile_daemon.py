@@ -24,6 +24,7 @@ from tcpwatch.model import ProcessRef
 from tcpwatch.render import api
 from tcpwatch.rules import Finding
 from tcpwatch.state import ExportState
+from tests.unit.plugin_output import assert_unknown_stdout
 from tests.unit.snapshots import T1, listener, snapshot, socket_table
 
 from .netns import REPO_ROOT, Netns, run_tcpwatch, tcpwatch_env
@@ -112,11 +113,13 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
 
 
 def unknown_line(done: Any) -> str:
-    """The one error line of an UNKNOWN exit: exit 3, escaped, no traceback."""
+    """The one error line of an UNKNOWN exit: exit 3, escaped, no traceback; `check` says it
+    on stdout too (its UNKNOWN status)."""
     assert done.returncode == 3, (done.returncode, done.stdout, done.stderr)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tcpwatch: "), done.stderr
     assert lines[0].isprintable(), lines[0]
+    assert_unknown_stdout(done.args[done.args.index("tcpwatch") + 1 :], done.stdout, done.stderr)
     return lines[0]
 
 
