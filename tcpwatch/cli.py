@@ -23,6 +23,7 @@ from tcpwatch.cli_check import (
     command_in,
     output_in,
     require_linux,
+    threshold_flags,
     usable,
     write_unknown,
 )
@@ -179,6 +180,8 @@ def _load(args: argparse.Namespace) -> Config:
             raise UsageError(f"--window: expected seconds between 0 and 300, got {args.window:g}")
         changes["check_window"] = args.window
     config = replace(config, **changes) if changes else config
+    if args.command == "check":
+        config = threshold_flags(config, args, rule_catalogue())
     if args.command == "serve":
         # Checked here, not at bind time, so a bad address is refused by a reload (SIGHUP) too.
         from tcpwatch.http.listen import ListenError, parse_listen

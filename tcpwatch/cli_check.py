@@ -12,21 +12,25 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from tcpwatch.cli_parser import EXIT_CRITICAL, EXIT_UNKNOWN
-from tcpwatch.config import Config
+from tcpwatch.config import Config, RuleCatalogue, RuleOverride
 from tcpwatch.errors import UsageError
 from tcpwatch.escape import terminal
 from tcpwatch.paths import procfs_problem
 from tcpwatch.state import ExportState
+from tcpwatch.validation import parse_seconds, show
 
 if TYPE_CHECKING:
     from tcpwatch.model import Snapshot
+    from tcpwatch.pipeline import Pipeline
     from tcpwatch.rules.base import Finding
 
 log = logging.getLogger("tcpwatch")
@@ -86,21 +90,9 @@ def check(config: Config, args: argparse.Namespace) -> int:
 
     # With a window, the long-lived sources hear what happens during it.
     windowed = config.check_window > 0
-    pipeline = Pipeline(long_lived=windowed, cached=False, log_failures=False)
-    try:
-        state = usable(config, pipeline.poll(config))
-        if windowed:
-            if sys.stderr.isatty():  # a person waiting: say why nothing happens yet
-                print(
-                    f"tcpwatch: watching the kernel counters for {config.check_window:g} s "
-                    "(--window 0 for an instant audit) ...",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            time.sleep(config.check_window)
-            state = usable(config, pipeline.poll(config))
-    finally:
-        pipeline.close()
+    seconds = timeout_of(args, config.check_window)
+    with deadline(seconds, Output.of(args)):
+        state = _poll(config, Pipeline(long_lived=windowed, cached=False, log_failures=False))
     findings = list(state.findings)
     current = list(state.snapshots)
     code = worst_exit_code(findings)
@@ -113,6 +105,119 @@ def check(config: Config, args: argparse.Namespace) -> int:
         code = EXIT_UNKNOWN
     write_report(config, args, findings, current, None, unknown)
     return code
+
+
+def _poll(config: Config, pipeline: Pipeline) -> ExportState:
+    """One poll, or two --window apart."""
+    try:
+        state = usable(config, pipeline.poll(config))
+        if config.check_window > 0:
+            if sys.stderr.isatty():  # a person waiting: say why nothing happens yet
+                print(
+                    f"tcpwatch: watching the kernel counters for {config.check_window:g} s "
+                    "(--window 0 for an instant audit) ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            time.sleep(config.check_window)
+            state = usable(config, pipeline.poll(config))
+    finally:
+        pipeline.close()
+    return state
+
+
+TIMEOUT_MARGIN = 25.0  # seconds the default --timeout gives beyond the window: polls, startup
+FROM_TIMEOUT = 30.0  # the default --timeout of check --from: as a check with the default window
+
+
+def timeout_of(args: argparse.Namespace, window: float) -> float:
+    """The whole check's time limit: -t/--timeout, else the window plus TIMEOUT_MARGIN."""
+    if args.timeout is None:
+        return window + TIMEOUT_MARGIN
+    if not 1 <= args.timeout <= 3600:
+        raise UsageError(f"-t/--timeout: expected seconds between 1 and 3600, got {args.timeout:g}")
+    if args.timeout <= window:
+        raise UsageError(
+            f"-t/--timeout: {args.timeout:g} s leaves no time after the {window:g} s window; "
+            "give more, or a shorter --window"
+        )
+    return float(args.timeout)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, output: Output) -> Iterator[None]:
+    """Within this block, the check ends UNKNOWN once ``seconds`` have passed, whatever it is
+    doing: a poll blocked on a read, a daemon that answers slowly. Like a check_* plugin's
+    alarm, the handler says so (stderr and stdout) and exits at once, without waiting for
+    threads that may be stuck (SIGALRM; the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: object) -> None:
+        message = f"the check did not finish within {seconds:g} s (-t/--timeout)"
+        with contextlib.suppress(OSError):
+            print(f"tcpwatch: {message}", file=sys.stderr, flush=True)
+        write_unknown(output, message)
+        os._exit(EXIT_UNKNOWN)
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def threshold_flags(config: Config, args: argparse.Namespace, catalogue: RuleCatalogue) -> Config:
+    """``config`` with the rule thresholds of -w/--warning and -c/--critical over its own."""
+    changes: dict[str, dict[str, float | None]] = {}
+    for flag, name, items in (
+        ("-w/--warning", "warning", args.warning),
+        ("-c/--critical", "critical", args.critical),
+    ):
+        for part in (part for item in items or () for part in item.split(",")):
+            rule_id, value = _threshold(flag, name, part, catalogue)
+            changes.setdefault(rule_id, {})[name] = value
+    if not changes:
+        return config
+    if args.from_url is not None:
+        raise UsageError(
+            "-w/-c: not with --from (the daemon's thresholds apply: set them in its config)"
+        )
+    rules = dict(config.rules)
+    for rule_id, values in changes.items():
+        old = rules.get(rule_id, RuleOverride())
+        rules[rule_id] = RuleOverride(old.enabled, {**old.thresholds, **values})
+    return replace(config, rules=rules)
+
+
+def _threshold(flag: str, name: str, part: str, catalogue: RuleCatalogue) -> tuple[str, float]:
+    rule, equals, text = (word.strip() for word in part.partition("="))
+    if not equals or not rule or not text:
+        raise UsageError(f"{flag}: expected RULE=VALUE such as Q01=0.9, got {show(part)}")
+    rule_id = rule.upper()
+    if rule_id not in catalogue:
+        raise UsageError(f"{flag}: unknown rule {show(rule)} (tcpwatch rules lists them)")
+    thresholds = catalogue[rule_id]
+    if name not in thresholds:
+        known = ", ".join(thresholds) or "none"
+        raise UsageError(
+            f"{flag}: {rule_id} has no {name} threshold (its thresholds: {known}); set those "
+            f"as rules.{rule_id}.NAME in the configuration file"
+        )
+    low, high, unit = thresholds[name]
+    percent = text.endswith("%") and unit == "ratio"
+    value = parse_seconds(text[:-1] if percent else text)  # a plain non-negative number
+    if value is not None and percent:
+        value /= 100
+    if value is None or not low <= value <= high:
+        raise UsageError(
+            f"{flag}: {rule_id}={show(text)[1:-1]}: expected a number between {low:g} and "
+            f"{high:g} ({unit}{', or a percentage' if unit == 'ratio' else ''})"
+        )
+    return rule_id, value
 
 
 def write_report(
@@ -226,9 +331,12 @@ def check_from(config: Config, args: argparse.Namespace) -> int:
         raise UsageError("--window: not with --from (the daemon's own poll interval is the window)")
     daemon = parse_daemon_url(args.from_url)
     query = {"netns": args.netns} if args.netns and args.netns not in ("all", "self") else {}
-    report = report_from_document(
-        daemon, daemon.get_json("/api/v1/findings", {**query, "limit": "10000"})
-    )
+    # The request has the whole --timeout (its own deadline names what was slow); the alarm,
+    # a second later, is the backstop.
+    seconds = timeout_of(args, 0.0) if args.timeout is not None else FROM_TIMEOUT
+    with deadline(seconds + 1, Output.of(args)):
+        answer = daemon.get_json("/api/v1/findings", {**query, "limit": "10000"}, seconds)
+    report = report_from_document(daemon, answer)
     if args.netns and args.netns not in ("all", "self") and not report.snapshots:
         raise UsageError(f'--netns: the daemon at {daemon.shown} polls no namespace "{args.netns}"')
     document = report_document(

@@ -150,6 +150,33 @@ def _add_check(commands: argparse._SubParsersAction[_Parser], common: _Parser) -
         "is not set)",
     )
     check.add_argument(
+        "-t",
+        "--timeout",
+        type=_seconds,
+        metavar="DURATION",
+        help="give up after this long, whatever is running (polls, the window, a daemon's "
+        "answer), with UNKNOWN and a line saying so, as every check_* plugin does: seconds or "
+        '"30s", "1m" (default: the window plus 25 s, 30 s with the default window)',
+    )
+    check.add_argument(
+        "-w",
+        "--warning",
+        action="append",
+        metavar="RULE=VALUE[,...]",
+        help="a rule's warning threshold for this run, over the config's: Q01=0.9 or Q01=90%% "
+        "(accept-queue fill), S01=100 (CLOSE_WAIT sockets one process holds); any rule with a "
+        "warning threshold (tcpwatch rules lists them); repeatable",
+    )
+    check.add_argument(
+        "-c",
+        "--critical",
+        action="append",
+        metavar="RULE=VALUE[,...]",
+        help="a rule's critical threshold for this run: Q01=1.0 or Q01=100%% (a full accept "
+        "queue), S01=200 (stale CLOSE_WAIT sockets of one process, judged by a daemon's history)"
+        "; any rule with a critical threshold; repeatable",
+    )
+    check.add_argument(
         "--emit-sysctl",
         action="store_true",
         help="instead of the report, print one /etc/sysctl.d snippet with every sysctl fix the "

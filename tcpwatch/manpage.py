@@ -102,6 +102,11 @@ def option_value(action: argparse.Action) -> str | None:
     return action.dest.upper()
 
 
+def help_text(action: argparse.Action) -> str:
+    """An option's help as --help prints it (argparse's ``%%`` is a percent sign)."""
+    return (action.help or "").replace("%%", "%")
+
+
 def _options(parser: argparse.ArgumentParser) -> Iterator[str]:
     for action in parser._actions:
         if not action.option_strings or action.help == argparse.SUPPRESS:
@@ -110,7 +115,7 @@ def _options(parser: argparse.ArgumentParser) -> Iterator[str]:
         flags = ", ".join(_bold(flag) for flag in action.option_strings)
         yield ".TP"
         yield flags + (f" {_italic(value)}" if value else "")
-        yield _escape(action.help or "")
+        yield _escape(help_text(action))
 
 
 def render(parser: argparse.ArgumentParser | None = None) -> str:
