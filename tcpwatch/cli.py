@@ -223,4 +223,4 @@ def _top(config: Config, args: argparse.Namespace) -> int:
     feed = open_feed(config, args.from_url)
     single = args.netns if args.netns and "," not in args.netns and "*" not in args.netns else None
     return run_top(feed, single if single not in ("self", "all") else None, args.sort,
-                   args.delay, args.batch)  # fmt: skip
+                   args.delay, args.batch, args.width)  # fmt: skip

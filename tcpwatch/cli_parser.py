@@ -62,6 +62,18 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+MIN_COLUMNS, MAX_COLUMNS = 40, 512  # top -w: procps top's maximum width
+
+
+def _columns(text: str) -> int:
+    """argparse type of top's -w: a width in columns."""
+    if not text.isascii() or not text.isdigit() or not MIN_COLUMNS <= int(text) <= MAX_COLUMNS:
+        raise argparse.ArgumentTypeError(
+            f"expected columns from {MIN_COLUMNS} to {MAX_COLUMNS}, got {show(text)}"
+        )
+    return int(text)
+
+
 def _common() -> _Parser:
     common = _Parser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="YAML configuration file")
@@ -243,6 +255,18 @@ def _add_top(commands: argparse._SubParsersAction[_Parser], common: _Parser) -> 
         "--batch",
         action="store_true",
         help="print one plain screen and exit (automatic when stdout is not a terminal)",
+    )
+    top.add_argument(
+        "-w",
+        "--width",
+        type=_columns,
+        nargs="?",
+        const=0,
+        metavar="COLUMNS",
+        help="output width, as procps top's -w: batch mode prints lines this wide (at most "
+        f"{MAX_COLUMNS}); -w alone takes COLUMNS, else {MAX_COLUMNS}. Default in batch mode: "
+        f"COLUMNS, else the terminal's width, else {MAX_COLUMNS}; on a terminal the screen's "
+        "width, which -w can only narrow",
     )
     top.add_argument(
         "--sort",

@@ -75,7 +75,7 @@ def test_top_reads_only_a_local_daemon_it_can_verify(tmp_path: Path) -> None:
         assert first_line(top).endswith(" - polling this host"), top.stdout
         assert (
             f"source   the listener at {URL} belongs to uid 65534: not root, not you, not "
-            "tcpwatch.service;"
+            f"tcpwatch.service; --from {URL} reads it anyway: polling this host instead\n"
         ) in top.stdout
         assert "status   CRITICAL - 1 critical" in top.stdout
         # Asked by name, it is read: --from is the operator's word.
@@ -90,7 +90,10 @@ def test_top_reads_only_a_local_daemon_it_can_verify(tmp_path: Path) -> None:
         top = run_tcpwatch(ns, "top", "-b")
         pid = int(ns.run("ss", "-ltnHp", "sport = :9477").stdout.split("pid=")[1].split(",")[0])
         assert first_line(top).endswith(" - polling this host"), top.stdout
-        assert f"source   the listener at {URL} is python3[{pid}], not tcpwatch;" in top.stdout
+        assert (
+            f"source   the listener at {URL} is python3[{pid}], not tcpwatch; --from {URL} "
+            "reads it anyway: polling this host instead\n"
+        ) in top.stdout
         assert "status   CRITICAL" in top.stdout
         ns.stop(as_root)
 
