@@ -230,7 +230,9 @@ def write_report(
 ) -> None:
     """Write check's report as asked: the sysctl snippet, JSON, or text with perfdata.
     ``unknown``: why the check is incomplete (its status is then UNKNOWN)."""
+    from tcpwatch.client import parse_daemon_url
     from tcpwatch.render.json import render_json
+    from tcpwatch.render.scope import Scope
     from tcpwatch.render.status import Gauges
     from tcpwatch.render.text import perfdata, render_text
 
@@ -256,7 +258,15 @@ def write_report(
         # From a daemon, the gauges come with its report: the bare snapshots have no tables.
         gauges = None if document is None else Gauges.from_json(document.get("gauges"))
         perf = perfdata(findings, snapshots, fill_levels(config), gauges)
-        text = render_text(findings, snapshots, color, args.verbose, config.docs_url, perf, unknown)
+        scope = Scope(
+            _enabled_rules(config),
+            config.check_window if document is None else document["window_seconds"],
+            "" if document is None else parse_daemon_url(args.from_url).shown,
+            _owner_privileges(),
+        )
+        text = render_text(
+            findings, snapshots, color, args.verbose, config.docs_url, perf, unknown, scope
+        )
         sys.stdout.write(text)
     sys.stdout.flush()
 
@@ -303,6 +313,27 @@ def write_unknown(output: Output, message: str) -> None:
     with contextlib.suppress(OSError):  # stdout closed: stderr has the message already
         sys.stdout.write(text)
         sys.stdout.flush()
+
+
+_CAP_DAC_READ_SEARCH, _CAP_SYS_PTRACE = 2, 19
+
+
+def _owner_privileges() -> bool:
+    """Whether this process holds what names other users' socket owners (CapEff)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            line = next(line for line in status if line.startswith("CapEff:"))
+        effective = int(line.split()[1], 16)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return os.geteuid() == 0
+    wanted = (1 << _CAP_DAC_READ_SEARCH) | (1 << _CAP_SYS_PTRACE)
+    return effective & wanted == wanted
+
+
+def _enabled_rules(config: Config) -> int:
+    from tcpwatch.rules import RULES
+
+    return sum(1 for rule in RULES if config.rules.get(rule.id, RuleOverride()).enabled)
 
 
 def fill_levels(config: Config) -> tuple[float | None, float | None]:

@@ -17,6 +17,7 @@ from tcpwatch.config import DEFAULT_DOCS_URL
 from tcpwatch.escape import terminal
 from tcpwatch.model import Snapshot
 from tcpwatch.render.printable import printable_finding, printable_snapshot
+from tcpwatch.render.scope import Scope, checked_line, privilege_note, verbose_lines
 from tcpwatch.render.status import SEVERITIES, Gauges, doc_url, status_of
 from tcpwatch.rules import Finding, sort_key
 
@@ -130,6 +131,7 @@ def render_text(
     docs_url: str = DEFAULT_DOCS_URL,
     perf: str = "",
     unknown: str | None = None,
+    scope: Scope | None = None,
 ) -> str:
     """The human report; ANSI colour only when ``color``; ``unknown``: why the check could not
     be completed (its status is then UNKNOWN, whatever the findings).
@@ -138,7 +140,8 @@ def render_text(
     findings are one line each (title and doc page) unless ``verbose``: they explain, they do not
     ask for action, and a node with a hundred listeners must not bury its one warning.
     ``perf`` (:func:`perfdata`) follows the first line's ``|``; ``docs_url`` is where the rule
-    pages are (the config's ``docs_url``).
+    pages are (the config's ``docs_url``); ``scope``: what was checked, said under the status
+    (render/scope.py).
     """
     # Every host or remote string escaped once, here: nothing below prints a control character.
     ordered = sorted(map(printable_finding, findings), key=sort_key)
@@ -149,6 +152,8 @@ def render_text(
     if unknown is not None:
         style = _COLOURS["warning"]
     lines = [_paint(first, style, color) + (f" | {perf}" if perf else "")]
+    if scope is not None:
+        lines.append(checked_line(snapshots, scope))
     for snapshot in snapshots:
         ok = sum(1 for s in snapshot.sources if s.ok)
         failed = len(snapshot.sources) - ok
@@ -159,6 +164,11 @@ def render_text(
             + (f" ({degraded} degraded)" if degraded else "")
             + (f", {failed} failed" if failed else "")
         )
+        if verbose:
+            lines.extend(verbose_lines(snapshot))
+    privileged = scope is not None and scope.privileged
+    if (note := privilege_note(snapshots, privileged)) is not None:
+        lines.append(_paint("! " + note, _COLOURS["warning"], color))
     for snapshot in snapshots:
         for source in snapshot.sources:
             if source.ok and source.skipped:
