@@ -6,12 +6,12 @@ on its own only when the listener there can be verified (docs/security.md):
 
 * every listening socket a connection to that address may reach (the address itself, or the
   wildcard of its port) belongs, as sock_diag reports its uid, to root, to the user running `top`,
-  or to the user of a process of the systemd unit tcpwatch.service (its ``DynamicUser=``; only
-  root places processes in that unit's cgroup);
+  or to the user of a process of the system unit tcpwatch.service (its ``DynamicUser=``; only
+  root places processes in /system.slice/tcpwatch.service);
 * and, when /proc shows which process holds it, that process is tcpwatch.
 
-Otherwise `top` polls the host itself and its header says why. ``--from URL`` is never second-
-guessed: it names the server to read.
+Otherwise `top` polls the host itself and its header says why. ``--from URL`` is taken as given:
+it names the server to read.
 """
 
 from __future__ import annotations
@@ -104,13 +104,20 @@ def reachable(listeners: Iterable[ListeningSocket], host: str) -> list[Listening
 
 
 def unit_uids(paths: ProcPaths, unit: str = UNIT) -> set[int]:
-    """The uids of the processes in the systemd unit ``unit`` (its cgroup's last component)."""
+    """The uids of the processes of the system unit ``unit``: those whose cgroup is exactly
+    /system.slice/<unit> (cgroup v2, or v1's name=systemd hierarchy). A user's own unit of the
+    same name lives under /user.slice and does not count: any user can start one."""
+    wanted = f"/system.slice/{unit}"
     uids: set[int] = set()
     for pid in _pids(paths):
         try:
             with open(paths.pid(pid, "cgroup"), encoding="utf-8", errors="replace") as file:
-                groups = [line.rstrip("\n").rpartition(":")[2] for line in file]
-            if not any(group.rstrip("/").rpartition("/")[2] == unit for group in groups):
+                groups = [line.rstrip("\n").split(":", 2) for line in file]
+            if not any(
+                group[2] == wanted and group[1] in ("", "name=systemd")
+                for group in groups
+                if len(group) == 3
+            ):
                 continue
             with open(paths.pid(pid, "status"), encoding="utf-8", errors="replace") as file:
                 for line in file:

@@ -58,11 +58,14 @@ def test_the_unit_users_are_read_from_the_cgroups(tmp_path: Path) -> None:
         10: ("0::/system.slice/tcpwatch.service\n", 61234),
         11: ("12:name=systemd:/system.slice/tcpwatch.service\n0::/\n", 61235),  # cgroup v1
         12: ("0::/user.slice/user-1000.slice/tcpwatch.service.scope\n", 1000),
-        13: ("0::/user.slice/tcpwatch.service/x\n", 1001),  # a sub-group is not the unit
+        # Any user may start a user unit of that name: only the system's counts.
+        13: ("0::/user.slice/user-1001.slice/user@1001.service/app.slice/tcpwatch.service\n", 1001),
+        14: ("0::/system.slice/tcpwatch.service/x\n", 1002),  # a sub-group is not the unit
+        15: ("4:memory:/system.slice/tcpwatch.service\n0::/user.slice\n", 1003),  # not systemd's
     }
     for pid, (cgroup, uid) in processes.items():
         (tmp_path / str(pid)).mkdir()
         (tmp_path / str(pid) / "cgroup").write_text(cgroup)
         (tmp_path / str(pid) / "status").write_text(f"Name:\tx\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
-    (tmp_path / "14").mkdir()  # gone between the listing and the read
+    (tmp_path / "16").mkdir()  # gone between the listing and the read
     assert unit_uids(ProcPaths(str(tmp_path))) == {61234, 61235}
