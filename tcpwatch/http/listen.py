@@ -137,7 +137,9 @@ def _listening(
         if dual_stack:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(address)
-        sock.listen(128)
+        # As Go's net: as long a backlog as net.core.somaxconn allows (the kernel caps it), so a
+        # connect flood overflows it later and a scraper's SYN is less often dropped.
+        sock.listen(4096)
     except OSError:
         sock.close()
         raise
