@@ -26,7 +26,7 @@ from tcpwatch.http.wire import PLAIN_HTTP_ON_TLS, ProtocolError, answer_and_clos
 
 if TYPE_CHECKING:
     from tcpwatch.http.app import Admission
-    from tcpwatch.http.auth import Pending
+    from tcpwatch.http.auth import Pending, Verdict
     from tcpwatch.http.exposition import Chunk
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ _IOV_BATCH = 256  # buffers per sendmsg(), well under IOV_MAX
 class State(enum.Enum):
     HANDSHAKE = "handshake"  # TLS not yet established (selector)
     READING = "reading"  # waiting for a request head: fresh, idle or arriving (selector)
-    PARKED = "parked"  # a complete head waits for its password check (selector)
+    PARKED = "parked"  # a complete head waits for its password check or a worker (selector)
     WORKING = "working"  # a worker answers it
     WRITING = "writing"  # the rest of a response waits for the client to read (selector)
 
@@ -49,7 +49,7 @@ class Connection:
 
     __slots__ = (
         "address", "admission", "buffer", "closed", "deadline", "events", "fd", "head", "keep",
-        "key", "opened", "output", "pending", "requests", "since", "sock", "state",
+        "key", "opened", "output", "pending", "requests", "since", "sock", "state", "verdict",
     )  # fmt: skip
 
     def __init__(
@@ -70,6 +70,7 @@ class Connection:
         self.events = 0  # what the selector watches it for
         self.head = b""  # a parked request's head
         self.pending: Pending | None = None  # a parked request's password check
+        self.verdict: Verdict | None = None  # a parked request's, waiting for a worker
         self.keep = False  # kept alive once the response is written
         self.closed = False
 

@@ -32,12 +32,13 @@ import threading
 import time
 from http import HTTPStatus
 
-from tcpwatch.http import checks, limits, shedding
+from tcpwatch.http import checks, limits
 from tcpwatch.http.app import Response, WebApp, text_response
 from tcpwatch.http.auth import AuthResult, Pending, Verdict, client_key
 from tcpwatch.http.connection import Connection, State
 from tcpwatch.http.limits import DescriptorBudget, descriptor_budget
 from tcpwatch.http.listen import ListenAddress, bind
+from tcpwatch.http.shedding import HeldConnections
 from tcpwatch.http.wire import ProtocolError, answer_and_close, parse_head, response_head
 from tcpwatch.http.workers import SERVER_VERSION, ThrottledLog, Workers
 
@@ -74,11 +75,9 @@ class WebServer:
         self._checked: queue.SimpleQueue[tuple[Connection, Pending]] = queue.SimpleQueue()
         self._errors = ThrottledLog()
         self._workers = Workers(app, self._done, self._errors.error)
-        # Owned by the selector thread: the connections it holds (by descriptor), how many the
-        # workers hold, and every open connection per client.
-        self._held: dict[int, Connection] = {}
-        self._busy = 0
-        self._per_client: collections.Counter[str] = collections.Counter()
+        # Owned by the selector thread.
+        self._held = HeldConnections(self._selector, app.cancel)
+        self._deferred: collections.deque[Connection] = collections.deque()  # waiting for room
         self._generation = app.admission.generation
         self._stopping = self._workers.stopping
         self._threads: list[threading.Thread] = []
@@ -100,7 +99,7 @@ class WebServer:
         return f"{scheme}://{shown}:{self.address.port}/metrics"
 
     def open_connections(self) -> int:
-        return len(self._held) + self._busy
+        return self._held.open()
 
     def problem(self) -> str | None:
         """Why the server can no longer answer (a thread of it died), or None."""
@@ -138,8 +137,8 @@ class WebServer:
                     self._errors.error("the HTTP server loop failed; going on")
                     time.sleep(0.05)
         finally:
-            for connection in list(self._held.values()):
-                self._close(connection)
+            for connection in list(self._held.by_fd.values()):
+                self._held.close(connection)
             self._selector.close()
             self._wake_read.close()
 
@@ -166,7 +165,7 @@ class WebServer:
         """One connection's event; whatever goes wrong closes that connection only."""
         try:
             if connection.admission.generation != self._app.admission.generation:
-                self._close(connection)  # let in under a TLS policy a reload replaced
+                self._held.close(connection)  # let in under a TLS policy a reload replaced
             elif connection.state is State.WRITING:
                 self._write(connection)
             elif connection.state is State.PARKED:
@@ -175,25 +174,33 @@ class WebServer:
                 self._readable(connection)
         except (OSError, ValueError) as error:
             log.debug("connection from %s failed: %s", connection.address, error)
-            self._close(connection)
+            self._held.close(connection)
         except Exception:
             self._errors.error("error handling a connection from %s", connection.address)
-            self._close(connection)
+            self._held.close(connection)
 
     def _sweep(self, now: float) -> None:
         self._app.expire_checks()
         generation = self._app.admission.generation
         if generation != self._generation:
             self._generation = generation
-            for connection in list(self._held.values()):
+            for connection in list(self._held.by_fd.values()):
                 if connection.admission.generation == generation:
                     continue
                 if connection.state is State.WRITING:
                     connection.keep = False  # its answer began under the old policy: finish it
                 else:
-                    self._close(connection)
-        for connection in [c for c in self._held.values() if c.deadline <= now]:
-            self._close(connection)  # idle too long, its head or its reader too slow
+                    self._held.close(connection)
+        for connection in [c for c in self._held.by_fd.values() if c.deadline <= now]:
+            if connection.state is State.PARKED and connection.verdict is not None:
+                busy = text_response(
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    "Too many parallel requests",
+                    ("Retry-After", "1"),
+                )
+                self._refuse(connection, busy)  # waited for a worker in vain
+            else:
+                self._held.close(connection)  # idle too long, its head or its reader too slow
 
     # -- accepting and shedding ------------------------------------------------------------------
 
@@ -220,13 +227,12 @@ class WebServer:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         now = time.monotonic()
-        if self.open_connections() >= self._budget.max_connections and not self._make_room(now):
+        if self._held.open() >= self._budget.max_connections and not self._make_room(now):
             sock.close()
             return
         connection = Connection(sock, address, client_key(address), now, self._app.admission)
-        self._held[connection.fd] = connection
-        self._per_client[connection.key] += 1
-        self._watch(connection, selectors.EVENT_READ)
+        self._held.add(connection)
+        self._held.watch(connection, selectors.EVENT_READ)
 
     def _make_room(self, now: float) -> bool:
         """Shed held connections (tcpwatch.http.shedding); False when none can go.
@@ -238,14 +244,9 @@ class WebServer:
             connection = self._held.get(key.fd)
             if connection is key.data and connection is not None:
                 self._guarded(connection, mask)
-        if self.open_connections() < self._budget.max_connections:
+        if self._held.open() < self._budget.max_connections:
             return True
-        wanted = max(1, self._budget.max_connections // limits.SHED_FRACTION)
-        chosen = shedding.victims(self._held.values(), self._per_client, now, wanted)
-        for victim in chosen:
-            log.debug("shedding the connection from %s (%s)", victim.address, victim.state.value)
-            self._close(victim)
-        return bool(chosen)
+        return self._held.shed(now, self._budget.max_connections)
 
     def _out_of_descriptors(self, error: OSError) -> None:
         now = time.monotonic()
@@ -255,7 +256,7 @@ class WebServer:
                 "out of descriptors accepting a connection (%s): shedding held connections; "
                 "%d open",
                 error.strerror,
-                self.open_connections(),
+                self._held.open(),
             )
         if not self._make_room(now):  # nothing to free: stop asking the listener for a moment
             self._selector.unregister(self._listener)
@@ -263,40 +264,11 @@ class WebServer:
 
     # -- what the selector thread does for a connection ------------------------------------------
 
-    def _watch(self, connection: Connection, events: int) -> None:
-        """Watch a held connection for ``events`` (0: not at all)."""
-        if connection.events == events:
-            return
-        fd = connection.fd
-        if events == 0:
-            self._selector.unregister(fd)
-        elif connection.events == 0:
-            self._selector.register(fd, events, connection)
-        else:
-            self._selector.modify(fd, events, connection)
-        connection.events = events
-
-    def _close(self, connection: Connection, graceful: bool = False) -> None:
-        """Close a connection, held or back from a worker; the one place one ends."""
-        if connection.closed:
-            return
-        if self._held.get(connection.fd) is connection:
-            del self._held[connection.fd]
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self._watch(connection, 0)
-        if connection.pending is not None:
-            self._app.cancel(connection.pending)
-            connection.pending = None
-        self._per_client[connection.key] -= 1
-        if self._per_client[connection.key] <= 0:
-            del self._per_client[connection.key]
-        connection.close(graceful)
-
     def _readable(self, connection: Connection) -> None:
         if connection.state is State.HANDSHAKE and not self._secure(connection):
             return
         if not connection.read(time.monotonic()):
-            self._close(connection)
+            self._held.close(connection)
             return
         self._dispatch(connection)
 
@@ -304,16 +276,16 @@ class WebServer:
         """Move the TLS handshake on; True once application data can be read."""
         done = connection.secure()
         if done is False:
-            self._close(connection)
+            self._held.close(connection)
         return bool(done)
 
     def _parked_readable(self, connection: Connection) -> None:
         """A connection waiting for its check: a client that hangs up gives its place up;
         what it sends meanwhile is kept, up to the head limit, for after its answer."""
         if not connection.read(time.monotonic()):
-            self._close(connection)
+            self._held.close(connection)
         elif connection.full:
-            self._watch(connection, 0)
+            self._held.watch(connection, 0)
 
     def _dispatch(self, connection: Connection) -> None:
         """Hand a complete request head on: answered here when bad, parked for its password
@@ -343,16 +315,39 @@ class WebServer:
         self._queue(connection, head, triage.trusted, triage.verdict)
 
     def _queue(self, connection: Connection, head: bytes, trusted: bool, verdict: Verdict) -> None:
-        self._watch(connection, 0)
-        connection.state = State.WORKING
-        if not self._workers.submit(connection, head, trusted, verdict):
+        """To the workers; when READY_QUEUE untrusted requests wait already, the connection
+        waits parked for room (up to DEFERRED of them, each for up to 10 s), else 503."""
+        if self._workers.submit(connection, head, trusted, verdict):
+            self._held.to_worker(connection)
+            return
+        if len(self._deferred) >= limits.DEFERRED:
             overloaded = text_response(
                 HTTPStatus.SERVICE_UNAVAILABLE, "Too many parallel requests", ("Retry-After", "1")
             )
             self._refuse(connection, overloaded)
             return
-        del self._held[connection.fd]
-        self._busy += 1
+        now = time.monotonic()
+        connection.head = head
+        connection.verdict = verdict
+        connection.enter(State.PARKED, now, now + limits.WRITE_TIMEOUT_SECONDS)
+        self._held.watch(connection, selectors.EVENT_READ)  # to hear it hang up
+        self._deferred.append(connection)
+
+    def _undefer(self) -> None:
+        """Requests that waited for room in the queue, in their order, while there is room."""
+        deferred = self._deferred
+        while deferred:
+            connection = deferred[0]
+            verdict = connection.verdict
+            waiting = self._held.holds(connection) and connection.pending is None
+            if not waiting or connection.state is not State.PARKED or verdict is None:
+                deferred.popleft()  # closed, or gone on meanwhile
+                continue
+            if not self._workers.submit(connection, connection.head, False, verdict):
+                return
+            deferred.popleft()
+            connection.verdict = None
+            self._held.to_worker(connection)
 
     def _refuse(self, connection: Connection, response: Response) -> None:
         """A short last answer, written here, and the connection closed."""
@@ -360,11 +355,11 @@ class WebServer:
             SERVER_VERSION, response.status, response.content_type, response.length,
             response.headers, keep_alive=False,
         ) + response.body  # fmt: skip
-        if self._held.get(connection.fd) is connection:
+        if self._held.holds(connection):
             with contextlib.suppress(KeyError, ValueError, OSError):
-                self._watch(connection, 0)
+                self._held.watch(connection, 0)
         answer_and_close(connection.sock, data)
-        self._close(connection)  # the accounting; the socket is closed already
+        self._held.close(connection)  # the accounting; the socket is closed already
 
     def _write(self, connection: Connection) -> None:
         if not connection.flush():
@@ -375,13 +370,13 @@ class WebServer:
         """A response is out: wait for the next request, or close."""
         stale = connection.admission.generation != self._app.admission.generation
         if not connection.keep or stale:
-            self._close(connection, graceful=True)
+            self._held.close(connection, graceful=True)
             return
         connection.wait_for_request(now)
-        self._watch(connection, selectors.EVENT_READ)
+        self._held.watch(connection, selectors.EVENT_READ)
         sock = connection.sock
         if isinstance(sock, ssl.SSLSocket) and sock.pending() and not connection.read(now):
-            self._close(connection)  # what TLS decrypted already would never wake the selector
+            self._held.close(connection)  # what TLS decrypted already would never wake the selector
             return
         self._dispatch(connection)  # a pipelined request may be buffered already
 
@@ -394,15 +389,16 @@ class WebServer:
                 connection, pending = self._checked.get_nowait()
             except queue.Empty:
                 break
-            if connection.pending is pending and self._held.get(connection.fd) is connection:
+            if connection.pending is pending and self._held.holds(connection):
                 self._guarded_checked(connection, pending)
         while True:
             try:
                 connection, keep = self._returned.get_nowait()
             except queue.Empty:
                 return
-            self._busy -= 1
+            self._held.from_worker(connection)
             self._guarded_returned(connection, keep)
+            self._undefer()
 
     def _guarded_checked(self, connection: Connection, pending: Pending) -> None:
         connection.pending = None
@@ -411,27 +407,26 @@ class WebServer:
             trusted = verdict.result is AuthResult.OK
             self._queue(connection, connection.head, trusted, verdict)
         except (OSError, ValueError):
-            self._close(connection)
+            self._held.close(connection)
 
     def _guarded_returned(self, connection: Connection, keep: bool) -> None:
         now = time.monotonic()
         try:
             if self._stopping.is_set():
-                self._close(connection)
+                self._held.close(connection)
                 return
             connection.keep = keep
-            self._held[connection.fd] = connection
             if connection.output:
                 connection.enter(State.WRITING, now, now + limits.WRITE_TIMEOUT_SECONDS)
-                self._watch(connection, selectors.EVENT_WRITE)
+                self._held.watch(connection, selectors.EVENT_WRITE)
             else:
                 self._written(connection, now)
         except (OSError, ValueError) as error:
             log.debug("connection from %s failed: %s", connection.address, error)
-            self._close(connection)
+            self._held.close(connection)
         except Exception:
             self._errors.error("error taking back a connection from %s", connection.address)
-            self._close(connection)
+            self._held.close(connection)
 
     def _done(self, connection: Connection, keep: bool) -> None:  # on a worker's thread
         self._returned.put((connection, keep))
