@@ -406,7 +406,11 @@ class WebServer:
         try:
             trusted = verdict.result is AuthResult.OK
             self._queue(connection, connection.head, trusted, verdict)
-        except (OSError, ValueError):
+        except (OSError, ValueError) as error:
+            log.debug("connection from %s failed: %s", connection.address, error)
+            self._held.close(connection)
+        except Exception:
+            self._errors.error("error queueing a request from %s", connection.address)
             self._held.close(connection)
 
     def _guarded_returned(self, connection: Connection, keep: bool) -> None:
