@@ -376,4 +376,4 @@ class WebApp:
         page = rule_page_html(name, self._config().docs_url)
         if page is None:
             return text_response(HTTPStatus.NOT_FOUND, f"No rule {name[:40]!r} (try /rules/)")
-        return Response(HTTPStatus.OK, "text/html; charset=utf-8", page.encode("utf-8"))
+        return Response(HTTPStatus.OK, "text/html; charset=utf-8", (page.encode("utf-8"),))
