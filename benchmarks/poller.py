@@ -50,6 +50,7 @@ NLMSG_DONE = 3
 NO_STATE_MASK = 1  # bit 0: no TCP state is numbered 0, so no socket matches
 TIMER_TIME_WAIT = 3  # idiag_timer of timewait sockets
 REQUEST_STATES = frozenset({3, 12})  # SYN_RECV, NEW_SYN_RECV: request sockets (near enough)
+FAMILY_NAME = {2: "ipv4", 10: "ipv6"}  # idiag_family
 
 
 class HeaderOnlyAggregator(sockdiag.DumpAggregator):
@@ -60,8 +61,7 @@ class HeaderOnlyAggregator(sockdiag.DumpAggregator):
     first dump has seen all of them.
     """
 
-    def feed(self, data: memoryview | bytes, length: int, family: str) -> bool:
-        totals = self.totals[family]
+    def feed(self, data: memoryview | bytes, length: int, family: str | None) -> bool:
         offset = 0
         while offset < length:
             message_length, message_type = _NLMSG.unpack_from(data, offset)
@@ -71,7 +71,7 @@ class HeaderOnlyAggregator(sockdiag.DumpAggregator):
                 raise netlink.SockDiagError(f"dump failed at byte {offset} (type {message_type})")
             self.messages += 1
             if data[offset + 18] != TIMER_TIME_WAIT and data[offset + 17] not in REQUEST_STATES:
-                totals.full_sockets += 1
+                self.totals[FAMILY_NAME[data[offset + 16]]].full_sockets += 1
             offset += (message_length + 3) & ~3
         return False
 
@@ -80,7 +80,7 @@ ORIGINAL_BUILD_REQUEST = netlink.build_request
 
 
 def _no_state_request(
-    family: str, states: int, bytecode: bytes = b"", sequence: int = 1, extensions: int = 0
+    family: str | None, states: int, bytecode: bytes = b"", sequence: int = 1, extensions: int = 0
 ) -> bytes:
     return ORIGINAL_BUILD_REQUEST(family, NO_STATE_MASK, bytecode, sequence, extensions)
 

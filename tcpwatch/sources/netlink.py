@@ -10,6 +10,10 @@ import struct
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
+# The pre-3.3 request (struct inet_diag_req), still served: the kernel runs it with family
+# AF_UNSPEC, so one walk of the hash tables answers for IPv4 and IPv6 (a v2 request walks them
+# once per family). Its answers are inet_diag messages of its own type (18).
+TCPDIAG_GETSOCK = 18
 NLM_F_REQUEST = 0x1
 NLM_F_DUMP = 0x300
 NLMSG_ERROR = 2
@@ -25,6 +29,9 @@ INET_DIAG_BC_S_LE = 3
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _REQUEST = struct.Struct("=BBBxI")  # inet_diag_req_v2 head; the 48-byte sockid follows
+_BOTH_REQUEST = struct.Struct(
+    "=BBBB48xII"
+)  # inet_diag_req: family, 2 lengths, ext, id, states, dbs
 NLMSG_HEAD = struct.Struct("=IH")
 NLATTR = struct.Struct("=HH")
 
@@ -54,16 +61,26 @@ def port_range_bytecode(low: int, high: int) -> bytes:
 
 
 def build_request(
-    family: str, states: int, bytecode: bytes = b"", sequence: int = 1, extensions: int = 0
+    family: str | None,
+    states: int,
+    bytecode: bytes = b"",
+    sequence: int = 1,
+    extensions: int = 0,
 ) -> bytes:
-    """A SOCK_DIAG_BY_FAMILY dump request; ``extensions`` is idiag_ext (e.g. INFO_EXTENSION)."""
-    body = _REQUEST.pack(FAMILY_NUMBER[family], socket.IPPROTO_TCP, extensions, states)
-    body += bytes(48)
+    """A dump request; ``extensions`` is idiag_ext (e.g. INFO_EXTENSION). ``family`` None asks
+    for both families in one walk (TCPDIAG_GETSOCK); answers then carry each its own family."""
+    if family is None:
+        kind = TCPDIAG_GETSOCK
+        body = _BOTH_REQUEST.pack(socket.AF_UNSPEC, 0, 0, extensions, states, 0)
+    else:
+        kind = SOCK_DIAG_BY_FAMILY
+        body = _REQUEST.pack(FAMILY_NUMBER[family], socket.IPPROTO_TCP, extensions, states)
+        body += bytes(48)
     if bytecode:
         attr_len = 4 + len(bytecode)
         body += NLATTR.pack(attr_len, INET_DIAG_REQ_BYTECODE) + bytecode
     flags = NLM_F_REQUEST | NLM_F_DUMP
-    return _NLMSGHDR.pack(16 + len(body), SOCK_DIAG_BY_FAMILY, flags, sequence, 0) + body
+    return _NLMSGHDR.pack(16 + len(body), kind, flags, sequence, 0) + body
 
 
 def has_attribute(data: memoryview | bytes, start: int, end: int, wanted: int) -> bool:

@@ -52,6 +52,7 @@ from tcpwatch.sources.netlink import (
     NLMSG_ERROR,
     NLMSG_HEAD,
     SOCK_DIAG_BY_FAMILY,
+    TCPDIAG_GETSOCK,
     SockDiagError,
     find_attribute,
     has_attribute,
@@ -84,6 +85,10 @@ _QUEUES_INODE = struct.Struct("=II4xI")  # rqueue, wqueue, (uid), inode at offse
 _LIVE_INFO = struct.Struct("=36xI28xI28xI32xI")
 _LIVE_INFO_SHORT = struct.Struct("=36xI28xI28xI")
 INET_DIAG_MSG_MIN = 88
+
+
+class DumpRefused(SockDiagError):
+    """The kernel answered a dump request with an error instead of sockets (NLMSG_ERROR)."""
 
 
 @dataclass(slots=True)
@@ -124,41 +129,58 @@ class DumpAggregator:
         self.read_info = False
         self.live: dict[str, dict[bytes, list[tuple[int, ...]]]] = {name: {} for name in FAMILIES}
 
-    def feed(self, data: memoryview | bytes, length: int, family: str) -> bool:
+    def feed(self, data: memoryview | bytes, length: int, family: str | None) -> bool:
         """Parse one datagram; True once NLMSG_DONE has been seen.
+
+        ``family`` None: a dump of both families in one walk (``build_request`` with family
+        None); each message then says its own (``idiag_family``), messages of the two families
+        come interleaved, as the kernel meets them in its hash tables, and carry the request's
+        type (TCPDIAG_GETSOCK) instead of SOCK_DIAG_BY_FAMILY.
 
         The hot path of a poll (one pass per message of every dump): locals instead of
         attributes, one struct call per field group, no per-socket objects.
         """
-        totals = self.totals[family]
-        states = totals.states
         low, high = self.port_range if self.port_range else (1, 0)
-        addr_len = ADDRESS_LENGTH[family]
         listen_ports = self.listen_ports
         tuple_states = _TUPLE_STATES
         attribute_numbers = self.attribute_numbers
-        ephemeral = self.ephemeral[family]
-        ephemeral_time_wait = self.ephemeral_time_wait[family]
         header = NLMSG_HEAD.unpack_from
         ports = PORTS.unpack_from
         tuple_key = _TUPLE_KEY.unpack_from
         read_info = self.read_info
-        live = self.live[family]
         attribute = NLATTR.unpack_from
         live_fields = _LIVE_INFO.unpack_from
+        answer = SOCK_DIAG_BY_FAMILY if family is not None else TCPDIAG_GETSOCK
         info_at = [-1, 0, 0]  # message length, INFO attribute offset, its length
+        current = -1  # the family number the locals below are for
+        family_name = ""
+        totals = _FamilyTotals([], 0)
+        states: list[int] = []
+        addr_len = 0
+        ephemeral: dict[bytes, int] = {}
+        ephemeral_time_wait: dict[bytes, int] = {}
+        live: dict[bytes, list[tuple[int, ...]]] = {}
         offset = 0
         while offset < length:
             if length - offset < 16:
                 raise SockDiagError(f"truncated netlink header at byte {offset} of {length}")
             msg_len, msg_type = header(data, offset)
             if msg_len < INET_DIAG_MSG_MIN or offset + msg_len > length:
-                self._unusual_message(data, offset, msg_len, msg_type, length)
+                self._unusual_message(data, offset, msg_len, msg_type, length, answer)
                 return True  # NLMSG_DONE (everything else raised)
             state = data[offset + 17]
-            if not 0 < state <= TCP_NEW_SYN_RECV or msg_type != SOCK_DIAG_BY_FAMILY:
-                self._unusual_message(data, offset, msg_len, msg_type, length)
+            if not 0 < state <= TCP_NEW_SYN_RECV or msg_type != answer:
+                self._unusual_message(data, offset, msg_len, msg_type, length, answer)
                 return True
+            if data[offset + 16] != current:
+                current = data[offset + 16]
+                family_name = _family_of(current, family, offset)
+                totals = self.totals[family_name]
+                states = totals.states
+                addr_len = ADDRESS_LENGTH[family_name]
+                ephemeral = self.ephemeral[family_name]
+                ephemeral_time_wait = self.ephemeral_time_wait[family_name]
+                live = self.live[family_name]
             self.messages += 1
             if state == TCP_NEW_SYN_RECV:
                 state = TCP_SYN_RECV
@@ -167,7 +189,7 @@ class DumpAggregator:
             if state == TCP_LISTEN:
                 rqueue, wqueue, inode = _QUEUES_INODE.unpack_from(data, offset + 72)
                 address = bytes(data[offset + 24 : offset + 24 + addr_len])
-                self.listeners.append((family, address, sport, rqueue, wqueue, inode))
+                self.listeners.append((family_name, address, sport, rqueue, wqueue, inode))
                 listen_ports.add(sport)
                 totals.full_sockets += 1
             elif state == TCP_SYN_RECV and not has_attribute(
@@ -175,7 +197,7 @@ class DumpAggregator:
             ):
                 # A request socket: its local port and address are its listener's.
                 address = bytes(data[offset + 24 : offset + 24 + addr_len])
-                self.request_sockets[(family, address, sport)] += 1
+                self.request_sockets[(family_name, address, sport)] += 1
             else:
                 timewait = data[offset + 18] == TIMER_TIME_WAIT
                 if not timewait:
@@ -207,9 +229,9 @@ class DumpAggregator:
                                 else:
                                     rows.append(fields)
                     if state == TCP_SYN_SENT:
-                        self.syn_sent[(family, tuple_key(data, offset + 22)[0])] += 1
+                        self.syn_sent[(family_name, tuple_key(data, offset + 22)[0])] += 1
                     if sport == dport:
-                        self._maybe_self_connect(data, offset, family, state, sport, addr_len)
+                        self._maybe_self_connect(data, offset, family_name, state, sport, addr_len)
                 if state in attribute_numbers and not timewait:
                     self.inodes[state].add(_QUEUES_INODE.unpack_from(data, offset + 72)[2])
             offset += (msg_len + 3) & ~3
@@ -233,8 +255,14 @@ class DumpAggregator:
             return (*_LIVE_INFO_SHORT.unpack_from(data, start), 0)
         return None
 
+    @staticmethod
     def _unusual_message(
-        self, data: memoryview | bytes, offset: int, msg_len: int, msg_type: int, length: int
+        data: memoryview | bytes,
+        offset: int,
+        msg_len: int,
+        msg_type: int,
+        length: int,
+        answer: int = SOCK_DIAG_BY_FAMILY,
     ) -> None:
         """Everything but an inet_diag message: DONE returns, the rest raises (off the hot path)."""
         if msg_len < 16 or offset + msg_len > length:
@@ -250,10 +278,10 @@ class DumpAggregator:
         if msg_type == NLMSG_ERROR:
             code = -ERRNO_FIELD.unpack_from(data, offset + 16)[0] if msg_len >= 20 else 0
             name = errno.errorcode.get(code, str(code))
-            raise SockDiagError(f"kernel answered the dump with {name}")
+            raise DumpRefused(f"kernel answered the dump with {name}")
         if msg_len < INET_DIAG_MSG_MIN:
             raise SockDiagError(f"inet_diag message of {msg_len} bytes at byte {offset}")
-        if msg_type != SOCK_DIAG_BY_FAMILY:
+        if msg_type != answer:
             raise SockDiagError(f"unexpected netlink message type {msg_type} at byte {offset}")
         raise SockDiagError(f"unknown TCP state {data[offset + 17]} at byte {offset}")
 
@@ -381,6 +409,60 @@ class DumpAggregator:
             destinations.append(Destination(family, address, port, count))
         destinations.sort(key=lambda d: (-d.sockets, d.family, d.address, d.port))
         return tuple(destinations)
+
+
+_FAMILY_NAME: dict[int, str] = {int(number): name for name, number in FAMILY_NUMBER.items()}
+
+
+def _family_of(number: int, asked: str | None, offset: int) -> str:
+    """The family name of a message's ``idiag_family``; one the dump did not ask for raises."""
+    name = _FAMILY_NAME.get(number)
+    if name is None or (asked is not None and name != asked):
+        raise SockDiagError(f"unexpected address family {number} at byte {offset}")
+    return name
+
+
+class StateCounter:
+    """Counts the sockets of a dump by family and state, and nothing else: the ESTABLISHED walk
+    under churn (sockets.collect) wants one number per family, so each message costs a header
+    and two bytes. Fed like DumpAggregator (``family`` None: both, per message)."""
+
+    def __init__(self) -> None:
+        self.states = {name: [0] * 13 for name in FAMILIES}
+        self.messages = 0
+
+    def feed(self, data: memoryview | bytes, length: int, family: str | None) -> bool:
+        header = NLMSG_HEAD.unpack_from
+        answer = SOCK_DIAG_BY_FAMILY if family is not None else TCPDIAG_GETSOCK
+        by_family = self.states
+        current = -1
+        states: list[int] = []
+        counted = 0
+        offset = 0
+        try:
+            while offset < length:
+                if length - offset < 16:
+                    raise SockDiagError(f"truncated netlink header at byte {offset} of {length}")
+                msg_len, msg_type = header(data, offset)
+                state = data[offset + 17] if msg_len >= INET_DIAG_MSG_MIN else 0
+                if (
+                    msg_type != answer
+                    or offset + msg_len > length
+                    or not 0 < state <= TCP_NEW_SYN_RECV
+                ):
+                    DumpAggregator._unusual_message(
+                        data, offset, msg_len, msg_type, length, answer
+                    )
+                    return True  # NLMSG_DONE (everything else raised)
+                if data[offset + 16] != current:
+                    current = data[offset + 16]
+                    states = by_family[_family_of(current, family, offset)]
+                states[TCP_SYN_RECV if state == TCP_NEW_SYN_RECV else state] += 1
+                counted += 1
+                offset += (msg_len + 3) & ~3
+            return False
+        finally:
+            self.messages += counted
 
 
 def _decode_tuple_key(family: str, key: bytes) -> tuple[int, str, str]:

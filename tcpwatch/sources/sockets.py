@@ -27,8 +27,8 @@ def run_dump(
     send: Callable[[bytes], object],
     receive: Receiver,
     request: bytes,
-    family: str,
-    aggregator: sockdiag.DumpAggregator,
+    family: str | None,
+    aggregator: sockdiag.DumpAggregator | sockdiag.StateCounter,
     buffer: memoryview,
 ) -> None:
     send(request)
@@ -82,12 +82,12 @@ def collect(
     connection = sock
     sequence = 0
 
-    def dump(
-        family: str,
+    def dump_one(
+        family: str | None,
         mask: int,
-        bytecode: bytes = b"",
-        extensions: int = 0,
-        into: sockdiag.DumpAggregator = aggregator,
+        bytecode: bytes,
+        extensions: int,
+        into: sockdiag.DumpAggregator | sockdiag.StateCounter,
     ) -> None:
         nonlocal sequence, connection
         if connection is None:
@@ -97,28 +97,56 @@ def collect(
         try:
             run_dump(connection.send, connection.recv_into, request, family, into, buffer)
         except OSError as error:
-            raise SockDiagError(f"sock_diag dump ({family}) failed: {error}") from error
+            raise SockDiagError(f"sock_diag dump ({family or 'tcp'}) failed: {error}") from error
+
+    both_at_once = True
+
+    def dump(
+        wanted: tuple[str, ...],
+        mask: int,
+        bytecode: bytes = b"",
+        extensions: int = 0,
+        into: sockdiag.DumpAggregator | sockdiag.StateCounter = aggregator,
+    ) -> None:
+        """The sockets of ``wanted`` families: each dump walks the host-wide hash tables whole,
+        so two families are asked for in one request (one walk) unless the kernel refuses it."""
+        nonlocal both_at_once
+        if len(wanted) == 2 and both_at_once:
+            before = into.messages
+            try:
+                dump_one(None, mask, bytecode, extensions, into)
+                return
+            except sockdiag.DumpRefused:
+                if into.messages != before:
+                    raise  # failed part-way: what it fed cannot be taken back
+                both_at_once = False  # refused (no TCPDIAG_GETSOCK): one request per family
+        for family in wanted:
+            dump_one(family, mask, bytecode, extensions, into)
 
     try:
         first_mask = ALL_STATES_MASK if established_dumped else ALL_STATES_MASK & ~ESTABLISHED_MASK
-        for family in families:
-            dump(family, first_mask)
+        if families:
+            dump(families, first_mask)
         if destinations and not established_dumped and inuse is not None and port_range:
             bytecode = netlink.port_range_bytecode(*port_range)
             aggregator.read_info = live_info  # live RTT and retransmissions per destination
             extensions = INFO_EXTENSION if live_info else 0
-            for family in families:
-                if inuse[family] > aggregator.totals[family].full_sockets:
-                    dump(family, ESTABLISHED_MASK, bytecode, extensions)
+            unseen = tuple(
+                family
+                for family in families
+                if inuse[family] > aggregator.totals[family].full_sockets
+            )
+            if unseen:
+                dump(unseen, ESTABLISHED_MASK, bytecode, extensions)
         churned = False
         if not established_dumped and settled is not None and not settled():
-            # The derivation could be wrong: count ESTABLISHED in one walk of it, as ss does
-            # (its own aggregator, so what dump 2 keyed per destination is not keyed twice).
+            # The derivation could be wrong: count ESTABLISHED in one walk of it, as ss does,
+            # counting only (what dump 2 keyed per destination is not keyed twice).
             churned = established_dumped = True
-            walk = sockdiag.DumpAggregator(None, ())
+            walk = sockdiag.StateCounter()
+            dump(FAMILIES, ESTABLISHED_MASK, into=walk)
             for family in FAMILIES:
-                dump(family, ESTABLISHED_MASK, into=walk)
-                aggregator.totals[family].states[TCP_ESTABLISHED] = walk.totals[family].states[
+                aggregator.totals[family].states[TCP_ESTABLISHED] = walk.states[family][
                     TCP_ESTABLISHED
                 ]
             aggregator.messages += walk.messages
