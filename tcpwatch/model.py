@@ -109,6 +109,11 @@ class SocketTable:
     # Derived mode only: sockstat's inuse moved during the dumps (connections came or went), so
     # this poll dumped ESTABLISHED instead of deriving it (established_method is "dumped").
     churned: bool = False
+    # Derived mode: the namespace's quiet marks (procnet.ChurnMarks.signature) when its dumps ran
+    # with nothing moving, so a later poll finding the same marks can reuse these counts.
+    marks: tuple[int, ...] = ()
+    # This poll found the marks of the earlier one: it dumped only the listeners (sockets.py).
+    unchanged: bool = False
 
     def total(self, state: str) -> int:
         return sum(by_state.get(state, 0) for by_state in self.counts.values())

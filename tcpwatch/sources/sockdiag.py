@@ -27,7 +27,6 @@ addresses), offsets from the start of the netlink message::
 
 from __future__ import annotations
 
-import errno
 import socket
 import struct
 from collections import Counter
@@ -44,19 +43,19 @@ from tcpwatch.model import (
     SocketTable,
 )
 from tcpwatch.sources.netlink import (
-    ERRNO_FIELD,
     FAMILY_NUMBER,
     INET_DIAG_INFO,
     NLATTR,
-    NLMSG_DONE,
-    NLMSG_ERROR,
     NLMSG_HEAD,
     SOCK_DIAG_BY_FAMILY,
     TCPDIAG_GETSOCK,
     SockDiagError,
+    family_of,
     find_attribute,
     has_attribute,
+    unusual_message,
 )
+from tcpwatch.sources.netlink import INET_DIAG_MSG_MIN as INET_DIAG_MSG_MIN  # lifecycle's too
 
 INET_DIAG_SHUTDOWN = 8  # every full socket carries it; request and TIME_WAIT sockets never do
 TCP_ESTABLISHED = 1
@@ -84,11 +83,6 @@ _QUEUES_INODE = struct.Struct("=II4xI")  # rqueue, wqueue, (uid), inode at offse
 # flight), rtt (68, us), total_retrans (100), segs_out (136); the short form for kernels < 4.2.
 _LIVE_INFO = struct.Struct("=36xI28xI28xI32xI")
 _LIVE_INFO_SHORT = struct.Struct("=36xI28xI28xI")
-INET_DIAG_MSG_MIN = 88
-
-
-class DumpRefused(SockDiagError):
-    """The kernel answered a dump request with an error instead of sockets (NLMSG_ERROR)."""
 
 
 @dataclass(slots=True)
@@ -166,15 +160,15 @@ class DumpAggregator:
                 raise SockDiagError(f"truncated netlink header at byte {offset} of {length}")
             msg_len, msg_type = header(data, offset)
             if msg_len < INET_DIAG_MSG_MIN or offset + msg_len > length:
-                self._unusual_message(data, offset, msg_len, msg_type, length, answer)
+                unusual_message(data, offset, msg_len, msg_type, length, answer)
                 return True  # NLMSG_DONE (everything else raised)
             state = data[offset + 17]
             if not 0 < state <= TCP_NEW_SYN_RECV or msg_type != answer:
-                self._unusual_message(data, offset, msg_len, msg_type, length, answer)
+                unusual_message(data, offset, msg_len, msg_type, length, answer)
                 return True
             if data[offset + 16] != current:
                 current = data[offset + 16]
-                family_name = _family_of(current, family, offset)
+                family_name = family_of(current, family, offset)
                 totals = self.totals[family_name]
                 states = totals.states
                 addr_len = ADDRESS_LENGTH[family_name]
@@ -254,36 +248,6 @@ class DumpAggregator:
         if size >= _LIVE_INFO_SHORT.size:  # kernels before 4.2: no segs_out
             return (*_LIVE_INFO_SHORT.unpack_from(data, start), 0)
         return None
-
-    @staticmethod
-    def _unusual_message(
-        data: memoryview | bytes,
-        offset: int,
-        msg_len: int,
-        msg_type: int,
-        length: int,
-        answer: int = SOCK_DIAG_BY_FAMILY,
-    ) -> None:
-        """Everything but an inet_diag message: DONE returns, the rest raises (off the hot path)."""
-        if msg_len < 16 or offset + msg_len > length:
-            raise SockDiagError(
-                f"bad netlink message length {msg_len} at byte {offset} of {length}"
-            )
-        if msg_type == NLMSG_DONE:
-            # A dump that failed part-way ends with DONE carrying a negative errno.
-            if msg_len >= 20 and (code := -ERRNO_FIELD.unpack_from(data, offset + 16)[0]) > 0:
-                name = errno.errorcode.get(code, str(code))
-                raise SockDiagError(f"kernel ended the dump with {name}")
-            return
-        if msg_type == NLMSG_ERROR:
-            code = -ERRNO_FIELD.unpack_from(data, offset + 16)[0] if msg_len >= 20 else 0
-            name = errno.errorcode.get(code, str(code))
-            raise DumpRefused(f"kernel answered the dump with {name}")
-        if msg_len < INET_DIAG_MSG_MIN:
-            raise SockDiagError(f"inet_diag message of {msg_len} bytes at byte {offset}")
-        if msg_type != answer:
-            raise SockDiagError(f"unexpected netlink message type {msg_type} at byte {offset}")
-        raise SockDiagError(f"unknown TCP state {data[offset + 17]} at byte {offset}")
 
     def _maybe_self_connect(
         self,
@@ -409,60 +373,6 @@ class DumpAggregator:
             destinations.append(Destination(family, address, port, count))
         destinations.sort(key=lambda d: (-d.sockets, d.family, d.address, d.port))
         return tuple(destinations)
-
-
-_FAMILY_NAME: dict[int, str] = {int(number): name for name, number in FAMILY_NUMBER.items()}
-
-
-def _family_of(number: int, asked: str | None, offset: int) -> str:
-    """The family name of a message's ``idiag_family``; one the dump did not ask for raises."""
-    name = _FAMILY_NAME.get(number)
-    if name is None or (asked is not None and name != asked):
-        raise SockDiagError(f"unexpected address family {number} at byte {offset}")
-    return name
-
-
-class StateCounter:
-    """Counts the sockets of a dump by family and state, and nothing else: the ESTABLISHED walk
-    under churn (sockets.collect) wants one number per family, so each message costs a header
-    and two bytes. Fed like DumpAggregator (``family`` None: both, per message)."""
-
-    def __init__(self) -> None:
-        self.states = {name: [0] * 13 for name in FAMILIES}
-        self.messages = 0
-
-    def feed(self, data: memoryview | bytes, length: int, family: str | None) -> bool:
-        header = NLMSG_HEAD.unpack_from
-        answer = SOCK_DIAG_BY_FAMILY if family is not None else TCPDIAG_GETSOCK
-        by_family = self.states
-        current = -1
-        states: list[int] = []
-        counted = 0
-        offset = 0
-        try:
-            while offset < length:
-                if length - offset < 16:
-                    raise SockDiagError(f"truncated netlink header at byte {offset} of {length}")
-                msg_len, msg_type = header(data, offset)
-                state = data[offset + 17] if msg_len >= INET_DIAG_MSG_MIN else 0
-                if (
-                    msg_type != answer
-                    or offset + msg_len > length
-                    or not 0 < state <= TCP_NEW_SYN_RECV
-                ):
-                    DumpAggregator._unusual_message(
-                        data, offset, msg_len, msg_type, length, answer
-                    )
-                    return True  # NLMSG_DONE (everything else raised)
-                if data[offset + 16] != current:
-                    current = data[offset + 16]
-                    states = by_family[_family_of(current, family, offset)]
-                states[TCP_SYN_RECV if state == TCP_NEW_SYN_RECV else state] += 1
-                counted += 1
-                offset += (msg_len + 3) & ~3
-            return False
-        finally:
-            self.messages += counted
 
 
 def _decode_tuple_key(family: str, key: bytes) -> tuple[int, str, str]:

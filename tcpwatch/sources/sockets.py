@@ -19,8 +19,14 @@ from tcpwatch.sources.sockdiag import (
     ALL_STATES_MASK,
     ESTABLISHED_MASK,
     TCP_ESTABLISHED,
+    TCP_LISTEN,
     Receiver,
 )
+
+LISTEN_MASK = 1 << TCP_LISTEN
+# States a socket leaves by a timer that may send nothing (a request socket's last SYN-ACK
+# timeout, a SYN_SENT's last retry, an orphan's give-up): a table holding any is not reused.
+_TIMED_STATES = ("syn_sent", "syn_recv", "fin_wait1", "closing", "last_ack", "close")
 
 
 def run_dump(
@@ -28,7 +34,7 @@ def run_dump(
     receive: Receiver,
     request: bytes,
     family: str | None,
-    aggregator: sockdiag.DumpAggregator | sockdiag.StateCounter,
+    aggregator: sockdiag.DumpAggregator | netlink.StateCounter,
     buffer: memoryview,
 ) -> None:
     send(request)
@@ -50,6 +56,7 @@ def collect(
     destinations: bool = True,
     live_info: bool = True,
     settled: Callable[[], bool] | None = None,
+    listeners_only: bool = False,
 ) -> SocketTable:
     """Dump this namespace's TCP sockets (see the module docstring for the plan).
 
@@ -71,7 +78,13 @@ def collect(
     they ran; if not, ESTABLISHED is counted by one more dump of every ESTABLISHED socket (one
     walk, as ``ss`` counts it; the per-destination data stays dump 2's), and the table says
     ``churned``.
+
+    ``listeners_only`` dumps the listening sockets alone: the kernel then walks its listening
+    hash and not the established one (inet_diag_dump_icsk), whatever else the host holds. The
+    table counts only them (the caller keeps the rest from an earlier poll).
     """
+    if listeners_only:
+        port_range, inuse, destinations, settled = None, None, False, None
     aggregator = sockdiag.DumpAggregator(port_range if destinations else None, attribute_states)
     established_dumped = dump_established or inuse is None or port_range is None
     families = FAMILIES
@@ -87,7 +100,7 @@ def collect(
         mask: int,
         bytecode: bytes,
         extensions: int,
-        into: sockdiag.DumpAggregator | sockdiag.StateCounter,
+        into: sockdiag.DumpAggregator | netlink.StateCounter,
     ) -> None:
         nonlocal sequence, connection
         if connection is None:
@@ -106,7 +119,7 @@ def collect(
         mask: int,
         bytecode: bytes = b"",
         extensions: int = 0,
-        into: sockdiag.DumpAggregator | sockdiag.StateCounter = aggregator,
+        into: sockdiag.DumpAggregator | netlink.StateCounter = aggregator,
     ) -> None:
         """The sockets of ``wanted`` families: each dump walks the host-wide hash tables whole,
         so two families are asked for in one request (one walk) unless the kernel refuses it."""
@@ -116,7 +129,7 @@ def collect(
             try:
                 dump_one(None, mask, bytecode, extensions, into)
                 return
-            except sockdiag.DumpRefused:
+            except netlink.DumpRefused:
                 if into.messages != before:
                     raise  # failed part-way: what it fed cannot be taken back
                 both_at_once = False  # refused (no TCPDIAG_GETSOCK): one request per family
@@ -125,6 +138,8 @@ def collect(
 
     try:
         first_mask = ALL_STATES_MASK if established_dumped else ALL_STATES_MASK & ~ESTABLISHED_MASK
+        if listeners_only:
+            first_mask = LISTEN_MASK
         if families:
             dump(families, first_mask)
         if destinations and not established_dumped and inuse is not None and port_range:
@@ -143,7 +158,7 @@ def collect(
             # The derivation could be wrong: count ESTABLISHED in one walk of it, as ss does,
             # counting only (what dump 2 keyed per destination is not keyed twice).
             churned = established_dumped = True
-            walk = sockdiag.StateCounter()
+            walk = netlink.StateCounter()
             dump(FAMILIES, ESTABLISHED_MASK, into=walk)
             for family in FAMILIES:
                 aggregator.totals[family].states[TCP_ESTABLISHED] = walk.states[family][
@@ -204,6 +219,11 @@ def read_sockets_source(context: SourceContext, so_far: Snapshot) -> SocketTable
             except (OSError, procnet.ProcParseError):
                 return False
 
+    earlier = context.earlier
+    if before is not None and not fresh and earlier is not None and _reusable(earlier, before):
+        listeners = collect(None, None, attribute_states, listeners_only=True)
+        if listeners.total("listen") == earlier.total("listen"):
+            return _unchanged(earlier, listeners)
     sockets = collect(
         port_range,
         inuse,
@@ -214,6 +234,37 @@ def read_sockets_source(context: SourceContext, so_far: Snapshot) -> SocketTable
         live_info=settings.live_tcp_info,
         settled=settled,
     )
+    if before is not None and not sockets.churned:
+        sockets = replace(sockets, marks=before.signature)
     if fresh or context.earlier is None:
         return replace(sockets, destinations_at=context.taken_at)
     return with_destinations_of(sockets, context.earlier)
+
+
+def _reusable(earlier: SocketTable, now: procnet.ChurnMarks) -> bool:
+    """The earlier table still describes the namespace: it was taken with nothing moving, with
+    the marks read now (no segment in or out of the namespace since, no socket hashed or
+    unhashed, no timewait socket made or expired), and it held no socket a silent timer could
+    have moved since."""
+    return (
+        bool(earlier.marks)
+        and earlier.marks == now.signature
+        and earlier.established_method == "derived"
+        and not any(earlier.total(state) for state in _TIMED_STATES)
+    )
+
+
+def _unchanged(earlier: SocketTable, listeners: SocketTable) -> SocketTable:
+    """The earlier table with this poll's listeners (their queues move without a segment: an
+    accept() empties one) and this poll's small dump as its cost."""
+    counts = {
+        family: {**by_state, "listen": listeners.counts[family]["listen"]}
+        for family, by_state in earlier.counts.items()
+    }
+    return replace(
+        earlier,
+        counts=counts,
+        listeners=listeners.listeners,
+        messages=listeners.messages,
+        unchanged=True,
+    )

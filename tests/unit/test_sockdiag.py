@@ -30,6 +30,7 @@ from tcpwatch.sources.netlink import (
     SOCK_DIAG_BY_FAMILY,
     TCPDIAG_GETSOCK,
     SockDiagError,
+    StateCounter,
     build_request,
     port_range_bytecode,
 )
@@ -38,7 +39,6 @@ from tcpwatch.sources.sockdiag import (
     ESTABLISHED_MASK,
     INET_DIAG_SHUTDOWN,
     DumpAggregator,
-    StateCounter,
 )
 from tcpwatch.sources.sockets import collect, run_dump
 from tests.tools.record_dump import read_frames, recorded_receiver, state_mask
