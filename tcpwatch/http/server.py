@@ -47,9 +47,6 @@ log = logging.getLogger(__name__)
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _ACCEPT_PAUSE_SECONDS = 0.5  # when nothing can be shed to free a descriptor
 _SWEEP_SECONDS = 0.1
-_BUSY_SELECT_SECONDS = 0.25
-_FEW_HELD = 16  # up to this many held connections, the selector sleeps until their deadline
-IDLE_SELECT_SECONDS = 5.0
 _PARKED_SLACK_SECONDS = 5.0  # a parked connection outlives its check's own deadline by this
 _LISTENER = "listener"
 _WAKE = "wake"
@@ -151,7 +148,9 @@ class WebServer:
         if self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
             self._selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
-        for key, mask in self._selector.select(self._select_timeout(now)):
+        busy = self._app.checks_pending() or self._app.admission.generation != self._generation
+        sleep = self._held.sleep(now, self._accept_paused_until, busy)  # an idle server sleeps
+        for key, mask in self._selector.select(sleep):
             if key.data is _LISTENER:
                 self._accept()
             elif key.data is _WAKE:
@@ -164,23 +163,6 @@ class WebServer:
         if now - self._last_sweep >= _SWEEP_SECONDS:
             self._last_sweep = now
             self._sweep(now)
-
-    def _select_timeout(self, now: float) -> float:
-        """How long the selector may sleep: a busy server ticks every 0.25 s (deadlines, checks,
-        a reload's policy); one holding a few connections sleeps until the first of their
-        deadlines, one holding none for IDLE_SELECT_SECONDS (anything new wakes it at once), so
-        an idle daemon does not wake four times a second for nothing."""
-        wake_at = now + IDLE_SELECT_SECONDS
-        if self._accept_paused_until:
-            wake_at = min(wake_at, self._accept_paused_until)
-        held = self._held.by_fd
-        if len(held) > _FEW_HELD or self._app.checks_pending():
-            return _BUSY_SELECT_SECONDS
-        if self._app.admission.generation != self._generation:
-            return _SWEEP_SECONDS  # a reload's policy: the next sweep applies it
-        for connection in held.values():
-            wake_at = min(wake_at, connection.deadline)
-        return max(0.0, wake_at - now)
 
     def _guarded(self, connection: Connection, mask: int) -> None:
         """One connection's event; whatever goes wrong closes that connection only."""
