@@ -114,6 +114,8 @@ class SocketTable:
     marks: tuple[int, ...] = ()
     # This poll found the marks of the earlier one: it dumped only the listeners (sockets.py).
     unchanged: bool = False
+    # idiag_uid of the sockets attribution looks for: their owners' processes are read first.
+    owner_uids: frozenset[int] = frozenset()
 
     def total(self, state: str) -> int:
         return sum(by_state.get(state, 0) for by_state in self.counts.values())

@@ -77,7 +77,7 @@ _STATE_BY_NAME = {name: number for number, name in enumerate(STATES, start=1)}
 
 PORTS = struct.Struct("!HH")
 _TUPLE_KEY = struct.Struct("34s")  # dport, src[16], dst[16]: one bytes object per socket
-_QUEUES_INODE = struct.Struct("=II4xI")  # rqueue, wqueue, (uid), inode at offset 72
+_QUEUES_INODE = struct.Struct("=IIII")  # rqueue, wqueue, uid, inode at offset 72
 
 # tcp_info fields a live connection is summarised by (offsets in tcpinfo.py): retrans (36, in
 # flight), rtt (68, us), total_retrans (100), segs_out (136); the short form for kernels < 4.2.
@@ -116,6 +116,7 @@ class DumpAggregator:
         self.syn_sent: Counter[tuple[str, bytes]] = Counter()
         self.self_connects: list[SelfConnect] = []
         self.inodes: dict[int, set[int]] = {n: set() for n in self.attribute_numbers}
+        self.uids: set[int] = set()  # of the listeners and of ``inodes``: owners' likely uids
         self.messages = 0
         # Set before a dump that asked for INET_DIAG_INFO: ESTABLISHED ephemeral sockets then
         # add their tcp_info to ``live`` (key as ``ephemeral``): one (retrans, rtt us,
@@ -181,7 +182,8 @@ class DumpAggregator:
             states[state] += 1
             sport, dport = ports(data, offset + 20)
             if state == TCP_LISTEN:
-                rqueue, wqueue, inode = _QUEUES_INODE.unpack_from(data, offset + 72)
+                rqueue, wqueue, uid, inode = _QUEUES_INODE.unpack_from(data, offset + 72)
+                self.uids.add(uid)
                 address = bytes(data[offset + 24 : offset + 24 + addr_len])
                 self.listeners.append((family_name, address, sport, rqueue, wqueue, inode))
                 listen_ports.add(sport)
@@ -227,7 +229,9 @@ class DumpAggregator:
                     if sport == dport:
                         self._maybe_self_connect(data, offset, family_name, state, sport, addr_len)
                 if state in attribute_numbers and not timewait:
-                    self.inodes[state].add(_QUEUES_INODE.unpack_from(data, offset + 72)[2])
+                    _, _, uid, inode = _QUEUES_INODE.unpack_from(data, offset + 72)
+                    self.inodes[state].add(inode)
+                    self.uids.add(uid)
             offset += (msg_len + 3) & ~3
         return False
 
@@ -261,7 +265,7 @@ class DumpAggregator:
         source = bytes(data[offset + 24 : offset + 24 + addr_len])
         if source != bytes(data[offset + 40 : offset + 40 + addr_len]):
             return
-        inode = _QUEUES_INODE.unpack_from(data, offset + 72)[2]
+        inode = _QUEUES_INODE.unpack_from(data, offset + 72)[3]
         address = _address(family, source)
         self.self_connects.append(SelfConnect(family, address, port, STATES[state - 1], inode))
 
@@ -286,6 +290,7 @@ class DumpAggregator:
             },
             established_method="dumped" if established_dumped else "derived",
             messages=self.messages,
+            owner_uids=frozenset(self.uids),
         )
 
     def _listeners(self) -> tuple[Listener, ...]:

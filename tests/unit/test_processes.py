@@ -17,6 +17,7 @@ from tcpwatch.sources.processes import (
     parse_socket_link,
     procfs_hides_processes,
     scan_owners,
+    wanted_sockets_in,
 )
 
 # pid -> (comm, fd number -> link target); comm None leaves the comm file out.
@@ -302,3 +303,33 @@ def test_a_moved_or_closed_socket_falls_back_to_the_walk(tmp_path: Path) -> None
     assert second.owners == {101: ProcessRef(10, "nginx"), 202: ProcessRef(30, "worker")}
     assert second.confirmed == 1
     assert second.locations[202] == (30, "4")
+
+
+def test_processes_of_the_sockets_users_are_read_first(tmp_path: Path) -> None:
+    # Process 5 holds thousands of fds, none wanted, as another user; 9 (the sockets' user)
+    # holds the wanted one. Ascending pids would read 5's table whole; the uid order does not.
+    paths = build_proc(
+        tmp_path,
+        {
+            5: ("big", {fd: f"socket:[{1000 + fd}]" for fd in range(3, 400)}),
+            9: ("app", {3: "socket:[1]", 4: "socket:[2]", 5: "socket:[3]"}),
+        },
+    )
+    os.chown(tmp_path / "9", 1000, 1000)
+    attribution = scan_owners(paths, frozenset({1, 2}), uids=frozenset({1000}))
+    assert attribution.owner(1) == attribution.owner(2) == ProcessRef(9, "app")
+    assert attribution.processes_scanned == 1 and attribution.complete
+    # Without the uid the ascending order reads 5 first, and still finds the same owners.
+    ascending = scan_owners(paths, frozenset({1, 2}))
+    assert ascending.processes_scanned == 2
+    assert ascending.owners == attribution.owners
+    # A uid nobody runs as changes the order of nothing.
+    assert scan_owners(paths, frozenset({1, 2}), uids=frozenset({4242})).processes_scanned == 2
+
+
+def test_a_duplicated_socket_does_not_end_the_read_early(tmp_path: Path) -> None:
+    # The read of a process stops once it found every wanted socket: two fds of one socket
+    # count once.
+    paths = build_proc(tmp_path, {5: ("app", {3: "socket:[7]", 4: "socket:[7]", 5: "socket:[9]"})})
+    found = wanted_sockets_in(paths.pid(5, "fd"), frozenset({7, 9}))
+    assert {inode for inode, _ in found} == {7, 9}
