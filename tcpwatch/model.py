@@ -32,6 +32,9 @@ class Listener:
 
     ``socket_index`` tells apart SO_REUSEPORT sockets sharing one address:port: 0 for a lone
     listener, 0..N-1 in ascending inode order (creation order) within a reuseport group.
+    ``drops`` is the socket's sk_drops (INET_DIAG_SKMEMINFO, `ss -ltnm` d<N>): every SYN or
+    handshake the kernel dropped at this listener since it was created (accept-queue overflows,
+    SYN-queue drops, ...). None when the kernel did not report it.
     """
 
     family: str
@@ -42,6 +45,7 @@ class Listener:
     syn_recv: int  # request sockets (half-open connections) on this listener's port and address
     inode: int
     socket_index: int = 0
+    drops: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
