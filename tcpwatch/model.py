@@ -282,8 +282,10 @@ class Snapshot:
 
 DIRECTIONS: tuple[str, ...] = ("inbound", "outbound")
 # ok: handshake completed; timeout: no answer (segs_in 0); refused: answered (RST) before the
-# handshake completed; aborted: the kernel cleared the peer's port and the counters before
-# reporting (a blocking connect() that failed, or a close() with SO_LINGER 0).
+# handshake completed; aborted: a connect that never completed and whose port and counters the
+# kernel cleared before reporting (a blocking connect() that failed, or a failed connect closed
+# with SO_LINGER 0, as proxies do). A connection that worked and was then closed with SO_LINGER 0
+# is ok, under the bare address.
 OUTCOMES: tuple[str, ...] = ("ok", "timeout", "refused", "aborted")
 # Upper bounds of the RTT histogram: loopback/LAN (100 us) to intercontinental (1 s), 1-2-5 steps.
 RTT_BUCKETS_SECONDS: tuple[float, ...] = (

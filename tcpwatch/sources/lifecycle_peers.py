@@ -38,7 +38,7 @@ from tcpwatch.sources.netlink import (
     SockDiagError,
 )
 from tcpwatch.sources.sockdiag import INET_DIAG_MSG_MIN
-from tcpwatch.sources.tcpinfo import CLOSE_FIELDS, parse_tcp_info
+from tcpwatch.sources.tcpinfo import CLOSE_FIELDS, handshake_completed, parse_tcp_info
 
 DEFAULT_MAX_PEERS = 100
 DEFAULT_PEER_IDLE_SECONDS = 3600.0
@@ -213,8 +213,9 @@ class LifecycleAggregator:
                     peer = routes.get(key)
                     if peer is None or (peer.folded and now - self._last_sweep >= _SWEEP_INTERVAL):
                         peer = self._route(key, now)  # new, or folded: a sweep may free a row
-                    if dport == 0:
-                        peer.closed[ABORTED] += 1
+                    if dport == 0:  # cleared by tcp_disconnect: did it ever connect?
+                        done = handshake_completed(data, position + 4, size)
+                        peer.closed[OK if done else ABORTED] += 1
                     elif delivered:
                         peer.closed[OK] += 1
                     elif segs_in:
