@@ -318,7 +318,7 @@ def _check_from(config: Config, args: argparse.Namespace) -> int:
     from tcpwatch.client import parse_daemon_url, report_from_document
 
     if args.window is not None:
-        raise UsageError("--window: not with --from (the daemon's own poll interval is the window)")
+        raise UsageError("--window: not with --from (the daemon judges its own rules.window)")
     daemon = parse_daemon_url(args.from_url)
     query = {"netns": args.netns} if args.netns and args.netns not in ("all", "self") else {}
     document = daemon.get_json("/api/v1/findings", {**query, "limit": "10000"})
