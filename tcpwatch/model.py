@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 # Exported state names, in the kernel's numbering order (TCP_ESTABLISHED = 1 ... TCP_CLOSING = 11).
 STATES: tuple[str, ...] = (
@@ -139,6 +140,18 @@ class KernelCounters:
         return self.values.get(name)
 
 
+# Sysctls holding several integers, and what each field is called (the suffix of its series in
+# tcpwatch_sysctl). Every other sysctl holds exactly one integer.
+MULTI_FIELD_SUFFIXES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "net.ipv4.ip_local_port_range": ("min", "max"),
+        "net.ipv4.tcp_mem": ("min", "pressure", "max"),
+        "net.ipv4.tcp_rmem": ("min", "default", "max"),
+        "net.ipv4.tcp_wmem": ("min", "default", "max"),
+    }
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Sysctls:
     """TCP tunables. A sysctl the kernel lacks is absent from ``values``."""
@@ -161,6 +174,21 @@ class Sysctls:
 
     def port_reserved(self, port: int) -> bool:
         return any(low <= port <= high for low, high in self.reserved_ports)
+
+    def named_fields(self) -> tuple[tuple[str, int], ...]:
+        """Each field under its own name, sorted by sysctl: ``net.core.somaxconn`` for a
+        one-field sysctl, ``net.ipv4.tcp_mem.min`` / ``.pressure`` / ``.max`` for the fields of
+        :data:`MULTI_FIELD_SUFFIXES`. A value with the wrong number of fields is left out."""
+        named: list[tuple[str, int]] = []
+        for name, fields in sorted(self.values.items()):
+            suffixes = MULTI_FIELD_SUFFIXES.get(name)
+            if suffixes is None or len(suffixes) != len(fields):
+                if len(fields) == 1:
+                    named.append((name, fields[0]))
+                continue
+            pairs = zip(suffixes, fields, strict=True)
+            named.extend((f"{name}.{suffix}", value) for suffix, value in pairs)
+        return tuple(named)
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +300,9 @@ class Snapshot:
     # Closed connections heard since the namespace's destroy listener started (the long-lived
     # source "lifecycle"; serve and check --window only).
     connections: LifecycleStats | None = None
+    # Host-wide, the same in every snapshot: the assignments in the host's sysctl files (the
+    # source "sysctl_files"), in the order they are applied at boot.
+    persisted_sysctls: tuple[PersistedSysctl, ...] | None = None
 
     def source_ok(self, name: str) -> bool:
         return any(status.name == name and status.ok for status in self.sources)
