@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-from .netns import Netns, take_snapshots
+from .netns import Netns, run_tcpwatch, take_snapshots
+from .test_serve import matching, parse_samples
 
 pytestmark = pytest.mark.integration
 
@@ -77,3 +78,8 @@ def test_listener_drops_match_ss_and_nstat(netns: Netns) -> None:
     counters = netns.nstat()
     assert counters["TcpExtListenDrops"] == sum(PORTS.values())
     assert counters["TcpExtListenOverflows"] == sum(PORTS.values())
+    # The exported counter says the same, per listener.
+    exposition = run_tcpwatch(netns, "metrics")
+    assert exposition.returncode == 0, exposition.stderr
+    samples = matching(parse_samples(exposition.stdout), "tcpwatch_listener_drops_total")
+    assert {int(dict(labels)["port"]): value for labels, value in samples.items()} == after
