@@ -27,6 +27,48 @@ def process_phrase(process: ProcessRef | None) -> str:
     return "the owning process" if process is None else f"{process.name}[{process.pid}]"
 
 
+# Why a listener's owner may not take connections off its queue, per program (name prefix).
+_BUSY_OWNER: tuple[tuple[str, str], ...] = (
+    (
+        "nginx",
+        "nginx: each worker holds at most `worker_connections` connections (events block); "
+        "when they run out it closes idle keep-alive connections and its error log says "
+        "'worker_connections are not enough': raise it (and `worker_rlimit_nofile`) or "
+        "`worker_processes`",
+    ),
+    (
+        "haproxy",
+        "haproxy: `maxconn` (global and per frontend) caps the connections it accepts: compare "
+        "CurrConns with Maxconn in `show info` on its stats socket",
+    ),
+    (
+        "redis-server",
+        "redis: one thread accepts and serves every client: a slow command (`SLOWLOG GET`) "
+        "stalls accepting; `maxclients` refuses clients only after accepting them",
+    ),
+    (
+        "postgres",
+        "PostgreSQL: the postmaster accepts and forks a backend per connection; forks stall "
+        "under memory pressure. `max_connections` refuses sessions after the handshake, which "
+        "TCP does not see",
+    ),
+    ("gunicorn", "gunicorn: all `--workers` busy: more workers, or async workers"),
+    ("uwsgi", "uWSGI: all `--processes`/`--threads` busy"),
+    ("php-fpm", "PHP-FPM: `pm.max_children` reached (its log says so)"),
+    ("java", "Java: the server's worker threads are all busy (Tomcat `maxThreads`)"),
+    ("node", "Node.js: one event loop accepts and serves: a blocked loop stops accepting"),
+)
+
+
+def busy_owner_hint(owner: ProcessRef | None) -> str | None:
+    """A comment line on why this program may stop accepting, or None for an unknown one."""
+    if owner is not None:
+        for prefix, text in _BUSY_OWNER:
+            if owner.name.startswith(prefix):
+                return "# " + text
+    return None
+
+
 def owner_of(snapshot: Snapshot, inode: int) -> ProcessRef | None:
     if snapshot.attribution is None or inode == 0:
         return None

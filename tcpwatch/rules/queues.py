@@ -21,6 +21,7 @@ from tcpwatch.rules.base import (
     rule,
 )
 from tcpwatch.rules.fixes import (
+    busy_owner_hint,
     owner_of,
     process_label,
     process_phrase,
@@ -28,7 +29,13 @@ from tcpwatch.rules.fixes import (
     sysctl_fix,
 )
 from tcpwatch.rules.shapes import ratio_severity, ratio_thresholds
-from tcpwatch.rules.shared import listener_groups, no_cookie_syn_limit
+from tcpwatch.rules.shared import (
+    ListenerGroup,
+    dropping_listeners,
+    drops_in_window,
+    listener_groups,
+    no_cookie_syn_limit,
+)
 
 
 def _owner_evidence(evidence: dict[str, EvidenceValue], owner: ProcessRef | None) -> None:
@@ -124,12 +131,20 @@ def Q01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         overflows = window.counter_delta("TcpExtListenOverflows")
         if overflows is not None:
             evidence["listen_overflows_in_window"] = overflows
+        dropped = drops_in_window(window, group)
+        if dropped is not None:
+            evidence["drops_in_window"] = dropped
         netns = snapshot.netns
         bigger = _suggested_backlog(worst.queue_max)
         lines = [
             f"# {process_phrase(owner)} is not calling accept() fast enough: check that it is "
             "alive and not blocked (CPU, a stuck event loop, too few workers/threads)",
-            run_in(netns, f"ss -ltn 'sport = :{group.port}'") + "   # Recv-Q / Send-Q",
+        ]
+        hint = busy_owner_hint(owner)
+        if hint is not None:
+            lines.append(hint)
+        lines += [
+            run_in(netns, f"ss -ltnm 'sport = :{group.port}'") + "   # Recv-Q / Send-Q, d<N>",
             "# a bigger backlog only absorbs bursts:",
         ]
         if somaxconn is not None and bigger > somaxconn:
@@ -147,11 +162,91 @@ def Q01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
 # --- Q02 -------------------------------------------------------------------------------------
 
 
+def drop_cause(overflows: int | None, drops: int | None) -> str:
+    """What the namespace's counters say the listen drops of the window were: "accept" (the
+    accept queue overflowed: ListenOverflows grew as much as ListenDrops, or most of it), "syn"
+    (ListenOverflows did not grow: dropped before the accept queue), "accept and syn", or
+    "unknown"."""
+    if overflows is None or not drops:
+        return "unknown"
+    if overflows == 0:
+        return "syn"
+    return "accept" if overflows * 2 >= drops else "accept and syn"
+
+
+def _q02_listener(
+    window: Window, group: ListenerGroup, dropped: int, cause: str, evidence_extra: dict[str, int]
+) -> Finding:
+    snapshot = window.current
+    worst = max(group.sockets, key=_fill)
+    owner = owner_of(snapshot, worst.inode)
+    seconds = window.seconds or 0.0
+    evidence: dict[str, EvidenceValue] = {"listener": group.name}
+    _owner_evidence(evidence, owner)
+    evidence["drops_in_window"] = dropped
+    evidence["window_seconds"] = round(seconds, 3)
+    if seconds > 0:
+        evidence["drops_per_second"] = round(dropped / seconds, 3)
+    evidence["cause"] = cause
+    evidence["queue_length"] = worst.queue_length
+    evidence["queue_max"] = worst.queue_max
+    evidence["syn_recv"] = sum(lsn.syn_recv for lsn in group.sockets)
+    evidence["drops_total"] = sum(lsn.drops or 0 for lsn in group.sockets)
+    evidence.update(evidence_extra)
+    netns = snapshot.netns
+    label = process_label(owner)
+    full_now = _fill(worst) >= 1.0
+    verify = [
+        "# verify: the listener's drop counter (d<N> in skmem:) stops growing:",
+        run_in(netns, f"ss -ltnm 'sport = :{group.port}'"),
+    ]
+    if cause == "syn":
+        what = "SYNs dropped before its accept queue (its SYN queue; see Q04)"
+        lines = [
+            f"# the drops at {group.name} are not accept-queue overflows (ListenOverflows did "
+            "not grow): SYNs were dropped before the accept queue, because its SYN queue is "
+            "full (a SYN flood, or clients whose final ACK is lost) without SYN cookies "
+            "answering; accepting connections sooner would not help: see Q04 and K01",
+            run_in(netns, f"ss -tn state syn-recv 'sport = :{group.port}' | head -20"),
+            *verify,
+        ]
+    else:
+        what = f"its accept queue ({worst.queue_max}) overflowed"
+        if not full_now:
+            what += (
+                f", though it reads {worst.queue_length} now: it drains and refills between polls"
+            )
+        lines = [
+            f"# {process_phrase(owner)} does not take connections off the accept queue of "
+            f"{group.name} as fast as they come: the kernel dropped {dropped} connection "
+            f"attempts there in {seconds:.0f} s, and the clients wait for SYN retries (1 s, "
+            "3 s, 7 s ...)",
+        ]
+        hint = busy_owner_hint(owner)
+        if hint is not None:
+            lines.append(hint)
+        lines.append(
+            "# make it accept() faster (more workers, a higher connection limit); a "
+            "bigger backlog only absorbs bursts:"
+        )
+        somaxconn = snapshot.sysctls.get("net.core.somaxconn") if snapshot.sysctls else None
+        bigger = _suggested_backlog(worst.queue_max)
+        if somaxconn is not None and bigger > somaxconn:
+            lines.append(sysctl_fix(netns, "net.core.somaxconn", bigger, window.persisted_sysctls))
+        lines.append(backlog_hint(owner, group.port, bigger))
+        if cause == "accept and syn":
+            lines.append("# some drops were SYN-queue drops, not overflows: see Q04")
+        lines.extend(verify)
+    title = f"{dropped} connection attempts dropped at {group.name} ({label}) in {seconds:.1f} s: "
+    return Q02.finding(window, title + what, evidence, "\n".join(lines), subject=group.name)
+
+
 @rule(
     "Q02",
     "listen-overflows",
     "warning",
-    "Connections were dropped at listen sockets during the window (ListenOverflows/ListenDrops)",
+    "Connections were dropped at a listener during the window (its drop counter, and "
+    "ListenOverflows/ListenDrops for drops no listener accounts for)",
     thresholds=(
         Threshold(
             "minimum",
@@ -159,7 +254,8 @@ def Q01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             1,
             1e9,
             "connections",
-            "fire when ListenOverflows or ListenDrops grew by at least this in the window",
+            "fire when a listener dropped at least this many connection attempts in the window "
+            "(or ListenOverflows/ListenDrops grew by this much beyond what listeners dropped)",
         ),
     ),
     counters=("TcpExtListenOverflows", "TcpExtListenDrops"),
@@ -167,42 +263,58 @@ def Q01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
 def Q02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     overflows = window.counter_delta("TcpExtListenOverflows")
     drops = window.counter_delta("TcpExtListenDrops")
+    minimum = required(thresholds, "minimum")
+    cause = drop_cause(overflows, drops)
+    namespace: dict[str, int] = {}
+    if overflows is not None:
+        namespace["listen_overflows_in_window"] = overflows
+    if drops is not None:
+        namespace["listen_drops_in_window"] = drops
+    accounted = 0
+    for group in listener_groups(window.current):
+        dropped = drops_in_window(window, group)
+        if dropped is None:
+            continue
+        accounted += dropped
+        if dropped >= minimum:
+            yield _q02_listener(window, group, dropped, cause, namespace)
     if overflows is None and drops is None:
         return
-    minimum = required(thresholds, "minimum")
-    if max(overflows or 0, drops or 0) < minimum:
+    lost = max(overflows or 0, drops or 0)
+    rest = lost - accounted
+    if rest < minimum:
         return
+    # Drops no current listener accounts for: it closed during the window, or the kernel does
+    # not report drops per listener.
     seconds = window.seconds or 0.0
-    evidence: dict[str, EvidenceValue] = {}
-    if overflows is not None:
-        evidence["listen_overflows_in_window"] = overflows
-    if drops is not None:
-        evidence["listen_drops_in_window"] = drops
+    evidence: dict[str, EvidenceValue] = dict(namespace)
+    evidence["drops_at_listeners_in_window"] = accounted
+    evidence["unaccounted_in_window"] = rest
     evidence["window_seconds"] = round(seconds, 3)
     if seconds > 0:
-        evidence["drops_per_second"] = round(max(overflows or 0, drops or 0) / seconds, 3)
+        evidence["drops_per_second"] = round(rest / seconds, 3)
     full: list[str] = []
     for group in listener_groups(window.current):
         worst = max(group.sockets, key=_fill)
         if worst.queue_length and _fill(worst) >= 1.0:
-            owner = owner_of(window.current, worst.inode)
-            full.append(f"{group.name} {process_label(owner)}")
+            full.append(f"{group.name} {process_label(owner_of(window.current, worst.inode))}")
     evidence["listeners_full_now"] = ", ".join(full) if full else "none at the end of the window"
     netns = window.current.netns
     remediation = "\n".join(
         [
-            "# find the listener whose Recv-Q reaches its Send-Q (the accept queue is full):",
-            run_in(netns, "ss -ltn"),
-            "# then see Q01: make that application accept() faster and raise its backlog; "
-            "ListenDrops beyond ListenOverflows are SYN-queue drops (see Q04, K01)",
+            "# these drops are not counted at any listener polled now: a listener that closed "
+            "during the window, or a kernel that does not report drops per listener",
+            "# find the listener whose drop counter (d<N>) grows, or whose Recv-Q reaches its "
+            "Send-Q:",
+            run_in(netns, "ss -ltnm"),
             "# verify: the counters stop growing:",
             run_in(netns, "nstat -az TcpExtListenOverflows TcpExtListenDrops"),
         ]
     )
-    lost = max(overflows or 0, drops or 0)
     yield Q02.finding(
         window,
-        f"{lost} incoming connection attempts dropped at listen sockets in {seconds:.1f} s",
+        f"{rest} incoming connection attempts dropped at listen sockets in {seconds:.1f} s "
+        "that no current listener accounts for",
         evidence,
         remediation,
     )
@@ -368,19 +480,42 @@ def Q04(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     if syncookies is not None:
         evidence["tcp_syncookies"] = syncookies
     severity: Severity = "critical" if drops else "warning"
-    lines = [
-        "# a SYN queue overflowed: find the listener with many SYN-RECV entries:",
-        run_in(netns, "ss -tn state syn-recv | awk 'NR>1 {print $3}' | sort | uniq -c | sort -rn"),
+    # The SYN-queue counters are the namespace's; the listeners that dropped during the window,
+    # or hold the most half-open connections now, are where it happened.
+    suspects = [(group, f"{count} dropped") for group, count in dropping_listeners(window)[:3]] or [
+        (group, f"{sum(lsn.syn_recv for lsn in group.sockets)} half-open")
+        for group in sorted(
+            listener_groups(snapshot), key=lambda g: -sum(lsn.syn_recv for lsn in g.sockets)
+        )[:3]
+        if any(lsn.syn_recv for lsn in group.sockets)
     ]
+    named = [
+        f"{group.name} {process_label(owner_of(snapshot, group.sockets[0].inode))} ({what})"
+        for group, what in suspects
+    ]
+    if named:
+        evidence["listeners"] = ", ".join(named)
+    lines = ["# a SYN queue overflowed: find the listener with many SYN-RECV entries:"]
+    if suspects:
+        lines.append(
+            run_in(netns, f"ss -tn state syn-recv 'sport = :{suspects[0][0].port}' | head -20")
+        )
+    else:
+        lines.append(
+            run_in(
+                netns, "ss -tn state syn-recv | awk 'NR>1 {print $3}' | sort | uniq -c | sort -rn"
+            )
+        )
     if drops:
         lines.append("# SYNs were dropped, not answered with cookies:")
         lines.append(sysctl_fix(netns, "net.ipv4.tcp_syncookies", 1, window.persisted_sysctls))
     lines.append(
         "# verify: " + run_in(netns, "nstat -az TcpExtTCPReqQFullDrop TcpExtSyncookiesSent")
     )
+    where = f" at {named[0]}" if named else ""
     title = (
-        f"{drops} SYNs dropped because a SYN queue was full during the window"
+        f"{drops} SYNs dropped because a SYN queue was full during the window{where}"
         if drops
-        else "a SYN queue overflowed during the window; SYN cookies were sent"
+        else f"a SYN queue overflowed during the window{where}; SYN cookies were sent"
     )
     yield Q04.finding(window, title, evidence, "\n".join(lines), severity=severity)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from tcpwatch.endpoints import endpoint
 from tcpwatch.model import Destination, Listener, Snapshot
+from tcpwatch.rules.base import Window
 
 TIME_WAIT_SECONDS = 60  # TCP_TIMEWAIT_LEN in include/net/tcp.h; no sysctl changes it
 
@@ -56,6 +57,38 @@ def listener_groups(snapshot: Snapshot) -> tuple[ListenerGroup, ...]:
             grouped.items(), key=lambda item: (item[0][2], item[0][0], item[0][1])
         )
     )
+
+
+def drops_in_window(window: Window, group: ListenerGroup) -> int | None:
+    """Connection attempts the kernel dropped at the listener's sockets during the window (their
+    sk_drops now minus at the window's start). A socket that is new since then counts from 0.
+    None without a window, or when the kernel did not report the counts."""
+    before_snapshot = window.previous
+    if before_snapshot is None or before_snapshot.sockets is None:
+        return None
+    before = {lsn.inode: lsn.drops for lsn in before_snapshot.sockets.listeners}
+    total = 0
+    for lsn in group.sockets:
+        start = before.get(lsn.inode, 0)
+        if lsn.drops is None or start is None:
+            return None
+        total += lsn.drops - start if lsn.drops >= start else lsn.drops  # re-created: from 0
+    return total
+
+
+def dropping_listeners(window: Window) -> tuple[tuple[ListenerGroup, int], ...]:
+    """The listeners that dropped connection attempts during the window, most drops first."""
+    found = []
+    for group in listener_groups(window.current):
+        drops = drops_in_window(window, group)
+        if drops:
+            found.append((group, drops))
+    return tuple(sorted(found, key=lambda item: (-item[1], item[0].port, item[0].address)))
+
+
+def is_local(snapshot: Snapshot, address: str) -> bool:
+    """Whether ``address`` is this namespace's own (see :func:`local_listener`)."""
+    return _is_local(snapshot, address)
 
 
 def _is_local(snapshot: Snapshot, address: str) -> bool:
