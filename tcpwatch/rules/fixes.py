@@ -7,6 +7,7 @@ import shlex
 from collections.abc import Sequence
 
 from tcpwatch.model import PersistedSysctl, ProcessRef, Snapshot, lines_for
+from tcpwatch.rules.base import EvidenceValue
 
 HOST_NETNS = "host"  # the snapshot's name for the init network namespace (that of PID 1)
 # The persisting line sysctl_fix writes, read back by persisted_settings (check --emit-sysctl).
@@ -25,6 +26,48 @@ def process_label(process: ProcessRef | None) -> str:
 def process_phrase(process: ProcessRef | None) -> str:
     """For sentences: "nginx[1234]", or "the owning process" when it was not found."""
     return "the owning process" if process is None else f"{process.name}[{process.pid}]"
+
+
+# Where common servers set their listen() backlog.
+_BACKLOG_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("nginx", "nginx: `listen {port} backlog={n};` in the server block, then `nginx -s reload`"),
+    ("redis-server", "redis: `tcp-backlog {n}` in redis.conf, then restart"),
+    ("gunicorn", "gunicorn: `--backlog {n}`"),
+    ("uwsgi", "uWSGI: `--listen {n}`"),
+    ("haproxy", "HAProxy: `backlog {n}` in the frontend/bind section"),
+    ("httpd", "Apache: `ListenBacklog {n}`"),
+    ("apache2", "Apache: `ListenBacklog {n}`"),
+    ("php-fpm", "PHP-FPM: `listen.backlog = {n}` in the pool config"),
+    ("node", "Node.js: `server.listen({{port: {port}, backlog: {n}}})`"),
+    (
+        "java",
+        "Java: the server's accept-queue setting (Tomcat `acceptCount`, Jetty `acceptQueueSize`)",
+    ),
+)
+
+
+def backlog_hint(owner: ProcessRef | None, port: int, backlog: int) -> str:
+    """How to raise the listen() backlog of the owning program, best guess from its name."""
+    if owner is not None:
+        for prefix, template in _BACKLOG_SETTINGS:
+            if owner.name.startswith(prefix):
+                return "# " + template.format(port=port, n=backlog)
+    return f"# raise the listen() backlog in the application to {backlog} (listen(fd, {backlog}))"
+
+
+def suggested_backlog(current: int) -> int:
+    """Twice the current backlog, rounded up to a power of two, at least 4096."""
+    wanted = max(4096, current * 2)
+    return 1 << (wanted - 1).bit_length()
+
+
+def owner_evidence(evidence: dict[str, EvidenceValue], owner: ProcessRef | None) -> None:
+    """``process`` and ``pid`` of a socket's owner; ``process`` "unknown" when not found."""
+    if owner is None:
+        evidence["process"] = "unknown"
+        return
+    evidence["process"] = owner.name
+    evidence["pid"] = owner.pid
 
 
 # Why a listener's owner may not take connections off its queue, per program (name prefix).

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from tcpwatch.model import Listener, ProcessRef
 from tcpwatch.rules.base import (
     EvidenceValue,
     Finding,
@@ -21,70 +20,26 @@ from tcpwatch.rules.base import (
     rule,
 )
 from tcpwatch.rules.fixes import (
+    backlog_hint,
     busy_owner_hint,
+    owner_evidence,
     owner_of,
     process_label,
     process_phrase,
     run_in,
+    suggested_backlog,
     sysctl_fix,
 )
 from tcpwatch.rules.shapes import ratio_severity, ratio_thresholds
 from tcpwatch.rules.shared import (
-    ListenerGroup,
     dropping_listeners,
     drops_in_window,
+    fill_ratio,
     listener_groups,
     no_cookie_syn_limit,
 )
 
-
-def _owner_evidence(evidence: dict[str, EvidenceValue], owner: ProcessRef | None) -> None:
-    if owner is None:
-        evidence["process"] = "unknown"
-        return
-    evidence["process"] = owner.name
-    evidence["pid"] = owner.pid
-
-
-# Where common servers set their listen() backlog.
-_BACKLOG_SETTINGS: tuple[tuple[str, str], ...] = (
-    ("nginx", "nginx: `listen {port} backlog={n};` in the server block, then `nginx -s reload`"),
-    ("redis-server", "redis: `tcp-backlog {n}` in redis.conf, then restart"),
-    ("gunicorn", "gunicorn: `--backlog {n}`"),
-    ("uwsgi", "uWSGI: `--listen {n}`"),
-    ("haproxy", "HAProxy: `backlog {n}` in the frontend/bind section"),
-    ("httpd", "Apache: `ListenBacklog {n}`"),
-    ("apache2", "Apache: `ListenBacklog {n}`"),
-    ("php-fpm", "PHP-FPM: `listen.backlog = {n}` in the pool config"),
-    ("node", "Node.js: `server.listen({{port: {port}, backlog: {n}}})`"),
-    (
-        "java",
-        "Java: the server's accept-queue setting (Tomcat `acceptCount`, Jetty `acceptQueueSize`)",
-    ),
-)
-
-
-def backlog_hint(owner: ProcessRef | None, port: int, backlog: int) -> str:
-    """How to raise the listen() backlog of the owning program, best guess from its name."""
-    if owner is not None:
-        for prefix, template in _BACKLOG_SETTINGS:
-            if owner.name.startswith(prefix):
-                return "# " + template.format(port=port, n=backlog)
-    return f"# raise the listen() backlog in the application to {backlog} (listen(fd, {backlog}))"
-
-
-def _suggested_backlog(current: int) -> int:
-    """Twice the current backlog, rounded up to a power of two, at least 4096."""
-    wanted = max(4096, current * 2)
-    return 1 << (wanted - 1).bit_length()
-
-
 # --- Q01 -------------------------------------------------------------------------------------
-
-
-def _fill(listener: Listener) -> float:
-    # Full means the next connection overflows: length >= max (length can read max+1).
-    return listener.queue_length / max(listener.queue_max, 1)
 
 
 @rule(
@@ -106,8 +61,8 @@ def Q01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             lsn.inode: lsn.queue_length for lsn in window.previous.sockets.listeners
         }
     for group in listener_groups(snapshot):
-        worst = max(group.sockets, key=_fill)
-        fill = _fill(worst)
+        worst = max(group.sockets, key=fill_ratio)
+        fill = fill_ratio(worst)
         severity = ratio_severity(fill, thresholds)
         if worst.queue_length == 0 or severity is None:
             continue
@@ -118,13 +73,13 @@ def Q01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             "queue_max": worst.queue_max,
             "fill_ratio": round(min(fill, 9.99), 4),
         }
-        _owner_evidence(evidence, owner)
+        owner_evidence(evidence, owner)
         if worst.inode in previous_lengths:
             evidence["queue_length_at_window_start"] = previous_lengths[worst.inode]
         if len(group.sockets) > 1:
             evidence["reuseport_sockets"] = len(group.sockets)
             evidence["reuseport_sockets_at_threshold"] = sum(
-                1 for lsn in group.sockets if lsn.queue_length and _fill(lsn) >= warning
+                1 for lsn in group.sockets if lsn.queue_length and fill_ratio(lsn) >= warning
             )
         if somaxconn is not None:
             evidence["somaxconn"] = somaxconn
@@ -135,7 +90,7 @@ def Q01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         if dropped is not None:
             evidence["drops_in_window"] = dropped
         netns = snapshot.netns
-        bigger = _suggested_backlog(worst.queue_max)
+        bigger = suggested_backlog(worst.queue_max)
         lines = [
             f"# {process_phrase(owner)} is not calling accept() fast enough: check that it is "
             "alive and not blocked (CPU, a stuck event loop, too few workers/threads)",
@@ -157,167 +112,6 @@ def Q01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         yield Q01.finding(
             window, title, evidence, "\n".join(lines), subject=group.name, severity=severity
         )
-
-
-# --- Q02 -------------------------------------------------------------------------------------
-
-
-def drop_cause(overflows: int | None, drops: int | None) -> str:
-    """What the namespace's counters say the listen drops of the window were: "accept" (the
-    accept queue overflowed: ListenOverflows grew as much as ListenDrops, or most of it), "syn"
-    (ListenOverflows did not grow: dropped before the accept queue), "accept and syn", or
-    "unknown"."""
-    if overflows is None or not drops:
-        return "unknown"
-    if overflows == 0:
-        return "syn"
-    return "accept" if overflows * 2 >= drops else "accept and syn"
-
-
-def _q02_listener(
-    window: Window, group: ListenerGroup, dropped: int, cause: str, evidence_extra: dict[str, int]
-) -> Finding:
-    snapshot = window.current
-    worst = max(group.sockets, key=_fill)
-    owner = owner_of(snapshot, worst.inode)
-    seconds = window.seconds or 0.0
-    evidence: dict[str, EvidenceValue] = {"listener": group.name}
-    _owner_evidence(evidence, owner)
-    evidence["drops_in_window"] = dropped
-    evidence["window_seconds"] = round(seconds, 3)
-    if seconds > 0:
-        evidence["drops_per_second"] = round(dropped / seconds, 3)
-    evidence["cause"] = cause
-    evidence["queue_length"] = worst.queue_length
-    evidence["queue_max"] = worst.queue_max
-    evidence["syn_recv"] = sum(lsn.syn_recv for lsn in group.sockets)
-    evidence["drops_total"] = sum(lsn.drops or 0 for lsn in group.sockets)
-    evidence.update(evidence_extra)
-    netns = snapshot.netns
-    label = process_label(owner)
-    full_now = _fill(worst) >= 1.0
-    verify = [
-        "# verify: the listener's drop counter (d<N> in skmem:) stops growing:",
-        run_in(netns, f"ss -ltnm 'sport = :{group.port}'"),
-    ]
-    if cause == "syn":
-        what = "SYNs dropped before its accept queue (its SYN queue; see Q04)"
-        lines = [
-            f"# the drops at {group.name} are not accept-queue overflows (ListenOverflows did "
-            "not grow): SYNs were dropped before the accept queue, because its SYN queue is "
-            "full (a SYN flood, or clients whose final ACK is lost) without SYN cookies "
-            "answering; accepting connections sooner would not help: see Q04 and K01",
-            run_in(netns, f"ss -tn state syn-recv 'sport = :{group.port}' | head -20"),
-            *verify,
-        ]
-    else:
-        what = f"its accept queue ({worst.queue_max}) overflowed"
-        if not full_now:
-            what += (
-                f", though it reads {worst.queue_length} now: it drains and refills between polls"
-            )
-        lines = [
-            f"# {process_phrase(owner)} does not take connections off the accept queue of "
-            f"{group.name} as fast as they come: the kernel dropped {dropped} connection "
-            f"attempts there in {seconds:.0f} s, and the clients wait for SYN retries (1 s, "
-            "3 s, 7 s ...)",
-        ]
-        hint = busy_owner_hint(owner)
-        if hint is not None:
-            lines.append(hint)
-        lines.append(
-            "# make it accept() faster (more workers, a higher connection limit); a "
-            "bigger backlog only absorbs bursts:"
-        )
-        somaxconn = snapshot.sysctls.get("net.core.somaxconn") if snapshot.sysctls else None
-        bigger = _suggested_backlog(worst.queue_max)
-        if somaxconn is not None and bigger > somaxconn:
-            lines.append(sysctl_fix(netns, "net.core.somaxconn", bigger, window.persisted_sysctls))
-        lines.append(backlog_hint(owner, group.port, bigger))
-        if cause == "accept and syn":
-            lines.append("# some drops were SYN-queue drops, not overflows: see Q04")
-        lines.extend(verify)
-    title = f"{dropped} connection attempts dropped at {group.name} ({label}) in {seconds:.1f} s: "
-    return Q02.finding(window, title + what, evidence, "\n".join(lines), subject=group.name)
-
-
-@rule(
-    "Q02",
-    "listen-overflows",
-    "warning",
-    "Connections were dropped at a listener during the window (its drop counter, and "
-    "ListenOverflows/ListenDrops for drops no listener accounts for)",
-    thresholds=(
-        Threshold(
-            "minimum",
-            1,
-            1,
-            1e9,
-            "connections",
-            "fire when a listener dropped at least this many connection attempts in the window "
-            "(or ListenOverflows/ListenDrops grew by this much beyond what listeners dropped)",
-        ),
-    ),
-    counters=("TcpExtListenOverflows", "TcpExtListenDrops"),
-)
-def Q02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
-    overflows = window.counter_delta("TcpExtListenOverflows")
-    drops = window.counter_delta("TcpExtListenDrops")
-    minimum = required(thresholds, "minimum")
-    cause = drop_cause(overflows, drops)
-    namespace: dict[str, int] = {}
-    if overflows is not None:
-        namespace["listen_overflows_in_window"] = overflows
-    if drops is not None:
-        namespace["listen_drops_in_window"] = drops
-    accounted = 0
-    for group in listener_groups(window.current):
-        dropped = drops_in_window(window, group)
-        if dropped is None:
-            continue
-        accounted += dropped
-        if dropped >= minimum:
-            yield _q02_listener(window, group, dropped, cause, namespace)
-    if overflows is None and drops is None:
-        return
-    lost = max(overflows or 0, drops or 0)
-    rest = lost - accounted
-    if rest < minimum:
-        return
-    # Drops no current listener accounts for: it closed during the window, or the kernel does
-    # not report drops per listener.
-    seconds = window.seconds or 0.0
-    evidence: dict[str, EvidenceValue] = dict(namespace)
-    evidence["drops_at_listeners_in_window"] = accounted
-    evidence["unaccounted_in_window"] = rest
-    evidence["window_seconds"] = round(seconds, 3)
-    if seconds > 0:
-        evidence["drops_per_second"] = round(rest / seconds, 3)
-    full: list[str] = []
-    for group in listener_groups(window.current):
-        worst = max(group.sockets, key=_fill)
-        if worst.queue_length and _fill(worst) >= 1.0:
-            full.append(f"{group.name} {process_label(owner_of(window.current, worst.inode))}")
-    evidence["listeners_full_now"] = ", ".join(full) if full else "none at the end of the window"
-    netns = window.current.netns
-    remediation = "\n".join(
-        [
-            "# these drops are not counted at any listener polled now: a listener that closed "
-            "during the window, or a kernel that does not report drops per listener",
-            "# find the listener whose drop counter (d<N>) grows, or whose Recv-Q reaches its "
-            "Send-Q:",
-            run_in(netns, "ss -ltnm"),
-            "# verify: the counters stop growing:",
-            run_in(netns, "nstat -az TcpExtListenOverflows TcpExtListenDrops"),
-        ]
-    )
-    yield Q02.finding(
-        window,
-        f"{rest} incoming connection attempts dropped at listen sockets in {seconds:.1f} s "
-        "that no current listener accounts for",
-        evidence,
-        remediation,
-    )
 
 
 # --- Q03 -------------------------------------------------------------------------------------
@@ -353,8 +147,8 @@ def Q03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         capped = [lsn for lsn in group.sockets if lsn.queue_max == somaxconn]
         if not capped:
             continue
-        worst = max(capped, key=_fill)
-        fill = _fill(worst)
+        worst = max(capped, key=fill_ratio)
+        fill = fill_ratio(worst)
         owner = owner_of(snapshot, worst.inode)
         # A backlog equal to somaxconn is also what Go servers and listen(fd, -1) ask for, so a
         # calm capped listener says nothing; it matters once its queue fills.
@@ -368,8 +162,8 @@ def Q03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             "queue_length": worst.queue_length,
             "fill_ratio": round(min(fill, 9.99), 4),
         }
-        _owner_evidence(evidence, owner)
-        bigger = _suggested_backlog(somaxconn)
+        owner_evidence(evidence, owner)
+        bigger = suggested_backlog(somaxconn)
         lines = [
             "# the backlog the application asked for is unknown (the kernel keeps only the "
             "capped value); if it asked for more than somaxconn, raise somaxconn:",
@@ -436,7 +230,7 @@ def Q04(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             "syn_queue_limit": limit,
             "fill_ratio": round(min(fill, 9.99), 4),
         }
-        _owner_evidence(evidence, owner)
+        owner_evidence(evidence, owner)
         if syncookies is not None:
             evidence["tcp_syncookies"] = syncookies
         if max_syn_backlog is not None:
@@ -450,9 +244,7 @@ def Q04(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             lines.append("# turn SYN cookies on so a full SYN queue does not drop clients:")
             lines.append(sysctl_fix(netns, "net.ipv4.tcp_syncookies", 1, window.persisted_sysctls))
         lines.append("# the SYN queue holds as many as the listen() backlog:")
-        lines.append(
-            backlog_hint(owner, group.port, _suggested_backlog(group.sockets[0].queue_max))
-        )
+        lines.append(backlog_hint(owner, group.port, suggested_backlog(group.sockets[0].queue_max)))
         yield Q04.finding(
             window,
             f"SYN queue of {group.name} at {fill:.0%}: {syn_recv} half-open of {limit} "

@@ -59,6 +59,12 @@ def listener_groups(snapshot: Snapshot) -> tuple[ListenerGroup, ...]:
     )
 
 
+def fill_ratio(listener: Listener) -> float:
+    """Accept-queue length / backlog. Full means the next connection overflows: length >= max
+    (the length can read max+1)."""
+    return listener.queue_length / max(listener.queue_max, 1)
+
+
 def drops_in_window(window: Window, group: ListenerGroup) -> int | None:
     """Connection attempts the kernel dropped at the listener's sockets during the window (their
     sk_drops now minus at the window's start). A socket that is new since then counts from 0.
