@@ -223,3 +223,22 @@ def manual_reservation(port: int) -> str:
         f"# add {port} to net.ipv4.ip_local_reserved_ports, keeping the ports already listed "
         "there (writing the sysctl replaces the whole list)"
     )
+
+
+def dropped_before_listener(netns: str, name: str, port: int, listener: str | None) -> list[str]:
+    """Lines for SYNs to an address of this host that vanish although its listener dropped
+    nothing (or nothing listens): something on this host drops them first."""
+    where = (
+        f"its listener here ({listener}) dropped none of them"
+        if listener is not None
+        else "nothing listens there, yet no reset came back"
+    )
+    return [
+        f"# {name} is on this host and {where}: the SYNs are dropped on this host before they "
+        "reach it: a local firewall rule (nftables, iptables), or a full SYN queue with "
+        "tcp_syncookies=0. The network outside is not involved",
+        "# the host's rules, and the packets they drop (counters beside each rule):",
+        run_in(netns, f"nft list ruleset | grep -n -B2 -A2 'dport {port}'"),
+        run_in(netns, f"iptables-save -c | grep -- '--dport {port}'"),
+        run_in(netns, f"ss -ltnm 'sport = :{port}'") + "   # d<N>: drops at the listener itself",
+    ]

@@ -137,3 +137,30 @@ def full_queue(snapshot: Snapshot, group: ListenerGroup) -> str | None:
     max_syn_backlog = sysctls.get("net.ipv4.tcp_max_syn_backlog")
     limit = sum(no_cookie_syn_limit(lsn.queue_max, max_syn_backlog) for lsn in group.sockets)
     return "SYN" if sum(lsn.syn_recv for lsn in group.sockets) >= max(limit, 1) else None
+
+
+@dataclass(frozen=True, slots=True)
+class LocalDestination:
+    """A destination that is this namespace's own address, and what its listener did."""
+
+    group: ListenerGroup | None  # the listener it reaches; None: nothing listens on the port
+    full: str | None  # full_queue() of the listener now
+    dropped: int | None  # connection attempts the listener dropped during the window
+
+    @property
+    def listener_dropping(self) -> bool:
+        """The listener itself drops the SYNs (a full queue now, or drops in the window)."""
+        return self.group is not None and bool(self.full or self.dropped)
+
+
+def local_destination(window: Window, address: str, port: int) -> LocalDestination | None:
+    """What this namespace knows of a destination of its own (loopback, or an address a
+    listener or a connection uses); None for a destination elsewhere."""
+    snapshot = window.current
+    family = "ipv6" if ":" in address else "ipv4"
+    group = local_listener(snapshot, Destination(family, address, port, 0))
+    if group is None and not _is_local(snapshot, address):
+        return None
+    if group is None:
+        return LocalDestination(None, None, None)
+    return LocalDestination(group, full_queue(snapshot, group), drops_in_window(window, group))

@@ -17,14 +17,17 @@ from tcpwatch.rules.base import (
     rule,
 )
 from tcpwatch.rules.fixes import (
+    busy_owner_hint,
+    dropped_before_listener,
     manual_reservation,
+    owner_evidence,
     owner_of,
     process_label,
     process_phrase,
     reserve_ports_fix,
     run_in,
 )
-from tcpwatch.rules.shared import full_queue, local_listener
+from tcpwatch.rules.shared import LocalDestination, local_destination
 
 # --- S01 -------------------------------------------------------------------------------------
 
@@ -232,9 +235,8 @@ def S03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         key = (destination.family, destination.address, destination.port)
         if key in before:
             evidence["syn_sent_at_window_start"] = before[key]
-        group = local_listener(snapshot, destination)
-        full = None if group is None else full_queue(snapshot, group)
-        if group is None or full is None:
+        local = local_destination(window, destination.address, destination.port)
+        if local is None:
             yield S03.finding(
                 window,
                 f"{destination.sockets} connections to {name} stuck in SYN_SENT",
@@ -243,41 +245,75 @@ def S03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
                 subject=name,
             )
             continue
-        # The destination is a listener of this very namespace whose queue is full: the
-        # kernel drops the SYNs at it, so the network is fine and Q01 (or Q04) is the cause.
-        owner = owner_of(snapshot, group.sockets[0].inode)
-        evidence["local_listener"] = group.name
-        evidence["listener_queue_length"] = max(lsn.queue_length for lsn in group.sockets)
-        evidence["listener_queue_max"] = max(lsn.queue_max for lsn in group.sockets)
-        evidence["listener_syn_recv"] = sum(lsn.syn_recv for lsn in group.sockets)
-        evidence["full_queue"] = full
-        if owner is None:
-            evidence["process"] = "unknown"
-        else:
-            evidence["process"] = owner.name
-            evidence["pid"] = owner.pid
-        see = "Q01 accept-queue-full" if full == "accept" else "Q04 syn-queue-pressure"
-        remediation = "\n".join(
-            [
-                f"# {name} is a listener here ({process_label(owner)}) whose {full} queue is "
-                "full: the kernel drops the SYNs sent to it, so these clients wait and retry. "
-                "The network is not at fault: see the "
-                f"{see} finding for {group.name} and make {process_phrase(owner)} "
-                "accept() faster (more workers, a bigger backlog)",
-                run_in(netns, f"ss -ltn 'sport = :{group.port}'") + "   # Recv-Q / Send-Q",
-                run_in(netns, "nstat -az TcpExtListenOverflows TcpExtListenDrops"),
-                "# in the clients: a connect timeout and retries with backoff keep a saturated "
-                "service from piling up requests",
-            ]
+        yield _s03_local(window, name, destination.sockets, evidence, local)
+
+
+def _s03_local(
+    window: Window,
+    name: str,
+    stuck: int,
+    evidence: dict[str, EvidenceValue],
+    local: LocalDestination,
+) -> Finding:
+    """SYN_SENT piling up towards an address of this very namespace: never the network."""
+    snapshot = window.current
+    netns = snapshot.netns
+    group = local.group
+    port = int(name.rsplit(":", 1)[1])
+    if group is None:
+        evidence["local_listener"] = "none"
+        evidence["cause"] = "dropped before the listener"
+        lines = dropped_before_listener(netns, name, port, None)
+        title = f"{stuck} connections to {name} stuck in SYN_SENT: dropped on this host"
+        return S03.finding(window, title, evidence, "\n".join(lines), subject=name)
+    owner = owner_of(snapshot, group.sockets[0].inode)
+    evidence["local_listener"] = group.name
+    owner_evidence(evidence, owner)
+    evidence["listener_queue_length"] = max(lsn.queue_length for lsn in group.sockets)
+    evidence["listener_queue_max"] = max(lsn.queue_max for lsn in group.sockets)
+    evidence["listener_syn_recv"] = sum(lsn.syn_recv for lsn in group.sockets)
+    evidence["full_queue"] = local.full or "none"
+    if local.dropped is not None:
+        evidence["listener_drops_in_window"] = local.dropped
+    label = process_label(owner)
+    if not local.listener_dropping:
+        evidence["cause"] = "dropped before the listener"
+        lines = dropped_before_listener(netns, name, group.port, label)
+        title = (
+            f"{stuck} connections to {name} stuck in SYN_SENT: dropped on this host before its "
+            f"listener ({label})"
         )
-        yield S03.finding(
-            window,
-            f"{destination.sockets} connections to {name} stuck in SYN_SENT: its listener "
-            f"here ({process_label(owner)}) has a full {full} queue ({see.split()[0]})",
-            evidence,
-            remediation,
-            subject=name,
-        )
+        return S03.finding(window, title, evidence, "\n".join(lines), subject=name)
+    # The destination is a listener of this very namespace that drops SYNs: its queue is full
+    # or overflows between polls. The network is fine; Q01/Q02 (or Q04) name the cause.
+    evidence["cause"] = "listener dropping"
+    if local.full == "SYN":
+        see, what = "Q04 syn-queue-pressure", "its SYN queue is full"
+    elif local.full == "accept":
+        see, what = "Q01 accept-queue-full", "its accept queue is full"
+    else:
+        see = "Q02 listen-overflows"
+        what = f"it dropped {local.dropped} connection attempts in the window"
+    lines = [
+        f"# {name} is a listener here ({label}) and {what}: the kernel drops the SYNs sent "
+        "to it, so these clients wait and retry. The network is not at fault: see the "
+        f"{see} finding for {group.name} and make {process_phrase(owner)} accept() faster "
+        "(more workers, a higher connection limit, a bigger backlog)",
+    ]
+    hint = busy_owner_hint(owner)
+    if hint is not None:
+        lines.append(hint)
+    lines += [
+        run_in(netns, f"ss -ltnm 'sport = :{group.port}'") + "   # Recv-Q / Send-Q, d<N>",
+        run_in(netns, "nstat -az TcpExtListenOverflows TcpExtListenDrops"),
+        "# in the clients: a connect timeout and retries with backoff keep a saturated "
+        "service from piling up requests",
+    ]
+    title = (
+        f"{stuck} connections to {name} stuck in SYN_SENT: its listener here ({label}) "
+        f"drops them ({see.split()[0]})"
+    )
+    return S03.finding(window, title, evidence, "\n".join(lines), subject=name)
 
 
 def _unreachable_remediation(netns: str, name: str, address: str) -> str:
