@@ -103,6 +103,32 @@ _BUSY_OWNER: tuple[tuple[str, str], ...] = (
 )
 
 
+# Why a program leaves sockets in CLOSE_WAIT, and its own settings against it.
+_CLOSE_WAIT_OWNER: tuple[tuple[str, str], ...] = (
+    (
+        "postgres",
+        "PostgreSQL: a backend busy in a query (or waiting on a lock) does not read its socket, "
+        "so it misses that its client gave up: set `client_connection_check_interval` "
+        "(PostgreSQL 14+) and `statement_timeout`; now: `SELECT pg_terminate_backend(pid) FROM "
+        "pg_stat_activity WHERE state = 'active' AND query_start < now() - interval '5 min'`",
+    ),
+    (
+        "java",
+        "Java: an HTTP client's pooled connections the server closed (close response bodies; "
+        "evict idle connections, e.g. Apache HttpClient `evictIdleConnections`)",
+    ),
+)
+
+
+def close_wait_hint(owner: ProcessRef | None) -> str | None:
+    """A comment line on why this program leaves CLOSE_WAIT, or None for an unknown one."""
+    if owner is not None:
+        for prefix, text in _CLOSE_WAIT_OWNER:
+            if owner.name.startswith(prefix):
+                return "# " + text
+    return None
+
+
 def busy_owner_hint(owner: ProcessRef | None) -> str | None:
     """A comment line on why this program may stop accepting, or None for an unknown one."""
     if owner is not None:

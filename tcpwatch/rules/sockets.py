@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from tcpwatch.endpoints import endpoint
 from tcpwatch.model import ProcessRef
@@ -18,6 +18,7 @@ from tcpwatch.rules.base import (
 )
 from tcpwatch.rules.fixes import (
     busy_owner_hint,
+    close_wait_hint,
     dropped_before_listener,
     manual_reservation,
     owner_evidence,
@@ -69,8 +70,6 @@ def S01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     if sockets is None:
         return
     warning = required(thresholds, "warning")
-    stale_after = required(thresholds, "stale_seconds")
-    critical = required(thresholds, "critical")
     netns = snapshot.netns
     inodes = sockets.inodes_by_state.get("close_wait")
     if inodes is None or snapshot.attribution is None:
@@ -93,60 +92,104 @@ def S01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     by_owner: dict[ProcessRef | None, list[int]] = {}
     for inode in inodes:
         by_owner.setdefault(owner_of(snapshot, inode), []).append(inode)
-    before: frozenset[int] = frozenset()
-    if window.previous is not None and window.previous.sockets is not None:
-        before = window.previous.sockets.inodes_by_state.get("close_wait", frozenset())
-    first_seen = window.close_wait_first_seen
+    # A leak lasts: with a window, only sockets already in CLOSE_WAIT at its start count (a busy
+    # client's CLOSE_WAIT that it closes a moment later is churn, not a leak).
+    before: frozenset[int] | None = None
+    previous = window.previous
+    if previous is not None and previous.sockets is not None:
+        before = previous.sockets.inodes_by_state.get("close_wait")
+
+    def lasting(held: list[int]) -> list[int]:
+        return held if before is None else [inode for inode in held if inode in before]
+
+    spread: dict[str, list[tuple[ProcessRef, list[int]]]] = {}
     for owner, held in sorted(by_owner.items(), key=lambda item: _owner_key(item[0])):
-        count = len(held)
-        if count < warning:
-            continue
-        ages = [snapshot.taken_at - first_seen[inode] for inode in held if inode in first_seen]
-        stale = sum(1 for age in ages if age >= stale_after)
-        severity: Severity = "critical" if stale >= critical else "warning"
-        label = process_label(owner)
-        evidence: dict[str, EvidenceValue] = {}
-        if owner is None:
-            evidence["process"] = "unknown"
-            evidence["attribution"] = (
-                "complete: no process holds them"
-                if snapshot.attribution.complete
-                else "incomplete: not every process was scanned"
-            )
-        else:
-            evidence["process"] = owner.name
-            evidence["pid"] = owner.pid
-        evidence["close_wait_sockets"] = count
-        if window.previous is not None:
-            evidence["still_close_wait_since_window_start"] = sum(
-                1 for inode in held if inode in before
-            )
-        if ages:
-            evidence["tracked_sockets"] = len(ages)
-            evidence["oldest_seconds"] = round(max(ages), 1)
-            evidence["stale_sockets"] = stale
-            evidence["stale_after_seconds"] = stale_after
+        if len(lasting(held)) >= warning:
+            yield _s01_finding(window, thresholds, [(owner, held)], before)
+        elif owner is not None and lasting(held):
+            spread.setdefault(owner.name, []).append((owner, held))
+    # One program whose many processes each hold a few (PostgreSQL's backend per session):
+    # judged together, as the program.
+    for holders in spread.values():
+        if len(holders) > 1 and sum(len(lasting(held)) for _, held in holders) >= warning:
+            yield _s01_finding(window, thresholds, holders, before)
+
+
+def _s01_finding(
+    window: Window,
+    thresholds: Thresholds,
+    holders: Sequence[tuple[ProcessRef | None, list[int]]],
+    before: frozenset[int] | None,
+) -> Finding:
+    """One process (or one program's processes) holding CLOSE_WAIT sockets."""
+    snapshot = window.current
+    stale_after = required(thresholds, "stale_seconds")
+    critical = required(thresholds, "critical")
+    held = [inode for _, inodes in holders for inode in inodes]
+    owner = holders[0][0]
+    grouped = len(holders) > 1
+    first_seen = window.close_wait_first_seen
+    count = len(held)
+    ages = [snapshot.taken_at - first_seen[inode] for inode in held if inode in first_seen]
+    stale = sum(1 for age in ages if age >= stale_after)
+    severity: Severity = "critical" if stale >= critical else "warning"
+    label = owner.name if grouped and owner is not None else process_label(owner)
+    evidence: dict[str, EvidenceValue] = {}
+    if owner is None:
+        evidence["process"] = "unknown"
+        evidence["attribution"] = (
+            "complete: no process holds them"
+            if snapshot.attribution is not None and snapshot.attribution.complete
+            else "incomplete: not every process was scanned"
+        )
+    elif grouped:
+        pids = sorted(process.pid for process, _ in holders if process is not None)
+        evidence["process"] = owner.name
+        evidence["processes"] = len(pids)
+        evidence["pids"] = ", ".join(map(str, pids[:5])) + (", ..." if len(pids) > 5 else "")
+    else:
+        evidence["process"] = owner.name
+        evidence["pid"] = owner.pid
+    evidence["close_wait_sockets"] = count
+    if before is not None:
+        evidence["still_close_wait_since_window_start"] = sum(1 for i in held if i in before)
+    if ages:
+        evidence["tracked_sockets"] = len(ages)
+        evidence["oldest_seconds"] = round(max(ages), 1)
+        evidence["stale_sockets"] = stale
+        evidence["stale_after_seconds"] = stale_after
+    netns = snapshot.netns
+    if grouped and owner is not None:
+        who = f"{len(holders)} {owner.name} processes"
+        grep = f" | grep '\"{owner.name}\"'"
+    else:
+        who = process_phrase(owner)
         grep = f" | grep 'pid={owner.pid},'" if owner is not None else ""
-        remediation = "\n".join(
-            [
-                f"# {process_phrase(owner)} does not close() connections after the peer closed "
-                "them (read() returned 0 / EOF); no kernel setting frees them, only the "
-                "application's close() or its exit",
-                "# which peers (the upstream whose connections leak):",
-                run_in(netns, "ss -tnp state close-wait")
-                + grep
-                + " | awk '{print $4}' | sort | uniq -c | sort -rn | head",
-                "# fix the code path: close the socket on EOF, close HTTP response bodies, and "
-                "let connection pools validate or expire idle connections",
-                "# stopgap: restart the process (the kernel then finishes the connections)",
-            ]
-        )
-        title = (
-            f"{label} holds {count} CLOSE_WAIT sockets"
-            + (f", {stale} of them for over {stale_after:g} s" if severity == "critical" else "")
-            + ": it leaks connections its peers closed"
-        )
-        yield S01.finding(window, title, evidence, remediation, subject=label, severity=severity)
+    lines = [
+        f"# {who} do not close() connections after the peer closed them (read() returned 0 / "
+        "EOF): a process busy elsewhere (a long query, a lock wait, a blocked worker) never "
+        "reads its socket; no kernel setting frees them, only the application's close() or its "
+        "exit",
+    ]
+    hint = close_wait_hint(owner)
+    if hint is not None:
+        lines.append(hint)
+    lines += [
+        "# which peers (the side that gave up):",
+        run_in(netns, "ss -tnp state close-wait")
+        + grep
+        + " | awk '{print $4}' | sort | uniq -c | sort -rn | head",
+        "# fix the code path: close the socket on EOF, close HTTP response bodies, and "
+        "let connection pools validate or expire idle connections",
+        "# stopgap: restart the process (the kernel then finishes the connections)",
+    ]
+    holds = f"{label} ({len(holders)} processes) hold" if grouped else f"{label} holds"
+    title = (
+        f"{holds} {count} CLOSE_WAIT sockets"
+        + (f", {stale} of them for over {stale_after:g} s" if severity == "critical" else "")
+        + ": connections their peers closed are left open"
+    )
+    return S01.finding(window, title, evidence, "\n".join(lines), subject=label, severity=severity)
 
 
 # --- S02 -------------------------------------------------------------------------------------

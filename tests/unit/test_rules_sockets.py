@@ -76,13 +76,50 @@ def test_s01_critical_when_the_daemon_saw_the_same_sockets_stay_for_minutes() ->
 def test_s01_reports_sockets_with_no_owner_found_and_what_stayed_through_the_window() -> None:
     inodes, owners = held(0, tidy=0, unowned=70)
     table = socket_table(close_wait_inodes=inodes)
-    start = snapshot(taken_at=T0, sockets=socket_table(close_wait_inodes=inodes[:40]))
+    start = snapshot(taken_at=T0, sockets=socket_table(close_wait_inodes=inodes[:60]))
     current = snapshot(sockets=table, owners=owners, attribution_complete=False)
     (finding,) = only(evaluate(window(current, start), {}), "S01")
     assert finding.subject == "unknown process"
     assert finding.evidence["process"] == "unknown"
     assert str(finding.evidence["attribution"]).startswith("incomplete")
-    assert finding.evidence["still_close_wait_since_window_start"] == 40
+    assert finding.evidence["still_close_wait_since_window_start"] == 60
+    assert finding.evidence["close_wait_sockets"] == 70
+
+
+def test_s01_with_a_window_only_lasting_close_wait_is_a_leak() -> None:
+    """A load tool's CLOSE_WAIT that it closes a moment later (wrk against an nginx closing
+    keep-alive connections) is churn: none of those 200 was there when the window started."""
+    inodes, owners = held(200)
+    churned = window(
+        snapshot(sockets=socket_table(close_wait_inodes=inodes), owners=owners),
+        snapshot(taken_at=T0, sockets=socket_table(close_wait_inodes=[1, 2, 3]), owners=owners),
+    )
+    assert only(evaluate(churned, {}), "S01") == []
+
+
+def test_s01_one_program_whose_processes_each_hold_a_few() -> None:
+    """PostgreSQL's backends, one per session, each left with the CLOSE_WAIT of a client that
+    gave up during a long query: judged as the program."""
+    inodes = list(range(200_000, 200_060))
+    owners = {inode: ProcessRef(6000 + n, "postgres") for n, inode in enumerate(inodes)}
+    table = socket_table(close_wait_inodes=inodes)
+    win = window(
+        snapshot(sockets=table, owners=owners), snapshot(taken_at=T0, sockets=table, owners=owners)
+    )
+    (finding,) = only(evaluate(win, {}), "S01")
+    assert finding.subject == "postgres"
+    evidence = finding.evidence
+    assert (evidence["process"], evidence["processes"], evidence["close_wait_sockets"]) == (
+        "postgres",
+        60,
+        60,
+    )
+    assert evidence["pids"] == "6000, 6001, 6002, 6003, 6004, ..."
+    assert finding.title.startswith("postgres (60 processes) hold 60 CLOSE_WAIT sockets")
+    assert "client_connection_check_interval" in finding.remediation
+    # Two programs' few sockets each are not added together.
+    mixed = {inode: ProcessRef(6000 + n, f"worker{n % 30}") for n, inode in enumerate(inodes)}
+    assert only(evaluate(window(snapshot(sockets=table, owners=mixed)), {}), "S01") == []
 
 
 def test_s01_without_attribution_reports_the_namespace_total() -> None:
@@ -258,4 +295,13 @@ def test_s03_a_local_listener_that_overflows_between_polls() -> None:
 
 def evidence_scenarios() -> list[tuple[Window, dict[str, RuleSettings]]]:
     """A local listener that dropped during the window (for the S03 page's evidence table)."""
-    return [(overflow_window(), {})]
+    return [(overflow_window(), {}), (close_wait_window(), {})]
+
+
+def close_wait_window() -> Window:
+    inodes = list(range(200_000, 200_060))
+    owners = {inode: ProcessRef(6000 + n, "postgres") for n, inode in enumerate(inodes)}
+    table = socket_table(close_wait_inodes=inodes)
+    return window(
+        snapshot(sockets=table, owners=owners), snapshot(taken_at=T0, sockets=table, owners=owners)
+    )
