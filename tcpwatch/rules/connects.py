@@ -116,7 +116,11 @@ def _local_remediation(
         ]
     if peer.closed["timeout"]:
         evidence["cause"] = "dropped before the listener"
-        return dropped_before_listener(netns, peer.peer, port, label)
+        return [
+            *dropped_before_listener(netns, peer.peer, port, label),
+            "# which processes are trying now:",
+            run_in(netns, f"ss -tnp state syn-sent 'dst {peer.peer}'"),
+        ]
     evidence["cause"] = "nothing listens" if group is None else "refused by this host"
     return [
         f"# {peer.peer} is on this host and answers with resets: "
