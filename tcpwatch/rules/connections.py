@@ -27,7 +27,7 @@ from tcpwatch.rules.peers import (
     split_peer,
 )
 from tcpwatch.rules.shapes import add_window, ratio_severity
-from tcpwatch.rules.shared import is_local, listener_groups
+from tcpwatch.rules.shared import is_local, listener_groups, local_destination
 
 # --- C02 -------------------------------------------------------------------------------------
 
@@ -113,6 +113,13 @@ def C02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
                 "# per connection: retrans and rto of the live ones:",
                 run_in(netns, f"ss -tni 'dst {peer.peer}'"),
             ]
+            local = local_destination(window, address, port)
+            if local is not None and local.listener_dropping and local.group is not None:
+                lines.insert(
+                    1,
+                    f"# its listener {local.group.name} dropped SYNs during the window (see Q02): "
+                    "the clients' SYN retries are counted among these retransmissions",
+                )
             yield C02.finding(
                 window,
                 title + ": on this host, not the network",

@@ -138,14 +138,19 @@ def test_q02_syn_queue_drops_are_not_blamed_on_accept() -> None:
 
 
 def test_q02_namespace_only_for_drops_no_listener_accounts_for() -> None:
-    # 30 dropped, 20 of them at the listener still here: 10 at one that closed meanwhile.
-    win = drop_window([dropping(8080, 0)], [dropping(8080, 20)], 30, 30)
+    # 30 dropped, 20 of them at the listener still here: 10 at 9090, which closed meanwhile.
+    before = [dropping(8080, 0, inode=1), dropping(9090, 5, inode=2)]
+    win = drop_window(before, [dropping(8080, 20, inode=1)], 30, 30)
     by_subject = {f.subject: f for f in only(evaluate(win, {}), "Q02")}
     assert set(by_subject) == {"127.0.0.1:8080", ""}
     rest = by_subject[""].evidence
     assert (rest["unaccounted_in_window"], rest["drops_at_listeners_in_window"]) == (10, 20)
-    # The listener's own counter can exceed ListenDrops (other drops at the socket): no rest.
-    win = drop_window([dropping(8080, 0)], [dropping(8080, 40)], 30, 30)
+    # Every listener still here and reporting: a difference is the moment between the two
+    # reads of a poll (counters, then the dump), not a listener tcpwatch missed.
+    win = drop_window([dropping(8080, 0)], [dropping(8080, 20)], 30, 30)
+    assert [f.subject for f in only(evaluate(win, {}), "Q02")] == ["127.0.0.1:8080"]
+    # The listener's own counter can exceed ListenDrops (other drops at the socket).
+    win = drop_window(before, [dropping(8080, 40, inode=1)], 30, 30)
     assert [f.subject for f in only(evaluate(win, {}), "Q02")] == ["127.0.0.1:8080"]
 
 
@@ -171,6 +176,14 @@ def evidence_scenarios() -> list[tuple[Window, dict[str, RuleSettings]]]:
     )
     return [
         (drop_window([dropping(8080, 7962)], [dropping(8080, 10315)], 2353, 2353), {}),
-        (drop_window([dropping(8080, 0, 33, 32)], [dropping(8080, 20, 33, 32)], 30, 30), {}),
+        (
+            drop_window(
+                [dropping(8080, 0, 33, 32, inode=1), dropping(9090, 0, inode=2)],
+                [dropping(8080, 20, 33, 32, inode=1)],
+                30,
+                30,
+            ),
+            {},
+        ),
         (q04, {}),
     ]
