@@ -213,7 +213,8 @@ def _bare_address(
             1,
             1e9,
             "connections",
-            "connections to one destination closed in the window before it is judged",
+            "connections to one destination closed in the window before it is judged (a bare "
+            "address: failed connects)",
         ),
         Threshold(
             "warning", 0.1, 0.001, 1.0, "ratio", "failed / attempted connections for a warning"
@@ -231,13 +232,20 @@ def C01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     netns = window.current.netns
     for peer in peers:
         address, port = split_peer(peer.peer)
-        # A bare address's row holds only the connects whose port the kernel cleared: failed
-        # ones (aborted) and working ones cut abortively (ok). Judged against those alone.
         attempts = peer.attempts
         if peer.failures == 0 or attempts < minimum:
             continue
         ratio = peer.failures / attempts
         severity: Severity | None = ratio_severity(ratio, thresholds)
+        if port is None:
+            # A bare address's row holds only the connects whose port the kernel cleared: the
+            # failed ones (aborted) and working ones a client cut abortively (ok), to any of the
+            # address's ports. The failures are certain but their port is not, so they are
+            # judged by their number: a proxy that cuts its healthy connections the same way
+            # (haproxy with http-server-close) must not hide a dead backend behind them.
+            if peer.failures < minimum:
+                continue
+            severity = "critical" if ratio >= required(thresholds, "critical") else "warning"
         if severity is None:
             continue
         evidence: dict[str, EvidenceValue] = {"destination": peer.peer, "attempts": attempts}

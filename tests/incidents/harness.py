@@ -36,7 +36,7 @@ from tests.integration.netns import REPO_ROOT, Netns, tcpwatch_env
 from tests.integration.test_serve import Served, start_serve
 
 WINDOW = 5.0  # seconds: check's --window and serve's rules.window
-SERVE_PORT = 19577
+SERVE_PORT = 9477  # tcpwatch's own default, below every ephemeral range a finding proposes
 CHECK_TIMEOUT = 90.0
 TRANSCRIPTS = Path(__file__).resolve().parent / "transcripts"
 

@@ -28,7 +28,9 @@ def stage_exhaustion(s: Scene) -> subprocess.Popen[str]:
 
 def test_client_exhausts_ephemeral_ports() -> None:
     with scene("ports-exhaustion", "client") as s:
-        s.serve()
+        # serve scans destinations every collect.destinations_interval (60 s by default); the
+        # incident is seconds old when it is asked, so it scans every 2 s here.
+        s.serve("collect:", "  destinations_interval: 2s")
         client = stage_exhaustion(s)
         verdict, _ = s.check()
         served = s.check_from()

@@ -57,9 +57,12 @@ def test_dead_backend_behind_haproxy() -> None:
             judged.only({("C01", "127.0.0.1")})
             c01 = judged.one("C01", "127.0.0.1")
             evidence = c01["evidence"]
-            # The failed connects are judged on their own, not against the healthy backend's
-            # tens of thousands of connections.
-            assert evidence["aborted"] >= 10 and evidence["failure_ratio"] >= 0.5, c01
+            # The failed connects are judged on their own: against the connections haproxy cut
+            # the same way (it closes its server connections abortively too), not against every
+            # connection to the address.
+            assert evidence["aborted"] >= 10, judged.describe()
+            assert evidence["attempts"] == evidence["aborted"] + evidence["ok"], c01
+            assert c01["severity"] in ("warning", "critical"), c01
             assert evidence["port"] == "unknown", c01
             assert evidence["failures_per_second"] > 1, c01
             assert "haproxy" in c01["remediation"] and "SO_LINGER" in c01["remediation"]
