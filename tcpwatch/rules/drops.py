@@ -166,9 +166,9 @@ def Q02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     if overflows is None and drops is None:
         return
     # The namespace's counters and the listeners' are read a moment apart in each poll, so they
-    # never agree exactly under load: the rest is only judged when a listener closed during the
-    # window or did not report its drops.
-    if not (unknown or _listener_closed(window)):
+    # never agree exactly under load: the rest is judged only when a listener closed during the
+    # window, did not report its drops, or none accounts for any drop at all.
+    if accounted and not (unknown or _listener_closed(window)):
         return
     lost = max(overflows or 0, drops or 0)
     rest = lost - accounted

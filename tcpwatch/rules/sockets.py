@@ -25,6 +25,7 @@ from tcpwatch.rules.fixes import (
     owner_of,
     process_label,
     process_phrase,
+    process_subject,
     reserve_ports_fix,
     run_in,
 )
@@ -189,7 +190,12 @@ def _s01_finding(
         + (f", {stale} of them for over {stale_after:g} s" if severity == "critical" else "")
         + ": connections their peers closed are left open"
     )
-    return S01.finding(window, title, evidence, "\n".join(lines), subject=label, severity=severity)
+    # The subject is the program's name, never a pid (a label of tcpwatch_finding: a restart
+    # must not make a new series); the title and the evidence carry the pids.
+    subject = owner.name if grouped and owner is not None else process_subject(owner)
+    return S01.finding(
+        window, title, evidence, "\n".join(lines), subject=subject, severity=severity
+    )
 
 
 # --- S02 -------------------------------------------------------------------------------------
