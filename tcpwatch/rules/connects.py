@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
+from tcpwatch.endpoints import endpoint
 from tcpwatch.model import ProcessRef, Snapshot
 from tcpwatch.rules.base import (
     EvidenceValue,
@@ -164,6 +165,16 @@ def _bare_address(
     others = _other_ports(address, peers)
     if others:
         evidence["other_ports"] = others
+    # Connects to this address waiting in SYN_SENT now keep their port: the likely failing one.
+    waiting = (
+        [d for d in snapshot.sockets.syn_sent if d.address == address]
+        if snapshot.sockets is not None
+        else []
+    )
+    if waiting:
+        evidence["syn_sent_now"] = ", ".join(
+            f"{endpoint(d.address, d.port)} ({d.sockets})" for d in waiting[:5]
+        )
     proxies = _abortive_clients(snapshot) if not owners else []
     if proxies:
         evidence["client"] = ", ".join(process_label(p) for p in proxies)
@@ -178,6 +189,11 @@ def _bare_address(
         "same way after working"
         + (f"; its other ports, not counted here: {others}" if others else ""),
     ]
+    if waiting:
+        lines.append(
+            f"# connects to {evidence['syn_sent_now']} are in SYN_SENT now (sockets in "
+            "parentheses), port included: the likely failing port (see S03)"
+        )
     for proxy in proxies:
         lines.append(
             f"# the client is likely {process_label(proxy)} (it listens here and closes failed "

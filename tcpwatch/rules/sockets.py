@@ -180,10 +180,13 @@ def _s01_finding(
         run_in(netns, "ss -tnp state close-wait")
         + grep
         + " | awk '{print $4}' | sort | uniq -c | sort -rn | head",
-        "# fix the code path: close the socket on EOF, close HTTP response bodies, and "
-        "let connection pools validate or expire idle connections",
-        "# stopgap: restart the process (the kernel then finishes the connections)",
     ]
+    if hint is None:  # a program of its own kind says how to fix it above
+        lines += [
+            "# fix the code path: close the socket on EOF, close HTTP response bodies, and "
+            "let connection pools validate or expire idle connections",
+            "# stopgap: restart the process (the kernel then finishes the connections)",
+        ]
     holds = f"{label} ({len(holders)} processes) hold" if grouped else f"{label} holds"
     title = (
         f"{holds} {count} CLOSE_WAIT sockets"

@@ -78,7 +78,7 @@ INCIDENTS: tuple[Incident, ...] = (
         test="test_proxy.py::test_dead_backend_behind_haproxy",
         setup="haproxy on 127.0.0.1:8081 (`option http-server-close`, `timeout connect 1s`) "
         "sends `/` to nginx on 127.0.0.1:8080 and `/api` to 127.0.0.1:9999, where nothing "
-        "listens; `wrk -c20` on `/` and `curl` asking `/api` a few times a second.",
+        "listens; `wrk -c20` on `/` and `curl --rate 10/s` asking `/api`.",
         happened="Every connect to 127.0.0.1:9999 is refused. haproxy closes a failed connect "
         "abortively, and the kernel then clears the destination port and the counters before "
         "reporting the socket's end: the failures arrive as connections to `127.0.0.1` with no "

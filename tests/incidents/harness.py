@@ -178,10 +178,19 @@ class Scene:
         assert len(found) == 1, text
         return int(found[0])
 
-    def wait_for(self, what: str, condition: Any, timeout: float = 20.0) -> None:
+    def wait_for(
+        self,
+        what: str,
+        condition: Any,
+        timeout: float = 20.0,
+        process: subprocess.Popen[str] | None = None,
+    ) -> None:
+        """Poll ``condition`` until true; fails after ``timeout`` with ``process``'s stderr."""
         deadline = time.monotonic() + timeout
         while not condition():
-            assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+            if time.monotonic() > deadline:
+                told = f"; stderr: {self.ns.stderr_of(process)[-1500:]}" if process else ""
+                raise AssertionError(f"{what} did not happen within {timeout} s{told}")
             time.sleep(0.1)
 
     def sockets(self, state: str, port: int) -> int:

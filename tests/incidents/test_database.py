@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 PORT = 5432
 SESSIONS = 60
-LOAD_SECONDS = 40.0
+LOAD_SECONDS = 90.0  # longer than any test needs on a busy machine: each test stops its own
 
 
 @dataclass
@@ -42,7 +42,7 @@ def _pgbench(s: Scene, clients: int, query: str) -> subprocess.Popen[str]:
 def stage_max_connections(s: Scene) -> Staged:
     server = programs.postgres(s.ns, s.directory / "pg", PORT, max_connections=20)
     hold = _pgbench(s, 20, "SELECT pg_sleep(0.05);")
-    s.wait_for("20 sessions", lambda: s.sockets("established", PORT) >= 40)
+    s.wait_for("20 sessions", lambda: s.sockets("established", PORT) >= 40, 40, hold)
     bindir = programs.postgres_bindir()
     more = s.ns.spawn(
         ["sh", "-c", f"for i in $(seq {int(LOAD_SECONDS * 10)}); do {bindir}/psql -h 127.0.0.1 "
@@ -75,7 +75,9 @@ def test_postgres_at_max_connections() -> None:
 def stage_close_wait(s: Scene) -> Staged:
     server = programs.postgres(s.ns, s.directory / "pg", PORT, max_connections=SESSIONS + 10)
     sleepers = _pgbench(s, SESSIONS, "SELECT pg_sleep(60);")
-    s.wait_for("sessions sleeping", lambda: s.sockets("established", PORT) >= 2 * SESSIONS)
+    s.wait_for(
+        "sessions sleeping", lambda: s.sockets("established", PORT) >= 2 * SESSIONS, 40, sleepers
+    )
     s.ns.stop(sleepers)  # the client gives up; each backend sleeps on in its query
     s.wait_for("CLOSE_WAIT", lambda: s.sockets("close-wait", PORT) >= SESSIONS)
     return Staged(server, ())

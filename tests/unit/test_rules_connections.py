@@ -162,10 +162,12 @@ def test_c01_names_the_owner_when_every_syn_sent_socket_goes_there() -> None:
 HAPROXY = ProcessRef(900, "haproxy")
 
 
-def behind_haproxy(before: list[PeerStats], after: list[PeerStats]) -> Window:
+def behind_haproxy(
+    before: list[PeerStats], after: list[PeerStats], syn_sent: list[Destination] | None = None
+) -> Window:
     """A namespace where haproxy listens on 127.0.0.1:8081, with the destroy listener's rows."""
     proxy = listener(8081, "127.0.0.1", inode=7100)
-    table = socket_table([*DEFAULT_LISTENERS, proxy])
+    table = socket_table([*DEFAULT_LISTENERS, proxy], syn_sent=syn_sent or [])
     owners = {**DEFAULT_OWNERS, 7100: HAPROXY}
     return window(
         snapshot(sockets=table, owners=owners, connections=lifecycle(after)),
@@ -203,6 +205,13 @@ def test_c01_failed_connects_whose_port_was_cleared_are_judged_on_their_own() ->
         evaluate(behind_haproxy([], [peer_stats("10.0.0.7", aborted=40, ok=400)]), {}), "C01"
     )
     assert diluted.severity == "warning" and diluted.evidence["failure_ratio"] == 0.0909
+    # Connects still waiting in SYN_SENT keep their port: the likely failing one is named.
+    waiting = behind_haproxy(
+        [], [peer_stats("10.77.0.2", aborted=200)], [Destination("ipv4", "10.77.0.2", 8080, 40)]
+    )
+    [blackholed] = only(evaluate(waiting, {}), "C01")
+    assert blackholed.evidence["syn_sent_now"] == "10.77.0.2:8080 (40)"
+    assert "the likely failing port" in blackholed.remediation
     # A remote address: no claim that it is this host's.
     [far] = only(evaluate(behind_haproxy([], [peer_stats("10.0.0.7", aborted=12)]), {}), "C01")
     assert "is an address of this host" not in far.remediation and far.severity == "critical"
@@ -360,7 +369,9 @@ def test_c02_on_this_host_is_not_the_network() -> None:
 def evidence_scenarios() -> list[tuple[Window, dict[str, RuleSettings]]]:
     """C01's cleared-port and local cases, C02 on this host (for the rule pages' evidence)."""
     haproxy = behind_haproxy(
-        [], [peer_stats("127.0.0.1", aborted=23), peer_stats("127.0.0.1:8080", ok=900)]
+        [],
+        [peer_stats("127.0.0.1", aborted=23), peer_stats("127.0.0.1:8080", ok=900)],
+        syn_sent=[Destination("ipv4", "127.0.0.1", 9998, 3)],
     )
     dropping = replace(
         listener(8080, "127.0.0.1", queue_length=3, queue_max=32, inode=7001), drops=500
