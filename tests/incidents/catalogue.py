@@ -82,14 +82,18 @@ INCIDENTS: tuple[Incident, ...] = (
         happened="Every connect to 127.0.0.1:9999 is refused. haproxy closes a failed connect "
         "abortively, and the kernel then clears the destination port and the counters before "
         "reporting the socket's end: the failures arrive as connections to `127.0.0.1` with no "
-        "port, next to tens of thousands of healthy connections to 127.0.0.1:8080.",
+        "port, next to tens of thousands of healthy connections to 127.0.0.1:8080 (and, with "
+        "`http-server-close`, haproxy cuts its healthy server connections abortively too). "
+        "Before this corpus, tcpwatch judged those few failures against every connection to "
+        "127.0.0.1 and said nothing.",
         todo="Find the backend haproxy cannot reach (`show servers state` on its stats socket, "
         "or its log: `Connection refused`), start it or take it out of the pool. The exact port "
         "is in haproxy's configuration, not in the kernel's report.",
         limits="The kernel cleared the destination port before tcpwatch heard of the socket, so "
         "the finding names the address, not the port, and cannot tell refused from timed-out "
-        "connects. Which process made them is named only when tcpwatch sees it holding "
-        "sockets towards that address.",
+        "connects (refused connects leave no SYN_SENT socket to name the port either). haproxy "
+        "is named as the likely client because it listens in the namespace and is known to "
+        "close failed connects this way, not because the kernel said so.",
     ),
     Incident(
         key="proxy-blackholed-backend",
@@ -99,7 +103,9 @@ INCIDENTS: tuple[Incident, ...] = (
         "(10.77.0.2:8080, over a veth pair); that host's nftables drops every SYN to 8080. "
         "`wrk -c40` on haproxy.",
         happened="The SYNs vanish: haproxy's connects wait in SYN_SENT until `timeout connect "
-        "1s`, then haproxy closes them abortively (port cleared again).",
+        "1s`, then haproxy closes them abortively (port cleared again). The ones still "
+        "waiting keep their port, so tcpwatch names 10.77.0.2:8080 as the likely failing port, "
+        "and here the network (the backend host's firewall) is the cause.",
         todo="The path or the backend host drops the SYNs: check the backend host's firewall "
         "(`nft list ruleset`), security groups and routes, from the proxy with "
         "`tcpdump 'host 10.77.0.2 and tcp[tcpflags] & tcp-syn != 0'`.",
