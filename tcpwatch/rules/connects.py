@@ -31,7 +31,7 @@ from tcpwatch.rules.base import (
     required,
     rule,
 )
-from tcpwatch.rules.fixes import dropped_before_listener, owner_of, process_label, run_in
+from tcpwatch.rules.fixes import comment, dropped_before_listener, owner_of, process_label, run_in
 from tcpwatch.rules.peers import (
     FAILURES,
     PeerWindow,
@@ -111,8 +111,10 @@ def _local_remediation(
             evidence["listener_drops_in_window"] = local.dropped
         see = {"accept": "Q01", "SYN": "Q04"}.get(local.full or "", "Q02")
         return [
-            f"# {peer.peer} is a listener of this namespace ({label}) that drops the SYNs sent "
-            f"to it: the network is not at fault; see the {see} finding for {group.name}",
+            comment(
+                f"{peer.peer} is a listener of this namespace ({label}) that drops the SYNs "
+                f"sent to it: the network is not at fault; see the {see} finding for {group.name}"
+            ),
             run_in(netns, f"ss -ltnm 'sport = :{group.port}'") + "   # Recv-Q / Send-Q, d<N>",
         ]
     if peer.closed["timeout"]:
@@ -196,10 +198,12 @@ def _bare_address(
         )
     for proxy in proxies:
         lines.append(
-            f"# the client is likely {process_label(proxy)} (it listens here and closes failed "
-            "connects abortively): a backend of it on "
-            f"{address} is down or filtered; its log names it ('Connection refused', "
-            "'Connection timed out'), and `show servers state` on its stats socket"
+            comment(
+                f"the client is likely {process_label(proxy)} (it listens here and closes "
+                f"failed connects abortively): a backend of it on {address} is down or "
+                "filtered; its log names it ('Connection refused', 'Connection timed out'), and "
+                "`show servers state` on its stats socket"
+            )
         )
     if is_local(snapshot, address):
         lines.append(

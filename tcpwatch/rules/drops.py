@@ -22,6 +22,7 @@ from tcpwatch.rules.base import (
 from tcpwatch.rules.fixes import (
     backlog_hint,
     busy_owner_hint,
+    comment,
     owner_evidence,
     owner_of,
     process_label,
@@ -90,10 +91,12 @@ def _q02_listener(
                 f", though it reads {worst.queue_length} now: it drains and refills between polls"
             )
         lines = [
-            f"# {process_phrase(owner)} does not take connections off the accept queue of "
-            f"{group.name} as fast as they come: the kernel dropped {dropped} connection "
-            f"attempts there in {seconds:.0f} s, and the clients wait for SYN retries (1 s, "
-            "3 s, 7 s ...)",
+            comment(
+                f"{process_phrase(owner)} does not take connections off the accept queue of "
+                f"{group.name} as fast as they come: the kernel dropped {dropped} connection "
+                f"attempts there in {seconds:.0f} s, and the clients wait for SYN retries (1 s, "
+                "3 s, 7 s ...)"
+            ),
         ]
         hint = busy_owner_hint(owner)
         if hint is not None:

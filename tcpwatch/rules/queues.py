@@ -22,6 +22,7 @@ from tcpwatch.rules.base import (
 from tcpwatch.rules.fixes import (
     backlog_hint,
     busy_owner_hint,
+    comment,
     owner_evidence,
     owner_of,
     process_label,
@@ -92,8 +93,10 @@ def Q01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         netns = snapshot.netns
         bigger = suggested_backlog(worst.queue_max)
         lines = [
-            f"# {process_phrase(owner)} is not calling accept() fast enough: check that it is "
-            "alive and not blocked (CPU, a stuck event loop, too few workers/threads)",
+            comment(
+                f"{process_phrase(owner)} is not calling accept() fast enough: check that it is "
+                "alive and not blocked (CPU, a stuck event loop, too few workers/threads)"
+            ),
         ]
         hint = busy_owner_hint(owner)
         if hint is not None:

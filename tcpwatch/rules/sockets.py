@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from tcpwatch.endpoints import endpoint
+from tcpwatch.escape import shell_word
 from tcpwatch.model import ProcessRef
 from tcpwatch.rules.base import (
     EvidenceValue,
@@ -19,6 +20,7 @@ from tcpwatch.rules.base import (
 from tcpwatch.rules.fixes import (
     busy_owner_hint,
     close_wait_hint,
+    comment,
     dropped_before_listener,
     manual_reservation,
     owner_evidence,
@@ -162,15 +164,18 @@ def _s01_finding(
     netns = snapshot.netns
     if grouped and owner is not None:
         who = f"{len(holders)} {owner.name} processes"
-        grep = f" | grep '\"{owner.name}\"'"
+        grep = f" | grep -F {shell_word(chr(34) + owner.name + chr(34))}"
     else:
         who = process_phrase(owner)
         grep = f" | grep 'pid={owner.pid},'" if owner is not None else ""
     lines = [
-        f"# {who} do not close() connections after the peer closed them (read() returned 0 / "
-        "EOF): a process busy elsewhere (a long query, a lock wait, a blocked worker) never "
-        "reads its socket; no kernel setting frees them, only the application's close() or its "
-        "exit",
+        comment(
+            f"{who} {'do' if grouped else 'does'} not close() connections after the peer "
+            "closed them (read() returned 0 "
+            "/ EOF): a process busy elsewhere (a long query, a lock wait, a blocked worker) "
+            "never reads its socket; no kernel setting frees them, only the application's "
+            "close() or its exit"
+        ),
     ]
     hint = close_wait_hint(owner)
     if hint is not None:
@@ -347,10 +352,12 @@ def _s03_local(
         see = "Q02 listen-overflows"
         what = f"it dropped {local.dropped} connection attempts in the window"
     lines = [
-        f"# {name} is a listener here ({label}) and {what}: the kernel drops the SYNs sent "
-        "to it, so these clients wait and retry. The network is not at fault: see the "
-        f"{see} finding for {group.name} and make {process_phrase(owner)} accept() faster "
-        "(more workers, a higher connection limit, a bigger backlog)",
+        comment(
+            f"{name} is a listener here ({label}) and {what}: the kernel drops the SYNs sent "
+            "to it, so these clients wait and retry. The network is not at fault: see the "
+            f"{see} finding for {group.name} and make {process_phrase(owner)} accept() faster "
+            "(more workers, a higher connection limit, a bigger backlog)"
+        ),
     ]
     hint = busy_owner_hint(owner)
     if hint is not None:
