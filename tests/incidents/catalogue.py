@@ -30,7 +30,7 @@ INCIDENTS: tuple[Incident, ...] = (
         "driven by `wrk -c400` (keep-alive).",
         happened="nginx keeps only 64 connections; it accepts the others and closes idle ones "
         "to make room (its error log says `64 worker_connections are not enough`). Its accept "
-        "queue of 32 overflows thousands of times a second while nginx still accepts, so at any "
+        "queue of 32 overflows hundreds of times a second while nginx still accepts, so at any "
         "instant the queue may look half empty. wrk's SYNs are dropped at the listener, and its "
         "sockets wait in SYN_SENT for the kernel's retries.",
         todo="Raise `worker_connections` (and the file-descriptor limit with it, "
