@@ -50,7 +50,7 @@ from tcpwatch.sources.netlink import (
     SockDiagError,
 )
 from tcpwatch.sources.sockdiag import INET_DIAG_MSG_MIN
-from tcpwatch.sources.tcpinfo import CLOSE_FIELDS, parse_tcp_info
+from tcpwatch.sources.tcpinfo import CLOSE_FIELDS, handshake_completed, parse_tcp_info
 
 DEFAULT_MAX_PEERS = 120  # host-wide rows (collect.connection_peers)
 DEFAULT_PEER_IDLE_SECONDS = 3600.0
@@ -274,8 +274,9 @@ class LifecycleAggregator:
                     peer = routes.get(key)
                     if peer is None:
                         peer = self._route(key, now)
-                    if dport == 0:
-                        peer.closed[ABORTED] += 1
+                    if dport == 0:  # cleared by tcp_disconnect: did it ever connect?
+                        done = handshake_completed(data, position + 4, size)
+                        peer.closed[OK if done else ABORTED] += 1
                     elif delivered:
                         peer.closed[OK] += 1
                     elif segs_in:
