@@ -58,6 +58,10 @@ SCORE_HALF_LIFE_SECONDS = 60.0  # a peer's busyness: closes, halved every minute
 _ROUTE_CACHE_LIMIT = 4096
 
 
+# A failed connection weighs this many closes in a peer's score (see _Peer.weight).
+FAILURE_WEIGHT = 20
+
+
 def tracked_peers(max_rows: int) -> int:
     """Peers tracked per namespace for a host-wide budget of ``max_rows`` rows: twice the rows
     (a namespace can never use more than the budget), at least 64, so a new busy peer is seen
@@ -100,6 +104,13 @@ class _Peer:
     def pending(self) -> int:
         """Connections closed since the previous drain."""
         return sum(self.closed)
+
+    def weight(self) -> int:
+        """What the closes since the previous drain add to the score: a failed connection
+        (timeout, refused, aborted: OUTCOMES after "ok") counts FAILURE_WEIGHT closes, so a
+        destination that fails now and then keeps its row beside busy healthy ones and C01 can
+        judge it by name rather than under peer "other"."""
+        return self.closed[0] + FAILURE_WEIGHT * (sum(self.closed) - self.closed[0])
 
     def absorb(self, other: _Peer) -> None:
         """Add ``other``'s pending counts to this one's (a peer no longer tracked goes to
@@ -325,7 +336,7 @@ class LifecycleAggregator:
     def _trim(self, keep: int) -> None:
         """Keep the ``keep`` busiest pairs; the others' pending counts go to PEER_OTHER."""
         ranked = sorted(
-            self._peers.items(), key=lambda item: item[1].score + item[1].pending(), reverse=True
+            self._peers.items(), key=lambda item: item[1].score + item[1].weight(), reverse=True
         )
         for key, peer in ranked[keep:]:
             self._drop(key, peer)
@@ -358,7 +369,7 @@ class LifecycleAggregator:
         activity: list[PeerActivity] = []
         for (direction, label), peer in self._peers.items():
             closed = peer.pending()
-            peer.score = peer.score * decay + closed
+            peer.score = peer.score * decay + peer.weight()
             delta = peer.frozen(direction, label) if closed else None
             activity.append(PeerActivity(DIRECTIONS[direction], label, peer.score, delta))
             if closed:

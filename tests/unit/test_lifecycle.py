@@ -31,7 +31,7 @@ from tcpwatch.sources.lifecycle_events import (
     make_context,
     parse_destroy_messages,
 )
-from tcpwatch.sources.lifecycle_peers import LifecycleAggregator, table_of
+from tcpwatch.sources.lifecycle_peers import FAILURE_WEIGHT, LifecycleAggregator, table_of
 from tcpwatch.sources.netlink import (
     INET_DIAG_INFO,
     INET_DIAG_PROTOCOL,
@@ -431,6 +431,23 @@ def test_tracker_is_bounded_keeps_the_busy_and_conserves_every_close() -> None:
     # nothing for the idle time: every pair is dropped
     clock.now += 600
     assert not aggregator.stats(0, 0, 0).activity
+
+
+def test_a_destination_that_fails_keeps_its_place_beside_busier_healthy_ones() -> None:
+    """Rows go to the busiest peers, but a failure weighs FAILURE_WEIGHT closes: a dead backend
+    tried 3 times is tracked (and so judged by name) while healthy peers with 10 closes each
+    fill the tracker and its quieter half is dropped."""
+    aggregator = LifecycleAggregator(max_peers=8, peer_idle_seconds=600, clock=Clock())
+    for _ in range(3):
+        feed(aggregator, destroy_message(dport=9999, info=REFUSED_INFO))
+    for port in range(2000, 2012):  # more healthy peers than the tracker holds
+        for _ in range(10):
+            feed(aggregator, destroy_message(dport=port, info=OK_INFO))
+    got = {a.peer: a for a in aggregator.stats(0, 0, 0).activity or ()}
+    assert "127.0.0.1:9999" in got, sorted(got)
+    assert got["127.0.0.1:9999"].score == 3 * FAILURE_WEIGHT
+    assert got["127.0.0.1:9999"].delta is not None
+    assert got["127.0.0.1:9999"].delta.closed["refused"] == 3
 
 
 def test_context_change_renames_new_events_only() -> None:
