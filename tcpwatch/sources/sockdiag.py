@@ -161,6 +161,9 @@ class DumpAggregator:
         ephemeral: dict[bytes, int] = {}
         ephemeral_time_wait: dict[bytes, int] = {}
         live: dict[bytes, list[tuple[int, ...]]] = {}
+        # No per-destination keying and no attribution of ESTABLISHED: such a socket is only
+        # counted (a full socket), as cheaply as a message can be.
+        count_established = not self.port_range and TCP_ESTABLISHED not in attribute_numbers
         offset = 0
         while offset < length:
             if length - offset < 16:
@@ -183,6 +186,11 @@ class DumpAggregator:
                 ephemeral_time_wait = self.ephemeral_time_wait[family_name]
                 live = self.live[family_name]
             self.messages += 1
+            if state == TCP_ESTABLISHED and count_established:
+                states[TCP_ESTABLISHED] += 1
+                totals.full_sockets += 1
+                offset += (msg_len + 3) & ~3
+                continue
             if state == TCP_NEW_SYN_RECV:
                 state = TCP_SYN_RECV
             states[state] += 1

@@ -57,6 +57,7 @@ def collect(
     live_info: bool = True,
     settled: Callable[[], bool] | None = None,
     listeners_only: bool = False,
+    expect_churn: bool = False,
 ) -> SocketTable:
     """Dump this namespace's TCP sockets (see the module docstring for the plan).
 
@@ -82,11 +83,17 @@ def collect(
     ``listeners_only`` dumps the listening sockets alone: the kernel then walks its listening
     hash and not the established one (inet_diag_dump_icsk), whatever else the host holds. The
     table counts only them (the caller keeps the rest from an earlier poll).
+
+    ``expect_churn`` (the namespace moved during the last poll: a busy host) counts ESTABLISHED
+    in the same walk as the other states, skipping the derivation that would most likely need
+    a second walk; ``settled`` is still asked, so the table says whether it moved this time.
+    Only without ``destinations``: a destination scan keeps its filtered dump.
     """
     if listeners_only:
         port_range, inuse, destinations, settled = None, None, False, None
     aggregator = sockdiag.DumpAggregator(port_range if destinations else None, attribute_states)
-    established_dumped = dump_established or inuse is None or port_range is None
+    walk_once = expect_churn and not destinations and settled is not None
+    established_dumped = dump_established or inuse is None or port_range is None or walk_once
     families = FAMILIES
     if inuse is not None and time_wait == 0:
         families = tuple(family for family in FAMILIES if inuse[family] > 0)
@@ -140,7 +147,13 @@ def collect(
         first_mask = ALL_STATES_MASK if established_dumped else ALL_STATES_MASK & ~ESTABLISHED_MASK
         if listeners_only:
             first_mask = LISTEN_MASK
-        if families:
+        if families and established_dumped:
+            # Every socket: the listeners with their drops (the listening hash alone), then all
+            # the rest in one walk, with no extension (ESTABLISHED messages are most of it).
+            dump(families, LISTEN_MASK, extensions=SKMEMINFO_EXTENSION)
+            if first_mask & ~LISTEN_MASK:
+                dump(families, first_mask & ~LISTEN_MASK)
+        elif families:
             dump(families, first_mask, extensions=SKMEMINFO_EXTENSION)  # listeners' drops
         if destinations and not established_dumped and inuse is not None and port_range:
             bytecode = netlink.port_range_bytecode(*port_range)
@@ -153,7 +166,7 @@ def collect(
             )
             if unseen:
                 dump(unseen, ESTABLISHED_MASK, bytecode, extensions)
-        churned = False
+        churned = walk_once and settled is not None and not settled()
         if not established_dumped and settled is not None and not settled():
             # The derivation could be wrong: count ESTABLISHED in one walk of it, as ss does,
             # counting only (what dump 2 keyed per destination is not keyed twice).
@@ -233,8 +246,9 @@ def read_sockets_source(context: SourceContext, so_far: Snapshot) -> SocketTable
         destinations=fresh,
         live_info=settings.live_tcp_info,
         settled=settled,
+        expect_churn=earlier is not None and earlier.churned,
     )
-    if before is not None and not sockets.churned:
+    if before is not None and not sockets.churned and sockets.established_method == "derived":
         sockets = replace(sockets, marks=before.signature)
     if fresh or context.earlier is None:
         return replace(sockets, destinations_at=context.taken_at)

@@ -10,6 +10,7 @@ derived from a sockstat read taken before the dumps came out hundreds of sockets
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -89,6 +90,43 @@ def test_established_stays_in_the_exact_band_under_churn(netns: Netns) -> None:
     churned = sum(1 for snapshot in snapshots if snapshot["sockets"]["churned"])
     methods = [snapshot["sockets"]["established_method"] for snapshot in snapshots]
     assert churned > 0, f"the churn was never detected: {counted} {methods}"
+
+
+# Polls as serve makes them between destination scans, each given the previous poll's table:
+# after a poll that saw the namespace move, the next counts ESTABLISHED in its one walk.
+_CHAINED = """
+import json, sys
+from tcpwatch.config import CollectSettings
+from tcpwatch.snapshot import take_snapshot
+settings = CollectSettings(process_attribution=False)
+rows, earlier = [], None
+for _ in range(int(sys.argv[1])):
+    table = take_snapshot(settings, earlier=earlier).sockets
+    rows.append([table.counts["ipv4"]["established"], table.churned, table.established_method])
+    earlier = table
+print(json.dumps(rows), flush=True)
+"""
+
+
+def test_polls_after_churn_walk_once_and_stay_in_the_band(netns: Netns) -> None:
+    populations.established(netns, pairs=LONG_LIVED_PAIRS, port=7000)
+    churn = netns.spawn([sys.executable, "-c", _CHURN], lifetime=CHURN_SECONDS + 30)
+    try:
+        assert netns.read_line(churn, timeout=10).strip() == "churning"
+        done = netns.run(sys.executable, "-c", _CHAINED, str(POLLS), timeout=120,
+                         env=tcpwatch_env(), cwd=str(REPO_ROOT))  # fmt: skip
+    finally:
+        churn.kill()
+        churn.wait(timeout=10)
+    rows = json.loads(done.stdout)
+    low = 2 * LONG_LIVED_PAIRS
+    high = low + 2 * CHURN_CLIENTS + WALK_SLACK
+    outside = [row for row in rows if not low <= row[0] <= high]
+    assert not outside, f"ESTABLISHED outside [{low}, {high}]: {rows}"
+    # A poll after one that moved counts in its walk ("dumped"), moved or not itself.
+    after_churn = [row for previous, row in itertools.pairwise(rows) if previous[1]]
+    assert after_churn, f"the churn was never detected: {rows}"
+    assert all(row[2] == "dumped" for row in after_churn), rows
 
 
 # --- issue 21, item 11: 300 held pairs + a steady ~10-14k connect/close per second -------------

@@ -40,7 +40,7 @@ from tcpwatch.sources.sockdiag import (
     INET_DIAG_SHUTDOWN,
     DumpAggregator,
 )
-from tcpwatch.sources.sockets import collect, run_dump
+from tcpwatch.sources.sockets import LISTEN_MASK, collect, run_dump
 from tests.tools.record_dump import read_frames, recorded_receiver, state_mask
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "netlink"
@@ -463,10 +463,14 @@ class ReplaySocket:
             name = f"mixed-{family}-all.bin"
         elif request.states == ALL_STATES_MASK & ~ESTABLISHED_MASK:
             name = f"mixed-{family}-no-established.bin"
-        else:
+        elif request.bytecode:
             assert request.states == ESTABLISHED_MASK
             assert request.bytecode == port_range_bytecode(*PORT_RANGE)
             name = f"mixed-{family}-established-ephemeral.bin"
+        else:  # any other mask: the full recording's sockets in those states, then DONE
+            everything = messages(f"mixed-{family}-all.bin")
+            kept = [m for m in everything if len(m) >= 88 and request.states >> m[17] & 1]
+            return [b"".join(m.ljust((len(m) + 3) & ~3, b"\0") for m in kept), DONE]
         return list(read_frames(FIXTURES / name))
 
     def send(self, data: bytes) -> int:
@@ -587,6 +591,31 @@ def test_collect_walks_established_when_the_namespace_moved() -> None:
     assert table.self_connects == derived.self_connects
 
 
+def test_collect_walks_once_when_the_last_poll_churned() -> None:
+    """A busy namespace (the last poll moved): ESTABLISHED is counted in the walk of every
+    state, not derived and then walked again; the marks still say whether it moved."""
+    for moved in (True, False):
+        fake = ChurnReplaySocket()
+        table = collect(PORT_RANGE, {"ipv4": 1000, "ipv6": 1000}, sock=cast(socket.socket, fake),
+                        destinations=False, settled=lambda moved=moved: not moved,
+                        expect_churn=True)  # fmt: skip
+        assert asked(fake) == [
+            (None, LISTEN_MASK, 64),
+            (None, ALL_STATES_MASK & ~LISTEN_MASK, 0),
+        ]
+        assert (table.established_method, table.churned) == ("dumped", moved)
+        assert nonzero(table) == EXPECTED_COUNTS
+        assert table.ephemeral_use == ()  # counted, never keyed: no destination scan
+    # A destination scan keeps its filtered dump (and derives, walking again if it moved).
+    fake = ChurnReplaySocket()
+    collect(PORT_RANGE, INUSE, sock=cast(socket.socket, fake), settled=lambda: True,
+            expect_churn=True)  # fmt: skip
+    assert [states for _, states, _ in asked(fake)] == [
+        ALL_STATES_MASK & ~ESTABLISHED_MASK,
+        ESTABLISHED_MASK,
+    ]
+
+
 def test_collect_keeps_the_derived_count_when_the_namespace_stood_still() -> None:
     fake = ChurnReplaySocket()
     table = collect(PORT_RANGE, INUSE, sock=cast(socket.socket, fake), settled=lambda: True)
@@ -613,7 +642,8 @@ def test_collect_dumps_everything_without_range_or_inuse(
     table = collect(
         port_range, inuse, dump_established=dump_established, sock=cast(socket.socket, fake)
     )
-    assert asked(fake) == [(None, ALL_STATES_MASK, 64)]
+    # The listeners with their drops (SKMEMINFO, 64), then every other socket in one walk.
+    assert asked(fake) == [(None, LISTEN_MASK, 64), (None, ALL_STATES_MASK & ~LISTEN_MASK, 0)]
     assert table.established_method == "dumped"
     assert nonzero(table) == EXPECTED_COUNTS
     assert (
