@@ -60,12 +60,7 @@ for _ in range(int(sys.argv[1])):
 print(json.dumps({"polls": rows, "ss": ss}))
 """
 
-_NGINX = """daemon off; worker_processes 1; pid {dir}/nginx.pid; error_log {dir}/error.log;
-events {{ worker_connections 1024; }}
-http {{ access_log off; client_body_temp_path {dir}; proxy_temp_path {dir};
-  fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};
-  server {{ listen 127.0.0.1:7200 backlog=4096; keepalive_timeout 0; return 200 "ok"; }} }}
-"""
+CHURN = str(REPO / "benchmarks" / "churn.py")  # the shared generator: nginx and wrk here
 
 
 def run(name: str, *argv: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -109,14 +104,14 @@ def main() -> int:
         children.append(hold)
         assert hold.stdout is not None and hold.stdout.readline().strip() == "ready"
         summary(f"quiet, {args.pairs} pairs", polls(name, args.polls))
-        config = Path(scratch) / "nginx.conf"
-        config.write_text(_NGINX.format(dir=scratch))
-        nginx = ["ip", "netns", "exec", name, "nginx", "-c", str(config)]
-        # own session each: killing the group takes nginx's worker too
-        children.append(subprocess.Popen(nginx, stdout=subprocess.DEVNULL, start_new_session=True))
-        time.sleep(1)
-        wrk = ["ip", "netns", "exec", name, "wrk", "-t1", "-c8", "-d600s", "http://127.0.0.1:7200/"]
-        children.append(subprocess.Popen(wrk, stdout=subprocess.DEVNULL, start_new_session=True))
+        churn = ["ip", "netns", "exec", name, sys.executable, CHURN, "nginx", "--port", "7200",
+                 "--dir", scratch, "--connections", "8", "--seconds", "600"]  # fmt: skip
+        # own session: killing the group takes nginx, its worker and wrk too
+        churning = subprocess.Popen(
+            churn, stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
+        children.append(churning)
+        assert churning.stdout is not None and churning.stdout.readline().strip() == "churning"
         time.sleep(2)
         summary(f"churning, {args.pairs} pairs", polls(name, args.polls))
     finally:

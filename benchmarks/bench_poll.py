@@ -1019,8 +1019,11 @@ def render(results: Sequence[PopulationResult], command: str, elapsed: float) ->
     return "\n".join(parts).rstrip() + "\n"
 
 
-def write_between_markers(path: str, name: str, text: str) -> None:
-    begin, end = MARKER_BEGIN.format(name=name), MARKER_END.format(name=name)
+def write_between_markers(
+    path: str, name: str, text: str, markers: tuple[str, str] = (MARKER_BEGIN, MARKER_END)
+) -> None:
+    """Put ``text`` between the markers named ``name`` (bench_serve.py has markers of its own)."""
+    begin, end = (marker.format(name=name) for marker in markers)
     block = f"{begin}\n{text}{end}\n"
     try:
         with open(path, encoding="utf-8") as handle:

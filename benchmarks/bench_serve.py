@@ -69,6 +69,7 @@ from bench_poll import (
     scrape_block,
     signals_held,
     sockstat_time_wait,
+    write_between_markers,
 )
 from namespace import Namespace, NamespaceError
 from populations import PROFILES, HelperPool, PopulationError, PopulationPlan, plan_population
@@ -473,23 +474,6 @@ def render(results: Sequence[Result], command: str, elapsed: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_between_markers(path: str, name: str, text: str) -> None:
-    begin, end = MARKER_BEGIN.format(name=name), MARKER_END.format(name=name)
-    block = f"{begin}\n{text}{end}\n"
-    try:
-        with open(path, encoding="utf-8") as handle:
-            current = handle.read()
-    except FileNotFoundError:
-        current = ""
-    start, stop = current.find(begin), current.find(end)
-    if start >= 0 and stop > start:
-        updated = current[:start] + block + current[stop + len(end) + 1 :]
-    else:
-        updated = current.rstrip("\n") + ("\n\n" if current else "") + block
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(updated)
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="tcpwatch serve and check as a user runs them, beside node_exporter "
@@ -556,7 +540,7 @@ def main(argv: Sequence[str]) -> int:
     report = render(results, command.strip(), time.monotonic() - started)
     sys.stdout.write(report)
     if args.output:
-        write_between_markers(args.output, args.name, report)
+        write_between_markers(args.output, args.name, report, (MARKER_BEGIN, MARKER_END))
         log(f"wrote {args.output}")
     return 0 if all(result.guard_ok for result in results) else 1
 

@@ -75,42 +75,7 @@ time.sleep(lifetime)
 
 # One process: a listener that accepts and closes at once, and client threads that connect,
 # wait for that close and close. Bounded by its own deadline.
-_CHURN = """
-import socket, sys, threading, time
-port, clients, lifetime = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-deadline = time.monotonic() + lifetime
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("127.0.0.1", port))
-server.listen(64)
-server.settimeout(0.5)
-
-def serve():
-    while time.monotonic() < deadline:
-        try:
-            child, _ = server.accept()
-        except OSError:
-            continue
-        child.close()
-
-def client():
-    while time.monotonic() < deadline:
-        sock = socket.socket()
-        try:
-            sock.connect(("127.0.0.1", port))
-            sock.recv(1)
-        except OSError:
-            pass
-        sock.close()
-
-threads = [threading.Thread(target=serve)] + [
-    threading.Thread(target=client) for _ in range(clients)]
-for thread in threads:
-    thread.start()
-print("churning", flush=True)
-for thread in threads:
-    thread.join()
-"""
+CHURN = str(Path(__file__).resolve().parent / "churn.py")  # the shared generator
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
 
@@ -312,10 +277,13 @@ def soak(args: argparse.Namespace, run: Run) -> None:
             churn = main.spawn(
                 [
                     sys.executable,
-                    "-c",
-                    _CHURN,
+                    CHURN,
+                    "loop",
+                    "--port",
                     str(CHURN_PORT + index),
+                    "--clients",
                     str(args.clients),
+                    "--seconds",
                     lifetime,
                 ],
                 stdout=subprocess.PIPE,
