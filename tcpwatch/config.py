@@ -51,7 +51,7 @@ class CollectSettings:
     # rows (every namespace together, "other" rows included; 24 series a row) and the idle time,
     # and the receive buffer asked for (the kernel doubles it).
     connections: bool = True
-    connection_peers: int = 120
+    connection_peers: int = 136  # x 22 series a row: 2,992 (docs/metrics.md)
     connection_peer_idle: float = 3600.0
     connection_receive_buffer: int = 4 << 20
     live_tcp_info: bool = True  # tcp_info of live connections on the per-destination scan
