@@ -75,3 +75,44 @@ def test_the_default_row_budget_fills_the_series_target() -> None:
     rows = CollectSettings().connection_peers
     assert rows == DEFAULT_MAX_PEERS
     assert rows * SERIES_PER_ROW <= PEER_SERIES_TARGET < (rows + 1) * SERIES_PER_ROW
+
+
+def names_of(samples: Iterable[tuple[str, frozenset[tuple[str, str]]]], netns: str) -> Counter[str]:
+    return Counter(name for name, labels in samples if ("netns", netns) in labels)
+
+
+def sysctls_of(samples: Iterable[tuple[str, frozenset[tuple[str, str]]]], netns: str) -> set[str]:
+    return {
+        dict(labels)["name"]
+        for name, labels in samples
+        if name == "tcpwatch_sysctl" and ("netns", netns) in labels
+    }
+
+
+def test_a_namespace_beside_the_host_leaves_out_what_the_host_says() -> None:
+    host = snapshot(netns="host", sysctl_overrides={"net.core.somaxconn": (4096,)})
+    pod = snapshot(netns="pod:shop/web-1", sysctl_overrides={"net.core.somaxconn": (128,)})
+    together = series([host, pod])
+    assert sysctls_of(together, "pod:shop/web-1") == {"net.core.somaxconn"}
+    assert len(sysctls_of(together, "host")) > 10
+    pods = names_of(together, "pod:shop/web-1")
+    assert "tcpwatch_orphan_sockets" not in pods and "tcpwatch_tcp_memory_bytes" not in pods
+    host_wide = {
+        dict(labels)["source"]
+        for name, labels in together
+        if name == "tcpwatch_source_up" and ("netns", "pod:shop/web-1") in labels
+    }
+    assert host_wide == {"sysctl", "sockstat", "counters", "sockdiag"}  # not "processes"
+    on_host = names_of(together, "host")
+    assert on_host["tcpwatch_orphan_sockets"] == 1 and on_host["tcpwatch_source_up"] == 5
+
+
+def test_without_the_host_every_namespace_has_everything() -> None:
+    pod = snapshot(netns="pod:shop/web-1", sysctl_overrides={"net.core.somaxconn": (128,)})
+    other = snapshot(netns="pod:shop/web-2")
+    alone = series([pod, other])
+    both = series([snapshot(netns="host"), pod])
+    assert sysctls_of(alone, "pod:shop/web-1") == sysctls_of(both, "host")
+    for netns in ("pod:shop/web-1", "pod:shop/web-2"):
+        names = names_of(alone, netns)
+        assert names["tcpwatch_orphan_sockets"] == 1 and names["tcpwatch_source_up"] == 5
