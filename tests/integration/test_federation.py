@@ -2,7 +2,8 @@
 
 Six throw-away namespaces are the nodes, each running ``tcpwatch serve`` and real traffic: the
 churn (completed, refused, timed-out and lossy connections to local services on 127.4.0.1, the
-same destination labels on every node), one node with a full accept queue (Q01, critical), one
+same destination labels on every node), one node with a full accept queue that keeps dropping
+SYNs (Q01, critical; drops at the listener), one
 with ``net.core.somaxconn`` at 1024 (K05, warning). Two "site" namespaces run Debian's
 prometheus, each scraping three nodes over veth pairs, evaluating the shipped recording rules
 (group intervals cut to 1 s) and labelled ``site`` a or b; a "global" namespace runs a third
@@ -12,7 +13,8 @@ namespaces this test made; every process is killed and every namespace removed a
 
 Then: the global Prometheus holds the federated fleet series of both sites and nothing raw;
 every query of every fleet dashboard panel answers with data; the ranking puts the node with a
-critical finding first, the refused destination fails from every node; a node whose tcpwatch
+critical finding first, its full listener leads the listeners that drop, the refused destination
+fails from every node; a node whose tcpwatch
 stops shows as not reporting. And what the recording rules save: the global's series against
 the raw series the sites hold.
 """
@@ -55,6 +57,23 @@ CRITICAL_NODE = 1  # a full accept queue
 WARNING_NODE = 4  # somaxconn 1024
 STOPPED_NODE = 5  # its tcpwatch is stopped at the end
 TIMEOUT = 150.0
+
+# Knocks on the full accept queue every half second (each SYN is dropped at the listener) and
+# gives up after a second: the listener's drops keep rising while the test runs.
+KNOCK = r"""
+import socket, sys, time
+port, stop = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+pending = []
+print("ready", flush=True)
+while time.monotonic() < stop:
+    sock = socket.socket()
+    sock.setblocking(False)
+    sock.connect_ex(("127.0.0.1", port))
+    pending.append((time.monotonic() + 1.0, sock))
+    while pending and pending[0][0] <= time.monotonic():
+        pending.pop(0)[1].close()
+    time.sleep(0.5)
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +223,10 @@ def running_fleet(tmp_path: Path) -> Iterator[Fleet]:
             )
             start_churn(node, CHURN_PORT, LIFETIME - 20, lossy=True, host=SERVICE)
         populations.accept_queue_full(nodes[CRITICAL_NODE], QUEUE_PORT)
+        knock = nodes[CRITICAL_NODE].spawn(
+            [sys.executable, "-c", KNOCK, str(QUEUE_PORT), str(LIFETIME - 20)], lifetime=LIFETIME
+        )
+        assert nodes[CRITICAL_NODE].read_line(knock, timeout=30) == "ready"
         # The sites and the global Prometheus.
         servers = []
         for number, (name, site) in enumerate(zip(SITES, sites, strict=True)):
@@ -277,6 +300,12 @@ def test_a_global_prometheus_federating_two_sites_fills_the_fleet_dashboard(
             f'(peer_le:tcpwatch_connection_rtt_seconds_bucket:rate5m{{peer="{SERVICE}:{CHURN_PORT}"}}))'
         )
         assert 0 < float(rtt["value"][1]) < 0.01  # loopback: well under 10 ms
+        [dropping] = [expr for panel, expr in queries if panel == "Listeners dropping connections"]
+        listeners = {
+            (s["metric"]["instance"], s["metric"]["address"], s["metric"]["port"])
+            for s in fleet.global_.query(dropping)
+        }
+        assert (fleet.instance(CRITICAL_NODE), "127.0.0.1", str(QUEUE_PORT)) in listeners
         one_site = fleet.global_.query('instance:tcpwatch_trouble:score{site=~"b"}')
         assert {s["metric"]["instance"] for s in one_site} == set(everyone[3:])
 

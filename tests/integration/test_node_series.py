@@ -43,7 +43,7 @@ HELD_PORT = 23000
 PER_SCRAPE = 25
 BASE_BESIDE_HOST = 83  # a namespace beside the host's, its differing tunables aside
 BASE_HOST = 97  # the host's namespace, its tunables aside
-PER_LISTENER = 4
+PER_LISTENER = 5
 PER_DESTINATION = 7
 
 SCRAPE = {
@@ -57,6 +57,7 @@ SCRAPE = {
     "python_info",
 }
 LISTENER = {
+    "tcpwatch_listener_drops_total",
     "tcpwatch_listen_queue_length",
     "tcpwatch_listen_queue_max",
     "tcpwatch_listen_syn_recv",
@@ -258,7 +259,7 @@ def check(scrape: Samples, pods: set[str], servers: str) -> None:
     for pod in pods:
         assert len(listeners[pod]) == LISTENERS
         # the worst case is built: every listener and the top destinations, live ones included
-        assert per_netns[pod]["listener"] >= 3 * LISTENERS
+        assert per_netns[pod]["listener"] >= 4 * LISTENERS
         assert per_netns[pod]["destination"] == PER_DESTINATION * TOP_DESTINATIONS
     rows = DEFAULT_MAX_PEERS
     assert kinds["peer"] <= rows * SERIES_PER_ROW <= PEER_SERIES_TARGET

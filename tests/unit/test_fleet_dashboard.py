@@ -112,13 +112,15 @@ def test_every_node_links_to_the_node_dashboard() -> None:
         if prop["id"] == "links"
         for link in prop["value"]
     ]
-    assert len(links) == 2  # the ranking and the nodes not reporting
+    assert len(links) == 3  # the ranking, the nodes not reporting, the dropping listeners
     for link in links:
         url = link["url"]
         assert url.startswith(f"/d/{node['uid']}/"), url
-        names = re.findall(r"var-(\w+)=", url)
-        assert set(names) == {"datasource", "instance"} <= set(variables)
-        assert "${__data.fields.instance}" in url and "${__data.fields.site}" in url
+        names = set(re.findall(r"var-(\w+)=", url))
+        assert {"datasource", "instance"} <= names <= set(variables)
+        for name in names - {"datasource"}:
+            assert f"var-{name}=${{__data.fields.{name}}}" in url
+        assert "var-datasource=${__data.fields.site}" in url
 
 
 def test_sites_are_told_apart_by_the_label_the_examples_set() -> None:
@@ -153,4 +155,5 @@ def test_the_global_example_is_a_valid_prometheus_config() -> None:
     assert (
         every["instance:tcpwatch_trouble:score"] and every["peer:tcpwatch_connect_attempts:rate5m"]
     )
+    assert every["instance_netns_address_port:tcpwatch_listener_drops:rate5m"]
     assert not every["instance_netns:tcpwatch_listen_drops:rate5m"]
