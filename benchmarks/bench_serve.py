@@ -29,6 +29,13 @@ daemon's CPU per poll at ``--interval 1``, and its CPU per second at the default
 15 s) over ``--idle-seconds``. On a shared machine the quiet namespace's dumps still walk the
 host's one established hash, whatever the other namespaces hold.
 
+``--churn`` adds the daemon's CPU per socket-destroy event: ``serve --interval 1`` beside
+``--churn-pairs`` held pairs, its CPU per second without churn and with ``--churn-clients``
+looping clients of benchmarks/churn.py, divided by the destroy events it read per second.
+
+Each tree is byte-compiled first (``compileall``, as the package's postinst does), so a one-shot
+run reads bytecode as an installed tcpwatch does, even under ``PYTHONDONTWRITEBYTECODE``.
+
 ``--smoke`` is a seconds-long run on 2,000 sockets that only shows the benchmark still works (CI
 runs it: tests/integration/test_benchmarks_smoke.py); its figures mean nothing.
 
@@ -196,6 +203,13 @@ class Serve:
             raise BenchError(f"tcpwatch serve made no poll in {seconds:.0f} s")
         return (cpu_after - cpu_before) / polls, polls
 
+    def events(self) -> int:
+        """Destroy events the daemon read (tcpwatch_lifecycle_events_total, every namespace)."""
+        samples = parse_exposition(self.metrics())
+        return int(
+            sum(v for k, v in samples.items() if k.startswith("tcpwatch_lifecycle_events_total"))
+        )
+
     def cpu_per_second(self, seconds: float) -> float:
         before = process_cpu(self.process.pid)
         time.sleep(seconds)
@@ -222,6 +236,8 @@ class TreeRuns:
     check: list[RunCost] = field(default_factory=list)
     version: list[RunCost] = field(default_factory=list)
     idle_per_second: float | None = None
+    # --churn: (daemon CPU s per second without churn, with churn, destroy events per second)
+    churn: list[tuple[float, float, float]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -429,6 +445,80 @@ def measure_quiet(args: argparse.Namespace, workdir: str) -> Result:
                 namespace.delete()
 
 
+def measure_churn(args: argparse.Namespace, workdir: str) -> Result:
+    """CPU per destroy event of the whole daemon: ``serve --interval 1`` beside CHURN_PAIRS held
+    pairs, without churn and then with the shared churn loop (benchmarks/churn.py), each for
+    ``--seconds``: (CPU per second with churn - without) / events per second."""
+    namespace = Namespace.create("tw-bchurn")
+    pool = HelperPool()
+    churn: subprocess.Popen[str] | None = None
+    try:
+        low, high = (int(v) for v in namespace.read_sysctl("net.ipv4.ip_local_port_range").split())
+        pool.add(spawn_helper(namespace, low, high))
+        listeners = [["127.0.1.1", 8080]]
+        pool.command_all([{"op": "listen", "listeners": listeners}], 30)
+        batch = {
+            "count": args.churn_pairs,
+            "destinations": listeners,
+            "ending": "established",
+            "source_addresses": [],
+            "bound_start": 0,
+        }
+        pool.command_all([{"op": "connect", "batch": batch}], 120)
+        result = Result(
+            f"{args.churn_pairs:,} held pairs, churn of {args.churn_clients} looping clients",
+            {},
+            0.0,
+        )
+        result.trees = {label: TreeRuns() for label, _ in args.trees}
+        churn_argv = [sys.executable, os.path.join(HERE, "churn.py"), "loop", "--port", "7100"]
+        churn_argv += ["--clients", str(args.churn_clients)]
+        for label, tree in args.trees:
+            serve = Serve.start(namespace, "1", os.path.join(workdir, "serve-churn.log"), tree)
+            try:
+                time.sleep(2)
+                for _ in range(args.runs):
+                    quiet = serve.cpu_per_second(args.seconds)
+                    churn = namespace.spawn(
+                        [*churn_argv, "--seconds", str(args.seconds + 10)],
+                        stdout=subprocess.PIPE,
+                        text=True,
+                    )
+                    assert churn.stdout is not None
+                    if churn.stdout.readline().strip() != "churning":
+                        raise BenchError("the churn generator did not start")
+                    time.sleep(1)
+                    events_before = serve.events()
+                    busy = serve.cpu_per_second(args.seconds)
+                    events = (serve.events() - events_before) / args.seconds
+                    churn.kill()
+                    churn.wait(10)
+                    churn = None
+                    time.sleep(2)  # the churn's last events drained
+                    result.trees[label].churn.append((quiet, busy, events))
+                    log(
+                        f"  churn ({label}): {ms(quiet)} ms/s quiet, {ms(busy)} ms/s churning, "
+                        f"{events:,.0f} events/s"
+                    )
+            finally:
+                serve.stop()
+        return result
+    finally:
+        with signals_held():
+            if churn is not None:
+                churn.kill()
+                churn.wait(10)
+            pool.stop()
+            with contextlib.suppress(NamespaceError):
+                namespace.delete()
+
+
+def per_event_us(runs: TreeRuns) -> str:
+    """Median over the runs of (CPU/s churning - CPU/s quiet) / events/s, in microseconds."""
+    values = [(busy - quiet) / events * 1e6 for quiet, busy, events in runs.churn if events > 0]
+    return f"{statistics.median(values):.2f}" if values else ""
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
@@ -451,7 +541,9 @@ def render(results: Sequence[Result], command: str, elapsed: float) -> str:
     ]
     for r in results:
         for label, runs in r.trees.items():
-            serve = statistics.median(runs.serve) if runs.serve else 0.0
+            if not runs.serve:
+                continue
+            serve = statistics.median(runs.serve)
             check = statistics.median(c.cpu for c in runs.check) if runs.check else None
             idle = runs.idle_per_second
             lines.append(
@@ -463,8 +555,26 @@ def render(results: Sequence[Result], command: str, elapsed: float) -> str:
                 f"| {median_cpu(runs.version)} | {ms(idle) if idle is not None else ''} "
                 f"| {median_cpu(r.interpreter)} | {median_cpu(r.ss)} |"
             )
+    churned = [(r, label, runs) for r in results for label, runs in r.trees.items() if runs.churn]
+    if churned:
+        lines += [
+            "",
+            "| churn | tcpwatch | destroy events/s | daemon CPU ms/s quiet | churning "
+            "| **CPU per destroy event, us (whole daemon, minus its quiet rate)** |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for r, label, runs in churned:
+            events = statistics.median(e for _, _, e in runs.churn)
+            quiet = statistics.median(q for q, _, _ in runs.churn)
+            busy = statistics.median(b for _, b, _ in runs.churn)
+            lines.append(
+                f"| {r.title} | {label} | {events:,.0f} | {ms(quiet)} | {ms(busy)} "
+                f"| {per_event_us(runs)} |"
+            )
     lines.append("")
     for r in results:
+        if not r.sockets:
+            continue
         sockets = ", ".join(f"{n:,} {state}" for state, n in r.sockets.items())
         polls = ", ".join(f"{runs.serve_polls} ({label})" for label, runs in r.trees.items())
         line = f"* {r.title}: {sockets}; polls measured: {polls}."
@@ -486,6 +596,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--checks", type=int, default=3, help="runs of each one-shot command")
     parser.add_argument("--quiet", action="store_true", help="also measure a quiet namespace")
     parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--churn", action="store_true", help="also CPU per destroy event")
+    parser.add_argument("--churn-pairs", type=int, default=10_000, help="held pairs beside it")
+    parser.add_argument("--churn-clients", type=int, default=4, help="churn.py loop clients")
     parser.add_argument("--smoke", action="store_true", help="seconds on 2,000 sockets (CI)")
     parser.add_argument(
         "--before",
@@ -499,6 +612,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.smoke:
         args.sizes, args.profile, args.seconds, args.runs = "2000", "server", 3.0, 1
         args.checks, args.quiet, args.idle_seconds = 1, True, 3.0
+        args.churn, args.churn_pairs, args.churn_clients = True, 100, 1
     args.trees = [(tree_label(REPOSITORY), REPOSITORY)]
     if args.before:
         if not os.path.isfile(os.path.join(args.before, "tcpwatch", "__main__.py")):
@@ -525,12 +639,17 @@ def main(argv: Sequence[str]) -> int:
     results: list[Result] = []
     try:
         preflight()
+        for _, tree in args.trees:  # as the .deb's postinst does: a user's run reads bytecode
+            compiled = [sys.executable, "-m", "compileall", "-q", os.path.join(tree, "tcpwatch")]
+            subprocess.run(compiled, check=True, stdout=subprocess.DEVNULL)
         with interrupts_as_keyboard(), tempfile.TemporaryDirectory(prefix="tw-bserve-") as workdir:
             for size in args.size_list:
                 for profile in profiles:
                     results.append(measure_population(profile, size, args, workdir))
             if args.quiet:
                 results.append(measure_quiet(args, workdir))
+            if args.churn:
+                results.append(measure_churn(args, workdir))
     except KeyboardInterrupt:
         log("interrupted; everything made was removed")
         return 2
