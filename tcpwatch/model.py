@@ -235,6 +235,9 @@ class Attribution:
     # with one readlink each instead of walking every process' fd table again.
     locations: Mapping[int, tuple[int, str]] = field(default_factory=dict)
     confirmed: int = 0  # owners found again at their known location, without a walk
+    # The inodes in the attributed states (close_wait ...) this poll saw, owned or not: the next
+    # poll looks for an owner only of those still there (processes.wanted_inodes).
+    seen: frozenset[int] = frozenset()
 
     def owner(self, inode: int) -> ProcessRef | None:
         return self.owners.get(inode)

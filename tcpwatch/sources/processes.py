@@ -30,6 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence, Set
+from dataclasses import replace
 
 from tcpwatch.config import CollectSettings
 from tcpwatch.model import Attribution, ProcessRef, Snapshot, SocketTable
@@ -296,13 +297,18 @@ def scan_owners(
     )
 
 
-def wanted_inodes(table: SocketTable) -> frozenset[int]:
+def wanted_inodes(table: SocketTable, lasting: frozenset[int] | None = None) -> frozenset[int]:
     """Inodes worth attributing: listeners, self-connected sockets and the chosen states
-    (0 = no socket file, skip)."""
+    (0 = no socket file, skip).
+
+    With ``lasting`` (serve: the state inodes the previous poll saw), a socket in a chosen state
+    is wanted once it was already there a poll ago. A CLOSE_WAIT its process closes a moment
+    later is churn (S01 counts only the lasting ones); looking for its owner would walk every
+    process' fds on each poll of a busy host, for a socket gone before anyone reads its name."""
     inodes = {listener.inode for listener in table.listeners}
     inodes.update(connected.inode for connected in table.self_connects)
     for state_inodes in table.inodes_by_state.values():
-        inodes.update(state_inodes)
+        inodes.update(state_inodes if lasting is None else state_inodes & lasting)
     inodes.discard(0)
     return frozenset(inodes)
 
@@ -318,15 +324,19 @@ def read_owners_source(context: SourceContext, snapshots: Sequence[Snapshot]) ->
     """One /proc/*/fd walk serves every namespace: socket inodes are unique host-wide."""
     wanted: set[int] = set()
     uids: set[int] = set()
+    seen: set[int] = set()
+    known = context.known_owners
     for snapshot in snapshots:
         if snapshot.sockets is not None:
-            wanted |= wanted_inodes(snapshot.sockets)
+            wanted |= wanted_inodes(snapshot.sockets, None if known is None else known.seen)
             uids |= snapshot.sockets.owner_uids
-    return scan_owners(
+            seen.update(*snapshot.sockets.inodes_by_state.values())
+    attribution = scan_owners(
         context.paths,
         frozenset(wanted),
         context.settings.process_scan_timeout,
         netns_inodes=frozenset(s.identity.inode for s in snapshots if s.identity.inode),
-        known=context.known_owners,
+        known=known,
         uids=frozenset(uids),
     )
+    return replace(attribution, seen=frozenset(seen))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tcpwatch.model import ProcessRef
+from tcpwatch.model import Listener, ProcessRef, SocketTable
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources.processes import (
     NoProcesses,
@@ -17,6 +17,7 @@ from tcpwatch.sources.processes import (
     parse_socket_link,
     procfs_hides_processes,
     scan_owners,
+    wanted_inodes,
     wanted_sockets_in,
 )
 
@@ -333,3 +334,20 @@ def test_a_duplicated_socket_does_not_end_the_read_early(tmp_path: Path) -> None
     paths = build_proc(tmp_path, {5: ("app", {3: "socket:[7]", 4: "socket:[7]", 5: "socket:[9]"})})
     found = wanted_sockets_in(paths.pid(5, "fd"), frozenset({7, 9}))
     assert {inode for inode, _ in found} == {7, 9}
+
+
+def test_serve_looks_for_owners_of_lasting_sockets_only() -> None:
+    # A CLOSE_WAIT the previous poll did not see yet is churn until the next poll: not wanted.
+    table = SocketTable(
+        counts={},
+        listeners=(Listener("ipv4", "0.0.0.0", 80, 0, 128, syn_recv=0, inode=11),),
+        ephemeral_use=(),
+        syn_sent=(),
+        self_connects=(),
+        inodes_by_state={"close_wait": frozenset({21, 22})},
+        established_method="derived",
+        messages=0,
+    )
+    assert wanted_inodes(table) == {11, 21, 22}  # check, or serve's first poll
+    assert wanted_inodes(table, lasting=frozenset({22, 99})) == {11, 22}
+    assert wanted_inodes(table, lasting=frozenset()) == {11}  # listeners always
