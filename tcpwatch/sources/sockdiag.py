@@ -2,13 +2,16 @@
 
 Cost is what matters here, so the dumps ask the kernel for as little as possible:
 
-* dump 1 (per family): every state but ESTABLISHED, no filter. Listeners come first (the kernel
+Each dump is one request for both families (``build_request`` with family None: one walk of the
+hash tables, where a request per family walks them twice), unless the kernel refuses it.
+
+* dump 1: every state but ESTABLISHED, no filter. Listeners come first (the kernel
   walks the listening hash before the established one), then request sockets, TIME_WAIT,
   CLOSE_WAIT ... These are few on a healthy host, apart from TIME_WAIT. It asks for
   ``INET_DIAG_SKMEMINFO``, for the listeners' drop counters (sk_drops, ``ss -ltnm`` d<N>):
   timewait and request sockets never carry it, so on 6.18 it costs nothing measurable here, and
   about 4% when ESTABLISHED is dumped too (benchmarks/bench_listener_drops.py).
-* dump 2 (per family): ESTABLISHED only, with an inet_diag bytecode filter that keeps local ports
+* dump 2: ESTABLISHED only, with an inet_diag bytecode filter that keeps local ports
   inside ``ip_local_port_range``: the outbound connections that use ephemeral ports, counted per
   destination. Inbound connections (local port = a service port) are never copied out. It asks
   for ``INET_DIAG_INFO`` too: each connection's tcp_info gives its destination's live RTT and
