@@ -959,6 +959,13 @@ def render_breakdown(result: PopulationResult) -> list[str]:
 
     for index, row in enumerate(rows):
         lines.append(f"| {row} | {part(columns[0][index])} | {part(columns[1][index])} |")
+    after = [tools[TCPWATCH_MODES[2][0]].details, tools[TCPWATCH_MODES[4][0]].details]
+    for key, row in (
+        ("rules_cpu", "after the poll: rules, history, trends (serve's pipeline)"),
+        ("render_cpu", "after the poll: one Prometheus exposition of it (a scrape)"),
+    ):
+        values = [statistics.median(d[key] for d in details) for details in after]
+        lines.append(f"| {row} | {part(values[0])} | {part(values[1])} |")
     lines.append(f"| netlink messages per poll | {columns[0][5]:,} | {columns[1][5]:,} |")
     medians = source_medians(tools[TCPWATCH_MODES[0][0]].details)
     lines.append("")
