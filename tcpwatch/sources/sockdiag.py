@@ -164,9 +164,10 @@ class DumpAggregator:
         ephemeral: dict[bytes, int] = {}
         ephemeral_time_wait: dict[bytes, int] = {}
         live: dict[bytes, list[tuple[int, ...]]] = {}
-        # No per-destination keying and no attribution of ESTABLISHED: such a socket is only
-        # counted (a full socket), as cheaply as a message can be.
+        # Not keyed per destination (nor attributed): ESTABLISHED and timewait sockets (no inode,
+        # not full) are only counted, as cheaply as a message can be; a self-connect is looked at.
         count_established = not self.port_range and TCP_ESTABLISHED not in attribute_numbers
+        count_timewait = not self.port_range
         offset = 0
         while offset < length:
             if length - offset < 16:
@@ -194,6 +195,12 @@ class DumpAggregator:
                 totals.full_sockets += 1
                 offset += (msg_len + 3) & ~3
                 continue
+            if count_timewait and data[offset + 18] == TIMER_TIME_WAIT:
+                sport, dport = ports(data, offset + 20)
+                if sport != dport:
+                    states[state] += 1
+                    offset += (msg_len + 3) & ~3
+                    continue
             if state == TCP_NEW_SYN_RECV:
                 state = TCP_SYN_RECV
             states[state] += 1
