@@ -101,6 +101,7 @@ class Second:
     rss_kib: int = 0
     threads: int = 0
     fds: int = 0
+    cpu: float = 0.0  # the daemon's user + system seconds so far (/proc/PID/stat)
     active_opens: int = 0  # the namespace's TcpActiveOpens: connections made so far
 
 
@@ -175,6 +176,13 @@ def ss_established(namespace: Namespace) -> int | None:
     if result.returncode != 0:
         return None
     return sum(1 for line in result.stdout.splitlines() if line.strip())
+
+
+def process_cpu(pid: int) -> float:
+    """user + system seconds of a process, every thread (clock ticks)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def process_sample(pid: int) -> tuple[int, int, int]:
@@ -310,6 +318,7 @@ def soak(args: argparse.Namespace, run: Run) -> None:
                     setattr(second, key, value)
             second.ss_established = ss_established(main)
             second.rss_kib, second.threads, second.fds = process_sample(daemon.pid)
+            second.cpu = process_cpu(daemon.pid)
             second.active_opens = active_opens(main)
             run.seconds.append(second)
             if now >= next_hup:
@@ -393,10 +402,11 @@ def report(run: Run) -> str:
         f"1 s older): p50 {quantile(diffs, 0.5):+.0f}, p10 {quantile(diffs, 0.1):+.0f}, p90 "
         f"{quantile(diffs, 0.9):+.0f}, |max| {max((abs(d) for d in diffs), default=0)}.",
         "",
-        "| minute | connections/s | RSS MiB (min-max) | threads (max) | fds (max) | scrapes failed "
-        "| polls outside band | namespaces polled (max) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| minute | connections/s | RSS MiB (min-max) | threads (max) | fds (max) "
+        "| daemon CPU s | scrapes failed | polls outside band | namespaces polled (max) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    previous_cpu = 0.0
     for minute, seconds in minutes(run):
         per_second = connection_rate(seconds)
         rss = [s.rss_kib / 1024 for s in seconds]
@@ -404,9 +414,10 @@ def report(run: Run) -> str:
         minute_outside = sum(
             1 for s in minute_polls.values() if s.established is not None and outside(s.established)
         )
+        cpu, previous_cpu = seconds[-1].cpu - previous_cpu, seconds[-1].cpu
         lines.append(
             f"| {minute + 1} | {per_second:,.0f} | {min(rss):.1f}-{max(rss):.1f} | "
-            f"{max(s.threads for s in seconds)} | {max(s.fds for s in seconds)} | "
+            f"{max(s.threads for s in seconds)} | {max(s.fds for s in seconds)} | {cpu:.1f} | "
             f"{sum(1 for s in seconds if not s.scrape_ok)} | "
             f"{minute_outside} of {len(minute_polls)} | {max(s.namespaces for s in seconds)} |"
         )
