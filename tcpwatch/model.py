@@ -113,10 +113,9 @@ class SocketTable:
     # Derived mode only: sockstat's inuse moved during the dumps (connections came or went), so
     # this poll dumped ESTABLISHED instead of deriving it (established_method is "dumped").
     churned: bool = False
-    # Derived mode: the namespace's quiet marks (procnet.ChurnMarks.signature) when its dumps ran
-    # with nothing moving, so a later poll finding the same marks can reuse these counts.
+    # Derived mode: the quiet marks (procnet.ChurnMarks.signature) of dumps that ran with nothing
+    # moving; a poll finding the same marks dumps only listeners and reuses the rest: unchanged.
     marks: tuple[int, ...] = ()
-    # This poll found the marks of the earlier one: it dumped only the listeners (sockets.py).
     unchanged: bool = False
     # idiag_uid of the sockets attribution looks for: their owners' processes are read first.
     owner_uids: frozenset[int] = frozenset()
@@ -235,8 +234,7 @@ class Attribution:
     # with one readlink each instead of walking every process' fd table again.
     locations: Mapping[int, tuple[int, str]] = field(default_factory=dict)
     confirmed: int = 0  # owners found again at their known location, without a walk
-    # The inodes in the attributed states (close_wait ...) this poll saw, owned or not: the next
-    # poll looks for an owner only of those still there (processes.wanted_inodes).
+    # Inodes in the attributed states this poll saw: the next looks for owners of those only.
     seen: frozenset[int] = frozenset()
 
     def owner(self, inode: int) -> ProcessRef | None:
