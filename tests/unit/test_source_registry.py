@@ -39,6 +39,7 @@ def test_the_package_declares_todays_sources_in_poll_order() -> None:
         "lifecycle",
         "processes",
         "owners",
+        "tracepoints",
     )
 
 
