@@ -55,7 +55,7 @@ SERVE_PORT = 20509
 CLOSE_WAITS = 3
 LISTEN_NAME = "tw-priv-listen"
 LEAK_NAME = "tw-priv-leak"
-CAP_BITS = {"sys_ptrace": 19, "dac_read_search": 2, "sys_admin": 21}
+CAP_BITS = {"sys_ptrace": 19, "dac_read_search": 2, "sys_admin": 21, "perfmon": 38}
 
 # Stdlib only: runs as another user under Debian's python3. Names itself, listens, and leaves
 # `close_waits` accepted connections whose client end it closed (so they sit in CLOSE_WAIT).
@@ -342,6 +342,14 @@ def check_once(
     return result.returncode, leaks[0]
 
 
+def with_tracefs() -> list[str]:
+    """argv prefix: tracefs mounted in ``ip netns exec``'s private /sys, then the command."""
+    script = (
+        'mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing; exec "$@"'
+    )
+    return ["sh", "-c", script, "sh"]
+
+
 def with_hidepid_proc(argv: Sequence[str]) -> list[str]:
     """``argv`` in a private mount namespace whose /proc hides other users' processes, as
     ProtectProc=invisible sets it up (procfs ``hidepid=invisible``)."""
@@ -354,6 +362,8 @@ def assert_counts_and_queues(seen: Exposition) -> None:
     up = dict(seen.source_up)
     # serve also runs the long-lived lifecycle source: subscribing needs no privilege either.
     assert up.pop("lifecycle", 1) == 1, seen.source_up
+    # and the tracepoints, which need CAP_PERFMON: the serve tests check it either way.
+    up.pop("tracepoints", None)
     assert up == {
         "sysctl": 1,
         "sockstat": 1,
@@ -398,7 +408,7 @@ def assert_degraded_visibly(seen: Exposition) -> None:
 
 def test_setpriv_grants_exactly_the_units_capabilities(netns: Netns, runtime: Runtime) -> None:
     capabilities = unit_capabilities()
-    assert capabilities == ("dac_read_search", "sys_ptrace")
+    assert capabilities == ("dac_read_search", "perfmon", "sys_ptrace")
     mask = sum(1 << CAP_BITS[cap] for cap in capabilities)
     status = effective_capabilities(netns, runtime, capabilities)
     assert status == {
@@ -447,8 +457,21 @@ def test_without_both_capabilities_names_are_missing_and_flagged(
 def _serve_and_scrape(
     netns: Netns, runtime: Runtime, capabilities: Sequence[str]
 ) -> tuple[Exposition, str]:
+    seen, text, _, _ = _serve_scrape_and_ask(netns, runtime, capabilities)
+    return seen, text
+
+
+def _serve_scrape_and_ask(
+    netns: Netns, runtime: Runtime, capabilities: Sequence[str]
+) -> tuple[Exposition, str, str, dict[str, Any]]:
+    """/metrics of a real serve, its stderr so far, and its /api/v1/snapshot.
+
+    ``ip netns exec`` mounts a fresh /sys for the namespace, without the host's tracefs: it is
+    mounted there first, as root, as a host would have it at /sys/kernel/tracing.
+    """
     daemon = netns.spawn(
         [
+            *with_tracefs(),
             *as_nobody(capabilities),
             *runtime.tcpwatch(
                 "serve",
@@ -477,7 +500,11 @@ def _serve_and_scrape(
         time.sleep(0.3)
     scrape = netns.run(SYSTEM_PYTHON, "-c", GET, f"{base}/metrics", check=False)
     assert scrape.returncode == 0, f"{scrape.stderr}; daemon stderr: {netns.stderr_of(daemon)}"
-    return parse_exposition(scrape.stdout), scrape.stdout
+    api = netns.run(SYSTEM_PYTHON, "-c", GET, f"{base}/api/v1/snapshot", check=False)
+    assert api.returncode == 0, f"{api.stderr}; daemon stderr: {netns.stderr_of(daemon)}"
+    netns.stop(daemon)
+    stderr = netns.stderr_of(daemon)
+    return parse_exposition(scrape.stdout), scrape.stdout, stderr, json.loads(api.stdout)
 
 
 def test_serve_with_unit_capabilities_attributes_other_users_sockets(
@@ -485,6 +512,7 @@ def test_serve_with_unit_capabilities_attributes_other_users_sockets(
 ) -> None:
     seen, _ = _serve_and_scrape(netns, runtime, unit_capabilities())
     assert_fully_attributed(seen, population)
+    assert seen.source_up["tracepoints"] == 1  # CAP_PERFMON, and tracefs through the DAC cap
 
 
 def test_serve_without_capabilities_degrades_visibly(
@@ -492,10 +520,39 @@ def test_serve_without_capabilities_degrades_visibly(
 ) -> None:
     seen, text = _serve_and_scrape(netns, runtime, ())
     assert_degraded_visibly(seen)
+    # The tracepoints are down, with their one reason in the log; nothing else is (above).
+    assert seen.source_up["tracepoints"] == 0, text
     # Its own listener is the one it may still name: same uid, no capability needed.
     own = seen.listener_owners.get(SERVE_PORT)
     assert own is not None and own[0] in ("python3", "tcpwatch"), text
     assert re.search(r'^tcpwatch_source_up\{netns="[^"]+",source="processes"\} 1', text, re.M)
+
+
+def test_serve_without_perfmon_reports_the_tracepoints_down_and_nothing_else(
+    netns: Netns, runtime: Runtime, population: Owners
+) -> None:
+    """The unit's capabilities but CAP_PERFMON: one source down, with one clear reason in the
+    log and in the API; every other source, name and count as with all three."""
+    capabilities = tuple(cap for cap in unit_capabilities() if cap != "perfmon")
+    seen, text, stderr, api = _serve_scrape_and_ask(netns, runtime, capabilities)
+    assert_fully_attributed(seen, population)
+    assert seen.source_up["tracepoints"] == 0, text
+    assert {name for name, up in seen.source_up.items() if not up} == {"tracepoints"}
+    # One line, at the first failure (the debug lines with tracebacks are --log-level debug's).
+    failures = [
+        line
+        for line in stderr.splitlines()
+        if "level=warn" in line and "source tracepoints" in line
+    ]
+    assert len(failures) == 1, stderr
+    assert "needs CAP_PERFMON" in failures[0], failures
+    (reported,) = [
+        source
+        for namespace in api["namespaces"]
+        for source in namespace["sources"]
+        if source["name"] == "tracepoints"
+    ]
+    assert not reported["ok"] and "CAP_PERFMON" in reported["error"], reported
 
 
 def test_hidden_proc_still_shows_everything_with_the_units_capabilities(

@@ -204,7 +204,7 @@ for t in threads:
 
 
 def test_haproxys_failed_connects_keep_port_errno_and_process(
-    netns: Netns, reading: Reading
+    netns: Netns, reading: Reading, tmp_path: Path
 ) -> None:
     ports = {
         "dead_front": 8281, "blackhole_front": 8282, "impatient_front": 8283,
@@ -216,7 +216,7 @@ def test_haproxys_failed_connects_keep_port_errno_and_process(
         "table inet tw {\n chain in {\n type filter hook input priority 0;\n"
         " tcp dport { 9998, 9997 } tcp flags & (syn | ack) == syn drop\n }\n}\n"
     )
-    config = Path(netns._scratch_dir()) / "haproxy.cfg"
+    config = tmp_path / "haproxy.cfg"
     config.write_text(HAPROXY.format(**ports))
     haproxy = netns.spawn(["haproxy", "-db", "-f", str(config)], lifetime=120)
     deadline = time.monotonic() + WAIT
