@@ -92,17 +92,22 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
-def permission_hint() -> str:
-    """What opening failed for want of: the capabilities, and the host's paranoia setting."""
+def permission_hint(code: int = errno.EACCES) -> str:
+    """What opening failed for want of: the capabilities, and the host's paranoia setting;
+    EPERM may also be a seccomp filter's answer (systemd's SystemCallFilter=, a container
+    runtime's profile), which the kernel cannot be told apart from."""
     try:
         with open("/proc/sys/kernel/perf_event_paranoid", "rb") as file:
             paranoid = file.read(16).decode("ascii", "replace").strip()
     except OSError:
         paranoid = "unknown"
-    return (
+    hint = (
         "needs CAP_PERFMON (or CAP_SYS_ADMIN) to read tracepoints on every CPU "
         f"(kernel.perf_event_paranoid is {paranoid})"
     )
+    if code == errno.EPERM:
+        hint += ", and a seccomp filter that allows perf_event_open"
+    return hint
 
 
 def encode_attr(
@@ -150,7 +155,7 @@ class PerfEvents:
         if fd < 0:
             code = ctypes.get_errno()
             if code in (errno.EACCES, errno.EPERM):
-                reason = f"{os.strerror(code)}: {permission_hint()}"
+                reason = f"{os.strerror(code)}: {permission_hint(code)}"
                 raise PerfError(f"perf_event_open({what}): {reason}")
             if code == errno.ENOSYS:
                 raise PerfError("perf_event_open is missing (a kernel without CONFIG_PERF_EVENTS)")
@@ -197,6 +202,7 @@ def _barrier_call() -> Callable[[], object] | None:
 Record = tuple[int, int, int, int, mmap.mmap | bytes]
 _TIME = struct.Struct("=Q")
 _SAMPLE_TIME = 16  # header, pid, tid, then the time
+_SAMPLE_START = struct.Struct("=IHH8xQ")  # a sample's header and time (other records: garbage)
 
 
 class RingBuffer:
@@ -246,24 +252,30 @@ class RingBuffer:
         base, size = self.data_offset, self.data_size
         mask = size - 1
         unpack_header = RECORD_HEADER.unpack_from
+        unpack_sample = _SAMPLE_START.unpack_from
         unpack_time = _TIME.unpack_from
         append = out.append
+        sample = PERF_RECORD_SAMPLE
         position = tail
         while position < head:
             start = position & mask
-            if start + 8 <= size:
-                kind, _, length = unpack_header(memory, base + start)
-            else:  # the header itself wraps
+            if start + _SAMPLE_START.size <= size:  # most records: header and time in one read
+                kind, _, length, at = unpack_sample(memory, base + start)
+                if length < 8 or position + length > head:
+                    raise PerfError(f"corrupt ring buffer: a record of {length} bytes")
+                if start + length <= size:
+                    if kind != sample:
+                        at = unpack_time(memory, base + start + length - 8)[0]
+                    append((at, base + start, kind, length, memory))
+                    position += length
+                    continue
+            else:  # the header may wrap
                 kind, _, length = unpack_header(self._copy(start, 8), 0)
-            if length < 8 or position + length > head:
-                raise PerfError(f"corrupt ring buffer: a record of {length} bytes")
-            buffer: mmap.mmap | bytes
-            if start + length <= size:
-                buffer, offset = memory, base + start
-            else:
-                buffer, offset = self._copy(start, length), 0
-            at = offset + _SAMPLE_TIME if kind == PERF_RECORD_SAMPLE else offset + length - 8
-            append((unpack_time(buffer, at)[0], offset, kind, length, buffer))
+                if length < 8 or position + length > head:
+                    raise PerfError(f"corrupt ring buffer: a record of {length} bytes")
+            copy = self._copy(start, length)  # the record wraps around the end
+            at = unpack_time(copy, _SAMPLE_TIME if kind == sample else length - 8)[0]
+            append((at, 0, kind, length, copy))
             position += length
         return int(position)
 

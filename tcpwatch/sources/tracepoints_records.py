@@ -7,6 +7,7 @@ turns them into calls on the Tracker, so the hot path can be tested and measured
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from tcpwatch.sources.tracepoints_tracker import Tracker
 
 Spec = tuple[str, str]
 Handler = Callable[[events.Buffer, int, int, int, int, bool], None]
-_COMMON = struct.Struct("=HB")  # common_type, common_flags
+# A sample's pid, tid, time, then (past the raw size) the raw record's common_type and flags.
+_SAMPLE = struct.Struct("=8xIIQ4xHB")
 _LOST = struct.Struct("=8xQQ")  # header, id, lost
 _COMM = struct.Struct("=8xII")  # header, pid, tid, then the name (NUL-padded)
 _TASK = struct.Struct("=8xIIII")  # FORK and EXIT: pid, ppid, tid, ptid
@@ -78,8 +80,7 @@ def event_set(formats: Mapping[Spec, EventFormat], missing: list[str] | None = N
     return EventSet(chosen, filters, states, drop_reasons, reset_reasons, tuple(notes))
 
 
-def _by_time(record: perf.Record) -> int:
-    return record[0]
+_by_time = operator.itemgetter(0)
 
 
 class RecordReader:
@@ -95,24 +96,41 @@ class RecordReader:
         self.events = tuple(sorted(fmt.title for fmt in formats.values()))
 
     def handle(self, records: list[perf.Record], ordered: bool = False) -> None:
-        """Every record, oldest first (``ordered``: they already are, one ring's)."""
+        """Every record, oldest first (``ordered``: they already are, one ring's).
+
+        The hot path: a sample is one unpack (pid, tid, time, event, flags) and one call of its
+        event's handler; side-band records are rare and go through :meth:`record`.
+        """
         if not ordered:
             records.sort(key=_by_time)
-        handle = self.record
+        dispatch = self._dispatch
+        counts = self._counts
+        head = _SAMPLE.unpack_from
+        interrupt = events.INTERRUPT_FLAGS
+        raw_offset = perf.RAW_OFFSET
+        sample = perf.PERF_RECORD_SAMPLE
+        other = self.record
         for _, offset, kind, size, buffer in records:
-            handle(buffer, offset, kind, size)
+            if kind != sample:
+                other(buffer, offset, kind, size)
+                continue
+            pid, tid, time_ns, common_type, flags = head(buffer, offset)
+            handler = dispatch.get(common_type)
+            if handler is not None:
+                counts[common_type] += 1
+                handler(
+                    buffer,
+                    offset + raw_offset,
+                    pid,
+                    tid,
+                    time_ns,
+                    tid != 0 and not flags & interrupt,
+                )
 
     def record(self, buffer: events.Buffer, offset: int, kind: int, size: int) -> None:
         """One record: a sample to its event's handler, or a side-band record."""
         if kind == perf.PERF_RECORD_SAMPLE:
-            pid, tid, time_ns, _ = perf.SAMPLE_HEAD.unpack_from(buffer, offset)
-            raw = offset + perf.RAW_OFFSET
-            common_type, flags = _COMMON.unpack_from(buffer, raw)
-            handler = self._dispatch.get(common_type)
-            if handler is not None:
-                self._counts[common_type] += 1
-                in_task = tid != 0 and not flags & events.INTERRUPT_FLAGS
-                handler(buffer, raw, pid, tid, time_ns, in_task)
+            self.handle([(0, offset, kind, size, buffer)], ordered=True)
             return
         tasks = self.tracker.tasks
         if kind == perf.PERF_RECORD_NAMESPACES and size >= _NAMESPACES.size + TRAILER:
@@ -148,10 +166,17 @@ class RecordReader:
 def _handlers(formats: Mapping[Spec, EventFormat], tracker: Tracker) -> dict[int, Handler]:
     """One closure per event: decode its raw record, call the tracker (the hot path)."""
     handlers: dict[int, Handler] = {}
-    decode_state = events.set_state_decoder(formats[events.SET_STATE])
-    set_state = tracker.set_state
+    state_format = formats[events.SET_STATE]
+    states = state_format.unpacker(("skaddr", "oldstate", "newstate")).unpack_from
+    decode_state = events.set_state_decoder(state_format)
+    set_state, ended = tracker.set_state, tracker.ended
+    close, syn_sent = tracker.states.close, tracker.states.syn_sent
 
     def on_set_state(buf: events.Buffer, raw: int, pid: int, tid: int, t: int, task: bool) -> None:
+        sk, old, new = states(buf, raw)
+        if new == close and old != syn_sent:  # most records: a socket's end, no 4-tuple needed
+            ended(sk)
+            return
         set_state(pid, tid, t, task, *decode_state(buf, raw))
 
     handlers[formats[events.SET_STATE].id] = on_set_state

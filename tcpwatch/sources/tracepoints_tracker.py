@@ -245,6 +245,11 @@ class Tracker:
         if entry is not None:  # into CLOSE: the address may be reused from now on
             del self.sockets[sk]
 
+    def ended(self, sk: int) -> None:
+        """A socket reached CLOSE from a state other than SYN_SENT (the common record, read
+        without its 4-tuple): its address may be another socket's from now on."""
+        self.sockets.pop(sk, None)
+
     def _connected(self, entry: _Socket, elapsed_ns: int) -> None:
         tally = self._tally(entry.netns)
         if tally is None:

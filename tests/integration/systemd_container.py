@@ -233,7 +233,9 @@ class BootedContainer:
 
     On exit (normal or not) the container is powered off (killed if it does not stop within
     ``stop_seconds``) and the copy removed. ``files`` are copied into the root before boot
-    (root path -> host path); ``console_log`` collects nspawn's and the container's console.
+    (root path -> host path); ``nspawn_options`` are added to nspawn's command line (a
+    capability the container's systemd may hand on, a host path bound in); ``console_log``
+    collects nspawn's and the container's console.
     """
 
     def __init__(
@@ -242,9 +244,11 @@ class BootedContainer:
         files: Mapping[str, Path] | None = None,
         stop_seconds: float = 15.0,
         cache_dir: str = CACHE_DIR,
+        nspawn_options: Sequence[str] = (),
     ) -> None:
         self.base = base
         self.files = dict(files or {})
+        self.nspawn_options = tuple(nspawn_options)
         self.stop_seconds = stop_seconds
         self.cache_dir = cache_dir
         self.workdir: Path | None = None
@@ -320,6 +324,7 @@ class BootedContainer:
                     "--keep-unit",
                     "--console=passive",
                     f"--machine=tw-{secrets_token()}",
+                    *self.nspawn_options,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=console,

@@ -102,7 +102,7 @@ def test_records_are_collected_in_place_and_their_space_released(ring: FakeRing)
         reader.close()
 
 
-@pytest.mark.parametrize("room", [20, 4], ids=["body wraps", "header wraps"])
+@pytest.mark.parametrize("room", [32, 20, 4], ids=["body wraps", "time wraps", "header wraps"])
 def test_a_record_that_wraps_around_is_copied_whole(ring: FakeRing, room: int) -> None:
     filler = sample_body(1, bytes(ring.size - room - 28))  # leaves ``room`` bytes at the end
     ring.write(perf.PERF_RECORD_SAMPLE, filler)
