@@ -162,9 +162,7 @@ def _wait_listening(namespace: Namespace, port: int, seconds: float = 15.0) -> N
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {seconds:g} s")
 
 
-def run_mode(
-    mode: str, namespace: Namespace, scratch: Path, args: argparse.Namespace
-) -> Run:
+def run_mode(mode: str, namespace: Namespace, scratch: Path, args: argparse.Namespace) -> Run:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     helper: subprocess.Popen[str] | None = None
     try:
