@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from tcpwatch.config import Config
-from tcpwatch.model import PersistedSysctl, Snapshot
+from tcpwatch.model import Snapshot
 from tcpwatch.rules import Finding, RuleSettings, Window, evaluate, sort_key
 
 
@@ -20,13 +20,12 @@ def audit(
     current: Sequence[Snapshot],
     previous: Mapping[str, Snapshot],
     settings: Mapping[str, RuleSettings],
-    persisted_sysctls: tuple[PersistedSysctl, ...] = (),
     close_wait_first_seen: Mapping[str, Mapping[int, float]] | None = None,
 ) -> list[Finding]:
     """Evaluate the rules in each namespace against its own earlier snapshot (by netns name).
 
-    /etc/sysctl* lines are the host's: only the host namespace (or the only one polled) is
-    judged against them.
+    /etc/sysctl* lines (the ``sysctl_files`` source, in every snapshot) are the host's: only the
+    host namespace (or the only one polled) is judged against them.
     """
     findings: list[Finding] = []
     first_seen = close_wait_first_seen or {}
@@ -39,7 +38,7 @@ def audit(
             current=snapshot,
             previous=before,
             close_wait_first_seen=first_seen.get(snapshot.netns, {}),
-            persisted_sysctls=persisted_sysctls if host_like else (),
+            persisted_sysctls=(snapshot.persisted_sysctls or ()) if host_like else (),
         )
         findings.extend(evaluate(window, settings))
     findings.sort(key=sort_key)

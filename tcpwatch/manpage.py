@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from tcpwatch import __version__
 from tcpwatch.cli import EXIT_CRITICAL, EXIT_OK, EXIT_UNKNOWN, EXIT_WARNING, build_parser
-from tcpwatch.sources.sysctl_files import DROP_IN_DIRECTORIES, MAIN_FILE
+from tcpwatch.paths import SYSCTL_DROP_IN_DIRECTORIES, SYSCTL_MAIN_FILE
 
 EXIT_STATUS: tuple[tuple[int, str], ...] = (
     (EXIT_OK, "Success. For check: no finding above info (Nagios OK)."),
@@ -50,7 +50,8 @@ FILES: tuple[tuple[str, str], ...] = (
         "(--path.procfs moves the whole tree).",
     ),
     (
-        ", ".join(f"/{path}/*.conf" for path in DROP_IN_DIRECTORIES) + f", /{MAIN_FILE}",
+        ", ".join(f"/{path}/*.conf" for path in SYSCTL_DROP_IN_DIRECTORIES)
+        + f", /{SYSCTL_MAIN_FILE}",
         "Persisted sysctl settings, read to find settings a reboot would bring back and "
         "settings that no longer exist; below --path.rootfs (the node's / in a container).",
     ),

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from tcpwatch.tracepoint_stats import TracepointStats
 
 # Exported state names, in the kernel's numbering order (TCP_ESTABLISHED = 1 ... TCP_CLOSING = 11).
 STATES: tuple[str, ...] = (
@@ -135,6 +138,18 @@ class KernelCounters:
         return self.values.get(name)
 
 
+# Sysctls holding several integers, and what each field is called (the suffix of its series in
+# tcpwatch_sysctl). Every other sysctl holds exactly one integer.
+MULTI_FIELD_SUFFIXES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "net.ipv4.ip_local_port_range": ("min", "max"),
+        "net.ipv4.tcp_mem": ("min", "pressure", "max"),
+        "net.ipv4.tcp_rmem": ("min", "default", "max"),
+        "net.ipv4.tcp_wmem": ("min", "default", "max"),
+    }
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Sysctls:
     """TCP tunables. A sysctl the kernel lacks is absent from ``values``."""
@@ -157,6 +172,21 @@ class Sysctls:
 
     def port_reserved(self, port: int) -> bool:
         return any(low <= port <= high for low, high in self.reserved_ports)
+
+    def named_fields(self) -> tuple[tuple[str, int], ...]:
+        """Each field under its own name, sorted by sysctl: ``net.core.somaxconn`` for a
+        one-field sysctl, ``net.ipv4.tcp_mem.min`` / ``.pressure`` / ``.max`` for the fields of
+        :data:`MULTI_FIELD_SUFFIXES`. A value with the wrong number of fields is left out."""
+        named: list[tuple[str, int]] = []
+        for name, fields in sorted(self.values.items()):
+            suffixes = MULTI_FIELD_SUFFIXES.get(name)
+            if suffixes is None or len(suffixes) != len(fields):
+                if len(fields) == 1:
+                    named.append((name, fields[0]))
+                continue
+            pairs = zip(suffixes, fields, strict=True)
+            named.extend((f"{name}.{suffix}", value) for suffix, value in pairs)
+        return tuple(named)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +298,9 @@ class Snapshot:
     # Closed connections heard since the namespace's destroy listener started (the long-lived
     # source "lifecycle"; serve and check --window only).
     connections: LifecycleStats | None = None
+    # Host-wide, the same in every snapshot: the assignments in the host's sysctl files (the
+    # source "sysctl_files"), in the order they are applied at boot.
+    persisted_sysctls: tuple[PersistedSysctl, ...] | None = None
     # What the kernel's TCP tracepoints said about this namespace since the host-wide reader
     # started (the long-lived source "tracepoints"; serve and check --window only).
     tracepoints: TracepointStats | None = None
@@ -346,103 +379,3 @@ class LifecycleStats:
     max_peers: int  # the table's limit (PEER_OTHER not counted)
     evicted: int  # peers that gave their place up after being idle (their series end)
     receive_buffer: int  # bytes the kernel granted the socket (SO_RCVBUF as read back)
-
-
-# --- Kernel TCP tracepoints, read with perf_event_open: the host-wide source "tracepoints" -----
-# Built by tcpwatch/sources/tracepoints*.py; meanings in docs/tracepoints.md.
-
-# Upper bounds of the connect-time histogram: loopback (100 us) to a SYN retransmitted five
-# times; past 1 s the bounds double as the kernel's SYN retransmission timer does (1, 3, 7, 15 s
-# with the default initial RTO), so each retransmission lands in a bucket of its own.
-CONNECT_BUCKETS_SECONDS: tuple[float, ...] = (
-    0.0001,
-    0.0002,
-    0.0005,
-    0.001,
-    0.002,
-    0.005,
-    0.01,
-    0.02,
-    0.05,
-    0.1,
-    0.2,
-    0.5,
-    1.0,
-    2.0,
-    4.0,
-    8.0,
-    16.0,
-    32.0,
-)
-ABANDONED = "abandoned"  # a connect the client closed itself before any answer or error
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectStats:
-    """Connects of one (destination, process) in one namespace, cumulative since the start."""
-
-    destination: str  # "127.0.0.1:9999", "[2001:db8::5]:443", or PEER_OTHER past the budget
-    process: str  # the connecting process' name (/proc/PID/comm), as other sources show it
-    # Handshake times (SYN_SENT to ESTABLISHED) of the completed connects: per bucket of
-    # CONNECT_BUCKETS_SECONDS, then one more for above the last bound (not cumulative).
-    buckets: tuple[int, ...]
-    count: int
-    sum_seconds: float
-    # Failed connects by error: the errno name the kernel reported (ECONNREFUSED, ETIMEDOUT,
-    # EHOSTUNREACH ...), or ABANDONED.
-    failures: Mapping[str, int]
-    syn_retransmits: int  # SYN retransmissions of these connects, completed or failed
-    retransmitted: int  # completed connects that needed at least one SYN retransmission
-
-    def cumulative(self) -> tuple[int, ...]:
-        """Counts per upper bound, cumulative, the last one being +Inf (Prometheus' shape)."""
-        total = 0
-        cumulative: list[int] = []
-        for count in self.buckets:
-            total += count
-            cumulative.append(total)
-        return tuple(cumulative)
-
-
-@dataclass(frozen=True, slots=True)
-class ResetStats:
-    """TCP resets of one (direction, peer, reason) in one namespace, cumulative."""
-
-    direction: str  # "sent" / "received"
-    peer: str  # the service side: a local port a client reached, or a destination connected to
-    reason: str  # the kernel's reason for a sent reset (NO_SOCKET ...); "" for received ones
-    count: int
-
-
-@dataclass(frozen=True, slots=True)
-class DropStats:
-    """Packets the kernel dropped in one namespace for one reason, at one listener, cumulative."""
-
-    reason: str  # the kernel's drop reason (TCP_LISTEN_OVERFLOW, NETFILTER_DROP ...)
-    listener: str  # the listening socket it happened at ("127.0.0.1:8080"), "" for none known
-    count: int
-
-
-@dataclass(frozen=True, slots=True)
-class TracepointHost:
-    """What the host-wide reader counted: the same value in every namespace's stats."""
-
-    records: Mapping[str, int]  # event -> records read (every namespace's, the host's too)
-    lost: int  # records the kernel could not write for a full ring buffer (exact)
-    # (event, why) -> records that could not be given a namespace: counted, never guessed
-    unattributed: Mapping[tuple[str, str], int]
-    other_netns: int  # records attributed to namespaces this tcpwatch does not poll
-    cpus: int
-    buffer_bytes: int  # ring buffer per CPU
-    events: tuple[str, ...]  # the tracepoints opened (system:name)
-    sockets_followed: int  # sockets whose later records are being attributed by address
-
-
-@dataclass(frozen=True, slots=True)
-class TracepointStats:
-    """One namespace's share of the tracepoint records, cumulative since the reader started."""
-
-    connects: tuple[ConnectStats, ...]  # sorted by destination, then process
-    resets: tuple[ResetStats, ...]  # sorted by direction, peer, reason
-    drops: tuple[DropStats, ...]  # sorted by reason, listener
-    host: TracepointHost

@@ -1,4 +1,4 @@
-"""Where procfs lives and how it is read.
+"""Where procfs and the host's root live, and how procfs is read.
 
 The only module that builds /proc paths (so tests can use fixture trees), the one way sources
 read a procfs file, and the one check that a directory is a procfs mount at all.
@@ -11,6 +11,18 @@ from dataclasses import dataclass
 
 from tcpwatch.validation import shown_path
 
+# Where persisted sysctl settings live, below the host's root (``--path.rootfs``), as
+# ``sysctl --system`` and systemd-sysctl read them. Highest priority first: a file name found in
+# an earlier directory masks the later ones; the main file is applied last.
+SYSCTL_DROP_IN_DIRECTORIES: tuple[str, ...] = (
+    "etc/sysctl.d",
+    "run/sysctl.d",
+    "usr/local/lib/sysctl.d",
+    "usr/lib/sysctl.d",
+    "lib/sysctl.d",
+)
+SYSCTL_MAIN_FILE = "etc/sysctl.conf"
+
 
 @dataclass(frozen=True, slots=True)
 class ProcPaths:
@@ -18,10 +30,13 @@ class ProcPaths:
 
     ``net_dir`` names the per-namespace network directory below the root: ``net`` follows the
     reading process' namespace; ``thread-self/net`` follows the reading thread's after setns().
+    ``rootfs`` is the host's root filesystem (``--path.rootfs``): "/" on a live host, the
+    node's / mounted into a container; host-wide sources read the host's /etc below it.
     """
 
     root: str = "/proc"
     net_dir: str = "net"
+    rootfs: str = "/"
 
     def net(self, name: str) -> str:
         """/proc/net/<name>, e.g. ``netstat``, ``snmp``, ``sockstat6``."""

@@ -1,14 +1,13 @@
 """One poll from sources to findings, the same for `serve`, `check` and `metrics`.
 
 A :class:`Pipeline` takes the snapshot of each selected namespace (carrying what makes the next
-poll cheaper), keeps the history between polls, reads the persisted sysctl files, runs the rules
-and returns the :class:`~tcpwatch.state.ExportState` every renderer reads. It owns the gathering
-thread of the long-lived sources; ``close()`` stops them.
+poll cheaper), keeps the history between polls, runs the rules and returns the
+:class:`~tcpwatch.state.ExportState` every renderer reads. It owns the gathering thread of the
+long-lived sources; ``close()`` stops them.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -17,16 +16,13 @@ from tcpwatch.audit import audit, rule_settings
 from tcpwatch.config import Config
 from tcpwatch.gathering import HOST, Gathering
 from tcpwatch.history import NetnsHistory, SourceFailureLog, track_close_wait
-from tcpwatch.model import Attribution, PersistedSysctl, Snapshot, SocketTable
+from tcpwatch.model import Attribution, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
 from tcpwatch.rules import SYSCTLS_USED
-from tcpwatch.sources import sysctl_files
 from tcpwatch.sources.netns import NetnsNames
 from tcpwatch.sources.registry import registered_sources, source_names
 from tcpwatch.state import ExportState, PollHistogram, Trend
 from tcpwatch.trends import next_trend
-
-log = logging.getLogger(__name__)
 
 
 class SnapshotTaker:
@@ -58,7 +54,7 @@ class SnapshotTaker:
         snapshots = snapshot_source.poll(
             config.collect,
             config.namespaces,
-            ProcPaths(root=config.procfs),
+            ProcPaths(root=config.procfs, rootfs=config.rootfs),
             known_owners=self._known,
             earlier=None if due else self._tables,
             gathering=self._gathering,
@@ -96,7 +92,6 @@ class Pipeline:
     def __init__(
         self,
         take: Callable[[Config], Sequence[Snapshot]] | None = None,
-        persisted: Callable[[], tuple[PersistedSysctl, ...]] | None = None,
         clock: Callable[[], float] = time.time,
         timer: Callable[[], float] = time.perf_counter,
         failure_log: SourceFailureLog | None = None,
@@ -106,7 +101,6 @@ class Pipeline:
     ) -> None:
         self._gathering = Gathering() if long_lived and take is None else None
         self._take = take or SnapshotTaker(gathering=self._gathering)
-        self._persisted = persisted
         self._clock = clock
         self._timer = timer
         self._failure_log = (failure_log or SourceFailureLog()) if log_failures else None
@@ -124,16 +118,6 @@ class Pipeline:
         started_at = self._clock()
         started = self._timer()
         snapshots = tuple(self._take(config))
-        try:
-            # By default the files below config.rootfs (--path.rootfs: the node's / in a pod).
-            persisted = (
-                self._persisted()
-                if self._persisted is not None
-                else sysctl_files.read_persisted_sysctls(config.rootfs)
-            )
-        except Exception as error:  # advice input only: rules just see no persisted lines
-            log.debug("reading persisted sysctl files failed: %s", error)
-            persisted = ()
         history: dict[str, NetnsHistory] = {}
         previous: dict[str, Snapshot] = {}
         for snapshot in snapshots:
@@ -146,7 +130,6 @@ class Pipeline:
             snapshots,
             previous,
             rule_settings(config),
-            persisted,
             {netns: past.close_wait_first_seen for netns, past in history.items()},
         )
         # The views' history (state totals, counter rates); a vanished namespace's is dropped.

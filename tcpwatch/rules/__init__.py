@@ -2,21 +2,24 @@
 
 Each rule is a pure function over a :class:`Window` (the snapshot now, the one at the start of
 the window, CLOSE_WAIT history and the persisted sysctl lines) and its thresholds, declared with
-:func:`~tcpwatch.rules.base.rule` in one of the topic modules (:data:`TOPICS`);
-:data:`RULES` is every rule found there, and :data:`SYSCTLS_USED` what they declare to read.
-``evaluate``
-runs every enabled rule; one that raises becomes a single ``warning`` finding for that rule
-(its condition went unchecked, which the operator must know, but it is no evidence of a network
-problem, so it does not page as critical) and the others still run.
+:func:`~tcpwatch.rules.base.rule` in a topic module of this package. Nothing here is hand-kept:
+:data:`RULES` is every rule the package's modules declare (found by importing them, as the
+source registry does), and :data:`SYSCTLS_USED` what they declare to read. A topic module takes
+its helpers from the bottom modules (``base``, ``fixes``, ``shapes``, ``shared``, ``peers``),
+never from another topic module. ``evaluate`` runs every enabled rule; one that raises becomes a
+single ``warning`` finding for that rule (its condition went unchecked, which the operator must
+know, but it is no evidence of a network problem, so it does not page as critical) and the
+others still run.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import pkgutil
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType, ModuleType
 
-from tcpwatch.rules import connections, kernel, limits, owners, ports, queues, sockets
 from tcpwatch.rules.base import (
     SEVERITY_RANK,
     EvidenceValue,
@@ -49,7 +52,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TOPICS: tuple[ModuleType, ...] = (kernel, limits, queues, owners, sockets, ports, connections)
+
+def package_modules() -> list[ModuleType]:
+    """Every module of this package, imported (the topic modules declare the rules)."""
+    names = sorted(info.name for info in pkgutil.iter_modules(__path__))
+    return [importlib.import_module(f"{__name__}.{name}") for name in names]
 
 
 def collect(modules: Iterable[ModuleType]) -> tuple[Rule, ...]:
@@ -66,7 +73,7 @@ def collect(modules: Iterable[ModuleType]) -> tuple[Rule, ...]:
     return tuple(sorted(found.values(), key=lambda r: r.id))
 
 
-RULES: tuple[Rule, ...] = collect(TOPICS)
+RULES: tuple[Rule, ...] = collect(package_modules())
 ERROR_SEVERITY: Severity = "warning"
 
 # Every sysctl a rule reads: the sysctl source must try each (absent ones are simply missing).

@@ -29,9 +29,8 @@ from tcpwatch.rules.peers import (
     split_peer,
     syn_sent_owners,
 )
-from tcpwatch.rules.queues import listener_groups
 from tcpwatch.rules.shapes import add_window, ratio_severity
-from tcpwatch.rules.sockets import full_queue, local_listener
+from tcpwatch.rules.shared import full_queue, listener_groups, local_listener
 
 # --- C01 -------------------------------------------------------------------------------------
 

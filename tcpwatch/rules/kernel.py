@@ -28,8 +28,7 @@ from tcpwatch.rules.fixes import (
     sysctl_fix,
 )
 from tcpwatch.rules.shapes import add_counter, add_window, bad_sysctl_rule
-
-TIME_WAIT_SECONDS = 60  # TCP_TIMEWAIT_LEN in include/net/tcp.h; no sysctl changes it
+from tcpwatch.rules.shared import TIME_WAIT_SECONDS, no_cookie_syn_limit
 
 
 def _sysctls(window: Window) -> Sysctls | None:
@@ -37,18 +36,6 @@ def _sysctls(window: Window) -> Sysctls | None:
 
 
 # --- K01 -------------------------------------------------------------------------------------
-
-
-def no_cookie_syn_limit(queue_max: int, max_syn_backlog: int | None) -> int:
-    """Request sockets a listener holds before it drops unproven peers, with tcp_syncookies=0.
-
-    The SYN queue is full past the listener's backlog; without cookies the kernel also drops
-    SYNs from peers it has no history with once fewer than a quarter of tcp_max_syn_backlog
-    slots remain (tcp_conn_request() in net/ipv4/tcp_input.c).
-    """
-    if max_syn_backlog is None:
-        return queue_max
-    return min(queue_max, max_syn_backlog - (max_syn_backlog >> 2))
 
 
 @rule(

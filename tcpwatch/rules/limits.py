@@ -20,8 +20,8 @@ from tcpwatch.rules.base import (
     rule,
 )
 from tcpwatch.rules.fixes import run_in, sysctl_fix
-from tcpwatch.rules.kernel import TIME_WAIT_SECONDS
 from tcpwatch.rules.shapes import add_counter, add_window, ratio_thresholds
+from tcpwatch.rules.shared import TIME_WAIT_SECONDS
 
 # --- K06 -------------------------------------------------------------------------------------
 

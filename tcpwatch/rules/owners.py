@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from tcpwatch.model import OwnerProcess
 from tcpwatch.rules.base import EvidenceValue, Finding, Thresholds, Window, rule
 from tcpwatch.rules.fixes import owner_of, run_in
-from tcpwatch.rules.queues import listener_groups
 from tcpwatch.rules.shapes import ratio_severity, ratio_thresholds
+from tcpwatch.rules.shared import listener_groups
 
 # --- Q05 -------------------------------------------------------------------------------------
 

@@ -23,8 +23,8 @@ from tcpwatch.rules.fixes import (
     run_in,
     sysctl_fix,
 )
-from tcpwatch.rules.queues import listener_groups
 from tcpwatch.rules.shapes import ratio_severity
+from tcpwatch.rules.shared import listener_groups
 
 # --- P01 -------------------------------------------------------------------------------------
 

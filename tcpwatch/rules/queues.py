@@ -8,10 +8,8 @@ group's sum, because request sockets cannot be told apart per socket (see model.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-from tcpwatch.endpoints import endpoint
-from tcpwatch.model import Listener, ProcessRef, Snapshot
+from tcpwatch.model import Listener, ProcessRef
 from tcpwatch.rules.base import (
     EvidenceValue,
     Finding,
@@ -29,36 +27,8 @@ from tcpwatch.rules.fixes import (
     run_in,
     sysctl_fix,
 )
-from tcpwatch.rules.kernel import no_cookie_syn_limit
 from tcpwatch.rules.shapes import ratio_severity, ratio_thresholds
-
-
-@dataclass(frozen=True, slots=True)
-class ListenerGroup:
-    """The sockets listening on one address:port (several with SO_REUSEPORT)."""
-
-    family: str
-    address: str
-    port: int
-    sockets: tuple[Listener, ...]
-
-    @property
-    def name(self) -> str:
-        return endpoint(self.address, self.port)
-
-
-def listener_groups(snapshot: Snapshot) -> tuple[ListenerGroup, ...]:
-    if snapshot.sockets is None:
-        return ()
-    grouped: dict[tuple[str, str, int], list[Listener]] = {}
-    for listener in snapshot.sockets.listeners:
-        grouped.setdefault((listener.family, listener.address, listener.port), []).append(listener)
-    return tuple(
-        ListenerGroup(family, address, port, tuple(members))
-        for (family, address, port), members in sorted(
-            grouped.items(), key=lambda item: (item[0][2], item[0][0], item[0][1])
-        )
-    )
+from tcpwatch.rules.shared import listener_groups, no_cookie_syn_limit
 
 
 def _owner_evidence(evidence: dict[str, EvidenceValue], owner: ProcessRef | None) -> None:

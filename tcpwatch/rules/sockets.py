@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterator
 
 from tcpwatch.endpoints import endpoint
-from tcpwatch.model import Destination, ProcessRef, Snapshot
+from tcpwatch.model import ProcessRef
 from tcpwatch.rules.base import (
     EvidenceValue,
     Finding,
@@ -25,8 +24,7 @@ from tcpwatch.rules.fixes import (
     reserve_ports_fix,
     run_in,
 )
-from tcpwatch.rules.kernel import no_cookie_syn_limit
-from tcpwatch.rules.queues import ListenerGroup, listener_groups
+from tcpwatch.rules.shared import full_queue, local_listener
 
 # --- S01 -------------------------------------------------------------------------------------
 
@@ -200,50 +198,6 @@ def S02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
 
 
 # --- S03 -------------------------------------------------------------------------------------
-
-_WILDCARDS = {"ipv4": ("0.0.0.0", "::"), "ipv6": ("::",)}  # "::" takes IPv4 unless v6only
-
-
-def _is_local(snapshot: Snapshot, address: str) -> bool:
-    """Loopback, or an address this namespace uses: a listener bound to it or the source of an
-    outbound connection (the snapshot carries no interface list)."""
-    try:
-        parsed = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    mapped = getattr(parsed, "ipv4_mapped", None)
-    if parsed.is_loopback or (mapped is not None and mapped.is_loopback):
-        return True
-    sockets = snapshot.sockets
-    if sockets is None:
-        return False
-    return any(lsn.address == address for lsn in sockets.listeners) or any(
-        use.source == address for use in sockets.ephemeral_use
-    )
-
-
-def local_listener(snapshot: Snapshot, destination: Destination) -> ListenerGroup | None:
-    """The listener of this namespace a destination reaches: its exact address:port, else a
-    wildcard listener on the port when the address is local."""
-    groups = [group for group in listener_groups(snapshot) if group.port == destination.port]
-    exact = next((g for g in groups if g.address == destination.address), None)
-    if exact is not None or not _is_local(snapshot, destination.address):
-        return exact
-    wildcards = _WILDCARDS.get(destination.family, ())
-    return next((g for w in wildcards for g in groups if g.address == w), None)
-
-
-def full_queue(snapshot: Snapshot, group: ListenerGroup) -> str | None:
-    """ "accept" when a socket of the group has its accept queue full (the kernel drops SYNs
-    then), "SYN" when its SYN queue is full without SYN cookies, else None."""
-    if any(lsn.queue_length and lsn.queue_length >= lsn.queue_max for lsn in group.sockets):
-        return "accept"
-    sysctls = snapshot.sysctls
-    if sysctls is None or sysctls.get("net.ipv4.tcp_syncookies") != 0:
-        return None  # with cookies a full SYN queue still answers
-    max_syn_backlog = sysctls.get("net.ipv4.tcp_max_syn_backlog")
-    limit = sum(no_cookie_syn_limit(lsn.queue_max, max_syn_backlog) for lsn in group.sockets)
-    return "SYN" if sum(lsn.syn_recv for lsn in group.sockets) >= max(limit, 1) else None
 
 
 @rule(

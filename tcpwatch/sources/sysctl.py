@@ -7,13 +7,12 @@ file we cannot read or parse is left out too, and named: the source is then degr
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import TypeVar
 
 from tcpwatch.errors import describe_error
-from tcpwatch.model import Snapshot, Sysctls
+from tcpwatch.model import MULTI_FIELD_SUFFIXES, Snapshot, Sysctls
 from tcpwatch.paths import ProcPaths, read_text
 from tcpwatch.sources.base import Partial, SourceContext, netns_source
 from tcpwatch.sources.procnet import ProcParseError
@@ -59,17 +58,6 @@ SYSCTLS: tuple[str, ...] = (
 PORT_RANGE = "net.ipv4.ip_local_port_range"
 # A comma-separated list of ports and ranges, not integers: read by read_sysctls on its own.
 RESERVED_PORTS = "net.ipv4.ip_local_reserved_ports"
-
-# Sysctls holding several integers, and what each field is called (metric label or suffix).
-# Every other sysctl in SYSCTLS holds exactly one integer.
-MULTI_FIELD_SUFFIXES: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {
-        "net.ipv4.ip_local_port_range": ("min", "max"),
-        "net.ipv4.tcp_mem": ("min", "pressure", "max"),
-        "net.ipv4.tcp_rmem": ("min", "default", "max"),
-        "net.ipv4.tcp_wmem": ("min", "default", "max"),
-    }
-)
 
 
 def parse_sysctl(name: str, text: str, path: str) -> tuple[int, ...]:

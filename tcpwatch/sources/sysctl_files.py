@@ -1,4 +1,5 @@
-"""Persisted sysctl settings: the lines that set kernel tunables at boot.
+"""Persisted sysctl settings: the lines that set kernel tunables at boot (the host-wide source
+``sysctl_files``).
 
 Rules read these to find settings that no longer exist (``tcp_tw_recycle`` left in
 /etc/sysctl.conf after Linux 4.12) and lines that would override a fix after a reboot.
@@ -13,19 +14,12 @@ key wins: the last assignment of a name is the one in effect.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
-from tcpwatch.model import PersistedSysctl
-from tcpwatch.paths import read_text
+from tcpwatch.model import PersistedSysctl, Snapshot
+from tcpwatch.paths import SYSCTL_DROP_IN_DIRECTORIES, SYSCTL_MAIN_FILE, read_text
+from tcpwatch.sources.base import SourceContext, host_source
 
-# Highest priority first: a file name found in an earlier directory masks the later ones.
-DROP_IN_DIRECTORIES: tuple[str, ...] = (
-    "etc/sysctl.d",
-    "run/sysctl.d",
-    "usr/local/lib/sysctl.d",
-    "usr/lib/sysctl.d",
-    "lib/sysctl.d",
-)
-MAIN_FILE = "etc/sysctl.conf"
 _MAX_FILE_BYTES = 1 << 20  # a sysctl file is a few KiB; refuse to slurp anything huge
 
 
@@ -73,7 +67,7 @@ def parse_sysctl_conf(text: str, path: str, strict: bool = True) -> tuple[Persis
 def _conf_files(root: str) -> list[str]:
     """Host paths (without ``root``) of the files to read, in the order they are applied."""
     chosen: dict[str, str] = {}
-    for directory in DROP_IN_DIRECTORIES:
+    for directory in SYSCTL_DROP_IN_DIRECTORIES:
         try:
             names = os.listdir(_resolve(root, "/" + directory))
         except OSError:
@@ -82,7 +76,7 @@ def _conf_files(root: str) -> list[str]:
             if name.endswith(".conf") and name not in chosen:
                 chosen[name] = "/" + directory + "/" + name
     ordered = [chosen[name] for name in sorted(chosen)]
-    main = "/" + MAIN_FILE
+    main = "/" + SYSCTL_MAIN_FILE
     try:
         resolved = {_resolve(root, path) for path in ordered}
         if _resolve(root, main) in resolved:
@@ -157,3 +151,15 @@ def read_persisted_sysctls(etc_root: str = "/") -> tuple[PersistedSysctl, ...]:
         if text is not None:
             entries.extend(parse_sysctl_conf(text, host_path, strict=False))
     return tuple(entries)
+
+
+@host_source("sysctl_files", field="persisted_sysctls", order=70)
+def read_sysctl_files_source(
+    context: SourceContext, snapshots: Sequence[Snapshot]
+) -> tuple[PersistedSysctl, ...]:
+    """The host's persisted settings, below ``--path.rootfs``: one read for every namespace.
+
+    The rules judge only the host namespace (or the only one polled) against them, since the
+    files set the host's tunables at boot.
+    """
+    return read_persisted_sysctls(context.paths.rootfs)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from tcpwatch.config import CollectSettings
-from tcpwatch.model import Snapshot, TracepointStats
+from tcpwatch.model import Snapshot
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources import perf
 from tcpwatch.sources.base import Partial, SourceContext, host_long_lived_source
@@ -31,6 +31,7 @@ from tcpwatch.sources.tracefs import find_tracefs
 from tcpwatch.sources.tracepoints_records import EventSet, RecordReader, load_events
 from tcpwatch.sources.tracepoints_tasks import TaskResolver
 from tcpwatch.sources.tracepoints_tracker import Tracker
+from tcpwatch.tracepoint_stats import TracepointStats
 
 RECORD_BYTES = 120  # ring-buffer bytes one record takes (header, pid/tid, time, raw ~80-96)
 DESIGN_RATE = 100_000  # records/s the read delay is sized for (20k connections/s, ~5 each)

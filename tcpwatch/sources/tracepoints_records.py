@@ -12,11 +12,11 @@ import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from tcpwatch.model import TracepointHost
 from tcpwatch.sources import perf
 from tcpwatch.sources import tracepoints_events as events
 from tcpwatch.sources.tracefs import EventFormat, TracefsError, read_event_format
 from tcpwatch.sources.tracepoints_tracker import Tracker
+from tcpwatch.tracepoint_stats import TracepointHost
 
 Spec = tuple[str, str]
 Handler = Callable[[events.Buffer, int, int, int, int, bool], None]

@@ -30,16 +30,7 @@ import errno
 from collections.abc import Collection, Iterable, Mapping
 
 from tcpwatch.endpoints import endpoint
-from tcpwatch.model import (
-    ABANDONED,
-    CONNECT_BUCKETS_SECONDS,
-    PEER_OTHER,
-    ConnectStats,
-    DropStats,
-    ResetStats,
-    TracepointHost,
-    TracepointStats,
-)
+from tcpwatch.model import PEER_OTHER
 from tcpwatch.sources.lifecycle_events import (
     Context,
     address_of,
@@ -49,6 +40,15 @@ from tcpwatch.sources.lifecycle_events import (
 )
 from tcpwatch.sources.tracepoints_events import AF_INET, TcpStates
 from tcpwatch.sources.tracepoints_tasks import TaskResolver
+from tcpwatch.tracepoint_stats import (
+    ABANDONED,
+    CONNECT_BUCKETS_SECONDS,
+    ConnectStats,
+    DropStats,
+    ResetStats,
+    TracepointHost,
+    TracepointStats,
+)
 
 SOCKET_LIMIT = 1 << 18  # sockets followed at once (about 200 bytes each)
 PENDING_LIMIT = 4096  # closes waiting for their error report, resets waiting for their join

@@ -604,6 +604,16 @@ KERNEL_COUNTER_METRICS: Mapping[str, str] = {
 }
 
 
+def with_tracefs() -> list[str]:
+    """argv prefix: tracefs mounted, then the command. ``ip netns exec`` gives its command a
+    fresh /sys for the namespace, without the host's tracefs; mounted there (root, in that
+    private mount namespace only), the tracepoints source finds it where a host has it."""
+    script = (
+        'mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing; exec "$@"'
+    )
+    return ["sh", "-c", script, "sh"]
+
+
 def tcpwatch_env() -> dict[str, str]:
     """The environment for running this checkout's tcpwatch (imports from the repository)."""
     env = dict(os.environ)

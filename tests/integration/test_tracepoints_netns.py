@@ -27,15 +27,10 @@ from pathlib import Path
 import pytest
 
 from tcpwatch.config import CollectSettings
-from tcpwatch.model import (
-    ABANDONED,
-    CONNECT_BUCKETS_SECONDS,
-    NetnsIdentity,
-    Snapshot,
-    TracepointStats,
-)
+from tcpwatch.model import NetnsIdentity, Snapshot
 from tcpwatch.sources.base import Partial
 from tcpwatch.sources.tracepoints import TracepointReader
+from tcpwatch.tracepoint_stats import ABANDONED, CONNECT_BUCKETS_SECONDS, TracepointStats
 from tests.integration.netns import Netns
 
 pytestmark = pytest.mark.integration

@@ -160,3 +160,54 @@ def test_the_recipes_name_files_that_exist() -> None:
     assert not missing, (
         f"the recipes in docs/architecture.md name files that do not exist: {missing}"
     )
+
+
+def declares_rules(path: Path) -> bool:
+    """A topic module of rules/: one that declares a rule (``@rule(...)`` on a function)."""
+    tree = ast.parse(path.read_text(), str(path))
+    return any(
+        isinstance(decorator, ast.Call)
+        and isinstance(decorator.func, ast.Name)
+        and decorator.func.id == "rule"
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef)
+        for decorator in node.decorator_list
+    )
+
+
+def test_rule_topic_modules_take_shared_helpers_from_the_bottom_of_rules_only() -> None:
+    modules = package_modules()
+    topics = {
+        name
+        for name, path in modules.items()
+        if name.startswith("tcpwatch.rules.") and declares_rules(path)
+    }
+    assert {"tcpwatch.rules.kernel", "tcpwatch.rules.queues"} <= topics
+    graph = import_graph()
+    reaching = sorted(
+        f"{name} imports {target}" for name in topics for target in graph[name] & topics
+    )
+    assert not reaching, "a topic module imports another (move the helper to rules/shared.py): " + (
+        ", ".join(reaching)
+    )
+
+
+# What the layers above may use of tcpwatch/sources/: the registry, the declarations and the
+# namespace entering that runs them. A source's own module is nobody else's business: what a
+# renderer or the man page needs of it lives in the model or in paths.py.
+SOURCE_ENTRY_POINTS = {
+    "tcpwatch.sources.registry",
+    "tcpwatch.sources.base",
+    "tcpwatch.sources.netns",
+}
+
+
+def test_nothing_downstream_reaches_into_a_source_module() -> None:
+    reaching = sorted(
+        f"{module} imports {target}"
+        for module, targets in import_graph().items()
+        if not module.startswith("tcpwatch.sources")
+        for target in targets
+        if target.startswith("tcpwatch.sources.") and target not in SOURCE_ENTRY_POINTS
+    )
+    assert not reaching, reaching

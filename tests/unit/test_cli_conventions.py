@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,16 @@ import tcpwatch.snapshot as snapshot_source
 import tcpwatch.sources.sysctl_files as sysctl_files
 from tcpwatch.cli import EXIT_UNKNOWN, build_parser, main
 from tcpwatch.cli_parser import _Parser
-from tcpwatch.config import parse_config
+from tcpwatch.config import CollectSettings, parse_config
 from tcpwatch.logformat import logfmt_value, setup_logging
+from tcpwatch.model import Snapshot
+from tcpwatch.paths import ProcPaths
 from tcpwatch.render.sysctl_snippet import render_sysctl_snippet
 from tcpwatch.render.text import perfdata
 from tcpwatch.rules import RULES
 from tcpwatch.rules.fixes import persisted_settings, reserve_ports_fix, sysctl_fix
+from tcpwatch.sources.base import Source, SourceContext
+from tcpwatch.sources.registry import registered_sources
 from tests.unit.snapshots import listener, snapshot, socket_table
 from tests.unit.test_cli import FakePoll, run_cli
 
@@ -203,11 +208,14 @@ def test_an_abbreviated_flag_is_an_error(args: list[str]) -> None:
 def test_no_sysfs_flag_because_nothing_reads_sysfs() -> None:
     source = Path(sysctl_files.__file__).parents[1]
     readers = [
-        path
+        path.name
         for path in source.rglob("*.py")
-        if re.search(r"[\"']/sys/", path.read_text()) and "/proc/sys" not in path.read_text()
+        if re.search(r"[\"']/sys/", path.read_text().replace("/proc/sys", ""))
     ]
-    assert readers == []
+    # The tracepoints source finds tracefs at its own mount points (not sysfs: a container
+    # mounts the node's there, docs/fleet.md) and reads the online CPUs, the same kernel-wide
+    # list in any mount namespace. Neither is a tree a --path.sysfs would move.
+    assert sorted(readers) == ["perf.py", "tracefs.py"]
     assert "--path.sysfs" not in run_cli("check", "--help").stdout.replace("No --path.sysfs", "")
 
 
@@ -257,10 +265,31 @@ def test_rootfs_reads_the_hosts_files_and_follows_absolute_links_inside_it(
     ]
 
 
+class FakePollReadingSysctlFiles(FakePoll):
+    """A built snapshot, plus what the registered sysctl_files source reads below the rootfs
+    the CLI handed poll() (the kernel is faked, the host's files are not)."""
+
+    def __call__(
+        self,
+        settings: CollectSettings,
+        selection: tuple[str, ...] = ("self",),
+        paths: ProcPaths | None = None,
+        *more: Any,
+        **keywords: Any,
+    ) -> tuple[Snapshot, ...]:
+        (built,) = super().__call__(settings, selection, paths, *more, **keywords)
+        source = next(s for s in registered_sources() if s.name == "sysctl_files")
+        assert isinstance(source, Source)
+        context = SourceContext(paths or ProcPaths(), settings, built.netns, 0, built.taken_at)
+        persisted = source.read(context, [built])
+        assert isinstance(persisted, tuple)
+        return (replace(built, persisted_sysctls=persisted),)
+
+
 def run_check(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
 ) -> tuple[int, str, str]:
-    monkeypatch.setattr(snapshot_source, "poll", FakePoll(snapshot()))
+    monkeypatch.setattr(snapshot_source, "poll", FakePollReadingSysctlFiles(snapshot()))
     code = main(["check", "--window", "0", *args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
@@ -304,7 +333,6 @@ def test_every_rule_page_is_package_data() -> None:
 def test_docs_url_moves_every_link_in_one_place(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(sysctl_files, "read_persisted_sysctls", lambda root="/": ())
     full = snapshot(
         sockets=socket_table([listener(8080, queue_length=129, queue_max=128, inode=7001)])
     )
@@ -405,7 +433,6 @@ def test_persisted_settings_read_back_every_shape_sysctl_fix_writes() -> None:
 def test_emit_sysctl_one_snippet_with_reasons(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(sysctl_files, "read_persisted_sysctls", lambda root="/": ())
     bad = snapshot(
         sysctl_overrides={
             "net.ipv4.tcp_syncookies": (0,),

@@ -146,7 +146,7 @@ def test_windows_carry_previous_snapshot_and_close_wait_ages(
 ) -> None:
     first = make_snapshot(taken_at=100.0, close_wait=[1, 2], overflows=3)
     second = make_snapshot(taken_at=115.0, close_wait=[2, 3], overflows=10)
-    poller = Poller(take=Scripted([first], [second]), persisted=lambda: (), clock=Clock())
+    poller = Poller(take=Scripted([first], [second]), clock=Clock())
     poller.poll(Config())
     poller.poll(Config())
     (w1, _), (w2, _) = windows
@@ -165,7 +165,7 @@ def test_history_is_per_namespace_and_forgets_vanished_ones(
     host1, blue1 = make_snapshot("host", 100.0, [1]), make_snapshot("blue", 100.0, [1])
     host2 = make_snapshot("host", 115.0, [1])
     blue3 = make_snapshot("blue", 130.0, [1])
-    poller = Poller(take=Scripted([host1, blue1], [host2], [blue3]), persisted=lambda: ())
+    poller = Poller(take=Scripted([host1, blue1], [host2], [blue3]))
     for _ in range(3):
         poller.poll(Config())
     by_poll = [(w.current.netns, w.previous, dict(w.close_wait_first_seen)) for w, _ in windows]
@@ -182,8 +182,8 @@ def test_settings_and_persisted_sysctls_reach_the_rules(
 ) -> None:
     persisted = (PersistedSysctl("/etc/sysctl.conf", 3, "net.ipv4.tcp_tw_recycle", "1"),)
     config = Config(rules={"Q01": RuleOverride(False), "S01": RuleOverride(True, {"warning": 5.0})})
-    poller = Poller(take=Scripted([make_snapshot()]), persisted=lambda: persisted)
-    poller.poll(config)
+    host = replace(make_snapshot(), persisted_sysctls=persisted)
+    Poller(take=Scripted([host])).poll(config)
     ((window, settings),) = windows
     assert window.persisted_sysctls == persisted
     assert settings == {
@@ -192,13 +192,26 @@ def test_settings_and_persisted_sysctls_reach_the_rules(
     }
 
 
-def test_unreadable_sysctl_files_do_not_stop_a_poll(
+def test_the_hosts_sysctl_files_judge_only_the_host_namespace(
     windows: list[tuple[Window, dict[str, RuleSettings]]],
 ) -> None:
-    def broken() -> tuple[PersistedSysctl, ...]:
-        raise PermissionError("/etc/sysctl.d")
+    # The host-wide source puts the same lines in every snapshot; the files set the host's
+    # tunables, so a pod's namespace is not judged against them.
+    persisted = (PersistedSysctl("/etc/sysctl.conf", 3, "net.ipv4.tcp_tw_recycle", "1"),)
+    polled = [
+        replace(make_snapshot(name), persisted_sysctls=persisted) for name in ("host", "blue")
+    ]
+    Poller(take=Scripted(polled)).poll(Config())
+    assert [(w.current.netns, w.persisted_sysctls) for w, _ in windows] == [
+        ("host", persisted),
+        ("blue", ()),
+    ]
 
-    Poller(take=Scripted([make_snapshot()]), persisted=broken).poll(Config())
+
+def test_no_persisted_lines_when_the_sysctl_files_source_failed(
+    windows: list[tuple[Window, dict[str, RuleSettings]]],
+) -> None:
+    Poller(take=Scripted([make_snapshot(failing=["sysctl_files"])])).poll(Config())
     assert windows[0][0].persisted_sysctls == ()
 
 
@@ -217,7 +230,7 @@ def test_export_state_is_cached_timed_and_counts_errors(
         [make_snapshot(failing=["counters", "processes"])],
         [make_snapshot()],
     )
-    poller = Poller(take=take, persisted=lambda: (), clock=clock, timer=timer)
+    poller = Poller(take=take, clock=clock, timer=timer)
     config = Config(collect=CollectSettings(top_processes=3, top_destinations=4))
     states = []
     for _ in range(3):
@@ -247,7 +260,6 @@ def test_error_counters_of_a_vanished_namespace_are_dropped(
             [make_snapshot("blue", failing=["sysctl"]), make_snapshot("host")],
             [make_snapshot("host")],
         ),
-        persisted=lambda: (),
     )
     assert dict(poller.poll(Config()).source_errors) == {("blue", "sysctl"): 1}
     assert dict(poller.poll(Config()).source_errors) == {}
@@ -264,7 +276,6 @@ def test_findings_of_every_namespace_are_published() -> None:
                 make_snapshot("blue", close_wait=[9], owner=owner),
             ]
         ),
-        persisted=lambda: (),
     )
     state = poller.poll(config)
     assert [(f.rule_id, f.netns, f.subject) for f in state.findings if f.rule_id == "S01"] == [
@@ -343,7 +354,6 @@ def test_a_source_that_stops_running_is_forgotten_silently(
 def test_status_line() -> None:
     state = Poller(
         take=Scripted([make_snapshot(failing=["counters"], close_wait=[1, 2, 3, 4])]),
-        persisted=lambda: (),
     ).poll(Config(rules={"S01": RuleOverride(True, {"warning": 1.0, "critical": 1.0})}))
     findings = len(state.findings)
     assert findings >= 1

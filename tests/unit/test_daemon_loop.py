@@ -112,7 +112,7 @@ def start(systemd: Systemd, tmp_path: Path) -> Iterator[Start]:
             config,
             reload or (lambda: config),
             notifier=Notifier(systemd.path, watchdog),
-            pipeline=Pipeline(take=source or Source(), persisted=lambda: ()),
+            pipeline=Pipeline(take=source or Source()),
             stalled_after=stalled_after,
             include_process_metrics=False,
         )

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tcpwatch.sources.sysctl import MULTI_FIELD_SUFFIXES
+from tcpwatch.model import MULTI_FIELD_SUFFIXES
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "tcpwatch.json"

@@ -1,11 +1,14 @@
 """Every evidence key a rule emits is documented on its page, and every documented key is emitted.
 
 Integration tests and users assert on these keys (docs/check-json.md calls them stable), so the
-pages and the code must not drift apart. The scenarios below drive every branch that adds a key.
+pages and the code must not drift apart. The scenarios below drive every branch that adds a key;
+a rule's own test module can add more with an ``evidence_scenarios()`` function (what a new rule
+does, so this file keeps no list of rules).
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -160,10 +163,22 @@ def connections() -> Window:
     )
 
 
+def scenarios_of_rule_tests() -> list[tuple[Window, dict[str, RuleSettings]]]:
+    """What the rules' test modules (tests/unit/test_rules_*.py) add with
+    ``evidence_scenarios()``: (window, settings) pairs, like :func:`scenarios`."""
+    found: list[tuple[Window, dict[str, RuleSettings]]] = []
+    for path in sorted(Path(__file__).parent.glob("test_rules_*.py")):
+        module = importlib.import_module(f"{__package__}.{path.stem}")
+        more = getattr(module, "evidence_scenarios", None)
+        if more is not None:
+            found += more()
+    return found
+
+
 def emitted() -> dict[str, set[str]]:
     keys: dict[str, set[str]] = {rule.id: set() for rule in RULES}
     findings: list[Finding] = []
-    for win, settings in scenarios():
+    for win, settings in [*scenarios(), *scenarios_of_rule_tests()]:
         findings += evaluate(win, settings)
     for finding in findings:
         assert "could not run" not in finding.title, finding.title

@@ -24,7 +24,11 @@ from tests.unit.snapshots import RuleInfo, counters_plus, snapshot, window
 
 REPO = Path(__file__).resolve().parents[2]
 
-CATALOGUE = {
+# Every rule released so far, with its slug: ids and slugs are public (config keys, the
+# tcpwatch_finding labels, docs/rules/ pages), so none may disappear or be renamed (issue 3). The
+# one place rule ids are pinned; other tests read them from the registry. A new rule need not be
+# added here to pass, only to be protected.
+RELEASED = {
     "C01": "connect-failures",
     "C02": "retransmissions",
     "C03": "listener-client-quality",
@@ -52,8 +56,9 @@ CATALOGUE = {
 }
 
 
-def test_catalogue_has_every_rule_of_the_issue_with_its_slug_in_id_order() -> None:
-    assert {rule.id: rule.slug for rule in RULES} == CATALOGUE
+def test_catalogue_keeps_every_released_rule_with_its_slug_in_id_order() -> None:
+    current = {rule.id: rule.slug for rule in RULES}
+    assert {rule_id: current.get(rule_id) for rule_id in RELEASED} == RELEASED
     ids = [rule.id for rule in RULES]
     assert ids == sorted(ids)
     for rule in RULES:

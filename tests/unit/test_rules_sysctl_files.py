@@ -7,13 +7,18 @@ from pathlib import Path
 
 import pytest
 
+from tcpwatch.config import CollectSettings, Config
 from tcpwatch.model import PersistedSysctl, lines_for
+from tcpwatch.pipeline import SnapshotTaker
+from tcpwatch.sources.registry import source_names
 from tcpwatch.sources.sysctl_files import (
     SysctlConfError,
     parse_sysctl_conf,
     read_persisted_sysctls,
 )
 from tests.unit.snapshots import effective
+
+FIXTURE_PROC = Path(__file__).resolve().parent.parent / "fixtures" / "proc"
 
 SAMPLE = """\
 # comment
@@ -104,3 +109,20 @@ def test_read_skips_unreadable_files_and_missing_directories(tmp_path: Path) -> 
         PersistedSysctl("/etc/sysctl.d/30-good.conf", 2, "net.core.somaxconn", "4096"),
     )
     assert read_persisted_sysctls(str(tmp_path / "nowhere")) == ()
+
+
+def test_the_sysctl_files_source_reads_below_the_configured_rootfs(tmp_path: Path) -> None:
+    """A registered host-wide source like the others: --path.rootfs reaches it, its status is
+    reported, and its lines fill the snapshot (only the source itself runs here)."""
+    _write(tmp_path, "/etc/sysctl.conf", "net.ipv4.tcp_tw_recycle = 1\n")
+    others = tuple(name for name in source_names() if name not in ("netns", "sysctl_files"))
+    config = Config(
+        procfs=str(FIXTURE_PROC),
+        rootfs=str(tmp_path),
+        collect=CollectSettings(disabled_sources=others),
+    )
+    (snapshot,) = SnapshotTaker()(config)
+    assert [(status.name, status.ok) for status in snapshot.sources] == [("sysctl_files", True)]
+    assert snapshot.persisted_sysctls == (
+        PersistedSysctl("/etc/sysctl.conf", 1, "net.ipv4.tcp_tw_recycle", "1"),
+    )

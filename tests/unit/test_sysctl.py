@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from tcpwatch.config import CollectSettings
+from tcpwatch.model import MULTI_FIELD_SUFFIXES, Sysctls
 from tcpwatch.paths import ProcPaths
 from tcpwatch.snapshot import take_snapshot
 from tcpwatch.sources.base import SourceContext
 from tcpwatch.sources.procnet import ProcParseError
 from tcpwatch.sources.registry import registered_sources
 from tcpwatch.sources.sysctl import (
-    MULTI_FIELD_SUFFIXES,
     RESERVED_PORTS,
     SYSCTLS,
     NoSysctls,
@@ -74,6 +74,23 @@ def test_multi_field_suffixes() -> None:
     assert set(MULTI_FIELD_SUFFIXES) <= set(SYSCTLS)
     with pytest.raises(TypeError):
         MULTI_FIELD_SUFFIXES["net.core.somaxconn"] = ("x",)  # type: ignore[index]
+
+
+def test_named_fields_name_each_field_and_leave_out_a_wrong_count() -> None:
+    sysctls = Sysctls(
+        {
+            "net.ipv4.tcp_mem": (1, 2, 3),
+            "net.core.somaxconn": (4096,),
+            "net.ipv4.ip_local_port_range": (1, 2, 3),  # not two fields: left out
+            "net.ipv4.tcp_fin_timeout": (60, 61),  # one-field sysctl with two: left out
+        }
+    )
+    assert sysctls.named_fields() == (
+        ("net.core.somaxconn", 4096),
+        ("net.ipv4.tcp_mem.min", 1),
+        ("net.ipv4.tcp_mem.pressure", 2),
+        ("net.ipv4.tcp_mem.max", 3),
+    )
 
 
 def test_read_fixture() -> None:

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tcpwatch.model import ABANDONED, PEER_OTHER, TracepointStats
+from tcpwatch.model import PEER_OTHER
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources import perf
 from tcpwatch.sources import tracepoints_events as events
 from tcpwatch.sources.tracepoints_records import RecordReader
 from tcpwatch.sources.tracepoints_tasks import TaskResolver
 from tcpwatch.sources.tracepoints_tracker import CLOSE_WAIT_NS, RESET_WAIT_NS, Tracker
+from tcpwatch.tracepoint_stats import ABANDONED, TracepointStats
 
 from .tracepoint_records import (
     SOFTIRQ,

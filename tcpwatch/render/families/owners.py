@@ -1,19 +1,19 @@
-"""Prometheus families of the described socket owners (the ``owners`` source, psutil).
+"""Families of the ``owners`` source: the described socket owners (psutil).
 
 Labels stay bounded: only the owners the source describes (listeners' owners and the top
-CLOSE_WAIT holders, tcpwatch.sources.owners), each in the namespaces where it holds them.
+CLOSE_WAIT holders), each in the namespaces where it holds them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 
 from tcpwatch.model import Snapshot
+from tcpwatch.render.families.base import family, gauge
 from tcpwatch.state import ExportState
 
-CACHED = " Cached: values are from the latest poll (see tcpwatch_last_poll_timestamp_seconds)."
 LABELS = ["netns", "process", "pid"]
 
 
@@ -28,29 +28,33 @@ def owner_pids(snapshot: Snapshot) -> list[int]:
     return sorted(pid for pid in pids if described.get(pid) is not None)
 
 
+@family(source="owners", order=80)
 def owner_families(state: ExportState) -> Iterator[Metric]:
-    suffix = CACHED if state.cached else ""
-    open_fds = GaugeMetricFamily(
+    open_fds = gauge(
         "tcpwatch_process_open_fds",
-        "Open file descriptors of a listener's owner or a top CLOSE_WAIT holder." + suffix,
-        labels=LABELS,
+        "Open file descriptors of a listener's owner or a top CLOSE_WAIT holder.",
+        LABELS,
+        state,
     )
-    max_fds = GaugeMetricFamily(
+    max_fds = gauge(
         "tcpwatch_process_max_fds",
         "RLIMIT_NOFILE soft limit of the same processes (absent when unlimited); at it, "
-        "accept() fails with EMFILE." + suffix,
-        labels=LABELS,
+        "accept() fails with EMFILE.",
+        LABELS,
+        state,
     )
-    max_fds_hard = GaugeMetricFamily(
+    max_fds_hard = gauge(
         "tcpwatch_process_max_fds_hard",
         "RLIMIT_NOFILE hard limit of the same processes (absent when unlimited): how far the "
-        "process may raise its soft limit itself." + suffix,
-        labels=LABELS,
+        "process may raise its soft limit itself.",
+        LABELS,
+        state,
     )
-    started = GaugeMetricFamily(
+    started = gauge(
         "tcpwatch_process_start_time_seconds",
-        "Start time of the same processes (unix time); user is the user it runs as." + suffix,
-        labels=[*LABELS, "user"],
+        "Start time of the same processes (unix time); user is the user it runs as.",
+        [*LABELS, "user"],
+        state,
     )
     for snap in state.snapshots:
         described = snap.owner_processes

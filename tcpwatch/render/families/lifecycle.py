@@ -1,0 +1,84 @@
+"""Families of the ``lifecycle`` source: the connections that closed since tcpwatch subscribed
+to a namespace's socket-destroy events, per (direction, peer). docs/connections.md explains
+them; the host's own TCP counters beside them are the ``counters`` source's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import HistogramMetricFamily, Metric
+
+from tcpwatch.model import OUTCOMES, RTT_BUCKETS_SECONDS
+from tcpwatch.render.families.base import NETNS, counter, family
+from tcpwatch.state import ExportState
+
+PEER_LABELS = ["netns", "direction", "peer"]
+
+
+@family(source="lifecycle", order=50)
+def closed_connection_families(state: ExportState) -> Iterator[Metric]:
+    closed = counter(
+        "tcpwatch_connections_closed",
+        "TCP connections that closed, by direction (inbound: peer is the listener; outbound: "
+        'peer is the destination), peer ("other": beyond collect.connection_peers) and outcome '
+        "(ok, timeout, refused, aborted; docs/connections.md).",
+        [*PEER_LABELS, "outcome"],
+    )
+    rtt = HistogramMetricFamily(
+        "tcpwatch_connection_rtt_seconds",
+        "Smoothed RTT (tcpi_rtt) of closed connections at close, those with an RTT sample.",
+        labels=PEER_LABELS,
+    )
+    sent = counter(
+        "tcpwatch_connection_segments_sent",
+        "Segments closed connections sent (tcpi_segs_out; SYNs and retransmissions included).",
+        PEER_LABELS,
+    )
+    retransmitted = counter(
+        "tcpwatch_connection_segments_retransmitted",
+        "Segments closed connections retransmitted (tcpi_total_retrans; SYN retransmissions "
+        "included). Divide by tcpwatch_connection_segments_sent_total for the ratio.",
+        PEER_LABELS,
+    )
+    bytes_sent = counter(
+        "tcpwatch_connection_bytes_sent",
+        "Bytes closed connections sent that the peer acknowledged (tcpi_bytes_acked; SYN and "
+        "FIN count one each).",
+        PEER_LABELS,
+    )
+    bytes_received = counter(
+        "tcpwatch_connection_bytes_received",
+        "Bytes closed connections received (tcpi_bytes_received; a FIN counts one).",
+        PEER_LABELS,
+    )
+    events = counter(
+        "tcpwatch_lifecycle_events",
+        "TCP socket-destroy events received since tcpwatch subscribed in this namespace, sockets "
+        "that never had a peer included.",
+        NETNS,
+    )
+    lost = counter(
+        "tcpwatch_lifecycle_events_lost",
+        "Destroy events the kernel dropped because tcpwatch's receive buffer was full (the "
+        "socket's sk_drops; absent before Linux 4.12). Missing from every per-peer counter.",
+        NETNS,
+    )
+    bounds = [repr(bound) for bound in RTT_BUCKETS_SECONDS] + ["+Inf"]
+    for snap in state.snapshots:
+        stats = snap.connections
+        if stats is None:
+            continue
+        events.add_metric([snap.netns], stats.events)
+        if stats.lost is not None:
+            lost.add_metric([snap.netns], stats.lost)
+        for row in stats.peers:
+            labels = [snap.netns, row.direction, row.peer]
+            for outcome in OUTCOMES:
+                closed.add_metric([*labels, outcome], row.closed.get(outcome, 0))
+            cumulative = row.rtt_cumulative()
+            rtt.add_metric(labels, list(zip(bounds, cumulative, strict=True)), row.rtt_sum_seconds)
+            sent.add_metric(labels, row.segments_sent)
+            retransmitted.add_metric(labels, row.segments_retransmitted)
+            bytes_sent.add_metric(labels, row.bytes_sent)
+            bytes_received.add_metric(labels, row.bytes_received)
+    yield from (closed, rtt, sent, retransmitted, bytes_sent, bytes_received, events, lost)

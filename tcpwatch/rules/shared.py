@@ -1,0 +1,100 @@
+"""What the rule topic modules share: kernel constants, and a namespace's listeners looked up.
+
+The bottom of ``tcpwatch/rules/`` with ``base``, ``fixes``, ``shapes`` and ``peers``: a topic
+module (the modules that declare rules) imports from these, never from another topic module,
+so a new rule or a new topic module never has to reach into a sibling for a helper.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from tcpwatch.endpoints import endpoint
+from tcpwatch.model import Destination, Listener, Snapshot
+
+TIME_WAIT_SECONDS = 60  # TCP_TIMEWAIT_LEN in include/net/tcp.h; no sysctl changes it
+
+_WILDCARDS = {"ipv4": ("0.0.0.0", "::"), "ipv6": ("::",)}  # "::" takes IPv4 unless v6only
+
+
+def no_cookie_syn_limit(queue_max: int, max_syn_backlog: int | None) -> int:
+    """Request sockets a listener holds before it drops unproven peers, with tcp_syncookies=0.
+
+    The SYN queue is full past the listener's backlog; without cookies the kernel also drops
+    SYNs from peers it has no history with once fewer than a quarter of tcp_max_syn_backlog
+    slots remain (tcp_conn_request() in net/ipv4/tcp_input.c).
+    """
+    if max_syn_backlog is None:
+        return queue_max
+    return min(queue_max, max_syn_backlog - (max_syn_backlog >> 2))
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerGroup:
+    """The sockets listening on one address:port (several with SO_REUSEPORT)."""
+
+    family: str
+    address: str
+    port: int
+    sockets: tuple[Listener, ...]
+
+    @property
+    def name(self) -> str:
+        return endpoint(self.address, self.port)
+
+
+def listener_groups(snapshot: Snapshot) -> tuple[ListenerGroup, ...]:
+    if snapshot.sockets is None:
+        return ()
+    grouped: dict[tuple[str, str, int], list[Listener]] = {}
+    for listener in snapshot.sockets.listeners:
+        grouped.setdefault((listener.family, listener.address, listener.port), []).append(listener)
+    return tuple(
+        ListenerGroup(family, address, port, tuple(members))
+        for (family, address, port), members in sorted(
+            grouped.items(), key=lambda item: (item[0][2], item[0][0], item[0][1])
+        )
+    )
+
+
+def _is_local(snapshot: Snapshot, address: str) -> bool:
+    """Loopback, or an address this namespace uses: a listener bound to it or the source of an
+    outbound connection (the snapshot carries no interface list)."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(parsed, "ipv4_mapped", None)
+    if parsed.is_loopback or (mapped is not None and mapped.is_loopback):
+        return True
+    sockets = snapshot.sockets
+    if sockets is None:
+        return False
+    return any(lsn.address == address for lsn in sockets.listeners) or any(
+        use.source == address for use in sockets.ephemeral_use
+    )
+
+
+def local_listener(snapshot: Snapshot, destination: Destination) -> ListenerGroup | None:
+    """The listener of this namespace a destination reaches: its exact address:port, else a
+    wildcard listener on the port when the address is local."""
+    groups = [group for group in listener_groups(snapshot) if group.port == destination.port]
+    exact = next((g for g in groups if g.address == destination.address), None)
+    if exact is not None or not _is_local(snapshot, destination.address):
+        return exact
+    wildcards = _WILDCARDS.get(destination.family, ())
+    return next((g for w in wildcards for g in groups if g.address == w), None)
+
+
+def full_queue(snapshot: Snapshot, group: ListenerGroup) -> str | None:
+    """ "accept" when a socket of the group has its accept queue full (the kernel drops SYNs
+    then), "SYN" when its SYN queue is full without SYN cookies, else None."""
+    if any(lsn.queue_length and lsn.queue_length >= lsn.queue_max for lsn in group.sockets):
+        return "accept"
+    sysctls = snapshot.sysctls
+    if sysctls is None or sysctls.get("net.ipv4.tcp_syncookies") != 0:
+        return None  # with cookies a full SYN queue still answers
+    max_syn_backlog = sysctls.get("net.ipv4.tcp_max_syn_backlog")
+    limit = sum(no_cookie_syn_limit(lsn.queue_max, max_syn_backlog) for lsn in group.sockets)
+    return "SYN" if sum(lsn.syn_recv for lsn in group.sockets) >= max(limit, 1) else None
