@@ -31,7 +31,7 @@ from tcpwatch.model import NetnsIdentity, Snapshot
 from tcpwatch.sources.base import Partial
 from tcpwatch.sources.tracepoints import TracepointReader
 from tcpwatch.tracepoint_stats import ABANDONED, CONNECT_BUCKETS_SECONDS, TracepointStats
-from tests.integration.netns import Netns
+from tests.integration.netns import REPO_ROOT, Netns, tcpwatch_env, with_tracefs
 
 pytestmark = pytest.mark.integration
 
@@ -309,3 +309,63 @@ def test_drops_by_an_nftables_rule_carry_netfilter_drop(netns: Netns, reading: R
     ]
     (row,) = share.connects
     assert row.failures == {ABANDONED: count}
+
+
+# -- the rules, through a real `check --window` ---------------------------------------------------
+
+TRAFFIC = r"""
+import ctypes, socket, sys, threading, time
+ctypes.CDLL(None).prctl(15, b"tw-caller", 0, 0, 0)
+slow_port, closed_port, count = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+listener = socket.socket()
+listener.bind(("127.0.0.1", slow_port))
+listener.listen(256)
+def accept():
+    for _ in range(count):
+        listener.accept()[0].close()
+threading.Thread(target=accept, daemon=True).start()
+def connect(port):
+    client = socket.socket()
+    client.settimeout(10)
+    try:
+        client.connect(("127.0.0.1", port))
+    except OSError:
+        pass
+    client.close()
+threads = [threading.Thread(target=connect, args=(slow_port,)) for _ in range(count)]
+threads += [threading.Thread(target=connect, args=(closed_port,)) for _ in range(count)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+"""
+
+
+def test_check_window_finds_slow_handshakes_and_resets_to_a_closed_port(netns: Netns) -> None:
+    """`check --window` runs the tracepoints for its window: C04 names the destination whose
+    SYNs a rule drops, C05 the closed port and the process refused there."""
+    slow_port, closed_port, count = 8383, 9393, 30
+    netns.nft(
+        "table inet tw {\n chain in {\n type filter hook input priority 0;\n"
+        f" tcp dport {slow_port} tcp flags & (syn | ack) == syn numgen inc mod 2 == 0 drop\n"
+        " }\n}\n"
+    )
+    check = netns.spawn(
+        [*with_tracefs(), sys.executable, "-m", "tcpwatch", "check", "--window", "8",
+         "--format", "json"],
+        env=tcpwatch_env(),
+        cwd=str(REPO_ROOT),
+        lifetime=60,
+    )  # fmt: skip
+    time.sleep(2.0)  # the first snapshot is taken and the reader runs
+    netns.run(sys.executable, "-c", TRAFFIC, str(slow_port), str(closed_port), str(count))
+    out, _ = check.communicate(timeout=60)
+    report = json.loads(out)
+    sources = {s["name"]: s for s in report["sources"]}
+    assert sources["tracepoints"]["ok"], sources["tracepoints"]
+    findings = {(f["id"], f["subject"]): f for f in report["findings"]}
+    slow = findings[("C04", f"127.0.0.1:{slow_port}")]["evidence"]
+    assert slow["connects"] == count and slow["processes"] == "tw-caller"
+    assert slow["retransmitted"] >= count // 2 - 1 and slow["p90_seconds"] > 1.0
+    closed = findings[("C05", f"127.0.0.1:{closed_port} NO_SOCKET")]["evidence"]
+    assert (closed["resets_sent"], closed["clients"]) == (count, "tw-caller")
