@@ -6,11 +6,11 @@ Run as root from the repository root::
     python benchmarks/bench_tracepoints.py [--seconds 5] [--repeats 3] [--connections 32]
         [--buffer BYTES] [--output docs/performance.md]
 
-In a throw-away network namespace (``ip netns add``; ip_local_port_range widened and
-tcp_tw_reuse on there only): Debian's nginx-light answers ``200 ok`` on 127.0.0.1, and wrk
-(``-H "Connection: close"``: every request is a new connection) drives it as fast as the machine
-allows for ``--seconds``. Each repetition runs these modes in turn, so noise from the shared
-machine falls on all of them alike:
+In a throw-away network namespace (``ip netns add``; ip_local_port_range 32768-65535, above the
+listeners, and tcp_tw_reuse on, there only): Debian's nginx-light answers ``200 ok`` on
+127.0.0.1, and wrk (``-H "Connection: close"``: every request is a new connection) drives it as
+fast as the machine allows for ``--seconds``. Each repetition runs these modes in turn, so noise
+from the shared machine falls on all of them alike:
 
 * ``none``: the workload alone;
 * ``reader``: beside it, a process holding a TracepointReader (tcpwatch/sources/tracepoints.py)
@@ -22,7 +22,12 @@ machine falls on all of them alike:
 * ``serve-off`` / ``serve-on``: ``tcpwatch serve`` in the namespace (``interval 1``) with
   ``collect.tracepoints`` false, then true; its process CPU from /proc.
 
-The connection rate is wrk's requests/s. Prints a Markdown report (and writes it between the
+The connection rate is wrk's requests/s. On a shared machine throughput is noisy, so the
+kernel's side is also measured as CPU time: a client process in the namespace connects and
+closes ``--client-connects`` times on loopback (both ends its own, every packet processed in its
+context) and reports its own CPU (``getrusage``, user + system) per connection, alternately
+without and with the reader running: the difference is what the tracepoints cost the traced
+work itself. Prints a Markdown report (and writes it between the
 ``<!-- bench_tracepoints results -->`` markers of ``--output``). A benchmark, not a test:
 nothing passes or fails on time. Everything is removed in ``finally`` blocks; children die with
 the benchmark (PR_SET_PDEATHSIG).
@@ -47,7 +52,7 @@ from namespace import Namespace
 
 REPO = Path(__file__).resolve().parent.parent
 PORT = 20901
-SERVE_PORT = 20902
+SERVE_PORT = 20902  # plus the run's number: one serve's port is never another's to wait for
 MODES = ("none", "reader", "serve-off", "serve-on")
 MARKERS = ("<!-- bench_tracepoints results -->", "<!-- /bench_tracepoints results -->")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -121,6 +126,27 @@ print(json.dumps({
 """
 
 
+CLIENT = r"""
+import resource, socket, sys, threading
+count = int(sys.argv[1])
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(4096)
+port = listener.getsockname()[1]
+def accept():
+    for _ in range(count):
+        listener.accept()[0].close()
+threading.Thread(target=accept, daemon=True).start()
+before = resource.getrusage(resource.RUSAGE_SELF)
+for _ in range(count):
+    client = socket.create_connection(("127.0.0.1", port))
+    client.close()
+after = resource.getrusage(resource.RUSAGE_SELF)
+user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+print(user, system, flush=True)
+"""
+
+
 @dataclass
 class Run:
     mode: str
@@ -162,7 +188,9 @@ def _wait_listening(namespace: Namespace, port: int, seconds: float = 15.0) -> N
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {seconds:g} s")
 
 
-def run_mode(mode: str, namespace: Namespace, scratch: Path, args: argparse.Namespace) -> Run:
+def run_mode(
+    mode: str, namespace: Namespace, scratch: Path, args: argparse.Namespace, number: int
+) -> Run:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     helper: subprocess.Popen[str] | None = None
     try:
@@ -176,9 +204,10 @@ def run_mode(mode: str, namespace: Namespace, scratch: Path, args: argparse.Name
             if helper.stdout.readline().strip() != "ready":
                 raise RuntimeError("the reader did not start")
         elif mode.startswith("serve"):
+            port = SERVE_PORT + number
             config = scratch / f"{mode}.yaml"
             config.write_text(
-                f"listen: 127.0.0.1:{SERVE_PORT}\ninterval: 1\ncollect:\n"
+                f"listen: 127.0.0.1:{port}\ninterval: 1\ncollect:\n"
                 f"  tracepoints: {'true' if mode == 'serve-on' else 'false'}\n"
                 f"  tracepoint_buffer: {args.buffer}\n"
             )
@@ -189,7 +218,7 @@ def run_mode(mode: str, namespace: Namespace, scratch: Path, args: argparse.Name
                     stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=str(REPO), text=True,
                 )  # fmt: skip
             try:
-                _wait_listening(namespace, SERVE_PORT)
+                _wait_listening(namespace, port)
             except RuntimeError as error:
                 raise RuntimeError(f"{error}; serve's log: {log.read_text()[-500:]}") from None
             time.sleep(2.0)  # the first polls are done: measure the steady state
@@ -211,7 +240,34 @@ def run_mode(mode: str, namespace: Namespace, scratch: Path, args: argparse.Name
             helper.wait(10)
 
 
-def report(runs: list[Run], args: argparse.Namespace) -> str:
+def client_cpu(namespace: Namespace, args: argparse.Namespace, with_reader: bool) -> float:
+    """CPU seconds per connection of the client process (user + system), reader on or off."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    reader: subprocess.Popen[str] | None = None
+    try:
+        if with_reader:
+            reader = subprocess.Popen(
+                [sys.executable, "-c", READER, str(namespace.inode()), str(args.buffer)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                cwd=str(REPO),
+            )  # fmt: skip
+            assert reader.stdout is not None
+            if reader.stdout.readline().strip() != "ready":
+                raise RuntimeError("the reader did not start")
+        client = namespace.spawn(
+            [sys.executable, "-c", CLIENT, str(args.client_connects)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        out, _ = client.communicate(timeout=600)
+        user, system = (float(word) for word in out.split())
+        return (user + system) / args.client_connects
+    finally:
+        if reader is not None and reader.poll() is None:
+            reader.kill()
+            reader.wait(10)
+
+
+def report(runs: list[Run], args: argparse.Namespace, clients: dict[bool, list[float]]) -> str:
     by_mode = {mode: [run for run in runs if run.mode == mode] for mode in MODES}
     base = statistics.median(run.rate for run in by_mode["none"])
     readers = [run.reader for run in by_mode["reader"]]
@@ -259,6 +315,14 @@ def report(runs: list[Run], args: argparse.Namespace) -> str:
             f"| {read_cpu / max(connects, 1) * 1e6:.1f} us | {reader['unattributed']} "
             f"| {int(reader['maxrss_kib']) / 1024:.1f} MiB |"  # type: ignore[call-overload]
         )
+    off, on = statistics.median(clients[False]), statistics.median(clients[True])
+    lines += [
+        "",
+        f"Client CPU per connection ({args.client_connects:,} sequential connects and closes on "
+        "loopback, both ends in one process, user + system, median of "
+        f"{len(clients[False])}): reader off {off * 1e6:.1f} us, reader on {on * 1e6:.1f} us, "
+        f"difference {(on - off) * 1e6:+.1f} us ({(on - off) / off:+.1%}).",
+    ]
     return "\n".join(lines)
 
 
@@ -279,6 +343,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32, help="wrk's open connections")
     parser.add_argument("--buffer", type=int, default=512 << 10, help="ring buffer per CPU")
     parser.add_argument("--output", type=Path, help="write the report into this Markdown file")
+    parser.add_argument("--client-connects", type=int, default=20000)
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_tracepoints.py needs root (namespaces, perf_event_open)", file=sys.stderr)
@@ -286,9 +351,11 @@ def main() -> int:
     namespace = Namespace.create("tw-bench-tp")
     nginx: subprocess.Popen[str] | None = None
     runs: list[Run] = []
+    clients: dict[bool, list[float]] = {False: [], True: []}
     try:
         with tempfile.TemporaryDirectory(prefix="tw-bench-tp-") as scratch:
-            namespace.write_sysctl("net.ipv4.ip_local_port_range", "1024 65535")
+            # Clients take ports above the listeners (nginx, serve), never one of theirs.
+            namespace.write_sysctl("net.ipv4.ip_local_port_range", "32768 65535")
             namespace.write_sysctl("net.ipv4.tcp_tw_reuse", "1")
             config = Path(scratch) / "nginx.conf"
             config.write_text(NGINX.format(dir=scratch, port=PORT))
@@ -298,14 +365,21 @@ def main() -> int:
             _wait_listening(namespace, PORT)
             for _ in range(args.repeats):
                 for mode in MODES:
-                    runs.append(run_mode(mode, namespace, Path(scratch), args))
+                    runs.append(run_mode(mode, namespace, Path(scratch), args, len(runs)))
                     print(f"{mode}: {runs[-1].rate:,.0f} connections/s", file=sys.stderr)
+                for with_reader in (False, True):
+                    clients[with_reader].append(client_cpu(namespace, args, with_reader))
+                    print(
+                        f"client, reader {'on' if with_reader else 'off'}: "
+                        f"{clients[with_reader][-1] * 1e6:.1f} us/connection",
+                        file=sys.stderr,
+                    )
     finally:
         if nginx is not None and nginx.poll() is None:
             nginx.kill()
             nginx.wait(10)
         namespace.delete()
-    text = report(runs, args)
+    text = report(runs, args, clients)
     print(text)
     if args.output is not None:
         write_output(args.output, text)

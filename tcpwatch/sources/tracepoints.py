@@ -35,6 +35,11 @@ from tcpwatch.tracepoint_stats import TracepointStats
 
 RECORD_BYTES = 120  # ring-buffer bytes one record takes (header, pid/tid, time, raw ~80-96)
 DESIGN_RATE = 100_000  # records/s the read delay is sized for (20k connections/s, ~5 each)
+# The kernel wakes the reader once a ring holds a quarter of its size, not at every record: a
+# wake-up per record (an interrupt and a scheduler wake-up each) cost the traced work itself
+# more than the records (benchmarks/bench_tracepoints.py). Each poll's drain reads what is
+# below the mark, so at low rates records wait for the poll, never past it.
+WAKEUP_FRACTION = 4
 
 
 def _sideband_attr() -> bytes:
@@ -96,10 +101,11 @@ class TracepointReader:
     def _open(self, chosen: EventSet, pages: int) -> None:
         """Per CPU: every event, its filter, one ring the others write into; then enable."""
         sideband = _sideband_attr()
+        wakeup = self.buffer_bytes // WAKEUP_FRACTION
         for cpu in self.cpus:
             owner: int | None = None
             for spec, fmt in chosen.formats.items():
-                attr = perf.encode_attr(perf.PERF_TYPE_TRACEPOINT, fmt.id)
+                attr = perf.encode_attr(perf.PERF_TYPE_TRACEPOINT, fmt.id, wakeup_bytes=wakeup)
                 fd = self._perf.open(attr, cpu, fmt.title)
                 if spec in chosen.filters:
                     self._perf.set_filter(fd, chosen.filters[spec], fmt.title)
@@ -120,9 +126,9 @@ class TracepointReader:
 
     @property
     def read_delay(self) -> float:
-        """Seconds the gathering thread may leave the rings unread after a read: the time a
-        quarter of one CPU's buffer takes to fill at DESIGN_RATE records/s spread over the
-        CPUs, at most 20 ms (512 KiB on 2 CPUs: 27 ms, so 20 ms)."""
+        """Seconds the gathering thread may leave the rings unread after a read (it is woken
+        when a ring is a quarter full): the time another quarter takes to fill at DESIGN_RATE
+        records/s spread over the CPUs, at most 20 ms (512 KiB on 2 CPUs: 27 ms, so 20 ms)."""
         records = self.buffer_bytes / RECORD_BYTES
         rate = DESIGN_RATE / max(1, len(self.cpus))
         return min(0.02, records / 4 / rate)
