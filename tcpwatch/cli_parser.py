@@ -13,7 +13,6 @@ import argparse
 from typing import NoReturn
 
 from tcpwatch import __version__
-from tcpwatch.config import DEFAULT_DOCS_URL
 from tcpwatch.logformat import LOG_FORMATS, LOG_LEVELS
 from tcpwatch.validation import MAX_SHOWN_CHARS, one_line, parse_seconds, show
 
@@ -100,8 +99,9 @@ def _common() -> _Parser:
         "--docs-url",
         dest="docs_url",
         metavar="URL",
-        help="where findings and `rules` point for the rule pages: <URL>/docs/rules/<page>.md "
-        f"(default {DEFAULT_DOCS_URL}; config: docs_url)",
+        help="where your site publishes the docs; findings and `rules` then link "
+        "<URL>/docs/rules/<page>.md (default none: `tcpwatch rules ID` prints a page, serve "
+        "shows it at /rules/ID; config: docs_url)",
     )
     return common
 

@@ -199,7 +199,8 @@ def render(parser: argparse.ArgumentParser | None = None) -> str:
         ".PP",
         _escape(
             "The rule pages, metrics and configuration reference: /usr/share/doc/tcpwatch/ "
-            "(Debian package) or https://github.com/OWNER/tcpwatch/tree/main/docs"
+            "(Debian package) or docs/ in the tcpwatch source; each rule's page: "
+            "tcpwatch rules ID, or /rules/ID on a running tcpwatch serve."
         ),
     ]
     return "\n".join(lines) + "\n"

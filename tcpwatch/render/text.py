@@ -14,7 +14,14 @@ from types import MappingProxyType
 
 from tcpwatch.config import DEFAULT_DOCS_URL
 from tcpwatch.model import Snapshot
-from tcpwatch.render.status import SEVERITIES, Gauges, doc_url, status_of
+from tcpwatch.render.status import (
+    SEVERITIES,
+    Gauges,
+    doc_reference,
+    doc_url,
+    offline_page,
+    status_of,
+)
 from tcpwatch.rules import Finding, sort_key
 
 _RESET = "\033[0m"
@@ -85,8 +92,8 @@ def _format_value(value: str | int | float) -> str:
 
 
 def _doc(finding: Finding, docs_url: str) -> str:
-    """The page online and how to read it offline."""
-    return f"{doc_url(finding.doc, docs_url)} (offline: tcpwatch rules {finding.rule_id})"
+    """The page online (when a docs_url is set) and how to read it offline."""
+    return doc_reference(finding.rule_id, finding.doc, docs_url)
 
 
 def _finding_lines(
@@ -185,4 +192,5 @@ def render_text(
 
 def _info_line(finding: Finding, color: bool, docs_url: str) -> str:
     tag = _paint(f"[{finding.rule_id} {finding.slug}]", _COLOURS[finding.severity], color)
-    return f"  {tag} {finding.title}  {_paint(doc_url(finding.doc, docs_url), _DIM, color)}"
+    page = doc_url(finding.doc, docs_url) or offline_page(finding.rule_id)
+    return f"  {tag} {finding.title}  {_paint(page, _DIM, color)}"

@@ -17,8 +17,15 @@ _PERSISTED = re.compile(
 )
 
 
+def process_subject(process: ProcessRef | None) -> str:
+    """A finding's subject for a process: its name ("nginx"), or "unknown process" when not
+    found. Never the pid: the subject is a label of tcpwatch_finding, and a restart must not
+    make a new series (nor resolve and re-fire its alert); titles and evidence carry the pid."""
+    return "unknown process" if process is None else process.name
+
+
 def process_label(process: ProcessRef | None) -> str:
-    """A finding's subject for a process: "nginx[1234]", or "unknown process" when not found."""
+    """A process in titles and evidence: "nginx[1234]", or "unknown process" when not found."""
     return "unknown process" if process is None else f"{process.name}[{process.pid}]"
 
 
@@ -37,8 +44,9 @@ def run_in(netns: str, command: str) -> str:
     """A command as it must be typed to act on ``netns`` from the host."""
     if netns == HOST_NETNS:
         return command
-    if netns.startswith("pid:"):
-        return f"nsenter --net=/proc/{netns[4:]}/ns/net {command}"
+    if netns.startswith("ns:") and netns[3:].isdigit():
+        # An unnamed namespace is named by its inode; lsns finds a process in it to enter by.
+        return f"nsenter -t $(lsns -n -o PID -t net {netns[3:]}) --net {command}"
     return f"ip netns exec {shlex.quote(netns)} {command}"
 
 
@@ -122,19 +130,24 @@ def ports_to_reserve(snapshot: Snapshot) -> list[int]:
 def reserve_ports_fix(
     netns: str, snapshot: Snapshot, persisted: Sequence[PersistedSysctl] = ()
 ) -> str | None:
-    """The command reserving :func:`ports_to_reserve` plus what is reserved already, if needed."""
+    """The command reserving :func:`ports_to_reserve` plus what is reserved already, if needed;
+    advice to add them by hand when what is reserved already is unknown (the file was unusable),
+    since the command replaces the whole list."""
     ports = ports_to_reserve(snapshot)
     if not ports or snapshot.sysctls is None:
         return None
+    if not snapshot.sysctls.reserved_ports_known:
+        return manual_reservation(*ports)
     merged = sorted({*snapshot.sysctls.reserved_ports, *((port, port) for port in ports)})
     return sysctl_fix(
         netns, "net.ipv4.ip_local_reserved_ports", format_port_ranges(merged), persisted
     )
 
 
-def manual_reservation(port: int) -> str:
+def manual_reservation(*ports: int) -> str:
     """Advice for when the current reservations are unknown, so no exact command can be given."""
+    listed = format_port_ranges([(port, port) for port in ports])
     return (
-        f"# add {port} to net.ipv4.ip_local_reserved_ports, keeping the ports already listed "
+        f"# add {listed} to net.ipv4.ip_local_reserved_ports, keeping the ports already listed "
         "there (writing the sysctl replaces the whole list)"
     )

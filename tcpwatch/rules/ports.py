@@ -86,6 +86,9 @@ def P01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         }
         if tw_reuse is not None:
             evidence["tcp_tw_reuse"] = tw_reuse
+        if not sysctls.reserved_ports_known:
+            # The whole range counted: the usage shown is a floor, never an overstatement.
+            evidence["reserved_ports"] = "unknown (counted as none)"
         lines = [
             f"# every connection from {use.source} to {destination} needs its own local port; "
             f"{available} exist, {use.sockets} are taken ({use.time_wait} by TIME_WAIT, 60 s "
@@ -156,6 +159,8 @@ def P02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     for group in listener_groups(snapshot):
         if not low <= group.port <= high or sysctls.port_reserved(group.port):
             continue
+        if not sysctls.reserved_ports_known:
+            continue  # it may be reserved: the sysctl source reports the unreadable list
         owner = owner_of(snapshot, group.sockets[0].inode)
         evidence: dict[str, EvidenceValue] = {
             "listener": group.name,

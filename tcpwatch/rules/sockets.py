@@ -21,6 +21,7 @@ from tcpwatch.rules.fixes import (
     owner_of,
     process_label,
     process_phrase,
+    process_subject,
     reserve_ports_fix,
     run_in,
 )
@@ -143,7 +144,9 @@ def S01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             + (f", {stale} of them for over {stale_after:g} s" if severity == "critical" else "")
             + ": it leaks connections its peers closed"
         )
-        yield S01.finding(window, title, evidence, remediation, subject=label, severity=severity)
+        yield S01.finding(
+            window, title, evidence, remediation, subject=process_subject(owner), severity=severity
+        )
 
 
 # --- S02 -------------------------------------------------------------------------------------

@@ -267,8 +267,8 @@ class Exposition:
     source_up: dict[str, float]
     scan_complete: float
     denied: float
-    # pid -> (user, open fds, soft limit) of the owners the `owners` source described (psutil)
-    described: dict[int, tuple[str, float, float]] = field(default_factory=dict)
+    # name -> (user, open fds, soft limit) of the owners the `owners` source described (psutil)
+    described: dict[str, tuple[str, float, float]] = field(default_factory=dict)
 
 
 def parse_exposition(text: str) -> Exposition:
@@ -279,9 +279,9 @@ def parse_exposition(text: str) -> Exposition:
     up: dict[str, float] = {}
     complete = denied = -1.0
     netns = ""
-    users: dict[int, str] = {}
-    open_fds: dict[int, float] = {}
-    max_fds: dict[int, float] = {}
+    users: dict[str, str] = {}
+    open_fds: dict[str, float] = {}
+    max_fds: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = sample.labels
@@ -301,12 +301,12 @@ def parse_exposition(text: str) -> Exposition:
             elif sample.name == "tcpwatch_process_scan_denied_processes":
                 denied = sample.value
             elif sample.name == "tcpwatch_process_start_time_seconds":
-                users[int(labels["pid"])] = labels["user"]
+                users[labels["process"]] = labels["user"]
             elif sample.name == "tcpwatch_process_open_fds":
-                open_fds[int(labels["pid"])] = sample.value
+                open_fds[labels["process"]] = sample.value
             elif sample.name == "tcpwatch_process_max_fds":
-                max_fds[int(labels["pid"])] = sample.value
-    described = {pid: (users[pid], open_fds[pid], max_fds[pid]) for pid in max_fds}
+                max_fds[labels["process"]] = sample.value
+    described = {name: (users[name], open_fds[name], max_fds[name]) for name in max_fds}
     return Exposition(netns, owners, ports, per_process, sockets, up, complete, denied, described)
 
 
@@ -374,10 +374,11 @@ def assert_fully_attributed(seen: Exposition, owners: Owners) -> None:
     assert seen.scan_complete == 1
     # Described with psutil, though prlimit(2) on another user's process needs CAP_SYS_RESOURCE,
     # which the unit does not grant: the soft limit comes from /proc/PID/limits then.
-    for pid, uid in ((owners.listen_pid, LISTEN_UID), (owners.leak_pid, LEAK_UID)):
+    owned = ((owners.listen_pid, LISTEN_NAME, LISTEN_UID), (owners.leak_pid, LEAK_NAME, LEAK_UID))
+    for pid, name, uid in owned:
         with open(f"/proc/{pid}/limits", encoding="ascii") as limits:
             line = next(line for line in limits if line.startswith("Max open files"))
-        user, open_fds, soft = seen.described[pid]
+        user, open_fds, soft = seen.described[name]  # one process of each name: its own
         assert user == str(uid)  # no passwd entry: the uid, as psutil gives it
         assert soft == float(line.split()[3]), line
         assert open_fds == len(os.listdir(f"/proc/{pid}/fd"))
