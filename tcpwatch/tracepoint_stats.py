@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Connect-time bounds: loopback (100 us) to intercontinental (1 s) in 1-2-5 steps, as the RTT
 # histogram's, then doubling as the SYN retransmission timer does (a handshake that needed 1, 2,
@@ -81,3 +81,6 @@ class TracepointStats:
     resets: tuple[ResetStats, ...]  # sorted by direction, peer, reason
     drops: tuple[DropStats, ...]  # sorted by reason, listener
     host: TracepointHost
+    # table (connects, resets, drops) -> events folded into its "other" row: their keys found no
+    # row under the host-wide budget (collect.connection_peers)
+    folded: Mapping[str, int] = field(default_factory=dict)

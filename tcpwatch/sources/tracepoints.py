@@ -80,9 +80,10 @@ class TracepointReader:
         tracker = Tracker(
             TaskResolver(paths),
             chosen.states,
-            settings.connection_peers,
-            chosen.drop_reasons,
-            chosen.reset_reasons,
+            max_rows=settings.connection_peers,
+            drop_reasons=chosen.drop_reasons,
+            reset_reasons=chosen.reset_reasons,
+            idle_seconds=settings.connection_peer_idle,
         )
         self.records = RecordReader(chosen, tracker)
         self._lock = threading.Lock()
@@ -167,6 +168,7 @@ class TracepointReader:
             self._read()
             tracker = self.records.tracker
             tracker.update_contexts(contexts, [s.identity.inode for s in so_far])
+            tracker.settle(time.monotonic())
             host = self.records.host(len(self.cpus), self.buffer_bytes)
             shares = tracker.stats((s.identity.inode for s in so_far), host)
         if self.missing:

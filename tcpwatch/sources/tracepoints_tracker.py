@@ -19,8 +19,9 @@ says enough, and counts every other record by event and why (``unattributed``):
    reset that client's socket then receives (the same 4-tuple, reversed): loopback traffic never
    leaves its namespace. Other such resets are counted unattributed.
 
-Tallies are kept per namespace inode, bounded per namespace (``max_peers`` rows per table, the
-rest under ``PEER_OTHER``), and frozen into TracepointStats by :meth:`Tracker.stats`.
+Tallies are kept per namespace inode (tracepoints_tally.py), bounded host-wide at each poll
+(``max_rows``, the rest under ``"other"``), and frozen into TracepointStats by
+:meth:`Tracker.stats`.
 """
 
 from __future__ import annotations
@@ -30,31 +31,21 @@ import errno
 from collections.abc import Collection, Iterable, Mapping
 
 from tcpwatch.endpoints import endpoint
-from tcpwatch.model import PEER_OTHER
 from tcpwatch.sources.lifecycle_events import (
     Context,
     address_of,
     inbound_peer,
-    make_context,
     outbound_peer,
 )
 from tcpwatch.sources.tracepoints_events import AF_INET, TcpStates
+from tcpwatch.sources.tracepoints_tally import BOUNDS_NS, Tally, settle
 from tcpwatch.sources.tracepoints_tasks import TaskResolver
-from tcpwatch.tracepoint_stats import (
-    ABANDONED,
-    CONNECT_BUCKETS_SECONDS,
-    ConnectStats,
-    DropStats,
-    ResetStats,
-    TracepointHost,
-    TracepointStats,
-)
+from tcpwatch.tracepoint_stats import ABANDONED, TracepointHost, TracepointStats
 
 SOCKET_LIMIT = 1 << 18  # sockets followed at once (about 200 bytes each)
 PENDING_LIMIT = 4096  # closes waiting for their error report, resets waiting for their join
 CLOSE_WAIT_NS = 100_000_000  # a failed connect's close waits this long for its error report
 RESET_WAIT_NS = 1_000_000_000  # a NO_SOCKET reset waits this long for the one it answers
-_BOUNDS_NS = tuple(round(bound * 1e9) for bound in CONNECT_BUCKETS_SECONDS)
 CLIENT, CONNECTED, LISTENER = 0, 1, 2
 _LOOPBACK4 = 127
 _LOOPBACK6 = bytes(15) + b"\x01"
@@ -77,66 +68,6 @@ class _Socket:
         self.syn_retransmits = 0
 
 
-class _Connects:
-    __slots__ = ("buckets", "count", "failures", "retransmitted", "sum_ns", "syn_retransmits")
-
-    def __init__(self) -> None:
-        self.buckets = [0] * (len(_BOUNDS_NS) + 1)
-        self.count = 0
-        self.sum_ns = 0
-        self.failures: dict[str, int] = {}
-        self.syn_retransmits = 0
-        self.retransmitted = 0
-
-    def frozen(self, destination: str, process: str) -> ConnectStats:
-        return ConnectStats(
-            destination=destination,
-            process=process,
-            buckets=tuple(self.buckets),
-            count=self.count,
-            sum_seconds=self.sum_ns / 1e9,
-            failures=dict(sorted(self.failures.items())),
-            syn_retransmits=self.syn_retransmits,
-            retransmitted=self.retransmitted,
-        )
-
-
-class _Tally:
-    """One namespace's counts; each table admits ``max_peers`` rows, the rest fold."""
-
-    __slots__ = ("connects", "context", "drops", "max_peers", "resets")
-
-    def __init__(self, max_peers: int) -> None:
-        self.max_peers = max_peers
-        self.connects: dict[tuple[str, str], _Connects] = {}
-        self.resets: dict[tuple[str, str, str], int] = {}
-        self.drops: dict[tuple[str, str], int] = {}
-        self.context: Context = make_context((), None)
-
-    def connect_row(self, destination: str, process: str) -> _Connects:
-        key = (destination, process)
-        row = self.connects.get(key)
-        if row is None:
-            if len(self.connects) >= self.max_peers:
-                key = (PEER_OTHER, PEER_OTHER)
-                row = self.connects.get(key)
-            if row is None:
-                row = self.connects[key] = _Connects()
-        return row
-
-    def reset(self, direction: str, peer: str, reason: str) -> None:
-        key = (direction, peer, reason)
-        if key not in self.resets and len(self.resets) >= self.max_peers:
-            key = (direction, PEER_OTHER, reason)
-        self.resets[key] = self.resets.get(key, 0) + 1
-
-    def drop(self, reason: str, listener: str) -> None:
-        key = (reason, listener)
-        if key not in self.drops and len(self.drops) >= self.max_peers:
-            key = (reason, PEER_OTHER)
-        self.drops[key] = self.drops.get(key, 0) + 1
-
-
 def _is_loopback(family: int, address: bytes) -> bool:
     if family == AF_INET:
         return address[0] == _LOOPBACK4
@@ -150,19 +81,21 @@ class Tracker:
         self,
         tasks: TaskResolver,
         states: TcpStates,
-        max_peers: int = 100,
+        max_rows: int = 120,
         drop_reasons: Mapping[int, str] | None = None,
         reset_reasons: Mapping[int, str] | None = None,
         socket_limit: int = SOCKET_LIMIT,
+        idle_seconds: float = 3600.0,
     ) -> None:
         self.tasks = tasks
         self.states = states
-        self.max_peers = max_peers
+        self.max_rows = max_rows  # host-wide rows of every namespace's tables (the budget)
+        self.idle_seconds = idle_seconds
         self.drop_reasons = dict(drop_reasons or {})
         self.reset_reasons = dict(reset_reasons or {})
         self.socket_limit = socket_limit
         self.sockets: dict[int, _Socket] = {}
-        self.tallies: dict[int, _Tally] = {}
+        self.tallies: dict[int, Tally] = {}
         # (family, source, sport, destination, dport) of a failed connect's close -> its socket
         self._closing: dict[tuple[int, bytes, int, bytes, int], tuple[_Socket, int]] = {}
         # a NO_SOCKET reset's (family, source, sport, destination, dport) -> (reason, time)
@@ -177,14 +110,14 @@ class Tracker:
         key = (event, why)
         self.unattributed[key] = self.unattributed.get(key, 0) + 1
 
-    def _tally(self, netns: int) -> _Tally | None:
+    def _tally(self, netns: int) -> Tally | None:
         wanted = self.wanted
         if wanted is not None and netns not in wanted:
             self.other_netns += 1
             return None
         tally = self.tallies.get(netns)
         if tally is None:
-            tally = self.tallies[netns] = _Tally(self.max_peers)
+            tally = self.tallies[netns] = Tally()
         return tally
 
     def _actor(self, event: str, pid: int, tid: int, in_task: bool) -> int | None:
@@ -255,7 +188,7 @@ class Tracker:
         if tally is None:
             return
         row = tally.connect_row(entry.label, entry.process)
-        row.buckets[bisect.bisect_left(_BOUNDS_NS, elapsed_ns)] += 1
+        row.buckets[bisect.bisect_left(BOUNDS_NS, elapsed_ns)] += 1
         row.count += 1
         row.sum_ns += elapsed_ns
         row.syn_retransmits += entry.syn_retransmits
@@ -353,7 +286,7 @@ class Tracker:
             tally.drop(name, listener)
 
     def _peer(
-        self, tally: _Tally, family: int, source: bytes, sport: int,
+        self, tally: Tally, family: int, source: bytes, sport: int,
         destination: bytes, dport: int, has_socket: bool,
     ) -> str:  # fmt: skip
         """The service side of a 4-tuple: the local port a client reached (a reset for no
@@ -391,23 +324,10 @@ class Tracker:
             if tally is not None:
                 tally.context = context
 
+    def settle(self, now: float) -> None:
+        """Apply the host-wide row budget to every namespace's tables (each poll)."""
+        settle(self.tallies.values(), self.max_rows, self.idle_seconds, now)
+
     def stats(self, inodes: Iterable[int], host: TracepointHost) -> dict[int, TracepointStats]:
-        result: dict[int, TracepointStats] = {}
-        for inode in inodes:
-            tally = self.tallies.get(inode) or _Tally(self.max_peers)
-            result[inode] = TracepointStats(
-                connects=tuple(
-                    row.frozen(destination, process)
-                    for (destination, process), row in sorted(tally.connects.items())
-                ),
-                resets=tuple(
-                    ResetStats(direction, peer, reason, count)
-                    for (direction, peer, reason), count in sorted(tally.resets.items())
-                ),
-                drops=tuple(
-                    DropStats(reason, listener, count)
-                    for (reason, listener), count in sorted(tally.drops.items())
-                ),
-                host=host,
-            )
-        return result
+        """Each namespace's exported rows (call :meth:`settle` first)."""
+        return {inode: (self.tallies.get(inode) or Tally()).frozen(host) for inode in inodes}

@@ -40,13 +40,14 @@ MS = 1_000_000
 CLIENT_SK, SERVER_SK, LISTEN_SK = 0xFFFF0001, 0xFFFF0002, 0xFFFF0003
 
 
-def reader(tmp_path: Path, max_peers: int = 100) -> RecordReader:
+def reader(tmp_path: Path, max_rows: int = 120) -> RecordReader:
     tracker = Tracker(
         TaskResolver(ProcPaths(root=str(tmp_path))),
         S,
-        max_peers,
-        CHOSEN.drop_reasons,
-        CHOSEN.reset_reasons,
+        max_rows=max_rows,
+        drop_reasons=CHOSEN.drop_reasons,
+        reset_reasons=CHOSEN.reset_reasons,
+        idle_seconds=3600.0,
     )
     return RecordReader(CHOSEN, tracker)
 
@@ -109,10 +110,14 @@ def born(t: int, pid: int, netns: int, name: str, parent: int = 1) -> list[perf.
 
 
 def share(
-    read: RecordReader, inode: int = NS_A, wanted: tuple[int, ...] = (NS_A,)
+    read: RecordReader,
+    inode: int = NS_A,
+    wanted: tuple[int, ...] = (NS_A,),
+    now: float = 1000.0,
 ) -> TracepointStats:
     tracker = read.tracker
     tracker.update_contexts({}, wanted)
+    tracker.settle(now)
     return tracker.stats([inode], read.host(2, 4096))[inode]
 
 
@@ -411,7 +416,7 @@ def test_a_child_keeps_its_parents_name_until_it_execs(tmp_path: Path) -> None:
 
 
 def test_destinations_past_the_budget_fold_into_other(tmp_path: Path) -> None:
-    read = reader(tmp_path, max_peers=2)
+    read = reader(tmp_path, max_rows=2)
     records = born(1 * MS, 516, NS_A, "client")
     for port in (1, 2, 3, 4):
         sk = 0xAB00 + port
@@ -421,12 +426,14 @@ def test_destinations_past_the_budget_fold_into_other(tmp_path: Path) -> None:
                   flags=SOFTIRQ),
         ]  # fmt: skip
     read.handle(records)
-    rows = [(row.destination, row.process, row.count) for row in share(read).connects]
+    result = share(read)
+    rows = [(row.destination, row.process, row.count) for row in result.connects]
     assert rows == [
         ("127.0.0.1:1", "client", 1),
         ("127.0.0.1:2", "client", 1),
         (PEER_OTHER, PEER_OTHER, 2),
     ]
+    assert result.folded["connects"] == 2
 
 
 def test_ipv6_destinations_are_written_as_users_write_them(tmp_path: Path) -> None:
@@ -449,3 +456,57 @@ def test_lost_records_and_records_per_event_are_counted(tmp_path: Path) -> None:
     assert host.lost == 12
     assert host.records["retransmit"] == 1 and host.records["set_state"] == 0
     assert host.unattributed == {("retransmit", "unknown_socket"): 1}
+
+
+def connect_burst(start: int, pid: int, port: int, count: int, sk_base: int) -> list[perf.Record]:
+    """``count`` completed connects by ``pid`` to 127.0.0.1:``port``."""
+    records: list[perf.Record] = []
+    for i in range(count):
+        sk, t = sk_base + i, start + i * 10 * MS
+        records += [
+            state(t, pid, sk, S.close, S.syn_sent, dport=port),
+            state(t + 1, 0, sk, S.syn_sent, S.established, sport=40000 + i, dport=port,
+                  flags=SOFTIRQ),
+        ]  # fmt: skip
+    return records
+
+
+def test_the_budget_is_host_wide_and_goes_to_the_busiest_first(tmp_path: Path) -> None:
+    read = reader(tmp_path, max_rows=2)
+    read.tracker.update_contexts({}, (NS_A, NS_B))
+    read.handle(
+        [
+            *born(1 * MS, 520, NS_A, "a"),
+            *born(1 * MS, 521, NS_B, "b"),
+            *connect_burst(10 * MS, 520, 1, 1, 0x1000),  # quiet, and first by key
+            *connect_burst(20 * MS, 520, 2, 5, 0x2000),
+            *connect_burst(30 * MS, 521, 3, 9, 0x3000),
+        ]
+    )
+    a = share(read, NS_A, (NS_A, NS_B))
+    b = share(read, NS_B, (NS_A, NS_B))
+    assert [(r.destination, r.count) for r in a.connects] == [
+        ("127.0.0.1:2", 5),
+        (PEER_OTHER, 1),
+    ]
+    assert [(r.destination, r.count) for r in b.connects] == [("127.0.0.1:3", 9)]
+    assert (a.folded["connects"], b.folded["connects"]) == (1, 0)
+
+
+def test_a_granted_row_keeps_its_place_until_it_idles(tmp_path: Path) -> None:
+    read = reader(tmp_path, max_rows=1)
+    read.tracker.idle_seconds = 60.0
+    read.handle([*born(1 * MS, 522, NS_A, "c"), *connect_burst(10 * MS, 522, 1, 1, 0x1000)])
+    assert [r.destination for r in share(read, now=0.0).connects] == ["127.0.0.1:1"]
+    # A busier newcomer does not take the place of a row that is exported...
+    read.handle(connect_burst(1000 * MS, 522, 2, 50, 0x2000))
+    assert [(r.destination, r.count) for r in share(read, now=30.0).connects] == [
+        ("127.0.0.1:1", 1),
+        (PEER_OTHER, 50),
+    ]
+    # ... until that row has been idle for collect.connection_peer_idle: its series end.
+    read.handle(connect_burst(3000 * MS, 522, 2, 3, 0x3000))
+    assert [(r.destination, r.count) for r in share(read, now=61.0).connects] == [
+        ("127.0.0.1:2", 3),
+        (PEER_OTHER, 50),
+    ]

@@ -22,8 +22,8 @@ def tracepoint_families(state: ExportState) -> Iterator[Metric]:
     duration = HistogramMetricFamily(
         "tcpwatch_connect_duration_seconds",
         "Handshake time of connects that completed (SYN_SENT to ESTABLISHED, from the kernel's "
-        'tracepoints), per destination and connecting process ("other": beyond '
-        "collect.connection_peers). Buckets double past 1 s: one per SYN retransmission.",
+        'tracepoints), per destination and connecting process ("other": past the host-wide '
+        "budget, collect.connection_peers). Buckets double past 1 s: one per SYN retransmission.",
         labels=CONNECT_LABELS,
     )
     failures = counter(
@@ -51,6 +51,12 @@ def tracepoint_families(state: ExportState) -> Iterator[Metric]:
         "tcpwatch_peer_resets_received",
         "TCP resets received, per peer (as tcpwatch_peer_resets_sent_total).",
         ["netns", "peer"],
+    )
+    folded = counter(
+        "tcpwatch_tracepoint_folded",
+        "Connects, resets or drops (table) counted under peer \"other\" because their key found "
+        "no row under the host-wide budget (collect.connection_peers, busiest first).",
+        ["netns", "table"],
     )
     drops = counter(
         "tcpwatch_packet_drops",
@@ -80,7 +86,9 @@ def tracepoint_families(state: ExportState) -> Iterator[Metric]:
                 resets_received.add_metric([snap.netns, reset.peer], reset.count)
         for drop in stats.drops:
             drops.add_metric([snap.netns, drop.reason, drop.listener], drop.count)
-    yield from (duration, failures, syn_retransmits, resets_sent, resets_received, drops)
+        for table, count in stats.folded.items():
+            folded.add_metric([snap.netns, table], count)
+    yield from (duration, failures, syn_retransmits, resets_sent, resets_received, drops, folded)
     yield from _host_families(host)
 
 
