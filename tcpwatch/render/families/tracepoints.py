@@ -54,7 +54,7 @@ def tracepoint_families(state: ExportState) -> Iterator[Metric]:
     )
     folded = counter(
         "tcpwatch_tracepoint_folded",
-        "Connects, resets or drops (table) counted under peer \"other\" because their key found "
+        'Connects, resets or drops (table) counted under peer "other" because their key found '
         "no row under the host-wide budget (collect.connection_peers, busiest first).",
         ["netns", "table"],
     )
