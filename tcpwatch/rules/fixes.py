@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import re
-import shlex
 from collections.abc import Sequence
 
+from tcpwatch.escape import shell_comment, shell_word
 from tcpwatch.model import PersistedSysctl, ProcessRef, Snapshot, lines_for
 
 HOST_NETNS = "host"  # the snapshot's name for the init network namespace (that of PID 1)
 # The persisting line sysctl_fix writes, read back by persisted_settings (check --emit-sysctl).
 _PERSIST = "echo '{name} = {value}' > /etc/sysctl.d/90-tcpwatch-{short}.conf"
+_PID_NAME = re.compile(r"pid:[0-9]+")  # the name of a namespace known by a member process
 _PERSISTED = re.compile(
     r"^echo '(?P<name>[a-z0-9_.]+) = (?P<value>[^'\n]*)' "
     r"> /etc/sysctl\.d/90-tcpwatch-[a-z0-9-]+\.conf$"
@@ -34,6 +35,13 @@ def process_phrase(process: ProcessRef | None) -> str:
     return "the owning process" if process is None else f"{process.name}[{process.pid}]"
 
 
+def comment(text: str) -> str:
+    """A comment line of a fix block. ``text`` may hold host strings (process and namespace
+    names, file names): a newline or control character in them is escaped, so the line cannot
+    end early and turn the rest of a name into a command."""
+    return "# " + shell_comment(text)
+
+
 def owner_of(snapshot: Snapshot, inode: int) -> ProcessRef | None:
     if snapshot.attribution is None or inode == 0:
         return None
@@ -47,7 +55,11 @@ def run_in(netns: str, command: str) -> str:
     if netns.startswith("ns:") and netns[3:].isdigit():
         # An unnamed namespace is named by its inode; lsns finds a process in it to enter by.
         return f"nsenter -t $(lsns -n -o PID -t net {netns[3:]}) --net {command}"
-    return f"ip netns exec {shlex.quote(netns)} {command}"
+    if _PID_NAME.fullmatch(netns):
+        return f"nsenter --net=/proc/{netns[4:]}/ns/net {command}"
+    # Any other name is a file name under /run/netns, which may be "pid:1;reboot" or hold a
+    # newline: one shell word whatever it is.
+    return f"ip netns exec {shell_word(netns)} {command}"
 
 
 def sysctl_fix(
@@ -76,15 +88,19 @@ def sysctl_fix(
                 f"90-tcpwatch-{short}.conf"
             ):
                 lines.append(
-                    f"# {entry.path}:{entry.line} sets {name} = {entry.value}: "
-                    "change or remove that line, or it may undo this at boot"
+                    comment(
+                        f"{entry.path}:{entry.line} sets {name} = {entry.value}: "
+                        "change or remove that line, or it may undo this at boot"
+                    )
                 )
     else:
         lines.append(
-            f"# {name} is per network namespace and /etc/sysctl.d does not apply to "
-            f"'{netns}': set it where the namespace is created "
-            f"(docker run --sysctl {assignment}, "
-            "Kubernetes securityContext.sysctls, or the script that runs `ip netns add`)"
+            comment(
+                f"{name} is per network namespace and /etc/sysctl.d does not apply to "
+                f"'{netns}': set it where the namespace is created "
+                f"(docker run --sysctl {assignment}, "
+                "Kubernetes securityContext.sysctls, or the script that runs `ip netns add`)"
+            )
         )
     return "\n".join(lines)
 

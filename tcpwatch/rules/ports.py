@@ -15,6 +15,7 @@ from tcpwatch.rules.base import (
 )
 from tcpwatch.rules.fixes import (
     WIDE_PORT_RANGE,
+    comment,
     manual_reservation,
     owner_of,
     process_label,
@@ -174,9 +175,12 @@ def P02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             evidence["pid"] = owner.pid
         remediation = "\n".join(
             [
-                f"# an outgoing connection may take port {group.port} while "
-                f"{process_phrase(owner)} is restarting (bind() then fails with EADDRINUSE), "
-                "and a client of this port can connect to itself while it is down",
+                comment(
+                    f"an outgoing connection may take port {group.port} while "
+                    f"{process_phrase(owner)} is restarting (bind() then fails with "
+                    "EADDRINUSE), and a client of this port can connect to itself while it is "
+                    "down"
+                ),
                 "# reserve it (the list repeats the current reservations: writing replaces it):",
                 reserve_ports_fix(netns, snapshot, window.persisted_sysctls)
                 or manual_reservation(group.port),

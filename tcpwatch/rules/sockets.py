@@ -17,6 +17,7 @@ from tcpwatch.rules.base import (
     rule,
 )
 from tcpwatch.rules.fixes import (
+    comment,
     manual_reservation,
     owner_of,
     process_label,
@@ -127,9 +128,11 @@ def S01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         grep = f" | grep 'pid={owner.pid},'" if owner is not None else ""
         remediation = "\n".join(
             [
-                f"# {process_phrase(owner)} does not close() connections after the peer closed "
-                "them (read() returned 0 / EOF); no kernel setting frees them, only the "
-                "application's close() or its exit",
+                comment(
+                    f"{process_phrase(owner)} does not close() connections after the peer "
+                    "closed them (read() returned 0 / EOF); no kernel setting frees them, only "
+                    "the application's close() or its exit"
+                ),
                 "# which peers (the upstream whose connections leak):",
                 run_in(netns, "ss -tnp state close-wait")
                 + grep
@@ -262,11 +265,13 @@ def S03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         see = "Q01 accept-queue-full" if full == "accept" else "Q04 syn-queue-pressure"
         remediation = "\n".join(
             [
-                f"# {name} is a listener here ({process_label(owner)}) whose {full} queue is "
-                "full: the kernel drops the SYNs sent to it, so these clients wait and retry. "
-                "The network is not at fault: see the "
-                f"{see} finding for {group.name} and make {process_phrase(owner)} "
-                "accept() faster (more workers, a bigger backlog)",
+                comment(
+                    f"{name} is a listener here ({process_label(owner)}) whose {full} queue is "
+                    "full: the kernel drops the SYNs sent to it, so these clients wait and "
+                    f"retry. The network is not at fault: see the {see} finding for "
+                    f"{group.name} and make {process_phrase(owner)} accept() faster (more "
+                    "workers, a bigger backlog)"
+                ),
                 run_in(netns, f"ss -ltn 'sport = :{group.port}'") + "   # Recv-Q / Send-Q",
                 run_in(netns, "nstat -az TcpExtListenOverflows TcpExtListenDrops"),
                 "# in the clients: a connect timeout and retries with backoff keep a saturated "

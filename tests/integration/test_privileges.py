@@ -443,6 +443,35 @@ def test_without_both_capabilities_names_are_missing_and_flagged(
     assert "pid" not in leak["evidence"]
 
 
+def test_the_text_report_says_which_privilege_names_the_owners(
+    netns: Netns, runtime: Runtime, population: Owners
+) -> None:
+    """Issue 22 item 9: an unprivileged check says which privilege would name the owners it
+    could not; with the unit's capabilities there is nothing to say. Both say what was checked:
+    the listeners and sockets ss sees."""
+    ss = parse_ss(netns.ss("-tanH"))
+    listeners = sum(1 for s in ss if s.state == "listen")
+    for capabilities, noted in (((), True), (unit_capabilities(), False)):
+        argv = [*as_nobody(capabilities), *runtime.tcpwatch("check", "--window", "0")]
+        done = netns.run(*argv, env=runtime.env(), check=False)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines[1].startswith("checked  ") and lines[1].endswith(
+            f": {listeners} listeners, {len(ss)} TCP sockets"
+        ), lines[1]
+        notes = [line for line in lines if line.startswith("! owners not all named")]
+        if noted:
+            assert len(notes) == 1 and notes[0].startswith(
+                f"! owners not all named: {listeners} listeners without an owner; "
+            ), lines
+            assert notes[0].endswith(
+                "(run as root, or with CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH as "
+                "tcpwatch.service grants)"
+            ), notes
+        else:
+            assert notes == [], lines
+
+
 def _serve_and_scrape(
     netns: Netns, runtime: Runtime, capabilities: Sequence[str]
 ) -> tuple[Exposition, str]:

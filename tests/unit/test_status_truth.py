@@ -164,8 +164,8 @@ def test_check_from_a_daemon_keeps_what_a_degraded_source_left_out() -> None:
 
     statuses = (SourceStatus("sysctl", True, 0.001, skipped=("tcp_mem: bad",)),)
     document = json.loads(json.dumps(report_document([], [bare(sources=statuses)], 1.7e9)))
-    _, snapshots = report_from_document(parse_daemon_url("http://127.0.0.1"), document)
-    assert snapshots[0].sources == statuses
+    report = report_from_document(parse_daemon_url("http://127.0.0.1"), document)
+    assert report.snapshots[0].sources == statuses
 
 
 def test_a_degraded_source_is_logged_when_it_starts_then_rarely(
