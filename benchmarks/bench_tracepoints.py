@@ -341,7 +341,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32, help="wrk's open connections")
-    parser.add_argument("--buffer", type=int, default=512 << 10, help="ring buffer per CPU")
+    parser.add_argument(
+        "--buffer", type=int, default=0, help="ring buffer per CPU (0: tcpwatch's default)"
+    )
     parser.add_argument("--output", type=Path, help="write the report into this Markdown file")
     parser.add_argument("--client-connects", type=int, default=20000)
     args = parser.parse_args()

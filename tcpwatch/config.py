@@ -60,7 +60,7 @@ class CollectSettings:
     live_tcp_info: bool = True  # tcp_info of live connections on the per-destination scan
     # The kernel's TCP tracepoints (docs/tracepoints.md): on/off, ring buffer bytes per CPU.
     tracepoints: bool = True
-    tracepoint_buffer: int = 512 << 10
+    tracepoint_buffer: int = 0  # 0: 8 MiB over the CPUs, at least 512 KiB each
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +269,7 @@ def _collect(check: Validator, raw: object, sources: Collection[str] | None) -> 
             MIN_RECEIVE_BUFFER,
             MAX_RECEIVE_BUFFER,
         )
-    if "tracepoint_buffer" in section:
+    if "tracepoint_buffer" in section and section["tracepoint_buffer"] != 0:
         changes["tracepoint_buffer"] = check.integer(
             section["tracepoint_buffer"],
             "collect.tracepoint_buffer",

@@ -75,6 +75,10 @@ class PerfError(Exception):
     """perf_event_open or one of its ioctls failed; the message says why and what it needs."""
 
 
+class LockedMemoryError(PerfError):
+    """A ring buffer could not be mapped: more locked memory than the process may have."""
+
+
 def syscall_number(machine: str | None = None) -> int:
     """perf_event_open's number on this architecture; PerfError on one we do not know."""
     name = machine if machine is not None else platform.machine()
@@ -217,9 +221,11 @@ class RingBuffer:
                 fd, (1 + data_pages) * page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
             )
         except OSError as error:
-            raise PerfError(
+            kind = LockedMemoryError if error.errno in (errno.EPERM, errno.ENOMEM) else PerfError
+            raise kind(
                 f"mapping a {data_pages * page // 1024} KiB ring buffer: {error.strerror} "
-                "(kernel.perf_event_mlock_kb bounds it without CAP_IPC_LOCK)"
+                "(without CAP_IPC_LOCK, kernel.perf_event_mlock_kb per CPU and RLIMIT_MEMLOCK "
+                "bound it)"
             ) from None
         _, _, offset, size = _MMAP_PAGE_DATA.unpack_from(self._map, _DATA_HEAD_OFFSET)
         # Kernels before 4.1 leave data_offset/size 0: the data area follows the first page.

@@ -53,8 +53,21 @@ def _sideband_attr() -> bytes:
     )
 
 
-def ring_pages(buffer_bytes: int) -> int:
-    """Data pages per ring: a power of two, at most ``buffer_bytes`` (at least one)."""
+AUTO_TOTAL_BYTES = 8 << 20  # collect.tracepoint_buffer 0: this much over every CPU ...
+AUTO_MIN_BYTES = 512 << 10  # ... but at least this per CPU (kernel.perf_event_mlock_kb's 516 KiB)
+
+
+def ring_pages(buffer_bytes: int, cpus: int = 1) -> int:
+    """Data pages per ring: a power of two, at most ``buffer_bytes`` (at least one).
+
+    0 chooses: AUTO_TOTAL_BYTES spread over the CPUs, at least AUTO_MIN_BYTES each. What a
+    record waits in the ring is time the reader may be off the CPU without losing any (on a
+    loaded 2-CPU machine 512 KiB lost records at 30,000 records/s, 4 MiB none:
+    docs/performance.md); 8 MiB in all stays within the default RLIMIT_MEMLOCK plus the
+    per-CPU allowance of kernel.perf_event_mlock_kb.
+    """
+    if buffer_bytes <= 0:
+        buffer_bytes = max(AUTO_MIN_BYTES, AUTO_TOTAL_BYTES // max(1, cpus))
     pages = max(1, buffer_bytes // mmap.PAGESIZE)
     return 1 << (pages.bit_length() - 1)
 
@@ -87,17 +100,27 @@ class TracepointReader:
         )
         self.records = RecordReader(chosen, tracker)
         self._lock = threading.Lock()
-        pages = ring_pages(settings.tracepoint_buffer)
-        self.buffer_bytes = pages * mmap.PAGESIZE
         self.cpus = tuple(cpus) if cpus is not None else perf.online_cpus()
-        self._perf = perf.PerfEvents()
-        self._rings: list[perf.RingBuffer] = []
-        self._epoll = select.epoll()
-        try:
-            self._open(chosen, pages)
-        except BaseException:
-            self.close()
-            raise
+        chosen_size = settings.tracepoint_buffer
+        pages = ring_pages(chosen_size, len(self.cpus))
+        while True:
+            self.buffer_bytes = pages * mmap.PAGESIZE
+            self._perf = perf.PerfEvents()
+            self._rings: list[perf.RingBuffer] = []
+            self._epoll = select.epoll()
+            try:
+                self._open(chosen, pages)
+                return
+            except perf.LockedMemoryError:
+                self.close()
+                # A size tcpwatch chose gives way to what the process may lock, down to the
+                # per-CPU allowance every user has; a size the user set is an error to show.
+                if chosen_size > 0 or pages * mmap.PAGESIZE <= AUTO_MIN_BYTES:
+                    raise
+                pages //= 2
+            except BaseException:
+                self.close()
+                raise
 
     def _open(self, chosen: EventSet, pages: int) -> None:
         """Per CPU: every event, its filter, one ring the others write into; then enable."""

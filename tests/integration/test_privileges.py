@@ -22,6 +22,7 @@ a directory every user can read: the test runner's own Python may live under /ro
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -38,7 +39,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tcpwatch.sources.perf import online_cpus
 from tcpwatch.sources.registry import ENTERING, source_names
+from tcpwatch.sources.tracepoints import ring_pages
 from tests.integration.netns import Netns, parse_ss, with_tracefs
 from tests.integration.systemd_container import build_wheelhouse
 
@@ -528,9 +531,13 @@ def _serve_scrape_and_ask(
 def test_serve_with_unit_capabilities_attributes_other_users_sockets(
     netns: Netns, runtime: Runtime, population: Owners
 ) -> None:
-    seen, _ = _serve_and_scrape(netns, runtime, unit_capabilities())
+    seen, text = _serve_and_scrape(netns, runtime, unit_capabilities())
     assert_fully_attributed(seen, population)
     assert seen.source_up["tracepoints"] == 1  # CAP_PERFMON, and tracefs through the DAC cap
+    # The default rings (8 MiB over the CPUs) fit what a user without CAP_IPC_LOCK may lock.
+    per_cpu = ring_pages(0, len(online_cpus())) * mmap.PAGESIZE
+    match = re.search(r"^tcpwatch_tracepoint_buffer_bytes (\S+)$", text, re.M)
+    assert match is not None and float(match.group(1)) == per_cpu, text[-2000:]
 
 
 def test_serve_without_capabilities_degrades_visibly(

@@ -144,3 +144,13 @@ def test_online_cpus_are_read_from_sysfs_ranges(tmp_path: Path) -> None:
     online.write_text("zero\n")
     with pytest.raises(perf.PerfError, match="online CPUs"):
         perf.online_cpus(str(online))
+
+
+def test_the_default_ring_spreads_8_mib_over_the_cpus_at_least_512_kib_each() -> None:
+    from tcpwatch.sources.tracepoints import ring_pages
+
+    assert ring_pages(0, 2) * PAGE == 4 << 20
+    assert ring_pages(0, 4) * PAGE == 2 << 20
+    assert ring_pages(0, 64) * PAGE == 512 << 10
+    assert ring_pages(3 << 20, 2) * PAGE == 2 << 20  # a size set: a power of two at most it
+    assert ring_pages(100, 2) == 1
