@@ -131,6 +131,9 @@ class Daemon:
         thread = self._poll_thread
         if thread is not None and not thread.is_alive() and not self._stop.is_set():
             return Health("the poll thread has died (see the log)")
+        server = self._server
+        if server is not None and (problem := server.problem()) is not None:
+            return Health(problem)
         return Health()
 
     def failure(self) -> str | None:
@@ -138,7 +141,8 @@ class Daemon:
         thread = self._poll_thread
         if thread is not None and not thread.is_alive() and not self._stop.is_set():
             return "the poll thread ended unexpectedly"
-        return None
+        server = self._server
+        return server.problem() if server is not None else None
 
     def wait_for_poll(self, after: int, timeout: float) -> bool:
         """Wait until more than ``after`` polls have finished (for tests and benchmarks)."""
@@ -237,8 +241,11 @@ class Daemon:
                 # Measured from the poll's start, so the cadence does not drift by its length;
                 # a poll longer than the interval is followed by the next one at once.
                 next_poll = now + self._config.interval
-            # From this loop, so a hung poll stops the pings and systemd restarts tcpwatch.
-            self._notifier.watchdog()
+            # From this loop, so a hung poll stops the pings and systemd restarts tcpwatch; a
+            # dead HTTP thread stops them too (the port would stay open, answering nothing).
+            server = self._server
+            if server is None or server.problem() is None:
+                self._notifier.watchdog()
             delay = max(next_poll - self._monotonic(), 0.0)
             if watchdog is not None:
                 delay = min(delay, watchdog)
