@@ -153,7 +153,7 @@ class TracepointReader:
     def read_delay(self) -> float:
         """Seconds the gathering thread may leave the rings unread after a read (it is woken
         when a ring is a quarter full): the time another quarter takes to fill at DESIGN_RATE
-        records/s spread over the CPUs, at most 20 ms (512 KiB on 2 CPUs: 27 ms, so 20 ms)."""
+        records/s spread over the CPUs, at most 20 ms (512 KiB on 2 CPUs: 27 ms; 4 MiB: 218 ms)."""
         records = self.buffer_bytes / RECORD_BYTES
         rate = DESIGN_RATE / max(1, len(self.cpus))
         return min(0.02, records / 4 / rate)
