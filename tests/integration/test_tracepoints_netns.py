@@ -369,3 +369,47 @@ def test_check_window_finds_slow_handshakes_and_resets_to_a_closed_port(netns: N
     assert slow["retransmitted"] >= count // 2 - 1 and slow["p90_seconds"] > 1.0
     closed = findings[("C05", f"127.0.0.1:{closed_port} NO_SOCKET")]["evidence"]
     assert (closed["resets_sent"], closed["clients"]) == (count, "tw-caller")
+
+
+# -- lost records -------------------------------------------------------------------------------
+
+BURST = r"""
+import socket, sys, threading
+count = int(sys.argv[1])
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(4096)
+port = listener.getsockname()[1]
+def accept():
+    for _ in range(count):
+        listener.accept()[0].close()
+threading.Thread(target=accept, daemon=True).start()
+for _ in range(count):
+    socket.create_connection(("127.0.0.1", port)).close()
+"""
+
+
+@pytest.mark.parametrize("buffer", [8 << 10, 16 << 20], ids=["8 KiB rings", "16 MiB rings"])
+def test_records_a_full_ring_cannot_take_are_counted_as_lost(netns: Netns, buffer: int) -> None:
+    """Nobody reads while 1,500 connects (about 6,000 records) happen: 8 KiB rings lose most
+    and say so (PERF_RECORD_LOST), 16 MiB ones (room for the machine's other traffic too) lose
+    none and count every connect."""
+    count = 1500
+    reader = TracepointReader(CollectSettings(tracepoint_buffer=buffer))
+    try:
+        inode = os.stat(f"/run/netns/{netns.name}").st_ino
+        snapshot = Snapshot(
+            netns.name, time.time(), None, None, None, None, None, identity=NetnsIdentity(inode)
+        )
+        reader.drain([snapshot])
+        netns.run(sys.executable, "-c", BURST, str(count), timeout=120)
+        drained = reader.drain([snapshot])
+        share = (drained.value if isinstance(drained, Partial) else drained)[inode]
+        assert isinstance(share, TracepointStats)
+        counted = sum(row.count for row in share.connects)
+        if buffer < (1 << 20):
+            assert share.host.lost > 0 and counted < count, (share.host.lost, counted)
+        else:
+            assert share.host.lost == 0 and counted == count, (share.host.lost, counted)
+    finally:
+        reader.close()
