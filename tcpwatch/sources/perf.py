@@ -34,6 +34,7 @@ PERF_SAMPLE_TIME = 1 << 2
 PERF_SAMPLE_CPU = 1 << 7
 PERF_SAMPLE_RAW = 1 << 10
 PERF_FLAG_FD_CLOEXEC = 1 << 3
+PERF_FORMAT_LOST = 1 << 4
 PERF_RECORD_LOST = 2
 PERF_RECORD_COMM = 3
 PERF_RECORD_EXIT = 4
@@ -121,6 +122,7 @@ def encode_attr(
     sample_type: int = SAMPLE_TYPE,
     task_events: bool = False,
     wakeup_bytes: int = 0,
+    count_lost: bool = False,
 ) -> bytes:
     """A perf_event_attr: one sample per event (period 1), created disabled, stamped with
     CLOCK_MONOTONIC (one clock for every CPU, so a connect begun on one CPU and finished on
@@ -128,7 +130,9 @@ def encode_attr(
     and time also appended to every other record (``sample_id_all``). ``task_events`` adds
     perf's side-band records of every task: fork, exit, exec and renames (PERF_RECORD_FORK,
     EXIT, COMM) and namespaces at fork, setns and unshare (PERF_RECORD_NAMESPACES).
-    ``wakeup_bytes`` > 0 wakes a poller only once that much is queued.
+    ``wakeup_bytes`` > 0 wakes a poller only once that much is queued. ``count_lost``
+    (Linux 6.0+, PERF_FORMAT_LOST) makes ``read()`` of the descriptor return, beside the count,
+    the samples of this event that found its ring full: see :func:`read_lost`.
     """
     flags = _ATTR_DISABLED | _ATTR_USE_CLOCKID | _ATTR_SAMPLE_ID_ALL
     if task_events:
@@ -137,9 +141,10 @@ def encode_attr(
     if wakeup_bytes > 0:
         flags |= _ATTR_WATERMARK
         wakeup = wakeup_bytes
+    read_format = PERF_FORMAT_LOST if count_lost else 0
     attr = _ATTR.pack(
-        event_type, _ATTR_SIZE, config, 1, sample_type, 0, flags, wakeup, 0, 0, 0, 0, 0, 0,
-        _CLOCK_MONOTONIC,
+        event_type, _ATTR_SIZE, config, 1, sample_type, read_format, flags, wakeup, 0, 0, 0, 0,
+        0, 0, _CLOCK_MONOTONIC,
     )  # fmt: skip
     return attr.ljust(_ATTR_SIZE, b"\0")
 
@@ -190,6 +195,19 @@ class PerfEvents:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds.clear()
+
+
+_COUNT_AND_LOST = struct.Struct("=QQ")  # read() with PERF_FORMAT_LOST alone: value, lost
+
+
+def read_lost(fd: int) -> int:
+    """Samples of an event opened with ``count_lost`` that found its ring full, so far: exact
+    and current (PERF_RECORD_LOST tells the same only once the ring takes a record again)."""
+    raw = os.read(fd, _COUNT_AND_LOST.size)
+    if len(raw) < _COUNT_AND_LOST.size:
+        raise PerfError(f"reading a perf event gave {len(raw)} bytes, not {_COUNT_AND_LOST.size}")
+    lost: int = _COUNT_AND_LOST.unpack(raw)[1]
+    return lost
 
 
 def _barrier_call() -> Callable[[], object] | None:

@@ -109,6 +109,8 @@ class TracepointReader:
             self._perf = perf.PerfEvents()
             self._rings: list[perf.RingBuffer] = []
             self._epoll = select.epoll()
+            self._counted: bool | None = None  # PERF_FORMAT_LOST: None until an event says
+            self._counting: list[int] = []
             try:
                 self._open(chosen, pages)
                 return
@@ -124,14 +126,17 @@ class TracepointReader:
                 raise
 
     def _open(self, chosen: EventSet, pages: int) -> None:
-        """Per CPU: every event, its filter, one ring the others write into; then enable."""
+        """Per CPU: every event, its filter, one ring the others write into; then enable.
+
+        Each event counts its own lost samples where the kernel can (6.0+); before that the
+        PERF_RECORD_LOST records say it, once a ring takes a record again.
+        """
         sideband = _sideband_attr()
         wakeup = self.buffer_bytes // WAKEUP_FRACTION
         for cpu in self.cpus:
             owner: int | None = None
             for spec, fmt in chosen.formats.items():
-                attr = perf.encode_attr(perf.PERF_TYPE_TRACEPOINT, fmt.id, wakeup_bytes=wakeup)
-                fd = self._perf.open(attr, cpu, fmt.title)
+                fd = self._open_counted(fmt.id, cpu, fmt.title, wakeup)
                 if spec in chosen.filters:
                     self._perf.set_filter(fd, chosen.filters[spec], fmt.title)
                 if owner is None:
@@ -143,6 +148,30 @@ class TracepointReader:
             assert owner is not None
             self._perf.set_output(self._perf.open(sideband, cpu, "task side-band"), owner)
         self._perf.enable()
+
+    def _open_counted(self, config: int, cpu: int, what: str, wakeup: int) -> int:
+        if self._counted is not False:
+            attr = perf.encode_attr(
+                perf.PERF_TYPE_TRACEPOINT, config, wakeup_bytes=wakeup, count_lost=True
+            )
+            try:
+                fd = self._perf.open(attr, cpu, what)
+            except perf.PerfError:
+                if self._counted:
+                    raise  # it worked for another event: this failure is not the format's
+                self._counted = False  # a kernel before 6.0: PERF_FORMAT_LOST is unknown
+            else:
+                self._counted = True
+                self._counting.append(fd)
+                return fd
+        attr = perf.encode_attr(perf.PERF_TYPE_TRACEPOINT, config, wakeup_bytes=wakeup)
+        return self._perf.open(attr, cpu, what)
+
+    def lost(self) -> int:
+        """Records lost so far: the events' own counts, else the PERF_RECORD_LOST records."""
+        if self._counted:
+            return sum(perf.read_lost(fd) for fd in self._counting)
+        return self.records.lost
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -193,7 +222,7 @@ class TracepointReader:
             tracker = self.records.tracker
             tracker.update_contexts(contexts, [s.identity.inode for s in so_far])
             tracker.settle(time.monotonic())
-            host = self.records.host(len(self.cpus), self.buffer_bytes)
+            host = self.records.host(len(self.cpus), self.buffer_bytes, self.lost())
             shares = tracker.stats((s.identity.inode for s in so_far), host)
         if self.missing:
             return Partial(shares, self.missing)

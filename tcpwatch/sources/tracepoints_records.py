@@ -149,11 +149,13 @@ class RecordReader:
         elif kind == perf.PERF_RECORD_LOST:
             self.lost += _LOST.unpack_from(buffer, offset)[1]
 
-    def host(self, cpus: int, buffer_bytes: int) -> TracepointHost:
+    def host(self, cpus: int, buffer_bytes: int, lost: int | None = None) -> TracepointHost:
+        """The reader's counts; ``lost`` from the events themselves where the kernel counts it,
+        else the PERF_RECORD_LOST records read so far."""
         tracker = self.tracker
         return TracepointHost(
             records={self._names[key]: count for key, count in sorted(self._counts.items())},
-            lost=self.lost,
+            lost=self.lost if lost is None else lost,
             unattributed=dict(sorted(tracker.unattributed.items())),
             other_netns=tracker.other_netns,
             cpus=cpus,

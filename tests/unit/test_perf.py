@@ -68,6 +68,9 @@ def test_the_attr_asks_for_one_sample_per_event_on_the_monotonic_clock() -> None
     assert not flags & (1 << 13)  # no task records unless asked
     assert wakeup == 1
     assert struct.unpack_from("=i", attr, 92)[0] == 1  # CLOCK_MONOTONIC
+    counted = perf.encode_attr(perf.PERF_TYPE_TRACEPOINT, 2287, count_lost=True)
+    assert struct.unpack_from("=Q", counted, 32)[0] == perf.PERF_FORMAT_LOST  # read_format
+    assert struct.unpack_from("=Q", attr, 32)[0] == 0
     sideband = perf.encode_attr(1, 9, sample_type=0, task_events=True)
     flags = struct.unpack_from("=Q", sideband, 40)[0]
     assert flags & (1 << 13) and flags & (1 << 9) and flags & (1 << 28)  # task, comm, namespaces

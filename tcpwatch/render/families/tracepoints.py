@@ -102,8 +102,9 @@ def _host_families(host: TracepointHost | None) -> Iterator[Metric]:
     )
     lost = counter(
         "tcpwatch_tracepoint_records_lost",
-        "Records the kernel could not write because a ring buffer was full (PERF_RECORD_LOST, "
-        "exact): raise collect.tracepoint_buffer. Missing from every per-namespace count.",
+        "Records the kernel could not write because a ring buffer was full (exact: each event's "
+        "own count, PERF_FORMAT_LOST, Linux 6.0+; before, the PERF_RECORD_LOST records): raise "
+        "collect.tracepoint_buffer. Missing from every per-namespace count.",
         [],
     )
     unattributed = counter(
