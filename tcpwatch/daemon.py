@@ -28,6 +28,7 @@ from tcpwatch.http.app import Health, WebApp
 from tcpwatch.http.listen import ListenAddress, ListenError, parse_listen
 from tcpwatch.http.server import WebServer
 from tcpwatch.http.webconfig import WebConfig, load_web_config
+from tcpwatch.logformat import fields
 from tcpwatch.paths import procfs_problem
 from tcpwatch.pipeline import Pipeline
 from tcpwatch.sdnotify import Notifier
@@ -321,7 +322,10 @@ def serve(config: Config, reload: Callable[[], Config]) -> int:
         except ListenError as error:
             raise UsageError(str(error)) from None
         try:
-            log.info("tcpwatch %s serving %s (%s)", __version__, server.url, describe(config, web))
+            # As node_exporter: what is bound, not a URL guessed from it.
+            tls = "true" if web.ssl_context is not None else "false"
+            log.info("Listening on", extra=fields(address=server.address, tls=tls))
+            log.info("tcpwatch %s serving: %s", __version__, describe(config, web))
             return _wait_for_signals(daemon)
         finally:
             daemon.stop()

@@ -21,7 +21,7 @@ import tcpwatch.sources.sysctl_files as sysctl_files
 from tcpwatch.cli import EXIT_UNKNOWN, build_parser, main
 from tcpwatch.cli_parser import _Parser
 from tcpwatch.config import CollectSettings, parse_config
-from tcpwatch.logformat import logfmt_value, setup_logging
+from tcpwatch.logformat import fields, logfmt_value, setup_logging
 from tcpwatch.model import Snapshot
 from tcpwatch.paths import ProcPaths
 from tcpwatch.render.sysctl_snippet import render_sysctl_snippet
@@ -529,3 +529,24 @@ def test_a_window_on_a_terminal_says_what_it_waits_for(
     monkeypatch.setattr("sys.stderr", io.StringIO())
     main(["check", "--window", "3"])
     assert "watching" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("log_format", ["logfmt", "json"])
+def test_a_record_carries_its_own_fields_after_msg(log_format: str) -> None:
+    """serve's start line, as node_exporter's: msg="Listening on" address=[::]:9477 tls=false."""
+    stream = io.StringIO()
+    setup_logging("info", log_format, stream)
+    try:
+        logging.getLogger("tcpwatch.test").info(
+            "Listening on", extra=fields(address="[::]:9477", tls="false")
+        )
+    finally:
+        setup_logging("info")
+    (line,) = stream.getvalue().splitlines()
+    parsed = parse_logfmt(line) if log_format == "logfmt" else json.loads(line)
+    assert list(parsed) == ["ts", "level", "msg", "address", "tls"]
+    assert (parsed["msg"], parsed["address"], parsed["tls"]) == (
+        "Listening on",
+        "[::]:9477",
+        "false",
+    )
