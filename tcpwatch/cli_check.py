@@ -398,7 +398,7 @@ def check_from(config: Config, args: argparse.Namespace) -> int:
     from tcpwatch.render.status import status_of
 
     if args.window is not None:
-        raise UsageError("--window: not with --from (the daemon's own poll interval is the window)")
+        raise UsageError("--window: not with --from (the daemon judges its own rules.window)")
     daemon = parse_daemon_url(args.from_url)
     query = {"netns": args.netns} if args.netns and args.netns not in ("all", "self") else {}
     # The request has the whole --timeout (its own deadline names what was slow); the alarm,

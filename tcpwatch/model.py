@@ -35,6 +35,9 @@ class Listener:
 
     ``socket_index`` tells apart SO_REUSEPORT sockets sharing one address:port: 0 for a lone
     listener, 0..N-1 in ascending inode order (creation order) within a reuseport group.
+    ``drops`` is the socket's sk_drops (INET_DIAG_SKMEMINFO, `ss -ltnm` d<N>): every SYN or
+    handshake the kernel dropped at this listener since it was created (accept-queue overflows,
+    SYN-queue drops, ...). None when the kernel did not report it.
     """
 
     family: str
@@ -45,6 +48,7 @@ class Listener:
     syn_recv: int  # request sockets (half-open connections) on this listener's port and address
     inode: int
     socket_index: int = 0
+    drops: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,8 +322,10 @@ class Snapshot:
 
 DIRECTIONS: tuple[str, ...] = ("inbound", "outbound")
 # ok: handshake completed; timeout: no answer (segs_in 0); refused: answered (RST) before the
-# handshake completed; aborted: the kernel cleared the peer's port and the counters before
-# reporting (a blocking connect() that failed, or a close() with SO_LINGER 0).
+# handshake completed; aborted: a connect that never completed and whose port and counters the
+# kernel cleared before reporting (a blocking connect() that failed, or a failed connect closed
+# with SO_LINGER 0, as proxies do). A connection that worked and was then closed with SO_LINGER 0
+# is ok, under the bare address.
 OUTCOMES: tuple[str, ...] = ("ok", "timeout", "refused", "aborted")
 # Upper bounds of the RTT histogram: loopback/LAN (100 us) to intercontinental (1 s), 1-2-5 steps.
 RTT_BUCKETS_SECONDS: tuple[float, ...] = (

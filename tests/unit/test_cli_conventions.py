@@ -365,6 +365,15 @@ def test_rules_with_config_shows_effective_thresholds(tmp_path: Path) -> None:
     assert "rules.Q01.warning = 0.8 (ratio): " in run_cli("rules").stdout
 
 
+def test_rules_with_config_shows_the_window(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("rules:\n  window: 2m\n")
+    out = run_cli("rules", "--config", str(config)).stdout
+    assert "# rules.window = 120 (seconds, configured; default 60): " in out
+    document = json.loads(run_cli("rules", "--format", "json", "--config", str(config)).stdout)
+    assert (document["window_seconds"], document["window_configured"]) == (120, True)
+
+
 def test_rules_json(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("rules:\n  Q01:\n    warning: 0.5\n  S02: false\n")
