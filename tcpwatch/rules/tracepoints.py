@@ -9,7 +9,6 @@ backwards). docs/tracepoints.md explains the source.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 from tcpwatch.model import Destination, Snapshot
 from tcpwatch.rules.base import (
@@ -25,85 +24,14 @@ from tcpwatch.rules.base import (
 from tcpwatch.rules.fixes import run_in
 from tcpwatch.rules.peers import split_peer
 from tcpwatch.rules.shapes import add_window
-from tcpwatch.rules.shared import listener_groups, local_listener
-from tcpwatch.tracepoint_stats import CONNECT_BUCKETS_SECONDS, TracepointStats
-
-
-@dataclass
-class _Handshakes:
-    """One destination's connects during the window, every process together."""
-
-    buckets: list[int] = field(default_factory=lambda: [0] * (len(CONNECT_BUCKETS_SECONDS) + 1))
-    count: int = 0
-    sum_seconds: float = 0.0
-    failed: int = 0
-    syn_retransmits: int = 0
-    retransmitted: int = 0
-    processes: dict[str, int] = field(default_factory=dict)  # name -> connects
-
-
-def _both(window: Window) -> tuple[TracepointStats, TracepointStats] | None:
-    """(now, at the window's start), or None when they cannot be compared."""
-    if window.previous is None:
-        return None
-    now, before = window.current.tracepoints, window.previous.tracepoints
-    if now is None or before is None:
-        return None
-    if any(now.host.records.get(event, 0) < count for event, count in before.host.records.items()):
-        return None  # the reader restarted: its counts began again
-    return now, before
-
-
-def handshakes_in(window: Window) -> dict[str, _Handshakes] | None:
-    """Per destination, the connects of the window (rows that went backwards are left out)."""
-    pair = _both(window)
-    if pair is None:
-        return None
-    now, before = pair
-    earlier = {(row.destination, row.process): row for row in before.connects}
-    found: dict[str, _Handshakes] = {}
-    for row in now.connects:
-        old = earlier.get((row.destination, row.process))
-        buckets = [
-            count - (old.buckets[i] if old is not None else 0)
-            for i, count in enumerate(row.buckets)
-        ]
-        failed = sum(row.failures.values()) - (sum(old.failures.values()) if old else 0)
-        retransmits = row.syn_retransmits - (old.syn_retransmits if old else 0)
-        if min(buckets) < 0 or failed < 0 or retransmits < 0:
-            continue  # the row was folded and came back: not comparable
-        count = sum(buckets)
-        if count == 0 and failed == 0:
-            continue
-        into = found.setdefault(row.destination, _Handshakes())
-        into.buckets = [a + b for a, b in zip(into.buckets, buckets, strict=True)]
-        into.count += count
-        into.sum_seconds += row.sum_seconds - (old.sum_seconds if old else 0.0)
-        into.failed += failed
-        into.syn_retransmits += retransmits
-        into.retransmitted += row.retransmitted - (old.retransmitted if old else 0)
-        into.processes[row.process] = into.processes.get(row.process, 0) + count + failed
-    return found
-
-
-def quantile(buckets: list[int], q: float) -> float:
-    """The q-quantile of a histogram's counts, interpolated inside its bucket as Prometheus'
-    histogram_quantile() does; the last finite bound for the +Inf bucket."""
-    total = sum(buckets)
-    rank = q * total
-    seen = 0
-    lower = 0.0
-    for upper, count in zip(CONNECT_BUCKETS_SECONDS, buckets, strict=False):
-        if count and seen + count >= rank:
-            return lower + (upper - lower) * (rank - seen) / count
-        seen += count
-        lower = upper
-    return CONNECT_BUCKETS_SECONDS[-1]
-
-
-def _processes(names: dict[str, int]) -> str:
-    ranked = sorted(names.items(), key=lambda item: (-item[1], item[0]))
-    return ", ".join(name for name, _ in ranked[:5]) + (", ..." if len(ranked) > 5 else "")
+from tcpwatch.rules.shared import listener_groups, local_destination, local_listener
+from tcpwatch.rules.tracewindow import (
+    failures_at,
+    handshakes_in,
+    processes,
+    quantile,
+    resets_in,
+)
 
 
 def _local(snapshot: Snapshot, destination: str) -> str | None:
@@ -165,6 +93,10 @@ def C04(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         p90 = quantile(seen.buckets, 0.9)
         if p90 < warning:
             continue
+        address, port = split_peer(destination)
+        here = local_destination(window, address, port) if port is not None else None
+        if here is not None and here.listener_dropping:
+            continue  # a listener of this namespace dropping SYNs: Q01, Q02 or Q04 is the finding
         severity: Severity = "critical" if p90 >= critical else "warning"
         share = seen.retransmitted / seen.count
         evidence: dict[str, EvidenceValue] = {
@@ -175,7 +107,7 @@ def C04(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             "retransmitted": seen.retransmitted,
             "retransmitted_share": round(share, 4),
             "syn_retransmits": seen.syn_retransmits,
-            "processes": _processes(seen.processes),
+            "processes": processes(seen.processes),
         }
         if seen.failed:
             evidence["failed"] = seen.failed
@@ -183,7 +115,6 @@ def C04(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         if listener is not None:
             evidence["local_listener"] = listener
         add_window(evidence, window)
-        address, port = split_peer(destination)
         lines = []
         if seen.retransmitted:
             lines.append(
@@ -229,6 +160,10 @@ def C04(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
 
 # --- C05 -------------------------------------------------------------------------------------
 
+# The reasons judged: resets that say something is wrong. An application's own abortive close
+# (TCP_ABORT_ON_CLOSE, TCP_STATE: haproxy and nginx close connections that way on purpose) and
+# protocol noise (stray or out-of-window segments) are in the metrics, not findings.
+JUDGED = ("NO_SOCKET", "TCP_KEEPALIVE_TIMEOUT", "TCP_ABORT_ON_MEMORY")
 # What each reason (include/net/rstreason.h) means, for the finding's first remediation line.
 _REASONS: dict[str, str] = {
     "NO_SOCKET": "clients reach {peer} where nothing listens: a service down, moved to another "
@@ -250,30 +185,18 @@ _REASONS: dict[str, str] = {
 }
 
 
-def _resets_in(window: Window) -> dict[tuple[str, str, str], int] | None:
-    pair = _both(window)
-    if pair is None:
-        return None
-    now, before = pair
-    earlier = {(r.direction, r.peer, r.reason): r.count for r in before.resets}
-    return {
-        (r.direction, r.peer, r.reason): r.count - earlier.get((r.direction, r.peer, r.reason), 0)
-        for r in now.resets
-    }
-
-
 def _refused_clients(window: Window, peer: str) -> str:
     """Processes of this namespace whose connects to ``peer`` were refused in the window."""
     found = handshakes_in(window) or {}
     seen = found.get(peer)
-    return _processes(seen.processes) if seen is not None and seen.failed else ""
+    return processes(seen.processes) if seen is not None and seen.failed else ""
 
 
 @rule(
     "C05",
     "tcp-resets",
     "warning",
-    "Resets sent to a peer for one reason: clients reaching a port nothing listens on, aborts",
+    "Resets sent to a peer for a reason that says something is wrong: a port nothing listens on",
     thresholds=(
         Threshold(
             "minimum_resets",
@@ -286,7 +209,7 @@ def _refused_clients(window: Window, peer: str) -> str:
     ),
 )
 def C05(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
-    resets = _resets_in(window)
+    resets = resets_in(window)
     if not resets:
         return
     minimum = required(thresholds, "minimum_resets")
@@ -294,7 +217,7 @@ def C05(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     netns = snapshot.netns
     listening = {group.port for group in listener_groups(snapshot)}
     for (direction, peer, reason), count in sorted(resets.items()):
-        if direction != "sent" or count < minimum:
+        if direction != "sent" or count < minimum or reason not in JUDGED:
             continue
         evidence: dict[str, EvidenceValue] = {
             "peer": peer,
@@ -308,6 +231,14 @@ def C05(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         if received > 0:
             evidence["resets_received"] = received
         address, port = split_peer(peer)
+        if reason == "NO_SOCKET":
+            refused_here = sum(
+                f.errors.get("ECONNREFUSED", 0)
+                for f in failures_at(window, address)
+                if f.destination == peer
+            )
+            if refused_here >= count:
+                continue  # every reset answered a client of this namespace: C01's finding
         clients = _refused_clients(window, peer) if reason == "NO_SOCKET" else ""
         if clients:
             evidence["clients"] = clients

@@ -16,6 +16,7 @@ other source works as before.
 from __future__ import annotations
 
 import mmap
+import os
 import select
 import threading
 import time
@@ -29,7 +30,7 @@ from tcpwatch.sources.base import Partial, SourceContext, host_long_lived_source
 from tcpwatch.sources.lifecycle_events import Context, make_context
 from tcpwatch.sources.tracefs import find_tracefs
 from tcpwatch.sources.tracepoints_records import EventSet, RecordReader, load_events
-from tcpwatch.sources.tracepoints_tasks import TaskResolver
+from tcpwatch.sources.tracepoints_tasks import TaskResolver, own_addresses
 from tcpwatch.sources.tracepoints_tracker import Tracker
 from tcpwatch.tracepoint_stats import TracepointStats
 
@@ -100,6 +101,11 @@ class TracepointReader:
             idle_seconds=settings.connection_peer_idle,
         )
         self.records = RecordReader(chosen, tracker)
+        self._paths = paths or ProcPaths()
+        try:
+            self._own_inode = os.stat(self._paths.pid("self", "ns", "net")).st_ino
+        except OSError:
+            self._own_inode = 0
         self._lock = threading.Lock()
         self.cpus = tuple(cpus) if cpus is not None else perf.online_cpus()
         chosen_size = settings.tracepoint_buffer
@@ -207,6 +213,7 @@ class TracepointReader:
 
     def drain(self, so_far: Sequence[Snapshot]) -> Mapping[int, TracepointStats] | Partial:
         """Every polled namespace's share, after reading what the rings hold now."""
+        addresses = own_addresses(self._paths)  # read outside the lock: a procfs read
         contexts: dict[int, Context] = {}
         for snapshot in so_far:
             sockets, sysctls = snapshot.sockets, snapshot.sysctls
@@ -221,6 +228,7 @@ class TracepointReader:
             self._read()
             tracker = self.records.tracker
             tracker.update_contexts(contexts, [s.identity.inode for s in so_far])
+            tracker.own = (self._own_inode, addresses)
             tracker.settle(time.monotonic())
             host = self.records.host(len(self.cpus), self.buffer_bytes, self.lost())
             shares = tracker.stats((s.identity.inode for s in so_far), host)

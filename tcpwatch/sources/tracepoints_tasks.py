@@ -16,8 +16,9 @@ caller counts its record as unattributed.
 from __future__ import annotations
 
 import os
+import socket
 
-from tcpwatch.paths import ProcPaths
+from tcpwatch.paths import ProcPaths, read_text
 
 TASK_LIMIT = 65536  # tasks remembered; past it the memory starts afresh (one /proc read each)
 _COMM_BYTES = 64
@@ -85,3 +86,36 @@ class TaskResolver:
 
     def __len__(self) -> int:
         return len(self._netns)
+
+
+def local_addresses(fib_trie: str, if_inet6: str) -> frozenset[bytes]:
+    """The addresses of a namespace (16 bytes each, IPv4 zero-padded): the ``/32 host LOCAL``
+    entries of /proc/net/fib_trie and the addresses of /proc/net/if_inet6, loopback and IPv6
+    link-local ones left out (every namespace has those, or may)."""
+    found: set[bytes] = set()
+    last = ""
+    for line in fib_trie.splitlines():
+        text = line.strip()
+        if text.startswith("|-- "):
+            last = text[4:]
+        elif text.startswith("/32 host LOCAL") and last and not last.startswith("127."):
+            try:
+                found.add(socket.inet_pton(socket.AF_INET, last) + bytes(12))
+            except OSError:
+                continue
+    for line in if_inet6.splitlines():
+        word = line.split(" ", 1)[0]
+        if len(word) == 32 and word != "0" * 31 + "1" and not word.startswith("fe8"):
+            try:
+                found.add(bytes.fromhex(word))
+            except ValueError:
+                continue
+    return frozenset(found)
+
+
+def own_addresses(paths: ProcPaths) -> frozenset[bytes]:
+    """The addresses of the namespace tcpwatch runs in (empty when /proc/net does not say)."""
+    try:
+        return local_addresses(read_text(paths.net("fib_trie")), read_text(paths.net("if_inet6")))
+    except (OSError, UnicodeDecodeError):
+        return frozenset()

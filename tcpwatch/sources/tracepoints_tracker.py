@@ -17,7 +17,9 @@ says enough, and counts every other record by event and why (``unattributed``):
    even when the client then closes abortively and the kernel clears it.
 4. **A reset sent for no socket** (NO_SOCKET, in softirq) to a loopback client is joined to the
    reset that client's socket then receives (the same 4-tuple, reversed): loopback traffic never
-   leaves its namespace. Other such resets are counted unattributed.
+   leaves its namespace. One sent from an address of tcpwatch's own namespace (its interfaces,
+   loopback and link-local left out) is that namespace's: the address a remote client reached.
+   Other such resets are counted unattributed.
 
 Tallies are kept per namespace inode (tracepoints_tally.py), bounded host-wide at each poll
 (``max_rows``, the rest under ``"other"``), and frozen into TracepointStats by
@@ -101,6 +103,9 @@ class Tracker:
         # a NO_SOCKET reset's (family, source, sport, destination, dport) -> (reason, time)
         self._resets: dict[tuple[int, bytes, int, bytes, int], tuple[str, int]] = {}
         self.wanted: frozenset[int] | None = None  # polled namespaces; None: not told yet
+        # tcpwatch's own namespace and its addresses (a reset for no socket sent from one is
+        # that namespace's); set at each poll
+        self.own: tuple[int, frozenset[bytes]] = (0, frozenset())
         self.unattributed: dict[tuple[str, str], int] = {}
         self.other_netns = 0
 
@@ -230,10 +235,17 @@ class Tracker:
             if tally is not None:
                 tally.reset("sent", entry.label, name)
             return
-        waiting = self._resets
-        if not sk and not in_task and len(waiting) < PENDING_LIMIT and _is_loopback(family, source):
-            waiting[(family, source, sport, destination, dport)] = (name, time_ns)
-            return  # joined by the reset its client receives
+        if not sk and not in_task:
+            waiting = self._resets
+            if _is_loopback(family, source):
+                if len(waiting) < PENDING_LIMIT:
+                    waiting[(family, source, sport, destination, dport)] = (name, time_ns)
+                    return  # joined by the reset its client receives
+            elif source in self.own[1]:  # a client elsewhere reached an address of ours
+                tally = self._tally(self.own[0])
+                if tally is not None:
+                    tally.reset("sent", inbound_peer(family, source, sport, tally.context), name)
+                return
         netns = self._actor("send_reset", pid, tid, in_task)
         if netns is None:
             return

@@ -171,8 +171,13 @@ class Netns:
     # -- commands ----------------------------------------------------------------------------
 
     def exec_argv(self, *argv: str) -> list[str]:
-        """argv that runs ``argv`` inside the namespace (for callers that need their own Popen)."""
-        return ["ip", "netns", "exec", self.name, *argv]
+        """argv that runs ``argv`` inside the namespace (for callers that need their own Popen).
+
+        ``ip netns exec`` gives the command a fresh /sys without the host's tracefs: it is
+        mounted there first (:func:`with_tracefs`), so a tcpwatch run here finds it where a
+        host has it. The command is exec'd: its pid is the Popen's.
+        """
+        return ["ip", "netns", "exec", self.name, *with_tracefs(), *argv]
 
     def run(
         self,

@@ -42,7 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tcpwatch.sources.perf import online_cpus
 from tcpwatch.sources.registry import ENTERING, source_names
 from tcpwatch.sources.tracepoints import ring_pages
-from tests.integration.netns import Netns, parse_ss, with_tracefs
+from tests.integration.netns import Netns, parse_ss
 from tests.integration.systemd_container import build_wheelhouse
 
 pytestmark = pytest.mark.integration
@@ -485,14 +485,10 @@ def _serve_and_scrape(
 def _serve_scrape_and_ask(
     netns: Netns, runtime: Runtime, capabilities: Sequence[str]
 ) -> tuple[Exposition, str, str, dict[str, Any]]:
-    """/metrics of a real serve, its stderr so far, and its /api/v1/snapshot.
-
-    ``ip netns exec`` mounts a fresh /sys for the namespace, without the host's tracefs: it is
-    mounted there first, as root, as a host would have it at /sys/kernel/tracing.
-    """
+    """/metrics of a real serve, its stderr so far, and its /api/v1/snapshot (tracefs mounted
+    in ``ip netns exec``'s /sys, as root, before setpriv drops to nobody: Netns.exec_argv)."""
     daemon = netns.spawn(
         [
-            *with_tracefs(),
             *as_nobody(capabilities),
             *runtime.tcpwatch(
                 "serve",

@@ -38,7 +38,7 @@ import yaml
 
 from tests.integration import populations
 from tests.integration.churn import start_churn
-from tests.integration.netns import Netns, with_tracefs
+from tests.integration.netns import Netns
 from tests.unit.test_dashboard import (
     load_dashboard,
     panel_queries,
@@ -243,7 +243,7 @@ def running_stack(ns: Netns) -> Iterator[Stack]:
         }
         (work / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
         tcpwatch = ns.spawn(
-            [*with_tracefs(), *TCPWATCH, "serve", "--listen", TCPWATCH_ADDRESS, "--interval", "1"],
+            [*TCPWATCH, "serve", "--listen", TCPWATCH_ADDRESS, "--interval", "1"],
             lifetime=LIFETIME,
             env={**os.environ, "PYTHONPATH": str(REPO)},
             cwd=str(REPO),

@@ -31,7 +31,7 @@ from tcpwatch.model import NetnsIdentity, Snapshot
 from tcpwatch.sources.base import Partial
 from tcpwatch.sources.tracepoints import TracepointReader
 from tcpwatch.tracepoint_stats import ABANDONED, CONNECT_BUCKETS_SECONDS, TracepointStats
-from tests.integration.netns import REPO_ROOT, Netns, tcpwatch_env, with_tracefs
+from tests.integration.netns import REPO_ROOT, Netns, tcpwatch_env
 
 pytestmark = pytest.mark.integration
 
@@ -341,9 +341,12 @@ for thread in threads:
 """
 
 
-def test_check_window_finds_slow_handshakes_and_resets_to_a_closed_port(netns: Netns) -> None:
+def test_check_window_finds_slow_handshakes_and_leaves_local_refusals_to_c01(
+    netns: Netns,
+) -> None:
     """`check --window` runs the tracepoints for its window: C04 names the destination whose
-    SYNs a rule drops, C05 the closed port and the process refused there."""
+    SYNs a rule drops; the closed port this namespace's own client is refused at is C01's
+    finding, not also C05's (one finding per problem)."""
     slow_port, closed_port, count = 8383, 9393, 30
     netns.nft(
         "table inet tw {\n chain in {\n type filter hook input priority 0;\n"
@@ -351,12 +354,11 @@ def test_check_window_finds_slow_handshakes_and_resets_to_a_closed_port(netns: N
         " }\n}\n"
     )
     check = netns.spawn(
-        [*with_tracefs(), sys.executable, "-m", "tcpwatch", "check", "--window", "8",
-         "--format", "json"],
+        [sys.executable, "-m", "tcpwatch", "check", "--window", "8", "--format", "json"],
         env=tcpwatch_env(),
         cwd=str(REPO_ROOT),
         lifetime=60,
-    )  # fmt: skip
+    )
     time.sleep(2.0)  # the first snapshot is taken and the reader runs
     netns.run(sys.executable, "-c", TRAFFIC, str(slow_port), str(closed_port), str(count))
     out, _ = check.communicate(timeout=60)
@@ -367,8 +369,57 @@ def test_check_window_finds_slow_handshakes_and_resets_to_a_closed_port(netns: N
     slow = findings[("C04", f"127.0.0.1:{slow_port}")]["evidence"]
     assert slow["connects"] == count and slow["processes"] == "tw-caller"
     assert slow["retransmitted"] >= count // 2 - 1 and slow["p90_seconds"] > 1.0
-    closed = findings[("C05", f"127.0.0.1:{closed_port} NO_SOCKET")]["evidence"]
-    assert (closed["resets_sent"], closed["clients"]) == (count, "tw-caller")
+    refused = findings[("C01", f"127.0.0.1:{closed_port}")]["evidence"]
+    assert refused["refused"] == count, refused
+    assert not [key for key in findings if key[0] == "C05"], sorted(findings)
+
+
+def veth(server: Netns, client: Netns) -> None:
+    """The server 10.78.0.1, the client 10.78.0.2, on a veth pair."""
+    server.run("ip", "link", "add", "tw-srv", "type", "veth", "peer", "name", "tw-cli",
+               "netns", client.name)  # fmt: skip
+    server.run("ip", "addr", "add", "10.78.0.1/24", "dev", "tw-srv")
+    server.run("ip", "link", "set", "tw-srv", "up")
+    client.run("ip", "addr", "add", "10.78.0.2/24", "dev", "tw-cli")
+    client.run("ip", "link", "set", "tw-cli", "up")
+
+
+def test_check_window_finds_remote_clients_reaching_a_port_nothing_listens_on(
+    netns: Netns,
+) -> None:
+    """A client in another namespace connects to a port of this one where nothing listens: the
+    kernel answers with NO_SOCKET resets from softirq, no socket and no task to tell their
+    namespace; the address the client reached is this namespace's, so C05 names it."""
+    with Netns(prefix="client") as client:
+        veth(netns, client)
+        check = netns.spawn(
+            [sys.executable, "-m", "tcpwatch", "check", "--window", "6", "--format", "json"],
+            env=tcpwatch_env(),
+            cwd=str(REPO_ROOT),
+            lifetime=60,
+        )
+        time.sleep(2.0)
+        before = netns.nstat()["TcpOutRsts"]
+        client.run(sys.executable, "-c", REFUSED_AT, "10.78.0.1", "7777", "15", timeout=60)
+        sent = netns.nstat()["TcpOutRsts"] - before
+        out, _ = check.communicate(timeout=60)
+    findings = {(f["id"], f["subject"]): f for f in json.loads(out)["findings"]}
+    closed = findings[("C05", "10.78.0.1:7777 NO_SOCKET")]["evidence"]
+    assert closed["resets_sent"] == sent == 15, (closed, sent)
+    assert "clients" not in closed  # no client of this namespace
+
+
+REFUSED_AT = r"""
+import socket, sys
+for _ in range(int(sys.argv[3])):
+    client = socket.socket()
+    client.settimeout(5)
+    try:
+        client.connect((sys.argv[1], int(sys.argv[2])))
+    except OSError:
+        pass
+    client.close()
+"""
 
 
 # -- lost records -------------------------------------------------------------------------------

@@ -510,3 +510,20 @@ def test_a_granted_row_keeps_its_place_until_it_idles(tmp_path: Path) -> None:
         ("127.0.0.1:2", 3),
         (PEER_OTHER, 50),
     ]
+
+
+def test_a_reset_for_no_socket_from_an_address_of_tcpwatchs_own_namespace_is_its(
+    tmp_path: Path,
+) -> None:
+    read = reader(tmp_path)
+    read.tracker.own = (NS_A, frozenset({v4("10.0.0.1") + bytes(12)}))
+    read.handle(
+        [
+            sent_reset(1 * MS, "NO_SOCKET", src=("10.0.0.1", 22), dst=("10.9.9.9", 5555)),
+            sent_reset(2 * MS, "NO_SOCKET", src=("10.0.0.2", 22), dst=("10.9.9.9", 5556)),
+        ]
+    )
+    assert [(r.direction, r.peer, r.reason, r.count) for r in share(read).resets] == [
+        ("sent", "10.0.0.1:22", "NO_SOCKET", 1)
+    ]
+    assert read.tracker.unattributed == {("send_reset", "interrupt"): 1}
