@@ -127,12 +127,13 @@ def start_churn(
     loss_percent: int = 15,
     pause: float = 0.1,
     timeout_after: float = 1.0,
+    host: str = "127.0.0.1",
 ) -> Churn:
-    """Start the churn on ports ``first_port`` (ok) .. ``first_port + 3`` (lossy); nftables
-    rules in the namespace drop the SYNs to the timeout port (on their way out: the connecting
-    task drops its own first SYN, which the tracepoints source can attribute) and
-    ``loss_percent`` of the segments to the lossy one."""
-    churn = Churn("127.0.0.1", first_port, first_port + 1, first_port + 2,
+    """Start the churn on ports ``first_port`` (ok) .. ``first_port + 3`` (lossy) of ``host`` (a
+    local address); nftables rules in the namespace drop the SYNs to the timeout port (on their
+    way out: the connecting task drops its own first SYN, which the tracepoints source can
+    attribute) and ``loss_percent`` of the segments to the lossy one."""
+    churn = Churn(host, first_port, first_port + 1, first_port + 2,
                   first_port + 3 if lossy else None)  # fmt: skip
     egress = f"tcp dport {churn.timeout_port} tcp flags syn drop"
     rules = []
