@@ -11,12 +11,12 @@ import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-# Connect-time bounds: loopback (100 us) to intercontinental (1 s) in 1-2-5 steps, as the RTT
-# histogram's, then doubling as the SYN retransmission timer does (a handshake that needed 1, 2,
-# 3 ... retransmissions takes 1, 3, 7 ... s with the default initial RTO): one per bucket.
+# Connect-time bounds: the RTT histogram's 1-3 steps (10 us .. 1 s: docs/metrics.md, Latency
+# buckets), extended upwards as a connect's SYN retransmissions stretch it (1, 3, 7, 15 s with the
+# default initial RTO): one retransmission lands in (1 s, 3 s], two or three in (3 s, 10 s].
 CONNECT_BUCKETS_SECONDS: tuple[float, ...] = (
-    *(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
-    *(2.0, 4.0, 8.0, 16.0, 32.0),
+    *(0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0),
+    *(3.0, 10.0, 30.0),
 )
 ABANDONED = "abandoned"  # a connect the client closed itself before any answer or error
 

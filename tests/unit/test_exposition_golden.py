@@ -107,10 +107,10 @@ def tracepoints() -> TracepointStats:
     return TracepointStats(
         connects=(
             ConnectStats(
-                "10.0.0.9:5432", "app", (0, 0, 0, 80, 10, *[0] * 8, 2, *[0] * 5), 92, 2.19,
+                "10.0.0.9:5432", "app", (0, 0, 0, 0, 80, 10, *[0] * 5, 2, 0, 0, 0), 92, 2.19,
                 {"ETIMEDOUT": 1}, 4, 2,
             ),
-            ConnectStats("127.0.0.1:9999", "haproxy", (0,) * 19, 0, 0.0, {"ECONNREFUSED": 3}, 0, 0),
+            ConnectStats("127.0.0.1:9999", "haproxy", (0,) * 15, 0, 0.0, {"ECONNREFUSED": 3}, 0, 0),
         ),
         resets=(
             ResetStats("received", "127.0.0.1:9999", "", 3),

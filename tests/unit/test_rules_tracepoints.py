@@ -31,9 +31,9 @@ from tests.unit.snapshots import (
 )
 
 BOUNDS = CONNECT_BUCKETS_SECONDS
-FAST = BOUNDS.index(0.001)  # (0.5 ms, 1 ms]
-ONE_RETRANSMISSION = BOUNDS.index(2.0)  # (1 s, 2 s]
-TWO_RETRANSMISSIONS = BOUNDS.index(4.0)  # (2 s, 4 s]
+FAST = BOUNDS.index(0.001)  # (0.3 ms, 1 ms]
+ONE_RETRANSMISSION = BOUNDS.index(3.0)  # (1 s, 3 s]
+TWO_RETRANSMISSIONS = BOUNDS.index(10.0)  # (3 s, 10 s]
 
 
 def connects(
@@ -133,9 +133,9 @@ def test_c04_stays_silent_when_fast_when_few_without_a_window_or_after_a_restart
 
 def test_quantile_interpolates_inside_the_bucket_like_histogram_quantile() -> None:
     buckets = [0] * (len(BOUNDS) + 1)
-    buckets[BOUNDS.index(2.0)] = 10  # all ten in (1 s, 2 s]
-    assert quantile(buckets, 0.5) == 1.5
-    assert quantile(buckets, 0.9) == 1.9
+    buckets[BOUNDS.index(3.0)] = 10  # all ten in (1 s, 3 s]
+    assert quantile(buckets, 0.5) == 2.0
+    assert quantile(buckets, 0.9) == 2.8
     buckets[-1] = 100  # beyond the last bound: the last bound, as Prometheus answers
     assert quantile(buckets, 0.99) == BOUNDS[-1]
 

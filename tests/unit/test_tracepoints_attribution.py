@@ -133,7 +133,7 @@ def test_a_connect_is_timed_and_named_after_its_process_and_destination(tmp_path
     (row,) = share(read).connects
     assert (row.destination, row.process, row.count) == ("127.0.0.1:8080", "curl", 1)
     assert row.sum_seconds == pytest.approx(0.0003)
-    assert row.buckets[2] == 1 and sum(row.buckets) == 1  # (0.2 ms, 0.5 ms]
+    assert row.buckets[3] == 1 and sum(row.buckets) == 1  # (0.1 ms, 0.3 ms]
     assert row.failures == {}
 
 
@@ -225,7 +225,7 @@ def test_a_handshake_that_needed_a_retransmission_lands_past_one_second(tmp_path
         ]
     )  # fmt: skip
     (row,) = share(read).connects
-    assert row.buckets[13] == 1  # (1 s, 2 s]
+    assert row.buckets[11] == 1  # (1 s, 3 s]
     assert (row.retransmitted, row.syn_retransmits) == (1, 1)
 
 

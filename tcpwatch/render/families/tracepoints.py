@@ -23,7 +23,8 @@ def tracepoint_families(state: ExportState) -> Iterator[Metric]:
         "tcpwatch_connect_duration_seconds",
         "Handshake time of connects that completed (SYN_SENT to ESTABLISHED, from the kernel's "
         'tracepoints), per destination and connecting process ("other": past the host-wide '
-        "budget, collect.connection_peers). Buckets double past 1 s: one per SYN retransmission.",
+        "budget, collect.connection_peers). Buckets as the RTT's (10 us .. 1 s), then 3, 10, "
+        "30 s: a SYN retransmission is 1 s more.",
         labels=CONNECT_LABELS,
     )
     failures = counter(
