@@ -354,7 +354,7 @@ def test_check_window_finds_slow_handshakes_and_leaves_local_refusals_to_c01(
         " }\n}\n"
     )
     check = netns.spawn(
-        [sys.executable, "-m", "tcpwatch", "check", "--window", "8", "--format", "json"],
+        [sys.executable, "-m", "tcpwatch", "check", "--window", "12", "--format", "json"],
         env=tcpwatch_env(),
         cwd=str(REPO_ROOT),
         lifetime=60,
