@@ -18,6 +18,7 @@ import json
 import os
 import re
 import select
+import subprocess
 import sys
 import threading
 import time
@@ -341,6 +342,29 @@ for thread in threads:
 """
 
 
+def wait_for_reader(check: subprocess.Popen[str], seconds: float = 30.0) -> None:
+    """Until a process of ``check``'s group (it runs in its own session) holds perf events: its
+    first snapshot is taken and the reader counts from here (a fixed sleep was too short on a
+    loaded machine)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert check.poll() is None, f"check exited early: {check.returncode}"
+        for pid in (entry for entry in os.listdir("/proc") if entry.isdigit()):
+            try:
+                if os.getpgid(int(pid)) != check.pid:
+                    continue
+                links = [
+                    os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
+                ]
+            except OSError:  # exited meanwhile
+                continue
+            if "anon_inode:[perf_event]" in links:
+                time.sleep(0.5)  # the first poll drains right after opening: its baseline
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"check opened no perf event in {seconds:g} s")
+
+
 def test_check_window_finds_slow_handshakes_and_leaves_local_refusals_to_c01(
     netns: Netns,
 ) -> None:
@@ -348,9 +372,14 @@ def test_check_window_finds_slow_handshakes_and_leaves_local_refusals_to_c01(
     SYNs a rule drops; the closed port this namespace's own client is refused at is C01's
     finding, not also C05's (one finding per problem)."""
     slow_port, closed_port, count = 8383, 9393, 30
+    # Every second connect loses its first SYN and only that one (its retransmission, a second
+    # later, passes): two modes, and every connect done well inside the window.
+    syn = f"tcp dport {slow_port} tcp flags & (syn | ack) == syn"
     netns.nft(
-        "table inet tw {\n chain in {\n type filter hook input priority 0;\n"
-        f" tcp dport {slow_port} tcp flags & (syn | ack) == syn numgen inc mod 2 == 0 drop\n"
+        "table inet tw {\n set dropped { type inet_service; flags dynamic; timeout 60s; }\n"
+        " chain in {\n type filter hook input priority 0;\n"
+        f" {syn} tcp sport @dropped accept\n"
+        f" {syn} numgen inc mod 2 == 0 add @dropped {{ tcp sport }} drop\n"
         " }\n}\n"
     )
     check = netns.spawn(
@@ -359,7 +388,7 @@ def test_check_window_finds_slow_handshakes_and_leaves_local_refusals_to_c01(
         cwd=str(REPO_ROOT),
         lifetime=60,
     )
-    time.sleep(2.0)  # the first snapshot is taken and the reader runs
+    wait_for_reader(check)
     netns.run(sys.executable, "-c", TRAFFIC, str(slow_port), str(closed_port), str(count))
     out, _ = check.communicate(timeout=60)
     report = json.loads(out)
@@ -367,8 +396,8 @@ def test_check_window_finds_slow_handshakes_and_leaves_local_refusals_to_c01(
     assert sources["tracepoints"]["ok"], sources["tracepoints"]
     findings = {(f["id"], f["subject"]): f for f in report["findings"]}
     slow = findings[("C04", f"127.0.0.1:{slow_port}")]["evidence"]
-    assert slow["connects"] == count and slow["processes"] == "tw-caller"
-    assert slow["retransmitted"] >= count // 2 - 1 and slow["p90_seconds"] > 1.0
+    assert slow["connects"] == count and slow["processes"] == "tw-caller", slow
+    assert slow["retransmitted"] == count // 2 and slow["p90_seconds"] > 1.0, slow
     refused = findings[("C01", f"127.0.0.1:{closed_port}")]["evidence"]
     assert refused["refused"] == count, refused
     assert not [key for key in findings if key[0] == "C05"], sorted(findings)
@@ -398,7 +427,7 @@ def test_check_window_finds_remote_clients_reaching_a_port_nothing_listens_on(
             cwd=str(REPO_ROOT),
             lifetime=60,
         )
-        time.sleep(2.0)
+        wait_for_reader(check)
         before = netns.nstat()["TcpOutRsts"]
         client.run(sys.executable, "-c", REFUSED_AT, "10.78.0.1", "7777", "15", timeout=60)
         sent = netns.nstat()["TcpOutRsts"] - before
