@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
+from tcpwatch.tracepoint_stats import TracepointStats
+
 # Exported state names, in the kernel's numbering order (TCP_ESTABLISHED = 1 ... TCP_CLOSING = 11).
 STATES: tuple[str, ...] = (
     "established",
@@ -315,6 +317,9 @@ class Snapshot:
     # Host-wide, the same in every snapshot: the assignments in the host's sysctl files (the
     # source "sysctl_files"), in the order they are applied at boot.
     persisted_sysctls: tuple[PersistedSysctl, ...] | None = None
+    # What the kernel's TCP tracepoints said about this namespace since the host-wide reader
+    # started (the long-lived source "tracepoints"; serve and check --window only).
+    tracepoints: TracepointStats | None = None
 
     def source_ok(self, name: str) -> bool:
         return any(status.name == name and status.ok for status in self.sources)
