@@ -115,12 +115,9 @@ class SocketTable:
     # Derived mode only: sockstat's inuse moved during the dumps (connections came or went), so
     # this poll dumped ESTABLISHED instead of deriving it (established_method is "dumped").
     churned: bool = False
-    # Derived mode: the quiet marks (procnet.ChurnMarks.signature) of dumps that ran with nothing
-    # moving; a poll finding the same marks dumps only listeners and reuses the rest: unchanged.
-    marks: tuple[int, ...] = ()
-    unchanged: bool = False
-    # idiag_uid of the sockets attribution looks for: their owners' processes are read first.
-    owner_uids: frozenset[int] = frozenset()
+    marks: tuple[int, ...] = ()  # quiet marks (ChurnMarks.signature) of dumps with nothing moving
+    unchanged: bool = False  # marks found again: only the listeners dumped, the rest kept
+    owner_uids: frozenset[int] = frozenset()  # idiag_uid of the sockets attribution looks for
 
     def total(self, state: str) -> int:
         return sum(by_state.get(state, 0) for by_state in self.counts.values())
@@ -236,8 +233,7 @@ class Attribution:
     # with one readlink each instead of walking every process' fd table again.
     locations: Mapping[int, tuple[int, str]] = field(default_factory=dict)
     confirmed: int = 0  # owners found again at their known location, without a walk
-    # Inodes in the attributed states this poll saw: the next looks for owners of those only.
-    seen: frozenset[int] = frozenset()
+    seen: frozenset[int] = frozenset()  # attributed-state inodes seen: the next poll's candidates
 
     def owner(self, inode: int) -> ProcessRef | None:
         return self.owners.get(inode)
