@@ -21,7 +21,7 @@ BENCHMARKS = REPO_ROOT / "benchmarks"
 SMOKE: dict[str, tuple[list[str], str]] = {
     "bench_poll.py": (["--sizes", "1000", "--profile", "server", "--polls", "1",
                        "--polls-ss-p", "1"], "Correctness guard"),
-    "bench_serve.py": (["--smoke"], "serve vs node_exporter"),
+    "bench_serve.py": (["--smoke"], "**vs node_exporter**"),
     "bench_churn.py": (["--pairs", "100", "--polls", "2"], "ss"),
     "bench_lifecycle.py": (["--rates", "500", "--seconds", "1"], "|"),
     "bench_listener_drops.py": (["--connections", "200", "--rounds", "1"], "ESTABLISHED"),
@@ -31,6 +31,10 @@ SMOKE: dict[str, tuple[list[str], str]] = {
                         "--hashes", "shared", "--idle", "2"], "| 2 | 0 (idle) |"),
     "bench_owners.py": (["--listeners", "1", "--fds", "16", "--repeats", "2"], "|"),
     "bench_scrape.py": (["--sockets", "0", "--requests", "20", "--threads", "4"], "p50"),
+    "bench_rtt_buckets.py": (["--connections", "20", "--scenarios", "loopback"],
+                             "p90 error per scenario"),
+    "bench_tracepoints.py": (["--seconds", "1", "--repeats", "1", "--connections", "4",
+                              "--client-connects", "200"], "| serve-on |"),
     "bench_soak.py": (["--minutes", "0.3", "--processes", "1", "--clients", "1",
                        "--pairs", "10"], "Scrapes:"),
 }  # fmt: skip
