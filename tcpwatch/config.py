@@ -53,6 +53,9 @@ class CollectSettings:
     connection_peer_idle: float = 3600.0
     connection_receive_buffer: int = 4 << 20
     live_tcp_info: bool = True  # tcp_info of live connections on the per-destination scan
+    # The listeners' live connections read per scan (source "inbound", on the per-destination
+    # cadence); 0 turns the scan off.
+    inbound_connections: int = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +210,7 @@ def _collect(check: Validator, raw: object, sources: Collection[str] | None) -> 
         "connection_peer_idle",
         "connection_receive_buffer",
         "live_tcp_info",
+        "inbound_connections",
     }
     check.unknown_keys(section, known, "collect")
     changes: dict[str, Any] = {}
@@ -239,6 +243,10 @@ def _collect(check: Validator, raw: object, sources: Collection[str] | None) -> 
     for key in ("top_processes", "top_destinations"):
         if key in section:
             changes[key] = check.integer(section[key], f"collect.{key}", 0, 10_000)
+    if "inbound_connections" in section:
+        changes["inbound_connections"] = check.integer(
+            section["inbound_connections"], "collect.inbound_connections", 0, 1_000_000
+        )
     for key in ("connections", "live_tcp_info"):
         if key in section:
             changes[key] = check.boolean(section[key], f"collect.{key}")

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from tcpwatch.stalls import InboundScan, LivePeer, Stalls, live_peers
+
 # Exported state names, in the kernel's numbering order (TCP_ESTABLISHED = 1 ... TCP_CLOSING = 11).
 STATES: tuple[str, ...] = (
     "established",
@@ -65,6 +67,9 @@ class DestinationUse:
     retransmits_in_flight: int = 0  # sum of tcpi_retrans: retransmitted segments not yet acked
     segments_retransmitted: int = 0  # sum of tcpi_total_retrans over each connection's life
     segments_sent: int = 0  # sum of tcpi_segs_out over each connection's life
+    # Where those connections' time went and what waits in their queues (INET_DIAG_SKMEMINFO
+    # too); None without the scan's tcp_info.
+    stalls: Stalls | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,9 +304,17 @@ class Snapshot:
     # Host-wide, the same in every snapshot: the assignments in the host's sysctl files (the
     # source "sysctl_files"), in the order they are applied at boot.
     persisted_sysctls: tuple[PersistedSysctl, ...] | None = None
+    # The listeners' live connections (the source "inbound"), on the per-destination cadence.
+    inbound: InboundScan | None = None
 
     def source_ok(self, name: str) -> bool:
         return any(status.name == name and status.ok for status in self.sources)
+
+    def live_peers(self) -> tuple[LivePeer, ...]:
+        """Each (direction, peer)'s live connections: the listeners' (inbound scan) and the
+        destinations' (per-destination scan, every source address together)."""
+        uses = self.sockets.ephemeral_use if self.sockets is not None else ()
+        return live_peers(uses, self.inbound)
 
 
 # --- Connection lifecycle: closed connections heard on the socket-destroy multicast ------------

@@ -18,6 +18,10 @@ INET_DIAG_REQ_BYTECODE = 1
 INET_DIAG_INFO = 2  # attribute: struct tcp_info (tcpinfo.py); idiag_ext bit 1 << (2 - 1) asks it
 INET_DIAG_PROTOCOL = 10  # attribute: u8 IPPROTO_*, on destroy messages
 INFO_EXTENSION = 1 << (INET_DIAG_INFO - 1)
+# attribute: u32 sk_meminfo[SK_MEMINFO_VARS] (`ss -m` skmem:(r..,d..)); index 8 is sk_drops
+INET_DIAG_SKMEMINFO = 7
+SKMEMINFO_EXTENSION = 1 << (INET_DIAG_SKMEMINFO - 1)
+SK_MEMINFO_DROPS = 8
 INET_DIAG_BC_S_GE = 2
 INET_DIAG_BC_S_LE = 3
 

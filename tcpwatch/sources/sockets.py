@@ -14,7 +14,7 @@ from dataclasses import replace
 from tcpwatch.model import FAMILIES, Snapshot, SocketTable, SockStat
 from tcpwatch.sources import netlink, procnet, sockdiag
 from tcpwatch.sources.base import SourceContext, netns_source
-from tcpwatch.sources.netlink import INFO_EXTENSION, SockDiagError
+from tcpwatch.sources.netlink import INFO_EXTENSION, SKMEMINFO_EXTENSION, SockDiagError
 from tcpwatch.sources.sockdiag import ALL_STATES_MASK, ESTABLISHED_MASK, Receiver
 
 
@@ -88,7 +88,7 @@ def collect(
         if destinations and not established_dumped and inuse is not None and port_range:
             bytecode = netlink.port_range_bytecode(*port_range)
             aggregator.read_info = live_info  # live RTT and retransmissions per destination
-            extensions = INFO_EXTENSION if live_info else 0
+            extensions = INFO_EXTENSION | SKMEMINFO_EXTENSION if live_info else 0
             for family in families:
                 if inuse[family] > aggregator.totals[family].full_sockets:
                     dump(family, ESTABLISHED_MASK, bytecode, extensions)

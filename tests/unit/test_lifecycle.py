@@ -512,8 +512,13 @@ def test_destination_scan_aggregates_live_rtt_and_retransmissions() -> None:
         "ipv4", "127.0.0.1", "127.0.0.1", 5432, 4, 0,
         established=4, rtt_connections=3, rtt_mean_seconds=by_port[5432].rtt_mean_seconds,
         rtt_max_seconds=300e-6, retransmits_in_flight=1, segments_retransmitted=7,
-        segments_sent=82,
+        segments_sent=82, stalls=by_port[5432].stalls,
     )  # fmt: skip
+    # One connection's tcp_info stops at total_retrans (< 4.2): the limited times are unknown
+    # rather than 0, and no SKMEMINFO came, so no drops either (tests/unit/test_liveinfo.py).
+    stalls = by_port[5432].stalls
+    assert stalls is not None
+    assert (stalls.connections, stalls.busy_seconds, stalls.drops) == (4, None, None)
     assert by_port[6379] == DestinationUse("ipv4", "127.0.0.1", "127.0.0.1", 6379, 1, 0)
 
 

@@ -440,8 +440,9 @@ def test_collect_makes_four_dumps_and_derives_established() -> None:
         (socket.AF_INET6, ESTABLISHED_MASK),
     ]
     assert [struct.unpack_from("=I", request, 8)[0] for request in fake.requests] == [1, 2, 3, 4]
-    # idiag_ext: only the per-destination ESTABLISHED dumps ask for tcp_info (INET_DIAG_INFO)
-    assert [request[18] for request in fake.requests] == [0, 0, 2, 2]
+    # idiag_ext: only the per-destination ESTABLISHED dumps ask for tcp_info (INET_DIAG_INFO,
+    # bit 2) and socket memory (INET_DIAG_SKMEMINFO, bit 64)
+    assert [request[18] for request in fake.requests] == [0, 0, 66, 66]
     assert table.established_method == "derived"
     assert nonzero(table) == EXPECTED_COUNTS
     assert table == replay(COLLECT_DUMPS, inuse=INUSE, established_dumped=False)
