@@ -66,6 +66,10 @@ class Stalls:
     retransmits_in_flight: int  # tcpi_retrans summed
     rto_recoveries: int | None  # tcpi_total_rto_recoveries summed (6.7+)
     rto_seconds: float | None  # tcpi_total_rto_time summed (6.7+)
+    rwnd_limited_connections: int = 0  # connections that ever waited on the peer's window
+    sndbuf_limited_connections: int = 0  # connections that ever waited on their send buffer
+    segments_sent: int = 0  # tcpi_segs_out summed
+    segments_retransmitted: int = 0  # tcpi_total_retrans summed
     worst: tuple[LiveConnection, ...] = ()  # a few connections that show the most, for evidence
 
     def share(self, limited: float | None) -> float | None:
@@ -164,6 +168,10 @@ def merge(parts: Iterable[Stalls]) -> Stalls:
         retransmits_in_flight=sum(item.retransmits_in_flight for item in items),
         rto_recoveries=None if recoveries is None else int(recoveries),
         rto_seconds=total("rto_seconds"),
+        rwnd_limited_connections=sum(item.rwnd_limited_connections for item in items),
+        sndbuf_limited_connections=sum(item.sndbuf_limited_connections for item in items),
+        segments_sent=sum(item.segments_sent for item in items),
+        segments_retransmitted=sum(item.segments_retransmitted for item in items),
         worst=tuple(worst[:WORST_KEPT]),
     )
 

@@ -1,4 +1,5 @@
-"""What the rule topic modules share: kernel constants, and a namespace's listeners looked up.
+"""What the rule topic modules share: kernel constants, a namespace's listeners looked up, and a
+live peer's owner and evidence (the W rules).
 
 The bottom of ``tcpwatch/rules/`` with ``base``, ``fixes``, ``shapes`` and ``peers``: a topic
 module (the modules that declare rules) imports from these, never from another topic module,
@@ -11,7 +12,11 @@ import ipaddress
 from dataclasses import dataclass
 
 from tcpwatch.endpoints import endpoint
-from tcpwatch.model import Destination, Listener, Snapshot
+from tcpwatch.model import Destination, Listener, ProcessRef, Snapshot
+from tcpwatch.rules.base import EvidenceValue, Threshold, Window
+from tcpwatch.rules.fixes import owner_of
+from tcpwatch.rules.peers import add_owner, split_peer
+from tcpwatch.stalls import LiveConnection, LivePeer, Stalls
 
 TIME_WAIT_SECONDS = 60  # TCP_TIMEWAIT_LEN in include/net/tcp.h; no sysctl changes it
 
@@ -98,3 +103,107 @@ def full_queue(snapshot: Snapshot, group: ListenerGroup) -> str | None:
     max_syn_backlog = sysctls.get("net.ipv4.tcp_max_syn_backlog")
     limit = sum(no_cookie_syn_limit(lsn.queue_max, max_syn_backlog) for lsn in group.sockets)
     return "SYN" if sum(lsn.syn_recv for lsn in group.sockets) >= max(limit, 1) else None
+
+
+# --- live peers: what the W rules (slowness.py, throughput.py) share --------------------------
+
+WORST_SHOWN = 3  # connections named in a finding's evidence
+
+
+def size_text(value: float) -> str:
+    """Bytes for people: "512 B", "64.0 KiB", "4.1 MiB"."""
+    if value < 1024:
+        return f"{value:.0f} B"
+    if value < 1 << 20:
+        return f"{value / 1024:.1f} KiB"
+    return f"{value / (1 << 20):.1f} MiB"
+
+
+def peer_owner(snapshot: Snapshot, peer: LivePeer) -> ProcessRef | None:
+    """Who holds the peer's local end: a listener's owner (inbound), else the owner of the first
+    of its worst connections that has one (outbound)."""
+    if peer.inode:
+        return owner_of(snapshot, peer.inode)
+    for connection in peer.stalls.worst:
+        owner = owner_of(snapshot, connection.inode)
+        if owner is not None:
+            return owner
+    return None
+
+
+def subject_key(peer: LivePeer) -> str:
+    return "listener" if peer.direction == "inbound" else "destination"
+
+
+def base_evidence(
+    window: Window, peer: LivePeer, owner: ProcessRef | None
+) -> dict[str, EvidenceValue]:
+    evidence: dict[str, EvidenceValue] = {
+        subject_key(peer): peer.peer,
+        "direction": peer.direction,
+        "connections": peer.stalls.connections,
+    }
+    add_owner(evidence, [owner] if owner is not None else [])
+    scan = window.current.inbound
+    if peer.direction == "inbound" and scan is not None and not scan.complete:
+        evidence["connections_scanned"] = scan.connections  # a sample: the limit cut the scan
+    return evidence
+
+
+def add_times(evidence: dict[str, EvidenceValue], stalls: Stalls) -> None:
+    if stalls.busy_seconds is not None:
+        evidence["busy_seconds"] = round(stalls.busy_seconds, 3)
+    if stalls.rwnd_limited_seconds is not None:
+        evidence["rwnd_limited_seconds"] = round(stalls.rwnd_limited_seconds, 3)
+    if stalls.sndbuf_limited_seconds is not None:
+        evidence["sndbuf_limited_seconds"] = round(stalls.sndbuf_limited_seconds, 3)
+
+
+def describe(connection: LiveConnection, inbound: bool) -> str:
+    """One connection for the evidence: the far end (inbound: the client), what waits, why."""
+    parts = [f"Send-Q {size_text(connection.send_queue)}"]
+    if connection.receive_queue:
+        parts.append(f"Recv-Q {size_text(connection.receive_queue)}")
+    if connection.zero_window:
+        parts.append("peer window 0")
+    elif connection.peer_window is not None:
+        parts.append(f"peer window {size_text(connection.peer_window)}")
+    busy = connection.busy_seconds
+    if busy and connection.rwnd_limited_seconds is not None:
+        parts.append(f"{connection.rwnd_limited_seconds / busy:.0%} waiting on it")
+    name = connection.remote if inbound else f"{connection.local} -> {connection.remote}"
+    return f"{name} ({', '.join(parts)})"
+
+
+def ss_filter(peer: LivePeer) -> str:
+    """The ``ss`` filter selecting a peer's connections: a listener's by its port."""
+    if peer.direction == "inbound":
+        return f"'( sport = :{split_peer(peer.peer)[1]} )'"
+    return f"'dst {peer.peer}'"
+
+
+def busy_share(stalls: Stalls, limited: float | None, minimum_busy: float) -> float | None:
+    if stalls.busy_seconds is None or stalls.busy_seconds < minimum_busy:
+        return None
+    return stalls.share(limited)
+
+
+def busy_thresholds(warning: float, what: str) -> tuple[Threshold, Threshold]:
+    return (
+        Threshold(
+            "warning",
+            warning,
+            0.01,
+            1.0,
+            "ratio",
+            f"share of the peer's sending time spent waiting on {what} to report it",
+        ),
+        Threshold(
+            "minimum_busy_seconds",
+            1.0,
+            0.0,
+            1e9,
+            "seconds",
+            "busy time summed over the peer's live connections before the share is judged",
+        ),
+    )

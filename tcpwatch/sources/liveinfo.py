@@ -307,5 +307,9 @@ def stalls(
         rto_seconds=(
             sum(columns[RTO_TIME]) / 1000 if known("total_rto_time") else None
         ),  # milliseconds in the kernel
+        rwnd_limited_connections=len(rqueue) - columns[RWND_LIMITED].count(0),
+        sndbuf_limited_connections=len(rqueue) - columns[SNDBUF_LIMITED].count(0),
+        segments_sent=sum(columns[SEGS_OUT]),
+        segments_retransmitted=sum(columns[TOTAL_RETRANS]),
         worst=tuple(worst),
     )

@@ -197,6 +197,8 @@ def test_stalls_sum_the_times_and_queues_and_pick_the_worst() -> None:
         retransmits_in_flight=0,
         rto_recoveries=1,
         rto_seconds=0.25,
+        rwnd_limited_connections=1,
+        sndbuf_limited_connections=1,
     )
     assert stalls.share(stalls.rwnd_limited_seconds) == pytest.approx(9.9 / 13)
     assert Stalls(0, 0.0, 0.0, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0).share(0.0) is None
@@ -251,7 +253,7 @@ def stalls_of(connections: int, rwnd: float | None, drops: int | None, worst: fl
         worst, None, 0.001, None, None, 0, None,
     )  # fmt: skip
     return Stalls(
-        connections, 10.0, rwnd, 0.0, 100, 60, 0, 0, 1, 0, drops, 0, None, None, (evidence,)
+        connections, 10.0, rwnd, 0.0, 100, 60, 0, 0, 1, 0, drops, 0, None, None, worst=(evidence,)
     )
 
 
