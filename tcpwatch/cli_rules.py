@@ -11,13 +11,13 @@ import argparse
 import json
 import math
 import sys
-from importlib import resources
 from typing import Any
 
 from tcpwatch.cli_parser import EXIT_OK
 from tcpwatch.config import Config
 from tcpwatch.errors import UsageError
-from tcpwatch.render.status import doc_url
+from tcpwatch.render.rulepage import read_rule_page, rule_named
+from tcpwatch.render.status import doc_url, offline_page
 from tcpwatch.rules import RULES, Rule
 from tcpwatch.validation import show
 
@@ -44,25 +44,22 @@ def rules_command(config: Config, args: argparse.Namespace) -> int:
 
 def find_rule(name: str) -> Rule:
     """A rule by id (``Q01``, any case) or slug (``accept-queue-full``)."""
-    for rule in RULES:
-        if name.upper() == rule.id or name.lower() == rule.slug:
-            return rule
+    rule = rule_named(name)
+    if rule is not None:
+        return rule
     known = ", ".join(rule.id for rule in RULES)
     raise UsageError(f"rules: no rule {show(name)} (known: {known}; or a slug)")
 
 
 def rule_page(rule: Rule) -> str:
     """The rule's page (Markdown), as shipped in the package."""
-    name = rule.doc.rsplit("/", 1)[-1]
-    page = resources.files("tcpwatch").joinpath("ruledocs", name)
-    try:
-        text = page.read_text(encoding="utf-8")
-    except OSError:
+    text = read_rule_page(rule)
+    if text is None:
         raise UsageError(
-            f"rules: the page {name} is not installed with this copy of tcpwatch; read it at "
-            f"{doc_url(rule.doc, Config().docs_url)}"
-        ) from None
-    return text if text.endswith("\n") else text + "\n"
+            f"rules: the page {rule.doc} is not installed with this copy of tcpwatch "
+            "(it is in the tcpwatch source tree)"
+        )
+    return text
 
 
 def _number(value: float | None) -> float | None:
@@ -125,5 +122,5 @@ def catalogue_text(config: Config) -> str:
                 f"      rules.{rule.id}.{t.name} = {_shown(values[t.name])} ({unit}): "
                 f"{t.description}"
             )
-        lines.append(f"      page: {doc_url(rule.doc, config.docs_url)}")
+        lines.append(f"      page: {doc_url(rule.doc, config.docs_url) or offline_page(rule.id)}")
     return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 
 from tcpwatch.cli import build_parser
-from tcpwatch.manpage import _command_help, _subcommands
+from tcpwatch.manpage import _command_help, _subcommands, help_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +46,7 @@ def options(parser: argparse.ArgumentParser) -> tuple[Option, ...]:
         else:
             kind = "word"
         found.append(
-            Option(tuple(action.option_strings), action.help or "", takes_value, choices, kind)
+            Option(tuple(action.option_strings), help_text(action), takes_value, choices, kind)
         )
     return tuple(found)
 

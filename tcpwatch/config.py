@@ -27,9 +27,10 @@ ATTRIBUTABLE_STATES = tuple(s for s in STATES if s not in ("established", "time_
 # collect.connection_receive_buffer: 64 KiB (about 100 queued events once doubled) to 256 MiB.
 MIN_RECEIVE_BUFFER = 64 << 10
 MAX_RECEIVE_BUFFER = 256 << 20
-# Where the rule pages are read online: a finding's page is <docs_url>/docs/rules/<ID>-<slug>.md.
-# OWNER is a placeholder for where tcpwatch is hosted (as in deploy/prometheus runbook_url).
-DEFAULT_DOCS_URL = "https://github.com/OWNER/tcpwatch/blob/main"
+# Where a site publishes the docs: a finding's page is then <docs_url>/docs/rules/<ID>-<slug>.md.
+# None by default: tcpwatch has no published home, so links go to what every install has
+# (`tcpwatch rules ID`, serve's /rules/ID, /usr/share/doc/tcpwatch in the Debian package).
+DEFAULT_DOCS_URL = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +47,11 @@ class CollectSettings:
     top_processes: int = 20
     top_destinations: int = 20
     disabled_sources: tuple[str, ...] = ()  # source names (tcpwatch_source_up) not to run
-    # The destroy-event source (docs/connections.md): on/off, the per-namespace peer table's
-    # limit and idle time, and the receive buffer asked for (the kernel doubles it).
+    # The destroy-event source (docs/connections.md): on/off, the host-wide budget of per-peer
+    # rows (every namespace together, "other" rows included; 24 series a row) and the idle time,
+    # and the receive buffer asked for (the kernel doubles it).
     connections: bool = True
-    connection_peers: int = 100
+    connection_peers: int = 120
     connection_peer_idle: float = 3600.0
     connection_receive_buffer: int = 4 << 20
     live_tcp_info: bool = True  # tcp_info of live connections on the per-destination scan
@@ -154,6 +156,8 @@ def parse_config(
 
 
 def _docs_url(check: Validator, raw: object, path: str) -> str | None:
+    if raw == "":
+        return ""  # explicitly none: the default
     url = check.string(raw, path)
     if url is None:
         return None

@@ -7,7 +7,7 @@ Mappings inside them are built once by a source and never mutated afterwards.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from tcpwatch.stalls import InboundScan, LivePeer, Stalls, live_peers
@@ -159,6 +159,9 @@ class Sysctls:
 
     values: Mapping[str, tuple[int, ...]]  # dotted name -> its integer fields
     reserved_ports: tuple[tuple[int, int], ...] = ()  # ip_local_reserved_ports as ranges
+    # False when the file exists but could not be used: which ports are reserved is unknown,
+    # and reserved_ports (then empty) must not be read as "none".
+    reserved_ports_known: bool = True
 
     def get(self, name: str, index: int = 0) -> int | None:
         fields = self.values.get(name)
@@ -174,6 +177,7 @@ class Sysctls:
         return fields[0], fields[1]
 
     def port_reserved(self, port: int) -> bool:
+        """Whether ``port`` is reserved; False also when that is unknown (reserved_ports_known)."""
         return any(low <= port <= high for low, high in self.reserved_ports)
 
     def named_fields(self) -> tuple[tuple[str, int], ...]:
@@ -371,9 +375,48 @@ class PeerStats:
         return tuple(cumulative)
 
 
+def add_peer_stats(total: PeerStats | None, delta: PeerStats, peer: str | None = None) -> PeerStats:
+    """``total`` + ``delta`` (counts of the same row; ``peer`` renames the result)."""
+    name = peer if peer is not None else delta.peer
+    if total is None:
+        return delta if name == delta.peer else replace(delta, peer=name)
+    return PeerStats(
+        direction=total.direction,
+        peer=name,
+        closed={o: total.closed.get(o, 0) + delta.closed.get(o, 0) for o in OUTCOMES},
+        rtt_buckets=tuple(a + b for a, b in zip(total.rtt_buckets, delta.rtt_buckets, strict=True)),
+        rtt_count=total.rtt_count + delta.rtt_count,
+        rtt_sum_seconds=total.rtt_sum_seconds + delta.rtt_sum_seconds,
+        segments_sent=total.segments_sent + delta.segments_sent,
+        segments_retransmitted=total.segments_retransmitted + delta.segments_retransmitted,
+        bytes_sent=total.bytes_sent + delta.bytes_sent,
+        bytes_received=total.bytes_received + delta.bytes_received,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PeerActivity:
+    """One tracked (direction, peer) of a namespace as its destroy listener saw it since the
+    previous drain: what closed (``delta``, None when nothing did) and how busy it has been
+    (``score``: closes, exponentially decayed). The host-wide row budget (peer_budget.py) ranks
+    peers by it; PEER_OTHER carries the closes of peers the listener stopped tracking."""
+
+    direction: str
+    peer: str
+    score: float
+    delta: PeerStats | None
+
+
 @dataclass(frozen=True, slots=True)
 class LifecycleStats:
-    """Everything one namespace's destroy listener aggregated since it started (cumulative)."""
+    """Everything one namespace's destroy listener aggregated since it started (cumulative).
+
+    As the source drains it, ``activity`` holds what closed since the previous drain and
+    ``peers`` is empty; the pipeline's host-wide budget (peer_budget.py) then fills ``peers``
+    with the rows it gave this namespace, ``held`` with rows it keeps but does not export this
+    poll, ``folded`` with the closes counted under PEER_OTHER or under no row, and sets
+    ``activity`` to None.
+    """
 
     peers: tuple[PeerStats, ...]  # sorted by direction, then peer; PEER_OTHER rows included
     events: int  # destroy messages received and parsed (every outcome, ignored ones too)
@@ -384,6 +427,12 @@ class LifecycleStats:
     # Messages the kernel dropped at this socket for a full receive buffer (sk_drops, read with
     # SO_MEMINFO): exact. None when the kernel does not report it (before 4.12).
     lost: int | None
-    max_peers: int  # the table's limit (PEER_OTHER not counted)
-    evicted: int  # peers that gave their place up after being idle (their series end)
+    max_peers: int  # the host-wide row budget (collect.connection_peers), PEER_OTHER included
+    evicted: int  # rows this namespace gave up, to a busier peer or after being idle
     receive_buffer: int  # bytes the kernel granted the socket (SO_RCVBUF as read back)
+    activity: tuple[PeerActivity, ...] | None = None
+    # Rows remembered but not exported this poll: a row that comes back goes on from these.
+    held: tuple[PeerStats, ...] = ()
+    # direction -> closes not counted under their own peer's row (under PEER_OTHER, or under no
+    # row when even PEER_OTHER did not fit the budget); cumulative; every direction once budgeted.
+    folded: Mapping[str, int] = field(default_factory=dict)

@@ -18,6 +18,7 @@ from tcpwatch.gathering import Gathering
 from tcpwatch.history import NetnsHistory, SourceFailureLog, track_close_wait
 from tcpwatch.model import Attribution, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
+from tcpwatch.peer_budget import PeerBudget
 from tcpwatch.rules import SYSCTLS_USED
 from tcpwatch.sources.netns import NetnsNames
 from tcpwatch.sources.registry import registered_sources, source_names
@@ -108,6 +109,7 @@ class Pipeline:
         self._errors: dict[tuple[str, str], int] = {}
         self._durations = PollHistogram()
         self._trends: dict[str, Trend] = {}
+        self._peers = PeerBudget()
 
     def history(self, netns: str) -> NetnsHistory:
         return self._history.get(netns, NetnsHistory())
@@ -115,7 +117,10 @@ class Pipeline:
     def poll(self, config: Config) -> ExportState:
         started_at = self._clock()
         started = self._timer()
-        snapshots = tuple(self._take(config))
+        # One row budget for every namespace's per-peer connection series (peer_budget.py).
+        snapshots = self._peers.apply(
+            self._take(config), config.collect.connection_peers, config.collect.connection_peer_idle
+        )
         history: dict[str, NetnsHistory] = {}
         previous: dict[str, Snapshot] = {}
         for snapshot in snapshots:

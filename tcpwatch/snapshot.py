@@ -232,7 +232,7 @@ def poll(
     targets = _settled(targets_found, names)
     names.keep({target.inode for target in targets})
     targets = netns_source.select(targets, selection)
-    entered = ProcPaths(root=paths.root, net_dir="thread-self/net")
+    entered = replace(paths, net_dir="thread-self/net")
     snapshots: list[Snapshot] = []
     for target in targets:
         identity = NetnsIdentity(

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from tcpwatch.escape import terminal
+
 # A configuration file is a few KiB; 1 MiB leaves room for long comments and many rules.
 MAX_FILE_BYTES = 1 << 20
 # Scalars, sequences and mappings in one document: the example config has ~100.
@@ -171,9 +173,7 @@ def show(value: object) -> str:
 
 def one_line(text: str, limit: int) -> str:
     """``text`` with control characters escaped, clipped to about ``limit`` characters."""
-    clipped = text[:limit]
-    if not clipped.isprintable():
-        clipped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in clipped)
+    clipped = terminal(text[:limit])
     if len(text) > limit or len(clipped) > limit:
         return f"{clipped[:limit]}... ({len(text)} characters)"
     return clipped

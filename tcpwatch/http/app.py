@@ -34,6 +34,7 @@ from tcpwatch.http.webconfig import WebConfig
 from tcpwatch.render import api
 from tcpwatch.render.html import landing_page
 from tcpwatch.render.prometheus import make_registry
+from tcpwatch.render.rulepage import rule_page_html
 from tcpwatch.state import ExportState
 
 _OPENMETRICS_EOF = b"# EOF\n"
@@ -205,6 +206,8 @@ class WebApp:
         }
         routes["/api/v1/snapshot"] = lambda: self._api(target, self._snapshot_json)
         routes["/api/v1/findings"] = lambda: self._api(target, self._findings_json)
+        if path.startswith(api.RULE_PAGES):  # /rules/ and /rules/Q01: the rule pages
+            routes[path] = lambda: self._rule_page(path.removeprefix(api.RULE_PAGES))
         handler = routes.get(path)
         if handler is None:
             return text_response(HTTPStatus.NOT_FOUND, f"Not found: {path} (try /metrics)")
@@ -302,6 +305,12 @@ class WebApp:
     def _snapshot_json(state: ExportState, query: dict[str, str]) -> object:
         return api.snapshot_document(state, api.snapshot_query(query))
 
-    @staticmethod
-    def _findings_json(state: ExportState, query: dict[str, str]) -> object:
-        return api.findings_document(state, query.get("netns") or None, api.findings_limit(query))
+    def _findings_json(self, state: ExportState, query: dict[str, str]) -> object:
+        netns, limit = query.get("netns") or None, api.findings_limit(query)
+        return api.findings_document(state, netns, limit, self._config().docs_url)
+
+    def _rule_page(self, name: str) -> Response:
+        page = rule_page_html(name, self._config().docs_url)
+        if page is None:
+            return text_response(HTTPStatus.NOT_FOUND, f"No rule {name[:40]!r} (try /rules/)")
+        return Response(HTTPStatus.OK, "text/html; charset=utf-8", page.encode("utf-8"))

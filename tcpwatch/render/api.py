@@ -26,6 +26,7 @@ MAX_NAMESPACES = 100  # namespaces detailed per answer; ``netns_names`` lists th
 DEFAULT_FINDINGS_LIMIT = 1000
 MAX_FINDINGS_LIMIT = 10_000
 LISTENER_SORTS = ("fill", "syn_recv", "port")
+RULE_PAGES = "/rules/"  # where serve shows each rule's page (render/rulepage.py)
 
 
 class QueryError(ValueError):
@@ -241,8 +242,17 @@ def window_of(state: ExportState) -> float:
     return round(max(spans), 3) if spans else 0.0
 
 
-def findings_document(state: ExportState, netns: str | None, limit: int) -> dict[str, Any]:
-    """/api/v1/findings: the `check --format json` report of the daemon's latest poll."""
+def findings_document(
+    state: ExportState, netns: str | None, limit: int, docs_url: str = ""
+) -> dict[str, Any]:
+    """/api/v1/findings: the `check --format json` report of the daemon's latest poll.
+
+    ``doc_url`` is the page under the configured ``docs_url``, or, with none, the page this
+    daemon serves itself (``/rules/Q01``, a path on the same host and port)."""
     snapshots = [s for s in state.snapshots if netns is None or s.netns == netns]
     findings = [f for f in state.findings if netns is None or f.netns == netns]
-    return report_document(findings, snapshots, window_of(state), limit=limit)
+    document = report_document(findings, snapshots, window_of(state), limit, docs_url)
+    if not docs_url:
+        for item in document["findings"]:
+            item["doc_url"] = f"{RULE_PAGES}{item['id']}"
+    return document

@@ -176,7 +176,7 @@ def landing_page(
             else None
         ),
         "findings": (
-            api.findings_document(state, first, api.DEFAULT_FINDINGS_LIMIT)
+            api.findings_document(state, first, api.DEFAULT_FINDINGS_LIMIT, config.docs_url)
             if state is not None
             else None
         ),
@@ -196,7 +196,7 @@ def landing_page(
         '<label id="netns-choice">namespace <select id="netns"></select></label>'
         f'<span id="status" class="status">{e(polled)}</span>'
         '<nav><a href="/metrics">metrics</a> · <a href="/api/v1/snapshot">API</a> · '
-        '<a href="/-/healthy">health</a></nav></header>'
+        '<a href="/rules/">rules</a> · <a href="/-/healthy">health</a></nav></header>'
         '<p id="summary" class="summary"></p><ul id="sources" class="note"></ul>'
         f'<main><section id="machine">{state_diagram()}</section>'
         '<aside id="detail"><p class="hint">Click a state for what it means, its history and '

@@ -10,16 +10,18 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 from tcpwatch.config import DEFAULT_DOCS_URL
+from tcpwatch.jsonshape import Shape, ShapeError
 from tcpwatch.model import Snapshot
 from tcpwatch.render.status import SEVERITIES, Gauges, doc_url, status_of
-from tcpwatch.rules import EvidenceValue, Finding, sort_key
+from tcpwatch.rules import EvidenceValue, Finding, Severity, sort_key
 from tcpwatch.rules.shapes import counter_key
 
 # 2: every evidence key is snake_case; kernel counters' keys changed (docs/check-json.md).
 SCHEMA_VERSION = 2
+EXIT_UNKNOWN = 3  # Nagios: the check could not be done (cli_parser.EXIT_UNKNOWN, one layer up)
 READABLE_VERSIONS = (1, 2)  # findings_from_document translates a version 1 report's keys
 _V1_COUNTER = re.compile(r"(TcpExt[A-Za-z]+)_(in_window|total)")
 
@@ -44,9 +46,12 @@ def render_json(
     snapshots: Sequence[Snapshot],
     window_seconds: float,
     docs_url: str = DEFAULT_DOCS_URL,
+    unknown: str | None = None,
 ) -> str:
     """The machine report (schema in docs/check-json.md), one JSON document and a newline."""
-    document = report_document(findings, snapshots, window_seconds, docs_url=docs_url)
+    document = report_document(
+        findings, snapshots, window_seconds, docs_url=docs_url, unknown=unknown
+    )
     return json.dumps(document, indent=2) + "\n"
 
 
@@ -56,12 +61,16 @@ def report_document(
     window_seconds: float,
     limit: int | None = None,
     docs_url: str = DEFAULT_DOCS_URL,
+    unknown: str | None = None,
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict. ``limit`` cuts the findings list (the daemon's API);
     status, exit code and summary still count every finding, and ``findings_total`` says how
-    many there were when the list was cut."""
+    many there were when the list was cut. ``unknown``: why the check could not be completed
+    (status UNKNOWN, exit code 3, the reason in ``error``), with whatever it found so far."""
     ordered = sorted(findings, key=sort_key)
     status, code = status_of(ordered)
+    if unknown is not None:
+        status, code = "UNKNOWN", EXIT_UNKNOWN
     counts = Counter(f.severity for f in ordered)
     document: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -89,6 +98,8 @@ def report_document(
     }
     if limit is not None and len(ordered) > limit:
         document["findings_total"] = len(ordered)
+    if unknown is not None:
+        document["error"] = unknown
     return document
 
 
@@ -98,28 +109,31 @@ def findings_from_json(text: str) -> list[Finding]:
 
 
 def findings_from_document(document: Any) -> list[Finding]:
-    """The findings of a report document (parsed JSON); ValueError when it is not one."""
+    """The findings of a report document (parsed JSON), every field's type checked; ShapeError
+    (a ValueError) naming the first field that is wrong when it is not one."""
+    root = Shape(document)
     if not isinstance(document, dict):
-        raise ValueError("not a check report: expected a JSON object")
-    version = document.get("schema_version")
+        raise root.fail("a check report (a JSON object)")
+    version = root.field("schema_version").integer()
     if version not in READABLE_VERSIONS:
-        raise ValueError(f"unsupported check report schema_version {version!r}")
-    return [
-        Finding(
-            rule_id=item["id"],
-            slug=item["slug"],
-            severity=item["severity"],
-            title=item["title"],
-            netns=item["netns"],
-            subject=item["subject"],
-            evidence=MappingProxyType(
-                dict(item["evidence"]) if version == SCHEMA_VERSION else _v1(item["evidence"])
-            ),
-            remediation=item["remediation"],
-            doc=item["doc"],
-        )
-        for item in document["findings"]
-    ]
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        raise ShapeError(f"schema_version: {version} is not one this tcpwatch reads ({readable})")
+    return [_finding(item, version) for item in root.field("findings").items()]
+
+
+def _finding(item: Shape, version: int) -> Finding:
+    evidence = {key: value.scalar() for key, value in item.field("evidence").members()}
+    return Finding(
+        rule_id=item.field("id").string(),
+        slug=item.field("slug").string(),
+        severity=cast(Severity, item.field("severity").choice(SEVERITIES)),
+        title=item.field("title").string(),
+        netns=item.field("netns").string(),
+        subject=item.field("subject").string(),
+        evidence=MappingProxyType(evidence if version == SCHEMA_VERSION else _v1(evidence)),
+        remediation=item.field("remediation").string(),
+        doc=item.field("doc").string(),
+    )
 
 
 def _v1(evidence: dict[str, EvidenceValue]) -> dict[str, EvidenceValue]:

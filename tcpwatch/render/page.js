@@ -142,14 +142,17 @@
       el("div", { class: "meta" }, "netns " + f.netns + (f.subject ? " · " + f.subject : "")),
       el("pre", { class: "evidence" }, Object.entries(f.evidence).map(([k, v]) => k + "  " + v).join("\n")),
       f.remediation ? el("pre", { class: "fix" }, f.remediation) : "",
-      el("div", { class: "meta" }, f.doc))));
+      el("div", { class: "meta" }, el("a", { href: f.doc_url || "rules/" + f.id }, f.doc)))));
   }
 
   function renderSources(ns) {
     const failed = ns ? ns.sources.filter((s) => !s.ok) : [];
+    const degraded = ns ? ns.sources.filter((s) => s.ok && s.skipped.length) : [];
     document.getElementById("sources").replaceChildren(...failed.map((s) =>
       el("li", { class: "source-failed" }, "source " + s.name + " failed in " + ns.netns + ": " +
-        (s.error || "unknown error") + " (rules that need it were skipped)")));
+        (s.error || "unknown error") + " (rules that need it were skipped)")),
+      ...degraded.map((s) => el("li", { class: "source-degraded" }, "source " + s.name +
+        " left out in " + ns.netns + ": " + s.skipped.join("; "))));
   }
 
   function render() {

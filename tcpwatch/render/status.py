@@ -22,10 +22,25 @@ def status_of(findings: Iterable[Finding]) -> tuple[str, int]:
     return STATUS_BY_EXIT_CODE[code], code
 
 
-def doc_url(doc: str, base: str) -> str:
+def doc_url(doc: str, base: str) -> str | None:
     """A page's URL: ``base`` (config ``docs_url``) joined with its repository path
-    (``docs/rules/Q01-accept-queue-full.md``)."""
+    (``docs/rules/Q01-accept-queue-full.md``); None when no docs_url is configured."""
+    if not base:
+        return None
     return f"{base.rstrip('/')}/{doc.lstrip('/')}"
+
+
+def offline_page(rule_id: str) -> str:
+    """The command that prints a rule's page from the installed copy."""
+    return f"tcpwatch rules {rule_id}"
+
+
+def doc_reference(rule_id: str, doc: str, base: str) -> str:
+    """Where a person reads a rule's page: the published copy and the offline command when a
+    docs_url is configured, else the offline command alone (never a link to nowhere)."""
+    url = doc_url(doc, base)
+    offline = offline_page(rule_id)
+    return f"{url} (offline: {offline})" if url else offline
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tcpwatch.render.printable import printable_finding
 from tcpwatch.rules import Finding, sort_key
 from tcpwatch.rules.fixes import HOST_NETNS, persisted_settings
 
@@ -18,7 +19,9 @@ SNIPPET_PATH = "/etc/sysctl.d/90-tcpwatch.conf"
 
 
 def render_sysctl_snippet(findings: Sequence[Finding]) -> str:
-    ordered = sorted(findings, key=sort_key)
+    # Titles name processes and namespaces: escaped, a newline in one cannot end its comment
+    # line and add a setting to the file.
+    ordered = sorted(map(printable_finding, findings), key=sort_key)
     values: dict[str, str] = {}
     reasons: dict[str, list[str]] = {}
     elsewhere = 0

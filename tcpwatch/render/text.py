@@ -2,7 +2,8 @@
 
 Its first line follows the Nagios plugin convention (``TCPWATCH CRITICAL - 2 critical,
 1 warning``); findings follow, grouped by severity, each with its evidence, the fix and the
-documentation page. ANSI colour only when asked for.
+documentation page. ANSI colour only when asked for. Names from the host or a daemon are escaped
+(render/printable.py): the only escape sequences in the report are its own colours.
 """
 
 from __future__ import annotations
@@ -13,8 +14,18 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 from tcpwatch.config import DEFAULT_DOCS_URL
+from tcpwatch.escape import terminal
 from tcpwatch.model import Snapshot
-from tcpwatch.render.status import SEVERITIES, Gauges, doc_url, status_of
+from tcpwatch.render.printable import printable_finding, printable_snapshot
+from tcpwatch.render.scope import Scope, checked_line, privilege_note, verbose_lines
+from tcpwatch.render.status import (
+    SEVERITIES,
+    Gauges,
+    doc_reference,
+    doc_url,
+    offline_page,
+    status_of,
+)
 from tcpwatch.rules import Finding, sort_key
 
 _RESET = "\033[0m"
@@ -31,11 +42,16 @@ _COLOURS: Mapping[str, str] = MappingProxyType(
 _LABEL_WIDTH = 12
 
 
-def summary_line(findings: Sequence[Finding]) -> str:
-    """The Nagios-style first line: ``TCPWATCH CRITICAL - 2 critical, 1 warning``."""
-    status, _ = status_of(findings)
+def summary_line(findings: Sequence[Finding], unknown: str | None = None) -> str:
+    """The Nagios-style first line: ``TCPWATCH CRITICAL - 2 critical, 1 warning``; with
+    ``unknown`` (why the check is incomplete), ``TCPWATCH UNKNOWN - <why> (1 warning)``."""
     counts = Counter(f.severity for f in findings)
     parts = [f"{counts[s]} {s}" for s in SEVERITIES if counts[s]]
+    if unknown is not None:
+        return f"TCPWATCH UNKNOWN - {terminal(unknown)}" + (
+            f" ({', '.join(parts)})" if parts else ""
+        )
+    status, _ = status_of(findings)
     return f"TCPWATCH {status} - " + (", ".join(parts) if parts else "no findings")
 
 
@@ -85,8 +101,8 @@ def _format_value(value: str | int | float) -> str:
 
 
 def _doc(finding: Finding, docs_url: str) -> str:
-    """The page online and how to read it offline."""
-    return f"{doc_url(finding.doc, docs_url)} (offline: tcpwatch rules {finding.rule_id})"
+    """The page online (when a docs_url is set) and how to read it offline."""
+    return doc_reference(finding.rule_id, finding.doc, docs_url)
 
 
 def _finding_lines(
@@ -121,20 +137,30 @@ def render_text(
     verbose: bool = False,
     docs_url: str = DEFAULT_DOCS_URL,
     perf: str = "",
+    unknown: str | None = None,
+    scope: Scope | None = None,
 ) -> str:
-    """The human report; ANSI colour only when ``color``.
+    """The human report; ANSI colour only when ``color``; ``unknown``: why the check could not
+    be completed (its status is then UNKNOWN, whatever the findings).
 
     With several namespaces, findings are grouped by namespace first, then by severity. Info
     findings are one line each (title and doc page) unless ``verbose``: they explain, they do not
     ask for action, and a node with a hundred listeners must not bury its one warning.
     ``perf`` (:func:`perfdata`) follows the first line's ``|``; ``docs_url`` is where the rule
-    pages are (the config's ``docs_url``).
+    pages are (the config's ``docs_url``); ``scope``: what was checked, said under the status
+    (render/scope.py).
     """
-    ordered = sorted(findings, key=sort_key)
+    # Every host or remote string escaped once, here: nothing below prints a control character.
+    ordered = sorted(map(printable_finding, findings), key=sort_key)
+    snapshots = [printable_snapshot(snapshot) for snapshot in snapshots]
     status, _ = status_of(ordered)
-    first = summary_line(ordered)
+    first = summary_line(ordered, unknown)
     style = _COLOURS["ok"] if status == "OK" else _COLOURS[status.lower()]
+    if unknown is not None:
+        style = _COLOURS["warning"]
     lines = [_paint(first, style, color) + (f" | {perf}" if perf else "")]
+    if scope is not None:
+        lines.append(checked_line(snapshots, scope))
     for snapshot in snapshots:
         ok = sum(1 for s in snapshot.sources if s.ok)
         failed = len(snapshot.sources) - ok
@@ -145,6 +171,11 @@ def render_text(
             + (f" ({degraded} degraded)" if degraded else "")
             + (f", {failed} failed" if failed else "")
         )
+        if verbose:
+            lines.extend(verbose_lines(snapshot))
+    privileged = scope is not None and scope.privileged
+    if (note := privilege_note(snapshots, privileged)) is not None:
+        lines.append(_paint("! " + note, _COLOURS["warning"], color))
     for snapshot in snapshots:
         for source in snapshot.sources:
             if source.ok and source.skipped:
@@ -185,4 +216,5 @@ def render_text(
 
 def _info_line(finding: Finding, color: bool, docs_url: str) -> str:
     tag = _paint(f"[{finding.rule_id} {finding.slug}]", _COLOURS[finding.severity], color)
-    return f"  {tag} {finding.title}  {_paint(doc_url(finding.doc, docs_url), _DIM, color)}"
+    page = doc_url(finding.doc, docs_url) or offline_page(finding.rule_id)
+    return f"  {tag} {finding.title}  {_paint(page, _DIM, color)}"

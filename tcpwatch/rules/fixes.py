@@ -3,28 +3,43 @@
 from __future__ import annotations
 
 import re
-import shlex
 from collections.abc import Sequence
 
+from tcpwatch.escape import shell_comment, shell_word
 from tcpwatch.model import PersistedSysctl, ProcessRef, Snapshot, lines_for
 
 HOST_NETNS = "host"  # the snapshot's name for the init network namespace (that of PID 1)
 # The persisting line sysctl_fix writes, read back by persisted_settings (check --emit-sysctl).
 _PERSIST = "echo '{name} = {value}' > /etc/sysctl.d/90-tcpwatch-{short}.conf"
+_PID_NAME = re.compile(r"pid:[0-9]+")  # the name of a namespace known by a member process
 _PERSISTED = re.compile(
     r"^echo '(?P<name>[a-z0-9_.]+) = (?P<value>[^'\n]*)' "
     r"> /etc/sysctl\.d/90-tcpwatch-[a-z0-9-]+\.conf$"
 )
 
 
+def process_subject(process: ProcessRef | None) -> str:
+    """A finding's subject for a process: its name ("nginx"), or "unknown process" when not
+    found. Never the pid: the subject is a label of tcpwatch_finding, and a restart must not
+    make a new series (nor resolve and re-fire its alert); titles and evidence carry the pid."""
+    return "unknown process" if process is None else process.name
+
+
 def process_label(process: ProcessRef | None) -> str:
-    """A finding's subject for a process: "nginx[1234]", or "unknown process" when not found."""
+    """A process in titles and evidence: "nginx[1234]", or "unknown process" when not found."""
     return "unknown process" if process is None else f"{process.name}[{process.pid}]"
 
 
 def process_phrase(process: ProcessRef | None) -> str:
     """For sentences: "nginx[1234]", or "the owning process" when it was not found."""
     return "the owning process" if process is None else f"{process.name}[{process.pid}]"
+
+
+def comment(text: str) -> str:
+    """A comment line of a fix block. ``text`` may hold host strings (process and namespace
+    names, file names): a newline or control character in them is escaped, so the line cannot
+    end early and turn the rest of a name into a command."""
+    return "# " + shell_comment(text)
 
 
 def owner_of(snapshot: Snapshot, inode: int) -> ProcessRef | None:
@@ -37,9 +52,14 @@ def run_in(netns: str, command: str) -> str:
     """A command as it must be typed to act on ``netns`` from the host."""
     if netns == HOST_NETNS:
         return command
-    if netns.startswith("pid:"):
+    if netns.startswith("ns:") and netns[3:].isdigit():
+        # An unnamed namespace is named by its inode; lsns finds a process in it to enter by.
+        return f"nsenter -t $(lsns -n -o PID -t net {netns[3:]}) --net {command}"
+    if _PID_NAME.fullmatch(netns):
         return f"nsenter --net=/proc/{netns[4:]}/ns/net {command}"
-    return f"ip netns exec {shlex.quote(netns)} {command}"
+    # Any other name is a file name under /run/netns, which may be "pid:1;reboot" or hold a
+    # newline: one shell word whatever it is.
+    return f"ip netns exec {shell_word(netns)} {command}"
 
 
 def sysctl_fix(
@@ -68,15 +88,19 @@ def sysctl_fix(
                 f"90-tcpwatch-{short}.conf"
             ):
                 lines.append(
-                    f"# {entry.path}:{entry.line} sets {name} = {entry.value}: "
-                    "change or remove that line, or it may undo this at boot"
+                    comment(
+                        f"{entry.path}:{entry.line} sets {name} = {entry.value}: "
+                        "change or remove that line, or it may undo this at boot"
+                    )
                 )
     else:
         lines.append(
-            f"# {name} is per network namespace and /etc/sysctl.d does not apply to "
-            f"'{netns}': set it where the namespace is created "
-            f"(docker run --sysctl {assignment}, "
-            "Kubernetes securityContext.sysctls, or the script that runs `ip netns add`)"
+            comment(
+                f"{name} is per network namespace and /etc/sysctl.d does not apply to "
+                f"'{netns}': set it where the namespace is created "
+                f"(docker run --sysctl {assignment}, "
+                "Kubernetes securityContext.sysctls, or the script that runs `ip netns add`)"
+            )
         )
     return "\n".join(lines)
 
@@ -122,19 +146,24 @@ def ports_to_reserve(snapshot: Snapshot) -> list[int]:
 def reserve_ports_fix(
     netns: str, snapshot: Snapshot, persisted: Sequence[PersistedSysctl] = ()
 ) -> str | None:
-    """The command reserving :func:`ports_to_reserve` plus what is reserved already, if needed."""
+    """The command reserving :func:`ports_to_reserve` plus what is reserved already, if needed;
+    advice to add them by hand when what is reserved already is unknown (the file was unusable),
+    since the command replaces the whole list."""
     ports = ports_to_reserve(snapshot)
     if not ports or snapshot.sysctls is None:
         return None
+    if not snapshot.sysctls.reserved_ports_known:
+        return manual_reservation(*ports)
     merged = sorted({*snapshot.sysctls.reserved_ports, *((port, port) for port in ports)})
     return sysctl_fix(
         netns, "net.ipv4.ip_local_reserved_ports", format_port_ranges(merged), persisted
     )
 
 
-def manual_reservation(port: int) -> str:
+def manual_reservation(*ports: int) -> str:
     """Advice for when the current reservations are unknown, so no exact command can be given."""
+    listed = format_port_ranges([(port, port) for port in ports])
     return (
-        f"# add {port} to net.ipv4.ip_local_reserved_ports, keeping the ports already listed "
+        f"# add {listed} to net.ipv4.ip_local_reserved_ports, keeping the ports already listed "
         "there (writing the sysctl replaces the whole list)"
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from tcpwatch.endpoints import endpoint
+from tcpwatch.escape import shell_word
 from tcpwatch.model import Sysctls, lines_for
 from tcpwatch.rules.base import (
     EvidenceValue,
@@ -140,7 +141,7 @@ def K03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         + " ".join(
             f"-e '{line}s/^/# tcp_tw_recycle was removed in Linux 4.12: /'" for line in lines
         )
-        + f" {path}"
+        + f" {shell_word(path)}"  # a file name: it may hold a space, a ; or a newline
         for path, lines in by_file.items()
     ]
     yield K03.finding(

@@ -107,6 +107,6 @@ def Q05(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             title,
             evidence,
             nofile_fix(process, snapshot.netns),
-            subject=label,
+            subject=process.name,  # never the pid: a restart must keep the series
             severity=severity,
         )

@@ -79,7 +79,8 @@ def peer_windows(window: Window, direction: str) -> tuple[PeerWindow, ...]:
     before: LifecycleStats | None = window.previous.connections
     if now is None or before is None or now.events < before.events:
         return ()
-    earlier = {(p.direction, p.peer): p for p in before.peers}
+    # A row the budget held back (not exported) goes on from its held value when it is back.
+    earlier = {(p.direction, p.peer): p for p in (*before.held, *before.peers)}
     return tuple(
         _difference(peer, earlier.get((peer.direction, peer.peer)))
         for peer in now.peers

@@ -15,6 +15,7 @@ from tcpwatch.rules.base import (
 )
 from tcpwatch.rules.fixes import (
     WIDE_PORT_RANGE,
+    comment,
     manual_reservation,
     owner_of,
     process_label,
@@ -86,6 +87,9 @@ def P01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         }
         if tw_reuse is not None:
             evidence["tcp_tw_reuse"] = tw_reuse
+        if not sysctls.reserved_ports_known:
+            # The whole range counted: the usage shown is a floor, never an overstatement.
+            evidence["reserved_ports"] = "unknown (counted as none)"
         lines = [
             f"# every connection from {use.source} to {destination} needs its own local port; "
             f"{available} exist, {use.sockets} are taken ({use.time_wait} by TIME_WAIT, 60 s "
@@ -156,6 +160,8 @@ def P02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     for group in listener_groups(snapshot):
         if not low <= group.port <= high or sysctls.port_reserved(group.port):
             continue
+        if not sysctls.reserved_ports_known:
+            continue  # it may be reserved: the sysctl source reports the unreadable list
         owner = owner_of(snapshot, group.sockets[0].inode)
         evidence: dict[str, EvidenceValue] = {
             "listener": group.name,
@@ -169,9 +175,12 @@ def P02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             evidence["pid"] = owner.pid
         remediation = "\n".join(
             [
-                f"# an outgoing connection may take port {group.port} while "
-                f"{process_phrase(owner)} is restarting (bind() then fails with EADDRINUSE), "
-                "and a client of this port can connect to itself while it is down",
+                comment(
+                    f"an outgoing connection may take port {group.port} while "
+                    f"{process_phrase(owner)} is restarting (bind() then fails with "
+                    "EADDRINUSE), and a client of this port can connect to itself while it is "
+                    "down"
+                ),
                 "# reserve it (the list repeats the current reservations: writing replaces it):",
                 reserve_ports_fix(netns, snapshot, window.persisted_sysctls)
                 or manual_reservation(group.port),

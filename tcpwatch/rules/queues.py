@@ -21,6 +21,7 @@ from tcpwatch.rules.base import (
     rule,
 )
 from tcpwatch.rules.fixes import (
+    comment,
     owner_of,
     process_label,
     process_phrase,
@@ -127,8 +128,10 @@ def Q01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         netns = snapshot.netns
         bigger = _suggested_backlog(worst.queue_max)
         lines = [
-            f"# {process_phrase(owner)} is not calling accept() fast enough: check that it is "
-            "alive and not blocked (CPU, a stuck event loop, too few workers/threads)",
+            comment(
+                f"{process_phrase(owner)} is not calling accept() fast enough: check that it is "
+                "alive and not blocked (CPU, a stuck event loop, too few workers/threads)"
+            ),
             run_in(netns, f"ss -ltn 'sport = :{group.port}'") + "   # Recv-Q / Send-Q",
             "# a bigger backlog only absorbs bursts:",
         ]

@@ -28,7 +28,7 @@ from tcpwatch.rules.base import (
     required,
     rule,
 )
-from tcpwatch.rules.fixes import process_label, process_phrase, run_in
+from tcpwatch.rules.fixes import comment, process_label, process_phrase, run_in
 from tcpwatch.rules.peers import split_peer
 from tcpwatch.rules.shapes import add_counter, add_window
 from tcpwatch.rules.shared import (
@@ -53,9 +53,11 @@ def _w01_remediation(window: Window, peer: LivePeer, owner: ProcessRef | None) -
     who = process_phrase(owner)
     if peer.direction == "inbound":
         lines = [
-            f"# {who} has data for the clients of {peer.peer} and waits on their receive "
-            "windows: they read slower than it sends (slow or mobile networks, clients that "
-            "stopped reading or read on purpose slowly, a proxy in front buffering little).",
+            comment(
+                f"{who} has data for the clients of {peer.peer} and waits on their receive "
+                "windows: they read slower than it sends (slow or mobile networks, clients that "
+                "stopped reading or read on purpose slowly, a proxy in front buffering little)."
+            ),
             "# The server is not the bottleneck, but every stalled connection holds its Send-Q "
             "in memory and a connection slot until the client reads or a timeout ends it.",
             "# which clients, their windows (snd_wnd), Send-Q and the persist timer:",
@@ -66,10 +68,12 @@ def _w01_remediation(window: Window, peer: LivePeer, owner: ProcessRef | None) -
         ]
     else:
         lines = [
-            f"# {who} sends to {peer.peer} faster than it reads: the application there is slow "
-            "to read (overloaded, blocked on something else) or advertises a small window (its "
-            "receive buffer is clamped: SO_RCVBUF set by the application, a low tcp_rmem, or "
-            "window scaling off on the way)",
+            comment(
+                f"{who} sends to {peer.peer} faster than it reads: the application there is slow "
+                "to read (overloaded, blocked on something else) or advertises a small window (its "
+                "receive buffer is clamped: SO_RCVBUF set by the application, a low tcp_rmem, or "
+                "window scaling off on the way)"
+            ),
             "# the connections, their peer windows (snd_wnd) and queues:",
             run_in(netns, f"ss -tinmo state established {ss_filter(peer)}"),
             f"# on {address}: ss -tnm 'sport = :{port}' (a full Recv-Q there: its application "
@@ -161,9 +165,11 @@ def _w02_remediation(window: Window, peer: LivePeer | None, owner: ProcessRef | 
     netns = window.current.netns
     who = process_phrase(owner)
     lines = [
-        f"# {who} does not read what arrives fast enough: data piles up in its sockets' receive "
-        "queues, their windows close and the senders wait (or the kernel drops data once the "
-        "buffer is full). The network and the peers are not the bottleneck: this process is.",
+        comment(
+            f"{who} does not read what arrives fast enough: data piles up in its sockets' receive "
+            "queues, their windows close and the senders wait (or the kernel drops data once the "
+            "buffer is full). The network and the peers are not the bottleneck: this process is."
+        ),
     ]
     if peer is not None:
         lines.append(run_in(netns, f"ss -tnmp state established {ss_filter(peer)}"))

@@ -17,10 +17,12 @@ from tcpwatch.rules.base import (
     rule,
 )
 from tcpwatch.rules.fixes import (
+    comment,
     manual_reservation,
     owner_of,
     process_label,
     process_phrase,
+    process_subject,
     reserve_ports_fix,
     run_in,
 )
@@ -126,9 +128,11 @@ def S01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         grep = f" | grep 'pid={owner.pid},'" if owner is not None else ""
         remediation = "\n".join(
             [
-                f"# {process_phrase(owner)} does not close() connections after the peer closed "
-                "them (read() returned 0 / EOF); no kernel setting frees them, only the "
-                "application's close() or its exit",
+                comment(
+                    f"{process_phrase(owner)} does not close() connections after the peer "
+                    "closed them (read() returned 0 / EOF); no kernel setting frees them, only "
+                    "the application's close() or its exit"
+                ),
                 "# which peers (the upstream whose connections leak):",
                 run_in(netns, "ss -tnp state close-wait")
                 + grep
@@ -143,7 +147,9 @@ def S01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             + (f", {stale} of them for over {stale_after:g} s" if severity == "critical" else "")
             + ": it leaks connections its peers closed"
         )
-        yield S01.finding(window, title, evidence, remediation, subject=label, severity=severity)
+        yield S01.finding(
+            window, title, evidence, remediation, subject=process_subject(owner), severity=severity
+        )
 
 
 # --- S02 -------------------------------------------------------------------------------------
@@ -259,11 +265,13 @@ def S03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         see = "Q01 accept-queue-full" if full == "accept" else "Q04 syn-queue-pressure"
         remediation = "\n".join(
             [
-                f"# {name} is a listener here ({process_label(owner)}) whose {full} queue is "
-                "full: the kernel drops the SYNs sent to it, so these clients wait and retry. "
-                "The network is not at fault: see the "
-                f"{see} finding for {group.name} and make {process_phrase(owner)} "
-                "accept() faster (more workers, a bigger backlog)",
+                comment(
+                    f"{name} is a listener here ({process_label(owner)}) whose {full} queue is "
+                    "full: the kernel drops the SYNs sent to it, so these clients wait and "
+                    f"retry. The network is not at fault: see the {see} finding for "
+                    f"{group.name} and make {process_phrase(owner)} accept() faster (more "
+                    "workers, a bigger backlog)"
+                ),
                 run_in(netns, f"ss -ltn 'sport = :{group.port}'") + "   # Recv-Q / Send-Q",
                 run_in(netns, "nstat -az TcpExtListenOverflows TcpExtListenDrops"),
                 "# in the clients: a connect timeout and retries with backoff keep a saturated "

@@ -19,7 +19,7 @@ from tcpwatch.rules.base import (
     required,
     rule,
 )
-from tcpwatch.rules.fixes import process_label, process_phrase, run_in, sysctl_fix
+from tcpwatch.rules.fixes import comment, process_label, process_phrase, run_in, sysctl_fix
 from tcpwatch.rules.peers import peer_windows, split_peer
 from tcpwatch.rules.shapes import add_window
 from tcpwatch.rules.shared import (
@@ -77,10 +77,12 @@ def _w03_fix(
     else:
         who = process_phrase(owner)
         lines.append(
-            f"# the buffer is below tcp_wmem's maximum: {who} most likely sets SO_SNDBUF "
-            "itself, which turns the kernel's autotuning off for the socket; remove that "
-            "setsockopt (or size it to bandwidth x RTT x 2). SO_SNDBUF is capped at "
-            "net.core.wmem_max (sysctl net.core.wmem_max) and doubled by the kernel."
+            comment(
+                f"the buffer is below tcp_wmem's maximum: {who} most likely sets SO_SNDBUF "
+                "itself, which turns the kernel's autotuning off for the socket; remove that "
+                "setsockopt (or size it to bandwidth x RTT x 2). SO_SNDBUF is capped at "
+                "net.core.wmem_max (sysctl net.core.wmem_max) and doubled by the kernel."
+            )
         )
     return lines, facts
 
@@ -115,8 +117,10 @@ def W03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             evidence["worst_connection"] = f"{worst.local} -> {worst.remote}"
         netns = snapshot.netns
         lines = [
-            f"# {process_phrase(owner)} has more to send to {peer.peer} than its socket send "
-            "buffer holds: the sender waits on its own buffer, not on the peer or the network",
+            comment(
+                f"{process_phrase(owner)} has more to send to {peer.peer} than its socket send "
+                "buffer holds: the sender waits on its own buffer, not on the peer or the network"
+            ),
             "# the buffer (skmem tb), Send-Q and sndbuf_limited per connection:",
             run_in(netns, f"ss -tinm {ss_filter(peer)}"),
             *fix,

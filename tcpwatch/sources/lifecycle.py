@@ -26,6 +26,7 @@ from tcpwatch.sources.lifecycle_peers import (
     DEFAULT_MAX_PEERS,
     DEFAULT_PEER_IDLE_SECONDS,
     LifecycleAggregator,
+    tracked_peers,
 )
 from tcpwatch.sources.netlink import NETLINK_SOCK_DIAG, SockDiagError
 
@@ -83,7 +84,7 @@ class DestroyListener:
     def __init__(
         self,
         receive_buffer: int = DEFAULT_RECEIVE_BUFFER,
-        max_peers: int = DEFAULT_MAX_PEERS,
+        max_peers: int = tracked_peers(DEFAULT_MAX_PEERS),
         peer_idle_seconds: float = DEFAULT_PEER_IDLE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         sock: socket.socket | None = None,
@@ -160,7 +161,8 @@ class DestroyListener:
             self._aggregator.update_context(context)
 
     def drain(self) -> LifecycleStats:
-        """An immutable, cumulative snapshot of everything counted so far."""
+        """An immutable snapshot: the listener's cumulative totals, and each tracked peer's counts
+        since the previous drain (``activity``; lifecycle_peers.table_of makes a table of it)."""
         with self._lock:
             if not self._closed:
                 self._lost = _socket_drops(self._sock)
@@ -231,7 +233,7 @@ def start_lifecycle(context: SourceContext) -> LifecycleGatherer:
     return LifecycleGatherer(
         DestroyListener(
             receive_buffer=settings.connection_receive_buffer,
-            max_peers=settings.connection_peers,
+            max_peers=tracked_peers(settings.connection_peers),
             peer_idle_seconds=settings.connection_peer_idle,
         )
     )

@@ -1,8 +1,13 @@
-"""The bounded per-peer table of closed connections: destroy messages in, LifecycleStats out.
+"""The bounded per-peer tracker of closed connections: destroy messages in, LifecycleStats out.
 
 The hot path lives here (once per closed connection): it reads the raw messages itself rather
 than building a DestroyEvent for each (lifecycle_events.py has the readable version of the same
 classification, which the tests hold it to).
+
+This module measures; it does not decide which peer gets a row of its own. Each drain reports,
+per tracked (direction, peer), what closed since the previous drain and a decayed score of how
+busy it is; the pipeline's host-wide budget (tcpwatch/peer_budget.py) gives rows to the busiest
+pairs of every namespace and folds the rest into ``peer="other"``.
 """
 
 from __future__ import annotations
@@ -11,7 +16,14 @@ import bisect
 import time
 from collections.abc import Callable, Iterable
 
-from tcpwatch.model import DIRECTIONS, OUTCOMES, PEER_OTHER, LifecycleStats, PeerStats
+from tcpwatch.model import (
+    DIRECTIONS,
+    OUTCOMES,
+    PEER_OTHER,
+    LifecycleStats,
+    PeerActivity,
+    PeerStats,
+)
 from tcpwatch.sources.lifecycle_events import (
     ABORTED,
     ADDRESS_BYTES,
@@ -40,30 +52,42 @@ from tcpwatch.sources.netlink import (
 from tcpwatch.sources.sockdiag import INET_DIAG_MSG_MIN
 from tcpwatch.sources.tcpinfo import CLOSE_FIELDS, parse_tcp_info
 
-DEFAULT_MAX_PEERS = 100
+DEFAULT_MAX_PEERS = 120  # host-wide rows (collect.connection_peers)
 DEFAULT_PEER_IDLE_SECONDS = 3600.0
+SCORE_HALF_LIFE_SECONDS = 60.0  # a peer's busyness: closes, halved every minute
 _ROUTE_CACHE_LIMIT = 4096
-_SWEEP_INTERVAL = 1.0  # seconds between idle-peer sweeps forced by a full table
+
+
+def tracked_peers(max_rows: int) -> int:
+    """Peers tracked per namespace for a host-wide budget of ``max_rows`` rows: twice the rows
+    (a namespace can never use more than the budget), at least 64, so a new busy peer is seen
+    and scored before it can win a row."""
+    return max(64, 2 * max_rows)
 
 
 class _Peer:
-    """Mutable running totals of one (direction, peer); frozen into PeerStats by snapshots."""
+    """Mutable counts of one tracked (direction, peer) since the previous drain, and its score;
+    frozen into PeerStats (the delta) by each drain."""
 
     __slots__ = (
         "bytes_acked",
         "bytes_received",
         "closed",
-        "folded",
         "last_seen",
         "retrans",
         "rtt",
         "rtt_count",
         "rtt_sum_us",
+        "score",
         "segs_out",
     )
 
-    def __init__(self, now: float, folded: bool = False) -> None:
-        self.folded = folded  # the PEER_OTHER row of its direction
+    def __init__(self, now: float) -> None:
+        self.score = 0.0
+        self.last_seen = now
+        self.reset()
+
+    def reset(self) -> None:
         self.closed = [0] * len(OUTCOMES)
         self.rtt = [0] * (len(RTT_BOUNDS_US) + 1)
         self.rtt_count = 0
@@ -72,7 +96,22 @@ class _Peer:
         self.retrans = 0
         self.bytes_acked = 0
         self.bytes_received = 0
-        self.last_seen = now
+
+    def pending(self) -> int:
+        """Connections closed since the previous drain."""
+        return sum(self.closed)
+
+    def absorb(self, other: _Peer) -> None:
+        """Add ``other``'s pending counts to this one's (a peer no longer tracked goes to
+        PEER_OTHER's)."""
+        self.closed = [a + b for a, b in zip(self.closed, other.closed, strict=True)]
+        self.rtt = [a + b for a, b in zip(self.rtt, other.rtt, strict=True)]
+        self.rtt_count += other.rtt_count
+        self.rtt_sum_us += other.rtt_sum_us
+        self.segs_out += other.segs_out
+        self.retrans += other.retrans
+        self.bytes_acked += other.bytes_acked
+        self.bytes_received += other.bytes_received
 
     def frozen(self, direction: int, peer: str) -> PeerStats:
         return PeerStats(
@@ -89,38 +128,60 @@ class _Peer:
         )
 
 
-class LifecycleAggregator:
-    """Classifies destroy messages and keeps bounded per-peer totals. Not thread-safe by itself.
+def table_of(stats: LifecycleStats) -> LifecycleStats:
+    """A drain's activity as a plain table, every tracked peer its own row (no budget): for a
+    single drain since the start (tests, benchmarks) these are the cumulative counts."""
+    if stats.activity is None:
+        return stats
+    rows = [a.delta for a in stats.activity if a.delta is not None]
+    rows.sort(key=lambda row: (row.direction, row.peer))
+    return LifecycleStats(
+        peers=tuple(rows),
+        events=stats.events,
+        ignored=stats.ignored,
+        malformed=stats.malformed,
+        overruns=stats.overruns,
+        lost=stats.lost,
+        max_peers=stats.max_peers,
+        evicted=stats.evicted,
+        receive_buffer=stats.receive_buffer,
+    )
 
-    Peer table: at most ``max_peers`` (direction, peer) rows, plus one PEER_OTHER row per
-    direction for events of peers that found the table full. A row is never moved or reset
-    while it exists, so every series it yields only grows. A row idle (no event) for
-    ``peer_idle_seconds`` is removed at the next sweep (each ``stats()``, and at most once a
-    second when a new peer finds the table full): its series end, its counts are not moved
-    into PEER_OTHER (that would make PEER_OTHER's rate jump), and a later event of that peer
-    starts a new row from zero.
+
+class LifecycleAggregator:
+    """Classifies destroy messages and tracks bounded per-peer counts. Not thread-safe by itself.
+
+    At most ``max_peers`` (direction, peer) pairs are tracked (tracked_peers() of the host-wide
+    budget). A new pair is always tracked; when that would pass the limit, the less busy half
+    (decayed score plus what closed since the last drain) is dropped first and its pending counts
+    go to PEER_OTHER of their direction: an amortised space-saving scheme, so a peer that becomes
+    busy is tracked from its first close on and is never locked out by earlier ones. A pair idle
+    for ``peer_idle_seconds`` is dropped at the next drain. Counts are per drain (``stats()``
+    resets them); rows, and what they show, are the host-wide budget's (peer_budget.py).
     """
 
     def __init__(
         self,
-        max_peers: int = DEFAULT_MAX_PEERS,
+        max_peers: int = tracked_peers(DEFAULT_MAX_PEERS),
         peer_idle_seconds: float = DEFAULT_PEER_IDLE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        half_life: float = SCORE_HALF_LIFE_SECONDS,
     ) -> None:
-        self.max_peers = max_peers
+        self.max_peers = max(max_peers, 2)
         self.peer_idle_seconds = peer_idle_seconds
         self.clock = clock
+        self.half_life = half_life
         self.context = make_context((), None)
         self.events = 0
         self.ignored = 0
-        self.evicted = 0
+        self.evicted = 0  # tracked pairs dropped (less busy, or idle)
         self._peers: dict[tuple[int, str], _Peer] = {}
         self._other: dict[int, _Peer] = {}
         self.malformed = 0
-        # (inbound?, family, port, 16-byte address) -> its row (PEER_OTHER's when folded);
-        # cleared when the context changes or a row goes, so no key outlives its row.
+        # (inbound?, family, port, 16-byte address) -> its row; cleared when the context
+        # changes or a row goes, so no key outlives its row.
         self._routes: dict[tuple[bool, int, int, bytes], _Peer] = {}
-        self._last_sweep = clock()
+        self._drained_at = clock()
 
     def update_context(self, context: Context) -> None:
         if context != self.context:
@@ -211,8 +272,8 @@ class LifecycleAggregator:
                         False, family_number, dport, dst
                     )  # fmt: skip
                     peer = routes.get(key)
-                    if peer is None or (peer.folded and now - self._last_sweep >= _SWEEP_INTERVAL):
-                        peer = self._route(key, now)  # new, or folded: a sweep may free a row
+                    if peer is None:
+                        peer = self._route(key, now)
                     if dport == 0:
                         peer.closed[ABORTED] += 1
                     elif delivered:
@@ -255,36 +316,59 @@ class LifecycleAggregator:
         return peer
 
     def _admit(self, direction: int, label: str, now: float) -> _Peer:
-        if len(self._peers) >= self.max_peers and now - self._last_sweep >= _SWEEP_INTERVAL:
-            self._sweep(now)
-        if len(self._peers) < self.max_peers:
-            peer = self._peers[(direction, label)] = _Peer(now)
-            return peer
-        other = self._other.get(direction)
-        if other is None:
-            other = self._other[direction] = _Peer(now, folded=True)
-        return other
+        if len(self._peers) >= self.max_peers:
+            self._trim(self.max_peers // 2)
+        peer = self._peers[(direction, label)] = _Peer(now)
+        return peer
 
-    def _sweep(self, now: float) -> None:
-        self._last_sweep = now
-        idle = [
-            key
-            for key, peer in self._peers.items()
-            if now - peer.last_seen >= self.peer_idle_seconds
-        ]
-        for key in idle:
-            del self._peers[key]
-        if idle:
-            self.evicted += len(idle)
-            self._routes.clear()
+    def _trim(self, keep: int) -> None:
+        """Keep the ``keep`` busiest pairs; the others' pending counts go to PEER_OTHER."""
+        ranked = sorted(
+            self._peers.items(), key=lambda item: item[1].score + item[1].pending(), reverse=True
+        )
+        for key, peer in ranked[keep:]:
+            self._drop(key, peer)
+        self._routes.clear()
+
+    def _drop(self, key: tuple[int, str], peer: _Peer) -> None:
+        del self._peers[key]
+        self.evicted += 1
+        if peer.pending():
+            other = self._other.get(key[0])
+            if other is None:
+                other = self._other[key[0]] = _Peer(peer.last_seen)
+            other.absorb(peer)
 
     def stats(self, overruns: int, lost: int | None, receive_buffer: int) -> LifecycleStats:
-        self._sweep(self.clock())
-        rows = [peer.frozen(direction, label) for (direction, label), peer in self._peers.items()]
-        rows += [peer.frozen(direction, PEER_OTHER) for direction, peer in self._other.items()]
-        rows.sort(key=lambda row: (row.direction, row.peer))
+        """Everything since the previous call: each tracked pair's counts and score (then reset),
+        and the cumulative totals of the listener."""
+        now = self.clock()
+        decay = 0.5 ** (max(now - self._drained_at, 0.0) / self.half_life)
+        self._drained_at = now
+        idle = [
+            (key, peer)
+            for key, peer in self._peers.items()
+            if now - peer.last_seen >= self.peer_idle_seconds and not peer.pending()
+        ]
+        for key, peer in idle:
+            self._drop(key, peer)
+        if idle:
+            self._routes.clear()
+        activity: list[PeerActivity] = []
+        for (direction, label), peer in self._peers.items():
+            closed = peer.pending()
+            peer.score = peer.score * decay + closed
+            delta = peer.frozen(direction, label) if closed else None
+            activity.append(PeerActivity(DIRECTIONS[direction], label, peer.score, delta))
+            if closed:
+                peer.reset()
+        for direction, other in self._other.items():
+            if other.pending():
+                delta = other.frozen(direction, PEER_OTHER)
+                activity.append(PeerActivity(DIRECTIONS[direction], PEER_OTHER, 0.0, delta))
+                other.reset()
         return LifecycleStats(
-            peers=tuple(rows),
+            peers=(),
             events=self.events,
             ignored=self.ignored,
             malformed=self.malformed,
@@ -293,4 +377,5 @@ class LifecycleAggregator:
             max_peers=self.max_peers,
             evicted=self.evicted,
             receive_buffer=receive_buffer,
+            activity=tuple(activity),
         )

@@ -165,9 +165,16 @@ def procfs_hides_processes(paths: ProcPaths) -> bool:
     return not int(effective, 16) & (1 << CAP_SYS_PTRACE)
 
 
+class NoProcesses(Exception):
+    """The procfs lists no process at all: not a procfs (--path.procfs), or not mounted. Every
+    socket would look ownerless, so the source is down rather than "complete"."""
+
+
 def _scan_order(paths: ProcPaths, netns_inodes: frozenset[int]) -> list[int]:
     """Ascending pids, members of ``netns_inodes`` first (see scan_owners)."""
     pids = sorted(paths.list_pids())
+    if not pids:  # even with hidepid, our own process is listed
+        raise NoProcesses(f"{paths.root} lists no process (is it a procfs? see --path.procfs)")
     if not netns_inodes:
         return pids
     members: list[int] = []
@@ -208,7 +215,8 @@ def scan_owners(
     ``known`` (the previous scan) is checked first, one readlink per socket; the walk runs only
     for sockets not found there, so a steady host costs a readlink per attributed socket.
 
-    Raises ValueError only for a malformed ``socket:[`` link, which the kernel never writes.
+    Raises ValueError only for a malformed ``socket:[`` link, which the kernel never writes, and
+    NoProcesses when the walk is needed and ``paths.root`` lists no process.
     """
     missing = set(wanted)
     missing.discard(0)

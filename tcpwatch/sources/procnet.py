@@ -7,6 +7,8 @@ Everything here is per network namespace when read through ``/proc/net`` (or
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tcpwatch.model import KernelCounters, Snapshot, SockStat
 from tcpwatch.paths import ProcPaths, read_text
 from tcpwatch.sources.base import SourceContext, netns_source
@@ -123,6 +125,48 @@ def parse_sockstat(text4: str, text6: str | None, path: str, path6: str | None =
         alloc=alloc,
         memory_pages=memory,
     )
+
+
+# Tcp MIB fields that move whenever a connection opens (ActiveOpens: tcp_connect; PassiveOpens:
+# tcp_create_openreq_child), fails (AttemptFails), is reset (EstabResets) or enters or leaves
+# ESTABLISHED in net (CurrEstab, a gauge); docs/kernel-facts.md has the sources.
+CHURN_FIELDS = ("TcpActiveOpens", "TcpPassiveOpens", "TcpAttemptFails", "TcpEstabResets",
+                "TcpCurrEstab")  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ChurnMarks:
+    """What tells whether a namespace's full sockets changed between two reads: the Tcp MIB
+    fields above and sockstat's ``inuse`` per family. Equal marks before and after a dump mean no
+    connection was opened, failed, reset or established in net, and (every rise of ``inuse``
+    but listen() coming with an open) none was destroyed either."""
+
+    tcp: tuple[int, ...]
+    inuse_ipv4: int
+    inuse_ipv6: int
+
+
+def parse_churn_fields(text: str, path: str) -> tuple[int, ...]:
+    """The CHURN_FIELDS of /proc/net/snmp, in that order; ProcParseError if one is missing."""
+    values = parse_counter_table(text, path)
+    missing = [name for name in CHURN_FIELDS if name not in values]
+    if missing:
+        raise ProcParseError(path, 1, "", f"missing {', '.join(missing)}")
+    return tuple(values[name] for name in CHURN_FIELDS)
+
+
+def read_churn_marks(paths: ProcPaths, after: bool = False) -> ChurnMarks:
+    """The marks, read so that an open straddling the read is seen: before a dump the MIB
+    first (a connect() is hashed, so in ``inuse``, before ActiveOpens moves), after it sockstat
+    first (an accepted child's PassiveOpens moves before it is hashed)."""
+    snmp = paths.net("snmp")
+    if after:
+        sockstat = read_sockstat(paths)
+        tcp = parse_churn_fields(read_text(snmp), snmp)
+    else:
+        tcp = parse_churn_fields(read_text(snmp), snmp)
+        sockstat = read_sockstat(paths)
+    return ChurnMarks(tcp, sockstat.inuse_ipv4, sockstat.inuse_ipv6)
 
 
 def read_counters(paths: ProcPaths) -> KernelCounters:

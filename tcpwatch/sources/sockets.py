@@ -11,11 +11,16 @@ import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
-from tcpwatch.model import FAMILIES, Snapshot, SocketTable, SockStat
+from tcpwatch.model import FAMILIES, Snapshot, SocketTable
 from tcpwatch.sources import netlink, procnet, sockdiag
 from tcpwatch.sources.base import SourceContext, netns_source
 from tcpwatch.sources.netlink import INFO_EXTENSION, SKMEMINFO_EXTENSION, SockDiagError
-from tcpwatch.sources.sockdiag import ALL_STATES_MASK, ESTABLISHED_MASK, Receiver
+from tcpwatch.sources.sockdiag import (
+    ALL_STATES_MASK,
+    ESTABLISHED_MASK,
+    TCP_ESTABLISHED,
+    Receiver,
+)
 
 
 def run_dump(
@@ -44,6 +49,7 @@ def collect(
     time_wait: int | None = None,
     destinations: bool = True,
     live_info: bool = True,
+    settled: Callable[[], bool] | None = None,
 ) -> SocketTable:
     """Dump this namespace's TCP sockets (see the module docstring for the plan).
 
@@ -60,6 +66,11 @@ def collect(
     ``live_info`` asks the per-destination dump for each connection's tcp_info (live RTT and
     retransmissions per destination); measured on 6.18 at about +1.1 us of CPU per outbound
     ESTABLISHED connection on each destination scan (benchmarks/bench_live_info.py).
+
+    ``settled`` (derived mode) is asked after the dumps whether the namespace stood still while
+    they ran; if not, ESTABLISHED is counted by one more dump of every ESTABLISHED socket (one
+    walk, as ``ss`` counts it; the per-destination data stays dump 2's), and the table says
+    ``churned``.
     """
     aggregator = sockdiag.DumpAggregator(port_range if destinations else None, attribute_states)
     established_dumped = dump_established or inuse is None or port_range is None
@@ -68,16 +79,23 @@ def collect(
         families = tuple(family for family in FAMILIES if inuse[family] > 0)
     buffer = memoryview(bytearray(1 << 17))
     owned = sock is None
-    connection = netlink.open_socket() if sock is None and families else sock
+    connection = sock
     sequence = 0
 
-    def dump(family: str, mask: int, bytecode: bytes = b"", extensions: int = 0) -> None:
-        nonlocal sequence
-        assert connection is not None
+    def dump(
+        family: str,
+        mask: int,
+        bytecode: bytes = b"",
+        extensions: int = 0,
+        into: sockdiag.DumpAggregator = aggregator,
+    ) -> None:
+        nonlocal sequence, connection
+        if connection is None:
+            connection = netlink.open_socket()
         sequence += 1
         request = netlink.build_request(family, mask, bytecode, sequence, extensions)
         try:
-            run_dump(connection.send, connection.recv_into, request, family, aggregator, buffer)
+            run_dump(connection.send, connection.recv_into, request, family, into, buffer)
         except OSError as error:
             raise SockDiagError(f"sock_diag dump ({family}) failed: {error}") from error
 
@@ -92,10 +110,23 @@ def collect(
             for family in families:
                 if inuse[family] > aggregator.totals[family].full_sockets:
                     dump(family, ESTABLISHED_MASK, bytecode, extensions)
+        churned = False
+        if not established_dumped and settled is not None and not settled():
+            # The derivation could be wrong: count ESTABLISHED in one walk of it, as ss does
+            # (its own aggregator, so what dump 2 keyed per destination is not keyed twice).
+            churned = established_dumped = True
+            walk = sockdiag.DumpAggregator(None, ())
+            for family in FAMILIES:
+                dump(family, ESTABLISHED_MASK, into=walk)
+                aggregator.totals[family].states[TCP_ESTABLISHED] = walk.totals[family].states[
+                    TCP_ESTABLISHED
+                ]
+            aggregator.messages += walk.messages
     finally:
         if owned and connection is not None:
             connection.close()
-    return aggregator.result(inuse, established_dumped)
+    table = aggregator.result(inuse, established_dumped)
+    return replace(table, churned=True) if churned else table
 
 
 def with_destinations_of(sockets: SocketTable, earlier: SocketTable) -> SocketTable:
@@ -111,44 +142,50 @@ def with_destinations_of(sockets: SocketTable, earlier: SocketTable) -> SocketTa
     )
 
 
-def _inuse(sockstat: SockStat) -> dict[str, int]:
-    return {"ipv4": sockstat.inuse_ipv4, "ipv6": sockstat.inuse_ipv6}
-
-
 @netns_source("sockdiag", field="sockets", order=40)
 def read_sockets_source(context: SourceContext, so_far: Snapshot) -> SocketTable:
     """The dump, using sysctl and sockstat when they worked (after them in the poll); with
     ``context.earlier`` the per-destination data is reused, not dumped.
 
-    Derived ESTABLISHED is exact only if no full socket was created or destroyed between the
-    sockstat read and the dumps. sockstat is read again after them: when ``inuse`` moved, the
-    host churned during the poll and ESTABLISHED is counted by dumping it, as ``ss`` does
-    (the table then says ``established_method="dumped"``). A quiet host keeps the cheap path.
+    Derived ESTABLISHED (sockstat ``inuse`` minus the other full sockets the dumps saw) is exact
+    only if the namespace stood still while the dumps ran. The churn marks (procnet.py) are read
+    right before and right after them; if any moved, the ESTABLISHED sockets the dumps skipped
+    are walked as well, as ``ss`` does (the table says ``churned`` and "dumped"). A poll with no
+    connection opened, failed, reset or established keeps the cheap derived count.
     """
     settings = context.settings
     sockstat, sysctls = so_far.sockstat, so_far.sysctls
-    derived = settings.established == "derived"
-    inuse = _inuse(sockstat) if sockstat is not None and derived else None
-    fresh = context.earlier is None or not derived
+    fresh = context.earlier is None or settings.established != "derived"
     port_range = sysctls.port_range if sysctls is not None else None
     attribute_states = settings.attribute_states if settings.process_attribution else ()
+    inuse: dict[str, int] | None = None
+    settled: Callable[[], bool] | None = None
+    before = None
+    if settings.established == "derived" and sockstat is not None:
+        try:
+            before = procnet.read_churn_marks(context.paths)
+        except (OSError, procnet.ProcParseError):
+            before = None  # no way to tell churn: count ESTABLISHED by dumping it
+    if before is not None:
+        marks = before
+        inuse = {"ipv4": marks.inuse_ipv4, "ipv6": marks.inuse_ipv6}
 
-    def dump(inuse: Mapping[str, int] | None, dump_established: bool) -> SocketTable:
-        return collect(
-            port_range,
-            inuse,
-            attribute_states,
-            dump_established=dump_established,
-            time_wait=sockstat.time_wait if sockstat is not None else None,
-            destinations=fresh,
-            live_info=settings.live_tcp_info,
-        )
+        def settled() -> bool:
+            try:
+                return procnet.read_churn_marks(context.paths, after=True) == marks
+            except (OSError, procnet.ProcParseError):
+                return False
 
-    sockets = dump(inuse, not derived)
-    if inuse is not None and sockets.established_method == "derived":
-        after = _inuse(procnet.read_sockstat(context.paths))
-        if after != inuse:
-            sockets = replace(dump(None, True), churned=True)
+    sockets = collect(
+        port_range,
+        inuse,
+        attribute_states,
+        dump_established=before is None,
+        time_wait=sockstat.time_wait if sockstat is not None else None,
+        destinations=fresh,
+        live_info=settings.live_tcp_info,
+        settled=settled,
+    )
     if fresh or context.earlier is None:
         return replace(sockets, destinations_at=context.taken_at)
     return with_destinations_of(sockets, context.earlier)

@@ -140,14 +140,17 @@ def read_sysctl_files(paths: ProcPaths, also: Iterable[str] = ()) -> SysctlRead:
         if fields is not None:
             values[name] = fields
     reserved_path = paths.sysctl(RESERVED_PORTS)
+    known = True
     try:
         reserved = _read_one(
             reserved_path, functools.partial(parse_reserved_ports, path=reserved_path)
         )
     except (OSError, UnicodeDecodeError, ProcParseError) as error:
+        # Unknown, not empty: a fix written from an empty list would drop every reservation.
         skipped.append(_skip_note(reserved_path, error))
-        reserved = None
-    return SysctlRead(Sysctls(values=values, reserved_ports=reserved or ()), tuple(skipped))
+        reserved, known = None, False
+    sysctls = Sysctls(values=values, reserved_ports=reserved or (), reserved_ports_known=known)
+    return SysctlRead(sysctls, tuple(skipped))
 
 
 def _skip_note(path: str, error: Exception) -> str:

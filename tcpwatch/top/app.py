@@ -21,14 +21,31 @@ from tcpwatch.render.api import LISTENER_SORTS
 from tcpwatch.top.feed import Documents, Feed, LocalFeed
 from tcpwatch.top.screen import Line, View, fit, layout
 
-BATCH_WIDTH = 132
+MAX_WIDTH = 512  # procps top's widest batch output (its -w)
 
 
-def batch(feed: Feed, netns: str | None, sort: str, width: int | None = None) -> str:
-    """One plain screen, every line (like `top -b -n 1`)."""
+def _columns_variable() -> int | None:
+    text = os.environ.get("COLUMNS", "")
+    return int(text) if text.isascii() and text.isdigit() and int(text) > 0 else None
+
+
+def batch_width(requested: int | None) -> int:
+    """Batch mode's width, as procps top picks it: ``-w N``; ``-w`` alone (0): COLUMNS, else
+    MAX_WIDTH; no -w: COLUMNS, else the terminal's width when stdout is one, else MAX_WIDTH.
+    A file or a pipe gets every line whole, up to MAX_WIDTH, never a terminal's 80 columns."""
+    if requested:
+        return requested
+    columns = _columns_variable()
+    if columns is None and requested is None and sys.stdout.isatty():
+        columns = os.get_terminal_size(sys.stdout.fileno()).columns
+    return max(20, min(columns or MAX_WIDTH, MAX_WIDTH))
+
+
+def batch(feed: Feed, netns: str | None, sort: str, width: int) -> str:
+    """One plain screen, every line (like `top -b -n 1`), ``width`` columns at most."""
     snapshot, findings = feed.fetch(netns, sort)
-    view = View(netns=netns, sort=sort, source=feed.label)
-    lines = layout(snapshot, findings, view, width or BATCH_WIDTH)
+    view = View(netns=netns, sort=sort, source=feed.label, note=feed.note)
+    lines = layout(snapshot, findings, view, width)
     return "\n".join(line.text.rstrip() for line in lines) + "\n"
 
 
@@ -49,8 +66,11 @@ def _styles(color: bool) -> Mapping[str, int]:
 
 
 class _Loop:
-    def __init__(self, screen: Any, feed: Feed, view: View, delay: float, color: bool) -> None:
+    def __init__(
+        self, screen: Any, feed: Feed, view: View, delay: float, color: bool, width: int | None
+    ) -> None:
         self.screen = screen
+        self.width = width  # -w N: at most this wide, as procps top narrows
         self.feed = feed
         self.view = view
         self.delay = delay
@@ -71,6 +91,7 @@ class _Loop:
 
     def draw(self) -> None:
         height, width = self.screen.getmaxyx()
+        width = min(width, self.width + 1) if self.width else width
         self.screen.erase()
         lines: list[Line] = []
         if self.problem:
@@ -116,26 +137,36 @@ class _Loop:
             self.draw()  # also after KEY_RESIZE: the layout follows the new size
 
 
-def interactive(feed: Feed, netns: str | None, sort: str, delay: float) -> None:
+def interactive(
+    feed: Feed, netns: str | None, sort: str, delay: float, width: int | None = None
+) -> None:
     color = os.environ.get("NO_COLOR") is None
-    view = View(netns=netns, sort=sort, source=f"{feed.label} - every {delay:g} s")
+    view = View(netns=netns, sort=sort, source=f"{feed.label} - every {delay:g} s", note=feed.note)
 
     def main(screen: Any) -> None:
-        _Loop(screen, feed, view, delay, color and curses.has_colors()).run()
+        _Loop(screen, feed, view, delay, color and curses.has_colors(), width).run()
 
     curses.wrapper(main)
 
 
-def run_top(feed: Feed, netns: str | None, sort: str, delay: float, batch_mode: bool) -> int:
+def run_top(
+    feed: Feed,
+    netns: str | None,
+    sort: str,
+    delay: float,
+    batch_mode: bool,
+    width: int | None = None,
+) -> int:
+    """``width``: -w (None: not given; 0: given without a number)."""
     try:
         if batch_mode or not sys.stdout.isatty():
             if isinstance(feed, LocalFeed):
                 feed.fetch(netns, sort)  # a first poll, so the printed one has rates
                 time.sleep(1.0)
-            sys.stdout.write(batch(feed, netns, sort))
+            sys.stdout.write(batch(feed, netns, sort, batch_width(width)))
             sys.stdout.flush()
         else:
-            interactive(feed, netns, sort, delay)
+            interactive(feed, netns, sort, delay, width)
     finally:
         feed.close()
     return 0

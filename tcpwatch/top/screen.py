@@ -1,8 +1,10 @@
 """One screen of `tcpwatch top`, laid out from /api/v1/snapshot and /api/v1/findings documents.
 
 Pure: documents and a size in, styled lines out, so the layout is tested without a terminal and
-the batch mode prints the very same lines. Nothing here interprets a host string: names are
-shown as they are, cut to the width.
+the batch mode prints the very same lines. Every line is escaped for the terminal
+(tcpwatch/escape.py) before it is cut to the width: a name from the host or the daemon with an
+escape sequence, a newline or a NUL (which curses refuses) is shown as ``\x1b``, ``\n``,
+``\x00``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from tcpwatch.escape import terminal
 
 # Short column labels, in the order an on-call engineer reads them: opening, open, closing.
 STATE_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -59,9 +63,11 @@ class View:
     sort: str = "fill"
     paused: bool = False
     source: str = ""  # where the numbers come from, for the title
+    note: str = ""  # why they come from there, when that needs saying: a line of its own
 
 
 def _cut(text: str, width: int) -> str:
+    text = terminal(text)
     return text if len(text) <= width else text[: max(width - 1, 0)] + "~"
 
 
@@ -205,7 +211,10 @@ def layout(
     """Every line of the screen, in order, each at most ``width`` characters."""
     names: Sequence[str] = snapshot.get("netns_names", [])
     ns = choose(snapshot, view.netns)
-    polled = time.strftime("%H:%M:%S", time.localtime(snapshot.get("last_poll", 0)))
+    try:
+        polled = time.strftime("%H:%M:%S", time.localtime(snapshot.get("last_poll") or 0))
+    except (OverflowError, OSError, ValueError):  # a daemon's time far outside the calendar
+        polled = "?"
     where = "no namespace" if ns is None else f"netns {ns['netns']}"
     position = (
         f" ({names.index(ns['netns']) + 1}/{len(names)})" if ns and ns["netns"] in names else ""
@@ -225,6 +234,8 @@ def layout(
             {"CRITICAL": "critical", "WARNING": "warning"}.get(status, "ok"),
         ),
     ]
+    if view.note:
+        lines.append(Line(f"source   {view.note}", "dim"))
     if ns is None:
         return [Line(_cut(line.text, width), line.style) for line in lines]
     failed = [s for s in ns.get("sources", []) if not s["ok"]]
@@ -251,7 +262,8 @@ KEYS_HELP = "q quit  n namespace  s sort  p pause  r refresh now"
 
 def fit(lines: Sequence[Line], width: int, height: int) -> list[Line]:
     """The lines that fit a terminal: the top of the screen, and the keys on the last row."""
+    lines = [Line(_cut(line.text, width), line.style) for line in lines]
     if height < 2:
-        return list(lines[:height])
-    body = list(lines[: height - 1])
+        return lines[:height]
+    body = lines[: height - 1]
     return [*body, *[Line("")] * (height - 1 - len(body)), Line(_cut(KEYS_HELP, width), "dim")]

@@ -144,14 +144,22 @@ def syn_recv(
 
 
 def accept_queue_full(
-    ns: Netns, port: int, backlog: int = 4, overflowing: int = 3, address: str = "127.0.0.1"
+    ns: Netns,
+    port: int,
+    backlog: int = 4,
+    overflowing: int = 3,
+    address: str = "127.0.0.1",
+    process_name: str | None = None,
 ) -> Population:
     """A listener with listen(backlog) that never accepts: its queue holds backlog + 1.
 
     Then ``overflowing`` more connects are made; their SYNs are dropped (ListenOverflows and
     ListenDrops move by at least one each) and the helper closes them once the counter moved,
-    so the population is quiet again when it reports ready.
+    so the population is quiet again when it reports ready. ``process_name``: what the helper
+    calls itself (prctl PR_SET_NAME, at most 15 bytes), the name tcpwatch reports as the owner.
     """
+    if process_name is not None and len(process_name.encode()) > 15:
+        raise ValueError(f"process name {process_name!r} is longer than 15 bytes")
     return _start(
         ns,
         "accept_queue_full",
@@ -159,6 +167,7 @@ def accept_queue_full(
         backlog=backlog,
         overflowing=overflowing,
         address=address,
+        process_name=process_name,
     )
 
 
@@ -377,6 +386,13 @@ def _check_size(sockets: int) -> None:
         raise BuildError(f"{sockets} sockets is outside 0..{MAX_SOCKETS_PER_HELPER} per helper")
 
 
+def _set_name(name: str) -> None:
+    """What the kernel calls this process from now on (/proc/PID/comm, ss -p, psutil)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NAME, name.encode(), 0, 0, 0) != 0:
+        raise BuildError(f"prctl(PR_SET_NAME): {os.strerror(ctypes.get_errno())}")
+
+
 def build_established(
     held: list[socket.socket], deadline: float, pairs: int, port: int, address: str
 ) -> dict[str, Any]:
@@ -429,9 +445,7 @@ def build_close_wait(
     _check_size(2 * count)
     if not 0 <= orphaned <= count:
         raise BuildError(f"orphaned={orphaned} must lie in 0..{count}")
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_NAME, process_name.encode(), 0, 0, 0) != 0:
-        raise BuildError(f"prctl(PR_SET_NAME): {os.strerror(ctypes.get_errno())}")
+    _set_name(process_name)
     listener = _listener(address, port, min(count + 16, 4096))
     held.append(listener)
     servers = []
@@ -508,8 +522,11 @@ def build_accept_queue_full(
     backlog: int,
     overflowing: int,
     address: str,
+    process_name: str | None = None,
 ) -> dict[str, Any]:
     _check_size(2 * (backlog + 1) + overflowing)
+    if process_name is not None:
+        _set_name(process_name)
     listener = _listener(address, port, backlog)
     held.append(listener)
     queued = backlog + 1  # the kernel admits one more than the backlog (full means >, not >=)

@@ -80,17 +80,19 @@ def require_prerequisites() -> None:
 # -- the cached base root -------------------------------------------------------------------------
 
 
-def base_root_path(cache_dir: str = CACHE_DIR) -> Path:
+def base_root_path(cache_dir: str = CACHE_DIR, include: Sequence[str] = INCLUDE) -> Path:
     """Where the base root for the current recipe lives: one directory per include list."""
-    recipe = f"{SUITE} {VARIANT} {','.join(sorted(INCLUDE))} {RECIPE}"
+    recipe = f"{SUITE} {VARIANT} {','.join(sorted(include))} {RECIPE}"
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
     return Path(cache_dir) / f"{SUITE}-{digest}"
 
 
-def ensure_base_root(cache_dir: str = CACHE_DIR) -> Path:
-    """The debootstrapped base root, built now (about 90 s) if the cache does not hold it yet."""
+def ensure_base_root(cache_dir: str = CACHE_DIR, include: Sequence[str] = INCLUDE) -> Path:
+    """The debootstrapped base root, built now (about 90 s) if the cache does not hold it yet.
+
+    ``include``: the packages beyond minbase (INCLUDE by default); each list is its own root."""
     require_prerequisites()
-    final = base_root_path(cache_dir)
+    final = base_root_path(cache_dir, include)
     if (final / COMPLETE_MARKER).is_file():
         return final
     os.makedirs(cache_dir, exist_ok=True)
@@ -103,9 +105,9 @@ def ensure_base_root(cache_dir: str = CACHE_DIR) -> Path:
         building = Path(tempfile.mkdtemp(prefix=f".build-{final.name}-", dir=cache_dir))
         try:
             building.chmod(0o755)  # it becomes the container's /, which every user must traverse
-            _debootstrap(building)
+            _debootstrap(building, include)
             (building / COMPLETE_MARKER).write_text(
-                json.dumps({"suite": SUITE, "variant": VARIANT, "include": INCLUDE}) + "\n"
+                json.dumps({"suite": SUITE, "variant": VARIANT, "include": list(include)}) + "\n"
             )
             os.rename(building, final)
         except BaseException:
@@ -114,11 +116,11 @@ def ensure_base_root(cache_dir: str = CACHE_DIR) -> Path:
     return final
 
 
-def _debootstrap(target: Path) -> None:
+def _debootstrap(target: Path, include: Sequence[str] = INCLUDE) -> None:
     argv = [
         "debootstrap",
         f"--variant={VARIANT}",
-        f"--include={','.join(INCLUDE)}",
+        f"--include={','.join(include)}",
         SUITE,
         str(target),
     ]
@@ -205,6 +207,40 @@ def build_wheelhouse(
     return destination
 
 
+def locked_wheelhouse(
+    destination: Path, python_version: str = PYTHON_VERSION, repo: Path = REPO
+) -> Path:
+    """Wheels of requirements/runtime.txt and build.txt (exact versions, hash-checked) for
+    CPython ``python_version``, so a build inside a root without network (PIP_NO_INDEX=1,
+    PIP_FIND_LINKS=destination) installs the very files the lock names."""
+    destination.mkdir(parents=True, exist_ok=True)
+    _host(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--disable-pip-version-check",
+            "--quiet",
+            "download",
+            "--only-binary=:all:",
+            "--python-version",
+            python_version,
+            "--implementation",
+            "cp",
+            "--dest",
+            str(destination),
+            "--require-hashes",
+            "-r",
+            str(repo / "requirements" / "runtime.txt"),
+            "-r",
+            str(repo / "requirements" / "build.txt"),
+        ],
+        timeout=300,
+        what=f"downloading the locked wheels for Python {python_version}",
+    )
+    return destination
+
+
 def _host(argv: Sequence[str], timeout: float, what: str) -> subprocess.CompletedProcess[str]:
     try:
         result = subprocess.run(
@@ -242,8 +278,10 @@ class BootedContainer:
         files: Mapping[str, Path] | None = None,
         stop_seconds: float = 15.0,
         cache_dir: str = CACHE_DIR,
+        private_network: bool = False,
     ) -> None:
         self.base = base
+        self.private_network = private_network
         self.files = dict(files or {})
         self.stop_seconds = stop_seconds
         self.cache_dir = cache_dir
@@ -320,6 +358,7 @@ class BootedContainer:
                     "--keep-unit",
                     "--console=passive",
                     f"--machine=tw-{secrets_token()}",
+                    *(["--private-network"] if self.private_network else []),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=console,

@@ -10,6 +10,7 @@ it (--force-confold): that is also the conffile's behaviour under test.
 
 from __future__ import annotations
 
+import gzip
 import re
 import shutil
 import socket
@@ -138,6 +139,7 @@ def test_the_package_holds_what_an_admin_expects(installed: Installed) -> None:
         "/usr/share/zsh/vendor-completions/_tcpwatch",
         "/usr/share/doc/tcpwatch/copyright",
         "/usr/share/doc/tcpwatch/docs/rules/Q01-accept-queue-full.md",
+        "/usr/share/doc/tcpwatch/deploy/systemd/README.md.gz",
         "/usr/lib/tcpwatch/site-packages/tcpwatch/cli.py",
         "/usr/lib/tcpwatch/site-packages/prometheus_client/__init__.py",
         "/usr/lib/tcpwatch/site-packages/bcrypt/__init__.py",
@@ -231,3 +233,39 @@ def test_purge_stops_the_service_and_removes_everything(installed: Installed) ->
     gone = ("/usr/lib/tcpwatch", "/etc/tcpwatch", "/usr/bin/tcpwatch", "/etc/default/tcpwatch")
     for path in gone:
         assert box.run("test", "-e", path, check=False).returncode != 0, path
+
+
+def test_the_package_points_at_nothing_it_does_not_have(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """Issue 22 item 1: no placeholder (OWNER, example hosts) anywhere in the package; no
+    Homepage it does not have; the units document themselves with the man page it installs."""
+    from tests.unit.test_packaging import EMAIL_HOST, placeholder_host, placeholders
+
+    fields = subprocess.run(
+        ["dpkg-deb", "-f", str(installed.deb)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Homepage:" not in fields
+    (maintainer,) = [line for line in fields.splitlines() if line.startswith("Maintainer:")]
+    assert not [host for host in EMAIL_HOST.findall(maintainer) if placeholder_host(host)]
+    tree = tmp_path / "tree"
+    subprocess.run(["dpkg-deb", "-x", str(installed.deb), str(tree)], check=True, timeout=120)
+    problems = []
+    for path in tree.rglob("*"):
+        if not path.is_file() or path.suffix in (".so", ".png", ".pyc") or ".so." in path.name:
+            continue
+        # The bundled third-party packages' own metadata and docs are theirs, not ours.
+        if "site-packages" in path.parts and not any(p.startswith("tcpwatch") for p in path.parts):
+            continue
+        data = path.read_bytes()
+        text = (gzip.decompress(data) if path.suffix == ".gz" else data).decode(errors="replace")
+        markdown = path.name.removesuffix(".gz").endswith(".md")
+        problems += [f"{path.relative_to(tree)}:{where}" for where in placeholders(text, markdown)]
+    assert problems == []
+    for unit in ("tcpwatch.service", "tcpwatch-textfile.service", "tcpwatch-textfile.timer"):
+        text = (tree / "lib/systemd/system" / unit).read_text()
+        assert "Documentation=man:tcpwatch(1)" in text, unit
+    assert (tree / "usr/share/man/man1/tcpwatch.1.gz").is_file()
+    # The project README, not the systemd one of the same name.
+    readme = gzip.decompress((tree / "usr/share/doc/tcpwatch/README.md.gz").read_bytes()).decode()
+    assert readme.startswith("# tcpwatch\n")

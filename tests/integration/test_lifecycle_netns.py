@@ -47,6 +47,7 @@ WAIT = 30.0
 READER = r"""
 import dataclasses, json, os, select, sys, time
 from tcpwatch.sources.lifecycle import DestroyListener
+from tcpwatch.sources.lifecycle_peers import table_of
 args = json.loads(sys.argv[1])
 listener = DestroyListener(**args["options"])
 with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
@@ -67,7 +68,7 @@ while not os.path.exists(args["stop"]) and time.monotonic() < deadline:
         listener.read_ready()
         cpu += time.thread_time() - start
 listener.read_ready()
-stats = dataclasses.asdict(listener.drain())
+stats = dataclasses.asdict(table_of(listener.drain()))  # one drain: everything since start
 listener.close()
 stats["reader_cpu_seconds"] = cpu
 print(json.dumps(stats), flush=True)

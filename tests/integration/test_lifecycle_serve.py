@@ -202,10 +202,22 @@ def test_serve_exports_what_ss_printed_per_peer_and_outcome(netns: Netns, tmp_pa
     assert got.closed[("outbound", "127.0.0.1", "aborted")] == 2  # blocking: port cleared
     sent = sum(1000 + n for n in range(20))  # payload, plus the SYN and FIN of each
     assert got.sums[("outbound", "127.0.0.1:20701")]["bytes_sent"] == sent + 2 * 20
-    events_total = matching(samples, "tcpwatch_lifecycle_events_total", netns=netns.name)
-    lost = matching(samples, "tcpwatch_lifecycle_events_lost_total", netns=netns.name)
-    assert list(lost.values()) == [0.0]
-    assert next(iter(events_total.values())) >= len(events)  # scrapes close connections too
+
+    def total(name: str) -> float:
+        [found] = matching(samples, name, netns=netns.name).values()
+        return found
+
+    assert total("tcpwatch_lifecycle_events_lost_total") == 0
+    assert total("tcpwatch_lifecycle_events_total") >= len(events)  # scrapes close some too
+    # Every event heard is a closed connection of some peer or an ignored one (a closed
+    # listener); none was malformed, no read overran, no peer was idle long enough to go.
+    closed = sum(matching(samples, "tcpwatch_connections_closed_total", netns=netns.name).values())
+    ignored = total("tcpwatch_lifecycle_events_ignored_total")
+    assert total("tcpwatch_lifecycle_events_total") == ignored + closed
+    assert ignored >= expected.ignored > 0  # tcpwatch subscribed before ss did
+    assert total("tcpwatch_lifecycle_datagrams_malformed_total") == 0
+    assert total("tcpwatch_lifecycle_overruns_total") == 0
+    assert total("tcpwatch_lifecycle_peers_evicted_total") == 0
 
 
 def test_two_namespaces_each_peer_in_its_own(

@@ -378,7 +378,7 @@ def comm(pid: int) -> str:
         return handle.read().strip()
 
 
-def test_a_namespace_made_by_unshare_is_found_and_named_by_its_lowest_pid(
+def test_a_namespace_made_by_unshare_is_found_and_named_by_its_inode(
     integration_prerequisites: None,
 ) -> None:
     with helpers() as started:
@@ -409,7 +409,7 @@ def test_a_namespace_made_by_unshare_is_found_and_named_by_its_lowest_pid(
         started.append(listener)
         assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
         assert net_inode(listener.pid) == inode
-        name = f"pid:{min(holder.pid, listener.pid)}"
+        name = f"ns:{inode}"
 
         [found] = [t for t in netns_source.discover(ProcPaths()) if t.inode == inode]
         assert found.name == name

@@ -267,8 +267,8 @@ class Exposition:
     source_up: dict[str, float]
     scan_complete: float
     denied: float
-    # pid -> (user, open fds, soft limit) of the owners the `owners` source described (psutil)
-    described: dict[int, tuple[str, float, float]] = field(default_factory=dict)
+    # name -> (user, open fds, soft limit) of the owners the `owners` source described (psutil)
+    described: dict[str, tuple[str, float, float]] = field(default_factory=dict)
 
 
 def parse_exposition(text: str) -> Exposition:
@@ -279,9 +279,9 @@ def parse_exposition(text: str) -> Exposition:
     up: dict[str, float] = {}
     complete = denied = -1.0
     netns = ""
-    users: dict[int, str] = {}
-    open_fds: dict[int, float] = {}
-    max_fds: dict[int, float] = {}
+    users: dict[str, str] = {}
+    open_fds: dict[str, float] = {}
+    max_fds: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = sample.labels
@@ -301,12 +301,12 @@ def parse_exposition(text: str) -> Exposition:
             elif sample.name == "tcpwatch_process_scan_denied_processes":
                 denied = sample.value
             elif sample.name == "tcpwatch_process_start_time_seconds":
-                users[int(labels["pid"])] = labels["user"]
+                users[labels["process"]] = labels["user"]
             elif sample.name == "tcpwatch_process_open_fds":
-                open_fds[int(labels["pid"])] = sample.value
+                open_fds[labels["process"]] = sample.value
             elif sample.name == "tcpwatch_process_max_fds":
-                max_fds[int(labels["pid"])] = sample.value
-    described = {pid: (users[pid], open_fds[pid], max_fds[pid]) for pid in max_fds}
+                max_fds[labels["process"]] = sample.value
+    described = {name: (users[name], open_fds[name], max_fds[name]) for name in max_fds}
     return Exposition(netns, owners, ports, per_process, sockets, up, complete, denied, described)
 
 
@@ -371,10 +371,11 @@ def assert_fully_attributed(seen: Exposition, owners: Owners) -> None:
     assert seen.scan_complete == 1
     # Described with psutil, though prlimit(2) on another user's process needs CAP_SYS_RESOURCE,
     # which the unit does not grant: the soft limit comes from /proc/PID/limits then.
-    for pid, uid in ((owners.listen_pid, LISTEN_UID), (owners.leak_pid, LEAK_UID)):
+    owned = ((owners.listen_pid, LISTEN_NAME, LISTEN_UID), (owners.leak_pid, LEAK_NAME, LEAK_UID))
+    for pid, name, uid in owned:
         with open(f"/proc/{pid}/limits", encoding="ascii") as limits:
             line = next(line for line in limits if line.startswith("Max open files"))
-        user, open_fds, soft = seen.described[pid]
+        user, open_fds, soft = seen.described[name]  # one process of each name: its own
         assert user == str(uid)  # no passwd entry: the uid, as psutil gives it
         assert soft == float(line.split()[3]), line
         assert open_fds == len(os.listdir(f"/proc/{pid}/fd"))
@@ -437,6 +438,35 @@ def test_without_both_capabilities_names_are_missing_and_flagged(
     assert leak["evidence"]["process"] == "unknown"
     assert leak["evidence"]["attribution"] == "incomplete: not every process was scanned"
     assert "pid" not in leak["evidence"]
+
+
+def test_the_text_report_says_which_privilege_names_the_owners(
+    netns: Netns, runtime: Runtime, population: Owners
+) -> None:
+    """Issue 22 item 9: an unprivileged check says which privilege would name the owners it
+    could not; with the unit's capabilities there is nothing to say. Both say what was checked:
+    the listeners and sockets ss sees."""
+    ss = parse_ss(netns.ss("-tanH"))
+    listeners = sum(1 for s in ss if s.state == "listen")
+    for capabilities, noted in (((), True), (unit_capabilities(), False)):
+        argv = [*as_nobody(capabilities), *runtime.tcpwatch("check", "--window", "0")]
+        done = netns.run(*argv, env=runtime.env(), check=False)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines[1].startswith("checked  ") and lines[1].endswith(
+            f": {listeners} listeners, {len(ss)} TCP sockets"
+        ), lines[1]
+        notes = [line for line in lines if line.startswith("! owners not all named")]
+        if noted:
+            assert len(notes) == 1 and notes[0].startswith(
+                f"! owners not all named: {listeners} listeners without an owner; "
+            ), lines
+            assert notes[0].endswith(
+                "(run as root, or with CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH as "
+                "tcpwatch.service grants)"
+            ), notes
+        else:
+            assert notes == [], lines
 
 
 def _serve_and_scrape(

@@ -78,7 +78,7 @@ from tcpwatch.paths import ProcPaths
 from tcpwatch.sources.netns import current_netns_inode, netns_name
 import os
 paths = ProcPaths()
-print(os.getpid(), netns_name(paths, current_netns_inode(paths)))
+print(os.getpid(), os.readlink("/proc/self/ns/net"), netns_name(paths, current_netns_inode(paths)))
 """
 
 
@@ -184,7 +184,7 @@ def test_netns_name_on_the_host() -> None:
 def test_netns_name_inside_an_ip_netns_namespace() -> None:
     with Netns() as ns:
         result = ns.run(sys.executable, "-c", NAME_HERE, env=ENVIRONMENT, cwd=REPO)
-        pid, name = result.stdout.split()
+        pid, _, name = result.stdout.split()
         assert name == ns.name
         assert int(pid) > 0
 
@@ -200,5 +200,7 @@ def test_netns_name_inside_an_unnamed_namespace() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    pid, name = result.stdout.split()
-    assert name == f"pid:{pid}"  # unshare exec()s the command: it is the namespace's only process
+    _, link, name = result.stdout.split()
+    # The kernel's net:[INODE], without brackets; not the pid of its only process (unshare
+    # exec()s the command), which a restart would change.
+    assert link.startswith("net:[") and name == f"ns:{link[5:-1]}"

@@ -13,7 +13,8 @@ uid 10002 a listener and CLOSE_WAITS sockets in CLOSE_WAIT. Then, in order:
    dynamic user with exactly the two capabilities, and systemd inside agrees with the host tools
    (`systemd-analyze verify` silent, `security` at most 3.0);
 2. /metrics answers with the holders' names and pids (their container pids), their queues as
-   `ss` shows them, and their CLOSE_WAIT count;
+   `ss` shows them, and their CLOSE_WAIT count; `tcpwatch top` reads the unit's daemon on its
+   own (its listener's dynamic user is vouched for by the unit's cgroup);
 3. `systemctl reload` applies a changed configuration (attribution off: the names go), keeps the
    old one when the file is broken, and applies the restored one (the names come back), all in
    the same process;
@@ -357,6 +358,23 @@ def test_metrics_show_real_numbers_and_other_users_process_names(service: Servic
     ).stdout.split()  # fmt: skip
     assert ss[0] == "LISTEN" and float(ss[2]) == HOLDER_BACKLOG, ss
     assert seen.queue_max[service.leak.port] == HOLDER_BACKLOG
+
+
+def test_top_reads_the_unit_it_can_verify(service: Service) -> None:
+    """`tcpwatch top` (root, in the container) reads the daemon at its listen address on its own:
+    the listener belongs to the unit's dynamic user, neither root nor the caller, and the unit's
+    cgroup vouches for that user (issue 21 item 8). Its title names the daemon's pid."""
+    state = ensure_active(service)
+    config = service.box.root / "etc" / "tcpwatch" / "top.yaml"
+    config.write_text(f'listen: "127.0.0.1:{service.port}"\n')
+    config.chmod(0o644)
+    done = service.box.run("tcpwatch", "top", "-b", "--config", "/etc/tcpwatch/top.yaml",
+                           check=False, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    uid = main_process_status(service, state["MainPID"])["Uid"].split()[0]
+    title = done.stdout.splitlines()[0]
+    assert title.endswith(f"from {service.url} (daemon pid {state['MainPID']}, uid {uid})"), title
+    assert "source " not in done.stdout
 
 
 def test_reload_applies_a_changed_config_and_keeps_the_old_one_when_broken(

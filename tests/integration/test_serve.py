@@ -253,7 +253,7 @@ def test_scrape_matches_ss_and_history_escalates_close_wait(
     served = serve("--listen", f"127.0.0.1:{PORT}", "--interval", "1", "--config", config)
     served.wait_ready()
     netns_label = netns.name
-    subject = f"tw-leaker[{leaker.info['pid']}]"
+    subject = "tw-leaker"  # the process name, never its pid
     first = matching(served.metrics(), "tcpwatch_finding", id="S01", subject=subject)
     first_s01 = [dict(labels)["severity"] for labels in first]
 
@@ -348,8 +348,8 @@ def test_a_failing_source_degrades_only_its_metrics(
 def test_sighup_reloads_a_changed_config_and_keeps_it_over_a_broken_one(
     netns: Netns, serve: StartServe, tmp_path: Path
 ) -> None:
-    leaker = populations.close_wait(netns, count=8, port=20005, process_name="tw-leaker")
-    subject = f"tw-leaker[{leaker.info['pid']}]"
+    populations.close_wait(netns, count=8, port=20005, process_name="tw-leaker")
+    subject = "tw-leaker"  # the process name, never its pid
     path = tmp_path / "config.yaml"
     write(
         path,

@@ -45,9 +45,9 @@ def key(finding: dict[str, object]) -> tuple[object, ...]:
 def one_line_exit_3(ns: Netns, *args: str) -> str:
     done = run_tcpwatch(ns, "check", *args, timeout=60)
     assert done.returncode == 3, (done.returncode, done.stdout, done.stderr)
-    assert done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tcpwatch: "), done.stderr
+    assert done.stdout == f"TCPWATCH UNKNOWN - {lines[0].removeprefix('tcpwatch: ')}\n"
     return lines[0]
 
 

@@ -211,7 +211,8 @@ def test_top_batch_prints_one_screen(tmp_path: Path) -> None:
         # stdout not a terminal: batch without -b too; polling the host itself without a daemon.
         local = run_tcpwatch(setup.host, "top")
         assert local.returncode == 0, local.stderr
-        assert "polling this host (no daemon answered at http://127.0.0.1:9477)" in local.stdout
+        assert local.stdout.splitlines()[0].endswith(" - polling this host")
+        assert "source   no daemon listens at http://127.0.0.1:9477: polling" in local.stdout
         assert screen_states(local.stdout)[("ipv4", "close_wait")] == 16
         bad = run_tcpwatch(setup.viewer, "top", "--from", "http://127.0.0.1:1")
         assert bad.returncode == 3 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

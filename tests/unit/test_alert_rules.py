@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.unit.test_dashboard import RUNBOOK_BASE, undocumented_use
+from tests.unit.test_dashboard import undocumented_use
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -30,6 +30,13 @@ SCRAPE_EXAMPLE = PROMETHEUS_DIR / "scrape-config.example.yml"
 KUBERNETES_DIR = REPO / "deploy" / "kubernetes"
 FLEET_DOC = REPO / "docs" / "fleet.md"
 SEVERITIES = frozenset({"critical", "warning", "info"})
+# runbook_url: the site's published copy when it defines tcpwatch:docs_url:info, else a page the
+# user has (the reporting tcpwatch's own rule page, Prometheus' targets page).
+RUNBOOK = re.compile(
+    r'\{\{ with query "tcpwatch:docs_url:info" \}\}\{\{ label "url" \(first \.\) \}\}'
+    r"/(?P<path>.+?)\{\{ else \}\}(?P<fallback>.+)\{\{ end \}\}"
+)
+FALLBACK = re.compile(r"(http://\{\{ \$labels\.instance \}\}|\{\{ \$externalURL \}\})/.*")
 
 
 @cache
@@ -105,7 +112,9 @@ def test_every_alert_has_severity_summary_description_and_runbook() -> None:
         assert alert["labels"]["severity"] in SEVERITIES, name
         annotations = alert["annotations"]
         assert set(annotations) == {"summary", "description", "runbook_url"}, name
-        assert annotations["runbook_url"].startswith(RUNBOOK_BASE), name
+        link = RUNBOOK.fullmatch(annotations["runbook_url"])
+        assert link is not None, f"{name}: runbook_url {annotations['runbook_url']!r}"
+        assert FALLBACK.fullmatch(link["fallback"]), f"{name}: {link['fallback']!r}"
         assert re.fullmatch(r"\d+[smh]", alert["for"]), f"{name}: for {alert.get('for')!r}"
 
 
@@ -116,14 +125,29 @@ def test_runbook_links_resolve_to_existing_pages_and_headings() -> None:
         if line.startswith("#")
     }
     for alert in alerts():
-        path, _, anchor = alert["annotations"]["runbook_url"][len(RUNBOOK_BASE) :].partition("#")
+        link = RUNBOOK.fullmatch(alert["annotations"]["runbook_url"])
+        assert link is not None, alert["alert"]
+        path, _, anchor = link["path"].partition("#")
+        fallback = link["fallback"]
         if "{{" in path:
             # Templated from the finding's labels; promtool test rules checks the rendering.
             assert path == "docs/rules/{{ $labels.id }}-{{ $labels.slug }}.md", alert["alert"]
+            assert fallback == "http://{{ $labels.instance }}/rules/{{ $labels.id }}"
             continue
         assert (REPO / path).is_file(), f"{alert['alert']}: runbook {path} does not exist"
         if anchor:
             assert anchor in fleet_anchors, f"{alert['alert']}: no heading #{anchor} in {path}"
+        rule = re.fullmatch(r"docs/rules/([A-Z]\d\d)-[a-z0-9-]+\.md", path)
+        if rule is not None:
+            # The same page, as the reporting tcpwatch serves it (tcpwatch/render/rulepage.py).
+            assert fallback == f"http://{{{{ $labels.instance }}}}/rules/{rule.group(1)}"
+
+
+def rule_of(alert: dict[str, Any]) -> str | None:
+    """The rule whose page is the alert's runbook, if any."""
+    link = RUNBOOK.fullmatch(alert["annotations"]["runbook_url"])
+    found = re.fullmatch(r"docs/rules/([A-Z]\d\d)-[a-z0-9-]+\.md", link["path"]) if link else None
+    return found.group(1) if found else None
 
 
 def test_runbook_pages_exist_for_every_rule_the_templated_link_can_name() -> None:
@@ -229,12 +253,77 @@ def test_generic_critical_alert_excludes_the_rules_with_their_own_critical_alert
     assert match is not None, generic["expr"]
     excluded = set(match.group(1).split("|"))
     own = {
-        found.group(1)
+        rule
         for alert in alerts()
         if alert["alert"] != "TcpwatchCriticalFinding" and alert["labels"]["severity"] == "critical"
-        if (found := re.search(r"docs/rules/([A-Z]\d\d)-", alert["annotations"]["runbook_url"]))
+        if (rule := rule_of(alert))
     }
     assert own == {"Q01", "K01", "P01"}
     # Q04's critical case (SYNs dropped) is TcpwatchSynQueueDrops' condition too.
     assert excluded == own | {"Q04"}
     assert excluded <= {rule.id for rule in RULES}
+
+
+def test_warning_findings_have_their_alert_except_rules_with_their_own() -> None:
+    """Issue 22 item 5: warning findings alert too, through TcpwatchWarningFinding, which leaves
+    out the rules whose page is the runbook of a warning alert of their own (one problem, one
+    alert; promtool test rules proves both halves)."""
+    from tcpwatch.rules import RULES
+
+    generic = next(a for a in alerts() if a["alert"] == "TcpwatchWarningFinding")
+    assert generic["labels"] == {"severity": "warning"}
+    assert 'severity="warning"' in generic["expr"]
+    match = re.search(r'id!~"([A-Z0-9|]+)"', generic["expr"])
+    assert match is not None, generic["expr"]
+    excluded = set(match.group(1).split("|"))
+    own = {
+        rule
+        for alert in alerts()
+        if alert["alert"] != "TcpwatchWarningFinding" and alert["labels"]["severity"] == "warning"
+        if (rule := rule_of(alert))
+    }
+    assert excluded == own
+    assert own == {"Q01", "Q02", "Q04", "P01", "S01", "C01", "C02"}
+    warning_rules = {rule.id for rule in RULES if rule.severity == "warning"}
+    assert warning_rules - excluded, "some warning rule must still reach the generic alert"
+
+
+def test_every_source_state_has_an_alert() -> None:
+    """Failing sources warn; degraded ones (up, with fields left out) are info (issue 16 item 5)."""
+    by_expr = {alert["expr"].strip(): alert for alert in alerts()}
+    assert by_expr["tcpwatch_source_up == 0"]["labels"]["severity"] == "warning"
+    assert by_expr["tcpwatch_source_degraded > 0"]["labels"]["severity"] == "info"
+
+
+ALERTMANAGER_EXAMPLE = PROMETHEUS_DIR / "alertmanager.example.yml"
+
+
+def amtool(*args: str) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("amtool")
+    assert binary is not None, "amtool is not on PATH (Debian package prometheus-alertmanager)"
+    return subprocess.run(
+        [binary, *args], capture_output=True, text=True, timeout=60, cwd=PROMETHEUS_DIR, check=False
+    )
+
+
+def test_alertmanager_example_routes_warning_findings_apart_from_pages() -> None:
+    """Every tcpwatch alert reaches a receiver through the example routing; critical alerts page,
+    TcpwatchWarningFinding goes to its own ticket route, grouped by rule across hosts."""
+    checked = amtool("check-config", ALERTMANAGER_EXAMPLE.name)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    receivers: dict[str, set[str]] = {}
+    for alert in alerts():
+        labels = [f"alertname={alert['alert']}", f"severity={alert['labels']['severity']}"]
+        routed = amtool(
+            "config", "routes", "test", f"--config.file={ALERTMANAGER_EXAMPLE.name}", *labels
+        )
+        assert routed.returncode == 0, routed.stdout + routed.stderr
+        (receiver,) = routed.stdout.split()
+        receivers.setdefault(receiver, set()).add(alert["alert"])
+    critical = {a["alert"] for a in alerts() if a["labels"]["severity"] == "critical"}
+    assert receivers["pager"] == critical
+    assert "TcpwatchWarningFinding" in receivers["tickets"]
+    assert not receivers["tickets"] & critical
+    route = _load(ALERTMANAGER_EXAMPLE)["route"]
+    [own] = [r for r in route["routes"] if r["matchers"] == ['alertname="TcpwatchWarningFinding"']]
+    assert own["group_by"] == ["alertname", "id"]

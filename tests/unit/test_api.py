@@ -109,9 +109,18 @@ def test_queries_out_of_range_are_refused_by_name(query: dict[str, str]) -> None
 
 def test_findings_are_the_check_json_report() -> None:
     state = problem_state()
-    document = api.findings_document(state, None, api.DEFAULT_FINDINGS_LIMIT)
-    expected = json.loads(render_json(state.findings, state.snapshots, 5.0))
+    site = "https://docs.internal/tcpwatch"
+    document = api.findings_document(state, None, api.DEFAULT_FINDINGS_LIMIT, site)
+    expected = json.loads(render_json(state.findings, state.snapshots, 5.0, site))
     assert document == expected  # the same schema, field for field; window = between two polls
+    assert document["findings"][0]["doc_url"] == f"{site}/docs/rules/Q01-accept-queue-full.md"
+    # With no docs_url, each finding links the page this daemon serves (issue 22 item 1).
+    served = api.findings_document(state, None, api.DEFAULT_FINDINGS_LIMIT)
+    assert [f["doc_url"] for f in served["findings"]] == ["/rules/Q01"]
+    assert (
+        json.loads(render_json(state.findings, state.snapshots, 5.0))["findings"][0]["doc_url"]
+        is None
+    )  # a one-shot check has no page to serve
     cut = api.findings_document(state, None, 1)
     assert "findings_total" not in cut
     assert api.findings_document(state, "elsewhere", 10)["findings"] == []

@@ -199,6 +199,7 @@ SOURCE_ENTRY_POINTS = {
     "tcpwatch.sources.registry",
     "tcpwatch.sources.base",
     "tcpwatch.sources.netns",
+    "tcpwatch.sources.lookup",  # top's one-off check of the local daemon's listener
 }
 
 

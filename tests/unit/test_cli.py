@@ -26,6 +26,7 @@ from tcpwatch.config import CollectSettings
 from tcpwatch.model import Snapshot
 from tcpwatch.paths import ProcPaths
 from tcpwatch.rules import RULES
+from tests.unit.plugin_output import assert_unknown_stdout
 from tests.unit.snapshots import (
     NGINX,
     T0,
@@ -60,13 +61,14 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def usage_error(result: subprocess.CompletedProcess[str]) -> list[str]:
     """Assert tcpwatch refused to run the way it must, and return its stderr lines.
 
-    Exit 3 (Nagios UNKNOWN), nothing on stdout (a JSON or exposition reader must not get half a
-    report), and every stderr line a ``tcpwatch: ...`` message: no traceback, no log noise.
+    Exit 3 (Nagios UNKNOWN), on stdout only check's UNKNOWN status (a JSON or exposition reader
+    must not get half a report), and every stderr line a ``tcpwatch: ...`` message: no
+    traceback, no log noise.
     """
     output = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert "Traceback" not in result.stdout + result.stderr, output
     assert result.returncode == EXIT_UNKNOWN, output
-    assert result.stdout == "", output
+    assert_unknown_stdout(list(result.args)[3:], result.stdout, result.stderr)
     lines = result.stderr.splitlines()
     assert lines, output
     assert all(line.startswith("tcpwatch: ") for line in lines), output
@@ -284,9 +286,7 @@ def test_rules_lists_every_rule_with_its_thresholds() -> None:
             (line,) = [line for line in lines if line.strip().startswith(expected)]
             assert line.strip().endswith(threshold.description), line
     pages = [line.strip() for line in lines if line.strip().startswith("page: ")]
-    assert pages == [
-        f"page: https://github.com/OWNER/tcpwatch/blob/main/{rule.doc}" for rule in RULES
-    ]
+    assert pages == [f"page: tcpwatch rules {rule.id}" for rule in RULES]  # no published copy
     threshold_lines = [line for line in lines if line.startswith(" ") and "page: " not in line]
     assert len(threshold_lines) == sum(len(rule.thresholds) for rule in RULES)
 
@@ -479,7 +479,10 @@ class TestCheckPipeline:
         config = write(tmp_path / "tcpwatch.yaml", "rules:\n  Q01:\n    warning: high\n  Q99: 1\n")
         assert main(["check", "--config", config]) == EXIT_UNKNOWN
         captured = capsys.readouterr()
-        assert captured.out == ""
+        assert captured.out == (
+            f"TCPWATCH UNKNOWN - {config}: rules.Q01.warning: expected a number between 0.01 "
+            'and 1, got "high" (and 1 more problems on stderr)\n'
+        )
         known = ", ".join(sorted(ALL_RULE_IDS))
         assert captured.err.splitlines() == [
             f"tcpwatch: {config}: rules.Q01.warning: "
@@ -524,6 +527,12 @@ def test_a_namespace_that_could_not_be_audited_makes_check_unknown(
     assert "namespaces not audited: blue" in captured.err
     report = json.loads(captured.out)
     assert report["findings"] == []
+    # The report says UNKNOWN too, with why, as the exit code does.
+    assert (report["status"], report["exit_code"]) == ("UNKNOWN", 3)
+    assert report["error"] == "namespaces not audited: blue"
+    main(["check", "--window", "0", "--netns", "host,blue"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("TCPWATCH UNKNOWN - namespaces not audited: blue | critical=0")
     assert {"netns": "blue", "name": "netns", "ok": False}.items() <= next(
         s for s in report["sources"] if s["netns"] == "blue"
     ).items()

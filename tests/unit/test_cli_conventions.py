@@ -372,9 +372,13 @@ def test_rules_json(tmp_path: Path) -> None:
     (warning,) = [t for t in by_id["Q01"]["thresholds"] if t["name"] == "warning"]
     assert (warning["value"], warning["default"], warning["configured"]) == (0.5, 0.8, True)
     assert by_id["S02"]["enabled"] is False and by_id["Q01"]["enabled"] is True
-    assert by_id["Q01"]["doc_url"].endswith("/docs/rules/Q01-accept-queue-full.md")
+    assert by_id["Q01"]["doc_url"] is None  # no docs_url: no published copy to link
     single = json.loads(run_cli("rules", "Q01", "--format", "json").stdout)
     assert single["id"] == "Q01" and single["thresholds"]
+    site = run_cli("rules", "Q01", "--format", "json", "--docs-url", "https://docs.internal/tw")
+    assert json.loads(site.stdout)["doc_url"] == (
+        "https://docs.internal/tw/docs/rules/Q01-accept-queue-full.md"
+    )
 
 
 # -- check: perfdata, --emit-sysctl, --color, progress, --window 0 --------------------------------

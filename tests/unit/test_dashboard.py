@@ -29,6 +29,20 @@ DASHBOARD = REPO / "deploy" / "grafana" / "tcpwatch.json"
 PROVISIONING = REPO / "deploy" / "grafana" / "provisioning"
 METRICS_DOC = REPO / "docs" / "metrics.md"
 DASHBOARDS_DOC = REPO / "docs" / "dashboards.md"
+# The rows whose panels show one part of docs/metrics.md: a panel all of whose metrics are
+# documented in such a section belongs in its row (Grafana gives a panel to the row above it).
+ROW_OF_SECTION: Mapping[str, str] = {
+    "Sockets": "Sockets",
+    "Listeners": "Listeners",
+    "Ephemeral ports": "Ephemeral ports",
+    "Connections: outcomes, retransmissions, RTT": "Connection quality",
+    "Tunables": "Tunables",
+    "Findings": "Findings",
+    "Network namespaces": "tcpwatch itself",
+    "tcpwatch itself": "tcpwatch itself",
+    "Who is slow": "Who is slow",
+}
+SUMMARY_ROW = "Overview"  # its stat panels summarise every part
 RUNBOOK_BASE = "https://github.com/OWNER/tcpwatch/blob/main/"
 
 # Labels Prometheus adds to every scraped series.
@@ -404,6 +418,107 @@ def test_dashboard_identity_and_layout() -> None:
             assert panel.get("description"), f"panel {panel['title']!r} has no description"
 
 
+@cache
+def metric_sections() -> dict[str, str]:
+    """tcpwatch metric name -> the ``## `` section of docs/metrics.md that documents it."""
+    sections: dict[str, str] = {}
+    section = ""
+    for line in METRICS_DOC.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            section = line[3:].strip()
+        match = re.match(r"\|\s*`(tcpwatch_\w+)`", line)
+        if match is not None:
+            sections[match.group(1)] = section
+    return sections
+
+
+def rows_of_panels(panels: list[dict[str, Any]]) -> dict[int, str]:
+    """Panel id -> the title of the row Grafana shows it under: the row above it in the grid
+    (panels of an expanded row follow it at the top level), or the collapsed row holding it."""
+    rows: dict[int, str] = {}
+    ordered = sorted(panels, key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"]))
+    current = ""
+    for panel in ordered:
+        if panel["type"] == "row":
+            current = panel["title"]
+            for inner in panel.get("panels", []):
+                rows[inner["id"]] = current
+        else:
+            rows[panel["id"]] = current
+    return rows
+
+
+def test_every_panel_sits_in_the_row_its_metrics_belong_to() -> None:
+    # Issue 22 item 5: "Live connections per destination" sat under "Tunables".
+    panels = load_dashboard()["panels"]
+    rows = rows_of_panels(panels)
+    sections = metric_sections()
+    row_titles = {p["title"] for p in panels if p["type"] == "row"}
+    assert set(ROW_OF_SECTION.values()) | {SUMMARY_ROW} == row_titles
+    problems = []
+    for panel in iter_panels(panels):
+        if panel["type"] == "row":
+            continue
+        row = rows[panel["id"]]
+        if not row:
+            problems.append(f"{panel['title']!r} sits above the first row")
+            continue
+        metrics = {
+            selector.metric
+            for target in panel["targets"]
+            for selector in selectors(target["expr"])
+            if selector.metric.startswith("tcpwatch_")
+        }
+        homes = {
+            sections.get(metric.removesuffix("_bucket"), sections.get(metric)) for metric in metrics
+        }
+        if len(homes) != 1 or row == SUMMARY_ROW:
+            continue  # a panel that sets one part against another (TIME_WAIT vs its sysctl)
+        (home,) = homes
+        wanted = ROW_OF_SECTION.get(home or "")
+        if wanted is not None and wanted != row:
+            problems.append(f"{panel['title']!r} shows {home} metrics but sits in row {row!r}")
+    assert problems == []
+    by_title = {p["title"]: p for p in iter_panels(panels)}
+    live = by_title["Live connections per destination (highest RTT first)"]
+    assert rows[live["id"]] == "Connection quality"
+
+
+def test_each_row_is_tiled_without_gaps() -> None:
+    """Every row's panels fill its full width from the row down to the next row: no hole for a
+    panel to drift into, no panel overlapping the next row (issue 16 item 5)."""
+    panels = load_dashboard()["panels"]
+    rows = sorted((p for p in panels if p["type"] == "row"), key=lambda p: p["gridPos"]["y"])
+    assert rows and rows[0]["gridPos"]["y"] == 0, "the dashboard starts with a row"
+    members: dict[str, list[dict[str, Any]]] = {row["title"]: [] for row in rows}
+    owner = rows_of_panels(panels)
+    for panel in iter_panels(panels):
+        if panel["type"] != "row":
+            members[owner[panel["id"]]].append(panel)
+    top = 0
+    for row in rows:
+        grid = row["gridPos"]
+        assert (grid["x"], grid["w"], grid["h"]) == (0, 24, 1), row["title"]
+        assert grid["y"] == top, f"row {row['title']!r} at y={grid['y']}, expected {top}"
+        start = grid["y"] + 1
+        cells: set[tuple[int, int]] = set()
+        for panel in members[row["title"]]:
+            pos = panel["gridPos"]
+            cells.update(
+                (x, y)
+                for x in range(pos["x"], pos["x"] + pos["w"])
+                for y in range(pos["y"], pos["y"] + pos["h"])
+            )
+        assert members[row["title"]], f"row {row['title']!r} is empty"
+        bottom = max(y for _, y in cells) + 1
+        holes = sorted(
+            (x, y) for x in range(24) for y in range(start, bottom) if (x, y) not in cells
+        )
+        assert holes == [], f"row {row['title']!r} has holes at (x, y) {holes[:8]}"
+        assert min(y for _, y in cells) == start, row["title"]
+        top = start if row.get("collapsed") else bottom
+
+
 def test_template_variables_instance_netns_and_datasource() -> None:
     dashboard = load_dashboard()
     variables = template_variables(dashboard)
@@ -571,9 +686,11 @@ def test_findings_table_colours_severity_and_links_each_rule_page() -> None:
     expr = panel["targets"][0]["expr"]
     for level, rank in (("critical", "3"), ("warning", "2")):
         assert re.search(rf'severity="{level}".*?== 1\) \* {rank}', expr), expr
+    # The page the finding's own tcpwatch serves (issue 22 item 1): no placeholder host.
     links = {p["id"]: p["value"] for p in overrides["id"]}["links"]
-    rule_page = "docs/rules/${__data.fields.id}-${__data.fields.slug}.md"
-    assert links[0]["url"] == RUNBOOK_BASE + rule_page
+    assert [link["url"] for link in links] == [
+        "http://${__data.fields.instance}/rules/${__data.fields.id}"
+    ]
 
 
 def test_grafana_provisioning_files() -> None:

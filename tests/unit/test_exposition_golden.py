@@ -88,9 +88,10 @@ def connections() -> LifecycleStats:
         malformed=0,
         overruns=0,
         lost=0,
-        max_peers=100,
+        max_peers=120,
         evicted=0,
         receive_buffer=8 << 20,
+        folded={"outbound": 10},
     )
 
 

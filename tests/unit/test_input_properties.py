@@ -27,6 +27,7 @@ from tcpwatch.errors import UsageError
 from tcpwatch.http.listen import ListenError, parse_listen
 from tcpwatch.http.webconfig import load_web_config
 from tcpwatch.validation import MAX_ERRORS, parse_duration, parse_seconds
+from tests.unit.plugin_output import assert_unknown_stdout
 
 # Sized to run in a few seconds on a loaded 2-core CI machine; the deadline catches one slow
 # example (a blocking read, an expansion) long before the whole run would.
@@ -54,11 +55,11 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> list[str]:
     capsys.readouterr()
     try:
         code = main(list(argv))
-    except SystemExit as stop:  # argparse's own exit, through _Parser.error
+    except SystemExit as stop:  # --help or --version
         code = stop.code
     out, err = capsys.readouterr()
     assert code == EXIT_UNKNOWN, (code, out, err)
-    assert out == ""
+    assert_unknown_stdout(argv, out, err)
     assert "Traceback" not in err
     lines = err.splitlines()
     assert err.endswith("\n") and 1 <= len(lines) <= MAX_ERRORS, err

@@ -31,7 +31,7 @@ from tcpwatch.sources.lifecycle_events import (
     make_context,
     parse_destroy_messages,
 )
-from tcpwatch.sources.lifecycle_peers import LifecycleAggregator
+from tcpwatch.sources.lifecycle_peers import LifecycleAggregator, table_of
 from tcpwatch.sources.netlink import (
     INET_DIAG_INFO,
     INET_DIAG_PROTOCOL,
@@ -304,11 +304,12 @@ class Clock:
 
 
 def stats(aggregator: LifecycleAggregator) -> LifecycleStats:
-    return aggregator.stats(overruns=0, lost=0, receive_buffer=0)
+    return table_of(aggregator.stats(overruns=0, lost=0, receive_buffer=0))
 
 
 def rows(aggregator: LifecycleAggregator) -> dict[tuple[str, str], PeerStats]:
-    result = aggregator.stats(overruns=0, lost=0, receive_buffer=0)
+    """What closed since the previous drain, per tracked peer (every peer its own row)."""
+    result = table_of(aggregator.stats(overruns=0, lost=0, receive_buffer=0))
     return {(row.direction, row.peer): row for row in result.peers}
 
 
@@ -359,36 +360,38 @@ def test_rtt_buckets_are_upper_bounds(rtt_us: int, bucket: int) -> None:
     assert row.rtt_cumulative()[-1] == 1 and row.rtt_cumulative()[bucket] == 1
 
 
-def test_peer_table_is_bounded_and_series_stay_monotonic() -> None:
+def test_tracker_is_bounded_keeps_the_busy_and_conserves_every_close() -> None:
     clock = Clock()
-    aggregator = LifecycleAggregator(max_peers=2, peer_idle_seconds=60, clock=clock)
-    for port in (1001, 1002, 1003, 1004):
+    aggregator = LifecycleAggregator(max_peers=4, peer_idle_seconds=600, clock=clock)
+    for _ in range(5):
+        feed(aggregator, destroy_message(dport=1001, info=OK_INFO))
+    for port in (1002, 1003, 1004, 1005):  # 1005 finds the tracker full: the quieter half goes
         feed(aggregator, destroy_message(dport=port, info=OK_INFO))
-    got = rows(aggregator)
-    assert set(got) == {
-        ("outbound", "127.0.0.1:1001"),
-        ("outbound", "127.0.0.1:1002"),
-        ("outbound", PEER_OTHER),
-    }
-    assert got[("outbound", PEER_OTHER)].closed["ok"] == 2
-    # 1001 stays busy, 1002 goes idle: after 60 s 1002 gives its place up, 1003 takes it
-    clock.now += 30
-    feed(aggregator, destroy_message(dport=1001, info=OK_INFO))
-    clock.now += 31
-    feed(aggregator, destroy_message(dport=1003, info=OK_INFO))
-    got = rows(aggregator)
-    assert set(got) == {
-        ("outbound", "127.0.0.1:1001"),
-        ("outbound", "127.0.0.1:1003"),
-        ("outbound", PEER_OTHER),
-    }
-    assert got[("outbound", "127.0.0.1:1001")].closed["ok"] == 2  # kept its series and counts
-    assert got[("outbound", "127.0.0.1:1003")].closed["ok"] == 1  # a new series from zero
-    assert got[("outbound", PEER_OTHER)].closed["ok"] == 2  # 1002's counts were not moved
-    assert aggregator.stats(0, 0, 0).evicted == 1
-    # nothing for an hour: a drain removes idle rows; PEER_OTHER stays
-    clock.now += 3600
-    assert set(rows(aggregator)) == {("outbound", PEER_OTHER)}
+    result = aggregator.stats(0, 0, 0)
+    got = {(a.direction, a.peer): a for a in result.activity or ()}
+    assert ("outbound", "127.0.0.1:1001") in got and ("outbound", "127.0.0.1:1005") in got
+    assert len(got) == 4  # 1001, one of the quiet ones, 1005, and other
+    closed = {key: sum(a.delta.closed.values()) for key, a in got.items() if a.delta}
+    assert closed[("outbound", "127.0.0.1:1001")] == 5
+    assert closed[("outbound", PEER_OTHER)] == 2  # the two dropped, folded, none lost
+    assert sum(closed.values()) == 9
+    assert result.evicted == 2
+    assert got[("outbound", "127.0.0.1:1001")].score == 5
+    # a drain resets the counts; the score decays by half a minute
+    clock.now += 60
+    again = {(a.direction, a.peer): a for a in aggregator.stats(0, 0, 0).activity or ()}
+    assert again[("outbound", "127.0.0.1:1001")].delta is None
+    assert again[("outbound", "127.0.0.1:1001")].score == pytest.approx(2.5)
+    assert ("outbound", PEER_OTHER) not in again  # nothing new folded
+    # a new busy peer is tracked and outscores the old quiet ones
+    for _ in range(20):
+        feed(aggregator, destroy_message(dport=2000, info=OK_INFO))
+    clock.now += 1
+    scores = {a.peer: a.score for a in aggregator.stats(0, 0, 0).activity or ()}
+    assert scores["127.0.0.1:2000"] > scores["127.0.0.1:1001"]
+    # nothing for the idle time: every pair is dropped
+    clock.now += 600
+    assert not aggregator.stats(0, 0, 0).activity
 
 
 def test_context_change_renames_new_events_only() -> None:
@@ -418,7 +421,7 @@ def test_listener_reads_every_pending_datagram_and_counts_garbage() -> None:
         writer.send(destroy_message("10.0.0.1", 8080, "10.0.0.9", 50000, OK_INFO))
         assert listener.fileno() == reader.fileno()
         listener.read_ready()
-        result = listener.drain()
+        result = table_of(listener.drain())
         listener.close()
         listener.close()
     assert (result.events, result.malformed, result.overruns, result.lost) == (51, 1, 0, 0)

@@ -13,6 +13,7 @@ from tcpwatch.model import LifecycleStats, Listener, Snapshot, Sysctls
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources.base import LongLivedSource, SourceContext
 from tcpwatch.sources.lifecycle import DestroyListener, LifecycleGatherer, start_lifecycle
+from tcpwatch.sources.lifecycle_peers import table_of, tracked_peers
 from tcpwatch.sources.registry import registered_sources
 from tests.unit.snapshots import socket_table
 from tests.unit.test_lifecycle import OK_INFO, destroy_message
@@ -54,7 +55,7 @@ def test_drain_classifies_by_the_polls_listeners_and_port_range(
     writer.send(destroy_message("127.0.0.1", 40000, "127.0.0.1", 5432, OK_INFO))
     writer.send(destroy_message("127.0.0.1", 55000, "127.0.0.1", 5432, OK_INFO))
     gatherer.read_ready()
-    stats = gatherer.drain(Snapshot("test", 0.0, None, None, None, None, None))
+    stats = table_of(gatherer.drain(Snapshot("test", 0.0, None, None, None, None, None)))
     got = {(row.direction, row.peer): row.closed["ok"] for row in stats.peers}
     assert got == {
         ("inbound", "0.0.0.0:8080"): 1,  # the listener the poll saw
@@ -75,7 +76,7 @@ def test_start_applies_the_collect_settings() -> None:
     finally:
         gatherer.close()
     assert isinstance(stats, LifecycleStats)
-    assert stats.max_peers == 5
+    assert stats.max_peers == tracked_peers(5) == 64  # tracked: the rows are host-wide
     assert stats.receive_buffer == 2 << 16  # the kernel doubles what is asked
     assert stats.lost == 0
 

@@ -73,6 +73,55 @@ def test_man_warnings_are_seen_here(tmp_path: Path) -> None:
 def test_man_date_follows_source_date_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     assert '.TH TCPWATCH 1 "2023-11-14"' in manpage.render()
+    # Without it the page carries no build date: built twice, it is the same page.
+    monkeypatch.delenv("SOURCE_DATE_EPOCH")
+    assert '.TH TCPWATCH 1 "" ' in manpage.render()
+
+
+def _sections(page: str) -> dict[str, list[str]]:
+    """Section title -> the option headings (the line after each .TP) in it."""
+    sections: dict[str, list[str]] = {}
+    title = ""
+    lines = page.splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith(".SH "):
+            title = line[4:]
+            sections[title] = []
+        elif line == ".TP" and index + 1 < len(lines) and lines[index + 1].startswith("\\fB\\-"):
+            sections[title].append(lines[index + 1])
+    return sections
+
+
+def test_each_option_is_described_once_where_it_applies() -> None:
+    """Issue 22 item 7: five sections repeated seven shared options each, and GLOBAL OPTIONS
+    listed only -h and --version. Now a shared option is described once, under COMMON OPTIONS
+    with the commands it applies to, and a command's section holds its own options only."""
+    sections = _sections(manpage.render())
+    headings = [heading for found in sections.values() for heading in found]
+    common = sections["COMMON OPTIONS"]
+    assert len(common) == 7
+    assert all(headings.count(heading) == 1 for heading in common), headings
+    # Options of the same name that are not the same option stay with their command: check's
+    # -w (a warning threshold) and top's -w (a width); check's and rules' --format.
+    assert sum("\\fB\\-w\\fR" in h for h in headings) == 2
+    for name in _subcommands(build_parser()):
+        own = sections[f"OPTIONS OF {name.upper()}"]
+        assert not set(own) & set(common), (name, own)
+    assert any("\\-\\-netns" in heading for heading in common)
+    page = manpage.render()
+    assert "Commands: metrics, check, serve, top." in page and "Commands: check, rules." in page
+
+
+def test_help_shows_only_the_options_a_command_takes(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    rules = _subcommands(parser)["rules"].format_help()
+    assert "--netns" not in rules and "--path.procfs" not in rules and "--log.level" not in rules
+    assert "--config" in rules and "--docs-url" in rules
+    assert "--docs-url" not in _subcommands(parser)["metrics"].format_help()
+    from tcpwatch.cli import main
+
+    assert main(["rules", "--netns", "all"]) == 3
+    assert "unrecognized arguments: --netns" in capsys.readouterr().err
 
 
 def _bash_complete(script: Path, words: list[str], cwd: Path) -> list[str]:

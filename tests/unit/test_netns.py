@@ -15,7 +15,6 @@ from tcpwatch.sources.netns import (
     NET_NS_INIT_INO,
     current_netns_inode,
     ip_netns_name,
-    lowest_member_pid,
     netns_name,
 )
 
@@ -80,7 +79,7 @@ def test_an_ip_netns_name(tmp_path: Path) -> None:
     fixture.bind("blue", "blue")
     fixture.namespace("red")
     fixture.bind("red", "red")
-    assert fixture.name_of(blue) == "blue"  # not pid:40
+    assert fixture.name_of(blue) == "blue"  # not ns:<inode>
     assert ip_netns_name(blue, str(fixture.run_netns)) == "blue"
 
 
@@ -94,7 +93,7 @@ def test_two_ip_netns_names_for_one_namespace_give_the_first_alphabetically(
     assert fixture.name_of(shared) == "alpha"
 
 
-def test_an_unnamed_namespace_is_named_by_its_lowest_pid(tmp_path: Path) -> None:
+def test_an_unnamed_namespace_is_named_by_its_inode_whoever_lives_in_it(tmp_path: Path) -> None:
     fixture = Fixture(tmp_path)
     fixture.namespace("init")
     fixture.member(1, "init")
@@ -102,8 +101,12 @@ def test_an_unnamed_namespace_is_named_by_its_lowest_pid(tmp_path: Path) -> None
     for pid in (4711, 9000, 1033, 2048, 6100, 3333, 812, 5120, 7777, 1500):
         fixture.member(pid, "container")
     fixture.member(90, "init")
-    assert fixture.name_of(container) == "pid:812"
-    assert lowest_member_pid(fixture.paths, container) == 812
+    assert fixture.name_of(container) == f"ns:{container}"
+    # Its lowest process exits (it restarts under a new pid): the name stays.
+    for entry in (fixture.proc / "812" / "ns").iterdir():
+        entry.unlink()
+    fixture.member(9100, "container")
+    assert fixture.name_of(container) == f"ns:{container}"
 
 
 def test_unreadable_entries_are_skipped(tmp_path: Path) -> None:
@@ -113,7 +116,7 @@ def test_unreadable_entries_are_skipped(tmp_path: Path) -> None:
     (fixture.proc / "2" / "ns").mkdir(parents=True)  # exited: ns/net gone
     (fixture.run_netns / "stale").symlink_to(tmp_path / "nowhere")  # dangling entry
     fixture.member(7, "container")
-    assert fixture.name_of(container) == "pid:7"
+    assert fixture.name_of(container) == f"ns:{container}"
 
 
 def test_a_missing_run_netns_directory_is_no_error(tmp_path: Path) -> None:
@@ -121,7 +124,7 @@ def test_a_missing_run_netns_directory_is_no_error(tmp_path: Path) -> None:
     container = fixture.namespace("container")
     fixture.member(7, "container")
     name = netns_name(fixture.paths, container, run_netns_dir=str(tmp_path / "absent"))
-    assert name == "pid:7"
+    assert name == f"ns:{container}"
 
 
 def test_a_namespace_nobody_we_can_see_is_in_is_named_by_its_inode(tmp_path: Path) -> None:
@@ -130,5 +133,5 @@ def test_a_namespace_nobody_we_can_see_is_in_is_named_by_its_inode(tmp_path: Pat
     fixture.member(1, "init")
     held_by_a_file_descriptor_only = fixture.namespace("orphan")
     assert fixture.name_of(held_by_a_file_descriptor_only) == (
-        f"net:[{held_by_a_file_descriptor_only}]"
+        f"ns:{held_by_a_file_descriptor_only}"
     )

@@ -392,13 +392,18 @@ def test_a_runtime_pin_without_a_container_keeps_its_name(tmp_path: Path) -> Non
     assert host.by_name()[pin].container == ""
 
 
-def test_a_namespace_made_by_unshare_is_named_by_its_lowest_pid(tmp_path: Path) -> None:
+def test_a_namespace_made_by_unshare_is_named_by_its_inode(tmp_path: Path) -> None:
     host = FakeHost(tmp_path)
     host.namespace("unshared")
     for pid in (5120, 812, 1033):
         host.process(pid, "unshared")
-    target = host.by_name()["pid:812"]
+    name = f"ns:{host.inode('unshared')}"
+    target = host.by_name()[name]
     assert (target.container, target.pod) == ("", "")
+    # Its lowest pid restarts as a higher one: same name, so the same series.
+    (host.proc / "812" / "ns" / "net").unlink()
+    host.process(9100, "unshared")
+    assert host.by_name()[name].inode == target.inode
 
 
 def test_the_host_is_named_host_and_carries_no_container(tmp_path: Path) -> None:
@@ -508,12 +513,20 @@ def names(targets: tuple[NetnsTarget, ...]) -> list[str]:
     return [target.name for target in targets]
 
 
+UNNAMED = "ns:<inode>"  # the unshared namespace's name, ns:<its inode>, in the cases below
+
+
+def unnamed(targets: tuple[NetnsTarget, ...]) -> str:
+    [found] = [t for t in targets if t.path is not None and t.path.endswith("/3000/ns/net")]
+    return f"ns:{found.inode}"
+
+
 def test_the_busy_node_as_discovered(busy_node: tuple[NetnsTarget, ...]) -> None:
     assert names(busy_node) == [
         "host",
         f"container:{CID[:12]}",
         "lab",
-        "pid:3000",
+        unnamed(busy_node),
         "pod:kube-system/coredns-5d",
         "pod:shop/web-1",
         "pod:shop/web-2",
@@ -529,7 +542,8 @@ def test_the_busy_node_as_discovered(busy_node: tuple[NetnsTarget, ...]) -> None
         (("pod:*/web-?",), ["pod:shop/web-1", "pod:shop/web-2"]),
         (("pod:kube-system/*", "lab"), ["lab", "pod:kube-system/coredns-5d"]),
         (("self", "container:*"), ["host", f"container:{CID[:12]}"]),
-        (("pid:*",), ["pid:3000"]),
+        (("ns:*",), [UNNAMED]),
+        ((UNNAMED,), [UNNAMED]),  # its exact name is a pattern matching it: no brackets
         (("nothing-like-this",), []),
         (("Host",), []),  # case matters: names are labels
     ],
@@ -537,7 +551,9 @@ def test_the_busy_node_as_discovered(busy_node: tuple[NetnsTarget, ...]) -> None
 def test_select(
     busy_node: tuple[NetnsTarget, ...], selection: tuple[str, ...], expected: list[str]
 ) -> None:
-    assert names(select(busy_node, selection)) == expected
+    name = unnamed(busy_node)
+    wanted = tuple(name if pattern == UNNAMED else pattern for pattern in selection)
+    assert names(select(busy_node, wanted)) == [name if e == UNNAMED else e for e in expected]
 
 
 def test_select_all(busy_node: tuple[NetnsTarget, ...]) -> None:
@@ -553,7 +569,7 @@ def test_run_inside_our_own_namespace_runs_here(tmp_path: Path) -> None:
 
 
 def test_run_inside_a_vanished_handle_is_gone(tmp_path: Path) -> None:
-    gone = NetnsTarget(name="pid:99", inode=1, path=str(tmp_path / "proc" / "99" / "ns" / "net"))
+    gone = NetnsTarget(name="ns:1", inode=1, path=str(tmp_path / "proc" / "99" / "ns" / "net"))
     with pytest.raises(NetnsGone):
         run_inside(gone, lambda: pytest.fail("ran inside a namespace that is gone"))
 
@@ -565,7 +581,7 @@ def test_run_inside_a_handle_that_now_leads_elsewhere_is_gone(tmp_path: Path) ->
     host.namespace("now")
     host.process(99, "now")
     stale = NetnsTarget(
-        name="pid:99", inode=host.inode("then"), path=str(host.proc / "99" / "ns" / "net")
+        name="ns:1", inode=host.inode("then"), path=str(host.proc / "99" / "ns" / "net")
     )
     with pytest.raises(NetnsGone, match="no longer refers"):
         run_inside(stale, lambda: pytest.fail("entered a namespace discovery never saw"))

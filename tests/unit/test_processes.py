@@ -12,6 +12,7 @@ import pytest
 from tcpwatch.model import ProcessRef
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources.processes import (
+    NoProcesses,
     parse_comm,
     parse_socket_link,
     procfs_hides_processes,
@@ -118,6 +119,22 @@ def test_nothing_wanted_means_no_scan(tmp_path: Path) -> None:
         assert result.owners == {}
         assert result.processes_scanned == 0
         assert result.complete
+
+
+@pytest.mark.parametrize("make_root", ["missing", "empty", "no pid entries"])
+def test_a_procfs_listing_no_process_is_an_error_not_a_complete_scan(
+    tmp_path: Path, make_root: str
+) -> None:
+    # --path.procfs pointed at the wrong directory: every socket would look ownerless and the
+    # source "complete"; the source must be down instead (issue 16 item 5).
+    root = tmp_path / "proc"
+    if make_root != "missing":
+        root.mkdir()
+    if make_root == "no pid entries":
+        (root / "net").mkdir()
+        (root / "self").symlink_to("1")
+    with pytest.raises(NoProcesses, match=r"lists no process"):
+        scan_owners(ProcPaths(root=str(root)), frozenset({1}))
 
 
 def test_inode_zero_is_ignored_and_does_not_prevent_the_early_exit(tmp_path: Path) -> None:

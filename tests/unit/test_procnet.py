@@ -12,9 +12,12 @@ import pytest
 from tcpwatch.model import SockStat
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources.procnet import (
+    CHURN_FIELDS,
     ProcParseError,
+    parse_churn_fields,
     parse_counter_table,
     parse_sockstat,
+    read_churn_marks,
     read_counters,
     read_sockstat,
 )
@@ -342,3 +345,41 @@ def test_read_counters_follows_net_dir(tmp_path: Path) -> None:
     (tmp_path / "thread-self" / "net" / "snmp").write_text("Tcp: CurrEstab\nTcp: 9\n")
     counters = read_counters(ProcPaths(root=str(tmp_path), net_dir="thread-self/net"))
     assert dict(counters.values) == {"TcpExtTW": 4, "TcpCurrEstab": 9}
+
+
+# --- churn marks (derived ESTABLISHED, issue 21 item 11) -----------------------------------------
+
+
+def test_churn_marks_from_the_fixture() -> None:
+    snmp = parse_counter_table(fixture_text("snmp"), "snmp")
+    marks = read_churn_marks(FIXTURE)
+    assert marks.tcp == tuple(snmp[name] for name in CHURN_FIELDS)
+    sockstat = read_sockstat(FIXTURE)
+    assert (marks.inuse_ipv4, marks.inuse_ipv6) == (sockstat.inuse_ipv4, sockstat.inuse_ipv6)
+    assert read_churn_marks(FIXTURE, after=True) == marks
+
+
+def test_churn_marks_move_with_any_of_their_fields(tmp_path: Path) -> None:
+    (tmp_path / "net").mkdir()
+    for name in ("snmp", "sockstat", "sockstat6"):
+        (tmp_path / "net" / name).write_text(fixture_text(name))
+    paths = ProcPaths(root=str(tmp_path))
+    before = read_churn_marks(paths)
+    snmp = fixture_text("snmp").splitlines()
+    header = next(i for i, line in enumerate(snmp) if line.startswith("Tcp:"))
+    names = snmp[header].split()[1:]
+    for field in CHURN_FIELDS:
+        values = snmp[header + 1].split()
+        index = names.index(field.removeprefix("Tcp")) + 1
+        values[index] = str(int(values[index]) + 1)
+        changed = [*snmp[: header + 1], " ".join(values), *snmp[header + 2 :]]
+        (tmp_path / "net" / "snmp").write_text("\n".join(changed) + "\n")
+        assert read_churn_marks(paths, after=True) != before, field
+    (tmp_path / "net" / "snmp").write_text(fixture_text("snmp"))
+    assert read_churn_marks(paths, after=True) == before
+
+
+def test_churn_marks_need_every_field() -> None:
+    text = "Tcp: ActiveOpens PassiveOpens\nTcp: 1 2\n"
+    with pytest.raises(ProcParseError, match="missing TcpAttemptFails, TcpEstabResets"):
+        parse_churn_fields(text, "/proc/net/snmp")

@@ -77,10 +77,13 @@ def test_plain_text_groups_by_severity_with_evidence_fix_and_doc() -> None:
     assert re.search(r"evidence    listener +0\.0\.0\.0:8080", block)
     assert re.search(r"\n {16}queue_length +129", block)
     assert "    fix         # nginx[1234] is not calling accept() fast enough" in block
+    # No published docs by default: the page is where every install has it (issue 22 item 1).
+    assert "    doc         tcpwatch rules Q01\n" in block + "\n"
+    published = render_text(findings, snapshots, color=False, docs_url="https://docs.internal/tw")
     assert (
-        "    doc         https://github.com/OWNER/tcpwatch/blob/main/docs/rules/"
-        "Q01-accept-queue-full.md (offline: tcpwatch rules Q01)"
-    ) in block
+        "    doc         https://docs.internal/tw/docs/rules/Q01-accept-queue-full.md "
+        "(offline: tcpwatch rules Q01)"
+    ) in published
     assert lines.index("CRITICAL (1)") < q01 < lines.index("WARNING (2)") < lines.index("INFO (1)")
     # One namespace: its name is in the header, not repeated per finding.
     assert "    netns" not in text
@@ -116,7 +119,11 @@ def test_info_findings_are_one_line_unless_verbose() -> None:
     assert [f.rule_id for f in findings] == ["K10"]
     short = render_text(findings, [tuned], color=False)
     assert "[K10 fin-timeout-misread]" in short
-    assert "docs/rules/K10-fin-timeout-misread.md" in short
+    assert short.rstrip().endswith("TIME_WAIT stays 60 s  tcpwatch rules K10"), short
+    site = render_text(findings, [tuned], color=False, docs_url="https://docs.internal/tw/")
+    assert site.rstrip().endswith(
+        "  https://docs.internal/tw/docs/rules/K10-fin-timeout-misread.md"
+    )
     assert "    fix " not in short
     assert "    fix " in render_text(findings, [tuned], color=False, verbose=True)
 
@@ -186,7 +193,7 @@ def test_json_of_a_healthy_host_is_ok_with_no_findings() -> None:
 
 
 def test_findings_from_json_refuses_another_schema_version() -> None:
-    with pytest.raises(ValueError, match="schema_version 3"):
+    with pytest.raises(ValueError, match="schema_version: 3 is not"):
         findings_from_json(json.dumps({"schema_version": 3, "findings": []}))
 
 

@@ -163,10 +163,11 @@ def test_k05_remediation_in_a_named_namespace_and_with_an_overriding_file() -> N
     assert "ip netns exec tw-1 sysctl -w net.core.somaxconn=4096" in finding.remediation
     assert "/etc/sysctl.d/90" not in finding.remediation
     assert finding.netns == "tw-1"
-    pid = snapshot(netns="pid:4242", sysctl_overrides={"net.core.somaxconn": (128,)})
-    (finding,) = only(evaluate(window(pid), {}), "K05")
-    assert "nsenter --net=/proc/4242/ns/net sysctl -w net.core.somaxconn=4096" in (
-        finding.remediation
+    unnamed = snapshot(netns="ns:4026532384", sysctl_overrides={"net.core.somaxconn": (128,)})
+    (finding,) = only(evaluate(window(unnamed), {}), "K05")
+    assert (
+        "nsenter -t $(lsns -n -o PID -t net 4026532384) --net sysctl -w net.core.somaxconn=4096"
+        in finding.remediation
     )
 
 

@@ -39,7 +39,8 @@ def q05(
 def test_q05_warning_at_80_percent_names_process_listeners_and_limit() -> None:
     (finding,) = q05(owner_process(1234, "nginx", open_fds=850, max_fds=1024, listeners=2))
     assert finding.severity == "warning"
-    assert finding.subject == "nginx[1234]"
+    assert finding.subject == "nginx"  # the pid is evidence: a restart keeps the series
+    assert finding.title.startswith("nginx[1234], listening on")
     assert dict(finding.evidence) == {
         "process": "nginx",
         "pid": 1234,
@@ -85,7 +86,7 @@ def test_q05_silent_when_the_owners_source_did_not_run() -> None:
 def test_q05_thresholds_are_configurable() -> None:
     settings = RuleSettings(thresholds={"warning": 0.4, "critical": 0.5})
     (finding,) = q05(owner_process(4321, "app-server", open_fds=450, max_fds=1024), Q05=settings)
-    assert finding.severity == "warning" and finding.subject == "app-server[4321]"
+    assert finding.severity == "warning" and finding.subject == "app-server"
     (finding,) = q05(owner_process(4321, "app-server", open_fds=520, max_fds=1024), Q05=settings)
     assert finding.severity == "critical"
 

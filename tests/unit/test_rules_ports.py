@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tcpwatch.endpoints import ports_available
 from tcpwatch.model import DestinationUse, ProcessRef, SelfConnect
 from tcpwatch.rules import Finding, evaluate
@@ -128,3 +130,31 @@ def test_p01_never_proposes_a_range_below_ip_unprivileged_port_start() -> None:
     )
     (finding,) = only(evaluate(window(current), {}), "P01")
     assert 'sysctl -w net.ipv4.ip_local_port_range="20001 64998"' in finding.remediation
+
+
+def test_unknown_reservations_are_not_read_as_none() -> None:
+    # ip_local_reserved_ports existed but could not be parsed (issue 16 item 5): no rule may say
+    # a port is unreserved, and no fix may write a list that drops the unknown reservations.
+    table = socket_table(
+        listeners=[*DEFAULT_LISTENERS, listener(20000), listener(40500)],
+        ephemeral_use=[use(900, time_wait=800)],
+        self_connects=[SelfConnect("ipv4", "127.0.0.1", 40010, "established", 9)],
+    )
+    current = snapshot(
+        sockets=table, sysctl_overrides={"net.ipv4.ip_local_port_range": (40000, 40999)}
+    )
+    assert current.sysctls is not None
+    unknown = replace(current, sysctls=replace(current.sysctls, reserved_ports_known=False))
+    known_findings = evaluate(window(current), {})
+    findings = evaluate(window(unknown), {})
+    assert only(known_findings, "P02") and not only(findings, "P02")
+    assert {f.rule_id for f in findings} >= {"K08", "P01", "S02"}
+    for finding in findings:
+        assert "sysctl -w net.ipv4.ip_local_reserved_ports" not in finding.remediation
+    manual = "# add 20000,40010,40500 to net.ipv4.ip_local_reserved_ports, keeping the ports"
+    for rule_id in ("K08", "P01", "S02"):
+        (finding,) = only(findings, rule_id)
+        assert manual in finding.remediation, finding.remediation
+    (p01,) = only(findings, "P01")
+    assert p01.evidence["reserved_ports"] == "unknown (counted as none)"
+    assert p01.evidence["ports_available"] == 1000

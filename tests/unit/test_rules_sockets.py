@@ -40,12 +40,27 @@ def test_s01_a_process_with_50_close_wait_sockets_is_flagged() -> None:
     current = snapshot(sockets=socket_table(close_wait_inodes=inodes), owners=owners)
     (finding,) = only(evaluate(window(current), {}), "S01")
     assert finding.severity == "warning"
-    assert finding.subject == "leaky-worker[2200]"
+    assert finding.subject == "leaky-worker"
+    assert finding.title.startswith("leaky-worker[2200] holds 50 CLOSE_WAIT sockets")
     assert finding.evidence["process"] == "leaky-worker"
     assert finding.evidence["pid"] == 2200
     assert finding.evidence["close_wait_sockets"] == 50
     assert "stale_sockets" not in finding.evidence  # no daemon history in a one-shot check
     assert "grep 'pid=2200,'" in finding.remediation
+
+
+def test_s01_the_subject_outlives_a_restart_of_the_process_the_pid_stays_in_the_evidence() -> None:
+    inodes, owners = held(50)
+    restarted = {i: ProcessRef(9100, o.name) if o == LEAKY else o for i, o in owners.items()}
+    table = socket_table(close_wait_inodes=inodes)
+    found = [
+        only(evaluate(window(snapshot(sockets=table, owners=holders)), {}), "S01")[0]
+        for holders in (owners, restarted)
+    ]
+    assert [f.subject for f in found] == ["leaky-worker", "leaky-worker"]
+    assert [f.evidence["pid"] for f in found] == [2200, 9100]
+    assert [f.evidence["close_wait_sockets"] for f in found] == [50, 50]
+    assert "grep 'pid=9100,'" in found[1].remediation
 
 
 def test_s01_silent_at_49_and_for_processes_below_the_threshold() -> None:
@@ -96,9 +111,7 @@ def test_s01_threshold_is_configurable() -> None:
     inodes, owners = held(10)
     current = snapshot(sockets=socket_table(close_wait_inodes=inodes), owners=owners)
     lowered = {"S01": RuleSettings(thresholds={"warning": 10})}
-    assert [f.subject for f in only(evaluate(window(current), lowered), "S01")] == [
-        "leaky-worker[2200]"
-    ]
+    assert [f.subject for f in only(evaluate(window(current), lowered), "S01")] == ["leaky-worker"]
 
 
 # S02 -----------------------------------------------------------------------------------------

@@ -448,6 +448,52 @@ def test_collect_makes_four_dumps_and_derives_established() -> None:
     assert table == replay(COLLECT_DUMPS, inuse=INUSE, established_dumped=False)
 
 
+class ChurnReplaySocket(ReplaySocket):
+    """Also answers the churn walk (every ESTABLISHED socket, no filter) with the recording of
+    all states: the walk keeps only its ESTABLISHED count."""
+
+    def send(self, data: bytes) -> int:
+        (states,) = struct.unpack_from("=I", data, 20)
+        if states == ESTABLISHED_MASK and len(data) == 72:
+            self.requests.append(bytes(data))
+            family = {int(socket.AF_INET): "ipv4", int(socket.AF_INET6): "ipv6"}[data[16]]
+            self._pending = read_frames(FIXTURES / f"mixed-{family}-all.bin")
+            return len(data)
+        return super().send(data)
+
+
+def test_collect_walks_established_when_the_namespace_moved() -> None:
+    fake = ChurnReplaySocket()
+    asked: list[bool] = []
+
+    def moved() -> bool:
+        asked.append(True)
+        return False
+
+    # inuse far off: a derived count would show it; the walk does not use it.
+    table = collect(PORT_RANGE, {"ipv4": 1000, "ipv6": 1000}, sock=cast(socket.socket, fake),
+                    settled=moved)  # fmt: skip
+    assert asked == [True]
+    assert [(request[16], len(request), request[18]) for request in fake.requests[4:]] == [
+        (socket.AF_INET, 72, 0),
+        (socket.AF_INET6, 72, 0),
+    ]
+    assert (table.established_method, table.churned) == ("dumped", True)
+    assert nonzero(table) == EXPECTED_COUNTS
+    # the per-destination data is dump 2's alone, not keyed again by the walk
+    derived = collect(PORT_RANGE, INUSE, sock=cast(socket.socket, ReplaySocket()))
+    assert table.ephemeral_use == derived.ephemeral_use
+    assert table.self_connects == derived.self_connects
+
+
+def test_collect_keeps_the_derived_count_when_the_namespace_stood_still() -> None:
+    fake = ChurnReplaySocket()
+    table = collect(PORT_RANGE, INUSE, sock=cast(socket.socket, fake), settled=lambda: True)
+    assert len(fake.requests) == 4
+    assert (table.established_method, table.churned) == ("derived", False)
+    assert nonzero(table) == EXPECTED_COUNTS
+
+
 def test_collect_without_live_info_asks_for_no_tcp_info() -> None:
     fake = ReplaySocket()
     table = collect(PORT_RANGE, INUSE, sock=cast(socket.socket, fake), live_info=False)
@@ -774,7 +820,8 @@ def accepts(program: bytes, local_port: int) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("low", "high"), [(32768, 60999), (1024, 1024), (0, 65535), (40000, 40100)]
+    ("low", "high"),
+    [(32768, 60999), (1024, 1024), (0, 65535), (40000, 40100)],
 )
 def test_port_range_bytecode_jumps(low: int, high: int) -> None:
     program = port_range_bytecode(low, high)

@@ -93,9 +93,8 @@ def test_a_degraded_source_is_up_and_counts_what_it_left_out() -> None:
 @pytest.mark.parametrize(
     ("lower", "higher"),
     [
-        ("unknown", "net:[4026532247]"),
-        ("net:[4026532247]", "pid:812"),
-        ("pid:812", "cni-0a1b2c3d-0000-4000-8000-00000000abcd"),
+        ("unknown", "ns:4026532247"),
+        ("ns:4026532247", "cni-0a1b2c3d-0000-4000-8000-00000000abcd"),
         ("cni-0a1b2c3d-0000-4000-8000-00000000abcd", "container:3f2a9c1d0b7e"),
         ("container:3f2a9c1d0b7e", "pod:shop/web-7d9f"),
         ("pod:shop/web-7d9f", "blue"),
@@ -110,11 +109,11 @@ def test_a_weaker_fresh_name_keeps_the_remembered_one() -> None:
     names = NetnsNames()
     assert names.settle(7, "pod:shop/web") == "pod:shop/web"
     assert names.settle(7, "container:3f2a9c1d0b7e") == "pod:shop/web"  # hostname unreadable
-    assert names.settle(7, "pid:90") == "pod:shop/web"
-    assert names.settle(8, "pid:90") == "pid:90"  # another namespace: its own name
-    assert names.settle(8, "pid:95") == "pid:95"  # pid 90 exited: a name as good replaces it
+    assert names.settle(7, "ns:7") == "pod:shop/web"
+    assert names.settle(8, "ns:8") == "ns:8"  # another namespace: its own name
+    assert names.settle(8, "blue") == "blue"  # named since: a better name replaces it
     names.keep({8})
-    assert names.settle(7, "pid:90") == "pid:90"  # forgotten once a poll no longer saw it
+    assert names.settle(7, "ns:7") == "ns:7"  # forgotten once a poll no longer saw it
 
 
 def fake_proc(root: Path) -> None:
@@ -149,10 +148,10 @@ def test_the_label_stays_while_procfs_is_briefly_unreadable(
 
     assert polled() == ["host"]
     os.unlink(proc / "1" / "ns" / "net")  # /proc/1 unreadable for a moment
-    assert fresh() == ["pid:5"]
+    assert fresh() == ["ns:{}".format(os.stat(proc / "self" / "ns" / "net").st_ino)]
     assert polled() == ["host"]
     os.unlink(proc / "5" / "ns" / "net")
-    assert fresh() == ["net:[{}]".format(os.stat(proc / "self" / "ns" / "net").st_ino)]
+    assert fresh() == ["ns:{}".format(os.stat(proc / "self" / "ns" / "net").st_ino)]
     assert polled() == ["host"]
     os.rename(proc / "self", proc / "gone")  # /proc/self unreadable too
     assert fresh() == ["unknown"]
@@ -165,8 +164,8 @@ def test_check_from_a_daemon_keeps_what_a_degraded_source_left_out() -> None:
 
     statuses = (SourceStatus("sysctl", True, 0.001, skipped=("tcp_mem: bad",)),)
     document = json.loads(json.dumps(report_document([], [bare(sources=statuses)], 1.7e9)))
-    _, snapshots = report_from_document(parse_daemon_url("http://127.0.0.1"), document)
-    assert snapshots[0].sources == statuses
+    report = report_from_document(parse_daemon_url("http://127.0.0.1"), document)
+    assert report.snapshots[0].sources == statuses
 
 
 def test_a_degraded_source_is_logged_when_it_starts_then_rarely(

@@ -203,6 +203,7 @@ def test_read_sysctls_empty_tree(tmp_path: Path) -> None:
     sysctls = read_sysctls(ProcPaths(root=str(tmp_path)))
     assert dict(sysctls.values) == {}
     assert sysctls.reserved_ports == ()
+    assert sysctls.reserved_ports_known  # an absent file: the kernel has no reservations
 
 
 def test_a_malformed_value_drops_only_its_own_field(tmp_path: Path) -> None:
@@ -226,6 +227,7 @@ def test_malformed_reserved_ports_drop_only_the_reservations(tmp_path: Path) -> 
     read = read_sysctl_files(paths)
     assert read.sysctls.values == {"net.core.somaxconn": (4096,)}
     assert read.sysctls.reserved_ports == ()
+    assert not read.sysctls.reserved_ports_known  # unknown, not "none reserved"
     (note,) = read.skipped
     assert note.startswith(f"{paths.sysctl(RESERVED_PORTS)}:1: expected a port or range")
 

@@ -63,14 +63,51 @@ def closed_connection_families(state: ExportState) -> Iterator[Metric]:
         "socket's sk_drops; absent before Linux 4.12). Missing from every per-peer counter.",
         NETNS,
     )
+    folded = counter(
+        "tcpwatch_connections_folded",
+        'Closed connections not counted under their own peer: under peer="other", or under no '
+        "row when the host-wide budget (collect.connection_peers) had none left.",
+        ["netns", "direction"],
+    )
+    overruns = counter(
+        "tcpwatch_lifecycle_overruns",
+        "Reads of the destroy events that failed with ENOBUFS: each means the kernel dropped one "
+        "or more events since the previous read (episodes; tcpwatch_lifecycle_events_lost_total "
+        "counts the events).",
+        NETNS,
+    )
+    ignored = counter(
+        "tcpwatch_lifecycle_events_ignored",
+        "Destroy events of sockets that never had a peer (closed listeners, sockets never "
+        "connected): counted in tcpwatch_lifecycle_events_total, in no per-peer counter.",
+        NETNS,
+    )
+    malformed = counter(
+        "tcpwatch_lifecycle_datagrams_malformed",
+        "Netlink datagrams of destroy events that did not parse (the rest of each is skipped); "
+        "should stay 0: more means messages laid out as tcpwatch does not expect.",
+        NETNS,
+    )
+    evicted = counter(
+        "tcpwatch_lifecycle_peers_evicted",
+        "Tracked peers this namespace gave up: to a busier peer (their later closes go to peer "
+        '"other") or after collect.connection_peer_idle without an event (their series end).',
+        NETNS,
+    )
     bounds = [repr(bound) for bound in RTT_BUCKETS_SECONDS] + ["+Inf"]
     for snap in state.snapshots:
         stats = snap.connections
         if stats is None:
             continue
         events.add_metric([snap.netns], stats.events)
+        for direction, count in sorted(stats.folded.items()):
+            folded.add_metric([snap.netns, direction], count)
         if stats.lost is not None:
             lost.add_metric([snap.netns], stats.lost)
+        overruns.add_metric([snap.netns], stats.overruns)
+        ignored.add_metric([snap.netns], stats.ignored)
+        malformed.add_metric([snap.netns], stats.malformed)
+        evicted.add_metric([snap.netns], stats.evicted)
         for row in stats.peers:
             labels = [snap.netns, row.direction, row.peer]
             for outcome in OUTCOMES:
@@ -82,3 +119,5 @@ def closed_connection_families(state: ExportState) -> Iterator[Metric]:
             bytes_sent.add_metric(labels, row.bytes_sent)
             bytes_received.add_metric(labels, row.bytes_received)
     yield from (closed, rtt, sent, retransmitted, bytes_sent, bytes_received, events, lost)
+    yield folded
+    yield from (overruns, ignored, malformed, evicted)

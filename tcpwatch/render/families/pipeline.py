@@ -23,7 +23,8 @@ def finding_family(state: ExportState) -> Iterator[Metric]:
     findings = gauge(
         "tcpwatch_finding",
         "1 for each active finding; id and slug name the rule (docs/rules/<id>-<slug>.md), "
-        "subject the listener, process or destination it is about (empty when host-wide).",
+        "subject the listener, process (by name, never pid) or destination it is about (empty "
+        "when host-wide).",
         ["netns", "id", "slug", "severity", "subject"],
         state,
     )

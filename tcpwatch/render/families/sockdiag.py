@@ -67,7 +67,9 @@ def listener_families(state: ExportState) -> Iterator[Metric]:
     )
     info = gauge(
         "tcpwatch_listener_info",
-        "The process owning a listening socket; always 1.",
+        "The process owning a listening socket; always 1. The one series carrying a pid: a "
+        "restarted owner changes only this label. Join on (netns, address, port, socket) with "
+        "group_left(process) for alerts, group_left(process, pid) for a person.",
         [*labels, "process", "pid"],
         state,
     )

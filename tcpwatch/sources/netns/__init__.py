@@ -5,13 +5,14 @@ entering (running a poll inside one). Callers use this package's names; the modu
 from tcpwatch.sources.netns.discovery import NetnsTarget, discover, select
 from tcpwatch.sources.netns.entering import NetnsGone, run_inside
 from tcpwatch.sources.netns.naming import (
+    INODE_PREFIX,
     NET_NS_INIT_INO,
     RUN_NETNS_DIR,
     NetnsNames,
     container_in_cgroup,
     current_netns_inode,
+    inode_name,
     ip_netns_name,
-    lowest_member_pid,
     name_rank,
     netns_name,
     own_netns_name,
@@ -20,6 +21,7 @@ from tcpwatch.sources.netns.naming import (
 )
 
 __all__ = [
+    "INODE_PREFIX",
     "NET_NS_INIT_INO",
     "RUN_NETNS_DIR",
     "NetnsGone",
@@ -28,8 +30,8 @@ __all__ = [
     "container_in_cgroup",
     "current_netns_inode",
     "discover",
+    "inode_name",
     "ip_netns_name",
-    "lowest_member_pid",
     "name_rank",
     "netns_name",
     "own_netns_name",

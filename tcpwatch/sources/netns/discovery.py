@@ -69,7 +69,7 @@ def discover(paths: ProcPaths, run_netns_dir: str = RUN_NETNS_DIR) -> tuple[Netn
         identity = Identity() if is_host else container_identity(paths, pids)
         targets.append(
             NetnsTarget(
-                name=choose_name(inode, is_host, names.get(inode), identity, pids),
+                name=choose_name(inode, is_host, names.get(inode), identity),
                 inode=inode,
                 path=None if inode == own else handles[inode],
                 container=identity.container,

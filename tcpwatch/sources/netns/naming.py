@@ -7,8 +7,9 @@ inode: ``/proc/PID/ns/net`` of each member process and each ``ip netns`` bind mo
     /run/netns/blue        (nsfs bind mount, st_ino 4026532247)
 
 Names, first match wins: ``host`` for the initial namespace, the ``ip netns`` name, then
-``pid:<lowest member pid>`` (stable while that process lives, e.g. a container's init), and
-``net:[INODE]`` when no handle we can read points at it.
+``ns:<INODE>``: the number is the namespace's own, fixed while it exists, whichever of its
+processes come and go (a member's pid would change the name, and every series with it, when that
+process restarts while another keeps the namespace alive).
 
 Discovery (every namespace on the host, for ``--netns all``) also names a namespace after the
 container or Kubernetes pod its member processes belong to (``pod:<namespace>/<name>``,
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from tcpwatch.paths import ProcPaths, read_text
 
 NET_NS_INIT_INO = 0xEFFFFFF9
+INODE_PREFIX = "ns:"  # ns:4026532384: the name of a namespace that has no other
 RUN_NETNS_DIR = "/run/netns"
 
 
@@ -47,10 +49,14 @@ def netns_name(paths: ProcPaths, inode: int, run_netns_dir: str = RUN_NETNS_DIR)
     named = ip_netns_name(inode, run_netns_dir)
     if named is not None:
         return named
-    pid = lowest_member_pid(paths, inode)
-    if pid is not None:
-        return f"pid:{pid}"
-    return f"net:[{inode}]"
+    return inode_name(inode)
+
+
+def inode_name(inode: int) -> str:
+    """The name of a namespace nobody named: its nsfs inode, as ``lsns -t net`` and
+    ``stat -L -c %i /proc/PID/ns/net`` print it (no brackets: a ``--netns`` pattern and a PromQL
+    regex take it as it is)."""
+    return f"{INODE_PREFIX}{inode}"
 
 
 def own_netns_name(paths: ProcPaths) -> str:
@@ -63,13 +69,13 @@ def own_netns_name(paths: ProcPaths) -> str:
 
 def name_rank(name: str) -> int:
     """How much a name says, in :func:`choose_name`'s order: a failed read only ever gives a
-    lower rank (``host`` -> ``pid:1234`` when /proc/1 is unreadable, anything -> ``unknown``)."""
+    lower rank (``host`` -> ``ns:<inode>`` when /proc/1 is unreadable, anything -> ``unknown``)."""
     base = name.partition("#")[0]  # "blue#4026532247": two namespaces shared a name
     if base == "host":
         return 7
     if base == "unknown":
         return 0
-    for rank, prefix in ((1, "net:["), (2, "pid:"), (4, "container:"), (5, "pod:")):
+    for rank, prefix in ((1, INODE_PREFIX), (4, "container:"), (5, "pod:")):
         if base.startswith(prefix):
             return rank
     return 3 if _RUNTIME_PIN.search(base) else 6  # a runtime's UUID pin, or a chosen name
@@ -117,14 +123,6 @@ def ip_netns_name(inode: int, run_netns_dir: str = RUN_NETNS_DIR) -> str | None:
     for name in names:
         if inode_of(os.path.join(run_netns_dir, name)) == inode:
             return name
-    return None
-
-
-def lowest_member_pid(paths: ProcPaths, inode: int) -> int | None:
-    """The lowest pid whose ``/proc/PID/ns/net`` is ``inode``."""
-    for pid in sorted(paths.list_pids()):
-        if inode_of(paths.pid(pid, "ns", "net")) == inode:
-            return pid
     return None
 
 
@@ -327,12 +325,10 @@ def _openat2(directory: int, relative: str, flags: int, resolve: int) -> int:
     return descriptor
 
 
-def choose_name(
-    inode: int, is_host: bool, ip_name: str | None, identity: Identity, pids: list[int]
-) -> str:
+def choose_name(inode: int, is_host: bool, ip_name: str | None, identity: Identity) -> str:
     """A discovered namespace's name, first match wins: ``host``; the ``ip netns`` name, unless
     it is a runtime's UUID pin of a container's namespace; ``pod:<namespace>/<name>``;
-    ``container:<id>``; a runtime's pin name; ``pid:<lowest member pid>``; ``net:[INODE]``.
+    ``container:<id>``; a runtime's pin name; ``ns:<INODE>``.
     """
     if is_host:
         return "host"
@@ -345,6 +341,4 @@ def choose_name(
         return f"container:{identity.container}"
     if ip_name is not None:
         return ip_name
-    if pids:
-        return f"pid:{pids[0]}"
-    return f"net:[{inode}]"
+    return inode_name(inode)
