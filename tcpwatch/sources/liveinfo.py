@@ -249,7 +249,8 @@ def worst_indices(
 ) -> list[int]:
     """Rows that show the most, in this order: the ``leaders`` longest waits on the peer's
     window, a closed window now, the fullest receive queue, the longest wait on the send
-    buffer, the most drops, the fullest send queue; each only when above 0."""
+    buffer, the most drops, the fullest send queue, the most retransmissions; each only when
+    above 0."""
     chosen: list[int] = []
     timers = columns[TIMER]
     rwnd = columns[RWND_LIMITED]
@@ -263,6 +264,7 @@ def worst_indices(
         _positive_argmax(columns[SNDBUF_LIMITED]),
         _positive_argmax(columns[DROPS]),
         _positive_argmax(columns[WQUEUE]),
+        _positive_argmax(columns[TOTAL_RETRANS]),
     )
     for index in candidates:
         if index is not None and index not in chosen:

@@ -294,8 +294,8 @@ STALLED_OWNERS = 32  # outbound connections per namespace whose owner a slowness
 
 def stalled_inodes(table: SocketTable) -> list[int]:
     """The worst live outbound connection of each destination whose connections wait on
-    something (the peer's window, their send buffer, or unread data here), at most
-    :data:`STALLED_OWNERS`: who to name in rules W01-W03."""
+    something (the peer's window, their send buffer, unread data here) or retransmit, at most
+    :data:`STALLED_OWNERS`: who to name in rules W01-W04."""
     found: list[int] = []
     for use in table.ephemeral_use:
         stalls = use.stalls
@@ -305,7 +305,8 @@ def stalled_inodes(table: SocketTable) -> list[int]:
             stalls.zero_window
             or stalls.receive_queue_max_bytes
             or stalls.rwnd_limited_seconds
-            or (stalls.sndbuf_limited_seconds)
+            or stalls.sndbuf_limited_seconds
+            or stalls.segments_retransmitted
         ):
             found.append(stalls.worst[0].inode)
             if len(found) >= STALLED_OWNERS:
