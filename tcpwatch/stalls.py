@@ -194,3 +194,39 @@ def live_peers(
         LivePeer("outbound", name, merge(parts), 0) for name, parts in sorted(grouped.items())
     ]
     return tuple(peers)
+
+
+# What waits on what, at the W rules' default thresholds (docs/rules/W01-W04): the live page's
+# and `tcpwatch top`'s one-word answer per peer.
+_RECEIVER_SHARE, _SNDBUF_SHARE, _BUSY_SECONDS = 0.5, 0.2, 1.0
+_RETRANSMITTED, _SEGMENTS = 0.02, 500
+
+
+def waiting_on(stalls: Stalls) -> str:
+    """ "application" (data unread here), "receiver" (the peer's window), "send buffer",
+    "network" (retransmissions), or "" when nothing stands out."""
+    if stalls.receive_full:
+        return "application"
+    judged = (stalls.busy_seconds or 0.0) >= _BUSY_SECONDS
+    if stalls.zero_window or (
+        judged and (stalls.share(stalls.rwnd_limited_seconds) or 0.0) >= _RECEIVER_SHARE
+    ):
+        return "receiver"
+    if judged and (stalls.share(stalls.sndbuf_limited_seconds) or 0.0) >= _SNDBUF_SHARE:
+        return "send buffer"
+    sent = stalls.segments_sent
+    if sent >= _SEGMENTS and stalls.segments_retransmitted / sent >= _RETRANSMITTED:
+        return "network"
+    return ""
+
+
+def slowest(peers: Iterable[LivePeer]) -> list[LivePeer]:
+    """Peers that wait on something first, then by time spent waiting, then queued bytes."""
+
+    def key(peer: LivePeer) -> tuple[bool, float, int, str, str]:
+        stalls = peer.stalls
+        waited = (stalls.rwnd_limited_seconds or 0.0) + (stalls.sndbuf_limited_seconds or 0.0)
+        queued = stalls.receive_queue_bytes + stalls.send_queue_bytes
+        return (not waiting_on(stalls), -waited, -queued, peer.direction, peer.peer)
+
+    return sorted(peers, key=key)

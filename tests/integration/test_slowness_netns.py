@@ -461,3 +461,47 @@ def test_a_tiny_send_buffer_and_a_lossy_link_are_told_apart(
     assert w04["process"] == "bulksender"
     assert w04["retransmission_ratio"] >= 0.02
     assert w04.get("sndbuf_limited_share", 0) < 0.5 and w04.get("rwnd_limited_share", 0) < 0.5
+
+
+# --- the views: tcpwatch top and the live page -------------------------------------------------
+
+READ_SLOW_PEERS = """[...document.querySelectorAll("#slow-peers tbody tr")].map(
+  (row) => [...row.querySelectorAll("td")].map((cell) => cell.textContent))"""
+
+
+def test_top_and_the_live_page_show_the_slowest_peers(
+    nginx_with_slow_clients: Netns, tmp_path: Path
+) -> None:
+    from .browser import Browser
+    from .test_serve import start_serve
+
+    ns = nginx_with_slow_clients
+    listener = f"127.0.0.1:{NGINX_PORT}"
+    assert len(owners_of(ns, NGINX_PORT, "curl")) == 4  # the four clients are there
+    screen = run_tcpwatch(ns, "top")  # not a terminal: one screen, polling the host itself
+    assert screen.returncode == 0, screen.stderr
+    lines = screen.stdout.splitlines()
+    start = lines.index("WHO IS SLOW: peers by time waiting (live connections)")
+    rows = [line.split() for line in lines[start + 2 : start + 4]]
+    first = next(row for row in rows if row[:3] == ["clients", "of", listener])
+    assert first[3].startswith("nginx[") and first[4] == "receiver", rows
+    assert any(row[:2] == ["to", listener] and row[2].startswith("curl[") for row in rows), rows
+
+    served = start_serve(ns, tmp_path / "serve.log", "--web.listen-address", "127.0.0.1:19477",
+                         "--interval", "2s")  # fmt: skip
+    served.port = 19477
+    try:
+        served.wait_ready()
+        with Browser(ns.exec_argv) as browser:
+            browser.open(f"http://127.0.0.1:{served.port}/")
+            browser.wait_for("document.querySelectorAll('#slow-peers tbody tr').length >= 2")
+            shown = browser.evaluate(READ_SLOW_PEERS)
+    finally:
+        served.process.kill()
+        served.process.wait(timeout=30)
+    by_peer = {row[0]: row for row in shown}
+    inbound = by_peer[f"clients of {listener}"]
+    assert inbound[1].startswith("nginx[") and inbound[2] == "receiver", shown
+    assert inbound[3] == "4" and inbound[4].endswith("%")
+    outbound = by_peer[f"to {listener}"]
+    assert outbound[1].startswith("curl[") and outbound[2] == "application", shown
