@@ -57,7 +57,7 @@ class CollectSettings:
     live_tcp_info: bool = True  # tcp_info of live connections on the per-destination scan
     # The listeners' live connections read per scan (source "inbound", on the per-destination
     # cadence); 0 turns the scan off.
-    inbound_connections: int = 4096
+    inbound_connections: int = 2048
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,17 +23,18 @@ connection metrics.
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tcpwatch.config import CollectSettings
 from tcpwatch.endpoints import endpoint
 from tcpwatch.model import FAMILIES, Listener, Snapshot
-from tcpwatch.sources import liveinfo, netlink
+from tcpwatch.sources import liveinfo, livesums, netlink
 from tcpwatch.sources.base import SourceContext, netns_source
-from tcpwatch.sources.liveinfo import INFO_ATTR, SPORT, RowReader
+from tcpwatch.sources.liveinfo import RowReader
 from tcpwatch.sources.netlink import (
     FAMILY_NUMBER,
     INET_DIAG_BC_S_GE,
@@ -54,7 +55,7 @@ EXACT_PORTS = 16  # beyond this many listener ports, filter by "outside the ephe
 EXTENSIONS = INFO_EXTENSION | SKMEMINFO_EXTENSION
 LEADERS = 3  # a listener's clients kept as its worst peers: the longest waits on their windows
 _OP = struct.Struct("=BBH")
-_REMOTE = struct.Struct("!22xH16s16s")  # dport, src[16], dst[16] of an inet_diag message
+_LOCAL = struct.Struct("!20xH2x16s")  # sport, src[16] of an inet_diag message
 _WILDCARD = bytes(16)
 
 
@@ -110,11 +111,10 @@ def port_filter(ports: Sequence[int], port_range: tuple[int, int] | None) -> byt
 
 @dataclass(slots=True)
 class _Group:
-    """One listener's rows while the scan runs."""
+    """One listener's connections while the scan runs."""
 
     listener: Listener
-    rows: list[liveinfo.Row] = field(default_factory=list)
-    remotes: list[tuple[int, bytes, bytes]] = field(default_factory=list)  # dport, src, dst
+    rows: livesums.PeerRows | None = None
 
 
 class InboundAggregator:
@@ -138,8 +138,9 @@ class InboundAggregator:
 
     def feed(self, data: bytes | memoryview, length: int, family: str) -> bool:
         """Parse one datagram; True when the dump ended or the limit was reached."""
-        layouts = self.reader.layouts
         by_key = self._by_key
+        fold_messages = livesums.FOLD_MESSAGES
+        view = data if isinstance(data, memoryview) else memoryview(data)
         offset = 0
         while offset < length:
             if length - offset < 16:
@@ -154,27 +155,34 @@ class InboundAggregator:
             if msg_type != SOCK_DIAG_BY_FAMILY or msg_len < INET_DIAG_MSG_MIN:
                 raise SockDiagError(f"unexpected netlink message type {msg_type} at {offset}")
             if data[offset + 17] == TCP_ESTABLISHED:
-                layout = layouts.get(msg_len)
-                row: liveinfo.Row | None
-                if layout is None or (row := layout[0](data, offset))[INFO_ATTR] != layout[1]:
-                    row = self.reader.read(data, offset, msg_len)
-                if row is not None:
-                    self.connections += 1
-                    dport, source, destination = _REMOTE.unpack_from(data, offset)
-                    port = socket.ntohs(row[SPORT])
-                    group = by_key.get((family, source, port)) or by_key.get(
-                        (family, _WILDCARD, port)
-                    )
-                    if group is None:
-                        self.unmatched += 1
-                    else:
-                        group.rows.append(row)
-                        group.remotes.append((dport, source, destination))
-                    if self.connections >= self.limit:
-                        self.cut = True
-                        return True
+                self.connections += 1
+                port, source = _LOCAL.unpack_from(data, offset)
+                group = by_key.get((family, source, port)) or by_key.get((family, _WILDCARD, port))
+                if group is None:
+                    self.unmatched += 1
+                elif (rows := group.rows) is not None and rows.size == msg_len:
+                    pieces = rows.pieces
+                    pieces.append(view[offset : offset + msg_len].tobytes())
+                    if len(pieces) >= fold_messages:
+                        rows.fold(self.reader)
+                else:
+                    self._first(group, data, offset, msg_len)
+                if self.connections >= self.limit:
+                    self.cut = True
+                    return True
             offset += (msg_len + 3) & ~3
         return False
+
+    def _first(self, group: _Group, data: bytes | memoryview, offset: int, msg_len: int) -> None:
+        """A listener's first connection, or one of another message length than its others."""
+        layout = self.reader.layout(data, offset, msg_len)
+        if layout is None:
+            return  # no usable tcp_info: counted as read, not described
+        if group.rows is None:
+            group.rows = livesums.PeerRows(layout, leaders=LEADERS)
+        else:
+            group.rows.switch(layout, self.reader)
+        group.rows.pieces.append(bytes(data[offset : offset + msg_len]))
 
     def result(self, complete: bool, scanned_at: float) -> InboundScan:
         listeners = []
@@ -182,22 +190,10 @@ class InboundAggregator:
             self._groups.values(),
             key=lambda g: (g.listener.port, g.listener.family, g.listener.address),
         ):
-            if not group.rows:
+            if group.rows is None:
                 continue
-            columns = tuple(zip(*group.rows, strict=True))
-            number = FAMILY_NUMBER[group.listener.family]
-            worst = []
-            for index in liveinfo.worst_indices(columns, leaders=LEADERS):
-                dport, source, destination = group.remotes[index]
-                local = socket.inet_ntop(number, source[: 4 if number == socket.AF_INET else 16])
-                remote = socket.inet_ntop(
-                    number, destination[: 4 if number == socket.AF_INET else 16]
-                )
-                worst.append(
-                    liveinfo.connection(
-                        group.rows[index], self.reader, local, endpoint(remote, dport)
-                    )
-                )
+            ends = functools.partial(liveinfo.endpoints_of, family=group.listener.family)
+            stalls = group.rows.finish(self.reader, ends)
             listener = group.listener
             listeners.append(
                 ListenerConnections(
@@ -206,7 +202,7 @@ class InboundAggregator:
                     address=listener.address,
                     port=listener.port,
                     inode=listener.inode,
-                    stalls=liveinfo.stalls(columns, self.reader, worst),
+                    stalls=stalls,
                 )
             )
         return InboundScan(

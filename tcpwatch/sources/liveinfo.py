@@ -22,14 +22,18 @@ A row (:data:`ROW`, one tuple per connection) holds, in message order::
 A field the kernel did not send (an older kernel's shorter tcp_info, no SKMEMINFO) reads 0 in
 the row; :class:`RowReader` remembers the shortest tcp_info and whether SKMEMINFO came, so the
 summary says None rather than 0 for what was never reported.
+
+A scan does not unpack its messages one by one: :class:`Layout` reads a field over many
+messages of one layout at once (livesums.py sums them per peer).
 """
 
 from __future__ import annotations
 
-import heapq
 import socket
 import struct
+import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from tcpwatch.endpoints import endpoint
 from tcpwatch.sources.netlink import (
@@ -40,7 +44,7 @@ from tcpwatch.sources.netlink import (
     find_attribute,
 )
 from tcpwatch.sources.tcpinfo import field_end, field_layout
-from tcpwatch.stalls import LiveConnection, Stalls
+from tcpwatch.stalls import LiveConnection
 
 ATTRIBUTES_AT = 88  # the first attribute of an inet_diag message (sockdiag.INET_DIAG_MSG_MIN)
 TIMER_PERSIST = 4  # idiag_timer of a socket whose zero-window probe timer is pending
@@ -106,9 +110,12 @@ _INFO_LAYOUT = field_layout(INFO_FIELDS)
 _ATTR_WORD = struct.Struct("=I")
 # The smallest tcp_info a row can be made from: up to total_retrans (every kernel since 2.6).
 MIN_INFO_LENGTH = field_end("total_retrans")
-WORST = 5  # connections kept per peer as evidence
+_LITTLE = sys.byteorder == "little"
+_ENDS = struct.Struct("!HH16s16s")  # sport, dport, src[16], dst[16] at byte 20
 
 Row = tuple[int, ...]
+# A field over many messages: ints, bytes (a one-byte field), or None (0 in every message).
+Columns = dict[str, list[int] | bytes | None]
 Unpack = Callable[[bytes | memoryview, int], Row]
 
 
@@ -145,15 +152,24 @@ def _compile(skmem_at: int | None, info_at: int, info_length: int) -> tuple[stru
 class RowReader:
     """Reads rows, compiling one Struct per message length (see the module docstring).
 
-    ``layouts`` maps a message length to (unpack_from, expected info_attr); a caller's hot loop
-    may use it directly and call :meth:`read` when the length is new or the check fails.
+    :attr:`by_length` keeps the :class:`Layout` of each message length seen.
     """
 
     def __init__(self) -> None:
-        self.layouts: dict[int, tuple[Unpack, int]] = {}
+        self.by_length: dict[int, Layout] = {}
         self.info_length = 0  # the shortest tcp_info seen (0: none yet)
         self.skmem = True  # every row so far had SKMEMINFO
         self.rows = 0
+
+    def layout(self, data: bytes | memoryview, offset: int, msg_len: int) -> Layout | None:
+        """The layout of the message at ``offset``, from its attributes (None: no usable
+        tcp_info); remembered per length, as :attr:`by_length`."""
+        known = self.by_length.get(msg_len)
+        if known is not None and known.matches(data, offset):
+            return known
+        if self.read(data, offset, msg_len) is None:
+            return None
+        return self.by_length.get(msg_len)
 
     def read(self, data: bytes | memoryview, offset: int, msg_len: int) -> Row | None:
         """The row of the message at ``offset`` (None: it has no usable tcp_info)."""
@@ -171,11 +187,18 @@ class RowReader:
         expected = attribute_word(info_length + 4, INET_DIAG_INFO)
         self.info_length = min(self.info_length or info_length, info_length)
         self.skmem = self.skmem and skmem_at is not None
+        self.by_length[msg_len] = Layout(
+            msg_len,
+            layout,
+            complete,
+            skmem_at is not None,
+            info_length,
+            expected,
+            _field_offsets(skmem_at, info_at, info_length),
+        )
         if complete:
-            self.layouts[msg_len] = (layout.unpack_from, expected)
             row: Row = layout.unpack_from(data, offset)
             return row
-        self.layouts.pop(msg_len, None)  # a padded row is built here every time
         return _padded(layout.unpack_from(data, offset), skmem_at is not None, info_length)
 
     def known(self, field: str) -> bool:
@@ -203,7 +226,7 @@ def _padded(values: Row, skmem: bool, info_length: int) -> Row:
     return tuple(row)
 
 
-def _seconds(microseconds: int) -> float:
+def seconds(microseconds: int) -> float:
     return microseconds / 1e6
 
 
@@ -227,91 +250,110 @@ def connection(
         send_buffer=row[SNDBUF] if reader.skmem else None,
         drops=row[DROPS] if reader.skmem else None,
         peer_window=row[SND_WND] if known("snd_wnd") else None,
-        busy_seconds=_seconds(row[BUSY]) if known("busy_time") else None,
-        rwnd_limited_seconds=_seconds(row[RWND_LIMITED]) if known("rwnd_limited") else None,
-        sndbuf_limited_seconds=(_seconds(row[SNDBUF_LIMITED]) if known("sndbuf_limited") else None),
-        rtt_seconds=_seconds(row[RTT]),
-        min_rtt_seconds=_seconds(row[MIN_RTT]) if known("min_rtt") else None,
+        busy_seconds=seconds(row[BUSY]) if known("busy_time") else None,
+        rwnd_limited_seconds=seconds(row[RWND_LIMITED]) if known("rwnd_limited") else None,
+        sndbuf_limited_seconds=(seconds(row[SNDBUF_LIMITED]) if known("sndbuf_limited") else None),
+        rtt_seconds=seconds(row[RTT]),
+        min_rtt_seconds=seconds(row[MIN_RTT]) if known("min_rtt") else None,
         delivery_rate=row[DELIVERY_RATE] if known("delivery_rate") else None,
         retransmitted=row[TOTAL_RETRANS],
         rto_recoveries=row[RTO_RECOVERIES] if known("total_rto_recoveries") else None,
     )
 
 
-def _positive_argmax(column: Sequence[int]) -> int | None:
-    """Index of the largest value when it is above 0 (C-speed: max() then index())."""
-    top = max(column)
-    return column.index(top) if top > 0 else None
+def _field_offsets(
+    skmem_at: int | None, info_at: int, info_length: int
+) -> dict[str, tuple[int, str]]:
+    """Row field -> (offset in the message, struct code), for the fields the message holds."""
+    fields = {name: (offset, code) for name, offset, code in HEADER_FIELDS}
+    if skmem_at is not None:
+        fields.update((name, (skmem_at + 4 * index, "I")) for name, index in SKMEM_FIELDS)
+    fields["info_attr"] = (info_at - 4, "I")
+    for name, offset, code in _INFO_LAYOUT:
+        if offset + struct.calcsize("=" + code) <= info_length:
+            fields[name] = (info_at + offset, code)
+    return fields
 
 
-def worst_indices(
-    columns: Sequence[Sequence[int]], limit: int = WORST, leaders: int = 1
-) -> list[int]:
-    """Rows that show the most, in this order: the ``leaders`` longest waits on the peer's
-    window, a closed window now, the fullest receive queue, the longest wait on the send
-    buffer, the most drops, the fullest send queue, the most retransmissions; each only when
-    above 0."""
-    chosen: list[int] = []
-    timers = columns[TIMER]
-    rwnd = columns[RWND_LIMITED]
-    if leaders > 1:
-        top = heapq.nlargest(leaders, range(len(rwnd)), key=rwnd.__getitem__)
-        chosen = [index for index in top if rwnd[index] > 0]
-    candidates = (
-        _positive_argmax(rwnd),
-        timers.index(TIMER_PERSIST) if TIMER_PERSIST in timers else None,
-        _positive_argmax(columns[RQUEUE]),
-        _positive_argmax(columns[SNDBUF_LIMITED]),
-        _positive_argmax(columns[DROPS]),
-        _positive_argmax(columns[WQUEUE]),
-        _positive_argmax(columns[TOTAL_RETRANS]),
-    )
-    for index in candidates:
-        if index is not None and index not in chosen:
-            chosen.append(index)
-    return chosen[:limit]
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where a row's fields sit in the messages of one length (one attribute arrangement)."""
+
+    size: int  # the message length
+    compiled: struct.Struct  # one message -> its fields present, in row order
+    complete: bool  # every row field is present (else rows are padded with 0)
+    skmem: bool  # the messages carry SKMEMINFO
+    info_length: int  # bytes of tcp_info they carry
+    expected: int  # the INFO attribute's header word, the check that a message has this layout
+    fields: dict[str, tuple[int, str]]  # row field -> (offset, struct code), present ones only
+
+    def matches(self, data: bytes | memoryview, offset: int) -> bool:
+        at = self.fields["info_attr"][0]
+        word: int = _ATTR_WORD.unpack_from(data, offset + at)[0]
+        return word == self.expected
+
+    def row(self, record: bytes | memoryview) -> Row:
+        """One message's row (missing fields 0)."""
+        values: Row = self.compiled.unpack_from(record, 0)
+        return values if self.complete else _padded(values, self.skmem, self.info_length)
+
+    def columns(self, buffer: bytes, names: Sequence[str]) -> Columns | None:
+        """Each named field over every message in ``buffer`` (a whole number of messages), read
+        with strided memoryviews in C: a list of ints, bytes for a one-byte field, or None when
+        the field is 0 in every message (the common case, found without building any int); the
+        whole result is None when the layout's offsets are not aligned for that (the caller
+        then reads message by message). A field the messages lack is left out."""
+        size = self.size
+        if size % 4:
+            return None
+        view = memoryview(buffer)
+        words = view.cast("I")
+        halves = view.cast("H")
+        stride = size // 4
+        out: Columns = {}
+        for name in names:
+            found = self.fields.get(name)
+            if found is None:
+                continue
+            offset, code = found
+            if code == "B":
+                out[name] = view[offset::size].tobytes()
+                continue
+            if code == "H":
+                if offset % 2:
+                    return None
+                column = halves[offset // 2 :: size // 2]
+            elif offset % 4:
+                return None
+            elif code == "Q":  # two words, the low one first on little-endian machines
+                first, second = words[offset // 4 :: stride], words[offset // 4 + 1 :: stride]
+                column, high = (first, second) if _LITTLE else (second, first)
+                high_raw = high.tobytes()
+                if high_raw.count(0) != len(high_raw):
+                    pairs = zip(column.tolist(), high.tolist(), strict=True)
+                    out[name] = [low + (top << 32) for low, top in pairs]
+                    continue
+            else:
+                column = words[offset // 4 :: stride]
+            raw = column.tobytes()
+            out[name] = None if raw.count(0) == len(raw) else column.tolist()
+        return out
+
+    def uniform(self, buffer: bytes) -> bool:
+        """Whether every message in ``buffer`` has this layout's INFO header where expected."""
+        offset = self.fields["info_attr"][0]
+        if self.size % 4 or offset % 4:
+            return False
+        column = memoryview(buffer).cast("I")[offset // 4 :: self.size // 4].tobytes()
+        return column == _ATTR_WORD.pack(self.expected) * (len(buffer) // self.size)
 
 
-def stalls(
-    columns: Sequence[Sequence[int]],
-    reader: RowReader,
-    worst: Sequence[LiveConnection] = (),
-) -> Stalls:
-    """The summary of one peer's rows, given as columns (``zip(*rows)``: sums run in C)."""
-    known = reader.known
-    rqueue, wqueue, rmem, rcvbuf = columns[RQUEUE], columns[WQUEUE], columns[RMEM], columns[RCVBUF]
-    receive_max = max(rqueue)
-    full = 0
-    if receive_max and reader.skmem:
-        full = sum(
-            1
-            for r, memory, size in zip(rqueue, rmem, rcvbuf, strict=True)
-            if r and 2 * memory >= size
-        )
-    return Stalls(
-        connections=len(rqueue),
-        busy_seconds=_seconds(sum(columns[BUSY])) if known("busy_time") else None,
-        rwnd_limited_seconds=(
-            _seconds(sum(columns[RWND_LIMITED])) if known("rwnd_limited") else None
-        ),
-        sndbuf_limited_seconds=(
-            _seconds(sum(columns[SNDBUF_LIMITED])) if known("sndbuf_limited") else None
-        ),
-        send_queue_bytes=sum(wqueue),
-        send_queue_max_bytes=max(wqueue),
-        receive_queue_bytes=sum(rqueue),
-        receive_queue_max_bytes=receive_max,
-        zero_window=columns[TIMER].count(TIMER_PERSIST),
-        receive_full=full,
-        drops=sum(columns[DROPS]) if reader.skmem else None,
-        retransmits_in_flight=sum(columns[RETRANS]),
-        rto_recoveries=(sum(columns[RTO_RECOVERIES]) if known("total_rto_recoveries") else None),
-        rto_seconds=(
-            sum(columns[RTO_TIME]) / 1000 if known("total_rto_time") else None
-        ),  # milliseconds in the kernel
-        rwnd_limited_connections=len(rqueue) - columns[RWND_LIMITED].count(0),
-        sndbuf_limited_connections=len(rqueue) - columns[SNDBUF_LIMITED].count(0),
-        segments_sent=sum(columns[SEGS_OUT]),
-        segments_retransmitted=sum(columns[TOTAL_RETRANS]),
-        worst=tuple(worst),
+def endpoints_of(record: bytes | memoryview, family: str) -> tuple[str, str]:
+    """(local, remote) endpoints of one inet_diag message, as ``ss`` writes them."""
+    sport, dport, source, destination = _ENDS.unpack_from(record, 20)
+    number = socket.AF_INET if family == "ipv4" else socket.AF_INET6
+    length = 4 if family == "ipv4" else 16
+    return (
+        endpoint(socket.inet_ntop(number, source[:length]), sport),
+        endpoint(socket.inet_ntop(number, destination[:length]), dport),
     )

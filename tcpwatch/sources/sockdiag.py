@@ -30,13 +30,13 @@ addresses), offsets from the start of the netlink message::
 from __future__ import annotations
 
 import errno
+import functools
 import socket
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from tcpwatch.endpoints import endpoint
 from tcpwatch.model import (
     FAMILIES,
     STATES,
@@ -46,8 +46,7 @@ from tcpwatch.model import (
     SelfConnect,
     SocketTable,
 )
-from tcpwatch.sources import liveinfo
-from tcpwatch.sources.liveinfo import INFO_ATTR, RETRANS, RTT, SEGS_OUT, TOTAL_RETRANS
+from tcpwatch.sources import liveinfo, livesums
 from tcpwatch.sources.netlink import (
     ERRNO_FIELD,
     FAMILY_NUMBER,
@@ -116,10 +115,10 @@ class DumpAggregator:
         self.inodes: dict[int, set[int]] = {n: set() for n in self.attribute_numbers}
         self.messages = 0
         # Set before a dump that asked for INET_DIAG_INFO (and SKMEMINFO): ESTABLISHED ephemeral
-        # sockets then add their row (liveinfo.py) to ``live`` (key as ``ephemeral``), summed up
-        # once per destination in _ephemeral_use.
+        # sockets then add their message to ``live`` (key as ``ephemeral``), summed per
+        # destination by livesums.PeerRows.
         self.read_info = False
-        self.live: dict[str, dict[bytes, list[liveinfo.Row]]] = {name: {} for name in FAMILIES}
+        self.live: dict[str, dict[bytes, livesums.PeerRows]] = {name: {} for name in FAMILIES}
         self.rows = liveinfo.RowReader()
 
     def feed(self, data: memoryview | bytes, length: int, family: str) -> bool:
@@ -142,8 +141,8 @@ class DumpAggregator:
         tuple_key = _TUPLE_KEY.unpack_from
         read_info = self.read_info
         live = self.live[family]
-        reader = self.rows
-        layouts = reader.layouts
+        fold_messages = livesums.FOLD_MESSAGES
+        view = data if isinstance(data, memoryview) else memoryview(data)
         offset = 0
         while offset < length:
             if length - offset < 16:
@@ -185,22 +184,17 @@ class DumpAggregator:
                         if state == TCP_TIME_WAIT:
                             ephemeral_time_wait[key] = ephemeral_time_wait.get(key, 0) + 1
                         elif state == TCP_ESTABLISHED and read_info:
-                            # Once per outbound connection on a scan: every message of one
-                            # length has one layout, read in one unpack (liveinfo.py); a new
-                            # length, or a message failing the layout's check, is walked.
-                            row: liveinfo.Row | None
-                            layout = layouts.get(msg_len)
-                            if (
-                                layout is None
-                                or (row := layout[0](data, offset))[INFO_ATTR] != layout[1]
-                            ):
-                                row = reader.read(data, offset, msg_len)
-                            if row is not None:
-                                rows = live.get(key)
-                                if rows is None:
-                                    live[key] = [row]
-                                else:
-                                    rows.append(row)
+                            # Once per outbound connection on a scan: the message joins its
+                            # destination's buffer, raw (livesums.PeerRows sums them in C); a
+                            # new destination or message length goes the long way, once.
+                            rows = live.get(key)
+                            if rows is not None and rows.size == msg_len:
+                                pieces = rows.pieces
+                                pieces.append(view[offset : offset + msg_len].tobytes())
+                                if len(pieces) >= fold_messages:
+                                    rows.fold(self.rows)
+                            else:
+                                self._live_other(live, key, data, offset, msg_len)
                     if state == TCP_SYN_SENT:
                         self.syn_sent[(family, tuple_key(data, offset + 22)[0])] += 1
                     if sport == dport:
@@ -209,6 +203,25 @@ class DumpAggregator:
                     self.inodes[state].add(_QUEUES_INODE.unpack_from(data, offset + 72)[2])
             offset += (msg_len + 3) & ~3
         return False
+
+    def _live_other(
+        self,
+        live: dict[bytes, livesums.PeerRows],
+        key: bytes,
+        data: memoryview | bytes,
+        offset: int,
+        msg_len: int,
+    ) -> None:
+        """A destination's first message, or one of another length than its others."""
+        layout = self.rows.layout(data, offset, msg_len)
+        if layout is None:
+            return  # no usable tcp_info: counted, not described
+        rows = live.get(key)
+        if rows is None:
+            rows = live[key] = livesums.PeerRows(layout)
+        else:
+            rows.switch(layout, self.rows)
+        rows.pieces.append(bytes(data[offset : offset + msg_len]))
 
     def _unusual_message(
         self, data: memoryview | bytes, offset: int, msg_len: int, msg_type: int, length: int
@@ -329,14 +342,10 @@ class DumpAggregator:
                         )
                     )
                     continue
-                columns = tuple(zip(*rows, strict=True))
-                rtts = columns[RTT]
-                timed = len(rtts) - rtts.count(0)
-                remote = endpoint(destination, port)
-                worst = [
-                    liveinfo.connection(rows[index], self.rows, source, remote)
-                    for index in liveinfo.worst_indices(columns)
-                ]
+                stalls = rows.finish(
+                    self.rows, functools.partial(liveinfo.endpoints_of, family=family)
+                )
+                timed = rows.rtt_timed
                 uses.append(
                     DestinationUse(
                         family,
@@ -345,14 +354,14 @@ class DumpAggregator:
                         port,
                         sockets,
                         time_wait.get(key, 0),
-                        established=len(rows),
+                        established=stalls.connections,
                         rtt_connections=timed,
-                        rtt_mean_seconds=sum(rtts) / timed / 1e6 if timed else None,
-                        rtt_max_seconds=max(rtts) / 1e6 if timed else None,
-                        retransmits_in_flight=sum(columns[RETRANS]),
-                        segments_retransmitted=sum(columns[TOTAL_RETRANS]),
-                        segments_sent=sum(columns[SEGS_OUT]),
-                        stalls=liveinfo.stalls(columns, self.rows, worst),
+                        rtt_mean_seconds=rows.sums["rtt"] / timed / 1e6 if timed else None,
+                        rtt_max_seconds=rows.maxima["rtt"] / 1e6 if timed else None,
+                        retransmits_in_flight=stalls.retransmits_in_flight,
+                        segments_retransmitted=stalls.segments_retransmitted,
+                        segments_sent=stalls.segments_sent,
+                        stalls=stalls,
                     )
                 )
         uses.sort(key=lambda use: (-use.sockets, use.family, use.source, use.address, use.port))

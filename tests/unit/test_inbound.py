@@ -237,7 +237,7 @@ def test_polls_between_destination_scans_keep_the_previous_scan(
     settings = CollectSettings()
     context = SourceContext(ProcPaths(), settings, "host", 0, 10.0)
     first = read(context, snapshot())
-    assert calls == [10.0] and first.limit == 4096
+    assert calls == [10.0] and first.limit == 2048
     # next poll reuses the destinations (earlier set): the scan is kept, not repeated
     table = snapshot().sockets
     assert table is not None

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import socket
 import struct
+from dataclasses import replace
 
 import pytest
 
-from tcpwatch.sources import liveinfo
+from tcpwatch.sources import liveinfo, livesums
 from tcpwatch.sources.liveinfo import RowReader
 from tcpwatch.sources.netlink import INET_DIAG_INFO, INET_DIAG_SKMEMINFO, SOCK_DIAG_BY_FAMILY
 from tcpwatch.sources.tcpinfo import _FIELDS, FULL_LENGTH
@@ -116,9 +117,9 @@ def test_a_row_holds_the_header_skmeminfo_and_tcp_info_fields() -> None:
         "total_rto_time": 1500,
     }
     # The layout is compiled once per message length and checked on each use.
-    unpack, expected = reader.layouts[len(message)]
-    assert unpack(message, 0) == row
-    assert row[liveinfo.INFO_ATTR] == expected
+    layout = reader.by_length[len(message)]
+    assert layout.row(message) == row and layout.matches(message, 0)
+    assert row[liveinfo.INFO_ATTR] == layout.expected
     assert reader.known("busy_time") and reader.known("drops") and reader.known("total_rto_time")
 
 
@@ -128,26 +129,26 @@ def test_a_message_of_a_known_length_but_another_layout_fails_the_check() -> Non
     other = established(attributes=attribute(15, bytes(4)) + full(rtt=2))  # MARK before it
     assert len(first) == len(other)
     assert read(reader, first) is not None
-    unpack, expected = reader.layouts[len(first)]
-    assert unpack(other, 0)[liveinfo.INFO_ATTR] != expected  # the hot loop walks it instead
+    assert not reader.by_length[len(first)].matches(
+        other, 0
+    )  # the scans read it message by message
     row = read(reader, other)
     assert row is not None and row[liveinfo.RTT] == 2
 
 
 def test_an_old_kernel_reads_zeros_and_says_what_it_lacks() -> None:
     """tcp_info up to total_retrans (104 bytes) and no SKMEMINFO: padded rows, None sums."""
-    reader = RowReader()
     message = established(
         rqueue=5, attributes=SHUTDOWN + attribute(INET_DIAG_INFO, info_bytes(104, rtt=9))
     )
-    row = read(reader, message)
+    reader, rows = peer(message)
+    row = read(RowReader(), message)
     assert row is not None and len(row) == len(liveinfo.ROW)
     assert (row[liveinfo.RTT], row[liveinfo.BUSY], row[liveinfo.DROPS]) == (9, 0, 0)
-    assert len(message) not in reader.layouts  # padded rows are built on the slow path
     assert not reader.known("busy_time") and not reader.known("drops")
-    stalls = liveinfo.stalls(tuple(zip(row, strict=True)), reader)
+    stalls = rows.finish(reader, ENDS)
     assert (stalls.busy_seconds, stalls.drops, stalls.rto_seconds) == (None, None, None)
-    assert stalls.receive_queue_bytes == 5
+    assert stalls.receive_queue_bytes == 5 and stalls.connections == 1
     assert stalls.receive_full == 0  # without socket memory there is no telling
 
 
@@ -157,73 +158,130 @@ def test_no_usable_tcp_info_is_no_row(length: int) -> None:
     assert read(RowReader(), established(attributes=attributes)) is None
 
 
-def rows(*messages: bytes) -> tuple[RowReader, list[liveinfo.Row]]:
+def peer(*messages: bytes, leaders: int = 1) -> tuple[RowReader, livesums.PeerRows]:
+    """One peer's messages through PeerRows, as a scan adds them."""
     reader = RowReader()
-    found = [read(reader, message) for message in messages]
-    assert all(row is not None for row in found)
-    return reader, [row for row in found if row is not None]
+    rows: livesums.PeerRows | None = None
+    for message in messages:
+        layout = reader.layout(memoryview(message), 0, len(message))
+        assert layout is not None
+        if rows is None:
+            rows = livesums.PeerRows(layout, leaders)
+        elif rows.size != len(message):
+            rows.switch(layout, reader)
+        rows.pieces.append(message)
+    assert rows is not None
+    return reader, rows
+
+
+def ENDS(message: bytes) -> tuple[str, str]:
+    return liveinfo.endpoints_of(message, "ipv4")
+
+
+PEER = (
+    # a client that stopped reading: its window closed, our Send-Q full
+    established(41001, timer=4, wqueue=4_000_000, attributes=full(
+        busy_time=10_000_000, rwnd_limited=9_900_000, snd_wnd=0)),
+    # a healthy one
+    established(41002, attributes=full(busy_time=1_000_000, rtt=40)),
+    # an application that does not read what it receives
+    established(41003, rqueue=600_000, attributes=full(busy_time=0)),
+    # a sender waiting on its own buffer
+    established(41004, wqueue=8192, attributes=full(
+        busy_time=2_000_000, sndbuf_limited=1_500_000, total_rto_recoveries=1,
+        total_rto_time=250, total_retrans=3)),
+)  # fmt: skip
+PEER_STALLS = Stalls(
+    connections=4,
+    busy_seconds=13.0,
+    rwnd_limited_seconds=9.9,
+    sndbuf_limited_seconds=1.5,
+    send_queue_bytes=4_008_192,
+    send_queue_max_bytes=4_000_000,
+    receive_queue_bytes=600_000,
+    receive_queue_max_bytes=600_000,
+    zero_window=1,
+    receive_full=1,  # rmem 900 of rcvbuf 1000 with data waiting
+    drops=20,
+    retransmits_in_flight=0,
+    rto_recoveries=1,
+    rto_seconds=0.25,
+    rwnd_limited_connections=1,
+    sndbuf_limited_connections=1,
+    segments_sent=0,
+    segments_retransmitted=3,
+)
 
 
 def test_stalls_sum_the_times_and_queues_and_pick_the_worst() -> None:
-    reader, found = rows(
-        # a client that stopped reading: its window closed, our Send-Q full
-        established(41001, timer=4, wqueue=4_000_000, attributes=full(
-            busy_time=10_000_000, rwnd_limited=9_900_000, snd_wnd=0)),
-        # a healthy one
-        established(41002, attributes=full(busy_time=1_000_000, rtt=40)),
-        # an application that does not read what it receives
-        established(41003, rqueue=600_000, attributes=full(busy_time=0)),
-        # a sender waiting on its own buffer
-        established(41004, wqueue=8192, attributes=full(
-            busy_time=2_000_000, sndbuf_limited=1_500_000, total_rto_recoveries=1,
-            total_rto_time=250)),
-    )  # fmt: skip
-    columns = tuple(zip(*found, strict=True))
-    worst = liveinfo.worst_indices(columns)
-    assert worst == [0, 2, 3]  # window wait (also the closed window and the Send-Q), Recv-Q, buffer
-    stalls = liveinfo.stalls(columns, reader)
-    assert stalls == Stalls(
-        connections=4,
-        busy_seconds=13.0,
-        rwnd_limited_seconds=9.9,
-        sndbuf_limited_seconds=1.5,
-        send_queue_bytes=4_008_192,
-        send_queue_max_bytes=4_000_000,
-        receive_queue_bytes=600_000,
-        receive_queue_max_bytes=600_000,
-        zero_window=1,
-        receive_full=1,  # rmem 900 of rcvbuf 1000 with data waiting
-        drops=20,
-        retransmits_in_flight=0,
-        rto_recoveries=1,
-        rto_seconds=0.25,
-        rwnd_limited_connections=1,
-        sndbuf_limited_connections=1,
-    )
+    reader, rows = peer(*PEER)
+    stalls = rows.finish(reader, ENDS)
+    # the worst: the window wait (also the closed window and the Send-Q), the Recv-Q, the
+    # buffer wait (also the drops: every one has 5, the first wins), the retransmissions
+    assert [c.local for c in stalls.worst] == [
+        "127.0.0.1:41001",
+        "127.0.0.1:41003",
+        "127.0.0.1:41004",
+    ]
+    assert replace(stalls, worst=()) == PEER_STALLS
     assert stalls.share(stalls.rwnd_limited_seconds) == pytest.approx(9.9 / 13)
     assert Stalls(0, 0.0, 0.0, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0).share(0.0) is None
 
 
-def test_leaders_keep_the_longest_waits_on_the_peer_window() -> None:
-    _, found = rows(
-        *(
-            established(41000 + n, attributes=full(busy_time=10_000_000, rwnd_limited=n * 1000))
-            for n in range(6)
-        )
+def test_folding_in_parts_sums_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer's messages are summed every FOLD_MESSAGES: the totals and the evidence do not move."""
+    reader, rows = peer(*PEER)
+    whole = rows.finish(reader, ENDS)
+    reader, rows = peer(PEER[0])
+    for message in PEER[1:]:
+        rows.fold(reader)  # as the hot loop does once the buffer is full
+        rows.pieces.append(message)
+    assert rows.finish(reader, ENDS) == whole
+
+
+def test_a_buffer_of_mixed_arrangements_is_read_message_by_message() -> None:
+    first = established(41001, attributes=full(busy_time=7) + attribute(15, bytes(4)))
+    other = established(41002, attributes=attribute(15, bytes(4)) + full(busy_time=5))
+    assert len(first) == len(other)  # one length, another attribute order: the check fails
+    reader, rows = peer(first, other)
+    stalls = rows.finish(reader, ENDS)
+    assert (stalls.connections, stalls.busy_seconds) == (2, 12e-6)
+
+
+def test_64_bit_times_keep_their_high_words() -> None:
+    long_ago = 5_000 * 10**6  # 5,000 s in microseconds: past 32 bits
+    reader, rows = peer(
+        established(41001, attributes=full(busy_time=long_ago, rwnd_limited=long_ago)),
+        established(41002, attributes=full(busy_time=1)),
     )
-    columns = tuple(zip(*found, strict=True))
-    # then 0: the most socket drops (every one has 5: the first of them)
-    assert liveinfo.worst_indices(columns, leaders=3) == [5, 4, 3, 0]
-    assert liveinfo.worst_indices(columns) == [5, 0]
+    stalls = rows.finish(reader, ENDS)
+    assert stalls.busy_seconds == pytest.approx(5_000.000001)
+    assert stalls.rwnd_limited_seconds == pytest.approx(5_000.0)
+
+
+def test_leaders_keep_the_longest_waits_on_the_peer_window() -> None:
+    messages = [
+        established(41000 + n, attributes=full(busy_time=10_000_000, rwnd_limited=n * 1000))
+        for n in range(6)
+    ]
+    reader, rows = peer(*messages, leaders=3)
+    ports = [c.local for c in rows.finish(reader, ENDS).worst]
+    # then 41000: the most socket drops (every one has 5: the first of them)
+    assert ports == ["127.0.0.1:41005", "127.0.0.1:41004", "127.0.0.1:41003", "127.0.0.1:41000"]
+    reader, rows = peer(*messages)
+    assert [c.local for c in rows.finish(reader, ENDS).worst] == [
+        "127.0.0.1:41005",
+        "127.0.0.1:41000",
+    ]
 
 
 def test_a_connection_as_evidence() -> None:
-    reader, found = rows(
+    reader, rows = peer(
         established(41822, timer=4, wqueue=4096, inode=9, attributes=full(
             rtt=2500, busy_time=3_000_000, rwnd_limited=2_000_000, snd_wnd=0,
             delivery_rate=1000, min_rtt=100)),
     )  # fmt: skip
-    shown = liveinfo.connection(found[0], reader, "127.0.0.1", "127.0.0.2:8080")
+    (shown,) = rows.finish(reader, ENDS).worst
     assert shown == LiveConnection(
         local="127.0.0.1:41822",
         remote="127.0.0.2:8080",
