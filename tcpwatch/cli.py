@@ -2,8 +2,9 @@
 
 Exit codes (docs/cli.md): 0 success / OK; 1 WARNING and 2 CRITICAL findings (`check`, Nagios
 convention); 3 tcpwatch could not run: bad flag, bad config, not Linux, no netlink, unreadable
-procfs. Errors a user can cause print one line to stderr, never a traceback; `check` also prints
-its UNKNOWN status on stdout (cli_check.py).
+procfs. Errors a user can cause print one line to stderr, never a traceback; `check` prints its
+UNKNOWN status on stdout first, and the stderr line only where another reader sees stderr
+(cli_check.py: a terminal or Icinga's merged pipe is told once).
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from tcpwatch.cli_check import (
+    HeldStderr,
     Output,
     check,
     check_from,
     command_in,
     output_in,
     require_linux,
+    same_reader,
+    say_unknown,
     threshold_flags,
     usable,
-    write_unknown,
 )
 from tcpwatch.cli_parser import (
     EXIT_CRITICAL,
@@ -49,12 +52,26 @@ log = logging.getLogger("tcpwatch")
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
+    held = None
+    if command_in(words) == "check" and same_reader() and not sys.stderr.isatty():
+        # One pipe for both (Icinga 2): the status line must come first, so stderr waits.
+        held = sys.stderr = HeldStderr(sys.stderr)
+    try:
+        return _main(words)
+    finally:
+        if held is not None:
+            sys.stderr = held.real
+            held.release()
+
+
+def _main(words: list[str]) -> int:
     try:
         args = build_parser().parse_args(words)
     except ArgumentsError as error:
-        print(f"tcpwatch: {error}", file=sys.stderr)
         if command_in(words) == "check":
-            write_unknown(output_in(words), str(error))
+            say_unknown(output_in(words), [str(error)])
+        else:
+            print(f"tcpwatch: {error}", file=sys.stderr)
         return EXIT_UNKNOWN
     level = getattr(args, "log_level", None) or "info"
     log_format = getattr(args, "log_format", None) or "logfmt"
@@ -64,19 +81,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         # Messages may quote a daemon's answer or a host's name: escaped, one line whatever it is.
         message = terminal(str(error))
-        print(f"tcpwatch: {message}", file=sys.stderr)
         if args.command == "check":
-            write_unknown(Output.of(args), message)
+            say_unknown(Output.of(args), [message])
+        else:
+            print(f"tcpwatch: {message}", file=sys.stderr)
         return EXIT_UNKNOWN
     except ConfigError as error:
-        for line in error.errors:
-            print(f"tcpwatch: {line}", file=sys.stderr)
         if args.command == "check":
-            more = len(error.errors) - 1
-            write_unknown(
-                Output.of(args),
-                error.errors[0] + (f" (and {more} more problems on stderr)" if more else ""),
-            )
+            say_unknown(Output.of(args), list(error.errors))
+        else:
+            for line in error.errors:
+                print(f"tcpwatch: {line}", file=sys.stderr)
         return EXIT_UNKNOWN
     except KeyboardInterrupt:
         return 130
@@ -90,8 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         # A bug. For a monitoring core a traceback and exit 1 would read as WARNING: the check
         # could not be done, so UNKNOWN, with the traceback on stderr for the bug report.
+        say_unknown(Output.of(args), [f"internal error: {describe_error(error)} (a bug)"])
         traceback.print_exc()
-        write_unknown(Output.of(args), f"internal error: {describe_error(error)} (a bug)")
         return EXIT_UNKNOWN
 
 

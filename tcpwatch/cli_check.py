@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tcpwatch.cli_parser import EXIT_CRITICAL, EXIT_UNKNOWN
 from tcpwatch.config import Config, RuleCatalogue, RuleOverride
@@ -148,17 +149,16 @@ def timeout_of(args: argparse.Namespace, window: float) -> float:
 def deadline(seconds: float, output: Output) -> Iterator[None]:
     """Within this block, the check ends UNKNOWN once ``seconds`` have passed, whatever it is
     doing: a poll blocked on a read, a daemon that answers slowly. Like a check_* plugin's
-    alarm, the handler says so (stderr and stdout) and exits at once, without waiting for
-    threads that may be stuck (SIGALRM; the main thread only)."""
+    alarm, the handler says so (stdout, and stderr for another reader) and exits at once,
+    without waiting for threads that may be stuck (SIGALRM; the main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def expired(signum: int, frame: object) -> None:
-        message = f"the check did not finish within {seconds:g} s (-t/--timeout)"
-        with contextlib.suppress(OSError):
-            print(f"tcpwatch: {message}", file=sys.stderr, flush=True)
-        write_unknown(output, message)
+        say_unknown(output, [f"the check did not finish within {seconds:g} s (-t/--timeout)"])
+        if isinstance(sys.stderr, HeldStderr):
+            sys.stderr.release()
         os._exit(EXIT_UNKNOWN)
 
     previous = signal.signal(signal.SIGALRM, expired)
@@ -298,6 +298,45 @@ def output_in(words: Sequence[str]) -> Output:
     return Output(json_format, "--emit-sysctl" in words)
 
 
+def same_reader() -> bool:
+    """Whether stdout and stderr reach one reader: a terminal, or one pipe as Icinga 2 gives a
+    plugin (it merges both into the plugin output). Then an UNKNOWN is said once, on stdout, and
+    nothing may come before the status line, which a monitoring core reads as the state."""
+    try:
+        out, err = os.fstat(1), os.fstat(2)
+    except OSError:
+        return False
+    return (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
+
+
+class HeldStderr(io.StringIO):
+    """stderr for a check whose stdout and stderr share one pipe: what logging and warnings write
+    waits here and follows the report (as long output), so the status line stays first."""
+
+    def __init__(self, real: TextIO) -> None:
+        super().__init__()
+        self.real = real
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            self.real.write(self.getvalue())
+            self.real.flush()
+        self.seek(0)
+        self.truncate()
+
+
+def say_unknown(output: Output, lines: Sequence[str]) -> None:
+    """An UNKNOWN check: the status line (from the first of ``lines``) on stdout, then every line
+    on stderr as ``tcpwatch: ...`` unless stdout already told the same reader the first one."""
+    more = len(lines) - 1
+    write_unknown(output, lines[0] + (f" (and {more} more problems on stderr)" if more else ""))
+    shown = lines[1:] if same_reader() else lines
+    with contextlib.suppress(OSError, ValueError):
+        for line in shown:
+            print(f"tcpwatch: {line}", file=sys.stderr, flush=True)
+
+
 def write_unknown(output: Output, message: str) -> None:
     """check's stdout when it could not be done: ``TCPWATCH UNKNOWN - <message>`` (a comment
     in the sysctl snippet), or a JSON report with no finding and the message in ``error``."""
@@ -359,7 +398,7 @@ def check_from(config: Config, args: argparse.Namespace) -> int:
     from tcpwatch.render.status import status_of
 
     if args.window is not None:
-        raise UsageError("--window: not with --from (the daemon's own poll interval is the window)")
+        raise UsageError("--window: not with --from (the daemon judges its own rules.window)")
     daemon = parse_daemon_url(args.from_url)
     query = {"netns": args.netns} if args.netns and args.netns not in ("all", "self") else {}
     # The request has the whole --timeout (its own deadline names what was slow); the alarm,

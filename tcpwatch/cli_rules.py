@@ -34,6 +34,8 @@ def rules_command(config: Config, args: argparse.Namespace) -> int:
         document = {
             "config": config.source,
             "docs_url": config.docs_url,
+            "window_seconds": config.rules_window,
+            "window_configured": config.rules_window != Config().rules_window,
             "rules": [rule_document(rule, config) for rule in RULES],
         }
         sys.stdout.write(json.dumps(document, indent=2, allow_nan=False) + "\n")
@@ -104,8 +106,16 @@ def catalogue_text(config: Config) -> str:
     """One line per rule, one per threshold with the value in effect (``configured`` when
     ``config`` overrides it, with the default), and the page's URL."""
     lines = []
-    if config.rules:
+    default_window = Config().rules_window
+    if config.rules or config.rules_window != default_window:
         lines.append(f"# thresholds in effect with {config.source}")
+    window = f"# rules.window = {config.rules_window:g} (seconds"
+    if config.rules_window != default_window:
+        window += f", configured; default {default_window:g}"
+    lines.append(
+        window + "): serve judges rising counters (Q02, Q04, C01, C02 ...) over this much of "
+        "the recent polls, at least one interval"
+    )
     for rule in RULES:
         override = config.rules.get(rule.id)
         header = f"{rule.id}  {rule.slug:<28} {rule.severity:<8} {rule.title}"

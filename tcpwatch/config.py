@@ -80,6 +80,9 @@ class Config:
     interval: float = 15.0
     web_config: str | None = None
     check_window: float = 5.0
+    # serve: rules about rising counters judge this much of the recent polls (`rules.window`),
+    # at least one interval (shorter means: the last interval).
+    rules_window: float = 60.0
     namespaces: tuple[str, ...] = ("self",)  # ("self",), ("all",) or name patterns
     collect: CollectSettings = field(default_factory=CollectSettings)
     rules: Mapping[str, RuleOverride] = field(default_factory=dict)
@@ -149,7 +152,13 @@ def parse_config(
         else:
             values["namespaces"] = selection
     values["collect"] = _collect(check, top.get("collect"), sources)
-    values["rules"] = _rules(check, top.get("rules"), catalogue)
+    rules_section = top.get("rules")
+    if isinstance(rules_section, dict) and "window" in rules_section:
+        rules_section = dict(rules_section)
+        window = check.duration(rules_section.pop("window"), "rules.window", 1, 86400)
+        if window is not None:
+            values["rules_window"] = window
+    values["rules"] = _rules(check, rules_section, catalogue)
     if check.errors:
         raise ConfigError(check.errors)
     return Config(**values)

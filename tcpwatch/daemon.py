@@ -28,6 +28,7 @@ from tcpwatch.http.app import Health, WebApp
 from tcpwatch.http.listen import ListenAddress, ListenError, parse_listen
 from tcpwatch.http.server import WebServer
 from tcpwatch.http.webconfig import WebConfig, load_web_config
+from tcpwatch.logformat import fields
 from tcpwatch.paths import procfs_problem
 from tcpwatch.pipeline import Pipeline
 from tcpwatch.sdnotify import Notifier
@@ -131,6 +132,9 @@ class Daemon:
         thread = self._poll_thread
         if thread is not None and not thread.is_alive() and not self._stop.is_set():
             return Health("the poll thread has died (see the log)")
+        server = self._server
+        if server is not None and (problem := server.problem()) is not None:
+            return Health(problem)
         return Health()
 
     def failure(self) -> str | None:
@@ -138,7 +142,8 @@ class Daemon:
         thread = self._poll_thread
         if thread is not None and not thread.is_alive() and not self._stop.is_set():
             return "the poll thread ended unexpectedly"
-        return None
+        server = self._server
+        return server.problem() if server is not None else None
 
     def wait_for_poll(self, after: int, timeout: float) -> bool:
         """Wait until more than ``after`` polls have finished (for tests and benchmarks)."""
@@ -237,8 +242,11 @@ class Daemon:
                 # Measured from the poll's start, so the cadence does not drift by its length;
                 # a poll longer than the interval is followed by the next one at once.
                 next_poll = now + self._config.interval
-            # From this loop, so a hung poll stops the pings and systemd restarts tcpwatch.
-            self._notifier.watchdog()
+            # From this loop, so a hung poll stops the pings and systemd restarts tcpwatch; a
+            # dead HTTP thread stops them too (the port would stay open, answering nothing).
+            server = self._server
+            if server is None or server.problem() is None:
+                self._notifier.watchdog()
             delay = max(next_poll - self._monotonic(), 0.0)
             if watchdog is not None:
                 delay = min(delay, watchdog)
@@ -314,7 +322,10 @@ def serve(config: Config, reload: Callable[[], Config]) -> int:
         except ListenError as error:
             raise UsageError(str(error)) from None
         try:
-            log.info("tcpwatch %s serving %s (%s)", __version__, server.url, describe(config, web))
+            # As node_exporter: what is bound, not a URL guessed from it.
+            tls = "true" if web.ssl_context is not None else "false"
+            log.info("Listening on", extra=fields(address=server.address, tls=tls))
+            log.info("tcpwatch %s serving: %s", __version__, describe(config, web))
             return _wait_for_signals(daemon)
         finally:
             daemon.stop()

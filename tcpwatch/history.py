@@ -1,11 +1,17 @@
-"""What a poll remembers of earlier ones: each namespace's previous snapshot and CLOSE_WAIT
-first-seen times (for the rules), and which sources keep failing (for the log)."""
+"""What a poll remembers of earlier ones: each namespace's recent snapshots and CLOSE_WAIT
+first-seen times (for the rules), and which sources keep failing (for the log).
+
+Rules about rising counters judge a window of recent polls (``rules.window``), not the last
+interval: a listener that overflows on SYN retries every few seconds shows in every poll's
+findings instead of every other one. :func:`window_start` picks the snapshot the window starts
+at; :func:`remember` keeps just enough snapshots for the next polls' windows.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tcpwatch.model import Snapshot
@@ -17,12 +23,60 @@ log = logging.getLogger(__name__)
 SOURCE_LOG_REPEAT_SECONDS = 300.0
 
 
+# At most about this many snapshots are kept per namespace, however long the window is compared
+# with the interval: a window start is then within window/MAX_WINDOW_POLLS of the ideal.
+MAX_WINDOW_POLLS = 60
+
+
 @dataclass(frozen=True, slots=True)
 class NetnsHistory:
-    """What the rules of one namespace remember from earlier polls."""
+    """What the rules of one namespace remember from earlier polls: its recent snapshots, oldest
+    first, the latest last (one namespace: a re-created one starts afresh)."""
 
-    previous: Snapshot | None = None
+    polls: tuple[Snapshot, ...] = ()
     close_wait_first_seen: Mapping[int, float] = field(default_factory=dict)
+
+    @property
+    def previous(self) -> Snapshot | None:
+        """The latest poll before the one being judged."""
+        return self.polls[-1] if self.polls else None
+
+
+def window_start(polls: Sequence[Snapshot], current: Snapshot, seconds: float) -> Snapshot | None:
+    """The snapshot a window of ``seconds`` ending at ``current`` starts at: the oldest of
+    ``polls`` (oldest first) at most ``seconds`` old, with half an interval of slack for timer
+    jitter; the latest poll when the window is shorter than one interval (never none while
+    there is one). Snapshots of another namespace (the name re-used) do not count.
+    """
+    same = [p for p in polls if p.identity.inode == current.identity.inode]
+    if not same:
+        return None
+    slack = max(current.taken_at - same[-1].taken_at, 0.0) / 2
+    for poll in same:
+        if current.taken_at - poll.taken_at <= seconds + slack:
+            return poll
+    return same[-1]
+
+
+def remember(polls: Sequence[Snapshot], current: Snapshot, seconds: float) -> tuple[Snapshot, ...]:
+    """The snapshots to keep after ``current`` was judged: those the next polls' windows may
+    start at (no older than ``seconds`` plus the last interval), at least ``seconds /
+    MAX_WINDOW_POLLS`` apart, ``current`` always."""
+    same = [p for p in polls if p.identity.inode == current.identity.inode]
+    interval = current.taken_at - same[-1].taken_at if same else 0.0
+    horizon = seconds + max(interval, 0.0)
+    spacing = seconds / MAX_WINDOW_POLLS
+    kept: list[Snapshot] = []
+    for poll in same:
+        if current.taken_at - poll.taken_at > horizon:
+            continue
+        if kept and poll.taken_at - kept[-1].taken_at < spacing:
+            continue
+        kept.append(poll)
+    if kept and current.taken_at - kept[-1].taken_at < spacing and len(kept) > 1:
+        kept.pop()  # the newest kept one is too close to current: current takes its place
+    kept.append(current)
+    return tuple(kept)
 
 
 def track_close_wait(first_seen: Mapping[int, float], snapshot: Snapshot) -> Mapping[int, float]:

@@ -5,6 +5,9 @@ is written bare when it is a non-empty run of printable characters other than sp
 ``"``; otherwise it is double-quoted with ``\\`` ``"`` and control characters escaped
 (``\\n``, ``\\t``, ``\\u001b``), so every record is exactly one line a logfmt parser splits back
 into the same keys and values. JSON: one object per line with the same keys.
+
+A record may carry fields of its own, as node_exporter's ``msg="Listening on" address=[::]:9100``:
+``log.info("Listening on", extra=fields(address="[::]:9477", tls="false"))``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ LOG_FORMATS = ("logfmt", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # node_exporter's (go-kit's) level names: "warn", not "warning".
 _LEVEL_NAMES = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error"}
+_FIELDS = "tcpwatch_fields"  # the LogRecord attribute extra= fields land in
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -38,9 +42,17 @@ def _fields(record: logging.LogRecord, formatter: logging.Formatter) -> list[tup
         ("level", _LEVEL_NAMES.get(record.levelname, record.levelname.lower())),
         ("msg", record.getMessage()),
     ]
+    own = getattr(record, _FIELDS, None)
+    if isinstance(own, dict):
+        fields += [(str(key), str(value)) for key, value in own.items()]
     if record.exc_info:
         fields.append(("exc", formatter.formatException(record.exc_info)))
     return fields
+
+
+def fields(**values: object) -> dict[str, dict[str, object]]:
+    """Keys and values of one record, after ``msg`` (pass as ``extra=``)."""
+    return {_FIELDS: values}
 
 
 class LogfmtFormatter(logging.Formatter):

@@ -35,6 +35,9 @@ class Listener:
 
     ``socket_index`` tells apart SO_REUSEPORT sockets sharing one address:port: 0 for a lone
     listener, 0..N-1 in ascending inode order (creation order) within a reuseport group.
+    ``drops`` is the socket's sk_drops (INET_DIAG_SKMEMINFO, `ss -ltnm` d<N>): every SYN or
+    handshake the kernel dropped at this listener since it was created (accept-queue overflows,
+    SYN-queue drops, ...). None when the kernel did not report it.
     """
 
     family: str
@@ -45,6 +48,7 @@ class Listener:
     syn_recv: int  # request sockets (half-open connections) on this listener's port and address
     inode: int
     socket_index: int = 0
+    drops: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +71,7 @@ class DestinationUse:
     retransmits_in_flight: int = 0  # sum of tcpi_retrans: retransmitted segments not yet acked
     segments_retransmitted: int = 0  # sum of tcpi_total_retrans over each connection's life
     segments_sent: int = 0  # sum of tcpi_segs_out over each connection's life
-    # Where those connections' time went and what waits in their queues (INET_DIAG_SKMEMINFO
-    # too); None without the scan's tcp_info.
-    stalls: Stalls | None = None
+    stalls: Stalls | None = None  # where their time went, their queues (None: no tcp_info read)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,17 +310,14 @@ class Snapshot:
     # Host-wide, the same in every snapshot: the assignments in the host's sysctl files (the
     # source "sysctl_files"), in the order they are applied at boot.
     persisted_sysctls: tuple[PersistedSysctl, ...] | None = None
-    # The listeners' live connections (the source "inbound"), on the per-destination cadence.
-    inbound: InboundScan | None = None
+    inbound: InboundScan | None = None  # the listeners' live connections (source "inbound")
 
     def source_ok(self, name: str) -> bool:
         return any(status.name == name and status.ok for status in self.sources)
 
     def live_peers(self) -> tuple[LivePeer, ...]:
-        """Each (direction, peer)'s live connections: the listeners' (inbound scan) and the
-        destinations' (per-destination scan, every source address together)."""
-        uses = self.sockets.ephemeral_use if self.sockets is not None else ()
-        return live_peers(uses, self.inbound)
+        """Each (direction, peer)'s live connections, from both live scans (stalls.py)."""
+        return live_peers(self.sockets.ephemeral_use if self.sockets else (), self.inbound)
 
 
 # --- Connection lifecycle: closed connections heard on the socket-destroy multicast ------------
@@ -326,8 +325,10 @@ class Snapshot:
 
 DIRECTIONS: tuple[str, ...] = ("inbound", "outbound")
 # ok: handshake completed; timeout: no answer (segs_in 0); refused: answered (RST) before the
-# handshake completed; aborted: the kernel cleared the peer's port and the counters before
-# reporting (a blocking connect() that failed, or a close() with SO_LINGER 0).
+# handshake completed; aborted: a connect that never completed and whose port and counters the
+# kernel cleared before reporting (a blocking connect() that failed, or a failed connect closed
+# with SO_LINGER 0, as proxies do). A connection that worked and was then closed with SO_LINGER 0
+# is ok, under the bare address.
 OUTCOMES: tuple[str, ...] = ("ok", "timeout", "refused", "aborted")
 # Upper bounds of the RTT histogram: loopback/LAN (100 us) to intercontinental (1 s), 1-2-5 steps.
 RTT_BUCKETS_SECONDS: tuple[float, ...] = (

@@ -15,7 +15,13 @@ from tcpwatch import snapshot as snapshot_source
 from tcpwatch.audit import audit, rule_settings
 from tcpwatch.config import Config
 from tcpwatch.gathering import Gathering
-from tcpwatch.history import NetnsHistory, SourceFailureLog, track_close_wait
+from tcpwatch.history import (
+    NetnsHistory,
+    SourceFailureLog,
+    remember,
+    track_close_wait,
+    window_start,
+)
 from tcpwatch.model import Attribution, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
 from tcpwatch.peer_budget import PeerBudget
@@ -122,16 +128,22 @@ class Pipeline:
             self._take(config), config.collect.connection_peers, config.collect.connection_peer_idle
         )
         history: dict[str, NetnsHistory] = {}
-        previous: dict[str, Snapshot] = {}
+        starts: dict[str, Snapshot] = {}  # where each namespace's rule window starts
+        previous: dict[str, Snapshot] = {}  # each namespace's latest poll before this one
+        seconds = config.rules_window
         for snapshot in snapshots:
             past = self._history.get(snapshot.netns, NetnsHistory())
+            start = window_start(past.polls, snapshot, seconds)
+            if start is not None:
+                starts[snapshot.netns] = start
             if past.previous is not None:
                 previous[snapshot.netns] = past.previous
             first_seen = track_close_wait(past.close_wait_first_seen, snapshot)
-            history[snapshot.netns] = NetnsHistory(snapshot, first_seen)
+            polls = remember(past.polls, snapshot, seconds)
+            history[snapshot.netns] = NetnsHistory(polls, first_seen)
         findings = audit(
             snapshots,
-            previous,
+            starts,
             rule_settings(config),
             {netns: past.close_wait_first_seen for netns, past in history.items()},
         )
@@ -164,6 +176,10 @@ class Pipeline:
             source_names=self._source_names,
             trends=dict(self._trends),
             interval=config.interval,
+            window=max(
+                (s.taken_at - starts[s.netns].taken_at for s in snapshots if s.netns in starts),
+                default=0.0,
+            ),
         )
 
     def close(self) -> None:

@@ -51,3 +51,6 @@ class ExportState:
     source_names: tuple[str, ...] = field(default_factory=source_names)
     trends: Mapping[str, Trend] = field(default_factory=dict)  # netns -> its recent polls
     interval: float = 0.0  # seconds between polls (0: one-shot); the live page refreshes so often
+    # Seconds the rules judged: from the start of their window to this poll (the longest of the
+    # namespaces'); 0 without a window (the first poll, `check --window 0`).
+    window: float = 0.0

@@ -1,35 +1,43 @@
 """The routes of `tcpwatch serve`: /metrics, a landing page, /-/healthy and /-/ready.
 
-A scrape renders the latest ExportState the poll loop published and never polls. The tcpwatch
-part of the exposition depends only on that state, so it is rendered once per poll (and format)
-and reused by every scrape until the next one; only the process_* self-metrics are rendered per
-scrape. /metrics negotiates as prometheus-client's own handler does: OpenMetrics when `Accept`
-asks for application/openmetrics-text (Prometheus does), the text format otherwise, and
-`?name[]=a&name[]=b` keeps only the samples so named.
+A scrape renders the latest ExportState the poll loop published and never polls; the bytes of
+the tcpwatch families are rendered once per poll and format and shared by every scrape until
+the next one (tcpwatch.http.exposition: format negotiation, `?name[]=` filtering, gzip); only
+the process_* self-metrics are rendered per scrape.
 
 :class:`WebApp` is a plain object that turns a request (method, target, headers) into a
 :class:`Response`, so routing, authentication and rendering are tested without sockets;
-tcpwatch.http.server puts it on a listening socket.
+tcpwatch.http.server puts it on a listening socket, and asks :meth:`WebApp.triage` first, so a
+request whose password needs bcrypt waits for it without a worker thread.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import ssl
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
 
 from tcpwatch.config import Config
-from tcpwatch.http.auth import AuthResult, BasicAuth, BcryptGate, FailureLimiter, TokenBucket
+from tcpwatch.http.auth import (
+    AuthResult,
+    BasicAuth,
+    FailureLimiter,
+    Pending,
+    TokenBucket,
+    Verdict,
+    VerifiedCache,
+)
+from tcpwatch.http.checks import CheckLine
+from tcpwatch.http.exposition import Chunk, Expositions, negotiate
 from tcpwatch.http.webconfig import WebConfig
 from tcpwatch.render import api
 from tcpwatch.render.html import landing_page
@@ -37,23 +45,31 @@ from tcpwatch.render.prometheus import make_registry
 from tcpwatch.render.rulepage import rule_page_html
 from tcpwatch.state import ExportState
 
-_OPENMETRICS_EOF = b"# EOF\n"
 _GZIP_MIN_BYTES = 1024  # smaller bodies grow when compressed
 
 
 @dataclass(frozen=True, slots=True)
 class Response:
-    """One answer; the server adds Content-Length and writes it."""
+    """One answer; the server adds Content-Length and writes it. ``parts`` are written in order
+    and may be shared with other responses (the cached exposition), so they are never copied."""
 
     status: int
     content_type: str
-    body: bytes
+    parts: tuple[Chunk, ...]
     headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.parts)
+
+    @property
+    def length(self) -> int:
+        return sum(len(part) for part in self.parts)
 
 
 def text_response(status: HTTPStatus, message: str, *headers: tuple[str, str]) -> Response:
     """A one-line plain-text answer: errors, health, readiness."""
-    return Response(status, "text/plain; charset=utf-8", (message + "\n").encode(), headers)
+    return Response(status, "text/plain; charset=utf-8", ((message + "\n").encode(),), headers)
 
 
 def accepts_gzip(accept_encoding: str) -> bool:
@@ -71,20 +87,6 @@ def accepts_gzip(accept_encoding: str) -> bool:
                     return False
         return True
     return False
-
-
-class _Collected(Collector):
-    """Families collected once, described by name: a restricted registry (``name[]``) finds
-    collectors by the names they describe."""
-
-    def __init__(self, families: tuple[Metric, ...]) -> None:
-        self._families = families
-
-    def describe(self) -> list[Metric]:
-        return list(self._families)
-
-    def collect(self) -> list[Metric]:
-        return list(self._families)
 
 
 def _refusal(result: AuthResult) -> Response | None:
@@ -108,12 +110,33 @@ def _refusal(result: AuthResult) -> Response | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Admission:
+    """What a connection is let in under: TLS or not, and which client certificates. A reload
+    that changes it raises ``generation``; connections admitted under an older one are closed."""
+
+    generation: int
+    ssl_context: ssl.SSLContext | None
+    client_allowed_sans: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Triage:
+    """Before a request takes a worker: trusted (credentials verified before: it goes first),
+    a verdict reached without bcrypt, or a check it must wait for (``pending``)."""
+
+    trusted: bool = False
+    verdict: Verdict | None = None
+    pending: Pending | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class _Policy:
     """What the web config decides, swapped whole on reload."""
 
     web: WebConfig
     auth: BasicAuth
     limiter: TokenBucket | None
+    admission: Admission
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +144,11 @@ class Health:
     """The daemon's answer for /-/healthy: None = healthy, else why not."""
 
     problem: str | None = None
+
+
+def _admits(web: WebConfig) -> tuple[object, ...]:
+    """What decides which connections a web config lets in (compared across reloads)."""
+    return (web.tls, web.client_ca_digest)
 
 
 class WebApp:
@@ -143,63 +171,116 @@ class WebApp:
         self._config = config
         self._health = health
         self._clock = clock
-        # Kept across reloads: a reload must not hand a flooding client a fresh budget.
+        # Kept across reloads: a reload must neither hand a flooding client a fresh budget nor
+        # make a scraper whose hash did not change prove its password again.
         self._failures = FailureLimiter()
-        self._bcrypt = BcryptGate()
-        self._policy = self._make_policy(web_config or WebConfig())
-        # (state, {content type: its rendering}): one tuple, replaced whole, so readers never
-        # see a rendering of another state.
-        self._rendered: tuple[ExportState | None, Mapping[str, bytes]] = (None, {})
+        self._line = CheckLine()
+        self._verified = VerifiedCache()
+        self._policy = self._make_policy(web_config or WebConfig(), 0)
         self._self_metrics = CollectorRegistry(auto_describe=False)
         if include_process_metrics:
             ProcessCollector(registry=self._self_metrics)
             PlatformCollector(registry=self._self_metrics)
+        self._expositions = Expositions(self._families, self._self_metrics)
         self.listening_on = ""  # set by WebServer once bound, for the landing page
 
-    def _make_policy(self, web: WebConfig) -> _Policy:
+    def _make_policy(self, web: WebConfig, generation: int) -> _Policy:
         limiter = TokenBucket(web.rate_limit) if web.rate_limit is not None else None
-        auth = BasicAuth(web.basic_auth_users, self._failures, self._bcrypt)
-        return _Policy(web, auth, limiter)
+        auth = BasicAuth(web.basic_auth_users, self._failures, self._line, self._verified)
+        sans = web.tls.client_allowed_sans if web.tls is not None else ()
+        return _Policy(web, auth, limiter, Admission(generation, web.ssl_context, sans))
+
+    @staticmethod
+    def _families(state: ExportState | None) -> list[Metric]:
+        return list(make_registry(lambda: state, include_process=False).collect())
 
     @property
     def web_config(self) -> WebConfig:
         return self._policy.web
 
+    @property
+    def admission(self) -> Admission:
+        return self._policy.admission
+
     def set_web_config(self, web: WebConfig) -> None:
         """Take a new web config (on reload): TLS context, users and headers at once."""
-        self._policy = self._make_policy(web)
+        old = self._policy
+        generation = old.admission.generation + (_admits(web) != _admits(old.web))
+        self._policy = self._make_policy(web, generation)
 
-    def triage(self, headers: Mapping[str, str], client: str) -> tuple[bool, Response | None]:
-        """Before a request takes a worker: (trusted, an answer now). Trusted requests carry
-        credentials verified before and go ahead of the rest; an address out of failure budget
-        gets its 429 at once, so a flood of wrong passwords never fills the workers' queue."""
-        result = self._policy.auth.triage(headers.get("authorization"), client)
-        if result is AuthResult.THROTTLED:
-            return False, _refusal(result)
-        return result is AuthResult.OK, None
+    def triage(
+        self,
+        headers: Mapping[str, str],
+        client: str,
+        on_checked: Callable[[Pending], None] | None = None,
+    ) -> Triage:
+        """Cheap (a hash and a lookup): verified credentials are trusted, a missing one is
+        denied, and a password bcrypt must check is queued, ``on_checked`` told when done."""
+        policy = self._policy
+        started = policy.auth.begin(headers.get("authorization"), client, on_checked)
+        if isinstance(started, Pending):
+            return Triage(pending=started)
+        trusted = policy.auth.enabled and started.result is AuthResult.OK
+        return Triage(trusted, started)
+
+    def cancel(self, pending: Pending) -> None:
+        """The client of a waiting check went away."""
+        self._policy.auth.cancel(pending)
+
+    def expire_checks(self) -> None:
+        """End the password checks that waited too long (the server calls it often)."""
+        self._line.expire()
 
     def respond(
-        self, method: str, target: str, headers: Mapping[str, str], client: str = ""
+        self,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        client: str = "",
+        verdict: Verdict | None = None,
     ) -> Response:
-        """Answer one request; ``headers`` has lower-case names, ``client`` is its address."""
+        """Answer one request; ``headers`` has lower-case names, ``client`` is its address.
+        ``verdict`` is what triage or a check decided; without one, the credentials are checked
+        here (waiting for bcrypt if need be)."""
         policy = self._policy
-        response = self._route(policy, method, target, headers, client)
+        response = self._route(policy, method, target, headers, client, verdict)
         extra = tuple(policy.web.headers.items())
         return Response(
-            response.status, response.content_type, response.body, response.headers + extra
+            response.status, response.content_type, response.parts, response.headers + extra
         )
 
+    def _authorize(
+        self, policy: _Policy, headers: Mapping[str, str], client: str, verdict: Verdict | None
+    ) -> AuthResult:
+        if verdict is None:
+            return policy.auth.verify(headers.get("authorization"), client)
+        if policy.auth.holds(verdict):
+            return verdict.result
+        # Decided under a web config a reload replaced, for a hash that changed: decide again,
+        # without holding this worker for bcrypt.
+        again = policy.auth.begin(headers.get("authorization"), client)
+        if isinstance(again, Pending):
+            policy.auth.cancel(again)
+            return AuthResult.BUSY
+        return again.result
+
     def _route(
-        self, policy: _Policy, method: str, target: str, headers: Mapping[str, str], client: str
+        self,
+        policy: _Policy,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        client: str,
+        verdict: Verdict | None,
     ) -> Response:
         if policy.limiter is not None and not policy.limiter.take():
             return text_response(HTTPStatus.TOO_MANY_REQUESTS, "Too many requests")
-        refused = _refusal(policy.auth.verify(headers.get("authorization"), client))
+        refused = _refusal(self._authorize(policy, headers, client, verdict))
         if refused is not None:
             return refused
         path, _, query = target.partition("?")
         routes: dict[str, Callable[[], Response]] = {
-            "/metrics": lambda: self._metrics(headers.get("accept", ""), query),
+            "/metrics": lambda: self._metrics(headers, query),
             "/": self._landing,
             "/-/healthy": self._healthy,
             "/-/ready": self._ready,
@@ -218,42 +299,24 @@ class WebApp:
         response = handler()
         if (
             accepts_gzip(headers.get("accept-encoding", ""))
-            and len(response.body) >= _GZIP_MIN_BYTES
+            and response.length >= _GZIP_MIN_BYTES
+            and not any(name == "Content-Encoding" for name, _ in response.headers)
         ):
             return Response(
                 response.status,
                 response.content_type,
-                gzip.compress(response.body, compresslevel=6),
+                (gzip.compress(response.body, compresslevel=6),),
                 (*response.headers, ("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")),
             )
         return response
 
-    def render_metrics(self, accept: str = "", names: Sequence[str] = ()) -> tuple[bytes, str]:
-        """The exposition in the format ``accept`` asks for, and its content type: tcpwatch's
-        families (rendered once per poll and format) + process self-metrics; with ``names``,
-        only the samples so named (prometheus-client's restricted registry)."""
-        encoder, content_type = choose_encoder(accept)
-        state = self._state()
-        if names:
-            families = [*make_registry(lambda: state, include_process=False).collect()]
-            registry = CollectorRegistry()
-            registry.register(_Collected((*families, *self._self_metrics.collect())))
-            return encoder(registry.restricted_registry(names)), content_type
-        rendered_state, renderings = self._rendered
-        body = renderings.get(content_type) if rendered_state is state else None
-        if body is None:
-            # Two scrapes racing here both render the same state; either result is right.
-            body = encoder(make_registry(lambda: state, include_process=False))
-            # OpenMetrics ends with one "# EOF", which the self-metrics bring.
-            body = body.removesuffix(_OPENMETRICS_EOF)
-            known = renderings if rendered_state is state else {}
-            self._rendered = (state, {**known, content_type: body})
-        return body + encoder(self._self_metrics), content_type
-
-    def _metrics(self, accept: str, query: str) -> Response:
+    def _metrics(self, headers: Mapping[str, str], query: str) -> Response:
+        fmt = negotiate(headers.get("accept", ""))
         names = parse_qs(query).get("name[]", [])
-        body, content_type = self.render_metrics(accept, names)
-        return Response(HTTPStatus.OK, content_type, body, (("Vary", "Accept"),))
+        zipped = accepts_gzip(headers.get("accept-encoding", ""))
+        parts = self._expositions.render(self._state(), fmt, names, zipped)
+        extra = (("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")) if zipped else ()
+        return Response(HTTPStatus.OK, fmt.content_type, parts, (("Vary", "Accept"), *extra))
 
     def _healthy(self) -> Response:
         problem = self._health().problem
@@ -276,7 +339,7 @@ class WebApp:
             self._policy.web.summary(),
             self._clock(),
         )
-        return Response(HTTPStatus.OK, "text/html; charset=utf-8", body.encode("utf-8"))
+        return Response(HTTPStatus.OK, "text/html; charset=utf-8", (body.encode("utf-8"),))
 
     # -- the JSON API (docs/api.md): same auth, TLS and rate limit as /metrics -------------------
 
@@ -297,7 +360,7 @@ class WebApp:
         return Response(
             HTTPStatus.OK,
             "application/json",
-            body,
+            (body,),
             (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")),
         )
 
@@ -313,4 +376,4 @@ class WebApp:
         page = rule_page_html(name, self._config().docs_url)
         if page is None:
             return text_response(HTTPStatus.NOT_FOUND, f"No rule {name[:40]!r} (try /rules/)")
-        return Response(HTTPStatus.OK, "text/html; charset=utf-8", page.encode("utf-8"))
+        return Response(HTTPStatus.OK, "text/html; charset=utf-8", (page.encode("utf-8"),))

@@ -3,16 +3,20 @@
 Both come from the web config (``basic_auth_users``, ``rate_limit``) as exporter-toolkit defines
 them; the app checks them before it routes a request.
 
-A flood of wrong passwords must not take the metrics away from the one client that has the
-right one, so password checks are guarded three ways:
+A flood of wrong passwords must neither take the metrics away from the client that has the right
+one nor cost unbounded CPU, so password checks are guarded thus:
 
-* a successful check is remembered (keyed by a digest of user, password and stored hash), so a
-  scraper with valid credentials costs bcrypt once, not once per scrape;
-* failed checks (and checks refused as busy) are limited per client address (an IPv6 client by
-  its /64): past the budget a client gets 429 without any bcrypt work;
-* bcrypt runs on its own small pool with a short bounded queue, never on the request threads'
-  time: when the queue is full a request gets 503 at once, and a client without recent failures
-  goes ahead of those with failures, so a flood cannot hold a clean client's first check back.
+* a successful check is remembered (keyed by a digest of user, password and stored hash; kept
+  across reloads, so only a changed hash needs a new check), so a scraper with valid credentials
+  costs bcrypt once, not once per scrape, and is let through before any other request;
+* failed checks are budgeted per (client address, user) (an IPv6 client by its /64; every
+  unknown user of an address shares one budget): within the budget a check is *clean*, past it
+  *throttled*, and throttled checks go after every clean one, at a bounded rate per user
+  (tcpwatch.http.checks). A throttled check is still made: a correct password from the address a
+  flood comes from (one NAT, one proxy) gets through after the checks waiting before it;
+* bcrypt runs on one thread, off the request path: a request waiting for it holds no worker. A
+  check that could not be made in time answers 503 (checks busy) or 429 (throttled), and only a
+  wrong password counts as a failure: no client is charged for someone else's flood.
 """
 
 from __future__ import annotations
@@ -26,24 +30,19 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
-import bcrypt
-
+from tcpwatch.http.checks import Check, CheckLine
 from tcpwatch.http.webconfig import RateLimit
 
 AUTH_CACHE_ENTRIES = 256
-FAILURE_BURST = 10  # failed checks a client address may make at once ...
+FAILURE_BURST = 10  # failed checks a client address may make at once, per user ...
 FAILURE_REFILL_SECONDS = 6.0  # ... and one more per this many seconds (10 a minute)
-FAILURE_CLIENTS = 4096  # addresses remembered; the least recently seen is forgotten first
-BCRYPT_THREADS = 1  # as exporter-toolkit: one check at a time, one core at most
-# Checks waiting beyond the running ones; more get 503 at once. Running plus waiting stays well
-# under the HTTP workers (tcpwatch.http.limits.WORKERS): a request waiting for bcrypt holds a
-# worker, so this is what keeps workers free for scrapes whose credentials are remembered.
-BCRYPT_QUEUE = 2
-BCRYPT_WAIT_SECONDS = 5.0
+FAILURE_CLIENTS = 4096  # (address, user) pairs remembered; least recently seen forgotten first
 # A well-formed hash nobody's password matches. Unknown users are checked against it at the
 # highest cost configured, so response time does not tell which user names exist.
 _DUMMY_TAIL = "lw0ElSBFrK0ECLDZmsaL7OY8mA0xAl4G5W0GTrYl1t3ubd8HHsRAK"
+_UNKNOWN_USER = ""  # the lane and budget every unknown user name shares
 
 
 class AuthResult(enum.Enum):
@@ -71,7 +70,11 @@ def dummy_hash(cost: int) -> bytes:
 
 
 class FailureLimiter:
-    """A token bucket of failed checks per client address, bounded in the clients it holds."""
+    """A token bucket of failed checks per (client address, user), bounded in the pairs it holds.
+
+    Only wrong passwords are recorded: a check refused as busy or throttled is not the client's
+    failure, so no flood can spend another client's budget.
+    """
 
     def __init__(
         self,
@@ -84,24 +87,24 @@ class FailureLimiter:
         self._refill = refill_seconds
         self._max = max_clients
         self._clock = clock
-        self._clients: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, when
+        self._clients: OrderedDict[tuple[str, str], tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _tokens(self, key: str, now: float) -> float:
+    def _tokens(self, key: tuple[str, str], now: float) -> float:
         tokens, updated = self._clients.get(key, (self._burst, now))
         return min(self._burst, tokens + (now - updated) / self._refill)
 
-    def failures(self, address: str) -> float:
+    def failures(self, address: str, user: str = _UNKNOWN_USER) -> float:
         """How far into its budget a client is: 0 for a client without recent failures."""
         with self._lock:
-            return self._burst - self._tokens(client_key(address), self._clock())
+            return self._burst - self._tokens((client_key(address), user), self._clock())
 
-    def allows(self, address: str) -> bool:
+    def allows(self, address: str, user: str = _UNKNOWN_USER) -> bool:
         with self._lock:
-            return self._tokens(client_key(address), self._clock()) >= 1
+            return self._tokens((client_key(address), user), self._clock()) >= 1
 
-    def record_failure(self, address: str) -> None:
-        key = client_key(address)
+    def record_failure(self, address: str, user: str = _UNKNOWN_USER) -> None:
+        key = (client_key(address), user)
         with self._lock:
             now = self._clock()
             self._clients[key] = (max(0.0, self._tokens(key, now) - 1), now)
@@ -110,74 +113,71 @@ class FailureLimiter:
                 self._clients.popitem(last=False)
 
 
-class _Check:
-    """One queued bcrypt check; ``result`` None until done (or when it was pushed out)."""
+class VerifiedCache:
+    """Digests of credentials bcrypt said yes to, least recently used forgotten first.
 
-    __slots__ = ("done", "hashed", "password", "priority", "result", "seq")
-
-    def __init__(self, password: bytes, hashed: bytes, priority: float, seq: int) -> None:
-        self.password = password
-        self.hashed = hashed
-        self.priority = priority
-        self.seq = seq
-        self.result: bool | None = None
-        self.done = threading.Event()
-
-
-class BcryptGate:
-    """Runs bcrypt checks on at most ``threads`` threads with at most ``queue`` waiting.
-
-    The threads start when work arrives and end when the queue is empty, so a gate dropped on
-    reload leaves nothing behind. Lower ``priority`` goes first; a full queue pushes out its
-    worst entry for a better newcomer, else refuses the newcomer (both get None: busy).
+    Only successes enter, so a flood cannot push a scraper's entry out; the digest covers the
+    stored hash, so a user whose hash changed on reload needs a new check and a removed user
+    matches nothing.
     """
 
-    def __init__(self, threads: int = BCRYPT_THREADS, queue: int = BCRYPT_QUEUE) -> None:
-        self._threads = threads
-        self._queue_size = queue
-        self._queue: list[_Check] = []
-        self._running = 0
-        self._seq = 0
+    def __init__(self, entries: int = AUTH_CACHE_ENTRIES) -> None:
+        self._entries = entries
+        self._digests: OrderedDict[bytes, None] = OrderedDict()
         self._lock = threading.Lock()
 
-    def check(
-        self, password: bytes, hashed: bytes, priority: float, wait: float = BCRYPT_WAIT_SECONDS
-    ) -> bool | None:
+    def __contains__(self, digest: bytes) -> bool:
         with self._lock:
-            self._seq += 1
-            job = _Check(password, hashed, priority, self._seq)
-            if self._running >= self._threads and len(self._queue) >= self._queue_size:
-                if not self._queue:
-                    return None
-                worst = max(self._queue, key=lambda queued: (queued.priority, queued.seq))
-                if worst.priority <= priority:
-                    return None
-                self._queue.remove(worst)
-                worst.done.set()
-            self._queue.append(job)
-            if self._running < self._threads:
-                self._running += 1
-                threading.Thread(target=self._work, name="bcrypt", daemon=True).start()
-        if not job.done.wait(wait):
-            with self._lock:
-                if job in self._queue:
-                    self._queue.remove(job)
-            return None
-        return job.result
+            if digest not in self._digests:
+                return False
+            self._digests.move_to_end(digest)
+            return True
 
-    def _work(self) -> None:
-        while True:
-            with self._lock:
-                if not self._queue:
-                    self._running -= 1
-                    return
-                job = min(self._queue, key=lambda queued: (queued.priority, queued.seq))
-                self._queue.remove(job)
-            try:
-                job.result = bcrypt.checkpw(job.password, job.hashed)
-            except ValueError:  # longer than bcrypt's 72 bytes: no stored hash can match
-                job.result = False
-            job.done.set()
+    def add(self, digest: bytes) -> None:
+        with self._lock:
+            self._digests[digest] = None
+            self._digests.move_to_end(digest)
+            while len(self._digests) > self._entries:
+                self._digests.popitem(last=False)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Verdict:
+    """What a check decided, and for which stored hash (None: an unknown user). It holds for a
+    request answered after a reload only while that user's hash is unchanged."""
+
+    result: AuthResult
+    user: str | None = None
+    hashed: bytes | None = None
+
+
+class Pending:
+    """A request's credentials waiting in the check line; ``verdict`` is set once done."""
+
+    __slots__ = ("_auth", "_callback", "check", "client", "digest", "hashed", "user", "verdict")
+
+    def __init__(
+        self,
+        auth: BasicAuth,
+        client: str,
+        user: str,
+        hashed: bytes | None,
+        digest: bytes,
+        callback: Callable[[Pending], None] | None,
+    ) -> None:
+        self._auth = auth
+        self._callback = callback
+        self.client = client
+        self.user = user
+        self.hashed = hashed
+        self.digest = digest
+        self.verdict: Verdict | None = None
+        self.check: Check | None = None
+
+    def done(self, check: Check) -> None:
+        self.verdict = self._auth.conclude(self, check)
+        if self._callback is not None:
+            self._callback(self)
 
 
 class BasicAuth:
@@ -187,68 +187,87 @@ class BasicAuth:
         self,
         users: Mapping[str, str],
         limiter: FailureLimiter | None = None,
-        gate: BcryptGate | None = None,
+        line: CheckLine | None = None,
+        verified: VerifiedCache | None = None,
     ) -> None:
         self._users = {user: hashed.encode() for user, hashed in users.items()}
         costs = [int(hashed[4:6]) for hashed in self._users.values() if hashed[4:6].isdigit()]
         self._dummy = dummy_hash(max(costs, default=10))
-        self._verified: set[bytes] = set()
-        self._lock = threading.Lock()
         self._limiter = limiter or FailureLimiter()
-        self._gate = gate or BcryptGate()
+        self._line = line or CheckLine()
+        self._verified = verified or VerifiedCache()
 
     @property
     def enabled(self) -> bool:
         return bool(self._users)
 
-    def triage(self, authorization: str | None, client: str = "") -> AuthResult | None:
-        """What :meth:`verify` would answer without any bcrypt work, or None when it needs some:
-        OK for credentials verified before, THROTTLED for an address out of failure budget.
-        Cheap (a hash and a lookup), so the server asks it before a request takes a worker."""
+    def holds(self, verdict: Verdict) -> bool:
+        """Whether a verdict reached under an earlier web config still holds under this one."""
+        if verdict.user is None or verdict.result in (AuthResult.BUSY, AuthResult.THROTTLED):
+            return True  # nothing about a stored hash was decided
+        return self._users.get(verdict.user) == verdict.hashed
+
+    def begin(
+        self,
+        authorization: str | None,
+        client: str = "",
+        on_done: Callable[[Pending], None] | None = None,
+    ) -> Verdict | Pending:
+        """A verdict at once (no bcrypt needed) or a check queued in the line; ``on_done`` gets
+        the Pending when its verdict is in (not called when the check is cancelled)."""
         if not self._users:
-            return None
+            return Verdict(AuthResult.OK)
         credentials = _decode_basic(authorization)
         if credentials is None:
-            return None
+            return Verdict(AuthResult.DENIED)  # no bcrypt spent: how a browser learns to ask
         user, password = credentials
         hashed = self._users.get(user)
-        if hashed is not None:
-            key = hashlib.sha256(b"\0".join((user.encode(), password, hashed))).digest()
-            with self._lock:
-                if key in self._verified:
-                    return AuthResult.OK
-        if not self._limiter.allows(client):
-            return AuthResult.THROTTLED
-        return None
+        digest = hashlib.sha256(b"\0".join((user.encode(), password, hashed or b""))).digest()
+        if hashed is not None and digest in self._verified:
+            return Verdict(AuthResult.OK, user, hashed)
+        budget = user if hashed is not None else _UNKNOWN_USER
+        pending = Pending(self, client, budget, hashed, digest, on_done)
+        throttled = not self._limiter.allows(client, budget)
+        pending.check = self._line.submit(
+            password,
+            hashed or self._dummy,
+            lane=budget,
+            throttled=throttled,
+            priority=0.0 if throttled else self._limiter.failures(client, budget),
+            callback=pending.done,
+        )
+        return pending
+
+    def conclude(self, pending: Pending, check: Check) -> Verdict:
+        user = pending.user if pending.hashed is not None else None
+        if check.result is None:
+            result = AuthResult.THROTTLED if check.throttled else AuthResult.BUSY
+            return Verdict(result, user, pending.hashed)
+        if check.result and pending.hashed is not None:
+            self._verified.add(pending.digest)
+            return Verdict(AuthResult.OK, user, pending.hashed)
+        self._limiter.record_failure(pending.client, pending.user)
+        return Verdict(AuthResult.DENIED, user, pending.hashed)
+
+    def cancel(self, pending: Pending) -> None:
+        if pending.check is not None:
+            self._line.cancel(pending.check)
 
     def verify(self, authorization: str | None, client: str = "") -> AuthResult:
-        if not self._users:
-            return AuthResult.OK
-        credentials = _decode_basic(authorization)
-        if credentials is None:
-            return AuthResult.DENIED  # no bcrypt spent: how a browser learns it must ask
-        user, password = credentials
-        hashed = self._users.get(user)
-        key = hashlib.sha256(b"\0".join((user.encode(), password, hashed or b""))).digest()
-        with self._lock:
-            if hashed is not None and key in self._verified:
-                return AuthResult.OK
-        if not self._limiter.allows(client):
-            return AuthResult.THROTTLED
-        result = self._gate.check(password, hashed or self._dummy, self._limiter.failures(client))
-        if result is None:
-            # Turned away unchecked, it still counts against the address: a flood that is only
-            # ever refused as busy must not stay "clean" and rank with a client that asks once.
-            self._limiter.record_failure(client)
-            return AuthResult.BUSY
-        if result and hashed is not None:
-            with self._lock:
-                if len(self._verified) >= AUTH_CACHE_ENTRIES:
-                    self._verified.clear()
-                self._verified.add(key)
-            return AuthResult.OK
-        self._limiter.record_failure(client)
-        return AuthResult.DENIED
+        """The verdict, waiting for a check if one is needed (for callers that may block)."""
+        started = self.begin(authorization, client)
+        if isinstance(started, Verdict):
+            return started.result
+        check = started.check
+        assert check is not None
+        while not check.done.wait(0.05):
+            self._line.expire()
+        assert started.verdict is not None
+        return started.verdict.result
+
+    def expire(self) -> None:
+        """End the checks that waited too long (see CheckLine.expire)."""
+        self._line.expire()
 
 
 def _decode_basic(authorization: str | None) -> tuple[str, bytes] | None:

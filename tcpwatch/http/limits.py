@@ -19,13 +19,16 @@ log = logging.getLogger(__name__)
 
 HEADER_DEADLINE_SECONDS = 10.0  # a request's line and headers, whole, from its first byte
 IDLE_SECONDS = 60.0  # a kept-alive connection waiting for its next request
-WRITE_TIMEOUT_SECONDS = 10.0  # a response must leave within this (a client that reads slowly)
+# A response, whole, must be taken by the client within this; no thread waits for it meanwhile.
+WRITE_TIMEOUT_SECONDS = 10.0
 MAX_HEADER_BYTES = 32 * 1024  # request line and headers; more gets 431
 WORKERS = 8  # threads answering complete requests
-READY_QUEUE = 64  # complete requests waiting for a worker; more get a quick 503
+READY_QUEUE = 64  # requests without remembered credentials waiting for a worker ...
+DEFERRED = 256  # ... more wait parked (unread, no thread) for room; more still get a quick 503
 MAX_CONNECTIONS = 512  # at most; lower when the descriptor limit is low
 SOURCE_DESCRIPTORS = 256  # kept for the sources, whatever the connections do
 MIN_CONNECTIONS = 64
+SHED_FRACTION = 32  # at the cap, close up to 1/32 of it at once (as nginx drains 32 at a time)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,10 +1,13 @@
-"""The address `tcpwatch serve` listens on: ``[ADDRESS]:PORT``, parsed once, bound by the server."""
+"""The address `tcpwatch serve` listens on: ``[ADDRESS]:PORT``, parsed once, and its socket."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
+from typing import Any
 
 from tcpwatch.endpoints import endpoint
 from tcpwatch.validation import MAX_SHOWN_CHARS, one_line
@@ -101,3 +104,63 @@ def _host_problem(host: str) -> str | None:
     if len(encoded) > 253:
         return f"a host name is at most 253 characters once encoded, this one has {len(encoded)}"
     return None
+
+
+def bind(listen: ListenAddress) -> socket.socket:
+    """A listening socket for ``listen``; ListenError (one line) when it cannot be bound."""
+    if listen.host == "":
+        try:
+            return _listening(socket.AF_INET6, ("::", listen.port), dual_stack=True)
+        except OSError as error:
+            if error.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise ListenError(_bind_failure(listen, error)) from None
+        # No IPv6 in this kernel or namespace: every IPv4 address will do.
+        return _try_bind(listen, socket.AF_INET, ("0.0.0.0", listen.port))
+    try:
+        infos = socket.getaddrinfo(
+            listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        raise ListenError(
+            f'cannot listen on {listen}: cannot resolve "{listen.host}": {error.strerror}'
+        ) from None
+    family, _, _, _, sockaddr = infos[0]
+    return _try_bind(listen, family, sockaddr)
+
+
+def _listening(
+    family: socket.AddressFamily, address: tuple[Any, ...], dual_stack: bool = False
+) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if dual_stack:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        # As Go's net: as long a backlog as net.core.somaxconn allows (the kernel caps it), so a
+        # connect flood overflows it later and a scraper's SYN is less often dropped.
+        sock.listen(4096)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _try_bind(
+    listen: ListenAddress, family: socket.AddressFamily, address: tuple[Any, ...]
+) -> socket.socket:
+    try:
+        return _listening(family, address)
+    except OSError as error:
+        raise ListenError(_bind_failure(listen, error)) from None
+
+
+def _bind_failure(listen: ListenAddress, error: OSError) -> str:
+    reason = error.strerror or str(error)
+    if error.errno == errno.EADDRINUSE:
+        reason = "the port is already in use (another tcpwatch or exporter running?)"
+    elif error.errno == errno.EADDRNOTAVAIL:
+        reason = "no interface of this host has that address"
+    elif error.errno == errno.EACCES:
+        reason = "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)"
+    return f"cannot listen on {listen}: {reason}"

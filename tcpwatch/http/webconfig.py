@@ -27,6 +27,7 @@ policy). docs/configuration.md lists what differs.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import ssl
@@ -41,6 +42,7 @@ from tcpwatch.http.tls import (
     parse_tls,
 )
 from tcpwatch.validation import (
+    MAX_FILE_BYTES,
     ConfigError,
     Validator,
     load_yaml,
@@ -102,6 +104,9 @@ class WebConfig:
     rate_limit: RateLimit | None = None
     # Built by load_web_config() from `tls`; never mutated after that.
     ssl_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+    # A digest of client_ca_file's content as loaded: a reload that changes the CAs behind an
+    # unchanged path changes which client certificates are let in.
+    client_ca_digest: str = ""
 
     def summary(self) -> str:
         """One line for logs and the landing page, e.g. ``TLS (client certificates), basic auth
@@ -264,4 +269,15 @@ def load_web_config(path: str) -> WebConfig:
     config = parse_web_config(text, path, os.path.dirname(os.path.abspath(path)))
     if config.tls is None:
         return config
-    return replace(config, ssl_context=build_ssl_context(config.tls, path))
+    context = build_ssl_context(config.tls, path)
+    return replace(config, ssl_context=context, client_ca_digest=_digest(config.tls.client_ca_file))
+
+
+def _digest(path: str | None) -> str:
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as file:  # a regular file: build_ssl_context just checked it
+            return hashlib.sha256(file.read(MAX_FILE_BYTES + 1)).hexdigest()
+    except OSError as error:
+        return f"unreadable: {error.strerror}"

@@ -276,7 +276,10 @@ def snapshot_document(state: ExportState, query: SnapshotQuery) -> dict[str, Any
 
 
 def window_of(state: ExportState) -> float:
-    """Seconds between the two latest polls: the window the daemon's rate rules judged."""
+    """Seconds the daemon's rules judged: from the start of their window (``rules.window``) to
+    the latest poll; the span of the two latest polls for a state that does not say."""
+    if state.window > 0:
+        return round(state.window, 3)
     spans = [t.times[-1] - t.times[-2] for t in state.trends.values() if len(t.times) >= 2]
     return round(max(spans), 3) if spans else 0.0
 

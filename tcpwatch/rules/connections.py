@@ -1,4 +1,5 @@
-"""C rules: whether connections work, from the connections that closed during the window.
+"""C02 and C03: how connections that worked fared, from the connections that closed during the
+window (C01, connects that fail, is in connects.py).
 
 They read ``Snapshot.connections`` (the socket-destroy listener's cumulative per-peer counts,
 docs/connections.md) at both ends of the window and judge the difference
@@ -8,13 +9,11 @@ they stay silent.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
-from tcpwatch.model import Destination, Snapshot
 from tcpwatch.rules.base import (
     EvidenceValue,
     Finding,
-    Severity,
     Threshold,
     Thresholds,
     Window,
@@ -23,155 +22,12 @@ from tcpwatch.rules.base import (
 )
 from tcpwatch.rules.fixes import owner_of, process_label, run_in
 from tcpwatch.rules.peers import (
-    FAILURES,
     add_owner,
     peer_windows,
     split_peer,
-    syn_sent_owners,
 )
 from tcpwatch.rules.shapes import add_window, ratio_severity
-from tcpwatch.rules.shared import full_queue, listener_groups, local_listener
-
-# --- C01 -------------------------------------------------------------------------------------
-
-
-def _full_local_listener(
-    snapshot: Snapshot, address: str, port: int | None
-) -> tuple[str, str] | None:
-    """(listener, "accept" or "SYN") when the destination is a listener here with a full queue."""
-    if port is None:
-        return None
-    family = "ipv6" if ":" in address else "ipv4"
-    group = local_listener(snapshot, Destination(family, address, port, 0))
-    full = None if group is None else full_queue(snapshot, group)
-    return None if group is None or full is None else (group.name, full)
-
-
-_CAUSES: dict[str, str] = {
-    "timeout": "# timeout: no answer to the SYNs: a firewall or security group drops them, the "
-    "route is wrong, the host is down, or the remote listener's SYN queue is full with "
-    "tcp_syncookies=0 (K01/Q04 on that host) or its accept queue is full (Q01 there)",
-    "refused": "# refused: answered with a reset: nothing listens on that port there, a firewall "
-    "rejects with RST (nft/iptables `reject with tcp reset`), or the remote accept queue is full "
-    "with tcp_abort_on_overflow=1 (K04 there)",
-    "aborted": "# aborted: the kernel cleared the peer: blocking connect() calls that failed "
-    "(refused or timed out), or close() with SO_LINGER 0 (an abortive close sending a reset)",
-}
-
-
-def _c01_remediation(netns: str, peer: str, closed: Mapping[str, int]) -> str:
-    address, port = split_peer(peer)
-    lines = [_CAUSES[outcome] for outcome in FAILURES if closed[outcome]]
-    where = f"host {address}" if port is None else f"host {address} and tcp port {port}"
-    if port is None:
-        lines.append("# the port is unknown (cleared by the kernel); which sockets are trying:")
-        lines.append(run_in(netns, f"ss -tnp 'dst {peer}'"))
-    else:
-        lines.append("# which processes are trying now, and the route they take:")
-        lines.append(run_in(netns, f"ss -tnp state syn-sent 'dst {peer}'"))
-        lines.append(run_in(netns, f"ip route get {address}"))
-    lines.append("# SYNs out, SYN-ACKs or resets back (30 s at most):")
-    lines.append(
-        run_in(
-            netns,
-            f"timeout 30 tcpdump -ni any -c 50 '{where} and "
-            "tcp[tcpflags] & (tcp-syn|tcp-rst) != 0'",
-        )
-    )
-    if port is not None and closed["refused"]:
-        lines.append(f"# on {address}: ss -ltn 'sport = :{port}' (is anything listening?)")
-    lines.append("# the namespace's own count of failed connects, growing while this lasts:")
-    lines.append(run_in(netns, "nstat -az TcpAttemptFails"))
-    lines.append(
-        "# in the clients: a connect timeout and retries with backoff keep a failing "
-        "destination from piling up requests"
-    )
-    return "\n".join(lines)
-
-
-@rule(
-    "C01",
-    "connect-failures",
-    "warning",
-    "Connections to a destination fail: timeouts, refusals or aborts among the attempts",
-    thresholds=(
-        Threshold(
-            "minimum_attempts",
-            10,
-            1,
-            1e9,
-            "connections",
-            "connections to one destination closed in the window before it is judged",
-        ),
-        Threshold(
-            "warning", 0.1, 0.001, 1.0, "ratio", "failed / attempted connections for a warning"
-        ),
-        Threshold(
-            "critical", 0.5, 0.001, 1.0, "ratio", "failed / attempted connections for critical"
-        ),
-    ),
-    sysctls=("net.ipv4.tcp_syncookies", "net.ipv4.tcp_max_syn_backlog"),  # a local listener's
-)
-def C01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
-    peers = peer_windows(window, "outbound")
-    minimum = required(thresholds, "minimum_attempts")
-    seconds = window.seconds or 0.0
-    # A bare address holds the aborted connects whose port the kernel cleared: judge them
-    # against every attempt to that address.
-    by_address: dict[str, int] = {}
-    for peer in peers:
-        address = split_peer(peer.peer)[0]
-        by_address[address] = by_address.get(address, 0) + peer.attempts
-    netns = window.current.netns
-    for peer in peers:
-        address, port = split_peer(peer.peer)
-        attempts = peer.attempts if port is not None else by_address[address]
-        if peer.failures == 0 or attempts < minimum:
-            continue
-        ratio = peer.failures / attempts
-        severity: Severity | None = ratio_severity(ratio, thresholds)
-        if severity is None:
-            continue
-        if port is None:
-            # Abortive closes of working connections look the same: never page on them alone.
-            severity = "warning"
-        evidence: dict[str, EvidenceValue] = {"destination": peer.peer, "attempts": attempts}
-        evidence.update(peer.closed)
-        evidence["failure_ratio"] = round(ratio, 4)
-        if seconds > 0:
-            evidence["failures_per_second"] = round(peer.failures / seconds, 3)
-        add_window(evidence, window)
-        syn_sent, owners = syn_sent_owners(window.current, peer.peer)
-        if syn_sent:
-            evidence["syn_sent_sockets"] = syn_sent
-        add_owner(evidence, owners)
-        remediation = _c01_remediation(netns, peer.peer, peer.closed)
-        local = _full_local_listener(window.current, address, port)
-        if local is not None:
-            # The destination is a listener here whose queue is full: the kernel drops the SYNs.
-            evidence["local_listener"], evidence["full_queue"] = local
-            remediation = (
-                f"# {peer.peer} is a listener of this namespace whose {local[1]} queue is full: "
-                f"the kernel drops SYNs to it, the network is not at fault; see the "
-                f"{'Q01' if local[1] == 'accept' else 'Q04'} finding for {local[0]}\n" + remediation
-            )
-        what = ", ".join(f"{peer.closed[o]} {o}" for o in FAILURES if peer.closed[o])
-        who = f" ({', '.join(process_label(o) for o in owners)})" if owners else ""
-        title = (
-            f"{peer.failures} of {attempts} connections to {peer.peer}{who} failed in "
-            f"{seconds:.0f} s: {what}"
-        )
-        if port is None:
-            title += " (port cleared by the kernel: failed blocking connects or SO_LINGER 0)"
-        yield C01.finding(
-            window,
-            title,
-            evidence,
-            remediation,
-            subject=peer.peer,
-            severity=severity,
-        )
-
+from tcpwatch.rules.shared import is_local, listener_groups, local_destination
 
 # --- C02 -------------------------------------------------------------------------------------
 
@@ -236,6 +92,43 @@ def C02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         if peer.closed["timeout"]:
             evidence["timeout"] = peer.closed["timeout"]  # their SYN retries are counted too
         add_window(evidence, window)
+        title = (
+            f"{ratio:.1%} of segments to {peer.peer} retransmitted "
+            f"({peer.segments_retransmitted} of {peer.segments_sent})"
+        )
+        if is_local(window.current, address):
+            # No path to lose anything on: the receiver dropped (a full backlog or receive
+            # buffer) or was too slow to acknowledge before a timer fired (a busy CPU).
+            evidence["destination_local"] = "yes"
+            lines = [
+                f"# {peer.peer} is on this host: no network path is involved. Retransmissions "
+                "here come from the receiving application (drops at its full socket backlog or "
+                "receive buffer) or from a CPU too busy to acknowledge before the sender's timer "
+                "fired (spurious retransmissions, tail-loss probes)",
+                run_in(
+                    netns,
+                    "nstat -az TcpExtTCPBacklogDrop TcpExtTCPRcvQDrop "
+                    "TcpExtTCPSpuriousRTOs TcpExtTCPLossProbes",
+                ),
+                "# per connection: retrans and rto of the live ones:",
+                run_in(netns, f"ss -tni 'dst {peer.peer}'"),
+            ]
+            local = local_destination(window, address, port)
+            if local is not None and local.listener_dropping and local.group is not None:
+                lines.insert(
+                    1,
+                    f"# its listener {local.group.name} dropped SYNs during the window (see Q02): "
+                    "the clients' SYN retries are counted among these retransmissions",
+                )
+            yield C02.finding(
+                window,
+                title + ": on this host, not the network",
+                evidence,
+                "\n".join(lines),
+                subject=peer.peer,
+                severity="info",
+            )
+            continue
         lines = [
             f"# {ratio:.1%} of the segments sent to {peer.peer} were sent again: loss on the "
             "path (a congested or faulty link, a policer), a path MTU blackhole (large "
@@ -254,8 +147,7 @@ def C02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             lines.insert(0, "# timed-out connects count their SYN retries here: see C01 too")
         yield C02.finding(
             window,
-            f"{ratio:.1%} of segments to {peer.peer} retransmitted "
-            f"({peer.segments_retransmitted} of {peer.segments_sent})",
+            title,
             evidence,
             "\n".join(lines),
             subject=peer.peer,

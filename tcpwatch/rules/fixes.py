@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from tcpwatch.escape import shell_comment, shell_word
 from tcpwatch.model import PersistedSysctl, ProcessRef, Snapshot, lines_for
+from tcpwatch.rules.base import EvidenceValue
 
 HOST_NETNS = "host"  # the snapshot's name for the init network namespace (that of PID 1)
 # The persisting line sysctl_fix writes, read back by persisted_settings (check --emit-sysctl).
@@ -33,6 +34,116 @@ def process_label(process: ProcessRef | None) -> str:
 def process_phrase(process: ProcessRef | None) -> str:
     """For sentences: "nginx[1234]", or "the owning process" when it was not found."""
     return "the owning process" if process is None else f"{process.name}[{process.pid}]"
+
+
+# Where common servers set their listen() backlog.
+_BACKLOG_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("nginx", "nginx: `listen {port} backlog={n};` in the server block, then `nginx -s reload`"),
+    ("redis-server", "redis: `tcp-backlog {n}` in redis.conf, then restart"),
+    ("gunicorn", "gunicorn: `--backlog {n}`"),
+    ("uwsgi", "uWSGI: `--listen {n}`"),
+    ("haproxy", "HAProxy: `backlog {n}` in the frontend/bind section"),
+    ("httpd", "Apache: `ListenBacklog {n}`"),
+    ("apache2", "Apache: `ListenBacklog {n}`"),
+    ("php-fpm", "PHP-FPM: `listen.backlog = {n}` in the pool config"),
+    ("node", "Node.js: `server.listen({{port: {port}, backlog: {n}}})`"),
+    (
+        "java",
+        "Java: the server's accept-queue setting (Tomcat `acceptCount`, Jetty `acceptQueueSize`)",
+    ),
+)
+
+
+def backlog_hint(owner: ProcessRef | None, port: int, backlog: int) -> str:
+    """How to raise the listen() backlog of the owning program, best guess from its name."""
+    if owner is not None:
+        for prefix, template in _BACKLOG_SETTINGS:
+            if owner.name.startswith(prefix):
+                return "# " + template.format(port=port, n=backlog)
+    return f"# raise the listen() backlog in the application to {backlog} (listen(fd, {backlog}))"
+
+
+def suggested_backlog(current: int) -> int:
+    """Twice the current backlog, rounded up to a power of two, at least 4096."""
+    wanted = max(4096, current * 2)
+    return 1 << (wanted - 1).bit_length()
+
+
+def owner_evidence(evidence: dict[str, EvidenceValue], owner: ProcessRef | None) -> None:
+    """``process`` and ``pid`` of a socket's owner; ``process`` "unknown" when not found."""
+    if owner is None:
+        evidence["process"] = "unknown"
+        return
+    evidence["process"] = owner.name
+    evidence["pid"] = owner.pid
+
+
+# Why a listener's owner may not take connections off its queue, per program (name prefix).
+_BUSY_OWNER: tuple[tuple[str, str], ...] = (
+    (
+        "nginx",
+        "nginx: each worker holds at most `worker_connections` connections (events block); "
+        "when they run out it closes idle keep-alive connections and its error log says "
+        "'worker_connections are not enough': raise it (and `worker_rlimit_nofile`) or "
+        "`worker_processes`",
+    ),
+    (
+        "haproxy",
+        "haproxy: `maxconn` (global and per frontend) caps the connections it accepts: compare "
+        "CurrConns with Maxconn in `show info` on its stats socket",
+    ),
+    (
+        "redis-server",
+        "redis: one thread accepts and serves every client: a slow command (`SLOWLOG GET`) "
+        "stalls accepting; `maxclients` refuses clients only after accepting them",
+    ),
+    (
+        "postgres",
+        "PostgreSQL: the postmaster accepts and forks a backend per connection; forks stall "
+        "under memory pressure. `max_connections` refuses sessions after the handshake, which "
+        "TCP does not see",
+    ),
+    ("gunicorn", "gunicorn: all `--workers` busy: more workers, or async workers"),
+    ("uwsgi", "uWSGI: all `--processes`/`--threads` busy"),
+    ("php-fpm", "PHP-FPM: `pm.max_children` reached (its log says so)"),
+    ("java", "Java: the server's worker threads are all busy (Tomcat `maxThreads`)"),
+    ("node", "Node.js: one event loop accepts and serves: a blocked loop stops accepting"),
+)
+
+
+# Why a program leaves sockets in CLOSE_WAIT, and its own settings against it.
+_CLOSE_WAIT_OWNER: tuple[tuple[str, str], ...] = (
+    (
+        "postgres",
+        "PostgreSQL: a backend busy in a query (or waiting on a lock) does not read its socket, "
+        "so it misses that its client gave up: set `client_connection_check_interval` "
+        "(PostgreSQL 14+) and `statement_timeout`; now: `SELECT pg_terminate_backend(pid) FROM "
+        "pg_stat_activity WHERE state = 'active' AND query_start < now() - interval '5 min'`",
+    ),
+    (
+        "java",
+        "Java: an HTTP client's pooled connections the server closed (close response bodies; "
+        "evict idle connections, e.g. Apache HttpClient `evictIdleConnections`)",
+    ),
+)
+
+
+def close_wait_hint(owner: ProcessRef | None) -> str | None:
+    """A comment line on why this program leaves CLOSE_WAIT, or None for an unknown one."""
+    if owner is not None:
+        for prefix, text in _CLOSE_WAIT_OWNER:
+            if owner.name.startswith(prefix):
+                return "# " + text
+    return None
+
+
+def busy_owner_hint(owner: ProcessRef | None) -> str | None:
+    """A comment line on why this program may stop accepting, or None for an unknown one."""
+    if owner is not None:
+        for prefix, text in _BUSY_OWNER:
+            if owner.name.startswith(prefix):
+                return "# " + text
+    return None
 
 
 def comment(text: str) -> str:
@@ -167,3 +278,24 @@ def manual_reservation(*ports: int) -> str:
         f"# add {listed} to net.ipv4.ip_local_reserved_ports, keeping the ports already listed "
         "there (writing the sysctl replaces the whole list)"
     )
+
+
+def dropped_before_listener(netns: str, name: str, port: int, listener: str | None) -> list[str]:
+    """Lines for SYNs to an address of this host that vanish although its listener dropped
+    nothing (or nothing listens): something on this host drops them first."""
+    where = (
+        f"its listener here ({listener}) dropped none of them"
+        if listener is not None
+        else "nothing listens there, yet no reset came back"
+    )
+    return [
+        comment(
+            f"{name} is on this host and {where}: the SYNs are dropped on this host before "
+            "they reach it: a local firewall rule (nftables, iptables), or a full SYN queue "
+            "with tcp_syncookies=0. The network outside is not involved"
+        ),
+        "# the host's rules, and the packets they drop (counters beside each rule):",
+        run_in(netns, f"nft list ruleset | grep -n -B2 -A2 'dport {port}'"),
+        run_in(netns, f"iptables-save -c | grep -- '--dport {port}'"),
+        run_in(netns, f"ss -ltnm 'sport = :{port}'") + "   # d<N>: drops at the listener itself",
+    ]

@@ -29,7 +29,7 @@ from tcpwatch.rules.fixes import (
     sysctl_fix,
 )
 from tcpwatch.rules.shapes import add_counter, add_window, bad_sysctl_rule
-from tcpwatch.rules.shared import TIME_WAIT_SECONDS, no_cookie_syn_limit
+from tcpwatch.rules.shared import TIME_WAIT_SECONDS, dropping_listeners, no_cookie_syn_limit
 
 
 def _sysctls(window: Window) -> Sysctls | None:
@@ -64,6 +64,12 @@ def K01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             limit = no_cookie_syn_limit(listener.queue_max, max_syn_backlog)
             if listener.syn_recv > 0 and listener.syn_recv >= limit:
                 crowded.append(f"{endpoint(listener.address, listener.port)} ({listener.syn_recv})")
+    # A SYN queue fills and drains between polls: the listeners that dropped during the window
+    # are named too.
+    named = {entry.split(" ", 1)[0] for entry in crowded}
+    for group, dropped in dropping_listeners(window) if drops else ():
+        if group.name not in named:
+            crowded.append(f"{group.name} ({dropped} dropped)")
     if crowded:
         evidence["listeners_dropping_syns"] = ", ".join(crowded)
     dropping = bool(drops) or bool(crowded)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from tcpwatch.model import Listener, ProcessRef
 from tcpwatch.rules.base import (
     EvidenceValue,
     Finding,
@@ -21,64 +20,27 @@ from tcpwatch.rules.base import (
     rule,
 )
 from tcpwatch.rules.fixes import (
+    backlog_hint,
+    busy_owner_hint,
     comment,
+    owner_evidence,
     owner_of,
     process_label,
     process_phrase,
     run_in,
+    suggested_backlog,
     sysctl_fix,
 )
 from tcpwatch.rules.shapes import ratio_severity, ratio_thresholds
-from tcpwatch.rules.shared import listener_groups, no_cookie_syn_limit
-
-
-def _owner_evidence(evidence: dict[str, EvidenceValue], owner: ProcessRef | None) -> None:
-    if owner is None:
-        evidence["process"] = "unknown"
-        return
-    evidence["process"] = owner.name
-    evidence["pid"] = owner.pid
-
-
-# Where common servers set their listen() backlog.
-_BACKLOG_SETTINGS: tuple[tuple[str, str], ...] = (
-    ("nginx", "nginx: `listen {port} backlog={n};` in the server block, then `nginx -s reload`"),
-    ("redis-server", "redis: `tcp-backlog {n}` in redis.conf, then restart"),
-    ("gunicorn", "gunicorn: `--backlog {n}`"),
-    ("uwsgi", "uWSGI: `--listen {n}`"),
-    ("haproxy", "HAProxy: `backlog {n}` in the frontend/bind section"),
-    ("httpd", "Apache: `ListenBacklog {n}`"),
-    ("apache2", "Apache: `ListenBacklog {n}`"),
-    ("php-fpm", "PHP-FPM: `listen.backlog = {n}` in the pool config"),
-    ("node", "Node.js: `server.listen({{port: {port}, backlog: {n}}})`"),
-    (
-        "java",
-        "Java: the server's accept-queue setting (Tomcat `acceptCount`, Jetty `acceptQueueSize`)",
-    ),
+from tcpwatch.rules.shared import (
+    dropping_listeners,
+    drops_in_window,
+    fill_ratio,
+    listener_groups,
+    no_cookie_syn_limit,
 )
 
-
-def backlog_hint(owner: ProcessRef | None, port: int, backlog: int) -> str:
-    """How to raise the listen() backlog of the owning program, best guess from its name."""
-    if owner is not None:
-        for prefix, template in _BACKLOG_SETTINGS:
-            if owner.name.startswith(prefix):
-                return "# " + template.format(port=port, n=backlog)
-    return f"# raise the listen() backlog in the application to {backlog} (listen(fd, {backlog}))"
-
-
-def _suggested_backlog(current: int) -> int:
-    """Twice the current backlog, rounded up to a power of two, at least 4096."""
-    wanted = max(4096, current * 2)
-    return 1 << (wanted - 1).bit_length()
-
-
 # --- Q01 -------------------------------------------------------------------------------------
-
-
-def _fill(listener: Listener) -> float:
-    # Full means the next connection overflows: length >= max (length can read max+1).
-    return listener.queue_length / max(listener.queue_max, 1)
 
 
 @rule(
@@ -100,8 +62,8 @@ def Q01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             lsn.inode: lsn.queue_length for lsn in window.previous.sockets.listeners
         }
     for group in listener_groups(snapshot):
-        worst = max(group.sockets, key=_fill)
-        fill = _fill(worst)
+        worst = max(group.sockets, key=fill_ratio)
+        fill = fill_ratio(worst)
         severity = ratio_severity(fill, thresholds)
         if worst.queue_length == 0 or severity is None:
             continue
@@ -112,27 +74,35 @@ def Q01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             "queue_max": worst.queue_max,
             "fill_ratio": round(min(fill, 9.99), 4),
         }
-        _owner_evidence(evidence, owner)
+        owner_evidence(evidence, owner)
         if worst.inode in previous_lengths:
             evidence["queue_length_at_window_start"] = previous_lengths[worst.inode]
         if len(group.sockets) > 1:
             evidence["reuseport_sockets"] = len(group.sockets)
             evidence["reuseport_sockets_at_threshold"] = sum(
-                1 for lsn in group.sockets if lsn.queue_length and _fill(lsn) >= warning
+                1 for lsn in group.sockets if lsn.queue_length and fill_ratio(lsn) >= warning
             )
         if somaxconn is not None:
             evidence["somaxconn"] = somaxconn
         overflows = window.counter_delta("TcpExtListenOverflows")
         if overflows is not None:
             evidence["listen_overflows_in_window"] = overflows
+        dropped = drops_in_window(window, group)
+        if dropped is not None:
+            evidence["drops_in_window"] = dropped
         netns = snapshot.netns
-        bigger = _suggested_backlog(worst.queue_max)
+        bigger = suggested_backlog(worst.queue_max)
         lines = [
             comment(
                 f"{process_phrase(owner)} is not calling accept() fast enough: check that it is "
                 "alive and not blocked (CPU, a stuck event loop, too few workers/threads)"
             ),
-            run_in(netns, f"ss -ltn 'sport = :{group.port}'") + "   # Recv-Q / Send-Q",
+        ]
+        hint = busy_owner_hint(owner)
+        if hint is not None:
+            lines.append(hint)
+        lines += [
+            run_in(netns, f"ss -ltnm 'sport = :{group.port}'") + "   # Recv-Q / Send-Q, d<N>",
             "# a bigger backlog only absorbs bursts:",
         ]
         if somaxconn is not None and bigger > somaxconn:
@@ -145,70 +115,6 @@ def Q01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         yield Q01.finding(
             window, title, evidence, "\n".join(lines), subject=group.name, severity=severity
         )
-
-
-# --- Q02 -------------------------------------------------------------------------------------
-
-
-@rule(
-    "Q02",
-    "listen-overflows",
-    "warning",
-    "Connections were dropped at listen sockets during the window (ListenOverflows/ListenDrops)",
-    thresholds=(
-        Threshold(
-            "minimum",
-            1,
-            1,
-            1e9,
-            "connections",
-            "fire when ListenOverflows or ListenDrops grew by at least this in the window",
-        ),
-    ),
-    counters=("TcpExtListenOverflows", "TcpExtListenDrops"),
-)
-def Q02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
-    overflows = window.counter_delta("TcpExtListenOverflows")
-    drops = window.counter_delta("TcpExtListenDrops")
-    if overflows is None and drops is None:
-        return
-    minimum = required(thresholds, "minimum")
-    if max(overflows or 0, drops or 0) < minimum:
-        return
-    seconds = window.seconds or 0.0
-    evidence: dict[str, EvidenceValue] = {}
-    if overflows is not None:
-        evidence["listen_overflows_in_window"] = overflows
-    if drops is not None:
-        evidence["listen_drops_in_window"] = drops
-    evidence["window_seconds"] = round(seconds, 3)
-    if seconds > 0:
-        evidence["drops_per_second"] = round(max(overflows or 0, drops or 0) / seconds, 3)
-    full: list[str] = []
-    for group in listener_groups(window.current):
-        worst = max(group.sockets, key=_fill)
-        if worst.queue_length and _fill(worst) >= 1.0:
-            owner = owner_of(window.current, worst.inode)
-            full.append(f"{group.name} {process_label(owner)}")
-    evidence["listeners_full_now"] = ", ".join(full) if full else "none at the end of the window"
-    netns = window.current.netns
-    remediation = "\n".join(
-        [
-            "# find the listener whose Recv-Q reaches its Send-Q (the accept queue is full):",
-            run_in(netns, "ss -ltn"),
-            "# then see Q01: make that application accept() faster and raise its backlog; "
-            "ListenDrops beyond ListenOverflows are SYN-queue drops (see Q04, K01)",
-            "# verify: the counters stop growing:",
-            run_in(netns, "nstat -az TcpExtListenOverflows TcpExtListenDrops"),
-        ]
-    )
-    lost = max(overflows or 0, drops or 0)
-    yield Q02.finding(
-        window,
-        f"{lost} incoming connection attempts dropped at listen sockets in {seconds:.1f} s",
-        evidence,
-        remediation,
-    )
 
 
 # --- Q03 -------------------------------------------------------------------------------------
@@ -244,8 +150,8 @@ def Q03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         capped = [lsn for lsn in group.sockets if lsn.queue_max == somaxconn]
         if not capped:
             continue
-        worst = max(capped, key=_fill)
-        fill = _fill(worst)
+        worst = max(capped, key=fill_ratio)
+        fill = fill_ratio(worst)
         owner = owner_of(snapshot, worst.inode)
         # A backlog equal to somaxconn is also what Go servers and listen(fd, -1) ask for, so a
         # calm capped listener says nothing; it matters once its queue fills.
@@ -259,8 +165,8 @@ def Q03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             "queue_length": worst.queue_length,
             "fill_ratio": round(min(fill, 9.99), 4),
         }
-        _owner_evidence(evidence, owner)
-        bigger = _suggested_backlog(somaxconn)
+        owner_evidence(evidence, owner)
+        bigger = suggested_backlog(somaxconn)
         lines = [
             "# the backlog the application asked for is unknown (the kernel keeps only the "
             "capped value); if it asked for more than somaxconn, raise somaxconn:",
@@ -327,7 +233,7 @@ def Q04(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             "syn_queue_limit": limit,
             "fill_ratio": round(min(fill, 9.99), 4),
         }
-        _owner_evidence(evidence, owner)
+        owner_evidence(evidence, owner)
         if syncookies is not None:
             evidence["tcp_syncookies"] = syncookies
         if max_syn_backlog is not None:
@@ -341,9 +247,7 @@ def Q04(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             lines.append("# turn SYN cookies on so a full SYN queue does not drop clients:")
             lines.append(sysctl_fix(netns, "net.ipv4.tcp_syncookies", 1, window.persisted_sysctls))
         lines.append("# the SYN queue holds as many as the listen() backlog:")
-        lines.append(
-            backlog_hint(owner, group.port, _suggested_backlog(group.sockets[0].queue_max))
-        )
+        lines.append(backlog_hint(owner, group.port, suggested_backlog(group.sockets[0].queue_max)))
         yield Q04.finding(
             window,
             f"SYN queue of {group.name} at {fill:.0%}: {syn_recv} half-open of {limit} "
@@ -371,19 +275,42 @@ def Q04(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     if syncookies is not None:
         evidence["tcp_syncookies"] = syncookies
     severity: Severity = "critical" if drops else "warning"
-    lines = [
-        "# a SYN queue overflowed: find the listener with many SYN-RECV entries:",
-        run_in(netns, "ss -tn state syn-recv | awk 'NR>1 {print $3}' | sort | uniq -c | sort -rn"),
+    # The SYN-queue counters are the namespace's; the listeners that dropped during the window,
+    # or hold the most half-open connections now, are where it happened.
+    suspects = [(group, f"{count} dropped") for group, count in dropping_listeners(window)[:3]] or [
+        (group, f"{sum(lsn.syn_recv for lsn in group.sockets)} half-open")
+        for group in sorted(
+            listener_groups(snapshot), key=lambda g: -sum(lsn.syn_recv for lsn in g.sockets)
+        )[:3]
+        if any(lsn.syn_recv for lsn in group.sockets)
     ]
+    named = [
+        f"{group.name} {process_label(owner_of(snapshot, group.sockets[0].inode))} ({what})"
+        for group, what in suspects
+    ]
+    if named:
+        evidence["listeners"] = ", ".join(named)
+    lines = ["# a SYN queue overflowed: find the listener with many SYN-RECV entries:"]
+    if suspects:
+        lines.append(
+            run_in(netns, f"ss -tn state syn-recv 'sport = :{suspects[0][0].port}' | head -20")
+        )
+    else:
+        lines.append(
+            run_in(
+                netns, "ss -tn state syn-recv | awk 'NR>1 {print $3}' | sort | uniq -c | sort -rn"
+            )
+        )
     if drops:
         lines.append("# SYNs were dropped, not answered with cookies:")
         lines.append(sysctl_fix(netns, "net.ipv4.tcp_syncookies", 1, window.persisted_sysctls))
     lines.append(
         "# verify: " + run_in(netns, "nstat -az TcpExtTCPReqQFullDrop TcpExtSyncookiesSent")
     )
+    where = f" at {named[0]}" if named else ""
     title = (
-        f"{drops} SYNs dropped because a SYN queue was full during the window"
+        f"{drops} SYNs dropped because a SYN queue was full during the window{where}"
         if drops
-        else "a SYN queue overflowed during the window; SYN cookies were sent"
+        else f"a SYN queue overflowed during the window{where}; SYN cookies were sent"
     )
     yield Q04.finding(window, title, evidence, "\n".join(lines), severity=severity)

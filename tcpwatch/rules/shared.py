@@ -63,6 +63,44 @@ def listener_groups(snapshot: Snapshot) -> tuple[ListenerGroup, ...]:
     )
 
 
+def fill_ratio(listener: Listener) -> float:
+    """Accept-queue length / backlog. Full means the next connection overflows: length >= max
+    (the length can read max+1)."""
+    return listener.queue_length / max(listener.queue_max, 1)
+
+
+def drops_in_window(window: Window, group: ListenerGroup) -> int | None:
+    """Connection attempts the kernel dropped at the listener's sockets during the window (their
+    sk_drops now minus at the window's start). A socket that is new since then counts from 0.
+    None without a window, or when the kernel did not report the counts."""
+    before_snapshot = window.previous
+    if before_snapshot is None or before_snapshot.sockets is None:
+        return None
+    before = {lsn.inode: lsn.drops for lsn in before_snapshot.sockets.listeners}
+    total = 0
+    for lsn in group.sockets:
+        start = before.get(lsn.inode, 0)
+        if lsn.drops is None or start is None:
+            return None
+        total += lsn.drops - start if lsn.drops >= start else lsn.drops  # re-created: from 0
+    return total
+
+
+def dropping_listeners(window: Window) -> tuple[tuple[ListenerGroup, int], ...]:
+    """The listeners that dropped connection attempts during the window, most drops first."""
+    found = []
+    for group in listener_groups(window.current):
+        drops = drops_in_window(window, group)
+        if drops:
+            found.append((group, drops))
+    return tuple(sorted(found, key=lambda item: (-item[1], item[0].port, item[0].address)))
+
+
+def is_local(snapshot: Snapshot, address: str) -> bool:
+    """Whether ``address`` is this namespace's own (see :func:`local_listener`)."""
+    return _is_local(snapshot, address)
+
+
 def _is_local(snapshot: Snapshot, address: str) -> bool:
     """Loopback, or an address this namespace uses: a listener bound to it or the source of an
     outbound connection (the snapshot carries no interface list)."""
@@ -103,6 +141,33 @@ def full_queue(snapshot: Snapshot, group: ListenerGroup) -> str | None:
     max_syn_backlog = sysctls.get("net.ipv4.tcp_max_syn_backlog")
     limit = sum(no_cookie_syn_limit(lsn.queue_max, max_syn_backlog) for lsn in group.sockets)
     return "SYN" if sum(lsn.syn_recv for lsn in group.sockets) >= max(limit, 1) else None
+
+
+@dataclass(frozen=True, slots=True)
+class LocalDestination:
+    """A destination that is this namespace's own address, and what its listener did."""
+
+    group: ListenerGroup | None  # the listener it reaches; None: nothing listens on the port
+    full: str | None  # full_queue() of the listener now
+    dropped: int | None  # connection attempts the listener dropped during the window
+
+    @property
+    def listener_dropping(self) -> bool:
+        """The listener itself drops the SYNs (a full queue now, or drops in the window)."""
+        return self.group is not None and bool(self.full or self.dropped)
+
+
+def local_destination(window: Window, address: str, port: int) -> LocalDestination | None:
+    """What this namespace knows of a destination of its own (loopback, or an address a
+    listener or a connection uses); None for a destination elsewhere."""
+    snapshot = window.current
+    family = "ipv6" if ":" in address else "ipv4"
+    group = local_listener(snapshot, Destination(family, address, port, 0))
+    if group is None and not _is_local(snapshot, address):
+        return None
+    if group is None:
+        return LocalDestination(None, None, None)
+    return LocalDestination(group, full_queue(snapshot, group), drops_in_window(window, group))
 
 
 # --- live peers: what the W rules (slowness.py, throughput.py) share --------------------------

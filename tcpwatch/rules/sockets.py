@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from tcpwatch.endpoints import endpoint
+from tcpwatch.escape import shell_word
 from tcpwatch.model import ProcessRef
 from tcpwatch.rules.base import (
     EvidenceValue,
@@ -17,8 +18,12 @@ from tcpwatch.rules.base import (
     rule,
 )
 from tcpwatch.rules.fixes import (
+    busy_owner_hint,
+    close_wait_hint,
     comment,
+    dropped_before_listener,
     manual_reservation,
+    owner_evidence,
     owner_of,
     process_label,
     process_phrase,
@@ -26,7 +31,7 @@ from tcpwatch.rules.fixes import (
     reserve_ports_fix,
     run_in,
 )
-from tcpwatch.rules.shared import full_queue, local_listener
+from tcpwatch.rules.shared import LocalDestination, local_destination
 
 # --- S01 -------------------------------------------------------------------------------------
 
@@ -68,8 +73,6 @@ def S01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     if sockets is None:
         return
     warning = required(thresholds, "warning")
-    stale_after = required(thresholds, "stale_seconds")
-    critical = required(thresholds, "critical")
     netns = snapshot.netns
     inodes = sockets.inodes_by_state.get("close_wait")
     if inodes is None or snapshot.attribution is None:
@@ -92,64 +95,115 @@ def S01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     by_owner: dict[ProcessRef | None, list[int]] = {}
     for inode in inodes:
         by_owner.setdefault(owner_of(snapshot, inode), []).append(inode)
-    before: frozenset[int] = frozenset()
-    if window.previous is not None and window.previous.sockets is not None:
-        before = window.previous.sockets.inodes_by_state.get("close_wait", frozenset())
-    first_seen = window.close_wait_first_seen
+    # A leak lasts: with a window, only sockets already in CLOSE_WAIT at its start count (a busy
+    # client's CLOSE_WAIT that it closes a moment later is churn, not a leak).
+    before: frozenset[int] | None = None
+    previous = window.previous
+    if previous is not None and previous.sockets is not None:
+        before = previous.sockets.inodes_by_state.get("close_wait")
+
+    def lasting(held: list[int]) -> list[int]:
+        return held if before is None else [inode for inode in held if inode in before]
+
+    spread: dict[str, list[tuple[ProcessRef, list[int]]]] = {}
     for owner, held in sorted(by_owner.items(), key=lambda item: _owner_key(item[0])):
-        count = len(held)
-        if count < warning:
-            continue
-        ages = [snapshot.taken_at - first_seen[inode] for inode in held if inode in first_seen]
-        stale = sum(1 for age in ages if age >= stale_after)
-        severity: Severity = "critical" if stale >= critical else "warning"
-        label = process_label(owner)
-        evidence: dict[str, EvidenceValue] = {}
-        if owner is None:
-            evidence["process"] = "unknown"
-            evidence["attribution"] = (
-                "complete: no process holds them"
-                if snapshot.attribution.complete
-                else "incomplete: not every process was scanned"
-            )
-        else:
-            evidence["process"] = owner.name
-            evidence["pid"] = owner.pid
-        evidence["close_wait_sockets"] = count
-        if window.previous is not None:
-            evidence["still_close_wait_since_window_start"] = sum(
-                1 for inode in held if inode in before
-            )
-        if ages:
-            evidence["tracked_sockets"] = len(ages)
-            evidence["oldest_seconds"] = round(max(ages), 1)
-            evidence["stale_sockets"] = stale
-            evidence["stale_after_seconds"] = stale_after
+        if len(lasting(held)) >= warning:
+            yield _s01_finding(window, thresholds, [(owner, held)], before)
+        elif owner is not None and lasting(held):
+            spread.setdefault(owner.name, []).append((owner, held))
+    # One program whose many processes each hold a few (PostgreSQL's backend per session):
+    # judged together, as the program.
+    for holders in spread.values():
+        if len(holders) > 1 and sum(len(lasting(held)) for _, held in holders) >= warning:
+            yield _s01_finding(window, thresholds, holders, before)
+
+
+def _s01_finding(
+    window: Window,
+    thresholds: Thresholds,
+    holders: Sequence[tuple[ProcessRef | None, list[int]]],
+    before: frozenset[int] | None,
+) -> Finding:
+    """One process (or one program's processes) holding CLOSE_WAIT sockets."""
+    snapshot = window.current
+    stale_after = required(thresholds, "stale_seconds")
+    critical = required(thresholds, "critical")
+    held = [inode for _, inodes in holders for inode in inodes]
+    owner = holders[0][0]
+    grouped = len(holders) > 1
+    first_seen = window.close_wait_first_seen
+    count = len(held)
+    ages = [snapshot.taken_at - first_seen[inode] for inode in held if inode in first_seen]
+    stale = sum(1 for age in ages if age >= stale_after)
+    severity: Severity = "critical" if stale >= critical else "warning"
+    label = owner.name if grouped and owner is not None else process_label(owner)
+    evidence: dict[str, EvidenceValue] = {}
+    if owner is None:
+        evidence["process"] = "unknown"
+        evidence["attribution"] = (
+            "complete: no process holds them"
+            if snapshot.attribution is not None and snapshot.attribution.complete
+            else "incomplete: not every process was scanned"
+        )
+    elif grouped:
+        pids = sorted(process.pid for process, _ in holders if process is not None)
+        evidence["process"] = owner.name
+        evidence["processes"] = len(pids)
+        evidence["pids"] = ", ".join(map(str, pids[:5])) + (", ..." if len(pids) > 5 else "")
+    else:
+        evidence["process"] = owner.name
+        evidence["pid"] = owner.pid
+    evidence["close_wait_sockets"] = count
+    if before is not None:
+        evidence["still_close_wait_since_window_start"] = sum(1 for i in held if i in before)
+    if ages:
+        evidence["tracked_sockets"] = len(ages)
+        evidence["oldest_seconds"] = round(max(ages), 1)
+        evidence["stale_sockets"] = stale
+        evidence["stale_after_seconds"] = stale_after
+    netns = snapshot.netns
+    if grouped and owner is not None:
+        who = f"{len(holders)} {owner.name} processes"
+        grep = f" | grep -F {shell_word(chr(34) + owner.name + chr(34))}"
+    else:
+        who = process_phrase(owner)
         grep = f" | grep 'pid={owner.pid},'" if owner is not None else ""
-        remediation = "\n".join(
-            [
-                comment(
-                    f"{process_phrase(owner)} does not close() connections after the peer "
-                    "closed them (read() returned 0 / EOF); no kernel setting frees them, only "
-                    "the application's close() or its exit"
-                ),
-                "# which peers (the upstream whose connections leak):",
-                run_in(netns, "ss -tnp state close-wait")
-                + grep
-                + " | awk '{print $4}' | sort | uniq -c | sort -rn | head",
-                "# fix the code path: close the socket on EOF, close HTTP response bodies, and "
-                "let connection pools validate or expire idle connections",
-                "# stopgap: restart the process (the kernel then finishes the connections)",
-            ]
-        )
-        title = (
-            f"{label} holds {count} CLOSE_WAIT sockets"
-            + (f", {stale} of them for over {stale_after:g} s" if severity == "critical" else "")
-            + ": it leaks connections its peers closed"
-        )
-        yield S01.finding(
-            window, title, evidence, remediation, subject=process_subject(owner), severity=severity
-        )
+    lines = [
+        comment(
+            f"{who} {'do' if grouped else 'does'} not close() connections after the peer "
+            "closed them (read() returned 0 "
+            "/ EOF): a process busy elsewhere (a long query, a lock wait, a blocked worker) "
+            "never reads its socket; no kernel setting frees them, only the application's "
+            "close() or its exit"
+        ),
+    ]
+    hint = close_wait_hint(owner)
+    if hint is not None:
+        lines.append(hint)
+    lines += [
+        "# which peers (the side that gave up):",
+        run_in(netns, "ss -tnp state close-wait")
+        + grep
+        + " | awk '{print $4}' | sort | uniq -c | sort -rn | head",
+    ]
+    if hint is None:  # a program of its own kind says how to fix it above
+        lines += [
+            "# fix the code path: close the socket on EOF, close HTTP response bodies, and "
+            "let connection pools validate or expire idle connections",
+            "# stopgap: restart the process (the kernel then finishes the connections)",
+        ]
+    holds = f"{label} ({len(holders)} processes) hold" if grouped else f"{label} holds"
+    title = (
+        f"{holds} {count} CLOSE_WAIT sockets"
+        + (f", {stale} of them for over {stale_after:g} s" if severity == "critical" else "")
+        + ": connections their peers closed are left open"
+    )
+    # The subject is the program's name, never a pid (a label of tcpwatch_finding: a restart
+    # must not make a new series); the title and the evidence carry the pids.
+    subject = owner.name if grouped and owner is not None else process_subject(owner)
+    return S01.finding(
+        window, title, evidence, "\n".join(lines), subject=subject, severity=severity
+    )
 
 
 # --- S02 -------------------------------------------------------------------------------------
@@ -238,9 +292,8 @@ def S03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         key = (destination.family, destination.address, destination.port)
         if key in before:
             evidence["syn_sent_at_window_start"] = before[key]
-        group = local_listener(snapshot, destination)
-        full = None if group is None else full_queue(snapshot, group)
-        if group is None or full is None:
+        local = local_destination(window, destination.address, destination.port)
+        if local is None:
             yield S03.finding(
                 window,
                 f"{destination.sockets} connections to {name} stuck in SYN_SENT",
@@ -249,43 +302,77 @@ def S03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
                 subject=name,
             )
             continue
-        # The destination is a listener of this very namespace whose queue is full: the
-        # kernel drops the SYNs at it, so the network is fine and Q01 (or Q04) is the cause.
-        owner = owner_of(snapshot, group.sockets[0].inode)
-        evidence["local_listener"] = group.name
-        evidence["listener_queue_length"] = max(lsn.queue_length for lsn in group.sockets)
-        evidence["listener_queue_max"] = max(lsn.queue_max for lsn in group.sockets)
-        evidence["listener_syn_recv"] = sum(lsn.syn_recv for lsn in group.sockets)
-        evidence["full_queue"] = full
-        if owner is None:
-            evidence["process"] = "unknown"
-        else:
-            evidence["process"] = owner.name
-            evidence["pid"] = owner.pid
-        see = "Q01 accept-queue-full" if full == "accept" else "Q04 syn-queue-pressure"
-        remediation = "\n".join(
-            [
-                comment(
-                    f"{name} is a listener here ({process_label(owner)}) whose {full} queue is "
-                    "full: the kernel drops the SYNs sent to it, so these clients wait and "
-                    f"retry. The network is not at fault: see the {see} finding for "
-                    f"{group.name} and make {process_phrase(owner)} accept() faster (more "
-                    "workers, a bigger backlog)"
-                ),
-                run_in(netns, f"ss -ltn 'sport = :{group.port}'") + "   # Recv-Q / Send-Q",
-                run_in(netns, "nstat -az TcpExtListenOverflows TcpExtListenDrops"),
-                "# in the clients: a connect timeout and retries with backoff keep a saturated "
-                "service from piling up requests",
-            ]
+        yield _s03_local(window, name, destination.sockets, evidence, local)
+
+
+def _s03_local(
+    window: Window,
+    name: str,
+    stuck: int,
+    evidence: dict[str, EvidenceValue],
+    local: LocalDestination,
+) -> Finding:
+    """SYN_SENT piling up towards an address of this very namespace: never the network."""
+    snapshot = window.current
+    netns = snapshot.netns
+    group = local.group
+    port = int(name.rsplit(":", 1)[1])
+    if group is None:
+        evidence["local_listener"] = "none"
+        evidence["cause"] = "dropped before the listener"
+        lines = dropped_before_listener(netns, name, port, None)
+        title = f"{stuck} connections to {name} stuck in SYN_SENT: dropped on this host"
+        return S03.finding(window, title, evidence, "\n".join(lines), subject=name)
+    owner = owner_of(snapshot, group.sockets[0].inode)
+    evidence["local_listener"] = group.name
+    owner_evidence(evidence, owner)
+    evidence["listener_queue_length"] = max(lsn.queue_length for lsn in group.sockets)
+    evidence["listener_queue_max"] = max(lsn.queue_max for lsn in group.sockets)
+    evidence["listener_syn_recv"] = sum(lsn.syn_recv for lsn in group.sockets)
+    evidence["full_queue"] = local.full or "none"
+    if local.dropped is not None:
+        evidence["listener_drops_in_window"] = local.dropped
+    label = process_label(owner)
+    if not local.listener_dropping:
+        evidence["cause"] = "dropped before the listener"
+        lines = dropped_before_listener(netns, name, group.port, label)
+        title = (
+            f"{stuck} connections to {name} stuck in SYN_SENT: dropped on this host before its "
+            f"listener ({label})"
         )
-        yield S03.finding(
-            window,
-            f"{destination.sockets} connections to {name} stuck in SYN_SENT: its listener "
-            f"here ({process_label(owner)}) has a full {full} queue ({see.split()[0]})",
-            evidence,
-            remediation,
-            subject=name,
-        )
+        return S03.finding(window, title, evidence, "\n".join(lines), subject=name)
+    # The destination is a listener of this very namespace that drops SYNs: its queue is full
+    # or overflows between polls. The network is fine; Q01/Q02 (or Q04) name the cause.
+    evidence["cause"] = "listener dropping"
+    if local.full == "SYN":
+        see, what = "Q04 syn-queue-pressure", "its SYN queue is full"
+    elif local.full == "accept":
+        see, what = "Q01 accept-queue-full", "its accept queue is full"
+    else:
+        see = "Q02 listen-overflows"
+        what = f"it dropped {local.dropped} connection attempts in the window"
+    lines = [
+        comment(
+            f"{name} is a listener here ({label}) and {what}: the kernel drops the SYNs sent "
+            "to it, so these clients wait and retry. The network is not at fault: see the "
+            f"{see} finding for {group.name} and make {process_phrase(owner)} accept() faster "
+            "(more workers, a higher connection limit, a bigger backlog)"
+        ),
+    ]
+    hint = busy_owner_hint(owner)
+    if hint is not None:
+        lines.append(hint)
+    lines += [
+        run_in(netns, f"ss -ltnm 'sport = :{group.port}'") + "   # Recv-Q / Send-Q, d<N>",
+        run_in(netns, "nstat -az TcpExtListenOverflows TcpExtListenDrops"),
+        "# in the clients: a connect timeout and retries with backoff keep a saturated "
+        "service from piling up requests",
+    ]
+    title = (
+        f"{stuck} connections to {name} stuck in SYN_SENT: its listener here ({label}) "
+        f"drops them ({see.split()[0]})"
+    )
+    return S03.finding(window, title, evidence, "\n".join(lines), subject=name)
 
 
 def _unreachable_remediation(netns: str, name: str, address: str) -> str:

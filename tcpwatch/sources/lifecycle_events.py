@@ -16,11 +16,15 @@ Each event is classified (docs/connections.md has the user's view):
   ``timeout`` (nothing ever answered: tcpi_segs_in == 0), ``refused`` (answered, with a reset,
   before completing), ``aborted`` (see below).
 
-A blocking ``connect()`` that fails and a ``close()`` with ``SO_LINGER`` 0 both go through
-``tcp_disconnect`` (net/ipv4/tcp.c), which clears the destination port, the source address
-(unless bound explicitly) and tcp_info's counters before the socket is destroyed. Those events
-count as outcome ``aborted``; their peer is the destination address without a port (outbound:
+A blocking ``connect()`` that fails and a ``close()`` with ``SO_LINGER`` 0 (how haproxy and
+Envoy close a failed connect) both go through ``tcp_disconnect`` (net/ipv4/tcp.c), which clears
+the destination port, the source address (unless bound explicitly) and tcp_info's counters before
+the socket is destroyed. Their peer is the destination address without a port (outbound:
 "10.0.0.5") or the listener found by the local port alone (inbound), never an invented port.
+Two fields survive the clearing and tell whether the handshake had completed
+(``tcpinfo.handshake_completed``: the smallest RTT sample, the peer's window): a connection that
+worked and was then cut abortively counts as ``ok``, a connect that never completed as
+``aborted`` (refused or timed out: the clearing erased which).
 Sockets that never had a peer (a closed listener, a socket never connected) are ``ignored``.
 """
 
@@ -44,7 +48,7 @@ from tcpwatch.sources.netlink import (
     find_attribute,
 )
 from tcpwatch.sources.sockdiag import INET_DIAG_MSG_MIN
-from tcpwatch.sources.tcpinfo import TcpInfo, parse_tcp_info
+from tcpwatch.sources.tcpinfo import TcpInfo, parse_tcp_info, was_established
 
 DEFAULT_PORT_RANGE = (32768, 60999)  # the kernel's default, used until the poll tells
 
@@ -54,7 +58,7 @@ ZERO16 = bytes(16)
 V4_MAPPED = bytes(10) + b"\xff\xff"
 # sport, dport, src[16], dst[16] at byte 20 of the message; then uid, inode at 80 (cookie at 60)
 ENDPOINTS = struct.Struct("!HH16s16s")
-COOKIE_UID_INODE = struct.Struct("=Q8xII")  # at byte 60: cookie u32[2], expires, rqueue, wqueue
+COOKIE_UID_INODE = struct.Struct("=Q12xII")  # at byte 60: cookie u32[2]; expires, rqueue, wqueue
 RTT_BOUNDS_US = tuple(round(bound * 1e6) for bound in RTT_BUCKETS_SECONDS)
 OK, TIMEOUT, REFUSED, ABORTED = (OUTCOMES.index(name) for name in OUTCOMES)
 INBOUND, OUTBOUND = 0, 1
@@ -152,9 +156,9 @@ def outbound_peer(family_number: int, remote: bytes, dport: int) -> str:
     return endpoint(address, dport) if dport else address  # no port: tcp_disconnect cleared it
 
 
-def _outcome(dport: int, delivered: int, segs_in: int) -> int:
+def _outcome(dport: int, delivered: int, segs_in: int, established: bool = False) -> int:
     if dport == 0:
-        return ABORTED
+        return OK if established else ABORTED
     if delivered:
         return OK
     return REFUSED if segs_in else TIMEOUT
@@ -193,7 +197,7 @@ def classify(event: DestroyEvent, context: Context) -> Classification | None:
     if event.info is None:
         return None
     fields = fields_of(event.info)
-    outcome = _outcome(event.destination_port, fields[6], fields[5])
+    outcome = _outcome(event.destination_port, fields[6], fields[5], was_established(event.info))
     if _is_inbound(event.source_port, context):
         peer = inbound_peer(family_number, local, event.source_port, context)
         return Classification("inbound", peer, OUTCOMES[outcome])

@@ -50,12 +50,16 @@ from tcpwatch.sources.netlink import (
     SockDiagError,
 )
 from tcpwatch.sources.sockdiag import INET_DIAG_MSG_MIN
-from tcpwatch.sources.tcpinfo import CLOSE_FIELDS, parse_tcp_info
+from tcpwatch.sources.tcpinfo import CLOSE_FIELDS, handshake_completed, parse_tcp_info
 
 DEFAULT_MAX_PEERS = 120  # host-wide rows (collect.connection_peers)
 DEFAULT_PEER_IDLE_SECONDS = 3600.0
 SCORE_HALF_LIFE_SECONDS = 60.0  # a peer's busyness: closes, halved every minute
 _ROUTE_CACHE_LIMIT = 4096
+
+
+# A failed connection weighs this many closes in a peer's score (see _Peer.weight).
+FAILURE_WEIGHT = 20
 
 
 def tracked_peers(max_rows: int) -> int:
@@ -100,6 +104,13 @@ class _Peer:
     def pending(self) -> int:
         """Connections closed since the previous drain."""
         return sum(self.closed)
+
+    def weight(self) -> int:
+        """What the closes since the previous drain add to the score: a failed connection
+        (timeout, refused, aborted: OUTCOMES after "ok") counts FAILURE_WEIGHT closes, so a
+        destination that fails now and then keeps its row beside busy healthy ones and C01 can
+        judge it by name rather than under peer "other"."""
+        return self.closed[0] + FAILURE_WEIGHT * (sum(self.closed) - self.closed[0])
 
     def absorb(self, other: _Peer) -> None:
         """Add ``other``'s pending counts to this one's (a peer no longer tracked goes to
@@ -274,8 +285,9 @@ class LifecycleAggregator:
                     peer = routes.get(key)
                     if peer is None:
                         peer = self._route(key, now)
-                    if dport == 0:
-                        peer.closed[ABORTED] += 1
+                    if dport == 0:  # cleared by tcp_disconnect: did it ever connect?
+                        done = handshake_completed(data, position + 4, size)
+                        peer.closed[OK if done else ABORTED] += 1
                     elif delivered:
                         peer.closed[OK] += 1
                     elif segs_in:
@@ -324,7 +336,7 @@ class LifecycleAggregator:
     def _trim(self, keep: int) -> None:
         """Keep the ``keep`` busiest pairs; the others' pending counts go to PEER_OTHER."""
         ranked = sorted(
-            self._peers.items(), key=lambda item: item[1].score + item[1].pending(), reverse=True
+            self._peers.items(), key=lambda item: item[1].score + item[1].weight(), reverse=True
         )
         for key, peer in ranked[keep:]:
             self._drop(key, peer)
@@ -357,7 +369,7 @@ class LifecycleAggregator:
         activity: list[PeerActivity] = []
         for (direction, label), peer in self._peers.items():
             closed = peer.pending()
-            peer.score = peer.score * decay + closed
+            peer.score = peer.score * decay + peer.weight()
             delta = peer.frozen(direction, label) if closed else None
             activity.append(PeerActivity(DIRECTIONS[direction], label, peer.score, delta))
             if closed:

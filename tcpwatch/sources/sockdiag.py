@@ -4,7 +4,10 @@ Cost is what matters here, so the dumps ask the kernel for as little as possible
 
 * dump 1 (per family): every state but ESTABLISHED, no filter. Listeners come first (the kernel
   walks the listening hash before the established one), then request sockets, TIME_WAIT,
-  CLOSE_WAIT ... These are few on a healthy host, apart from TIME_WAIT.
+  CLOSE_WAIT ... These are few on a healthy host, apart from TIME_WAIT. It asks for
+  ``INET_DIAG_SKMEMINFO``, for the listeners' drop counters (sk_drops, ``ss -ltnm`` d<N>):
+  timewait and request sockets never carry it, so on 6.18 it costs nothing measurable here, and
+  about 4% when ESTABLISHED is dumped too (benchmarks/bench_listener_drops.py).
 * dump 2 (per family): ESTABLISHED only, with an inet_diag bytecode filter that keeps local ports
   inside ``ip_local_port_range``: the outbound connections that use ephemeral ports, counted per
   destination. Inbound connections (local port = a service port) are never copied out. It asks
@@ -50,11 +53,14 @@ from tcpwatch.sources import liveinfo, livesums
 from tcpwatch.sources.netlink import (
     ERRNO_FIELD,
     FAMILY_NUMBER,
+    INET_DIAG_SKMEMINFO,
     NLMSG_DONE,
     NLMSG_ERROR,
     NLMSG_HEAD,
+    SK_MEMINFO_DROPS,
     SOCK_DIAG_BY_FAMILY,
     SockDiagError,
+    find_attribute,
     has_attribute,
 )
 
@@ -79,6 +85,7 @@ _STATE_BY_NAME = {name: number for number, name in enumerate(STATES, start=1)}
 PORTS = struct.Struct("!HH")
 _TUPLE_KEY = struct.Struct("34s")  # dport, src[16], dst[16]: one bytes object per socket
 _QUEUES_INODE = struct.Struct("=II4xI")  # rqueue, wqueue, (uid), inode at offset 72
+_U32 = struct.Struct("=I")
 INET_DIAG_MSG_MIN = 88
 
 
@@ -102,8 +109,8 @@ class DumpAggregator:
         self.port_range = port_range
         self.attribute_numbers = frozenset(_STATE_BY_NAME[name] for name in attribute_states)
         self.totals = {name: _FamilyTotals([0] * 13, 0) for name in FAMILIES}
-        # raw listeners: (family, address bytes, port, rqueue, wqueue, inode)
-        self.listeners: list[tuple[str, bytes, int, int, int, int]] = []
+        # raw listeners: (family, address bytes, port, rqueue, wqueue, inode, drops or None)
+        self.listeners: list[tuple[str, bytes, int, int, int, int, int | None]] = []
         self.listen_ports: set[int] = set()
         self.request_sockets: Counter[tuple[str, bytes, int]] = Counter()
         # family -> {dport + src[16] + dst[16] bytes: sockets}, and the TIME_WAIT among them
@@ -163,7 +170,8 @@ class DumpAggregator:
             if state == TCP_LISTEN:
                 rqueue, wqueue, inode = _QUEUES_INODE.unpack_from(data, offset + 72)
                 address = bytes(data[offset + 24 : offset + 24 + addr_len])
-                self.listeners.append((family, address, sport, rqueue, wqueue, inode))
+                drops = _listener_drops(data, offset, msg_len)
+                self.listeners.append((family, address, sport, rqueue, wqueue, inode, drops))
                 listen_ports.add(sport)
                 totals.full_sockets += 1
             elif state == TCP_SYN_RECV and not has_attribute(
@@ -291,7 +299,7 @@ class DumpAggregator:
         syn_queues = self._syn_queues(raw)
         listeners: list[Listener] = []
         seen: Counter[tuple[str, bytes, int]] = Counter()
-        for family, address, port, rqueue, wqueue, inode in raw:
+        for family, address, port, rqueue, wqueue, inode, drops in raw:
             index = seen[(family, address, port)]
             seen[(family, address, port)] += 1
             listeners.append(
@@ -304,12 +312,13 @@ class DumpAggregator:
                     syn_recv=syn_queues.get((family, address, port, index), 0),
                     inode=inode,
                     socket_index=index,
+                    drops=drops,
                 )
             )
         return tuple(listeners)
 
     def _syn_queues(
-        self, raw: list[tuple[str, bytes, int, int, int, int]]
+        self, raw: list[tuple[str, bytes, int, int, int, int, int | None]]
     ) -> dict[tuple[str, bytes, int, int], int]:
         """Give each listener the request sockets on its port, by the most specific address.
 
@@ -374,6 +383,15 @@ class DumpAggregator:
             destinations.append(Destination(family, address, port, count))
         destinations.sort(key=lambda d: (-d.sockets, d.family, d.address, d.port))
         return tuple(destinations)
+
+
+def _listener_drops(data: memoryview | bytes, offset: int, msg_len: int) -> int | None:
+    """sk_drops from a listener's INET_DIAG_SKMEMINFO; None when the message has none."""
+    found = find_attribute(data, offset + INET_DIAG_MSG_MIN, offset + msg_len, INET_DIAG_SKMEMINFO)
+    if found is None or found[1] < (SK_MEMINFO_DROPS + 1) * 4:
+        return None
+    drops: int = _U32.unpack_from(data, found[0] + SK_MEMINFO_DROPS * 4)[0]
+    return drops
 
 
 def _decode_tuple_key(family: str, key: bytes) -> tuple[int, str, str]:

@@ -102,7 +102,7 @@ def collect(
     try:
         first_mask = ALL_STATES_MASK if established_dumped else ALL_STATES_MASK & ~ESTABLISHED_MASK
         for family in families:
-            dump(family, first_mask)
+            dump(family, first_mask, extensions=SKMEMINFO_EXTENSION)  # listeners' drops
         if destinations and not established_dumped and inuse is not None and port_range:
             bytecode = netlink.port_range_bytecode(*port_range)
             aggregator.read_info = live_info  # live RTT and retransmissions per destination

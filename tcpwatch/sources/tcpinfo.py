@@ -133,6 +133,32 @@ _PREFIX_ENDS, _PREFIX_STRUCTS = _prefix_structs()
 # The few fields a closed connection is classified and counted by, in one unpack (kernels >= 4.18):
 # rtt, total_retrans, bytes_acked, bytes_received, segs_out, segs_in, delivered.
 CLOSE_FIELDS = struct.Struct("=68xI28xI16xQQII48xI")
+# What survives tcp_disconnect and tells whether a handshake completed (measured on 6.18): the
+# smallest RTT sample (~0U until an ACK gave one; 4.10+) and the peer's window (0 until a SYN-ACK
+# gave one; 5.4+). Read only for events whose port the kernel cleared: not the hot path.
+_MIN_RTT = struct.Struct("=148xI")
+_SND_WND = struct.Struct("=228xI")
+NO_RTT_SAMPLE = 0xFFFFFFFF
+
+
+def handshake_completed(data: bytes | memoryview, start: int, size: int) -> bool:
+    """Whether the tcp_info at ``data[start:start+size]`` is that of a connection that was
+    established once, even after tcp_disconnect cleared its port and counters."""
+    if size >= _SND_WND.size and _SND_WND.unpack_from(data, start)[0] > 0:
+        return True
+    if size >= _MIN_RTT.size:
+        min_rtt: int = _MIN_RTT.unpack_from(data, start)[0]
+        return min_rtt not in (0, NO_RTT_SAMPLE)
+    return False
+
+
+def was_established(info: TcpInfo) -> bool:
+    """:func:`handshake_completed` on a parsed tcp_info."""
+    if info.snd_wnd:
+        return True
+    return info.min_rtt not in (None, 0, NO_RTT_SAMPLE)
+
+
 # The fields a live connection is summarised by: retrans (in flight), rtt, total_retrans.
 LIVE_FIELDS = struct.Struct("=36xI28xI28xI")
 

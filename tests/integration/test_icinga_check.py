@@ -8,9 +8,8 @@ checkout's tcpwatch for each service in CASES; the test waits for each service's
 checks the state, the plugin output (first line, long output) and the performance data, which
 Icinga's own `parse_performance_data()` must accept with the intended values and units.
 
-To extend: add a Case (vars become `-<flag> $macro$` through ARGUMENTS). When the CLI's UNKNOWN
-paths print a status line on stdout and check gains -t/-w/-c (branch hostile-cli), the "from a
-daemon that is down" case is where the output changes: see UNKNOWN_FIRST_LINE.
+To extend: add a Case (vars become `<flag> $macro$` through ARGUMENTS). Every UNKNOWN path prints
+its status line on stdout (UNKNOWN_FIRST_LINE), which Icinga shows as the plugin output.
 """
 
 from __future__ import annotations
@@ -40,16 +39,16 @@ API_USER, API_PASSWORD = "tw-test", "tw-test-secret"
 NODE = "tw-icinga"
 CHECK_SECONDS = 90.0
 # The macros a service may set, and the tcpwatch flag each becomes (Icinga leaves an argument
-# out when its macro is unset). Add -t/-w/-c here when check has them.
+# out when its macro is unset): the plugin flags a monitoring core's admin sets per service.
 ARGUMENTS: Mapping[str, str] = {
     "--window": "tcpwatch_window",
     "--from": "tcpwatch_from",
     "--netns": "tcpwatch_netns",
+    "-t": "tcpwatch_timeout",
+    "-w": "tcpwatch_warning",
+    "-c": "tcpwatch_critical",
 }
-# Today `check --from` a dead daemon says why on stderr only (Icinga shows it as the output).
-# With the status line on stdout it will read "TCPWATCH UNKNOWN - cannot reach ...": then check
-# output.splitlines()[0].startswith(UNKNOWN_FIRST_LINE) in that case too.
-UNKNOWN_FIRST_LINE = "TCPWATCH UNKNOWN"
+UNKNOWN_FIRST_LINE = "TCPWATCH UNKNOWN - "
 PERF_LABELS = [
     "critical", "warning", "info", "accept_queue_fill", "close_wait", "time_wait", "orphans",
 ]  # fmt: skip
@@ -63,6 +62,7 @@ class Case:
     first_line: str  # a regex the first output line must match
     long_output: tuple[str, ...] = ()  # texts the lines after the first must contain
     perfdata: bool = True
+    fill_levels: tuple[int, int] = (80, 100)  # accept_queue_fill's warn and crit in the perfdata
 
 
 def cases(clean_netns: str) -> list[Case]:
@@ -91,7 +91,24 @@ def cases(clean_netns: str) -> list[Case]:
             "from-daemon-down",
             {"tcpwatch_from": f"http://127.0.0.1:{DOWN_PORT}"},
             3,
-            rf".*cannot reach tcpwatch at http://127\.0\.0\.1:{DOWN_PORT}\b.*",
+            rf"{UNKNOWN_FIRST_LINE}.*cannot reach tcpwatch at http://127\.0\.0\.1:{DOWN_PORT}\b.*",
+            perfdata=False,
+        ),
+        # The admin set Q01's levels from the command line: the perfdata carries them.
+        Case(
+            "levels-set",
+            {"tcpwatch_window": "0", "tcpwatch_warning": "Q01=50%", "tcpwatch_critical": "Q01=90%"},
+            2,
+            r"TCPWATCH CRITICAL - 1 critical\b.*",
+            ("[Q01 accept-queue-full]",),
+            fill_levels=(50, 90),
+        ),
+        # A window longer than the whole-check timeout: UNKNOWN, saying so, on stdout.
+        Case(
+            "timeout",
+            {"tcpwatch_window": "1", "tcpwatch_timeout": "1"},
+            3,
+            rf"{UNKNOWN_FIRST_LINE}.*-t/--timeout.*",
             perfdata=False,
         ),
     ]
@@ -248,7 +265,9 @@ def parsed_perfdata(icinga: Icinga, name: str) -> list[dict[str, Any]]:
     return parsed
 
 
-@pytest.mark.parametrize("index", range(4), ids=["direct", "from-daemon", "clean", "down"])
+@pytest.mark.parametrize(
+    "index", range(6), ids=["direct", "from-daemon", "clean", "down", "levels", "timeout"]
+)
 def test_icinga_reads_state_output_and_perfdata(
     checked: tuple[Icinga, list[Case]], index: int
 ) -> None:
@@ -283,7 +302,7 @@ def test_icinga_reads_state_output_and_perfdata(
     assert by_label["critical"]["min"] == 0
     fill = by_label["accept_queue_fill"]
     assert (fill["unit"], fill["warn"], fill["crit"], fill["min"], fill["max"]) == (
-        "percent", 80, 100, 0, 100,  # Icinga names the unit
+        "percent", *case.fill_levels, 0, 100,  # Icinga names the unit
     )  # fmt: skip
     assert fill["value"] >= (100 if case.state == 2 else 0)
     for label in ("close_wait", "time_wait", "orphans"):

@@ -147,7 +147,13 @@ def test_c01_names_the_refused_and_the_dropped_destination(netns: Netns) -> None
     refused_fix = by_subject[f"127.0.0.1:{REFUSED_PORT}"]["remediation"]
     dropped_fix = by_subject[f"127.0.0.1:{DROPPED_PORT}"]["remediation"]
     assert "nothing listens on that port" in refused_fix and "drops them" not in refused_fix
-    assert "firewall or security group drops them" in dropped_fix
+    # Both ports are on this host: nothing there blames the network. The dropped SYNs are this
+    # host's own firewall rule, and the finding shows the rules.
+    assert by_subject[f"127.0.0.1:{DROPPED_PORT}"]["evidence"]["cause"] == (
+        "dropped before the listener"
+    )
+    assert "a local firewall rule" in dropped_fix and "nft list ruleset" in dropped_fix
+    assert "security group" not in dropped_fix and "security group" not in refused_fix
     assert f"ip netns exec {ns.name} ss -tnp state syn-sent 'dst 127.0.0.1:{DROPPED_PORT}'" in (
         dropped_fix
     )

@@ -572,19 +572,32 @@ class TestAcceptQueueFull:
         # and C01 names the full local listener as the cause, not the network.
         assert_findings(
             full.overflowing,
-            {("Q01", "critical", subject), ("Q02", "warning", ""), ("C01", "critical", subject)},
+            {
+                ("Q01", "critical", subject),
+                ("Q02", "warning", subject),
+                ("C01", "critical", subject),
+            },
             2,
         )
         c01 = full.overflowing.one("C01", subject)
-        assert_evidence(c01, {"local_listener": subject, "full_queue": "accept"})
-        finding = full.overflowing.one("Q02")
+        assert_evidence(
+            c01, {"local_listener": subject, "full_queue": "accept", "cause": "listener dropping"}
+        )
+        # Q02 names the listener that dropped and its owner (its own drop counter).
+        finding = full.overflowing.one("Q02", subject)
         evidence = finding["evidence"]
         assert evidence["listen_overflows_in_window"] >= 1, evidence
         assert evidence["listen_drops_in_window"] >= evidence["listen_overflows_in_window"]
-        assert evidence["drops_per_second"] > 0
+        assert evidence["drops_in_window"] >= 1 and evidence["drops_per_second"] > 0
         assert_window_evidence(finding)
         assert_evidence(
-            finding, {"listeners_full_now": f"{subject} {process_name(full.pid)}[{full.pid}]"}
+            finding,
+            {
+                "listener": subject,
+                "process": process_name(full.pid),
+                "pid": full.pid,
+                "cause": "accept",
+            },
         )
 
 

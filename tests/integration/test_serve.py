@@ -454,6 +454,9 @@ def test_stop_signal_exits_0_within_2_seconds(
     records = [json.loads(line) for line in served.log().splitlines()]
     assert records and all(list(r)[:3] == ["ts", "level", "msg"] for r in records), served.log()
     assert f"{stop_signal.name} received: stopping" in [r["msg"] for r in records]
+    # What is bound, as node_exporter logs it (issue 22 item 6), not a URL guessed from it.
+    listening = [r for r in records if r["msg"] == "Listening on"]
+    assert [(r["address"], r["tls"]) for r in listening] == [(f"127.0.0.1:{PORT}", "false")]
     assert "Traceback" not in served.log()
     listeners = [s for s in parse_ss(netns.ss("-ltnH")) if s.local_port == PORT]
     assert listeners == []

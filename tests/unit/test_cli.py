@@ -274,7 +274,8 @@ def test_rules_lists_every_rule_with_its_thresholds() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
-    headers = [line for line in lines if not line.startswith(" ")]
+    assert lines[0].startswith("# rules.window = 60 (seconds): serve judges rising counters")
+    headers = [line for line in lines if not line.startswith((" ", "#"))]
     assert [line.split()[0] for line in headers] == sorted(ALL_RULE_IDS)
     for rule in RULES:
         (header,) = [line for line in headers if line.split()[0] == rule.id]

@@ -21,7 +21,7 @@ import tcpwatch.sources.sysctl_files as sysctl_files
 from tcpwatch.cli import EXIT_UNKNOWN, build_parser, main
 from tcpwatch.cli_parser import _Parser
 from tcpwatch.config import CollectSettings, parse_config
-from tcpwatch.logformat import logfmt_value, setup_logging
+from tcpwatch.logformat import fields, logfmt_value, setup_logging
 from tcpwatch.model import Snapshot
 from tcpwatch.paths import ProcPaths
 from tcpwatch.render.sysctl_snippet import render_sysctl_snippet
@@ -362,6 +362,15 @@ def test_rules_with_config_shows_effective_thresholds(tmp_path: Path) -> None:
     assert "rules.Q01.warning = 0.8 (ratio): " in run_cli("rules").stdout
 
 
+def test_rules_with_config_shows_the_window(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("rules:\n  window: 2m\n")
+    out = run_cli("rules", "--config", str(config)).stdout
+    assert "# rules.window = 120 (seconds, configured; default 60): " in out
+    document = json.loads(run_cli("rules", "--format", "json", "--config", str(config)).stdout)
+    assert (document["window_seconds"], document["window_configured"]) == (120, True)
+
+
 def test_rules_json(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("rules:\n  Q01:\n    warning: 0.5\n  S02: false\n")
@@ -526,3 +535,24 @@ def test_a_window_on_a_terminal_says_what_it_waits_for(
     monkeypatch.setattr("sys.stderr", io.StringIO())
     main(["check", "--window", "3"])
     assert "watching" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("log_format", ["logfmt", "json"])
+def test_a_record_carries_its_own_fields_after_msg(log_format: str) -> None:
+    """serve's start line, as node_exporter's: msg="Listening on" address=[::]:9477 tls=false."""
+    stream = io.StringIO()
+    setup_logging("info", log_format, stream)
+    try:
+        logging.getLogger("tcpwatch.test").info(
+            "Listening on", extra=fields(address="[::]:9477", tls="false")
+        )
+    finally:
+        setup_logging("info")
+    (line,) = stream.getvalue().splitlines()
+    parsed = parse_logfmt(line) if log_format == "logfmt" else json.loads(line)
+    assert list(parsed) == ["ts", "level", "msg", "address", "tls"]
+    assert (parsed["msg"], parsed["address"], parsed["tls"]) == (
+        "Listening on",
+        "[::]:9477",
+        "false",
+    )

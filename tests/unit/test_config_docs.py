@@ -11,7 +11,13 @@ ROOT = Path(__file__).parent.parent.parent
 EXAMPLE = (ROOT / "config.example.yaml").read_text()
 DOCS = (ROOT / "docs" / "configuration.md").read_text()
 # Config fields whose file key differs, or that are no key at all.
-FILE_KEYS = {"check_window": "check.window", "source": None, "collect": None, "rules": None}
+FILE_KEYS = {
+    "check_window": "check.window",
+    "rules_window": "rules.window",
+    "source": None,
+    "collect": None,
+    "rules": None,
+}
 
 
 def test_every_top_level_key_is_in_the_example_and_the_docs() -> None:

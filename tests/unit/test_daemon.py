@@ -156,7 +156,7 @@ def test_windows_carry_previous_snapshot_and_close_wait_ages(
     assert w2.close_wait_first_seen == {2: 100.0, 3: 115.0}
     assert w2.seconds == 15.0
     assert w2.counter_delta("TcpExtListenOverflows") == 7
-    assert poller.history("host") == NetnsHistory(second, {2: 100.0, 3: 115.0})
+    assert poller.history("host") == NetnsHistory((first, second), {2: 100.0, 3: 115.0})
 
 
 def test_history_is_per_namespace_and_forgets_vanished_ones(

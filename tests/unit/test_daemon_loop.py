@@ -219,6 +219,36 @@ def test_a_stuck_poll_makes_healthy_fail(start: Start) -> None:
     assert fetch(daemon, "/-/healthy")[0] == 200
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_http_thread_fails_health_stops_the_watchdog_and_the_daemon(
+    start: Start, systemd: Systemd
+) -> None:
+    # Issue 21: one connection killed the HTTP thread while polls and watchdog pings went on, so
+    # nothing restarted a daemon whose port no longer answered.
+    daemon = start(Config(interval=3600.0), Source(), watchdog=0.05)
+    systemd.wait_for("READY=1")
+    assert daemon.failure() is None
+    server = daemon.server
+    assert server is not None
+
+    class Fatal(BaseException):
+        pass
+
+    def die() -> None:
+        raise Fatal
+
+    server._loop_once = die  # type: ignore[method-assign]
+    server._wake()
+    deadline = time.monotonic() + WAIT
+    while daemon.failure() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert daemon.failure() == "the HTTP server's thread http died (see the log)"
+    assert daemon.health().problem == "the HTTP server's thread http died (see the log)"
+    systemd.collect(0.1)  # a ping may already be on its way
+    systemd.messages.clear()
+    assert systemd.collect(0.4).count("WATCHDOG=1") == 0
+
+
 def test_a_poll_that_raises_is_logged_and_the_loop_goes_on(
     start: Start, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -134,9 +134,9 @@ def fixture_state() -> ExportState:
         "ipv6": {state: 0 for state in STATES} | {"established": 2, "listen": 1, "close_wait": 60},
     }
     listeners = (
-        Listener("ipv4", "0.0.0.0", 80, 129, 128, 4, 1001, 0),
-        Listener("ipv4", "127.0.0.1", 8080, 0, 4096, 0, 1002, 0),
-        Listener("ipv4", "127.0.0.1", 8080, 2, 4096, 0, 1003, 1),
+        Listener("ipv4", "0.0.0.0", 80, 129, 128, 4, 1001, 0, drops=10315),
+        Listener("ipv4", "127.0.0.1", 8080, 0, 4096, 0, 1002, 0, drops=0),
+        Listener("ipv4", "127.0.0.1", 8080, 2, 4096, 0, 1003, 1, drops=7),
         Listener("ipv6", "::", 443, 0, 511, 0, 1004, 0),
     )
     sockets = SocketTable(

@@ -48,7 +48,8 @@ def _state(listener_name: str, leaker: str, netns: str) -> ExportState:
 
 
 HOSTILE = _state(ATTACK, SCREEN, NETNS)
-PLAIN = _state("nginx", "leaky", "blue")
+# The plain names have no program-specific advice (nginx would add a worker_connections line).
+PLAIN = _state("webapp", "leaky", "blue")
 
 
 def test_the_text_report_escapes_every_name_and_keeps_its_lines() -> None:

@@ -31,7 +31,7 @@ from tcpwatch.sources.lifecycle_events import (
     make_context,
     parse_destroy_messages,
 )
-from tcpwatch.sources.lifecycle_peers import LifecycleAggregator, table_of
+from tcpwatch.sources.lifecycle_peers import FAILURE_WEIGHT, LifecycleAggregator, table_of
 from tcpwatch.sources.netlink import (
     INET_DIAG_INFO,
     INET_DIAG_PROTOCOL,
@@ -98,6 +98,10 @@ OK_INFO = info_bytes(
 TIMEOUT_INFO = info_bytes(total_retrans=2, segs_out=3, segs_in=0)
 REFUSED_INFO = info_bytes(segs_out=1, segs_in=1)
 CLEARED_INFO = info_bytes()
+# After tcp_disconnect (6.18): a failed connect never had an RTT sample (min_rtt ~0U) nor a
+# window from the peer; one that had worked keeps both.
+NEVER_INFO = info_bytes(min_rtt=0xFFFFFFFF, snd_mss=524, rto=1000000)
+WORKED_INFO = info_bytes(min_rtt=10, snd_wnd=65536, snd_mss=32768)
 
 
 # --- tcp_info ------------------------------------------------------------------------------
@@ -254,10 +258,45 @@ OUT, IN = "outbound", "inbound"
         # a port outside the ephemeral range without a known listener: inbound, local address
         (destroy_message("10.0.0.1", 22, "10.0.0.9", 50000, OK_INFO), (IN, "10.0.0.1:22", "ok")),
         (destroy_message("0.0.0.0", 22, "10.0.0.9", 0, CLEARED_INFO), (IN, "*:22", "aborted")),
+        # cleared, but the handshake had completed (an RTT sample, the peer's window survive):
+        # a working connection cut with SO_LINGER 0, not a failed connect
+        (destroy_message("0.0.0.0", 40000, "10.1.2.3", 0, WORKED_INFO), (OUT, "10.1.2.3", "ok")),
+        (
+            destroy_message("0.0.0.0", 40000, "10.1.2.3", 0, NEVER_INFO),
+            (OUT, "10.1.2.3", "aborted"),
+        ),
+        (destroy_message("0.0.0.0", 8080, "10.0.0.9", 0, WORKED_INFO), (IN, "0.0.0.0:8080", "ok")),
     ],
 )
 def test_classification(message: bytes, expected: tuple[str, str, str]) -> None:
     assert one(message) == Classification(*expected)
+
+
+@pytest.mark.parametrize(
+    ("info", "outcome"),
+    [
+        (WORKED_INFO, "ok"),
+        (NEVER_INFO, "aborted"),
+        (info_bytes(200, min_rtt=25), "ok"),  # before snd_wnd (5.4): the RTT sample tells
+        (info_bytes(200, min_rtt=0xFFFFFFFF), "aborted"),
+        (info_bytes(144), "aborted"),  # before min_rtt: nothing tells, so a failed connect
+    ],
+)
+def test_cleared_events_are_told_apart_by_what_survives(info: bytes, outcome: str) -> None:
+    data = destroy_message("0.0.0.0", 40000, "10.1.2.3", 0, info)
+    classified = one(data)
+    assert classified == Classification(OUT, "10.1.2.3", outcome)
+    aggregator = LifecycleAggregator()  # the hot path agrees with classify()
+    aggregator.feed(data, len(data))
+    (row,) = stats(aggregator).peers
+    assert row.closed[outcome] == 1 and sum(row.closed.values()) == 1
+
+
+def test_uid_and_inode_are_read_at_their_offsets() -> None:
+    data = bytearray(destroy_message(info=OK_INFO))
+    struct.pack_into("=IIIII", data, 68, 1, 2, 3, 1001, 4242)  # expires, rqueue, wqueue, uid, ino
+    (event,) = parse_destroy_messages(bytes(data))
+    assert (event.uid, event.inode, event.cookie) == (1001, 4242, 7)
 
 
 def test_listener_inside_the_ephemeral_range_is_inbound() -> None:
@@ -392,6 +431,23 @@ def test_tracker_is_bounded_keeps_the_busy_and_conserves_every_close() -> None:
     # nothing for the idle time: every pair is dropped
     clock.now += 600
     assert not aggregator.stats(0, 0, 0).activity
+
+
+def test_a_destination_that_fails_keeps_its_place_beside_busier_healthy_ones() -> None:
+    """Rows go to the busiest peers, but a failure weighs FAILURE_WEIGHT closes: a dead backend
+    tried 3 times is tracked (and so judged by name) while healthy peers with 10 closes each
+    fill the tracker and its quieter half is dropped."""
+    aggregator = LifecycleAggregator(max_peers=8, peer_idle_seconds=600, clock=Clock())
+    for _ in range(3):
+        feed(aggregator, destroy_message(dport=9999, info=REFUSED_INFO))
+    for port in range(2000, 2012):  # more healthy peers than the tracker holds
+        for _ in range(10):
+            feed(aggregator, destroy_message(dport=port, info=OK_INFO))
+    got = {a.peer: a for a in aggregator.stats(0, 0, 0).activity or ()}
+    assert "127.0.0.1:9999" in got, sorted(got)
+    assert got["127.0.0.1:9999"].score == 3 * FAILURE_WEIGHT
+    assert got["127.0.0.1:9999"].delta is not None
+    assert got["127.0.0.1:9999"].delta.closed["refused"] == 3
 
 
 def test_context_change_renames_new_events_only() -> None:

@@ -6,6 +6,8 @@ hangs and a daemon that drips, is tests/integration/test_check_timeout.py."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,26 @@ def test_wrong_flags_are_one_line_and_unknown(
     out, err = capsys.readouterr()
     assert len(err.splitlines()) == 1 and message in err, err
     assert_unknown_stdout(argv, out, err)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--config", "/nonexistent/tcpwatch.yaml"], ["-c", "Q01=5"], ["--window", "1", "-t", "1"]],
+)
+def test_one_pipe_for_stdout_and_stderr_gets_the_status_line_first_and_once(
+    flags: list[str],
+) -> None:
+    """Icinga 2 reads a plugin's stdout and stderr from one pipe: the status line must be its
+    first line (the state's text), and the problem is not said twice."""
+    run = subprocess.run(
+        [sys.executable, "-m", "tcpwatch", "check", "--window", "0", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = run.stdout.splitlines()
+    assert run.returncode == 3
+    assert lines and lines[0].startswith("TCPWATCH UNKNOWN - "), run.stdout
+    assert not any(line.startswith("tcpwatch: ") for line in lines), run.stdout

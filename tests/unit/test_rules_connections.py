@@ -159,16 +159,62 @@ def test_c01_names_the_owner_when_every_syn_sent_socket_goes_there() -> None:
     assert unsure.evidence["syn_sent_sockets"] == 2 and "process" not in unsure.evidence
 
 
-def test_c01_aborts_under_a_bare_address_are_judged_against_that_address_and_never_page() -> None:
-    after = [peer_stats("10.0.0.7", aborted=12), peer_stats(DB, ok=8)]
-    [finding] = judged([], after, "C01")
-    assert (finding.subject, finding.severity) == ("10.0.0.7", "warning")  # 60 %, capped
-    assert (finding.evidence["attempts"], finding.evidence["aborted"]) == (20, 12)
-    assert "port cleared by the kernel" in finding.title
-    assert "SO_LINGER 0" in finding.remediation
-    assert "ss -tnp 'dst 10.0.0.7'" in finding.remediation
-    # A few aborts among many good connections to the address: silent.
-    assert judged([], [peer_stats("10.0.0.7", aborted=2), peer_stats(DB, ok=98)], "C01") == []
+HAPROXY = ProcessRef(900, "haproxy")
+
+
+def behind_haproxy(
+    before: list[PeerStats], after: list[PeerStats], syn_sent: list[Destination] | None = None
+) -> Window:
+    """A namespace where haproxy listens on 127.0.0.1:8081, with the destroy listener's rows."""
+    proxy = listener(8081, "127.0.0.1", inode=7100)
+    table = socket_table([*DEFAULT_LISTENERS, proxy], syn_sent=syn_sent or [])
+    owners = {**DEFAULT_OWNERS, 7100: HAPROXY}
+    return window(
+        snapshot(sockets=table, owners=owners, connections=lifecycle(after)),
+        snapshot(taken_at=T0, sockets=table, owners=owners, connections=lifecycle(before)),
+    )
+
+
+def test_c01_failed_connects_whose_port_was_cleared_are_judged_on_their_own() -> None:
+    """The issue's dead backend: haproxy's refused connects to 127.0.0.1:9999 arrive as
+    127.0.0.1 without a port, beside 171,863 healthy connections to 127.0.0.1:8080."""
+    win = behind_haproxy(
+        [peer_stats("127.0.0.1:8080", ok=1000)],
+        [peer_stats("127.0.0.1", aborted=23), peer_stats("127.0.0.1:8080", ok=172_863)],
+    )
+    [finding] = only(evaluate(win, {}), "C01")
+    assert (finding.subject, finding.severity) == ("127.0.0.1", "critical")
+    evidence = finding.evidence
+    assert (evidence["attempts"], evidence["aborted"], evidence["failure_ratio"]) == (23, 23, 1.0)
+    assert evidence["port"] == "unknown" and "SO_LINGER 0" in str(evidence["why_port_unknown"])
+    assert evidence["other_ports"] == "127.0.0.1:8080 (171863 closed, 0 failed)"
+    assert evidence["client"] == "haproxy[900]"
+    assert evidence["failures_per_second"] == 4.6
+    assert finding.title == (
+        "23 of 23 connections to 127.0.0.1 failed in 5 s: 23 aborted, 4.6/s by haproxy[900]: "
+        "port unknown, the kernel cleared it (the client closed them abortively)"
+    )
+    assert "the client is likely haproxy[900]" in finding.remediation
+    assert "127.0.0.1 is an address of this host" in finding.remediation
+    # Judged by their number: fewer failures than minimum_attempts stay silent, and many stay
+    # a finding however many working connections the client cut the same way (haproxy with
+    # http-server-close closes its healthy server connections abortively too).
+    quiet = behind_haproxy([], [peer_stats("10.0.0.7", aborted=9, ok=91)])
+    assert only(evaluate(quiet, {}), "C01") == []
+    [diluted] = only(
+        evaluate(behind_haproxy([], [peer_stats("10.0.0.7", aborted=40, ok=400)]), {}), "C01"
+    )
+    assert diluted.severity == "warning" and diluted.evidence["failure_ratio"] == 0.0909
+    # Connects still waiting in SYN_SENT keep their port: the likely failing one is named.
+    waiting = behind_haproxy(
+        [], [peer_stats("10.77.0.2", aborted=200)], [Destination("ipv4", "10.77.0.2", 8080, 40)]
+    )
+    [blackholed] = only(evaluate(waiting, {}), "C01")
+    assert blackholed.evidence["syn_sent_now"] == "10.77.0.2:8080 (40)"
+    assert "the likely failing port" in blackholed.remediation
+    # A remote address: no claim that it is this host's.
+    [far] = only(evaluate(behind_haproxy([], [peer_stats("10.0.0.7", aborted=12)]), {}), "C01")
+    assert "is an address of this host" not in far.remediation and far.severity == "critical"
 
 
 def test_split_peer_reads_every_form_the_listener_writes() -> None:
@@ -283,7 +329,69 @@ def test_c01_timeouts_to_a_full_local_listener_point_to_q01() -> None:
     )
     first = finding.remediation.splitlines()[0]
     assert "the network is not at fault; see the Q01 finding for 0.0.0.0:8080" in first
+    assert finding.evidence["cause"] == "listener dropping"
     # The same timeouts to a remote destination are the network's case.
     remote = lifecycle([peer_stats("10.0.0.9:8080", timeout=20)])
     [far] = only(evaluate(window(replace(current, connections=remote), start), {}), "C01")
     assert "local_listener" not in far.evidence
+
+
+def test_c01_timeouts_to_a_local_listener_that_dropped_nothing_are_this_hosts_rules() -> None:
+    calm = listener(8080, "127.0.0.1", queue_length=0, queue_max=128, inode=7001)
+    table = socket_table([*DEFAULT_LISTENERS, replace(calm, drops=0)])
+    owners = {**DEFAULT_OWNERS, 7001: NGINX}
+    after = lifecycle(
+        [peer_stats("127.0.0.1:8080", timeout=20), peer_stats("127.0.0.1:7", refused=20)]
+    )
+    current = snapshot(sockets=table, owners=owners, connections=after)
+    start = snapshot(taken_at=T0, sockets=table, owners=owners, connections=lifecycle())
+    found = {f.subject: f for f in only(evaluate(window(current, start), {}), "C01")}
+    dropped = found["127.0.0.1:8080"]
+    assert dropped.evidence["cause"] == "dropped before the listener"
+    assert "nft list ruleset" in dropped.remediation
+    assert "security group" not in dropped.remediation and "route" not in dropped.remediation
+    nothing = found["127.0.0.1:7"]
+    assert (nothing.evidence["cause"], nothing.evidence["local_listener"]) == (
+        "nothing listens",
+        "none",
+    )
+    assert "nothing listens on that port" in nothing.remediation
+
+
+def test_c02_on_this_host_is_not_the_network() -> None:
+    after = [peer_stats("127.0.0.1:5432", ok=77, segments_sent=690, segments_retransmitted=38)]
+    [finding] = judged([], after, "C02")
+    assert finding.severity == "info" and finding.evidence["destination_local"] == "yes"
+    assert finding.title.endswith("on this host, not the network")
+    assert "loss on the path" not in finding.remediation and "mtr" not in finding.remediation
+
+
+def evidence_scenarios() -> list[tuple[Window, dict[str, RuleSettings]]]:
+    """C01's cleared-port and local cases, C02 on this host (for the rule pages' evidence)."""
+    haproxy = behind_haproxy(
+        [],
+        [peer_stats("127.0.0.1", aborted=23), peer_stats("127.0.0.1:8080", ok=900)],
+        syn_sent=[Destination("ipv4", "127.0.0.1", 9998, 3)],
+    )
+    dropping = replace(
+        listener(8080, "127.0.0.1", queue_length=3, queue_max=32, inode=7001), drops=500
+    )
+    table = socket_table([*DEFAULT_LISTENERS, dropping])
+    owners = {**DEFAULT_OWNERS, 7001: NGINX}
+    start_table = socket_table([*DEFAULT_LISTENERS, replace(dropping, drops=100)])
+    local = window(
+        snapshot(
+            sockets=table,
+            owners=owners,
+            connections=lifecycle(
+                [
+                    peer_stats("127.0.0.1:8080", timeout=20),
+                    peer_stats(
+                        "127.0.0.1:5432", ok=77, segments_sent=690, segments_retransmitted=38
+                    ),
+                ]
+            ),
+        ),
+        snapshot(taken_at=T0, sockets=start_table, owners=owners, connections=lifecycle()),
+    )
+    return [(haproxy, {}), (local, {})]

@@ -39,7 +39,8 @@ def test_q01_full_queue_is_critical_and_names_listener_and_process() -> None:
     assert "listen 8080 backlog=4096;" in finding.remediation
     # The app's own backlog (128) limits it, not somaxconn (4096): no sysctl change proposed.
     assert "somaxconn" not in finding.remediation.replace("# ", "")
-    assert "ss -ltn 'sport = :8080'" in finding.remediation
+    assert "ss -ltnm 'sport = :8080'" in finding.remediation
+    assert "worker_connections" in finding.remediation  # why nginx in particular stops
 
 
 def test_q01_warning_at_80_percent_and_somaxconn_advice_when_capped() -> None:
@@ -91,38 +92,6 @@ def test_q01_silent_below_80_percent_on_empty_queues_and_with_higher_thresholds(
 
 def test_q01_silent_without_sockets() -> None:
     assert only(evaluate(window(snapshot(sockets=None)), {}), "Q01") == []
-
-
-# Q02 -----------------------------------------------------------------------------------------
-
-
-def test_q02_overflows_during_the_window() -> None:
-    table = socket_table([listener(8080, queue_length=129, queue_max=128, inode=7001)])
-    start = snapshot(taken_at=T0, sockets=table, owners={7001: NGINX})
-    end = snapshot(
-        sockets=table,
-        owners={7001: NGINX},
-        counters=counters_plus({"TcpExtListenOverflows": 20, "TcpExtListenDrops": 20}),
-    )
-    (finding,) = only(evaluate(window(end, start), {}), "Q02")
-    assert finding.severity == "warning"
-    assert finding.evidence["listen_overflows_in_window"] == 20
-    assert finding.evidence["listen_drops_in_window"] == 20
-    assert finding.evidence["window_seconds"] == 5.0
-    assert finding.evidence["drops_per_second"] == 4.0
-    assert finding.evidence["listeners_full_now"] == "0.0.0.0:8080 nginx[1234]"
-    assert finding.subject == ""
-
-
-def test_q02_silent_without_growth_or_without_a_window() -> None:
-    grown = counters_plus({"TcpExtListenOverflows": 20, "TcpExtListenDrops": 20})
-    steady = window(snapshot(counters=grown), snapshot(taken_at=T0, counters=grown))
-    assert only(evaluate(steady, {}), "Q02") == []
-    assert only(evaluate(window(snapshot(counters=grown)), {}), "Q02") == []
-    higher = {"Q02": RuleSettings(thresholds={"minimum": 50})}
-    moving = window(snapshot(counters=grown), snapshot(taken_at=T0))
-    assert only(evaluate(moving, higher), "Q02") == []
-    assert len(only(evaluate(moving, {}), "Q02")) == 1
 
 
 # Q03 -----------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from tcpwatch.model import Destination, DestinationUse, Listener, ProcessRef, SelfConnect
-from tcpwatch.rules import Finding, RuleSettings, evaluate
+from dataclasses import replace
+
+from tcpwatch.model import Destination, DestinationUse, Listener, ProcessRef, SelfConnect, Snapshot
+from tcpwatch.rules import Finding, RuleSettings, Window, evaluate
 from tests.unit.snapshots import (
     DEFAULT_LISTENERS,
     DEFAULT_OWNERS,
@@ -89,13 +91,50 @@ def test_s01_critical_when_the_daemon_saw_the_same_sockets_stay_for_minutes() ->
 def test_s01_reports_sockets_with_no_owner_found_and_what_stayed_through_the_window() -> None:
     inodes, owners = held(0, tidy=0, unowned=70)
     table = socket_table(close_wait_inodes=inodes)
-    start = snapshot(taken_at=T0, sockets=socket_table(close_wait_inodes=inodes[:40]))
+    start = snapshot(taken_at=T0, sockets=socket_table(close_wait_inodes=inodes[:60]))
     current = snapshot(sockets=table, owners=owners, attribution_complete=False)
     (finding,) = only(evaluate(window(current, start), {}), "S01")
     assert finding.subject == "unknown process"
     assert finding.evidence["process"] == "unknown"
     assert str(finding.evidence["attribution"]).startswith("incomplete")
-    assert finding.evidence["still_close_wait_since_window_start"] == 40
+    assert finding.evidence["still_close_wait_since_window_start"] == 60
+    assert finding.evidence["close_wait_sockets"] == 70
+
+
+def test_s01_with_a_window_only_lasting_close_wait_is_a_leak() -> None:
+    """A load tool's CLOSE_WAIT that it closes a moment later (wrk against an nginx closing
+    keep-alive connections) is churn: none of those 200 was there when the window started."""
+    inodes, owners = held(200)
+    churned = window(
+        snapshot(sockets=socket_table(close_wait_inodes=inodes), owners=owners),
+        snapshot(taken_at=T0, sockets=socket_table(close_wait_inodes=[1, 2, 3]), owners=owners),
+    )
+    assert only(evaluate(churned, {}), "S01") == []
+
+
+def test_s01_one_program_whose_processes_each_hold_a_few() -> None:
+    """PostgreSQL's backends, one per session, each left with the CLOSE_WAIT of a client that
+    gave up during a long query: judged as the program."""
+    inodes = list(range(200_000, 200_060))
+    owners = {inode: ProcessRef(6000 + n, "postgres") for n, inode in enumerate(inodes)}
+    table = socket_table(close_wait_inodes=inodes)
+    win = window(
+        snapshot(sockets=table, owners=owners), snapshot(taken_at=T0, sockets=table, owners=owners)
+    )
+    (finding,) = only(evaluate(win, {}), "S01")
+    assert finding.subject == "postgres"
+    evidence = finding.evidence
+    assert (evidence["process"], evidence["processes"], evidence["close_wait_sockets"]) == (
+        "postgres",
+        60,
+        60,
+    )
+    assert evidence["pids"] == "6000, 6001, 6002, 6003, 6004, ..."
+    assert finding.title.startswith("postgres (60 processes) hold 60 CLOSE_WAIT sockets")
+    assert "client_connection_check_interval" in finding.remediation
+    # Two programs' few sockets each are not added together.
+    mixed = {inode: ProcessRef(6000 + n, f"worker{n % 30}") for n, inode in enumerate(inodes)}
+    assert only(evaluate(window(snapshot(sockets=table, owners=mixed)), {}), "S01") == []
 
 
 def test_s01_without_attribution_reports_the_namespace_total() -> None:
@@ -178,7 +217,7 @@ def test_s03_a_full_local_listener_is_q01s_case_not_the_networks() -> None:
     full = listener(8080, "127.0.0.1", queue_length=129, queue_max=128, inode=7001)
     (finding,) = s03_towards(Destination("ipv4", "127.0.0.1", 8080, 30), [full])
     assert finding.subject == "127.0.0.1:8080"
-    assert "full accept queue (Q01)" in finding.title and "nginx[1234]" in finding.title
+    assert finding.title.endswith("its listener here (nginx[1234]) drops them (Q01)")
     assert finding.evidence["local_listener"] == "127.0.0.1:8080"
     assert finding.evidence["full_queue"] == "accept"
     assert (finding.evidence["listener_queue_length"], finding.evidence["listener_queue_max"]) == (
@@ -187,7 +226,8 @@ def test_s03_a_full_local_listener_is_q01s_case_not_the_networks() -> None:
     )
     assert (finding.evidence["process"], finding.evidence["pid"]) == ("nginx", 1234)
     assert "Q01 accept-queue-full finding for 127.0.0.1:8080" in finding.remediation
-    assert "ss -ltn 'sport = :8080'" in finding.remediation
+    assert "ss -ltnm 'sport = :8080'" in finding.remediation
+    assert "worker_connections" in finding.remediation
     assert "the host is down" not in finding.remediation
 
 
@@ -216,13 +256,65 @@ def test_s03_a_full_syn_queue_without_cookies_is_named_too() -> None:
     [finding] = s03_towards(destination, [half_open], syncookies=0)
     assert finding.evidence["full_queue"] == "SYN" and finding.evidence["listener_syn_recv"] == 100
     assert "(Q04)" in finding.title and "Q04 syn-queue-pressure" in finding.remediation
-    # With SYN cookies a full SYN queue still answers: the network's text.
+    # With SYN cookies a full SYN queue still answers: the SYNs vanish before the listener.
     [cookies] = s03_towards(destination, [half_open], syncookies=1)
-    assert "local_listener" not in cookies.evidence
+    assert cookies.evidence["cause"] == "dropped before the listener"
 
 
-def test_s03_a_local_listener_with_room_keeps_the_network_text() -> None:
+def test_s03_a_local_listener_that_dropped_nothing_means_this_host_drops_the_syns() -> None:
     calm = listener(8080, "127.0.0.1", queue_length=3, queue_max=128, inode=7001)
     [finding] = s03_towards(Destination("ipv4", "127.0.0.1", 8080, 30), [calm])
-    assert finding.title == "30 connections to 127.0.0.1:8080 stuck in SYN_SENT"
-    assert set(finding.evidence) == {"destination", "syn_sent_sockets"}
+    assert finding.title == (
+        "30 connections to 127.0.0.1:8080 stuck in SYN_SENT: dropped on this host before its "
+        "listener (nginx[1234])"
+    )
+    assert finding.evidence["cause"] == "dropped before the listener"
+    assert finding.evidence["full_queue"] == "none"
+    assert "nft list ruleset" in finding.remediation and "iptables-save" in finding.remediation
+    assert "the host is down" not in finding.remediation
+    assert "route" not in finding.remediation
+
+
+def test_s03_a_local_address_where_nothing_listens() -> None:
+    [finding] = s03_towards(Destination("ipv4", "127.0.0.1", 7777, 30), [])
+    assert finding.evidence["local_listener"] == "none"
+    assert finding.title.endswith("stuck in SYN_SENT: dropped on this host")
+    assert (
+        "nothing listens there" in finding.remediation and "nft list ruleset" in finding.remediation
+    )
+
+
+def overflowing_nginx(drops: int, taken_at: float) -> Snapshot:
+    """nginx on 127.0.0.1:8080 with room in its queue at the poll, wrk's SYNs waiting."""
+    lsn = replace(listener(8080, "127.0.0.1", 12, 32, inode=7001), drops=drops)
+    table = socket_table([lsn], syn_sent=[Destination("ipv4", "127.0.0.1", 8080, 237)])
+    return snapshot(taken_at=taken_at, sockets=table, owners={7001: NGINX})
+
+
+def overflow_window() -> Window:
+    return window(overflowing_nginx(10315, T0 + 5), overflowing_nginx(7962, T0))
+
+
+def test_s03_a_local_listener_that_overflows_between_polls() -> None:
+    """Its queue has room at the poll, but it dropped SYNs during the window: its case (Q02)."""
+    (finding,) = only(evaluate(overflow_window(), {}), "S03")
+    evidence = finding.evidence
+    assert (evidence["cause"], evidence["listener_drops_in_window"]) == ("listener dropping", 2353)
+    assert evidence["full_queue"] == "none" and evidence["local_listener"] == "127.0.0.1:8080"
+    assert finding.title.endswith("its listener here (nginx[1234]) drops them (Q02)")
+    assert "it dropped 2353 connection attempts in the window" in finding.remediation
+    assert "host is down" not in finding.remediation and "firewall" not in finding.remediation
+
+
+def evidence_scenarios() -> list[tuple[Window, dict[str, RuleSettings]]]:
+    """A local listener that dropped during the window (for the S03 page's evidence table)."""
+    return [(overflow_window(), {}), (close_wait_window(), {})]
+
+
+def close_wait_window() -> Window:
+    inodes = list(range(200_000, 200_060))
+    owners = {inode: ProcessRef(6000 + n, "postgres") for n, inode in enumerate(inodes)}
+    table = socket_table(close_wait_inodes=inodes)
+    return window(
+        snapshot(sockets=table, owners=owners), snapshot(taken_at=T0, sockets=table, owners=owners)
+    )

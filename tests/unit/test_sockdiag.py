@@ -440,9 +440,9 @@ def test_collect_makes_four_dumps_and_derives_established() -> None:
         (socket.AF_INET6, ESTABLISHED_MASK),
     ]
     assert [struct.unpack_from("=I", request, 8)[0] for request in fake.requests] == [1, 2, 3, 4]
-    # idiag_ext: only the per-destination ESTABLISHED dumps ask for tcp_info (INET_DIAG_INFO,
-    # bit 2) and socket memory (INET_DIAG_SKMEMINFO, bit 64)
-    assert [request[18] for request in fake.requests] == [0, 0, 66, 66]
+    # idiag_ext: the first dumps ask for the listeners' SKMEMINFO (64), the per-destination
+    # ESTABLISHED dumps for tcp_info and socket memory (INET_DIAG_INFO 2 + SKMEMINFO 64)
+    assert [request[18] for request in fake.requests] == [64, 64, 66, 66]
     assert table.established_method == "derived"
     assert nonzero(table) == EXPECTED_COUNTS
     assert table == replay(COLLECT_DUMPS, inuse=INUSE, established_dumped=False)
@@ -497,7 +497,7 @@ def test_collect_keeps_the_derived_count_when_the_namespace_stood_still() -> Non
 def test_collect_without_live_info_asks_for_no_tcp_info() -> None:
     fake = ReplaySocket()
     table = collect(PORT_RANGE, INUSE, sock=cast(socket.socket, fake), live_info=False)
-    assert [request[18] for request in fake.requests] == [0, 0, 0, 0]
+    assert [request[18] for request in fake.requests] == [64, 64, 0, 0]
     assert all(use.established == 0 and use.rtt_mean_seconds is None for use in table.ephemeral_use)
 
 
@@ -645,6 +645,29 @@ def test_done_carrying_an_error_fails_the_dump() -> None:
     failed_done = struct.pack("=IHHIIi", 20, NLMSG_DONE, 2, 1, 0, -errno.ENOENT)
     with pytest.raises(SockDiagError, match="ENOENT"):
         feed(failed_done)
+
+
+def skmeminfo(drops: int, fields: int = 9) -> bytes:
+    """INET_DIAG_SKMEMINFO: u32 sk_meminfo[fields], sk_drops at index 8."""
+    values = [131072, 0, 16384, 0, 0, 0, 0, 0, drops][:fields]
+    return struct.pack("=HH", 4 + 4 * fields, 7) + struct.pack(f"={fields}I", *values)
+
+
+def test_listener_drops_come_from_skmeminfo() -> None:
+    aggregator = DumpAggregator(PORT_RANGE)
+    data = (
+        message(10, sport=8080, dport=0, source="127.0.0.1", destination="0.0.0.0", wqueue=32,
+                inode=11, attributes=SHUTDOWN + skmeminfo(10315))
+        + message(10, sport=8081, dport=0, source="127.0.0.1", destination="0.0.0.0",
+                  inode=12, attributes=SHUTDOWN)
+        + message(10, sport=8082, dport=0, source="127.0.0.1", destination="0.0.0.0",
+                  inode=13, attributes=skmeminfo(7, fields=8))
+        + DONE
+    )  # fmt: skip
+    assert feed(data, aggregator=aggregator)
+    drops = {lsn.port: lsn.drops for lsn in aggregator.result(None, True).listeners}
+    # Without the attribute (or one too short to hold sk_drops) the count is unknown, not 0.
+    assert drops == {8080: 10315, 8081: None, 8082: None}
 
 
 def test_request_and_full_syn_recv_sockets_are_told_apart() -> None:

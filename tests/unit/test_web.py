@@ -542,10 +542,15 @@ def test_kept_alive_scrapes_are_not_held_up_by_delayed_acks(
     assert statistics.median(took) < 0.03, took
 
 
-def test_overload_gets_a_quick_503(monkeypatch: pytest.MonkeyPatch) -> None:
-    # One worker, one queue place: a request that finds both taken is answered 503 at once.
+@pytest.mark.parametrize("deferred", [0, 4])
+def test_overload_waits_for_room_then_gets_a_quick_503(
+    monkeypatch: pytest.MonkeyPatch, deferred: int
+) -> None:
+    # One worker, one queue place: a request that finds both taken waits (parked, unanswered)
+    # for room while DEFERRED others do not wait already; past that it is answered 503 at once.
     monkeypatch.setattr(web_server.limits, "WORKERS", 1)
     monkeypatch.setattr(web_server.limits, "READY_QUEUE", 1)
+    monkeypatch.setattr(web_server.limits, "DEFERRED", deferred)
     holder = Holder()
     holder.state = export_state()
     app = holder.app()
@@ -569,10 +574,16 @@ def test_overload_gets_a_quick_503(monkeypatch: pytest.MonkeyPatch) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", server.address.port, timeout=5)
         started = time.monotonic()
         connection.request("GET", "/metrics")
-        response = connection.getresponse()
-        assert response.status == 503
-        assert b"Too many parallel requests" in response.read()
-        assert time.monotonic() - started < 1.0
+        if deferred:
+            time.sleep(0.3)
+            release.set()  # the worker moves on: the waiting request gets its turn
+            response = connection.getresponse()
+            assert response.status == 200 and response.read()
+        else:
+            response = connection.getresponse()
+            assert response.status == 503
+            assert b"Too many parallel requests" in response.read()
+            assert time.monotonic() - started < 1.0
         connection.close()
     finally:
         release.set()

@@ -10,7 +10,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from tcpwatch.endpoints import endpoint, ports_available
 from tcpwatch.model import FAMILIES, STATES
-from tcpwatch.render.families.base import NETNS, family, gauge
+from tcpwatch.render.families.base import NETNS, counter, family, gauge
 from tcpwatch.state import ExportState
 
 
@@ -85,6 +85,26 @@ def listener_families(state: ExportState) -> Iterator[Metric]:
             if owner is not None:
                 info.add_metric([*values, owner.name, str(owner.pid)], 1)
     yield from (length, maximum, syn_recv, info)
+
+
+@family(source="sockdiag", order=31)
+def listener_drop_families(state: ExportState) -> Iterator[Metric]:
+    drops = counter(
+        "tcpwatch_listener_drops",
+        "Connection attempts the kernel dropped at a listening socket since it was created: "
+        "accept-queue overflows, SYN-queue drops and other drops at the socket (its sk_drops, "
+        "`ss -ltnm` d<N>). Resets when the listener is re-created. Absent when the kernel does "
+        "not report it.",
+        ["netns", "address", "port", "socket"],
+    )
+    for snap in state.snapshots:
+        if snap.sockets is None:
+            continue
+        for listener in snap.sockets.listeners:
+            if listener.drops is not None:
+                values = [snap.netns, listener.address, str(listener.port)]
+                drops.add_metric([*values, str(listener.socket_index)], listener.drops)
+    yield drops
 
 
 @family(source="sockdiag", order=52)
