@@ -48,10 +48,10 @@ class CollectSettings:
     top_destinations: int = 20
     disabled_sources: tuple[str, ...] = ()  # source names (tcpwatch_source_up) not to run
     # The destroy-event source (docs/connections.md): on/off, the host-wide budget of per-peer
-    # rows (every namespace together, "other" rows included; 24 series a row) and the idle time,
+    # rows (every namespace together, "other" rows included; 22 series a row) and the idle time,
     # and the receive buffer asked for (the kernel doubles it).
     connections: bool = True
-    connection_peers: int = 120
+    connection_peers: int = 136  # x 22 series a row: 2,992 (docs/metrics.md)
     connection_peer_idle: float = 3600.0
     connection_receive_buffer: int = 4 << 20
     live_tcp_info: bool = True  # tcp_info of live connections on the per-destination scan

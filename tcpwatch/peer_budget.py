@@ -30,7 +30,9 @@ from dataclasses import replace
 
 from tcpwatch.model import (
     DIRECTIONS,
+    OUTCOMES,
     PEER_OTHER,
+    RTT_BUCKETS_SECONDS,
     LifecycleStats,
     PeerStats,
     Snapshot,
@@ -38,7 +40,16 @@ from tcpwatch.model import (
 )
 
 HYSTERESIS = 2.0
-SERIES_PER_ROW = 24  # closed x4 outcomes, RTT histogram (14 buckets, sum, count), 4 counters
+# What one row costs (docs/metrics.md, "Series arithmetic"): an outbound row has the four
+# outcomes, the RTT histogram (its buckets, +Inf, sum and count) and one series per counter; an
+# inbound row leaves out the two outcomes a listener's connections cannot have (timeout, refused:
+# exported only once one happened). A counter added to every row is one more ROW_COUNTERS, and
+# collect.connection_peers' default shrinks so rows x SERIES_PER_ROW stays within
+# PEER_SERIES_TARGET (tests/unit/test_series_arithmetic.py holds all three to the exposition).
+ROW_COUNTERS = 4  # segments sent, segments retransmitted, bytes sent, bytes received
+SERIES_PER_ROW = len(OUTCOMES) + len(RTT_BUCKETS_SECONDS) + 3 + ROW_COUNTERS  # 22
+SERIES_PER_INBOUND_ROW = SERIES_PER_ROW - 2
+PEER_SERIES_TARGET = 3000  # the per-peer series of a node at the default row budget
 
 Group = tuple[str, str]  # (netns, direction)
 Key = tuple[str, str, str]  # (netns, direction, peer)

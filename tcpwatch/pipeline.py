@@ -27,7 +27,7 @@ from tcpwatch.paths import ProcPaths
 from tcpwatch.peer_budget import PeerBudget
 from tcpwatch.rules import SYSCTLS_USED
 from tcpwatch.sources.netns import NetnsNames
-from tcpwatch.sources.registry import registered_sources, source_names
+from tcpwatch.sources.registry import host_source_names, registered_sources, source_names
 from tcpwatch.state import ExportState, PollHistogram, Trend
 from tcpwatch.trends import next_trend
 
@@ -111,6 +111,7 @@ class Pipeline:
         self._failure_log = (failure_log or SourceFailureLog()) if log_failures else None
         self._cached = cached
         self._source_names = source_names()
+        self._host_sources = host_source_names()
         self._history: dict[str, NetnsHistory] = {}
         self._errors: dict[tuple[str, str], int] = {}
         self._durations = PollHistogram()
@@ -174,6 +175,7 @@ class Pipeline:
             top_destinations=config.collect.top_destinations,
             cached=self._cached,
             source_names=self._source_names,
+            host_sources=self._host_sources,
             trends=dict(self._trends),
             interval=config.interval,
             window=max(

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from tcpwatch.model import Snapshot
 from tcpwatch.rules import Finding
-from tcpwatch.sources.registry import source_names
+from tcpwatch.sources.registry import host_source_names, source_names
 
 POLL_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -49,6 +49,8 @@ class ExportState:
     cached: bool = False
     # Every source tcpwatch_source_errors_total counts (0 until one fails), in poll order.
     source_names: tuple[str, ...] = field(default_factory=source_names)
+    # Of them, those read once for every namespace (processes, owners, sysctl_files).
+    host_sources: frozenset[str] = field(default_factory=host_source_names)
     trends: Mapping[str, Trend] = field(default_factory=dict)  # netns -> its recent polls
     interval: float = 0.0  # seconds between polls (0: one-shot); the live page refreshes so often
     # Seconds the rules judged: from the start of their window to this poll (the longest of the

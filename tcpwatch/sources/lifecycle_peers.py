@@ -52,7 +52,7 @@ from tcpwatch.sources.netlink import (
 from tcpwatch.sources.sockdiag import INET_DIAG_MSG_MIN
 from tcpwatch.sources.tcpinfo import CLOSE_FIELDS, handshake_completed, parse_tcp_info
 
-DEFAULT_MAX_PEERS = 120  # host-wide rows (collect.connection_peers)
+DEFAULT_MAX_PEERS = 136  # host-wide rows (collect.connection_peers' default)
 DEFAULT_PEER_IDLE_SECONDS = 3600.0
 SCORE_HALF_LIFE_SECONDS = 60.0  # a peer's busyness: closes, halved every minute
 _ROUTE_CACHE_LIMIT = 4096

@@ -79,6 +79,13 @@ def registered_sources() -> tuple[AnySource, ...]:
     return declared_in([*_package_modules(), *_extra_modules()])
 
 
+def host_source_names(sources: Iterable[AnySource] | None = None) -> frozenset[str]:
+    """The sources read once for every namespace: their health is the host's, not a
+    namespace's."""
+    chosen = registered_sources() if sources is None else sources
+    return frozenset(s.name for s in chosen if isinstance(s, Source) and s.scope == "host")
+
+
 def source_names(sources: Iterable[AnySource] | None = None) -> tuple[str, ...]:
     """What ``tcpwatch_source_*{source=...}`` can say: entering a namespace, then each source."""
     chosen = registered_sources() if sources is None else sources

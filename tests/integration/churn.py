@@ -127,11 +127,12 @@ def start_churn(
     loss_percent: int = 15,
     pause: float = 0.1,
     timeout_after: float = 1.0,
+    host: str = "127.0.0.1",
 ) -> Churn:
-    """Start the churn on ports ``first_port`` (ok) .. ``first_port + 3`` (lossy); nftables
-    rules in the namespace drop the SYNs to the timeout port and ``loss_percent`` of the
-    segments to the lossy one."""
-    churn = Churn("127.0.0.1", first_port, first_port + 1, first_port + 2,
+    """Start the churn on ports ``first_port`` (ok) .. ``first_port + 3`` (lossy) of ``host`` (a
+    local address); nftables rules in the namespace drop the SYNs to the timeout port and
+    ``loss_percent`` of the segments to the lossy one."""
+    churn = Churn(host, first_port, first_port + 1, first_port + 2,
                   first_port + 3 if lossy else None)  # fmt: skip
     rules = [f"tcp dport {churn.timeout_port} tcp flags syn drop"]
     if churn.lossy_port is not None:

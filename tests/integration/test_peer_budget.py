@@ -1,5 +1,5 @@
 """The per-peer rows of closed connections under a host-wide budget, with a real ``serve``
-(issue 21 item 12, issue 19 item 1).
+(issue 21 item 12, issue 19 item 1). The whole scrape of a worst-case node: test_node_series.py.
 
 Pod-like namespaces reach a "servers" namespace over veth pairs. The addresses are loopback ones
 (127.1.N.1 and 127.1.N.2, with ``route_localnet`` on both ends), so no traffic is ever addressed
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tcpwatch.peer_budget import SERIES_PER_ROW
+from tcpwatch.peer_budget import PEER_SERIES_TARGET, SERIES_PER_ROW
 from tests.integration.netns import Netns
 from tests.integration.test_lifecycle_serve import wait_for_lifecycle
 from tests.integration.test_serve import Samples, Served, matching, start_serve
@@ -178,7 +178,7 @@ def test_rows_go_to_the_busiest_peers_and_to_a_new_listener(
 
 PODS = 8
 DESTINATIONS = 300
-SERIES_BUDGET = 3000  # the per-peer series of a whole node, whatever the traffic
+SERIES_BUDGET = PEER_SERIES_TARGET  # the per-peer series of a whole node, whatever the traffic
 PODS_BUDGET = 4000  # everything the 8 pods export
 
 

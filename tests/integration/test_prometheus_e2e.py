@@ -359,7 +359,9 @@ def test_unhealthy_population_fires_alerts_and_fills_every_dashboard_panel(netns
         start_syn_flood(netns, SYN_COOKIE_PORT)
         # A listener's owner at its RLIMIT_NOFILE: Q05 critical, which has no alert of its own.
         fd_limited = populations.fd_limited_listener(netns, port=FD_LIMITED_PORT)
-        churn = start_churn(netns, CHURN_PORT, LIFETIME, lossy=True)
+        # On 127.4.0.1, not 127.0.0.1: the per-destination fleet rules leave each node's own
+        # 127.0.0.1 out, and every recording rule must have data here.
+        churn = start_churn(netns, CHURN_PORT, LIFETIME, lossy=True, host="127.4.0.1")
         wait_for(
             "Prometheus sees the first CLOSE_WAIT batch",
             lambda: bool(stack.query(f'tcpwatch_process_sockets{{process="{LEAKER}"}} >= 60')),

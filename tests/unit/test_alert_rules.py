@@ -26,6 +26,8 @@ PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 ALERTS = PROMETHEUS_DIR / "tcpwatch-alerts.yml"
 RECORDING = PROMETHEUS_DIR / "tcpwatch-recording.yml"
 RULE_TESTS = PROMETHEUS_DIR / "tcpwatch-alerts.test.yml"
+# The fleet groups' cases (per node, per destination) have a file of their own.
+RECORDING_TESTS = PROMETHEUS_DIR / "tcpwatch-recording.test.yml"
 SCRAPE_EXAMPLE = PROMETHEUS_DIR / "scrape-config.example.yml"
 KUBERNETES_DIR = REPO / "deploy" / "kubernetes"
 FLEET_DOC = REPO / "docs" / "fleet.md"
@@ -85,8 +87,9 @@ def test_promtool_check_rules(path: Path) -> None:
     assert f"SUCCESS: {count} rules found" in result.stdout
 
 
-def test_promtool_test_rules() -> None:
-    result = promtool("test", "rules", RULE_TESTS.name)
+@pytest.mark.parametrize("path", [RULE_TESTS, RECORDING_TESTS], ids=lambda path: path.name)
+def test_promtool_test_rules(path: Path) -> None:
+    result = promtool("test", "rules", path.name)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
@@ -171,7 +174,8 @@ def test_every_alert_has_a_firing_and_a_silent_test_case() -> None:
 def test_every_recording_rule_is_tested() -> None:
     tested = {
         re.match(r"[\w:]+", check["expr"]).group()  # type: ignore[union-attr]
-        for case in _load(RULE_TESTS)["tests"]
+        for path in (RULE_TESTS, RECORDING_TESTS)
+        for case in _load(path)["tests"]
         for check in case.get("promql_expr_test", [])
     }
     records = {rule["record"] for rule in rules_of(RECORDING)}
@@ -179,11 +183,14 @@ def test_every_recording_rule_is_tested() -> None:
 
 
 def test_rules_use_only_documented_metrics_and_labels() -> None:
+    # A ratio rule reads the rates recorded before it in its group.
+    recorded = tuple(f"metric {rule['record']} " for rule in rules_of(RECORDING))
     problems = [
         f"{rule.get('alert') or rule.get('record')}: {problem}"
         for path in (ALERTS, RECORDING)
         for rule in rules_of(path)
         for problem in undocumented_use(rule["expr"])
+        if not problem.startswith(recorded)
     ]
     assert problems == []
 

@@ -71,15 +71,15 @@ def peer(direction: str, name: str, closed: dict[str, int], rtt: tuple[int, ...]
 def connections() -> LifecycleStats:
     """Closed connections: one listener, one destination with failures, the folded rest."""
     rows = (
-        peer("inbound", "0.0.0.0:80", {"ok": 7000}, (0, 6000, 1000, *[0] * 11)),
+        peer("inbound", "0.0.0.0:80", {"ok": 7000}, (0, 0, 0, 6000, 1000, *[0] * 7)),
         peer(
             "outbound",
             "10.0.0.9:5432",
             {"ok": 90, "timeout": 3, "refused": 4},
-            (0, 0, 0, 80, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+            (0, 0, 0, 0, 80, 10, 0, 0, 0, 0, 0, 0),
         ),
-        peer("outbound", "10.0.0.7", {"aborted": 2}, (0,) * 14),
-        peer("outbound", "other", {"ok": 10}, (0, 0, 10, *[0] * 11)),
+        peer("outbound", "10.0.0.7", {"aborted": 2}, (0,) * 12),
+        peer("outbound", "other", {"ok": 10}, (0, 0, 0, 10, *[0] * 8)),
     )
     return LifecycleStats(
         peers=rows,

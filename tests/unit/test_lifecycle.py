@@ -388,7 +388,16 @@ def test_aggregation_agrees_with_classify_and_sums_the_counters() -> None:
 
 @pytest.mark.parametrize(
     ("rtt_us", "bucket"),
-    [(1, 0), (100, 0), (101, 1), (1000, 3), (999_999, 12), (1_000_000, 12), (1_000_001, 13)],
+    [
+        (1, 0),
+        (10, 0),
+        (11, 1),
+        (100, 2),
+        (1000, 4),
+        (999_999, 10),
+        (1_000_000, 10),
+        (1_000_001, 11),
+    ],
 )
 def test_rtt_buckets_are_upper_bounds(rtt_us: int, bucket: int) -> None:
     aggregator = LifecycleAggregator()

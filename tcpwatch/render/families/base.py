@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from tcpwatch.model import Snapshot
 from tcpwatch.state import ExportState
 
 # Families of what the pipeline keeps itself, not of one source.
@@ -26,6 +27,7 @@ PIPELINE = "pipeline"
 # The HELP suffix of every family whose values a scrape takes from the latest poll (serve).
 CACHED = " Cached: values are from the latest poll (see tcpwatch_last_poll_timestamp_seconds)."
 NETNS = ["netns"]  # the label of a family with one series per namespace
+HOST = "host"  # the name of the init network namespace (sources/netns/naming.py)
 
 Render = Callable[[ExportState], Iterable[Metric]]
 
@@ -62,6 +64,18 @@ def family(*, source: str, order: int) -> Callable[[Render], Family]:
 def cached(state: ExportState) -> str:
     """The HELP suffix for values from the latest poll, when the state is served between polls."""
     return CACHED if state.cached else ""
+
+
+def host_snapshot(state: ExportState) -> Snapshot | None:
+    """The host's namespace when this poll covers it and others.
+
+    A namespace beside it leaves out what the host's own series already say (docs/metrics.md,
+    "Series arithmetic"): sysctls equal to the host's, the kernel's host-wide counts, the health
+    of host-wide sources. With the host alone, or without it, every namespace has everything.
+    """
+    if len(state.snapshots) < 2:
+        return None
+    return next((snap for snap in state.snapshots if snap.netns == HOST), None)
 
 
 def gauge(name: str, doc: str, labels: list[str], state: ExportState) -> GaugeMetricFamily:

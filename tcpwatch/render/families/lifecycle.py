@@ -13,6 +13,11 @@ from tcpwatch.render.families.base import NETNS, counter, family
 from tcpwatch.state import ExportState
 
 PEER_LABELS = ["netns", "direction", "peer"]
+# A server's socket exists once the handshake completed (or, with TCP Fast Open, once the SYN
+# came in), so a listener's closes are ok or aborted: these two outcomes of an inbound row are
+# exported only once one happened (a Fast Open child that never completed: refused), which
+# saves two always-zero series a listener row (docs/metrics.md, "Series arithmetic").
+INBOUND_RARE = frozenset({"timeout", "refused"})
 
 
 @family(source="lifecycle", order=50)
@@ -111,7 +116,9 @@ def closed_connection_families(state: ExportState) -> Iterator[Metric]:
         for row in stats.peers:
             labels = [snap.netns, row.direction, row.peer]
             for outcome in OUTCOMES:
-                closed.add_metric([*labels, outcome], row.closed.get(outcome, 0))
+                count = row.closed.get(outcome, 0)
+                if count or row.direction != "inbound" or outcome not in INBOUND_RARE:
+                    closed.add_metric([*labels, outcome], count)
             cumulative = row.rtt_cumulative()
             rtt.add_metric(labels, list(zip(bounds, cumulative, strict=True)), row.rtt_sum_seconds)
             sent.add_metric(labels, row.segments_sent)

@@ -12,7 +12,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from tcpwatch.render.families.base import PIPELINE, family, gauge
+from tcpwatch.render.families.base import HOST, PIPELINE, family, gauge, host_snapshot
 from tcpwatch.state import POLL_BUCKETS, ExportState
 
 SOURCE_LABELS = ["netns", "source"]
@@ -60,12 +60,22 @@ def poll_families(state: ExportState) -> Iterator[Metric]:
         "Polls in which the source failed, since tcpwatch started.",
         labels=SOURCE_LABELS,
     )
+    # A host-wide source is read once for every namespace: beside the host's namespace, its
+    # health is reported there only.
+    host = host_snapshot(state)
+    on_host = {status.name for status in host.sources} if host else set()
+    shared = state.host_sources & on_host
     for snap in state.snapshots:
+        own = shared if snap.netns != HOST else frozenset()
         for status in snap.sources:
+            if status.name in own:
+                continue
             up.add_metric([snap.netns, status.name], 1 if status.ok else 0)
             duration.add_metric([snap.netns, status.name], status.duration_seconds)
             degraded.add_metric([snap.netns, status.name], len(status.skipped))
         for source in state.source_names:
+            if source in own:
+                continue
             failures = state.source_errors.get((snap.netns, source), 0)
             errors.add_metric([snap.netns, source], failures)
     last = GaugeMetricFamily(

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from tcpwatch.render.families.base import family, gauge
+from tcpwatch.render.families.base import HOST, family, gauge, host_snapshot
 from tcpwatch.state import ExportState
 
 
@@ -30,12 +30,17 @@ def sysctl_family(state: ExportState) -> Iterator[Metric]:
         "tcpwatch_sysctl",
         "TCP tunables under /proc/sys/net. Multi-valued ones get one series per field, named "
         "with a suffix (net.ipv4.ip_local_port_range.min/.max, "
-        "net.ipv4.tcp_mem.min/.pressure/.max).",
+        "net.ipv4.tcp_mem.min/.pressure/.max). Beside the host's namespace, another namespace "
+        "has only the tunables whose value differs from the host's.",
         ["netns", "name"],
         state,
     )
+    host = host_snapshot(state)
+    reference = dict(host.sysctls.named_fields()) if host and host.sysctls else {}
     for snap in state.snapshots:
         if snap.sysctls is not None:
+            same = reference if snap.netns != HOST else {}
             for name, value in snap.sysctls.named_fields():
-                sysctls.add_metric([snap.netns, name], value)
+                if same.get(name) != value:
+                    sysctls.add_metric([snap.netns, name], value)
     yield sysctls
