@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from tcpwatch.stalls import InboundScan, LivePeer, Stalls, live_peers
+from tcpwatch.stalls import ClosedWaits, InboundScan, Stalls
 
 # Exported state names, in the kernel's numbering order (TCP_ESTABLISHED = 1 ... TCP_CLOSING = 11).
 STATES: tuple[str, ...] = (
@@ -315,10 +315,6 @@ class Snapshot:
     def source_ok(self, name: str) -> bool:
         return any(status.name == name and status.ok for status in self.sources)
 
-    def live_peers(self) -> tuple[LivePeer, ...]:
-        """Each (direction, peer)'s live connections, from both live scans (stalls.py)."""
-        return live_peers(self.sockets.ephemeral_use if self.sockets else (), self.inbound)
-
 
 # --- Connection lifecycle: closed connections heard on the socket-destroy multicast ------------
 # Built by tcpwatch/sources/lifecycle*.py; meanings in docs/connections.md.
@@ -366,6 +362,7 @@ class PeerStats:
     segments_retransmitted: int  # tcpi_total_retrans
     bytes_sent: int  # tcpi_bytes_acked: bytes the peer acknowledged (SYN and FIN count one each)
     bytes_received: int  # tcpi_bytes_received (a received FIN counts one)
+    waits: ClosedWaits = field(default_factory=ClosedWaits)  # busy, limited, zero windows
 
     def rtt_cumulative(self) -> tuple[int, ...]:
         """Counts per upper bound, cumulative, the last one being +Inf (Prometheus' shape)."""
@@ -393,6 +390,7 @@ def add_peer_stats(total: PeerStats | None, delta: PeerStats, peer: str | None =
         segments_retransmitted=total.segments_retransmitted + delta.segments_retransmitted,
         bytes_sent=total.bytes_sent + delta.bytes_sent,
         bytes_received=total.bytes_received + delta.bytes_received,
+        waits=total.waits + delta.waits,
     )
 
 

@@ -173,6 +173,7 @@ class Pipeline:
             source_errors=dict(errors),
             top_processes=config.collect.top_processes,
             top_destinations=config.collect.top_destinations,
+            live_peers=config.collect.live_peers,
             cached=self._cached,
             source_names=self._source_names,
             host_sources=self._host_sources,

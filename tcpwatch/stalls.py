@@ -8,7 +8,7 @@ one screenful of one subject; it imports nothing of tcpwatch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -105,6 +105,45 @@ class InboundScan:
 
 
 @dataclass(frozen=True, slots=True)
+class ClosedWaits:
+    """Where the connections of one peer row that closed spent their time, from each one's
+    tcp_info at close, summed (model.PeerStats.waits): microseconds, as the kernel counts them.
+    busy includes both limited times (Linux 4.10+); a zero-window close is a connection that
+    ended while its peer advertised a zero window (tcpi_snd_wnd 0, Linux 5.4+): the peer had
+    stopped reading. Before those kernels the counts stay 0."""
+
+    busy_us: int = 0
+    rwnd_limited_us: int = 0
+    sndbuf_limited_us: int = 0
+    zero_window_closes: int = 0
+
+    def __add__(self, other: ClosedWaits) -> ClosedWaits:
+        return ClosedWaits(
+            self.busy_us + other.busy_us,
+            self.rwnd_limited_us + other.rwnd_limited_us,
+            self.sndbuf_limited_us + other.sndbuf_limited_us,
+            self.zero_window_closes + other.zero_window_closes,
+        )
+
+    def __sub__(self, other: ClosedWaits) -> ClosedWaits:
+        return ClosedWaits(
+            self.busy_us - other.busy_us,
+            self.rwnd_limited_us - other.rwnd_limited_us,
+            self.sndbuf_limited_us - other.sndbuf_limited_us,
+            self.zero_window_closes - other.zero_window_closes,
+        )
+
+    def went_back(self, earlier: ClosedWaits) -> bool:
+        """Whether any count is below ``earlier``'s (the row restarted in between)."""
+        return (
+            self.busy_us < earlier.busy_us
+            or self.rwnd_limited_us < earlier.rwnd_limited_us
+            or self.sndbuf_limited_us < earlier.sndbuf_limited_us
+            or self.zero_window_closes < earlier.zero_window_closes
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class LivePeer:
     """The live connections of one (direction, peer) at the latest scan: a listener's clients
     (inbound, named as the listener) or one destination (outbound, every source address
@@ -114,6 +153,13 @@ class LivePeer:
     peer: str
     stalls: Stalls
     inode: int  # the listening socket's (inbound); 0 outbound: see stalls.worst for sockets
+
+
+class _Table(Protocol):
+    """What live_peers reads of a model.SocketTable."""
+
+    @property
+    def ephemeral_use(self) -> Sequence[_Destination]: ...
 
 
 class _Destination(Protocol):
@@ -176,11 +222,11 @@ def merge(parts: Iterable[Stalls]) -> Stalls:
     )
 
 
-def live_peers(
-    destinations: Iterable[_Destination], inbound: InboundScan | None
-) -> tuple[LivePeer, ...]:
-    """Inbound peers (the listeners scanned) then outbound ones (destinations with a scan),
-    each sorted by peer."""
+def live_peers(table: _Table | None, inbound: InboundScan | None) -> tuple[LivePeer, ...]:
+    """Each (direction, peer)'s live connections, from both live scans of a snapshot (its
+    ``sockets`` and ``inbound``): inbound peers (the listeners scanned) then outbound ones
+    (destinations with a scan, every source address together), each sorted by peer."""
+    destinations = table.ephemeral_use if table is not None else ()
     peers = [
         LivePeer("inbound", item.listener, item.stalls, item.inode)
         for item in (inbound.listeners if inbound is not None else ())
@@ -220,13 +266,15 @@ def waiting_on(stalls: Stalls) -> str:
     return ""
 
 
+def slowness(peer: LivePeer) -> tuple[bool, float, int, str, str]:
+    """A sort key: peers that wait on something first, then by time spent waiting, then by
+    queued bytes."""
+    stalls = peer.stalls
+    waited = (stalls.rwnd_limited_seconds or 0.0) + (stalls.sndbuf_limited_seconds or 0.0)
+    queued = stalls.receive_queue_bytes + stalls.send_queue_bytes
+    return (not waiting_on(stalls), -waited, -queued, peer.direction, peer.peer)
+
+
 def slowest(peers: Iterable[LivePeer]) -> list[LivePeer]:
-    """Peers that wait on something first, then by time spent waiting, then queued bytes."""
-
-    def key(peer: LivePeer) -> tuple[bool, float, int, str, str]:
-        stalls = peer.stalls
-        waited = (stalls.rwnd_limited_seconds or 0.0) + (stalls.sndbuf_limited_seconds or 0.0)
-        queued = stalls.receive_queue_bytes + stalls.send_queue_bytes
-        return (not waiting_on(stalls), -waited, -queued, peer.direction, peer.peer)
-
-    return sorted(peers, key=key)
+    """The peers, slowest first (:func:`slowness`)."""
+    return sorted(peers, key=slowness)

@@ -17,7 +17,7 @@ from tcpwatch import __version__
 from tcpwatch.endpoints import endpoint, ports_available
 from tcpwatch.model import FAMILIES, STATES, Listener, Snapshot
 from tcpwatch.render.json import report_document
-from tcpwatch.stalls import slowest, waiting_on
+from tcpwatch.stalls import live_peers, slowest, waiting_on
 from tcpwatch.state import ExportState, Trend
 
 API_VERSION = 1
@@ -166,7 +166,7 @@ def _close_wait_holders(snapshot: Snapshot, top: int) -> list[dict[str, Any]] | 
 def _slow_peers(snapshot: Snapshot, top: int) -> list[dict[str, Any]]:
     """The live peers, those waiting on something first, then by time spent waiting."""
     items = []
-    for peer in slowest(snapshot.live_peers())[:top]:
+    for peer in slowest(live_peers(snapshot.sockets, snapshot.inbound))[:top]:
         stalls = peer.stalls
         inodes = [peer.inode] if peer.inode else [c.inode for c in stalls.worst]
         owners = [o for o in map(snapshot.attribution.owner, inodes) if o is not None] if (

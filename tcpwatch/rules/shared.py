@@ -15,8 +15,8 @@ from tcpwatch.endpoints import endpoint
 from tcpwatch.model import Destination, Listener, ProcessRef, Snapshot
 from tcpwatch.rules.base import EvidenceValue, Threshold, Window
 from tcpwatch.rules.fixes import owner_of
-from tcpwatch.rules.peers import add_owner, split_peer
-from tcpwatch.stalls import LiveConnection, LivePeer, Stalls
+from tcpwatch.rules.peers import PeerWindow, add_owner, peer_windows, split_peer
+from tcpwatch.stalls import ClosedWaits, LiveConnection, LivePeer, Stalls, live_peers
 
 TIME_WAIT_SECONDS = 60  # TCP_TIMEWAIT_LEN in include/net/tcp.h; no sysctl changes it
 
@@ -272,3 +272,55 @@ def busy_thresholds(warning: float, what: str) -> tuple[Threshold, Threshold]:
             "busy time summed over the peer's live connections before the share is judged",
         ),
     )
+
+
+# --- closed connections beside the live ones (W01, W03, W04) ----------------------------------
+
+# A peer with no live connection at the scan: what is left is its closed connections' record.
+NO_LIVE = Stalls(0, None, None, None, 0, 0, 0, 0, 0, 0, None, 0, None, None)
+
+
+def slow_candidates(window: Window) -> list[tuple[LivePeer, PeerWindow | None]]:
+    """Each live peer with what its connections that closed did in the window (None: none did,
+    or no window), then the peers with closed connections that were busy in the window and
+    none live now, as a LivePeer without connections (a listener's carries the inode of its
+    first socket, so its owner is named). Short connections (a download that ends between two
+    scans) are seen only this way."""
+    snapshot = window.current
+    closed = {
+        (item.direction, item.peer): item
+        for direction in ("inbound", "outbound")
+        for item in peer_windows(window, direction)
+    }
+    found = [
+        (peer, closed.pop((peer.direction, peer.peer), None))
+        for peer in live_peers(snapshot.sockets, snapshot.inbound)
+    ]
+    groups = {group.name: group for group in listener_groups(snapshot)}
+    for (direction, name), item in sorted(closed.items()):
+        if not item.waits.busy_us:
+            continue
+        group = groups.get(name) if direction == "inbound" else None
+        inode = group.sockets[0].inode if group is not None else 0
+        found.append((LivePeer(direction, name, NO_LIVE, inode), item))
+    return found
+
+
+def closed_waits(item: PeerWindow | None, minimum_busy: float) -> ClosedWaits | None:
+    """What the peer's connections that closed in the window waited on, once they were busy
+    for ``minimum_busy`` seconds in all (else None: too little to judge a share)."""
+    if item is None or item.waits.busy_us < max(minimum_busy, 1e-6) * 1e6:
+        return None
+    return item.waits
+
+
+def add_closed(evidence: dict[str, EvidenceValue], item: PeerWindow | None) -> None:
+    """The closed connections' part of a W finding's evidence."""
+    if item is None or not item.attempts:
+        return
+    waits = item.waits
+    evidence["closed_connections"] = item.attempts
+    evidence["closed_busy_seconds"] = round(waits.busy_us / 1e6, 3)
+    evidence["closed_rwnd_limited_seconds"] = round(waits.rwnd_limited_us / 1e6, 3)
+    evidence["closed_sndbuf_limited_seconds"] = round(waits.sndbuf_limited_us / 1e6, 3)
+    evidence["zero_window_closes"] = waits.zero_window_closes

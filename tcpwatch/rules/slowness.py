@@ -1,6 +1,6 @@
 """W01-W02: who is slow: the receiver (a peer that does not read) or the local application.
 
-They read the live connections of each (direction, peer) (``Snapshot.live_peers()``: the
+They read the live connections of each (direction, peer) (``stalls.live_peers()``: the
 listeners' scan and the per-destination scan, docs/connections.md "Who is slow"): each
 connection's tcp_info chronographs (time busy sending, and of it time waiting on the peer's
 window or on its own send buffer, summed over its life so far), its queues now, its socket
@@ -33,16 +33,19 @@ from tcpwatch.rules.peers import split_peer
 from tcpwatch.rules.shapes import add_counter, add_window
 from tcpwatch.rules.shared import (
     WORST_SHOWN,
+    add_closed,
     add_times,
     base_evidence,
     busy_share,
     busy_thresholds,
+    closed_waits,
     describe,
     peer_owner,
     size_text,
+    slow_candidates,
     ss_filter,
 )
-from tcpwatch.stalls import LivePeer
+from tcpwatch.stalls import LivePeer, live_peers
 
 # --- W01 ---------------------------------------------------------------------------------------
 
@@ -109,13 +112,16 @@ def W01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     minimum_busy = required(thresholds, "minimum_busy_seconds")
     stalled_minimum = required(thresholds, "zero_window_connections")
     snapshot = window.current
-    for peer in snapshot.live_peers():
+    for peer, gone in slow_candidates(window):
         stalls = peer.stalls
         share = busy_share(stalls, stalls.rwnd_limited_seconds, minimum_busy)
         if stalls.busy_seconds is not None:
-            if share is None or share < limit:
-                continue
-        elif stalls.zero_window < stalled_minimum:
+            live = share is not None and share >= limit
+        else:
+            live = stalls.zero_window >= stalled_minimum
+        waits = closed_waits(gone, minimum_busy)
+        closed_share = waits.rwnd_limited_us / waits.busy_us if waits is not None else None
+        if not live and (closed_share is None or closed_share < limit):
             continue
         owner = peer_owner(snapshot, peer)
         evidence = base_evidence(window, peer, owner)
@@ -125,6 +131,9 @@ def W01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         evidence["rwnd_limited_connections"] = stalls.rwnd_limited_connections
         evidence["zero_window_connections"] = stalls.zero_window
         evidence["send_queue_bytes"] = stalls.send_queue_bytes
+        if closed_share is not None:
+            evidence["closed_rwnd_limited_share"] = round(closed_share, 4)
+        add_closed(evidence, gone)
         inbound = peer.direction == "inbound"
         waiting = [c for c in stalls.worst if c.rwnd_limited_seconds or c.zero_window]
         if waiting:
@@ -133,17 +142,22 @@ def W01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             windows = [c.peer_window for c in waiting if c.peer_window]
             if windows:
                 evidence["peer_window_max_bytes"] = max(windows)
-        how_much = f"{share:.0%} of their sending time" if share is not None else "now"
+        if not live and gone is not None and closed_share is not None:
+            # only the connections that closed in the window show it
+            how_much = f"{closed_share:.0%} of the sending time of connections that closed"
+            now = f"{gone.waits.zero_window_closes} of {gone.attempts} closed on a zero window"
+        else:
+            how_much = f"{share:.0%} of their sending time" if share is not None else "now"
+            now = f"{stalls.zero_window} of {stalls.connections} connections stalled now"
         if inbound:
             title = (
                 f"{process_label(owner)} waits on its clients' windows at {peer.peer}: "
-                f"{how_much}, {stalls.zero_window} of {stalls.connections} connections stalled now"
+                f"{how_much}, {now}"
             )
         else:
             title = (
                 f"{peer.peer} reads slower than {process_label(owner)} sends: {how_much} "
-                f"waiting on its window, {stalls.zero_window} of {stalls.connections} "
-                "connections stalled now"
+                f"waiting on its window, {now}"
             )
         severity: Severity = "info" if inbound else "warning"  # clients' pace is not a fault here
         yield W01.finding(
@@ -226,7 +240,7 @@ def W02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     dropped = sum(d for d in deltas if d is not None)
     severity: Severity = "critical" if dropped >= minimum_drops else "warning"
     found = False
-    for peer in snapshot.live_peers():
+    for peer in live_peers(snapshot.sockets, snapshot.inbound):
         stalls = peer.stalls
         if stalls.receive_full < minimum:
             continue

@@ -20,18 +20,21 @@ from tcpwatch.rules.base import (
     rule,
 )
 from tcpwatch.rules.fixes import comment, process_label, process_phrase, run_in, sysctl_fix
-from tcpwatch.rules.peers import peer_windows, split_peer
+from tcpwatch.rules.peers import PeerWindow, peer_windows, split_peer
 from tcpwatch.rules.shapes import add_window
 from tcpwatch.rules.shared import (
+    add_closed,
     add_times,
     base_evidence,
     busy_share,
     busy_thresholds,
+    closed_waits,
     peer_owner,
     size_text,
+    slow_candidates,
     ss_filter,
 )
-from tcpwatch.stalls import LiveConnection
+from tcpwatch.stalls import ClosedWaits, LiveConnection, Stalls, live_peers
 
 MAX_WMEM = 64 << 20  # the largest tcp_wmem maximum W03 proposes (bytes)
 
@@ -65,10 +68,20 @@ def _w03_fix(
                 f"connection moves at most about {size_text(ceiling)}/s: the buffer must hold the "
                 "bandwidth x RTT the path allows (x2 for the kernel's overhead)"
             )
-    if sysctls is not None and wmem_max is not None and buffer is not None and buffer >= wmem_max:
+    autotuned = buffer is None or buffer >= (wmem_max or 0)  # unknown: the connections are gone
+    if sysctls is not None and wmem_max is not None and autotuned:
         target = min(max(wmem_max * 2, 16 << 20), MAX_WMEM)
+        if buffer is None:
+            lines.append(
+                comment(
+                    "the connections closed before a scan read their buffers: if "
+                    f"{process_phrase(owner)} sets SO_SNDBUF, remove that setsockopt; otherwise "
+                    "autotuning reached net.ipv4.tcp_wmem's maximum; raise it:"
+                )
+            )
+        else:
+            lines.append("# the kernel's autotuning reached net.ipv4.tcp_wmem's maximum; raise it:")
         low, default = sysctls.get("net.ipv4.tcp_wmem", 0), sysctls.get("net.ipv4.tcp_wmem", 1)
-        lines.append("# the kernel's autotuning reached net.ipv4.tcp_wmem's maximum; raise it:")
         lines.append(
             sysctl_fix(
                 netns, "net.ipv4.tcp_wmem", f"{low} {default} {target}", window.persisted_sysctls
@@ -99,16 +112,23 @@ def W03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     limit = required(thresholds, "warning")
     minimum_busy = required(thresholds, "minimum_busy_seconds")
     snapshot = window.current
-    for peer in snapshot.live_peers():
+    for peer, gone in slow_candidates(window):
         stalls = peer.stalls
         share = busy_share(stalls, stalls.sndbuf_limited_seconds, minimum_busy)
-        if share is None or share < limit:
+        waits = closed_waits(gone, minimum_busy)
+        closed_share = waits.sndbuf_limited_us / waits.busy_us if waits is not None else None
+        live = share is not None and share >= limit
+        if not live and (closed_share is None or closed_share < limit):
             continue
         owner = peer_owner(snapshot, peer)
         evidence = base_evidence(window, peer, owner)
-        evidence["sndbuf_limited_share"] = round(share, 4)
+        if share is not None:
+            evidence["sndbuf_limited_share"] = round(share, 4)
         add_times(evidence, stalls)
         evidence["sndbuf_limited_connections"] = stalls.sndbuf_limited_connections
+        if closed_share is not None:
+            evidence["closed_sndbuf_limited_share"] = round(closed_share, 4)
+        add_closed(evidence, gone)
         limited = [c for c in stalls.worst if c.sndbuf_limited_seconds]
         worst = max(limited, key=lambda c: c.sndbuf_limited_seconds or 0.0, default=None)
         fix, facts = _w03_fix(window, owner, worst)
@@ -127,10 +147,14 @@ def W03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             "# verify: tcpwatch_live_sndbuf_limited_seconds / tcpwatch_live_busy_seconds of "
             f'peer="{peer.peer}" falls for new connections',
         ]
+        how_much = (
+            f"{share:.0%} of its sending time"
+            if live and share is not None
+            else f"{closed_share or 0.0:.0%} of the sending time of connections that closed"
+        )
         yield W03.finding(
             window,
-            f"{process_label(owner)} waits on its send buffer towards {peer.peer}: "
-            f"{share:.0%} of its sending time",
+            f"{process_label(owner)} waits on its send buffer towards {peer.peer}: {how_much}",
             evidence,
             "\n".join(lines),
             subject=peer.peer,
@@ -138,6 +162,18 @@ def W03(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
 
 
 # --- W04 ---------------------------------------------------------------------------------------
+
+
+def _limited_shares(stalls: Stalls, gone: PeerWindow | None) -> tuple[float | None, float | None]:
+    """The receiver's and the send buffer's shares of the busy time of a peer's live
+    connections and of those that closed in the window together (None: no chronographs)."""
+    waits = gone.waits if gone is not None else ClosedWaits()
+    busy = (stalls.busy_seconds or 0.0) + waits.busy_us / 1e6
+    if not busy:
+        return None, None
+    rwnd = (stalls.rwnd_limited_seconds or 0.0) + waits.rwnd_limited_us / 1e6
+    sndbuf = (stalls.sndbuf_limited_seconds or 0.0) + waits.sndbuf_limited_us / 1e6
+    return rwnd / busy, sndbuf / busy
 
 
 @rule(
@@ -185,14 +221,13 @@ def W04(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         for item in peer_windows(window, direction)
     }
     netns = snapshot.netns
-    for peer in snapshot.live_peers():
+    for peer in live_peers(snapshot.sockets, snapshot.inbound):
         stalls = peer.stalls
-        rwnd = stalls.share(stalls.rwnd_limited_seconds)
-        sndbuf = stalls.share(stalls.sndbuf_limited_seconds)
+        gone = closed.get((peer.direction, peer.peer))
+        rwnd, sndbuf = _limited_shares(stalls, gone)
         if (rwnd or 0.0) >= open_below or (sndbuf or 0.0) >= open_below:
             continue  # the receiver or the buffer held it back: W01 / W03
         sent, retransmitted = stalls.segments_sent, stalls.segments_retransmitted
-        gone = closed.get((peer.direction, peer.peer))
         if gone is not None and gone.closed["ok"]:
             sent += gone.segments_sent
             retransmitted += gone.segments_retransmitted

@@ -50,9 +50,15 @@ from tcpwatch.sources.netlink import (
     SockDiagError,
 )
 from tcpwatch.sources.sockdiag import INET_DIAG_MSG_MIN
-from tcpwatch.sources.tcpinfo import CLOSE_FIELDS, handshake_completed, parse_tcp_info
+from tcpwatch.sources.tcpinfo import (
+    CLOSE_FIELDS,
+    CLOSE_FIELDS_WND,
+    handshake_completed,
+    parse_tcp_info,
+)
+from tcpwatch.stalls import ClosedWaits
 
-DEFAULT_MAX_PEERS = 136  # host-wide rows (collect.connection_peers' default)
+DEFAULT_MAX_PEERS = 115  # host-wide rows (collect.connection_peers' default)
 DEFAULT_PEER_IDLE_SECONDS = 3600.0
 SCORE_HALF_LIFE_SECONDS = 60.0  # a peer's busyness: closes, halved every minute
 _ROUTE_CACHE_LIMIT = 4096
@@ -74,6 +80,7 @@ class _Peer:
     frozen into PeerStats (the delta) by each drain."""
 
     __slots__ = (
+        "busy_us",
         "bytes_acked",
         "bytes_received",
         "closed",
@@ -82,8 +89,11 @@ class _Peer:
         "rtt",
         "rtt_count",
         "rtt_sum_us",
+        "rwnd_us",
         "score",
         "segs_out",
+        "sndbuf_us",
+        "zero_window",
     )
 
     def __init__(self, now: float) -> None:
@@ -100,6 +110,10 @@ class _Peer:
         self.retrans = 0
         self.bytes_acked = 0
         self.bytes_received = 0
+        self.busy_us = 0
+        self.rwnd_us = 0
+        self.sndbuf_us = 0
+        self.zero_window = 0
 
     def pending(self) -> int:
         """Connections closed since the previous drain."""
@@ -123,6 +137,10 @@ class _Peer:
         self.retrans += other.retrans
         self.bytes_acked += other.bytes_acked
         self.bytes_received += other.bytes_received
+        self.busy_us += other.busy_us
+        self.rwnd_us += other.rwnd_us
+        self.sndbuf_us += other.sndbuf_us
+        self.zero_window += other.zero_window
 
     def frozen(self, direction: int, peer: str) -> PeerStats:
         return PeerStats(
@@ -136,6 +154,7 @@ class _Peer:
             segments_retransmitted=self.retrans,
             bytes_sent=self.bytes_acked,
             bytes_received=self.bytes_received,
+            waits=ClosedWaits(self.busy_us, self.rwnd_us, self.sndbuf_us, self.zero_window),
         )
 
 
@@ -225,6 +244,8 @@ class LifecycleAggregator:
         endpoints = ENDPOINTS.unpack_from
         close_fields = CLOSE_FIELDS.unpack_from
         close_size = CLOSE_FIELDS.size
+        wide_fields = CLOSE_FIELDS_WND.unpack_from
+        wide_size = CLOSE_FIELDS_WND.size
         bounds = RTT_BOUNDS_US
         bisect_left = bisect.bisect_left
         datagrams = events = ignored = 0
@@ -268,15 +289,17 @@ class LifecycleAggregator:
                     if size < 0:
                         ignored += 1
                         continue
-                    if size >= close_size:
-                        rtt, retrans, acked, received, segs_out, segs_in, delivered = close_fields(
-                            data, position + 4
-                        )
+                    if size >= wide_size:
+                        (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
+                         delivered, snd_wnd) = wide_fields(data, position + 4)  # fmt: skip
+                    elif size >= close_size:  # 4.18 to 5.3: no snd_wnd
+                        (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
+                         delivered) = close_fields(data, position + 4)  # fmt: skip
+                        snd_wnd = -1
                     else:
                         info = parse_tcp_info(bytes(data[position + 4 : position + 4 + size]))
-                        rtt, retrans, acked, received, segs_out, segs_in, delivered = fields_of(
-                            info
-                        )
+                        (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
+                         delivered, snd_wnd) = fields_of(info)  # fmt: skip
                     inbound = sport in listen_ports or not low <= sport <= high
                     family_number = data[end - msg_len + 16]
                     key = (True, family_number, sport, src) if inbound else (
@@ -290,6 +313,8 @@ class LifecycleAggregator:
                         peer.closed[OK if done else ABORTED] += 1
                     elif delivered:
                         peer.closed[OK] += 1
+                        if not snd_wnd:  # it ended with the peer's window shut
+                            peer.zero_window += 1
                     elif segs_in:
                         peer.closed[REFUSED] += 1
                     else:
@@ -302,6 +327,10 @@ class LifecycleAggregator:
                     peer.retrans += retrans
                     peer.bytes_acked += acked
                     peer.bytes_received += received
+                    if busy:
+                        peer.busy_us += busy
+                        peer.rwnd_us += rwnd
+                        peer.sndbuf_us += sndbuf
                     peer.last_seen = now
             except SockDiagError:
                 if strict:

@@ -131,8 +131,10 @@ def _prefix_structs() -> tuple[tuple[int, ...], tuple[tuple[struct.Struct, int],
 _PREFIX_ENDS, _PREFIX_STRUCTS = _prefix_structs()
 
 # The few fields a closed connection is classified and counted by, in one unpack (kernels >= 4.18):
-# rtt, total_retrans, bytes_acked, bytes_received, segs_out, segs_in, delivered.
-CLOSE_FIELDS = struct.Struct("=68xI28xI16xQQII48xI")
+# rtt, total_retrans, bytes_acked, bytes_received, segs_out, segs_in, busy_time, rwnd_limited,
+# sndbuf_limited, delivered; CLOSE_FIELDS_WND adds snd_wnd (the peer's last window; 5.4+).
+CLOSE_FIELDS = struct.Struct("=68xI28xI16xQQII24xQQQI")
+CLOSE_FIELDS_WND = struct.Struct("=68xI28xI16xQQII24xQQQI32xI")
 # What survives tcp_disconnect and tells whether a handshake completed (measured on 6.18): the
 # smallest RTT sample (~0U until an ACK gave one; 4.10+) and the peer's window (0 until a SYN-ACK
 # gave one; 5.4+). Read only for events whose port the kernel cleared: not the hot path.

@@ -33,7 +33,7 @@ from tcpwatch.model import (
 from tcpwatch.render.families.registry import registered_families
 from tcpwatch.render.prometheus import build_info, render
 from tcpwatch.rules import Finding
-from tcpwatch.stalls import InboundScan, ListenerConnections, Stalls
+from tcpwatch.stalls import ClosedWaits, InboundScan, ListenerConnections, Stalls
 from tcpwatch.state import ExportState, PollHistogram
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "metrics.prom"
@@ -65,6 +65,8 @@ def peer(direction: str, name: str, closed: dict[str, int], rtt: tuple[int, ...]
         segments_retransmitted=count // 10,
         bytes_sent=1002 * count,
         bytes_received=5001 * count,
+        # 59 ms busy a connection, 55 of them waiting on the window; one close in 700 at zero
+        waits=ClosedWaits(59_000 * count, 55_000 * count, 1_000 * count, count // 700),
     )
 
 

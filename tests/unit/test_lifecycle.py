@@ -42,6 +42,7 @@ from tcpwatch.sources.netlink import (
 )
 from tcpwatch.sources.sockdiag import DumpAggregator
 from tcpwatch.sources.tcpinfo import FULL_LENGTH, TcpInfo, parse_tcp_info
+from tcpwatch.stalls import ClosedWaits
 
 CONTEXT = make_context({8080}, (32768, 60999), [("0.0.0.0", 8080), ("::", 8443)])
 FIELD_CODES = {name: (offset, code) for name, offset, code in tcpinfo._FIELDS}
@@ -384,6 +385,53 @@ def test_aggregation_agrees_with_classify_and_sums_the_counters() -> None:
     result = aggregator.stats(overruns=2, lost=3, receive_buffer=4)
     assert (result.events, result.ignored, result.malformed, result.overruns) == (15, 1, 0, 2)
     assert (result.lost, result.receive_buffer, result.evicted) == (3, 4, 0)
+
+
+# A sender that spent 5 s busy, 4 s of it on the peer's window and 0.25 s on its send buffer.
+WAITED = {"busy_time": 5_000_000, "rwnd_limited": 4_000_000, "sndbuf_limited": 250_000}
+
+
+@pytest.mark.parametrize(
+    ("info", "waits"),
+    [
+        # the peer's window was shut when it ended: a zero-window close
+        (
+            info_bytes(**WAITED, delivered=9, snd_wnd=0),
+            ClosedWaits(5_000_000, 4_000_000, 250_000, 1),
+        ),
+        (
+            info_bytes(**WAITED, delivered=9, snd_wnd=65536),
+            ClosedWaits(5_000_000, 4_000_000, 250_000, 0),
+        ),
+        # 4.18 to 5.3 (no snd_wnd): the times, never a guessed zero window
+        (info_bytes(200, **WAITED, delivered=9), ClosedWaits(5_000_000, 4_000_000, 250_000, 0)),
+        # 4.10 (the chronographs, no tcpi_delivered): the slow path reads the same
+        (info_bytes(192, **WAITED, bytes_acked=1), ClosedWaits(5_000_000, 4_000_000, 250_000, 0)),
+        (info_bytes(168, bytes_acked=1), ClosedWaits()),  # before 4.10: nothing to add
+        # a connect that failed never had a window from its peer: no zero-window close
+        (info_bytes(segs_out=3, snd_wnd=0), ClosedWaits()),
+    ],
+)
+def test_closed_connections_add_where_their_time_went(info: bytes, waits: ClosedWaits) -> None:
+    aggregator = LifecycleAggregator()
+    feed(aggregator, destroy_message(info=info))
+    (row,) = rows(aggregator).values()
+    assert row.waits == waits
+
+
+def test_waits_sum_per_peer_and_fold_into_other_with_the_closes() -> None:
+    aggregator = LifecycleAggregator(max_peers=2, peer_idle_seconds=600, clock=Clock())
+    zero = info_bytes(**WAITED, delivered=9, snd_wnd=0)
+    feed(aggregator, *[destroy_message(dport=1001, info=zero)] * 3)
+    feed(aggregator, destroy_message(dport=1002, info=zero))
+    feed(aggregator, destroy_message(dport=1003, info=zero))  # full: 1002 is folded
+    got = rows(aggregator)
+    assert got[("outbound", "127.0.0.1:1001")].waits == ClosedWaits(
+        15_000_000, 12_000_000, 750_000, 3
+    )
+    assert got[("outbound", PEER_OTHER)].waits == ClosedWaits(5_000_000, 4_000_000, 250_000, 1)
+    total = sum((row.waits for row in got.values()), ClosedWaits())
+    assert total == ClosedWaits(25_000_000, 20_000_000, 1_250_000, 5)  # none lost
 
 
 @pytest.mark.parametrize(

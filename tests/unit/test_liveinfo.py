@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import struct
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
@@ -348,7 +349,7 @@ def test_live_peers_are_inbound_listeners_then_destinations() -> None:
         Use("10.0.0.9", 5432, stalls_of(3, 5.0, 1, 2.0)),  # another source address
         Use("::1", 6379, None),  # no scan
     ]
-    peers = live_peers(uses, scan)
+    peers = live_peers(SimpleNamespace(ephemeral_use=uses), scan)
     assert [(p.direction, p.peer, p.stalls.connections, p.inode) for p in peers] == [
         ("inbound", "0.0.0.0:80", 4, 5),
         ("outbound", "10.0.0.9:5432", 5, 0),

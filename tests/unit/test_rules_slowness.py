@@ -9,7 +9,7 @@ import pytest
 
 from tcpwatch.model import DestinationUse, ProcessRef, Snapshot
 from tcpwatch.rules import Finding, RuleSettings, Window, evaluate
-from tcpwatch.stalls import InboundScan, ListenerConnections, LiveConnection, Stalls
+from tcpwatch.stalls import ClosedWaits, InboundScan, ListenerConnections, LiveConnection, Stalls
 from tests.unit.snapshots import (
     DEFAULT_OWNERS,
     T0,
@@ -209,6 +209,54 @@ def test_w01_before_4_10_reports_closed_windows_now() -> None:
     assert "now" in finding.title and "rwnd_limited_share" not in finding.evidence
 
 
+def closed_window(
+    live: Snapshot, row: str, direction: str, closes: int, waits: ClosedWaits
+) -> tuple[Snapshot, Snapshot]:
+    """(before, after): ``closes`` connections of ``row`` closed in the window, with ``waits``
+    (10 closed earlier, 1 s busy, none waiting)."""
+    early = ClosedWaits(1_000_000, 0, 0, 0)
+    before = replace(
+        replace(live, taken_at=T0),
+        connections=lifecycle([peer_stats(row, direction, ok=10, waits=early)]),
+    )
+    after = replace(
+        live,
+        connections=lifecycle([peer_stats(row, direction, ok=10 + closes, waits=early + waits)]),
+    )
+    return before, after
+
+
+def test_w01_short_downloads_are_judged_by_the_connections_that_closed() -> None:
+    """Clients that read slowly but finish between two scans: no live connection to see, the
+    closed ones' chronographs tell; the listener's owner is named from its socket."""
+    before, after = closed_window(
+        scanned(), "0.0.0.0:80", "inbound", 20, ClosedWaits(40_000_000, 36_000_000, 0, 5)
+    )
+    (finding,) = judged(after, "W01", before)
+    assert finding.severity == "info" and finding.subject == "0.0.0.0:80"
+    assert finding.title == (
+        "nginx[1234] waits on its clients' windows at 0.0.0.0:80: 90% of the sending time of "
+        "connections that closed, 5 of 20 closed on a zero window"
+    )
+    evidence = finding.evidence
+    assert (evidence["connections"], evidence["closed_connections"]) == (0, 20)
+    assert evidence["closed_rwnd_limited_share"] == 0.9
+    assert (evidence["closed_busy_seconds"], evidence["zero_window_closes"]) == (40.0, 5)
+    assert "rwnd_limited_share" not in evidence  # nothing live to share
+
+
+@pytest.mark.parametrize(
+    "waits",
+    [
+        ClosedWaits(40_000_000, 8_000_000, 0, 0),  # 20 %
+        ClosedWaits(500_000, 500_000, 0, 3),  # too little busy time to judge
+    ],
+)
+def test_w01_silent_for_closed_connections_that_did_not_wait(waits: ClosedWaits) -> None:
+    before, after = closed_window(scanned(), "0.0.0.0:80", "inbound", 20, waits)
+    assert judged(after, "W01", before) == []
+
+
 # --- W02 -------------------------------------------------------------------------------------
 
 
@@ -292,6 +340,19 @@ def test_w03_autotuning_at_tcp_wmem_max_gets_the_sysctl_fix() -> None:
     assert "/etc/sysctl.d/90-tcpwatch-tcp-wmem.conf" in finding.remediation
 
 
+def test_w03_closed_connections_without_a_live_one_get_both_fixes() -> None:
+    before, after = closed_window(
+        scanned(sysctls=WMEM), "10.0.0.9:5432", "outbound", 3, ClosedWaits(9_000_000, 0, 6_000_000)
+    )
+    (finding,) = judged(after, "W03", before)
+    assert finding.title.endswith(
+        "10.0.0.9:5432: 67% of the sending time of connections that closed"
+    )
+    assert finding.evidence["closed_sndbuf_limited_share"] == pytest.approx(0.6667, abs=1e-4)
+    assert "closed before a scan read their buffers" in finding.remediation
+    assert 'sysctl -w net.ipv4.tcp_wmem="4096 16384 16777216"' in finding.remediation
+
+
 def test_w03_silent_below_its_share() -> None:
     assert judged(scanned(outbound=stalls(busy=30.0, sndbuf=3.0)), "W03") == []
 
@@ -331,6 +392,14 @@ def test_w04_adds_the_connections_that_closed_in_the_window() -> None:
     assert finding.evidence["connections_closed"] == 10
 
 
+def test_w04_a_receiver_that_held_the_closed_connections_back_is_not_the_network() -> None:
+    before, after = closed_window(
+        scanned(outbound=LOSSY), "10.0.0.9:5432", "outbound", 5, ClosedWaits(90_000_000, 80_000_000)
+    )
+    assert judged(after, "W04", before) == []  # (1 + 80) s of (30 + 90) s busy: W01's
+    assert judged(after, "W01", before)
+
+
 @pytest.mark.parametrize(
     "state",
     [
@@ -346,9 +415,15 @@ def test_w04_stays_silent(state: Stalls) -> None:
 
 def evidence_scenarios() -> list[tuple[Window, dict[str, RuleSettings]]]:
     """Windows that make every W rule emit every evidence key (tests/unit/test_rules_docs.py)."""
+    closed_waits = ClosedWaits(10_000_000, 1_000_000, 1_000_000, 1)
     lossy_closed = lifecycle(
-        [peer_stats("10.0.0.9:5432", ok=10, segments_sent=1000, segments_retransmitted=90)]
-    )
+        [
+            peer_stats(
+                "10.0.0.9:5432", ok=10, segments_sent=1000, segments_retransmitted=90,
+                waits=closed_waits,
+            )
+        ]
+    )  # fmt: skip
     start = scanned(taken_at=T0)
     current = scanned(
         inbound=replace(SLOW_CLIENTS, drops=5, receive_full=1, receive_queue_bytes=10,

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from tcpwatch.render.families.base import NETNS, family, gauge
-from tcpwatch.stalls import LivePeer, Stalls
+from tcpwatch.stalls import LivePeer, Stalls, live_peers, slowness
 from tcpwatch.state import ExportState
 
 PEER_LABELS = ["netns", "direction", "peer"]
@@ -82,17 +82,17 @@ LIVE_FAMILIES: tuple[tuple[str, str, Callable[[Stalls], float | None]], ...] = (
 )
 
 
-def top_live_peers(peers: tuple[LivePeer, ...], top: int) -> list[LivePeer]:
-    """At most ``top`` peers per direction, those with the most live connections (a stable
-    choice: series come and go with connections, not with how slow a scan found them)."""
-    chosen: list[LivePeer] = []
-    for direction in ("inbound", "outbound"):
-        ranked = sorted(
-            (peer for peer in peers if peer.direction == direction),
-            key=lambda peer: (-peer.stalls.connections, peer.peer),
-        )
-        chosen += ranked[:top]
-    return chosen
+def top_live_peers(state: ExportState) -> list[tuple[str, LivePeer]]:
+    """(netns, peer) of the ``state.live_peers`` slowest live peers of the whole host (the
+    series' bound: docs/metrics.md, "Series arithmetic"): those waiting on something first, then
+    by time spent waiting (stalls.slowest), whatever namespace they are in."""
+    found = [
+        (snap.netns, peer)
+        for snap in state.snapshots
+        for peer in live_peers(snap.sockets, snap.inbound)
+    ]
+    found.sort(key=lambda item: (slowness(item[1]), item[0]))
+    return found[: state.live_peers]
 
 
 @family(source="inbound", order=55)
@@ -100,13 +100,12 @@ def live_peer_families(state: ExportState) -> Iterator[Metric]:
     families: list[tuple[GaugeMetricFamily, Callable[[Stalls], float | None]]] = [
         (gauge(name, doc, PEER_LABELS, state), value) for name, doc, value in LIVE_FAMILIES
     ]
-    for snap in state.snapshots:
-        for peer in top_live_peers(snap.live_peers(), state.top_destinations):
-            labels = [snap.netns, peer.direction, peer.peer]
-            for metric, value_of in families:
-                value = value_of(peer.stalls)
-                if value is not None:
-                    metric.add_metric(labels, value)
+    for netns, peer in top_live_peers(state):
+        labels = [netns, peer.direction, peer.peer]
+        for metric, value_of in families:
+            value = value_of(peer.stalls)
+            if value is not None:
+                metric.add_metric(labels, value)
     yield from (metric for metric, _ in families)
 
 
