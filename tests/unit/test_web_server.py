@@ -343,6 +343,12 @@ def test_a_reload_that_turns_tls_on_closes_plaintext_connections(pki: Pki) -> No
         kept.request("GET", "/-/healthy")
         assert kept.getresponse().read() == b"Healthy\n"
         idle = connect(server)  # connected, not a byte sent yet
+        # Accepted by the server before the reload (else it is let in under the new policy and
+        # rightly waits for a TLS handshake): the kernel completes a connect before accept().
+        deadline = time.monotonic() + 5
+        while server.open_connections() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.open_connections() >= 2
         required = "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.crt\n"
         app.set_web_config(load_web_config(str(tls_web(pki, required))))
         kept.request("GET", "/-/healthy")
