@@ -109,8 +109,8 @@ class ClosedWaits:
     """Where the connections of one peer row that closed spent their time, from each one's
     tcp_info at close, summed (model.PeerStats.waits): microseconds, as the kernel counts them.
     busy includes both limited times (Linux 4.10+); a zero-window close is a connection that
-    ended while its peer advertised a zero window (tcpi_snd_wnd 0, Linux 5.4+): the peer had
-    stopped reading. Before those kernels the counts stay 0."""
+    waited on its peer's window and ended while that window was shut (tcpi_snd_wnd 0, Linux
+    5.4+): the peer had stopped reading. Before those kernels the counts stay 0."""
 
     busy_us: int = 0
     rwnd_limited_us: int = 0

@@ -164,7 +164,7 @@ def _outcome(dport: int, delivered: int, segs_in: int, established: bool = False
     return REFUSED if segs_in else TIMEOUT
 
 
-CloseFields = tuple[int, int, int, int, int, int, int, int, int, int, int]
+CloseFields = tuple[int, int, int, int, int, int, int, int, int, int]
 
 
 def fields_of(info: TcpInfo) -> CloseFields:
@@ -191,7 +191,6 @@ def fields_of(info: TcpInfo) -> CloseFields:
         info.rwnd_limited or 0,
         info.sndbuf_limited or 0,
         delivered,
-        -1 if info.snd_wnd is None else info.snd_wnd,
     )
 
 

@@ -13,6 +13,7 @@ pairs of every namespace and folds the rest into ``peer="other"``.
 from __future__ import annotations
 
 import bisect
+import struct
 import time
 from collections.abc import Callable, Iterable
 
@@ -52,7 +53,7 @@ from tcpwatch.sources.netlink import (
 from tcpwatch.sources.sockdiag import INET_DIAG_MSG_MIN
 from tcpwatch.sources.tcpinfo import (
     CLOSE_FIELDS,
-    CLOSE_FIELDS_WND,
+    SND_WND,
     handshake_completed,
     parse_tcp_info,
 )
@@ -62,6 +63,7 @@ DEFAULT_MAX_PEERS = 115  # host-wide rows (collect.connection_peers' default)
 DEFAULT_PEER_IDLE_SECONDS = 3600.0
 SCORE_HALF_LIFE_SECONDS = 60.0  # a peer's busyness: closes, halved every minute
 _ROUTE_CACHE_LIMIT = 4096
+U32 = struct.Struct("=I")  # a netlink attribute header read as one word
 
 
 # A failed connection weighs this many closes in a peer's score (see _Peer.weight).
@@ -244,11 +246,13 @@ class LifecycleAggregator:
         endpoints = ENDPOINTS.unpack_from
         close_fields = CLOSE_FIELDS.unpack_from
         close_size = CLOSE_FIELDS.size
-        wide_fields = CLOSE_FIELDS_WND.unpack_from
-        wide_size = CLOSE_FIELDS_WND.size
+        snd_wnd = SND_WND.unpack_from
+        wnd_size = SND_WND.size
         bounds = RTT_BOUNDS_US
         bisect_left = bisect.bisect_left
         datagrams = events = ignored = 0
+        word = U32.unpack_from
+        info_at, info_end, info_header = INET_DIAG_MSG_MIN, 4, -1  # the last INFO attribute seen
         for length in lengths:
             datagrams += 1
             offset = 0
@@ -275,31 +279,35 @@ class LifecycleAggregator:
                     if dport == 0 and dst == ZERO16:
                         ignored += 1  # a closed listener, or a socket that never connected
                         continue
-                    # INET_DIAG_INFO: the second attribute on 6.18 (after PROTOCOL); walk to it
-                    position = end - msg_len + INET_DIAG_MSG_MIN
-                    size = -1
-                    while position + 4 <= end:
+                    # INET_DIAG_INFO: where the previous message had it, the same attribute
+                    # header (the kernel writes one layout: after PROTOCOL on 6.18), else walk
+                    start = end - msg_len
+                    position = start + info_at
+                    if position + info_end <= end and word(data, position)[0] == info_header:
+                        size = info_end - 4
+                    else:
+                        size = -1
+                        position = start + INET_DIAG_MSG_MIN
+                    while size < 0 and position + 4 <= end:
                         attr_len, attr_type = attr(data, position)
                         if attr_len < 4 or position + attr_len > end:
                             break
                         if attr_type & 0x3FFF == INET_DIAG_INFO:
                             size = attr_len - 4
+                            info_at, info_end = position - start, attr_len
+                            info_header = word(data, position)[0]
                             break
                         position += (attr_len + 3) & ~3
                     if size < 0:
                         ignored += 1
                         continue
-                    if size >= wide_size:
-                        (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
-                         delivered, snd_wnd) = wide_fields(data, position + 4)  # fmt: skip
-                    elif size >= close_size:  # 4.18 to 5.3: no snd_wnd
+                    if size >= close_size:
                         (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
                          delivered) = close_fields(data, position + 4)  # fmt: skip
-                        snd_wnd = -1
                     else:
                         info = parse_tcp_info(bytes(data[position + 4 : position + 4 + size]))
                         (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
-                         delivered, snd_wnd) = fields_of(info)  # fmt: skip
+                         delivered) = fields_of(info)  # fmt: skip
                     inbound = sport in listen_ports or not low <= sport <= high
                     family_number = data[end - msg_len + 16]
                     key = (True, family_number, sport, src) if inbound else (
@@ -313,8 +321,6 @@ class LifecycleAggregator:
                         peer.closed[OK if done else ABORTED] += 1
                     elif delivered:
                         peer.closed[OK] += 1
-                        if not snd_wnd:  # it ended with the peer's window shut
-                            peer.zero_window += 1
                     elif segs_in:
                         peer.closed[REFUSED] += 1
                     else:
@@ -327,10 +333,14 @@ class LifecycleAggregator:
                     peer.retrans += retrans
                     peer.bytes_acked += acked
                     peer.bytes_received += received
-                    if busy:
+                    if busy:  # the limited times are part of it, and mostly 0
                         peer.busy_us += busy
-                        peer.rwnd_us += rwnd
-                        peer.sndbuf_us += sndbuf
+                        if rwnd:
+                            peer.rwnd_us += rwnd
+                            if size >= wnd_size and not snd_wnd(data, position + 4)[0]:
+                                peer.zero_window += 1  # held back by the peer, shut at the end
+                        if sndbuf:
+                            peer.sndbuf_us += sndbuf
                     peer.last_seen = now
             except SockDiagError:
                 if strict:

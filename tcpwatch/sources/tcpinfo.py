@@ -132,21 +132,21 @@ _PREFIX_ENDS, _PREFIX_STRUCTS = _prefix_structs()
 
 # The few fields a closed connection is classified and counted by, in one unpack (kernels >= 4.18):
 # rtt, total_retrans, bytes_acked, bytes_received, segs_out, segs_in, busy_time, rwnd_limited,
-# sndbuf_limited, delivered; CLOSE_FIELDS_WND adds snd_wnd (the peer's last window; 5.4+).
+# sndbuf_limited, delivered. SND_WND (the peer's last window, 5.4+) is read apart, only for a
+# connection that waited on that window.
 CLOSE_FIELDS = struct.Struct("=68xI28xI16xQQII24xQQQI")
-CLOSE_FIELDS_WND = struct.Struct("=68xI28xI16xQQII24xQQQI32xI")
 # What survives tcp_disconnect and tells whether a handshake completed (measured on 6.18): the
 # smallest RTT sample (~0U until an ACK gave one; 4.10+) and the peer's window (0 until a SYN-ACK
 # gave one; 5.4+). Read only for events whose port the kernel cleared: not the hot path.
 _MIN_RTT = struct.Struct("=148xI")
-_SND_WND = struct.Struct("=228xI")
+SND_WND = struct.Struct("=228xI")
 NO_RTT_SAMPLE = 0xFFFFFFFF
 
 
 def handshake_completed(data: bytes | memoryview, start: int, size: int) -> bool:
     """Whether the tcp_info at ``data[start:start+size]`` is that of a connection that was
     established once, even after tcp_disconnect cleared its port and counters."""
-    if size >= _SND_WND.size and _SND_WND.unpack_from(data, start)[0] > 0:
+    if size >= SND_WND.size and SND_WND.unpack_from(data, start)[0] > 0:
         return True
     if size >= _MIN_RTT.size:
         min_rtt: int = _MIN_RTT.unpack_from(data, start)[0]

@@ -410,6 +410,8 @@ WAITED = {"busy_time": 5_000_000, "rwnd_limited": 4_000_000, "sndbuf_limited": 2
         (info_bytes(168, bytes_acked=1), ClosedWaits()),  # before 4.10: nothing to add
         # a connect that failed never had a window from its peer: no zero-window close
         (info_bytes(segs_out=3, snd_wnd=0), ClosedWaits()),
+        # never held back by the peer: a zero window at the end says nothing of it
+        (info_bytes(busy_time=9, delivered=9, snd_wnd=0), ClosedWaits(9, 0, 0, 0)),
     ],
 )
 def test_closed_connections_add_where_their_time_went(info: bytes, waits: ClosedWaits) -> None:
@@ -417,6 +419,23 @@ def test_closed_connections_add_where_their_time_went(info: bytes, waits: Closed
     feed(aggregator, destroy_message(info=info))
     (row,) = rows(aggregator).values()
     assert row.waits == waits
+
+
+def test_info_is_found_whatever_attribute_comes_first() -> None:
+    """The reader looks for INET_DIAG_INFO where the previous message had it (6.18: after
+    PROTOCOL) and walks the attributes when it is not there: mixed layouts all count."""
+    info = info_bytes(**WAITED, delivered=9, snd_wnd=0)
+    first = destroy_message(info=info)  # INFO, then PROTOCOL
+    body = destroy_message(info=None) + attribute(INET_DIAG_INFO, info)  # PROTOCOL, then INFO
+    second = struct.pack("=I", len(body)) + body[4:]
+    bare = destroy_message(info=None)  # no INFO at all: ignored
+    aggregator = LifecycleAggregator()
+    feed(aggregator, first + second + second + bare + first + second)
+    (row,) = rows(aggregator).values()
+    assert sum(row.closed.values()) == 5 and row.waits == ClosedWaits(
+        5 * 5_000_000, 5 * 4_000_000, 5 * 250_000, 5
+    )
+    assert aggregator.ignored == 1
 
 
 def test_waits_sum_per_peer_and_fold_into_other_with_the_closes() -> None:

@@ -76,8 +76,8 @@ def closed_connection_families(state: ExportState) -> Iterator[Metric]:
     )
     zero_window = counter(
         "tcpwatch_connection_zero_window_closes",
-        "Connections that carried data and closed while the peer advertised a zero window "
-        "(tcpi_snd_wnd 0, Linux 5.4+): the peer had stopped reading.",
+        "Connections that waited on the peer's receive window and closed while it was zero "
+        "(tcpi_rwnd_limited > 0, tcpi_snd_wnd 0, Linux 5.4+): the peer had stopped reading.",
         PEER_LABELS,
     )
     events = counter(
