@@ -34,6 +34,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .netns import Netns, run_tcpwatch
+from .test_lifecycle_serve import settled, wait_for_lifecycle
+from .test_peer_budget import serving
+from .test_serve import value
 
 pytestmark = pytest.mark.integration
 
@@ -256,6 +259,52 @@ def test_live_figures_equal_ss_for_stopped_clients(nginx_with_slow_clients: Netn
         high = sum(c[name] + 1 for c in after[0]) / 1000
         assert low <= server(f"{name}_seconds") <= high, (name, low, high)
     assert values[("tcpwatch_inbound_scan_complete", (("netns", netns),))] == 1
+
+
+def test_closed_connections_keep_where_their_time_went(
+    nginx_with_slow_clients: Netns, tmp_path: Path
+) -> None:
+    """Item 1 for connections that closed: the stopped clients are killed (their sockets reset
+    nginx's), and the listener's row of the connection metrics adds each connection's
+    chronographs at close, within what ``ss -ti`` showed just before and the time since; every
+    one ended on the clients' zero window."""
+    ns = nginx_with_slow_clients
+    server_filter = f"( sport = :{NGINX_PORT} )"
+    listener = f"127.0.0.1:{NGINX_PORT}"
+    with serving(ns, tmp_path, 19483) as served:
+        wait_for_lifecycle(served, ns.name)
+        curls = owners_of(ns, NGINX_PORT, "curl")
+        assert len(curls) == 4, curls
+        for pid in curls:
+            os.kill(pid, signal.SIGSTOP)
+        wait_for(
+            "the stopped clients' windows to close",
+            lambda: all(c["persist"] for c in ss_connections(ns, server_filter)),
+        )
+        before = ss_connections(ns, server_filter)
+        read_at = time.monotonic()
+        assert len(before) == 4 and all(c["snd_wnd"] == 0 for c in before), before
+        for pid in curls:  # unread data: each curl socket resets, and nginx closes its own
+            os.kill(pid, signal.SIGKILL)
+        wait_for("nginx to close its connections", lambda: not ss_connections(ns, server_filter))
+        elapsed = time.monotonic() - read_at
+        samples = settled(served)
+    row = {"netns": ns.name, "direction": "inbound", "peer": listener}
+
+    def closed(name: str) -> float:
+        found = value(samples, f"tcpwatch_connection_{name}_total", **row)
+        assert found is not None, (name, served.log())
+        return found
+
+    for name in ("busy", "rwnd_limited"):
+        # ss prints whole milliseconds, truncated; each chronograph ran on until the reset
+        low = sum(c[name] for c in before) / 1000
+        high = sum(c[name] + 1 for c in before) / 1000 + len(before) * elapsed
+        assert low <= closed(f"{name}_seconds") <= high, (name, low, high)
+    assert closed("rwnd_limited_seconds") >= 0.9 * closed("busy_seconds")
+    assert closed("zero_window_closes") == 4
+    outbound = {"netns": ns.name, "direction": "outbound", "peer": listener}
+    assert value(samples, "tcpwatch_connection_zero_window_closes_total", **outbound) == 0
 
 
 # --- a server that stops reading -------------------------------------------------------------
