@@ -27,6 +27,9 @@ ATTRIBUTABLE_STATES = tuple(s for s in STATES if s not in ("established", "time_
 # collect.connection_receive_buffer: 64 KiB (about 100 queued events once doubled) to 256 MiB.
 MIN_RECEIVE_BUFFER = 64 << 10
 MAX_RECEIVE_BUFFER = 256 << 20
+# collect.tracepoint_buffer, per CPU: 8 KiB (2 pages) to 64 MiB.
+MIN_TRACEPOINT_BUFFER = 8 << 10
+MAX_TRACEPOINT_BUFFER = 64 << 20
 # Where a site publishes the docs: a finding's page is then <docs_url>/docs/rules/<ID>-<slug>.md.
 # None by default: tcpwatch has no published home, so links go to what every install has
 # (`tcpwatch rules ID`, serve's /rules/ID, /usr/share/doc/tcpwatch in the Debian package).
@@ -59,6 +62,9 @@ class CollectSettings:
     # cadence); 0 turns the scan off.
     inbound_connections: int = 2048
     live_peers: int = 30  # host-wide rows of the tcpwatch_live_* gauges, slowest first
+    # The kernel's TCP tracepoints (docs/tracepoints.md): on/off, ring buffer bytes per CPU.
+    tracepoints: bool = True
+    tracepoint_buffer: int = 0  # 0: 8 MiB over the CPUs, at least 512 KiB each
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +232,8 @@ def _collect(check: Validator, raw: object, sources: Collection[str] | None) -> 
         "live_tcp_info",
         "inbound_connections",
         "live_peers",
+        "tracepoints",
+        "tracepoint_buffer",
     }
     check.unknown_keys(section, known, "collect")
     changes: dict[str, Any] = {}
@@ -262,7 +270,7 @@ def _collect(check: Validator, raw: object, sources: Collection[str] | None) -> 
         changes["inbound_connections"] = check.integer(
             section["inbound_connections"], "collect.inbound_connections", 0, 1_000_000
         )
-    for key in ("connections", "live_tcp_info"):
+    for key in ("connections", "live_tcp_info", "tracepoints"):
         if key in section:
             changes[key] = check.boolean(section[key], f"collect.{key}")
     if "connection_peers" in section:
@@ -279,6 +287,13 @@ def _collect(check: Validator, raw: object, sources: Collection[str] | None) -> 
             "collect.connection_receive_buffer",
             MIN_RECEIVE_BUFFER,
             MAX_RECEIVE_BUFFER,
+        )
+    if "tracepoint_buffer" in section and section["tracepoint_buffer"] != 0:
+        changes["tracepoint_buffer"] = check.integer(
+            section["tracepoint_buffer"],
+            "collect.tracepoint_buffer",
+            MIN_TRACEPOINT_BUFFER,
+            MAX_TRACEPOINT_BUFFER,
         )
     if "disabled_sources" in section:
         changes["disabled_sources"] = _source_names(

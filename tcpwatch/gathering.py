@@ -1,6 +1,7 @@
 """Long-lived sources between polls: one thread, one selector, every running gatherer.
 
-The poll thread starts a gatherer inside its namespace (``start``), drains it each poll
+The poll thread starts a gatherer inside its namespace (``start``; a host-wide one once, in
+tcpwatch's own namespace, under the key ``(HOST, name)``), drains it each poll
 (``drain``) and retires the ones no longer wanted (``retire``: a namespace vanished, the source was
 switched off by a reload); the gathering thread calls ``read_ready`` whenever a gatherer's
 descriptor is readable. A gatherer whose ``read_ready`` raises is stopped and reported by the
@@ -19,23 +20,32 @@ import os
 import selectors
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 from tcpwatch.errors import describe_error
 from tcpwatch.model import Snapshot, SourceStatus
-from tcpwatch.sources.base import Gatherer, LongLivedSource, Partial, SourceContext
+from tcpwatch.sources.base import (
+    Gatherer,
+    HostGatherer,
+    HostLongLivedSource,
+    LongLivedSource,
+    Partial,
+    SourceContext,
+)
 
 log = logging.getLogger(__name__)
 
 # (namespace inode, source name): a namespace re-created under the same name is another key.
 GathererKey = tuple[int, str]
+HOST = 0  # the inode of a host-wide gatherer's key: no namespace has it
 STOP_JOIN_SECONDS = 1.0
 
 
 @dataclass(slots=True)
 class _Running:
-    gatherer: Gatherer
+    gatherer: Gatherer | HostGatherer
     failure: str | None = None  # set by the gathering thread when read_ready raised
     resume_at: float | None = None  # monotonic time to watch it again (read_delay), or None
 
@@ -59,7 +69,12 @@ class Gathering:
         with self._lock:
             return frozenset(self._running)
 
-    def ensure(self, key: GathererKey, source: LongLivedSource, context: SourceContext) -> None:
+    def ensure(
+        self,
+        key: GathererKey,
+        source: LongLivedSource | HostLongLivedSource,
+        context: SourceContext,
+    ) -> None:
         """Start ``source`` for ``key`` unless it runs; call from inside the namespace.
 
         Raises what ``start`` raised: the caller reports it as the source's failure.
@@ -67,7 +82,7 @@ class Gathering:
         with self._lock:
             if key in self._running:
                 return
-        gatherer = source.start(context)
+        gatherer: Gatherer | HostGatherer = source.start(context)
         with self._lock:
             self._running[key] = _Running(gatherer)
             self._selector.register(gatherer.fileno(), selectors.EVENT_READ, key)
@@ -79,6 +94,20 @@ class Gathering:
     ) -> tuple[object | None, SourceStatus]:
         """What the gatherer of ``key`` gathered, with its status. A failed gatherer is closed
         here and reported; the next ``ensure`` starts it again."""
+        return self._drain(key, name, lambda gatherer: cast(Gatherer, gatherer).drain(so_far))
+
+    def drain_host(
+        self, key: GathererKey, name: str, so_far: Sequence[Snapshot]
+    ) -> tuple[Mapping[int, object] | None, SourceStatus]:
+        """As :meth:`drain`, for a host-wide gatherer: a value per namespace inode."""
+        value, status = self._drain(
+            key, name, lambda gatherer: cast(HostGatherer, gatherer).drain(so_far)
+        )
+        return cast(Mapping[int, object] | None, value), status
+
+    def _drain(
+        self, key: GathererKey, name: str, call: Callable[[Any], object]
+    ) -> tuple[object | None, SourceStatus]:
         started = self._timer()
         with self._lock:
             running = self._running.get(key)
@@ -88,7 +117,7 @@ class Gathering:
                 self._close(key)
             return None, SourceStatus(name, False, self._timer() - started, failure)
         try:
-            value = running.gatherer.drain(so_far)
+            value = call(running.gatherer)
         except Exception as error:  # a source must never take the poll down with it
             log.debug("draining %s failed", name, exc_info=True)
             self._close(key)

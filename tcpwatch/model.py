@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from tcpwatch.stalls import ClosedWaits, InboundScan, Stalls
+from tcpwatch.tracepoint_stats import TracepointStats
 
 # Exported state names, in the kernel's numbering order (TCP_ESTABLISHED = 1 ... TCP_CLOSING = 11).
 STATES: tuple[str, ...] = (
@@ -311,6 +312,7 @@ class Snapshot:
     # source "sysctl_files"), in the order they are applied at boot.
     persisted_sysctls: tuple[PersistedSysctl, ...] | None = None
     inbound: InboundScan | None = None  # the listeners' live connections (source "inbound")
+    tracepoints: TracepointStats | None = None  # since the host's tracepoint reader started
 
     def source_ok(self, name: str) -> bool:
         return any(status.name == name and status.ok for status in self.sources)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from tcpwatch import snapshot as snapshot_source
 from tcpwatch.audit import audit, rule_settings
 from tcpwatch.config import Config
-from tcpwatch.gathering import Gathering
+from tcpwatch.gathering import HOST, Gathering
 from tcpwatch.history import (
     NetnsHistory,
     SourceFailureLog,
@@ -75,7 +75,12 @@ class SnapshotTaker:
             # A gatherer whose namespace was not polled (vanished) or whose source did not run
             # (switched off by a reload) is stopped.
             self._gathering.retire(
-                {(s.identity.inode, status.name) for s in snapshots for status in s.sources}
+                {
+                    (inode, status.name)
+                    for s in snapshots
+                    for status in s.sources
+                    for inode in (s.identity.inode, HOST)  # HOST: a host-wide one's key
+                }
             )
         if due:
             self._destinations_at = now

@@ -17,11 +17,18 @@ from typing import Any
 
 from tcpwatch.config import CollectSettings
 from tcpwatch.errors import describe_error
-from tcpwatch.gathering import Gathering
+from tcpwatch.gathering import HOST, Gathering
 from tcpwatch.model import Attribution, NetnsIdentity, Snapshot, SocketTable, SourceStatus
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources import netns as netns_source
-from tcpwatch.sources.base import AnySource, LongLivedSource, Partial, Source, SourceContext
+from tcpwatch.sources.base import (
+    AnySource,
+    HostLongLivedSource,
+    LongLivedSource,
+    Partial,
+    Source,
+    SourceContext,
+)
 from tcpwatch.sources.registry import ENTERING, registered_sources
 
 log = logging.getLogger(__name__)
@@ -88,7 +95,7 @@ def _read_namespace(
     snapshot = Snapshot(context.netns, context.taken_at, None, None, None, None, None)
     snapshot = replace(snapshot, identity=NetnsIdentity(inode=context.netns_inode))
     for source in sources:
-        if isinstance(source, Source) and source.scope == "host":
+        if isinstance(source, HostLongLivedSource) or source.scope == "host":
             continue
         if not _needs_met(source, snapshot):
             continue  # what it needs failed: that failure is reported, this one would repeat it
@@ -118,19 +125,49 @@ def _read_host_wide(
     snapshots: list[Snapshot],
     sources: Sequence[AnySource],
     context: SourceContext,
+    gathering: Gathering | None = None,
 ) -> list[Snapshot]:
     """Host sources: one read for every namespace whose needs were met; each of those gets the
-    value and the status."""
+    value and the status (a host-wide long-lived source: its value for that namespace)."""
     for source in sources:
-        if not isinstance(source, Source) or source.scope != "host":
+        if isinstance(source, HostLongLivedSource):
+            if gathering is None:
+                continue  # one-shot commands hear nothing between polls
+        elif not isinstance(source, Source) or source.scope != "host":
             continue
         served = [i for i, snapshot in enumerate(snapshots) if _needs_met(source, snapshot)]
         if not served:
             continue
-        value, status = _timed(source, context, [snapshots[i] for i in served])
+        chosen = [snapshots[i] for i in served]
+        if isinstance(source, HostLongLivedSource):
+            assert gathering is not None
+            shares, status = _drain_host(source, context, chosen, gathering)
+            for i in served:
+                share = shares.get(snapshots[i].identity.inode) if shares is not None else None
+                snapshots[i] = _with(snapshots[i], source, share, status)
+            continue
+        value, status = _timed(source, context, chosen)
         for i in served:
             snapshots[i] = _with(snapshots[i], source, value, status)
     return snapshots
+
+
+def _drain_host(
+    source: HostLongLivedSource,
+    context: SourceContext,
+    snapshots: Sequence[Snapshot],
+    gathering: Gathering,
+) -> tuple[Mapping[int, object] | None, SourceStatus]:
+    """Start (in tcpwatch's own namespace: this thread never entered another) and drain."""
+    key = (HOST, source.name)
+    started = time.perf_counter()
+    try:
+        gathering.ensure(key, source, context)
+    except Exception as error:  # start failed: reported, tried again next poll
+        log.debug("starting source %s failed", source.name, exc_info=True)
+        elapsed = time.perf_counter() - started
+        return None, SourceStatus(source.name, False, elapsed, describe_error(error))
+    return gathering.drain_host(key, source.name, snapshots)
 
 
 def take_snapshot(
@@ -169,7 +206,7 @@ def take_snapshot(
     snapshot = _read_namespace(context, chosen, gathering)
     if not scan_processes:
         return snapshot
-    return _read_host_wide([snapshot], chosen, context)[0]
+    return _read_host_wide([snapshot], chosen, context, gathering)[0]
 
 
 def poll(
@@ -220,7 +257,7 @@ def poll(
         name = _own_name(paths, names)
         before = (previous or {}).get(name)
         snapshot = take(paths, name, earlier=only, previous=before)
-        return tuple(_read_host_wide([snapshot], sources, host_context))
+        return tuple(_read_host_wide([snapshot], sources, host_context, gathering))
     discovery_started = time.perf_counter()
     try:
         targets_found = netns_source.discover(paths, run_netns_dir)
@@ -266,7 +303,7 @@ def poll(
         snapshots.append(
             replace(snapshot, identity=identity, sources=(entering, *snapshot.sources))
         )
-    return tuple(_read_host_wide(snapshots, sources, host_context))
+    return tuple(_read_host_wide(snapshots, sources, host_context, gathering))
 
 
 def _own_name(paths: ProcPaths, names: netns_source.NetnsNames) -> str:

@@ -42,6 +42,7 @@ from tcpwatch.rules.peers import (
 )
 from tcpwatch.rules.shapes import add_window, ratio_severity
 from tcpwatch.rules.shared import LocalDestination, is_local, local_destination
+from tcpwatch.rules.tracewindow import drops_in, failures_at
 
 _CAUSES: dict[str, str] = {
     "timeout": "# timeout: no answer to the SYNs: a firewall or security group drops them, the "
@@ -77,9 +78,30 @@ def _common_tail(netns: str, where: str) -> list[str]:
     ]
 
 
-def _remote_remediation(netns: str, peer: str, closed: Mapping[str, int]) -> list[str]:
+def _netfilter(window: Window, evidence: dict[str, EvidenceValue]) -> list[str]:
+    """Packets a firewall rule of this namespace dropped in the window, from the tracepoints
+    (skb:kfree_skb NETFILTER_DROP): a lead for SYNs that went unanswered."""
+    drops = drops_in(window) or {}
+    dropped = sum(count for (reason, _), count in drops.items() if reason == "NETFILTER_DROP")
+    if not dropped:
+        return []
+    evidence["netfilter_drops_in_window"] = dropped
+    return [
+        comment(
+            f"a firewall rule of this namespace dropped {dropped} packets during the window "
+            "(the kernel's drop reason NETFILTER_DROP): look at its rules first"
+        )
+    ]
+
+
+def _remote_remediation(
+    window: Window, peer: str, closed: Mapping[str, int], evidence: dict[str, EvidenceValue]
+) -> list[str]:
+    netns = window.current.netns
     address, port = split_peer(peer)
     lines = [_CAUSES[outcome] for outcome in FAILURES if closed[outcome]]
+    if closed["timeout"]:
+        lines += _netfilter(window, evidence)
     lines += [
         "# which processes are trying now, and the route they take:",
         run_in(netns, f"ss -tnp state syn-sent 'dst {peer}'"),
@@ -120,6 +142,7 @@ def _local_remediation(
     if peer.closed["timeout"]:
         evidence["cause"] = "dropped before the listener"
         return [
+            *_netfilter(window, evidence),
             *dropped_before_listener(netns, peer.peer, port, label),
             "# which processes are trying now:",
             run_in(netns, f"ss -tnp state syn-sent 'dst {peer.peer}'"),
@@ -162,8 +185,18 @@ def _bare_address(
     snapshot = window.current
     netns = snapshot.netns
     address = peer.peer
-    evidence["port"] = "unknown"
-    evidence["why_port_unknown"] = WHY_PORT_UNKNOWN
+    traced = failures_at(window, address)
+    if traced:  # the tracepoints kept what the destroy events lost: the port, errno, process
+        evidence["port"] = ", ".join(str(split_peer(f.destination)[1]) for f in traced[:5])
+        evidence["connect_failures"] = "; ".join(
+            f"{f.destination}: "
+            + ", ".join(f"{count} {error}" for error, count in sorted(f.errors.items()))
+            + f" by {f.processes}"
+            for f in traced[:5]
+        )
+    else:
+        evidence["port"] = "unknown"
+        evidence["why_port_unknown"] = WHY_PORT_UNKNOWN
     others = _other_ports(address, peers)
     if others:
         evidence["other_ports"] = others
@@ -177,16 +210,21 @@ def _bare_address(
         evidence["syn_sent_now"] = ", ".join(
             f"{endpoint(d.address, d.port)} ({d.sockets})" for d in waiting[:5]
         )
-    proxies = _abortive_clients(snapshot) if not owners else []
+    proxies = _abortive_clients(snapshot) if not owners and not traced else []
     if proxies:
         evidence["client"] = ", ".join(process_label(p) for p in proxies)
     seconds = window.seconds or 0.0
     rate = peer.failures / seconds if seconds > 0 else 0.0
+    if traced:
+        first = traced[0]
+        known = f"the kernel's tracepoints kept it: {evidence['connect_failures']}"
+    else:
+        known = f"which port of {address} fails is not known here"
     lines = [
         f"# {peer.failures} connects to {address} failed ({rate:.1f}/s) and were closed "
         "abortively (SO_LINGER 0: haproxy and Envoy close a failed connect this way, or a "
-        "blocking connect() failed), so the kernel cleared their port: which port of "
-        f"{address} fails is not known here",
+        "blocking connect() failed), so the kernel cleared their port from the destroy events; "
+        + known,
         f"# judged on their own: {peer.closed['ok']} connections to {address} were cut the "
         "same way after working"
         + (f"; its other ports, not counted here: {others}" if others else ""),
@@ -214,6 +252,20 @@ def _bare_address(
     lines += _common_tail(netns, f"host {address}")
     who = owners or proxies
     by = f" by {', '.join(process_label(o) for o in who)}" if who else ""
+    if traced:
+        errors = ", ".join(sorted(first.errors))
+        tail = (
+            f", {rate:.1f}/s: to {first.destination} by {first.processes}, {errors} (the "
+            "client closed them abortively; the tracepoints kept the port)"
+        )
+        lines.insert(
+            1,
+            comment(
+                f"the failing destination is {first.destination}, reached by "
+                f"{first.processes}: {errors}"
+            ),
+        )
+        return tail, lines
     tail = (
         f", {rate:.1f}/s{by}: port unknown, the kernel cleared it (the client closed them "
         "abortively)"
@@ -290,7 +342,7 @@ def C01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         else:
             local = local_destination(window, address, port)
             if local is None:
-                lines = _remote_remediation(netns, peer.peer, peer.closed)
+                lines = _remote_remediation(window, peer.peer, peer.closed, evidence)
             else:
                 lines = _local_remediation(window, peer, local, evidence)
                 lines += _common_tail(netns, f"host {address} and tcp port {port}")

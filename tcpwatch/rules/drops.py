@@ -32,6 +32,7 @@ from tcpwatch.rules.fixes import (
     sysctl_fix,
 )
 from tcpwatch.rules.shared import ListenerGroup, drops_in_window, fill_ratio, listener_groups
+from tcpwatch.rules.tracewindow import drops_in
 
 # --- Q02 -------------------------------------------------------------------------------------
 
@@ -67,6 +68,17 @@ def _q02_listener(
     evidence["syn_recv"] = sum(lsn.syn_recv for lsn in group.sockets)
     evidence["drops_total"] = sum(lsn.drops or 0 for lsn in group.sockets)
     evidence.update(evidence_extra)
+    # The kernel's own reason for packets dropped at this listener (tracepoints: a listener
+    # started after tcpwatch is known by its socket; docs/tracepoints.md).
+    reasons = {
+        reason: count
+        for (reason, listener), count in (drops_in(window) or {}).items()
+        if listener == group.name
+    }
+    if reasons:
+        evidence["drop_reasons"] = ", ".join(
+            f"{reason} {count}" for reason, count in sorted(reasons.items())
+        )
     netns = snapshot.netns
     label = process_label(owner)
     full_now = fill_ratio(worst) >= 1.0
@@ -113,6 +125,15 @@ def _q02_listener(
         if cause == "accept and syn":
             lines.append("# some drops were SYN-queue drops, not overflows: see Q04")
         lines.extend(verify)
+    if reasons:
+        lines.insert(
+            0,
+            comment(
+                f"the kernel's drop reasons at {group.name} in the window: "
+                f"{evidence['drop_reasons']} (TCP_LISTEN_OVERFLOW: a handshake's last ACK "
+                "found the accept queue full)"
+            ),
+        )
     title = f"{dropped} connection attempts dropped at {group.name} ({label}) in {seconds:.1f} s: "
     return Q02.finding(window, title + what, evidence, "\n".join(lines), subject=group.name)
 

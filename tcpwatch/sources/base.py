@@ -12,12 +12,14 @@ cover a new source with no extra code. Three kinds:
 - ``netns_source``: read once per polled namespace, from a thread inside it;
 - ``host_source``: read once per poll for every namespace together (one /proc/*/fd walk);
 - ``long_lived_source``: started once per namespace, gathers between polls on the pipeline's
-  gathering thread (a netlink multicast subscription), drained by each poll.
+  gathering thread (a netlink multicast subscription), drained by each poll;
+- ``host_long_lived_source``: the same, started once for the whole host (kernel tracepoints are
+  global), its drain given every namespace's snapshot so far and returning a value for each.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -25,7 +27,7 @@ from tcpwatch.config import CollectSettings
 from tcpwatch.model import Attribution, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
 
-Scope = Literal["netns", "host", "long-lived"]
+Scope = Literal["netns", "host", "long-lived", "host-long-lived"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +120,41 @@ class LongLivedSource:
         return "long-lived"
 
 
-AnySource = Source | LongLivedSource
+class HostGatherer(Protocol):
+    """A long-lived source running once for the host, as :class:`Gatherer` otherwise.
+
+    ``drain`` gets the snapshot so far of every polled namespace (in poll order) and returns a
+    value per namespace inode (one it did not hear about gets None), or ``Partial`` of that.
+    """
+
+    def fileno(self) -> int: ...
+
+    def read_ready(self) -> None: ...
+
+    def drain(self, so_far: Sequence[Snapshot]) -> Mapping[int, object] | Partial: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HostLongLivedSource:
+    """A long-lived source started once for the whole host, after every namespace was read:
+    ``start`` runs in tcpwatch's own namespace, on the first poll that wants it and again after
+    it failed; each namespace's snapshot gets its share of the value and the one status."""
+
+    name: str
+    field: str | None
+    order: int
+    start: Callable[[SourceContext], HostGatherer]
+    needs: tuple[str, ...] = ()
+    enabled: Callable[[CollectSettings], bool] = _always
+
+    @property
+    def scope(self) -> Scope:
+        return "host-long-lived"
+
+
+AnySource = Source | LongLivedSource | HostLongLivedSource
 
 
 def netns_source(
@@ -168,5 +204,21 @@ def long_lived_source(
 
     def declare(start: Callable[[SourceContext], Gatherer]) -> LongLivedSource:
         return LongLivedSource(name, field, order, start, needs, enabled)
+
+    return declare
+
+
+def host_long_lived_source(
+    name: str,
+    *,
+    field: str | None,
+    order: int,
+    needs: tuple[str, ...] = (),
+    enabled: Callable[[CollectSettings], bool] = _always,
+) -> Callable[[Callable[[SourceContext], HostGatherer]], HostLongLivedSource]:
+    """Declare a host-wide long-lived source on the function that starts its gatherer."""
+
+    def declare(start: Callable[[SourceContext], HostGatherer]) -> HostLongLivedSource:
+        return HostLongLivedSource(name, field, order, start, needs, enabled)
 
     return declare

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import tcpwatch.sources
 from tcpwatch.errors import UsageError, describe_error
-from tcpwatch.sources.base import AnySource, LongLivedSource, Source
+from tcpwatch.sources.base import AnySource, HostLongLivedSource, LongLivedSource, Source
 
 EXTRA_MODULES_VARIABLE = "TCPWATCH_SOURCE_MODULES"
 # Entering a namespace is the pipeline's own step, reported like a source (tcpwatch_source_up).
@@ -56,7 +56,7 @@ def declared_in(modules: Iterable[ModuleType]) -> tuple[AnySource, ...]:
     found: dict[str, AnySource] = {}
     for module in modules:
         for value in vars(module).values():
-            if not isinstance(value, Source | LongLivedSource):
+            if not isinstance(value, Source | LongLivedSource | HostLongLivedSource):
                 continue
             other = found.get(value.name)
             if other is not None and other is not value:

@@ -1,7 +1,9 @@
 """haproxy in front of backends that fail: a dead one (nothing listens) and a black-holed one (a
 firewall drops its SYNs), next to a healthy one. haproxy closes failed connects abortively, so
-the kernel clears their destination port: the findings must still single out the failing
-address, with the port unknown and why, and never the healthy backend."""
+the kernel clears their destination port from the socket-destroy events: the findings must still
+single out the failing address, never the healthy backend, and name the port, the errno and
+haproxy, which the kernel's tracepoints kept (the tracepoints source, tracefs mounted as on a
+host)."""
 
 from __future__ import annotations
 
@@ -65,10 +67,13 @@ def test_dead_backend_behind_haproxy() -> None:
             assert evidence["aborted"] >= 10, judged.describe()
             assert evidence["attempts"] == evidence["aborted"] + evidence["ok"], c01
             assert c01["severity"] in ("warning", "critical"), c01
-            assert evidence["port"] == "unknown", c01
+            # The tracepoints kept what the destroy events lost: port, errno, process.
+            assert evidence["port"] == str(DEAD_PORT), c01
+            failed = evidence["connect_failures"]
+            assert failed.startswith(f"127.0.0.1:{DEAD_PORT}: "), c01
+            assert "ECONNREFUSED by haproxy" in failed and "unknown" not in c01["title"], c01
             assert evidence["failures_per_second"] > 1, c01
             assert "haproxy" in c01["remediation"] and "SO_LINGER" in c01["remediation"]
-            assert "port" in c01["title"] and "unknown" in c01["title"], c01["title"]
 
 
 def connect_backend_host(proxy: Netns, backend: Netns) -> None:
@@ -111,5 +116,6 @@ def test_blackholed_backend_behind_haproxy() -> None:
             # A remote host that never answers: here the network (its firewall) is the cause.
             assert "firewall" in s03["remediation"] and "local_listener" not in s03["evidence"]
             c01 = judged.one("C01", BACKEND_ADDRESS)
-            assert c01["evidence"]["port"] == "unknown", c01
+            assert c01["evidence"]["port"] == str(WEB_PORT), c01
+            assert "by haproxy" in c01["evidence"]["connect_failures"], c01
             assert c01["evidence"]["aborted"] >= 10, c01

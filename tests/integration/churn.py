@@ -130,18 +130,21 @@ def start_churn(
     host: str = "127.0.0.1",
 ) -> Churn:
     """Start the churn on ports ``first_port`` (ok) .. ``first_port + 3`` (lossy) of ``host`` (a
-    local address); nftables rules in the namespace drop the SYNs to the timeout port and
-    ``loss_percent`` of the segments to the lossy one."""
+    local address); nftables rules in the namespace drop the SYNs to the timeout port (on their
+    way out: the connecting task drops its own first SYN, which the tracepoints source can
+    attribute) and ``loss_percent`` of the segments to the lossy one."""
     churn = Churn(host, first_port, first_port + 1, first_port + 2,
                   first_port + 3 if lossy else None)  # fmt: skip
-    rules = [f"tcp dport {churn.timeout_port} tcp flags syn drop"]
+    egress = f"tcp dport {churn.timeout_port} tcp flags syn drop"
+    rules = []
     if churn.lossy_port is not None:
         rules.append(f"tcp dport {churn.lossy_port} numgen random mod 100 < {loss_percent} drop")
     chain = "; ".join(rules)
     ns.nft(
         f"table inet tw_churn_{first_port} {{\n"
-        f"  chain input {{ type filter hook input priority 0; {chain}; }}\n"
-        f"}}\n"
+        f"  chain output {{ type filter hook output priority 0; {egress}; }}\n"
+        + (f"  chain input {{ type filter hook input priority 0; {chain}; }}\n" if rules else "")
+        + "}\n"
     )
     spec = {
         "host": churn.host,

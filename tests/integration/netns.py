@@ -171,8 +171,13 @@ class Netns:
     # -- commands ----------------------------------------------------------------------------
 
     def exec_argv(self, *argv: str) -> list[str]:
-        """argv that runs ``argv`` inside the namespace (for callers that need their own Popen)."""
-        return ["ip", "netns", "exec", self.name, *argv]
+        """argv that runs ``argv`` inside the namespace (for callers that need their own Popen).
+
+        ``ip netns exec`` gives the command a fresh /sys without the host's tracefs: it is
+        mounted there first (:func:`with_tracefs`), so a tcpwatch run here finds it where a
+        host has it. The command is exec'd: its pid is the Popen's.
+        """
+        return ["ip", "netns", "exec", self.name, *with_tracefs(), *argv]
 
     def run(
         self,
@@ -602,6 +607,16 @@ KERNEL_COUNTER_METRICS: Mapping[str, str] = {
     "TcpExtSyncookiesFailed": "tcpwatch_syncookies_failed",
     "TcpExtTCPTimeWaitOverflow": "tcpwatch_timewait_overflows",
 }
+
+
+def with_tracefs() -> list[str]:
+    """argv prefix: tracefs mounted, then the command. ``ip netns exec`` gives its command a
+    fresh /sys for the namespace, without the host's tracefs; mounted there (root, in that
+    private mount namespace only), the tracepoints source finds it where a host has it."""
+    script = (
+        'mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing; exec "$@"'
+    )
+    return ["sh", "-c", script, "sh"]
 
 
 def tcpwatch_env() -> dict[str, str]:

@@ -269,7 +269,9 @@ class BootedContainer:
 
     On exit (normal or not) the container is powered off (killed if it does not stop within
     ``stop_seconds``) and the copy removed. ``files`` are copied into the root before boot
-    (root path -> host path); ``console_log`` collects nspawn's and the container's console.
+    (root path -> host path); ``nspawn_options`` are added to nspawn's command line (a
+    capability the container's systemd may hand on, a host path bound in); ``console_log``
+    collects nspawn's and the container's console.
     """
 
     def __init__(
@@ -279,10 +281,12 @@ class BootedContainer:
         stop_seconds: float = 15.0,
         cache_dir: str = CACHE_DIR,
         private_network: bool = False,
+        nspawn_options: Sequence[str] = (),
     ) -> None:
         self.base = base
         self.private_network = private_network
         self.files = dict(files or {})
+        self.nspawn_options = tuple(nspawn_options)
         self.stop_seconds = stop_seconds
         self.cache_dir = cache_dir
         self.workdir: Path | None = None
@@ -359,6 +363,7 @@ class BootedContainer:
                     "--console=passive",
                     f"--machine=tw-{secrets_token()}",
                     *(["--private-network"] if self.private_network else []),
+                    *self.nspawn_options,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=console,

@@ -22,6 +22,7 @@ a directory every user can read: the test runner's own Python may live under /ro
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -38,7 +39,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tcpwatch.sources.perf import online_cpus
 from tcpwatch.sources.registry import ENTERING, source_names
+from tcpwatch.sources.tracepoints import ring_pages
 from tests.integration.netns import Netns, parse_ss
 from tests.integration.systemd_container import build_wheelhouse
 
@@ -56,7 +59,7 @@ SERVE_PORT = 20509
 CLOSE_WAITS = 3
 LISTEN_NAME = "tw-priv-listen"
 LEAK_NAME = "tw-priv-leak"
-CAP_BITS = {"sys_ptrace": 19, "dac_read_search": 2, "sys_admin": 21}
+CAP_BITS = {"sys_ptrace": 19, "dac_read_search": 2, "sys_admin": 21, "perfmon": 38}
 
 # Stdlib only: runs as another user under Debian's python3. Names itself, listens, and leaves
 # `close_waits` accepted connections whose client end it closed (so they sit in CLOSE_WAIT).
@@ -355,7 +358,10 @@ def assert_counts_and_queues(seen: Exposition) -> None:
     up = dict(seen.source_up)
     # serve also runs the long-lived lifecycle source: subscribing needs no privilege either.
     assert up.pop("lifecycle", 1) == 1, seen.source_up
-    every_poll = [name for name in source_names() if name not in (ENTERING, "lifecycle")]
+    # and the tracepoints, which need CAP_PERFMON: the serve tests check it either way.
+    up.pop("tracepoints", None)
+    long_lived = (ENTERING, "lifecycle", "tracepoints")
+    every_poll = [name for name in source_names() if name not in long_lived]
     assert up == dict.fromkeys(every_poll, 1), seen.source_up
     assert seen.sockets["close_wait"] == CLOSE_WAITS
     assert {LISTEN_PORT, LEAK_PORT} <= seen.listener_ports
@@ -394,7 +400,7 @@ def assert_degraded_visibly(seen: Exposition) -> None:
 
 def test_setpriv_grants_exactly_the_units_capabilities(netns: Netns, runtime: Runtime) -> None:
     capabilities = unit_capabilities()
-    assert capabilities == ("dac_read_search", "sys_ptrace")
+    assert capabilities == ("dac_read_search", "perfmon", "sys_ptrace")
     mask = sum(1 << CAP_BITS[cap] for cap in capabilities)
     status = effective_capabilities(netns, runtime, capabilities)
     assert status == {
@@ -472,6 +478,15 @@ def test_the_text_report_says_which_privilege_names_the_owners(
 def _serve_and_scrape(
     netns: Netns, runtime: Runtime, capabilities: Sequence[str]
 ) -> tuple[Exposition, str]:
+    seen, text, _, _ = _serve_scrape_and_ask(netns, runtime, capabilities)
+    return seen, text
+
+
+def _serve_scrape_and_ask(
+    netns: Netns, runtime: Runtime, capabilities: Sequence[str]
+) -> tuple[Exposition, str, str, dict[str, Any]]:
+    """/metrics of a real serve, its stderr so far, and its /api/v1/snapshot (tracefs mounted
+    in ``ip netns exec``'s /sys, as root, before setpriv drops to nobody: Netns.exec_argv)."""
     daemon = netns.spawn(
         [
             *as_nobody(capabilities),
@@ -502,14 +517,23 @@ def _serve_and_scrape(
         time.sleep(0.3)
     scrape = netns.run(SYSTEM_PYTHON, "-c", GET, f"{base}/metrics", check=False)
     assert scrape.returncode == 0, f"{scrape.stderr}; daemon stderr: {netns.stderr_of(daemon)}"
-    return parse_exposition(scrape.stdout), scrape.stdout
+    api = netns.run(SYSTEM_PYTHON, "-c", GET, f"{base}/api/v1/snapshot", check=False)
+    assert api.returncode == 0, f"{api.stderr}; daemon stderr: {netns.stderr_of(daemon)}"
+    netns.stop(daemon)
+    stderr = netns.stderr_of(daemon)
+    return parse_exposition(scrape.stdout), scrape.stdout, stderr, json.loads(api.stdout)
 
 
 def test_serve_with_unit_capabilities_attributes_other_users_sockets(
     netns: Netns, runtime: Runtime, population: Owners
 ) -> None:
-    seen, _ = _serve_and_scrape(netns, runtime, unit_capabilities())
+    seen, text = _serve_and_scrape(netns, runtime, unit_capabilities())
     assert_fully_attributed(seen, population)
+    assert seen.source_up["tracepoints"] == 1  # CAP_PERFMON, and tracefs through the DAC cap
+    # The default rings (8 MiB over the CPUs) fit what a user without CAP_IPC_LOCK may lock.
+    per_cpu = ring_pages(0, len(online_cpus())) * mmap.PAGESIZE
+    match = re.search(r"^tcpwatch_tracepoint_buffer_bytes (\S+)$", text, re.M)
+    assert match is not None and float(match.group(1)) == per_cpu, text[-2000:]
 
 
 def test_serve_without_capabilities_degrades_visibly(
@@ -517,10 +541,39 @@ def test_serve_without_capabilities_degrades_visibly(
 ) -> None:
     seen, text = _serve_and_scrape(netns, runtime, ())
     assert_degraded_visibly(seen)
+    # The tracepoints are down, with their one reason in the log; nothing else is (above).
+    assert seen.source_up["tracepoints"] == 0, text
     # Its own listener is the one it may still name: same uid, no capability needed.
     own = seen.listener_owners.get(SERVE_PORT)
     assert own is not None and own[0] in ("python3", "tcpwatch"), text
     assert re.search(r'^tcpwatch_source_up\{netns="[^"]+",source="processes"\} 1', text, re.M)
+
+
+def test_serve_without_perfmon_reports_the_tracepoints_down_and_nothing_else(
+    netns: Netns, runtime: Runtime, population: Owners
+) -> None:
+    """The unit's capabilities but CAP_PERFMON: one source down, with one clear reason in the
+    log and in the API; every other source, name and count as with all three."""
+    capabilities = tuple(cap for cap in unit_capabilities() if cap != "perfmon")
+    seen, text, stderr, api = _serve_scrape_and_ask(netns, runtime, capabilities)
+    assert_fully_attributed(seen, population)
+    assert seen.source_up["tracepoints"] == 0, text
+    assert {name for name, up in seen.source_up.items() if not up} == {"tracepoints"}
+    # One line, at the first failure (the debug lines with tracebacks are --log-level debug's).
+    failures = [
+        line
+        for line in stderr.splitlines()
+        if "level=warn" in line and "source tracepoints" in line
+    ]
+    assert len(failures) == 1, stderr
+    assert "needs CAP_PERFMON" in failures[0], failures
+    (reported,) = [
+        source
+        for namespace in api["namespaces"]
+        for source in namespace["sources"]
+        if source["name"] == "tracepoints"
+    ]
+    assert not reported["ok"] and "CAP_PERFMON" in reported["error"], reported
 
 
 def test_hidden_proc_still_shows_everything_with_the_units_capabilities(

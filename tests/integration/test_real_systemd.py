@@ -10,7 +10,8 @@ Inside the container two users hold sockets for tcpwatch to attribute: uid 10001
 uid 10002 a listener and CLOSE_WAITS sockets in CLOSE_WAIT. Then, in order:
 
 1. `systemctl start` returns once READY=1 arrived; the unit is active, its main process runs as a
-   dynamic user with exactly the two capabilities, and systemd inside agrees with the host tools
+   dynamic user with exactly the three capabilities (nspawn hands CAP_PERFMON to the container's
+   systemd, as a host's has it), and systemd inside agrees with the host tools
    (`systemd-analyze verify` silent, `security` at most 3.0);
 2. /metrics answers with the holders' names and pids (their container pids), their queues as
    `ss` shows them, and their CLOSE_WAIT count; `tcpwatch top` reads the unit's daemon on its
@@ -66,7 +67,14 @@ LEAK_NAME = "tw-sd-leak"
 INNER_NAME = "tw-sd-inner"
 INNER_NETNS = "tw-sd-inner"
 HOLDER_BACKLOG = 16
-UNIT_CAPABILITIES = (1 << 19) | (1 << 2)  # CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH
+UNIT_CAPABILITIES = (1 << 19) | (1 << 2) | (1 << 38)  # SYS_PTRACE, DAC_READ_SEARCH, PERFMON
+# What a host's systemd has and nspawn's does not by default: CAP_PERFMON to hand on to the
+# unit, and the host's tracefs (nspawn mounts a /sys of its own), for the tracepoints source.
+TRACEPOINT_OPTIONS = (
+    "--capability=CAP_PERFMON",
+    "--system-call-filter=perf_event_open",
+    "--bind-ro=/sys/kernel/tracing",
+)
 WATCHDOG_SECONDS = 60  # WatchdogSec= in the unit
 HANG_ROOT = "/srv/tw-hang"
 
@@ -173,7 +181,7 @@ def service() -> Iterator[Service]:
             "/etc/default/tcpwatch": env_file,
             CONFIG: REPO / "config.example.yaml",
         }
-        with BootedContainer(base, files) as box:
+        with BootedContainer(base, files, nspawn_options=TRACEPOINT_OPTIONS) as box:
             box.run("python3", "-m", "venv", "/opt/tcpwatch", timeout=120)
             box.run(
                 "/opt/tcpwatch/bin/pip", "install", "--quiet", "--no-index", "--find-links",
@@ -350,6 +358,8 @@ def test_metrics_show_real_numbers_and_other_users_process_names(service: Servic
     assert seen.process_sockets.get(("host", LEAK_NAME, "close_wait")) == CLOSE_WAITS
     assert seen.scan_complete == 1
     assert seen.source_up[("host", "processes")] == 1 and seen.source_up[("host", "sockdiag")] == 1
+    # CAP_PERFMON from the unit, tracefs through CAP_DAC_READ_SEARCH, perf_event_open allowed
+    assert seen.source_up[("host", "tracepoints")] == 1, service.box.journal(UNIT)
     assert abs(time.time() - seen.last_poll) < 30
     # The backlog as the kernel reports it to ss (Send-Q of a listener), read on the host.
     ss = subprocess.run(

@@ -4,9 +4,9 @@
   checks it leaves open are exactly the ones deploy/systemd/README.md explains;
 - ``systemd-analyze verify`` prints nothing, in a scratch root holding the unit, an executable
   at ExecStart's path and the host's system units (verify wants all of them to exist);
-- the unit declares what the daemon relies on (Type=notify, watchdog, the two capabilities, /proc
-  left whole), the env file's flags are flags ``tcpwatch serve`` accepts, and the README names
-  every option the unit sets.
+- the unit declares what the daemon relies on (Type=notify, watchdog, the three capabilities,
+  perf_event_open, /proc left whole), the env file's flags are flags ``tcpwatch serve``
+  accepts, and the README names every option the unit sets.
 
 Booting the unit under a real systemd is test_real_systemd.py.
 """
@@ -49,6 +49,7 @@ EXPECTED_OPEN = frozenset(
         "PrivateUsers=",
         "DeviceAllow=",
         "IPAddressDeny=",
+        "SystemCallFilter=~@debug",
     }
 )
 # What the network-namespace drop-in opens on top.
@@ -208,13 +209,14 @@ def test_unit_declares_what_the_daemon_relies_on() -> None:
         "/etc/tcpwatch/config.yaml",
     ]
     assert exec_start[-1] == "$TCPWATCH_FLAGS"
-    wanted = {"CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"}
+    wanted = {"CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH", "CAP_PERFMON"}
     assert set(_one(service, "AmbientCapabilities").split()) == wanted
     assert set(_one(service, "CapabilityBoundingSet").split()) == wanted
     # /proc/net and /proc/sys are data sources; other users' /proc/PID/fd feed attribution.
     assert _one(service, "ProcSubset") == "all"
     assert _values(service, "PrivateUsers") in ([], ["no"])  # caps must reach host processes
     assert "AF_NETLINK" in _one(service, "RestrictAddressFamilies").split()
+    assert "perf_event_open" in _values(service, "SystemCallFilter")  # the tracepoints source
 
 
 def test_env_file_flags_are_serve_flags() -> None:

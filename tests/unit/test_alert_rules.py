@@ -221,7 +221,7 @@ def test_kubernetes_daemonset_config_and_its_scrape_job_agree() -> None:
     [mount] = [m for m in container["volumeMounts"] if m["name"] == "config"]
     assert mount["mountPath"] == "/etc/tcpwatch"
     capabilities = container["securityContext"]["capabilities"]
-    assert capabilities == {"drop": ["ALL"], "add": ["SYS_PTRACE", "DAC_READ_SEARCH"]}
+    assert capabilities == {"drop": ["ALL"], "add": ["SYS_PTRACE", "DAC_READ_SEARCH", "PERFMON"]}
     [port] = container["ports"]
     assert f":{port['containerPort']}" == config.listen
     annotations = pod["metadata"]["annotations"]

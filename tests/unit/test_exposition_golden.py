@@ -35,6 +35,13 @@ from tcpwatch.render.prometheus import build_info, render
 from tcpwatch.rules import Finding
 from tcpwatch.stalls import ClosedWaits, InboundScan, ListenerConnections, Stalls
 from tcpwatch.state import ExportState, PollHistogram
+from tcpwatch.tracepoint_stats import (
+    ConnectStats,
+    DropStats,
+    ResetStats,
+    TracepointHost,
+    TracepointStats,
+)
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "metrics.prom"
 # The sources tcpwatch_source_errors_total lists in the golden file: pinned here, the one test
@@ -128,6 +135,37 @@ def inbound() -> InboundScan:
         unmatched=0,
         scanned_at=1_699_999_970.0,
     )
+
+
+def tracepoints() -> TracepointStats:
+    """A client whose connects take one SYN retransmission now and then, a dead backend that
+    haproxy reaches, resets to a port nothing listens on, drops at a full listener."""
+    return TracepointStats(
+        connects=(
+            ConnectStats(
+                "10.0.0.9:5432", "app", (0, 0, 0, 0, 80, 10, *[0] * 5, 2, 0, 0, 0), 92, 2.19,
+                {"ETIMEDOUT": 1}, 4, 2,
+            ),
+            ConnectStats("127.0.0.1:9999", "haproxy", (0,) * 15, 0, 0.0, {"ECONNREFUSED": 3}, 0, 0),
+        ),
+        resets=(
+            ResetStats("received", "127.0.0.1:9999", "", 3),
+            ResetStats("sent", "127.0.0.1:9999", "NO_SOCKET", 3),
+            ResetStats("sent", "0.0.0.0:80", "TCP_ABORT_ON_CLOSE", 1),
+        ),
+        drops=(DropStats("TCP_LISTEN_OVERFLOW", "0.0.0.0:80", 12),),
+        host=TracepointHost(
+            records={"set_state": 30000, "error_report": 9, "drop": 12},
+            lost=0,
+            unattributed={("set_state", "task_exited"): 2},
+            other_netns=1400,
+            cpus=2,
+            buffer_bytes=512 << 10,
+            events=("sock:inet_sock_set_state", "sock:inet_sk_error_report", "skb:kfree_skb"),
+            sockets_followed=40,
+        ),
+        folded={"connects": 3, "resets": 0, "drops": 0},
+    )  # fmt: skip
 
 
 def fixture_state() -> ExportState:
@@ -242,6 +280,7 @@ def fixture_state() -> ExportState:
         ),
         connections=connections(),
         inbound=inbound(),
+        tracepoints=tracepoints(),
     )
     finding = Finding(
         rule_id="Q01",

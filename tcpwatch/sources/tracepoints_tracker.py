@@ -1,0 +1,345 @@
+"""Attribution and tallies: each tracepoint record to its namespace and process, or counted.
+
+Tracepoints are global: a record says which socket (its kernel address, ``skaddr``) and which
+4-tuple, never which network namespace. The tracker attributes a record only where the kernel
+says enough, and counts every other record by event and why (``unattributed``):
+
+1. **The acting task.** A record written outside interrupt context names the task that acted
+   (``connect()`` moves a socket from CLOSE to SYN_SENT; ``listen()`` to LISTEN; ``close()``
+   sends an abortive reset): its namespace and process are the socket's (tracepoints_tasks.py).
+2. **The socket's address.** A socket learned that way is followed by ``skaddr`` until it
+   reaches CLOSE (whose record is read too, so a freed address is never taken for its next
+   owner): its handshake's end, its SYN retransmissions, resets it sends or receives and
+   packets dropped at it (``rx_sk``) are its namespace's, whatever context they come from.
+3. **The error a failed connect reports** has no ``skaddr``: it is joined to the SYN_SENT ->
+   CLOSE record of the same 4-tuple just before it (``tcp_done_with_error`` writes the two
+   back to back), which carries the socket. So a refused connect keeps its destination port
+   even when the client then closes abortively and the kernel clears it.
+4. **A reset sent for no socket** (NO_SOCKET, in softirq) to a loopback client is joined to the
+   reset that client's socket then receives (the same 4-tuple, reversed): loopback traffic never
+   leaves its namespace. One sent from an address of tcpwatch's own namespace (its interfaces,
+   loopback and link-local left out) is that namespace's: the address a remote client reached.
+   Other such resets are counted unattributed.
+
+Tallies are kept per namespace inode (tracepoints_tally.py), bounded host-wide at each poll
+(``max_rows``, the rest under ``"other"``), and frozen into TracepointStats by
+:meth:`Tracker.stats`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+from collections.abc import Collection, Iterable, Mapping
+
+from tcpwatch.endpoints import endpoint
+from tcpwatch.sources.lifecycle_events import (
+    Context,
+    address_of,
+    inbound_peer,
+    outbound_peer,
+)
+from tcpwatch.sources.tracepoints_events import AF_INET, TcpStates
+from tcpwatch.sources.tracepoints_tally import BOUNDS_NS, Tally, settle
+from tcpwatch.sources.tracepoints_tasks import TaskResolver
+from tcpwatch.tracepoint_stats import ABANDONED, TracepointHost, TracepointStats
+
+SOCKET_LIMIT = 1 << 18  # sockets followed at once (about 200 bytes each)
+PENDING_LIMIT = 4096  # closes waiting for their error report, resets waiting for their join
+CLOSE_WAIT_NS = 100_000_000  # a failed connect's close waits this long for its error report
+RESET_WAIT_NS = 1_000_000_000  # a NO_SOCKET reset waits this long for the one it answers
+CLIENT, CONNECTED, LISTENER = 0, 1, 2
+_LOOPBACK4 = 127
+_LOOPBACK6 = bytes(15) + b"\x01"
+
+
+def error_name(number: int) -> str:
+    """ECONNREFUSED for 111 (the kernel reports errno values, positive)."""
+    return errno.errorcode.get(abs(number), f"errno {abs(number)}")
+
+
+class _Socket:
+    __slots__ = ("label", "netns", "process", "role", "started", "syn_retransmits")
+
+    def __init__(self, netns: int, process: str, role: int, label: str, started: int) -> None:
+        self.netns = netns
+        self.process = process
+        self.role = role
+        self.label = label  # the destination of a client, the endpoint of a listener
+        self.started = started  # sample time (ns) it entered SYN_SENT
+        self.syn_retransmits = 0
+
+
+def _is_loopback(family: int, address: bytes) -> bool:
+    if family == AF_INET:
+        return address[0] == _LOOPBACK4
+    return address == _LOOPBACK6 or (address[:12] == bytes(10) + b"\xff\xff" and address[12] == 127)
+
+
+class Tracker:
+    """Every record in, per-namespace tallies out. Not thread-safe: the caller holds a lock."""
+
+    def __init__(
+        self,
+        tasks: TaskResolver,
+        states: TcpStates,
+        max_rows: int = 120,
+        drop_reasons: Mapping[int, str] | None = None,
+        reset_reasons: Mapping[int, str] | None = None,
+        socket_limit: int = SOCKET_LIMIT,
+        idle_seconds: float = 3600.0,
+    ) -> None:
+        self.tasks = tasks
+        self.states = states
+        self.max_rows = max_rows  # host-wide rows of every namespace's tables (the budget)
+        self.idle_seconds = idle_seconds
+        self.drop_reasons = dict(drop_reasons or {})
+        self.reset_reasons = dict(reset_reasons or {})
+        self.socket_limit = socket_limit
+        self.sockets: dict[int, _Socket] = {}
+        self.tallies: dict[int, Tally] = {}
+        # (family, source, sport, destination, dport) of a failed connect's close -> its socket
+        self._closing: dict[tuple[int, bytes, int, bytes, int], tuple[_Socket, int]] = {}
+        # a NO_SOCKET reset's (family, source, sport, destination, dport) -> (reason, time)
+        self._resets: dict[tuple[int, bytes, int, bytes, int], tuple[str, int]] = {}
+        self.wanted: frozenset[int] | None = None  # polled namespaces; None: not told yet
+        # tcpwatch's own namespace and its addresses (a reset for no socket sent from one is
+        # that namespace's); set at each poll
+        self.own: tuple[int, frozenset[bytes]] = (0, frozenset())
+        self.unattributed: dict[tuple[str, str], int] = {}
+        self.other_netns = 0
+
+    # -- what attributes a record ----------------------------------------------------------------
+
+    def _missed(self, event: str, why: str) -> None:
+        key = (event, why)
+        self.unattributed[key] = self.unattributed.get(key, 0) + 1
+
+    def _tally(self, netns: int) -> Tally | None:
+        wanted = self.wanted
+        if wanted is not None and netns not in wanted:
+            self.other_netns += 1
+            return None
+        tally = self.tallies.get(netns)
+        if tally is None:
+            tally = self.tallies[netns] = Tally()
+        return tally
+
+    def _actor(self, event: str, pid: int, tid: int, in_task: bool) -> int | None:
+        """The namespace of the task that wrote the record, when it acted; else counted."""
+        if not in_task:
+            self._missed(event, "interrupt")
+            return None
+        who = self.tasks.resolve(pid, tid)
+        if who is None:
+            self._missed(event, "task_exited")
+            return None
+        return who[0]
+
+    # -- records ---------------------------------------------------------------------------------
+
+    def set_state(
+        self, pid: int, tid: int, time_ns: int, in_task: bool,
+        sk: int, old: int, new: int, family: int, sport: int, dport: int,
+        source: bytes, destination: bytes,
+    ) -> None:  # fmt: skip
+        states = self.states
+        if new == states.syn_sent:  # connect(): written by the connecting task
+            if not in_task:
+                self._missed("set_state", "interrupt")
+                return
+            who = self.tasks.resolve(pid, tid)
+            if who is None:
+                self._missed("set_state", "task_exited")
+                return
+            if len(self.sockets) >= self.socket_limit:
+                self._missed("set_state", "table_full")
+                return
+            label = endpoint(address_of(family, destination), dport)
+            self.sockets[sk] = _Socket(who[0], who[1], CLIENT, label, time_ns)
+            return
+        entry = self.sockets.get(sk)
+        if old == states.syn_sent:
+            if entry is None or entry.role != CLIENT:
+                self._missed("set_state", "connect_unseen")  # began before the reader
+                return
+            if new == states.established:
+                entry.role = CONNECTED
+                self._connected(entry, time_ns - entry.started)
+                return
+            del self.sockets[sk]
+            if len(self._closing) < PENDING_LIMIT:
+                key = (family, source, sport, destination, dport)
+                self._closing.setdefault(key, (entry, time_ns))
+            else:
+                self._failed(entry, ABANDONED)
+            return
+        if new == states.listen:
+            netns = self._actor("set_state", pid, tid, in_task)
+            if netns is not None and len(self.sockets) < self.socket_limit:
+                label = endpoint(address_of(family, source), sport)
+                self.sockets[sk] = _Socket(netns, "", LISTENER, label, time_ns)
+            return
+        if entry is not None:  # into CLOSE: the address may be reused from now on
+            del self.sockets[sk]
+
+    def ended(self, sk: int) -> None:
+        """A socket reached CLOSE from a state other than SYN_SENT (the common record, read
+        without its 4-tuple): its address may be another socket's from now on."""
+        self.sockets.pop(sk, None)
+
+    def _connected(self, entry: _Socket, elapsed_ns: int) -> None:
+        tally = self._tally(entry.netns)
+        if tally is None:
+            return
+        row = tally.connect_row(entry.label, entry.process)
+        row.buckets[bisect.bisect_left(BOUNDS_NS, elapsed_ns)] += 1
+        row.count += 1
+        row.sum_ns += elapsed_ns
+        row.syn_retransmits += entry.syn_retransmits
+        if entry.syn_retransmits:
+            row.retransmitted += 1
+
+    def _failed(self, entry: _Socket, error: str) -> None:
+        tally = self._tally(entry.netns)
+        if tally is None:
+            return
+        row = tally.connect_row(entry.label, entry.process)
+        row.failures[error] = row.failures.get(error, 0) + 1
+        row.syn_retransmits += entry.syn_retransmits
+
+    def error_report(
+        self, error: int, family: int, sport: int, dport: int, source: bytes, destination: bytes
+    ) -> None:
+        """The error of a failed connect (the close before it has the socket); others pass."""
+        waiting = self._closing.pop((family, source, sport, destination, dport), None)
+        if waiting is not None:
+            self._failed(waiting[0], error_name(error))
+
+    def retransmit(self, sk: int) -> None:
+        entry = self.sockets.get(sk)
+        if entry is None or entry.role != CLIENT:
+            self._missed("retransmit", "unknown_socket")
+            return
+        entry.syn_retransmits += 1
+
+    def send_reset(
+        self, pid: int, tid: int, time_ns: int, in_task: bool,
+        sk: int, reason: int, family: int, sport: int, dport: int,
+        source: bytes, destination: bytes,
+    ) -> None:  # fmt: skip
+        name = self.reset_reasons.get(reason, "" if reason < 0 else f"reason {reason}")
+        entry = self.sockets.get(sk) if sk else None
+        if entry is not None:
+            tally = self._tally(entry.netns)
+            if tally is not None:
+                tally.reset("sent", entry.label, name)
+            return
+        if not sk and not in_task:
+            waiting = self._resets
+            if _is_loopback(family, source):
+                if len(waiting) < PENDING_LIMIT:
+                    waiting[(family, source, sport, destination, dport)] = (name, time_ns)
+                    return  # joined by the reset its client receives
+            elif source in self.own[1]:  # a client elsewhere reached an address of ours
+                tally = self._tally(self.own[0])
+                if tally is not None:
+                    tally.reset("sent", inbound_peer(family, source, sport, tally.context), name)
+                return
+        netns = self._actor("send_reset", pid, tid, in_task)
+        if netns is None:
+            return
+        tally = self._tally(netns)
+        if tally is not None:
+            peer = self._peer(tally, family, source, sport, destination, dport, bool(sk))
+            tally.reset("sent", peer, name)
+
+    def receive_reset(
+        self, pid: int, tid: int, in_task: bool,
+        sk: int, family: int, sport: int, dport: int, source: bytes, destination: bytes,
+    ) -> None:  # fmt: skip
+        answered = self._resets.pop((family, destination, dport, source, sport), None)
+        entry = self.sockets.get(sk)
+        if entry is not None:
+            netns, peer = entry.netns, entry.label
+        else:
+            found = self._actor("receive_reset", pid, tid, in_task)
+            if found is None:
+                if answered is not None:
+                    self._missed("send_reset", "no_socket")
+                return
+            netns = found
+            peer = ""
+        tally = self._tally(netns)
+        if tally is None:
+            return
+        if not peer:
+            peer = self._peer(tally, family, source, sport, destination, dport, True)
+        tally.reset("received", peer, "")
+        if answered is not None:  # the NO_SOCKET reset this host sent it, on loopback
+            tally.reset("sent", endpoint(address_of(family, destination), dport), answered[0])
+
+    def drop(self, pid: int, tid: int, in_task: bool, rx_sk: int, reason: int) -> None:
+        name = self.drop_reasons.get(reason, f"reason {reason}")
+        entry = self.sockets.get(rx_sk) if rx_sk else None
+        if entry is not None:
+            netns = entry.netns
+            listener = entry.label if entry.role == LISTENER else ""
+        else:
+            if rx_sk and not in_task:
+                self._missed("drop", "unknown_socket")
+                return
+            found = self._actor("drop", pid, tid, in_task)
+            if found is None:
+                return
+            netns, listener = found, ""
+        tally = self._tally(netns)
+        if tally is not None:
+            tally.drop(name, listener)
+
+    def _peer(
+        self, tally: Tally, family: int, source: bytes, sport: int,
+        destination: bytes, dport: int, has_socket: bool,
+    ) -> str:  # fmt: skip
+        """The service side of a 4-tuple: the local port a client reached (a reset for no
+        socket, an inbound connection), else the destination connected to."""
+        context = tally.context
+        low, high = context.port_range
+        if not has_socket or sport in context.listen_ports or not low <= sport <= high:
+            return inbound_peer(family, source, sport, context)
+        return outbound_peer(family, destination, dport)
+
+    # -- time and polls --------------------------------------------------------------------------
+
+    def expire(self, now_ns: int) -> None:
+        """Give up waiting: a close without an error report was the client's own (abandoned);
+        a NO_SOCKET reset nobody here received is counted unattributed."""
+        if self._closing:
+            for key, (entry, at) in list(self._closing.items()):
+                if now_ns - at >= CLOSE_WAIT_NS:
+                    del self._closing[key]
+                    self._failed(entry, ABANDONED)
+        if self._resets:
+            for key, (_, at) in list(self._resets.items()):
+                if now_ns - at >= RESET_WAIT_NS:
+                    del self._resets[key]
+                    self._missed("send_reset", "no_socket")
+
+    def update_contexts(self, contexts: Mapping[int, Context], wanted: Collection[int]) -> None:
+        """The polled namespaces (inode -> listeners and port range); others are not tallied."""
+        self.wanted = frozenset(wanted)
+        for inode in list(self.tallies):
+            if inode not in self.wanted:
+                del self.tallies[inode]
+        for inode, context in contexts.items():
+            tally = self._tally(inode)
+            if tally is not None:
+                tally.context = context
+
+    def settle(self, now: float) -> None:
+        """Apply the host-wide row budget to every namespace's tables (each poll)."""
+        settle(self.tallies.values(), self.max_rows, self.idle_seconds, now)
+
+    def stats(self, inodes: Iterable[int], host: TracepointHost) -> dict[int, TracepointStats]:
+        """Each namespace's exported rows (call :meth:`settle` first)."""
+        return {inode: (self.tallies.get(inode) or Tally()).frozen(host) for inode in inodes}
