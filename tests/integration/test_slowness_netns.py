@@ -34,9 +34,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .netns import Netns, run_tcpwatch
-from .test_lifecycle_serve import settled, wait_for_lifecycle
+from .test_lifecycle_netns import SsEvent
+from .test_lifecycle_serve import SsWatch, settled, wait_for_lifecycle
 from .test_peer_budget import serving
-from .test_serve import value
+from .test_serve import Samples, matching, value
 
 pytestmark = pytest.mark.integration
 
@@ -266,11 +267,19 @@ def test_closed_connections_keep_where_their_time_went(
 ) -> None:
     """Item 1 for connections that closed: the stopped clients are killed (their sockets reset
     nginx's), and the listener's row of the connection metrics adds each connection's
-    chronographs at close, within what ``ss -ti`` showed just before and the time since; every
-    one ended on the clients' zero window."""
+    chronographs at close: what ``ss -tinE`` beside it prints for the same destroy events, and
+    at least what ``ss -ti`` showed just before; every one ended on the clients' zero window.
+
+    The oracle is the destroy event, not the time of the reset: the kernel leaves the
+    receiver-limited chronograph of a reset connection with unsent data running
+    (tcp_write_queue_purge stops the busy one before it empties the queues) and fills tcp_info
+    when the event is sent, after nginx closed the socket and the kernel's workqueue ran: seconds
+    later on a loaded machine."""
     ns = nginx_with_slow_clients
     server_filter = f"( sport = :{NGINX_PORT} )"
     listener = f"127.0.0.1:{NGINX_PORT}"
+    watch = SsWatch(ns, tmp_path)
+    watch.sync()
     with serving(ns, tmp_path, 19483) as served:
         wait_for_lifecycle(served, ns.name)
         curls = owners_of(ns, NGINX_PORT, "curl")
@@ -282,13 +291,19 @@ def test_closed_connections_keep_where_their_time_went(
             lambda: all(c["persist"] for c in ss_connections(ns, server_filter)),
         )
         before = ss_connections(ns, server_filter)
-        read_at = time.monotonic()
         assert len(before) == 4 and all(c["snd_wnd"] == 0 for c in before), before
         for pid in curls:  # unread data: each curl socket resets, and nginx closes its own
             os.kill(pid, signal.SIGKILL)
-        wait_for("nginx to close its connections", lambda: not ss_connections(ns, server_filter))
-        elapsed = time.monotonic() - read_at
+        events = watch.wait(
+            lambda found: len(nginx_events(found)) == 4, "nginx's four connections destroyed"
+        )
+        # ss heard the events; tcpwatch counts them at a poll after its reader has (bounded)
         samples = settled(served)
+        deadline = time.monotonic() + 30
+        while closed_count(samples, ns.name, listener) != (4, 4):
+            assert time.monotonic() < deadline, (closed_count(samples, ns.name, listener),
+                                                 served.log())  # fmt: skip
+            samples = settled(served)
     row = {"netns": ns.name, "direction": "inbound", "peer": listener}
 
     def closed(name: str) -> float:
@@ -296,15 +311,34 @@ def test_closed_connections_keep_where_their_time_went(
         assert found is not None, (name, served.log())
         return found
 
+    destroyed = nginx_events(events)
     for name in ("busy", "rwnd_limited"):
-        # ss prints whole milliseconds, truncated; each chronograph ran on until the reset
-        low = sum(c[name] for c in before) / 1000
-        high = sum(c[name] + 1 for c in before) / 1000 + len(before) * elapsed
+        # ss prints whole milliseconds, truncated (busy:6380ms, rwnd_limited:6380ms(100.0%))
+        printed = [int(e.info.get(name, "0ms").partition("ms")[0]) for e in destroyed]
+        low, high = sum(printed) / 1000, sum(ms + 1 for ms in printed) / 1000
         assert low <= closed(f"{name}_seconds") <= high, (name, low, high)
+        # the chronographs only grew since ss -ti read the live sockets
+        assert sum(c[name] for c in before) <= sum(printed), (name, before, printed)
     assert closed("rwnd_limited_seconds") >= 0.9 * closed("busy_seconds")
+    assert not [e for e in destroyed if "snd_wnd" in e.info]  # ss prints a window only if > 0
     assert closed("zero_window_closes") == 4
     outbound = {"netns": ns.name, "direction": "outbound", "peer": listener}
     assert value(samples, "tcpwatch_connection_zero_window_closes_total", **outbound) == 0
+
+
+def nginx_events(events: list[SsEvent]) -> list[SsEvent]:
+    """The destroy events of nginx's side of its clients' connections."""
+    return [e for e in events if e.local_port == NGINX_PORT]
+
+
+def closed_count(samples: Samples, netns: str, peer: str) -> tuple[float, float]:
+    """Connections closed on the (inbound, outbound) rows of ``peer``, every outcome."""
+
+    def row(direction: str) -> float:
+        name = "tcpwatch_connections_closed_total"
+        return sum(matching(samples, name, netns=netns, direction=direction, peer=peer).values())
+
+    return row("inbound"), row("outbound")
 
 
 # --- a server that stops reading -------------------------------------------------------------
