@@ -246,8 +246,9 @@ def write_report(
 
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
     elif args.format == "json":
+        scope = Scope(_enabled_rules(config), config.check_window, "", _owner_privileges())
         sys.stdout.write(
-            render_json(findings, snapshots, config.check_window, config.docs_url, unknown)
+            render_json(findings, snapshots, config.check_window, config.docs_url, unknown, scope)
         )
     else:
         if args.color == "auto":

@@ -46,8 +46,10 @@ HYSTERESIS = 2.0
 # exported only once one happened). A counter added to every row is one more ROW_COUNTERS, and
 # collect.connection_peers' default shrinks so rows x SERIES_PER_ROW stays within
 # PEER_SERIES_TARGET (tests/unit/test_series_arithmetic.py holds all three to the exposition).
-ROW_COUNTERS = 4  # segments sent, segments retransmitted, bytes sent, bytes received
-SERIES_PER_ROW = len(OUTCOMES) + len(RTT_BUCKETS_SECONDS) + 3 + ROW_COUNTERS  # 22
+# segments sent and retransmitted, bytes sent and received, busy, rwnd- and sndbuf-limited
+# seconds, zero-window closes
+ROW_COUNTERS = 8
+SERIES_PER_ROW = len(OUTCOMES) + len(RTT_BUCKETS_SECONDS) + 3 + ROW_COUNTERS  # 26
 SERIES_PER_INBOUND_ROW = SERIES_PER_ROW - 2
 PEER_SERIES_TARGET = 3000  # the per-peer series of a node at the default row budget
 

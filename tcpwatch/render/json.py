@@ -14,7 +14,8 @@ from typing import Any, cast
 
 from tcpwatch.config import DEFAULT_DOCS_URL
 from tcpwatch.jsonshape import Shape, ShapeError
-from tcpwatch.model import Snapshot
+from tcpwatch.model import STATES, Snapshot
+from tcpwatch.render.scope import Scope, privilege_note
 from tcpwatch.render.status import SEVERITIES, Gauges, doc_url, status_of
 from tcpwatch.rules import EvidenceValue, Finding, Severity, sort_key
 from tcpwatch.rules.shapes import counter_key
@@ -47,12 +48,30 @@ def render_json(
     window_seconds: float,
     docs_url: str = DEFAULT_DOCS_URL,
     unknown: str | None = None,
+    scope: Scope | None = None,
 ) -> str:
-    """The machine report (schema in docs/check-json.md), one JSON document and a newline."""
+    """The machine report (schema in docs/check-json.md), one JSON document and a newline.
+    ``scope``: what `check` covered (rules evaluated, privilege), said as the text report does."""
     document = report_document(
         findings, snapshots, window_seconds, docs_url=docs_url, unknown=unknown
     )
+    if scope is not None:
+        document["checked"] = {
+            "rules": scope.rules,
+            "owners_note": privilege_note(snapshots, scope.privileged),
+        }
     return json.dumps(document, indent=2) + "\n"
+
+
+def _namespace(snapshot: Snapshot) -> dict[str, Any]:
+    """A checked namespace: when, and what its socket table held (null when it was not read)."""
+    table = snapshot.sockets
+    return {
+        "netns": snapshot.netns,
+        "taken_at": snapshot.taken_at,
+        "listeners": None if table is None else len(table.listeners),
+        "sockets": None if table is None else sum(table.total(state) for state in STATES),
+    }
 
 
 def report_document(
@@ -78,9 +97,7 @@ def report_document(
         "exit_code": code,
         "summary": {severity: counts[severity] for severity in SEVERITIES},
         "window_seconds": window_seconds,
-        "namespaces": [
-            {"netns": snapshot.netns, "taken_at": snapshot.taken_at} for snapshot in snapshots
-        ],
+        "namespaces": [_namespace(snapshot) for snapshot in snapshots],
         "findings": [finding_to_json(finding, docs_url) for finding in ordered[:limit]],
         "gauges": Gauges.of(snapshots).to_json(),
         "sources": [

@@ -13,6 +13,7 @@ pairs of every namespace and folds the rest into ``peer="other"``.
 from __future__ import annotations
 
 import bisect
+import struct
 import time
 from collections.abc import Callable, Iterable
 
@@ -50,12 +51,19 @@ from tcpwatch.sources.netlink import (
     SockDiagError,
 )
 from tcpwatch.sources.sockdiag import INET_DIAG_MSG_MIN
-from tcpwatch.sources.tcpinfo import CLOSE_FIELDS, handshake_completed, parse_tcp_info
+from tcpwatch.sources.tcpinfo import (
+    CLOSE_FIELDS,
+    SND_WND,
+    handshake_completed,
+    parse_tcp_info,
+)
+from tcpwatch.stalls import ClosedWaits
 
-DEFAULT_MAX_PEERS = 136  # host-wide rows (collect.connection_peers' default)
+DEFAULT_MAX_PEERS = 115  # host-wide rows (collect.connection_peers' default)
 DEFAULT_PEER_IDLE_SECONDS = 3600.0
 SCORE_HALF_LIFE_SECONDS = 60.0  # a peer's busyness: closes, halved every minute
 _ROUTE_CACHE_LIMIT = 4096
+U32 = struct.Struct("=I")  # a netlink attribute header read as one word
 
 
 # A failed connection weighs this many closes in a peer's score (see _Peer.weight).
@@ -74,6 +82,7 @@ class _Peer:
     frozen into PeerStats (the delta) by each drain."""
 
     __slots__ = (
+        "busy_us",
         "bytes_acked",
         "bytes_received",
         "closed",
@@ -82,8 +91,11 @@ class _Peer:
         "rtt",
         "rtt_count",
         "rtt_sum_us",
+        "rwnd_us",
         "score",
         "segs_out",
+        "sndbuf_us",
+        "zero_window",
     )
 
     def __init__(self, now: float) -> None:
@@ -100,6 +112,10 @@ class _Peer:
         self.retrans = 0
         self.bytes_acked = 0
         self.bytes_received = 0
+        self.busy_us = 0
+        self.rwnd_us = 0
+        self.sndbuf_us = 0
+        self.zero_window = 0
 
     def pending(self) -> int:
         """Connections closed since the previous drain."""
@@ -123,6 +139,10 @@ class _Peer:
         self.retrans += other.retrans
         self.bytes_acked += other.bytes_acked
         self.bytes_received += other.bytes_received
+        self.busy_us += other.busy_us
+        self.rwnd_us += other.rwnd_us
+        self.sndbuf_us += other.sndbuf_us
+        self.zero_window += other.zero_window
 
     def frozen(self, direction: int, peer: str) -> PeerStats:
         return PeerStats(
@@ -136,6 +156,7 @@ class _Peer:
             segments_retransmitted=self.retrans,
             bytes_sent=self.bytes_acked,
             bytes_received=self.bytes_received,
+            waits=ClosedWaits(self.busy_us, self.rwnd_us, self.sndbuf_us, self.zero_window),
         )
 
 
@@ -225,9 +246,13 @@ class LifecycleAggregator:
         endpoints = ENDPOINTS.unpack_from
         close_fields = CLOSE_FIELDS.unpack_from
         close_size = CLOSE_FIELDS.size
+        snd_wnd = SND_WND.unpack_from
+        wnd_size = SND_WND.size
         bounds = RTT_BOUNDS_US
         bisect_left = bisect.bisect_left
         datagrams = events = ignored = 0
+        word = U32.unpack_from
+        info_at, info_end, info_header = INET_DIAG_MSG_MIN, 4, -1  # the last INFO attribute seen
         for length in lengths:
             datagrams += 1
             offset = 0
@@ -254,29 +279,35 @@ class LifecycleAggregator:
                     if dport == 0 and dst == ZERO16:
                         ignored += 1  # a closed listener, or a socket that never connected
                         continue
-                    # INET_DIAG_INFO: the second attribute on 6.18 (after PROTOCOL); walk to it
-                    position = end - msg_len + INET_DIAG_MSG_MIN
-                    size = -1
-                    while position + 4 <= end:
+                    # INET_DIAG_INFO: where the previous message had it, the same attribute
+                    # header (the kernel writes one layout: after PROTOCOL on 6.18), else walk
+                    start = end - msg_len
+                    position = start + info_at
+                    if position + info_end <= end and word(data, position)[0] == info_header:
+                        size = info_end - 4
+                    else:
+                        size = -1
+                        position = start + INET_DIAG_MSG_MIN
+                    while size < 0 and position + 4 <= end:
                         attr_len, attr_type = attr(data, position)
                         if attr_len < 4 or position + attr_len > end:
                             break
                         if attr_type & 0x3FFF == INET_DIAG_INFO:
                             size = attr_len - 4
+                            info_at, info_end = position - start, attr_len
+                            info_header = word(data, position)[0]
                             break
                         position += (attr_len + 3) & ~3
                     if size < 0:
                         ignored += 1
                         continue
                     if size >= close_size:
-                        rtt, retrans, acked, received, segs_out, segs_in, delivered = close_fields(
-                            data, position + 4
-                        )
+                        (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
+                         delivered) = close_fields(data, position + 4)  # fmt: skip
                     else:
                         info = parse_tcp_info(bytes(data[position + 4 : position + 4 + size]))
-                        rtt, retrans, acked, received, segs_out, segs_in, delivered = fields_of(
-                            info
-                        )
+                        (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
+                         delivered) = fields_of(info)  # fmt: skip
                     inbound = sport in listen_ports or not low <= sport <= high
                     family_number = data[end - msg_len + 16]
                     key = (True, family_number, sport, src) if inbound else (
@@ -302,6 +333,14 @@ class LifecycleAggregator:
                     peer.retrans += retrans
                     peer.bytes_acked += acked
                     peer.bytes_received += received
+                    if busy:  # the limited times are part of it, and mostly 0
+                        peer.busy_us += busy
+                        if rwnd:
+                            peer.rwnd_us += rwnd
+                            if size >= wnd_size and not snd_wnd(data, position + 4)[0]:
+                                peer.zero_window += 1  # held back by the peer, shut at the end
+                        if sndbuf:
+                            peer.sndbuf_us += sndbuf
                     peer.last_seen = now
             except SockDiagError:
                 if strict:

@@ -158,7 +158,7 @@ def collect(
         if destinations and not established_dumped and inuse is not None and port_range:
             bytecode = netlink.port_range_bytecode(*port_range)
             aggregator.read_info = live_info  # live RTT and retransmissions per destination
-            extensions = INFO_EXTENSION if live_info else 0
+            extensions = INFO_EXTENSION | SKMEMINFO_EXTENSION if live_info else 0
             unseen = tuple(
                 family
                 for family in families

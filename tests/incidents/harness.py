@@ -100,6 +100,7 @@ class Scene:
     ns: Netns
     directory: Path
     served: Served | None = None
+    staged_at: float | None = None  # monotonic time the last wait_for() saw its condition
 
     # -- tcpwatch ------------------------------------------------------------------------------
 
@@ -149,6 +150,7 @@ class Scene:
     def check_from(self) -> Verdict:
         """The daemon's findings, through `tcpwatch check --from` (JSON)."""
         assert self.served is not None, "serve() first"
+        self._wait_for_a_full_window()
         url = f"http://127.0.0.1:{self.served.port}"
         done = subprocess.run(self._argv("check", "--from", url, "--format", "json"),
                               capture_output=True, text=True, timeout=CHECK_TIMEOUT,
@@ -156,6 +158,18 @@ class Scene:
         assert "Traceback" not in done.stdout + done.stderr, done.stderr
         assert done.returncode in (0, 1, 2), f"exit {done.returncode}: {done.stderr}"
         return Verdict("check --from", done.returncode, json.loads(done.stdout))
+
+    def _wait_for_a_full_window(self) -> None:
+        """The daemon judges the incident once a window has passed since it was staged.
+
+        A finding that needs the cause to last through the window (S01) is only due from a
+        poll whose window starts after the staging ended: wait out the rest of WINDOW, then
+        for a poll that started after that (two completed, the second began after the first).
+        """
+        assert self.served is not None
+        if self.staged_at is not None:
+            time.sleep(max(0.0, min(WINDOW, self.staged_at + WINDOW - time.monotonic())))
+        self.served.wait_for_polls(self.served.polls() + 1, timeout=CHECK_TIMEOUT)
 
     def record(self, text: str) -> None:
         if recording():
@@ -192,6 +206,7 @@ class Scene:
                 told = f"; stderr: {self.ns.stderr_of(process)[-1500:]}" if process else ""
                 raise AssertionError(f"{what} did not happen within {timeout} s{told}")
             time.sleep(0.1)
+        self.staged_at = time.monotonic()
 
     def sockets(self, state: str, port: int) -> int:
         """Sockets in ``state`` (ss's name: syn-recv, close-wait ...) with ``port`` at either end.

@@ -35,6 +35,10 @@ PER_PEER = (
     "tcpwatch_connection_segments_retransmitted_total",
     "tcpwatch_connection_bytes_sent_total",
     "tcpwatch_connection_bytes_received_total",
+    "tcpwatch_connection_busy_seconds_total",
+    "tcpwatch_connection_rwnd_limited_seconds_total",
+    "tcpwatch_connection_sndbuf_limited_seconds_total",
+    "tcpwatch_connection_zero_window_closes_total",
 )
 
 # Accepts on every port given and closes at once; prints "listening" when all are bound.

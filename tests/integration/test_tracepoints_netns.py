@@ -359,7 +359,10 @@ def wait_for_reader(check: subprocess.Popen[str], seconds: float = 30.0) -> None
             except OSError:  # exited meanwhile
                 continue
             if "anon_inode:[perf_event]" in links:
-                time.sleep(0.5)  # the first poll drains right after opening: its baseline
+                # The first snapshot drains the rings after the other sources ran: its
+                # baseline, which a connect made before it would be part of (0.5 s was too
+                # short on a loaded CI machine; the windows leave room for this).
+                time.sleep(3.0)
                 return
         time.sleep(0.1)
     raise AssertionError(f"check opened no perf event in {seconds:g} s")
@@ -383,7 +386,7 @@ def test_check_window_finds_slow_handshakes_and_leaves_local_refusals_to_c01(
         " }\n}\n"
     )
     check = netns.spawn(
-        [sys.executable, "-m", "tcpwatch", "check", "--window", "12", "--format", "json"],
+        [sys.executable, "-m", "tcpwatch", "check", "--window", "15", "--format", "json"],
         env=tcpwatch_env(),
         cwd=str(REPO_ROOT),
         lifetime=60,
@@ -395,6 +398,7 @@ def test_check_window_finds_slow_handshakes_and_leaves_local_refusals_to_c01(
     sources = {s["name"]: s for s in report["sources"]}
     assert sources["tracepoints"]["ok"], sources["tracepoints"]
     findings = {(f["id"], f["subject"]): f for f in report["findings"]}
+    assert ("C04", f"127.0.0.1:{slow_port}") in findings, report["findings"]
     slow = findings[("C04", f"127.0.0.1:{slow_port}")]["evidence"]
     assert slow["connects"] == count and slow["processes"] == "tw-caller", slow
     assert slow["retransmitted"] == count // 2 and slow["p90_seconds"] > 1.0, slow
@@ -422,7 +426,7 @@ def test_check_window_finds_remote_clients_reaching_a_port_nothing_listens_on(
     with Netns(prefix="client") as client:
         veth(netns, client)
         check = netns.spawn(
-            [sys.executable, "-m", "tcpwatch", "check", "--window", "6", "--format", "json"],
+            [sys.executable, "-m", "tcpwatch", "check", "--window", "9", "--format", "json"],
             env=tcpwatch_env(),
             cwd=str(REPO_ROOT),
             lifetime=60,
@@ -433,6 +437,7 @@ def test_check_window_finds_remote_clients_reaching_a_port_nothing_listens_on(
         sent = netns.nstat()["TcpOutRsts"] - before
         out, _ = check.communicate(timeout=60)
     findings = {(f["id"], f["subject"]): f for f in json.loads(out)["findings"]}
+    assert ("C05", "10.78.0.1:7777 NO_SOCKET") in findings, sorted(findings)
     closed = findings[("C05", "10.78.0.1:7777 NO_SOCKET")]["evidence"]
     assert closed["resets_sent"] == sent == 15, (closed, sent)
     assert "clients" not in closed  # no client of this namespace

@@ -147,7 +147,9 @@ def test_json_schema_fields_and_values() -> None:
     assert (document["status"], document["exit_code"]) == ("CRITICAL", 2)
     assert document["summary"] == {"critical": 1, "warning": 2, "info": 1}
     assert document["window_seconds"] == 5.0
-    assert document["namespaces"] == [{"netns": "host", "taken_at": T1}]
+    assert document["namespaces"] == [
+        {"netns": "host", "taken_at": T1, "listeners": 1, "sockets": 73}
+    ]
     first = document["findings"][0]
     assert list(first) == [
         "id",

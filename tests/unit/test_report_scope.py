@@ -4,9 +4,11 @@ when owners could not be named, which privilege would name them."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 from tcpwatch.model import Attribution
+from tcpwatch.render.json import render_json
 from tcpwatch.render.scope import Scope
 from tcpwatch.render.text import render_text
 from tests.unit.snapshots import NGINX, listener, snapshot, socket_table
@@ -66,3 +68,24 @@ def test_unnamed_owners_say_which_privilege_would_name_them() -> None:
     # Every owner found, or nothing denied: nothing to say.
     named = replace(snapshot(sockets=TABLE), attribution=Attribution({}, 10, complete=True))
     assert not any(line.startswith("!") for line in report(named, scope=Scope(24, 5.0)))
+
+
+def test_the_json_report_says_what_was_checked_too() -> None:
+    unprivileged = replace(snapshot(sockets=TABLE), attribution=denied(57, {5003: NGINX}))
+    unread = snapshot(netns="blue", sockets=None)
+    document = json.loads(
+        render_json([], [unprivileged, unread], 5.0, scope=Scope(rules=24, window=5.0))
+    )
+    assert [(n["netns"], n["listeners"], n["sockets"]) for n in document["namespaces"]] == [
+        ("host", 3, 50),
+        ("blue", None, None),  # its table was not read: unknown, not 0
+    ]
+    assert document["checked"]["rules"] == 24
+    assert document["checked"]["owners_note"].startswith(
+        "owners not all named: 2 listeners without an owner; the descriptors of 57 processes"
+    )
+    named = replace(snapshot(sockets=TABLE), attribution=Attribution({}, 10, complete=True))
+    quiet = json.loads(render_json([], [named], 5.0, scope=Scope(rules=24, window=5.0)))
+    assert quiet["checked"] == {"rules": 24, "owners_note": None}
+    # A daemon's document (no scope of a check) has no "checked".
+    assert "checked" not in json.loads(render_json([], [named], 5.0))

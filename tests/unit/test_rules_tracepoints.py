@@ -319,7 +319,13 @@ def evidence_scenarios() -> list[tuple[Window, dict[str, RuleSettings]]]:
         ),
         replace(snapshot(taken_at=T0, sockets=socket_table([overflowing])), tracepoints=stats()),
     )
-    return [(slow, {}), (cleared, {}), (firewalled, {}), (q02, {})]
+    # without SYN cookies a local listener's full SYN queue counts too (C04 reads both sysctls)
+    no_cookies = {"net.ipv4.tcp_syncookies": (0,)}
+    uncookied = window(
+        replace(slow.current, sysctls=snapshot(sysctl_overrides=no_cookies).sysctls),
+        slow.previous,
+    )
+    return [(slow, {}), (uncookied, {}), (cleared, {}), (firewalled, {}), (q02, {})]
 
 
 def test_c04_leaves_a_local_listener_that_drops_to_the_queue_rules() -> None:

@@ -504,10 +504,10 @@ def test_collect_walks_twice_for_both_families_and_derives_established() -> None
     # One walk of the hash tables per request, each for both families: the states but
     # ESTABLISHED, then the ephemeral ESTABLISHED ones with their tcp_info (INET_DIAG_INFO).
     # idiag_ext: the first asks for the listeners' SKMEMINFO (64), the per-destination one
-    # for tcp_info (INET_DIAG_INFO, 2)
+    # for tcp_info and socket memory (INET_DIAG_INFO 2 + SKMEMINFO 64)
     assert asked(fake) == [
         (None, ALL_STATES_MASK & ~ESTABLISHED_MASK, 64),
-        (None, ESTABLISHED_MASK, 2),
+        (None, ESTABLISHED_MASK, 66),
     ]
     assert [struct.unpack_from("=I", request, 8)[0] for request in fake.requests] == [1, 2]
     assert table.established_method == "derived"
@@ -534,8 +534,8 @@ def test_collect_asks_per_family_when_the_kernel_refuses_both_at_once() -> None:
         (None, no_established, 64),
         ("ipv4", no_established, 64),
         ("ipv6", no_established, 64),
-        ("ipv4", ESTABLISHED_MASK, 2),  # refused once: not asked again in this poll
-        ("ipv6", ESTABLISHED_MASK, 2),
+        ("ipv4", ESTABLISHED_MASK, 66),  # refused once: not asked again in this poll
+        ("ipv6", ESTABLISHED_MASK, 66),
     ]
     assert table == collect(PORT_RANGE, INUSE, sock=cast(socket.socket, ReplaySocket()))
 
