@@ -35,6 +35,8 @@ SMOKE: dict[str, tuple[list[str], str]] = {
                              "p90 error per scenario"),
     "bench_tracepoints.py": (["--seconds", "1", "--repeats", "1", "--connections", "4",
                               "--client-connects", "200"], "| serve-on |"),
+    "bench_slowness.py": (["--baseline", ".", "--connections", "100", "--turns", "1",
+                           "--scans", "2"], "this checkout: collect()"),
     "bench_soak.py": (["--minutes", "0.3", "--processes", "1", "--clients", "1",
                        "--pairs", "10"], "Scrapes:"),
 }  # fmt: skip
