@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from tcpwatch.tracepoint_stats import TracepointStats
+from tcpwatch.tracepoint_stats import ClearedClose, TracepointStats
 
 # Exported state names, in the kernel's numbering order (TCP_ESTABLISHED = 1 ... TCP_CLOSING = 11).
 STATES: tuple[str, ...] = (
@@ -397,8 +397,8 @@ def add_peer_stats(total: PeerStats | None, delta: PeerStats, peer: str | None =
 class PeerActivity:
     """One tracked (direction, peer) of a namespace as its destroy listener saw it since the
     previous drain: what closed (``delta``, None when nothing did) and how busy it has been
-    (``score``: closes, exponentially decayed). The host-wide row budget (peer_budget.py) ranks
-    peers by it; PEER_OTHER carries the closes of peers the listener stopped tracking."""
+    (``score``: closes, exponentially decayed: the listener tracks the busiest). The host-wide
+    budget (peer_budget.py) scores them anew; PEER_OTHER: closes of pairs no longer tracked."""
 
     direction: str
     peer: str
@@ -435,3 +435,5 @@ class LifecycleStats:
     # direction -> closes not counted under their own peer's row (under PEER_OTHER, or under no
     # row when even PEER_OTHER did not fit the budget); cumulative; every direction once budgeted.
     folded: Mapping[str, int] = field(default_factory=dict)
+    cleared: tuple[ClearedClose, ...] = ()  # as drained: failed connects the kernel cleared
+    unjoined: int = 0  # once budgeted: of those, found by no tracepoint record (peer_join.py)

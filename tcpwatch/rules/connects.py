@@ -10,9 +10,14 @@ and judges three kinds of destination apart:
   firewall rule), or nothing listens there;
 * a bare address: failed connects whose port the kernel cleared because their client closed
   them abortively (haproxy and Envoy close a failed connect with SO_LINGER 0; a blocking
-  connect() that fails too). They are judged on their own, against the connections to that
-  address that were cut the same way, never against the healthy connections to its other ports
-  (a dead backend behind a proxy that also serves healthy traffic on the same address).
+  connect() that fails too), which the tracepoints could not give their port back
+  (tcpwatch/peer_join.py: the source is down, or missed them). They are judged on their own,
+  against the connections to that address that were cut the same way, never against the
+  healthy connections to its other ports (a dead backend behind a proxy that also serves
+  healthy traffic on the same address).
+
+Where the tracepoints saw the destination's failed connects, the finding names their errno and
+the processes that made them (the destroy events say neither).
 """
 
 from __future__ import annotations
@@ -92,6 +97,19 @@ def _netfilter(window: Window, evidence: dict[str, EvidenceValue]) -> list[str]:
             "(the kernel's drop reason NETFILTER_DROP): look at its rules first"
         )
     ]
+
+
+def _traced(window: Window, peer: str, evidence: dict[str, EvidenceValue]) -> list[str]:
+    """The errno and processes of the window's failed connects to ``peer``, from the
+    tracepoints: the destroy events carry neither."""
+    address, _ = split_peer(peer)
+    found = [f for f in failures_at(window, address) if f.destination == peer]
+    if not found:
+        return []
+    failed = found[0]
+    errors = ", ".join(f"{count} {error}" for error, count in sorted(failed.errors.items()))
+    evidence["connect_failures"] = f"{peer}: {errors} by {failed.processes}"
+    return [comment(f"the kernel's tracepoints saw them fail: {errors}, by {failed.processes}")]
 
 
 def _remote_remediation(
@@ -340,12 +358,14 @@ def C01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             tail, lines = _bare_address(window, peer, peers, evidence, owners)
             title += tail
         else:
+            traced = _traced(window, peer.peer, evidence)
             local = local_destination(window, address, port)
             if local is None:
                 lines = _remote_remediation(window, peer.peer, peer.closed, evidence)
             else:
                 lines = _local_remediation(window, peer, local, evidence)
                 lines += _common_tail(netns, f"host {address} and tcp port {port}")
+            lines[1:1] = traced
         yield C01.finding(
             window, title, evidence, "\n".join(lines), subject=peer.peer, severity=severity
         )
