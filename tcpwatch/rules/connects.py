@@ -99,6 +99,22 @@ def _netfilter(window: Window, evidence: dict[str, EvidenceValue]) -> list[str]:
     ]
 
 
+def _unjoined(window: Window, peers: Sequence[PeerWindow], judged: set[str]) -> dict[str, str]:
+    """Bare addresses whose failed connects belong to one destination judged by name: the
+    tracepoints saw the address's connects fail at that port alone in the window, and those
+    the join missed (lost records, a loaded host) stayed bare. destination -> bare address: one
+    finding for one problem, the bare count in its evidence."""
+    found: dict[str, str] = {}
+    for peer in peers:
+        address, port = split_peer(peer.peer)
+        if port is not None or not peer.failures:
+            continue
+        traced = {f.destination for f in failures_at(window, address)}
+        if len(traced) == 1 and traced <= judged:
+            found[traced.pop()] = peer.peer
+    return found
+
+
 def _traced(window: Window, peer: str, evidence: dict[str, EvidenceValue]) -> list[str]:
     """The errno and processes of the window's failed connects to ``peer``, from the
     tracepoints: the destroy events carry neither."""
@@ -320,10 +336,19 @@ def C01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     minimum = required(thresholds, "minimum_attempts")
     seconds = window.seconds or 0.0
     netns = window.current.netns
+    judged = {
+        p.peer
+        for p in peers
+        if split_peer(p.peer)[1] is not None
+        and p.failures
+        and p.attempts >= minimum
+        and ratio_severity(p.failures / p.attempts, thresholds) is not None
+    }
+    unjoined = _unjoined(window, peers, judged)
     for peer in peers:
         address, port = split_peer(peer.peer)
         attempts = peer.attempts
-        if peer.failures == 0 or attempts < minimum:
+        if peer.failures == 0 or attempts < minimum or peer.peer in unjoined.values():
             continue
         ratio = peer.failures / attempts
         severity: Severity | None = ratio_severity(ratio, thresholds)
@@ -359,6 +384,16 @@ def C01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             title += tail
         else:
             traced = _traced(window, peer.peer, evidence)
+            bare = next((p for p in peers if p.peer == unjoined.get(peer.peer)), None)
+            if bare is not None:
+                evidence["unjoined"] = bare.failures
+                traced.append(
+                    comment(
+                        f"and {bare.failures} more failed connects to {address} whose port the "
+                        f"kernel cleared and no tracepoint record gave back (counted under "
+                        f"{address}): the tracepoints lay them at this port"
+                    )
+                )
             local = local_destination(window, address, port)
             if local is None:
                 lines = _remote_remediation(window, peer.peer, peer.closed, evidence)
