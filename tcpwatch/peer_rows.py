@@ -247,21 +247,12 @@ def closes_only(peer: str, outcome: str, count: int) -> PeerStats:
 
 
 def _sum_conn(direction: str, rows: list[PeerStats]) -> PeerStats:
-    """Rows of one direction added up, under PEER_OTHER."""
-    return PeerStats(
-        direction=direction,
-        peer=PEER_OTHER,
-        closed={o: sum(r.closed.get(o, 0) for r in rows) for o in OUTCOMES},
-        rtt_buckets=tuple(
-            sum(column) for column in zip(*(r.rtt_buckets for r in rows), strict=True)
-        ),
-        rtt_count=sum(r.rtt_count for r in rows),
-        rtt_sum_seconds=sum(r.rtt_sum_seconds for r in rows),
-        segments_sent=sum(r.segments_sent for r in rows),
-        segments_retransmitted=sum(r.segments_retransmitted for r in rows),
-        bytes_sent=sum(r.bytes_sent for r in rows),
-        bytes_received=sum(r.bytes_received for r in rows),
-    )
+    """Rows of one direction added up, under PEER_OTHER: by add_peer_stats, the one place that
+    knows how to add rows (a field added to PeerStats is added here too)."""
+    total = replace(rows[0], direction=direction, peer=PEER_OTHER)
+    for row in rows[1:]:
+        total = add_peer_stats(total, row, PEER_OTHER)
+    return total
 
 
 def _sum_connects(rows: list[ConnectStats]) -> ConnectStats:
