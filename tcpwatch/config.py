@@ -51,13 +51,17 @@ class CollectSettings:
     top_destinations: int = 20
     disabled_sources: tuple[str, ...] = ()  # source names (tcpwatch_source_up) not to run
     # The destroy-event source (docs/connections.md): on/off, the host-wide budget of per-peer
-    # rows (every namespace together, "other" rows included; 22 series a row) and the idle time,
+    # rows (every namespace together, "other" rows included; 26 series a row) and the idle time,
     # and the receive buffer asked for (the kernel doubles it).
     connections: bool = True
-    connection_peers: int = 136  # x 22 series a row: 2,992 (docs/metrics.md)
+    connection_peers: int = 115  # x 26 series a row: 2,990 (docs/metrics.md)
     connection_peer_idle: float = 3600.0
     connection_receive_buffer: int = 4 << 20
     live_tcp_info: bool = True  # tcp_info of live connections on the per-destination scan
+    # The listeners' live connections read per scan (source "inbound", on the per-destination
+    # cadence); 0 turns the scan off.
+    inbound_connections: int = 2048
+    live_peers: int = 30  # host-wide rows of the tcpwatch_live_* gauges, slowest first
     # The kernel's TCP tracepoints (docs/tracepoints.md): on/off, ring buffer bytes per CPU.
     tracepoints: bool = True
     tracepoint_buffer: int = 0  # 0: 8 MiB over the CPUs, at least 512 KiB each
@@ -226,6 +230,8 @@ def _collect(check: Validator, raw: object, sources: Collection[str] | None) -> 
         "connection_peer_idle",
         "connection_receive_buffer",
         "live_tcp_info",
+        "inbound_connections",
+        "live_peers",
         "tracepoints",
         "tracepoint_buffer",
     }
@@ -257,9 +263,13 @@ def _collect(check: Validator, raw: object, sources: Collection[str] | None) -> 
         changes["destinations_interval"] = check.duration(
             section["destinations_interval"], "collect.destinations_interval", 0, 3600
         )
-    for key in ("top_processes", "top_destinations"):
+    for key in ("top_processes", "top_destinations", "live_peers"):
         if key in section:
             changes[key] = check.integer(section[key], f"collect.{key}", 0, 10_000)
+    if "inbound_connections" in section:
+        changes["inbound_connections"] = check.integer(
+            section["inbound_connections"], "collect.inbound_connections", 0, 1_000_000
+        )
     for key in ("connections", "live_tcp_info", "tracepoints"):
         if key in section:
             changes[key] = check.boolean(section[key], f"collect.{key}")

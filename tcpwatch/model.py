@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
+from tcpwatch.stalls import ClosedWaits, InboundScan, Stalls
 from tcpwatch.tracepoint_stats import ClearedClose, TracepointStats
 
 # Exported state names, in the kernel's numbering order (TCP_ESTABLISHED = 1 ... TCP_CLOSING = 11).
@@ -71,6 +72,7 @@ class DestinationUse:
     retransmits_in_flight: int = 0  # sum of tcpi_retrans: retransmitted segments not yet acked
     segments_retransmitted: int = 0  # sum of tcpi_total_retrans over each connection's life
     segments_sent: int = 0  # sum of tcpi_segs_out over each connection's life
+    stalls: Stalls | None = None  # where their time went, their queues (None: no tcp_info read)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,9 +311,8 @@ class Snapshot:
     # Host-wide, the same in every snapshot: the assignments in the host's sysctl files (the
     # source "sysctl_files"), in the order they are applied at boot.
     persisted_sysctls: tuple[PersistedSysctl, ...] | None = None
-    # What the kernel's TCP tracepoints said about this namespace since the host-wide reader
-    # started (the long-lived source "tracepoints"; serve and check --window only).
-    tracepoints: TracepointStats | None = None
+    inbound: InboundScan | None = None  # the listeners' live connections (source "inbound")
+    tracepoints: TracepointStats | None = None  # since the host's tracepoint reader started
 
     def source_ok(self, name: str) -> bool:
         return any(status.name == name and status.ok for status in self.sources)
@@ -363,6 +364,7 @@ class PeerStats:
     segments_retransmitted: int  # tcpi_total_retrans
     bytes_sent: int  # tcpi_bytes_acked: bytes the peer acknowledged (SYN and FIN count one each)
     bytes_received: int  # tcpi_bytes_received (a received FIN counts one)
+    waits: ClosedWaits = field(default_factory=ClosedWaits)  # busy, limited, zero windows
 
     def rtt_cumulative(self) -> tuple[int, ...]:
         """Counts per upper bound, cumulative, the last one being +Inf (Prometheus' shape)."""
@@ -390,15 +392,15 @@ def add_peer_stats(total: PeerStats | None, delta: PeerStats, peer: str | None =
         segments_retransmitted=total.segments_retransmitted + delta.segments_retransmitted,
         bytes_sent=total.bytes_sent + delta.bytes_sent,
         bytes_received=total.bytes_received + delta.bytes_received,
+        waits=total.waits + delta.waits,
     )
 
 
 @dataclass(frozen=True, slots=True)
 class PeerActivity:
-    """One tracked (direction, peer) of a namespace as its destroy listener saw it since the
-    previous drain: what closed (``delta``, None when nothing did) and how busy it has been
-    (``score``: closes, exponentially decayed: the listener tracks the busiest). The host-wide
-    budget (peer_budget.py) scores them anew; PEER_OTHER: closes of pairs no longer tracked."""
+    """One tracked (direction, peer) of a namespace's destroy listener since the previous drain:
+    what closed (``delta``, None: nothing) and its decayed ``score`` (the listener keeps the
+    busiest; peer_budget.py scores anew). PEER_OTHER: closes of pairs no longer tracked."""
 
     direction: str
     peer: str
@@ -414,8 +416,7 @@ class LifecycleStats:
     ``peers`` is empty; the pipeline's host-wide budget (peer_budget.py) then fills ``peers``
     with the rows it gave this namespace, ``held`` with rows it keeps but does not export this
     poll, ``folded`` with the closes counted under PEER_OTHER or under no row, and sets
-    ``activity`` to None.
-    """
+    ``activity`` to None."""
 
     peers: tuple[PeerStats, ...]  # sorted by direction, then peer; PEER_OTHER rows included
     events: int  # destroy messages received and parsed (every outcome, ignored ones too)

@@ -7,7 +7,7 @@ reader (sources/tracepoints_tally.py: connects per (destination, process), reset
 once per poll and for all namespaces together, their counts are put together by peer
 (peer_rows.py: a destination's closes, connect times and failures are one unit, granted, held
 or folded as one) and places go to the peers that matter most, until the series they export
-reach ``connection_peers`` x SERIES_PER_ROW (2,992 at the default); the rest of each
+reach ``connection_peers`` x SERIES_PER_ROW (2,990 at the default); the rest of each
 namespace's counts are folded into its ``"other"`` rows, and counted. Failed connects whose port
 the kernel cleared get it back from the tracepoints first (peer_join.py).
 
@@ -64,8 +64,10 @@ HYSTERESIS = 2.0
 # exported only once one happened). A counter added to every row is one more ROW_COUNTERS, and
 # collect.connection_peers' default shrinks so rows x SERIES_PER_ROW stays within
 # PEER_SERIES_TARGET (tests/unit/test_series_arithmetic.py holds all three to the exposition).
-ROW_COUNTERS = 4  # segments sent, segments retransmitted, bytes sent, bytes received
-SERIES_PER_ROW = len(OUTCOMES) + len(RTT_BUCKETS_SECONDS) + 3 + ROW_COUNTERS  # 22
+# segments sent and retransmitted, bytes sent and received, busy, rwnd- and sndbuf-limited
+# seconds, zero-window closes
+ROW_COUNTERS = 8
+SERIES_PER_ROW = len(OUTCOMES) + len(RTT_BUCKETS_SECONDS) + 3 + ROW_COUNTERS  # 26
 SERIES_PER_INBOUND_ROW = SERIES_PER_ROW - 2
 PEER_SERIES_TARGET = 3000  # the per-peer series of a node at the default row budget
 

@@ -45,6 +45,7 @@ class SnapshotTaker:
         self._gathering = gathering
         self._known: Attribution | None = None
         self._tables: dict[str, SocketTable] = {}
+        self._previous: dict[str, Snapshot] = {}  # each namespace's latest snapshot
         self._destinations_at: float | None = None
         # The name each namespace had: a transient procfs failure must not rename its series.
         self._names = NetnsNames()
@@ -68,6 +69,7 @@ class SnapshotTaker:
             sysctl_names=SYSCTLS_USED,
             names=self._names,
             sources=self._sources,
+            previous=self._previous,
         )
         if self._gathering is not None:
             # A gatherer whose namespace was not polled (vanished) or whose source did not run
@@ -84,6 +86,7 @@ class SnapshotTaker:
             self._destinations_at = now
         self._known = next((s.attribution for s in snapshots if s.attribution), None)
         self._tables = {s.netns: s.sockets for s in snapshots if s.sockets is not None}
+        self._previous = {s.netns: s for s in snapshots}
         return snapshots
 
 
@@ -175,6 +178,7 @@ class Pipeline:
             source_errors=dict(errors),
             top_processes=config.collect.top_processes,
             top_destinations=config.collect.top_destinations,
+            live_peers=config.collect.live_peers,
             cached=self._cached,
             source_names=self._source_names,
             host_sources=self._host_sources,

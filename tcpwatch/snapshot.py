@@ -181,6 +181,7 @@ def take_snapshot(
     gathering: Gathering | None = None,
     sources: Sequence[AnySource] | None = None,
     sysctl_names: tuple[str, ...] = (),
+    previous: Snapshot | None = None,
 ) -> Snapshot:
     """One poll of the namespace that ``paths`` (and this thread's netlink sockets) see.
 
@@ -200,6 +201,7 @@ def take_snapshot(
         sysctl_names=sysctl_names,
         earlier=earlier,
         known_owners=known_owners,
+        previous=previous,
     )
     snapshot = _read_namespace(context, chosen, gathering)
     if not scan_processes:
@@ -219,6 +221,7 @@ def poll(
     sysctl_names: tuple[str, ...] = (),
     names: netns_source.NetnsNames | None = None,
     sources: Sequence[AnySource] | None = None,
+    previous: Mapping[str, Snapshot] | None = None,
 ) -> tuple[Snapshot, ...]:
     """Snapshots of every selected namespace (`namespaces:`), with one process scan for all.
 
@@ -228,7 +231,8 @@ def poll(
     ``known_owners`` (the previous poll's attribution) spares the fd walk for sockets whose owner
     still holds them where it was found; ``earlier`` (netns name -> table) spares the
     per-destination dumps of the namespaces it names. ``names`` (the previous polls' names)
-    keeps a namespace's name across a transient procfs failure.
+    keeps a namespace's name across a transient procfs failure. ``previous`` (netns name ->
+    the previous poll's snapshot) lets a source on the per-destination cadence reuse its value.
     """
     names = names if names is not None else netns_source.NetnsNames()
     paths = paths or ProcPaths()
@@ -250,7 +254,9 @@ def poll(
         # The identity's inode is set from inside; container and pod come only from discovery
         # (--netns), which self skips.
         only = next(iter(earlier.values()), None) if earlier else None
-        snapshot = take(paths, _own_name(paths, names), earlier=only)
+        name = _own_name(paths, names)
+        before = (previous or {}).get(name)
+        snapshot = take(paths, name, earlier=only, previous=before)
         return tuple(_read_host_wide([snapshot], sources, host_context, gathering))
     discovery_started = time.perf_counter()
     try:
@@ -275,7 +281,11 @@ def poll(
             snapshot = netns_source.run_inside(
                 target,
                 functools.partial(
-                    take, target_paths, target.name, earlier=(earlier or {}).get(target.name)
+                    take,
+                    target_paths,
+                    target.name,
+                    earlier=(earlier or {}).get(target.name),
+                    previous=(previous or {}).get(target.name),
                 ),
             )
         except netns_source.NetnsGone:

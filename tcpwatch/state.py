@@ -46,6 +46,7 @@ class ExportState:
     source_errors: Mapping[tuple[str, str], int] = field(default_factory=dict)
     top_processes: int = 20
     top_destinations: int = 20
+    live_peers: int = 30  # host-wide rows of the live per-peer gauges (collect.live_peers)
     cached: bool = False
     # Every source tcpwatch_source_errors_total counts (0 until one fails), in poll order.
     source_names: tuple[str, ...] = field(default_factory=source_names)

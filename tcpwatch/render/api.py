@@ -17,6 +17,7 @@ from tcpwatch import __version__
 from tcpwatch.endpoints import endpoint, ports_available
 from tcpwatch.model import FAMILIES, STATES, Listener, Snapshot
 from tcpwatch.render.json import report_document
+from tcpwatch.stalls import live_peers, slowest, waiting_on
 from tcpwatch.state import ExportState, Trend
 
 API_VERSION = 1
@@ -162,6 +163,43 @@ def _close_wait_holders(snapshot: Snapshot, top: int) -> list[dict[str, Any]] | 
     return result
 
 
+def _slow_peers(snapshot: Snapshot, top: int) -> list[dict[str, Any]]:
+    """The live peers, those waiting on something first, then by time spent waiting."""
+    items = []
+    for peer in slowest(live_peers(snapshot.sockets, snapshot.inbound))[:top]:
+        stalls = peer.stalls
+        inodes = [peer.inode] if peer.inode else [c.inode for c in stalls.worst]
+        owners = [o for o in map(snapshot.attribution.owner, inodes) if o is not None] if (
+            snapshot.attribution is not None
+        ) else []  # fmt: skip
+        sent = stalls.segments_sent
+        rwnd, sndbuf = (
+            stalls.share(stalls.rwnd_limited_seconds),
+            stalls.share(stalls.sndbuf_limited_seconds),
+        )
+        items.append(
+            {
+                "direction": peer.direction,
+                "peer": peer.peer,
+                "waiting_on": waiting_on(stalls) or None,
+                "connections": stalls.connections,
+                "busy_seconds": stalls.busy_seconds,
+                "rwnd_limited_share": None if rwnd is None else round(rwnd, 4),
+                "sndbuf_limited_share": None if sndbuf is None else round(sndbuf, 4),
+                "zero_window": stalls.zero_window,
+                "receive_full": stalls.receive_full,
+                "send_queue_bytes": stalls.send_queue_bytes,
+                "receive_queue_bytes": stalls.receive_queue_bytes,
+                "retransmission_ratio": round(stalls.segments_retransmitted / sent, 4)
+                if sent
+                else None,
+                "process": owners[0].name if owners else None,
+                "pid": owners[0].pid if owners else None,
+            }
+        )
+    return items
+
+
 def _states(snapshot: Snapshot) -> dict[str, dict[str, int]] | None:
     if snapshot.sockets is None:
         return None
@@ -196,6 +234,7 @@ def _namespace(state: ExportState, snapshot: Snapshot, query: SnapshotQuery) -> 
         "listeners": _listeners(snapshot, query),
         "close_wait_holders": _close_wait_holders(snapshot, state.top_processes),
         "destinations": _destinations(snapshot, query),
+        "slow_peers": _slow_peers(snapshot, state.top_destinations),
         "counters": (
             {k: v for k, v in sorted(snapshot.counters.values.items()) if k.startswith("Tcp")}
             if snapshot.counters

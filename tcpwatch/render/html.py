@@ -1,5 +1,6 @@
 """The live page at / of `tcpwatch serve`: the TCP state machine with the namespace's counts,
-listeners by accept-queue fill, CLOSE_WAIT holders, destinations and findings with their fixes.
+listeners by accept-queue fill, CLOSE_WAIT holders, destinations, who is slow (the peers'
+live connections by time waiting) and findings with their fixes.
 
 The HTML carries the first answer of the JSON API (docs/api.md) inline, and page.js (package
 data, inlined: no external script, font or CDN) renders it and then polls the API every poll
@@ -209,6 +210,11 @@ def landing_page(
         '<div><h2>Destinations by ephemeral ports</h2><table id="destinations"><thead><tr>'
         "<th>source → destination</th><th>sockets</th><th>TIME_WAIT</th><th>range used</th></tr>"
         "</thead><tbody></tbody></table></div></section>"
+        '<section><h2>Who is slow: peers by time waiting</h2><table id="slow-peers"><thead><tr>'
+        "<th>peer</th><th>process</th><th>waiting on</th><th>connections</th>"
+        "<th>receiver-limited</th><th>send-buffer-limited</th><th>zero window now</th>"
+        "<th>Send-Q</th><th>Recv-Q</th><th>retransmitted</th></tr></thead><tbody></tbody>"
+        '</table><p id="slow-peers-none" class="note"></p></section>'
         '<section><h2>Findings</h2><div id="findings"></div></section>'
         f"<details><summary>Configuration</summary><table>{rows}</table></details>"
         f'<script id="tw-data" type="application/json">{_script_json(data)}</script>'

@@ -121,6 +121,34 @@
       el("tr", {}, el("td", {}, d.source + " → " + d.destination),
         el("td", { class: "num" }, String(d.sockets)), el("td", { class: "num" }, String(d.time_wait)),
         el("td", {}, d.fill_ratio === null ? "" : bar(d.fill_ratio, d.fill_ratio > 0.8 ? "critical" : "")))));
+    renderSlowPeers(ns && ns.slow_peers ? ns.slow_peers : []);
+  }
+
+  function share(value) {
+    return value === null || value === undefined ? "-" : (value * 100).toFixed(0) + "%";
+  }
+
+  function size(bytes) {
+    return bytes < 1024 ? bytes + " B" : bytes < 1048576 ? (bytes / 1024).toFixed(1) + " KiB"
+      : (bytes / 1048576).toFixed(1) + " MiB";
+  }
+
+  // Who is slow: each peer's live connections, what they wait on (docs/connections.md).
+  function renderSlowPeers(peers) {
+    document.querySelector("#slow-peers tbody").replaceChildren(...peers.map((p) =>
+      el("tr", { class: p.waiting_on ? "waiting" : "" },
+        el("td", {}, (p.direction === "inbound" ? "clients of " : "to ") + p.peer),
+        el("td", { class: "owner" }, owner(p)),
+        el("td", { class: p.waiting_on ? "warning" : "" }, p.waiting_on || "-"),
+        el("td", { class: "num" }, String(p.connections)),
+        el("td", { class: "num" }, share(p.rwnd_limited_share)),
+        el("td", { class: "num" }, share(p.sndbuf_limited_share)),
+        el("td", { class: "num" }, String(p.zero_window)),
+        el("td", { class: "num" }, size(p.send_queue_bytes)),
+        el("td", { class: "num" }, size(p.receive_queue_bytes)),
+        el("td", { class: "num" }, share(p.retransmission_ratio)))));
+    document.getElementById("slow-peers-none").textContent = peers.length
+      ? "" : "no live connection scanned yet";
   }
 
   function renderFindings() {

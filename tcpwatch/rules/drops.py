@@ -166,6 +166,7 @@ def _listener_closed(window: Window) -> bool:
         ),
     ),
     counters=("TcpExtListenOverflows", "TcpExtListenDrops"),
+    sysctls=("net.core.somaxconn",),  # its fix raises the backlog up to it
 )
 def Q02(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     overflows = window.counter_delta("TcpExtListenOverflows")

@@ -11,11 +11,12 @@ the listener itself restarted (its event count went backwards) there is no windo
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tcpwatch.model import OUTCOMES, PEER_OTHER, LifecycleStats, PeerStats, ProcessRef, Snapshot
 from tcpwatch.rules.base import EvidenceValue, Window
 from tcpwatch.rules.fixes import owner_of, process_label
+from tcpwatch.stalls import ClosedWaits
 
 FAILURES: tuple[str, ...] = ("timeout", "refused", "aborted")
 
@@ -31,6 +32,7 @@ class PeerWindow:
     rtt_sum_seconds: float
     segments_sent: int
     segments_retransmitted: int
+    waits: ClosedWaits = field(default_factory=ClosedWaits)  # where the sending time went
 
     @property
     def attempts(self) -> int:
@@ -47,6 +49,7 @@ def _difference(now: PeerStats, before: PeerStats | None) -> PeerWindow:
         or now.rtt_count < before.rtt_count
         or now.segments_sent < before.segments_sent
         or now.segments_retransmitted < before.segments_retransmitted
+        or now.waits.went_back(before.waits)
     ):
         before = None  # evicted and back: its row restarted inside the window
     if before is None:
@@ -58,6 +61,7 @@ def _difference(now: PeerStats, before: PeerStats | None) -> PeerWindow:
             now.rtt_sum_seconds,
             now.segments_sent,
             now.segments_retransmitted,
+            now.waits,
         )
     return PeerWindow(
         now.direction,
@@ -67,6 +71,7 @@ def _difference(now: PeerStats, before: PeerStats | None) -> PeerWindow:
         max(now.rtt_sum_seconds - before.rtt_sum_seconds, 0.0),
         now.segments_sent - before.segments_sent,
         now.segments_retransmitted - before.segments_retransmitted,
+        now.waits - before.waits,
     )
 
 

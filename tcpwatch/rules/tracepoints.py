@@ -52,6 +52,7 @@ def _local(snapshot: Snapshot, destination: str) -> str | None:
     "slow-handshake",
     "warning",
     "Connects to a destination take long to complete: SYNs retransmitted or a slow path",
+    sysctls=("net.ipv4.tcp_syncookies", "net.ipv4.tcp_max_syn_backlog"),  # a local listener's
     thresholds=(
         Threshold(
             "minimum_connects",

@@ -41,6 +41,9 @@ class SourceContext:
     taken_at: float  # unix time the namespace's snapshot is stamped with
     sysctl_names: tuple[str, ...] = ()  # what the rules declared they read
     earlier: SocketTable | None = None  # a table whose per-destination data this poll reuses
+    # This namespace's snapshot from the previous poll (serve, check --window): a source on the
+    # per-destination cadence (``earlier`` set) reuses its own value from it.
+    previous: Snapshot | None = None
     known_owners: Attribution | None = None  # where each socket's owner was found last poll
 
 

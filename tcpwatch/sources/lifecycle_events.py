@@ -164,8 +164,12 @@ def _outcome(dport: int, delivered: int, segs_in: int, established: bool = False
     return REFUSED if segs_in else TIMEOUT
 
 
-def fields_of(info: TcpInfo) -> tuple[int, int, int, int, int, int, int]:
-    """CLOSE_FIELDS' values from a short tcp_info (kernels before 4.18): absent fields count 0.
+CloseFields = tuple[int, int, int, int, int, int, int, int, int, int]
+
+
+def fields_of(info: TcpInfo) -> CloseFields:
+    """CLOSE_FIELDS_WND's values from a short tcp_info (kernels before 5.4): absent fields count
+    0, but an absent snd_wnd is -1 (unknown, not a zero window).
 
     Without tcpi_delivered a completed handshake shows as bytes either way (each side's SYN or
     FIN counts one) or negotiated options; without tcpi_segs_in (before 4.2) a failed connect
@@ -183,6 +187,9 @@ def fields_of(info: TcpInfo) -> tuple[int, int, int, int, int, int, int]:
         received,
         info.segs_out or 0,
         info.segs_in or 0,
+        info.busy_time or 0,
+        info.rwnd_limited or 0,
+        info.sndbuf_limited or 0,
         delivered,
     )
 
@@ -197,7 +204,7 @@ def classify(event: DestroyEvent, context: Context) -> Classification | None:
     if event.info is None:
         return None
     fields = fields_of(event.info)
-    outcome = _outcome(event.destination_port, fields[6], fields[5], was_established(event.info))
+    outcome = _outcome(event.destination_port, fields[9], fields[5], was_established(event.info))
     if _is_inbound(event.source_port, context):
         peer = inbound_peer(family_number, local, event.source_port, context)
         return Classification("inbound", peer, OUTCOMES[outcome])

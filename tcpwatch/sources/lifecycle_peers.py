@@ -13,8 +13,10 @@ pairs of every namespace and folds the rest into ``peer="other"``.
 from __future__ import annotations
 
 import bisect
+import struct
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from tcpwatch.model import (
     DIRECTIONS,
@@ -52,15 +54,16 @@ from tcpwatch.sources.netlink import (
     SockDiagError,
 )
 from tcpwatch.sources.sockdiag import INET_DIAG_MSG_MIN
-from tcpwatch.sources.tcpinfo import CLOSE_FIELDS, handshake_completed, parse_tcp_info
+from tcpwatch.sources.tcpinfo import CLOSE_FIELDS, SND_WND, handshake_completed, parse_tcp_info
+from tcpwatch.stalls import ClosedWaits
 from tcpwatch.tracepoint_stats import ClearedClose
 
-DEFAULT_MAX_PEERS = 136  # host-wide rows (collect.connection_peers' default)
+DEFAULT_MAX_PEERS = 115  # host-wide rows (collect.connection_peers' default)
 DEFAULT_PEER_IDLE_SECONDS = 3600.0
 _ROUTE_CACHE_LIMIT = 4096
+U32 = struct.Struct("=I")  # a netlink attribute header read as one word
 # Failed connects whose port the kernel cleared, kept by (family, local port, address) between
-# two drains for the pipeline to give them their port back (tcpwatch/peer_join.py); past this
-# many keys, by address alone (no port to join by).
+# two drains for the join (peer_join.py); past this many keys, by address alone (no port).
 CLEARED_LIMIT = 8192
 
 
@@ -76,6 +79,7 @@ class _Peer:
     frozen into PeerStats (the delta) by each drain."""
 
     __slots__ = (
+        "busy_us",
         "bytes_acked",
         "bytes_received",
         "closed",
@@ -84,8 +88,11 @@ class _Peer:
         "rtt",
         "rtt_count",
         "rtt_sum_us",
+        "rwnd_us",
         "score",
         "segs_out",
+        "sndbuf_us",
+        "zero_window",
     )
 
     def __init__(self, now: float) -> None:
@@ -102,6 +109,10 @@ class _Peer:
         self.retrans = 0
         self.bytes_acked = 0
         self.bytes_received = 0
+        self.busy_us = 0
+        self.rwnd_us = 0
+        self.sndbuf_us = 0
+        self.zero_window = 0
 
     def pending(self) -> int:
         """Connections closed since the previous drain."""
@@ -125,6 +136,10 @@ class _Peer:
         self.retrans += other.retrans
         self.bytes_acked += other.bytes_acked
         self.bytes_received += other.bytes_received
+        self.busy_us += other.busy_us
+        self.rwnd_us += other.rwnd_us
+        self.sndbuf_us += other.sndbuf_us
+        self.zero_window += other.zero_window
 
     def frozen(self, direction: int, peer: str) -> PeerStats:
         return PeerStats(
@@ -138,12 +153,12 @@ class _Peer:
             segments_retransmitted=self.retrans,
             bytes_sent=self.bytes_acked,
             bytes_received=self.bytes_received,
+            waits=ClosedWaits(self.busy_us, self.rwnd_us, self.sndbuf_us, self.zero_window),
         )
 
 
 def bare_closes(address: str, count: int) -> PeerStats:
-    """``count`` failed connects whose port the kernel cleared (and their counters), as the
-    bare address's closes."""
+    """``count`` failed connects whose port the kernel cleared, as the bare address's closes."""
     closes = _Peer(0.0)
     closes.closed[ABORTED] = count
     return closes.frozen(OUTBOUND, address)
@@ -161,17 +176,7 @@ def table_of(stats: LifecycleStats) -> LifecycleStats:
         key = (delta.direction, delta.peer)
         merged[key] = add_peer_stats(merged.get(key), delta)
     rows = sorted(merged.values(), key=lambda row: (row.direction, row.peer))
-    return LifecycleStats(
-        peers=tuple(rows),
-        events=stats.events,
-        ignored=stats.ignored,
-        malformed=stats.malformed,
-        overruns=stats.overruns,
-        lost=stats.lost,
-        max_peers=stats.max_peers,
-        evicted=stats.evicted,
-        receive_buffer=stats.receive_buffer,
-    )
+    return replace(stats, peers=tuple(rows), activity=None, cleared=())
 
 
 class LifecycleAggregator:
@@ -243,9 +248,13 @@ class LifecycleAggregator:
         endpoints = ENDPOINTS.unpack_from
         close_fields = CLOSE_FIELDS.unpack_from
         close_size = CLOSE_FIELDS.size
+        snd_wnd = SND_WND.unpack_from
+        wnd_size = SND_WND.size
         bounds = RTT_BOUNDS_US
         bisect_left = bisect.bisect_left
         datagrams = events = ignored = 0
+        word = U32.unpack_from
+        info_at, info_end, info_header = INET_DIAG_MSG_MIN, 4, -1  # the last INFO attribute seen
         for length in lengths:
             datagrams += 1
             offset = 0
@@ -272,39 +281,40 @@ class LifecycleAggregator:
                     if dport == 0 and dst == ZERO16:
                         ignored += 1  # a closed listener, or a socket that never connected
                         continue
-                    # INET_DIAG_INFO: the second attribute on 6.18 (after PROTOCOL); walk to it
-                    position = end - msg_len + INET_DIAG_MSG_MIN
-                    size = -1
-                    while position + 4 <= end:
+                    # INET_DIAG_INFO: where the previous message had it, the same attribute
+                    # header (the kernel writes one layout: after PROTOCOL on 6.18), else walk
+                    start = end - msg_len
+                    position = start + info_at
+                    if position + info_end <= end and word(data, position)[0] == info_header:
+                        size = info_end - 4
+                    else:
+                        size = -1
+                        position = start + INET_DIAG_MSG_MIN
+                    while size < 0 and position + 4 <= end:
                         attr_len, attr_type = attr(data, position)
                         if attr_len < 4 or position + attr_len > end:
                             break
                         if attr_type & 0x3FFF == INET_DIAG_INFO:
                             size = attr_len - 4
+                            info_at, info_end = position - start, attr_len
+                            info_header = word(data, position)[0]
                             break
                         position += (attr_len + 3) & ~3
                     if size < 0:
                         ignored += 1
                         continue
                     if size >= close_size:
-                        rtt, retrans, acked, received, segs_out, segs_in, delivered = close_fields(
-                            data, position + 4
-                        )
+                        (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
+                         delivered) = close_fields(data, position + 4)  # fmt: skip
                     else:
                         info = parse_tcp_info(bytes(data[position + 4 : position + 4 + size]))
-                        rtt, retrans, acked, received, segs_out, segs_in, delivered = fields_of(
-                            info
-                        )
+                        (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
+                         delivered) = fields_of(info)  # fmt: skip
                     inbound = sport in listen_ports or not low <= sport <= high
                     family_number = data[end - msg_len + 16]
-                    if (
-                        dport == 0
-                        and not inbound
-                        and not handshake_completed(data, position + 4, size)
-                    ):
-                        # A failed connect whose port (and counters) tcp_disconnect cleared:
-                        # kept by what it still has until the pipeline finds its port.
-                        kept = (family_number, sport, dst)
+                    done = dport != 0 or handshake_completed(data, position + 4, size)
+                    if not (done or inbound):  # a failed connect tcp_disconnect cleared: kept
+                        kept = (family_number, sport, dst)  # by what it has (peer_join.py)
                         if kept not in cleared and len(cleared) >= CLEARED_LIMIT:
                             kept = (family_number, 0, dst)
                         if kept in cleared or len(cleared) < 2 * CLEARED_LIMIT:
@@ -317,7 +327,6 @@ class LifecycleAggregator:
                     if peer is None:
                         peer = self._route(key, now)
                     if dport == 0:  # cleared by tcp_disconnect: did it ever connect?
-                        done = handshake_completed(data, position + 4, size)
                         peer.closed[OK if done else ABORTED] += 1
                     elif delivered:
                         peer.closed[OK] += 1
@@ -333,6 +342,14 @@ class LifecycleAggregator:
                     peer.retrans += retrans
                     peer.bytes_acked += acked
                     peer.bytes_received += received
+                    if busy:  # the limited times are part of it, and mostly 0
+                        peer.busy_us += busy
+                        if rwnd:
+                            peer.rwnd_us += rwnd
+                            if size >= wnd_size and not snd_wnd(data, position + 4)[0]:
+                                peer.zero_window += 1  # held back by the peer, shut at the end
+                        if sndbuf:
+                            peer.sndbuf_us += sndbuf
                     peer.last_seen = now
             except SockDiagError:
                 if strict:

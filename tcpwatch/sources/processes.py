@@ -284,8 +284,34 @@ def wanted_inodes(table: SocketTable) -> frozenset[int]:
     inodes.update(connected.inode for connected in table.self_connects)
     for state_inodes in table.inodes_by_state.values():
         inodes.update(state_inodes)
+    inodes.update(stalled_inodes(table))
     inodes.discard(0)
     return frozenset(inodes)
+
+
+STALLED_OWNERS = 32  # outbound connections per namespace whose owner a slowness rule names
+
+
+def stalled_inodes(table: SocketTable) -> list[int]:
+    """The worst live outbound connection of each destination whose connections wait on
+    something (the peer's window, their send buffer, unread data here) or retransmit, at most
+    :data:`STALLED_OWNERS`: who to name in rules W01-W04."""
+    found: list[int] = []
+    for use in table.ephemeral_use:
+        stalls = use.stalls
+        if stalls is None or not stalls.worst:
+            continue
+        if (
+            stalls.zero_window
+            or stalls.receive_queue_max_bytes
+            or stalls.rwnd_limited_seconds
+            or stalls.sndbuf_limited_seconds
+            or stalls.segments_retransmitted
+        ):
+            found.append(stalls.worst[0].inode)
+            if len(found) >= STALLED_OWNERS:
+                break
+    return found
 
 
 def _attribution_on(settings: CollectSettings) -> bool:

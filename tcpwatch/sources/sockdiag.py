@@ -11,9 +11,11 @@ Cost is what matters here, so the dumps ask the kernel for as little as possible
 * dump 2 (per family): ESTABLISHED only, with an inet_diag bytecode filter that keeps local ports
   inside ``ip_local_port_range``: the outbound connections that use ephemeral ports, counted per
   destination. Inbound connections (local port = a service port) are never copied out. It asks
-  for ``INET_DIAG_INFO`` too: each connection's tcp_info gives its destination's live RTT and
-  retransmissions (DestinationUse.rtt_*, retransmits_in_flight ...). With ESTABLISHED "dumped"
-  (no port range or sockstat) that dump does not exist and those fields keep their defaults.
+  for ``INET_DIAG_INFO`` and ``INET_DIAG_SKMEMINFO`` too: each connection's tcp_info and socket
+  memory give its destination's live RTT and retransmissions (DestinationUse.rtt_*,
+  retransmits_in_flight ...) and where its time went (DestinationUse.stalls, liveinfo.py). With
+  ESTABLISHED "dumped" (no port range or sockstat) that dump does not exist and those fields
+  keep their defaults.
 * Inbound ESTABLISHED is then exact arithmetic: ``/proc/net/sockstat{,6}`` ``inuse`` counts every
   full socket in the hash tables of a family, so inuse minus the full sockets dump 1 saw minus the
   ESTABLISHED sockets dump 2 saw is the rest of ESTABLISHED. Without inuse or a port range, every
@@ -31,6 +33,7 @@ addresses), offsets from the start of the netlink message::
 from __future__ import annotations
 
 import errno
+import functools
 import socket
 import struct
 from collections import Counter
@@ -46,12 +49,11 @@ from tcpwatch.model import (
     SelfConnect,
     SocketTable,
 )
+from tcpwatch.sources import liveinfo, livesums
 from tcpwatch.sources.netlink import (
     ERRNO_FIELD,
     FAMILY_NUMBER,
-    INET_DIAG_INFO,
     INET_DIAG_SKMEMINFO,
-    NLATTR,
     NLMSG_DONE,
     NLMSG_ERROR,
     NLMSG_HEAD,
@@ -84,11 +86,6 @@ PORTS = struct.Struct("!HH")
 _TUPLE_KEY = struct.Struct("34s")  # dport, src[16], dst[16]: one bytes object per socket
 _QUEUES_INODE = struct.Struct("=II4xI")  # rqueue, wqueue, (uid), inode at offset 72
 _U32 = struct.Struct("=I")
-
-# tcp_info fields a live connection is summarised by (offsets in tcpinfo.py): retrans (36, in
-# flight), rtt (68, us), total_retrans (100), segs_out (136); the short form for kernels < 4.2.
-_LIVE_INFO = struct.Struct("=36xI28xI28xI32xI")
-_LIVE_INFO_SHORT = struct.Struct("=36xI28xI28xI")
 INET_DIAG_MSG_MIN = 88
 
 
@@ -124,11 +121,12 @@ class DumpAggregator:
         self.self_connects: list[SelfConnect] = []
         self.inodes: dict[int, set[int]] = {n: set() for n in self.attribute_numbers}
         self.messages = 0
-        # Set before a dump that asked for INET_DIAG_INFO: ESTABLISHED ephemeral sockets then
-        # add their tcp_info to ``live`` (key as ``ephemeral``): one (retrans, rtt us,
-        # total_retrans, segs_out) per connection, summed up once in _ephemeral_use.
+        # Set before a dump that asked for INET_DIAG_INFO (and SKMEMINFO): ESTABLISHED ephemeral
+        # sockets then add their message to ``live`` (key as ``ephemeral``), summed per
+        # destination by livesums.PeerRows.
         self.read_info = False
-        self.live: dict[str, dict[bytes, list[tuple[int, ...]]]] = {name: {} for name in FAMILIES}
+        self.live: dict[str, dict[bytes, livesums.PeerRows]] = {name: {} for name in FAMILIES}
+        self.rows = liveinfo.RowReader()
 
     def feed(self, data: memoryview | bytes, length: int, family: str) -> bool:
         """Parse one datagram; True once NLMSG_DONE has been seen.
@@ -150,9 +148,8 @@ class DumpAggregator:
         tuple_key = _TUPLE_KEY.unpack_from
         read_info = self.read_info
         live = self.live[family]
-        attribute = NLATTR.unpack_from
-        live_fields = _LIVE_INFO.unpack_from
-        info_at = [-1, 0, 0]  # message length, INFO attribute offset, its length
+        fold_messages = livesums.FOLD_MESSAGES
+        view = data if isinstance(data, memoryview) else memoryview(data)
         offset = 0
         while offset < length:
             if length - offset < 16:
@@ -195,24 +192,17 @@ class DumpAggregator:
                         if state == TCP_TIME_WAIT:
                             ephemeral_time_wait[key] = ephemeral_time_wait.get(key, 0) + 1
                         elif state == TCP_ESTABLISHED and read_info:
-                            # Once per outbound connection on a scan. INET_DIAG_INFO comes
-                            # after SHUTDOWN, MARK, CGROUP_ID, SOCKOPT on 6.18: every message
-                            # of a dump has the same layout, so try where the last one of the
-                            # same length had it before walking the attributes.
-                            fields: tuple[int, ...] | None
-                            if msg_len == info_at[0] and attribute(data, offset + info_at[1]) == (
-                                info_at[2],
-                                INET_DIAG_INFO,
-                            ):
-                                fields = live_fields(data, offset + info_at[1] + 4)
+                            # Once per outbound connection on a scan: the message joins its
+                            # destination's buffer, raw (livesums.PeerRows sums them in C); a
+                            # new destination or message length goes the long way, once.
+                            rows = live.get(key)
+                            if rows is not None and rows.size == msg_len:
+                                pieces = rows.pieces
+                                pieces.append(view[offset : offset + msg_len].tobytes())
+                                if len(pieces) >= fold_messages:
+                                    rows.fold(self.rows)
                             else:
-                                fields = self._find_live(data, offset, msg_len, info_at)
-                            if fields is not None:
-                                rows = live.get(key)
-                                if rows is None:
-                                    live[key] = [fields]
-                                else:
-                                    rows.append(fields)
+                                self._live_other(live, key, data, offset, msg_len)
                     if state == TCP_SYN_SENT:
                         self.syn_sent[(family, tuple_key(data, offset + 22)[0])] += 1
                     if sport == dport:
@@ -222,23 +212,24 @@ class DumpAggregator:
             offset += (msg_len + 3) & ~3
         return False
 
-    @staticmethod
-    def _find_live(
-        data: memoryview | bytes, offset: int, msg_len: int, info_at: list[int]
-    ) -> tuple[int, ...] | None:
-        """(retrans, rtt, total_retrans, segs_out) from a message's INET_DIAG_INFO, by walking
-        its attributes; remembers where it was in ``info_at`` for the next message."""
-        found = find_attribute(data, offset + INET_DIAG_MSG_MIN, offset + msg_len, INET_DIAG_INFO)
-        if found is None:
-            return None
-        start, size = found
-        if size >= _LIVE_INFO.size:
-            info_at[:] = [msg_len, start - 4 - offset, size + 4]
-            fields: tuple[int, ...] = _LIVE_INFO.unpack_from(data, start)
-            return fields
-        if size >= _LIVE_INFO_SHORT.size:  # kernels before 4.2: no segs_out
-            return (*_LIVE_INFO_SHORT.unpack_from(data, start), 0)
-        return None
+    def _live_other(
+        self,
+        live: dict[bytes, livesums.PeerRows],
+        key: bytes,
+        data: memoryview | bytes,
+        offset: int,
+        msg_len: int,
+    ) -> None:
+        """A destination's first message, or one of another length than its others."""
+        layout = self.rows.layout(data, offset, msg_len)
+        if layout is None:
+            return  # no usable tcp_info: counted, not described
+        rows = live.get(key)
+        if rows is None:
+            rows = live[key] = livesums.PeerRows(layout)
+        else:
+            rows.switch(layout, self.rows)
+        rows.pieces.append(bytes(data[offset : offset + msg_len]))
 
     def _unusual_message(
         self, data: memoryview | bytes, offset: int, msg_len: int, msg_type: int, length: int
@@ -360,8 +351,10 @@ class DumpAggregator:
                         )
                     )
                     continue
-                retrans, rtts, total_retrans, segs_out = zip(*rows, strict=True)
-                timed = len(rtts) - rtts.count(0)
+                stalls = rows.finish(
+                    self.rows, functools.partial(liveinfo.endpoints_of, family=family)
+                )
+                timed = rows.rtt_timed
                 uses.append(
                     DestinationUse(
                         family,
@@ -370,13 +363,14 @@ class DumpAggregator:
                         port,
                         sockets,
                         time_wait.get(key, 0),
-                        established=len(rows),
+                        established=stalls.connections,
                         rtt_connections=timed,
-                        rtt_mean_seconds=sum(rtts) / timed / 1e6 if timed else None,
-                        rtt_max_seconds=max(rtts) / 1e6 if timed else None,
-                        retransmits_in_flight=sum(retrans),
-                        segments_retransmitted=sum(total_retrans),
-                        segments_sent=sum(segs_out),
+                        rtt_mean_seconds=rows.sums["rtt"] / timed / 1e6 if timed else None,
+                        rtt_max_seconds=rows.maxima["rtt"] / 1e6 if timed else None,
+                        retransmits_in_flight=stalls.retransmits_in_flight,
+                        segments_retransmitted=stalls.segments_retransmitted,
+                        segments_sent=stalls.segments_sent,
+                        stalls=stalls,
                     )
                 )
         uses.sort(key=lambda use: (-use.sockets, use.family, use.source, use.address, use.port))

@@ -106,7 +106,7 @@ def collect(
         if destinations and not established_dumped and inuse is not None and port_range:
             bytecode = netlink.port_range_bytecode(*port_range)
             aggregator.read_info = live_info  # live RTT and retransmissions per destination
-            extensions = INFO_EXTENSION if live_info else 0
+            extensions = INFO_EXTENSION | SKMEMINFO_EXTENSION if live_info else 0
             for family in families:
                 if inuse[family] > aggregator.totals[family].full_sockets:
                     dump(family, ESTABLISHED_MASK, bytecode, extensions)

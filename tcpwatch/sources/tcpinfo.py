@@ -1,10 +1,9 @@
 """``struct tcp_info`` (include/uapi/linux/tcp.h), parsed by length with plain ``struct``.
 
 The kernel copies ``min(sizeof(struct tcp_info), room)`` bytes, and the struct has only grown at
-its end, so an older kernel sends a shorter prefix of the same layout: 104 bytes up to
-``tcpi_total_retrans`` (2.6), 144 with the RFC 4898 byte/segment counters (4.2), 200 with
-``tcpi_delivered`` (4.18), 232 with ``tcpi_snd_wnd`` (5.4), 280 on 6.18. A field the prefix does
-not reach is ``None`` in :class:`TcpInfo`, never a made-up 0.
+its end, so an older kernel sends a shorter prefix of the same layout (:data:`SINCE`: the length
+each kernel release reached). A field the prefix does not reach is ``None`` in :class:`TcpInfo`,
+never a made-up 0.
 
 Offsets (6.18)::
 
@@ -92,6 +91,24 @@ _FIELDS: tuple[tuple[str, int, str], ...] = (
     ("total_rto_recoveries", 242, "H"),
     ("total_rto_time", 244, "I"),
 )
+# The first kernel release whose tcp_info reaches each length: (bytes, release, fields it added).
+# From the history of include/uapi/linux/tcp.h (each commit's date against the merge window it
+# landed in), and checked at both ends here: Debian's 6.1 header (linux-libc-dev) ends at
+# tcpi_snd_wnd, 232 bytes, and Linux 6.18 sends 280.
+SINCE: tuple[tuple[int, str, str], ...] = (
+    (104, "2.6", "up to total_retrans"),
+    (120, "3.15", "pacing_rate, max_pacing_rate"),
+    (136, "4.1", "bytes_acked, bytes_received"),
+    (144, "4.2", "segs_out, segs_in"),
+    (160, "4.6", "notsent_bytes, min_rtt, data_segs_in, data_segs_out"),
+    (168, "4.9", "delivery_rate"),
+    (192, "4.10", "busy_time, rwnd_limited, sndbuf_limited"),
+    (200, "4.18", "delivered, delivered_ce"),
+    (224, "4.19", "bytes_sent, bytes_retrans, dsack_dups, reord_seen"),
+    (232, "5.4", "rcv_ooopack, snd_wnd"),
+    (240, "6.5", "rcv_wnd, rehash"),
+    (248, "6.7", "total_rto, total_rto_recoveries, total_rto_time"),
+)
 _LITTLE = sys.byteorder == "little"
 FULL_LENGTH = 280  # sizeof(struct tcp_info) on 6.18
 PARSED_LENGTH = 248  # the fields above end here; the AccECN counters after it are not parsed
@@ -114,20 +131,22 @@ def _prefix_structs() -> tuple[tuple[int, ...], tuple[tuple[struct.Struct, int],
 _PREFIX_ENDS, _PREFIX_STRUCTS = _prefix_structs()
 
 # The few fields a closed connection is classified and counted by, in one unpack (kernels >= 4.18):
-# rtt, total_retrans, bytes_acked, bytes_received, segs_out, segs_in, delivered.
-CLOSE_FIELDS = struct.Struct("=68xI28xI16xQQII48xI")
+# rtt, total_retrans, bytes_acked, bytes_received, segs_out, segs_in, busy_time, rwnd_limited,
+# sndbuf_limited, delivered. SND_WND (the peer's last window, 5.4+) is read apart, only for a
+# connection that waited on that window.
+CLOSE_FIELDS = struct.Struct("=68xI28xI16xQQII24xQQQI")
 # What survives tcp_disconnect and tells whether a handshake completed (measured on 6.18): the
 # smallest RTT sample (~0U until an ACK gave one; 4.10+) and the peer's window (0 until a SYN-ACK
 # gave one; 5.4+). Read only for events whose port the kernel cleared: not the hot path.
 _MIN_RTT = struct.Struct("=148xI")
-_SND_WND = struct.Struct("=228xI")
+SND_WND = struct.Struct("=228xI")
 NO_RTT_SAMPLE = 0xFFFFFFFF
 
 
 def handshake_completed(data: bytes | memoryview, start: int, size: int) -> bool:
     """Whether the tcp_info at ``data[start:start+size]`` is that of a connection that was
     established once, even after tcp_disconnect cleared its port and counters."""
-    if size >= _SND_WND.size and _SND_WND.unpack_from(data, start)[0] > 0:
+    if size >= SND_WND.size and SND_WND.unpack_from(data, start)[0] > 0:
         return True
     if size >= _MIN_RTT.size:
         min_rtt: int = _MIN_RTT.unpack_from(data, start)[0]
@@ -144,6 +163,26 @@ def was_established(info: TcpInfo) -> bool:
 
 # The fields a live connection is summarised by: retrans (in flight), rtt, total_retrans.
 LIVE_FIELDS = struct.Struct("=36xI28xI28xI")
+
+
+def field_layout(names: tuple[str, ...]) -> tuple[tuple[str, int, str], ...]:
+    """(name, offset, struct code) of each named field, in the order asked (KeyError: unknown).
+
+    >>> field_layout(("rwnd_limited", "rtt"))
+    (('rwnd_limited', 176, 'Q'), ('rtt', 68, 'I'))
+    """
+    known = {name: (name, offset, code) for name, offset, code in _FIELDS}
+    return tuple(known[name] for name in names)
+
+
+def field_end(name: str) -> int:
+    """The tcp_info length that holds ``name``: a shorter struct (an older kernel) lacks it.
+
+    >>> field_end("rwnd_limited"), field_end("total_rto_time")
+    (184, 248)
+    """
+    ((_, offset, code),) = field_layout((name,))
+    return offset + struct.calcsize("=" + code)
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,7 @@ def _namespace(ns: Shape) -> dict[str, Any]:
         "listeners": _page(ns.field("listeners"), _listener),
         "close_wait_holders": _holders(ns.field("close_wait_holders")),
         "destinations": _destinations(ns.field("destinations")),
+        "slow_peers": _slow_peers(ns.field("slow_peers", required=False)),
     }
 
 
@@ -126,3 +127,25 @@ def _destinations(page: Shape) -> dict[str, Any] | None:
     if checked is not None:
         checked["port_range_size"] = page.field("port_range_size").optional_integer()
     return checked
+
+
+def _slow_peer(item: Shape) -> dict[str, Any]:
+    return {
+        "direction": item.field("direction").choice(("inbound", "outbound")),
+        "peer": item.field("peer").string(),
+        "waiting_on": item.field("waiting_on").optional_string(),
+        "connections": item.field("connections").integer(),
+        "rwnd_limited_share": item.field("rwnd_limited_share").optional_number(),
+        "sndbuf_limited_share": item.field("sndbuf_limited_share").optional_number(),
+        "zero_window": item.field("zero_window").integer(),
+        "send_queue_bytes": item.field("send_queue_bytes").integer(),
+        "receive_queue_bytes": item.field("receive_queue_bytes").integer(),
+        **_owner(item),
+    }
+
+
+def _slow_peers(peers: Shape) -> list[dict[str, Any]] | None:
+    """None from a daemon that predates the field (its screen then has no such block)."""
+    if peers.is_null():
+        return None
+    return [_slow_peer(item) for item in peers.items()]

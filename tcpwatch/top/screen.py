@@ -177,6 +177,49 @@ def _destinations(ns: Mapping[str, Any]) -> list[Line]:
     return lines
 
 
+def _size(value: int) -> str:
+    if value < 1024:
+        return f"{value}B"
+    if value < 1 << 20:
+        return f"{value / 1024:.1f}K"
+    return f"{value / (1 << 20):.1f}M"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def _slow_peers(ns: Mapping[str, Any]) -> list[Line]:
+    """Who is slow: each peer's live connections, those waiting on something first."""
+    peers = ns.get("slow_peers")
+    if peers is None:
+        return []
+    lines = [
+        Line("WHO IS SLOW: peers by time waiting (live connections)", "title"),
+        Line(
+            f"  {'PEER':<30}{'OWNER':<20}{'WAITING ON':<13}{'CONNS':>6}{'RCVR':>6}{'SNDBUF':>7}"
+            f"{'ZEROWIN':>8}{'SEND-Q':>9}{'RECV-Q':>9}",
+            "heading",
+        ),
+    ]
+    for item in peers:
+        prefix = "clients of " if item["direction"] == "inbound" else "to "
+        waiting = item["waiting_on"] or "-"
+        lines.append(
+            Line(
+                f"  {_cut(prefix + item['peer'], 29):<30}{_cut(_owner(item), 19):<20}"
+                f"{_cut(waiting, 12):<13}{item['connections']:>6}"
+                f"{_percent(item['rwnd_limited_share']):>6}"
+                f"{_percent(item['sndbuf_limited_share']):>7}{item['zero_window']:>8}"
+                f"{_size(item['send_queue_bytes']):>9}{_size(item['receive_queue_bytes']):>9}",
+                "warning" if item["waiting_on"] else "",
+            )
+        )
+    if not peers:
+        lines.append(Line("  none scanned yet", "dim"))
+    return lines
+
+
 def _findings(findings: Mapping[str, Any], netns: str) -> list[Line]:
     items = [f for f in findings.get("findings", []) if f["netns"] == netns]
     lines = [Line(f"FINDINGS ({len(items)})", "title")]
@@ -253,6 +296,9 @@ def layout(
     lines.append(Line(""))
     lines += _destinations(ns)
     lines.append(Line(""))
+    slow = _slow_peers(ns)
+    if slow:
+        lines += [*slow, Line("")]
     lines += _findings(findings, ns["netns"])
     return [Line(_cut(line.text, width), line.style) for line in lines]
 

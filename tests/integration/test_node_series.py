@@ -22,7 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from tcpwatch.config import CollectSettings
 from tcpwatch.peer_budget import PEER_SERIES_TARGET, SERIES_PER_ROW
+from tcpwatch.render.families.counters import SLOWNESS_COUNTERS
+from tcpwatch.render.families.inbound import LIVE_FAMILIES
 from tcpwatch.sources.lifecycle_peers import DEFAULT_MAX_PEERS
 from tests.integration.netns import Netns
 from tests.integration.test_lifecycle_serve import wait_for_lifecycle
@@ -45,10 +48,12 @@ PER_SCRAPE = 25
 # The tracepoints reader's own counts, once per scrape: records per event (6), lost, other
 # namespaces, buffer, sockets followed; and unattributed per (event, reason) seen, of 13.
 READER_MAX = 10 + 13
-BASE_BESIDE_HOST = 87  # a namespace beside the host's, its differing tunables aside
-BASE_HOST = 105  # the host's namespace, its tunables aside
+BASE_BESIDE_HOST = 105  # a namespace beside the host's, its differing tunables aside
+BASE_HOST = 123  # the host's namespace, its tunables aside
 PER_LISTENER = 5
 PER_DESTINATION = 7
+LIVE_ROWS = CollectSettings().live_peers  # host-wide rows of the live per-peer gauges
+LIVE = {name for name, _, _ in LIVE_FAMILIES}
 
 SCRAPE = {
     "tcpwatch_build_info",
@@ -131,6 +136,12 @@ BASE = {
     "tcpwatch_tcp_aborts_on_close_total",
     "tcpwatch_tcp_aborts_on_memory_total",
     "tcpwatch_tcp_aborts_on_linger_total",
+    # the namespace's counters of windows and receive-side drops (docs/metrics.md, "Who is slow")
+    *(f"{name}_total" for _, name, _ in SLOWNESS_COUNTERS),
+    # the listeners' live scan
+    "tcpwatch_inbound_connections_scanned",
+    "tcpwatch_inbound_scan_complete",
+    "tcpwatch_inbound_scan_timestamp_seconds",
 }
 
 # Connects once to each [host, port] and keeps the connection; prints "held" when all are up.
@@ -185,6 +196,7 @@ def kind(name: str) -> str:
         ("finding", {"tcpwatch_finding"}),
         ("listener", LISTENER),
         ("destination", DESTINATION),
+        ("live", LIVE),
         ("process", PROCESS),
         ("peer", set(PER_PEER)),
         ("base", BASE),
@@ -280,6 +292,8 @@ def check(scrape: Samples, pods: set[str], servers: str) -> None:
         # the worst case is built: every listener and the top destinations, live ones included
         assert per_netns[pod]["listener"] >= 4 * LISTENERS
         assert per_netns[pod]["destination"] == PER_DESTINATION * TOP_DESTINATIONS
+    assert kinds["live"] <= LIVE_ROWS * len(LIVE)  # host-wide, however many namespaces
+    assert kinds["live"] >= len(LIVE) // 2  # the scans saw live peers (held, accepted)
     rows = DEFAULT_MAX_PEERS
     assert kinds["peer"] <= rows * SERIES_PER_ROW <= PEER_SERIES_TARGET
     assert kinds["peer"] >= (rows - 2 * len(polled)) * (SERIES_PER_ROW - 2)  # the budget is used
@@ -294,6 +308,7 @@ def check(scrape: Samples, pods: set[str], servers: str) -> None:
         + PER_LISTENER * sum(len(found) for found in listeners.values())
         + PER_DESTINATION * TOP_DESTINATIONS * len(polled)
         + kinds["process"]
+        + LIVE_ROWS * len(LIVE)
         + rows * SERIES_PER_ROW
     )
     assert len(scrape) <= budget, (len(scrape), budget)

@@ -35,6 +35,10 @@ PER_PEER = (
     "tcpwatch_connection_segments_retransmitted_total",
     "tcpwatch_connection_bytes_sent_total",
     "tcpwatch_connection_bytes_received_total",
+    "tcpwatch_connection_busy_seconds_total",
+    "tcpwatch_connection_rwnd_limited_seconds_total",
+    "tcpwatch_connection_sndbuf_limited_seconds_total",
+    "tcpwatch_connection_zero_window_closes_total",
     # the tracepoints' rows, under the same host-wide budget (tcpwatch/peer_budget.py)
     "tcpwatch_connect_duration_seconds_bucket",
     "tcpwatch_connect_duration_seconds_sum",

@@ -34,6 +34,7 @@ from tcpwatch.model import (
     lines_for,
 )
 from tcpwatch.rules import EvidenceValue, Finding, Rule, Severity, Thresholds, Window
+from tcpwatch.stalls import ClosedWaits
 
 DEFAULT_SYSCTLS: Mapping[str, tuple[int, ...]] = MappingProxyType(
     {
@@ -224,6 +225,7 @@ def peer_stats(
     segments_retransmitted: int = 0,
     bytes_sent: int = 0,
     bytes_received: int = 0,
+    waits: ClosedWaits | None = None,
 ) -> PeerStats:
     """One (direction, peer) row of the destroy listener's table: cumulative counts."""
     closed = {"ok": ok, "timeout": timeout, "refused": refused, "aborted": aborted}
@@ -242,6 +244,7 @@ def peer_stats(
         segments_retransmitted=segments_retransmitted,
         bytes_sent=bytes_sent,
         bytes_received=bytes_received,
+        waits=waits or ClosedWaits(),
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -190,3 +191,48 @@ def test_top_screen_fits_any_width_and_keeps_host_strings_as_they_are() -> None:
     assert sum(1 for line in narrow if line.text.startswith("STATE ")) >= 2
     screen = fit(narrow, 60, 20)
     assert len(screen) == 20 and screen[-1].text.startswith("q quit")
+
+
+def test_slow_peers_waiting_first_with_their_owner_and_the_documented_fields() -> None:
+    """Who is slow, per (direction, peer), from the live scans (docs/api.md "A slow peer")."""
+    from tests.unit.test_rules_slowness import LOSSY, NOT_READING, SLOW_CLIENTS, scanned, stalls
+
+    healthy = stalls(connections=9, busy=30.0, rwnd=1.0)
+    snap = scanned(inbound=SLOW_CLIENTS, outbound=NOT_READING)
+    uses = (
+        *(snap.sockets.ephemeral_use if snap.sockets else ()),
+        DestinationUse("ipv4", "10.0.0.1", "10.0.0.8", 443, 9, 0, stalls=healthy),
+        DestinationUse("ipv4", "10.0.0.1", "10.0.0.7", 80, 4, 0, stalls=LOSSY),
+    )
+    assert snap.sockets is not None
+    snap = replace(snap, sockets=replace(snap.sockets, ephemeral_use=uses))
+    state = ExportState((snap,), (), last_poll=T1, top_destinations=3)
+    (namespace,) = api.snapshot_document(state, api.SnapshotQuery())["namespaces"]
+    peers = namespace["slow_peers"]
+    assert all(set(item) == documented("A slow peer") for item in peers)
+    assert [(p["direction"], p["peer"], p["waiting_on"]) for p in peers] == [
+        ("inbound", "0.0.0.0:80", "receiver"),  # 19.8 s waited
+        ("outbound", "10.0.0.7:80", "network"),  # 1.5 s
+        ("outbound", "10.0.0.9:5432", "application"),  # nothing waited, 3 MB unread
+    ]  # the healthy destination is cut by top_destinations=3
+    assert (peers[0]["process"], peers[0]["pid"]) == ("nginx", 1234)
+    assert peers[0]["rwnd_limited_share"] == 0.99 and peers[0]["zero_window"] == 4
+    assert peers[1]["retransmission_ratio"] == 0.04 and peers[2]["receive_full"] == 4
+    # tcpwatch top shows them, the document checked field by field as from any daemon.
+    from tcpwatch.top.documents import checked_snapshot
+    from tcpwatch.top.screen import View, layout
+
+    document = json.loads(json.dumps(api.snapshot_document(state, api.SnapshotQuery())))
+    checked = checked_snapshot(document)
+    lines = [line.text for line in layout(checked, {}, View(source="test"), 120)]
+    start = lines.index("WHO IS SLOW: peers by time waiting (live connections)")
+    assert lines[start + 2].split() == [
+        "clients", "of", "0.0.0.0:80", "nginx[1234]", "receiver", "4", "99%", "0%", "4",
+        "15.3M", "0B",
+    ]  # fmt: skip
+    assert lines[start + 4].split()[:4] == ["to", "10.0.0.9:5432", "curl[4200]", "application"]
+    # A daemon from before this field: no block, no error.
+    for ns in document["namespaces"]:
+        del ns["slow_peers"]
+    older = layout(checked_snapshot(document), {}, View(source="test"), 120)
+    assert not any(line.text.startswith("WHO IS SLOW") for line in older)

@@ -40,6 +40,7 @@ ROW_OF_SECTION: Mapping[str, str] = {
     "Findings": "Findings",
     "Network namespaces": "tcpwatch itself",
     "tcpwatch itself": "tcpwatch itself",
+    "Who is slow": "Who is slow",
 }
 SUMMARY_ROW = "Overview"  # its stat panels summarise every part
 RUNBOOK_BASE = "https://github.com/OWNER/tcpwatch/blob/main/"

@@ -33,6 +33,7 @@ from tcpwatch.model import (
 from tcpwatch.render.families.registry import registered_families
 from tcpwatch.render.prometheus import build_info, render
 from tcpwatch.rules import Finding
+from tcpwatch.stalls import ClosedWaits, InboundScan, ListenerConnections, Stalls
 from tcpwatch.state import ExportState, PollHistogram
 from tcpwatch.tracepoint_stats import (
     ConnectStats,
@@ -71,6 +72,8 @@ def peer(direction: str, name: str, closed: dict[str, int], rtt: tuple[int, ...]
         segments_retransmitted=count // 10,
         bytes_sent=1002 * count,
         bytes_received=5001 * count,
+        # 59 ms busy a connection, 55 of them waiting on the window; one close in 700 at zero
+        waits=ClosedWaits(59_000 * count, 55_000 * count, 1_000 * count, count // 700),
     )
 
 
@@ -98,6 +101,39 @@ def connections() -> LifecycleStats:
         evicted=0,
         receive_buffer=8 << 20,
         folded={"outbound": 10},
+    )
+
+
+def stalls(connections: int, rwnd: float, zero_window: int, receive_queue: int) -> Stalls:
+    return Stalls(
+        connections=connections,
+        busy_seconds=40.0,
+        rwnd_limited_seconds=rwnd,
+        sndbuf_limited_seconds=0.5,
+        send_queue_bytes=4_000_000,
+        send_queue_max_bytes=1_000_000,
+        receive_queue_bytes=receive_queue,
+        receive_queue_max_bytes=receive_queue,
+        zero_window=zero_window,
+        receive_full=1 if receive_queue else 0,
+        drops=3,
+        retransmits_in_flight=0,
+        rto_recoveries=None,  # a kernel before 6.7: the series are left out
+        rto_seconds=None,
+    )
+
+
+def inbound() -> InboundScan:
+    """The listeners' scan: port 80's clients keep nginx waiting on their windows."""
+    return InboundScan(
+        listeners=(
+            ListenerConnections("0.0.0.0:80", "ipv4", "0.0.0.0", 80, 1001, stalls(4, 39.0, 4, 0)),
+        ),
+        connections=4,
+        limit=4096,
+        complete=True,
+        unmatched=0,
+        scanned_at=1_699_999_970.0,
     )
 
 
@@ -161,6 +197,7 @@ def fixture_state() -> ExportState:
                 retransmits_in_flight=2,
                 segments_retransmitted=31,
                 segments_sent=40_000,
+                stalls=stalls(50, 0.0, 0, 700_000),
             ),
             DestinationUse("ipv6", "::1", "::1", 6379, 3, 0),
         ),
@@ -200,6 +237,17 @@ def fixture_state() -> ExportState:
                 "TcpExtTCPAbortOnClose": 0,
                 "TcpExtTCPAbortOnMemory": 0,
                 "TcpExtTCPAbortOnLinger": 0,
+                "TcpExtTCPWinProbe": 18,
+                "TcpExtTCPToZeroWindowAdv": 17,
+                "TcpExtTCPFromZeroWindowAdv": 13,
+                "TcpExtTCPWantZeroWindowAdv": 32,
+                "TcpExtTCPZeroWindowDrop": 0,
+                "TcpExtTCPRcvQDrop": 2,
+                "TcpExtTCPBacklogDrop": 0,
+                "TcpExtTCPOFODrop": 0,
+                "TcpExtRcvPruned": 0,
+                "TcpExtTCPLossProbes": 40,
+                "TcpExtTCPSpuriousRTOs": 1,
             }
         ),
         sockstat=SockStat(125, 63, 1, 7, 130, 12),
@@ -231,6 +279,7 @@ def fixture_state() -> ExportState:
             failed=1,
         ),
         connections=connections(),
+        inbound=inbound(),
         tracepoints=tracepoints(),
     )
     finding = Finding(

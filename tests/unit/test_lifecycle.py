@@ -42,6 +42,7 @@ from tcpwatch.sources.netlink import (
 )
 from tcpwatch.sources.sockdiag import DumpAggregator
 from tcpwatch.sources.tcpinfo import FULL_LENGTH, TcpInfo, parse_tcp_info
+from tcpwatch.stalls import ClosedWaits
 from tcpwatch.tracepoint_stats import ClearedClose
 
 CONTEXT = make_context({8080}, (32768, 60999), [("0.0.0.0", 8080), ("::", 8443)])
@@ -410,6 +411,72 @@ def test_aggregation_agrees_with_classify_and_sums_the_counters() -> None:
     assert (result.lost, result.receive_buffer, result.evicted) == (3, 4, 0)
 
 
+# A sender that spent 5 s busy, 4 s of it on the peer's window and 0.25 s on its send buffer.
+WAITED = {"busy_time": 5_000_000, "rwnd_limited": 4_000_000, "sndbuf_limited": 250_000}
+
+
+@pytest.mark.parametrize(
+    ("info", "waits"),
+    [
+        # the peer's window was shut when it ended: a zero-window close
+        (
+            info_bytes(**WAITED, delivered=9, snd_wnd=0),
+            ClosedWaits(5_000_000, 4_000_000, 250_000, 1),
+        ),
+        (
+            info_bytes(**WAITED, delivered=9, snd_wnd=65536),
+            ClosedWaits(5_000_000, 4_000_000, 250_000, 0),
+        ),
+        # 4.18 to 5.3 (no snd_wnd): the times, never a guessed zero window
+        (info_bytes(200, **WAITED, delivered=9), ClosedWaits(5_000_000, 4_000_000, 250_000, 0)),
+        # 4.10 (the chronographs, no tcpi_delivered): the slow path reads the same
+        (info_bytes(192, **WAITED, bytes_acked=1), ClosedWaits(5_000_000, 4_000_000, 250_000, 0)),
+        (info_bytes(168, bytes_acked=1), ClosedWaits()),  # before 4.10: nothing to add
+        # a connect that failed never had a window from its peer: no zero-window close
+        (info_bytes(segs_out=3, snd_wnd=0), ClosedWaits()),
+        # never held back by the peer: a zero window at the end says nothing of it
+        (info_bytes(busy_time=9, delivered=9, snd_wnd=0), ClosedWaits(9, 0, 0, 0)),
+    ],
+)
+def test_closed_connections_add_where_their_time_went(info: bytes, waits: ClosedWaits) -> None:
+    aggregator = LifecycleAggregator()
+    feed(aggregator, destroy_message(info=info))
+    (row,) = rows(aggregator).values()
+    assert row.waits == waits
+
+
+def test_info_is_found_whatever_attribute_comes_first() -> None:
+    """The reader looks for INET_DIAG_INFO where the previous message had it (6.18: after
+    PROTOCOL) and walks the attributes when it is not there: mixed layouts all count."""
+    info = info_bytes(**WAITED, delivered=9, snd_wnd=0)
+    first = destroy_message(info=info)  # INFO, then PROTOCOL
+    body = destroy_message(info=None) + attribute(INET_DIAG_INFO, info)  # PROTOCOL, then INFO
+    second = struct.pack("=I", len(body)) + body[4:]
+    bare = destroy_message(info=None)  # no INFO at all: ignored
+    aggregator = LifecycleAggregator()
+    feed(aggregator, first + second + second + bare + first + second)
+    (row,) = rows(aggregator).values()
+    assert sum(row.closed.values()) == 5 and row.waits == ClosedWaits(
+        5 * 5_000_000, 5 * 4_000_000, 5 * 250_000, 5
+    )
+    assert aggregator.ignored == 1
+
+
+def test_waits_sum_per_peer_and_fold_into_other_with_the_closes() -> None:
+    aggregator = LifecycleAggregator(max_peers=2, peer_idle_seconds=600, clock=Clock())
+    zero = info_bytes(**WAITED, delivered=9, snd_wnd=0)
+    feed(aggregator, *[destroy_message(dport=1001, info=zero)] * 3)
+    feed(aggregator, destroy_message(dport=1002, info=zero))
+    feed(aggregator, destroy_message(dport=1003, info=zero))  # full: 1002 is folded
+    got = rows(aggregator)
+    assert got[("outbound", "127.0.0.1:1001")].waits == ClosedWaits(
+        15_000_000, 12_000_000, 750_000, 3
+    )
+    assert got[("outbound", PEER_OTHER)].waits == ClosedWaits(5_000_000, 4_000_000, 250_000, 1)
+    total = sum((row.waits for row in got.values()), ClosedWaits())
+    assert total == ClosedWaits(25_000_000, 20_000_000, 1_250_000, 5)  # none lost
+
+
 @pytest.mark.parametrize(
     ("rtt_us", "bucket"),
     [
@@ -604,8 +671,13 @@ def test_destination_scan_aggregates_live_rtt_and_retransmissions() -> None:
         "ipv4", "127.0.0.1", "127.0.0.1", 5432, 4, 0,
         established=4, rtt_connections=3, rtt_mean_seconds=by_port[5432].rtt_mean_seconds,
         rtt_max_seconds=300e-6, retransmits_in_flight=1, segments_retransmitted=7,
-        segments_sent=82,
+        segments_sent=82, stalls=by_port[5432].stalls,
     )  # fmt: skip
+    # One connection's tcp_info stops at total_retrans (< 4.2): the limited times are unknown
+    # rather than 0, and no SKMEMINFO came, so no drops either (tests/unit/test_liveinfo.py).
+    stalls = by_port[5432].stalls
+    assert stalls is not None
+    assert (stalls.connections, stalls.busy_seconds, stalls.drops) == (4, None, None)
     assert by_port[6379] == DestinationUse("ipv4", "127.0.0.1", "127.0.0.1", 6379, 1, 0)
 
 

@@ -143,7 +143,7 @@ def test_rows_go_to_the_busiest_peers_host_wide_with_other_rows_inside_the_budge
     got = apply(budget, polls, rows=20)
     assert per_peer_series(got.values()) <= series_budget(20)
     # pod7 is the busiest: its peers come first, as many as fit beside the 8 namespaces'
-    # "other" rows (8 x 22 of 440 series: 12 peers of 22); the quieter pods only fold
+    # "other" rows (8 x 26 of 520 series: 12 peers of 26); the quieter pods only fold
     assert len([k for k in ok_by_row(got["pod7"]) if k[1] != PEER_OTHER]) == 12
     for n in range(7):
         assert set(ok_by_row(got[f"pod{n}"])) == {("outbound", PEER_OTHER)}
@@ -163,7 +163,7 @@ def test_a_listener_always_gets_a_row_and_a_new_busy_peer_takes_a_quiet_ones() -
     budget = PeerBudget(clock)
     quiet = [("outbound", f"10.0.0.{k}:80", 1) for k in range(10)]
     got = apply(budget, {"host": quiet}, rows=6)
-    assert len(ok_by_row(got["host"])) == 6  # 5 peers and other: 6 rows of 22 series
+    assert len(ok_by_row(got["host"])) == 6  # 5 peers and other: 6 rows of 26 series
     clock.now += 15
     busy = [("outbound", "10.9.9.9:443", 500), ("inbound", "0.0.0.0:8080", 1)]
     got = apply(budget, {"host": [*quiet, *busy]}, rows=6)
@@ -171,7 +171,7 @@ def test_a_listener_always_gets_a_row_and_a_new_busy_peer_takes_a_quiet_ones() -
     assert rows[("outbound", "10.9.9.9:443")] == 500
     assert rows[("inbound", "0.0.0.0:8080")] == 1  # the least busy of all, but a listener
     # The room kept for the "other" rows is what every candidate's counts would cost folded
-    # (the listener's inbound direction too, 20 series, though it is granted): a bound, so
+    # (the listener's inbound direction too, 24 series, though it is granted): a bound, so
     # 2 of the 5 quiet peers keep their rows, 3 give them up.
     assert got["host"].connections is not None and got["host"].connections.evicted == 3
     assert len([k for k in rows if k[1].startswith("10.0.0.")]) == 2
@@ -284,8 +284,8 @@ def test_a_destination_is_granted_held_or_folded_as_one_across_both_sources() ->
         ],
         [ResetStats("received", quiet, "", 2)],
     )
-    # 88 series: room for the busy destination (22 + 17 + 1 + 1) and the other rows (22 + 19
-    # + 1), not for the quiet one besides (22 + 2 x 18 + 1)
+    # 104 series: room for the busy destination (26 + 17 + 1 + 1) and the other rows (26 + 19
+    # + 1), not for the quiet one besides (26 + 2 x 18 + 1)
     (got,) = budget.apply([snap("host", connections, tracepoints)], 4, IDLE)
     assert got.connections is not None and got.tracepoints is not None
     assert [(r.peer, r.closed["ok"]) for r in got.connections.peers] == [
@@ -423,8 +423,8 @@ def test_whatever_the_traffic_the_exported_series_stay_within_the_budget() -> No
 
 
 def test_what_a_row_costs_is_what_the_budget_counts() -> None:
-    assert (SERIES_PER_ROW, SERIES_PER_INBOUND_ROW) == (22, 20)
-    assert series_budget(136) == 2992
+    assert (SERIES_PER_ROW, SERIES_PER_INBOUND_ROW) == (26, 24)
+    assert series_budget(115) == 2990
 
 
 def closes_of(snapshot: Snapshot) -> dict[tuple[str, str], PeerStats]:

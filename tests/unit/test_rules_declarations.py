@@ -18,7 +18,7 @@ from tcpwatch.rules import RULES, SYSCTLS_USED, Rule, Window, evaluate, sort_key
 from tcpwatch.rules.base import rule
 from tcpwatch.rules.shapes import ratio_severity
 from tests.unit.snapshots import RuleInfo
-from tests.unit.test_rules_docs import scenarios
+from tests.unit.test_rules_docs import scenarios, scenarios_of_rule_tests
 
 RESERVED = "net.ipv4.ip_local_reserved_ports"
 
@@ -78,7 +78,7 @@ def reads(rule_under_test: Rule) -> tuple[set[str], set[str]]:
     """(sysctls, counters) the rule looked up over every scenario."""
     sysctls: set[str] = set()
     counters: set[str] = set()
-    for win, settings in scenarios():
+    for win, settings in [*scenarios(), *scenarios_of_rule_tests()]:
         current = recording(win.current, sysctls, counters)
         assert current is not None
         recorded = Window(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tcpwatch.model import Listener
+from tcpwatch.model import KernelCounters, Listener
 from tcpwatch.rules import Finding, RuleSettings, Window, evaluate
 from tests.unit.snapshots import (
     NGINX,
@@ -169,8 +169,8 @@ def evidence_scenarios() -> list[tuple[Window, dict[str, RuleSettings]]]:
         q04,
         current=replace(
             q04.current,
-            counters=counters_plus(
-                {"TcpExtTCPReqQFullDoCookies": 500, "TcpExtSyncookiesSent": 500}
+            counters=KernelCounters(
+                counters_plus({"TcpExtTCPReqQFullDoCookies": 500, "TcpExtSyncookiesSent": 500})
             ),
         ),
     )

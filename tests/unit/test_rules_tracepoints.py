@@ -354,13 +354,19 @@ def evidence_scenarios() -> list[tuple[Window, dict[str, RuleSettings]]]:
         ),
         replace(snapshot(taken_at=T0, sockets=socket_table([overflowing])), tracepoints=stats()),
     )
+    # without SYN cookies a local listener's full SYN queue counts too (C04 reads both sysctls)
+    no_cookies = {"net.ipv4.tcp_syncookies": (0,)}
+    uncookied = window(
+        replace(slow.current, sysctls=snapshot(sysctl_overrides=no_cookies).sysctls),
+        slow.previous,
+    )
     joined = _c01_window(
         [peer_stats("127.0.0.1", ok=0)],
         [peer_stats("127.0.0.1:9999", refused=38), peer_stats("127.0.0.1", ok=50, aborted=12)],
         stats(),
         stats([connects("127.0.0.1:9999", "haproxy", failures={"ECONNREFUSED": 50})], records=300),
     )
-    return [(slow, {}), (cleared, {}), (joined, {}), (firewalled, {}), (q02, {})]
+    return [(slow, {}), (uncookied, {}), (cleared, {}), (joined, {}), (firewalled, {}), (q02, {})]
 
 
 def test_c04_leaves_a_local_listener_that_drops_to_the_queue_rules() -> None:

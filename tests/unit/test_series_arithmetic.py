@@ -56,7 +56,7 @@ def test_a_row_costs_what_the_budget_counts() -> None:
         "10.0.0.6:443": SERIES_PER_ROW,
         "0.0.0.0:80": SERIES_PER_INBOUND_ROW,
     }
-    assert SERIES_PER_ROW == 22
+    assert SERIES_PER_ROW == 26
 
 
 def test_an_inbound_row_shows_a_rare_outcome_once_it_happened() -> None:

@@ -440,9 +440,9 @@ def test_collect_makes_four_dumps_and_derives_established() -> None:
         (socket.AF_INET6, ESTABLISHED_MASK),
     ]
     assert [struct.unpack_from("=I", request, 8)[0] for request in fake.requests] == [1, 2, 3, 4]
-    # idiag_ext: the first dumps ask for the listeners' SKMEMINFO (64), only the per-destination
-    # ESTABLISHED dumps for tcp_info (INET_DIAG_INFO, 2)
-    assert [request[18] for request in fake.requests] == [64, 64, 2, 2]
+    # idiag_ext: the first dumps ask for the listeners' SKMEMINFO (64), the per-destination
+    # ESTABLISHED dumps for tcp_info and socket memory (INET_DIAG_INFO 2 + SKMEMINFO 64)
+    assert [request[18] for request in fake.requests] == [64, 64, 66, 66]
     assert table.established_method == "derived"
     assert nonzero(table) == EXPECTED_COUNTS
     assert table == replay(COLLECT_DUMPS, inuse=INUSE, established_dumped=False)

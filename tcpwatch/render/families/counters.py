@@ -131,6 +131,77 @@ HOST_TCP_COUNTERS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# Where the time goes, host-wide (docs/connections.md, "Who is slow"): windows, receive-side
+# drops and loss recovery. nstat name -> exported counter name (without _total), help.
+SLOWNESS_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    (
+        "TcpExtTCPWinProbe",
+        "tcpwatch_tcp_window_probes_sent",
+        "Zero-window probes sent: a peer's receive window was closed while this namespace had "
+        "data for it (TcpExtTCPWinProbe).",
+    ),
+    (
+        "TcpExtTCPToZeroWindowAdv",
+        "tcpwatch_tcp_to_zero_window_advertised",
+        "Times a local socket's advertised receive window went from open to zero: a local "
+        "application stopped reading (TcpExtTCPToZeroWindowAdv).",
+    ),
+    (
+        "TcpExtTCPFromZeroWindowAdv",
+        "tcpwatch_tcp_from_zero_window_advertised",
+        "Times a local socket's advertised receive window reopened after being zero "
+        "(TcpExtTCPFromZeroWindowAdv).",
+    ),
+    (
+        "TcpExtTCPWantZeroWindowAdv",
+        "tcpwatch_tcp_want_zero_window_advertised",
+        "Segments sent while a local socket's receive window was zero, counting each one "
+        "while it stays closed (TcpExtTCPWantZeroWindowAdv).",
+    ),
+    (
+        "TcpExtTCPZeroWindowDrop",
+        "tcpwatch_tcp_zero_window_drops",
+        "Data segments dropped because the local socket's receive window was zero "
+        "(TcpExtTCPZeroWindowDrop).",
+    ),
+    (
+        "TcpExtTCPRcvQDrop",
+        "tcpwatch_tcp_receive_queue_drops",
+        "Data segments dropped because the local socket's receive buffer was full and could not "
+        "be pruned (TcpExtTCPRcvQDrop): the application does not read.",
+    ),
+    (
+        "TcpExtTCPBacklogDrop",
+        "tcpwatch_tcp_backlog_drops",
+        "Segments dropped because a socket's backlog was full while its owner held it "
+        "(TcpExtTCPBacklogDrop).",
+    ),
+    (
+        "TcpExtTCPOFODrop",
+        "tcpwatch_tcp_out_of_order_drops",
+        "Out-of-order segments dropped for lack of receive buffer (TcpExtTCPOFODrop).",
+    ),
+    (
+        "TcpExtRcvPruned",
+        "tcpwatch_tcp_receive_pruned",
+        "Segments dropped from a receive queue because collapsing it did not make room "
+        "(TcpExtRcvPruned).",
+    ),
+    (
+        "TcpExtTCPLossProbes",
+        "tcpwatch_tcp_loss_probes",
+        "Tail loss probes sent: the last segments of a burst went unacknowledged "
+        "(TcpExtTCPLossProbes).",
+    ),
+    (
+        "TcpExtTCPSpuriousRTOs",
+        "tcpwatch_tcp_spurious_rtos",
+        "Retransmission timeouts found spurious afterwards by F-RTO: the path was slow, not "
+        "lossy (TcpExtTCPSpuriousRTOs).",
+    ),
+)
+
+
 @family(source="counters", order=40)
 def listen_counter_families(state: ExportState) -> Iterator[Metric]:
     yield from kernel_counters(KERNEL_COUNTERS, state)
@@ -139,3 +210,8 @@ def listen_counter_families(state: ExportState) -> Iterator[Metric]:
 @family(source="counters", order=51)
 def host_tcp_counter_families(state: ExportState) -> Iterator[Metric]:
     yield from kernel_counters(HOST_TCP_COUNTERS, state)
+
+
+@family(source="counters", order=52)
+def slowness_counter_families(state: ExportState) -> Iterator[Metric]:
+    yield from kernel_counters(SLOWNESS_COUNTERS, state)

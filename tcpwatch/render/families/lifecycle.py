@@ -57,6 +57,30 @@ def closed_connection_families(state: ExportState) -> Iterator[Metric]:
         "Bytes closed connections received (tcpi_bytes_received; a FIN counts one).",
         PEER_LABELS,
     )
+    busy = counter(
+        "tcpwatch_connection_busy_seconds",
+        "Time closed connections spent sending (tcpi_busy_time, Linux 4.10+: data in flight or "
+        "waiting to be sent), both limited times below included.",
+        PEER_LABELS,
+    )
+    rwnd_limited = counter(
+        "tcpwatch_connection_rwnd_limited_seconds",
+        "Of the busy time, how long closed connections waited on the peer's receive window "
+        "(tcpi_rwnd_limited): the receiver did not read fast enough (W01).",
+        PEER_LABELS,
+    )
+    sndbuf_limited = counter(
+        "tcpwatch_connection_sndbuf_limited_seconds",
+        "Of the busy time, how long closed connections waited on their own send buffer "
+        "(tcpi_sndbuf_limited): tcp_wmem or SO_SNDBUF too small for the path (W03).",
+        PEER_LABELS,
+    )
+    zero_window = counter(
+        "tcpwatch_connection_zero_window_closes",
+        "Connections that waited on the peer's receive window and closed while it was zero "
+        "(tcpi_rwnd_limited > 0, tcpi_snd_wnd 0, Linux 5.4+): the peer had stopped reading.",
+        PEER_LABELS,
+    )
     events = counter(
         "tcpwatch_lifecycle_events",
         "TCP socket-destroy events received since tcpwatch subscribed in this namespace, sockets "
@@ -134,6 +158,12 @@ def closed_connection_families(state: ExportState) -> Iterator[Metric]:
             retransmitted.add_metric(labels, row.segments_retransmitted)
             bytes_sent.add_metric(labels, row.bytes_sent)
             bytes_received.add_metric(labels, row.bytes_received)
-    yield from (closed, rtt, sent, retransmitted, bytes_sent, bytes_received, events, lost)
+            waits = row.waits
+            busy.add_metric(labels, waits.busy_us / 1e6)
+            rwnd_limited.add_metric(labels, waits.rwnd_limited_us / 1e6)
+            sndbuf_limited.add_metric(labels, waits.sndbuf_limited_us / 1e6)
+            zero_window.add_metric(labels, waits.zero_window_closes)
+    yield from (closed, rtt, sent, retransmitted, bytes_sent, bytes_received)
+    yield from (busy, rwnd_limited, sndbuf_limited, zero_window, events, lost)
     yield from (folded, unjoined)
     yield from (overruns, ignored, malformed, evicted)
