@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from tcpwatch.stalls import ClosedWaits, InboundScan, Stalls
-from tcpwatch.tracepoint_stats import TracepointStats
+from tcpwatch.tracepoint_stats import ClearedClose, TracepointStats
 
 # Exported state names, in the kernel's numbering order (TCP_ESTABLISHED = 1 ... TCP_CLOSING = 11).
 STATES: tuple[str, ...] = (
@@ -398,10 +398,9 @@ def add_peer_stats(total: PeerStats | None, delta: PeerStats, peer: str | None =
 
 @dataclass(frozen=True, slots=True)
 class PeerActivity:
-    """One tracked (direction, peer) of a namespace as its destroy listener saw it since the
-    previous drain: what closed (``delta``, None when nothing did) and how busy it has been
-    (``score``: closes, exponentially decayed). The host-wide row budget (peer_budget.py) ranks
-    peers by it; PEER_OTHER carries the closes of peers the listener stopped tracking."""
+    """One tracked (direction, peer) of a namespace's destroy listener since the previous drain:
+    what closed (``delta``, None: nothing) and its decayed ``score`` (the listener keeps the
+    busiest; peer_budget.py scores anew). PEER_OTHER: closes of pairs no longer tracked."""
 
     direction: str
     peer: str
@@ -417,8 +416,7 @@ class LifecycleStats:
     ``peers`` is empty; the pipeline's host-wide budget (peer_budget.py) then fills ``peers``
     with the rows it gave this namespace, ``held`` with rows it keeps but does not export this
     poll, ``folded`` with the closes counted under PEER_OTHER or under no row, and sets
-    ``activity`` to None.
-    """
+    ``activity`` to None."""
 
     peers: tuple[PeerStats, ...]  # sorted by direction, then peer; PEER_OTHER rows included
     events: int  # destroy messages received and parsed (every outcome, ignored ones too)
@@ -438,3 +436,5 @@ class LifecycleStats:
     # direction -> closes not counted under their own peer's row (under PEER_OTHER, or under no
     # row when even PEER_OTHER did not fit the budget); cumulative; every direction once budgeted.
     folded: Mapping[str, int] = field(default_factory=dict)
+    cleared: tuple[ClearedClose, ...] = ()  # as drained: failed connects the kernel cleared
+    unjoined: int = 0  # once budgeted: of those, found by no tracepoint record (peer_join.py)

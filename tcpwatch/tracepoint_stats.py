@@ -1,5 +1,7 @@
 """What the kernel's TCP tracepoints said about one namespace: the ``tracepoints`` source's part of
-the snapshot (tcpwatch/sources/tracepoints*.py builds it; docs/tracepoints.md says what it means).
+the snapshot (tcpwatch/sources/tracepoints*.py builds it; docs/tracepoints.md says what it means),
+and both halves of the join that gives a failed connect's port back to the socket-destroy events
+(tcpwatch/peer_join.py).
 
 Kept apart from model.py, which holds every other source's data, only for size; model.py's
 Snapshot has the field.
@@ -19,6 +21,7 @@ CONNECT_BUCKETS_SECONDS: tuple[float, ...] = (
     *(3.0, 10.0, 30.0),
 )
 ABANDONED = "abandoned"  # a connect the client closed itself before any answer or error
+TABLES = ("connects", "resets", "drops")  # the per-peer tables, as tcpwatch_tracepoint_folded_total
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,26 @@ class ConnectStats:
         """Counts per upper bound, cumulative, the last one being +Inf (Prometheus' shape)."""
         return tuple(itertools.accumulate(self.buckets))
 
+    def events(self) -> int:
+        """Connects counted: completed and failed."""
+        return self.count + sum(self.failures.values())
+
+    def plus(self, delta: ConnectStats, destination: str, process: str) -> ConnectStats:
+        """This row's counts and ``delta``'s, under the given labels."""
+        failures = dict(self.failures)
+        for error, count in delta.failures.items():
+            failures[error] = failures.get(error, 0) + count
+        return ConnectStats(
+            destination=destination,
+            process=process,
+            buckets=tuple(a + b for a, b in zip(self.buckets, delta.buckets, strict=True)),
+            count=self.count + delta.count,
+            sum_seconds=self.sum_seconds + delta.sum_seconds,
+            failures=dict(sorted(failures.items())),
+            syn_retransmits=self.syn_retransmits + delta.syn_retransmits,
+            retransmitted=self.retransmitted + delta.retransmitted,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ResetStats:
@@ -56,6 +79,31 @@ class DropStats:
 
     reason: str  # the kernel's drop reason (TCP_LISTEN_OVERFLOW, NETFILTER_DROP ...)
     listener: str  # the listening socket it happened at ("127.0.0.1:8080"), "" for none known
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class FailedConnect:
+    """A connect that failed, as the tracepoints saw it, with what the socket-destroy event of
+    an abortive close no longer says (its port and errno): the pipeline joins the two by
+    (family, local port, address) (tcpwatch/peer_join.py)."""
+
+    family: int  # AF_INET / AF_INET6
+    local_port: int
+    address: str  # the destination's address, as lifecycle's bare-address peer writes it
+    destination: str  # with its port: "127.0.0.1:9999"
+    error: str  # errno name, or ABANDONED
+
+
+@dataclass(frozen=True, slots=True)
+class ClearedClose:
+    """Failed connects whose destination port the kernel cleared before their socket-destroy
+    event (an abortive close), by what they kept, since the previous drain (the lifecycle
+    source's half of the join; counted under the bare address until joined)."""
+
+    family: int  # AF_INET / AF_INET6
+    local_port: int  # 0: past the destroy listener's limit, not kept
+    address: str  # the destination's address: the bare-address peer
     count: int
 
 
@@ -82,5 +130,16 @@ class TracepointStats:
     drops: tuple[DropStats, ...]  # sorted by reason, listener
     host: TracepointHost
     # table (connects, resets, drops) -> events folded into its "other" row: their keys found no
-    # row under the host-wide budget (collect.connection_peers)
+    # row under the host-wide budget (collect.connection_peers); cumulative
     folded: Mapping[str, int] = field(default_factory=dict)
+    # Rows the budget remembers but does not export this poll: a row that wins its place back
+    # goes on from these (the rules' windows start from them too).
+    held_connects: tuple[ConnectStats, ...] = ()
+    held_resets: tuple[ResetStats, ...] = ()
+    held_drops: tuple[DropStats, ...] = ()
+    # As the source drains it: ``pending`` is True, the rows (and ``folded``) hold what was
+    # counted since the previous drain and ``failed`` this drain's failed connects; the
+    # pipeline's host-wide budget (tcpwatch/peer_budget.py) then sets the rows it exports
+    # (cumulative), ``held``, ``folded``, no ``failed``, and ``pending`` False.
+    pending: bool = False
+    failed: tuple[FailedConnect, ...] = ()

@@ -10,9 +10,14 @@ and judges three kinds of destination apart:
   firewall rule), or nothing listens there;
 * a bare address: failed connects whose port the kernel cleared because their client closed
   them abortively (haproxy and Envoy close a failed connect with SO_LINGER 0; a blocking
-  connect() that fails too). They are judged on their own, against the connections to that
-  address that were cut the same way, never against the healthy connections to its other ports
-  (a dead backend behind a proxy that also serves healthy traffic on the same address).
+  connect() that fails too), which the tracepoints could not give their port back
+  (tcpwatch/peer_join.py: the source is down, or missed them). They are judged on their own,
+  against the connections to that address that were cut the same way, never against the
+  healthy connections to its other ports (a dead backend behind a proxy that also serves
+  healthy traffic on the same address).
+
+Where the tracepoints saw the destination's failed connects, the finding names their errno and
+the processes that made them (the destroy events say neither).
 """
 
 from __future__ import annotations
@@ -92,6 +97,35 @@ def _netfilter(window: Window, evidence: dict[str, EvidenceValue]) -> list[str]:
             "(the kernel's drop reason NETFILTER_DROP): look at its rules first"
         )
     ]
+
+
+def _unjoined(window: Window, peers: Sequence[PeerWindow], judged: set[str]) -> dict[str, str]:
+    """Bare addresses whose failed connects belong to one destination judged by name: the
+    tracepoints saw the address's connects fail at that port alone in the window, and those
+    the join missed (lost records, a loaded host) stayed bare. destination -> bare address: one
+    finding for one problem, the bare count in its evidence."""
+    found: dict[str, str] = {}
+    for peer in peers:
+        address, port = split_peer(peer.peer)
+        if port is not None or not peer.failures:
+            continue
+        traced = {f.destination for f in failures_at(window, address)}
+        if len(traced) == 1 and traced <= judged:
+            found[traced.pop()] = peer.peer
+    return found
+
+
+def _traced(window: Window, peer: str, evidence: dict[str, EvidenceValue]) -> list[str]:
+    """The errno and processes of the window's failed connects to ``peer``, from the
+    tracepoints: the destroy events carry neither."""
+    address, _ = split_peer(peer)
+    found = [f for f in failures_at(window, address) if f.destination == peer]
+    if not found:
+        return []
+    failed = found[0]
+    errors = ", ".join(f"{count} {error}" for error, count in sorted(failed.errors.items()))
+    evidence["connect_failures"] = f"{peer}: {errors} by {failed.processes}"
+    return [comment(f"the kernel's tracepoints saw them fail: {errors}, by {failed.processes}")]
 
 
 def _remote_remediation(
@@ -302,10 +336,19 @@ def C01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
     minimum = required(thresholds, "minimum_attempts")
     seconds = window.seconds or 0.0
     netns = window.current.netns
+    judged = {
+        p.peer
+        for p in peers
+        if split_peer(p.peer)[1] is not None
+        and p.failures
+        and p.attempts >= minimum
+        and ratio_severity(p.failures / p.attempts, thresholds) is not None
+    }
+    unjoined = _unjoined(window, peers, judged)
     for peer in peers:
         address, port = split_peer(peer.peer)
         attempts = peer.attempts
-        if peer.failures == 0 or attempts < minimum:
+        if peer.failures == 0 or attempts < minimum or peer.peer in unjoined.values():
             continue
         ratio = peer.failures / attempts
         severity: Severity | None = ratio_severity(ratio, thresholds)
@@ -340,12 +383,24 @@ def C01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             tail, lines = _bare_address(window, peer, peers, evidence, owners)
             title += tail
         else:
+            traced = _traced(window, peer.peer, evidence)
+            bare = next((p for p in peers if p.peer == unjoined.get(peer.peer)), None)
+            if bare is not None:
+                evidence["unjoined"] = bare.failures
+                traced.append(
+                    comment(
+                        f"and {bare.failures} more failed connects to {address} whose port the "
+                        f"kernel cleared and no tracepoint record gave back (counted under "
+                        f"{address}): the tracepoints lay them at this port"
+                    )
+                )
             local = local_destination(window, address, port)
             if local is None:
                 lines = _remote_remediation(window, peer.peer, peer.closed, evidence)
             else:
                 lines = _local_remediation(window, peer, local, evidence)
                 lines += _common_tail(netns, f"host {address} and tcp port {port}")
+            lines[1:1] = traced
         yield C01.finding(
             window, title, evidence, "\n".join(lines), subject=peer.peer, severity=severity
         )

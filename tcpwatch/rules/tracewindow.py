@@ -3,7 +3,9 @@ ends): the bottom of ``tcpwatch/rules/`` for every topic module that reads it (C
 tracepoints.py, C01's ports and firewall drops in connects.py, Q02's drop reasons in drops.py).
 
 The counts are cumulative since the reader started; a window is their difference, None without
-a window or when the reader restarted in between (a count went backwards).
+a window or when the reader restarted in between (a count went backwards). A row the host-wide
+budget held back at the window's start (not exported) goes on from its held value; a row absent
+then, or whose counts went backwards (forgotten after being idle, and back), counts from zero.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 
 from tcpwatch.rules.base import Window
 from tcpwatch.rules.peers import split_peer
-from tcpwatch.tracepoint_stats import CONNECT_BUCKETS_SECONDS, TracepointStats
+from tcpwatch.tracepoint_stats import CONNECT_BUCKETS_SECONDS, ConnectStats, TracepointStats
 
 
 @dataclass
@@ -46,18 +48,16 @@ def handshakes_in(window: Window) -> dict[str, Handshakes] | None:
     if pair is None:
         return None
     now, before = pair
-    earlier = {(row.destination, row.process): row for row in before.connects}
+    earlier = _connects(before)
     found: dict[str, Handshakes] = {}
     for row in now.connects:
-        old = earlier.get((row.destination, row.process))
+        old = _start(row, earlier.get((row.destination, row.process)))
         buckets = [
             count - (old.buckets[i] if old is not None else 0)
             for i, count in enumerate(row.buckets)
         ]
         failed = sum(row.failures.values()) - (sum(old.failures.values()) if old else 0)
         retransmits = row.syn_retransmits - (old.syn_retransmits if old else 0)
-        if min(buckets) < 0 or failed < 0 or retransmits < 0:
-            continue  # the row was folded and came back: not comparable
         count = sum(buckets)
         if count == 0 and failed == 0:
             continue
@@ -70,6 +70,22 @@ def handshakes_in(window: Window) -> dict[str, Handshakes] | None:
         into.retransmitted += row.retransmitted - (old.retransmitted if old else 0)
         into.processes[row.process] = into.processes.get(row.process, 0) + count + failed
     return found
+
+
+def _connects(stats: TracepointStats) -> dict[tuple[str, str], ConnectStats]:
+    """Every connect row at a window's start, the held ones too."""
+    return {(r.destination, r.process): r for r in (*stats.held_connects, *stats.connects)}
+
+
+def _start(row: ConnectStats, old: ConnectStats | None) -> ConnectStats | None:
+    """Where ``row``'s window starts: its value then, or zero (absent, or gone backwards)."""
+    if old is None or old.syn_retransmits > row.syn_retransmits or old.count > row.count:
+        return None
+    if any(b > a for a, b in zip(row.buckets, old.buckets, strict=True)):
+        return None
+    if any(count > row.failures.get(error, 0) for error, count in old.failures.items()):
+        return None
+    return old
 
 
 def quantile(buckets: list[int], q: float) -> float:
@@ -92,11 +108,14 @@ def resets_in(window: Window) -> dict[tuple[str, str, str], int] | None:
     if pair is None:
         return None
     now, before = pair
-    earlier = {(r.direction, r.peer, r.reason): r.count for r in before.resets}
-    return {
-        (r.direction, r.peer, r.reason): r.count - earlier.get((r.direction, r.peer, r.reason), 0)
-        for r in now.resets
+    earlier = {
+        (r.direction, r.peer, r.reason): r.count for r in (*before.held_resets, *before.resets)
     }
+    found = {}
+    for r in now.resets:
+        start = earlier.get((r.direction, r.peer, r.reason), 0)
+        found[(r.direction, r.peer, r.reason)] = r.count - (start if start <= r.count else 0)
+    return found
 
 
 def drops_in(window: Window) -> dict[tuple[str, str], int] | None:
@@ -105,12 +124,14 @@ def drops_in(window: Window) -> dict[tuple[str, str], int] | None:
     if pair is None:
         return None
     now, before = pair
-    earlier = {(d.reason, d.listener): d.count for d in before.drops}
-    return {
-        (d.reason, d.listener): d.count - earlier.get((d.reason, d.listener), 0)
-        for d in now.drops
-        if d.count > earlier.get((d.reason, d.listener), 0)
-    }
+    earlier = {(d.reason, d.listener): d.count for d in (*before.held_drops, *before.drops)}
+    found = {}
+    for d in now.drops:
+        start = earlier.get((d.reason, d.listener), 0)
+        count = d.count - (start if start <= d.count else 0)
+        if count > 0:
+            found[(d.reason, d.listener)] = count
+    return found
 
 
 def processes(names: dict[str, int]) -> str:
@@ -139,11 +160,11 @@ def failures_at(window: Window, address: str) -> list[FailedAt]:
     if pair is None:
         return []
     now, before = pair
-    earlier = {(row.destination, row.process): row for row in before.connects}
+    earlier = _connects(before)
     for row in now.connects:
         if split_peer(row.destination)[0] != address:
             continue
-        old = earlier.get((row.destination, row.process))
+        old = _start(row, earlier.get((row.destination, row.process)))
         errors = {
             error: count - (old.failures.get(error, 0) if old is not None else 0)
             for error, count in row.failures.items()

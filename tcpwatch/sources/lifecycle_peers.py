@@ -16,6 +16,7 @@ import bisect
 import struct
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from tcpwatch.model import (
     DIRECTIONS,
@@ -24,7 +25,9 @@ from tcpwatch.model import (
     LifecycleStats,
     PeerActivity,
     PeerStats,
+    add_peer_stats,
 )
+from tcpwatch.scores import FAILURE_WEIGHT, SCORE_HALF_LIFE_SECONDS
 from tcpwatch.sources.lifecycle_events import (
     ABORTED,
     ADDRESS_BYTES,
@@ -51,23 +54,17 @@ from tcpwatch.sources.netlink import (
     SockDiagError,
 )
 from tcpwatch.sources.sockdiag import INET_DIAG_MSG_MIN
-from tcpwatch.sources.tcpinfo import (
-    CLOSE_FIELDS,
-    SND_WND,
-    handshake_completed,
-    parse_tcp_info,
-)
+from tcpwatch.sources.tcpinfo import CLOSE_FIELDS, SND_WND, handshake_completed, parse_tcp_info
 from tcpwatch.stalls import ClosedWaits
+from tcpwatch.tracepoint_stats import ClearedClose
 
 DEFAULT_MAX_PEERS = 115  # host-wide rows (collect.connection_peers' default)
 DEFAULT_PEER_IDLE_SECONDS = 3600.0
-SCORE_HALF_LIFE_SECONDS = 60.0  # a peer's busyness: closes, halved every minute
 _ROUTE_CACHE_LIMIT = 4096
 U32 = struct.Struct("=I")  # a netlink attribute header read as one word
-
-
-# A failed connection weighs this many closes in a peer's score (see _Peer.weight).
-FAILURE_WEIGHT = 20
+# Failed connects whose port the kernel cleared, kept by (family, local port, address) between
+# two drains for the join (peer_join.py); past this many keys, by address alone (no port).
+CLEARED_LIMIT = 8192
 
 
 def tracked_peers(max_rows: int) -> int:
@@ -160,24 +157,26 @@ class _Peer:
         )
 
 
+def bare_closes(address: str, count: int) -> PeerStats:
+    """``count`` failed connects whose port the kernel cleared, as the bare address's closes."""
+    closes = _Peer(0.0)
+    closes.closed[ABORTED] = count
+    return closes.frozen(OUTBOUND, address)
+
+
 def table_of(stats: LifecycleStats) -> LifecycleStats:
-    """A drain's activity as a plain table, every tracked peer its own row (no budget): for a
-    single drain since the start (tests, benchmarks) these are the cumulative counts."""
+    """A drain's activity as a plain table, every tracked peer its own row (no budget), failed
+    connects whose port was cleared under their bare address (no join): for a single drain since
+    the start (tests, benchmarks) these are the cumulative counts."""
     if stats.activity is None:
         return stats
-    rows = [a.delta for a in stats.activity if a.delta is not None]
-    rows.sort(key=lambda row: (row.direction, row.peer))
-    return LifecycleStats(
-        peers=tuple(rows),
-        events=stats.events,
-        ignored=stats.ignored,
-        malformed=stats.malformed,
-        overruns=stats.overruns,
-        lost=stats.lost,
-        max_peers=stats.max_peers,
-        evicted=stats.evicted,
-        receive_buffer=stats.receive_buffer,
-    )
+    merged: dict[tuple[str, str], PeerStats] = {}
+    deltas = [a.delta for a in stats.activity if a.delta is not None]
+    for delta in (*deltas, *(bare_closes(c.address, c.count) for c in stats.cleared)):
+        key = (delta.direction, delta.peer)
+        merged[key] = add_peer_stats(merged.get(key), delta)
+    rows = sorted(merged.values(), key=lambda row: (row.direction, row.peer))
+    return replace(stats, peers=tuple(rows), activity=None, cleared=())
 
 
 class LifecycleAggregator:
@@ -213,6 +212,8 @@ class LifecycleAggregator:
         # (inbound?, family, port, 16-byte address) -> its row; cleared when the context
         # changes or a row goes, so no key outlives its row.
         self._routes: dict[tuple[bool, int, int, bytes], _Peer] = {}
+        # (family, local port, 16-byte address) -> failed connects whose port was cleared
+        self._cleared: dict[tuple[int, int, bytes], int] = {}
         self._drained_at = clock()
 
     def update_context(self, context: Context) -> None:
@@ -241,6 +242,7 @@ class LifecycleAggregator:
         listen_ports = context.listen_ports
         low, high = context.port_range
         routes = self._routes
+        cleared = self._cleared
         head = NLMSG_HEAD.unpack_from
         attr = NLATTR.unpack_from
         endpoints = ENDPOINTS.unpack_from
@@ -310,6 +312,14 @@ class LifecycleAggregator:
                          delivered) = fields_of(info)  # fmt: skip
                     inbound = sport in listen_ports or not low <= sport <= high
                     family_number = data[end - msg_len + 16]
+                    done = dport != 0 or handshake_completed(data, position + 4, size)
+                    if not (done or inbound):  # a failed connect tcp_disconnect cleared: kept
+                        kept = (family_number, sport, dst)  # by what it has (peer_join.py)
+                        if kept not in cleared and len(cleared) >= CLEARED_LIMIT:
+                            kept = (family_number, 0, dst)
+                        if kept in cleared or len(cleared) < 2 * CLEARED_LIMIT:
+                            cleared[kept] = cleared.get(kept, 0) + 1
+                            continue
                     key = (True, family_number, sport, src) if inbound else (
                         False, family_number, dport, dst
                     )  # fmt: skip
@@ -317,7 +327,6 @@ class LifecycleAggregator:
                     if peer is None:
                         peer = self._route(key, now)
                     if dport == 0:  # cleared by tcp_disconnect: did it ever connect?
-                        done = handshake_completed(data, position + 4, size)
                         peer.closed[OK if done else ABORTED] += 1
                     elif delivered:
                         peer.closed[OK] += 1
@@ -418,6 +427,11 @@ class LifecycleAggregator:
                 delta = other.frozen(direction, PEER_OTHER)
                 activity.append(PeerActivity(DIRECTIONS[direction], PEER_OTHER, 0.0, delta))
                 other.reset()
+        cleared = tuple(
+            ClearedClose(family_number, port, outbound_peer(family_number, address, 0), count)
+            for (family_number, port, address), count in self._cleared.items()
+        )
+        self._cleared.clear()
         return LifecycleStats(
             peers=(),
             events=self.events,
@@ -429,4 +443,5 @@ class LifecycleAggregator:
             evicted=self.evicted,
             receive_buffer=receive_buffer,
             activity=tuple(activity),
+            cleared=cleared,
         )

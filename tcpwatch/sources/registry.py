@@ -80,10 +80,14 @@ def registered_sources() -> tuple[AnySource, ...]:
 
 
 def host_source_names(sources: Iterable[AnySource] | None = None) -> frozenset[str]:
-    """The sources read once for every namespace: their health is the host's, not a
-    namespace's."""
+    """The sources read once for every namespace (the host-wide long-lived ones too): their
+    health is the host's, not a namespace's."""
     chosen = registered_sources() if sources is None else sources
-    return frozenset(s.name for s in chosen if isinstance(s, Source) and s.scope == "host")
+    return frozenset(
+        s.name
+        for s in chosen
+        if (isinstance(s, Source) and s.scope == "host") or isinstance(s, HostLongLivedSource)
+    )
 
 
 def source_names(sources: Iterable[AnySource] | None = None) -> tuple[str, ...]:

@@ -95,10 +95,8 @@ class TracepointReader:
         tracker = Tracker(
             TaskResolver(paths),
             chosen.states,
-            max_rows=settings.connection_peers,
             drop_reasons=chosen.drop_reasons,
             reset_reasons=chosen.reset_reasons,
-            idle_seconds=settings.connection_peer_idle,
         )
         self.records = RecordReader(chosen, tracker)
         self._paths = paths or ProcPaths()
@@ -212,7 +210,8 @@ class TracepointReader:
     # -- polls -----------------------------------------------------------------------------------
 
     def drain(self, so_far: Sequence[Snapshot]) -> Mapping[int, TracepointStats] | Partial:
-        """Every polled namespace's share, after reading what the rings hold now."""
+        """Every polled namespace's share since the previous drain, after reading what the
+        rings hold now (the pipeline's budget makes rows of it)."""
         addresses = own_addresses(self._paths)  # read outside the lock: a procfs read
         contexts: dict[int, Context] = {}
         for snapshot in so_far:
@@ -229,7 +228,6 @@ class TracepointReader:
             tracker = self.records.tracker
             tracker.update_contexts(contexts, [s.identity.inode for s in so_far])
             tracker.own = (self._own_inode, addresses)
-            tracker.settle(time.monotonic())
             host = self.records.host(len(self.cpus), self.buffer_bytes, self.lost())
             shares = tracker.stats((s.identity.inode for s in so_far), host)
         if self.missing:

@@ -21,9 +21,8 @@ says enough, and counts every other record by event and why (``unattributed``):
    loopback and link-local left out) is that namespace's: the address a remote client reached.
    Other such resets are counted unattributed.
 
-Tallies are kept per namespace inode (tracepoints_tally.py), bounded host-wide at each poll
-(``max_rows``, the rest under ``"other"``), and frozen into TracepointStats by
-:meth:`Tracker.stats`.
+Tallies are kept per namespace inode (tracepoints_tally.py) and drained into TracepointStats by
+:meth:`Tracker.stats`; which keys get rows is the pipeline's host-wide budget's decision.
 """
 
 from __future__ import annotations
@@ -40,9 +39,9 @@ from tcpwatch.sources.lifecycle_events import (
     outbound_peer,
 )
 from tcpwatch.sources.tracepoints_events import AF_INET, TcpStates
-from tcpwatch.sources.tracepoints_tally import BOUNDS_NS, Tally, settle
+from tcpwatch.sources.tracepoints_tally import BOUNDS_NS, Tally, empty
 from tcpwatch.sources.tracepoints_tasks import TaskResolver
-from tcpwatch.tracepoint_stats import ABANDONED, TracepointHost, TracepointStats
+from tcpwatch.tracepoint_stats import ABANDONED, FailedConnect, TracepointHost, TracepointStats
 
 SOCKET_LIMIT = 1 << 18  # sockets followed at once (about 200 bytes each)
 PENDING_LIMIT = 4096  # closes waiting for their error report, resets waiting for their join
@@ -83,16 +82,12 @@ class Tracker:
         self,
         tasks: TaskResolver,
         states: TcpStates,
-        max_rows: int = 120,
         drop_reasons: Mapping[int, str] | None = None,
         reset_reasons: Mapping[int, str] | None = None,
         socket_limit: int = SOCKET_LIMIT,
-        idle_seconds: float = 3600.0,
     ) -> None:
         self.tasks = tasks
         self.states = states
-        self.max_rows = max_rows  # host-wide rows of every namespace's tables (the budget)
-        self.idle_seconds = idle_seconds
         self.drop_reasons = dict(drop_reasons or {})
         self.reset_reasons = dict(reset_reasons or {})
         self.socket_limit = socket_limit
@@ -168,11 +163,11 @@ class Tracker:
                 self._connected(entry, time_ns - entry.started)
                 return
             del self.sockets[sk]
+            key = (family, source, sport, destination, dport)
             if len(self._closing) < PENDING_LIMIT:
-                key = (family, source, sport, destination, dport)
                 self._closing.setdefault(key, (entry, time_ns))
             else:
-                self._failed(entry, ABANDONED)
+                self._failed(entry, ABANDONED, key)
             return
         if new == states.listen:
             netns = self._actor("set_state", pid, tid, in_task)
@@ -200,21 +195,28 @@ class Tracker:
         if entry.syn_retransmits:
             row.retransmitted += 1
 
-    def _failed(self, entry: _Socket, error: str) -> None:
+    def _failed(self, entry: _Socket, error: str, key: tuple[int, bytes, int, bytes, int]) -> None:
+        """A failed connect, and what a destroy event that lost its port needs to find it:
+        the local port and the address (its 4-tuple when it failed)."""
         tally = self._tally(entry.netns)
         if tally is None:
             return
         row = tally.connect_row(entry.label, entry.process)
         row.failures[error] = row.failures.get(error, 0) + 1
         row.syn_retransmits += entry.syn_retransmits
+        family, _, sport, destination, _ = key
+        if sport:
+            address = address_of(family, destination)
+            tally.failed_connect(FailedConnect(family, sport, address, entry.label, error))
 
     def error_report(
         self, error: int, family: int, sport: int, dport: int, source: bytes, destination: bytes
     ) -> None:
         """The error of a failed connect (the close before it has the socket); others pass."""
-        waiting = self._closing.pop((family, source, sport, destination, dport), None)
+        key = (family, source, sport, destination, dport)
+        waiting = self._closing.pop(key, None)
         if waiting is not None:
-            self._failed(waiting[0], error_name(error))
+            self._failed(waiting[0], error_name(error), key)
 
     def retransmit(self, sk: int) -> None:
         entry = self.sockets.get(sk)
@@ -318,7 +320,7 @@ class Tracker:
             for key, (entry, at) in list(self._closing.items()):
                 if now_ns - at >= CLOSE_WAIT_NS:
                     del self._closing[key]
-                    self._failed(entry, ABANDONED)
+                    self._failed(entry, ABANDONED, key)
         if self._resets:
             for key, (_, at) in list(self._resets.items()):
                 if now_ns - at >= RESET_WAIT_NS:
@@ -336,10 +338,10 @@ class Tracker:
             if tally is not None:
                 tally.context = context
 
-    def settle(self, now: float) -> None:
-        """Apply the host-wide row budget to every namespace's tables (each poll)."""
-        settle(self.tallies.values(), self.max_rows, self.idle_seconds, now)
-
     def stats(self, inodes: Iterable[int], host: TracepointHost) -> dict[int, TracepointStats]:
-        """Each namespace's exported rows (call :meth:`settle` first)."""
-        return {inode: (self.tallies.get(inode) or Tally()).frozen(host) for inode in inodes}
+        """Each namespace's counts since the previous call (the tallies start afresh)."""
+        shares: dict[int, TracepointStats] = {}
+        for inode in inodes:
+            tally = self.tallies.get(inode)
+            shares[inode] = tally.drained(host) if tally is not None else empty(host)
+        return shares

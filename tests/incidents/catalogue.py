@@ -84,16 +84,16 @@ INCIDENTS: tuple[Incident, ...] = (
         "reporting the socket's end: the failures arrive as connections to `127.0.0.1` with no "
         "port, next to tens of thousands of healthy connections to 127.0.0.1:8080 (and, with "
         "`http-server-close`, haproxy cuts its healthy server connections abortively too). "
-        "Before this corpus, tcpwatch judged those few failures against every connection to "
-        "127.0.0.1 and said nothing.",
-        todo="Find the backend haproxy cannot reach (`show servers state` on its stats socket, "
-        "or its log: `Connection refused`), start it or take it out of the pool. The exact port "
-        "is in haproxy's configuration, not in the kernel's report.",
-        limits="The kernel cleared the destination port before tcpwatch heard of the socket, so "
-        "the finding names the address, not the port, and cannot tell refused from timed-out "
-        "connects (refused connects leave no SYN_SENT socket to name the port either). haproxy "
-        "is named as the likely client because it listens in the namespace and is known to "
-        "close failed connects this way, not because the kernel said so.",
+        "The kernel's tracepoints saw each connect fail first, port and errno included "
+        "(`sock:inet_sk_error_report`, dport 9999, ECONNREFUSED, by haproxy): joined to the "
+        "destroy events by local port and address, the failures count under 127.0.0.1:9999, "
+        "refused, judged apart from the healthy backend.",
+        todo="Start the backend haproxy cannot reach, or take it out of the pool (`show "
+        "servers state` on its stats socket, or its log: `Connection refused`).",
+        limits="Without the tracepoints (no CAP_PERFMON or tracefs, or `collect.tracepoints: "
+        "false`) the destroy events alone name the address, not the port, and cannot tell "
+        "refused from timed-out connects; haproxy is then named as the likely client because "
+        "it listens in the namespace and is known to close failed connects this way.",
     ),
     Incident(
         key="proxy-blackholed-backend",
@@ -103,9 +103,10 @@ INCIDENTS: tuple[Incident, ...] = (
         "(10.77.0.2:8080, over a veth pair); that host's nftables drops every SYN to 8080. "
         "`wrk -c40` on haproxy.",
         happened="The SYNs vanish: haproxy's connects wait in SYN_SENT until `timeout connect "
-        "1s`, then haproxy closes them abortively (port cleared again). The ones still "
-        "waiting keep their port, so tcpwatch names 10.77.0.2:8080 as the likely failing port, "
-        "and here the network (the backend host's firewall) is the cause.",
+        "1s`, then haproxy closes them abortively (port cleared again). The tracepoints saw "
+        "each connect to 10.77.0.2:8080 given up by haproxy with no answer: joined to the "
+        "destroy events, they are timeouts of 10.77.0.2:8080, and here the network (the "
+        "backend host's firewall) is the cause.",
         todo="The path or the backend host drops the SYNs: check the backend host's firewall "
         "(`nft list ruleset`), security groups and routes, from the proxy with "
         "`tcpdump 'host 10.77.0.2 and tcp[tcpflags] & tcp-syn != 0'`.",

@@ -5,8 +5,9 @@ One ``serve`` polls the host's namespace and nine of this test's: eight pod-like
 each with 200 listeners that clients connected to, 300 destinations it called and 30 it holds a
 connection to, and the "servers" namespace they all reach over veth pairs (127.1.N.x addresses,
 ``route_localnet``: nothing leaves 127.0.0.0/8). Every series of the scrape is put in one of the
-arithmetic's kinds (per scrape, per namespace, per listener, per destination, per process, per
-peer row, per finding); a family of no kind fails the test, so a new family says what it costs.
+arithmetic's kinds (per scrape, the tracepoints reader's own, per namespace, per listener, per
+destination, per process, per peer row of either source, per finding); a family of no kind
+fails the test, so a new family says what it costs.
 Then each kind is held to its documented price.
 """
 
@@ -44,8 +45,11 @@ HELD_PORT = 23000
 
 # The documented prices (docs/metrics.md, "Series arithmetic").
 PER_SCRAPE = 25
-BASE_BESIDE_HOST = 101  # a namespace beside the host's, its differing tunables aside
-BASE_HOST = 115  # the host's namespace, its tunables aside
+# The tracepoints reader's own counts, once per scrape: records per event (6), lost, other
+# namespaces, buffer, sockets followed; and unattributed per (event, reason) seen, of 13.
+READER_MAX = 10 + 13
+BASE_BESIDE_HOST = 105  # a namespace beside the host's, its differing tunables aside
+BASE_HOST = 123  # the host's namespace, its tunables aside
 PER_LISTENER = 5
 PER_DESTINATION = 7
 LIVE_ROWS = CollectSettings().live_peers  # host-wide rows of the live per-peer gauges
@@ -103,6 +107,8 @@ BASE = {
     "tcpwatch_lifecycle_datagrams_malformed_total",
     "tcpwatch_lifecycle_peers_evicted_total",
     "tcpwatch_connections_folded_total",
+    "tcpwatch_connections_unjoined_total",
+    "tcpwatch_tracepoint_folded_total",
     "tcpwatch_source_up",
     "tcpwatch_source_degraded",
     "tcpwatch_source_duration_seconds",
@@ -171,9 +177,21 @@ while time.monotonic() < deadline:
 """
 
 
+READER = {
+    "tcpwatch_tracepoint_records_total",
+    "tcpwatch_tracepoint_records_lost_total",
+    "tcpwatch_tracepoint_records_unattributed_total",
+    "tcpwatch_tracepoint_records_other_netns_total",
+    "tcpwatch_tracepoint_buffer_bytes",
+    "tcpwatch_tracepoint_sockets_followed",
+}
+
+
 def kind(name: str) -> str:
     if name in SCRAPE or name.startswith("process_"):
         return "scrape"
+    if name in READER:
+        return "reader"
     for label, names in (
         ("finding", {"tcpwatch_finding"}),
         ("listener", LISTENER),
@@ -256,6 +274,7 @@ def check(scrape: Samples, pods: set[str], servers: str) -> None:
     print(json.dumps({"kinds": dict(kinds), "total": len(scrape), "per_netns": report}))
 
     assert kinds["scrape"] == PER_SCRAPE
+    assert 10 <= kinds["reader"] <= READER_MAX, kinds  # the tracepoints source ran
     host = sysctls["host"]
     for netns in polled:
         counts = per_netns[netns]
@@ -280,6 +299,7 @@ def check(scrape: Samples, pods: set[str], servers: str) -> None:
     assert kinds["peer"] >= (rows - 2 * len(polled)) * (SERIES_PER_ROW - 2)  # the budget is used
     budget = (
         PER_SCRAPE
+        + READER_MAX
         + kinds["finding"]
         + sum(
             (BASE_HOST if netns == "host" else BASE_BESIDE_HOST) + len(sysctls[netns])

@@ -39,6 +39,15 @@ PER_PEER = (
     "tcpwatch_connection_rwnd_limited_seconds_total",
     "tcpwatch_connection_sndbuf_limited_seconds_total",
     "tcpwatch_connection_zero_window_closes_total",
+    # the tracepoints' rows, under the same host-wide budget (tcpwatch/peer_budget.py)
+    "tcpwatch_connect_duration_seconds_bucket",
+    "tcpwatch_connect_duration_seconds_sum",
+    "tcpwatch_connect_duration_seconds_count",
+    "tcpwatch_connect_failures_total",
+    "tcpwatch_connect_syn_retransmits_total",
+    "tcpwatch_peer_resets_sent_total",
+    "tcpwatch_peer_resets_received_total",
+    "tcpwatch_packet_drops_total",
 )
 
 # Accepts on every port given and closes at once; prints "listening" when all are bound.

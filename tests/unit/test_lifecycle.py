@@ -43,6 +43,7 @@ from tcpwatch.sources.netlink import (
 from tcpwatch.sources.sockdiag import DumpAggregator
 from tcpwatch.sources.tcpinfo import FULL_LENGTH, TcpInfo, parse_tcp_info
 from tcpwatch.stalls import ClosedWaits
+from tcpwatch.tracepoint_stats import ClearedClose
 
 CONTEXT = make_context({8080}, (32768, 60999), [("0.0.0.0", 8080), ("::", 8443)])
 FIELD_CODES = {name: (offset, code) for name, offset, code in tcpinfo._FIELDS}
@@ -291,6 +292,29 @@ def test_cleared_events_are_told_apart_by_what_survives(info: bytes, outcome: st
     aggregator.feed(data, len(data))
     (row,) = stats(aggregator).peers
     assert row.closed[outcome] == 1 and sum(row.closed.values()) == 1
+
+
+def test_a_failed_connect_whose_port_was_cleared_is_kept_by_its_local_port() -> None:
+    """For the join with the tracepoints (tcpwatch/peer_join.py): family, local port, address;
+    a connection that worked and was cut the same way is not a failed connect."""
+    aggregator = LifecycleAggregator()
+    feed(
+        aggregator,
+        destroy_message("0.0.0.0", 53320, "127.0.0.1", 0, NEVER_INFO),
+        destroy_message("0.0.0.0", 53320, "127.0.0.1", 0, NEVER_INFO),
+        destroy_message("0.0.0.0", 53321, "127.0.0.1", 0, NEVER_INFO),
+        destroy_message("0.0.0.0", 53322, "127.0.0.1", 0, WORKED_INFO),
+    )
+    drained = aggregator.stats(overruns=0, lost=0, receive_buffer=0)
+    assert sorted(drained.cleared, key=lambda c: c.local_port) == [
+        ClearedClose(socket.AF_INET, 53320, "127.0.0.1", 2),
+        ClearedClose(socket.AF_INET, 53321, "127.0.0.1", 1),
+    ]
+    deltas = [a.delta for a in drained.activity or () if a.delta is not None]
+    assert [(d.peer, d.closed["ok"], d.closed["aborted"]) for d in deltas] == [("127.0.0.1", 1, 0)]
+    assert (
+        aggregator.stats(overruns=0, lost=0, receive_buffer=0).cleared == ()
+    )  # each drain holds what came since the previous
 
 
 def test_uid_and_inode_are_read_at_their_offsets() -> None:

@@ -248,6 +248,41 @@ def test_c01_names_the_port_errno_and_process_the_kernel_cleared_from_the_destro
     assert "unknown" not in finding.title
 
 
+def test_c01_joined_failures_are_judged_by_destination_and_the_unjoined_rest_go_with_them() -> None:
+    """haproxy's dead backend once joined (peer_join.py): its refused connects count under
+    127.0.0.1:9999; those the join missed (lost records) stayed under 127.0.0.1, where the
+    tracepoints saw only that port fail: one finding, the bare count in its evidence. A bare
+    address whose failures the tracepoints lay at no judged destination keeps its own."""
+    healthy = peer_stats("127.0.0.1", ok=300)  # haproxy's healthy connections, cut abortively
+    failed = connects("127.0.0.1:9999", "haproxy", failures={"ECONNREFUSED": 50})
+    win = _c01_window(
+        [peer_stats("127.0.0.1", ok=0)],
+        [
+            peer_stats("127.0.0.1:9999", refused=38),
+            replace(healthy, closed={**healthy.closed, "aborted": 12}),
+        ],
+        stats(),
+        stats([failed], records=300),
+    )
+    (finding,) = run(win, "C01")
+    assert finding.subject == "127.0.0.1:9999" and finding.severity == "critical"
+    assert finding.evidence["refused"] == 38 and finding.evidence["unjoined"] == 12
+    assert finding.evidence["connect_failures"] == "127.0.0.1:9999: 50 ECONNREFUSED by haproxy"
+    assert "12 more failed connects to 127.0.0.1" in finding.remediation
+    # the tracepoints saw a second port of the address fail: the bare finding stays its own
+    other = connects("127.0.0.1:7777", "haproxy", failures={"ECONNREFUSED": 12})
+    win = _c01_window(
+        [peer_stats("127.0.0.1", ok=0)],
+        [
+            peer_stats("127.0.0.1:9999", refused=38),
+            replace(healthy, closed={**healthy.closed, "aborted": 12}),
+        ],
+        stats(),
+        stats([failed, other], records=300),
+    )
+    assert {f.subject for f in run(win, "C01")} == {"127.0.0.1:9999", "127.0.0.1"}
+
+
 def test_c01_without_the_tracepoints_still_says_the_port_is_unknown() -> None:
     win = _c01_window(
         [peer_stats("127.0.0.1", aborted=5)],
@@ -325,7 +360,13 @@ def evidence_scenarios() -> list[tuple[Window, dict[str, RuleSettings]]]:
         replace(slow.current, sysctls=snapshot(sysctl_overrides=no_cookies).sysctls),
         slow.previous,
     )
-    return [(slow, {}), (uncookied, {}), (cleared, {}), (firewalled, {}), (q02, {})]
+    joined = _c01_window(
+        [peer_stats("127.0.0.1", ok=0)],
+        [peer_stats("127.0.0.1:9999", refused=38), peer_stats("127.0.0.1", ok=50, aborted=12)],
+        stats(),
+        stats([connects("127.0.0.1:9999", "haproxy", failures={"ECONNREFUSED": 50})], records=300),
+    )
+    return [(slow, {}), (uncookied, {}), (cleared, {}), (joined, {}), (firewalled, {}), (q02, {})]
 
 
 def test_c04_leaves_a_local_listener_that_drops_to_the_queue_rules() -> None:

@@ -25,8 +25,9 @@ def closed_connection_families(state: ExportState) -> Iterator[Metric]:
     closed = counter(
         "tcpwatch_connections_closed",
         "TCP connections that closed, by direction (inbound: peer is the listener; outbound: "
-        'peer is the destination), peer ("other": beyond collect.connection_peers) and outcome '
-        "(ok, timeout, refused, aborted; docs/connections.md).",
+        'peer is the destination), peer ("other": past the host-wide budget, '
+        "collect.connection_peers) and outcome (ok, timeout, refused, aborted; "
+        "docs/connections.md).",
         [*PEER_LABELS, "outcome"],
     )
     rtt = HistogramMetricFamily(
@@ -95,8 +96,15 @@ def closed_connection_families(state: ExportState) -> Iterator[Metric]:
     folded = counter(
         "tcpwatch_connections_folded",
         'Closed connections not counted under their own peer: under peer="other", or under no '
-        "row when the host-wide budget (collect.connection_peers) had none left.",
+        "row when the host-wide budget (collect.connection_peers) had no room left.",
         ["netns", "direction"],
+    )
+    unjoined = counter(
+        "tcpwatch_connections_unjoined",
+        "Failed connects whose port the kernel cleared (closed abortively) that no tracepoint "
+        "record gave their port and errno back while the tracepoints source was up: counted "
+        'under the bare address, outcome "aborted" (docs/connections.md).',
+        NETNS,
     )
     overruns = counter(
         "tcpwatch_lifecycle_overruns",
@@ -131,6 +139,7 @@ def closed_connection_families(state: ExportState) -> Iterator[Metric]:
         events.add_metric([snap.netns], stats.events)
         for direction, count in sorted(stats.folded.items()):
             folded.add_metric([snap.netns, direction], count)
+        unjoined.add_metric([snap.netns], stats.unjoined)
         if stats.lost is not None:
             lost.add_metric([snap.netns], stats.lost)
         overruns.add_metric([snap.netns], stats.overruns)
@@ -156,5 +165,5 @@ def closed_connection_families(state: ExportState) -> Iterator[Metric]:
             zero_window.add_metric(labels, waits.zero_window_closes)
     yield from (closed, rtt, sent, retransmitted, bytes_sent, bytes_received)
     yield from (busy, rwnd_limited, sndbuf_limited, zero_window, events, lost)
-    yield folded
+    yield from (folded, unjoined)
     yield from (overruns, ignored, malformed, evicted)

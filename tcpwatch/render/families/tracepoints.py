@@ -23,8 +23,8 @@ def tracepoint_families(state: ExportState) -> Iterator[Metric]:
         "tcpwatch_connect_duration_seconds",
         "Handshake time of connects that completed (SYN_SENT to ESTABLISHED, from the kernel's "
         'tracepoints), per destination and connecting process ("other": past the host-wide '
-        "budget, collect.connection_peers). Buckets as the RTT's (10 us .. 1 s), then 3, 10, "
-        "30 s: a SYN retransmission is 1 s more.",
+        "budget, collect.connection_peers, or a destination's fifth process). Buckets as the "
+        "RTT's (10 us .. 1 s), then 3, 10, 30 s: a SYN retransmission is 1 s more.",
         labels=CONNECT_LABELS,
     )
     failures = counter(
@@ -55,8 +55,9 @@ def tracepoint_families(state: ExportState) -> Iterator[Metric]:
     )
     folded = counter(
         "tcpwatch_tracepoint_folded",
-        'Connects, resets or drops (table) counted under peer "other" because their key found '
-        "no row under the host-wide budget (collect.connection_peers, busiest first).",
+        'Connects, resets or drops (table) counted under "other" because their peer found no '
+        "room under the host-wide budget (collect.connection_peers, shared with the connection "
+        "metrics, busiest first), or, for connects, the destination's named processes were 4.",
         ["netns", "table"],
     )
     drops = counter(
