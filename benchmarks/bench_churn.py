@@ -1,5 +1,6 @@
 """What derived ESTABLISHED costs under churn: how often a poll falls back to walking ESTABLISHED,
-and the CPU of a poll then, against a quiet poll of the same population and against `ss -tan`.
+and the CPU of a poll then (polled as serve polls between destination scans, each poll given the
+previous one's table), against a quiet poll of the same population and against `ss -tan`.
 
 Run as root: ``python benchmarks/bench_churn.py [--pairs 9000] [--polls 30]``. In a throw-away
 namespace: ``--pairs`` held loopback pairs (a helper holds them), then ``--polls`` polls quiet, then
@@ -44,12 +45,15 @@ import json, subprocess, sys, time
 from tcpwatch.config import CollectSettings
 from tcpwatch.snapshot import take_snapshot
 settings = CollectSettings(process_attribution=False)
-take_snapshot(settings)  # imports and first reads out of the way
+# As serve polls between destination scans: each poll given the previous one's table (a poll
+# after one that moved counts ESTABLISHED in its one walk).
+earlier = take_snapshot(settings).sockets  # imports and first reads out of the way
 rows = []
 for _ in range(int(sys.argv[1])):
     cpu = time.process_time()
-    snap = take_snapshot(settings)
+    snap = take_snapshot(settings, earlier=earlier)
     rows.append([time.process_time() - cpu, snap.sockets.churned])
+    earlier = snap.sockets
 ss = []
 for _ in range(int(sys.argv[1])):
     before = time.clock_gettime(time.CLOCK_PROCESS_CPUTIME_ID)
@@ -60,12 +64,7 @@ for _ in range(int(sys.argv[1])):
 print(json.dumps({"polls": rows, "ss": ss}))
 """
 
-_NGINX = """daemon off; worker_processes 1; pid {dir}/nginx.pid; error_log {dir}/error.log;
-events {{ worker_connections 1024; }}
-http {{ access_log off; client_body_temp_path {dir}; proxy_temp_path {dir};
-  fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};
-  server {{ listen 127.0.0.1:7200 backlog=4096; keepalive_timeout 0; return 200 "ok"; }} }}
-"""
+CHURN = str(REPO / "benchmarks" / "churn.py")  # the shared generator: nginx and wrk here
 
 
 def run(name: str, *argv: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -109,14 +108,14 @@ def main() -> int:
         children.append(hold)
         assert hold.stdout is not None and hold.stdout.readline().strip() == "ready"
         summary(f"quiet, {args.pairs} pairs", polls(name, args.polls))
-        config = Path(scratch) / "nginx.conf"
-        config.write_text(_NGINX.format(dir=scratch))
-        nginx = ["ip", "netns", "exec", name, "nginx", "-c", str(config)]
-        # own session each: killing the group takes nginx's worker too
-        children.append(subprocess.Popen(nginx, stdout=subprocess.DEVNULL, start_new_session=True))
-        time.sleep(1)
-        wrk = ["ip", "netns", "exec", name, "wrk", "-t1", "-c8", "-d600s", "http://127.0.0.1:7200/"]
-        children.append(subprocess.Popen(wrk, stdout=subprocess.DEVNULL, start_new_session=True))
+        churn = ["ip", "netns", "exec", name, sys.executable, CHURN, "nginx", "--port", "7200",
+                 "--dir", scratch, "--connections", "8", "--seconds", "600"]  # fmt: skip
+        # own session: killing the group takes nginx, its worker and wrk too
+        churning = subprocess.Popen(
+            churn, stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
+        children.append(churning)
+        assert churning.stdout is not None and churning.stdout.readline().strip() == "churning"
         time.sleep(2)
         summary(f"churning, {args.pairs} pairs", polls(name, args.polls))
     finally:

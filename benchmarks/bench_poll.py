@@ -959,6 +959,13 @@ def render_breakdown(result: PopulationResult) -> list[str]:
 
     for index, row in enumerate(rows):
         lines.append(f"| {row} | {part(columns[0][index])} | {part(columns[1][index])} |")
+    after = [tools[TCPWATCH_MODES[2][0]].details, tools[TCPWATCH_MODES[4][0]].details]
+    for key, row in (
+        ("rules_cpu", "after the poll: rules, history, trends (serve's pipeline)"),
+        ("render_cpu", "after the poll: one Prometheus exposition of it (a scrape)"),
+    ):
+        values = [statistics.median(d[key] for d in details) for details in after]
+        lines.append(f"| {row} | {part(values[0])} | {part(values[1])} |")
     lines.append(f"| netlink messages per poll | {columns[0][5]:,} | {columns[1][5]:,} |")
     medians = source_medians(tools[TCPWATCH_MODES[0][0]].details)
     lines.append("")
@@ -1019,8 +1026,11 @@ def render(results: Sequence[PopulationResult], command: str, elapsed: float) ->
     return "\n".join(parts).rstrip() + "\n"
 
 
-def write_between_markers(path: str, name: str, text: str) -> None:
-    begin, end = MARKER_BEGIN.format(name=name), MARKER_END.format(name=name)
+def write_between_markers(
+    path: str, name: str, text: str, markers: tuple[str, str] = (MARKER_BEGIN, MARKER_END)
+) -> None:
+    """Put ``text`` between the markers named ``name`` (bench_serve.py has markers of its own)."""
+    begin, end = (marker.format(name=name) for marker in markers)
     block = f"{begin}\n{text}{end}\n"
     try:
         with open(path, encoding="utf-8") as handle:

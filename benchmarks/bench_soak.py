@@ -75,42 +75,7 @@ time.sleep(lifetime)
 
 # One process: a listener that accepts and closes at once, and client threads that connect,
 # wait for that close and close. Bounded by its own deadline.
-_CHURN = """
-import socket, sys, threading, time
-port, clients, lifetime = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-deadline = time.monotonic() + lifetime
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("127.0.0.1", port))
-server.listen(64)
-server.settimeout(0.5)
-
-def serve():
-    while time.monotonic() < deadline:
-        try:
-            child, _ = server.accept()
-        except OSError:
-            continue
-        child.close()
-
-def client():
-    while time.monotonic() < deadline:
-        sock = socket.socket()
-        try:
-            sock.connect(("127.0.0.1", port))
-            sock.recv(1)
-        except OSError:
-            pass
-        sock.close()
-
-threads = [threading.Thread(target=serve)] + [
-    threading.Thread(target=client) for _ in range(clients)]
-for thread in threads:
-    thread.start()
-print("churning", flush=True)
-for thread in threads:
-    thread.join()
-"""
+CHURN = str(Path(__file__).resolve().parent / "churn.py")  # the shared generator
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
 
@@ -136,6 +101,7 @@ class Second:
     rss_kib: int = 0
     threads: int = 0
     fds: int = 0
+    cpu: float = 0.0  # the daemon's user + system seconds so far (/proc/PID/stat)
     active_opens: int = 0  # the namespace's TcpActiveOpens: connections made so far
 
 
@@ -210,6 +176,13 @@ def ss_established(namespace: Namespace) -> int | None:
     if result.returncode != 0:
         return None
     return sum(1 for line in result.stdout.splitlines() if line.strip())
+
+
+def process_cpu(pid: int) -> float:
+    """user + system seconds of a process, every thread (clock ticks)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def process_sample(pid: int) -> tuple[int, int, int]:
@@ -312,10 +285,13 @@ def soak(args: argparse.Namespace, run: Run) -> None:
             churn = main.spawn(
                 [
                     sys.executable,
-                    "-c",
-                    _CHURN,
+                    CHURN,
+                    "loop",
+                    "--port",
                     str(CHURN_PORT + index),
+                    "--clients",
                     str(args.clients),
+                    "--seconds",
                     lifetime,
                 ],
                 stdout=subprocess.PIPE,
@@ -342,6 +318,7 @@ def soak(args: argparse.Namespace, run: Run) -> None:
                     setattr(second, key, value)
             second.ss_established = ss_established(main)
             second.rss_kib, second.threads, second.fds = process_sample(daemon.pid)
+            second.cpu = process_cpu(daemon.pid)
             second.active_opens = active_opens(main)
             run.seconds.append(second)
             if now >= next_hup:
@@ -425,10 +402,11 @@ def report(run: Run) -> str:
         f"1 s older): p50 {quantile(diffs, 0.5):+.0f}, p10 {quantile(diffs, 0.1):+.0f}, p90 "
         f"{quantile(diffs, 0.9):+.0f}, |max| {max((abs(d) for d in diffs), default=0)}.",
         "",
-        "| minute | connections/s | RSS MiB (min-max) | threads (max) | fds (max) | scrapes failed "
-        "| polls outside band | namespaces polled (max) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| minute | connections/s | RSS MiB (min-max) | threads (max) | fds (max) "
+        "| daemon CPU s | scrapes failed | polls outside band | namespaces polled (max) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    previous_cpu = 0.0
     for minute, seconds in minutes(run):
         per_second = connection_rate(seconds)
         rss = [s.rss_kib / 1024 for s in seconds]
@@ -436,9 +414,10 @@ def report(run: Run) -> str:
         minute_outside = sum(
             1 for s in minute_polls.values() if s.established is not None and outside(s.established)
         )
+        cpu, previous_cpu = seconds[-1].cpu - previous_cpu, seconds[-1].cpu
         lines.append(
             f"| {minute + 1} | {per_second:,.0f} | {min(rss):.1f}-{max(rss):.1f} | "
-            f"{max(s.threads for s in seconds)} | {max(s.fds for s in seconds)} | "
+            f"{max(s.threads for s in seconds)} | {max(s.fds for s in seconds)} | {cpu:.1f} | "
             f"{sum(1 for s in seconds if not s.scrape_ok)} | "
             f"{minute_outside} of {len(minute_polls)} | {max(s.namespaces for s in seconds)} |"
         )

@@ -230,7 +230,6 @@ def write_report(
 ) -> None:
     """Write check's report as asked: the sysctl snippet, JSON, or text with perfdata.
     ``unknown``: why the check is incomplete (its status is then UNKNOWN)."""
-    from tcpwatch.client import parse_daemon_url
     from tcpwatch.render.json import render_json
     from tcpwatch.render.scope import Scope
     from tcpwatch.render.status import Gauges
@@ -258,11 +257,16 @@ def write_report(
             color = args.color == "always"
         # From a daemon, the gauges come with its report: the bare snapshots have no tables.
         gauges = None if document is None else Gauges.from_json(document.get("gauges"))
+        shown = ""  # the daemon a report came from (--from): the client only for that
+        if document is not None:
+            from tcpwatch.client import parse_daemon_url
+
+            shown = parse_daemon_url(args.from_url).shown
         perf = perfdata(findings, snapshots, fill_levels(config), gauges)
         scope = Scope(
             _enabled_rules(config),
             config.check_window if document is None else document["window_seconds"],
-            "" if document is None else parse_daemon_url(args.from_url).shown,
+            shown,
             _owner_privileges(),
         )
         text = render_text(

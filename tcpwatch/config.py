@@ -12,7 +12,6 @@ from tcpwatch.model import STATES
 from tcpwatch.validation import (
     ConfigError,
     Validator,
-    load_yaml,
     one_line,
     read_config_file,
     show,
@@ -119,6 +118,8 @@ def parse_config(
 ) -> Config:
     """``catalogue`` (rule thresholds) and ``sources`` (names that may be disabled) validate
     what names them; without them any name is taken."""
+    from tcpwatch.yamlload import load_yaml  # PyYAML only when a file is read
+
     raw = load_yaml(text, source)
     check = Validator(source)
     top = check.mapping(raw, "(top level)")

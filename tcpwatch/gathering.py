@@ -172,7 +172,10 @@ class Gathering:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            timeout = min(1.0, max(0.0, self._resume_paused() - time.monotonic()))
+            # Asleep until a descriptor is readable, a paused one is due, or the wake pipe
+            # (ensure, close): an idle daemon's gathering thread wakes for nothing else.
+            due = self._resume_paused()
+            timeout = None if due is None else max(0.0, due - time.monotonic())
             for selected, _ in self._selector.select(timeout=timeout):
                 if selected.data is None:
                     with contextlib.suppress(BlockingIOError):
@@ -202,16 +205,17 @@ class Gathering:
                     with contextlib.suppress(KeyError, ValueError, OSError):
                         self._selector.unregister(running.gatherer.fileno())
 
-    def _resume_paused(self) -> float:
-        """Watch again every gatherer whose read delay has passed; when the next one is due."""
+    def _resume_paused(self) -> float | None:
+        """Watch again every gatherer whose read delay has passed; when the next one is due
+        (None: none is paused)."""
         now = time.monotonic()
-        due = now + 1.0
+        due: float | None = None
         with self._lock:
             for key, running in self._running.items():
                 if running.resume_at is None or running.failure is not None:
                     continue
                 if running.resume_at > now:
-                    due = min(due, running.resume_at)
+                    due = running.resume_at if due is None else min(due, running.resume_at)
                     continue
                 running.resume_at = None
                 with contextlib.suppress(KeyError, ValueError, OSError):

@@ -105,18 +105,17 @@ class SocketTable:
     ephemeral_use: tuple[DestinationUse, ...]  # sorted by sockets, largest first
     syn_sent: tuple[Destination, ...]  # SYN_SENT sockets per destination, largest first
     self_connects: tuple[SelfConnect, ...]
-    # Socket inodes in the states chosen for process attribution (state -> inodes).
-    inodes_by_state: Mapping[str, frozenset[int]]
-    # "derived": inbound ESTABLISHED counted as sockstat inuse minus the dumped full sockets;
-    # "dumped": every ESTABLISHED socket was dumped and counted.
+    inodes_by_state: Mapping[str, frozenset[int]]  # state -> inodes, states chosen for attribution
+    # "derived": inbound ESTABLISHED = sockstat inuse minus the dumped full sockets; "dumped": all.
     established_method: str
     messages: int  # netlink messages parsed, a measure of the poll's cost
     # Unix time the per-destination data (ephemeral_use, established self-connects) was taken:
     # the poll's own time, or an earlier poll's when collect.destinations_interval spared it.
     destinations_at: float = 0.0
-    # Derived mode only: sockstat's inuse moved during the dumps (connections came or went), so
-    # this poll dumped ESTABLISHED instead of deriving it (established_method is "dumped").
-    churned: bool = False
+    churned: bool = False  # derived mode: the namespace moved during the dumps: ESTABLISHED dumped
+    marks: tuple[int, ...] = ()  # quiet marks (ChurnMarks.signature) of dumps with nothing moving
+    unchanged: bool = False  # marks found again: only the listeners dumped, the rest kept
+    owner_uids: frozenset[int] = frozenset()  # idiag_uid of the sockets attribution looks for
 
     def total(self, state: str) -> int:
         return sum(by_state.get(state, 0) for by_state in self.counts.values())
@@ -232,6 +231,7 @@ class Attribution:
     # with one readlink each instead of walking every process' fd table again.
     locations: Mapping[int, tuple[int, str]] = field(default_factory=dict)
     confirmed: int = 0  # owners found again at their known location, without a walk
+    seen: frozenset[int] = frozenset()  # attributed-state inodes seen: the next poll's candidates
 
     def owner(self, inode: int) -> ProcessRef | None:
         return self.owners.get(inode)

@@ -177,6 +177,7 @@ class WebApp:
         self._line = CheckLine()
         self._verified = VerifiedCache()
         self._policy = self._make_policy(web_config or WebConfig(), 0)
+        self._on_reload: list[Callable[[], None]] = []  # servers to wake (WebServer)
         self._self_metrics = CollectorRegistry(auto_describe=False)
         if include_process_metrics:
             ProcessCollector(registry=self._self_metrics)
@@ -207,6 +208,12 @@ class WebApp:
         old = self._policy
         generation = old.admission.generation + (_admits(web) != _admits(old.web))
         self._policy = self._make_policy(web, generation)
+        for wake in self._on_reload:  # a sleeping server applies the new policy now
+            wake()
+
+    def on_reload(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` after each set_web_config (the server sleeps while idle)."""
+        self._on_reload.append(wake)
 
     def triage(
         self,
@@ -230,6 +237,10 @@ class WebApp:
     def expire_checks(self) -> None:
         """End the password checks that waited too long (the server calls it often)."""
         self._line.expire()
+
+    def checks_pending(self) -> bool:
+        """Password checks wait in line (the server then keeps its short tick)."""
+        return self._line.waiting() > 0
 
     def respond(
         self,

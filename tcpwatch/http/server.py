@@ -68,6 +68,7 @@ class WebServer:
         log.info("%s", limits.describe(self._budget))
         self._selector = selectors.DefaultSelector()
         self._wake_read, self._wake_write = socket.socketpair()
+        app.on_reload(self._wake)
         self._wake_read.setblocking(False)
         self._wake_write.setblocking(False)
         # Handed to the selector thread: connections back from a worker, finished checks.
@@ -147,7 +148,9 @@ class WebServer:
         if self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
             self._selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
-        for key, mask in self._selector.select(0.25):
+        busy = self._app.checks_pending() or self._app.admission.generation != self._generation
+        sleep = self._held.sleep(now, self._accept_paused_until, busy)  # an idle server sleeps
+        for key, mask in self._selector.select(sleep):
             if key.data is _LISTENER:
                 self._accept()
             elif key.data is _WAKE:

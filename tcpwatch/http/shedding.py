@@ -60,6 +60,11 @@ def victims(
     ]
 
 
+BUSY_SELECT_SECONDS = 0.25
+IDLE_SELECT_SECONDS = 5.0
+FEW_HELD = 16  # up to this many held connections, the selector sleeps until their first deadline
+
+
 class HeldConnections:
     """The open connections, from the selector thread's side: those it holds (by descriptor),
     how many the workers hold, how many each client has; the one place a connection ends."""
@@ -76,6 +81,17 @@ class HeldConnections:
 
     def get(self, fd: int) -> Connection | None:
         return self.by_fd.get(fd)
+
+    def sleep(self, now: float, paused_until: float, busy: bool) -> float:
+        """How long the selector may sleep. Busy (checks waiting, a reload to apply) or holding
+        many: its 0.25 s tick. Else until the first held deadline or the end of an accept pause,
+        at most IDLE_SELECT_SECONDS (anything new wakes it): an idle daemon sleeps."""
+        if busy or len(self.by_fd) > FEW_HELD:
+            return BUSY_SELECT_SECONDS
+        wake_at = min((c.deadline for c in self.by_fd.values()), default=now + IDLE_SELECT_SECONDS)
+        if paused_until:
+            wake_at = min(wake_at, paused_until)
+        return max(0.0, min(wake_at - now, IDLE_SELECT_SECONDS))
 
     def holds(self, connection: Connection) -> bool:
         return self.by_fd.get(connection.fd) is connection

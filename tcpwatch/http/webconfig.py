@@ -45,7 +45,6 @@ from tcpwatch.validation import (
     MAX_FILE_BYTES,
     ConfigError,
     Validator,
-    load_yaml,
     parse_duration,
     read_config_file,
     show,
@@ -134,6 +133,8 @@ def parse_web_config(text: str, source: str, base_dir: str = ".") -> WebConfig:
     Files are not opened here: :func:`load_web_config` does that.
     """
     try:
+        from tcpwatch.yamlload import load_yaml  # PyYAML only when a file is read
+
         raw = load_yaml(text, source)
     except ConfigError as error:
         raise WebConfigError(error.errors) from None

@@ -30,6 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence, Set
+from dataclasses import replace
 
 from tcpwatch.config import CollectSettings
 from tcpwatch.model import Attribution, ProcessRef, Snapshot, SocketTable
@@ -76,6 +77,7 @@ def wanted_sockets_in(fd_dir: str, wanted: Set[int]) -> list[tuple[int, str]]:
     skipped.
     """
     found: list[tuple[int, str]] = []
+    seen: set[int] = set()
     # Links are read relative to the open directory: it stays bound to this process, so once the
     # process exits they fail instead of reading whatever process reuses the pid.
     dir_fd = os.open(fd_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -93,6 +95,9 @@ def wanted_sockets_in(fd_dir: str, wanted: Set[int]) -> list[tuple[int, str]]:
                 inode = parse_socket_link(link, f"{fd_dir}/{entry.name}")
                 if inode is not None and inode in wanted:
                     found.append((inode, entry.name))
+                    seen.add(inode)
+                    if len(seen) == len(wanted):
+                        break  # every wanted socket is here: the rest of its fds can wait
     finally:
         os.close(dir_fd)
     return found
@@ -170,22 +175,34 @@ class NoProcesses(Exception):
     socket would look ownerless, so the source is down rather than "complete"."""
 
 
-def _scan_order(paths: ProcPaths, netns_inodes: frozenset[int]) -> list[int]:
-    """Ascending pids, members of ``netns_inodes`` first (see scan_owners)."""
+def _scan_order(
+    paths: ProcPaths, netns_inodes: frozenset[int], uids: frozenset[int] = frozenset()
+) -> list[int]:
+    """Ascending pids, the likeliest owners first (see scan_owners): members of
+    ``netns_inodes`` running as one of ``uids``, then the other members, then the rest."""
     pids = sorted(paths.list_pids())
     if not pids:  # even with hidepid, our own process is listed
         raise NoProcesses(f"{paths.root} lists no process (is it a procfs? see --path.procfs)")
-    if not netns_inodes:
+    if not netns_inodes and not uids:
         return pids
-    members: list[int] = []
-    others: list[int] = []
+    ranked: list[tuple[int, int]] = []
     for pid in pids:
-        try:
-            inode = os.stat(paths.pid(pid, "ns", "net")).st_ino
-        except OSError:
-            inode = 0
-        (members if inode in netns_inodes else others).append(pid)
-    return members + others
+        rank = 0
+        if netns_inodes:
+            try:
+                inode = os.stat(paths.pid(pid, "ns", "net")).st_ino
+            except OSError:
+                inode = 0
+            rank += 0 if inode in netns_inodes else 2
+        if uids:
+            try:
+                uid = os.stat(paths.pid(pid)).st_uid  # the task's euid (root if not dumpable)
+            except OSError:
+                uid = -1
+            rank += 0 if uid in uids else 1
+        ranked.append((rank, pid))
+    ranked.sort()
+    return [pid for _, pid in ranked]
 
 
 def scan_owners(
@@ -195,6 +212,7 @@ def scan_owners(
     clock: Callable[[], float] = time.monotonic,
     netns_inodes: frozenset[int] = frozenset(),
     known: Attribution | None = None,
+    uids: frozenset[int] = frozenset(),
 ) -> Attribution:
     """Find the process owning each inode of ``wanted``; never raises for a process.
 
@@ -211,6 +229,8 @@ def scan_owners(
     Processes in the network namespaces ``netns_inodes`` are read first: a socket is nearly
     always held by a process of its own namespace, so the early stop comes sooner and a
     deadline hit on a host with huge fd tables elsewhere still finds the owners that matter.
+    Among them, processes running as one of ``uids`` (the sockets' idiag_uid: the user that
+    made them) come first: one stat per process can spare reading other users' fd tables.
 
     ``known`` (the previous scan) is checked first, one readlink per socket; the walk runs only
     for sockets not found there, so a steady host costs a readlink per attributed socket.
@@ -233,7 +253,7 @@ def scan_owners(
     deadline = clock() + deadline_seconds
     scanned = vanished = denied = 0
     walked_all = True
-    for pid in _scan_order(paths, netns_inodes):
+    for pid in _scan_order(paths, netns_inodes, uids):
         if clock() >= deadline:
             walked_all = False
             break
@@ -277,13 +297,18 @@ def scan_owners(
     )
 
 
-def wanted_inodes(table: SocketTable) -> frozenset[int]:
+def wanted_inodes(table: SocketTable, lasting: frozenset[int] | None = None) -> frozenset[int]:
     """Inodes worth attributing: listeners, self-connected sockets and the chosen states
-    (0 = no socket file, skip)."""
+    (0 = no socket file, skip).
+
+    With ``lasting`` (serve: the state inodes the previous poll saw), a socket in a chosen state
+    is wanted once it was already there a poll ago. A CLOSE_WAIT its process closes a moment
+    later is churn (S01 counts only the lasting ones); looking for its owner would walk every
+    process' fds on each poll of a busy host, for a socket gone before anyone reads its name."""
     inodes = {listener.inode for listener in table.listeners}
     inodes.update(connected.inode for connected in table.self_connects)
     for state_inodes in table.inodes_by_state.values():
-        inodes.update(state_inodes)
+        inodes.update(state_inodes if lasting is None else state_inodes & lasting)
     inodes.update(stalled_inodes(table))
     inodes.discard(0)
     return frozenset(inodes)
@@ -324,13 +349,20 @@ def _attribution_on(settings: CollectSettings) -> bool:
 def read_owners_source(context: SourceContext, snapshots: Sequence[Snapshot]) -> Attribution:
     """One /proc/*/fd walk serves every namespace: socket inodes are unique host-wide."""
     wanted: set[int] = set()
+    uids: set[int] = set()
+    seen: set[int] = set()
+    known = context.known_owners
     for snapshot in snapshots:
         if snapshot.sockets is not None:
-            wanted |= wanted_inodes(snapshot.sockets)
-    return scan_owners(
+            wanted |= wanted_inodes(snapshot.sockets, None if known is None else known.seen)
+            uids |= snapshot.sockets.owner_uids
+            seen.update(*snapshot.sockets.inodes_by_state.values())
+    attribution = scan_owners(
         context.paths,
         frozenset(wanted),
         context.settings.process_scan_timeout,
         netns_inodes=frozenset(s.identity.inode for s in snapshots if s.identity.inode),
-        known=context.known_owners,
+        known=known,
+        uids=frozenset(uids),
     )
+    return replace(attribution, seen=frozenset(seen))

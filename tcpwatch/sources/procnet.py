@@ -7,7 +7,7 @@ Everything here is per network namespace when read through ``/proc/net`` (or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tcpwatch.model import KernelCounters, Snapshot, SockStat
 from tcpwatch.paths import ProcPaths, read_text
@@ -134,25 +134,43 @@ CHURN_FIELDS = ("TcpActiveOpens", "TcpPassiveOpens", "TcpAttemptFails", "TcpEsta
                 "TcpCurrEstab")  # fmt: skip
 
 
+# Tcp MIB fields that move with every segment into or out of net: with the above and sockstat's
+# per-namespace inuse and tw they make a namespace's quiet marks (ChurnMarks.quiet).
+QUIET_FIELDS = ("TcpInSegs", "TcpOutSegs", "TcpRetransSegs", "TcpInErrs", "TcpOutRsts")
+
+
 @dataclass(frozen=True, slots=True)
 class ChurnMarks:
     """What tells whether a namespace's full sockets changed between two reads: the Tcp MIB
     fields above and sockstat's ``inuse`` per family. Equal marks before and after a dump mean no
     connection was opened, failed, reset or established in net, and (every rise of ``inuse``
-    but listen() coming with an open) none was destroyed either."""
+    but listen() coming with an open) none was destroyed either.
+
+    ``quiet`` adds QUIET_FIELDS and sockstat's ``tw`` (not compared by ``==``): equal
+    ``signature``s at two moments mean no segment came or went in net and no timewait socket
+    came or expired, so no socket changed state in between but by a timer that sends nothing
+    (sockets.py says which, and when it reuses a table for it)."""
 
     tcp: tuple[int, ...]
     inuse_ipv4: int
     inuse_ipv6: int
+    quiet: tuple[int, ...] = field(default=(), compare=False)
+
+    @property
+    def signature(self) -> tuple[int, ...]:
+        return (*self.tcp, self.inuse_ipv4, self.inuse_ipv6, *self.quiet)
 
 
 def parse_churn_fields(text: str, path: str) -> tuple[int, ...]:
     """The CHURN_FIELDS of /proc/net/snmp, in that order; ProcParseError if one is missing."""
-    values = parse_counter_table(text, path)
-    missing = [name for name in CHURN_FIELDS if name not in values]
+    return _fields(parse_counter_table(text, path), CHURN_FIELDS, path)
+
+
+def _fields(values: dict[str, int], names: tuple[str, ...], path: str) -> tuple[int, ...]:
+    missing = [name for name in names if name not in values]
     if missing:
         raise ProcParseError(path, 1, "", f"missing {', '.join(missing)}")
-    return tuple(values[name] for name in CHURN_FIELDS)
+    return tuple(values[name] for name in names)
 
 
 def read_churn_marks(paths: ProcPaths, after: bool = False) -> ChurnMarks:
@@ -162,11 +180,14 @@ def read_churn_marks(paths: ProcPaths, after: bool = False) -> ChurnMarks:
     snmp = paths.net("snmp")
     if after:
         sockstat = read_sockstat(paths)
-        tcp = parse_churn_fields(read_text(snmp), snmp)
+        values = parse_counter_table(read_text(snmp), snmp)
     else:
-        tcp = parse_churn_fields(read_text(snmp), snmp)
+        values = parse_counter_table(read_text(snmp), snmp)
         sockstat = read_sockstat(paths)
-    return ChurnMarks(tcp, sockstat.inuse_ipv4, sockstat.inuse_ipv6)
+    quiet = (*_fields(values, QUIET_FIELDS, snmp), sockstat.time_wait)
+    return ChurnMarks(
+        _fields(values, CHURN_FIELDS, snmp), sockstat.inuse_ipv4, sockstat.inuse_ipv6, quiet
+    )
 
 
 def read_counters(paths: ProcPaths) -> KernelCounters:

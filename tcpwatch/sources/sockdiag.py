@@ -2,13 +2,16 @@
 
 Cost is what matters here, so the dumps ask the kernel for as little as possible:
 
-* dump 1 (per family): every state but ESTABLISHED, no filter. Listeners come first (the kernel
+Each dump is one request for both families (``build_request`` with family None: one walk of the
+hash tables, where a request per family walks them twice), unless the kernel refuses it.
+
+* dump 1: every state but ESTABLISHED, no filter. Listeners come first (the kernel
   walks the listening hash before the established one), then request sockets, TIME_WAIT,
   CLOSE_WAIT ... These are few on a healthy host, apart from TIME_WAIT. It asks for
   ``INET_DIAG_SKMEMINFO``, for the listeners' drop counters (sk_drops, ``ss -ltnm`` d<N>):
   timewait and request sockets never carry it, so on 6.18 it costs nothing measurable here, and
   about 4% when ESTABLISHED is dumped too (benchmarks/bench_listener_drops.py).
-* dump 2 (per family): ESTABLISHED only, with an inet_diag bytecode filter that keeps local ports
+* dump 2: ESTABLISHED only, with an inet_diag bytecode filter that keeps local ports
   inside ``ip_local_port_range``: the outbound connections that use ephemeral ports, counted per
   destination. Inbound connections (local port = a service port) are never copied out. It asks
   for ``INET_DIAG_INFO`` and ``INET_DIAG_SKMEMINFO`` too: each connection's tcp_info and socket
@@ -32,7 +35,6 @@ addresses), offsets from the start of the netlink message::
 
 from __future__ import annotations
 
-import errno
 import functools
 import socket
 import struct
@@ -51,18 +53,19 @@ from tcpwatch.model import (
 )
 from tcpwatch.sources import liveinfo, livesums
 from tcpwatch.sources.netlink import (
-    ERRNO_FIELD,
     FAMILY_NUMBER,
     INET_DIAG_SKMEMINFO,
-    NLMSG_DONE,
-    NLMSG_ERROR,
     NLMSG_HEAD,
     SK_MEMINFO_DROPS,
     SOCK_DIAG_BY_FAMILY,
+    TCPDIAG_GETSOCK,
     SockDiagError,
+    family_of,
     find_attribute,
     has_attribute,
+    unusual_message,
 )
+from tcpwatch.sources.netlink import INET_DIAG_MSG_MIN as INET_DIAG_MSG_MIN  # lifecycle's too
 
 INET_DIAG_SHUTDOWN = 8  # every full socket carries it; request and TIME_WAIT sockets never do
 TCP_ESTABLISHED = 1
@@ -84,9 +87,8 @@ _STATE_BY_NAME = {name: number for number, name in enumerate(STATES, start=1)}
 
 PORTS = struct.Struct("!HH")
 _TUPLE_KEY = struct.Struct("34s")  # dport, src[16], dst[16]: one bytes object per socket
-_QUEUES_INODE = struct.Struct("=II4xI")  # rqueue, wqueue, (uid), inode at offset 72
+_QUEUES_INODE = struct.Struct("=IIII")  # rqueue, wqueue, uid, inode at offset 72
 _U32 = struct.Struct("=I")
-INET_DIAG_MSG_MIN = 88
 
 
 @dataclass(slots=True)
@@ -120,6 +122,7 @@ class DumpAggregator:
         self.syn_sent: Counter[tuple[str, bytes]] = Counter()
         self.self_connects: list[SelfConnect] = []
         self.inodes: dict[int, set[int]] = {n: set() for n in self.attribute_numbers}
+        self.uids: set[int] = set()  # of the listeners and of ``inodes``: owners' likely uids
         self.messages = 0
         # Set before a dump that asked for INET_DIAG_INFO (and SKMEMINFO): ESTABLISHED ephemeral
         # sockets then add their message to ``live`` (key as ``ephemeral``), summed per
@@ -128,50 +131,83 @@ class DumpAggregator:
         self.live: dict[str, dict[bytes, livesums.PeerRows]] = {name: {} for name in FAMILIES}
         self.rows = liveinfo.RowReader()
 
-    def feed(self, data: memoryview | bytes, length: int, family: str) -> bool:
+    def feed(self, data: memoryview | bytes, length: int, family: str | None) -> bool:
         """Parse one datagram; True once NLMSG_DONE has been seen.
+
+        ``family`` None: a dump of both families in one walk (``build_request`` with family
+        None); each message then says its own (``idiag_family``), messages of the two families
+        come interleaved, as the kernel meets them in its hash tables, and carry the request's
+        type (TCPDIAG_GETSOCK) instead of SOCK_DIAG_BY_FAMILY.
 
         The hot path of a poll (one pass per message of every dump): locals instead of
         attributes, one struct call per field group, no per-socket objects.
         """
-        totals = self.totals[family]
-        states = totals.states
         low, high = self.port_range if self.port_range else (1, 0)
-        addr_len = ADDRESS_LENGTH[family]
         listen_ports = self.listen_ports
         tuple_states = _TUPLE_STATES
         attribute_numbers = self.attribute_numbers
-        ephemeral = self.ephemeral[family]
-        ephemeral_time_wait = self.ephemeral_time_wait[family]
         header = NLMSG_HEAD.unpack_from
         ports = PORTS.unpack_from
         tuple_key = _TUPLE_KEY.unpack_from
         read_info = self.read_info
-        live = self.live[family]
+        answer = SOCK_DIAG_BY_FAMILY if family is not None else TCPDIAG_GETSOCK
+        current = -1  # the family number the locals below are for
+        family_name = ""
+        totals = _FamilyTotals([], 0)
+        states: list[int] = []
+        addr_len = 0
+        ephemeral: dict[bytes, int] = {}
+        ephemeral_time_wait: dict[bytes, int] = {}
+        live: dict[bytes, livesums.PeerRows] = {}
         fold_messages = livesums.FOLD_MESSAGES
         view = data if isinstance(data, memoryview) else memoryview(data)
+        # Not keyed per destination (nor attributed): ESTABLISHED and timewait sockets (no inode,
+        # not full) are only counted, as cheaply as a message can be; a self-connect is looked at.
+        count_established = not self.port_range and TCP_ESTABLISHED not in attribute_numbers
+        count_timewait = not self.port_range
         offset = 0
         while offset < length:
             if length - offset < 16:
                 raise SockDiagError(f"truncated netlink header at byte {offset} of {length}")
             msg_len, msg_type = header(data, offset)
             if msg_len < INET_DIAG_MSG_MIN or offset + msg_len > length:
-                self._unusual_message(data, offset, msg_len, msg_type, length)
+                unusual_message(data, offset, msg_len, msg_type, length, answer)
                 return True  # NLMSG_DONE (everything else raised)
             state = data[offset + 17]
-            if not 0 < state <= TCP_NEW_SYN_RECV or msg_type != SOCK_DIAG_BY_FAMILY:
-                self._unusual_message(data, offset, msg_len, msg_type, length)
+            if not 0 < state <= TCP_NEW_SYN_RECV or msg_type != answer:
+                unusual_message(data, offset, msg_len, msg_type, length, answer)
                 return True
+            if data[offset + 16] != current:
+                current = data[offset + 16]
+                family_name = family_of(current, family, offset)
+                totals = self.totals[family_name]
+                states = totals.states
+                addr_len = ADDRESS_LENGTH[family_name]
+                ephemeral = self.ephemeral[family_name]
+                ephemeral_time_wait = self.ephemeral_time_wait[family_name]
+                live = self.live[family_name]
             self.messages += 1
+            if state == TCP_ESTABLISHED and count_established:
+                states[TCP_ESTABLISHED] += 1
+                totals.full_sockets += 1
+                offset += (msg_len + 3) & ~3
+                continue
+            if count_timewait and data[offset + 18] == TIMER_TIME_WAIT:
+                sport, dport = ports(data, offset + 20)
+                if sport != dport:
+                    states[state] += 1
+                    offset += (msg_len + 3) & ~3
+                    continue
             if state == TCP_NEW_SYN_RECV:
                 state = TCP_SYN_RECV
             states[state] += 1
             sport, dport = ports(data, offset + 20)
             if state == TCP_LISTEN:
-                rqueue, wqueue, inode = _QUEUES_INODE.unpack_from(data, offset + 72)
+                rqueue, wqueue, uid, inode = _QUEUES_INODE.unpack_from(data, offset + 72)
+                self.uids.add(uid)
                 address = bytes(data[offset + 24 : offset + 24 + addr_len])
                 drops = _listener_drops(data, offset, msg_len)
-                self.listeners.append((family, address, sport, rqueue, wqueue, inode, drops))
+                self.listeners.append((family_name, address, sport, rqueue, wqueue, inode, drops))
                 listen_ports.add(sport)
                 totals.full_sockets += 1
             elif state == TCP_SYN_RECV and not has_attribute(
@@ -179,7 +215,7 @@ class DumpAggregator:
             ):
                 # A request socket: its local port and address are its listener's.
                 address = bytes(data[offset + 24 : offset + 24 + addr_len])
-                self.request_sockets[(family, address, sport)] += 1
+                self.request_sockets[(family_name, address, sport)] += 1
             else:
                 timewait = data[offset + 18] == TIMER_TIME_WAIT
                 if not timewait:
@@ -204,11 +240,13 @@ class DumpAggregator:
                             else:
                                 self._live_other(live, key, data, offset, msg_len)
                     if state == TCP_SYN_SENT:
-                        self.syn_sent[(family, tuple_key(data, offset + 22)[0])] += 1
+                        self.syn_sent[(family_name, tuple_key(data, offset + 22)[0])] += 1
                     if sport == dport:
-                        self._maybe_self_connect(data, offset, family, state, sport, addr_len)
+                        self._maybe_self_connect(data, offset, family_name, state, sport, addr_len)
                 if state in attribute_numbers and not timewait:
-                    self.inodes[state].add(_QUEUES_INODE.unpack_from(data, offset + 72)[2])
+                    _, _, uid, inode = _QUEUES_INODE.unpack_from(data, offset + 72)
+                    self.inodes[state].add(inode)
+                    self.uids.add(uid)
             offset += (msg_len + 3) & ~3
         return False
 
@@ -231,30 +269,6 @@ class DumpAggregator:
             rows.switch(layout, self.rows)
         rows.pieces.append(bytes(data[offset : offset + msg_len]))
 
-    def _unusual_message(
-        self, data: memoryview | bytes, offset: int, msg_len: int, msg_type: int, length: int
-    ) -> None:
-        """Everything but an inet_diag message: DONE returns, the rest raises (off the hot path)."""
-        if msg_len < 16 or offset + msg_len > length:
-            raise SockDiagError(
-                f"bad netlink message length {msg_len} at byte {offset} of {length}"
-            )
-        if msg_type == NLMSG_DONE:
-            # A dump that failed part-way ends with DONE carrying a negative errno.
-            if msg_len >= 20 and (code := -ERRNO_FIELD.unpack_from(data, offset + 16)[0]) > 0:
-                name = errno.errorcode.get(code, str(code))
-                raise SockDiagError(f"kernel ended the dump with {name}")
-            return
-        if msg_type == NLMSG_ERROR:
-            code = -ERRNO_FIELD.unpack_from(data, offset + 16)[0] if msg_len >= 20 else 0
-            name = errno.errorcode.get(code, str(code))
-            raise SockDiagError(f"kernel answered the dump with {name}")
-        if msg_len < INET_DIAG_MSG_MIN:
-            raise SockDiagError(f"inet_diag message of {msg_len} bytes at byte {offset}")
-        if msg_type != SOCK_DIAG_BY_FAMILY:
-            raise SockDiagError(f"unexpected netlink message type {msg_type} at byte {offset}")
-        raise SockDiagError(f"unknown TCP state {data[offset + 17]} at byte {offset}")
-
     def _maybe_self_connect(
         self,
         data: memoryview | bytes,
@@ -267,7 +281,7 @@ class DumpAggregator:
         source = bytes(data[offset + 24 : offset + 24 + addr_len])
         if source != bytes(data[offset + 40 : offset + 40 + addr_len]):
             return
-        inode = _QUEUES_INODE.unpack_from(data, offset + 72)[2]
+        inode = _QUEUES_INODE.unpack_from(data, offset + 72)[3]
         address = _address(family, source)
         self.self_connects.append(SelfConnect(family, address, port, STATES[state - 1], inode))
 
@@ -292,6 +306,7 @@ class DumpAggregator:
             },
             established_method="dumped" if established_dumped else "derived",
             messages=self.messages,
+            owner_uids=frozenset(self.uids),
         )
 
     def _listeners(self) -> tuple[Listener, ...]:

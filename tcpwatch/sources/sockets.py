@@ -19,16 +19,22 @@ from tcpwatch.sources.sockdiag import (
     ALL_STATES_MASK,
     ESTABLISHED_MASK,
     TCP_ESTABLISHED,
+    TCP_LISTEN,
     Receiver,
 )
+
+LISTEN_MASK = 1 << TCP_LISTEN
+# States a socket leaves by a timer that may send nothing (a request socket's last SYN-ACK
+# timeout, a SYN_SENT's last retry, an orphan's give-up): a table holding any is not reused.
+_TIMED_STATES = ("syn_sent", "syn_recv", "fin_wait1", "closing", "last_ack", "close")
 
 
 def run_dump(
     send: Callable[[bytes], object],
     receive: Receiver,
     request: bytes,
-    family: str,
-    aggregator: sockdiag.DumpAggregator,
+    family: str | None,
+    aggregator: sockdiag.DumpAggregator | netlink.StateCounter,
     buffer: memoryview,
 ) -> None:
     send(request)
@@ -50,6 +56,8 @@ def collect(
     destinations: bool = True,
     live_info: bool = True,
     settled: Callable[[], bool] | None = None,
+    listeners_only: bool = False,
+    expect_churn: bool = False,
 ) -> SocketTable:
     """Dump this namespace's TCP sockets (see the module docstring for the plan).
 
@@ -71,9 +79,21 @@ def collect(
     they ran; if not, ESTABLISHED is counted by one more dump of every ESTABLISHED socket (one
     walk, as ``ss`` counts it; the per-destination data stays dump 2's), and the table says
     ``churned``.
+
+    ``listeners_only`` dumps the listening sockets alone: the kernel then walks its listening
+    hash and not the established one (inet_diag_dump_icsk), whatever else the host holds. The
+    table counts only them (the caller keeps the rest from an earlier poll).
+
+    ``expect_churn`` (the namespace moved during the last poll: a busy host) counts ESTABLISHED
+    in the same walk as the other states, skipping the derivation that would most likely need
+    a second walk; ``settled`` is still asked, so the table says whether it moved this time.
+    Only without ``destinations``: a destination scan keeps its filtered dump.
     """
+    if listeners_only:
+        port_range, inuse, destinations, settled = None, None, False, None
     aggregator = sockdiag.DumpAggregator(port_range if destinations else None, attribute_states)
-    established_dumped = dump_established or inuse is None or port_range is None
+    walk_once = expect_churn and not destinations and settled is not None
+    established_dumped = dump_established or inuse is None or port_range is None or walk_once
     families = FAMILIES
     if inuse is not None and time_wait == 0:
         families = tuple(family for family in FAMILIES if inuse[family] > 0)
@@ -82,12 +102,12 @@ def collect(
     connection = sock
     sequence = 0
 
-    def dump(
-        family: str,
+    def dump_one(
+        family: str | None,
         mask: int,
-        bytecode: bytes = b"",
-        extensions: int = 0,
-        into: sockdiag.DumpAggregator = aggregator,
+        bytecode: bytes,
+        extensions: int,
+        into: sockdiag.DumpAggregator | netlink.StateCounter,
     ) -> None:
         nonlocal sequence, connection
         if connection is None:
@@ -97,28 +117,64 @@ def collect(
         try:
             run_dump(connection.send, connection.recv_into, request, family, into, buffer)
         except OSError as error:
-            raise SockDiagError(f"sock_diag dump ({family}) failed: {error}") from error
+            raise SockDiagError(f"sock_diag dump ({family or 'tcp'}) failed: {error}") from error
+
+    both_at_once = True
+
+    def dump(
+        wanted: tuple[str, ...],
+        mask: int,
+        bytecode: bytes = b"",
+        extensions: int = 0,
+        into: sockdiag.DumpAggregator | netlink.StateCounter = aggregator,
+    ) -> None:
+        """The sockets of ``wanted`` families: each dump walks the host-wide hash tables whole,
+        so two families are asked for in one request (one walk) unless the kernel refuses it."""
+        nonlocal both_at_once
+        if len(wanted) == 2 and both_at_once:
+            before = into.messages
+            try:
+                dump_one(None, mask, bytecode, extensions, into)
+                return
+            except netlink.DumpRefused:
+                if into.messages != before:
+                    raise  # failed part-way: what it fed cannot be taken back
+                both_at_once = False  # refused (no TCPDIAG_GETSOCK): one request per family
+        for family in wanted:
+            dump_one(family, mask, bytecode, extensions, into)
 
     try:
         first_mask = ALL_STATES_MASK if established_dumped else ALL_STATES_MASK & ~ESTABLISHED_MASK
-        for family in families:
-            dump(family, first_mask, extensions=SKMEMINFO_EXTENSION)  # listeners' drops
+        if listeners_only:
+            first_mask = LISTEN_MASK
+        if families and established_dumped:
+            # Every socket: the listeners with their drops (the listening hash alone), then all
+            # the rest in one walk, with no extension (ESTABLISHED messages are most of it).
+            dump(families, LISTEN_MASK, extensions=SKMEMINFO_EXTENSION)
+            if first_mask & ~LISTEN_MASK:
+                dump(families, first_mask & ~LISTEN_MASK)
+        elif families:
+            dump(families, first_mask, extensions=SKMEMINFO_EXTENSION)  # listeners' drops
         if destinations and not established_dumped and inuse is not None and port_range:
             bytecode = netlink.port_range_bytecode(*port_range)
             aggregator.read_info = live_info  # live RTT and retransmissions per destination
             extensions = INFO_EXTENSION | SKMEMINFO_EXTENSION if live_info else 0
-            for family in families:
-                if inuse[family] > aggregator.totals[family].full_sockets:
-                    dump(family, ESTABLISHED_MASK, bytecode, extensions)
-        churned = False
+            unseen = tuple(
+                family
+                for family in families
+                if inuse[family] > aggregator.totals[family].full_sockets
+            )
+            if unseen:
+                dump(unseen, ESTABLISHED_MASK, bytecode, extensions)
+        churned = walk_once and settled is not None and not settled()
         if not established_dumped and settled is not None and not settled():
-            # The derivation could be wrong: count ESTABLISHED in one walk of it, as ss does
-            # (its own aggregator, so what dump 2 keyed per destination is not keyed twice).
+            # The derivation could be wrong: count ESTABLISHED in one walk of it, as ss does,
+            # counting only (what dump 2 keyed per destination is not keyed twice).
             churned = established_dumped = True
-            walk = sockdiag.DumpAggregator(None, ())
+            walk = netlink.StateCounter()
+            dump(FAMILIES, ESTABLISHED_MASK, into=walk)
             for family in FAMILIES:
-                dump(family, ESTABLISHED_MASK, into=walk)
-                aggregator.totals[family].states[TCP_ESTABLISHED] = walk.totals[family].states[
+                aggregator.totals[family].states[TCP_ESTABLISHED] = walk.states[family][
                     TCP_ESTABLISHED
                 ]
             aggregator.messages += walk.messages
@@ -176,6 +232,11 @@ def read_sockets_source(context: SourceContext, so_far: Snapshot) -> SocketTable
             except (OSError, procnet.ProcParseError):
                 return False
 
+    earlier = context.earlier
+    if before is not None and not fresh and earlier is not None and _reusable(earlier, before):
+        listeners = collect(None, None, attribute_states, listeners_only=True)
+        if listeners.total("listen") == earlier.total("listen"):
+            return _unchanged(earlier, listeners)
     sockets = collect(
         port_range,
         inuse,
@@ -185,7 +246,39 @@ def read_sockets_source(context: SourceContext, so_far: Snapshot) -> SocketTable
         destinations=fresh,
         live_info=settings.live_tcp_info,
         settled=settled,
+        expect_churn=earlier is not None and earlier.churned,
     )
+    if before is not None and not sockets.churned and sockets.established_method == "derived":
+        sockets = replace(sockets, marks=before.signature)
     if fresh or context.earlier is None:
         return replace(sockets, destinations_at=context.taken_at)
     return with_destinations_of(sockets, context.earlier)
+
+
+def _reusable(earlier: SocketTable, now: procnet.ChurnMarks) -> bool:
+    """The earlier table still describes the namespace: it was taken with nothing moving, with
+    the marks read now (no segment in or out of the namespace since, no socket hashed or
+    unhashed, no timewait socket made or expired), and it held no socket a silent timer could
+    have moved since."""
+    return (
+        bool(earlier.marks)
+        and earlier.marks == now.signature
+        and earlier.established_method == "derived"
+        and not any(earlier.total(state) for state in _TIMED_STATES)
+    )
+
+
+def _unchanged(earlier: SocketTable, listeners: SocketTable) -> SocketTable:
+    """The earlier table with this poll's listeners (their queues move without a segment: an
+    accept() empties one) and this poll's small dump as its cost."""
+    counts = {
+        family: {**by_state, "listen": listeners.counts[family]["listen"]}
+        for family, by_state in earlier.counts.items()
+    }
+    return replace(
+        earlier,
+        counts=counts,
+        listeners=listeners.listeners,
+        messages=listeners.messages,
+        unchanged=True,
+    )

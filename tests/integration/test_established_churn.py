@@ -10,6 +10,7 @@ derived from a sockstat read taken before the dumps came out hundreds of sockets
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -28,49 +29,17 @@ CHURN_SECONDS = 20.0
 POLLS = 25
 WALK_SLACK = 4
 
-# Runs inside the namespace for a bounded time: a listener that accepts and closes at once, and
-# clients that connect, wait for that close and close too. The server closes first, so TIME_WAIT
-# stays on its side and the clients never run out of ports.
-_CHURN = f"""
-import socket, threading, time
-deadline = time.monotonic() + {CHURN_SECONDS}
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("127.0.0.1", 7100))
-server.listen({CHURN_BACKLOG})
-server.settimeout(0.5)
-
-def serve():
-    while time.monotonic() < deadline:
-        try:
-            child, _ = server.accept()
-        except OSError:
-            continue
-        child.close()
-
-def client():
-    while time.monotonic() < deadline:
-        sock = socket.socket()
-        try:
-            sock.connect(("127.0.0.1", 7100))
-            sock.recv(1)
-        except OSError:
-            pass
-        sock.close()
-
-threads = [threading.Thread(target=serve)] + [threading.Thread(target=client)
-                                               for _ in range({CHURN_CLIENTS})]
-for thread in threads:
-    thread.start()
-print("churning", flush=True)
-for thread in threads:
-    thread.join()
-"""
+# The shared generator (benchmarks/churn.py), inside the namespace for a bounded time: a
+# listener that accepts and closes at once, and clients that connect, wait for that close and
+# close too.
+CHURN = str(REPO_ROOT / "benchmarks" / "churn.py")
+CHURN_LOOP = [sys.executable, CHURN, "loop", "--port", "7100", "--clients", str(CHURN_CLIENTS),
+              "--backlog", str(CHURN_BACKLOG), "--seconds", str(CHURN_SECONDS)]  # fmt: skip
 
 
 def test_established_stays_in_the_exact_band_under_churn(netns: Netns) -> None:
     populations.established(netns, pairs=LONG_LIVED_PAIRS, port=7000)
-    churn = netns.spawn([sys.executable, "-c", _CHURN], lifetime=CHURN_SECONDS + 30)
+    churn = netns.spawn(CHURN_LOOP, lifetime=CHURN_SECONDS + 30)
     try:
         assert netns.read_line(churn, timeout=10).strip() == "churning"
         snapshots = take_snapshots(netns, *([{"process_attribution": False}] * POLLS))
@@ -91,6 +60,43 @@ def test_established_stays_in_the_exact_band_under_churn(netns: Netns) -> None:
     assert churned > 0, f"the churn was never detected: {counted} {methods}"
 
 
+# Polls as serve makes them between destination scans, each given the previous poll's table:
+# after a poll that saw the namespace move, the next counts ESTABLISHED in its one walk.
+_CHAINED = """
+import json, sys
+from tcpwatch.config import CollectSettings
+from tcpwatch.snapshot import take_snapshot
+settings = CollectSettings(process_attribution=False)
+rows, earlier = [], None
+for _ in range(int(sys.argv[1])):
+    table = take_snapshot(settings, earlier=earlier).sockets
+    rows.append([table.counts["ipv4"]["established"], table.churned, table.established_method])
+    earlier = table
+print(json.dumps(rows), flush=True)
+"""
+
+
+def test_polls_after_churn_walk_once_and_stay_in_the_band(netns: Netns) -> None:
+    populations.established(netns, pairs=LONG_LIVED_PAIRS, port=7000)
+    churn = netns.spawn(CHURN_LOOP, lifetime=CHURN_SECONDS + 30)
+    try:
+        assert netns.read_line(churn, timeout=10).strip() == "churning"
+        done = netns.run(sys.executable, "-c", _CHAINED, str(POLLS), timeout=120,
+                         env=tcpwatch_env(), cwd=str(REPO_ROOT))  # fmt: skip
+    finally:
+        churn.kill()
+        churn.wait(timeout=10)
+    rows = json.loads(done.stdout)
+    low = 2 * LONG_LIVED_PAIRS
+    high = low + 2 * CHURN_CLIENTS + WALK_SLACK
+    outside = [row for row in rows if not low <= row[0] <= high]
+    assert not outside, f"ESTABLISHED outside [{low}, {high}]: {rows}"
+    # A poll after one that moved counts in its walk ("dumped"), moved or not itself.
+    after_churn = [row for previous, row in itertools.pairwise(rows) if previous[1]]
+    assert after_churn, f"the churn was never detected: {rows}"
+    assert all(row[2] == "dumped" for row in after_churn), rows
+
+
 # --- issue 21, item 11: 300 held pairs + a steady ~10-14k connect/close per second -------------
 
 HELD_PAIRS = 300
@@ -98,19 +104,6 @@ SAMPLES = 80
 WRK_CONNECTIONS = 8
 NGINX_PORT = 7200
 
-_NGINX = """daemon off;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir};
-  uwsgi_temp_path {dir}; scgi_temp_path {dir};
-  server {{ listen 127.0.0.1:{port} backlog=4096; keepalive_timeout 0;
-           location / {{ return 200 "ok"; }} }}
-}}
-"""
 
 # Inside the namespace: SAMPLES rounds of one tcpwatch poll then one `ss` count, alternately, as
 # the issue sampled them; prints one JSON line.
@@ -146,15 +139,12 @@ def test_established_matches_ss_under_steady_churn(netns: Netns, tmp_path: Path)
     # TIME_WAIT is capped in this namespace only, so each poll's dump stays short.
     netns.sysctl("net.ipv4.tcp_max_tw_buckets", 16384)
     populations.established(netns, pairs=HELD_PAIRS, port=7000)
-    config = tmp_path / "nginx.conf"
-    config.write_text(_NGINX.format(dir=tmp_path, port=NGINX_PORT))
-    nginx = netns.spawn(["nginx", "-c", str(config)], lifetime=240)
-    netns.run("sh", "-c", f"for i in $(seq 50); do ss -Hltn 'sport = :{NGINX_PORT}' | "
-              "grep -q LISTEN && exit 0; sleep 0.1; done; exit 1")  # fmt: skip
-    wrk = netns.spawn(
-        ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", "-d200s", f"http://127.0.0.1:{NGINX_PORT}/"],
+    churn = netns.spawn(
+        [sys.executable, CHURN, "nginx", "--port", str(NGINX_PORT), "--dir", str(tmp_path),
+         "--connections", str(WRK_CONNECTIONS), "--seconds", "200"],
         lifetime=210,
-    )
+    )  # fmt: skip
+    assert netns.read_line(churn, timeout=30).strip() == "churning"
     try:
         opens_before = _nstat_opens(netns)
         sampler = netns.spawn(
@@ -166,8 +156,7 @@ def test_established_matches_ss_under_steady_churn(netns: Netns, tmp_path: Path)
         line = netns.read_line(sampler, timeout=175)
         opens = _nstat_opens(netns) - opens_before
     finally:
-        netns.stop(wrk)
-        netns.stop(nginx)
+        netns.stop(churn)
     assert line, f"sampler said nothing: {netns.stderr_of(sampler)}"
     rows = json.loads(line)
     assert len(rows) >= SAMPLES // 2, f"only {len(rows)} samples in the time allowed"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tcpwatch.model import ProcessRef
+from tcpwatch.model import Listener, ProcessRef, SocketTable
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources.processes import (
     NoProcesses,
@@ -17,6 +17,8 @@ from tcpwatch.sources.processes import (
     parse_socket_link,
     procfs_hides_processes,
     scan_owners,
+    wanted_inodes,
+    wanted_sockets_in,
 )
 
 # pid -> (comm, fd number -> link target); comm None leaves the comm file out.
@@ -302,3 +304,50 @@ def test_a_moved_or_closed_socket_falls_back_to_the_walk(tmp_path: Path) -> None
     assert second.owners == {101: ProcessRef(10, "nginx"), 202: ProcessRef(30, "worker")}
     assert second.confirmed == 1
     assert second.locations[202] == (30, "4")
+
+
+def test_processes_of_the_sockets_users_are_read_first(tmp_path: Path) -> None:
+    # Process 5 holds thousands of fds, none wanted, as another user; 9 (the sockets' user)
+    # holds the wanted one. Ascending pids would read 5's table whole; the uid order does not.
+    paths = build_proc(
+        tmp_path,
+        {
+            5: ("big", {fd: f"socket:[{1000 + fd}]" for fd in range(3, 400)}),
+            9: ("app", {3: "socket:[1]", 4: "socket:[2]", 5: "socket:[3]"}),
+        },
+    )
+    os.chown(tmp_path / "9", 1000, 1000)
+    attribution = scan_owners(paths, frozenset({1, 2}), uids=frozenset({1000}))
+    assert attribution.owner(1) == attribution.owner(2) == ProcessRef(9, "app")
+    assert attribution.processes_scanned == 1 and attribution.complete
+    # Without the uid the ascending order reads 5 first, and still finds the same owners.
+    ascending = scan_owners(paths, frozenset({1, 2}))
+    assert ascending.processes_scanned == 2
+    assert ascending.owners == attribution.owners
+    # A uid nobody runs as changes the order of nothing.
+    assert scan_owners(paths, frozenset({1, 2}), uids=frozenset({4242})).processes_scanned == 2
+
+
+def test_a_duplicated_socket_does_not_end_the_read_early(tmp_path: Path) -> None:
+    # The read of a process stops once it found every wanted socket: two fds of one socket
+    # count once.
+    paths = build_proc(tmp_path, {5: ("app", {3: "socket:[7]", 4: "socket:[7]", 5: "socket:[9]"})})
+    found = wanted_sockets_in(paths.pid(5, "fd"), frozenset({7, 9}))
+    assert {inode for inode, _ in found} == {7, 9}
+
+
+def test_serve_looks_for_owners_of_lasting_sockets_only() -> None:
+    # A CLOSE_WAIT the previous poll did not see yet is churn until the next poll: not wanted.
+    table = SocketTable(
+        counts={},
+        listeners=(Listener("ipv4", "0.0.0.0", 80, 0, 128, syn_recv=0, inode=11),),
+        ephemeral_use=(),
+        syn_sent=(),
+        self_connects=(),
+        inodes_by_state={"close_wait": frozenset({21, 22})},
+        established_method="derived",
+        messages=0,
+    )
+    assert wanted_inodes(table) == {11, 21, 22}  # check, or serve's first poll
+    assert wanted_inodes(table, lasting=frozenset({22, 99})) == {11, 22}
+    assert wanted_inodes(table, lasting=frozenset()) == {11}  # listeners always

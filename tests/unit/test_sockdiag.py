@@ -28,7 +28,9 @@ from tcpwatch.sources.netlink import (
     NLMSG_DONE,
     NLMSG_ERROR,
     SOCK_DIAG_BY_FAMILY,
+    TCPDIAG_GETSOCK,
     SockDiagError,
+    StateCounter,
     build_request,
     port_range_bytecode,
 )
@@ -38,7 +40,7 @@ from tcpwatch.sources.sockdiag import (
     INET_DIAG_SHUTDOWN,
     DumpAggregator,
 )
-from tcpwatch.sources.sockets import collect, run_dump
+from tcpwatch.sources.sockets import LISTEN_MASK, collect, run_dump
 from tests.tools.record_dump import read_frames, recorded_receiver, state_mask
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "netlink"
@@ -400,26 +402,87 @@ def test_recorded_message_shapes() -> None:
 # --- collect() against a socket replaying the recordings -----------------------------------------
 
 
+@dataclass(frozen=True)
+class Request:
+    """A dump request as the kernel reads it: v2 (one family) or TCPDIAG_GETSOCK (both)."""
+
+    family: str | None
+    states: int
+    extensions: int
+    bytecode: bytes
+
+    @classmethod
+    def parse(cls, data: bytes) -> Request:
+        kind = struct.unpack_from("=H", data, 4)[0]
+        if kind == TCPDIAG_GETSOCK:
+            assert data[16] == socket.AF_UNSPEC
+            extensions, states, attributes = data[19], struct.unpack_from("=I", data, 68)[0], 76
+        else:
+            assert kind == SOCK_DIAG_BY_FAMILY
+            extensions, states, attributes = data[18], struct.unpack_from("=I", data, 20)[0], 72
+        family = {0: None, int(socket.AF_INET): "ipv4", int(socket.AF_INET6): "ipv6"}[data[16]]
+        bytecode = b""
+        if len(data) > attributes:
+            assert data[attributes : attributes + 4] == struct.pack(
+                "=HH", len(data) - attributes, 1
+            )
+            bytecode = data[attributes + 4 :]
+        return cls(family, states, extensions, bytecode)
+
+
+def retyped(datagram: bytes, kind: int) -> bytes:
+    """A recorded datagram whose inet_diag messages carry ``kind``, as the kernel types the
+    answers to a TCPDIAG_GETSOCK request."""
+    data = bytearray(datagram)
+    offset = 0
+    while offset + 16 <= len(data):
+        length, current = struct.unpack_from("=IH", data, offset)
+        if current == SOCK_DIAG_BY_FAMILY:
+            struct.pack_into("=H", data, offset + 4, kind)
+        offset += (length + 3) & ~3
+    return bytes(data)
+
+
+def without_done(datagrams: Iterable[bytes]) -> list[bytes]:
+    """Recorded datagrams less the final NLMSG_DONE (the one that holds only it)."""
+    frames = list(datagrams)
+    assert frames[-1] == frames[-1][:20] and struct.unpack_from("=H", frames[-1], 4)[0] == 3
+    return frames[:-1]
+
+
 class ReplaySocket:
-    """Answers each request with the recording made for the same family, mask and filter."""
+    """Answers each request with the recording made for the same family, mask and filter; a
+    request for both families with the IPv4 recording, then the IPv6 one (one DONE)."""
 
     def __init__(self) -> None:
         self.requests: list[bytes] = []
         self._pending: Iterator[bytes] = iter(())
 
+    def recording(self, family: str, request: Request) -> list[bytes]:
+        if request.states == ALL_STATES_MASK:
+            name = f"mixed-{family}-all.bin"
+        elif request.states == ALL_STATES_MASK & ~ESTABLISHED_MASK:
+            name = f"mixed-{family}-no-established.bin"
+        elif request.bytecode:
+            assert request.states == ESTABLISHED_MASK
+            assert request.bytecode == port_range_bytecode(*PORT_RANGE)
+            name = f"mixed-{family}-established-ephemeral.bin"
+        else:  # any other mask: the full recording's sockets in those states, then DONE
+            everything = messages(f"mixed-{family}-all.bin")
+            kept = [m for m in everything if len(m) >= 88 and request.states >> m[17] & 1]
+            return [b"".join(m.ljust((len(m) + 3) & ~3, b"\0") for m in kept), DONE]
+        return list(read_frames(FIXTURES / name))
+
     def send(self, data: bytes) -> int:
         self.requests.append(bytes(data))
-        family = {int(socket.AF_INET): "ipv4", int(socket.AF_INET6): "ipv6"}[data[16]]
-        (states,) = struct.unpack_from("=I", data, 20)
-        if states == ALL_STATES_MASK:
-            name = f"mixed-{family}-all.bin"
-        elif states == ALL_STATES_MASK & ~ESTABLISHED_MASK:
-            name = f"mixed-{family}-no-established.bin"
+        request = Request.parse(data)
+        if request.family is None:
+            frames = without_done(self.recording("ipv4", request))
+            frames += self.recording("ipv6", request)
+            frames = [retyped(frame, TCPDIAG_GETSOCK) for frame in frames]
         else:
-            assert states == ESTABLISHED_MASK
-            assert data[72:] == struct.pack("=HH", 20, 1) + port_range_bytecode(*PORT_RANGE)
-            name = f"mixed-{family}-established-ephemeral.bin"
-        self._pending = read_frames(FIXTURES / name)
+            frames = self.recording(request.family, request)
+        self._pending = iter(frames)
         return len(data)
 
     def recv_into(self, buffer: memoryview) -> int:
@@ -428,56 +491,98 @@ class ReplaySocket:
         return len(chunk)
 
 
-def test_collect_makes_four_dumps_and_derives_established() -> None:
+def asked(fake: ReplaySocket) -> list[tuple[str | None, int, int]]:
+    return [
+        (request.family, request.states, request.extensions)
+        for request in map(Request.parse, fake.requests)
+    ]
+
+
+def test_collect_walks_twice_for_both_families_and_derives_established() -> None:
     fake = ReplaySocket()
     table = collect(PORT_RANGE, INUSE, sock=cast(socket.socket, fake))
-    assert [
-        (request[16], struct.unpack_from("=I", request, 20)[0]) for request in fake.requests
-    ] == [
-        (socket.AF_INET, ALL_STATES_MASK & ~ESTABLISHED_MASK),
-        (socket.AF_INET6, ALL_STATES_MASK & ~ESTABLISHED_MASK),
-        (socket.AF_INET, ESTABLISHED_MASK),
-        (socket.AF_INET6, ESTABLISHED_MASK),
+    # One walk of the hash tables per request, each for both families: the states but
+    # ESTABLISHED, then the ephemeral ESTABLISHED ones with their tcp_info (INET_DIAG_INFO).
+    # idiag_ext: the first asks for the listeners' SKMEMINFO (64), the per-destination one
+    # for tcp_info and socket memory (INET_DIAG_INFO 2 + SKMEMINFO 64)
+    assert asked(fake) == [
+        (None, ALL_STATES_MASK & ~ESTABLISHED_MASK, 64),
+        (None, ESTABLISHED_MASK, 66),
     ]
-    assert [struct.unpack_from("=I", request, 8)[0] for request in fake.requests] == [1, 2, 3, 4]
-    # idiag_ext: the first dumps ask for the listeners' SKMEMINFO (64), the per-destination
-    # ESTABLISHED dumps for tcp_info and socket memory (INET_DIAG_INFO 2 + SKMEMINFO 64)
-    assert [request[18] for request in fake.requests] == [64, 64, 66, 66]
+    assert [struct.unpack_from("=I", request, 8)[0] for request in fake.requests] == [1, 2]
     assert table.established_method == "derived"
     assert nonzero(table) == EXPECTED_COUNTS
     assert table == replay(COLLECT_DUMPS, inuse=INUSE, established_dumped=False)
+
+
+class RefusingSocket(ReplaySocket):
+    """A kernel without TCPDIAG_GETSOCK: that request gets an NLMSG_ERROR, nothing else."""
+
+    def send(self, data: bytes) -> int:
+        if Request.parse(data).family is None:
+            self.requests.append(bytes(data))
+            self._pending = iter([error_message(errno.EOPNOTSUPP)])
+            return len(data)
+        return super().send(data)
+
+
+def test_collect_asks_per_family_when_the_kernel_refuses_both_at_once() -> None:
+    fake = RefusingSocket()
+    table = collect(PORT_RANGE, INUSE, sock=cast(socket.socket, fake))
+    no_established = ALL_STATES_MASK & ~ESTABLISHED_MASK
+    assert asked(fake) == [
+        (None, no_established, 64),
+        ("ipv4", no_established, 64),
+        ("ipv6", no_established, 64),
+        ("ipv4", ESTABLISHED_MASK, 66),  # refused once: not asked again in this poll
+        ("ipv6", ESTABLISHED_MASK, 66),
+    ]
+    assert table == collect(PORT_RANGE, INUSE, sock=cast(socket.socket, ReplaySocket()))
+
+
+def test_collect_asks_one_family_when_the_other_has_no_socket() -> None:
+    fake = ReplaySocket()
+    collect(PORT_RANGE, {"ipv4": 45, "ipv6": 0}, sock=cast(socket.socket, fake), time_wait=0)
+    assert [family for family, _, _ in asked(fake)] == ["ipv4", "ipv4"]
+
+
+def test_collect_keeps_what_a_failed_walk_fed() -> None:
+    class FailingLate(ReplaySocket):
+        def send(self, data: bytes) -> int:
+            length = super().send(data)
+            frames = list(self._pending)
+            self._pending = iter([*frames[:-1], DONE[:16] + struct.pack("=i", -errno.EINTR)])
+            return length
+
+    with pytest.raises(SockDiagError, match="EINTR"):
+        collect(PORT_RANGE, INUSE, sock=cast(socket.socket, FailingLate()))
 
 
 class ChurnReplaySocket(ReplaySocket):
     """Also answers the churn walk (every ESTABLISHED socket, no filter) with the recording of
     all states: the walk keeps only its ESTABLISHED count."""
 
-    def send(self, data: bytes) -> int:
-        (states,) = struct.unpack_from("=I", data, 20)
-        if states == ESTABLISHED_MASK and len(data) == 72:
-            self.requests.append(bytes(data))
-            family = {int(socket.AF_INET): "ipv4", int(socket.AF_INET6): "ipv6"}[data[16]]
-            self._pending = read_frames(FIXTURES / f"mixed-{family}-all.bin")
-            return len(data)
-        return super().send(data)
+    def recording(self, family: str, request: Request) -> list[bytes]:
+        if request.states == ESTABLISHED_MASK and not request.bytecode:
+            return list(read_frames(FIXTURES / f"mixed-{family}-all.bin"))
+        return super().recording(family, request)
 
 
 def test_collect_walks_established_when_the_namespace_moved() -> None:
     fake = ChurnReplaySocket()
-    asked: list[bool] = []
+    asked_settled: list[bool] = []
 
     def moved() -> bool:
-        asked.append(True)
+        asked_settled.append(True)
         return False
 
     # inuse far off: a derived count would show it; the walk does not use it.
     table = collect(PORT_RANGE, {"ipv4": 1000, "ipv6": 1000}, sock=cast(socket.socket, fake),
                     settled=moved)  # fmt: skip
-    assert asked == [True]
-    assert [(request[16], len(request), request[18]) for request in fake.requests[4:]] == [
-        (socket.AF_INET, 72, 0),
-        (socket.AF_INET6, 72, 0),
-    ]
+    assert asked_settled == [True]
+    # one walk for both families, nothing asked beyond the sockets
+    walks = [Request.parse(request) for request in fake.requests[2:]]
+    assert walks == [Request(None, ESTABLISHED_MASK, 0, b"")]
     assert (table.established_method, table.churned) == ("dumped", True)
     assert nonzero(table) == EXPECTED_COUNTS
     # the per-destination data is dump 2's alone, not keyed again by the walk
@@ -486,10 +591,35 @@ def test_collect_walks_established_when_the_namespace_moved() -> None:
     assert table.self_connects == derived.self_connects
 
 
+def test_collect_walks_once_when_the_last_poll_churned() -> None:
+    """A busy namespace (the last poll moved): ESTABLISHED is counted in the walk of every
+    state, not derived and then walked again; the marks still say whether it moved."""
+    for moved in (True, False):
+        fake = ChurnReplaySocket()
+        table = collect(PORT_RANGE, {"ipv4": 1000, "ipv6": 1000}, sock=cast(socket.socket, fake),
+                        destinations=False, settled=lambda moved=moved: not moved,
+                        expect_churn=True)  # fmt: skip
+        assert asked(fake) == [
+            (None, LISTEN_MASK, 64),
+            (None, ALL_STATES_MASK & ~LISTEN_MASK, 0),
+        ]
+        assert (table.established_method, table.churned) == ("dumped", moved)
+        assert nonzero(table) == EXPECTED_COUNTS
+        assert table.ephemeral_use == ()  # counted, never keyed: no destination scan
+    # A destination scan keeps its filtered dump (and derives, walking again if it moved).
+    fake = ChurnReplaySocket()
+    collect(PORT_RANGE, INUSE, sock=cast(socket.socket, fake), settled=lambda: True,
+            expect_churn=True)  # fmt: skip
+    assert [states for _, states, _ in asked(fake)] == [
+        ALL_STATES_MASK & ~ESTABLISHED_MASK,
+        ESTABLISHED_MASK,
+    ]
+
+
 def test_collect_keeps_the_derived_count_when_the_namespace_stood_still() -> None:
     fake = ChurnReplaySocket()
     table = collect(PORT_RANGE, INUSE, sock=cast(socket.socket, fake), settled=lambda: True)
-    assert len(fake.requests) == 4
+    assert len(fake.requests) == 2
     assert (table.established_method, table.churned) == ("derived", False)
     assert nonzero(table) == EXPECTED_COUNTS
 
@@ -497,7 +627,7 @@ def test_collect_keeps_the_derived_count_when_the_namespace_stood_still() -> Non
 def test_collect_without_live_info_asks_for_no_tcp_info() -> None:
     fake = ReplaySocket()
     table = collect(PORT_RANGE, INUSE, sock=cast(socket.socket, fake), live_info=False)
-    assert [request[18] for request in fake.requests] == [64, 64, 0, 0]
+    assert [extensions for _, _, extensions in asked(fake)] == [64, 0]
     assert all(use.established == 0 and use.rtt_mean_seconds is None for use in table.ephemeral_use)
 
 
@@ -512,12 +642,19 @@ def test_collect_dumps_everything_without_range_or_inuse(
     table = collect(
         port_range, inuse, dump_established=dump_established, sock=cast(socket.socket, fake)
     )
-    assert [struct.unpack_from("=I", request, 20)[0] for request in fake.requests] == [
-        ALL_STATES_MASK,
-        ALL_STATES_MASK,
-    ]
+    # The listeners with their drops (SKMEMINFO, 64), then every other socket in one walk.
+    assert asked(fake) == [(None, LISTEN_MASK, 64), (None, ALL_STATES_MASK & ~LISTEN_MASK, 0)]
     assert table.established_method == "dumped"
     assert nonzero(table) == EXPECTED_COUNTS
+    assert (
+        table.counts
+        == collect(
+            port_range,
+            inuse,
+            dump_established=dump_established,
+            sock=cast(socket.socket, RefusingSocket()),
+        ).counts
+    )
 
 
 def test_collect_reports_a_dump_cut_short() -> None:
@@ -536,7 +673,7 @@ def test_collect_wraps_socket_errors() -> None:
         def recv_into(self, buffer: memoryview) -> int:
             raise OSError(errno.ENOBUFS, "No buffer space available")
 
-    with pytest.raises(SockDiagError, match=r"sock_diag dump \(ipv4\) failed: .*No buffer space"):
+    with pytest.raises(SockDiagError, match=r"sock_diag dump \(tcp\) failed: .*No buffer space"):
         collect(PORT_RANGE, INUSE, sock=cast(socket.socket, Failing()))
 
 
@@ -581,7 +718,9 @@ def error_message(code: int) -> bytes:
     return struct.pack("=IHHIIi", 36, NLMSG_ERROR, 0, 1, 0, -code) + bytes(16)
 
 
-def feed(data: bytes, family: str = "ipv4", aggregator: DumpAggregator | None = None) -> bool:
+def feed(
+    data: bytes, family: str | None = "ipv4", aggregator: DumpAggregator | None = None
+) -> bool:
     aggregator = aggregator or DumpAggregator(PORT_RANGE)
     return aggregator.feed(memoryview(data), len(data), family)
 
@@ -785,6 +924,72 @@ def test_build_request_layout() -> None:
     assert (family, protocol, extensions) == (socket.AF_INET6, socket.IPPROTO_TCP, 0)
     assert states == (1 << 1) | (1 << 10)
     assert request[24:72] == bytes(48)  # inet_diag_sockid: match any
+
+
+def test_build_request_for_both_families_layout() -> None:
+    """struct inet_diag_req (TCPDIAG_GETSOCK): family AF_UNSPEC, ext, the 48-byte sockid,
+    states, dbs; the kernel runs it for every family in one walk."""
+    bytecode = port_range_bytecode(32768, 60999)
+    request = build_request(None, ESTABLISHED_MASK, bytecode, sequence=4, extensions=2)
+    assert struct.unpack_from("=IHHII", request) == (
+        len(request),
+        TCPDIAG_GETSOCK,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        4,
+        0,
+    )
+    assert struct.unpack_from("=BBBB", request, 16) == (socket.AF_UNSPEC, 0, 0, 2)
+    assert request[20:68] == bytes(48)
+    assert struct.unpack_from("=II", request, 68) == (ESTABLISHED_MASK, 0)
+    assert struct.unpack_from("=HH", request, 76) == (20, INET_DIAG_REQ_BYTECODE)
+    assert request[80:] == bytecode
+
+
+def interleaved(names: Iterable[str]) -> bytes:
+    """The messages of recordings, one of each in turn, as a walk of both families meets
+    them; one DONE at the end."""
+    queues = [[m for m in messages(name) if len(m) >= 88] for name in names]
+    out: list[bytes] = []
+    while any(queues):
+        for queue in queues:
+            if queue:
+                out.append(queue.pop(0))
+    return retyped(b"".join(out), TCPDIAG_GETSOCK) + DONE
+
+
+def test_one_walk_of_both_families_parses_as_two_dumps() -> None:
+    data = interleaved(["mixed-ipv4-all.bin", "mixed-ipv6-all.bin"])
+    both = DumpAggregator(PORT_RANGE)
+    assert both.feed(memoryview(data), len(data), None)
+    assert both.result(None, True) == replay(FULL_DUMPS)
+    counter = StateCounter()
+    assert counter.feed(memoryview(data), len(data), None)
+    table = replay(FULL_DUMPS)
+    assert counter.messages == table.messages
+    for family in ("ipv4", "ipv6"):
+        assert {STATES[n - 1]: c for n, c in enumerate(counter.states[family]) if n and c} == {
+            state: n for state, n in table.counts[family].items() if n
+        }
+
+
+def test_answers_of_the_other_request_type_are_refused() -> None:
+    for family, data in (("ipv4", retyped(message(1), TCPDIAG_GETSOCK)), (None, message(1))):
+        with pytest.raises(SockDiagError, match="unexpected netlink message type"):
+            feed(data + DONE, family)
+        with pytest.raises(SockDiagError, match="unexpected netlink message type"):
+            StateCounter().feed(memoryview(data + DONE), len(data + DONE), family)
+
+
+def test_a_message_of_another_family_than_asked_is_refused() -> None:
+    data = message(1, family=socket.AF_INET6, source="::1", destination="::1") + DONE
+    with pytest.raises(SockDiagError, match="unexpected address family 10"):
+        feed(data, "ipv4")
+    with pytest.raises(SockDiagError, match="unexpected address family 10"):
+        StateCounter().feed(memoryview(data), len(data), "ipv4")
+    odd = bytearray(retyped(message(1), TCPDIAG_GETSOCK))
+    odd[16] = 7
+    with pytest.raises(SockDiagError, match="unexpected address family 7"):
+        feed(bytes(odd), None)
 
 
 def test_build_request_with_bytecode() -> None:
