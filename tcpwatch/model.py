@@ -232,9 +232,7 @@ class Attribution:
     locations: Mapping[int, tuple[int, str]] = field(default_factory=dict)
     confirmed: int = 0  # owners found again at their known location, without a walk
     seen: frozenset[int] = frozenset()  # attributed-state inodes seen: the next poll's candidates
-    # Pids a walk cut by its deadline read (since the last walk that was not cut): the next walk
-    # reads the others first, so a deadline too short for one walk still gets through in several.
-    walked: frozenset[int] = frozenset()
+    walked: frozenset[int] = frozenset()  # pids a cut walk read: the next walk reads the rest first
 
     def owner(self, inode: int) -> ProcessRef | None:
         return self.owners.get(inode)
