@@ -232,6 +232,7 @@ class Attribution:
     locations: Mapping[int, tuple[int, str]] = field(default_factory=dict)
     confirmed: int = 0  # owners found again at their known location, without a walk
     seen: frozenset[int] = frozenset()  # attributed-state inodes seen: the next poll's candidates
+    walked: frozenset[int] = frozenset()  # pids a cut walk read: the next walk reads the rest first
 
     def owner(self, inode: int) -> ProcessRef | None:
         return self.owners.get(inode)

@@ -205,6 +205,19 @@ def _scan_order(
     return [pid for _, pid in ranked]
 
 
+def resume_order(order: Sequence[int], walked: Set[int]) -> list[int]:
+    """``order`` with the pids a cut walk already read (``walked``) moved to the end, each part
+    keeping its order: the next walk carries on where the cut one stopped instead of re-reading
+    the same processes into the same deadline every poll.
+
+    >>> resume_order([1, 2, 3, 4], {1, 2})
+    [3, 4, 1, 2]
+    """
+    if not walked:
+        return list(order)
+    return [pid for pid in order if pid not in walked] + [pid for pid in order if pid in walked]
+
+
 def scan_owners(
     paths: ProcPaths,
     wanted: frozenset[int],
@@ -235,6 +248,13 @@ def scan_owners(
     ``known`` (the previous scan) is checked first, one readlink per socket; the walk runs only
     for sockets not found there, so a steady host costs a readlink per attributed socket.
 
+    A walk cut by the deadline records the pids it read (``walked``); the next scan given it as
+    ``known`` reads the other processes first, then the rest, so the owners are all found within
+    a few polls even when one walk never fits in the deadline. Owners found by a cut walk are
+    kept only through ``known``'s locations, re-checked each poll: a process gone, or a socket
+    closed, loses its owner. While walks are being resumed, a socket shared between a process
+    already read and one not yet read can be kept under the later one instead of the lowest pid.
+
     Raises ValueError only for a malformed ``socket:[`` link, which the kernel never writes, and
     NoProcesses when the walk is needed and ``paths.root`` lists no process.
     """
@@ -253,10 +273,15 @@ def scan_owners(
     deadline = clock() + deadline_seconds
     scanned = vanished = denied = 0
     walked_all = True
-    for pid in _scan_order(paths, netns_inodes, uids):
+    earlier = known.walked if known is not None else frozenset()
+    order = resume_order(_scan_order(paths, netns_inodes, uids), earlier)
+    fresh = sum(1 for pid in order if pid not in earlier)  # the pids no cut walk has read yet
+    attempted = 0
+    for pid in order:
         if clock() >= deadline:
             walked_all = False
             break
+        attempted += 1
         try:
             found = wanted_sockets_in(paths.pid(pid, "fd"), missing)
         except PermissionError:
@@ -287,6 +312,12 @@ def scan_owners(
     # without CAP_SYS_PTRACE a walk that met no denial has still not seen every process.
     hidden = bool(missing) and procfs_hides_processes(paths)
     complete = not missing or (walked_all and denied == 0 and not hidden)
+    walked: frozenset[int] = frozenset()
+    if not walked_all:
+        read_now = frozenset(order[:attempted])
+        # Past every unread pid, this walk began a new round: only what it read is behind it.
+        walked = read_now if attempted >= fresh else read_now | (earlier & frozenset(order))
+        _log.debug("fd scan cut by its deadline after %d of %d processes", attempted, len(order))
     return Attribution(
         owners=owners,
         processes_scanned=scanned,
@@ -294,6 +325,7 @@ def scan_owners(
         processes_denied=denied,
         locations=locations,
         confirmed=confirmed,
+        walked=walked,
     )
 
 
