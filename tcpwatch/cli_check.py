@@ -399,7 +399,8 @@ def check_from(config: Config, args: argparse.Namespace) -> int:
     field, the status and exit code are computed here from their severities, and the JSON
     report is written anew from what was checked."""
     from tcpwatch.client import parse_daemon_url, report_from_document
-    from tcpwatch.render.json import report_document
+    from tcpwatch.render.json import checked_of, report_document
+    from tcpwatch.render.scope import Scope
     from tcpwatch.render.status import status_of
 
     if args.window is not None:
@@ -418,6 +419,9 @@ def check_from(config: Config, args: argparse.Namespace) -> int:
         report.findings, report.snapshots, report.window_seconds, docs_url=config.docs_url
     )
     document["gauges"] = report.gauges.to_json()
+    document["checked"] = checked_of(
+        report.snapshots, Scope(0, report.window_seconds, daemon.shown)
+    )
     if report.findings_total is not None and report.findings_total > len(report.findings):
         document["findings_total"] = report.findings_total
     write_report(config, args, report.findings, report.snapshots, document)

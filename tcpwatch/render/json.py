@@ -56,11 +56,20 @@ def render_json(
         findings, snapshots, window_seconds, docs_url=docs_url, unknown=unknown
     )
     if scope is not None:
-        document["checked"] = {
-            "rules": scope.rules,
-            "owners_note": privilege_note(snapshots, scope.privileged),
-        }
+        document["checked"] = checked_of(snapshots, scope)
     return json.dumps(document, indent=2) + "\n"
+
+
+def checked_of(snapshots: Sequence[Snapshot], scope: Scope) -> dict[str, Any]:
+    """What a check covered: its rules and why owners went unnamed; from a daemon
+    (``scope.daemon``), its URL, the rules and owners being the daemon's (not known here)."""
+    if scope.daemon:
+        return {"daemon": scope.daemon, "rules": None, "owners_note": None}
+    return {
+        "daemon": None,
+        "rules": scope.rules,
+        "owners_note": privilege_note(snapshots, scope.privileged),
+    }
 
 
 def _namespace(snapshot: Snapshot) -> dict[str, Any]:

@@ -286,9 +286,15 @@ def test_closed_connections_keep_where_their_time_went(
         assert len(curls) == 4, curls
         for pid in curls:
             os.kill(pid, signal.SIGSTOP)
+        # The persist timer starts as soon as the window is too small to send into (a few
+        # bytes left, not yet 0): wait until every window is shut, which a stopped reader's
+        # filling buffer comes to.
         wait_for(
             "the stopped clients' windows to close",
-            lambda: all(c["persist"] for c in ss_connections(ns, server_filter)),
+            lambda: all(
+                c["persist"] and c["snd_wnd"] == 0 for c in ss_connections(ns, server_filter)
+            ),
+            60.0,
         )
         before = ss_connections(ns, server_filter)
         assert len(before) == 4 and all(c["snd_wnd"] == 0 for c in before), before

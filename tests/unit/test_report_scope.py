@@ -8,7 +8,7 @@ import json
 from dataclasses import replace
 
 from tcpwatch.model import Attribution
-from tcpwatch.render.json import render_json
+from tcpwatch.render.json import checked_of, render_json
 from tcpwatch.render.scope import Scope
 from tcpwatch.render.text import render_text
 from tests.unit.snapshots import NGINX, listener, snapshot, socket_table
@@ -80,12 +80,14 @@ def test_the_json_report_says_what_was_checked_too() -> None:
         ("host", 3, 50),
         ("blue", None, None),  # its table was not read: unknown, not 0
     ]
-    assert document["checked"]["rules"] == 24
+    assert document["checked"]["rules"] == 24 and document["checked"]["daemon"] is None
     assert document["checked"]["owners_note"].startswith(
         "owners not all named: 2 listeners without an owner; the descriptors of 57 processes"
     )
     named = replace(snapshot(sockets=TABLE), attribution=Attribution({}, 10, complete=True))
     quiet = json.loads(render_json([], [named], 5.0, scope=Scope(rules=24, window=5.0)))
-    assert quiet["checked"] == {"rules": 24, "owners_note": None}
-    # A daemon's document (no scope of a check) has no "checked".
+    assert quiet["checked"] == {"daemon": None, "rules": 24, "owners_note": None}
+    # A daemon's document (no scope of a check) has no "checked"; check --from says whose.
     assert "checked" not in json.loads(render_json([], [named], 5.0))
+    remote = checked_of([named], Scope(rules=0, window=5.0, daemon="http://10.0.0.5:9477"))
+    assert remote == {"daemon": "http://10.0.0.5:9477", "rules": None, "owners_note": None}
