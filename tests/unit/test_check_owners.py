@@ -248,3 +248,21 @@ def test_checked_owners_says_where_they_came_from() -> None:
         f"no daemon listens at {URL}\\x1b[31m"  # escaped: not a colour
     )
     assert owners_of(shots, scope(None)) is None
+
+
+def test_the_owners_route_is_behind_the_same_auth_and_checks_its_query() -> None:
+    from tcpwatch.http.webconfig import WebConfig
+
+    from .test_web import HASH, PASSWORD, Holder, basic, get
+
+    holder = Holder()
+    app = holder.app(WebConfig(basic_auth_users={"prometheus": HASH}))
+    login = basic("prometheus", PASSWORD)
+    assert get(app, "/api/v1/owners").status == 401
+    assert get(app, "/api/v1/owners", authorization=login).status == 503  # no poll yet
+    holder.state = daemon_state()
+    answer = get(app, "/api/v1/owners?limit=2", authorization=login)
+    assert answer.status == 200 and answer.content_type == "application/json"
+    assert parse_owners(json.loads(answer.body)) == {900: (40, "6"), 11: (41, "9")}
+    bad = get(app, "/api/v1/owners?limit=0", authorization=login)
+    assert bad.status == 400 and b"limit" in bad.body
