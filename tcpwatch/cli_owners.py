@@ -28,8 +28,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tcpwatch.client import local_daemon_url
 from tcpwatch.config import Config
+from tcpwatch.endpoints import local_daemon_url
 from tcpwatch.jsonshape import Shape, ShapeError, parse_bounded
 from tcpwatch.model import Attribution
 from tcpwatch.paths import ProcPaths
