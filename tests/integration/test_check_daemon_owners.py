@@ -1,7 +1,7 @@
 """Issue 20 item 4: `tcpwatch check` takes the owners from the local daemon, each confirmed.
 
 In a namespace, a listener whose accept queue is full (Q01 names its owner) and `tcpwatch serve`
-on the usual local address (polling every 60 s: its answer stays as its first poll saw it):
+on the usual local address (polling every hour: its answer stays as its first poll saw it):
 
 * `check --window 0` names the owner `ss -tlnp` names, found through the daemon's answer and
   confirmed with one readlink each: no process' descriptors walked;
@@ -92,7 +92,7 @@ def test_check_confirms_the_daemons_owners_and_walks_for_a_stale_one(tmp_path: P
         assert owners["processes_walked"] >= 1
         assert owners["daemon_note"] == f"no daemon listens at {URL}", owners
 
-        served = start_serve(ns, tmp_path / "serve.log", "--interval", "60")
+        served = start_serve(ns, tmp_path / "serve.log", "--interval", "3600")
         try:
             wait_listening(ns)
             assert wait_ready(ns), served.log()
@@ -109,7 +109,7 @@ def test_check_confirms_the_daemons_owners_and_walks_for_a_stale_one(tmp_path: P
                 f"owners   {owners['confirmed']} of {owners['offered']} confirmed" in text.stdout
             ), text.stdout
 
-            # The listener moves: the daemon (next poll in a minute) still says the old fd,
+            # The listener moves: the daemon (next poll in an hour) still says the old fd,
             # which now holds another socket. check must not believe it.
             move.write_text("")
             word, reused = ns.read_line(helper).split()
