@@ -119,7 +119,10 @@ def ask_local_daemon(config: Config, seconds: float = ASK_SECONDS) -> OwnerHints
     """The local daemon's owners as hints for the poll, when it is there and verified."""
     url = local_daemon_url(config.listen)
     host, _, port_text = url.removeprefix("http://").rpartition(":")
-    host, port = host.strip("[]"), int(port_text)
+    host = host.strip("[]")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        return OwnerHints(None, OwnersOrigin(note=f"{url}: not a port to ask"))
+    port = int(port_text)
     paths = ProcPaths(root=config.procfs, rootfs=config.rootfs)
     listening = listening_at(url, host, port, paths)
     if not listening.verdict.trusted:

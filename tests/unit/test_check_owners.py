@@ -266,3 +266,12 @@ def test_the_owners_route_is_behind_the_same_auth_and_checks_its_query() -> None
     assert parse_owners(json.loads(answer.body)) == {900: (40, "6"), 11: (41, "9")}
     bad = get(app, "/api/v1/owners?limit=0", authorization=login)
     assert bad.status == 400 and b"limit" in bad.body
+
+
+def test_a_listen_address_without_a_usable_port_is_not_asked() -> None:
+    from tcpwatch.cli_owners import ask_local_daemon
+    from tcpwatch.config import Config
+
+    for listen in (":99999", ":http"):
+        hints = ask_local_daemon(replace(Config(), listen=listen))
+        assert hints.known is None and "not a port to ask" in hints.origin.note
