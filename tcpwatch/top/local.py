@@ -134,9 +134,13 @@ def verify_claimed(
     held = claimed_holders(paths, wanted)
     unseen = [s for s in listening.listeners if s.inode not in held]
     if unseen:
+        inode = unseen[0].inode
+        where = wanted.get(inode)
+        if where is not None and not os.access(paths.pid(where[0], "fd"), os.R_OK | os.X_OK):
+            why = f"its descriptors (pid {where[0]}) are not ours to read"
+        else:
+            why = f"socket {inode}"
         return Verdict(
-            False,
-            f"the daemon at {listening.url} did not show that it holds its listener "
-            f"(socket {unseen[0].inode})",
+            False, f"the daemon at {listening.url} did not show that it holds its listener ({why})"
         )
     return judge(listening.listeners, os.geteuid(), listening.unit, held, listening.url)

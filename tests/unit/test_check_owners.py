@@ -275,3 +275,18 @@ def test_a_listen_address_without_a_usable_port_is_not_asked() -> None:
     for listen in (":99999", ":http"):
         hints = ask_local_daemon(replace(Config(), listen=listen))
         assert hints.known is None and "not a port to ask" in hints.origin.note
+
+
+def test_a_daemon_whose_descriptors_we_may_not_read_is_said_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tcpwatch.top.local as local
+
+    paths = build_proc(tmp_path, {812: ("tcpwatch", {4: "socket:[70]"})})
+    ours = ListeningSocket("ipv4", "127.0.0.1", 9477, 0, 70)
+    listening = Listening(Verdict(True, "daemon uid 0"), URL, (ours,))
+    monkeypatch.setattr(local.os, "readlink", lambda path: (_ for _ in ()).throw(PermissionError))
+    monkeypatch.setattr(local.os, "access", lambda path, mode: False)  # as a user, not root
+    verdict = verify_claimed(listening, paths, {70: (812, "4")})
+    assert not verdict.trusted
+    assert verdict.detail.endswith("(its descriptors (pid 812) are not ours to read)")
