@@ -20,7 +20,11 @@ scraped in the same namespace and the same run:
   every 50 ms: segments come and go, so every poll walks, as on any host serving traffic).
 * ``tcpwatch check --window 0``: one process from start to exit (``wait4`` rusage), as a shell
   or Nagios runs it; beside it ``python -c pass`` (the interpreter alone) and
-  ``tcpwatch --version`` (the interpreter and the CLI's imports).
+  ``tcpwatch --version`` (the interpreter and the CLI's imports). Then again with the same tree's
+  ``tcpwatch serve`` running in the namespace on its usual local address (``--interval 3600``, so
+  it does not poll during the checks): check then takes the owners from the daemon and confirms
+  each with one readlink (cli_owners.py). The daemon's own CPU while each check ran (answering
+  /api/v1/owners) is reported beside it.
 * ``ss -tan``: CPU of the child, for scale.
 * node_exporter: CPU per scrape from ``process_cpu_seconds_total`` over a block of scrapes on one
   keep-alive connection (bench_poll.scrape_block), median of three blocks.
@@ -51,6 +55,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import os
 import re
 import select
@@ -257,6 +262,11 @@ class TreeRuns:
     # the same with a trickle of traffic in the namespace (every poll then walks: not quiet)
     serve_traffic: list[float] = field(default_factory=list)
     check: list[RunCost] = field(default_factory=list)
+    # check with the tree's own daemon running on the usual local address; the daemon's CPU
+    # while each ran (its answer to /api/v1/owners)
+    check_daemon: list[RunCost] = field(default_factory=list)
+    daemon_answer: list[float] = field(default_factory=list)
+    owners_from: str = ""  # what one more such check's JSON said in checked.owners
     version: list[RunCost] = field(default_factory=list)
     idle_per_second: float | None = None
     # --churn: (daemon CPU s per second without churn, with churn, destroy events per second)
@@ -339,7 +349,11 @@ def serve_runs(
 
 
 def one_shot_runs(
-    namespace: Namespace, window: TimeWaitWindow, args: argparse.Namespace, result: Result
+    namespace: Namespace,
+    window: TimeWaitWindow,
+    args: argparse.Namespace,
+    result: Result,
+    workdir: str,
 ) -> None:
     for label, tree in ((label, tree) for label, tree in args.trees):
         runs = result.trees[label]
@@ -353,6 +367,8 @@ def one_shot_runs(
                     run_once(namespace, [sys.executable, "-m", "tcpwatch", *argv], 600, tree)
                 )
             log(f"  {what} ({label}): {[ms(run.cpu) for run in into]} ms")
+        log_path = os.path.join(workdir, "serve-owners.log")
+        check_beside_daemon(namespace, window, args, tree, runs, log_path)
     for what, argv, into in (
         ("python -c pass", [sys.executable, "-c", "pass"], result.interpreter),
         ("ss -tan", ["ss", "-tan"], result.ss),
@@ -361,6 +377,58 @@ def one_shot_runs(
             window.ensure(30)
             into.append(run_once(namespace, argv, 600))
         log(f"  {what}: {[ms(run.cpu) for run in into]} ms")
+
+
+def check_beside_daemon(
+    namespace: Namespace,
+    window: TimeWaitWindow,
+    args: argparse.Namespace,
+    tree: str,
+    runs: TreeRuns,
+    log_path: str,
+) -> None:
+    """``check --window 0`` while the tree's own daemon runs on 127.0.0.1:9477 (check's usual
+    local address) and has polled once; with the daemon's CPU over each check."""
+    serve = Serve.start(namespace, "3600", log_path, tree)
+    try:
+        for _ in range(args.checks):
+            window.ensure(30)
+            before = process_cpu(serve.process.pid)
+            runs.check_daemon.append(
+                run_once(namespace, [sys.executable, "-m", "tcpwatch", "check", "--window", "0"],
+                         600, tree)
+            )  # fmt: skip
+            runs.daemon_answer.append(process_cpu(serve.process.pid) - before)
+        runs.owners_from = owners_reported(namespace, tree)
+    finally:
+        serve.stop()
+    log(
+        f"  check beside its daemon ({tree_label(tree)}): "
+        f"{[ms(run.cpu) for run in runs.check_daemon]} ms; the daemon "
+        f"{[ms(cpu) for cpu in runs.daemon_answer]} ms"
+    )
+
+
+def owners_reported(namespace: Namespace, tree: str) -> str:
+    """Where one more ``check --window 0 --format json`` took its owners from (checked.owners):
+    shows the timed checks were the daemon path (or why not)."""
+    argv = [sys.executable, "-m", "tcpwatch", "check", "--window", "0", "--format", "json"]
+    process = namespace.spawn(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=tcpwatch_env(tree), cwd=tree
+    )
+    out, _ = process.communicate(timeout=600)
+    try:
+        owners = json.loads(out)["checked"].get("owners")
+    except (ValueError, KeyError, TypeError):
+        return "no checked block"
+    if not owners:
+        return "no owners block (a tree without the daemon's owners)"
+    if owners["daemon"]:
+        return (
+            f"{owners['confirmed']} of {owners['offered']} owners confirmed from the daemon, "
+            f"{owners['processes_walked']} processes walked"
+        )
+    return f"walked {owners['processes_walked']} processes: {owners['daemon_note']}"
 
 
 def measure_population(profile: str, size: int, args: argparse.Namespace, workdir: str) -> Result:
@@ -425,7 +493,7 @@ def measure_population(profile: str, size: int, args: argparse.Namespace, workdi
         finally:
             ticker.kill()
             ticker.wait(10)
-        one_shot_runs(namespace, window, args, result)
+        one_shot_runs(namespace, window, args, result, workdir)
         return result
     finally:
         with signals_held():
@@ -570,6 +638,15 @@ def median_cpu(runs: Sequence[RunCost]) -> str:
     return ms(statistics.median(run.cpu for run in runs)) if runs else ""
 
 
+def beside_daemon(runs: TreeRuns, exporter: float) -> str:
+    """The two cells of check with its daemon running: CPU (the daemon's), and the ratio."""
+    if not runs.check_daemon:
+        return "| | "
+    check = statistics.median(c.cpu for c in runs.check_daemon)
+    daemon = statistics.median(runs.daemon_answer)
+    return f"| {ms(check)} ({ms(daemon)}) | {ratio(check, exporter)} "
+
+
 def render(results: Sequence[Result], command: str, elapsed: float) -> str:
     lines = [machine_description(), "", f"Command: `{command}` ({elapsed / 60:.1f} minutes).", ""]
     lines += [
@@ -577,8 +654,9 @@ def render(results: Sequence[Result], command: str, elapsed: float) -> str:
         "(runs) | **vs node_exporter** | serve with traffic: ms/poll (runs) "
         "| **vs node_exporter** "
         "| check --window 0 ms | **check vs node_exporter** "
+        "| check, its daemon running: ms (daemon's ms) | **vs node_exporter** "
         "| tcpwatch --version ms | idle ms/s | python -c pass ms | ss -tan ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         for label, runs in r.trees.items():
@@ -600,7 +678,8 @@ def render(results: Sequence[Result], command: str, elapsed: float) -> str:
                 )
                 + f"| {ms(check) if check is not None else ''} "
                 f"| {ratio(check, r.exporter_cpu) if check is not None else ''} "
-                f"| {median_cpu(runs.version)} | {ms(idle) if idle is not None else ''} "
+                + beside_daemon(runs, r.exporter_cpu)
+                + f"| {median_cpu(runs.version)} | {ms(idle) if idle is not None else ''} "
                 f"| {median_cpu(r.interpreter)} | {median_cpu(r.ss)} |"
             )
     churned = [(r, label, runs) for r in results for label, runs in r.trees.items() if runs.churn]
@@ -626,6 +705,11 @@ def render(results: Sequence[Result], command: str, elapsed: float) -> str:
         sockets = ", ".join(f"{n:,} {state}" for state, n in r.sockets.items())
         polls = ", ".join(f"{runs.serve_polls} ({label})" for label, runs in r.trees.items())
         line = f"* {r.title}: {sockets}; polls measured: {polls}."
+        owned = "; ".join(
+            f"{label}: {runs.owners_from}" for label, runs in r.trees.items() if runs.owners_from
+        )
+        if owned:
+            line += f" Check beside its daemon: {owned}."
         if r.guard:
             line += f" Guard: {r.guard}."
         lines.append(line)

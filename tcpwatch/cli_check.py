@@ -32,6 +32,7 @@ from tcpwatch.validation import parse_seconds, show
 if TYPE_CHECKING:
     from tcpwatch.model import Snapshot
     from tcpwatch.pipeline import Pipeline
+    from tcpwatch.render.scope import OwnersOrigin
     from tcpwatch.rules.base import Finding
 
 log = logging.getLogger("tcpwatch")
@@ -86,6 +87,7 @@ def usable(config: Config, state: ExportState) -> ExportState:
 
 
 def check(config: Config, args: argparse.Namespace) -> int:
+    from tcpwatch.cli_owners import owner_hints
     from tcpwatch.pipeline import Pipeline
     from tcpwatch.rules import worst_exit_code
 
@@ -93,7 +95,14 @@ def check(config: Config, args: argparse.Namespace) -> int:
     windowed = config.check_window > 0
     seconds = timeout_of(args, config.check_window)
     with deadline(seconds, Output.of(args)):
-        state = _poll(config, Pipeline(long_lived=windowed, cached=False, log_failures=False))
+        hints = owner_hints(config)
+        pipeline = Pipeline(
+            long_lived=windowed,
+            cached=False,
+            log_failures=False,
+            owner_hints=None if hints is None else hints.known,
+        )
+        state = _poll(config, pipeline)
     findings = list(state.findings)
     current = list(state.snapshots)
     code = worst_exit_code(findings)
@@ -104,7 +113,9 @@ def check(config: Config, args: argparse.Namespace) -> int:
         unknown = f"namespaces not audited: {', '.join(unpolled)}"
         log.warning("%s", unknown)
         code = EXIT_UNKNOWN
-    write_report(config, args, findings, current, None, unknown)
+    write_report(
+        config, args, findings, current, None, unknown, None if hints is None else hints.origin
+    )
     return code
 
 
@@ -227,9 +238,11 @@ def write_report(
     snapshots: Sequence[Snapshot],
     document: dict[str, Any] | None,
     unknown: str | None = None,
+    owners: OwnersOrigin | None = None,
 ) -> None:
     """Write check's report as asked: the sysctl snippet, JSON, or text with perfdata.
-    ``unknown``: why the check is incomplete (its status is then UNKNOWN)."""
+    ``unknown``: why the check is incomplete (its status is then UNKNOWN); ``owners``: what
+    the local daemon was asked about the owners (None: it was not)."""
     from tcpwatch.render.json import render_json
     from tcpwatch.render.scope import Scope
     from tcpwatch.render.status import Gauges
@@ -246,7 +259,7 @@ def write_report(
 
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
     elif args.format == "json":
-        scope = Scope(_enabled_rules(config), config.check_window, "", _owner_privileges())
+        scope = Scope(_enabled_rules(config), config.check_window, "", _owner_privileges(), owners)
         sys.stdout.write(
             render_json(findings, snapshots, config.check_window, config.docs_url, unknown, scope)
         )
@@ -268,6 +281,7 @@ def write_report(
             config.check_window if document is None else document["window_seconds"],
             shown,
             _owner_privileges(),
+            owners,
         )
         text = render_text(
             findings, snapshots, color, args.verbose, config.docs_url, perf, unknown, scope

@@ -246,16 +246,6 @@ def parse_daemon_url(url: str) -> Daemon:
     return Daemon(parts.scheme, host, port, authorization, f"{parts.scheme}://{shown_host}:{port}")
 
 
-def local_daemon_url(listen: str) -> str:
-    """Where the local daemon answers, from its listen address (``:9477`` -> loopback)."""
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
-    if host in ("", "0.0.0.0", "::"):
-        host = "127.0.0.1" if host != "::" else "::1"
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port or 9477}"
-
-
 @dataclass(frozen=True, slots=True)
 class RemoteReport:
     """A daemon's /api/v1/findings, every field checked. Its status and exit code are not read:

@@ -23,3 +23,14 @@ def ports_available(low: int, high: int, reserved: Sequence[tuple[int, int]]) ->
             taken += end - start + 1
             counted_to = end
     return max(high - low + 1 - taken, 0)
+
+
+def local_daemon_url(listen: str) -> str:
+    """Where the local daemon answers, from its listen address (``:9477`` -> loopback): what
+    `top` reads and `check` asks for owners without being told (``--from``)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1" if host != "::" else "::1"
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port or 9477}"

@@ -39,11 +39,15 @@ class SnapshotTaker:
     data, dumped afresh only every `collect.destinations_interval` seconds."""
 
     def __init__(
-        self, clock: Callable[[], float] = time.monotonic, gathering: Gathering | None = None
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        gathering: Gathering | None = None,
+        owner_hints: Attribution | None = None,
     ) -> None:
         self._clock = clock
         self._gathering = gathering
         self._known: Attribution | None = None
+        self._hints = owner_hints  # for the first poll only: later polls have their own
         self._tables: dict[str, SocketTable] = {}
         self._previous: dict[str, Snapshot] = {}  # each namespace's latest snapshot
         self._destinations_at: float | None = None
@@ -70,6 +74,7 @@ class SnapshotTaker:
             names=self._names,
             sources=self._sources,
             previous=self._previous,
+            owner_hints=self._hints if self._known is None else None,
         )
         if self._gathering is not None:
             # A gatherer whose namespace was not polled (vanished) or whose source did not run
@@ -96,7 +101,8 @@ class Pipeline:
     Only one thread calls :meth:`poll` (serve's poll thread, or the CLI); the state it returns
     is immutable. ``long_lived`` starts the long-lived sources (serve, and check with a window);
     ``cached`` marks the state as served between polls (HELP says so); ``failure_log`` None
-    leaves logging failed sources to the caller.
+    leaves logging failed sources to the caller; ``owner_hints`` (check: its local daemon's
+    owners) are confirmed by the first poll's owner search before it walks.
     """
 
     def __init__(
@@ -108,9 +114,10 @@ class Pipeline:
         long_lived: bool = True,
         cached: bool = True,
         log_failures: bool = True,
+        owner_hints: Attribution | None = None,
     ) -> None:
         self._gathering = Gathering() if long_lived and take is None else None
-        self._take = take or SnapshotTaker(gathering=self._gathering)
+        self._take = take or SnapshotTaker(gathering=self._gathering, owner_hints=owner_hints)
         self._clock = clock
         self._timer = timer
         self._failure_log = (failure_log or SourceFailureLog()) if log_failures else None

@@ -222,6 +222,7 @@ def poll(
     names: netns_source.NetnsNames | None = None,
     sources: Sequence[AnySource] | None = None,
     previous: Mapping[str, Snapshot] | None = None,
+    owner_hints: Attribution | None = None,
 ) -> tuple[Snapshot, ...]:
     """Snapshots of every selected namespace (`namespaces:`), with one process scan for all.
 
@@ -233,6 +234,8 @@ def poll(
     per-destination dumps of the namespaces it names. ``names`` (the previous polls' names)
     keeps a namespace's name across a transient procfs failure. ``previous`` (netns name ->
     the previous poll's snapshot) lets a source on the per-destination cadence reuse its value.
+    ``owner_hints`` (where another process says the owners are) is confirmed like
+    ``known_owners``, one readlink each, before any walk.
     """
     names = names if names is not None else netns_source.NetnsNames()
     paths = paths or ProcPaths()
@@ -248,7 +251,14 @@ def poll(
         sysctl_names=sysctl_names,
     )
     host_context = SourceContext(
-        paths, settings, "", 0, clock(), sysctl_names, known_owners=known_owners
+        paths,
+        settings,
+        "",
+        0,
+        clock(),
+        sysctl_names,
+        known_owners=known_owners,
+        owner_hints=owner_hints,
     )
     if selection == ("self",):
         # The identity's inode is set from inside; container and pod come only from discovery

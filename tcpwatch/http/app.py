@@ -298,6 +298,7 @@ class WebApp:
         }
         routes["/api/v1/snapshot"] = lambda: self._api(target, self._snapshot_json)
         routes["/api/v1/findings"] = lambda: self._api(target, self._findings_json)
+        routes["/api/v1/owners"] = lambda: self._api(target, self._owners_json)
         if path.startswith(api.RULE_PAGES):  # /rules/ and /rules/Q01: the rule pages
             routes[path] = lambda: self._rule_page(path.removeprefix(api.RULE_PAGES))
         handler = routes.get(path)
@@ -382,6 +383,10 @@ class WebApp:
     def _findings_json(self, state: ExportState, query: dict[str, str]) -> object:
         netns, limit = query.get("netns") or None, api.findings_limit(query)
         return api.findings_document(state, netns, limit, self._config().docs_url)
+
+    @staticmethod
+    def _owners_json(state: ExportState, query: dict[str, str]) -> object:
+        return api.owners_document(state, *api.owners_query(query))
 
     def _rule_page(self, name: str) -> Response:
         page = rule_page_html(name, self._config().docs_url)

@@ -1,5 +1,6 @@
-"""The JSON API of `tcpwatch serve` (/api/v1/snapshot, /api/v1/findings), documented in
-docs/api.md and read by the live page, `tcpwatch top` and `tcpwatch check --from`.
+"""The JSON API of `tcpwatch serve` (/api/v1/snapshot, /api/v1/findings, /api/v1/owners),
+documented in docs/api.md and read by the live page, `tcpwatch top`, `tcpwatch check --from` and
+`tcpwatch check` itself (the owners, each confirmed before use).
 
 Every list that grows with the host is cut: listeners and destinations are paginated
 (``limit``/``offset``), CLOSE_WAIT holders and history are capped, so a host with 10,000 listeners
@@ -26,6 +27,8 @@ MAX_LIMIT = 1000
 MAX_NAMESPACES = 100  # namespaces detailed per answer; ``netns_names`` lists them all
 DEFAULT_FINDINGS_LIMIT = 1000
 MAX_FINDINGS_LIMIT = 10_000
+DEFAULT_OWNERS_LIMIT = 1000
+MAX_OWNERS_LIMIT = 10_000
 LISTENER_SORTS = ("fill", "syn_recv", "port")
 RULE_PAGES = "/rules/"  # where serve shows each rule's page (render/rulepage.py)
 
@@ -68,6 +71,12 @@ def snapshot_query(query: Mapping[str, str]) -> SnapshotQuery:
 
 def findings_limit(query: Mapping[str, str]) -> int:
     return _integer(query, "limit", DEFAULT_FINDINGS_LIMIT, 1, MAX_FINDINGS_LIMIT)
+
+
+def owners_query(query: Mapping[str, str]) -> tuple[int, int]:
+    """``limit`` and ``offset`` of /api/v1/owners (QueryError when out of range)."""
+    limit = _integer(query, "limit", DEFAULT_OWNERS_LIMIT, 1, MAX_OWNERS_LIMIT)
+    return limit, _integer(query, "offset", 0, 0, 10**9)
 
 
 def fill_ratio(listener: Listener) -> float:
@@ -298,3 +307,44 @@ def findings_document(
         for item in document["findings"]:
             item["doc_url"] = f"{RULE_PAGES}{item['id']}"
     return document
+
+
+def owners_document(state: ExportState, limit: int, offset: int = 0) -> dict[str, Any]:
+    """/api/v1/owners: where the latest poll found each attributed socket's owner (socket inode,
+    pid, descriptor, process name), listeners first, then by inode; paginated.
+
+    What `check` asks its local daemon so it need not walk every process' descriptors: it
+    confirms each location itself with one readlink and re-reads the name, so this answer is a
+    hint, never evidence. Inodes are host-wide: one list serves every polled namespace."""
+    locations: dict[int, tuple[int, str, str]] = {}
+    listening: set[int] = set()
+    for snapshot in state.snapshots:
+        attribution = snapshot.attribution
+        if attribution is None:
+            continue
+        for inode, (pid, fd) in attribution.locations.items():
+            owner = attribution.owner(inode)
+            if owner is not None and owner.pid == pid and fd.isdigit():
+                locations[inode] = (pid, fd, owner.name)
+        if snapshot.sockets is not None:
+            listening.update(listener.inode for listener in snapshot.sockets.listeners)
+    ordered = sorted(locations, key=lambda inode: (inode not in listening, inode))
+    items = [
+        {
+            "inode": inode,
+            "pid": locations[inode][0],
+            "fd": int(locations[inode][1]),
+            "process": locations[inode][2],
+            "listener": inode in listening,
+        }
+        for inode in ordered[offset : offset + limit]
+    ]
+    return {
+        "api_version": API_VERSION,
+        "tcpwatch_version": __version__,
+        "last_poll": state.last_poll,
+        "total": len(ordered),
+        "offset": offset,
+        "limit": limit,
+        "owners": items,
+    }

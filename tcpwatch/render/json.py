@@ -15,7 +15,7 @@ from typing import Any, cast
 from tcpwatch.config import DEFAULT_DOCS_URL
 from tcpwatch.jsonshape import Shape, ShapeError
 from tcpwatch.model import STATES, Snapshot
-from tcpwatch.render.scope import Scope, privilege_note
+from tcpwatch.render.scope import Scope, owners_of, privilege_note
 from tcpwatch.render.status import SEVERITIES, Gauges, doc_url, status_of
 from tcpwatch.rules import EvidenceValue, Finding, Severity, sort_key
 from tcpwatch.rules.shapes import counter_key
@@ -64,11 +64,12 @@ def checked_of(snapshots: Sequence[Snapshot], scope: Scope) -> dict[str, Any]:
     """What a check covered: its rules and why owners went unnamed; from a daemon
     (``scope.daemon``), its URL, the rules and owners being the daemon's (not known here)."""
     if scope.daemon:
-        return {"daemon": scope.daemon, "rules": None, "owners_note": None}
+        return {"daemon": scope.daemon, "rules": None, "owners_note": None, "owners": None}
     return {
         "daemon": None,
         "rules": scope.rules,
         "owners_note": privilege_note(snapshots, scope.privileged),
+        "owners": owners_of(snapshots, scope),
     }
 
 

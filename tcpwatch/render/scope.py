@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from tcpwatch.escape import terminal
 from tcpwatch.model import STATES, Snapshot
 
 # The capabilities that name another user's socket owners: listing /proc/PID/fd (mode 0500)
@@ -19,6 +21,15 @@ OWNER_PRIVILEGE = (
 
 
 @dataclass(frozen=True, slots=True)
+class OwnersOrigin:
+    """Where check's owners came from, beyond its own walk of /proc/*/fd (cli_owners.py)."""
+
+    daemon: str = ""  # the local daemon whose locations were confirmed: URL and pid, or ""
+    offered: int = 0  # locations its answer gave
+    note: str = ""  # why its owners were not used ("" when they were)
+
+
+@dataclass(frozen=True, slots=True)
 class Scope:
     """What the check was asked to cover, beyond what its snapshots hold."""
 
@@ -26,6 +37,7 @@ class Scope:
     window: float  # seconds between the two snapshots; 0: one snapshot
     daemon: str = ""  # with --from: the daemon's URL, whose poll was read
     privileged: bool = False  # the check held CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH
+    owners: OwnersOrigin | None = None  # None: no local daemon was asked (--from, no owners)
 
 
 def _plural(count: int, word: str) -> str:
@@ -52,6 +64,37 @@ def checked_line(snapshots: Sequence[Snapshot], scope: Scope) -> str:
         f"checked  {_plural(scope.rules, 'rule')} in {where}{window}: "
         f"{_plural(listeners, 'listener')}, {_plural(sockets, 'TCP socket')}"
     )
+
+
+def owners_of(snapshots: Sequence[Snapshot], scope: Scope) -> dict[str, Any] | None:
+    """Where the owners came from: the JSON report's ``checked.owners`` (docs/check-json.md);
+    None when the owners were not looked for here."""
+    found = next((s.attribution for s in snapshots if s.attribution is not None), None)
+    if scope.owners is None or found is None:
+        return None
+    origin = scope.owners
+    return {
+        "daemon": origin.daemon or None,
+        "offered": origin.offered if origin.daemon else None,
+        "confirmed": found.confirmed,
+        "processes_walked": found.processes_scanned,
+        "daemon_note": origin.note or None,
+    }
+
+
+def owners_line(snapshots: Sequence[Snapshot], scope: Scope, verbose: bool) -> str | None:
+    """``owners   145 of 146 confirmed from the local daemon ...``: where the owners came from,
+    when a daemon's were used (always said) or, with --verbose, why not."""
+    shown = owners_of(snapshots, scope)
+    if shown is None or not (shown["daemon"] or verbose):
+        return None
+    walked = _plural(shown["processes_walked"], "process") + "' descriptors read"
+    if shown["daemon"]:
+        return (
+            f"owners   {shown['confirmed']} of {shown['offered']} confirmed (one readlink each) "
+            f"from the local daemon at {terminal(shown['daemon'])}; {walked}"
+        )
+    return f"owners   from /proc/*/fd, {walked}: {terminal(shown['daemon_note'] or '')}"
 
 
 def privilege_note(snapshots: Sequence[Snapshot], privileged: bool) -> str | None:

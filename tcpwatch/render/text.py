@@ -17,7 +17,13 @@ from tcpwatch.config import DEFAULT_DOCS_URL
 from tcpwatch.escape import terminal
 from tcpwatch.model import Snapshot
 from tcpwatch.render.printable import printable_finding, printable_snapshot
-from tcpwatch.render.scope import Scope, checked_line, privilege_note, verbose_lines
+from tcpwatch.render.scope import (
+    Scope,
+    checked_line,
+    owners_line,
+    privilege_note,
+    verbose_lines,
+)
 from tcpwatch.render.status import (
     SEVERITIES,
     Gauges,
@@ -173,6 +179,8 @@ def render_text(
         )
         if verbose:
             lines.extend(verbose_lines(snapshot))
+    if scope is not None and (owners := owners_line(snapshots, scope, verbose)) is not None:
+        lines.append(owners)
     privileged = scope is not None and scope.privileged
     if (note := privilege_note(snapshots, privileged)) is not None:
         lines.append(_paint("! " + note, _COLOURS["warning"], color))

@@ -45,6 +45,9 @@ class SourceContext:
     # per-destination cadence (``earlier`` set) reuses its own value from it.
     previous: Snapshot | None = None
     known_owners: Attribution | None = None  # where each socket's owner was found last poll
+    # Where another process says the owners are (check: its local daemon's /api/v1/owners):
+    # confirmed like known_owners, one readlink each, but no earlier poll narrows what is wanted.
+    owner_hints: Attribution | None = None
 
 
 @dataclass(frozen=True, slots=True)

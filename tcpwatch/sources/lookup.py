@@ -12,7 +12,7 @@ import itertools
 import os
 import socket
 import struct
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from tcpwatch.paths import ProcPaths
@@ -122,6 +122,20 @@ def holders(paths: ProcPaths, inodes: Collection[int]) -> dict[int, Holder]:
             continue  # another user's process (no CAP_SYS_PTRACE), or gone
         for inode, _ in held:
             found[inode] = _holder(paths, pid)
+    return found
+
+
+def claimed_holders(paths: ProcPaths, claims: Mapping[int, tuple[int, str]]) -> dict[int, Holder]:
+    """Socket inode -> its holder, for the claims (inode -> (pid, fd)) that hold: one readlink
+    of /proc/PID/fd/FD each, which must be ``socket:[INODE]`` (an inode names one socket while it
+    lives). A claim that fails is left out: whoever made it is not believed."""
+    found: dict[int, Holder] = {}
+    for inode, (pid, fd) in claims.items():
+        try:
+            if os.readlink(paths.pid(pid, "fd", fd)) == f"socket:[{inode}]":
+                found[inode] = _holder(paths, pid)
+        except OSError:
+            continue  # gone, not ours to read, or no such descriptor
     return found
 
 

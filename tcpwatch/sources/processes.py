@@ -394,7 +394,7 @@ def read_owners_source(context: SourceContext, snapshots: Sequence[Snapshot]) ->
         frozenset(wanted),
         context.settings.process_scan_timeout,
         netns_inodes=frozenset(s.identity.inode for s in snapshots if s.identity.inode),
-        known=known,
+        known=known if known is not None else context.owner_hints,
         uids=frozenset(uids),
     )
     return replace(attribution, seen=frozenset(seen))

@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from tcpwatch.client import Daemon, DaemonError, local_daemon_url, parse_daemon_url
+from tcpwatch.client import Daemon, DaemonError, parse_daemon_url
 from tcpwatch.config import Config
+from tcpwatch.endpoints import local_daemon_url
 from tcpwatch.jsonshape import ShapeError
 from tcpwatch.paths import ProcPaths
 from tcpwatch.pipeline import Pipeline

@@ -12,6 +12,10 @@ on its own only when the listener there can be verified (docs/security.md):
 
 Otherwise `top` polls the host itself and its header says why. ``--from URL`` is taken as given:
 it names the server to read.
+
+`check` asks the same daemon where the sockets' owners are (cli_owners.py) under the same rules,
+but learns which process holds the listener from the daemon's own answer, confirmed with one
+readlink (:func:`verify_claimed`), instead of walking every process' descriptors.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from tcpwatch.sources.lookup import (
     Holder,
     ListeningSocket,
     SockDiagError,
+    claimed_holders,
     holders,
     listening_sockets,
     unit_uids,
@@ -76,16 +81,66 @@ def judge(
     return Verdict(True, f"daemon {pid}uid {first.uid}")
 
 
-def verify(url: str, host: str, port: int, paths: ProcPaths) -> Verdict:
-    """The verdict on the daemon at ``url`` (``host``:``port``) in this network namespace."""
+@dataclass(frozen=True, slots=True)
+class Listening:
+    """What listens where a local daemon is expected, judged on its owners' uids alone
+    (``verdict``); which process holds it is the next step's (:func:`verify`,
+    :func:`verify_claimed`)."""
+
+    verdict: Verdict
+    url: str
+    listeners: tuple[ListeningSocket, ...] = ()
+    unit: frozenset[int] = frozenset()
+
+
+def listening_at(url: str, host: str, port: int, paths: ProcPaths) -> Listening:
+    """The listeners a connection to ``url`` (``host``:``port``) may reach in this network
+    namespace, and whether their uids may be trusted."""
     try:
         address = str(ipaddress.ip_address(host))
     except ValueError:
-        return Verdict(False, f"{url} names a host, not an address: it cannot be verified")
+        return Listening(
+            Verdict(False, f"{url} names a host, not an address: it cannot be verified"), url
+        )
     try:
         listeners = reachable(listening_sockets(port), address)
     except (OSError, SockDiagError) as error:
-        return Verdict(False, f"cannot verify the listener at {url}: {error}")
+        return Listening(Verdict(False, f"cannot verify the listener at {url}: {error}"), url)
     uids = {s.uid for s in listeners}
-    unit = unit_uids(paths) if uids - {0, os.geteuid()} else set()
-    return judge(listeners, os.geteuid(), unit, holders(paths, [s.inode for s in listeners]), url)
+    unit = frozenset(unit_uids(paths)) if uids - {0, os.geteuid()} else frozenset()
+    verdict = judge(listeners, os.geteuid(), unit, {}, url)
+    return Listening(verdict, url, tuple(listeners), unit)
+
+
+def verify(url: str, host: str, port: int, paths: ProcPaths) -> Verdict:
+    """The verdict on the daemon at ``url`` (``host``:``port``) in this network namespace."""
+    listening = listening_at(url, host, port, paths)
+    if not listening.verdict.trusted:
+        return listening.verdict
+    held = holders(paths, [s.inode for s in listening.listeners])
+    return judge(listening.listeners, os.geteuid(), listening.unit, held, url)
+
+
+def verify_claimed(
+    listening: Listening, paths: ProcPaths, claims: Mapping[int, tuple[int, str]]
+) -> Verdict:
+    """:func:`verify` without its walk of /proc/*/fd: the daemon says where it holds its
+    listeners (``claims``: inode -> (pid, fd), from its own owners), each claim is confirmed
+    with one readlink, and a listener whose holder is not confirmed so is not trusted (unlike
+    :func:`verify`, which must accept a holder it could not see)."""
+    if not listening.verdict.trusted:
+        return listening.verdict
+    wanted = {s.inode: claims[s.inode] for s in listening.listeners if s.inode in claims}
+    held = claimed_holders(paths, wanted)
+    unseen = [s for s in listening.listeners if s.inode not in held]
+    if unseen:
+        inode = unseen[0].inode
+        where = wanted.get(inode)
+        if where is not None and not os.access(paths.pid(where[0], "fd"), os.R_OK | os.X_OK):
+            why = f"its descriptors (pid {where[0]}) are not ours to read"
+        else:
+            why = f"socket {inode}"
+        return Verdict(
+            False, f"the daemon at {listening.url} did not show that it holds its listener ({why})"
+        )
+    return judge(listening.listeners, os.geteuid(), listening.unit, held, listening.url)

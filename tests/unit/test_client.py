@@ -6,7 +6,8 @@ import base64
 
 import pytest
 
-from tcpwatch.client import DaemonError, local_daemon_url, parse_daemon_url, report_from_document
+from tcpwatch.client import DaemonError, parse_daemon_url, report_from_document
+from tcpwatch.endpoints import local_daemon_url
 from tcpwatch.errors import UsageError
 
 

@@ -86,8 +86,18 @@ def test_the_json_report_says_what_was_checked_too() -> None:
     )
     named = replace(snapshot(sockets=TABLE), attribution=Attribution({}, 10, complete=True))
     quiet = json.loads(render_json([], [named], 5.0, scope=Scope(rules=24, window=5.0)))
-    assert quiet["checked"] == {"daemon": None, "rules": 24, "owners_note": None}
+    assert quiet["checked"] == {
+        "daemon": None,
+        "rules": 24,
+        "owners_note": None,
+        "owners": None,  # no local daemon asked
+    }
     # A daemon's document (no scope of a check) has no "checked"; check --from says whose.
     assert "checked" not in json.loads(render_json([], [named], 5.0))
     remote = checked_of([named], Scope(rules=0, window=5.0, daemon="http://10.0.0.5:9477"))
-    assert remote == {"daemon": "http://10.0.0.5:9477", "rules": None, "owners_note": None}
+    assert remote == {
+        "daemon": "http://10.0.0.5:9477",
+        "rules": None,
+        "owners_note": None,
+        "owners": None,
+    }
