@@ -69,7 +69,9 @@ def test_check_from_equals_a_direct_check(tmp_path: Path) -> None:
         assert remote.returncode == direct.returncode == theirs["exit_code"] == 2
         assert set(theirs) >= set(ours) and theirs["status"] == ours["status"] == "CRITICAL"
         assert [ns["netns"] for ns in theirs["namespaces"]] == [setup.host.name]
-        assert 0 < theirs["window_seconds"] < 5  # the daemon's poll interval, 1 s
+        # The daemon judges over its rules.window (1 min by default), or the time since its first
+        # poll while it is younger: a few seconds here, more on a loaded machine (13 s once).
+        assert 0 < theirs["window_seconds"] <= 60 + 1
 
         text = run_tcpwatch(setup.viewer, "check", "--from", url, "--netns", setup.host.name)
         mine = run_tcpwatch(setup.host, "check", "--config", config, "--window", "1")
