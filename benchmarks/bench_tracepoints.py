@@ -384,7 +384,8 @@ def client_cpu(namespace: Namespace, args: argparse.Namespace, with_reader: bool
         )  # fmt: skip
         out, _ = client.communicate(timeout=600)
         user, system = (float(word) for word in out.split())
-        return (user + system) / args.client_connects
+        connects: int = args.client_connects
+        return (user + system) / connects
     finally:
         if reader is not None and reader.poll() is None:
             reader.kill()
