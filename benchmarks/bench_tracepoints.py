@@ -4,13 +4,15 @@ throughput a connection-heavy workload keeps (wrk against nginx) with and withou
 Run as root from the repository root::
 
     python benchmarks/bench_tracepoints.py [--seconds 5] [--repeats 3] [--connections 32]
-        [--buffer BYTES] [--output docs/performance.md]
+        [--buffer BYTES] [--rate 20000 --rate-seconds 10 --processes 4 --clients 8]
+        [--output docs/performance.md]
 
 In a throw-away network namespace (``ip netns add``; ip_local_port_range 32768-65535, above the
 listeners, and tcp_tw_reuse on, there only): Debian's nginx-light answers ``200 ok`` on
 127.0.0.1, and wrk (``-H "Connection: close"``: every request is a new connection) drives it as
 fast as the machine allows for ``--seconds``. Each repetition runs these modes in turn, so noise
-from the shared machine falls on all of them alike:
+from the shared machine falls on all of them alike (and each mode's throughput is also given as
+a ratio to ``none`` of the same repetition, taken just before it, so the spread shows):
 
 * ``none``: the workload alone;
 * ``reader``: beside it, a process holding a TracepointReader (tcpwatch/sources/tracepoints.py)
@@ -22,7 +24,15 @@ from the shared machine falls on all of them alike:
 * ``serve-off`` / ``serve-on``: ``tcpwatch serve`` in the namespace (``interval 1``) with
   ``collect.tracepoints`` false, then true; its process CPU from /proc.
 
-The connection rate is wrk's requests/s. On a shared machine throughput is noisy, so the
+The connection rate is wrk's requests/s; one nginx worker and one wrk thread make about 10,000
+a second here. For the cost at a given rate (issue 17: 20,000 connections/s), each repetition
+then runs the same four modes beside churn.py's paced generator (``loop --processes --rate``:
+Python clients and accept-and-close servers on one port, several processes so both CPUs
+churn) for ``--rate-seconds``; the rate is not assumed but read from the kernel, the
+namespace's TcpActiveOpens (nstat's counter) over the window, and serve-on's records and lost
+records are read from its /metrics (``tcpwatch_tracepoint_records_total``,
+``tcpwatch_tracepoint_records_lost_total``) at the window's ends. The machine's 1-minute load
+average is reported with each part. On a shared machine throughput is noisy, so the
 kernel's side is also measured as CPU time: a client process in the namespace connects and
 closes ``--client-connects`` times on loopback (both ends its own, every packet processed in its
 context) and reports its own CPU (``getrusage``, user + system) per connection, alternately
@@ -48,12 +58,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import churn
 from namespace import Namespace
 
 REPO = Path(__file__).resolve().parent.parent
 PORT = 20901
+CHURN_PORT = 20900
 SERVE_PORT = 20902  # plus the run's number: one serve's port is never another's to wait for
-MODES = ("none", "reader", "serve-off", "serve-on")
+# none and serve-on side by side: their ratio in each repetition is the throughput effect.
+MODES = ("none", "serve-on", "reader", "serve-off")
 MARKERS = ("<!-- bench_tracepoints results -->", "<!-- /bench_tracepoints results -->")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -86,15 +99,21 @@ from tcpwatch.sources.tracepoints import TracepointReader
 inode, buffer = int(sys.argv[1]), int(sys.argv[2])
 reader = TracepointReader(CollectSettings(tracepoint_buffer=buffer))
 snapshot = Snapshot("bench", 0.0, None, None, None, None, None, identity=NetnsIdentity(inode))
-def drain():
+connects = 0
+def drain():  # a namespace's share is what came since the previous drain: add them up
+    global connects
     value = reader.drain([snapshot])
-    return (value.value if isinstance(value, Partial) else value)[inode]
+    share = (value.value if isinstance(value, Partial) else value)[inode]
+    connects += sum(row.count + sum(row.failures.values()) for row in share.connects)
+    return share
 def process_cpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 drain()
 start, read_cpu, last = process_cpu(), 0.0, time.monotonic()
 base = drain().host
+connects = 0
+base_lost_records = reader.records.lost
 print("ready", flush=True)
 while True:
     readable, _, _ = select.select([reader, sys.stdin], [], [], 1.0)
@@ -117,7 +136,8 @@ host = share.host
 records = {k: v - base.records.get(k, 0) for k, v in host.records.items()}
 print(json.dumps({
     "records": records, "lost": host.lost - base.lost,
-    "connects": sum(row.count + sum(row.failures.values()) for row in share.connects),
+    "lost_records": reader.records.lost - base_lost_records,
+    "connects": connects,
     "unattributed": sum(host.unattributed.values()) - sum(base.unattributed.values()),
     "read_cpu": read_cpu, "process_cpu": process_cpu() - start,
     "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -154,6 +174,101 @@ class Run:
     seconds: float
     reader: dict[str, object] = field(default_factory=dict)
     serve_cpu: float | None = None
+    load: float = 0.0  # 1-minute load average after the run
+
+
+@dataclass
+class RateRun:
+    """One mode at a paced connection rate: what the kernel counted, what tcpwatch spent."""
+
+    mode: str
+    opens: int  # TcpActiveOpens of the namespace over the window (nstat's counter)
+    seconds: float
+    load: float  # 1-minute load average at the window's end
+    reader: dict[str, object] = field(default_factory=dict)
+    serve_cpu: float | None = None
+    serve_records: int | None = None  # tcpwatch_tracepoint_records_total over the window
+    serve_lost: int | None = None  # tcpwatch_tracepoint_records_lost_total over the window
+
+    @property
+    def rate(self) -> float:
+        return self.opens / self.seconds
+
+
+def _load() -> float:
+    with open("/proc/loadavg", encoding="ascii") as handle:
+        return float(handle.read().split()[0])
+
+
+def _active_opens(namespace: Namespace) -> int:
+    """The namespace's Tcp ActiveOpens (/proc/net/snmp, what ``nstat`` shows as
+    TcpActiveOpens): the connections its clients opened, counted by the kernel."""
+    rows = [line.split() for line in namespace.read_net("snmp").splitlines()]
+    names, values = (row for row in rows if row[0] == "Tcp:")
+    return int(values[names.index("ActiveOpens")])
+
+
+def _scrape(namespace: Namespace, port: int) -> tuple[int, int]:
+    """serve's records read (every event) and records lost, from its /metrics."""
+    with namespace.connect(("127.0.0.1", port), timeout=10.0) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    body = b"".join(chunks).decode("utf-8", "replace")
+    records = lost = 0
+    for line in body.splitlines():
+        if line.startswith("tcpwatch_tracepoint_records_total{"):
+            records += int(float(line.rsplit(" ", 1)[1]))
+        elif line.startswith("tcpwatch_tracepoint_records_lost_total "):
+            lost = int(float(line.rsplit(" ", 1)[1]))
+    return records, lost
+
+
+def rate_mode(
+    mode: str, namespace: Namespace, scratch: Path, args: argparse.Namespace, number: int
+) -> RateRun:
+    """The paced generator (churn.py loop, --processes) for --rate-seconds, in one mode."""
+    helper: subprocess.Popen[str] | None = None
+    generator: subprocess.Popen[str] | None = None
+    port = SERVE_PORT + number
+    try:
+        if mode.startswith("serve"):
+            helper = _start_serve(mode, namespace, scratch, args, port)
+        generator = namespace.spawn(
+            churn.argv(
+                "loop", "--port", CHURN_PORT, "--processes", args.processes,
+                "--clients", args.clients, "--rate", args.rate, "--backlog", 4096,
+                "--seconds", args.rate_seconds + 15,
+            ),
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert generator.stdout is not None
+        if generator.stdout.readline().strip() != "churning":
+            raise RuntimeError("churn.py did not start")
+        time.sleep(1.0)  # every process at its pace
+        if mode == "reader":
+            helper = _start_reader(namespace, args)
+        scraped = _scrape(namespace, port) if mode == "serve-on" else (0, 0)
+        cpu = _cpu_of(helper.pid) if helper is not None else 0.0
+        opens, started = _active_opens(namespace), time.monotonic()
+        time.sleep(args.rate_seconds)
+        opens, elapsed = _active_opens(namespace) - opens, time.monotonic() - started
+        result = RateRun(mode, opens, elapsed, _load())
+        if mode.startswith("serve") and helper is not None:
+            result.serve_cpu = _cpu_of(helper.pid) - cpu
+        if mode == "serve-on":
+            records, lost = _scrape(namespace, port)
+            result.serve_records, result.serve_lost = records - scraped[0], lost - scraped[1]
+        if mode == "reader" and helper is not None:
+            out, _ = helper.communicate("", timeout=60)
+            result.reader = json.loads(out.strip().splitlines()[-1])
+        return result
+    finally:
+        for child in (generator, helper):
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait(10)
 
 
 def _cpu_of(pid: int) -> float:
@@ -188,45 +303,62 @@ def _wait_listening(namespace: Namespace, port: int, seconds: float = 15.0) -> N
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {seconds:g} s")
 
 
+def _start_reader(namespace: Namespace, args: argparse.Namespace) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(namespace.inode()), str(args.buffer)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(REPO),
+        preexec_fn=churn.die_with_parent,
+    )  # fmt: skip
+    assert reader.stdout is not None
+    if reader.stdout.readline().strip() != "ready":
+        reader.kill()
+        reader.wait(10)
+        raise RuntimeError("the reader did not start")
+    return reader
+
+
+def _start_serve(
+    mode: str, namespace: Namespace, scratch: Path, args: argparse.Namespace, port: int
+) -> subprocess.Popen[str]:
+    """``tcpwatch serve`` in the namespace, tracepoints on or off, after its first polls."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    config = scratch / f"{mode}.yaml"
+    config.write_text(
+        f"listen: 127.0.0.1:{port}\ninterval: 1\ncollect:\n"
+        f"  tracepoints: {'true' if mode == 'serve-on' else 'false'}\n"
+        f"  tracepoint_buffer: {args.buffer}\n"
+    )
+    log = scratch / f"{mode}.log"
+    with open(log, "w") as stderr:
+        serve: subprocess.Popen[str] = namespace.spawn(
+            [sys.executable, "-m", "tcpwatch", "serve", "--config", str(config)],
+            stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=str(REPO), text=True,
+        )  # fmt: skip
+    try:
+        _wait_listening(namespace, port)
+    except RuntimeError as error:
+        serve.kill()
+        serve.wait(10)
+        raise RuntimeError(f"{error}; serve's log: {log.read_text()[-500:]}") from None
+    time.sleep(2.0)  # the first polls are done: measure the steady state
+    return serve
+
+
 def run_mode(
     mode: str, namespace: Namespace, scratch: Path, args: argparse.Namespace, number: int
 ) -> Run:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     helper: subprocess.Popen[str] | None = None
     try:
         if mode == "reader":
-            helper = subprocess.Popen(
-                [sys.executable, "-c", READER, str(namespace.inode()), str(args.buffer)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                cwd=str(REPO),
-            )  # fmt: skip
-            assert helper.stdout is not None
-            if helper.stdout.readline().strip() != "ready":
-                raise RuntimeError("the reader did not start")
+            helper = _start_reader(namespace, args)
         elif mode.startswith("serve"):
-            port = SERVE_PORT + number
-            config = scratch / f"{mode}.yaml"
-            config.write_text(
-                f"listen: 127.0.0.1:{port}\ninterval: 1\ncollect:\n"
-                f"  tracepoints: {'true' if mode == 'serve-on' else 'false'}\n"
-                f"  tracepoint_buffer: {args.buffer}\n"
-            )
-            log = scratch / f"{mode}.log"
-            with open(log, "w") as stderr:
-                helper = namespace.spawn(
-                    [sys.executable, "-m", "tcpwatch", "serve", "--config", str(config)],
-                    stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=str(REPO), text=True,
-                )  # fmt: skip
-            try:
-                _wait_listening(namespace, port)
-            except RuntimeError as error:
-                raise RuntimeError(f"{error}; serve's log: {log.read_text()[-500:]}") from None
-            time.sleep(2.0)  # the first polls are done: measure the steady state
+            helper = _start_serve(mode, namespace, scratch, args, SERVE_PORT + number)
         serve_before = _cpu_of(helper.pid) if mode.startswith("serve") and helper else 0.0
         started = time.monotonic()
         rate = _wrk(namespace, args.seconds, args.connections)
         elapsed = time.monotonic() - started
-        result = Run(mode, rate, elapsed)
+        result = Run(mode, rate, elapsed, load=_load())
         if helper is not None and mode.startswith("serve"):
             result.serve_cpu = _cpu_of(helper.pid) - serve_before
         if mode == "reader" and helper is not None:
@@ -242,32 +374,116 @@ def run_mode(
 
 def client_cpu(namespace: Namespace, args: argparse.Namespace, with_reader: bool) -> float:
     """CPU seconds per connection of the client process (user + system), reader on or off."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     reader: subprocess.Popen[str] | None = None
     try:
         if with_reader:
-            reader = subprocess.Popen(
-                [sys.executable, "-c", READER, str(namespace.inode()), str(args.buffer)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                cwd=str(REPO),
-            )  # fmt: skip
-            assert reader.stdout is not None
-            if reader.stdout.readline().strip() != "ready":
-                raise RuntimeError("the reader did not start")
+            reader = _start_reader(namespace, args)
         client = namespace.spawn(
             [sys.executable, "-c", CLIENT, str(args.client_connects)],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         out, _ = client.communicate(timeout=600)
         user, system = (float(word) for word in out.split())
-        return (user + system) / args.client_connects
+        connects: int = args.client_connects
+        return (user + system) / connects
     finally:
         if reader is not None and reader.poll() is None:
             reader.kill()
             reader.wait(10)
 
 
-def report(runs: list[Run], args: argparse.Namespace, clients: dict[bool, list[float]]) -> str:
+def _spread(values: list[float], scale: float = 1.0, form: str = "{:.1%}") -> str:
+    """median (min-max) of the values, each times ``scale``."""
+    ordered = sorted(value * scale for value in values)
+    middle = statistics.median(ordered)
+    if len(ordered) < 2:
+        return form.format(middle)
+    return f"{form.format(middle)} ({form.format(ordered[0])}-{form.format(ordered[-1])})"
+
+
+def rate_report(rate_runs: list[RateRun], args: argparse.Namespace) -> list[str]:
+    by_mode = {mode: [run for run in rate_runs if run.mode == mode] for mode in MODES}
+    loads = [run.load for run in rate_runs]
+    lines = [
+        "",
+        f"At a paced rate: `churn.py loop --processes {args.processes} --clients "
+        f"{args.clients} --rate {args.rate:g}` (Python clients and accept-and-close servers "
+        f"on one port) for {args.rate_seconds:g} s per mode, {args.repeats} repetitions; "
+        "connections/s is the namespace's TcpActiveOpens (nstat) over the window, not the "
+        f"target; 1-minute load average {min(loads):.1f}-{max(loads):.1f}.",
+        "",
+        "| mode | connections/s, median (min-max) | tcpwatch CPU, median (min-max) |",
+        "|---|---|---|",
+    ]
+    for mode in MODES:
+        chosen = by_mode[mode]
+        cpu = "-"
+        if mode == "reader":
+            shares = [float(r.reader["process_cpu"]) / r.seconds for r in chosen]  # type: ignore[arg-type]
+            cpu = f"{_spread(shares)} of a CPU (reader process)"
+        elif mode.startswith("serve"):
+            shares = [(r.serve_cpu or 0.0) / r.seconds for r in chosen]
+            cpu = f"{_spread(shares)} of a CPU (serve process)"
+        rates = _spread([r.rate for r in chosen], form="{:,.0f}")
+        lines.append(f"| {mode} | {rates} | {cpu} |")
+    lines += [
+        "",
+        "| repetition | connections/s | connects attributed | records/s (all namespaces) "
+        "| records / connection | lost (event counts / PERF_RECORD_LOST) | read CPU / record "
+        "| process CPU / record | process CPU / connection | serve: CPU on - off, per record "
+        "| per connection | serve-on lost |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    pairs = zip(by_mode["reader"], by_mode["serve-off"], by_mode["serve-on"], strict=True)
+    for number, (reader, off, on) in enumerate(pairs, 1):
+        stats = reader.reader
+        records = sum(stats["records"].values())  # type: ignore[attr-defined]
+        read_cpu = float(stats["read_cpu"])  # type: ignore[arg-type]
+        process_cpu = float(stats["process_cpu"])  # type: ignore[arg-type]
+        extra = (on.serve_cpu or 0.0) / on.seconds - (off.serve_cpu or 0.0) / off.seconds
+        on_records = (on.serve_records or 0) / on.seconds
+        lines.append(
+            f"| {number} | {reader.rate:,.0f} | {int(stats['connects']):,} "  # type: ignore[call-overload]
+            f"| {records / reader.seconds:,.0f} "
+            f"| {records / max(reader.opens, 1):.1f} "
+            f"| {stats['lost']} / {stats['lost_records']} "
+            f"| {read_cpu / max(records, 1) * 1e6:.2f} us "
+            f"| {process_cpu / max(records, 1) * 1e6:.2f} us "
+            f"| {process_cpu / max(reader.opens, 1) * 1e6:.1f} us "
+            f"| {extra / max(on_records, 1) * 1e6:.2f} us "
+            f"| {extra / max(on.rate, 1) * 1e6:.1f} us | {on.serve_lost} |"
+        )
+    return lines
+
+
+def throughput_ratios(runs: list[Run]) -> list[str]:
+    """Each repetition's ratio to the workload alone (taken beside it), so the noise shows."""
+    by_mode = {mode: [run for run in runs if run.mode == mode] for mode in MODES}
+    lines = ["", "Throughput per repetition, vs `none` in the same repetition:"]
+    for mode in MODES[1:]:
+        ratios = [
+            run.rate / base.rate for run, base in zip(by_mode[mode], by_mode["none"], strict=True)
+        ]
+        each = ", ".join(f"{ratio:.0%}" for ratio in ratios)
+        lines.append(f"{mode} {_spread(ratios, form='{:.0%}')} (each: {each});")
+    ratios = [
+        on.rate / off.rate
+        for on, off in zip(by_mode["serve-on"], by_mode["serve-off"], strict=True)
+    ]
+    loads = [run.load for run in runs]
+    lines.append(
+        f"serve-on vs serve-off {_spread(ratios, form='{:.0%}')}. 1-minute load average "
+        f"{min(loads):.1f}-{max(loads):.1f}."
+    )
+    return lines
+
+
+def report(
+    runs: list[Run],
+    args: argparse.Namespace,
+    clients: dict[bool, list[float]],
+    rate_runs: list[RateRun],
+) -> str:
     by_mode = {mode: [run for run in runs if run.mode == mode] for mode in MODES}
     base = statistics.median(run.rate for run in by_mode["none"])
     readers = [run.reader for run in by_mode["reader"]]
@@ -323,6 +539,8 @@ def report(runs: list[Run], args: argparse.Namespace, clients: dict[bool, list[f
         f"{len(clients[False])}): reader off {off * 1e6:.1f} us, reader on {on * 1e6:.1f} us, "
         f"difference {(on - off) * 1e6:+.1f} us ({(on - off) / off:+.1%}).",
     ]
+    lines += throughput_ratios(runs)
+    lines += rate_report(rate_runs, args)
     return "\n".join(lines)
 
 
@@ -346,7 +564,13 @@ def main() -> int:
     )
     parser.add_argument("--output", type=Path, help="write the report into this Markdown file")
     parser.add_argument("--client-connects", type=int, default=20000)
+    parser.add_argument("--rate", type=float, default=20000, help="paced connections/s")
+    parser.add_argument("--rate-seconds", type=float, help="window per paced mode (--seconds)")
+    parser.add_argument("--processes", type=int, default=4, help="paced generator processes")
+    parser.add_argument("--clients", type=int, default=8, help="client threads per process")
     args = parser.parse_args()
+    if args.rate_seconds is None:
+        args.rate_seconds = args.seconds
     if os.geteuid() != 0:
         print("bench_tracepoints.py needs root (namespaces, perf_event_open)", file=sys.stderr)
         return 2
@@ -354,6 +578,7 @@ def main() -> int:
     nginx: subprocess.Popen[str] | None = None
     runs: list[Run] = []
     clients: dict[bool, list[float]] = {False: [], True: []}
+    rate_runs: list[RateRun] = []
     try:
         with tempfile.TemporaryDirectory(prefix="tw-bench-tp-") as scratch:
             # Clients take ports above the listeners (nginx, serve), never one of theirs.
@@ -367,8 +592,17 @@ def main() -> int:
             _wait_listening(namespace, PORT)
             for _ in range(args.repeats):
                 for mode in MODES:
-                    runs.append(run_mode(mode, namespace, Path(scratch), args, len(runs)))
+                    number = len(runs) + len(rate_runs)
+                    runs.append(run_mode(mode, namespace, Path(scratch), args, number))
                     print(f"{mode}: {runs[-1].rate:,.0f} connections/s", file=sys.stderr)
+                for mode in MODES:
+                    number = len(runs) + len(rate_runs)
+                    rate_runs.append(rate_mode(mode, namespace, Path(scratch), args, number))
+                    run = rate_runs[-1]
+                    print(
+                        f"paced {mode}: {run.rate:,.0f} connections/s (load {run.load:.1f})",
+                        file=sys.stderr,
+                    )
                 for with_reader in (False, True):
                     clients[with_reader].append(client_cpu(namespace, args, with_reader))
                     print(
@@ -381,7 +615,7 @@ def main() -> int:
             nginx.kill()
             nginx.wait(10)
         namespace.delete()
-    text = report(runs, args, clients)
+    text = report(runs, args, clients, rate_runs)
     print(text)
     if args.output is not None:
         write_output(args.output, text)
