@@ -7,6 +7,7 @@ the same code against the kernel beside ``ss -tinE``); here every branch is driv
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import random
 import socket
@@ -40,6 +41,7 @@ from tcpwatch.sources.netlink import (
     SOCK_DIAG_BY_FAMILY,
     SockDiagError,
 )
+from tcpwatch.sources.recvbatch import BatchReceiver, RecvMmsg, libc_recvmmsg
 from tcpwatch.sources.sockdiag import DumpAggregator
 from tcpwatch.sources.tcpinfo import FULL_LENGTH, TcpInfo, parse_tcp_info
 from tcpwatch.stalls import ClosedWaits
@@ -586,21 +588,9 @@ def test_listener_reads_every_pending_datagram_and_counts_garbage() -> None:
     assert result.receive_buffer > 0
 
 
-class OverrunSocket:
-    """recv_into fails with ENOBUFS once, then yields one event, then would block."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def recv_into(self, buffer: memoryview) -> int:
-        self.calls += 1
-        if self.calls == 1:
-            raise OSError(errno.ENOBUFS, "No buffer space available")
-        if self.calls == 2:
-            data = destroy_message(info=OK_INFO)
-            buffer[: len(data)] = data
-            return len(data)
-        raise BlockingIOError
+class FakeSocket:
+    """Stands in for the netlink socket where only its options matter (the reads go through the
+    listener's receiver)."""
 
     def getsockopt(self, level: int, option: int, size: int = 0) -> int | bytes:
         if size:
@@ -614,10 +604,28 @@ class OverrunSocket:
         pass
 
 
+def failing_then(real: RecvMmsg, errors: list[int]) -> RecvMmsg:
+    """recvmmsg that fails with each of ``errors`` in turn (ctypes' errno), then is ``real``."""
+
+    def call(fd: int, headers: object, slots: int, flags: int, timeout: object) -> int:
+        if errors:
+            ctypes.set_errno(errors.pop(0))
+            return -1
+        return real(fd, headers, slots, flags, timeout)
+
+    return call
+
+
 def test_enobufs_counts_an_overrun_and_reading_continues() -> None:
-    listener = DestroyListener(sock=cast(socket.socket, OverrunSocket()))
-    listener.read_ready()
-    result = listener.drain()
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with reader, writer:
+        writer.send(destroy_message(info=OK_INFO))
+        receiver = BatchReceiver(
+            reader.fileno(), call=failing_then(libc_recvmmsg(), [errno.ENOBUFS])
+        )
+        listener = DestroyListener(sock=cast(socket.socket, FakeSocket()), receiver=receiver)
+        listener.read_ready()
+        result = listener.drain()
     assert (result.overruns, result.events, result.lost, result.receive_buffer) == (
         1,
         1,
@@ -627,11 +635,8 @@ def test_enobufs_counts_an_overrun_and_reading_continues() -> None:
 
 
 def test_other_socket_errors_raise_the_parse_error() -> None:
-    class Broken(OverrunSocket):
-        def recv_into(self, buffer: memoryview) -> int:
-            raise OSError(errno.EBADF, "Bad file descriptor")
-
-    listener = DestroyListener(sock=cast(socket.socket, Broken()))
+    receiver = BatchReceiver(99, call=failing_then(libc_recvmmsg(), [errno.EBADF]))
+    listener = DestroyListener(sock=cast(socket.socket, FakeSocket()), receiver=receiver)
     with pytest.raises(SockDiagError, match="reading TCP destroy events failed"):
         listener.read_ready()
 
@@ -682,9 +687,8 @@ def test_destination_scan_aggregates_live_rtt_and_retransmissions() -> None:
 
 
 def test_read_delay_follows_the_buffer() -> None:
-    class Buffer(OverrunSocket):
+    class Buffer(FakeSocket):
         def __init__(self, size: int) -> None:
-            super().__init__()
             self.size = size
 
         def getsockopt(self, level: int, option: int, size: int = 0) -> int | bytes:
