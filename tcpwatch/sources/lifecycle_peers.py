@@ -149,113 +149,113 @@ class LifecycleAggregator:
         datagrams = events = ignored = 0
         word = U32.unpack_from
         info_at, info_end, info_header = INET_DIAG_MSG_MIN, 4, -1  # the last INFO attribute seen
-        for length in lengths:
-            offset = datagrams * stride
-            datagrams += 1
-            try:
-                if length < 0:
-                    raise SockDiagError("datagram longer than the receive slot (truncated)")
-                length += offset  # the datagram's end in ``data``
-                while offset < length:
-                    if length - offset < 16:
-                        raise SockDiagError(
-                            f"truncated netlink header at byte {offset} of {length}"
-                        )
-                    msg_len, msg_type = head(data, offset)
-                    if (
-                        msg_type != SOCK_DIAG_BY_FAMILY
-                        or msg_len < INET_DIAG_MSG_MIN
-                        or offset + msg_len > length
-                        or data[offset + 16] not in ADDRESS_BYTES
-                    ):
-                        check_other_message(data, offset, msg_len, msg_type, length)
-                        offset += (msg_len + 3) & ~3
-                        continue
-                    end = offset + msg_len
-                    offset = (end + 3) & ~3
-                    events += 1
-                    sport, dport, src, dst = endpoints(data, end - msg_len + 20)
-                    if dport == 0 and dst == ZERO16:
-                        ignored += 1  # a closed listener, or a socket that never connected
-                        continue
-                    # INET_DIAG_INFO: where the previous message had it, the same attribute
-                    # header (the kernel writes one layout: after PROTOCOL on 6.18), else walk
-                    start = end - msg_len
-                    position = start + info_at
-                    if position + info_end <= end and word(data, position)[0] == info_header:
-                        size = info_end - 4
-                    else:
-                        size = -1
-                        position = start + INET_DIAG_MSG_MIN
-                    while size < 0 and position + 4 <= end:
-                        attr_len, attr_type = attr(data, position)
-                        if attr_len < 4 or position + attr_len > end:
-                            break
-                        if attr_type & 0x3FFF == INET_DIAG_INFO:
-                            size = attr_len - 4
-                            info_at, info_end = position - start, attr_len
-                            info_header = word(data, position)[0]
-                            break
-                        position += (attr_len + 3) & ~3
-                    if size < 0:
-                        ignored += 1
-                        continue
-                    if size >= close_size:
-                        (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
-                         delivered) = close_fields(data, position + 4)  # fmt: skip
-                    else:
-                        info = parse_tcp_info(bytes(data[position + 4 : position + 4 + size]))
-                        (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
-                         delivered) = fields_of(info)  # fmt: skip
-                    inbound = sport in listen_ports or not low <= sport <= high
-                    family_number = data[end - msg_len + 16]
-                    done = dport != 0 or handshake_completed(data, position + 4, size)
-                    if not (done or inbound):  # a failed connect tcp_disconnect cleared: kept
-                        kept = (family_number, sport, dst)  # by what it has (peer_join.py)
-                        if kept not in cleared and len(cleared) >= CLEARED_LIMIT:
-                            kept = (family_number, 0, dst)
-                        if kept in cleared or len(cleared) < 2 * CLEARED_LIMIT:
-                            cleared[kept] = cleared.get(kept, 0) + 1
+        try:
+            for length in lengths:
+                offset = datagrams * stride
+                datagrams += 1
+                try:
+                    if length < 0:
+                        raise SockDiagError("datagram longer than the receive slot (truncated)")
+                    length += offset  # the datagram's end in ``data``
+                    while offset < length:
+                        if length - offset < 16:
+                            raise SockDiagError(
+                                f"truncated netlink header at byte {offset} of {length}"
+                            )
+                        msg_len, msg_type = head(data, offset)
+                        if (
+                            msg_type != SOCK_DIAG_BY_FAMILY
+                            or msg_len < INET_DIAG_MSG_MIN
+                            or offset + msg_len > length
+                            or data[offset + 16] not in ADDRESS_BYTES
+                        ):
+                            check_other_message(data, offset, msg_len, msg_type, length)
+                            offset += (msg_len + 3) & ~3
                             continue
-                    key = (True, family_number, sport, src) if inbound else (
-                        False, family_number, dport, dst
-                    )  # fmt: skip
-                    peer = routes.get(key)
-                    if peer is None:
-                        peer = self._route(key, now)
-                    if dport == 0:  # cleared by tcp_disconnect: did it ever connect?
-                        peer.closed[OK if done else ABORTED] += 1
-                    elif delivered:
-                        peer.closed[OK] += 1
-                    elif segs_in:
-                        peer.closed[REFUSED] += 1
-                    else:
-                        peer.closed[TIMEOUT] += 1
-                    if rtt:
-                        peer.rtt[bisect_left(bounds, rtt)] += 1
-                        peer.rtt_count += 1
-                        peer.rtt_sum_us += rtt
-                    peer.segs_out += segs_out
-                    peer.retrans += retrans
-                    peer.bytes_acked += acked
-                    peer.bytes_received += received
-                    if busy:  # the limited times are part of it, and mostly 0
-                        peer.busy_us += busy
-                        if rwnd:
-                            peer.rwnd_us += rwnd
-                            if size >= wnd_size and not snd_wnd(data, position + 4)[0]:
-                                peer.zero_window += 1  # held back by the peer, shut at the end
-                        if sndbuf:
-                            peer.sndbuf_us += sndbuf
-                    peer.last_seen = now
-            except SockDiagError:
-                if strict:
-                    raise
-                self.malformed += 1
-            finally:
-                self.events += events
-                self.ignored += ignored
-                events = ignored = 0
+                        end = offset + msg_len
+                        offset = (end + 3) & ~3
+                        events += 1
+                        sport, dport, src, dst = endpoints(data, end - msg_len + 20)
+                        if dport == 0 and dst == ZERO16:
+                            ignored += 1  # a closed listener, or a socket that never connected
+                            continue
+                        # INET_DIAG_INFO: where the previous message had it, the same attribute
+                        # header (the kernel writes one layout: after PROTOCOL on 6.18), else walk
+                        start = end - msg_len
+                        position = start + info_at
+                        if position + info_end <= end and word(data, position)[0] == info_header:
+                            size = info_end - 4
+                        else:
+                            size = -1
+                            position = start + INET_DIAG_MSG_MIN
+                        while size < 0 and position + 4 <= end:
+                            attr_len, attr_type = attr(data, position)
+                            if attr_len < 4 or position + attr_len > end:
+                                break
+                            if attr_type & 0x3FFF == INET_DIAG_INFO:
+                                size = attr_len - 4
+                                info_at, info_end = position - start, attr_len
+                                info_header = word(data, position)[0]
+                                break
+                            position += (attr_len + 3) & ~3
+                        if size < 0:
+                            ignored += 1
+                            continue
+                        if size >= close_size:
+                            (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
+                             delivered) = close_fields(data, position + 4)  # fmt: skip
+                        else:
+                            info = parse_tcp_info(bytes(data[position + 4 : position + 4 + size]))
+                            (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
+                             delivered) = fields_of(info)  # fmt: skip
+                        inbound = sport in listen_ports or not low <= sport <= high
+                        family_number = data[end - msg_len + 16]
+                        done = dport != 0 or handshake_completed(data, position + 4, size)
+                        if not (done or inbound):  # a failed connect tcp_disconnect cleared: kept
+                            kept = (family_number, sport, dst)  # by what it has (peer_join.py)
+                            if kept not in cleared and len(cleared) >= CLEARED_LIMIT:
+                                kept = (family_number, 0, dst)
+                            if kept in cleared or len(cleared) < 2 * CLEARED_LIMIT:
+                                cleared[kept] = cleared.get(kept, 0) + 1
+                                continue
+                        key = (True, family_number, sport, src) if inbound else (
+                            False, family_number, dport, dst
+                        )  # fmt: skip
+                        peer = routes.get(key)
+                        if peer is None:
+                            peer = self._route(key, now)
+                        if dport == 0:  # cleared by tcp_disconnect: did it ever connect?
+                            peer.closed[OK if done else ABORTED] += 1
+                        elif delivered:
+                            peer.closed[OK] += 1
+                        elif segs_in:
+                            peer.closed[REFUSED] += 1
+                        else:
+                            peer.closed[TIMEOUT] += 1
+                        if rtt:
+                            peer.rtt[bisect_left(bounds, rtt)] += 1
+                            peer.rtt_count += 1
+                            peer.rtt_sum_us += rtt
+                        peer.segs_out += segs_out
+                        peer.retrans += retrans
+                        peer.bytes_acked += acked
+                        peer.bytes_received += received
+                        if busy:  # the limited times are part of it, and mostly 0
+                            peer.busy_us += busy
+                            if rwnd:
+                                peer.rwnd_us += rwnd
+                                if size >= wnd_size and not snd_wnd(data, position + 4)[0]:
+                                    peer.zero_window += 1  # held back by the peer, shut at the end
+                            if sndbuf:
+                                peer.sndbuf_us += sndbuf
+                        peer.last_seen = now
+                except SockDiagError:
+                    if strict:
+                        raise
+                    self.malformed += 1
+        finally:  # once per batch, not per datagram
+            self.events += events
+            self.ignored += ignored
         return datagrams
 
     def _route(self, key: tuple[bool, int, int, bytes], now: float) -> PeerCounts:
