@@ -9,6 +9,7 @@ from tcpwatch.model import (
     DIRECTIONS,
     OUTCOMES,
     LifecycleStats,
+    PeerActivity,
     PeerStats,
     add_peer_stats,
 )
@@ -19,7 +20,7 @@ from tcpwatch.stalls import ClosedWaits
 
 class PeerCounts:
     """Mutable counts of one tracked (direction, peer) since the previous drain, and its score;
-    frozen into PeerStats (the delta) by each drain."""
+    frozen into PeerStats (the delta) by each drain that finds it changed."""
 
     __slots__ = (
         "busy_us",
@@ -27,21 +28,31 @@ class PeerCounts:
         "bytes_received",
         "closed",
         "last_seen",
+        "listed",
         "retrans",
         "rtt",
         "rtt_count",
         "rtt_sum_us",
         "rwnd_us",
         "score",
+        "scored_at",
         "segs_out",
         "sndbuf_us",
         "zero_window",
     )
 
-    def __init__(self, now: float) -> None:
-        self.score = 0.0
+    def __init__(self, now: float, direction: int = OUTBOUND, peer: str = "") -> None:
+        self.score = 0.0  # as of scored_at; halves every half-life after it
+        self.scored_at = now
         self.last_seen = now
+        # What a drain lists while nothing closes: made when the score changes, not per drain
+        self.listed = PeerActivity(DIRECTIONS[direction], peer, 0.0, None)
         self.reset()
+
+    def decayed(self, now: float, half_life: float) -> float:
+        """The score at ``now``."""
+        factor: float = 0.5 ** (max(now - self.scored_at, 0.0) / half_life)
+        return self.score * factor
 
     def reset(self) -> None:
         self.closed = [0] * len(OUTCOMES)

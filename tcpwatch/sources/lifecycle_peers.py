@@ -103,6 +103,7 @@ class LifecycleAggregator:
         # (family, local port, 16-byte address) -> failed connects whose port was cleared
         self._cleared: dict[tuple[int, int, bytes], int] = {}
         self._drained_at = clock()
+        self._idle_check_at = self._drained_at  # see _drop_idle
 
     def update_context(self, context: Context) -> None:
         if context != self.context:
@@ -275,17 +276,35 @@ class LifecycleAggregator:
     def _admit(self, direction: int, label: str, now: float) -> PeerCounts:
         if len(self._peers) >= self.max_peers:
             self._trim(self.max_peers // 2)
-        peer = self._peers[(direction, label)] = PeerCounts(now)
+        peer = self._peers[(direction, label)] = PeerCounts(now, direction, label)
         return peer
 
     def _trim(self, keep: int) -> None:
         """Keep the ``keep`` busiest pairs; the others' pending counts go to PEER_OTHER."""
+        now = self.clock()
         ranked = sorted(
-            self._peers.items(), key=lambda item: item[1].score + item[1].weight(), reverse=True
+            self._peers.items(),
+            key=lambda item: item[1].decayed(now, self.half_life) + item[1].weight(),
+            reverse=True,
         )
         for key, peer in ranked[keep:]:
             self._drop(key, peer)
         self._routes.clear()
+
+    def _drop_idle(self, now: float) -> None:
+        """Drop the pairs idle ``peer_idle_seconds`` with nothing pending; note when the stalest
+        one left can be idle (last_seen only grows, so no pair goes idle before that)."""
+        idle = [
+            (key, peer)
+            for key, peer in self._peers.items()
+            if now - peer.last_seen >= self.peer_idle_seconds and not peer.pending()
+        ]
+        for key, peer in idle:
+            self._drop(key, peer)
+        if idle:
+            self._routes.clear()
+        stalest = min((peer.last_seen for peer in self._peers.values()), default=now)
+        self._idle_check_at = stalest + self.peer_idle_seconds
 
     def _drop(self, key: tuple[int, str], peer: PeerCounts) -> None:
         del self._peers[key]
@@ -298,27 +317,27 @@ class LifecycleAggregator:
 
     def stats(self, overruns: int, lost: int | None, receive_buffer: int) -> LifecycleStats:
         """Everything since the previous call: each tracked pair's counts and score (then reset),
-        and the cumulative totals of the listener."""
+        and the cumulative totals of the listener.
+
+        In proportion to the pairs that changed: a pair with no close since the previous drain
+        (last_seen before it) is listed as the previous drain listed it (score as of its last
+        close: peer_budget.py scores anew); the idle scan runs only once the stalest pair can
+        have been idle ``peer_idle_seconds``."""
         now = self.clock()
-        decay = 0.5 ** (max(now - self._drained_at, 0.0) / self.half_life)
-        self._drained_at = now
-        idle = [
-            (key, peer)
-            for key, peer in self._peers.items()
-            if now - peer.last_seen >= self.peer_idle_seconds and not peer.pending()
-        ]
-        for key, peer in idle:
-            self._drop(key, peer)
-        if idle:
-            self._routes.clear()
+        since, self._drained_at = self._drained_at, now
+        if now >= self._idle_check_at:
+            self._drop_idle(now)
         activity: list[PeerActivity] = []
         for (direction, label), peer in self._peers.items():
-            closed = peer.pending()
-            peer.score = peer.score * decay + peer.weight()
-            delta = peer.frozen(direction, label) if closed else None
-            activity.append(PeerActivity(DIRECTIONS[direction], label, peer.score, delta))
-            if closed:
+            if peer.last_seen >= since and peer.pending():
+                peer.score = peer.decayed(now, self.half_life) + peer.weight()
+                peer.scored_at = now
+                delta = peer.frozen(direction, label)
+                activity.append(PeerActivity(DIRECTIONS[direction], label, peer.score, delta))
+                peer.listed = PeerActivity(DIRECTIONS[direction], label, peer.score, None)
                 peer.reset()
+            else:
+                activity.append(peer.listed)
         for direction, other in self._other.items():
             if other.pending():
                 delta = other.frozen(direction, PEER_OTHER)

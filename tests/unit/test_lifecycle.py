@@ -518,12 +518,16 @@ def test_tracker_is_bounded_keeps_the_busy_and_conserves_every_close() -> None:
     assert sum(closed.values()) == 9
     assert result.evicted == 2
     assert got[("outbound", "127.0.0.1:1001")].score == 5
-    # a drain resets the counts; the score decays by half a minute
+    # a drain resets the counts; a pair with nothing new is listed as before (the drain does
+    # no work for it), its score halving per minute from its last close on
     clock.now += 60
     again = {(a.direction, a.peer): a for a in aggregator.stats(0, 0, 0).activity or ()}
     assert again[("outbound", "127.0.0.1:1001")].delta is None
-    assert again[("outbound", "127.0.0.1:1001")].score == pytest.approx(2.5)
+    assert again[("outbound", "127.0.0.1:1001")].score == 5
     assert ("outbound", PEER_OTHER) not in again  # nothing new folded
+    feed(aggregator, destroy_message(dport=1001, info=OK_INFO))
+    again = {(a.direction, a.peer): a for a in aggregator.stats(0, 0, 0).activity or ()}
+    assert again[("outbound", "127.0.0.1:1001")].score == pytest.approx(5 / 2 + 1)
     # a new busy peer is tracked and outscores the old quiet ones
     for _ in range(20):
         feed(aggregator, destroy_message(dport=2000, info=OK_INFO))
@@ -533,6 +537,27 @@ def test_tracker_is_bounded_keeps_the_busy_and_conserves_every_close() -> None:
     # nothing for the idle time: every pair is dropped
     clock.now += 600
     assert not aggregator.stats(0, 0, 0).activity
+
+
+def test_a_drain_works_only_on_the_pairs_that_changed() -> None:
+    """200 tracked pairs, one close since the last drain: the other 199 are listed as the
+    previous drain listed them (the same objects, no new work), the one with its delta."""
+    clock = Clock()
+    aggregator = LifecycleAggregator(max_peers=256, peer_idle_seconds=600, clock=clock)
+    for port in range(1000, 1200):
+        feed(aggregator, destroy_message(dport=port, info=OK_INFO))
+    aggregator.stats(0, 0, 0)  # every pair changed: each has its delta
+    clock.now += 1
+    first = {a.peer: a for a in aggregator.stats(0, 0, 0).activity or ()}  # none changed
+    clock.now += 1
+    feed(aggregator, destroy_message(dport=1007, info=TIMEOUT_INFO))
+    second = {a.peer: a for a in aggregator.stats(0, 0, 0).activity or ()}
+    assert first.keys() == second.keys() and len(second) == 200
+    changed = [peer for peer, a in second.items() if a is not first[peer]]
+    assert changed == ["127.0.0.1:1007"]
+    delta = second["127.0.0.1:1007"].delta
+    assert delta is not None and delta.closed["timeout"] == 1 and sum(delta.closed.values()) == 1
+    assert all(a.delta is None for peer, a in second.items() if peer != "127.0.0.1:1007")
 
 
 def test_a_destination_that_fails_keeps_its_place_beside_busier_healthy_ones() -> None:
