@@ -2,10 +2,10 @@
 recvmmsg).
 
 The destroy multicast queues one datagram per closed socket. Reading them one ``recv_into`` at
-a time costs ~1.2 us each on 6.18 (the syscall's entry and exit, and Python's call), reading 64
-per recvmmsg ~0.9 us each (benchmarks/bench_lifecycle.py's ``--reader`` comparison, in
-docs/performance.md). The slots, their iovecs and the message headers are allocated once; a
-batch allocates only the list of lengths it returns.
+a time costs ~1.4 us each on 6.18 (the syscall's entry and exit, and Python's call), reading 64
+per recvmmsg ~1.1 us each (benchmarks/bench_destroy_reader.py, in docs/performance.md). The
+slots, their iovecs and the message headers are allocated once; a batch allocates only the list
+of lengths it returns.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 
 DEFAULT_SLOTS = 64
-# One destroy message is ~400 bytes on 6.18 (inet_diag_msg, tcp_info, a few small attributes);
+# One destroy message is 380 bytes on 6.18 (inet_diag_msg, tcp_info, a few small attributes);
 # a longer datagram is cut to the slot and reported truncated (its parse then fails: malformed).
 DEFAULT_SLOT_SIZE = 2048
 _MSG_TRUNC = int(socket.MSG_TRUNC)
