@@ -164,11 +164,12 @@ class LifecycleAggregator:
                                 f"truncated netlink header at byte {offset} of {length}"
                             )
                         msg_len, msg_type = head(data, offset)
+                        start = offset
                         if (
                             msg_type != SOCK_DIAG_BY_FAMILY
                             or msg_len < INET_DIAG_MSG_MIN
-                            or offset + msg_len > length
-                            or data[offset + 16] not in ADDRESS_BYTES
+                            or start + msg_len > length
+                            or (family_number := data[start + 16]) not in ADDRESS_BYTES
                         ):
                             check_other_message(data, offset, msg_len, msg_type, length)
                             offset += (msg_len + 3) & ~3
@@ -176,13 +177,12 @@ class LifecycleAggregator:
                         end = offset + msg_len
                         offset = (end + 3) & ~3
                         events += 1
-                        sport, dport, src, dst = endpoints(data, end - msg_len + 20)
+                        sport, dport, src, dst = endpoints(data, start + 20)
                         if dport == 0 and dst == ZERO16:
                             ignored += 1  # a closed listener, or a socket that never connected
                             continue
                         # INET_DIAG_INFO: where the previous message had it, the same attribute
                         # header (the kernel writes one layout: after PROTOCOL on 6.18), else walk
-                        start = end - msg_len
                         position = start + info_at
                         if position + info_end <= end and word(data, position)[0] == info_header:
                             size = info_end - 4
@@ -210,7 +210,6 @@ class LifecycleAggregator:
                             (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
                              delivered) = fields_of(info)  # fmt: skip
                         inbound = sport in listen_ports or not low <= sport <= high
-                        family_number = data[end - msg_len + 16]
                         done = dport != 0 or handshake_completed(data, position + 4, size)
                         if not (done or inbound):  # a failed connect tcp_disconnect cleared: kept
                             kept = (family_number, sport, dst)  # by what it has (peer_join.py)
