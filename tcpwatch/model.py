@@ -400,8 +400,8 @@ def add_peer_stats(total: PeerStats | None, delta: PeerStats, peer: str | None =
 @dataclass(frozen=True, slots=True)
 class PeerActivity:
     """One tracked (direction, peer) of a namespace's destroy listener since the previous drain:
-    what closed (``delta``, None: nothing) and its decayed ``score`` (the listener keeps the
-    busiest; peer_budget.py scores anew). PEER_OTHER: closes of pairs no longer tracked."""
+    what closed (``delta``, None: nothing) and its ``score`` at its last close (the listener keeps
+    the busiest; peer_budget.py scores anew). PEER_OTHER: closes of pairs no longer tracked."""
 
     direction: str
     peer: str

@@ -16,7 +16,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 from tcpwatch.config import CollectSettings
 from tcpwatch.model import LifecycleStats, Snapshot
@@ -29,6 +29,7 @@ from tcpwatch.sources.lifecycle_peers import (
     tracked_peers,
 )
 from tcpwatch.sources.netlink import NETLINK_SOCK_DIAG, SockDiagError
+from tcpwatch.sources.recvbatch import BatchReceiver
 
 SKNLGRP_INET_TCP_DESTROY = 1
 SKNLGRP_INET6_TCP_DESTROY = 3
@@ -38,7 +39,6 @@ SO_RCVBUFFORCE = 33
 SO_MEMINFO = 55  # u32[SK_MEMINFO_VARS]; index 8 is sk_drops (include/uapi/linux/sock_diag.h)
 _SK_MEMINFO_DROPS = 8
 _MAX_DATAGRAMS_PER_READ = 8192  # read_ready returns after this many; the fd stays readable
-_BATCH = 512  # datagrams read under one hold of the lock
 _EVENT_TRUESIZE = 1280  # receive-buffer bytes one queued destroy message takes (6.18, measured)
 
 
@@ -76,7 +76,7 @@ class DestroyListener:
     ``update_context`` and ``drain`` on the poll thread; a lock keeps them apart.
 
     Lost events: the kernel drops a multicast message when this socket's receive buffer is
-    full. ``overruns`` counts the recv() calls that failed with ENOBUFS (the kernel reports a
+    full. ``overruns`` counts the reads (recvmmsg) that failed with ENOBUFS (the kernel reports a
     run of drops once, so each means one or more messages lost); ``lost`` is the exact number
     of dropped messages, the socket's sk_drops read with SO_MEMINFO at each drain.
     """
@@ -88,13 +88,13 @@ class DestroyListener:
         peer_idle_seconds: float = DEFAULT_PEER_IDLE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         sock: socket.socket | None = None,
+        receiver: BatchReceiver | None = None,
     ) -> None:
         self._sock = sock if sock is not None else open_destroy_socket(receive_buffer)
         self._lock = threading.Lock()
         self._aggregator = LifecycleAggregator(max_peers, peer_idle_seconds, clock)
-        self._buffer = memoryview(bytearray(1 << 16))
+        self._receiver = receiver or BatchReceiver(self._sock.fileno())
         self._overruns = 0
-        self._drained = False
         self._lost: int | None = None
         self._closed = False
         self.receive_buffer = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
@@ -117,35 +117,27 @@ class DestroyListener:
     def read_ready(self) -> None:
         """Read and count every pending datagram, without blocking.
 
-        At most 8,192 datagrams per call (the fd stays readable if more wait); the lock is
-        taken per batch of 512, so a drain waits for one batch at most (about 2 ms).
+        One recvmmsg per batch of up to 64 datagrams (recvbatch.py), counted under one hold of
+        the lock; at most 8,192 datagrams per call (the fd stays readable if more wait).
         """
-        for _ in range(_MAX_DATAGRAMS_PER_READ // _BATCH):
+        receiver = self._receiver
+        for _ in range(_MAX_DATAGRAMS_PER_READ // receiver.slots):
             with self._lock:
-                consumed = self._aggregator.consume(self._buffer, self._receive(_BATCH))
-            if consumed < _BATCH or self._drained:
-                return
-
-    def _receive(self, limit: int) -> Iterator[int]:
-        """Fill the buffer with the next datagram, up to ``limit`` times; yields its length."""
-        receive = self._sock.recv_into
-        buffer = self._buffer
-        self._drained = False
-        for _ in range(limit):
-            try:
-                length = receive(buffer)
-            except (BlockingIOError, InterruptedError):
-                self._drained = True
-                return
-            except OSError as error:
-                if error.errno == errno.ENOBUFS:
+                if self._closed:  # its descriptor number may belong to another file now
+                    return
+                try:
+                    lengths = receiver.receive()
+                except OSError as error:
+                    if error.errno != errno.ENOBUFS:
+                        raise SockDiagError(
+                            f"reading TCP destroy events failed: {error}"
+                        ) from error
                     self._overruns += 1  # the kernel dropped messages since the last read
                     continue
-                raise SockDiagError(f"reading TCP destroy events failed: {error}") from error
-            if length <= 0:
-                self._drained = True
+                if lengths:
+                    self._aggregator.consume(receiver.buffer, lengths, stride=receiver.slot_size)
+            if len(lengths) < receiver.slots:
                 return
-            yield length
 
     def update_context(
         self,

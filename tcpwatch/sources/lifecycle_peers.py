@@ -16,18 +16,12 @@ import bisect
 import struct
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 
-from tcpwatch.model import (
-    DIRECTIONS,
-    OUTCOMES,
-    PEER_OTHER,
-    LifecycleStats,
-    PeerActivity,
-    PeerStats,
-    add_peer_stats,
-)
-from tcpwatch.scores import FAILURE_WEIGHT, SCORE_HALF_LIFE_SECONDS
+from tcpwatch.model import DIRECTIONS, PEER_OTHER, LifecycleStats, PeerActivity
+from tcpwatch.scores import FAILURE_WEIGHT as FAILURE_WEIGHT
+from tcpwatch.scores import SCORE_HALF_LIFE_SECONDS
+from tcpwatch.sources.lifecycle_counts import PeerCounts
+from tcpwatch.sources.lifecycle_counts import table_of as table_of
 from tcpwatch.sources.lifecycle_events import (
     ABORTED,
     ADDRESS_BYTES,
@@ -55,7 +49,6 @@ from tcpwatch.sources.netlink import (
 )
 from tcpwatch.sources.sockdiag import INET_DIAG_MSG_MIN
 from tcpwatch.sources.tcpinfo import CLOSE_FIELDS, SND_WND, handshake_completed, parse_tcp_info
-from tcpwatch.stalls import ClosedWaits
 from tcpwatch.tracepoint_stats import ClearedClose
 
 DEFAULT_MAX_PEERS = 115  # host-wide rows (collect.connection_peers' default)
@@ -72,111 +65,6 @@ def tracked_peers(max_rows: int) -> int:
     (a namespace can never use more than the budget), at least 64, so a new busy peer is seen
     and scored before it can win a row."""
     return max(64, 2 * max_rows)
-
-
-class _Peer:
-    """Mutable counts of one tracked (direction, peer) since the previous drain, and its score;
-    frozen into PeerStats (the delta) by each drain."""
-
-    __slots__ = (
-        "busy_us",
-        "bytes_acked",
-        "bytes_received",
-        "closed",
-        "last_seen",
-        "retrans",
-        "rtt",
-        "rtt_count",
-        "rtt_sum_us",
-        "rwnd_us",
-        "score",
-        "segs_out",
-        "sndbuf_us",
-        "zero_window",
-    )
-
-    def __init__(self, now: float) -> None:
-        self.score = 0.0
-        self.last_seen = now
-        self.reset()
-
-    def reset(self) -> None:
-        self.closed = [0] * len(OUTCOMES)
-        self.rtt = [0] * (len(RTT_BOUNDS_US) + 1)
-        self.rtt_count = 0
-        self.rtt_sum_us = 0
-        self.segs_out = 0
-        self.retrans = 0
-        self.bytes_acked = 0
-        self.bytes_received = 0
-        self.busy_us = 0
-        self.rwnd_us = 0
-        self.sndbuf_us = 0
-        self.zero_window = 0
-
-    def pending(self) -> int:
-        """Connections closed since the previous drain."""
-        return sum(self.closed)
-
-    def weight(self) -> int:
-        """What the closes since the previous drain add to the score: a failed connection
-        (timeout, refused, aborted: OUTCOMES after "ok") counts FAILURE_WEIGHT closes, so a
-        destination that fails now and then keeps its row beside busy healthy ones and C01 can
-        judge it by name rather than under peer "other"."""
-        return self.closed[0] + FAILURE_WEIGHT * (sum(self.closed) - self.closed[0])
-
-    def absorb(self, other: _Peer) -> None:
-        """Add ``other``'s pending counts to this one's (a peer no longer tracked goes to
-        PEER_OTHER's)."""
-        self.closed = [a + b for a, b in zip(self.closed, other.closed, strict=True)]
-        self.rtt = [a + b for a, b in zip(self.rtt, other.rtt, strict=True)]
-        self.rtt_count += other.rtt_count
-        self.rtt_sum_us += other.rtt_sum_us
-        self.segs_out += other.segs_out
-        self.retrans += other.retrans
-        self.bytes_acked += other.bytes_acked
-        self.bytes_received += other.bytes_received
-        self.busy_us += other.busy_us
-        self.rwnd_us += other.rwnd_us
-        self.sndbuf_us += other.sndbuf_us
-        self.zero_window += other.zero_window
-
-    def frozen(self, direction: int, peer: str) -> PeerStats:
-        return PeerStats(
-            direction=DIRECTIONS[direction],
-            peer=peer,
-            closed=dict(zip(OUTCOMES, self.closed, strict=True)),
-            rtt_buckets=tuple(self.rtt),
-            rtt_count=self.rtt_count,
-            rtt_sum_seconds=self.rtt_sum_us / 1e6,
-            segments_sent=self.segs_out,
-            segments_retransmitted=self.retrans,
-            bytes_sent=self.bytes_acked,
-            bytes_received=self.bytes_received,
-            waits=ClosedWaits(self.busy_us, self.rwnd_us, self.sndbuf_us, self.zero_window),
-        )
-
-
-def bare_closes(address: str, count: int) -> PeerStats:
-    """``count`` failed connects whose port the kernel cleared, as the bare address's closes."""
-    closes = _Peer(0.0)
-    closes.closed[ABORTED] = count
-    return closes.frozen(OUTBOUND, address)
-
-
-def table_of(stats: LifecycleStats) -> LifecycleStats:
-    """A drain's activity as a plain table, every tracked peer its own row (no budget), failed
-    connects whose port was cleared under their bare address (no join): for a single drain since
-    the start (tests, benchmarks) these are the cumulative counts."""
-    if stats.activity is None:
-        return stats
-    merged: dict[tuple[str, str], PeerStats] = {}
-    deltas = [a.delta for a in stats.activity if a.delta is not None]
-    for delta in (*deltas, *(bare_closes(c.address, c.count) for c in stats.cleared)):
-        key = (delta.direction, delta.peer)
-        merged[key] = add_peer_stats(merged.get(key), delta)
-    rows = sorted(merged.values(), key=lambda row: (row.direction, row.peer))
-    return replace(stats, peers=tuple(rows), activity=None, cleared=())
 
 
 class LifecycleAggregator:
@@ -206,15 +94,16 @@ class LifecycleAggregator:
         self.events = 0
         self.ignored = 0
         self.evicted = 0  # tracked pairs dropped (less busy, or idle)
-        self._peers: dict[tuple[int, str], _Peer] = {}
-        self._other: dict[int, _Peer] = {}
+        self._peers: dict[tuple[int, str], PeerCounts] = {}
+        self._other: dict[int, PeerCounts] = {}
         self.malformed = 0
         # (inbound?, family, port, 16-byte address) -> its row; cleared when the context
         # changes or a row goes, so no key outlives its row.
-        self._routes: dict[tuple[bool, int, int, bytes], _Peer] = {}
+        self._routes: dict[tuple[bool, int, int, bytes], PeerCounts] = {}
         # (family, local port, 16-byte address) -> failed connects whose port was cleared
         self._cleared: dict[tuple[int, int, bytes], int] = {}
         self._drained_at = clock()
+        self._idle_check_at = self._drained_at  # see _drop_idle
 
     def update_context(self, context: Context) -> None:
         if context != self.context:
@@ -226,13 +115,19 @@ class LifecycleAggregator:
         self.consume(data, (length,), strict=True)
 
     def consume(
-        self, data: bytes | memoryview, lengths: Iterable[int], strict: bool = False
+        self,
+        data: bytes | memoryview,
+        lengths: Iterable[int],
+        strict: bool = False,
+        stride: int = 0,
     ) -> int:
-        """Count the events of each datagram ``data[:length]``, one per ``lengths`` item.
+        """Count the events of each datagram, one per ``lengths`` item: datagram ``i`` is
+        ``data[i * stride : i * stride + lengths[i]]`` (recvbatch.BatchReceiver's slots; with
+        ``stride`` 0 each is at the start, and ``lengths`` may be a generator refilling it).
 
-        ``lengths`` may be a generator that refills ``data`` (DestroyListener's recv loop). A
-        datagram that does not parse is counted in ``malformed`` (strict: raised) and the rest
-        of it skipped. Returns the datagrams consumed.
+        A datagram that does not parse, or was cut (length -1: longer than its slot), is counted
+        in ``malformed`` (strict: raised) and the rest of it skipped. Returns the datagrams
+        consumed.
 
         The hot path (once per closed connection): one unpack for the addresses, one for the
         tcp_info fields, one dict lookup from the raw (port, address) to the peer's row.
@@ -255,113 +150,115 @@ class LifecycleAggregator:
         datagrams = events = ignored = 0
         word = U32.unpack_from
         info_at, info_end, info_header = INET_DIAG_MSG_MIN, 4, -1  # the last INFO attribute seen
-        for length in lengths:
-            datagrams += 1
-            offset = 0
-            try:
-                while offset < length:
-                    if length - offset < 16:
-                        raise SockDiagError(
-                            f"truncated netlink header at byte {offset} of {length}"
-                        )
-                    msg_len, msg_type = head(data, offset)
-                    if (
-                        msg_type != SOCK_DIAG_BY_FAMILY
-                        or msg_len < INET_DIAG_MSG_MIN
-                        or offset + msg_len > length
-                        or data[offset + 16] not in ADDRESS_BYTES
-                    ):
-                        check_other_message(data, offset, msg_len, msg_type, length)
-                        offset += (msg_len + 3) & ~3
-                        continue
-                    end = offset + msg_len
-                    offset = (end + 3) & ~3
-                    events += 1
-                    sport, dport, src, dst = endpoints(data, end - msg_len + 20)
-                    if dport == 0 and dst == ZERO16:
-                        ignored += 1  # a closed listener, or a socket that never connected
-                        continue
-                    # INET_DIAG_INFO: where the previous message had it, the same attribute
-                    # header (the kernel writes one layout: after PROTOCOL on 6.18), else walk
-                    start = end - msg_len
-                    position = start + info_at
-                    if position + info_end <= end and word(data, position)[0] == info_header:
-                        size = info_end - 4
-                    else:
-                        size = -1
-                        position = start + INET_DIAG_MSG_MIN
-                    while size < 0 and position + 4 <= end:
-                        attr_len, attr_type = attr(data, position)
-                        if attr_len < 4 or position + attr_len > end:
-                            break
-                        if attr_type & 0x3FFF == INET_DIAG_INFO:
-                            size = attr_len - 4
-                            info_at, info_end = position - start, attr_len
-                            info_header = word(data, position)[0]
-                            break
-                        position += (attr_len + 3) & ~3
-                    if size < 0:
-                        ignored += 1
-                        continue
-                    if size >= close_size:
-                        (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
-                         delivered) = close_fields(data, position + 4)  # fmt: skip
-                    else:
-                        info = parse_tcp_info(bytes(data[position + 4 : position + 4 + size]))
-                        (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
-                         delivered) = fields_of(info)  # fmt: skip
-                    inbound = sport in listen_ports or not low <= sport <= high
-                    family_number = data[end - msg_len + 16]
-                    done = dport != 0 or handshake_completed(data, position + 4, size)
-                    if not (done or inbound):  # a failed connect tcp_disconnect cleared: kept
-                        kept = (family_number, sport, dst)  # by what it has (peer_join.py)
-                        if kept not in cleared and len(cleared) >= CLEARED_LIMIT:
-                            kept = (family_number, 0, dst)
-                        if kept in cleared or len(cleared) < 2 * CLEARED_LIMIT:
-                            cleared[kept] = cleared.get(kept, 0) + 1
+        try:
+            for length in lengths:
+                offset = datagrams * stride
+                datagrams += 1
+                try:
+                    if length < 0:
+                        raise SockDiagError("datagram longer than the receive slot (truncated)")
+                    length += offset  # the datagram's end in ``data``
+                    while offset < length:
+                        if length - offset < 16:
+                            raise SockDiagError(
+                                f"truncated netlink header at byte {offset} of {length}"
+                            )
+                        msg_len, msg_type = head(data, offset)
+                        start = offset
+                        if (
+                            msg_type != SOCK_DIAG_BY_FAMILY
+                            or msg_len < INET_DIAG_MSG_MIN
+                            or start + msg_len > length
+                            or (family_number := data[start + 16]) not in ADDRESS_BYTES
+                        ):
+                            check_other_message(data, offset, msg_len, msg_type, length)
+                            offset += (msg_len + 3) & ~3
                             continue
-                    key = (True, family_number, sport, src) if inbound else (
-                        False, family_number, dport, dst
-                    )  # fmt: skip
-                    peer = routes.get(key)
-                    if peer is None:
-                        peer = self._route(key, now)
-                    if dport == 0:  # cleared by tcp_disconnect: did it ever connect?
-                        peer.closed[OK if done else ABORTED] += 1
-                    elif delivered:
-                        peer.closed[OK] += 1
-                    elif segs_in:
-                        peer.closed[REFUSED] += 1
-                    else:
-                        peer.closed[TIMEOUT] += 1
-                    if rtt:
-                        peer.rtt[bisect_left(bounds, rtt)] += 1
-                        peer.rtt_count += 1
-                        peer.rtt_sum_us += rtt
-                    peer.segs_out += segs_out
-                    peer.retrans += retrans
-                    peer.bytes_acked += acked
-                    peer.bytes_received += received
-                    if busy:  # the limited times are part of it, and mostly 0
-                        peer.busy_us += busy
-                        if rwnd:
-                            peer.rwnd_us += rwnd
-                            if size >= wnd_size and not snd_wnd(data, position + 4)[0]:
-                                peer.zero_window += 1  # held back by the peer, shut at the end
-                        if sndbuf:
-                            peer.sndbuf_us += sndbuf
-                    peer.last_seen = now
-            except SockDiagError:
-                if strict:
-                    raise
-                self.malformed += 1
-            finally:
-                self.events += events
-                self.ignored += ignored
-                events = ignored = 0
+                        end = offset + msg_len
+                        offset = (end + 3) & ~3
+                        events += 1
+                        sport, dport, src, dst = endpoints(data, start + 20)
+                        if dport == 0 and dst == ZERO16:
+                            ignored += 1  # a closed listener, or a socket that never connected
+                            continue
+                        # INET_DIAG_INFO: where the previous message had it, the same attribute
+                        # header (the kernel writes one layout: after PROTOCOL on 6.18), else walk
+                        position = start + info_at
+                        if position + info_end <= end and word(data, position)[0] == info_header:
+                            size = info_end - 4
+                        else:
+                            size = -1
+                            position = start + INET_DIAG_MSG_MIN
+                        while size < 0 and position + 4 <= end:
+                            attr_len, attr_type = attr(data, position)
+                            if attr_len < 4 or position + attr_len > end:
+                                break
+                            if attr_type & 0x3FFF == INET_DIAG_INFO:
+                                size = attr_len - 4
+                                info_at, info_end = position - start, attr_len
+                                info_header = word(data, position)[0]
+                                break
+                            position += (attr_len + 3) & ~3
+                        if size < 0:
+                            ignored += 1
+                            continue
+                        if size >= close_size:
+                            (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
+                             delivered) = close_fields(data, position + 4)  # fmt: skip
+                        else:
+                            info = parse_tcp_info(bytes(data[position + 4 : position + 4 + size]))
+                            (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
+                             delivered) = fields_of(info)  # fmt: skip
+                        inbound = sport in listen_ports or not low <= sport <= high
+                        done = dport != 0 or handshake_completed(data, position + 4, size)
+                        if not (done or inbound):  # a failed connect tcp_disconnect cleared: kept
+                            kept = (family_number, sport, dst)  # by what it has (peer_join.py)
+                            if kept not in cleared and len(cleared) >= CLEARED_LIMIT:
+                                kept = (family_number, 0, dst)
+                            if kept in cleared or len(cleared) < 2 * CLEARED_LIMIT:
+                                cleared[kept] = cleared.get(kept, 0) + 1
+                                continue
+                        key = (True, family_number, sport, src) if inbound else (
+                            False, family_number, dport, dst
+                        )  # fmt: skip
+                        peer = routes.get(key)
+                        if peer is None:
+                            peer = self._route(key, now)
+                        if dport == 0:  # cleared by tcp_disconnect: did it ever connect?
+                            peer.closed[OK if done else ABORTED] += 1
+                        elif delivered:
+                            peer.closed[OK] += 1
+                        elif segs_in:
+                            peer.closed[REFUSED] += 1
+                        else:
+                            peer.closed[TIMEOUT] += 1
+                        if rtt:
+                            peer.rtt[bisect_left(bounds, rtt)] += 1
+                            peer.rtt_count += 1
+                            peer.rtt_sum_us += rtt
+                        peer.segs_out += segs_out
+                        peer.retrans += retrans
+                        peer.bytes_acked += acked
+                        peer.bytes_received += received
+                        if busy:  # the limited times are part of it, and mostly 0
+                            peer.busy_us += busy
+                            if rwnd:
+                                peer.rwnd_us += rwnd
+                                if size >= wnd_size and not snd_wnd(data, position + 4)[0]:
+                                    peer.zero_window += 1  # held back by the peer, shut at the end
+                            if sndbuf:
+                                peer.sndbuf_us += sndbuf
+                        peer.last_seen = now
+                except SockDiagError:
+                    if strict:
+                        raise
+                    self.malformed += 1
+        finally:  # once per batch, not per datagram
+            self.events += events
+            self.ignored += ignored
         return datagrams
 
-    def _route(self, key: tuple[bool, int, int, bytes], now: float) -> _Peer:
+    def _route(self, key: tuple[bool, int, int, bytes], now: float) -> PeerCounts:
         """The row for a raw (direction, family, port, address) key: named, admitted, cached."""
         inbound, family_number, port, address = key
         if inbound:
@@ -375,36 +272,27 @@ class LifecycleAggregator:
         self._routes[key] = peer
         return peer
 
-    def _admit(self, direction: int, label: str, now: float) -> _Peer:
+    def _admit(self, direction: int, label: str, now: float) -> PeerCounts:
         if len(self._peers) >= self.max_peers:
             self._trim(self.max_peers // 2)
-        peer = self._peers[(direction, label)] = _Peer(now)
+        peer = self._peers[(direction, label)] = PeerCounts(now, direction, label)
         return peer
 
     def _trim(self, keep: int) -> None:
         """Keep the ``keep`` busiest pairs; the others' pending counts go to PEER_OTHER."""
+        now = self.clock()
         ranked = sorted(
-            self._peers.items(), key=lambda item: item[1].score + item[1].weight(), reverse=True
+            self._peers.items(),
+            key=lambda item: item[1].decayed(now, self.half_life) + item[1].weight(),
+            reverse=True,
         )
         for key, peer in ranked[keep:]:
             self._drop(key, peer)
         self._routes.clear()
 
-    def _drop(self, key: tuple[int, str], peer: _Peer) -> None:
-        del self._peers[key]
-        self.evicted += 1
-        if peer.pending():
-            other = self._other.get(key[0])
-            if other is None:
-                other = self._other[key[0]] = _Peer(peer.last_seen)
-            other.absorb(peer)
-
-    def stats(self, overruns: int, lost: int | None, receive_buffer: int) -> LifecycleStats:
-        """Everything since the previous call: each tracked pair's counts and score (then reset),
-        and the cumulative totals of the listener."""
-        now = self.clock()
-        decay = 0.5 ** (max(now - self._drained_at, 0.0) / self.half_life)
-        self._drained_at = now
+    def _drop_idle(self, now: float) -> None:
+        """Drop the pairs idle ``peer_idle_seconds`` with nothing pending; note when the stalest
+        one left can be idle (last_seen only grows, so no pair goes idle before that)."""
         idle = [
             (key, peer)
             for key, peer in self._peers.items()
@@ -414,14 +302,41 @@ class LifecycleAggregator:
             self._drop(key, peer)
         if idle:
             self._routes.clear()
+        stalest = min((peer.last_seen for peer in self._peers.values()), default=now)
+        self._idle_check_at = stalest + self.peer_idle_seconds
+
+    def _drop(self, key: tuple[int, str], peer: PeerCounts) -> None:
+        del self._peers[key]
+        self.evicted += 1
+        if peer.pending():
+            other = self._other.get(key[0])
+            if other is None:
+                other = self._other[key[0]] = PeerCounts(peer.last_seen)
+            other.absorb(peer)
+
+    def stats(self, overruns: int, lost: int | None, receive_buffer: int) -> LifecycleStats:
+        """Everything since the previous call: each tracked pair's counts and score (then reset),
+        and the cumulative totals of the listener.
+
+        In proportion to the pairs that changed: a pair with no close since the previous drain
+        (last_seen before it) is listed as the previous drain listed it (score as of its last
+        close: peer_budget.py scores anew); the idle scan runs only once the stalest pair can
+        have been idle ``peer_idle_seconds``."""
+        now = self.clock()
+        since, self._drained_at = self._drained_at, now
+        if now >= self._idle_check_at:
+            self._drop_idle(now)
         activity: list[PeerActivity] = []
         for (direction, label), peer in self._peers.items():
-            closed = peer.pending()
-            peer.score = peer.score * decay + peer.weight()
-            delta = peer.frozen(direction, label) if closed else None
-            activity.append(PeerActivity(DIRECTIONS[direction], label, peer.score, delta))
-            if closed:
+            if peer.last_seen >= since and peer.pending():
+                peer.score = peer.decayed(now, self.half_life) + peer.weight()
+                peer.scored_at = now
+                delta = peer.frozen(direction, label)
+                activity.append(PeerActivity(DIRECTIONS[direction], label, peer.score, delta))
+                peer.listed = PeerActivity(DIRECTIONS[direction], label, peer.score, None)
                 peer.reset()
+            else:
+                activity.append(peer.listed)
         for direction, other in self._other.items():
             if other.pending():
                 delta = other.frozen(direction, PEER_OTHER)

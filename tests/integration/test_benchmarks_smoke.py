@@ -24,6 +24,7 @@ SMOKE: dict[str, tuple[list[str], str]] = {
     "bench_serve.py": (["--smoke"], "**vs node_exporter**"),
     "bench_churn.py": (["--pairs", "100", "--polls", "2"], "ss"),
     "bench_lifecycle.py": (["--rates", "500", "--seconds", "1"], "|"),
+    "bench_destroy_reader.py": (["--connections", "100", "--rounds", "1"], "recvmmsg"),
     "bench_listener_drops.py": (["--connections", "200", "--rounds", "1"], "ESTABLISHED"),
     "bench_live_info.py": (["--connections", "200", "--rounds", "1", "--scans", "2"],
                            "ESTABLISHED"),

@@ -7,6 +7,7 @@ the same code against the kernel beside ``ss -tinE``); here every branch is driv
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import random
 import socket
@@ -40,6 +41,7 @@ from tcpwatch.sources.netlink import (
     SOCK_DIAG_BY_FAMILY,
     SockDiagError,
 )
+from tcpwatch.sources.recvbatch import BatchReceiver, RecvMmsg, libc_recvmmsg
 from tcpwatch.sources.sockdiag import DumpAggregator
 from tcpwatch.sources.tcpinfo import FULL_LENGTH, TcpInfo, parse_tcp_info
 from tcpwatch.stalls import ClosedWaits
@@ -516,12 +518,16 @@ def test_tracker_is_bounded_keeps_the_busy_and_conserves_every_close() -> None:
     assert sum(closed.values()) == 9
     assert result.evicted == 2
     assert got[("outbound", "127.0.0.1:1001")].score == 5
-    # a drain resets the counts; the score decays by half a minute
+    # a drain resets the counts; a pair with nothing new is listed as before (the drain does
+    # no work for it), its score halving per minute from its last close on
     clock.now += 60
     again = {(a.direction, a.peer): a for a in aggregator.stats(0, 0, 0).activity or ()}
     assert again[("outbound", "127.0.0.1:1001")].delta is None
-    assert again[("outbound", "127.0.0.1:1001")].score == pytest.approx(2.5)
+    assert again[("outbound", "127.0.0.1:1001")].score == 5
     assert ("outbound", PEER_OTHER) not in again  # nothing new folded
+    feed(aggregator, destroy_message(dport=1001, info=OK_INFO))
+    again = {(a.direction, a.peer): a for a in aggregator.stats(0, 0, 0).activity or ()}
+    assert again[("outbound", "127.0.0.1:1001")].score == pytest.approx(5 / 2 + 1)
     # a new busy peer is tracked and outscores the old quiet ones
     for _ in range(20):
         feed(aggregator, destroy_message(dport=2000, info=OK_INFO))
@@ -531,6 +537,27 @@ def test_tracker_is_bounded_keeps_the_busy_and_conserves_every_close() -> None:
     # nothing for the idle time: every pair is dropped
     clock.now += 600
     assert not aggregator.stats(0, 0, 0).activity
+
+
+def test_a_drain_works_only_on_the_pairs_that_changed() -> None:
+    """200 tracked pairs, one close since the last drain: the other 199 are listed as the
+    previous drain listed them (the same objects, no new work), the one with its delta."""
+    clock = Clock()
+    aggregator = LifecycleAggregator(max_peers=256, peer_idle_seconds=600, clock=clock)
+    for port in range(1000, 1200):
+        feed(aggregator, destroy_message(dport=port, info=OK_INFO))
+    aggregator.stats(0, 0, 0)  # every pair changed: each has its delta
+    clock.now += 1
+    first = {a.peer: a for a in aggregator.stats(0, 0, 0).activity or ()}  # none changed
+    clock.now += 1
+    feed(aggregator, destroy_message(dport=1007, info=TIMEOUT_INFO))
+    second = {a.peer: a for a in aggregator.stats(0, 0, 0).activity or ()}
+    assert first.keys() == second.keys() and len(second) == 200
+    changed = [peer for peer, a in second.items() if a is not first[peer]]
+    assert changed == ["127.0.0.1:1007"]
+    delta = second["127.0.0.1:1007"].delta
+    assert delta is not None and delta.closed["timeout"] == 1 and sum(delta.closed.values()) == 1
+    assert all(a.delta is None for peer, a in second.items() if peer != "127.0.0.1:1007")
 
 
 def test_a_destination_that_fails_keeps_its_place_beside_busier_healthy_ones() -> None:
@@ -586,21 +613,9 @@ def test_listener_reads_every_pending_datagram_and_counts_garbage() -> None:
     assert result.receive_buffer > 0
 
 
-class OverrunSocket:
-    """recv_into fails with ENOBUFS once, then yields one event, then would block."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def recv_into(self, buffer: memoryview) -> int:
-        self.calls += 1
-        if self.calls == 1:
-            raise OSError(errno.ENOBUFS, "No buffer space available")
-        if self.calls == 2:
-            data = destroy_message(info=OK_INFO)
-            buffer[: len(data)] = data
-            return len(data)
-        raise BlockingIOError
+class FakeSocket:
+    """Stands in for the netlink socket where only its options matter (the reads go through the
+    listener's receiver)."""
 
     def getsockopt(self, level: int, option: int, size: int = 0) -> int | bytes:
         if size:
@@ -614,10 +629,28 @@ class OverrunSocket:
         pass
 
 
+def failing_then(real: RecvMmsg, errors: list[int]) -> RecvMmsg:
+    """recvmmsg that fails with each of ``errors`` in turn (ctypes' errno), then is ``real``."""
+
+    def call(fd: int, headers: object, slots: int, flags: int, timeout: object) -> int:
+        if errors:
+            ctypes.set_errno(errors.pop(0))
+            return -1
+        return real(fd, headers, slots, flags, timeout)
+
+    return call
+
+
 def test_enobufs_counts_an_overrun_and_reading_continues() -> None:
-    listener = DestroyListener(sock=cast(socket.socket, OverrunSocket()))
-    listener.read_ready()
-    result = listener.drain()
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with reader, writer:
+        writer.send(destroy_message(info=OK_INFO))
+        receiver = BatchReceiver(
+            reader.fileno(), call=failing_then(libc_recvmmsg(), [errno.ENOBUFS])
+        )
+        listener = DestroyListener(sock=cast(socket.socket, FakeSocket()), receiver=receiver)
+        listener.read_ready()
+        result = listener.drain()
     assert (result.overruns, result.events, result.lost, result.receive_buffer) == (
         1,
         1,
@@ -627,11 +660,8 @@ def test_enobufs_counts_an_overrun_and_reading_continues() -> None:
 
 
 def test_other_socket_errors_raise_the_parse_error() -> None:
-    class Broken(OverrunSocket):
-        def recv_into(self, buffer: memoryview) -> int:
-            raise OSError(errno.EBADF, "Bad file descriptor")
-
-    listener = DestroyListener(sock=cast(socket.socket, Broken()))
+    receiver = BatchReceiver(99, call=failing_then(libc_recvmmsg(), [errno.EBADF]))
+    listener = DestroyListener(sock=cast(socket.socket, FakeSocket()), receiver=receiver)
     with pytest.raises(SockDiagError, match="reading TCP destroy events failed"):
         listener.read_ready()
 
@@ -682,9 +712,8 @@ def test_destination_scan_aggregates_live_rtt_and_retransmissions() -> None:
 
 
 def test_read_delay_follows_the_buffer() -> None:
-    class Buffer(OverrunSocket):
+    class Buffer(FakeSocket):
         def __init__(self, size: int) -> None:
-            super().__init__()
             self.size = size
 
         def getsockopt(self, level: int, option: int, size: int = 0) -> int | bytes:
