@@ -26,6 +26,7 @@ from tcpwatch.model import Attribution, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
 from tcpwatch.peer_budget import PeerBudget
 from tcpwatch.rules import SYSCTLS_USED
+from tcpwatch.sources.base import FileMemo
 from tcpwatch.sources.netns import NetnsNames
 from tcpwatch.sources.registry import host_source_names, registered_sources, source_names
 from tcpwatch.state import ExportState, PollHistogram, Trend
@@ -50,6 +51,7 @@ class SnapshotTaker:
         # The name each namespace had: a transient procfs failure must not rename its series.
         self._names = NetnsNames()
         self._sources = registered_sources()  # the package does not change while it runs
+        self._memo = FileMemo()  # /etc/sysctl.d and the like, re-read only when they change
 
     def __call__(self, config: Config) -> tuple[Snapshot, ...]:
         now = self._clock()
@@ -70,6 +72,7 @@ class SnapshotTaker:
             names=self._names,
             sources=self._sources,
             previous=self._previous,
+            memo=self._memo,
         )
         if self._gathering is not None:
             # A gatherer whose namespace was not polled (vanished) or whose source did not run

@@ -23,6 +23,7 @@ from tcpwatch.paths import ProcPaths
 from tcpwatch.sources import netns as netns_source
 from tcpwatch.sources.base import (
     AnySource,
+    FileMemo,
     HostLongLivedSource,
     LongLivedSource,
     Partial,
@@ -222,6 +223,7 @@ def poll(
     names: netns_source.NetnsNames | None = None,
     sources: Sequence[AnySource] | None = None,
     previous: Mapping[str, Snapshot] | None = None,
+    memo: FileMemo | None = None,
 ) -> tuple[Snapshot, ...]:
     """Snapshots of every selected namespace (`namespaces:`), with one process scan for all.
 
@@ -233,6 +235,7 @@ def poll(
     per-destination dumps of the namespaces it names. ``names`` (the previous polls' names)
     keeps a namespace's name across a transient procfs failure. ``previous`` (netns name ->
     the previous poll's snapshot) lets a source on the per-destination cadence reuse its value.
+    ``memo`` keeps what the host-wide sources read of rarely changing files between polls.
     """
     names = names if names is not None else netns_source.NetnsNames()
     paths = paths or ProcPaths()
@@ -248,7 +251,7 @@ def poll(
         sysctl_names=sysctl_names,
     )
     host_context = SourceContext(
-        paths, settings, "", 0, clock(), sysctl_names, known_owners=known_owners
+        paths, settings, "", 0, clock(), sysctl_names, known_owners=known_owners, memo=memo
     )
     if selection == ("self",):
         # The identity's inode is set from inside; container and pod come only from discovery

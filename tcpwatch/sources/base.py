@@ -27,6 +27,9 @@ from tcpwatch.config import CollectSettings
 from tcpwatch.model import Attribution, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
 
+# Re-exported: the pipeline keeps one FileMemo and polls hand it to the sources.
+from tcpwatch.sources.filememo import FileMemo as FileMemo
+
 Scope = Literal["netns", "host", "long-lived", "host-long-lived"]
 
 
@@ -45,6 +48,7 @@ class SourceContext:
     # per-destination cadence (``earlier`` set) reuses its own value from it.
     previous: Snapshot | None = None
     known_owners: Attribution | None = None  # where each socket's owner was found last poll
+    memo: FileMemo | None = None  # what earlier polls read of rarely changing files (serve)
 
 
 @dataclass(frozen=True, slots=True)

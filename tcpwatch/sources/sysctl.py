@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from tcpwatch.errors import describe_error
 from tcpwatch.model import MULTI_FIELD_SUFFIXES, Snapshot, Sysctls
-from tcpwatch.paths import ProcPaths, read_text
+from tcpwatch.paths import ProcPaths, read_small_text
 from tcpwatch.sources.base import Partial, SourceContext, netns_source
 from tcpwatch.sources.procnet import ProcParseError
 
@@ -115,7 +115,7 @@ class SysctlRead:
 def _read_one(path: str, parse: Callable[[str], _T]) -> _T | None:
     """The parsed file; None when it is absent (the kernel lacks it). Other errors raise."""
     try:
-        text = read_text(path, _MAX_SYSCTL_CHARS)
+        text = read_small_text(path, _MAX_SYSCTL_CHARS)
     except FileNotFoundError:
         return None
     return parse(text)
