@@ -85,6 +85,7 @@ class SnapshotTaker:
                     for inode in (s.identity.inode, HOST)  # HOST: a host-wide one's key
                 }
             )
+        self._memo.end_poll()
         if due:
             self._destinations_at = now
         self._known = next((s.attribution for s in snapshots if s.attribution), None)

@@ -183,6 +183,7 @@ def take_snapshot(
     sources: Sequence[AnySource] | None = None,
     sysctl_names: tuple[str, ...] = (),
     previous: Snapshot | None = None,
+    memo: FileMemo | None = None,
 ) -> Snapshot:
     """One poll of the namespace that ``paths`` (and this thread's netlink sockets) see.
 
@@ -203,6 +204,7 @@ def take_snapshot(
         earlier=earlier,
         known_owners=known_owners,
         previous=previous,
+        memo=memo,
     )
     snapshot = _read_namespace(context, chosen, gathering)
     if not scan_processes:
@@ -249,6 +251,7 @@ def poll(
         gathering=gathering,
         sources=sources,
         sysctl_names=sysctl_names,
+        memo=memo,
     )
     host_context = SourceContext(
         paths, settings, "", 0, clock(), sysctl_names, known_owners=known_owners, memo=memo

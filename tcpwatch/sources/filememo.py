@@ -14,7 +14,8 @@ not reused but read again next poll. And whatever stat says, a value is read afr
 ``max_age`` seconds old.
 
 Not for /proc/sys or /proc/net: procfs gives its files no modification time a value change would
-touch, so those are read on every poll.
+touch, so those are read on every poll; :meth:`FileMemo.parsed` spares only parsing a text equal
+to the last one.
 
 The memo belongs to whoever polls (the pipeline's SnapshotTaker), never to a module.
 """
@@ -70,6 +71,9 @@ class FileMemo:
         self._max_age = max_age
         self._kept: dict[Hashable, _Kept] = {}
         self.reads = 0  # how many times a value was read, not reused (tests, benchmarks)
+        self._texts: dict[Hashable, tuple[str, object]] = {}
+        self._touched: set[Hashable] = set()
+        self.parses = 0  # texts parsed, not reused
 
     def reuse(self, key: Hashable, read: Callable[[], tuple[_T, Sequence[str]]]) -> _T:
         now = self._clock()
@@ -90,3 +94,22 @@ class FileMemo:
         else:
             self._kept[key] = _Kept(paths, stamps, value, now)
         return value
+
+    def parsed(self, key: Hashable, text: str, parse: Callable[[str], _T]) -> _T:
+        """``parse(text)``, or what it gave for the same text under ``key`` last time: a
+        procfs table read every poll (/proc/net/snmp, netstat) is most often the same text in
+        a quiet namespace, and comparing it is far cheaper than parsing it. ``parse`` must be
+        pure and its value not mutated by the caller."""
+        self._touched.add(key)
+        kept = self._texts.get(key)
+        if kept is not None and kept[0] == text:
+            return cast(_T, kept[1])
+        value = parse(text)
+        self._texts[key] = (text, value)
+        self.parses += 1
+        return value
+
+    def end_poll(self) -> None:
+        """Forget the texts no source asked for since the last call (a namespace gone)."""
+        self._texts = {key: kept for key, kept in self._texts.items() if key in self._touched}
+        self._touched = set()

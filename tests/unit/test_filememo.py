@@ -103,3 +103,46 @@ def test_a_value_read_right_after_a_change_is_read_again_and_none_lives_past_max
     clock[0] = 60.0
     memo.reuse("k", lambda: read_watched(root))
     assert memo.reads == 2
+
+
+def test_a_text_equal_to_the_last_one_is_not_parsed_again_and_gone_keys_are_forgotten() -> None:
+    memo = FileMemo()
+    parsed: list[str] = []
+
+    def parse(text: str) -> dict[str, int]:
+        parsed.append(text)
+        return {"TcpActiveOpens": int(text)}
+
+    first = memo.parsed((1, "/proc/net/snmp"), "5", parse)
+    assert memo.parsed((1, "/proc/net/snmp"), "5", parse) is first
+    assert memo.parsed((1, "/proc/net/snmp"), "6", parse) == {"TcpActiveOpens": 6}
+    assert memo.parsed((2, "/proc/net/snmp"), "6", parse) == {"TcpActiveOpens": 6}  # own key
+    assert parsed == ["5", "6", "6"] and memo.parses == 3
+    memo.end_poll()
+    memo.parsed((1, "/proc/net/snmp"), "6", parse)  # namespace 2 was not polled this time
+    memo.end_poll()
+    memo.parsed((2, "/proc/net/snmp"), "6", parse)
+    assert parsed == ["5", "6", "6", "6"]  # forgotten: parsed again
+
+
+def test_the_counters_read_through_a_memo_equal_a_fresh_read(tmp_path: Path) -> None:
+    from tcpwatch.paths import ProcPaths
+    from tcpwatch.sources.procnet import read_churn_marks, read_counters
+
+    net = tmp_path / "net"
+    net.mkdir()
+    (net / "netstat").write_text("TcpExt: ListenOverflows ListenDrops\nTcpExt: 3 4\n")
+    snmp = (
+        "Tcp: ActiveOpens PassiveOpens AttemptFails EstabResets CurrEstab InSegs OutSegs "
+        "RetransSegs InErrs OutRsts\nTcp: {} 2 0 0 1 10 10 0 0 0\n"
+    )
+    (net / "snmp").write_text(snmp.format(1))
+    (net / "sockstat").write_text("TCP: inuse 5 orphan 0 tw 2 alloc 7 mem 1\n")
+    paths = ProcPaths(root=str(tmp_path))
+    memo = FileMemo()
+    for opens in (1, 1, 7, 7):
+        (net / "snmp").write_text(snmp.format(opens))
+        assert read_counters(paths, memo, 9) == read_counters(paths)
+        assert read_counters(paths, memo, 9).values["TcpActiveOpens"] == opens
+        assert read_churn_marks(paths, False, memo, 9) == read_churn_marks(paths)
+    assert memo.parses == 3  # netstat once, snmp once per distinct text
