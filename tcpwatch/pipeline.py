@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from tcpwatch import snapshot as snapshot_source
-from tcpwatch.audit import RuleMemo, audit, rule_settings
+from tcpwatch.audit import audit, rule_settings
 from tcpwatch.config import Config
 from tcpwatch.gathering import HOST, Gathering
 from tcpwatch.history import (
@@ -126,7 +126,6 @@ class Pipeline:
         self._durations = PollHistogram()
         self._trends: dict[str, Trend] = {}
         self._peers = PeerBudget()
-        self._rules = RuleMemo()  # rules whose findings cannot have changed are not run again
 
     def history(self, netns: str) -> NetnsHistory:
         return self._history.get(netns, NetnsHistory())
@@ -157,7 +156,6 @@ class Pipeline:
             starts,
             rule_settings(config),
             {netns: past.close_wait_first_seen for netns, past in history.items()},
-            self._rules,
         )
         # The views' history (state totals, counter rates); a vanished namespace's is dropped.
         self._trends = {

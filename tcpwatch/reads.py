@@ -1,13 +1,11 @@
 """Which fields of a poll's frozen values a pure function read, so its result can be reused
 while they are equal.
 
-The rules (audit.RuleMemo) and the metric families (render/memo.py) are pure functions of a
-Snapshot or an ExportState. Run over a :class:`ReadSnapshot` or :func:`read_state` (the same
-values in a subclass that notes every field and method looked up), such a function says what it
-depended on: on this input. Another input equal in each of those fields makes it take the same
-path and return the same thing, however its other fields changed. Noting happens on every run,
-so a function that reads more on some inputs (the window's start only when a counter moved) is
-seen doing so on those.
+The metric families (render/memo.py) are pure functions of an ExportState. Run over
+:func:`read_state` (the same values in subclasses that note every field and method looked up,
+its snapshots' too), such a function says what it depended on: on this input. Another input equal in each of those fields
+makes it take the same path and return the same thing, however its other fields changed. Noting
+happens on every run, so a function that reads more on some inputs is seen doing so on those.
 """
 
 from __future__ import annotations

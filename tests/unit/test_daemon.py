@@ -111,13 +111,7 @@ def windows(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Window, dict[str, Rul
         seen.append((window, dict(settings)))
         return []
 
-    def capture_memo(
-        memo: object, window: Window, settings: dict[str, RuleSettings]
-    ) -> list[Finding]:
-        return capture(window, settings)
-
     monkeypatch.setattr(audit, "evaluate", capture)
-    monkeypatch.setattr(audit.RuleMemo, "evaluate", capture_memo)  # serve's pipeline
     return seen
 
 
