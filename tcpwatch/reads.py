@@ -3,9 +3,10 @@ while they are equal.
 
 The metric families (render/memo.py) are pure functions of an ExportState. Run over
 :func:`read_state` (the same values in subclasses that note every field and method looked up,
-its snapshots' too), such a function says what it depended on: on this input. Another input equal in each of those fields
-makes it take the same path and return the same thing, however its other fields changed. Noting
-happens on every run, so a function that reads more on some inputs is seen doing so on those.
+its snapshots' too), such a function says what it depended on: on this input. Another input
+equal in each of those fields makes it take the same path and return the same thing, however
+its other fields changed. Noting happens on every run, so a function that reads more on some
+inputs is seen doing so on those.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TypeVar, cast
 
 _T = TypeVar("_T")
+_R = TypeVar("_R")  # what was read: a file's text, or a tuple of texts
 MAX_AGE_SECONDS = 60.0  # a value is read afresh at least this often, whatever stat says
 RACY_NS = 2_000_000_000  # a ctime this close to the read may hide a write the stat cannot show
 
@@ -71,7 +72,7 @@ class FileMemo:
         self._max_age = max_age
         self._kept: dict[Hashable, _Kept] = {}
         self.reads = 0  # how many times a value was read, not reused (tests, benchmarks)
-        self._texts: dict[Hashable, tuple[str, object]] = {}
+        self._texts: dict[Hashable, tuple[object, object]] = {}
         self._touched: set[Hashable] = set()
         self.parses = 0  # texts parsed, not reused
 
@@ -95,7 +96,7 @@ class FileMemo:
             self._kept[key] = _Kept(paths, stamps, value, now)
         return value
 
-    def parsed(self, key: Hashable, text: str, parse: Callable[[str], _T]) -> _T:
+    def parsed(self, key: Hashable, text: _R, parse: Callable[[_R], _T]) -> _T:
         """``parse(text)``, or what it gave for the same text under ``key`` last time: a
         procfs table read every poll (/proc/net/snmp, netstat) is most often the same text in
         a quiet namespace, and comparing it is far cheaper than parsing it. ``parse`` must be
