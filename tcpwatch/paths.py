@@ -71,6 +71,26 @@ def read_text(path: str, limit: int = -1, encoding: str = "ascii", errors: str =
         return file.read(limit)
 
 
+def read_small_text(path: str, limit: int, encoding: str = "ascii") -> str:
+    """:func:`read_text` for files of a line or two (a /proc/sys value), read at most ``limit``
+    bytes: os.read on a bare descriptor, a third of what a text file object costs to open, read
+    and close (~5 against ~15 us; a poll reads two dozen sysctls in every namespace).
+    Raises OSError (FileNotFoundError when absent), UnicodeDecodeError as read_text does."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks: list[bytes] = []
+        left = limit
+        while left > 0:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode(encoding)
+
+
 def read_bytes(path: str, limit: int = -1) -> bytes:
     """The raw bytes of a procfs file, at most ``limit`` (``comm`` is whatever the task set)."""
     with open(path, "rb") as file:

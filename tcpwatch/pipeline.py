@@ -26,6 +26,7 @@ from tcpwatch.model import Attribution, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
 from tcpwatch.peer_budget import PeerBudget
 from tcpwatch.rules import SYSCTLS_USED
+from tcpwatch.sources.base import FileMemo
 from tcpwatch.sources.netns import NetnsNames
 from tcpwatch.sources.registry import host_source_names, registered_sources, source_names
 from tcpwatch.state import ExportState, PollHistogram, Trend
@@ -54,6 +55,7 @@ class SnapshotTaker:
         # The name each namespace had: a transient procfs failure must not rename its series.
         self._names = NetnsNames()
         self._sources = registered_sources()  # the package does not change while it runs
+        self._memo = FileMemo()  # /etc/sysctl.d and the like, re-read only when they change
 
     def __call__(self, config: Config) -> tuple[Snapshot, ...]:
         now = self._clock()
@@ -75,6 +77,7 @@ class SnapshotTaker:
             sources=self._sources,
             previous=self._previous,
             owner_hints=self._hints if self._known is None else None,
+            memo=self._memo,
         )
         if self._gathering is not None:
             # A gatherer whose namespace was not polled (vanished) or whose source did not run
@@ -87,6 +90,7 @@ class SnapshotTaker:
                     for inode in (s.identity.inode, HOST)  # HOST: a host-wide one's key
                 }
             )
+        self._memo.end_poll()
         if due:
             self._destinations_at = now
         self._known = next((s.attribution for s in snapshots if s.attribution), None)

@@ -23,6 +23,7 @@ from tcpwatch.paths import ProcPaths
 from tcpwatch.sources import netns as netns_source
 from tcpwatch.sources.base import (
     AnySource,
+    FileMemo,
     HostLongLivedSource,
     LongLivedSource,
     Partial,
@@ -182,6 +183,7 @@ def take_snapshot(
     sources: Sequence[AnySource] | None = None,
     sysctl_names: tuple[str, ...] = (),
     previous: Snapshot | None = None,
+    memo: FileMemo | None = None,
 ) -> Snapshot:
     """One poll of the namespace that ``paths`` (and this thread's netlink sockets) see.
 
@@ -202,6 +204,7 @@ def take_snapshot(
         earlier=earlier,
         known_owners=known_owners,
         previous=previous,
+        memo=memo,
     )
     snapshot = _read_namespace(context, chosen, gathering)
     if not scan_processes:
@@ -223,6 +226,7 @@ def poll(
     sources: Sequence[AnySource] | None = None,
     previous: Mapping[str, Snapshot] | None = None,
     owner_hints: Attribution | None = None,
+    memo: FileMemo | None = None,
 ) -> tuple[Snapshot, ...]:
     """Snapshots of every selected namespace (`namespaces:`), with one process scan for all.
 
@@ -236,6 +240,7 @@ def poll(
     the previous poll's snapshot) lets a source on the per-destination cadence reuse its value.
     ``owner_hints`` (where another process says the owners are) is confirmed like
     ``known_owners``, one readlink each, before any walk.
+    ``memo`` keeps what the host-wide sources read of rarely changing files between polls.
     """
     names = names if names is not None else netns_source.NetnsNames()
     paths = paths or ProcPaths()
@@ -249,6 +254,7 @@ def poll(
         gathering=gathering,
         sources=sources,
         sysctl_names=sysctl_names,
+        memo=memo,
     )
     host_context = SourceContext(
         paths,
@@ -259,6 +265,7 @@ def poll(
         sysctl_names,
         known_owners=known_owners,
         owner_hints=owner_hints,
+        memo=memo,
     )
     if selection == ("self",):
         # The identity's inode is set from inside; container and pod come only from discovery

@@ -24,7 +24,6 @@ from http import HTTPStatus
 from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
-from prometheus_client.metrics_core import Metric
 
 from tcpwatch.config import Config
 from tcpwatch.http.auth import (
@@ -41,7 +40,7 @@ from tcpwatch.http.exposition import Chunk, Expositions, negotiate
 from tcpwatch.http.webconfig import WebConfig
 from tcpwatch.render import api
 from tcpwatch.render.html import landing_page
-from tcpwatch.render.prometheus import make_registry
+from tcpwatch.render.memo import FamilyMemo
 from tcpwatch.render.rulepage import rule_page_html
 from tcpwatch.state import ExportState
 
@@ -182,7 +181,8 @@ class WebApp:
         if include_process_metrics:
             ProcessCollector(registry=self._self_metrics)
             PlatformCollector(registry=self._self_metrics)
-        self._expositions = Expositions(self._families, self._self_metrics)
+        # Each family reused from the last poll's state while what it read is unchanged.
+        self._expositions = Expositions(FamilyMemo().collect, self._self_metrics)
         self.listening_on = ""  # set by WebServer once bound, for the landing page
 
     def _make_policy(self, web: WebConfig, generation: int) -> _Policy:
@@ -190,10 +190,6 @@ class WebApp:
         auth = BasicAuth(web.basic_auth_users, self._failures, self._line, self._verified)
         sans = web.tls.client_allowed_sans if web.tls is not None else ()
         return _Policy(web, auth, limiter, Admission(generation, web.ssl_context, sans))
-
-    @staticmethod
-    def _families(state: ExportState | None) -> list[Metric]:
-        return list(make_registry(lambda: state, include_process=False).collect())
 
     @property
     def web_config(self) -> WebConfig:

@@ -140,10 +140,18 @@ def _restricted(family: Metric, names: frozenset[str]) -> Metric | None:
 
 
 class _Rendering:
-    """One format of one state: the bytes, each family's slice of them, gzip made on demand."""
+    """One format of one state: the bytes, each family's slice of them, gzip made on demand.
 
-    def __init__(self, fmt: Format, families: Sequence[Metric]) -> None:
-        pieces = [_encode(fmt, (family,)) for family in families]
+    ``earlier`` (the last state's rendering in this format) gives the bytes of each family
+    object it also holds: a family reused from the last state (render/memo.py) is not encoded
+    again."""
+
+    def __init__(
+        self, fmt: Format, families: Sequence[Metric], earlier: _Rendering | None = None
+    ) -> None:
+        encoded = earlier.encoded() if earlier is not None else {}
+        pieces = [encoded.get(id(family)) or _encode(fmt, (family,)) for family in families]
+        self.families = tuple(families)  # alive while the slices are: the ids stay theirs
         self.body = b"".join(pieces)
         view = memoryview(self.body)
         slices: list[memoryview] = []
@@ -154,6 +162,10 @@ class _Rendering:
         self.slices = tuple(slices)
         self._gzip: tuple[bytes, zlib._Compress] | None = None
         self._lock = threading.Lock()
+
+    def encoded(self) -> dict[int, bytes]:
+        """Each family object's bytes, by its id (valid while this rendering holds them)."""
+        return {id(f): bytes(piece) for f, piece in zip(self.families, self.slices, strict=True)}
 
     def gzip(self) -> tuple[bytes, zlib._Compress]:
         """The body gzipped and flushed to a byte boundary, and the compressor to go on from."""
@@ -168,19 +180,30 @@ class _Rendering:
 class _StateRenderings:
     """Everything rendered for one ExportState."""
 
-    def __init__(self, state: ExportState | None, families: Sequence[Metric]) -> None:
+    def __init__(
+        self,
+        state: ExportState | None,
+        families: Sequence[Metric],
+        earlier: _StateRenderings | None = None,
+    ) -> None:
         self.state = state
         self.families = tuple(families)
         self.names = tuple(_sample_names(family) for family in self.families)
         self._formats: dict[tuple[bool, str, str], _Rendering] = {}
         self._lock = threading.Lock()
+        # The latest rendering in each format of an earlier state, for the families they
+        # share (polls come more often than scrapes); one per format at most, not a chain.
+        self._earlier: dict[tuple[bool, str, str], _Rendering] = {}
+        if earlier is not None:
+            with earlier._lock:
+                self._earlier = {**earlier._earlier, **earlier._formats}
 
     def rendering(self, fmt: Format) -> _Rendering:
         # One lock: scrapes racing for the same rendering wait for the first, not render it too.
         with self._lock:
             rendering = self._formats.get(fmt.key)
             if rendering is None:
-                rendering = _Rendering(fmt, self.families)
+                rendering = _Rendering(fmt, self.families, self._earlier.pop(fmt.key, None))
                 self._formats[fmt.key] = rendering
             return rendering
 
@@ -207,7 +230,7 @@ class Expositions:
             current = self._current
             if current is None or current.state is not state:
                 # Replaced whole: the renderings of the last state go with it.
-                current = _StateRenderings(state, self._collect(state))
+                current = _StateRenderings(state, self._collect(state), current)
                 self._current = current
             return current
 

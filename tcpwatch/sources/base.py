@@ -27,6 +27,9 @@ from tcpwatch.config import CollectSettings
 from tcpwatch.model import Attribution, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths
 
+# Re-exported: the pipeline keeps one FileMemo and polls hand it to the sources.
+from tcpwatch.sources.filememo import FileMemo as FileMemo
+
 Scope = Literal["netns", "host", "long-lived", "host-long-lived"]
 
 
@@ -48,6 +51,7 @@ class SourceContext:
     # Where another process says the owners are (check: its local daemon's /api/v1/owners):
     # confirmed like known_owners, one readlink each, but no earlier poll narrows what is wanted.
     owner_hints: Attribution | None = None
+    memo: FileMemo | None = None  # what earlier polls read of rarely changing files (serve)
 
 
 @dataclass(frozen=True, slots=True)

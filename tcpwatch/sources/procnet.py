@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from tcpwatch.model import KernelCounters, Snapshot, SockStat
 from tcpwatch.paths import ProcPaths, read_text
-from tcpwatch.sources.base import SourceContext, netns_source
+from tcpwatch.sources.base import FileMemo, SourceContext, netns_source
 
 # Offending text longer than this is cut in the message (a netstat line runs to ~2,000 chars).
 _MAX_SHOWN = 120
@@ -173,16 +173,27 @@ def _fields(values: dict[str, int], names: tuple[str, ...], path: str) -> tuple[
     return tuple(values[name] for name in names)
 
 
-def read_churn_marks(paths: ProcPaths, after: bool = False) -> ChurnMarks:
+def _table(paths: ProcPaths, name: str, memo: FileMemo | None, netns: int) -> dict[str, int]:
+    """/proc/net/<name> parsed (by ``memo`` only when its text changed since the last poll)."""
+    path = paths.net(name)
+    text = read_text(path)
+    if memo is None:
+        return parse_counter_table(text, path)
+    return memo.parsed((netns, path), text, lambda t: parse_counter_table(t, path))
+
+
+def read_churn_marks(
+    paths: ProcPaths, after: bool = False, memo: FileMemo | None = None, netns: int = 0
+) -> ChurnMarks:
     """The marks, read so that an open straddling the read is seen: before a dump the MIB
     first (a connect() is hashed, so in ``inuse``, before ActiveOpens moves), after it sockstat
     first (an accepted child's PassiveOpens moves before it is hashed)."""
     snmp = paths.net("snmp")
     if after:
         sockstat = read_sockstat(paths)
-        values = parse_counter_table(read_text(snmp), snmp)
+        values = _table(paths, "snmp", memo, netns)
     else:
-        values = parse_counter_table(read_text(snmp), snmp)
+        values = _table(paths, "snmp", memo, netns)
         sockstat = read_sockstat(paths)
     quiet = (*_fields(values, QUIET_FIELDS, snmp), sockstat.time_wait)
     return ChurnMarks(
@@ -190,12 +201,11 @@ def read_churn_marks(paths: ProcPaths, after: bool = False) -> ChurnMarks:
     )
 
 
-def read_counters(paths: ProcPaths) -> KernelCounters:
+def read_counters(paths: ProcPaths, memo: FileMemo | None = None, netns: int = 0) -> KernelCounters:
     """/proc/net/netstat and /proc/net/snmp merged; OSError (with the path) if either is missing."""
     values: dict[str, int] = {}
     for name in ("netstat", "snmp"):
-        path = paths.net(name)
-        values.update(parse_counter_table(read_text(path), path))
+        values.update(_table(paths, name, memo, netns))
     return KernelCounters(values=values)
 
 
@@ -219,4 +229,4 @@ def read_sockstat_source(context: SourceContext, so_far: Snapshot) -> SockStat:
 
 @netns_source("counters", field="counters", order=30)
 def read_counters_source(context: SourceContext, so_far: Snapshot) -> KernelCounters:
-    return read_counters(context.paths)
+    return read_counters(context.paths, context.memo, context.netns_inode)

@@ -219,7 +219,9 @@ def read_sockets_source(context: SourceContext, so_far: Snapshot) -> SocketTable
     before = None
     if settings.established == "derived" and sockstat is not None:
         try:
-            before = procnet.read_churn_marks(context.paths)
+            before = procnet.read_churn_marks(
+                context.paths, False, context.memo, context.netns_inode
+            )
         except (OSError, procnet.ProcParseError):
             before = None  # no way to tell churn: count ESTABLISHED by dumping it
     if before is not None:
@@ -228,7 +230,10 @@ def read_sockets_source(context: SourceContext, so_far: Snapshot) -> SocketTable
 
         def settled() -> bool:
             try:
-                return procnet.read_churn_marks(context.paths, after=True) == marks
+                return (
+                    procnet.read_churn_marks(context.paths, True, context.memo, context.netns_inode)
+                    == marks
+                )
             except (OSError, procnet.ProcParseError):
                 return False
 

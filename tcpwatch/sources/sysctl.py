@@ -6,15 +6,14 @@ file we cannot read or parse is left out too, and named: the source is then degr
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from tcpwatch.errors import describe_error
 from tcpwatch.model import MULTI_FIELD_SUFFIXES, Snapshot, Sysctls
-from tcpwatch.paths import ProcPaths, read_text
-from tcpwatch.sources.base import Partial, SourceContext, netns_source
+from tcpwatch.paths import ProcPaths, read_small_text
+from tcpwatch.sources.base import FileMemo, Partial, SourceContext, netns_source
 from tcpwatch.sources.procnet import ProcParseError
 
 _T = TypeVar("_T")
@@ -112,45 +111,69 @@ class SysctlRead:
     skipped: tuple[str, ...]  # "path: why", one per file that exists but could not be used
 
 
-def _read_one(path: str, parse: Callable[[str], _T]) -> _T | None:
-    """The parsed file; None when it is absent (the kernel lacks it). Other errors raise."""
-    try:
-        text = read_text(path, _MAX_SYSCTL_CHARS)
-    except FileNotFoundError:
-        return None
-    return parse(text)
+# One sysctl file as read: its name, path, text (None: absent, the kernel lacks it) and, when
+# reading it failed otherwise, why.
+_Read = tuple[str, str, str | None, str | None]
 
 
-def read_sysctl_files(paths: ProcPaths, also: Iterable[str] = ()) -> SysctlRead:
+def _read_texts(paths: ProcPaths, names: Iterable[str]) -> tuple[_Read, ...]:
+    read: list[_Read] = []
+    for name in names:
+        path = paths.sysctl(name)
+        try:
+            read.append((name, path, read_small_text(path, _MAX_SYSCTL_CHARS), None))
+        except FileNotFoundError:
+            read.append((name, path, None, None))
+        except (OSError, UnicodeDecodeError) as error:
+            read.append((name, path, None, _skip_note(path, error)))
+    return tuple(read)
+
+
+def _parsed(texts: tuple[_Read, ...]) -> SysctlRead:
+    values: dict[str, tuple[int, ...]] = {}
+    skipped: list[str] = []
+    reserved: tuple[tuple[int, int], ...] = ()
+    known = True
+    for name, path, text, problem in texts:
+        try:
+            if problem is not None:
+                raise _Unreadable(problem)
+            if text is None:
+                continue
+            if name == RESERVED_PORTS:
+                reserved = parse_reserved_ports(text, path)
+            else:
+                values[name] = parse_sysctl(name, text, path)
+        except (_Unreadable, ProcParseError) as error:
+            skipped.append(str(error))
+            if name == RESERVED_PORTS:
+                # Unknown, not empty: a fix written from an empty list would drop every
+                # reservation.
+                known = False
+    sysctls = Sysctls(values=values, reserved_ports=reserved, reserved_ports_known=known)
+    return SysctlRead(sysctls, tuple(skipped))
+
+
+class _Unreadable(Exception):
+    """A sysctl file that exists but could not be read (its note is the message)."""
+
+
+def read_sysctl_files(
+    paths: ProcPaths, also: Iterable[str] = (), memo: FileMemo | None = None, netns: int = 0
+) -> SysctlRead:
     """Every sysctl in SYSCTLS (and ``also``) that exists, plus the reserved ports.
 
     One file is one field: a malformed or unreadable file is left out and named in ``skipped``,
-    the others are kept (a bad value must not take every tcpwatch_sysctl series with it).
+    the others are kept (a bad value must not take every tcpwatch_sysctl series with it). Every
+    file is read on every call (procfs gives no modification time); with ``memo``, texts equal
+    to the namespace's last ones are not parsed again and give the same Sysctls object.
     """
-    values: dict[str, tuple[int, ...]] = {}
-    skipped: list[str] = []
-    # The reserved ports are a list of ranges, read below by their own parser.
-    for name in dict.fromkeys(n for n in (*SYSCTLS, *also) if n != RESERVED_PORTS):
-        path = paths.sysctl(name)
-        try:
-            fields = _read_one(path, functools.partial(parse_sysctl, name, path=path))
-        except (OSError, UnicodeDecodeError, ProcParseError) as error:
-            skipped.append(_skip_note(path, error))
-            continue
-        if fields is not None:
-            values[name] = fields
-    reserved_path = paths.sysctl(RESERVED_PORTS)
-    known = True
-    try:
-        reserved = _read_one(
-            reserved_path, functools.partial(parse_reserved_ports, path=reserved_path)
-        )
-    except (OSError, UnicodeDecodeError, ProcParseError) as error:
-        # Unknown, not empty: a fix written from an empty list would drop every reservation.
-        skipped.append(_skip_note(reserved_path, error))
-        reserved, known = None, False
-    sysctls = Sysctls(values=values, reserved_ports=reserved or (), reserved_ports_known=known)
-    return SysctlRead(sysctls, tuple(skipped))
+    # The reserved ports are a list of ranges, read last by their own parser.
+    names = [*dict.fromkeys(n for n in (*SYSCTLS, *also) if n != RESERVED_PORTS), RESERVED_PORTS]
+    texts = _read_texts(paths, names)
+    if memo is None:
+        return _parsed(texts)
+    return memo.parsed((netns, "sysctl"), texts, _parsed)
 
 
 def _skip_note(path: str, error: Exception) -> str:
@@ -171,7 +194,7 @@ def read_sysctl_source(context: SourceContext, so_far: Snapshot) -> Sysctls | Pa
     Degraded (up, with notes) when some files could not be used; failed when none could: a
     source that read nothing is not up (procfs gone or not mounted where --path.procfs says).
     """
-    read = read_sysctl_files(context.paths, context.sysctl_names)
+    read = read_sysctl_files(context.paths, context.sysctl_names, context.memo, context.netns_inode)
     if not read.sysctls.values:
         if read.skipped:
             raise NoSysctls(f"no sysctl file was usable, e.g. {read.skipped[0]}")

@@ -137,20 +137,34 @@ def read_persisted_sysctls(etc_root: str = "/") -> tuple[PersistedSysctl, ...]:
     tests); paths in the result are as seen on the host. Unreadable files are skipped, and so
     are malformed lines (see :func:`parse_sysctl_conf`): this is advice input, never fatal.
     """
+    return read_watched(etc_root)[0]
+
+
+def read_watched(etc_root: str = "/") -> tuple[tuple[PersistedSysctl, ...], list[str]]:
+    """:func:`read_persisted_sysctls` and the paths it depends on, for a FileMemo: each
+    directory listed and each file read, below ``etc_root`` as named and as resolved."""
+    watched = [os.path.join(etc_root, d) for d in SYSCTL_DROP_IN_DIRECTORIES]
+    for directory in SYSCTL_DROP_IN_DIRECTORIES:
+        try:
+            watched.append(_resolve(etc_root, "/" + directory))
+        except OSError:
+            continue
     entries: list[PersistedSysctl] = []
     seen: set[str] = set()
     for host_path in _conf_files(etc_root):
+        watched.append(os.path.join(etc_root, host_path.lstrip("/")))
         try:
             real = _resolve(etc_root, host_path)
         except OSError:
             continue
+        watched.append(real)
         if real in seen:  # /lib -> /usr/lib on merged-/usr systems
             continue
         seen.add(real)
         text = _read(etc_root, host_path)
         if text is not None:
             entries.extend(parse_sysctl_conf(text, host_path, strict=False))
-    return tuple(entries)
+    return tuple(entries), watched
 
 
 @host_source("sysctl_files", field="persisted_sysctls", order=70)
@@ -160,6 +174,10 @@ def read_sysctl_files_source(
     """The host's persisted settings, below ``--path.rootfs``: one read for every namespace.
 
     The rules judge only the host namespace (or the only one polled) against them, since the
-    files set the host's tunables at boot.
+    files set the host's tunables at boot. Serve reuses the last poll's lines while none of
+    the files or directories changed (sources/filememo.py).
     """
-    return read_persisted_sysctls(context.paths.rootfs)
+    root = context.paths.rootfs
+    if context.memo is None:
+        return read_persisted_sysctls(root)
+    return context.memo.reuse(("sysctl_files", root), lambda: read_watched(root))

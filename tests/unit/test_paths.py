@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tcpwatch.paths import procfs_problem, read_bytes, read_text
+from tcpwatch.paths import procfs_problem, read_bytes, read_small_text, read_text
 
 
 def test_procfs_problem_names_the_directory_until_it_has_net_sockstat(tmp_path: Path) -> None:
@@ -38,3 +38,19 @@ def test_read_bytes_returns_raw_bytes_up_to_the_limit(tmp_path: Path) -> None:
     comm.write_bytes(b"ngin\rx\xff\n")
     assert read_bytes(str(comm)) == b"ngin\rx\xff\n"
     assert read_bytes(str(comm), 4) == b"ngin"
+
+
+def test_read_small_text_reads_like_read_text_within_its_byte_bound(tmp_path: Path) -> None:
+    value = tmp_path / "somaxconn"
+    value.write_text("4096\n")
+    assert read_small_text(str(value), 4096) == read_text(str(value)) == "4096\n"
+    assert read_small_text(str(value), 2) == "40"
+    assert read_small_text("/proc/sys/net/core/somaxconn", 4096) == read_text(
+        "/proc/sys/net/core/somaxconn"
+    )
+    odd = tmp_path / "odd"
+    odd.write_bytes(b"1\xff\n")
+    with pytest.raises(UnicodeDecodeError):
+        read_small_text(str(odd), 4096)
+    with pytest.raises(FileNotFoundError):
+        read_small_text(str(tmp_path / "absent"), 4096)

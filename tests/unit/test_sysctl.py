@@ -306,3 +306,24 @@ def test_names_the_rules_declare_are_read_and_reserved_ports_keep_their_parser(
     assert "net.ipv4.ip_local_reserved_ports" in SYSCTLS_USED
     assert sysctls.reserved_ports == ((8080, 8080), (9000, 9010))
     assert sysctls.get("net.ipv4.tcp_syncookies") == 1
+
+
+def test_values_read_again_but_parsed_only_when_a_text_changed(tmp_path: Path) -> None:
+    from tcpwatch.sources.filememo import FileMemo
+
+    write_sysctl(tmp_path, "net.core.somaxconn", "128\n")
+    write_sysctl(tmp_path, "net.ipv4.tcp_fin_timeout", "sixty\n")
+    write_sysctl(tmp_path, RESERVED_PORTS, "40100\n")
+    paths = ProcPaths(root=str(tmp_path))
+    memo = FileMemo()
+    first = read_sysctl_files(paths, memo=memo, netns=5)
+    assert first == read_sysctl_files(paths)  # the same outcome, skipped notes included
+    assert read_sysctl_files(paths, memo=memo, netns=5) is first
+    write_sysctl(tmp_path, "net.core.somaxconn", "4096\n")  # no mtime needed: read each time
+    second = read_sysctl_files(paths, memo=memo, netns=5)
+    assert second.sysctls.values["net.core.somaxconn"] == (4096,)
+    assert second == read_sysctl_files(paths)
+    write_sysctl(tmp_path, RESERVED_PORTS, "x\n")
+    third = read_sysctl_files(paths, memo=memo, netns=5)
+    assert not third.sysctls.reserved_ports_known and third == read_sysctl_files(paths)
+    assert memo.parses == 3

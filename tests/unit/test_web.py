@@ -21,6 +21,7 @@ from types import MappingProxyType
 
 import bcrypt
 import pytest
+from prometheus_client.core import Metric
 
 from tcpwatch import __version__
 from tcpwatch.config import CollectSettings, Config, RuleOverride
@@ -32,7 +33,6 @@ from tcpwatch.http.listen import ListenAddress, ListenError, parse_listen
 from tcpwatch.http.server import WebServer
 from tcpwatch.http.webconfig import RateLimit, WebConfig
 from tcpwatch.model import ProcessRef
-from tcpwatch.render import prometheus
 from tcpwatch.rules import Finding
 from tcpwatch.state import ExportState
 
@@ -250,13 +250,13 @@ def test_process_self_metrics_are_added_per_scrape() -> None:
 
 def test_a_state_is_rendered_once_however_many_scrapes(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[object] = []
-    real = prometheus.make_registry
+    collect = web_app.FamilyMemo.collect
 
-    def counting(*args: object, **kwargs: object) -> object:
-        calls.append(args)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+    def counting(memo: web_app.FamilyMemo, state: ExportState | None) -> list[Metric]:
+        calls.append(state)
+        return collect(memo, state)
 
-    monkeypatch.setattr(web_app, "make_registry", counting)
+    monkeypatch.setattr(web_app.FamilyMemo, "collect", counting)
     holder = Holder()
     holder.state = export_state()
     app = holder.app()

@@ -11,11 +11,13 @@ import zlib
 
 import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 
 from tcpwatch.http import app as web_app
 from tcpwatch.http import exposition
 from tcpwatch.http.exposition import Format, negotiate
 from tcpwatch.render import prometheus
+from tcpwatch.state import ExportState
 
 from .test_web import PROMETHEUS_ACCEPT, Holder, export_state, finding, get
 
@@ -78,13 +80,13 @@ def test_an_unknown_version_is_served_not_a_500(caplog: pytest.LogCaptureFixture
 
 def test_renderings_are_bounded_by_formats_not_by_headers(monkeypatch: pytest.MonkeyPatch) -> None:
     collected: list[object] = []
-    real = prometheus.make_registry
+    collect = web_app.FamilyMemo.collect
 
-    def counting(*args: object, **kwargs: object) -> object:
-        collected.append(args)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+    def counting(memo: web_app.FamilyMemo, state: ExportState | None) -> list[Metric]:
+        collected.append(state)
+        return collect(memo, state)
 
-    monkeypatch.setattr(web_app, "make_registry", counting)
+    monkeypatch.setattr(web_app.FamilyMemo, "collect", counting)
     holder = Holder()
     holder.state = export_state(finding())
     app = holder.app()
@@ -100,12 +102,13 @@ def test_renderings_are_bounded_by_formats_not_by_headers(monkeypatch: pytest.Mo
 def test_name_filters_use_the_cached_families(monkeypatch: pytest.MonkeyPatch) -> None:
     collected: list[object] = []
     real = prometheus.make_registry
+    collect = web_app.FamilyMemo.collect
 
-    def counting(*args: object, **kwargs: object) -> object:
-        collected.append(args)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+    def counting(memo: web_app.FamilyMemo, state: ExportState | None) -> list[Metric]:
+        collected.append(state)
+        return collect(memo, state)
 
-    monkeypatch.setattr(web_app, "make_registry", counting)
+    monkeypatch.setattr(web_app.FamilyMemo, "collect", counting)
     holder = Holder()
     holder.state = export_state(finding())
     app = holder.app(process_metrics=True)
