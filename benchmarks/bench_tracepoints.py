@@ -571,6 +571,15 @@ def main() -> int:
     args = parser.parse_args()
     if args.rate_seconds is None:
         args.rate_seconds = args.seconds
+    if args.output is not None:
+        # Checked before the minutes of measuring, not after them.
+        start, end = MARKERS
+        try:
+            current = args.output.read_text()
+        except OSError as error:
+            parser.error(f"--output {args.output}: {error.strerror}")
+        if start not in current or end not in current:
+            parser.error(f"--output {args.output} has no {start} ... {end} markers")
     if os.geteuid() != 0:
         print("bench_tracepoints.py needs root (namespaces, perf_event_open)", file=sys.stderr)
         return 2
