@@ -621,8 +621,14 @@ def main() -> int:
                     )
     finally:
         if nginx is not None and nginx.poll() is None:
-            nginx.kill()
-            nginx.wait(10)
+            # SIGTERM: the master stops its worker and waits for it. SIGKILL would leave the
+            # worker running, orphaned, serving a namespace that no longer has a name.
+            nginx.terminate()
+            try:
+                nginx.wait(10)
+            except subprocess.TimeoutExpired:
+                nginx.kill()
+                nginx.wait(10)
         namespace.delete()
     text = report(runs, args, clients, rate_runs)
     print(text)

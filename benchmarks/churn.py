@@ -161,11 +161,16 @@ def nginx(port: int, directory: Path, connections: int, seconds: float) -> None:
     children: list[subprocess.Popen[bytes]] = []
 
     def stop(*_: object) -> None:
+        # SIGTERM first: nginx's master then stops its worker; SIGKILL would orphan the worker.
         for child in children:
             if child.poll() is None:
-                child.kill()
+                child.terminate()
         for child in children:
-            child.wait(10)
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(10)
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, stop)
