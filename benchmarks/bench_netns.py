@@ -51,7 +51,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -60,7 +60,7 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPOSITORY)
 
 from tcpwatch.config import CollectSettings  # noqa: E402
-from tcpwatch.model import Snapshot  # noqa: E402
+from tcpwatch.model import Snapshot, SocketTable  # noqa: E402
 from tcpwatch.snapshot import poll  # noqa: E402
 from tcpwatch.sources import netlink, sockdiag, sockets  # noqa: E402
 from tcpwatch.sources import netns as netns_source  # noqa: E402
@@ -286,6 +286,7 @@ class PollCost:
     wall: float
     dumps: int
     messages: int
+    tables: Mapping[str, SocketTable]  # what the next steady poll is given as ``earlier``
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +298,7 @@ class RunResult:
     host_sockets: int  # TCP objects host-wide (slabinfo) while measuring: the shared hash's load
     default: tuple[PollCost, ...]
     no_attribution: tuple[PollCost, ...]
+    steady: tuple[PollCost, ...]  # between destination scans, as serve polls 3 times in 4
     empty_walk_seconds: float  # system time of one dump that matches nothing
     load: str
 
@@ -319,13 +321,18 @@ def counting_dumps() -> tuple[list[int], Callable[[], None]]:
 
 
 def measure_poll(
-    settings: CollectSettings, pattern: str, check: Callable[[tuple[Snapshot, ...]], None]
+    settings: CollectSettings,
+    pattern: str,
+    check: Callable[[tuple[Snapshot, ...]], None],
+    earlier: Mapping[str, SocketTable] | None = None,
 ) -> PollCost:
+    """One poll; with ``earlier`` (each namespace's table from the poll before) as serve polls
+    between destination scans, without it as a destination-scan poll (and `check`)."""
     counter, undo = counting_dumps()
     try:
         before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
-        snapshots = poll(settings, (pattern,))
+        snapshots = poll(settings, (pattern,), earlier=earlier)
         wall = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_SELF)
     finally:
@@ -338,6 +345,7 @@ def measure_poll(
         wall=wall,
         dumps=counter[0],
         messages=messages,
+        tables={s.netns: s.sockets for s in snapshots if s.sockets is not None},
     )
 
 
@@ -421,6 +429,7 @@ def measure_run(count: int, total: int, hash_mode: str, polls: int, prefix: str)
             warm_up = measure_poll(CollectSettings(), namespaces.pattern, check)
             default: list[PollCost] = []
             bare: list[PollCost] = []
+            steady: list[PollCost] = []
             quiet = CollectSettings(process_attribution=False)
             # As many polls as the TIME_WAIT sockets outlive (up to `polls` of each setting).
             for _ in range(polls):
@@ -428,6 +437,11 @@ def measure_run(count: int, total: int, hash_mode: str, polls: int, prefix: str)
                     break
                 default.append(measure_poll(CollectSettings(), namespaces.pattern, check))
                 bare.append(measure_poll(quiet, namespaces.pattern, check))
+                steady.append(
+                    measure_poll(
+                        CollectSettings(), namespaces.pattern, check, earlier=default[-1].tables
+                    )
+                )
             if not default or not fits(0):
                 raise BenchError(
                     f"{count} namespaces: one poll takes {warm_up.wall:.1f} s, too long to fit "
@@ -444,6 +458,7 @@ def measure_run(count: int, total: int, hash_mode: str, polls: int, prefix: str)
             host_sockets=host_sockets,
             default=tuple(default),
             no_attribution=tuple(bare),
+            steady=tuple(steady),
             empty_walk_seconds=walk,
             load=load,
         )
@@ -508,7 +523,13 @@ def render(results: Sequence[RunResult], total: int, polls: int) -> str:
         "",
         "* *CPU per poll*: getrusage of the polling process around `poll()`, user + system, "
         "process attribution (the /proc/*/fd scan) on, the default; *no attribution*: the same "
-        "with `process_attribution: false`.",
+        "with `process_attribution: false`. A fresh `poll()` is a destination-scan poll: besides "
+        "the state dump it runs the per-destination and the listeners' `tcp_info` scans, two "
+        "more walks of the hash per namespace, which `serve` runs once per "
+        "`destinations_interval` (60 s).",
+        "* *between scans*: the same poll given each namespace's table from the poll before "
+        "(`earlier`), as `serve` polls between destination scans; these populations do not move, "
+        "so each namespace dumps only its listeners (kernel-facts.md says when that is exact).",
         "* *sys*: the kernel's share of that CPU over all polls of the run (sock_diag hash walks, "
         "/proc files, setns threads); the rest is tcpwatch's Python.",
         "* *empty walk*: CPU time of one sock_diag dump that matches no socket, sent from "
@@ -519,8 +540,9 @@ def render(results: Sequence[RunResult], total: int, polls: int) -> str:
         "steps over.",
         "",
         "| namespaces | sockets each | hash (buckets) | dumps per poll | CPU per poll, ms | sys "
-        "| no attribution, ms | per namespace, ms | empty walk, ms | host TCP objects | polls |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| no attribution, ms | between scans, ms | per namespace, ms | empty walk, ms "
+        "| host TCP objects | polls |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         cost = per_poll(result.default)
@@ -530,6 +552,7 @@ def render(results: Sequence[RunResult], total: int, polls: int) -> str:
             f"({result.ehash_entries:,}) | {median([c.dumps for c in result.default]):g} | "
             f"{milliseconds(cost)} | {system_share(result.default):.0%} | "
             f"{milliseconds(per_poll(result.no_attribution))} | "
+            f"{milliseconds(per_poll(result.steady))} | "
             f"{milliseconds(cost / result.namespaces)} | "
             f"{milliseconds(result.empty_walk_seconds)} | {result.host_sockets:,} | "
             f"{len(result.default)} |"
