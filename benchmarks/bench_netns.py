@@ -437,9 +437,15 @@ def measure_run(count: int, total: int, hash_mode: str, polls: int, prefix: str)
                     break
                 default.append(measure_poll(CollectSettings(), namespaces.pattern, check))
                 bare.append(measure_poll(quiet, namespaces.pattern, check))
+                # The poll right after a scan walks (the scan poll's table counted ESTABLISHED
+                # itself, so it cannot vouch for a namespace); the one after that is serve's
+                # steady poll, measured.
+                after_scan = measure_poll(
+                    CollectSettings(), namespaces.pattern, check, earlier=default[-1].tables
+                )
                 steady.append(
                     measure_poll(
-                        CollectSettings(), namespaces.pattern, check, earlier=default[-1].tables
+                        CollectSettings(), namespaces.pattern, check, earlier=after_scan.tables
                     )
                 )
             if not default or not fits(0):
@@ -528,8 +534,10 @@ def render(results: Sequence[RunResult], total: int, polls: int) -> str:
         "more walks of the hash per namespace, which `serve` runs once per "
         "`destinations_interval` (60 s).",
         "* *between scans*: the same poll given each namespace's table from the poll before "
-        "(`earlier`), as `serve` polls between destination scans; these populations do not move, "
-        "so each namespace dumps only its listeners (kernel-facts.md says when that is exact).",
+        "(`earlier`), as `serve` polls between destination scans; measured on the second such "
+        "poll after a scan (the first walks: the scan's table cannot vouch for a namespace). "
+        "Unlike serve, it is not given the owners found before (`known_owners`), so the "
+        "process attribution walk runs in full.",
         "* *sys*: the kernel's share of that CPU over all polls of the run (sock_diag hash walks, "
         "/proc files, setns threads); the rest is tcpwatch's Python.",
         "* *empty walk*: CPU time of one sock_diag dump that matches no socket, sent from "
