@@ -285,8 +285,11 @@ def test_the_render_cache_holds_under_versions_name_filters_and_gzip(
     status, _ = served.get("/metrics")  # and still whole afterwards
     assert status == 200
     print(f"RSS before {baseline // 1024} MiB, after each load {rss}; exposition {size} bytes")
-    # Each format's bytes once per poll (a few MB each), not one copy per version or request.
-    assert max(rss.values()) - baseline < 40 * 1024, (baseline, rss)
+    # Each format's bytes once per poll (2.5 MB each here; the exposition also keeps the last
+    # rendering of the state before, for the families that did not change), not one copy per
+    # version or request: that would be GBs over these thousands of requests. Growth measured
+    # 31-42 MiB with glibc's per-thread arenas (42 once in CI, against a bound of 40 then).
+    assert max(rss.values()) - baseline < 64 * 1024, (baseline, rss)
     clean_log(served)
 
 
