@@ -21,15 +21,20 @@ SNAPSHOT_FIELDS = tuple(f.name for f in fields(Snapshot))
 STATE_FIELDS = tuple(f.name for f in fields(ExportState))
 
 
+def _noting_getattribute(self: Any, name: str) -> Any:
+    """Note the name of every field or method read (``reads`` itself and dunders aside)."""
+    if name != "reads" and not name.startswith("__"):
+        object.__getattribute__(self, "reads").add(name)
+    return object.__getattribute__(self, name)
+
+
 class ReadSnapshot(Snapshot):
     """A Snapshot that notes the names of the fields and methods read from it in ``reads``."""
 
     __slots__ = ("reads",)
+    reads: set[str]
 
-    def __getattribute__(self, name: str) -> Any:
-        if name != "reads" and not name.startswith("__"):
-            object.__getattribute__(self, "reads").add(name)
-        return object.__getattribute__(self, name)
+    __getattribute__ = _noting_getattribute
 
 
 def read_snapshot(snapshot: Snapshot) -> ReadSnapshot:
@@ -42,11 +47,9 @@ class ReadState(ExportState):
     """An ExportState that notes the fields read from it; its snapshots are ReadSnapshots."""
 
     __slots__ = ("reads",)
+    reads: set[str]
 
-    def __getattribute__(self, name: str) -> Any:
-        if name != "reads" and not name.startswith("__"):
-            object.__getattribute__(self, "reads").add(name)
-        return object.__getattribute__(self, name)
+    __getattribute__ = _noting_getattribute
 
 
 def read_state(state: ExportState) -> ReadState:
