@@ -152,12 +152,12 @@ class Tracker:
             if len(self.sockets) >= self.socket_limit:
                 self._missed("set_state", "table_full")
                 return
-            key = (family, destination, dport)
-            label = self._labels.get(key)
+            named = (family, destination, dport)
+            label = self._labels.get(named)
             if label is None:  # a destination's name is made once, not at every connect
                 if len(self._labels) >= LABEL_LIMIT:
                     self._labels.clear()
-                label = self._labels[key] = endpoint(address_of(family, destination), dport)
+                label = self._labels[named] = endpoint(address_of(family, destination), dport)
             self.sockets[sk] = _Socket(who[0], who[1], CLIENT, label, time_ns)
             return
         entry = self.sockets.get(sk)
