@@ -227,7 +227,7 @@ def test_the_batch_path_makes_the_same_calls_as_the_per_record_path(
     records: list[perf.Record] = []
     buffers = [perf.RingBuffer(ring.fd, 64) for ring in rings]
     ends = [buffer.collect(records) for buffer in buffers]
-    assert any(record[4] is not buffers[1]._map for record in records)  # a wrapped copy
+    assert any(isinstance(record[4], bytes) for record in records)  # a wrapped record's copy
     one.handle(records)
     for buffer, end in zip(buffers, ends, strict=True):
         buffer.release(end)
