@@ -303,6 +303,30 @@ class RingBuffer:
             position += length
         return int(position)
 
+    def take(self) -> bytes:
+        """Every complete record written so far, copied out in ring order as one ``bytes`` (a
+        span that wraps around the end of the data area is joined: one copy), and their space
+        given back to the kernel at once. The batch parser (tracepoints_batch.py) reads it;
+        :meth:`collect` is the per-record path, in place."""
+        memory = self._map
+        head, tail = _MMAP_PAGE_DATA.unpack_from(memory, _DATA_HEAD_OFFSET)[:2]
+        if head == tail:
+            return b""
+        barrier = self._barrier
+        if barrier is not None:
+            barrier()
+        base, size = self.data_offset, self.data_size
+        length = head - tail
+        if length > size or length < 0:
+            raise PerfError(f"corrupt ring buffer: {length} bytes pending in a {size}-byte ring")
+        start = tail & (size - 1)
+        first = min(length, size - start)
+        data = memory[base + start : base + start + first]
+        if first < length:
+            data += memory[base : base + length - first]
+        self.release(int(head))
+        return data
+
     def release(self, position: int) -> None:
         """Give the space up to ``position`` (from :meth:`collect`) back to the kernel."""
         barrier = self._barrier

@@ -197,14 +197,9 @@ class TracepointReader:
             self._read()
 
     def _read(self) -> None:
-        """Every record the rings hold, in time order, then their space back. Lock held."""
-        records: list[perf.Record] = []
-        ends = [ring.collect(records) for ring in self._rings]
-        try:
-            self.records.handle(records, ordered=len(ends) < 2)
-        finally:
-            for ring, end in zip(self._rings, ends, strict=True):
-                ring.release(end)
+        """Every record the rings hold (copied out, their space given back at once), in time
+        order. Lock held."""
+        self.records.handle_spans([ring.take() for ring in self._rings])
         self.records.tracker.expire(time.monotonic_ns())
 
     # -- polls -----------------------------------------------------------------------------------

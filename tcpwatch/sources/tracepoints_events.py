@@ -4,7 +4,7 @@ and how a raw record becomes plain values (offsets and enum numbers from tracefs
 =========================  =====================================================================
 ``sock:inet_sock_set_state``  every TCP state change: skaddr, old and new state, 4-tuple. Kept:
                            changes into or out of SYN_SENT (connect), into LISTEN and into CLOSE
-                           (the end of a socket whose address we follow).
+                           from a state a followed socket can be in (its end).
 ``sock:inet_sk_error_report``  the error a socket reports (ECONNREFUSED, ETIMEDOUT ...), 4-tuple.
 ``tcp:tcp_retransmit_skb``  retransmissions; kept: those of a SYN (state SYN_SENT).
 ``tcp:tcp_send_reset``      a reset sent, with the kernel's reason (6.10+) and skaddr (0: none).
@@ -105,6 +105,7 @@ class TcpStates:
     syn_sent: int
     close: int
     listen: int
+    syn_recv: int
 
 
 def tcp_states(event: EventFormat) -> TcpStates:
@@ -113,6 +114,7 @@ def tcp_states(event: EventFormat) -> TcpStates:
         syn_sent=event.value_of("newstate", "TCP_SYN_SENT"),
         close=event.value_of("newstate", "TCP_CLOSE"),
         listen=event.value_of("newstate", "TCP_LISTEN"),
+        syn_recv=event.value_of("newstate", "TCP_SYN_RECV"),
     )
 
 
@@ -128,10 +130,15 @@ def _address(family: int, v4: bytes, v6: bytes) -> bytes:
 
 
 def set_state_filter(states: TcpStates) -> str:
+    """A connect's start and end, a listener's start, and the end of a socket that may be
+    followed (docs/tracepoints.md, "Which records"): no followed socket is ever in CLOSE (each
+    is forgotten on entering it) or in SYN_RECV (a SYN_SENT socket moving there, a simultaneous
+    open, ends its connect), so the ends from those two states are left in the kernel."""
     s = states
     return (
         f"protocol == {IPPROTO_TCP} && (oldstate == {s.syn_sent} || newstate == {s.syn_sent} "
-        f"|| newstate == {s.close} || newstate == {s.listen})"
+        f"|| newstate == {s.listen} || (newstate == {s.close} && oldstate != {s.close} "
+        f"&& oldstate != {s.syn_recv}))"
     )
 
 

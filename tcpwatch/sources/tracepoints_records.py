@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from tcpwatch.sources import perf
 from tcpwatch.sources import tracepoints_events as events
 from tcpwatch.sources.tracefs import EventFormat, TracefsError, read_event_format
+from tcpwatch.sources.tracepoints_batch import GENERIC, TIME_ITEM, Parsed, SpanParser
 from tcpwatch.sources.tracepoints_tracker import Tracker
 from tcpwatch.tracepoint_stats import TracepointHost
 
@@ -81,6 +82,7 @@ def event_set(formats: Mapping[Spec, EventFormat], missing: list[str] | None = N
 
 
 _by_time = operator.itemgetter(0)
+_by_parsed_time = operator.itemgetter(TIME_ITEM)
 
 
 class RecordReader:
@@ -94,6 +96,7 @@ class RecordReader:
         self._counts: dict[int, int] = dict.fromkeys(self._names, 0)
         self.lost = 0
         self.events = tuple(sorted(fmt.title for fmt in formats.values()))
+        self._spans = SpanParser(formats[events.SET_STATE])
 
     def handle(self, records: list[perf.Record], ordered: bool = False) -> None:
         """Every record, oldest first (``ordered``: they already are, one ring's).
@@ -126,6 +129,45 @@ class RecordReader:
                     time_ns,
                     tid != 0 and not flags & interrupt,
                 )
+
+    def handle_spans(self, spans: list[bytes]) -> None:
+        """Every record of each ring's span (perf.RingBuffer.take), oldest first: the same
+        calls on the tracker as :meth:`handle` on those records, with set_state samples
+        parsed a run at a time (tracepoints_batch.py) and handled here inline."""
+        parser = self._spans
+        items: list[Parsed] = []
+        parsed = 0
+        for span in spans:
+            if span:
+                parsed += parser.split(span, items)
+        if not items:
+            return
+        if len(spans) > 1:
+            items.sort(key=_by_parsed_time)
+        self._counts[parser.event] += parsed
+        tracker = self.tracker
+        set_state, forget = tracker.set_state, tracker.sockets.pop
+        close, syn_sent = tracker.states.close, tracker.states.syn_sent
+        interrupt = events.INTERRUPT_FLAGS
+        inet, pad = events.AF_INET, events.PAD12
+        source, destination, source6, destination6 = parser.addresses or (slice(0),) * 4
+        one = self.handle
+        for item in items:
+            if item[0] == GENERIC:
+                _, kind, offset, size, at, span = item
+                one([(at, offset, kind, size, span)], ordered=True)
+                continue
+            _, _, pid, tid, at, _, flags, sk, old, new, sport, dport, family, raw = item
+            if new == close and old != syn_sent:  # most records: a socket's end (Tracker.ended)
+                forget(sk, None)
+                continue
+            task = tid != 0 and not flags & interrupt
+            if family == inet:
+                set_state(pid, tid, at, task, sk, old, new, family, sport, dport,
+                          raw[source] + pad, raw[destination] + pad)  # fmt: skip
+            else:
+                set_state(pid, tid, at, task, sk, old, new, family, sport, dport,
+                          raw[source6], raw[destination6])  # fmt: skip
 
     def record(self, buffer: events.Buffer, offset: int, kind: int, size: int) -> None:
         """One record: a sample to its event's handler, or a side-band record."""

@@ -47,6 +47,7 @@ SOCKET_LIMIT = 1 << 18  # sockets followed at once (about 200 bytes each)
 PENDING_LIMIT = 4096  # closes waiting for their error report, resets waiting for their join
 CLOSE_WAIT_NS = 100_000_000  # a failed connect's close waits this long for its error report
 RESET_WAIT_NS = 1_000_000_000  # a NO_SOCKET reset waits this long for the one it answers
+LABEL_LIMIT = 4096  # destinations' names kept (then forgotten all at once and made again)
 CLIENT, CONNECTED, LISTENER = 0, 1, 2
 _LOOPBACK4 = 127
 _LOOPBACK6 = bytes(15) + b"\x01"
@@ -103,6 +104,7 @@ class Tracker:
         self.own: tuple[int, frozenset[bytes]] = (0, frozenset())
         self.unattributed: dict[tuple[str, str], int] = {}
         self.other_netns = 0
+        self._labels: dict[tuple[int, bytes, int], str] = {}  # (family, address, port) -> name
 
     # -- what attributes a record ----------------------------------------------------------------
 
@@ -150,7 +152,12 @@ class Tracker:
             if len(self.sockets) >= self.socket_limit:
                 self._missed("set_state", "table_full")
                 return
-            label = endpoint(address_of(family, destination), dport)
+            named = (family, destination, dport)
+            label = self._labels.get(named)
+            if label is None:  # a destination's name is made once, not at every connect
+                if len(self._labels) >= LABEL_LIMIT:
+                    self._labels.clear()
+                label = self._labels[named] = endpoint(address_of(family, destination), dport)
             self.sockets[sk] = _Socket(who[0], who[1], CLIENT, label, time_ns)
             return
         entry = self.sockets.get(sk)

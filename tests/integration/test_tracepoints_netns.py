@@ -271,6 +271,70 @@ def test_resets_to_a_closed_port_carry_no_socket(netns: Netns, reading: Reading)
     assert (row.destination, row.failures) == ("127.0.0.1:7", {"ECONNREFUSED": refused})
 
 
+# -- reused socket addresses: the records the filter keeps forget every followed socket ------
+
+REUSE = r"""
+import socket, struct, sys
+rounds, count, base = map(int, sys.argv[1:4])
+abort = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() sends a reset
+refused = 0
+for turn in range(rounds):
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", base + turn))
+    listener.listen(64)
+    for number in range(count):
+        client = socket.create_connection(("127.0.0.1", base + turn), timeout=10)
+        child, _ = listener.accept()
+        if number % 2:  # the client aborts: the accepted socket receives the reset
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, abort)
+            client.close()
+            child.close()
+        else:  # the server aborts: the connected client receives it
+            child.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, abort)
+            child.close()
+            try:
+                client.recv(1)
+            except ConnectionResetError:
+                pass
+            client.close()
+    listener.close()  # LISTEN -> CLOSE: its address is free for the next socket
+    late = socket.socket()
+    try:
+        late.connect(("127.0.0.1", base + turn))
+    except ConnectionRefusedError:
+        refused += 1
+    late.close()
+print(refused)
+"""
+
+
+def test_reused_socket_addresses_are_never_taken_for_a_closed_socket(
+    netns: Netns, reading: Reading
+) -> None:
+    """Hundreds of short connections in a row, so the kernel hands a closed socket's address
+    to the next: a client's, a listener's or an accepted socket's. Each turn's port is new, so
+    a followed socket left behind (its end not read) would put a later reset, received by an
+    accepted socket at its address, under an older turn's destination."""
+    rounds, count, base = 6, 40, 8300
+    inode = os.stat(f"/run/netns/{netns.name}").st_ino
+    reading.share(netns)
+    refused = int(netns.run(sys.executable, "-c", REUSE, str(rounds), str(count), str(base),
+                            timeout=120).stdout)  # fmt: skip
+    share = reading.settled(netns)
+    assert refused == rounds
+    connects = {row.destination: (row.count, row.failures) for row in share.connects}
+    assert connects == {
+        f"127.0.0.1:{base + turn}": (count, {"ECONNREFUSED": 1}) for turn in range(rounds)
+    }
+    received = {r.peer: r.count for r in share.resets if r.direction == "received"}
+    # the connected clients whose server aborted, and each turn's refused connect
+    assert received == {f"127.0.0.1:{base + turn}": count // 2 + 1 for turn in range(rounds)}
+    with reading.reader._lock:  # every socket of the namespace has ended: none is followed
+        followed = [s for s in reading.reader.records.tracker.sockets.values() if s.netns == inode]
+    assert followed == []
+
+
 # -- drops by a firewall rule -----------------------------------------------------------------
 
 ABANDON = r"""

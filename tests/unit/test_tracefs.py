@@ -53,7 +53,7 @@ def test_enum_values_are_read_from_print_fmt() -> None:
     assert chosen.reset_reasons[1] == "NO_SOCKET"
     assert chosen.reset_reasons[11] == "TCP_ABORT_ON_CLOSE"
     assert (chosen.states.established, chosen.states.syn_sent) == (1, 2)
-    assert (chosen.states.close, chosen.states.listen) == (7, 10)
+    assert (chosen.states.close, chosen.states.listen, chosen.states.syn_recv) == (7, 10, 3)
     # tcp_send_reset names its states symbolically (TCP_SYN_SENT, not 2): nothing read there
     assert chosen.formats[events.SEND_RESET].symbols["state"] == {}
 
@@ -61,7 +61,8 @@ def test_enum_values_are_read_from_print_fmt() -> None:
 def test_kernel_side_filters_use_this_kernels_numbers() -> None:
     chosen = fixture_events()
     assert chosen.filters[events.SET_STATE] == (
-        "protocol == 6 && (oldstate == 2 || newstate == 2 || newstate == 7 || newstate == 10)"
+        "protocol == 6 && (oldstate == 2 || newstate == 2 || newstate == 10 "
+        "|| (newstate == 7 && oldstate != 7 && oldstate != 3))"
     )
     assert chosen.filters[events.RETRANSMIT] == "state == 2"
     terms = chosen.filters[events.KFREE_SKB].split(" || ")

@@ -1,0 +1,139 @@
+"""The reader's hot path: a ring's records parsed a run at a time instead of one call each.
+
+``sock:inet_sock_set_state`` is most of what the rings hold (about four records per loopback
+connection) and, for one sample_type, every one of its samples has the same size. So where a
+span of the ring (one copy, perf.RingBuffer.take) holds a run of them, one ``iter_unpack`` of a
+Struct covering the whole sample (header, pid, tid, time, then the raw fields the tracker reads)
+parses the run in C, a tuple per record. A run is taken speculatively, a chunk at a time: each
+tuple's record type, size and event number are checked, and the run ends at the first record
+that is not such a sample (the chunk grows while runs go on, and starts small again after one
+ends, so a ring of mixed records wastes at most a few tuples per record). Every other record is
+listed as ``GENERIC`` for the per-record path. Records of several rings are put in time order
+as RecordReader.handle orders them (a stable sort on the time, ring by ring).
+
+tests/unit/test_tracepoints_batch.py holds this path to the per-record one on the same records.
+"""
+
+from __future__ import annotations
+
+import operator
+import struct
+from typing import Any
+
+from tcpwatch.sources import perf
+from tcpwatch.sources.tracefs import EventFormat, TracefsError
+
+GENERIC = -1  # first item of a record left to the per-record path
+# header (type, misc skipped, size), pid, tid, time, raw size (skipped): 28 bytes
+_SAMPLE_HEAD = "=I2xHIIQ4x"
+# Read as numbers; the four addresses (saddr, daddr, saddr_v6, daddr_v6) follow as one bytes
+# object, sliced only for the records that need them (a socket's end does not).
+STATE_FIELDS = ("common_type", "common_flags", "skaddr", "oldstate", "newstate", "sport",
+                "dport", "family")  # fmt: skip
+ADDRESS_FIELDS = ("saddr", "daddr", "saddr_v6", "daddr_v6")
+# A wide tuple: 0 type, 1 size, 2 pid, 3 tid, 4 time, 5 common_type, 6 flags, 7 skaddr,
+# 8 oldstate, 9 newstate, 10 sport, 11 dport, 12 family, 13 the addresses' bytes.
+# A GENERIC tuple: (GENERIC, type, offset, size, time, span); the time is item 4 of both.
+TIME_ITEM = 4
+_KEY = operator.itemgetter(0, 1, 5)
+_HEADER = perf.RECORD_HEADER.unpack_from
+_EVENT = struct.Struct("=H").unpack_from
+_TIME = struct.Struct("=Q").unpack_from
+_SAMPLE_TIME = 16  # header, pid, tid, then the time
+_TYPE_AT, _SIZE_AT = 0, 6  # a record header's type (u32) and size (u16)
+FIRST_CHUNK = 8
+LAST_CHUNK = 1024
+Parsed = tuple[Any, ...]
+
+
+class SpanParser:
+    """Splits one ring's span into set_state tuples and GENERIC records, in ring order."""
+
+    def __init__(self, state_format: EventFormat) -> None:
+        self.event = state_format.id
+        self.addresses: tuple[slice, ...] | None = None
+        self._raw: str | None = None
+        try:
+            numbers = state_format.unpacker(STATE_FIELDS)
+            first, *_, last = (state_format.field(name) for name in ADDRESS_FIELDS)
+            if first.offset < numbers.size:
+                raise TracefsError(f"{state_format.title}: addresses before the numbers")
+        except TracefsError:
+            return  # a layout this parser does not know: every record takes the per-record path
+        start = first.offset
+        self._raw = (
+            f"{numbers.format.lstrip('=')}{start - numbers.size}x{last.offset + last.size - start}s"
+        )
+        self.addresses = tuple(
+            slice(field.offset - start, field.offset - start + field.size)
+            for field in (state_format.field(name) for name in ADDRESS_FIELDS)
+        )
+        self._wide: dict[int, struct.Struct | None] = {}
+
+    def _struct(self, size: int) -> struct.Struct | None:
+        """The Struct of a whole set_state sample of ``size`` bytes (None: it would not fit)."""
+        if size not in self._wide:
+            body = f"{_SAMPLE_HEAD}{self._raw}"
+            used = struct.calcsize(body)
+            self._wide[size] = struct.Struct(f"{body}{size - used}x") if used <= size else None
+        return self._wide[size]
+
+    @staticmethod
+    def _uniform(span: bytes, start: int, stop: int, step: int, at: int, size: int) -> bool:
+        """Whether the ``size`` bytes at ``at`` of every record from ``start`` to ``stop``
+        (``step`` apart) equal the first record's: one strided slice per byte, in C."""
+        for byte in range(at, at + size):
+            column = span[start + byte : stop : step]
+            if column.count(column[0]) != len(column):
+                return False
+        return True
+
+    def split(self, span: bytes, out: list[Parsed]) -> int:
+        """Append every record of ``span`` (whole records, ring order) to ``out``; returns how
+        many were set_state samples parsed in runs. PerfError on a corrupt record size."""
+        end = len(span)
+        view = memoryview(span)
+        event = self.event
+        sample = perf.PERF_RECORD_SAMPLE
+        raw_offset = perf.RAW_OFFSET
+        append, extend = out.append, out.extend
+        chunk = FIRST_CHUNK
+        parsed_total = 0
+        position = 0
+        while position < end:
+            kind, _, size = _HEADER(span, position)
+            if size < 8 or position + size > end:
+                raise perf.PerfError(f"corrupt ring buffer: a record of {size} bytes")
+            if (
+                kind == sample
+                and size >= raw_offset + 2
+                and _EVENT(span, position + raw_offset)[0] == event
+            ):
+                wide = self._struct(size) if self._raw is not None else None
+                if wide is not None:
+                    count = min(chunk, (end - position) // size)
+                    stop = position + count * size
+                    run = list(wide.iter_unpack(view[position:stop]))
+                    expected = (kind, size, event)
+                    uniform = self._uniform
+                    if (
+                        uniform(span, position, stop, size, _TYPE_AT, 4)
+                        and uniform(span, position, stop, size, _SIZE_AT, 2)
+                        and uniform(span, position, stop, size, raw_offset, 2)
+                    ):
+                        chunk = min(chunk * 2, LAST_CHUNK)
+                    else:
+                        count = next(i for i, key in enumerate(map(_KEY, run)) if key != expected)
+                        del run[count:]
+                        chunk = FIRST_CHUNK
+                    extend(run)
+                    parsed_total += count
+                    position += count * size
+                    continue
+            if kind == sample:
+                at = _TIME(span, position + _SAMPLE_TIME)[0]
+            else:
+                at = _TIME(span, position + size - 8)[0]
+            append((GENERIC, kind, position, size, at, span))
+            position += size
+        return parsed_total

@@ -1,0 +1,273 @@
+"""The batch parser (RingBuffer.take, SpanParser, RecordReader.handle_spans) against the
+per-record path (RingBuffer.collect, RecordReader.handle) on the same records: the same calls on
+the tracker, in the same order, the same counts; in rings laid out like perf's (a memfd), one of
+them wrapped around its end."""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import random
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tcpwatch.paths import ProcPaths
+from tcpwatch.sources import perf
+from tcpwatch.sources import tracepoints_events as events
+from tcpwatch.sources.tracepoints_batch import SpanParser
+from tcpwatch.sources.tracepoints_records import RecordReader
+from tcpwatch.sources.tracepoints_tasks import TaskResolver
+from tcpwatch.sources.tracepoints_tracker import Tracker
+
+from .tracepoint_records import (
+    SOFTIRQ,
+    comm,
+    fixture_events,
+    fork,
+    lost,
+    namespaces,
+    sample,
+    sockaddr,
+    v4,
+    v6,
+)
+
+CHOSEN = fixture_events()
+F = CHOSEN.formats
+S = CHOSEN.states
+PAGE = mmap.PAGESIZE
+NS = 4026532001
+
+
+class Ring:
+    """A memfd shaped like a perf mapping (metadata page, then 2^n data pages)."""
+
+    def __init__(self, data_pages: int, start: int = 0) -> None:
+        self.fd = os.memfd_create("ring")
+        os.ftruncate(self.fd, (1 + data_pages) * PAGE)
+        self.size = data_pages * PAGE
+        self.map = mmap.mmap(self.fd, (1 + data_pages) * PAGE)
+        struct.pack_into("=QQQQ", self.map, 1024, start, start, PAGE, self.size)
+        self.head = start
+
+    def write(self, record: bytes) -> None:
+        at = self.head % self.size
+        first = min(len(record), self.size - at)
+        self.map[PAGE + at : PAGE + at + first] = record[:first]
+        rest = len(record) - first
+        self.map[PAGE : PAGE + rest] = record[first:]
+        self.head += len(record)
+        struct.pack_into("=Q", self.map, 1024, self.head)
+
+    def rewind(self, tail: int) -> None:
+        """Unread everything again from ``tail`` (the same bytes for the second path)."""
+        struct.pack_into("=Q", self.map, 1032, tail)
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+
+class Recording(Tracker):
+    """A tracker that writes down every call the reader makes (``ended`` is the end state of
+    ``sockets``: the batch path pops a socket's end inline)."""
+
+    def __init__(self, tasks: TaskResolver) -> None:
+        super().__init__(tasks, S, CHOSEN.drop_reasons, CHOSEN.reset_reasons)
+        self.calls: list[tuple[Any, ...]] = []
+
+    def set_state(self, *args: Any) -> None:
+        self.calls.append(("set_state", *args))
+        super().set_state(*args)
+
+    def error_report(self, *args: Any) -> None:
+        self.calls.append(("error_report", *args))
+        super().error_report(*args)
+
+    def retransmit(self, sk: int) -> None:
+        self.calls.append(("retransmit", sk))
+        super().retransmit(sk)
+
+    def send_reset(self, *args: Any) -> None:
+        self.calls.append(("send_reset", *args))
+        super().send_reset(*args)
+
+    def receive_reset(self, *args: Any) -> None:
+        self.calls.append(("receive_reset", *args))
+        super().receive_reset(*args)
+
+    def drop(self, *args: Any) -> None:
+        self.calls.append(("drop", *args))
+        super().drop(*args)
+
+
+def reader(tmp_path: Path) -> tuple[RecordReader, Recording]:
+    tracker = Recording(TaskResolver(ProcPaths(str(tmp_path))))
+    return RecordReader(CHOSEN, tracker), tracker
+
+
+def _state(t: int, pid: int, sk: int, old: int, new: int, port: int, six: bool = False) -> bytes:
+    family = events.AF_INET6 if six else events.AF_INET
+    addresses: dict[str, int | bytes] = (
+        {"saddr_v6": v6("fd00::1"), "daddr_v6": v6("fd00::2")}
+        if six
+        else {"saddr": v4("127.0.0.1"), "daddr": v4("127.0.0.2")}
+    )
+    flags = 0 if new in (S.syn_sent, S.listen) else SOFTIRQ
+    record = sample(
+        F[events.SET_STATE], t, pid, flags=flags, skaddr=sk, oldstate=old, newstate=new,
+        sport=port, dport=8080, family=family, protocol=6, **addresses,
+    )  # fmt: skip
+    return bytes(record[4])
+
+
+def cpu_records(cpu: int, connections: int, seed: int) -> Iterator[bytes]:
+    """One CPU's records in time order: connects, ends of sockets of other CPUs, a listener,
+    failures with their error reports, resets, drops, retransmits and side-band records, with
+    reused socket addresses (the next connect takes a freed one)."""
+    chance = random.Random(seed)
+    t = 1_000_000 + cpu * 7  # the CPUs' times interleave
+    pid = 600 + cpu
+    yield from (bytes(r[4]) for r in (fork(t, pid, 1), namespaces(t + 1, pid, NS)))
+    yield bytes(comm(t + 2, pid, f"client{cpu}")[4])
+    t += 100
+    yield _state(t, pid, 0xA000 + cpu, S.close, S.listen, 9000 + cpu)
+    for number in range(connections):
+        t += 1000
+        sk = 0xF000 + (number % 5) * 0x100 + cpu  # five addresses, reused in turn
+        port = 40000 + number
+        six = chance.random() < 0.2
+        yield _state(t, pid, sk, S.close, S.syn_sent, port, six)
+        turn = chance.random()
+        if turn < 0.1:  # refused: the close, then its error report
+            yield _state(t + 10, 0, sk, S.syn_sent, S.close, port, six)
+            yield bytes(
+                sample(
+                    F[events.ERROR_REPORT], t + 11, 0, flags=SOFTIRQ, error=111, sport=port,
+                    dport=8080, family=events.AF_INET, protocol=6, saddr=v4("127.0.0.1"),
+                    daddr=v4("127.0.0.2"),
+                )[4]
+            )  # fmt: skip
+            continue
+        if turn < 0.15:
+            yield bytes(
+                sample(F[events.RETRANSMIT], t + 5, 0, flags=SOFTIRQ, skaddr=sk, state=2)[4]
+            )
+        yield _state(t + 20, 0, sk, S.syn_sent, S.established, port, six)
+        if turn > 0.9:
+            yield bytes(
+                sample(
+                    F[events.RECEIVE_RESET], t + 25, 0, flags=SOFTIRQ, skaddr=sk, sport=port,
+                    dport=8080, family=events.AF_INET, saddr=v4("127.0.0.1"),
+                    daddr=v4("127.0.0.2"),
+                )[4]
+            )  # fmt: skip
+        if 0.8 < turn <= 0.9:
+            reason = F[events.SEND_RESET].value_of("reason", "NOT_SPECIFIED")
+            yield bytes(
+                sample(
+                    F[events.SEND_RESET], t + 25, pid, skaddr=sk, reason=reason,
+                    saddr=sockaddr("127.0.0.1", port), daddr=sockaddr("127.0.0.2", 8080),
+                )[4]
+            )  # fmt: skip
+        if 0.7 < turn <= 0.8:
+            reason = F[events.KFREE_SKB].value_of("reason", "TCP_ZEROWINDOW")
+            yield bytes(
+                sample(F[events.KFREE_SKB], t + 26, 0, flags=SOFTIRQ, rx_sk=sk, reason=reason)[4]
+            )
+        yield _state(t + 30, 0, sk + 0x10000, 8, S.close, 8080)  # the server's end
+        yield _state(t + 40, 0, sk, 5, S.close, port, six)  # the client's end
+    yield bytes(lost(t + 50, 3)[4])
+    yield _state(t + 60, pid, 0xA000 + cpu, S.listen, S.close, 9000 + cpu)
+
+
+@pytest.fixture
+def rings() -> Iterator[list[Ring]]:
+    made: list[Ring] = []
+    yield made
+    for ring in made:
+        ring.close()
+
+
+def _fill(rings: list[Ring], connections: int, wrap_at: int) -> None:
+    """Two CPUs' rings; the second starts ``wrap_at`` bytes before its end, so its records
+    wrap around (a record may be cut anywhere, its header too)."""
+    for cpu in range(2):
+        size_pages = 64
+        start = size_pages * PAGE - wrap_at if cpu == 1 else 0
+        ring = Ring(size_pages, start)
+        rings.append(ring)
+        for record in cpu_records(cpu, connections, seed=cpu + 1):
+            ring.write(record)
+
+
+def _outcome(read: RecordReader, tracker: Recording) -> tuple[Any, ...]:
+    tracker.update_contexts({}, [NS])
+    host = read.host(2, 4096)
+    return (
+        tracker.calls,
+        sorted(tracker.sockets),
+        host,
+        tracker.stats([NS], host),
+    )
+
+
+@pytest.mark.parametrize("wrap_at", [3, 8, 100, 4096 + 17])
+def test_the_batch_path_makes_the_same_calls_as_the_per_record_path(
+    tmp_path: Path, rings: list[Ring], wrap_at: int
+) -> None:
+    _fill(rings, connections=300, wrap_at=wrap_at)
+    tails = [int(struct.unpack_from("=Q", ring.map, 1032)[0]) for ring in rings]
+    one, one_tracker = reader(tmp_path)
+    records: list[perf.Record] = []
+    buffers = [perf.RingBuffer(ring.fd, 64) for ring in rings]
+    ends = [buffer.collect(records) for buffer in buffers]
+    assert any(isinstance(record[4], bytes) for record in records)  # a wrapped record's copy
+    one.handle(records)
+    for buffer, end in zip(buffers, ends, strict=True):
+        buffer.release(end)
+    for ring, tail in zip(rings, tails, strict=True):
+        ring.rewind(tail)
+    batch, batch_tracker = reader(tmp_path)
+    batch.handle_spans([buffer.take() for buffer in buffers])
+    assert all(buffer.pending() == 0 for buffer in buffers)  # taken: the space is given back
+    for buffer in buffers:
+        buffer.close()
+    expected = _outcome(one, one_tracker)
+    got = _outcome(batch, batch_tracker)
+    assert len(expected[0]) > 1000  # the records reached the tracker
+    assert got == expected
+    assert batch.host(2, 4096).records["set_state"] == one.host(2, 4096).records["set_state"]
+
+
+def test_a_run_ends_at_the_first_record_of_another_kind() -> None:
+    """Runs of set_state samples are parsed whole; everything else is left to the per-record
+    path, in ring order, and a corrupt size is an error."""
+    parser = SpanParser(F[events.SET_STATE])
+    state = _state(5, 1, 0xF0, S.close, S.syn_sent, 40000)
+    other = bytes(fork(6, 2, 1)[4])
+    span = state * 3 + other + state * 20
+    items: list[tuple[Any, ...]] = []
+    assert parser.split(span, items) == 23
+    kinds = [item[0] for item in items]
+    assert kinds == [perf.PERF_RECORD_SAMPLE] * 3 + [-1] + [perf.PERF_RECORD_SAMPLE] * 20
+    assert items[3][1:4] == (perf.PERF_RECORD_FORK, 3 * len(state), len(other))
+    assert [item[4] for item in items] == [5] * 3 + [6] + [5] * 20
+    corrupt = bytearray(state)
+    struct.pack_into("=H", corrupt, 6, 4)
+    with pytest.raises(perf.PerfError):
+        parser.split(bytes(corrupt), [])
+
+
+def test_a_set_state_layout_it_does_not_know_takes_the_per_record_path() -> None:
+    fmt = F[events.SET_STATE]
+    moved = {**fmt.fields, "saddr": dataclasses.replace(fmt.fields["saddr"], offset=0)}
+    parser = SpanParser(dataclasses.replace(fmt, fields=moved))
+    items: list[tuple[Any, ...]] = []
+    assert parser.split(_state(5, 1, 0xF0, S.close, S.syn_sent, 40000), items) == 0
+    assert [item[0] for item in items] == [-1]
