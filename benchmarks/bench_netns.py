@@ -16,10 +16,15 @@ For each namespace count N and each hash mode, one run:
   ``total / 2 / N`` TIME_WAIT sockets there, so every N holds the same ``total`` sockets.
 * This process polls them as ``tcpwatch --netns 'bnn-<run>-*'`` would: ``poll(CollectSettings(),
   (pattern,))``, after a warm-up, ``--polls`` times with the default settings and ``--polls``
-  times without process attribution. CPU is getrusage(RUSAGE_SELF) around each poll: user time
-  is tcpwatch's Python, system time is mostly the kernel walking socket hashes for sock_diag and
-  producing /proc files. Every poll is checked: each namespace's counts must be exactly what
-  the helper made (a TIME_WAIT socket lives 60 s, so a run takes only the polls that fit).
+  times without process attribution. Between scans it polls through serve's own poller
+  (``pipeline.SnapshotTaker`` on a clock the benchmark moves): one destination scan, then the
+  two polls serve makes before the next one, given what serve gives them (each namespace's
+  earlier table and snapshot, the owners found before, the file memo); for those it counts the
+  namespaces judged unmoved (only their listeners dumped). CPU is getrusage(RUSAGE_SELF)
+  around each poll: user time is tcpwatch's Python, system time is mostly the kernel walking
+  socket hashes for sock_diag and producing /proc files. Every poll is checked: each
+  namespace's counts must be exactly what the helper made (a TIME_WAIT socket lives 60 s, so a
+  run takes only the polls that fit).
 * ``empty walk``: one sock_diag dump whose state mask matches no socket, issued from inside one
   of the namespaces (the thread's CPU clock): the kernel walks every bucket of the hash that
   namespace uses and every socket in it, and copies nothing out. It is the floor of one dump.
@@ -29,7 +34,9 @@ For each namespace count N and each hash mode, one run:
 Everything made (namespaces, the parent, the helper) is removed in ``finally`` blocks, on errors
 and SIGINT/SIGTERM too; the helper also dies with this process (PR_SET_PDEATHSIG) and exits by
 itself after HELPER_SECONDS. Nothing outside the namespaces it makes is changed. Exit status: 0
-when every check matched, 1 when a count differed, 2 when the run failed.
+when every check matched, 1 when a count differed, 2 when a run failed (a run that cannot be
+measured, e.g. one whose polls do not fit before its TIME_WAIT sockets expire on a host busy
+with other sockets, is named under the table and the others are still reported).
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -59,8 +66,9 @@ from typing import Any
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPOSITORY)
 
-from tcpwatch.config import CollectSettings  # noqa: E402
-from tcpwatch.model import Snapshot, SocketTable  # noqa: E402
+from tcpwatch.config import CollectSettings, Config  # noqa: E402
+from tcpwatch.model import Snapshot  # noqa: E402
+from tcpwatch.pipeline import SnapshotTaker  # noqa: E402
 from tcpwatch.snapshot import poll  # noqa: E402
 from tcpwatch.sources import netlink, sockdiag, sockets  # noqa: E402
 from tcpwatch.sources import netns as netns_source  # noqa: E402
@@ -286,7 +294,8 @@ class PollCost:
     wall: float
     dumps: int
     messages: int
-    tables: Mapping[str, SocketTable]  # what the next steady poll is given as ``earlier``
+    unmoved: int  # namespaces whose table was kept, only their listeners dumped
+    namespaces: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,24 +307,25 @@ class RunResult:
     host_sockets: int  # TCP objects host-wide (slabinfo) while measuring: the shared hash's load
     default: tuple[PollCost, ...]
     no_attribution: tuple[PollCost, ...]
-    steady: tuple[PollCost, ...]  # between destination scans, as serve polls 3 times in 4
+    steady: tuple[PollCost, ...]  # serve's polls between destination scans (SnapshotTaker)
     empty_walk_seconds: float  # system time of one dump that matches nothing
     load: str
 
 
 def counting_dumps() -> tuple[list[int], Callable[[], None]]:
-    """Wrap sockets.run_dump to count dumps; returns the counter and the undo function."""
+    """Wrap netlink.build_request to count sock_diag dumps (every source's: the state dump,
+    the per-destination and the listeners' scans); returns the counter and the undo function."""
     counter = [0]
-    original = sockets.run_dump
+    original = netlink.build_request
 
-    def counted(*args: Any, **kwargs: Any) -> None:
+    def counted(*args: Any, **kwargs: Any) -> bytes:
         counter[0] += 1
-        original(*args, **kwargs)
+        return original(*args, **kwargs)
 
-    sockets.run_dump = counted
+    netlink.build_request = counted
 
     def undo() -> None:
-        sockets.run_dump = original
+        netlink.build_request = original
 
     return counter, undo
 
@@ -324,15 +334,14 @@ def measure_poll(
     settings: CollectSettings,
     pattern: str,
     check: Callable[[tuple[Snapshot, ...]], None],
-    earlier: Mapping[str, SocketTable] | None = None,
+    taker: Callable[[], tuple[Snapshot, ...]] | None = None,
 ) -> PollCost:
-    """One poll; with ``earlier`` (each namespace's table from the poll before) as serve polls
-    between destination scans, without it as a destination-scan poll (and `check`)."""
+    """One fresh poll (a destination scan, as `check` polls), or one of ``taker``'s."""
     counter, undo = counting_dumps()
     try:
         before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
-        snapshots = poll(settings, (pattern,), earlier=earlier)
+        snapshots = taker() if taker is not None else poll(settings, (pattern,))
         wall = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_SELF)
     finally:
@@ -345,8 +354,29 @@ def measure_poll(
         wall=wall,
         dumps=counter[0],
         messages=messages,
-        tables={s.netns: s.sockets for s in snapshots if s.sockets is not None},
+        unmoved=sum(1 for s in snapshots if s.sockets is not None and s.sockets.unchanged),
+        namespaces=len(snapshots),
     )
+
+
+class ServePoller:
+    """serve's poller (pipeline.SnapshotTaker, which keeps the earlier tables and snapshots, the
+    owners found and the file memo between polls), on a clock this benchmark moves: ``scan``
+    makes the next poll a destination scan, ``between`` one of the polls before the next."""
+
+    def __init__(self, settings: CollectSettings, pattern: str) -> None:
+        self.now = 0.0
+        self.config = Config(namespaces=(pattern,), collect=settings)
+        self.taker = SnapshotTaker(clock=lambda: self.now)
+        self.interval = settings.destinations_interval
+
+    def scan(self) -> tuple[Snapshot, ...]:
+        self.now += self.interval
+        return tuple(self.taker(self.config))
+
+    def between(self) -> tuple[Snapshot, ...]:
+        self.now += 1.0
+        return tuple(self.taker(self.config))
 
 
 def empty_walk_seconds(path: str, walks: int = EMPTY_WALKS) -> float:
@@ -413,7 +443,7 @@ def measure_run(count: int, total: int, hash_mode: str, polls: int, prefix: str)
     try:
         namespaces.create()
         paths = [os.path.join(RUN_NETNS, name) for name in namespaces.names]
-        check = expected_counts(pairs, time_wait, 1 if sockets_each else 0)
+        exact = expected_counts(pairs, time_wait, 1 if sockets_each else 0)
         with (
             holding(paths, pairs, time_wait)
             if sockets_each
@@ -424,6 +454,17 @@ def measure_run(count: int, total: int, hash_mode: str, polls: int, prefix: str)
             def fits(seconds: float) -> bool:
                 return not sockets_each or time.time() + seconds < window_end
 
+            def check(snapshots: tuple[Snapshot, ...]) -> None:
+                try:
+                    exact(snapshots)
+                except CountMismatch as error:
+                    if sockets_each and time.time() > since + TIME_WAIT_SECONDS - 1:
+                        # The poll outlasted the first TIME_WAIT sockets (a busy host): they
+                        # expired, as ss would show too; the run, not tcpwatch, is at fault.
+                        outlasted = f"a poll outlasted the TIME_WAIT sockets: {error}"
+                        raise BenchError(outlasted) from error
+                    raise
+
             walk = empty_walk_seconds(paths[0])
             host_sockets = host_tcp_objects()
             warm_up = measure_poll(CollectSettings(), namespaces.pattern, check)
@@ -431,24 +472,26 @@ def measure_run(count: int, total: int, hash_mode: str, polls: int, prefix: str)
             bare: list[PollCost] = []
             steady: list[PollCost] = []
             quiet = CollectSettings(process_attribution=False)
-            # As many polls as the TIME_WAIT sockets outlive (up to `polls` of each setting).
+            serve = ServePoller(CollectSettings(), namespaces.pattern)
+            measure_poll(CollectSettings(), namespaces.pattern, check, serve.scan)  # its owners
+            # As many rounds as the TIME_WAIT sockets outlive (up to `polls` of each setting);
+            # a round is three scan polls and two cheap ones: timed by the last one, or guessed.
+            # Every poll is checked, so a socket expiring inside one fails the run (check).
+            round_seconds = 3.5 * warm_up.wall
             for _ in range(polls):
-                if not fits(2.5 * (default[-1] if default else warm_up).wall):
+                if not fits(1.2 * round_seconds):
                     break
+                round_started = time.monotonic()
                 default.append(measure_poll(CollectSettings(), namespaces.pattern, check))
                 bare.append(measure_poll(quiet, namespaces.pattern, check))
-                # The poll right after a scan walks (the scan poll's table counted ESTABLISHED
-                # itself, so it cannot vouch for a namespace); the one after that is serve's
-                # steady poll, measured.
-                after_scan = measure_poll(
-                    CollectSettings(), namespaces.pattern, check, earlier=default[-1].tables
-                )
-                steady.append(
-                    measure_poll(
-                        CollectSettings(), namespaces.pattern, check, earlier=after_scan.tables
+                # serve: a destination scan, then both polls it makes before the next one.
+                measure_poll(CollectSettings(), namespaces.pattern, check, serve.scan)
+                for _ in range(2):
+                    steady.append(
+                        measure_poll(CollectSettings(), namespaces.pattern, check, serve.between)
                     )
-                )
-            if not default or not fits(0):
+                round_seconds = time.monotonic() - round_started
+            if not default:
                 raise BenchError(
                     f"{count} namespaces: one poll takes {warm_up.wall:.1f} s, too long to fit "
                     "before the TIME_WAIT sockets expire (is the machine busy?)"
@@ -496,7 +539,7 @@ def milliseconds(seconds: float) -> str:
     return f"{seconds * 1000:.1f}" if seconds >= 0.0001 or seconds == 0 else f"{seconds * 1000:.3f}"
 
 
-def render(results: Sequence[RunResult], total: int, polls: int) -> str:
+def render(results: Sequence[RunResult], total: int, polls: int, failed: Sequence[str] = ()) -> str:
     kernel = platform.release()
     cpus = os.cpu_count()
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -530,14 +573,15 @@ def render(results: Sequence[RunResult], total: int, polls: int) -> str:
         "* *CPU per poll*: getrusage of the polling process around `poll()`, user + system, "
         "process attribution (the /proc/*/fd scan) on, the default; *no attribution*: the same "
         "with `process_attribution: false`. A fresh `poll()` is a destination-scan poll: besides "
-        "the state dump it runs the per-destination and the listeners' `tcp_info` scans, two "
-        "more walks of the hash per namespace, which `serve` runs once per "
-        "`destinations_interval` (60 s).",
-        "* *between scans*: the same poll given each namespace's table from the poll before "
-        "(`earlier`), as `serve` polls between destination scans; measured on the second such "
-        "poll after a scan (the first walks: the scan's table cannot vouch for a namespace). "
-        "Unlike serve, it is not given the owners found before (`known_owners`), so the "
-        "process attribution walk runs in full.",
+        "the state dump it runs the per-destination and the listeners' `tcp_info` scans, more "
+        "walks of the hash per namespace, which `serve` runs once per `destinations_interval` "
+        "(60 s). *dumps per poll* counts every sock_diag request of the poll, all sources.",
+        "* *between scans*: a poll of `serve`'s own poller (`pipeline.SnapshotTaker`: each "
+        "namespace's earlier table and snapshot, the owners found before, the file memo) "
+        "between two destination scans; both polls after each scan are measured. *unmoved*: "
+        "the namespaces those polls found unmoved (the same Tcp MIB, sockstat `inuse` and `tw` "
+        "as when their table was taken), which dump only their listeners and keep the rest of "
+        "the table; *dumps between*: the sock_diag dumps of such a poll, all namespaces.",
         "* *sys*: the kernel's share of that CPU over all polls of the run (sock_diag hash walks, "
         "/proc files, setns threads); the rest is tcpwatch's Python.",
         "* *empty walk*: CPU time of one sock_diag dump that matches no socket, sent from "
@@ -548,9 +592,9 @@ def render(results: Sequence[RunResult], total: int, polls: int) -> str:
         "steps over.",
         "",
         "| namespaces | sockets each | hash (buckets) | dumps per poll | CPU per poll, ms | sys "
-        "| no attribution, ms | between scans, ms | per namespace, ms | empty walk, ms "
-        "| host TCP objects | polls |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| no attribution, ms | between scans, ms | unmoved | dumps between "
+        "| per namespace, ms | empty walk, ms | host TCP objects | polls |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         cost = per_poll(result.default)
@@ -561,12 +605,17 @@ def render(results: Sequence[RunResult], total: int, polls: int) -> str:
             f"{milliseconds(cost)} | {system_share(result.default):.0%} | "
             f"{milliseconds(per_poll(result.no_attribution))} | "
             f"{milliseconds(per_poll(result.steady))} | "
+            f"{sum(c.unmoved for c in result.steady)}/"
+            f"{sum(c.namespaces for c in result.steady)} | "
+            f"{median([c.dumps for c in result.steady]):g} | "
             f"{milliseconds(cost / result.namespaces)} | "
             f"{milliseconds(result.empty_walk_seconds)} | {result.host_sockets:,} | "
             f"{len(result.default)} |"
         )
     loads = sorted({result.load for result in results})
     lines += ["", f"Load average during the runs: {'; '.join(loads)}.", ""]
+    if failed:
+        lines += [f"Not measured: {'; '.join(failed)}.", ""]
     return "\n".join(lines)
 
 
@@ -625,28 +674,35 @@ def main(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, stop_on_signal)
     run_id = secrets.token_hex(3)
     results: list[RunResult] = []
+    failed: list[str] = []
+    runs = [(count, args.total, mode) for mode in hashes for count in counts]
+    runs += [(args.idle, 0, "shared")] if args.idle else []
     try:
-        for hash_mode in hashes:
-            for count in counts:
-                log(f"{count} namespaces, {hash_mode} hash ...")
-                result = measure_run(count, args.total, hash_mode, args.polls, f"bnn-{run_id}")
-                results.append(result)
-                log(f"  {milliseconds(per_poll(result.default))} ms per poll")
-        if args.idle:
-            log(f"{args.idle} idle namespaces ...")
-            results.append(measure_run(args.idle, 0, "shared", args.polls, f"bnn-{run_id}"))
+        for count, total, hash_mode in runs:
+            label = f"{count} namespaces, {hash_mode} hash" + ("" if total else ", idle")
+            log(f"{label} ...")
+            try:
+                result = measure_run(count, total, hash_mode, args.polls, f"bnn-{run_id}")
+            except BenchError as error:  # this run only: the others still tell something
+                log(f"  failed: {error}")
+                failed.append(f"{label}: {error} (host TCP objects: {host_tcp_objects():,})")
+                continue
+            results.append(result)
+            log(f"  {milliseconds(per_poll(result.default))} ms per poll")
     except CountMismatch as error:
         log(f"count mismatch: {error}")
         return 1
-    except (BenchError, OSError, subprocess.SubprocessError) as error:
+    except (OSError, subprocess.SubprocessError) as error:
         log(f"failed: {error}")
         return 2
-    report = render(results, args.total, args.polls)
+    if not results:
+        return 2
+    report = render(results, args.total, args.polls, failed)
     print(report)
     if args.output:
         write_section(args.output, report)
         log(f"wrote {args.output}")
-    return 0
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

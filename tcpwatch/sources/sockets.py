@@ -82,21 +82,22 @@ def collect(
 
     ``listeners_only`` dumps the listening sockets alone: the kernel then walks its listening
     hash and not the established one (inet_diag_dump_icsk), whatever else the host holds. The
-    table counts only them (the caller keeps the rest from an earlier poll).
+    table counts only them (the caller keeps the rest from an earlier poll). A listener is a full
+    socket, so a family whose ``inuse`` is 0 has none and is not dumped (an idle namespace: none).
 
     ``expect_churn`` (the namespace moved during the last poll: a busy host) counts ESTABLISHED
     in the same walk as the other states, skipping the derivation that would most likely need
     a second walk; ``settled`` is still asked, so the table says whether it moved this time.
     Only without ``destinations``: a destination scan keeps its filtered dump.
     """
+    families = FAMILIES
+    if inuse is not None and (time_wait == 0 or listeners_only):
+        families = tuple(family for family in FAMILIES if inuse[family] > 0)
     if listeners_only:
         port_range, inuse, destinations, settled = None, None, False, None
     aggregator = sockdiag.DumpAggregator(port_range if destinations else None, attribute_states)
     walk_once = expect_churn and not destinations and settled is not None
     established_dumped = dump_established or inuse is None or port_range is None or walk_once
-    families = FAMILIES
-    if inuse is not None and time_wait == 0:
-        families = tuple(family for family in FAMILIES if inuse[family] > 0)
     buffer = memoryview(bytearray(1 << 17))
     owned = sock is None
     connection = sock
@@ -238,10 +239,11 @@ def read_sockets_source(context: SourceContext, so_far: Snapshot) -> SocketTable
                 return False
 
     earlier = context.earlier
-    if before is not None and not fresh and earlier is not None and _reusable(earlier, before):
-        listeners = collect(None, None, attribute_states, listeners_only=True)
-        if listeners.total("listen") == earlier.total("listen"):
-            return _unchanged(earlier, listeners)
+    kept = _still_true(earlier, before) if before is not None and not fresh else None
+    if kept is not None:
+        listeners = collect(None, inuse, attribute_states, listeners_only=True)
+        if listeners.total("listen") == kept.total("listen"):
+            return _unchanged(kept, listeners)
     sockets = collect(
         port_range,
         inuse,
@@ -260,17 +262,50 @@ def read_sockets_source(context: SourceContext, so_far: Snapshot) -> SocketTable
     return with_destinations_of(sockets, context.earlier)
 
 
-def _reusable(earlier: SocketTable, now: procnet.ChurnMarks) -> bool:
-    """The earlier table still describes the namespace: it was taken with nothing moving, with
-    the marks read now (no segment in or out of the namespace since, no socket hashed or
-    unhashed, no timewait socket made or expired), and it held no socket a silent timer could
-    have moved since."""
-    return (
-        bool(earlier.marks)
-        and earlier.marks == now.signature
-        and earlier.established_method == "derived"
-        and not any(earlier.total(state) for state in _TIMED_STATES)
-    )
+def _still_true(earlier: SocketTable | None, now: procnet.ChurnMarks) -> SocketTable | None:
+    """The earlier table, if it still describes the namespace (else None): it was taken with
+    nothing moving, it held no socket a silent timer could have moved since, and the marks read
+    now are its own (no segment in or out of the namespace since, no socket hashed or unhashed,
+    no timewait socket made or expired), or differ only by timewait sockets that expired
+    (``_time_wait_expired``)."""
+    if (
+        earlier is None
+        or not earlier.marks
+        or earlier.established_method != "derived"
+        or any(earlier.total(state) for state in _TIMED_STATES)
+    ):
+        return None
+    if earlier.marks == now.signature:
+        return earlier
+    return _time_wait_expired(earlier, now.signature)
+
+
+def _time_wait_expired(earlier: SocketTable, marks: tuple[int, ...]) -> SocketTable | None:
+    """The earlier table less the timewait sockets that expired since, when that is all that
+    happened and the count can be placed exactly; else None (the caller walks).
+
+    sockstat's ``tw`` (the signature's last field) counts the timewait sockets of the namespace,
+    both families and both substates (TIME_WAIT, and FIN_WAIT2 after close()): the kernel's
+    per-namespace ``tcp_death_row.tw_refcount``, which IPv6 shares. With every other mark equal,
+    no segment came or went, so none was made (a FIN or its ACK makes one; so does close() of a
+    FIN_WAIT2 socket, which unhashes it: ``inuse`` moves) and none was killed by a segment or
+    reused by a connect(): a lower ``tw`` is that many expired. They are TIME_WAIT sockets of
+    one family when the table held no FIN_WAIT2 socket and TIME_WAIT in one family only; with
+    both families holding some, the split is unknown without copying them out.
+    """
+    then = earlier.marks
+    if len(then) != len(marks) or then[:-1] != marks[:-1] or earlier.total("fin_wait2"):
+        return None
+    expired = then[-1] - marks[-1]
+    holding = [family for family, by_state in earlier.counts.items() if by_state["time_wait"]]
+    if expired <= 0 or len(holding) != 1:
+        return None
+    (family,) = holding
+    left = earlier.counts[family]["time_wait"] - expired
+    if left < 0:
+        return None
+    counts = {**earlier.counts, family: {**earlier.counts[family], "time_wait": left}}
+    return replace(earlier, counts=counts, marks=marks)
 
 
 def _unchanged(earlier: SocketTable, listeners: SocketTable) -> SocketTable:

@@ -117,3 +117,104 @@ def test_quiet_polls_reuse_the_table_and_stay_exact() -> None:
         settled = next_poll(moved)
         assert settled.unchanged
         assert table_counts(settled) == ss_counts(ns)
+
+
+# Inside a namespace: BATCH TIME_WAIT sockets per family in FAMILIES (argv[1], "4" or "46"),
+# then, GAP seconds later, BATCH more IPv4 ones; the client closes first and keeps TIME_WAIT.
+# tcp_tw_reuse is 0 in the namespace, so no connect() takes over a TIME_WAIT port.
+BATCH = 6
+GAP = 4.0
+_TIME_WAIT_HELPER = f"""
+import socket, sys, time
+
+def time_wait(family, host):
+    listener = socket.socket(family)
+    listener.bind((host, 0))
+    listener.listen(16)
+    for _ in range({BATCH}):
+        client = socket.create_connection(listener.getsockname()[:2])
+        server, _ = listener.accept()
+        client.close()
+        time.sleep(0.01)
+        server.close()
+    listener.close()
+
+time_wait(socket.AF_INET, "127.0.0.1")
+if "6" in sys.argv[1]:
+    time_wait(socket.AF_INET6, "::1")
+print("first", flush=True)
+time.sleep({GAP})
+time_wait(socket.AF_INET, "127.0.0.1")
+print("second", flush=True)
+time.sleep(300)
+"""
+TIME_WAIT_SECONDS = 60  # TCP_TIMEWAIT_LEN
+
+
+def test_expiring_time_wait_is_counted_without_a_walk_when_one_family_holds_it() -> None:
+    """TIME_WAIT sockets that expire between two polls (a timer that sends nothing) lower
+    sockstat's ``tw`` and nothing else. With TIME_WAIT in one family only, the poll subtracts
+    them there and dumps only the listeners; with both families holding some (``tw`` mixes
+    them), it walks. Every poll equals ss, per family and state."""
+    settings = CollectSettings(process_attribution=False)
+    with Netns() as one, Netns() as both:
+        for ns in (one, both):
+            ns.sysctl("net.ipv4.tcp_tw_reuse", 0)
+        helpers = {
+            one.name: one.spawn([sys.executable, "-c", _TIME_WAIT_HELPER, "4"], lifetime=150),
+            both.name: both.spawn([sys.executable, "-c", _TIME_WAIT_HELPER, "46"], lifetime=150),
+        }
+        started = time.monotonic()
+        for ns in (one, both):
+            assert ns.read_line(helpers[ns.name]) == "first"
+        for ns in (one, both):
+            assert ns.read_line(helpers[ns.name]) == "second"
+        time.sleep(0.5)  # the last ACKs
+
+        tables: dict[str, SocketTable] = {}
+
+        def poll_and_compare(ns: Netns) -> SocketTable:
+            """One poll as serve makes it between scans, between two equal ss readings."""
+            for _ in range(10):
+                before = ss_counts(ns)
+                earlier = tables.get(ns.name)
+                (snapshot,) = poll(
+                    settings, (ns.name,), earlier=None if earlier is None else {ns.name: earlier}
+                )
+                if ss_counts(ns) == before:
+                    assert snapshot.sockets is not None, snapshot.sources
+                    assert table_counts(snapshot.sockets) == before, ns.name
+                    return snapshot.sockets
+                time.sleep(0.2)  # expiring while polled: poll again
+            raise AssertionError(f"{ns.name} never stood still around a poll")
+
+        for ns in (one, both):
+            for _ in range(10):  # a table taken while something moved vouches for nothing
+                tables[ns.name] = poll_and_compare(ns)
+                if tables[ns.name].marks:
+                    break
+            assert tables[ns.name].marks, f"{ns.name} never stood still"
+        assert tables[one.name].counts["ipv4"]["time_wait"] == 2 * BATCH
+        assert tables[both.name].counts["ipv6"]["time_wait"] == BATCH
+
+        # The first batch expires (about 60 s after it was made); the second one is left.
+        deadline = started + TIME_WAIT_SECONDS + 20
+        while ss_counts(one)[("ipv4", "time_wait")] > BATCH:
+            assert time.monotonic() < deadline, "the first TIME_WAIT batch never expired"
+            time.sleep(0.5)
+        while ss_counts(both)[("ipv6", "time_wait")] > 0:
+            assert time.monotonic() < deadline, "the IPv6 TIME_WAIT batch never expired"
+            time.sleep(0.5)
+        expired = {ns.name: poll_and_compare(ns) for ns in (one, both)}
+        assert expired[one.name].unchanged, "one family's TIME_WAIT expired: no walk needed"
+        assert expired[one.name].counts["ipv4"]["time_wait"] == BATCH
+        assert not expired[both.name].unchanged, "both families held TIME_WAIT: it must walk"
+        assert expired[both.name].counts["ipv6"]["time_wait"] == 0
+
+        # The second batch expires too: subtracted again, down to none.
+        tables = {name: table for name, table in expired.items()}
+        while ss_counts(one)[("ipv4", "time_wait")] > 0:
+            assert time.monotonic() < deadline + GAP, "the second TIME_WAIT batch never expired"
+            time.sleep(0.5)
+        gone = poll_and_compare(one)
+        assert gone.unchanged and gone.total("time_wait") == 0
