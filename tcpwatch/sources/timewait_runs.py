@@ -2,9 +2,10 @@
 
 A namespace under churn holds thousands of TIME_WAIT sockets, and a poll that only counts them
 (sockdiag.DumpAggregator without a port range) pays Python's per-message loop for each: about
-0.4 us a message. Their messages have one fixed size (nlmsghdr + inet_diag_msg, no attribute:
-inet_twsk_diag_fill adds none), so a run of them sits at a fixed stride in the datagram and its
-fields can be read as columns (strided slices, done in C) and counted with ``bytes.count``.
+0.4 us a message. Their messages have one fixed size (nlmsghdr + inet_diag_msg, 88 bytes, and
+on 6.18 INET_DIAG_MARK when the reader has CAP_NET_ADMIN, 96: inet_twsk_diag_fill), so a run of
+them sits at a fixed stride in the datagram and its fields can be read as columns (strided
+slices, done in C) and counted with ``bytes.count``.
 
 Only messages that the per-message path would merely count are taken: the same header (length,
 type, flags) as the first, the same family, the timewait timer, TIME_WAIT or FIN_WAIT2, and
@@ -14,39 +15,39 @@ that is not such a one, so the counts are exactly the per-message path's.
 
 from __future__ import annotations
 
-TW_MESSAGE = 88  # nlmsghdr (16) + inet_diag_msg (72), no attribute
+MESSAGE_MIN = 88  # nlmsghdr (16) + inet_diag_msg (72)
 TCP_FIN_WAIT2 = 5
 TCP_TIME_WAIT = 6
 TIMER_TIME_WAIT = 3
 _TIMER = 18
-_STRIDE = TW_MESSAGE // 8
 _ONE_LANE = (1).to_bytes(8, "little")
 _MIN_RUN = 2
 # FIN_WAIT2 read as TIME_WAIT, so one comparison finds where the timewait states end
 _TIMEWAIT_STATES = bytes(TCP_TIME_WAIT if n == TCP_FIN_WAIT2 else n for n in range(256))
 
 
-def timewait_run(view: memoryview, offset: int, length: int, states: list[int]) -> int:
-    """The length of the run starting at ``offset``, its sockets added to ``states`` (index =
-    state number); 0, nothing added, when there is no run of at least two (the caller then
-    takes the message the long way).
+def timewait_run(view: memoryview, offset: int, size: int, length: int, states: list[int]) -> int:
+    """The number of messages in the run starting at ``offset`` (each ``size`` bytes, the first
+    one's length), their sockets added to ``states`` (index = state number); 0, nothing added,
+    when there is no run of at least two (the caller then takes the message the long way).
 
-    The caller has checked the first message: its length is TW_MESSAGE, its type the dump's
-    answer, its timer TIMER_TIME_WAIT.
+    The caller has checked the first message: its type is the dump's answer, its timer
+    TIMER_TIME_WAIT, it fits in the datagram.
     """
-    count = (length - offset) // TW_MESSAGE
-    if count < _MIN_RUN:
+    count = (length - offset) // size
+    if count < _MIN_RUN or size % 8 or size < MESSAGE_MIN:
         return 0
-    second = offset + TW_MESSAGE
+    second = offset + size
     if (
         view[second + _TIMER] != TIMER_TIME_WAIT
         or view[second : second + 8] != view[offset : offset + 8]
     ):
         return 0  # a lone one (the common case in a dump of ESTABLISHED sockets)
-    span = view[offset : offset + count * TW_MESSAGE].cast("Q")  # 11 u64 a message
-    run = _prefix(span[::_STRIDE].tobytes(), view[offset : offset + 8].tobytes(), 8)
+    stride = size // 8
+    span = view[offset : offset + count * size].cast("Q")  # ``stride`` u64 a message
+    run = _prefix(span[::stride].tobytes(), view[offset : offset + 8].tobytes(), 8)
     # bytes 16-23 of each message: family, state, timer, retrans (0 for timewait), sport, dport
-    fields = span[2::_STRIDE].tobytes()[: 8 * run]
+    fields = span[2::stride].tobytes()[: 8 * run]
     run = min(
         _prefix(fields[0::8], fields[0:1]),  # the first message's family
         _prefix(fields[2::8], b"\x03"),  # TIMER_TIME_WAIT

@@ -13,9 +13,10 @@ from tcpwatch.model import SocketTable
 from tcpwatch.sources import sockdiag
 from tcpwatch.sources.netlink import TCPDIAG_GETSOCK
 from tcpwatch.sources.sockdiag import INET_DIAG_SHUTDOWN, DumpAggregator
-from tcpwatch.sources.timewait_runs import TW_MESSAGE, timewait_run
+from tcpwatch.sources.timewait_runs import timewait_run
 
 V4, V6 = socket.AF_INET, socket.AF_INET6
+MARK = struct.pack("=HH", 8, 15) + bytes(4)  # INET_DIAG_MARK: what 6.18 adds for CAP_NET_ADMIN
 
 
 def message(
@@ -41,8 +42,12 @@ def established(sport: int, family: int = V4) -> bytes:
     return message(family, 1, 0, sport, 7100, shutdown, inode=sport)
 
 
-def timewaits(count: int, family: int = V4, state: int = 6, first_port: int = 40000) -> bytes:
-    return b"".join(message(family, state, 3, first_port + n) for n in range(count))
+def timewaits(
+    count: int, family: int = V4, state: int = 6, first_port: int = 40000, mark: bool = True
+) -> bytes:
+    """Timewait sockets' messages: 96 bytes as root reads them on 6.18, 88 without the mark."""
+    extra = MARK if mark else b""
+    return b"".join(message(family, state, 3, first_port + n, 7100, extra) for n in range(count))
 
 
 def parse(datagrams: list[bytes], runs: bool, monkeypatch: pytest.MonkeyPatch) -> SocketTable:
@@ -57,6 +62,8 @@ def parse(datagrams: list[bytes], runs: bool, monkeypatch: pytest.MonkeyPatch) -
 
 DATAGRAMS = {
     "all time-wait": [timewaits(300)],
+    "all time-wait, no mark attribute": [timewaits(300, mark=False)],
+    "with and without the mark": [timewaits(30) + timewaits(20, mark=False) + timewaits(9)],
     "fin-wait2 among them": [timewaits(40) + timewaits(3, state=5) + timewaits(50)],
     "both families interleaved": [
         timewaits(20) + timewaits(30, V6) + timewaits(7) + timewaits(1, V6)
@@ -97,7 +104,8 @@ def test_counts_equal_the_per_message_path(name: str, monkeypatch: pytest.Monkey
 def test_runs_stop_where_a_message_would_not_merely_be_counted() -> None:
     def run(data: bytes, offset: int = 0) -> tuple[int, list[int]]:
         states = [0] * 13
-        return timewait_run(memoryview(data), offset, len(data), states), states
+        size = struct.unpack_from("=I", data, offset)[0]
+        return timewait_run(memoryview(data), offset, size, len(data), states), states
 
     assert run(timewaits(300)) == (300, [0] * 6 + [300] + [0] * 6)
     assert run(timewaits(4) + timewaits(2, state=5)) == (6, [0] * 5 + [2, 4] + [0] * 6)
@@ -106,6 +114,10 @@ def test_runs_stop_where_a_message_would_not_merely_be_counted() -> None:
     assert run(timewaits(4) + established(50000))[0] == 4
     assert run(timewaits(4) + message(timer=0))[0] == 4
     assert run(timewaits(4) + message(state=7))[0] == 4
-    assert run(timewaits(3), TW_MESSAGE) == (2, [0] * 6 + [2] + [0] * 6)
+    assert run(timewaits(3), 96) == (2, [0] * 6 + [2] + [0] * 6)
+    assert run(timewaits(3, mark=False) + timewaits(2))[0] == 3
+    assert run(timewaits(5, mark=False))[0] == 5
+    odd = message(attributes=struct.pack("=HH", 6, 99) + b"\0\0")  # 94 bytes: no stride
+    assert run(odd + odd + odd) == (0, [0] * 13)
     assert run(timewaits(1) + established(50000)) == (0, [0] * 13)
     assert run(message(sport=9, dport=9) + timewaits(5)) == (0, [0] * 13)
