@@ -395,16 +395,21 @@ def _attribution_on(settings: CollectSettings) -> bool:
     "processes", field="attribution", order=50, needs=("sockdiag",), enabled=_attribution_on
 )
 def read_owners_source(context: SourceContext, snapshots: Sequence[Snapshot]) -> Attribution:
-    """One /proc/*/fd walk serves every namespace: socket inodes are unique host-wide."""
+    """One /proc/*/fd walk serves every namespace: socket inodes are unique host-wide. It looks
+    for ``context.owner_inodes`` when given (check: the owners its rules read), else for every
+    candidate."""
     wanted: set[int] = set()
     uids: set[int] = set()
     seen: set[int] = set()
     known = context.known_owners
     for snapshot in snapshots:
         if snapshot.sockets is not None:
-            wanted |= wanted_inodes(snapshot.sockets, None if known is None else known.seen)
+            if context.owner_inodes is None:
+                wanted |= wanted_inodes(snapshot.sockets, None if known is None else known.seen)
             uids |= snapshot.sockets.owner_uids
             seen.update(*snapshot.sockets.inodes_by_state.values())
+    if context.owner_inodes is not None:
+        wanted = set(context.owner_inodes)  # only what the rules read (check)
     attribution = scan_owners(
         context.paths,
         frozenset(wanted),
