@@ -15,7 +15,7 @@ not reused but read again next poll. And whatever stat says, a value is read afr
 
 Not for /proc/sys or /proc/net: procfs gives its files no modification time a value change would
 touch, so those are read on every poll; :meth:`FileMemo.parsed` spares only parsing a text equal
-to the last one.
+to the last one, and ``held`` (heldfiles.py) the opening of a /proc/sys file read every poll.
 
 The memo belongs to whoever polls (the pipeline's SnapshotTaker), never to a module.
 """
@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, cast
+
+from tcpwatch.sources.heldfiles import HeldFiles
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")  # what was read: a file's text, or a tuple of texts
@@ -75,6 +77,7 @@ class FileMemo:
         self._texts: dict[Hashable, tuple[object, object]] = {}
         self._touched: set[Hashable] = set()
         self.parses = 0  # texts parsed, not reused
+        self.held = HeldFiles()  # /proc/sys descriptors kept open, per namespace
 
     def reuse(self, key: Hashable, read: Callable[[], tuple[_T, Sequence[str]]]) -> _T:
         now = self._clock()
@@ -114,3 +117,8 @@ class FileMemo:
         """Forget the texts no source asked for since the last call (a namespace gone)."""
         self._texts = {key: kept for key, kept in self._texts.items() if key in self._touched}
         self._touched = set()
+        self.held.end_poll()
+
+    def close(self) -> None:
+        """Close the held descriptors (the memo's owner stops polling)."""
+        self.held.close()
