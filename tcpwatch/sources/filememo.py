@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TypeVar, cast
 
 from tcpwatch.sources.heldfiles import HeldFiles
+from tcpwatch.sources.owner_memo import KnownOwners
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")  # what was read: a file's text, or a tuple of texts
@@ -78,6 +79,7 @@ class FileMemo:
         self._touched: set[Hashable] = set()
         self.parses = 0  # texts parsed, not reused
         self.held = HeldFiles()  # /proc/sys descriptors kept open, per namespace
+        self.owners = KnownOwners()  # what cannot change of each described owner, by pid
 
     def reuse(self, key: Hashable, read: Callable[[], tuple[_T, Sequence[str]]]) -> _T:
         now = self._clock()
@@ -122,3 +124,4 @@ class FileMemo:
     def close(self) -> None:
         """Close the held descriptors (the memo's owner stops polling)."""
         self.held.close()
+        self.owners.close()
