@@ -23,6 +23,7 @@ The memo belongs to whoever polls (the pipeline's SnapshotTaker), never to a mod
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -47,9 +48,22 @@ def _stamp(path: str, follow: bool) -> Stamp:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _stamps(path: str) -> tuple[Stamp, Stamp]:
+    """The path's stat, following links, and its own lstat: one call when it is not a link,
+    whose stat is its lstat."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return _stamp(path, True), _stamp(path, False)
+    own = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if stat.S_ISLNK(st.st_mode):
+        return _stamp(path, True), own
+    return own, own
+
+
 def fingerprint(paths: Sequence[str]) -> tuple[Stamp, ...]:
     """Each path's stat, following links, and its own lstat (a re-pointed link is a new one)."""
-    return tuple(stamp for path in paths for stamp in (_stamp(path, True), _stamp(path, False)))
+    return tuple(stamp for path in paths for stamp in _stamps(path))
 
 
 @dataclass(frozen=True, slots=True)
