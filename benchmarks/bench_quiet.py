@@ -12,8 +12,9 @@ with ``ip netns exec`` (so tracefs is not mounted and the tracepoints source is 
 docs/performance.md's figures), left ``--warmup`` seconds (the first poll walks every process),
 then the CPU of all its threads is read from ``/proc/PID/task/*/schedstat`` (nanoseconds, not
 clock ticks) over ``--seconds``, with no scrape in between: at ``--interval 1`` that is its CPU
-per poll. The trees take turns, ``--rounds`` times; the load average is printed beside each
-round, since on a shared machine it moves the figures more than most changes do.
+per poll (``--interval 15``: an idle daemon's CPU per second at the defaults). The trees take
+turns, ``--rounds`` times; the load average is printed beside each round, since on a shared
+machine it moves the figures more than most changes do.
 
 ``--smoke`` is a seconds-long run that only shows the benchmark still works (CI runs it:
 tests/integration/test_benchmarks_smoke.py); its figures mean nothing.
@@ -65,12 +66,14 @@ def load() -> str:
         return file.read().split()[0]
 
 
-def measure(namespace: str, tree: str, warmup: float, seconds: float) -> tuple[float, str]:
-    """ms of CPU per second of one tree's ``serve --interval 1`` in ``namespace``, and the
-    load average at the start and the end."""
+def measure(
+    namespace: str, tree: str, warmup: float, seconds: float, interval: str
+) -> tuple[float, str]:
+    """ms of CPU per second of one tree's ``serve --interval INTERVAL`` in ``namespace``, and
+    the load average at the start and the end."""
     env = dict(os.environ, PYTHONPATH=tree)
     argv = ["ip", "netns", "exec", namespace, sys.executable, "-m", "tcpwatch", "serve"]
-    argv += ["--interval", "1", "--listen", f"127.0.0.1:{PORT}", "--log.level", "error"]
+    argv += ["--interval", interval, "--listen", f"127.0.0.1:{PORT}", "--log.level", "error"]
     serve = subprocess.Popen(argv, cwd=tree, env=env, stdout=subprocess.DEVNULL)
     try:
         time.sleep(warmup)
@@ -103,6 +106,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=40.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=float, default=6.0)
+    parser.add_argument(
+        "--interval", default="1", help="serve's --interval (15: an idle daemon at the defaults)"
+    )
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run")
     args = parser.parse_args()
     if args.smoke:
@@ -123,11 +129,12 @@ def main() -> int:
         assert holder.stdout is not None
         if holder.stdout.readline().strip() != "ready":
             raise RuntimeError("the quiet population did not start")
-        print("| round | tree | CPU ms per poll (whole daemon) | load |")
+        what = "per poll" if args.interval == "1" else f"per second at --interval {args.interval}"
+        print(f"| round | tree | CPU ms {what} (whole daemon) | load |")
         print("|---|---|---:|---|")
         for round_number in range(1, args.rounds + 1):
             for tree in trees:
-                value, loads = measure(namespace, tree, args.warmup, args.seconds)
+                value, loads = measure(namespace, tree, args.warmup, args.seconds, args.interval)
                 results[tree].append(value)
                 print(f"| {round_number} | {label(tree)} | {value:.2f} | {loads} |", flush=True)
         for tree in trees:
