@@ -130,6 +130,10 @@ class SnapshotTaker:
         self._previous = {s.netns: s for s in attributed}
         return attributed
 
+    def close(self) -> None:
+        """Close what is held between polls (/proc/sys descriptors)."""
+        self._memo.close()
+
 
 class Pipeline:
     """Turns polls into ExportStates, carrying the history rules and counters need.
@@ -156,11 +160,14 @@ class Pipeline:
         owners_for_findings: bool = False,
     ) -> None:
         self._gathering = Gathering() if long_lived and take is None else None
-        self._take = take or SnapshotTaker(
-            gathering=self._gathering,
-            owner_hints=owner_hints,
-            owners_for_findings=owners_for_findings,
-        )
+        self._taker: SnapshotTaker | None = None  # its own, closed with it
+        if take is None:
+            take = self._taker = SnapshotTaker(
+                gathering=self._gathering,
+                owner_hints=owner_hints,
+                owners_for_findings=owners_for_findings,
+            )
+        self._take = take
         self._clock = clock
         self._timer = timer
         self._failure_log = (failure_log or SourceFailureLog()) if log_failures else None
@@ -268,3 +275,5 @@ class Pipeline:
         """Stop the long-lived sources (at exit; the pipeline is not used afterwards)."""
         if self._gathering is not None:
             self._gathering.close()
+        if self._taker is not None:
+            self._taker.close()
