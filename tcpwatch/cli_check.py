@@ -101,6 +101,7 @@ def check(config: Config, args: argparse.Namespace) -> int:
             cached=False,
             log_failures=False,
             owner_hints=None if hints is None else hints.known,
+            owners_for_findings=True,  # only the owners its findings name (owner_needs.py)
         )
         state = _poll(config, pipeline)
     findings = list(state.findings)

@@ -323,6 +323,59 @@ def poll(
     return tuple(_read_host_wide(snapshots, sources, host_context, gathering))
 
 
+OWNER_SOURCE = "processes"  # the /proc/*/fd walk: socket inode -> owner
+
+
+def owner_sources(sources: Sequence[AnySource]) -> tuple[AnySource, ...]:
+    """The owner source and every source that needs it (the owners' description), in order."""
+    names = {OWNER_SOURCE}
+    chosen: list[AnySource] = []
+    for source in sources:  # the registry's order: what a source needs comes before it
+        if source.name in names or names.intersection(source.needs):
+            names.add(source.name)
+            chosen.append(source)
+    return tuple(chosen)
+
+
+def attribute(
+    snapshots: Sequence[Snapshot],
+    settings: CollectSettings,
+    paths: ProcPaths,
+    sources: Sequence[AnySource],
+    owner_inodes: frozenset[int] | None,
+    known_owners: Attribution | None = None,
+    owner_hints: Attribution | None = None,
+    clock: Callable[[], float] = time.time,
+) -> tuple[Snapshot, ...]:
+    """``snapshots`` (polled without ``sources``, the :func:`owner_sources`) with them run now,
+    looking for the owners of ``owner_inodes`` only (None: every candidate). What an earlier run
+    of them left (value and status) is replaced. ``known_owners`` and ``owner_hints`` as for
+    :func:`poll`."""
+    chosen = _wanted(sources, settings)
+    names = {source.name for source in chosen}
+    # Any: the fields are named by the sources' declarations (see _with).
+    emptied: dict[str, Any] = {source.field: None for source in chosen if source.field is not None}
+    cleared = [
+        replace(
+            snapshot,
+            sources=tuple(s for s in snapshot.sources if s.name not in names),
+            **emptied,
+        )
+        for snapshot in snapshots
+    ]
+    context = SourceContext(
+        paths,
+        settings,
+        "",
+        0,
+        clock(),
+        known_owners=known_owners,
+        owner_hints=owner_hints,
+        owner_inodes=owner_inodes,
+    )
+    return tuple(_read_host_wide(cleared, chosen, context))
+
+
 def _own_name(paths: ProcPaths, names: netns_source.NetnsNames) -> str:
     """The name of the namespace tcpwatch runs in, kept across a transient procfs failure."""
     return names.settle(_own_netns_inode(paths), netns_source.own_netns_name(paths), own=True)

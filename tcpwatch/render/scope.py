@@ -83,16 +83,18 @@ def owners_of(snapshots: Sequence[Snapshot], scope: Scope) -> dict[str, Any] | N
 
 
 def owners_line(snapshots: Sequence[Snapshot], scope: Scope, verbose: bool) -> str | None:
-    """``owners   145 of 146 confirmed from the local daemon ...``: where the owners came from,
-    when a daemon's were used (always said) or, with --verbose, why not."""
+    """``owners   145 confirmed (one readlink each; 146 named) from the local daemon ...``: where
+    the owners came from, when a daemon's were used (always said) or, with --verbose, why not.
+    check confirms only the owners its rules read, so fewer than named is no failure."""
     shown = owners_of(snapshots, scope)
     if shown is None or not (shown["daemon"] or verbose):
         return None
     walked = _plural(shown["processes_walked"], "process") + "' descriptors read"
     if shown["daemon"]:
         return (
-            f"owners   {shown['confirmed']} of {shown['offered']} confirmed (one readlink each) "
-            f"from the local daemon at {terminal(shown['daemon'])}; {walked}"
+            f"owners   {shown['confirmed']} confirmed (one readlink each; "
+            f"{shown['offered']} named) from the local daemon at {terminal(shown['daemon'])}; "
+            f"{walked}"
         )
     return f"owners   from /proc/*/fd, {walked}: {terminal(shown['daemon_note'] or '')}"
 

@@ -115,12 +115,13 @@ def evaluate(
     """Run every enabled rule over one namespace's window; findings sorted by :func:`sort_key`."""
     findings: list[Finding] = []
     for rule in rules:
-        setting = settings.get(rule.id, RuleSettings())
-        if not setting.enabled:
+        setting = settings.get(rule.id)
+        if setting is not None and not setting.enabled:
             continue
+        overrides = setting.thresholds if setting is not None else {}
         try:
             # list() so a rule failing half-way contributes only its error finding.
-            findings.extend(list(rule.check(window, rule.threshold_values(setting.thresholds))))
+            findings.extend(list(rule.check(window, rule.threshold_values(overrides))))
         except Exception as error:  # one broken rule must never abort the run
             # The error finding reports it (check's report, serve's tcpwatch_finding); a log line
             # here would repeat on every poll of the daemon.

@@ -92,15 +92,19 @@ def S01(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
                 ),
             )
         return
-    by_owner: dict[ProcessRef | None, list[int]] = {}
-    for inode in inodes:
-        by_owner.setdefault(owner_of(snapshot, inode), []).append(inode)
     # A leak lasts: with a window, only sockets already in CLOSE_WAIT at its start count (a busy
     # client's CLOSE_WAIT that it closes a moment later is churn, not a leak).
     before: frozenset[int] | None = None
     previous = window.previous
     if previous is not None and previous.sockets is not None:
         before = previous.sockets.inodes_by_state.get("close_wait")
+    if len(inodes if before is None else inodes & before) < warning:
+        # No process, nor one program's processes together, can hold more than all of them:
+        # nothing can fire, and no owner is read (check then looks for none: owner_needs.py).
+        return
+    by_owner: dict[ProcessRef | None, list[int]] = {}
+    for inode in inodes:
+        by_owner.setdefault(owner_of(snapshot, inode), []).append(inode)
 
     def lasting(held: list[int]) -> list[int]:
         return held if before is None else [inode for inode in held if inode in before]

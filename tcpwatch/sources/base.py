@@ -51,6 +51,9 @@ class SourceContext:
     # Where another process says the owners are (check: its local daemon's /api/v1/owners):
     # confirmed like known_owners, one readlink each, but no earlier poll narrows what is wanted.
     owner_hints: Attribution | None = None
+    # The sockets whose owners the rules will read (check: tcpwatch/owner_needs.py); None looks
+    # for every candidate (listeners, the attributed states, the stalled connections).
+    owner_inodes: frozenset[int] | None = None
     memo: FileMemo | None = None  # what earlier polls read of rarely changing files (serve)
 
 

@@ -15,7 +15,7 @@ not reused but read again next poll. And whatever stat says, a value is read afr
 
 Not for /proc/sys or /proc/net: procfs gives its files no modification time a value change would
 touch, so those are read on every poll; :meth:`FileMemo.parsed` spares only parsing a text equal
-to the last one.
+to the last one, and ``held`` (heldfiles.py) the opening of a /proc/sys file read every poll.
 
 The memo belongs to whoever polls (the pipeline's SnapshotTaker), never to a module.
 """
@@ -23,10 +23,14 @@ The memo belongs to whoever polls (the pipeline's SnapshotTaker), never to a mod
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, cast
+
+from tcpwatch.sources.heldfiles import HeldFiles
+from tcpwatch.sources.owner_memo import KnownOwners
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")  # what was read: a file's text, or a tuple of texts
@@ -44,9 +48,22 @@ def _stamp(path: str, follow: bool) -> Stamp:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _stamps(path: str) -> tuple[Stamp, Stamp]:
+    """The path's stat, following links, and its own lstat: one call when it is not a link,
+    whose stat is its lstat."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return _stamp(path, True), _stamp(path, False)
+    own = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if stat.S_ISLNK(st.st_mode):
+        return _stamp(path, True), own
+    return own, own
+
+
 def fingerprint(paths: Sequence[str]) -> tuple[Stamp, ...]:
     """Each path's stat, following links, and its own lstat (a re-pointed link is a new one)."""
-    return tuple(stamp for path in paths for stamp in (_stamp(path, True), _stamp(path, False)))
+    return tuple(stamp for path in paths for stamp in _stamps(path))
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +92,8 @@ class FileMemo:
         self._texts: dict[Hashable, tuple[object, object]] = {}
         self._touched: set[Hashable] = set()
         self.parses = 0  # texts parsed, not reused
+        self.held = HeldFiles()  # /proc/sys descriptors kept open, per namespace
+        self.owners = KnownOwners()  # what cannot change of each described owner, by pid
 
     def reuse(self, key: Hashable, read: Callable[[], tuple[_T, Sequence[str]]]) -> _T:
         now = self._clock()
@@ -114,3 +133,9 @@ class FileMemo:
         """Forget the texts no source asked for since the last call (a namespace gone)."""
         self._texts = {key: kept for key, kept in self._texts.items() if key in self._touched}
         self._touched = set()
+        self.held.end_poll()
+
+    def close(self) -> None:
+        """Close the held descriptors (the memo's owner stops polling)."""
+        self.held.close()
+        self.owners.close()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources import netlink
 from tcpwatch.sources.netlink import SockDiagError
-from tcpwatch.sources.processes import wanted_sockets_in
+from tcpwatch.sources.processes import socket_links, wanted_sockets_in
 
 __all__ = ["SockDiagError"]
 
@@ -117,7 +117,7 @@ def holders(paths: ProcPaths, inodes: Collection[int]) -> dict[int, Holder]:
         if not wanted - set(found):
             break
         try:
-            held = wanted_sockets_in(paths.pid(pid, "fd"), wanted)
+            held = wanted_sockets_in(paths.pid(pid, "fd"), socket_links(wanted))
         except OSError:
             continue  # another user's process (no CAP_SYS_PTRACE), or gone
         for inode, _ in held:

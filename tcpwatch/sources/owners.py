@@ -23,6 +23,7 @@ world-readable.
 from __future__ import annotations
 
 import os
+import pwd
 import resource
 from collections import Counter
 from collections.abc import Sequence
@@ -32,8 +33,9 @@ import psutil
 
 from tcpwatch.config import CollectSettings
 from tcpwatch.model import OwnerProcess, OwnerProcesses, ProcessRef, Snapshot
-from tcpwatch.paths import ProcPaths, read_text
+from tcpwatch.paths import ProcPaths, read_bytes, read_text
 from tcpwatch.sources.base import SourceContext, host_source
+from tcpwatch.sources.owner_memo import STATUS_SIZE, Kept, KnownOwners, exited, real_uid
 
 MAX_LISTENER_OWNERS = 32  # listeners' owners described per poll, most listeners first
 TOP_CLOSE_WAIT = 5  # CLOSE_WAIT holders described per poll, most sockets first
@@ -120,22 +122,88 @@ def _count_fds(paths: ProcPaths, pid: int) -> int:
         return 0
 
 
-def describe(item: Interest, paths: ProcPaths) -> OwnerProcess:
-    """One owner, read with psutil. Raises psutil.Error when it exited or is denied to us."""
+def describe(item: Interest, paths: ProcPaths, known: KnownOwners | None = None) -> OwnerProcess:
+    """One owner, read with psutil, or from what ``known`` kept of it while it lives (then only
+    its uid, fd count and limit are read again). Raises psutil.Error when it exited or is denied
+    to us."""
+    pid = item.owner.pid
+    kept = known.get(pid) if known is not None else None
+    if kept is not None and known is not None:
+        again = _read_again(item, paths, kept)
+        if again is not None:
+            return again
+        known.drop(pid)  # it exited meanwhile: described afresh (psutil says how it ended)
+    pidfd = known.open(pid) if known is not None else None
+    try:
+        described, uid = _describe(item, paths)
+    except BaseException:
+        if pidfd is not None:
+            os.close(pidfd)
+        raise
+    if pidfd is not None and known is not None:
+        known.keep(pid, pidfd, described.started_at, uid, described.user)
+    return described
+
+
+def _describe(item: Interest, paths: ProcPaths) -> tuple[OwnerProcess, int]:
     process = psutil.Process(item.owner.pid)
     with process.oneshot():
         user = process.username()
+        uid = process.uids().real
         started_at = process.create_time()
         open_fds = _count_fds(paths, item.owner.pid) or process.num_fds()
         try:
             soft, hard = process.rlimit(psutil.RLIMIT_NOFILE)
             max_fds, max_fds_hard = _limit(soft), _limit(hard)
         except psutil.AccessDenied:  # prlimit wants CAP_SYS_RESOURCE for another user's process
-            path = paths.pid(item.owner.pid, "limits")
-            try:
-                max_fds, max_fds_hard = parse_nofile_limits(read_text(path, LIMITS_SIZE), path)
-            except FileNotFoundError as error:
-                raise psutil.NoSuchProcess(item.owner.pid) from error
+            max_fds, max_fds_hard = _limits_file(paths, item.owner.pid)
+    return _owner(item, user, started_at, open_fds, max_fds, max_fds_hard), uid
+
+
+def _limits_file(paths: ProcPaths, pid: int) -> tuple[int | None, int | None]:
+    path = paths.pid(pid, "limits")
+    try:
+        return parse_nofile_limits(read_text(path, LIMITS_SIZE), path)
+    except FileNotFoundError as error:
+        raise psutil.NoSuchProcess(pid) from error
+
+
+def _read_again(item: Interest, paths: ProcPaths, kept: Kept) -> OwnerProcess | None:
+    """What can change of a kept owner, read as psutil reads it; None when the process exited
+    (the pidfd is checked after the reads, so they were of the process ``kept`` describes)."""
+    pid = item.owner.pid
+    try:
+        uid = real_uid(read_bytes(paths.pid(pid, "status"), STATUS_SIZE))
+        open_fds = _count_fds(paths, pid) or len(os.listdir(paths.pid(pid, "fd")))
+        try:
+            soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+            max_fds, max_fds_hard = _limit(soft), _limit(hard)
+        except PermissionError:  # as psutil's AccessDenied in _describe
+            max_fds, max_fds_hard = _limits_file(paths, pid)
+    except (OSError, ValueError, psutil.NoSuchProcess):
+        return None
+    if exited(kept.pidfd):
+        return None
+    user = kept.user if uid == kept.uid else _user_name(uid)
+    return _owner(item, user, kept.started_at, open_fds, max_fds, max_fds_hard)
+
+
+def _user_name(uid: int) -> str:
+    """As psutil's username(): the password database's name, else the uid as text."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _owner(
+    item: Interest,
+    user: str,
+    started_at: float,
+    open_fds: int,
+    max_fds: int | None,
+    max_fds_hard: int | None,
+) -> OwnerProcess:
     return OwnerProcess(
         pid=item.owner.pid,
         name=item.owner.name,
@@ -149,8 +217,11 @@ def describe(item: Interest, paths: ProcPaths) -> OwnerProcess:
     )
 
 
-def describe_owners(wanted: Sequence[Interest], paths: ProcPaths) -> OwnerProcesses:
-    """Describe each wanted owner; one that exited or is denied is counted, not raised."""
+def describe_owners(
+    wanted: Sequence[Interest], paths: ProcPaths, known: KnownOwners | None = None
+) -> OwnerProcesses:
+    """Describe each wanted owner; one that exited or is denied is counted, not raised.
+    ``known`` (serve) keeps what cannot change of each between calls."""
     if os.path.realpath(paths.root) != LIVE_PROCFS:
         reason = f"psutil reads {LIVE_PROCFS}, and pids under {paths.root} need not be ours"
         return OwnerProcesses({}, len(wanted), skipped=reason)
@@ -158,9 +229,11 @@ def describe_owners(wanted: Sequence[Interest], paths: ProcPaths) -> OwnerProces
     failed = 0
     for item in wanted:
         try:
-            described[item.owner.pid] = describe(item, paths)
+            described[item.owner.pid] = describe(item, paths, known)
         except psutil.Error:  # NoSuchProcess (exited since the scan), AccessDenied
             failed += 1
+    if known is not None:
+        known.retain(item.owner.pid for item in wanted)
     return OwnerProcesses(described, len(wanted), failed)
 
 
@@ -173,4 +246,5 @@ def _attribution_on(settings: CollectSettings) -> bool:
 )
 def read_owners_source(context: SourceContext, snapshots: Sequence[Snapshot]) -> OwnerProcesses:
     """The listeners' owners and top CLOSE_WAIT holders of every namespace, described once."""
-    return describe_owners(owners_of_interest(snapshots), context.paths)
+    known = context.memo.owners if context.memo is not None else None
+    return describe_owners(owners_of_interest(snapshots), context.paths, known)

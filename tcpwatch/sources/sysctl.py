@@ -14,6 +14,7 @@ from tcpwatch.errors import describe_error
 from tcpwatch.model import MULTI_FIELD_SUFFIXES, Snapshot, Sysctls
 from tcpwatch.paths import ProcPaths, read_small_text
 from tcpwatch.sources.base import FileMemo, Partial, SourceContext, netns_source
+from tcpwatch.sources.heldfiles import HeldFiles
 from tcpwatch.sources.procnet import ProcParseError
 
 _T = TypeVar("_T")
@@ -116,12 +117,25 @@ class SysctlRead:
 _Read = tuple[str, str, str | None, str | None]
 
 
-def _read_texts(paths: ProcPaths, names: Iterable[str]) -> tuple[_Read, ...]:
+def _files(wanted: tuple[ProcPaths, tuple[str, ...]]) -> tuple[tuple[str, str], ...]:
+    """Each sysctl's name and path: SYSCTLS and ``also``, the reserved ports (read by their own
+    parser) last."""
+    paths, also = wanted
+    names = [*dict.fromkeys(n for n in (*SYSCTLS, *also) if n != RESERVED_PORTS), RESERVED_PORTS]
+    return tuple((name, paths.sysctl(name)) for name in names)
+
+
+def _read_texts(
+    files: tuple[tuple[str, str], ...], held: HeldFiles | None, netns: int
+) -> tuple[_Read, ...]:
     read: list[_Read] = []
-    for name in names:
-        path = paths.sysctl(name)
+    for name, path in files:
         try:
-            read.append((name, path, read_small_text(path, _MAX_SYSCTL_CHARS), None))
+            if held is not None:
+                text = held.read(netns, path, _MAX_SYSCTL_CHARS)
+            else:
+                text = read_small_text(path, _MAX_SYSCTL_CHARS)
+            read.append((name, path, text, None))
         except FileNotFoundError:
             read.append((name, path, None, None))
         except (OSError, UnicodeDecodeError) as error:
@@ -165,14 +179,17 @@ def read_sysctl_files(
 
     One file is one field: a malformed or unreadable file is left out and named in ``skipped``,
     the others are kept (a bad value must not take every tcpwatch_sysctl series with it). Every
-    file is read on every call (procfs gives no modification time); with ``memo``, texts equal
-    to the namespace's last ones are not parsed again and give the same Sysctls object.
+    file is read on every call (procfs gives no modification time); with ``memo``, from
+    descriptors held open between calls (heldfiles.py), and texts equal to the namespace's last
+    ones are not parsed again and give the same Sysctls object.
     """
-    # The reserved ports are a list of ranges, read last by their own parser.
-    names = [*dict.fromkeys(n for n in (*SYSCTLS, *also) if n != RESERVED_PORTS), RESERVED_PORTS]
-    texts = _read_texts(paths, names)
+    wanted = (paths, tuple(also))
     if memo is None:
-        return _parsed(texts)
+        return _parsed(_read_texts(_files(wanted), None, netns))
+    # The paths are built once (a sixth of the reads' cost); a namespace's inode keys its held
+    # descriptors: unknown (0), every file is opened.
+    files = memo.parsed((netns, "sysctl paths"), wanted, _files)
+    texts = _read_texts(files, memo.held if netns else None, netns)
     return memo.parsed((netns, "sysctl"), texts, _parsed)
 
 

@@ -40,6 +40,7 @@ SMOKE: dict[str, tuple[list[str], str]] = {
                            "--scans", "2"], "this checkout: collect()"),
     "bench_soak.py": (["--minutes", "0.3", "--processes", "1", "--clients", "1",
                        "--pairs", "10"], "Scrapes:"),
+    "bench_quiet.py": (["--smoke"], "| median |"),
 }  # fmt: skip
 SECONDS = 240
 

@@ -106,7 +106,8 @@ def test_check_confirms_the_daemons_owners_and_walks_for_a_stale_one(tmp_path: P
             assert owners["processes_walked"] == 0 and owners["daemon_note"] is None, owners
             text = run_tcpwatch(ns, "check", "--window", "0")
             assert (
-                f"owners   {owners['confirmed']} of {owners['offered']} confirmed" in text.stdout
+                f"owners   {owners['confirmed']} confirmed (one readlink each; "
+                f"{owners['offered']} named)" in text.stdout
             ), text.stdout
 
             # The listener moves: the daemon (next poll in an hour) still says the old fd,

@@ -236,3 +236,18 @@ def test_slow_peers_waiting_first_with_their_owner_and_the_documented_fields() -
         del ns["slow_peers"]
     older = layout(checked_snapshot(document), {}, View(source="test"), 120)
     assert not any(line.text.startswith("WHO IS SLOW") for line in older)
+
+
+def test_the_same_parsed_counters_give_every_rate_zero_as_equal_ones_do() -> None:
+    from dataclasses import replace
+
+    before = snapshot(taken_at=T0, counters={"TcpActiveOpens": 7, "TcpInSegs": 100})
+    same = replace(before, taken_at=T0 + 2)  # the very Counters object: the texts unchanged
+    equal = snapshot(taken_at=T0 + 2, counters={"TcpActiveOpens": 7, "TcpInSegs": 100})
+    assert same.counters is before.counters and equal.counters is not before.counters
+    rates = next_trend(None, before, same).rates
+    assert (
+        rates == next_trend(None, before, equal).rates == {"TcpActiveOpens": 0.0, "TcpInSegs": 0.0}
+    )
+    assert list(rates) == ["TcpActiveOpens", "TcpInSegs"]
+    assert next_trend(None, before, replace(before, taken_at=T0)).rates == {}  # no time passed

@@ -236,7 +236,7 @@ def test_checked_owners_says_where_they_came_from() -> None:
         "daemon_note": None,
     }
     assert owners_line(shots, scope(used), verbose=False) == (
-        f"owners   145 of 146 confirmed (one readlink each) from the local daemon at {URL} "
+        f"owners   145 confirmed (one readlink each; 146 named) from the local daemon at {URL} "
         "(daemon pid 812, uid 0); 3 processes' descriptors read"
     )
     unused = OwnersOrigin(note=f"no daemon listens at {URL}\x1b[31m")

@@ -31,6 +31,7 @@ from tests.unit.snapshots import (
     NGINX,
     T0,
     T1,
+    carried_owners,
     counters_plus,
     listener,
     snapshot,
@@ -387,6 +388,7 @@ def run_main(
     args: Sequence[str],
 ) -> tuple[int, dict[str, Any], str]:
     monkeypatch.setattr(snapshot_source, "poll", poll)
+    monkeypatch.setattr(snapshot_source, "attribute", carried_owners)
     code = main(["check", "--format", "json", *args])
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
@@ -477,6 +479,7 @@ class TestCheckPipeline:
     ) -> None:
         poll = FakePoll(capped_listener())
         monkeypatch.setattr(snapshot_source, "poll", poll)
+        monkeypatch.setattr(snapshot_source, "attribute", carried_owners)
         config = write(tmp_path / "tcpwatch.yaml", "rules:\n  Q01:\n    warning: high\n  Q99: 1\n")
         assert main(["check", "--config", config]) == EXIT_UNKNOWN
         captured = capsys.readouterr()
@@ -522,6 +525,7 @@ def test_a_namespace_that_could_not_be_audited_makes_check_unknown(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(snapshot_source, "poll", FakeFleetPoll(snapshot()))
+    monkeypatch.setattr(snapshot_source, "attribute", carried_owners)
     code = main(["check", "--format", "json", "--window", "0", "--netns", "host,blue"])
     captured = capsys.readouterr()
     assert code == EXIT_UNKNOWN
@@ -547,5 +551,6 @@ def test_critical_findings_outrank_an_unaudited_namespace(
         owners={7001: NGINX},
     )
     monkeypatch.setattr(snapshot_source, "poll", FakeFleetPoll(full))
+    monkeypatch.setattr(snapshot_source, "attribute", carried_owners)
     assert main(["check", "--format", "json", "--window", "0", "--netns", "host,blue"]) == 2
     capsys.readouterr()

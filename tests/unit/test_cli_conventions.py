@@ -30,7 +30,7 @@ from tcpwatch.rules import RULES
 from tcpwatch.rules.fixes import persisted_settings, reserve_ports_fix, sysctl_fix
 from tcpwatch.sources.base import Source, SourceContext
 from tcpwatch.sources.registry import registered_sources
-from tests.unit.snapshots import listener, snapshot, socket_table
+from tests.unit.snapshots import carried_owners, listener, snapshot, socket_table
 from tests.unit.test_cli import FakePoll, run_cli
 
 # -- a strict logfmt parser (the grammar of go-logfmt, which node_exporter's logs follow) ---------
@@ -290,6 +290,7 @@ def run_check(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
 ) -> tuple[int, str, str]:
     monkeypatch.setattr(snapshot_source, "poll", FakePollReadingSysctlFiles(snapshot()))
+    monkeypatch.setattr(snapshot_source, "attribute", carried_owners)
     code = main(["check", "--window", "0", *args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
@@ -337,6 +338,7 @@ def test_docs_url_moves_every_link_in_one_place(
         sockets=socket_table([listener(8080, queue_length=129, queue_max=128, inode=7001)])
     )
     monkeypatch.setattr(snapshot_source, "poll", FakePoll(full))
+    monkeypatch.setattr(snapshot_source, "attribute", carried_owners)
     config = tmp_path / "c.yaml"
     config.write_text("docs_url: https://wiki.example/tcpwatch\n")
     main(["check", "--window", "0", "--format", "json", "--config", str(config)])
@@ -454,6 +456,7 @@ def test_emit_sysctl_one_snippet_with_reasons(
         sockets=socket_table([listener(8080, queue_length=129, queue_max=128, inode=7001)]),
     )
     monkeypatch.setattr(snapshot_source, "poll", FakePoll(bad))
+    monkeypatch.setattr(snapshot_source, "attribute", carried_owners)
     code = main(["check", "--window", "0", "--emit-sysctl"])
     out = capsys.readouterr().out
     assert code == 2
@@ -512,6 +515,7 @@ def test_window_zero_is_one_poll_and_says_nothing_on_a_pipe(
 ) -> None:
     poll = FakePoll(snapshot())
     monkeypatch.setattr(snapshot_source, "poll", poll)
+    monkeypatch.setattr(snapshot_source, "attribute", carried_owners)
     monkeypatch.setattr("time.sleep", lambda seconds: pytest.fail("slept with --window 0"))
     assert main(["check", "--window", "0"]) in (0, 1, 2)
     assert poll.calls == 1
@@ -527,6 +531,7 @@ def test_a_window_on_a_terminal_says_what_it_waits_for(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(snapshot_source, "poll", FakePoll(snapshot(), snapshot()))
+    monkeypatch.setattr(snapshot_source, "attribute", carried_owners)
     slept: list[float] = []
     monkeypatch.setattr("time.sleep", slept.append)
     tty = _Tty()

@@ -146,3 +146,29 @@ def test_the_counters_read_through_a_memo_equal_a_fresh_read(tmp_path: Path) -> 
         assert read_counters(paths, memo, 9).values["TcpActiveOpens"] == opens
         assert read_churn_marks(paths, False, memo, 9) == read_churn_marks(paths)
     assert memo.parses == 3  # netstat once, snmp once per distinct text
+
+
+def test_a_fingerprint_is_each_path_stat_and_lstat_links_and_absent_paths_included(
+    tmp_path: Path,
+) -> None:
+    from tcpwatch.sources.filememo import fingerprint
+
+    plain = tmp_path / "plain.conf"
+    plain.write_text("a = 1\n")
+    link = tmp_path / "link.conf"
+    link.symlink_to(plain)
+    absent = tmp_path / "absent.conf"
+
+    def stamp(st: os.stat_result) -> tuple[int, int, int, int, int]:
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    # One lstat stands for both when a path is not a link: the same values as two calls.
+    assert fingerprint([str(plain), str(link), str(absent)]) == (
+        stamp(os.stat(plain)),
+        stamp(os.lstat(plain)),
+        stamp(os.stat(link)),
+        stamp(os.lstat(link)),
+        "FileNotFoundError",
+        "FileNotFoundError",
+    )
+    assert stamp(os.stat(link)) != stamp(os.lstat(link))

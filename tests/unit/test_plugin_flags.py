@@ -15,7 +15,7 @@ import pytest
 import tcpwatch.snapshot as snapshot_source
 from tcpwatch.cli import main
 from tests.unit.plugin_output import assert_unknown_stdout
-from tests.unit.snapshots import NGINX, listener, snapshot, socket_table
+from tests.unit.snapshots import NGINX, carried_owners, listener, snapshot, socket_table
 from tests.unit.test_cli import FakePoll
 
 # An accept queue 85 % full: Q01 warns at 0.8 by default, and is critical from 1.0.
@@ -29,6 +29,7 @@ def check(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *flags: str
 ) -> tuple[int, str]:
     monkeypatch.setattr(snapshot_source, "poll", FakePoll(FILLING))
+    monkeypatch.setattr(snapshot_source, "attribute", carried_owners)
     capsys.readouterr()
     code = main(["check", "--window", "0", *flags])
     return code, capsys.readouterr().out
@@ -65,6 +66,7 @@ def test_the_flags_win_over_the_config_file(
     assert check(monkeypatch, capsys, "--config", str(config))[0] == 0
     assert check(monkeypatch, capsys, "--config", str(config), "-w", "Q01=0.8")[0] == 1
     monkeypatch.setattr(snapshot_source, "poll", FakePoll(FILLING))
+    monkeypatch.setattr(snapshot_source, "attribute", carried_owners)
     capsys.readouterr()
     assert main(["check", "--window", "0", "--format", "json", "-w", "Q01=0.9"]) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "OK"

@@ -17,6 +17,7 @@ from tcpwatch.sources.processes import (
     parse_socket_link,
     procfs_hides_processes,
     scan_owners,
+    socket_links,
     wanted_inodes,
     wanted_sockets_in,
 )
@@ -238,10 +239,14 @@ def test_a_zero_deadline_scans_nothing(tmp_path: Path) -> None:
     assert not result.complete
 
 
-def test_a_malformed_socket_link_is_reported_with_its_path(tmp_path: Path) -> None:
-    paths = build_proc(tmp_path, {5: ("app", {3: "socket:[oops]"})})
-    with pytest.raises(ValueError, match=r"5/fd/3: malformed socket link 'socket:\[oops\]'"):
-        scan_owners(paths, frozenset({1}))
+def test_a_malformed_socket_link_is_no_wanted_socket(tmp_path: Path) -> None:
+    # Links are matched whole against socket:[INODE]: one the kernel never writes matches none,
+    # and a wanted socket further on is still found.
+    paths = build_proc(
+        tmp_path, {5: ("app", {3: "socket:[oops]", 4: "socket:[1 ]", 6: "socket:[1]"})}
+    )
+    result = scan_owners(paths, frozenset({1}))
+    assert result.locations == {1: (5, "6")}
 
 
 def _procfs_with(tmp_path: Path, proc_options: str, cap_eff: str) -> ProcPaths:
@@ -332,7 +337,7 @@ def test_a_duplicated_socket_does_not_end_the_read_early(tmp_path: Path) -> None
     # The read of a process stops once it found every wanted socket: two fds of one socket
     # count once.
     paths = build_proc(tmp_path, {5: ("app", {3: "socket:[7]", 4: "socket:[7]", 5: "socket:[9]"})})
-    found = wanted_sockets_in(paths.pid(5, "fd"), frozenset({7, 9}))
+    found = wanted_sockets_in(paths.pid(5, "fd"), socket_links({7, 9}))
     assert {inode for inode, _ in found} == {7, 9}
 
 
