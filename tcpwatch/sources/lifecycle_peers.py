@@ -103,7 +103,18 @@ class LifecycleAggregator:
         # (family, local port, 16-byte address) -> failed connects whose port was cleared
         self._cleared: dict[tuple[int, int, bytes], int] = {}
         self._drained_at = clock()
+        self._layouts: dict[int, tuple[Callable[..., tuple[int, ...]], int]] = {}
+        self.fast_path = True  # False: every message the long way (tests compare the two)
         self._idle_check_at = self._drained_at  # see _drop_idle
+
+    def _fast_struct(self, info_at: int) -> tuple[Callable[..., tuple[int, ...]], int]:
+        """One unpack of a message whose INET_DIAG_INFO attribute starts at ``info_at``: the
+        message's length, type and family, the attribute's header word, CLOSE_FIELDS."""
+        found = self._layouts.get(info_at)
+        if found is None:
+            layout = struct.Struct(f"=IH10xB{info_at - 17}xI{CLOSE_FIELDS.format[1:]}")
+            found = self._layouts[info_at] = (layout.unpack_from, layout.size)
+        return found
 
     def update_context(self, context: Context) -> None:
         if context != self.context:
@@ -150,6 +161,10 @@ class LifecycleAggregator:
         datagrams = events = ignored = 0
         word = U32.unpack_from
         info_at, info_end, info_header = INET_DIAG_MSG_MIN, 4, -1  # the last INFO attribute seen
+        # That layout's one unpack (_fast_struct), once a message of it held every CLOSE_FIELDS
+        fast: Callable[..., tuple[int, ...]] = head
+        fast_size, fast_at, fast_header, fast_end, fast_info = 0, 0, -1, 0, 0
+        use_fast = self.fast_path
         try:
             for length in lengths:
                 offset = datagrams * stride
@@ -159,56 +174,88 @@ class LifecycleAggregator:
                         raise SockDiagError("datagram longer than the receive slot (truncated)")
                     length += offset  # the datagram's end in ``data``
                     while offset < length:
-                        if length - offset < 16:
-                            raise SockDiagError(
-                                f"truncated netlink header at byte {offset} of {length}"
-                            )
-                        msg_len, msg_type = head(data, offset)
                         start = offset
-                        if (
-                            msg_type != SOCK_DIAG_BY_FAMILY
-                            or msg_len < INET_DIAG_MSG_MIN
-                            or start + msg_len > length
-                            or (family_number := data[start + 16]) not in ADDRESS_BYTES
+                        if fast_size > 0 and start + fast_size <= length:
+                            (msg_len, msg_type, family_number, info_word, rtt, retrans, acked,
+                             received, segs_out, segs_in, busy, rwnd, sndbuf, delivered
+                             ) = fast(data, start)  # fmt: skip
+                        else:
+                            msg_type = -1
+                        if (  # the layout of the previous message: one unpack (_fast_struct)
+                            msg_type == SOCK_DIAG_BY_FAMILY
+                            and info_word == fast_header
+                            and fast_end <= msg_len
+                            and start + msg_len <= length
+                            and family_number in ADDRESS_BYTES
                         ):
-                            check_other_message(data, offset, msg_len, msg_type, length)
-                            offset += (msg_len + 3) & ~3
-                            continue
-                        end = offset + msg_len
-                        offset = (end + 3) & ~3
-                        events += 1
-                        sport, dport, src, dst = endpoints(data, start + 20)
-                        if dport == 0 and dst == ZERO16:
-                            ignored += 1  # a closed listener, or a socket that never connected
-                            continue
-                        # INET_DIAG_INFO: where the previous message had it, the same attribute
-                        # header (the kernel writes one layout: after PROTOCOL on 6.18), else walk
-                        position = start + info_at
-                        if position + info_end <= end and word(data, position)[0] == info_header:
-                            size = info_end - 4
+                            end = start + msg_len
+                            offset = (end + 3) & ~3
+                            events += 1
+                            sport, dport, src, dst = endpoints(data, start + 20)
+                            if dport == 0 and dst == ZERO16:
+                                ignored += 1
+                                continue
+                            position, size = start + fast_at, fast_info
                         else:
-                            size = -1
-                            position = start + INET_DIAG_MSG_MIN
-                        while size < 0 and position + 4 <= end:
-                            attr_len, attr_type = attr(data, position)
-                            if attr_len < 4 or position + attr_len > end:
-                                break
-                            if attr_type & 0x3FFF == INET_DIAG_INFO:
-                                size = attr_len - 4
-                                info_at, info_end = position - start, attr_len
-                                info_header = word(data, position)[0]
-                                break
-                            position += (attr_len + 3) & ~3
-                        if size < 0:
-                            ignored += 1
-                            continue
-                        if size >= close_size:
-                            (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
-                             delivered) = close_fields(data, position + 4)  # fmt: skip
-                        else:
-                            info = parse_tcp_info(bytes(data[position + 4 : position + 4 + size]))
-                            (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd, sndbuf,
-                             delivered) = fields_of(info)  # fmt: skip
+                            if length - offset < 16:
+                                raise SockDiagError(
+                                    f"truncated netlink header at byte {offset} of {length}"
+                                )
+                            msg_len, msg_type = head(data, offset)
+                            start = offset
+                            if (
+                                msg_type != SOCK_DIAG_BY_FAMILY
+                                or msg_len < INET_DIAG_MSG_MIN
+                                or start + msg_len > length
+                                or (family_number := data[start + 16]) not in ADDRESS_BYTES
+                            ):
+                                check_other_message(data, offset, msg_len, msg_type, length)
+                                offset += (msg_len + 3) & ~3
+                                continue
+                            end = offset + msg_len
+                            offset = (end + 3) & ~3
+                            events += 1
+                            sport, dport, src, dst = endpoints(data, start + 20)
+                            if dport == 0 and dst == ZERO16:
+                                ignored += 1  # a closed listener, or one that never connected
+                                continue
+                            # INET_DIAG_INFO: where the previous message had it, the same
+                            # attribute header (the kernel writes one layout: after PROTOCOL on
+                            # 6.18), else walk
+                            position = start + info_at
+                            if (
+                                position + info_end <= end
+                                and word(data, position)[0] == info_header
+                            ):
+                                size = info_end - 4
+                            else:
+                                size = -1
+                                position = start + INET_DIAG_MSG_MIN
+                            while size < 0 and position + 4 <= end:
+                                attr_len, attr_type = attr(data, position)
+                                if attr_len < 4 or position + attr_len > end:
+                                    break
+                                if attr_type & 0x3FFF == INET_DIAG_INFO:
+                                    size = attr_len - 4
+                                    info_at, info_end = position - start, attr_len
+                                    info_header = word(data, position)[0]
+                                    break
+                                position += (attr_len + 3) & ~3
+                            if size < 0:
+                                ignored += 1
+                                continue
+                            if size >= close_size:
+                                (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd,
+                                 sndbuf, delivered) = close_fields(data, position + 4)  # fmt: skip
+                                if use_fast and (info_at, info_header) != (fast_at, fast_header):
+                                    fast_at, fast_header = info_at, info_header  # a new layout
+                                    fast_end, fast_info = info_at + info_end, info_end - 4
+                                    fast, fast_size = self._fast_struct(info_at)
+                            else:
+                                tail = position + 4
+                                info = parse_tcp_info(bytes(data[tail : tail + size]))
+                                (rtt, retrans, acked, received, segs_out, segs_in, busy, rwnd,
+                                 sndbuf, delivered) = fields_of(info)  # fmt: skip
                         inbound = sport in listen_ports or not low <= sport <= high
                         done = dport != 0 or handshake_completed(data, position + 4, size)
                         if not (done or inbound):  # a failed connect tcp_disconnect cleared: kept

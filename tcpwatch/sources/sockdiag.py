@@ -66,6 +66,7 @@ from tcpwatch.sources.netlink import (
     unusual_message,
 )
 from tcpwatch.sources.netlink import INET_DIAG_MSG_MIN as INET_DIAG_MSG_MIN  # lifecycle's too
+from tcpwatch.sources.timewait_runs import timewait_run
 
 INET_DIAG_SHUTDOWN = 8  # every full socket carries it; request and TIME_WAIT sockets never do
 TCP_ESTABLISHED = 1
@@ -193,6 +194,10 @@ class DumpAggregator:
                 offset += (msg_len + 3) & ~3
                 continue
             if count_timewait and data[offset + 18] == TIMER_TIME_WAIT:
+                if run := timewait_run(view, offset, msg_len, length, states):
+                    self.messages += run - 1  # a run of them, counted by columns
+                    offset += run * msg_len
+                    continue
                 sport, dport = ports(data, offset + 20)
                 if sport != dport:
                     states[state] += 1
