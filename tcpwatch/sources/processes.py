@@ -122,31 +122,55 @@ def confirm_known_owners(
 
     One readlink per socket: an fd that still links to ``socket:[INODE]`` is the same socket in
     the same process (inodes are unique while the socket lives). Names are re-read, once per pid,
-    since a process may exec or rename itself.
+    since a process may exec or rename itself. Each pid's fd directory is opened once and its
+    links read relative to it: every poll of a busy host confirms ~150 sockets of a few
+    processes, and a full /proc/PID/fd/N path made and looked up per socket cost more than the
+    readlink itself (docs/performance.md).
     """
     owners: dict[int, ProcessRef] = {}
     locations: dict[int, tuple[int, str]] = {}
     names: dict[int, str | None] = {}
-    for inode in wanted:
-        location = known.locations.get(inode)
-        if location is None:
-            continue
-        pid, fd = location
-        try:
-            if os.readlink(paths.pid(pid, "fd", fd)) != f"socket:[{inode}]":
+    directories: dict[int, int | None] = {}  # pid -> its fd directory, None: not readable
+    readlink = os.readlink
+    try:
+        for inode in wanted:
+            location = known.locations.get(inode)
+            if location is None:
                 continue
-        except OSError:
-            continue
-        if pid not in names:
+            pid, fd = location
+            directory = directories.get(pid, -1)
+            if directory == -1:
+                directory = directories[pid] = _open_directory(paths.pid(pid, "fd"))
+            if directory is None:
+                continue
             try:
-                names[pid] = parse_comm(read_bytes(paths.pid(pid, "comm"), COMM_LIMIT))
+                if readlink(fd, dir_fd=directory) != f"socket:[{inode}]":
+                    continue
             except OSError:
-                names[pid] = None
-        name = names[pid]
-        if name is not None:
-            owners[inode] = ProcessRef(pid=pid, name=name)
-            locations[inode] = location
+                continue
+            if pid not in names:
+                try:
+                    names[pid] = parse_comm(read_bytes(paths.pid(pid, "comm"), COMM_LIMIT))
+                except OSError:
+                    names[pid] = None
+            name = names[pid]
+            if name is not None:
+                owners[inode] = ProcessRef(pid=pid, name=name)
+                locations[inode] = location
+    finally:
+        for directory in directories.values():
+            if directory is not None:
+                os.close(directory)
     return owners, locations
+
+
+def _open_directory(path: str) -> int | None:
+    """A descriptor of the directory at ``path``, or None when it cannot be opened (the
+    process exited, or its fds are not ours to read)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 CAP_SYS_PTRACE = 19

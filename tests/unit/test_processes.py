@@ -311,6 +311,31 @@ def test_a_moved_or_closed_socket_falls_back_to_the_walk(tmp_path: Path) -> None
     assert second.locations[202] == (30, "4")
 
 
+def test_confirming_reads_each_process_fd_directory_once_and_skips_an_exited_one(
+    tmp_path: Path,
+) -> None:
+    paths = build_proc(
+        tmp_path,
+        {
+            10: ("nginx", {3: "socket:[101]", 4: "socket:[102]", 5: "socket:[103]"}),
+            20: ("app", {7: "socket:[202]"}),
+        },
+    )
+    first = scan_owners(paths, frozenset({101, 102, 103, 202}))
+    # Process 20 exited; process 10 closed fd 4 and holds another socket at 5.
+    for link in (tmp_path / "20" / "fd").iterdir():
+        link.unlink()
+    (tmp_path / "20" / "fd").rmdir()
+    os.remove(tmp_path / "10" / "fd" / "4")
+    os.remove(tmp_path / "10" / "fd" / "5")
+    os.symlink("socket:[999]", tmp_path / "10" / "fd" / "5")
+    before = len(os.listdir("/proc/self/fd"))
+    second = scan_owners(paths, frozenset({101, 102, 103, 202}), known=first)
+    assert second.owners == {101: ProcessRef(10, "nginx")}
+    assert second.confirmed == 1
+    assert len(os.listdir("/proc/self/fd")) == before  # every directory opened was closed
+
+
 def test_processes_of_the_sockets_users_are_read_first(tmp_path: Path) -> None:
     # Process 5 holds thousands of fds, none wanted, as another user; 9 (the sockets' user)
     # holds the wanted one. Ascending pids would read 5's table whole; the uid order does not.
