@@ -7,6 +7,7 @@ Everything here is per network namespace when read through ``/proc/net`` (or
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tcpwatch.model import KernelCounters, Snapshot, SockStat
@@ -166,7 +167,7 @@ def parse_churn_fields(text: str, path: str) -> tuple[int, ...]:
     return _fields(parse_counter_table(text, path), CHURN_FIELDS, path)
 
 
-def _fields(values: dict[str, int], names: tuple[str, ...], path: str) -> tuple[int, ...]:
+def _fields(values: Mapping[str, int], names: tuple[str, ...], path: str) -> tuple[int, ...]:
     missing = [name for name in names if name not in values]
     if missing:
         raise ProcParseError(path, 1, "", f"missing {', '.join(missing)}")
@@ -201,6 +202,31 @@ def read_churn_marks(
     )
 
 
+def marks_of(counters: KernelCounters, sockstat: SockStat, path: str) -> ChurnMarks:
+    """The marks from tables already read, the MIB (``counters``) before ``sockstat``: as
+    :func:`read_churn_marks` reads them before a dump. ``path`` names snmp in errors."""
+    values = counters.values
+    quiet = (*_fields(values, QUIET_FIELDS, path), sockstat.time_wait)
+    return ChurnMarks(
+        _fields(values, CHURN_FIELDS, path), sockstat.inuse_ipv4, sockstat.inuse_ipv6, quiet
+    )
+
+
+def marks_before_dump(context: SourceContext, so_far: Snapshot) -> ChurnMarks:
+    """The marks before this poll's dump: from the counters and sockstat sources' reads when
+    both worked this poll (the counters source runs first, so the MIB was read before
+    ``inuse``, and nothing in the namespace is read between them and the dump); else read now.
+
+    One read then serves both a table and the marks (snmp and sockstat were read twice a
+    poll). The reads are further apart than read_churn_marks' two, which only widens what
+    the marks compare: an open whose MIB counter moves after the MIB read still shows at the
+    end, and a PassiveOpens that straddles both reads needs longer than the gap
+    (docs/kernel-facts.md)."""
+    if so_far.counters is not None and so_far.sockstat is not None:  # both read this poll
+        return marks_of(so_far.counters, so_far.sockstat, context.paths.net("snmp"))
+    return read_churn_marks(context.paths, False, context.memo, context.netns_inode)
+
+
 def read_counters(paths: ProcPaths, memo: FileMemo | None = None, netns: int = 0) -> KernelCounters:
     """/proc/net/netstat and /proc/net/snmp merged; OSError (with the path) if either is missing."""
     values: dict[str, int] = {}
@@ -221,12 +247,13 @@ def read_sockstat(paths: ProcPaths) -> SockStat:
     return parse_sockstat(text4, text6, path, path6)
 
 
-# sockstat is read right before the socket dump: inbound ESTABLISHED is derived from its inuse.
+# sockstat is read right before the socket dump: inbound ESTABLISHED is derived from its inuse,
+# and after counters, so that the two make the churn marks before the dump (marks_before_dump).
 @netns_source("sockstat", field="sockstat", order=20)
 def read_sockstat_source(context: SourceContext, so_far: Snapshot) -> SockStat:
     return read_sockstat(context.paths)
 
 
-@netns_source("counters", field="counters", order=30)
+@netns_source("counters", field="counters", order=15)
 def read_counters_source(context: SourceContext, so_far: Snapshot) -> KernelCounters:
     return read_counters(context.paths, context.memo, context.netns_inode)

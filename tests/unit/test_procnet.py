@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tcpwatch.model import SockStat
+from tcpwatch.config import CollectSettings
+from tcpwatch.model import KernelCounters, Snapshot, SockStat
 from tcpwatch.paths import ProcPaths
+from tcpwatch.sources.base import SourceContext
 from tcpwatch.sources.procnet import (
     CHURN_FIELDS,
     ProcParseError,
+    marks_before_dump,
     parse_churn_fields,
     parse_counter_table,
     parse_sockstat,
@@ -377,6 +380,43 @@ def test_churn_marks_move_with_any_of_their_fields(tmp_path: Path) -> None:
         assert read_churn_marks(paths, after=True) != before, field
     (tmp_path / "net" / "snmp").write_text(fixture_text("snmp"))
     assert read_churn_marks(paths, after=True) == before
+
+
+def _context(paths: ProcPaths) -> SourceContext:
+    return SourceContext(paths, CollectSettings(), "test", 0, 0.0)
+
+
+def test_marks_before_the_dump_are_this_polls_tables_when_both_were_read(tmp_path: Path) -> None:
+    counters, sockstat = read_counters(FIXTURE), read_sockstat(FIXTURE)
+    so_far = Snapshot("test", 0.0, None, counters, sockstat, None, None)
+    # Nothing to read under tmp_path: the marks can only come from the snapshot's tables.
+    marks = marks_before_dump(_context(ProcPaths(root=str(tmp_path))), so_far)
+    assert marks == read_churn_marks(FIXTURE)
+    assert marks.signature == read_churn_marks(FIXTURE).signature
+
+
+def test_marks_before_the_dump_are_read_when_a_table_is_missing(tmp_path: Path) -> None:
+    (tmp_path / "net").mkdir()
+    for name in ("snmp", "sockstat", "sockstat6"):
+        (tmp_path / "net" / name).write_text(fixture_text(name))
+    paths = ProcPaths(root=str(tmp_path))
+    sockstat = read_sockstat(FIXTURE)
+    moved = SockStat(sockstat.inuse_ipv4 + 1, sockstat.inuse_ipv6, 0, 0, 0, 0)
+    for so_far in (
+        Snapshot("test", 0.0, None, None, moved, None, None),  # counters failed
+        Snapshot("test", 0.0, None, read_counters(FIXTURE), None, None, None),  # sockstat did
+    ):
+        assert marks_before_dump(_context(paths), so_far) == read_churn_marks(paths)
+    with pytest.raises(FileNotFoundError):
+        marks_before_dump(_context(ProcPaths(root=str(tmp_path / "none"))), so_far)
+
+
+def test_marks_from_tables_need_every_field() -> None:
+    counters = KernelCounters(values={"TcpActiveOpens": 1})
+    sockstat = read_sockstat(FIXTURE)
+    so_far = Snapshot("test", 0.0, None, counters, sockstat, None, None)
+    with pytest.raises(ProcParseError, match="missing TcpInSegs"):
+        marks_before_dump(_context(FIXTURE), so_far)
 
 
 def test_churn_marks_need_every_field() -> None:
