@@ -174,10 +174,30 @@ def _fields(values: Mapping[str, int], names: tuple[str, ...], path: str) -> tup
     return tuple(values[name] for name in names)
 
 
+# Longer than any of these tables is today (netstat ~4 KB): a text that fills it is read again
+# whole, not cut.
+_HELD_LIMIT = 1 << 16
+
+
+def _net_text(path: str, memo: FileMemo | None, netns: int) -> str:
+    """The text of a /proc/net table, with ``memo`` from a descriptor held open between polls.
+
+    A held /proc/net file is rendered afresh by each pread at offset 0 (seq_read_iter starts
+    over at 0). Unlike /proc/sys, its open takes a reference on the namespace
+    (fs/proc/proc_net.c, ``single_open_net``: ``maybe_get_net`` until release): a held
+    descriptor keeps a deleted namespace alive, so they are closed with the namespace's other
+    held files at the end of the first poll that did not poll it (HeldFiles.end_poll), as the
+    destroy listener's socket is retired (docs/performance.md has the test)."""
+    if memo is None or not netns:
+        return read_text(path)
+    text = memo.held.read(netns, path, _HELD_LIMIT)
+    return text if len(text) < _HELD_LIMIT else read_text(path)
+
+
 def _table(paths: ProcPaths, name: str, memo: FileMemo | None, netns: int) -> dict[str, int]:
     """/proc/net/<name> parsed (by ``memo`` only when its text changed since the last poll)."""
     path = paths.net(name)
-    text = read_text(path)
+    text = _net_text(path, memo, netns)
     if memo is None:
         return parse_counter_table(text, path)
     return memo.parsed((netns, path), text, lambda t: parse_counter_table(t, path))
@@ -191,11 +211,11 @@ def read_churn_marks(
     first (an accepted child's PassiveOpens moves before it is hashed)."""
     snmp = paths.net("snmp")
     if after:
-        sockstat = read_sockstat(paths)
+        sockstat = read_sockstat(paths, memo, netns)
         values = _table(paths, "snmp", memo, netns)
     else:
         values = _table(paths, "snmp", memo, netns)
-        sockstat = read_sockstat(paths)
+        sockstat = read_sockstat(paths, memo, netns)
     quiet = (*_fields(values, QUIET_FIELDS, snmp), sockstat.time_wait)
     return ChurnMarks(
         _fields(values, CHURN_FIELDS, snmp), sockstat.inuse_ipv4, sockstat.inuse_ipv6, quiet
@@ -235,13 +255,13 @@ def read_counters(paths: ProcPaths, memo: FileMemo | None = None, netns: int = 0
     return KernelCounters(values=values)
 
 
-def read_sockstat(paths: ProcPaths) -> SockStat:
+def read_sockstat(paths: ProcPaths, memo: FileMemo | None = None, netns: int = 0) -> SockStat:
     """/proc/net/sockstat and, when IPv6 exists, /proc/net/sockstat6."""
     path = paths.net("sockstat")
     path6 = paths.net("sockstat6")
-    text4 = read_text(path)
+    text4 = _net_text(path, memo, netns)
     try:
-        text6: str | None = read_text(path6)
+        text6: str | None = _net_text(path6, memo, netns)
     except FileNotFoundError:
         text6 = None
     return parse_sockstat(text4, text6, path, path6)
@@ -251,7 +271,7 @@ def read_sockstat(paths: ProcPaths) -> SockStat:
 # and after counters, so that the two make the churn marks before the dump (marks_before_dump).
 @netns_source("sockstat", field="sockstat", order=20)
 def read_sockstat_source(context: SourceContext, so_far: Snapshot) -> SockStat:
-    return read_sockstat(context.paths)
+    return read_sockstat(context.paths, context.memo, context.netns_inode)
 
 
 @netns_source("counters", field="counters", order=15)

@@ -12,7 +12,8 @@ import pytest
 from tcpwatch.config import CollectSettings
 from tcpwatch.model import KernelCounters, Snapshot, SockStat
 from tcpwatch.paths import ProcPaths
-from tcpwatch.sources.base import SourceContext
+from tcpwatch.sources import procnet
+from tcpwatch.sources.base import FileMemo, SourceContext
 from tcpwatch.sources.procnet import (
     CHURN_FIELDS,
     ProcParseError,
@@ -423,3 +424,54 @@ def test_churn_marks_need_every_field() -> None:
     text = "Tcp: ActiveOpens PassiveOpens\nTcp: 1 2\n"
     with pytest.raises(ProcParseError, match="missing TcpAttemptFails, TcpEstabResets"):
         parse_churn_fields(text, "/proc/net/snmp")
+
+
+# --- /proc/net tables read through held descriptors (the host's own, read only) --------------
+
+
+def test_proc_net_tables_are_held_per_namespace_and_closed_with_it() -> None:
+    memo = FileMemo()
+    host = ProcPaths()
+    try:
+        for _ in range(3):
+            counters = read_counters(host, memo, 7)
+            sockstat = read_sockstat(host, memo, 7)
+            marks = read_churn_marks(host, True, memo, 7)
+        # snmp, netstat, sockstat and (with IPv6) sockstat6: opened on the first poll only.
+        tables = 3 + os.path.exists(host.net("sockstat6"))
+        assert memo.held.opens == tables and memo.held.held == tables
+        fresh = read_counters(host)
+        for name in ("TcpRtoAlgorithm", "TcpMaxConn", "IpDefaultTTL"):
+            assert counters.values[name] == fresh.values[name]
+        assert set(counters.values) == set(fresh.values)
+        assert sockstat.alloc >= 0 and marks.tcp
+        memo.end_poll()
+        assert memo.held.held == tables  # read in the poll that just ended
+        memo.end_poll()
+        assert memo.held.held == 0  # a namespace not polled: its descriptors are closed
+    finally:
+        memo.held.close()
+
+
+def test_proc_net_tables_of_an_unknown_namespace_or_a_fixture_tree_are_never_held() -> None:
+    memo = FileMemo()
+    try:
+        read_counters(ProcPaths(), memo, 0)  # inode unknown: no key to hold them under
+        read_sockstat(FIXTURE, memo, 7)  # regular files (size > 0): opened every time
+        read_counters(FIXTURE, memo, 7)
+        assert memo.held.held == 0
+        assert read_counters(FIXTURE, memo, 7) == read_counters(FIXTURE)
+        assert read_sockstat(FIXTURE, memo, 7) == read_sockstat(FIXTURE)
+    finally:
+        memo.held.close()
+
+
+def test_a_table_as_long_as_the_held_limit_is_read_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    memo = FileMemo()
+    host = ProcPaths()
+    try:
+        monkeypatch.setattr(procnet, "_HELD_LIMIT", 64)  # netstat is thousands of bytes
+        counters = read_counters(host, memo, 7)
+        assert set(counters.values) == set(read_counters(host).values)
+    finally:
+        memo.held.close()
