@@ -1,4 +1,4 @@
-"""/proc/sys files kept open between polls and read again with pread(fd, 0).
+"""/proc/sys (and /proc/net) files kept open between polls and read again with pread(fd, 0).
 
 Opening, reading and closing two dozen /proc/sys files is most of what the sysctl source costs a
 quiet poll (~8 us a file, the path walk and the open); a pread on a descriptor kept open is ~1 us
@@ -19,6 +19,11 @@ procfs or sysfs file). A regular file in a fixture tree (``--path.procfs``) is r
 every time, so one replaced by a rename is never read through its old inode. At most
 ``MAX_HELD`` descriptors are held (the shipped unit allows 65,536, a shell's default 1,024), so a
 host with hundreds of namespaces opens the files of the ones beyond it as before.
+
+procnet.py holds the /proc/net tables (snmp, netstat, sockstat, sockstat6) here as well, under
+the same key. Unlike a /proc/sys file, an open /proc/net file holds its namespace alive
+(``single_open_net`` takes a reference until release), so ``end_poll`` closing a namespace's
+descriptors as soon as a poll passes it by is what lets a deleted namespace go.
 
 Owned by the pipeline's FileMemo (one per SnapshotTaker), never by a module; ``end_poll`` closes
 the descriptors of namespaces not polled since the last call, ``close`` all of them.

@@ -7,6 +7,7 @@ Everything here is per network namespace when read through ``/proc/net`` (or
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tcpwatch.model import KernelCounters, Snapshot, SockStat
@@ -166,17 +167,37 @@ def parse_churn_fields(text: str, path: str) -> tuple[int, ...]:
     return _fields(parse_counter_table(text, path), CHURN_FIELDS, path)
 
 
-def _fields(values: dict[str, int], names: tuple[str, ...], path: str) -> tuple[int, ...]:
+def _fields(values: Mapping[str, int], names: tuple[str, ...], path: str) -> tuple[int, ...]:
     missing = [name for name in names if name not in values]
     if missing:
         raise ProcParseError(path, 1, "", f"missing {', '.join(missing)}")
     return tuple(values[name] for name in names)
 
 
+# Longer than any of these tables is today (netstat ~4 KB): a text that fills it is read again
+# whole, not cut.
+_HELD_LIMIT = 1 << 16
+
+
+def _net_text(path: str, memo: FileMemo | None, netns: int) -> str:
+    """The text of a /proc/net table, with ``memo`` from a descriptor held open between polls.
+
+    A held /proc/net file is rendered afresh by each pread at offset 0 (seq_read_iter starts
+    over at 0). Unlike /proc/sys, its open takes a reference on the namespace
+    (fs/proc/proc_net.c, ``single_open_net``: ``maybe_get_net`` until release): a held
+    descriptor keeps a deleted namespace alive, so they are closed with the namespace's other
+    held files at the end of the first poll that did not poll it (HeldFiles.end_poll), as the
+    destroy listener's socket is retired (docs/performance.md has the test)."""
+    if memo is None or not netns:
+        return read_text(path)
+    text = memo.held.read(netns, path, _HELD_LIMIT)
+    return text if len(text) < _HELD_LIMIT else read_text(path)
+
+
 def _table(paths: ProcPaths, name: str, memo: FileMemo | None, netns: int) -> dict[str, int]:
     """/proc/net/<name> parsed (by ``memo`` only when its text changed since the last poll)."""
     path = paths.net(name)
-    text = read_text(path)
+    text = _net_text(path, memo, netns)
     if memo is None:
         return parse_counter_table(text, path)
     return memo.parsed((netns, path), text, lambda t: parse_counter_table(t, path))
@@ -190,15 +211,40 @@ def read_churn_marks(
     first (an accepted child's PassiveOpens moves before it is hashed)."""
     snmp = paths.net("snmp")
     if after:
-        sockstat = read_sockstat(paths)
+        sockstat = read_sockstat(paths, memo, netns)
         values = _table(paths, "snmp", memo, netns)
     else:
         values = _table(paths, "snmp", memo, netns)
-        sockstat = read_sockstat(paths)
+        sockstat = read_sockstat(paths, memo, netns)
     quiet = (*_fields(values, QUIET_FIELDS, snmp), sockstat.time_wait)
     return ChurnMarks(
         _fields(values, CHURN_FIELDS, snmp), sockstat.inuse_ipv4, sockstat.inuse_ipv6, quiet
     )
+
+
+def marks_of(counters: KernelCounters, sockstat: SockStat, path: str) -> ChurnMarks:
+    """The marks from tables already read, the MIB (``counters``) before ``sockstat``: as
+    :func:`read_churn_marks` reads them before a dump. ``path`` names snmp in errors."""
+    values = counters.values
+    quiet = (*_fields(values, QUIET_FIELDS, path), sockstat.time_wait)
+    return ChurnMarks(
+        _fields(values, CHURN_FIELDS, path), sockstat.inuse_ipv4, sockstat.inuse_ipv6, quiet
+    )
+
+
+def marks_before_dump(context: SourceContext, so_far: Snapshot) -> ChurnMarks:
+    """The marks before this poll's dump: from the counters and sockstat sources' reads when
+    both worked this poll (the counters source runs first, so the MIB was read before
+    ``inuse``, and nothing in the namespace is read between them and the dump); else read now.
+
+    One read then serves both a table and the marks (snmp and sockstat were read twice a
+    poll). The reads are further apart than read_churn_marks' two, which only widens what
+    the marks compare: an open whose MIB counter moves after the MIB read still shows at the
+    end, and a PassiveOpens that straddles both reads needs longer than the gap
+    (docs/kernel-facts.md)."""
+    if so_far.counters is not None and so_far.sockstat is not None:  # both read this poll
+        return marks_of(so_far.counters, so_far.sockstat, context.paths.net("snmp"))
+    return read_churn_marks(context.paths, False, context.memo, context.netns_inode)
 
 
 def read_counters(paths: ProcPaths, memo: FileMemo | None = None, netns: int = 0) -> KernelCounters:
@@ -209,24 +255,25 @@ def read_counters(paths: ProcPaths, memo: FileMemo | None = None, netns: int = 0
     return KernelCounters(values=values)
 
 
-def read_sockstat(paths: ProcPaths) -> SockStat:
+def read_sockstat(paths: ProcPaths, memo: FileMemo | None = None, netns: int = 0) -> SockStat:
     """/proc/net/sockstat and, when IPv6 exists, /proc/net/sockstat6."""
     path = paths.net("sockstat")
     path6 = paths.net("sockstat6")
-    text4 = read_text(path)
+    text4 = _net_text(path, memo, netns)
     try:
-        text6: str | None = read_text(path6)
+        text6: str | None = _net_text(path6, memo, netns)
     except FileNotFoundError:
         text6 = None
     return parse_sockstat(text4, text6, path, path6)
 
 
-# sockstat is read right before the socket dump: inbound ESTABLISHED is derived from its inuse.
+# sockstat is read right before the socket dump: inbound ESTABLISHED is derived from its inuse,
+# and after counters, so that the two make the churn marks before the dump (marks_before_dump).
 @netns_source("sockstat", field="sockstat", order=20)
 def read_sockstat_source(context: SourceContext, so_far: Snapshot) -> SockStat:
-    return read_sockstat(context.paths)
+    return read_sockstat(context.paths, context.memo, context.netns_inode)
 
 
-@netns_source("counters", field="counters", order=30)
+@netns_source("counters", field="counters", order=15)
 def read_counters_source(context: SourceContext, so_far: Snapshot) -> KernelCounters:
     return read_counters(context.paths, context.memo, context.netns_inode)

@@ -205,10 +205,11 @@ def read_sockets_source(context: SourceContext, so_far: Snapshot) -> SocketTable
     ``context.earlier`` the per-destination data is reused, not dumped.
 
     Derived ESTABLISHED (sockstat ``inuse`` minus the other full sockets the dumps saw) is exact
-    only if the namespace stood still while the dumps ran. The churn marks (procnet.py) are read
-    right before and right after them; if any moved, the ESTABLISHED sockets the dumps skipped
-    are walked as well, as ``ss`` does (the table says ``churned`` and "dumped"). A poll with no
-    connection opened, failed, reset or established keeps the cheap derived count.
+    only if the namespace stood still while the dumps ran. The churn marks (procnet.py) are taken
+    before them (from this poll's counters and sockstat reads) and read right after; if any
+    moved, the ESTABLISHED sockets the dumps skipped are walked as well, as ``ss`` does (the
+    table says ``churned`` and "dumped"). A poll with no connection opened, failed, reset or
+    established keeps the cheap derived count.
     """
     settings = context.settings
     sockstat, sysctls = so_far.sockstat, so_far.sysctls
@@ -220,9 +221,7 @@ def read_sockets_source(context: SourceContext, so_far: Snapshot) -> SocketTable
     before = None
     if settings.established == "derived" and sockstat is not None:
         try:
-            before = procnet.read_churn_marks(
-                context.paths, False, context.memo, context.netns_inode
-            )
+            before = procnet.marks_before_dump(context, so_far)
         except (OSError, procnet.ProcParseError):
             before = None  # no way to tell churn: count ESTABLISHED by dumping it
     if before is not None:

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tcpwatch.model import SockStat
+from tcpwatch.config import CollectSettings
+from tcpwatch.model import KernelCounters, Snapshot, SockStat
 from tcpwatch.paths import ProcPaths
+from tcpwatch.sources import procnet
+from tcpwatch.sources.base import FileMemo, SourceContext
 from tcpwatch.sources.procnet import (
     CHURN_FIELDS,
     ProcParseError,
+    marks_before_dump,
     parse_churn_fields,
     parse_counter_table,
     parse_sockstat,
@@ -379,7 +383,95 @@ def test_churn_marks_move_with_any_of_their_fields(tmp_path: Path) -> None:
     assert read_churn_marks(paths, after=True) == before
 
 
+def _context(paths: ProcPaths) -> SourceContext:
+    return SourceContext(paths, CollectSettings(), "test", 0, 0.0)
+
+
+def test_marks_before_the_dump_are_this_polls_tables_when_both_were_read(tmp_path: Path) -> None:
+    counters, sockstat = read_counters(FIXTURE), read_sockstat(FIXTURE)
+    so_far = Snapshot("test", 0.0, None, counters, sockstat, None, None)
+    # Nothing to read under tmp_path: the marks can only come from the snapshot's tables.
+    marks = marks_before_dump(_context(ProcPaths(root=str(tmp_path))), so_far)
+    assert marks == read_churn_marks(FIXTURE)
+    assert marks.signature == read_churn_marks(FIXTURE).signature
+
+
+def test_marks_before_the_dump_are_read_when_a_table_is_missing(tmp_path: Path) -> None:
+    (tmp_path / "net").mkdir()
+    for name in ("snmp", "sockstat", "sockstat6"):
+        (tmp_path / "net" / name).write_text(fixture_text(name))
+    paths = ProcPaths(root=str(tmp_path))
+    sockstat = read_sockstat(FIXTURE)
+    moved = SockStat(sockstat.inuse_ipv4 + 1, sockstat.inuse_ipv6, 0, 0, 0, 0)
+    for so_far in (
+        Snapshot("test", 0.0, None, None, moved, None, None),  # counters failed
+        Snapshot("test", 0.0, None, read_counters(FIXTURE), None, None, None),  # sockstat did
+    ):
+        assert marks_before_dump(_context(paths), so_far) == read_churn_marks(paths)
+    with pytest.raises(FileNotFoundError):
+        marks_before_dump(_context(ProcPaths(root=str(tmp_path / "none"))), so_far)
+
+
+def test_marks_from_tables_need_every_field() -> None:
+    counters = KernelCounters(values={"TcpActiveOpens": 1})
+    sockstat = read_sockstat(FIXTURE)
+    so_far = Snapshot("test", 0.0, None, counters, sockstat, None, None)
+    with pytest.raises(ProcParseError, match="missing TcpInSegs"):
+        marks_before_dump(_context(FIXTURE), so_far)
+
+
 def test_churn_marks_need_every_field() -> None:
     text = "Tcp: ActiveOpens PassiveOpens\nTcp: 1 2\n"
     with pytest.raises(ProcParseError, match="missing TcpAttemptFails, TcpEstabResets"):
         parse_churn_fields(text, "/proc/net/snmp")
+
+
+# --- /proc/net tables read through held descriptors (the host's own, read only) --------------
+
+
+def test_proc_net_tables_are_held_per_namespace_and_closed_with_it() -> None:
+    memo = FileMemo()
+    host = ProcPaths()
+    try:
+        for _ in range(3):
+            counters = read_counters(host, memo, 7)
+            sockstat = read_sockstat(host, memo, 7)
+            marks = read_churn_marks(host, True, memo, 7)
+        # snmp, netstat, sockstat and (with IPv6) sockstat6: opened on the first poll only.
+        tables = 3 + os.path.exists(host.net("sockstat6"))
+        assert memo.held.opens == tables and memo.held.held == tables
+        fresh = read_counters(host)
+        for name in ("TcpRtoAlgorithm", "TcpMaxConn", "IpDefaultTTL"):
+            assert counters.values[name] == fresh.values[name]
+        assert set(counters.values) == set(fresh.values)
+        assert sockstat.alloc >= 0 and marks.tcp
+        memo.end_poll()
+        assert memo.held.held == tables  # read in the poll that just ended
+        memo.end_poll()
+        assert memo.held.held == 0  # a namespace not polled: its descriptors are closed
+    finally:
+        memo.held.close()
+
+
+def test_proc_net_tables_of_an_unknown_namespace_or_a_fixture_tree_are_never_held() -> None:
+    memo = FileMemo()
+    try:
+        read_counters(ProcPaths(), memo, 0)  # inode unknown: no key to hold them under
+        read_sockstat(FIXTURE, memo, 7)  # regular files (size > 0): opened every time
+        read_counters(FIXTURE, memo, 7)
+        assert memo.held.held == 0
+        assert read_counters(FIXTURE, memo, 7) == read_counters(FIXTURE)
+        assert read_sockstat(FIXTURE, memo, 7) == read_sockstat(FIXTURE)
+    finally:
+        memo.held.close()
+
+
+def test_a_table_as_long_as_the_held_limit_is_read_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    memo = FileMemo()
+    host = ProcPaths()
+    try:
+        monkeypatch.setattr(procnet, "_HELD_LIMIT", 64)  # netstat is thousands of bytes
+        counters = read_counters(host, memo, 7)
+        assert set(counters.values) == set(read_counters(host).values)
+    finally:
+        memo.held.close()

@@ -38,6 +38,9 @@ def test_entering_comes_first_and_reads_that_depend_on_each_other_stay_in_order(
     # from that walk. A new source may go anywhere its needs allow.
     order = [name for name in names if name in ("sysctl", "sockstat", "sockdiag", "lifecycle")]
     assert order == ["sysctl", "sockstat", "sockdiag", "lifecycle"]
+    # The counters' snmp read is the MIB half of the churn marks before the dump, so it must
+    # come before sockstat's inuse (procnet.marks_before_dump, docs/kernel-facts.md).
+    assert names.index("counters") < names.index("sockstat")
     assert names.index("sockdiag") < names.index("processes") < names.index("owners")
 
 
