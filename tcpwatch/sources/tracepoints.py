@@ -36,6 +36,10 @@ from tcpwatch.tracepoint_stats import TracepointStats
 
 RECORD_BYTES = 120  # ring-buffer bytes one record takes (header, pid/tid, time, raw ~80-96)
 DESIGN_RATE = 100_000  # records/s the read delay is sized for (20k connections/s, ~5 each)
+# A read handles only the records older than this before its takes began (the rest wait for
+# the next read): a record is in its ring microseconds after its time (written with preemption
+# off), and this leaves room for interrupts and a virtual CPU's pauses.
+HOLD_NS = 10_000_000
 # The kernel wakes the reader once a ring holds a quarter of its size, not at every record: a
 # wake-up per record (an interrupt and a scheduler wake-up each) cost the traced work itself
 # more than the records (benchmarks/bench_tracepoints.py). Each poll's drain reads what is
@@ -198,9 +202,11 @@ class TracepointReader:
 
     def _read(self) -> None:
         """Every record the rings hold (copied out, their space given back at once), in time
-        order. Lock held."""
-        self.records.handle_spans([ring.take() for ring in self._rings])
-        self.records.tracker.expire(time.monotonic_ns())
+        order; those of the last HOLD_NS before the takes began wait for the next read, when
+        every ring has been taken again after them. Lock held."""
+        horizon = time.monotonic_ns() - HOLD_NS
+        self.records.handle_spans([ring.take() for ring in self._rings], horizon)
+        self.records.tracker.expire(horizon)
 
     # -- polls -----------------------------------------------------------------------------------
 

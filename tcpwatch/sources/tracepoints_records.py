@@ -7,6 +7,7 @@ turns them into calls on the Tracker, so the hot path can be tested and measured
 
 from __future__ import annotations
 
+import bisect
 import operator
 import struct
 from collections.abc import Callable, Mapping
@@ -97,6 +98,7 @@ class RecordReader:
         self.lost = 0
         self.events = tuple(sorted(fmt.title for fmt in formats.values()))
         self._spans = SpanParser(formats[events.SET_STATE])
+        self._held: list[Parsed] = []  # records at or after the last horizon (handle_spans)
 
     def handle(self, records: list[perf.Record], ordered: bool = False) -> None:
         """Every record, oldest first (``ordered``: they already are, one ring's).
@@ -130,20 +132,32 @@ class RecordReader:
                     tid != 0 and not flags & interrupt,
                 )
 
-    def handle_spans(self, spans: list[bytes]) -> None:
+    def handle_spans(self, spans: list[bytes], horizon: int | None = None) -> None:
         """Every record of each ring's span (perf.RingBuffer.take), oldest first: the same
         calls on the tracker as :meth:`handle` on those records, with set_state samples
-        parsed a run at a time (tracepoints_batch.py) and handled here inline."""
+        parsed a run at a time (tracepoints_batch.py) and handled here inline.
+
+        ``horizon`` (CLOCK_MONOTONIC ns, taken before the first ring was taken): records at or
+        after it are held for the next call. The rings are taken one after another, so a record
+        written to an already-taken ring after its take (a socket's end, say) can be older than
+        one taken from the next ring (a new socket at the same address entering SYN_SENT on
+        another CPU); handled now, the newer record would come first and the older end would
+        forget the new connect. Every record older than the horizon was in its ring when the
+        takes began, so what is handled is in time order across the rings."""
         parser = self._spans
-        items: list[Parsed] = []
+        items, self._held = self._held, []
         parsed = 0
         for span in spans:
             if span:
                 parsed += parser.split(span, items)
         if not items:
             return
-        if len(spans) > 1:
-            items.sort(key=_by_parsed_time)
+        items.sort(key=_by_parsed_time)  # the rings' runs and the held records: nearly sorted
+        if horizon is not None:
+            cut = bisect.bisect_left(items, horizon, key=_by_parsed_time)
+            if cut < len(items):
+                self._held = items[cut:]
+                del items[cut:]
         self._counts[parser.event] += parsed
         tracker = self.tracker
         set_state, forget = tracker.set_state, tracker.sockets.pop

@@ -271,3 +271,24 @@ def test_a_set_state_layout_it_does_not_know_takes_the_per_record_path() -> None
     items: list[tuple[Any, ...]] = []
     assert parser.split(_state(5, 1, 0xF0, S.close, S.syn_sent, 40000), items) == 0
     assert [item[0] for item in items] == [-1]
+
+
+def _late_end_of_a_reused_address(tmp_path: Path, first_horizon: int | None) -> Recording:
+    """CPU A's ring, taken first, has a new connect at address X (time 110); CPU B's end of the
+    old socket at X (time 100) is written after A's ring was taken, so it comes a read later."""
+    batch, tracker = reader(tmp_path)
+    pid, x = 700, 0xF100
+    task = b"".join(bytes(r[4]) for r in (fork(10, pid, 1), namespaces(11, pid, NS)))
+    task += bytes(comm(12, pid, "client")[4])
+    batch.handle_spans([task + _state(110, pid, x, S.close, S.syn_sent, 40000), b""], first_horizon)
+    batch.handle_spans([b"", _state(100, 0, x, 5, S.close, 39999)], 150)
+    return tracker
+
+
+def test_records_after_the_horizon_wait_for_the_next_read(tmp_path: Path) -> None:
+    held = _late_end_of_a_reused_address(tmp_path, 105)
+    assert 0xF100 in held.sockets  # the old end came first: the new connect is still followed
+    assert [call[6:8] for call in held.calls if call[0] == "set_state"] == [(S.close, S.syn_sent)]
+    # Handled as taken, the newer record first, the late end forgets the new connect.
+    unordered = _late_end_of_a_reused_address(tmp_path, None)
+    assert 0xF100 not in unordered.sockets
