@@ -38,7 +38,8 @@ RECORD_BYTES = 120  # ring-buffer bytes one record takes (header, pid/tid, time,
 DESIGN_RATE = 100_000  # records/s the read delay is sized for (20k connections/s, ~5 each)
 # A read handles only the records older than this before its takes began (the rest wait for
 # the next read): a record is in its ring microseconds after its time (written with preemption
-# off), and this leaves room for interrupts and a virtual CPU's pauses.
+# off), and this leaves room for interrupts and a virtual CPU's pauses. A drain waits this long
+# before it reads, so it handles every record made before it was called.
 HOLD_NS = 10_000_000
 # The kernel wakes the reader once a ring holds a quarter of its size, not at every record: a
 # wake-up per record (an interrupt and a scheduler wake-up each) cost the traced work itself
@@ -198,13 +199,13 @@ class TracepointReader:
     def read_ready(self) -> None:
         """Read what every ring holds (the gathering thread, when one is readable)."""
         with self._lock:
-            self._read()
+            self._read(time.monotonic_ns() - HOLD_NS)
 
-    def _read(self) -> None:
+    def _read(self, horizon: int) -> None:
         """Every record the rings hold (copied out, their space given back at once), in time
-        order; those of the last HOLD_NS before the takes began wait for the next read, when
-        every ring has been taken again after them. Lock held."""
-        horizon = time.monotonic_ns() - HOLD_NS
+        order; those at or after ``horizon`` (CLOCK_MONOTONIC ns, at least HOLD_NS before the
+        takes begin) wait for the next read, when every ring has been taken again after them.
+        Lock held."""
         self.records.handle_spans([ring.take() for ring in self._rings], horizon)
         self.records.tracker.expire(horizon)
 
@@ -213,6 +214,8 @@ class TracepointReader:
     def drain(self, so_far: Sequence[Snapshot]) -> Mapping[int, TracepointStats] | Partial:
         """Every polled namespace's share since the previous drain, after reading what the
         rings hold now (the pipeline's budget makes rows of it)."""
+        horizon = time.monotonic_ns()  # every record made before the drain: its time is before
+        time.sleep(HOLD_NS / 1e9)  # this, and it is in its ring HOLD_NS later
         addresses = own_addresses(self._paths)  # read outside the lock: a procfs read
         contexts: dict[int, Context] = {}
         for snapshot in so_far:
@@ -225,7 +228,7 @@ class TracepointReader:
                 [(listener.address, listener.port) for listener in sockets.listeners],
             )
         with self._lock:
-            self._read()
+            self._read(horizon)
             tracker = self.records.tracker
             tracker.update_contexts(contexts, [s.identity.inode for s in so_far])
             tracker.own = (self._own_inode, addresses)
