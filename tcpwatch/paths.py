@@ -78,17 +78,22 @@ def read_small_text(path: str, limit: int, encoding: str = "ascii") -> str:
     Raises OSError (FileNotFoundError when absent), UnicodeDecodeError as read_text does."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks: list[bytes] = []
-        left = limit
-        while left > 0:
-            chunk = os.read(fd, left)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
+        return read_to_end(fd, limit).decode(encoding)
     finally:
         os.close(fd)
-    return b"".join(chunks).decode(encoding)
+
+
+def read_to_end(fd: int, limit: int) -> bytes:
+    """At most ``limit`` bytes of an open descriptor, read from where it stands to the end."""
+    chunks: list[bytes] = []
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def read_bytes(path: str, limit: int = -1) -> bytes:

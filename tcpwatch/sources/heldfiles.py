@@ -36,20 +36,9 @@ import stat
 import threading
 from collections.abc import Hashable
 
+from tcpwatch.paths import read_to_end
+
 MAX_HELD = 512
-
-
-def _read_to_end(fd: int, limit: int) -> bytes:
-    """At most ``limit`` bytes, read until the end of the file."""
-    chunks: list[bytes] = []
-    left = limit
-    while left > 0:
-        chunk = os.read(fd, left)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
 
 
 class HeldFiles:
@@ -90,7 +79,7 @@ class HeldFiles:
         self.opens += 1
         keep = False
         try:
-            data = _read_to_end(fd, limit)
+            data = read_to_end(fd, limit)
             if data and self.held < self._max_held:
                 info = os.fstat(fd)
                 keep = stat.S_ISREG(info.st_mode) and info.st_size == 0
