@@ -27,6 +27,15 @@ class Attribution:
     confirmed: int = 0  # owners found again at their known location, without a walk
     seen: frozenset[int] = frozenset()  # attributed-state inodes seen: the next poll's candidates
     walked: frozenset[int] = frozenset()  # pids a cut walk read: the next walk reads the rest first
+    # The inodes whose owners were looked for when check narrowed the lookup to those its rules
+    # read (owner_needs.py): an inode outside them has no owner here without having been missed.
+    # None: every candidate was looked for (serve; every listener among them).
+    looked_for: frozenset[int] | None = None
 
     def owner(self, inode: int) -> ProcessRef | None:
         return self.owners.get(inode)
+
+    def missed(self, inode: int) -> bool:
+        """Whether ``inode``'s owner was looked for and not found."""
+        looked = self.looked_for is None or inode in self.looked_for
+        return looked and inode not in self.owners
