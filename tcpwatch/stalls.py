@@ -70,7 +70,18 @@ class Stalls:
     sndbuf_limited_connections: int = 0  # connections that ever waited on their send buffer
     segments_sent: int = 0  # tcpi_segs_out summed
     segments_retransmitted: int = 0  # tcpi_total_retrans summed
+    # Of them, those the peer reported received twice (D-SACK, tcpi_dsack_dups, 4.19+): the
+    # original had arrived, so the retransmission was spurious (reordering, an early RTO or
+    # tail-loss probe), not a loss. Per connection at most its total_retrans. None: no kernel
+    # count (older kernel).
+    segments_spurious: int | None = None
     worst: tuple[LiveConnection, ...] = ()  # a few connections that show the most, for evidence
+
+    @property
+    def segments_retransmitted_not_spurious(self) -> int:
+        """Retransmissions the peer did not report as duplicates: the ones that repaired a
+        loss, as far as the kernel can tell (all of them when the peer sends no D-SACK)."""
+        return self.segments_retransmitted - (self.segments_spurious or 0)
 
     def share(self, limited: float | None) -> float | None:
         """``limited`` (one of the limited times) as a share of busy time."""
@@ -195,6 +206,7 @@ def merge(parts: Iterable[Stalls]) -> Stalls:
 
     drops = total("drops")
     recoveries = total("rto_recoveries")
+    spurious = total("segments_spurious")
     worst = sorted(
         (c for item in items for c in item.worst),
         key=lambda c: (-(c.rwnd_limited_seconds or 0.0), -c.receive_queue, c.local, c.remote),
@@ -218,6 +230,7 @@ def merge(parts: Iterable[Stalls]) -> Stalls:
         sndbuf_limited_connections=sum(item.sndbuf_limited_connections for item in items),
         segments_sent=sum(item.segments_sent for item in items),
         segments_retransmitted=sum(item.segments_retransmitted for item in items),
+        segments_spurious=None if spurious is None else int(spurious),
         worst=tuple(worst[:WORST_KEPT]),
     )
 
@@ -261,7 +274,7 @@ def waiting_on(stalls: Stalls) -> str:
     if judged and (stalls.share(stalls.sndbuf_limited_seconds) or 0.0) >= _SNDBUF_SHARE:
         return "send buffer"
     sent = stalls.segments_sent
-    if sent >= _SEGMENTS and stalls.segments_retransmitted / sent >= _RETRANSMITTED:
+    if sent >= _SEGMENTS and stalls.segments_retransmitted_not_spurious / sent >= _RETRANSMITTED:
         return "network"
     return ""
 

@@ -108,7 +108,8 @@ def privilege_note(snapshots: Sequence[Snapshot], privileged: bool) -> str | Non
             continue
         unnamed = 0
         if snapshot.sockets is not None:
-            unnamed = sum(1 for lsn in snapshot.sockets.listeners if lsn.inode not in found.owners)
+            # Only the listeners looked for: check's narrowed lookup skips those no rule reads.
+            unnamed = sum(1 for lsn in snapshot.sockets.listeners if found.missed(lsn.inode))
         if worst is None or (found.processes_denied, unnamed) > worst:
             worst = (found.processes_denied, unnamed)
     if worst is None:

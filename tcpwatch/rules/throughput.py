@@ -197,7 +197,8 @@ def _limited_shares(stalls: Stalls, gone: PeerWindow | None) -> tuple[float | No
             0.001,
             1.0,
             "ratio",
-            "segments retransmitted / segments sent to report it",
+            "segments retransmitted, less those the peer reported as duplicates (spurious), "
+            "/ segments sent to report it",
         ),
         Threshold(
             "limited_below",
@@ -228,17 +229,24 @@ def W04(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         if (rwnd or 0.0) >= open_below or (sndbuf or 0.0) >= open_below:
             continue  # the receiver or the buffer held it back: W01 / W03
         sent, retransmitted = stalls.segments_sent, stalls.segments_retransmitted
+        # A retransmission the peer reported as a duplicate (D-SACK) repaired no loss: the
+        # original had arrived (reordering, an early RTO or probe). Judged without them; the
+        # closed connections' are not known (their destroy events are not summed for it).
+        spurious = stalls.segments_spurious
         if gone is not None and gone.closed["ok"]:
             sent += gone.segments_sent
             retransmitted += gone.segments_retransmitted
-        if sent < minimum or retransmitted / sent < limit:
+        needed = retransmitted - (spurious or 0)
+        if sent < minimum or needed / sent < limit:
             continue
-        ratio = retransmitted / sent
+        ratio = needed / sent
         owner = peer_owner(snapshot, peer)
         evidence = base_evidence(window, peer, owner)
         evidence["retransmission_ratio"] = round(ratio, 4)
         evidence["segments_sent"] = sent
         evidence["segments_retransmitted"] = retransmitted
+        if spurious is not None:
+            evidence["spurious_retransmissions"] = spurious
         evidence["retransmits_in_flight"] = stalls.retransmits_in_flight
         if stalls.rto_recoveries is not None:
             evidence["rto_recoveries"] = stalls.rto_recoveries
@@ -255,14 +263,15 @@ def W04(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         joined = "C02" if peer.direction == "outbound" else "C03"
         lines = [
             f"# {ratio:.1%} of the segments exchanged with {peer.peer} were sent again while "
-            "the receiver's window and the send buffer had room: the path loses packets "
+            "the receiver's window and the send buffer had room, not counting the "
+            "retransmissions the peer reported as duplicates: the path loses packets "
             "(congestion, a faulty link, a policer, a path-MTU blackhole). Neither end's "
             f"application is the bottleneck. See {joined} for the closed connections.",
             run_in(netns, f"ss -tinm {ss_filter(peer)}"),
             run_in(
                 netns,
                 "nstat -az TcpRetransSegs TcpExtTCPTimeouts TcpExtTCPLossProbes "
-                "TcpExtTCPSpuriousRTOs",
+                "TcpExtTCPSpuriousRTOs TcpExtTCPDSACKRecvSegs",
             ),
         ]
         if peer.direction == "outbound":

@@ -75,6 +75,7 @@ INFO_FIELDS: tuple[str, ...] = (
     "busy_time",
     "rwnd_limited",
     "sndbuf_limited",
+    "dsack_dups",
     "snd_wnd",
     "total_rto_recoveries",
     "total_rto_time",

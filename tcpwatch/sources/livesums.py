@@ -53,7 +53,10 @@ _CRITERIA = (
     "wqueue",
     "total_retrans",
 )
-_READ = (*dict.fromkeys((*_SUMMED, "timer")),)
+# Retransmissions the peer reported as duplicates (D-SACK): summed per connection as
+# min(tcpi_dsack_dups, tcpi_total_retrans), since the kernel counts every duplicate the peer
+# reports, also those no retransmission of ours caused (the network duplicated a segment).
+_READ = (*dict.fromkeys((*_SUMMED, "timer", "dsack_dups")),)
 
 
 class PeerRows:
@@ -74,6 +77,7 @@ class PeerRows:
         "rwnd_connections",
         "size",
         "sndbuf_connections",
+        "spurious",
         "sums",
         "zero_window",
     )
@@ -91,6 +95,7 @@ class PeerRows:
         self.receive_full = 0
         self.rwnd_connections = 0
         self.sndbuf_connections = 0
+        self.spurious = 0  # retransmissions the peer reported received twice (see _READ)
         # criterion -> (its value, the message); leading: (rwnd_limited, order, message)
         self.best: dict[str, tuple[int, bytes]] = {}
         self.leading: list[tuple[int, int, bytes]] = []
@@ -145,6 +150,9 @@ class PeerRows:
             values = columns.get(name)
             if values:
                 sums[name] += sum(values)
+        dsack, retransmitted = columns.get("dsack_dups"), columns.get("total_retrans")
+        if dsack and retransmitted:
+            self.spurious += sum(map(min, dsack, retransmitted))
         rtt = columns.get("rtt")
         if rtt:
             self.rtt_timed += count - rtt.count(0)
@@ -252,5 +260,6 @@ class PeerRows:
             sndbuf_limited_connections=self.sndbuf_connections,
             segments_sent=sums["segs_out"],
             segments_retransmitted=sums["total_retrans"],
+            segments_spurious=self.spurious if known("dsack_dups") else None,
             worst=tuple(worst),
         )

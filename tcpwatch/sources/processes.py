@@ -442,4 +442,5 @@ def read_owners_source(context: SourceContext, snapshots: Sequence[Snapshot]) ->
         known=known if known is not None else context.owner_hints,
         uids=frozenset(uids),
     )
-    return replace(attribution, seen=frozenset(seen))
+    looked_for = context.owner_inodes  # None: every candidate (serve keeps no copy of them)
+    return replace(attribution, seen=frozenset(seen), looked_for=looked_for)

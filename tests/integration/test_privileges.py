@@ -475,6 +475,38 @@ def test_the_text_report_says_which_privilege_names_the_owners(
             assert notes == [], lines
 
 
+def test_the_note_counts_no_listener_the_narrowed_lookup_did_not_look_for(
+    netns: Netns, runtime: Runtime, population: Owners
+) -> None:
+    """With Q05 disabled, check looks only for the owners its rules read: here the CLOSE_WAIT
+    sockets' (S01 fires), not the listeners'. An unprivileged check misses those owners and
+    says so, but it did not look for the listeners' owners: it must not count them as missed
+    (it said "2 listeners without an owner" before the attribution recorded what it looked
+    for)."""
+    scratch = Path(tempfile.mkdtemp(prefix="tw-priv-noq05-"))
+    try:
+        scratch.chmod(0o755)
+        config = scratch / "config.yaml"
+        config.write_text(
+            f"rules:\n  S01:\n    warning: {CLOSE_WAITS}\n  Q05:\n    enabled: false\n"
+        )
+        config.chmod(0o644)
+        argv = [
+            *as_nobody(()),
+            *runtime.tcpwatch("check", "--config", str(config), "--window", "0"),
+        ]
+        done = netns.run(*argv, env=runtime.env(), check=False)
+        assert done.returncode == 1, done.stdout + done.stderr  # S01 is a warning
+        lines = done.stdout.splitlines()
+        assert any("S01" in line for line in lines), lines
+        notes = [line for line in lines if line.startswith("! owners not all named")]
+        assert len(notes) == 1, lines
+        assert notes[0].startswith("! owners not all named: the descriptors of "), notes
+        assert "without an owner" not in notes[0], notes
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _serve_and_scrape(
     netns: Netns, runtime: Runtime, capabilities: Sequence[str]
 ) -> tuple[Exposition, str]:

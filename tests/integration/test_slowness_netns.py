@@ -10,6 +10,10 @@
 * A sender with a tiny SO_SNDBUF and a bulk sender, over a veth pair between two namespaces with
   a rate-limited link and an nftables rule dropping 5 % of the bulk sender's packets: W03 names
   the first (send-buffer limited), W04 the second (network limited), and never the other way.
+* Spurious retransmissions: the same pair, the sender's link duplicating 5 % of its packets
+  (nftables ``dup`` on the egress hook) and the receiver dropping 5 %: the peer reports the
+  duplicates (D-SACK), and the retransmissions W04 does not count as loss are each connection's
+  ``dsack_dups`` up to its retransmissions, as ``ss -ti`` prints them.
 
 Each test runs for seconds; nginx closes a client that accepts nothing for 60 s, far beyond.
 """
@@ -93,6 +97,10 @@ def ss_connections(ns: Netns, *filters: str) -> list[dict[str, Any]]:
             current[name] = int(found.group(1)) if found else 0
         window = re.search(r"\bsnd_wnd:(\d+)", line)
         current["snd_wnd"] = int(window.group(1)) if window else 0
+        retransmitted = re.search(r"\bretrans:\d+/(\d+)", line)
+        current["retrans_total"] = int(retransmitted.group(1)) if retransmitted else 0
+        duplicates = re.search(r"\bdsack_dups:(\d+)", line)
+        current["dsack_dups"] = int(duplicates.group(1)) if duplicates else 0
     return connections
 
 
@@ -550,6 +558,82 @@ def test_a_tiny_send_buffer_and_a_lossy_link_are_told_apart(
     assert w04["process"] == "bulksender"
     assert w04["retransmission_ratio"] >= 0.02
     assert w04.get("sndbuf_limited_share", 0) < 0.5 and w04.get("rwnd_limited_share", 0) < 0.5
+
+
+# One poll in the namespace: the live connections to one destination as the scan summed them.
+_DESTINATION_STALLS = r"""
+import json, sys
+from tcpwatch.config import Config
+from tcpwatch.pipeline import Pipeline
+
+pipeline = Pipeline(long_lived=False, cached=False, log_failures=False)
+try:
+    state = pipeline.poll(Config(check_window=0.0))
+finally:
+    pipeline.close()
+(snapshot,) = state.snapshots
+found = [
+    use.stalls for use in snapshot.sockets.ephemeral_use
+    if (use.address, use.port) == (sys.argv[1], int(sys.argv[2])) and use.stalls is not None
+]
+print(json.dumps([[s.connections, s.segments_retransmitted, s.segments_spurious] for s in found]))
+"""
+
+
+def test_spurious_retransmissions_are_the_duplicates_the_peer_reported_up_to_the_resent(
+    two_namespaces: tuple[Netns, Netns],
+) -> None:
+    """tcpi_dsack_dups counts every duplicate the peer reports (D-SACK), also those the link
+    made of a segment sent once; the live scan takes each connection's at most its own
+    tcpi_total_retrans. Compared with ``ss -ti`` (``retrans:N/TOTAL``, ``dsack_dups:N``) read
+    just before and just after the poll: the counts only grow, so the poll's lie between."""
+    sender, receiver = two_namespaces
+    subnet = f"10.{100 + secrets.randbelow(100)}.{secrets.randbelow(250)}"
+    near, far = f"{subnet}.1", f"{subnet}.2"
+    subprocess.run(
+        ["ip", "link", "add", "twdup0", "netns", sender.name, "type", "veth",
+         "peer", "name", "twdup1", "netns", receiver.name],
+        check=True, timeout=30,
+    )  # fmt: skip
+    sender.run("ip", "addr", "add", f"{near}/24", "dev", "twdup0")
+    receiver.run("ip", "addr", "add", f"{far}/24", "dev", "twdup1")
+    sender.run("ip", "link", "set", "twdup0", "up")
+    receiver.run("ip", "link", "set", "twdup1", "up")
+    sender.nft(
+        "table netdev tw_dup {\n"
+        '  chain out { type filter hook egress device "twdup0" priority 0; '
+        'tcp dport 5002 numgen random mod 100 < 5 dup to "twdup0"; }\n'
+        "}\n"
+    )
+    receiver.nft(
+        "table inet tw_loss {\n"
+        "  chain input { type filter hook input priority 0; "
+        "tcp dport 5002 numgen random mod 100 < 5 drop; }\n"
+        "}\n"
+    )
+    sink = receiver.spawn([sys.executable, "-c", _SINK, far], lifetime=60)
+    assert receiver.read_line(sink, timeout=20) == "ready", receiver.stderr_of(sink)
+    pump = sender.spawn([sys.executable, "-c", _PUMP, "dupsender", far, "5002", "0"], lifetime=60)
+    assert sender.read_line(pump, timeout=20) == "connected", sender.stderr_of(pump)
+
+    def reported() -> bool:
+        found = ss_connections(sender, f"( dst {far}:5002 )")
+        return len(found) == 1 and min(found[0]["dsack_dups"], found[0]["retrans_total"]) >= 50
+
+    wait_for("the peer to report duplicates and the sender to retransmit", reported, seconds=30)
+    (before,) = ss_connections(sender, f"( dst {far}:5002 )")
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    polled = sender.run(sys.executable, "-c", _DESTINATION_STALLS, far, "5002", env=environment,
+                        timeout=60)  # fmt: skip
+    (after,) = ss_connections(sender, f"( dst {far}:5002 )")
+    ((connections, retransmitted, spurious),) = json.loads(polled.stdout)
+    assert connections == 1
+    assert before["retrans_total"] <= retransmitted <= after["retrans_total"], (
+        before, retransmitted, after,
+    )  # fmt: skip
+    low = min(before["dsack_dups"], before["retrans_total"])
+    high = min(after["dsack_dups"], after["retrans_total"])
+    assert 50 <= low <= spurious <= high, (before, spurious, after)
 
 
 # --- the views: tcpwatch top and the live page -------------------------------------------------

@@ -18,7 +18,7 @@ from tcpwatch.sources import liveinfo, livesums
 from tcpwatch.sources.liveinfo import RowReader
 from tcpwatch.sources.netlink import INET_DIAG_INFO, INET_DIAG_SKMEMINFO, SOCK_DIAG_BY_FAMILY
 from tcpwatch.sources.tcpinfo import _FIELDS, FULL_LENGTH
-from tcpwatch.stalls import LiveConnection, Stalls, live_peers, merge
+from tcpwatch.stalls import LiveConnection, Stalls, live_peers, merge, waiting_on
 
 FIELD_CODES = {name: (offset, code) for name, offset, code in _FIELDS}
 
@@ -113,6 +113,7 @@ def test_a_row_holds_the_header_skmeminfo_and_tcp_info_fields() -> None:
         "busy_time": 4936000,
         "rwnd_limited": 4930000,
         "sndbuf_limited": 6000,
+        "dsack_dups": 0,
         "snd_wnd": 65536,
         "total_rto_recoveries": 2,
         "total_rto_time": 1500,
@@ -149,6 +150,7 @@ def test_an_old_kernel_reads_zeros_and_says_what_it_lacks() -> None:
     assert not reader.known("busy_time") and not reader.known("drops")
     stalls = rows.finish(reader, ENDS)
     assert (stalls.busy_seconds, stalls.drops, stalls.rto_seconds) == (None, None, None)
+    assert stalls.segments_spurious is None  # no tcpi_dsack_dups before 4.19
     assert stalls.receive_queue_bytes == 5 and stalls.connections == 1
     assert stalls.receive_full == 0  # without socket memory there is no telling
 
@@ -211,6 +213,7 @@ PEER_STALLS = Stalls(
     sndbuf_limited_connections=1,
     segments_sent=0,
     segments_retransmitted=3,
+    segments_spurious=0,
 )
 
 
@@ -247,6 +250,26 @@ def test_a_buffer_of_mixed_arrangements_is_read_message_by_message() -> None:
     reader, rows = peer(first, other)
     stalls = rows.finish(reader, ENDS)
     assert (stalls.connections, stalls.busy_seconds) == (2, 12e-6)
+
+
+def test_spurious_retransmissions_count_at_most_each_connections_own() -> None:
+    """tcpi_dsack_dups counts every duplicate the peer reported, also one the network made of a
+    segment sent once: a connection's spurious retransmissions are at most its total_retrans."""
+    reader, rows = peer(
+        established(41001, attributes=full(total_retrans=10, dsack_dups=4, segs_out=500)),
+        established(41002, attributes=full(total_retrans=1, dsack_dups=3, segs_out=500)),
+        established(41003, attributes=full(total_retrans=5, segs_out=500)),
+    )
+    stalls = rows.finish(reader, ENDS)
+    assert (stalls.segments_retransmitted, stalls.segments_spurious) == (16, 5)  # 4 + min(3, 1)
+    assert stalls.segments_retransmitted_not_spurious == 11
+    # Read one message at a time (a buffer of mixed arrangements), the same.
+    mark = attribute(15, bytes(4))
+    reader, rows = peer(
+        established(41004, attributes=full(total_retrans=2, dsack_dups=9) + mark),
+        established(41005, attributes=mark + full(total_retrans=6, dsack_dups=1)),
+    )
+    assert rows.finish(reader, ENDS).segments_spurious == 3
 
 
 def test_64_bit_times_keep_their_high_words() -> None:
@@ -325,6 +348,9 @@ def test_merging_one_destination_seen_from_two_sources() -> None:
         2,
     )
     assert merged.drops is None  # one part could not say
+    spurious = [replace(stalls_of(2, 4.0, 3, 1.0), segments_spurious=n) for n in (2, 5)]
+    assert merge(spurious).segments_spurious == 7
+    assert merge([spurious[0], stalls_of(1, 1.0, 1, 1.0)]).segments_spurious is None
     assert [c.rwnd_limited_seconds for c in merged.worst] == [2.0, 1.0]
 
 
@@ -366,3 +392,12 @@ def test_each_kernel_release_length_ends_with_the_fields_it_added() -> None:
         names = [name.strip() for name in fields.split(",")]
         assert max(field_end(name) for name in names) == length, release
     assert field_end("rwnd_limited") == 184  # 4.10, the chronographs
+
+
+def test_the_network_is_waited_on_for_retransmissions_the_peer_did_not_report_duplicate() -> None:
+    """waiting_on (the live page, top, /api/v1/peers) judges as W04 does: 4 % resent is the
+    network, unless the peer reported most of them as duplicates (D-SACK: spurious)."""
+    quiet = replace(stalls_of(2, 0.0, 0, 0.0), zero_window=0)
+    lossy = replace(quiet, segments_sent=10_000, segments_retransmitted=400)
+    assert waiting_on(lossy) == "network"
+    assert waiting_on(replace(lossy, segments_spurious=300)) == ""

@@ -9,18 +9,22 @@ from pathlib import Path
 
 import pytest
 
+from tcpwatch.config import CollectSettings
 from tcpwatch.model import Listener, ProcessRef, SocketTable
 from tcpwatch.paths import ProcPaths
+from tcpwatch.sources.base import SourceContext
 from tcpwatch.sources.processes import (
     NoProcesses,
     parse_comm,
     parse_socket_link,
     procfs_hides_processes,
+    read_owners_source,
     scan_owners,
     socket_links,
     wanted_inodes,
     wanted_sockets_in,
 )
+from tests.unit.snapshots import listener, snapshot, socket_table
 
 # pid -> (comm, fd number -> link target); comm None leaves the comm file out.
 Tree = Mapping[int, tuple[str | None, Mapping[int, str]]]
@@ -113,6 +117,22 @@ def test_walks_everything_when_a_socket_has_no_owner(tmp_path: Path) -> None:
     assert result.owners == {1: ProcessRef(5, "app")}
     assert result.processes_scanned == 2
     assert result.complete  # every process read: 99 is owned by nobody
+
+
+def test_the_source_records_which_owners_it_looked_for(tmp_path: Path) -> None:
+    """check's narrowed lookup (owner_inodes) and serve's every candidate: the attribution says
+    which sockets were looked for (None: every candidate), so a listener never looked for is not
+    counted as missed."""
+    paths = build_proc(tmp_path, {5: ("nginx", {3: "socket:[5003]"})})
+    table = socket_table([listener(80, inode=5003), listener(443, inode=5004)])
+    polled = [snapshot(sockets=table)]
+    narrowed = SourceContext(paths, CollectSettings(), "", 0, 0.0, owner_inodes=frozenset({5003}))
+    found = read_owners_source.read(narrowed, polled)
+    assert found.owners == {5003: ProcessRef(5, "nginx")}
+    assert found.looked_for == {5003}
+    every = read_owners_source.read(SourceContext(paths, CollectSettings(), "", 0, 0.0), polled)
+    assert every.looked_for is None  # every candidate: both listeners
+    assert every.missed(5004) and not every.missed(5003) and not found.missed(5004)
 
 
 def test_nothing_wanted_means_no_scan(tmp_path: Path) -> None:

@@ -63,8 +63,9 @@ TOY_SOURCE = '''"""A toy source: TCP sockets in use, from /proc/net/sockstat (te
 
 from __future__ import annotations
 
-from tcpwatch.model import Snapshot, ToyReading
+from tcpwatch.model import Snapshot
 from tcpwatch.paths import read_text
+from tcpwatch.readings.toy import ToyReading
 from tcpwatch.sources.base import SourceContext, netns_source
 
 
@@ -82,13 +83,18 @@ def read_toy_source(context: SourceContext, so_far: Snapshot) -> ToyReading:
     return parse_toy(read_text(context.paths.net("sockstat")))
 '''
 
-TOY_MODEL = '''@dataclass(frozen=True, slots=True)
+TOY_MODEL = '''"""What the toy source read (tests/unit/test_recipes.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
 class ToyReading:
     """The toy source of tests/unit/test_recipes.py: TCP sockets in use."""
 
     tcp_inuse: int
-
-
 '''
 
 TOY_FAMILY = '''"""Families of the toy source."""
@@ -112,7 +118,7 @@ def toy_family(state: ExportState) -> Iterator[Metric]:
     yield inuse
 '''
 
-TOY_TEST = """from tcpwatch.model import ToyReading
+TOY_TEST = """from tcpwatch.readings.toy import ToyReading
 from tcpwatch.sources.toy import parse_toy
 
 
@@ -140,7 +146,8 @@ from __future__ import annotations
 
 import os
 
-from tcpwatch.model import Snapshot, ToyTicks
+from tcpwatch.model import Snapshot
+from tcpwatch.readings.toy_ticks import ToyTicks
 from tcpwatch.sources.base import SourceContext, long_lived_source
 
 
@@ -169,13 +176,18 @@ def start_toy_ticks(context: SourceContext) -> TicksGatherer:
     return TicksGatherer()
 '''
 
-TICKS_MODEL = '''@dataclass(frozen=True, slots=True)
+TICKS_MODEL = '''"""What the toy long-lived source counted (tests/unit/test_recipes.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
 class ToyTicks:
     """The toy long-lived source of tests/unit/test_recipes.py: drains so far."""
 
     drains: int
-
-
 '''
 
 TICKS_FAMILY = '''"""Families of the toy long-lived source."""
@@ -199,7 +211,7 @@ def toy_ticks_family(state: ExportState) -> Iterator[Metric]:
     yield drains
 '''
 
-TICKS_TEST = """from tcpwatch.model import ToyTicks
+TICKS_TEST = """from tcpwatch.readings.toy_ticks import ToyTicks
 from tcpwatch.sources.toy_ticks import TicksGatherer
 
 
@@ -279,7 +291,7 @@ Nothing.
 
 TOY_RULE_TEST = """from dataclasses import replace
 
-from tcpwatch.model import ToyReading
+from tcpwatch.readings.toy import ToyReading
 from tcpwatch.rules import RuleSettings, Window, evaluate
 from tests.unit.snapshots import snapshot, window
 
@@ -341,9 +353,12 @@ def insert(root: Path, relative: str, anchor: str, text: str) -> None:
     path.write_text(content.replace(anchor, text + anchor))
 
 
-def add_snapshot_field(root: Path, dataclass_text: str, field: str) -> None:
-    snapshot_class = "@dataclass(frozen=True, slots=True)\nclass Snapshot:"
-    insert(root, "tcpwatch/model.py", snapshot_class, dataclass_text)
+def add_snapshot_field(root: Path, source: str, dataclass_text: str, field: str) -> None:
+    """The source's data module, its dataclass imported by model.py for a new Snapshot field."""
+    write(root, f"tcpwatch/readings/{source}.py", dataclass_text)
+    name = re.findall(r"^class (\w+):", dataclass_text, re.M)[-1]
+    anchor = "from tcpwatch.stalls import"
+    insert(root, "tcpwatch/model.py", anchor, f"from tcpwatch.readings.{source} import {name}\n")
     insert(
         root, "tcpwatch/model.py", "    def source_ok(self, name: str) -> bool:", f"    {field}\n\n"
     )
@@ -434,7 +449,7 @@ def add_toy_source(copy: Copy) -> None:
     """The per-poll source recipe, step by step."""
     root = copy.root
     write(root, "tcpwatch/sources/toy.py", TOY_SOURCE)
-    add_snapshot_field(root, TOY_MODEL, "toy: ToyReading | None = None")
+    add_snapshot_field(root, "toy", TOY_MODEL, "toy: ToyReading | None = None")
     write(root, "tcpwatch/render/families/toy.py", TOY_FAMILY)
     append(root, "docs/metrics.md", TOY_DOCS)
     write(root, "tests/unit/test_toy.py", TOY_TEST)
@@ -463,7 +478,7 @@ def test_a_long_lived_source_touches_only_what_its_recipe_lists(copy: Copy) -> N
     before = digests(copy.root)
     root = copy.root
     write(root, "tcpwatch/sources/toy_ticks.py", TICKS_SOURCE)
-    add_snapshot_field(root, TICKS_MODEL, "toy_ticks: ToyTicks | None = None")
+    add_snapshot_field(root, "toy_ticks", TICKS_MODEL, "toy_ticks: ToyTicks | None = None")
     write(root, "tcpwatch/render/families/toy_ticks.py", TICKS_FAMILY)
     append(root, "docs/metrics.md", TICKS_DOCS)
     write(root, "tests/unit/test_toy_ticks.py", TICKS_TEST)

@@ -70,6 +70,35 @@ def test_unnamed_owners_say_which_privilege_would_name_them() -> None:
     assert not any(line.startswith("!") for line in report(named, scope=Scope(24, 5.0)))
 
 
+def test_the_note_counts_only_the_listeners_whose_owners_were_looked_for() -> None:
+    """With Q05 disabled check looks only for the owners its rules read (owner_needs.py): a
+    listener it never looked for has no owner in the attribution, but was not missed."""
+    one_missed = replace(denied(57, {5003: NGINX}), looked_for=frozenset({5003, 5004}))
+    lines = report(replace(snapshot(sockets=TABLE), attribution=one_missed), scope=Scope(24, 5.0))
+    (note,) = [line for line in lines if line.startswith("!")]
+    assert note.startswith(
+        "! owners not all named: 1 listener without an owner; the descriptors of 57 processes"
+    )
+    # Only a CLOSE_WAIT socket's owner was looked for (and not found): no listener was missed.
+    close_wait_only = replace(denied(57, {}), looked_for=frozenset({7001}))
+    lines = report(
+        replace(snapshot(sockets=TABLE), attribution=close_wait_only), scope=Scope(24, 5.0)
+    )
+    (note,) = [line for line in lines if line.startswith("!")]
+    assert note.startswith("! owners not all named: the descriptors of 57 processes could not")
+    document = json.loads(
+        render_json(
+            [],
+            [replace(snapshot(sockets=TABLE), attribution=one_missed)],
+            5.0,
+            scope=Scope(rules=24, window=5.0),
+        )
+    )
+    assert document["checked"]["owners_note"].startswith(
+        "owners not all named: 1 listener without an owner; the descriptors of 57 processes"
+    )
+
+
 def test_the_json_report_says_what_was_checked_too() -> None:
     unprivileged = replace(snapshot(sockets=TABLE), attribution=denied(57, {5003: NGINX}))
     unread = snapshot(netns="blue", sockets=None)

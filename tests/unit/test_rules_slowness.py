@@ -78,6 +78,7 @@ def stalls(
     drops: int | None = 0,
     sent: int = 0,
     retransmitted: int = 0,
+    spurious: int | None = None,
     rto: tuple[int, float] | None = None,
     worst: tuple[LiveConnection, ...] = (),
 ) -> Stalls:
@@ -100,6 +101,7 @@ def stalls(
         sndbuf_limited_connections=connections if sndbuf else 0,
         segments_sent=sent,
         segments_retransmitted=retransmitted,
+        segments_spurious=spurious,
         worst=worst,
     )
 
@@ -360,7 +362,9 @@ def test_w03_silent_below_its_share() -> None:
 # --- W04 -------------------------------------------------------------------------------------
 
 
-LOSSY = stalls(busy=30.0, rwnd=1.0, sndbuf=0.5, sent=10_000, retransmitted=400, rto=(12, 3.5))
+LOSSY = stalls(
+    busy=30.0, rwnd=1.0, sndbuf=0.5, sent=10_000, retransmitted=400, spurious=0, rto=(12, 3.5)
+)
 
 
 def test_w04_loss_with_open_windows_and_buffers_is_the_network() -> None:
@@ -368,6 +372,25 @@ def test_w04_loss_with_open_windows_and_buffers_is_the_network() -> None:
     assert finding.title.startswith("10.0.0.9:5432: 4.0% of segments retransmitted")
     assert (finding.evidence["rto_recoveries"], finding.evidence["rto_seconds"]) == (12, 3.5)
     assert "mtr -rwzbc 100 --tcp -P 5432 10.0.0.9" in finding.remediation
+
+
+def test_w04_does_not_count_the_retransmissions_the_peer_reported_as_duplicates() -> None:
+    """tcpi_dsack_dups: the peer got the original too (D-SACK), so resending it repaired no
+    loss (reordering, an early timeout or probe). 400 of 10,000 resent, 300 of them reported
+    duplicate: 1 % lost, below W04's 2 %."""
+    reordered = stalls(busy=30.0, sent=10_000, retransmitted=400, spurious=300)
+    assert judged(scanned(outbound=reordered), "W04") == []
+    # 700 resent, 300 of them spurious: 4 % judged; both counts in the evidence.
+    lossy = stalls(busy=30.0, sent=10_000, retransmitted=700, spurious=300)
+    (finding,) = judged(scanned(outbound=lossy), "W04")
+    assert finding.title.startswith("10.0.0.9:5432: 4.0% of segments retransmitted")
+    evidence = finding.evidence
+    assert evidence["retransmission_ratio"] == 0.04
+    assert (evidence["segments_retransmitted"], evidence["spurious_retransmissions"]) == (700, 300)
+    # A kernel without the count (before 4.19): every retransmission counts, none is shown.
+    (older,) = judged(scanned(outbound=replace(lossy, segments_spurious=None)), "W04")
+    assert older.evidence["retransmission_ratio"] == 0.07
+    assert "spurious_retransmissions" not in older.evidence
 
 
 def test_w04_adds_the_connections_that_closed_in_the_window() -> None:
