@@ -260,7 +260,8 @@ def scan_owners(
     a few polls even when one walk never fits in the deadline. Owners found by a cut walk are
     kept only through ``known``'s locations, re-checked each poll: a process gone, or a socket
     closed, loses its owner. While walks are being resumed, a socket shared between a process
-    already read and one not yet read can be kept under the later one instead of the lowest pid.
+    already read and one not yet read can be kept under the later one instead of the first in
+    order.
 
     Links are compared whole with ``socket:[INODE]`` of each wanted inode, so a link the kernel
     never writes (a malformed ``socket:[``) is no wanted socket. Raises NoProcesses when the walk
