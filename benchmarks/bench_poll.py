@@ -254,6 +254,9 @@ class TimeWaitWindow:
         if math.isfinite(expiry):
             log(f"  waiting for TIME_WAIT to expire ({max(0.0, expiry - started):.0f} s)")
             time.sleep(max(0.0, expiry - time.monotonic()))
+            # A TIME_WAIT made after the burst (the traffic ticker's or a daemon connection's
+            # close) outlives it by up to TIME_WAIT_SECONDS: still bounded, no longer a failure.
+            deadline = max(deadline, time.monotonic() + TIME_WAIT_SECONDS + DRAIN_TIMEOUT)
             while sockstat_time_wait(self.namespace) > 0:
                 if time.monotonic() > deadline:
                     raise BenchError("TIME_WAIT sockets did not expire within the expected time")

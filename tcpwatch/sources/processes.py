@@ -11,10 +11,12 @@ same inode sock_diag reports (``inet_diag_msg.idiag_inode``)::
 population. The scan here only looks for the inodes it is asked about and stops as soon as it has
 found them all, or when its deadline passes.
 
-Processes are walked in ascending pid order, so when several processes share one socket (a
-listener inherited across fork) the owner kept is the one with the lowest pid, usually the parent
-that opened it. ``ss -p`` lists every sharer, highest pid first (it prepends each owner it finds
-while walking /proc in ascending order), so the owner kept here is the last one ``ss`` prints.
+When several processes share one socket (a listener inherited across fork, prefork workers)
+the owner kept is the first sharer the walk reads: it reads the likeliest holders first (see
+``scan_owners``), smaller fd tables first among equals (fdwalk.py), then ascending pids, so it
+is usually the parent that opened it, the last one ``ss -p`` prints (it prepends each owner it
+finds while walking /proc in ascending order). Every owner kept holds the socket; S01 and the
+reports group a program's processes together, so which sharer is named does not change them.
 
 Names come from /proc/PID/comm: the kernel's 15-character task name, as ``ss -p`` shows it.
 
@@ -29,15 +31,25 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence, Set
+from collections.abc import Callable, Sequence, Set
 from dataclasses import replace
 
 from tcpwatch.config import CollectSettings
 from tcpwatch.model import Attribution, ProcessRef, Snapshot, SocketTable
 from tcpwatch.paths import ProcPaths, read_bytes, read_text
 from tcpwatch.sources.base import SourceContext, host_source
+from tcpwatch.sources.fdwalk import (
+    SOCKET_PREFIX,
+    counts_fds,
+    ranked,
+    socket_links,
+    table_size_class,
+    wanted_sockets_in,
+)
 
-_SOCKET_PREFIX = "socket:["
+__all__ = ["socket_links", "wanted_sockets_in"]  # lookup.py and the tests read them here
+
+_SOCKET_PREFIX = SOCKET_PREFIX
 COMM_LIMIT = 64  # /proc/PID/comm holds TASK_COMM_LEN (16) bytes and a newline
 _log = logging.getLogger(__name__)
 
@@ -67,52 +79,6 @@ def parse_comm(data: bytes) -> str:
     The kernel stores raw bytes; undecodable ones are replaced so the name is safe as a label.
     """
     return data.rstrip(b"\n").decode("utf-8", errors="replace")
-
-
-def socket_links(inodes: Iterable[int]) -> dict[str, int]:
-    """The fd link text of each socket inode (``socket:[48213]`` -> 48213): what the walk
-    compares each link with, so a link is matched whole, without parsing it."""
-    return {f"{_SOCKET_PREFIX}{inode}]": inode for inode in inodes}
-
-
-def wanted_sockets_in(fd_dir: str, targets: Mapping[str, int]) -> list[tuple[int, str]]:
-    """(inode, fd name) of the sockets of ``targets`` (see :func:`socket_links`) open in one fd
-    directory.
-
-    Raises OSError when the directory or its links cannot be read (PermissionError: access is
-    denied; others: the process exited). An fd closed between the listing and its readlink is
-    skipped.
-
-    This loop runs once per open descriptor of every process read (~139,000 at 131k sockets):
-    the names come from one listing (no DirEntry objects), each link is read relative to the
-    open directory and looked up whole in ``targets`` (no parsing of the links of other
-    sockets, files and pipes). What is left is the kernel's readlink, ~3.4 us of ~3.7
-    (docs/performance.md).
-    """
-    found: list[tuple[int, str]] = []
-    seen: set[int] = set()
-    wanted = len(targets)
-    readlink = os.readlink
-    # Links are read relative to the open directory: it stays bound to this process, so once the
-    # process exits they fail instead of reading whatever process reuses the pid.
-    dir_fd = os.open(fd_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for name in os.listdir(dir_fd):
-            try:
-                link = readlink(name, dir_fd=dir_fd)
-            except PermissionError:
-                raise  # the listing can be allowed while the links are not (ptrace check)
-            except OSError:
-                continue
-            inode = targets.get(link)
-            if inode is not None:
-                found.append((inode, name))
-                seen.add(inode)
-                if len(seen) == wanted:
-                    break  # every wanted socket is here: the rest of its fds can wait
-    finally:
-        os.close(dir_fd)
-    return found
 
 
 def confirm_known_owners(
@@ -212,17 +178,19 @@ class NoProcesses(Exception):
 
 
 def _scan_order(
-    paths: ProcPaths, netns_inodes: frozenset[int], uids: frozenset[int] = frozenset()
+    paths: ProcPaths,
+    netns_inodes: frozenset[int],
+    uids: frozenset[int] = frozenset(),
+    size_class: Callable[[int], int] | None = None,
 ) -> list[int]:
-    """Ascending pids, the likeliest owners first (see scan_owners): members of
-    ``netns_inodes`` running as one of ``uids``, then the other members, then the rest."""
-    pids = sorted(paths.list_pids())
+    """The likeliest owners first (see scan_owners): members of ``netns_inodes`` running as
+    one of ``uids``, then the other members, then the rest; within each, the smaller fd tables
+    first when ``size_class`` (pid -> class, see fdwalk.ranked) is given, then ascending pids."""
+    pids = paths.list_pids()
     if not pids:  # even with hidepid, our own process is listed
         raise NoProcesses(f"{paths.root} lists no process (is it a procfs? see --path.procfs)")
-    if not netns_inodes and not uids:
-        return pids
-    ranked: list[tuple[int, int]] = []
-    for pid in pids:
+
+    def rank(pid: int) -> int:
         rank = 0
         if netns_inodes:
             try:
@@ -236,9 +204,9 @@ def _scan_order(
             except OSError:
                 uid = -1
             rank += 0 if uid in uids else 1
-        ranked.append((rank, pid))
-    ranked.sort()
-    return [pid for _, pid in ranked]
+        return rank
+
+    return ranked(pids, rank, size_class)
 
 
 def resume_order(order: Sequence[int], walked: Set[int]) -> list[int]:
@@ -280,6 +248,9 @@ def scan_owners(
     deadline hit on a host with huge fd tables elsewhere still finds the owners that matter.
     Among them, processes running as one of ``uids`` (the sockets' idiag_uid: the user that
     made them) come first: one stat per process can spare reading other users' fd tables.
+    Within each of these groups, on the live procfs, the smaller fd tables come first (a size
+    class of a factor of two, one stat each; fdwalk.py): the walk stops once every wanted socket
+    is found, so a server holding them is read before a process holding 100,000 other sockets.
 
     ``known`` (the previous scan) is checked first, one readlink per socket; the walk runs only
     for sockets not found there, so a steady host costs a readlink per attributed socket.
@@ -289,7 +260,8 @@ def scan_owners(
     a few polls even when one walk never fits in the deadline. Owners found by a cut walk are
     kept only through ``known``'s locations, re-checked each poll: a process gone, or a socket
     closed, loses its owner. While walks are being resumed, a socket shared between a process
-    already read and one not yet read can be kept under the later one instead of the lowest pid.
+    already read and one not yet read can be kept under the later one instead of the first in
+    order.
 
     Links are compared whole with ``socket:[INODE]`` of each wanted inode, so a link the kernel
     never writes (a malformed ``socket:[``) is no wanted socket. Raises NoProcesses when the walk
@@ -311,7 +283,9 @@ def scan_owners(
     scanned = vanished = denied = 0
     walked_all = True
     earlier = known.walked if known is not None else frozenset()
-    order = resume_order(_scan_order(paths, netns_inodes, uids), earlier)
+    counted = counts_fds(paths.root)
+    size_class = (lambda pid: table_size_class(paths.pid(pid, "fd"))) if counted else None
+    order = resume_order(_scan_order(paths, netns_inodes, uids, size_class), earlier)
     fresh = sum(1 for pid in order if pid not in earlier)  # the pids no cut walk has read yet
     attempted = 0
     targets = socket_links(missing)
@@ -321,7 +295,7 @@ def scan_owners(
             break
         attempted += 1
         try:
-            found = wanted_sockets_in(paths.pid(pid, "fd"), targets)
+            found = wanted_sockets_in(paths.pid(pid, "fd"), targets, counted)
         except PermissionError:
             denied += 1
             continue
@@ -338,7 +312,7 @@ def scan_owners(
             continue
         owner = ProcessRef(pid=pid, name=name)
         for inode, fd in found:
-            if inode in missing:  # the lowest pid keeps a socket shared across a fork
+            if inode in missing:  # the first sharer read keeps a socket shared across a fork
                 owners[inode] = owner
                 locations[inode] = (pid, fd)
         for inode, _ in found:

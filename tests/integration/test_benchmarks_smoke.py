@@ -41,6 +41,8 @@ SMOKE: dict[str, tuple[list[str], str]] = {
     "bench_soak.py": (["--minutes", "0.3", "--processes", "1", "--clients", "1",
                        "--pairs", "10"], "Scrapes:"),
     "bench_quiet.py": (["--smoke"], "| median |"),
+    "bench_check_nginx.py": (["--pairs", "100", "--leaked", "3", "--rounds", "1"],
+                             "| check --window 0 ms (rounds) |"),
 }  # fmt: skip
 SECONDS = 240
 

@@ -165,14 +165,19 @@ def test_a_shared_listener_goes_to_the_lowest_pid_which_ss_lists_last(scene: Sce
 
 
 def test_the_scan_stops_early_once_everything_is_found(scene: Scene) -> None:
-    # The leaker started before the sharer and its child: finding the leaker's sockets must not
-    # read them. Inode 0 (TIME_WAIT, request sockets) and inode 1 (no socket has it) are never
-    # found, so that scan reads every process.
-    early = scan_owners(ProcPaths(), frozenset(scene.leaker["close_wait_inodes"]))
-    full = scan_owners(ProcPaths(), frozenset({0, 1}))
+    # The scene's namespace is read first (as the pipeline asks, the sockets' namespace) and the
+    # walk stops once it has the leaker's sockets: none of the host's other processes is read.
+    # Inode 0 (TIME_WAIT, request sockets) and inode 1 (no socket has it) are never found, so
+    # that scan reads every process. (Within the namespace the smaller fd tables come first,
+    # so the sharer and its child may be read before the leaker: fdwalk.py.)
+    netns = frozenset({os.stat(f"/run/netns/{scene.ns.name}").st_ino})
+    leaked = frozenset(scene.leaker["close_wait_inodes"])
+    early = scan_owners(ProcPaths(), leaked, netns_inodes=netns)
+    full = scan_owners(ProcPaths(), frozenset({0, 1}), netns_inodes=netns)
     assert early.complete
     assert len(early.owners) == CLOSE_WAITS
     assert full.owners == {}
+    assert early.processes_scanned <= len(scene.ns.pids())
     assert early.processes_scanned + 2 <= full.processes_scanned
 
 
