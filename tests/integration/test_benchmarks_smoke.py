@@ -41,6 +41,7 @@ SMOKE: dict[str, tuple[list[str], str]] = {
     "bench_soak.py": (["--minutes", "0.3", "--processes", "1", "--clients", "1",
                        "--pairs", "10"], "Scrapes:"),
     "bench_quiet.py": (["--smoke"], "| median |"),
+    "bench_events.py": (["--smoke"], "whole daemon us/event: median"),
 }  # fmt: skip
 SECONDS = 240
 
