@@ -167,13 +167,14 @@ class RecordReader:
         interrupt = events.INTERRUPT_FLAGS
         inet, pad = events.AF_INET, events.PAD12
         source, destination, source6, destination6 = parser.addresses or (slice(0),) * 4
+        ports = parser.ports
         one = self.handle
         for item in items:
             if item[0] == GENERIC:
                 _, kind, offset, size, at, span = item
                 one([(at, offset, kind, size, span)], ordered=True)
                 continue
-            _, _, pid, tid, at, _, flags, sk, old, new, sport, dport, family, raw = item
+            _, _, pid, tid, at, flags, sk, old, new, rest = item
             # The common records of a connection take no 4-tuple they do not use: a socket's
             # end (Tracker.ended, inline), a connect's end, a connect's start.
             if new == close and old != syn_sent:
@@ -182,17 +183,18 @@ class RecordReader:
             if old == syn_sent and new == connected:
                 established(sk, at)
                 continue
+            sport, dport, family = ports(rest)
             task = tid != 0 and not flags & interrupt
             if new == syn_sent:
-                to = raw[destination] + pad if family == inet else raw[destination6]
+                to = rest[destination] + pad if family == inet else rest[destination6]
                 connecting(pid, tid, at, task, sk, family, dport, to)
                 continue
             if family == inet:
                 set_state(pid, tid, at, task, sk, old, new, family, sport, dport,
-                          raw[source] + pad, raw[destination] + pad)  # fmt: skip
+                          rest[source] + pad, rest[destination] + pad)  # fmt: skip
             else:
                 set_state(pid, tid, at, task, sk, old, new, family, sport, dport,
-                          raw[source6], raw[destination6])  # fmt: skip
+                          rest[source6], rest[destination6])  # fmt: skip
 
     def record(self, buffer: events.Buffer, offset: int, kind: int, size: int) -> None:
         """One record: a sample to its event's handler, or a side-band record."""
