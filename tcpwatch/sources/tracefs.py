@@ -93,8 +93,9 @@ class EventFormat:
                 return value
         raise TracefsError(f"tracepoint {self.title}: {field} has no value named {symbol!r}")
 
-    def unpacker(self, names: tuple[str, ...]) -> struct.Struct:
-        """A Struct reading ``names`` (in that order) from the start of the raw record.
+    def unpacker(self, names: tuple[str, ...], base: int = 0) -> struct.Struct:
+        """A Struct reading ``names`` (in that order) from byte ``base`` of the raw record (its
+        start by default).
 
         Integers are read in native byte order with the declared size and sign; arrays as bytes.
         Gaps become pad bytes, so one ``unpack_from`` reads every wanted field.
@@ -103,7 +104,7 @@ class EventFormat:
         if [field.name for field in chosen] != list(names):
             raise TracefsError(f"{self.title}: fields must be asked for in record order")
         parts = ["="]
-        position = 0
+        position = base
         for field in chosen:
             if field.offset < position:
                 raise TracefsError(f"{self.title}: field {field.name} overlaps the one before it")

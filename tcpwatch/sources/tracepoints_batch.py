@@ -16,8 +16,8 @@ tests/unit/test_tracepoints_batch.py holds this path to the per-record one on th
 
 from __future__ import annotations
 
-import operator
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from tcpwatch.sources import perf
@@ -26,21 +26,30 @@ from tcpwatch.sources.tracefs import EventFormat, TracefsError
 GENERIC = -1  # first item of a record left to the per-record path
 # header (type, misc skipped, size), pid, tid, time, raw size (skipped): 28 bytes
 _SAMPLE_HEAD = "=I2xHIIQ4x"
-# Read as numbers; the four addresses (saddr, daddr, saddr_v6, daddr_v6) follow as one bytes
-# object, sliced only for the records that need them (a socket's end does not).
-STATE_FIELDS = ("common_type", "common_flags", "skaddr", "oldstate", "newstate", "sport",
-                "dport", "family")  # fmt: skip
+# Read as numbers: what every record needs (a socket's end and a connect's end need no more).
+# The rest, from sport to the last address (sport, dport, family, saddr, daddr, saddr_v6,
+# daddr_v6), follows as one bytes object, read (``ports``, ``addresses``) only for the records
+# that need it: a number the tuple does not hold is one object fewer to make per record.
+STATE_FIELDS = ("common_flags", "skaddr", "oldstate", "newstate")
+PORT_FIELDS = ("sport", "dport", "family")
 ADDRESS_FIELDS = ("saddr", "daddr", "saddr_v6", "daddr_v6")
-# A wide tuple: 0 type, 1 size, 2 pid, 3 tid, 4 time, 5 common_type, 6 flags, 7 skaddr,
-# 8 oldstate, 9 newstate, 10 sport, 11 dport, 12 family, 13 the addresses' bytes.
-# A GENERIC tuple: (GENERIC, type, offset, size, time, span); the time is item 4 of both.
+# A set_state tuple: 0 type, 1 size, 2 pid, 3 tid, 4 time, 5 flags, 6 skaddr, 7 oldstate,
+# 8 newstate, 9 the rest's bytes. A GENERIC tuple: (GENERIC, type, offset, size, time, span);
+# the time is item 4 of both.
 TIME_ITEM = 4
-_KEY = operator.itemgetter(0, 1, 5)
 _HEADER = perf.RECORD_HEADER.unpack_from
 _EVENT = struct.Struct("=H").unpack_from
 _TIME = struct.Struct("=Q").unpack_from
 _SAMPLE_TIME = 16  # header, pid, tid, then the time
 _TYPE_AT, _SIZE_AT = 0, 6  # a record header's type (u32) and size (u16)
+
+
+def _record_key(span: bytes, position: int, raw_offset: int) -> tuple[int, int, int]:
+    """(type, size, event number) of the record at ``position``."""
+    kind, _, size = _HEADER(span, position)
+    return kind, size, _EVENT(span, position + raw_offset)[0]
+
+
 FIRST_CHUNK = 8
 LAST_CHUNK = 1024
 Parsed = tuple[Any, ...]
@@ -52,18 +61,22 @@ class SpanParser:
     def __init__(self, state_format: EventFormat) -> None:
         self.event = state_format.id
         self.addresses: tuple[slice, ...] | None = None
+        # (sport, dport, family) of a tuple's rest; set with the addresses (only then are runs
+        # parsed, so the default is never called)
+        self.ports: Callable[[bytes], tuple[Any, ...]] = struct.Struct("").unpack_from
         self._raw: str | None = None
         try:
             numbers = state_format.unpacker(STATE_FIELDS)
-            first, *_, last = (state_format.field(name) for name in ADDRESS_FIELDS)
-            if first.offset < numbers.size:
-                raise TracefsError(f"{state_format.title}: addresses before the numbers")
+            start = state_format.field(PORT_FIELDS[0]).offset
+            if start < numbers.size:
+                raise TracefsError(f"{state_format.title}: ports before the numbers")
+            self.ports = state_format.unpacker(PORT_FIELDS, base=start).unpack_from
+            for name in ADDRESS_FIELDS:  # each after the ports
+                state_format.unpacker((PORT_FIELDS[-1], name), base=start)
         except TracefsError:
             return  # a layout this parser does not know: every record takes the per-record path
-        start = first.offset
-        self._raw = (
-            f"{numbers.format.lstrip('=')}{start - numbers.size}x{last.offset + last.size - start}s"
-        )
+        end = max(field.offset + field.size for field in map(state_format.field, ADDRESS_FIELDS))
+        self._raw = f"{numbers.format.lstrip('=')}{start - numbers.size}x{end - start}s"
         self.addresses = tuple(
             slice(field.offset - start, field.offset - start + field.size)
             for field in (state_format.field(name) for name in ADDRESS_FIELDS)
@@ -123,7 +136,11 @@ class SpanParser:
                     ):
                         chunk = min(chunk * 2, LAST_CHUNK)
                     else:
-                        count = next(i for i, key in enumerate(map(_KEY, run)) if key != expected)
+                        count = next(
+                            i
+                            for i in range(count)
+                            if _record_key(span, position + i * size, raw_offset) != expected
+                        )
                         del run[count:]
                         chunk = FIRST_CHUNK
                     extend(run)

@@ -161,27 +161,40 @@ class RecordReader:
         self._counts[parser.event] += parsed
         tracker = self.tracker
         set_state, forget = tracker.set_state, tracker.sockets.pop
-        close, syn_sent = tracker.states.close, tracker.states.syn_sent
+        connecting, established = tracker.connecting, tracker.established
+        states = tracker.states
+        close, syn_sent, connected = states.close, states.syn_sent, states.established
         interrupt = events.INTERRUPT_FLAGS
         inet, pad = events.AF_INET, events.PAD12
         source, destination, source6, destination6 = parser.addresses or (slice(0),) * 4
+        ports = parser.ports
         one = self.handle
         for item in items:
             if item[0] == GENERIC:
                 _, kind, offset, size, at, span = item
                 one([(at, offset, kind, size, span)], ordered=True)
                 continue
-            _, _, pid, tid, at, _, flags, sk, old, new, sport, dport, family, raw = item
-            if new == close and old != syn_sent:  # most records: a socket's end (Tracker.ended)
+            _, _, pid, tid, at, flags, sk, old, new, rest = item
+            # The common records of a connection take no 4-tuple they do not use: a socket's
+            # end (Tracker.ended, inline), a connect's end, a connect's start.
+            if new == close and old != syn_sent:
                 forget(sk, None)
                 continue
+            if old == syn_sent and new == connected:
+                established(sk, at)
+                continue
+            sport, dport, family = ports(rest)
             task = tid != 0 and not flags & interrupt
+            if new == syn_sent:
+                to = rest[destination] + pad if family == inet else rest[destination6]
+                connecting(pid, tid, at, task, sk, family, dport, to)
+                continue
             if family == inet:
                 set_state(pid, tid, at, task, sk, old, new, family, sport, dport,
-                          raw[source] + pad, raw[destination] + pad)  # fmt: skip
+                          rest[source] + pad, rest[destination] + pad)  # fmt: skip
             else:
                 set_state(pid, tid, at, task, sk, old, new, family, sport, dport,
-                          raw[source6], raw[destination6])  # fmt: skip
+                          rest[source6], rest[destination6])  # fmt: skip
 
     def record(self, buffer: events.Buffer, offset: int, kind: int, size: int) -> None:
         """One record: a sample to its event's handler, or a side-band record."""
@@ -227,15 +240,23 @@ def _handlers(formats: Mapping[Spec, EventFormat], tracker: Tracker) -> dict[int
     state_format = formats[events.SET_STATE]
     states = state_format.unpacker(("skaddr", "oldstate", "newstate")).unpack_from
     decode_state = events.set_state_decoder(state_format)
-    set_state, ended = tracker.set_state, tracker.ended
+    set_state, ended, established = tracker.set_state, tracker.ended, tracker.established
     close, syn_sent = tracker.states.close, tracker.states.syn_sent
+    connected, connecting = tracker.states.established, tracker.connecting
 
     def on_set_state(buf: events.Buffer, raw: int, pid: int, tid: int, t: int, task: bool) -> None:
         sk, old, new = states(buf, raw)
         if new == close and old != syn_sent:  # most records: a socket's end, no 4-tuple needed
             ended(sk)
             return
-        set_state(pid, tid, t, task, *decode_state(buf, raw))
+        if old == syn_sent and new == connected:  # a connect's end: no 4-tuple needed either
+            established(sk, t)
+            return
+        decoded = decode_state(buf, raw)
+        if new == syn_sent:  # a connect's start: its destination only, as handle_spans calls it
+            connecting(pid, tid, t, task, sk, decoded[3], decoded[5], decoded[7])
+            return
+        set_state(pid, tid, t, task, *decoded)
 
     handlers[formats[events.SET_STATE].id] = on_set_state
     decode_error = events.error_report_decoder(formats[events.ERROR_REPORT])

@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import errno
 from collections.abc import Collection, Iterable, Mapping
+from typing import Any
 
 from tcpwatch.endpoints import endpoint
 from tcpwatch.sources.lifecycle_events import (
@@ -58,16 +59,12 @@ def error_name(number: int) -> str:
     return errno.errorcode.get(abs(number), f"errno {abs(number)}")
 
 
-class _Socket:
-    __slots__ = ("label", "netns", "process", "role", "started", "syn_retransmits")
-
-    def __init__(self, netns: int, process: str, role: int, label: str, started: int) -> None:
-        self.netns = netns
-        self.process = process
-        self.role = role
-        self.label = label  # the destination of a client, the endpoint of a listener
-        self.started = started  # sample time (ns) it entered SYN_SENT
-        self.syn_retransmits = 0
+# A followed socket is a list, made at every connect (a list is about 40 ns to make, a slots
+# object with an __init__ about 200): [netns inode, role, (label, process), the sample time
+# (ns) it entered SYN_SENT, SYN retransmissions]. The label is the destination of a client,
+# the endpoint of a listener; the key is its connects row's (Tally.connect_row).
+_Socket = list[Any]
+NETNS, ROLE, KEY, STARTED, RETRANSMITS = range(5)
 
 
 def _is_loopback(family: int, address: bytes) -> bool:
@@ -142,32 +139,15 @@ class Tracker:
     ) -> None:  # fmt: skip
         states = self.states
         if new == states.syn_sent:  # connect(): written by the connecting task
-            if not in_task:
-                self._missed("set_state", "interrupt")
-                return
-            who = self.tasks.resolve(pid, tid)
-            if who is None:
-                self._missed("set_state", "task_exited")
-                return
-            if len(self.sockets) >= self.socket_limit:
-                self._missed("set_state", "table_full")
-                return
-            named = (family, destination, dport)
-            label = self._labels.get(named)
-            if label is None:  # a destination's name is made once, not at every connect
-                if len(self._labels) >= LABEL_LIMIT:
-                    self._labels.clear()
-                label = self._labels[named] = endpoint(address_of(family, destination), dport)
-            self.sockets[sk] = _Socket(who[0], who[1], CLIENT, label, time_ns)
+            self.connecting(pid, tid, time_ns, in_task, sk, family, dport, destination)
             return
-        entry = self.sockets.get(sk)
         if old == states.syn_sent:
-            if entry is None or entry.role != CLIENT:
-                self._missed("set_state", "connect_unseen")  # began before the reader
-                return
             if new == states.established:
-                entry.role = CONNECTED
-                self._connected(entry, time_ns - entry.started)
+                self.established(sk, time_ns)
+                return
+            entry = self.sockets.get(sk)
+            if entry is None or entry[ROLE] != CLIENT:
+                self._missed("set_state", "connect_unseen")  # began before the reader
                 return
             del self.sockets[sk]
             key = (family, source, sport, destination, dport)
@@ -180,41 +160,82 @@ class Tracker:
             netns = self._actor("set_state", pid, tid, in_task)
             if netns is not None and len(self.sockets) < self.socket_limit:
                 label = endpoint(address_of(family, source), sport)
-                self.sockets[sk] = _Socket(netns, "", LISTENER, label, time_ns)
+                self.sockets[sk] = [netns, LISTENER, (label, ""), time_ns, 0]
             return
-        if entry is not None:  # into CLOSE: the address may be reused from now on
+        if sk in self.sockets:  # into CLOSE: the address may be reused from now on
             del self.sockets[sk]
+
+    def connecting(
+        self, pid: int, tid: int, time_ns: int, in_task: bool,
+        sk: int, family: int, dport: int, destination: bytes,
+    ) -> None:  # fmt: skip
+        """CLOSE -> SYN_SENT, a connect's start (set_state's case, without the source address
+        it does not use: the readers call it directly)."""
+        if not in_task:
+            self._missed("set_state", "interrupt")
+            return
+        who = self.tasks.resolve(pid, tid)
+        if who is None:
+            self._missed("set_state", "task_exited")
+            return
+        if len(self.sockets) >= self.socket_limit:
+            self._missed("set_state", "table_full")
+            return
+        named = (family, destination, dport)
+        label = self._labels.get(named)
+        if label is None:  # a destination's name is made once, not at every connect
+            if len(self._labels) >= LABEL_LIMIT:
+                self._labels.clear()
+            label = self._labels[named] = endpoint(address_of(family, destination), dport)
+        self.sockets[sk] = [who[0], CLIENT, (label, who[1]), time_ns, 0]
+
+    def established(self, sk: int, time_ns: int) -> None:
+        """SYN_SENT -> ESTABLISHED, a connect's end (set_state's case, without the 4-tuple it
+        does not use: the readers call it directly)."""
+        entry = self.sockets.get(sk)
+        if entry is None or entry[ROLE] != CLIENT:
+            self._missed("set_state", "connect_unseen")  # began before the reader
+            return
+        entry[ROLE] = CONNECTED
+        # _tally's and connect_row's work, their common case inline: a namespace with a tally
+        # is a polled one (update_contexts drops the others), a known key has its row.
+        netns = entry[NETNS]
+        tally = self.tallies.get(netns)
+        if tally is None:
+            tally = self._tally(netns)
+            if tally is None:
+                return
+        key = entry[KEY]
+        row = tally.connects.get(key)
+        if row is None:
+            row = tally.connect_row(*key)
+        elapsed_ns = time_ns - entry[STARTED]
+        row.buckets[bisect.bisect_left(BOUNDS_NS, elapsed_ns)] += 1
+        row.count += 1
+        row.sum_ns += elapsed_ns
+        if entry[RETRANSMITS]:
+            row.syn_retransmits += entry[RETRANSMITS]
+            row.retransmitted += 1
 
     def ended(self, sk: int) -> None:
         """A socket reached CLOSE from a state other than SYN_SENT (the common record, read
         without its 4-tuple): its address may be another socket's from now on."""
         self.sockets.pop(sk, None)
 
-    def _connected(self, entry: _Socket, elapsed_ns: int) -> None:
-        tally = self._tally(entry.netns)
-        if tally is None:
-            return
-        row = tally.connect_row(entry.label, entry.process)
-        row.buckets[bisect.bisect_left(BOUNDS_NS, elapsed_ns)] += 1
-        row.count += 1
-        row.sum_ns += elapsed_ns
-        row.syn_retransmits += entry.syn_retransmits
-        if entry.syn_retransmits:
-            row.retransmitted += 1
-
     def _failed(self, entry: _Socket, error: str, key: tuple[int, bytes, int, bytes, int]) -> None:
         """A failed connect, and what a destroy event that lost its port needs to find it:
         the local port and the address (its 4-tuple when it failed)."""
-        tally = self._tally(entry.netns)
+        tally = self._tally(entry[NETNS])
         if tally is None:
             return
-        row = tally.connect_row(entry.label, entry.process)
+        label, process = entry[KEY]
+        row = tally.connect_row(label, process)
         row.failures[error] = row.failures.get(error, 0) + 1
-        row.syn_retransmits += entry.syn_retransmits
+        row.syn_retransmits += entry[RETRANSMITS]
         family, _, sport, destination, _ = key
         if sport:
             address = address_of(family, destination)
-            tally.failed_connect(FailedConnect(family, sport, address, entry.label, error))
+            tally.failed_connect(FailedConnect(family, sport, address, label, error))
 
     def error_report(
         self, error: int, family: int, sport: int, dport: int, source: bytes, destination: bytes
@@ -227,10 +248,10 @@ class Tracker:
 
     def retransmit(self, sk: int) -> None:
         entry = self.sockets.get(sk)
-        if entry is None or entry.role != CLIENT:
+        if entry is None or entry[ROLE] != CLIENT:
             self._missed("retransmit", "unknown_socket")
             return
-        entry.syn_retransmits += 1
+        entry[RETRANSMITS] += 1
 
     def send_reset(
         self, pid: int, tid: int, time_ns: int, in_task: bool,
@@ -240,9 +261,9 @@ class Tracker:
         name = self.reset_reasons.get(reason, "" if reason < 0 else f"reason {reason}")
         entry = self.sockets.get(sk) if sk else None
         if entry is not None:
-            tally = self._tally(entry.netns)
+            tally = self._tally(entry[NETNS])
             if tally is not None:
-                tally.reset("sent", entry.label, name)
+                tally.reset("sent", entry[KEY][0], name)
             return
         if not sk and not in_task:
             waiting = self._resets
@@ -270,7 +291,7 @@ class Tracker:
         answered = self._resets.pop((family, destination, dport, source, sport), None)
         entry = self.sockets.get(sk)
         if entry is not None:
-            netns, peer = entry.netns, entry.label
+            netns, peer = entry[NETNS], entry[KEY][0]
         else:
             found = self._actor("receive_reset", pid, tid, in_task)
             if found is None:
@@ -292,8 +313,8 @@ class Tracker:
         name = self.drop_reasons.get(reason, f"reason {reason}")
         entry = self.sockets.get(rx_sk) if rx_sk else None
         if entry is not None:
-            netns = entry.netns
-            listener = entry.label if entry.role == LISTENER else ""
+            netns = entry[NETNS]
+            listener = entry[KEY][0] if entry[ROLE] == LISTENER else ""
         else:
             if rx_sk and not in_task:
                 self._missed("drop", "unknown_socket")

@@ -43,6 +43,7 @@ SMOKE: dict[str, tuple[list[str], str]] = {
     "bench_quiet.py": (["--smoke"], "| median |"),
     "bench_check_nginx.py": (["--pairs", "100", "--leaked", "3", "--rounds", "1"],
                              "| check --window 0 ms (rounds) |"),
+    "bench_events.py": (["--smoke"], "whole daemon us/event: median"),
 }  # fmt: skip
 SECONDS = 240
 

@@ -31,6 +31,7 @@ from tcpwatch.config import CollectSettings
 from tcpwatch.model import NetnsIdentity, Snapshot
 from tcpwatch.sources.base import Partial
 from tcpwatch.sources.tracepoints import TracepointReader
+from tcpwatch.sources.tracepoints_tracker import NETNS
 from tcpwatch.tracepoint_stats import ABANDONED, CONNECT_BUCKETS_SECONDS, TracepointStats
 from tests.integration.netns import REPO_ROOT, Netns, tcpwatch_env
 
@@ -332,7 +333,8 @@ def test_reused_socket_addresses_are_never_taken_for_a_closed_socket(
     # the connected clients whose server aborted, and each turn's refused connect
     assert received == {f"127.0.0.1:{base + turn}": count // 2 + 1 for turn in range(rounds)}
     with reading.reader._lock:  # every socket of the namespace has ended: none is followed
-        followed = [s for s in reading.reader.records.tracker.sockets.values() if s.netns == inode]
+        sockets = reading.reader.records.tracker.sockets.values()
+        followed = [s for s in sockets if s[NETNS] == inode]
     assert followed == []
 
 
