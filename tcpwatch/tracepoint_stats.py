@@ -3,8 +3,8 @@ the snapshot (tcpwatch/sources/tracepoints*.py builds it; docs/tracepoints.md sa
 and both halves of the join that gives a failed connect's port back to the socket-destroy events
 (tcpwatch/peer_join.py).
 
-Kept apart from model.py, which holds every other source's data, only for size; model.py's
-Snapshot has the field.
+Not in tcpwatch/readings/ with the other sources' data because the join is here too
+(docs/architecture.md); model.py's Snapshot has the field.
 """
 
 from __future__ import annotations
