@@ -138,8 +138,12 @@ def test_handshake_times_match_what_the_client_measured(netns: Netns, reading: R
     share = reading.settled(netns)
     (row,) = [row for row in share.connects if row.destination == f"127.0.0.1:{port}"]
     assert row.process == "tw-client"
-    # Lost or unattributed records would explain a miss: say so if it fails.
-    assert row.count == count and row.failures == {}, (share.host.lost, share.host.unattributed)
+    # Lost, unattributed, other namespaces' or folded records would explain a miss: say so if it
+    # fails (a rare miss of whole connects, nothing unattributed, is not explained yet).
+    assert row.count == count and row.failures == {}, (
+        share.host.lost, share.host.unattributed, share.host.other_netns, share.folded,
+        share.connects, measured,
+    )  # fmt: skip
     slow = [d for d in measured if d > 1.0]
     assert len(slow) >= count // 3 - 1, measured  # the rule did make a second mode
     one_second = CONNECT_BUCKETS_SECONDS.index(1.0) + 1  # the first bucket past 1 s
