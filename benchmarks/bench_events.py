@@ -56,7 +56,7 @@ from bench_poll import (
     parse_exposition,
     signals_held,
 )
-from bench_serve import tcpwatch_env
+from bench_serve import stop_daemon, tcpwatch_env
 from namespace import Namespace, NamespaceError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -202,15 +202,7 @@ class Daemon:
         return out
 
     def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self.connection.reset()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_daemon(self.process, self.connection)
 
 
 def time_wait(namespace: Namespace) -> int:

@@ -168,6 +168,19 @@ def run_once(
     return RunCost(usage.ru_utime, usage.ru_stime, time.perf_counter() - started, usage.ru_maxrss)
 
 
+def stop_daemon(process: subprocess.Popen[bytes], connection: NamespaceHTTPConnection) -> None:
+    """Close the keep-alive connection, then end the daemon: SIGTERM, SIGKILL after 10 s."""
+    with contextlib.suppress(OSError):
+        connection.reset()
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 @dataclass(slots=True)
 class Serve:
     """A ``tcpwatch serve`` inside the namespace, read over one keep-alive connection."""
@@ -242,15 +255,7 @@ class Serve:
         return (process_cpu(self.process.pid) - before) / seconds
 
     def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self.connection.reset()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_daemon(self.process, self.connection)
 
 
 @dataclass(slots=True)

@@ -233,10 +233,11 @@ def W04(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         # original had arrived (reordering, an early RTO or probe). Judged without them; the
         # closed connections' are not known (their destroy events are not summed for it).
         spurious = stalls.segments_spurious
+        needed = stalls.segments_retransmitted_not_spurious
         if gone is not None and gone.closed["ok"]:
             sent += gone.segments_sent
             retransmitted += gone.segments_retransmitted
-        needed = retransmitted - (spurious or 0)
+            needed += gone.segments_retransmitted
         if sent < minimum or needed / sent < limit:
             continue
         ratio = needed / sent

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources import netlink
+from tcpwatch.sources.fdwalk import socket_links, wanted_sockets_in
 from tcpwatch.sources.netlink import SockDiagError
-from tcpwatch.sources.processes import socket_links, wanted_sockets_in
 
 __all__ = ["SockDiagError"]
 

@@ -47,9 +47,6 @@ from tcpwatch.sources.fdwalk import (
     wanted_sockets_in,
 )
 
-__all__ = ["socket_links", "wanted_sockets_in"]  # lookup.py and the tests read them here
-
-_SOCKET_PREFIX = SOCKET_PREFIX
 COMM_LIMIT = 64  # /proc/PID/comm holds TASK_COMM_LEN (16) bytes and a newline
 _log = logging.getLogger(__name__)
 
@@ -65,9 +62,9 @@ def parse_socket_link(link: str, path: str = "<fd link>") -> int | None:
     A ``socket:[`` link that does not hold a decimal inode raises ValueError naming ``path`` and
     the offending text.
     """
-    if not link.startswith(_SOCKET_PREFIX):
+    if not link.startswith(SOCKET_PREFIX):
         return None
-    digits = link[len(_SOCKET_PREFIX) : -1]
+    digits = link[len(SOCKET_PREFIX) : -1]
     if not link.endswith("]") or not digits.isdigit():
         raise ValueError(f"{path}: malformed socket link {link!r}, expected 'socket:[INODE]'")
     return int(digits)
@@ -317,7 +314,7 @@ def scan_owners(
                 locations[inode] = (pid, fd)
         for inode, _ in found:
             missing.discard(inode)
-            targets.pop(f"{_SOCKET_PREFIX}{inode}]", None)
+            targets.pop(f"{SOCKET_PREFIX}{inode}]", None)
         if not missing:
             break
     if vanished or denied:

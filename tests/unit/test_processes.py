@@ -13,6 +13,7 @@ from tcpwatch.config import CollectSettings
 from tcpwatch.model import Listener, ProcessRef, SocketTable
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources.base import SourceContext
+from tcpwatch.sources.fdwalk import socket_links, wanted_sockets_in
 from tcpwatch.sources.processes import (
     NoProcesses,
     parse_comm,
@@ -20,9 +21,7 @@ from tcpwatch.sources.processes import (
     procfs_hides_processes,
     read_owners_source,
     scan_owners,
-    socket_links,
     wanted_inodes,
-    wanted_sockets_in,
 )
 from tests.unit.snapshots import listener, snapshot, socket_table
 
