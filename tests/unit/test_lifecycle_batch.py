@@ -5,6 +5,7 @@ peer's every count compared after each batch; and it is taken where it should be
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
 from bisect import bisect_left
@@ -133,7 +134,8 @@ def state(aggregator: LifecycleAggregator) -> tuple[object, ...]:
 
 
 def run(columns: BatchColumns, seed: int) -> tuple[list[tuple[object, ...]], list[object]]:
-    aggregator = LifecycleAggregator(max_peers=64, clock=lambda: 1000.0)
+    ticks = itertools.count(1000)  # a clock read as often in both runs: last_seen compared
+    aggregator = LifecycleAggregator(max_peers=64, clock=lambda: float(next(ticks)))
     aggregator.columns = columns
     aggregator.update_context(CONTEXT)
     rng = random.Random(seed)
@@ -180,10 +182,11 @@ def test_taken_only_for_a_batch_of_cached_peers_without_port_0() -> None:
     aggregator.update_context(CONTEXT)
     inbound = info_last(OK_INFO, source="10.0.0.1", sport=8080, dport=51000)
     outbound = info_last(OK_INFO, sport=40000, destination="10.0.0.9", dport=5432)
-    feed(aggregator, [inbound, outbound] * 4)  # two new peers: the loop, which caches them
+    feed(aggregator, [inbound, outbound] * 8)  # two new peers: the loop, which caches them
     assert aggregator.columns.taken == 0
-    feed(aggregator, [inbound, outbound] * 4)
+    feed(aggregator, [inbound, outbound] * 8)
     assert aggregator.columns.taken == 1
+    feed(aggregator, [inbound, outbound] * 4)  # too few to pay for the columns' fixed cost
     to = {"sport": 40002, "destination": "10.0.0.9", "dport": 5432}
     odd = [
         info_last(CLEARED_INFO, source="0.0.0.0", **{**to, "dport": 0}),  # port 0: cleared
@@ -191,14 +194,14 @@ def test_taken_only_for_a_batch_of_cached_peers_without_port_0() -> None:
         info_last(info_bytes(104, total_retrans=1), **to),  # another length
     ]
     for message in odd:
-        feed(aggregator, [inbound, outbound, inbound, message])
+        feed(aggregator, [inbound, outbound] * 7 + [inbound, message])
     assert aggregator.columns.taken == 1
     rows = {row.peer: row for row in table_of(aggregator.stats(0, 0, 0)).peers}
-    assert rows["0.0.0.0:8080"].closed["ok"] == 14 and rows["0.0.0.0:8080"].rtt_count == 14
-    assert rows["10.0.0.9:5432"].closed == {"ok": 12, "timeout": 1, "refused": 0, "aborted": 0}
-    assert rows["10.0.0.9:5432"].bytes_sent == 12 * 1001
+    assert rows["0.0.0.0:8080"].closed["ok"] == 44 and rows["0.0.0.0:8080"].rtt_count == 44
+    assert rows["10.0.0.9:5432"].closed == {"ok": 42, "timeout": 1, "refused": 0, "aborted": 0}
+    assert rows["10.0.0.9:5432"].bytes_sent == 42 * 1001
     aggregator.fast_path = False  # the readable long way, every message
-    feed(aggregator, [inbound, outbound] * 4)
+    feed(aggregator, [inbound, outbound] * 8)
     assert aggregator.columns.taken == 1
 
 
