@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from tcpwatch.model import DIRECTIONS, PEER_OTHER, LifecycleStats, PeerActivity
 from tcpwatch.scores import FAILURE_WEIGHT as FAILURE_WEIGHT
 from tcpwatch.scores import SCORE_HALF_LIFE_SECONDS
+from tcpwatch.sources.lifecycle_batch import BatchColumns
 from tcpwatch.sources.lifecycle_counts import PeerCounts
 from tcpwatch.sources.lifecycle_counts import table_of as table_of
 from tcpwatch.sources.lifecycle_events import (
@@ -105,6 +106,7 @@ class LifecycleAggregator:
         self._drained_at = clock()
         self._layouts: dict[int, tuple[Callable[..., tuple[int, ...]], int]] = {}
         self.fast_path = True  # False: every message the long way (tests compare the two)
+        self.columns = BatchColumns()  # a batch of one layout by columns (lifecycle_batch.py)
         self._idle_check_at = self._drained_at  # see _drop_idle
 
     def _fast_struct(self, info_at: int) -> tuple[Callable[..., tuple[int, ...]], int]:
@@ -141,9 +143,17 @@ class LifecycleAggregator:
         consumed.
 
         The hot path (once per closed connection): one unpack for the addresses, one for the
-        tcp_info fields, one dict lookup from the raw (port, address) to the peer's row.
+        tcp_info fields, one dict lookup from the raw (port, address) to the peer's row; or,
+        for a batch of one layout whose peers are all cached, columns (lifecycle_batch.py).
         """
         now = self.clock()
+        if (
+            self.fast_path
+            and isinstance(lengths, list)
+            and self.columns.count_batch(data, lengths, stride, self.context, self._routes, now)
+        ):
+            self.events += len(lengths)
+            return len(lengths)
         context = self.context
         listen_ports = context.listen_ports
         low, high = context.port_range
