@@ -171,10 +171,10 @@ class RecordReader:
         one = self.handle
         for item in items:
             if item[0] == GENERIC:
-                _, kind, offset, size, at, span = item
+                _, kind, at, offset, size, span = item
                 one([(at, offset, kind, size, span)], ordered=True)
                 continue
-            _, _, pid, tid, at, flags, sk, old, new, rest = item
+            pid, tid, at, flags, sk, old, new, rest = item
             # The common records of a connection take no 4-tuple they do not use: a socket's
             # end (Tracker.ended, inline), a connect's end, a connect's start.
             if new == close and old != syn_sent:

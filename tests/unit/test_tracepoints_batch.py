@@ -19,7 +19,7 @@ import pytest
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources import perf
 from tcpwatch.sources import tracepoints_events as events
-from tcpwatch.sources.tracepoints_batch import SpanParser
+from tcpwatch.sources.tracepoints_batch import GENERIC, TIME_ITEM, SpanParser
 from tcpwatch.sources.tracepoints_records import RecordReader
 from tcpwatch.sources.tracepoints_tasks import TaskResolver
 from tcpwatch.sources.tracepoints_tracker import Tracker
@@ -262,10 +262,10 @@ def test_a_run_ends_at_the_first_record_of_another_kind() -> None:
     span = state * 3 + other + state * 20
     items: list[tuple[Any, ...]] = []
     assert parser.split(span, items) == 23
-    kinds = [item[0] for item in items]
-    assert kinds == [perf.PERF_RECORD_SAMPLE] * 3 + [-1] + [perf.PERF_RECORD_SAMPLE] * 20
-    assert items[3][1:4] == (perf.PERF_RECORD_FORK, 3 * len(state), len(other))
-    assert [item[4] for item in items] == [5] * 3 + [6] + [5] * 20
+    pids = [item[0] for item in items]  # a GENERIC record's first item is GENERIC
+    assert pids == [1] * 3 + [GENERIC] + [1] * 20
+    assert items[3][1:5] == (perf.PERF_RECORD_FORK, 6, 3 * len(state), len(other))
+    assert [item[TIME_ITEM] for item in items] == [5] * 3 + [6] + [5] * 20
     corrupt = bytearray(state)
     struct.pack_into("=H", corrupt, 6, 4)
     with pytest.raises(perf.PerfError):
@@ -278,7 +278,7 @@ def test_a_set_state_layout_it_does_not_know_takes_the_per_record_path() -> None
     parser = SpanParser(dataclasses.replace(fmt, fields=moved))
     items: list[tuple[Any, ...]] = []
     assert parser.split(_state(5, 1, 0xF0, S.close, S.syn_sent, 40000), items) == 0
-    assert [item[0] for item in items] == [-1]
+    assert [item[0] for item in items] == [GENERIC]
 
 
 def _late_end_of_a_reused_address(tmp_path: Path, first_horizon: int | None) -> Recording:
