@@ -35,6 +35,7 @@ _SAMPLE_HEAD = "=8xIIQ4x"
 STATE_FIELDS = ("common_flags", "skaddr", "oldstate", "newstate")
 PORT_FIELDS = ("sport", "dport", "family")
 ADDRESS_FIELDS = ("saddr", "daddr", "saddr_v6", "daddr_v6")
+DESTINATION_FIELDS = ("dport", "family", "daddr", "daddr_v6")
 # A set_state tuple: 0 pid, 1 tid, 2 time, 3 flags, 4 skaddr, 5 oldstate, 6 newstate, 7 the
 # rest's bytes. A GENERIC tuple: (GENERIC, type, time, offset, size, span); the time is item 2
 # of both (a pid is never negative).
@@ -59,6 +60,7 @@ class SpanParser:
     def __init__(self, state_format: EventFormat) -> None:
         self.event = state_format.id
         self.addresses: tuple[slice, ...] | None = None
+        self.destination = slice(0)
         # (sport, dport, family) of a tuple's rest; set with the addresses (only then are runs
         # parsed, so the default is never called)
         self.ports: Callable[[bytes], tuple[Any, ...]] = struct.Struct("").unpack_from
@@ -78,6 +80,13 @@ class SpanParser:
         self.addresses = tuple(
             slice(field.offset - start, field.offset - start + field.size)
             for field in (state_format.field(name) for name in ADDRESS_FIELDS)
+        )
+        # The bytes of the rest that name a connect's destination (dport, family, daddr,
+        # daddr_v6, and what lies between): a key for its label with no field read.
+        named = [state_format.field(name) for name in DESTINATION_FIELDS]
+        self.destination = slice(
+            min(field.offset for field in named) - start,
+            max(field.offset + field.size for field in named) - start,
         )
         self._wide: dict[int, struct.Struct | None] = {}
 
