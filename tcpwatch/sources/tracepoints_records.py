@@ -182,7 +182,9 @@ class RecordReader:
         sockets, tallies, labels = tracker.sockets, tracker.tallies.get, self._labels
         followed, forget = sockets.get, sockets.pop
         netns_of, name_of = (table.get for table in tracker.tasks.known())
-        limit = tracker.socket_limit
+        bounds, bucket_of = BOUNDS_NS, bisect.bisect_left
+        # A record follows one socket at most: with this much room, none can find it full.
+        roomy = len(sockets) + len(items) < tracker.socket_limit
         states = tracker.states
         close, syn_sent, connected = states.close, states.syn_sent, states.established
         interrupt = events.INTERRUPT_FLAGS
@@ -210,7 +212,7 @@ class RecordReader:
                     if row is not None:
                         entry[ROLE] = CONNECTED
                         elapsed = at - entry[STARTED]
-                        row.buckets[bisect.bisect_left(BOUNDS_NS, elapsed)] += 1
+                        row.buckets[bucket_of(bounds, elapsed)] += 1
                         row.count += 1
                         row.sum_ns += elapsed
                         if entry[RETRANSMITS]:
@@ -229,7 +231,7 @@ class RecordReader:
                     and label is not None
                     and inode is not None
                     and process is not None
-                    and len(sockets) < limit
+                    and (roomy or len(sockets) < tracker.socket_limit)
                 ):
                     sockets[sk] = [inode, CLIENT, (label, process), at, 0]
                     continue
