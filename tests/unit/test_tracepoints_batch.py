@@ -10,7 +10,7 @@ import mmap
 import os
 import random
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +323,44 @@ def test_a_run_ends_at_the_first_record_of_another_kind() -> None:
     struct.pack_into("=H", corrupt, 6, 4)
     with pytest.raises(perf.PerfError):
         parser.split(bytes(corrupt), [])
+
+
+def _changed(record: bytes, at: int, value: int) -> bytes:
+    """``record`` with the byte at ``at`` set to ``value``."""
+    return record[:at] + bytes([value]) + record[at + 1 :]
+
+
+@pytest.mark.parametrize(
+    ("odd", "generic"),
+    [
+        pytest.param(lambda r: _changed(r, 0, perf.PERF_RECORD_LOST), True, id="type"),
+        pytest.param(lambda r: _changed(r, 3, 1), True, id="type-high-byte"),
+        pytest.param(
+            lambda r: _changed(r, perf.RAW_OFFSET, r[perf.RAW_OFFSET] ^ 1), True, id="event"
+        ),
+        pytest.param(
+            lambda r: _changed(r, perf.RAW_OFFSET + 1, r[perf.RAW_OFFSET + 1] ^ 1),
+            True,
+            id="event-high-byte",
+        ),
+        # a set_state sample 8 bytes longer: a run of its own
+        pytest.param(lambda r: _changed(r, 6, len(r) + 8) + bytes(8), False, id="longer"),
+    ],
+)
+@pytest.mark.parametrize("at", [0, 1, 63, 64, 65, 200, 299])
+def test_a_run_ends_where_a_record_differs_in_type_size_or_event(
+    odd: Callable[[bytes], bytes], generic: bool, at: int
+) -> None:
+    """The run's columns (type, size, event bytes) end it at the first record that differs
+    in any of them, wherever it falls in a chunk; the rest is parsed as before."""
+    parser = SpanParser(F[events.SET_STATE])
+    records = [_state(10 + i, 1, 0xF0 + i, S.close, S.syn_sent, 40000) for i in range(300)]
+    records[at] = odd(records[at])
+    items: list[tuple[Any, ...]] = []
+    assert parser.split(b"".join(records), items) == 300 - generic
+    assert [item[0] == GENERIC for item in items] == [generic and i == at for i in range(300)]
+    parsed = [(item[TIME_ITEM], item[4]) for item in items if item[0] != GENERIC]
+    assert parsed == [(10 + i, 0xF0 + i) for i in range(300) if not generic or i != at]
 
 
 def test_a_set_state_layout_it_does_not_know_takes_the_per_record_path() -> None:
