@@ -52,6 +52,7 @@ _KEY_BYTES = (0, 1, 2, 3, 6, 7, perf.RAW_OFFSET, perf.RAW_OFFSET + 1)
 FIRST_CHUNK = 64
 LAST_CHUNK = 1024
 Parsed = tuple[Any, ...]
+_Run = tuple[struct.Struct, tuple[bytes, ...]]  # a sample size's Struct, its run's columns
 
 
 class SpanParser:
@@ -88,27 +89,36 @@ class SpanParser:
             min(field.offset for field in named) - start,
             max(field.offset + field.size for field in named) - start,
         )
-        self._wide: dict[int, struct.Struct | None] = {}
+        self._wide: dict[int, _Run | None] = {}
 
-    def _struct(self, size: int) -> struct.Struct | None:
-        """The Struct of a whole set_state sample of ``size`` bytes (None: it would not fit)."""
+    def _struct(self, size: int) -> _Run | None:
+        """The Struct of a whole set_state sample of ``size`` bytes and the columns of a run
+        of them (_KEY_BYTES' values, LAST_CHUNK times each); None: it would not fit."""
         if size not in self._wide:
             body = f"{_SAMPLE_HEAD}{self._raw}"
             used = struct.calcsize(body)
-            self._wide[size] = struct.Struct(f"{body}{size - used}x") if used <= size else None
+            if used > size:
+                self._wide[size] = None
+            else:
+                head = perf.RECORD_HEADER.pack(perf.PERF_RECORD_SAMPLE, 0, size)
+                head += bytes(perf.RAW_OFFSET - len(head)) + struct.pack("=H", self.event)
+                columns = tuple(head[at : at + 1] * LAST_CHUNK for at in _KEY_BYTES)
+                self._wide[size] = (struct.Struct(f"{body}{size - used}x"), columns)
         return self._wide[size]
 
     @staticmethod
-    def _run_length(span: bytes, start: int, count: int, size: int) -> int:
-        """How many of the ``count`` records of ``size`` bytes from ``start`` have the first
-        one's type, size and event number: per byte of those fields, one strided slice (a
-        column of the records' bytes), counted, and where it differs the length of its prefix
-        equal to the first's, in C."""
+    def _run_length(
+        span: bytes, start: int, count: int, size: int, columns: tuple[bytes, ...]
+    ) -> int:
+        """How many of the ``count`` records of ``size`` bytes from ``start`` are set_state
+        samples of that size: per byte of their type, size and event number, one strided slice
+        (a column of the records' bytes) compared with what it must be, in C; where it differs,
+        the length of its prefix that does not."""
         stop = start + count * size
-        for at in _KEY_BYTES:
+        for at, expected in zip(_KEY_BYTES, columns, strict=True):
             column = span[start + at : stop : size]
-            if column.count(column[0]) != count:
-                count -= len(column.lstrip(column[:1]))
+            if not expected.startswith(column):
+                count -= len(column.lstrip(expected[:1]))
                 stop = start + count * size
         return count
 
@@ -133,10 +143,11 @@ class SpanParser:
                 and size >= raw_offset + 2
                 and _EVENT(span, position + raw_offset)[0] == event
             ):
-                wide = self._struct(size) if self._raw is not None else None
-                if wide is not None:
+                known = self._struct(size) if self._raw is not None else None
+                if known is not None:
+                    wide, columns = known
                     most = min(chunk, (end - position) // size)
-                    count = self._run_length(span, position, most, size)
+                    count = self._run_length(span, position, most, size, columns)
                     chunk = min(chunk * 2, LAST_CHUNK) if count == most else FIRST_CHUNK
                     extend(wide.iter_unpack(view[position : position + count * size]))
                     parsed_total += count
