@@ -37,8 +37,9 @@ PORT_FIELDS = ("sport", "dport", "family")
 ADDRESS_FIELDS = ("saddr", "daddr", "saddr_v6", "daddr_v6")
 DESTINATION_FIELDS = ("dport", "family", "daddr", "daddr_v6")
 # A set_state tuple: 0 pid, 1 tid, 2 time, 3 flags, 4 skaddr, 5 oldstate, 6 newstate, 7 the
-# rest's bytes. A GENERIC tuple: (GENERIC, type, time, offset, size, span); the time is item 2
-# of both (a pid is never negative).
+# rest's bytes. A GENERIC tuple has as many items, so the loop unpacks both alike: (GENERIC,
+# type, time, offset, size, GENERIC, GENERIC, span); GENERIC is no pid and no state, so the
+# checks of a socket's end and a connect's end pass it by. The time is item 2 of both.
 TIME_ITEM = 2
 _HEADER = perf.RECORD_HEADER.unpack_from
 _EVENT = struct.Struct("=H").unpack_from
@@ -157,6 +158,6 @@ class SpanParser:
                 at = _TIME(span, position + _SAMPLE_TIME)[0]
             else:
                 at = _TIME(span, position + size - 8)[0]
-            append((GENERIC, kind, at, position, size, span))
+            append((GENERIC, kind, at, position, size, GENERIC, GENERIC, span))
             position += size
         return parsed_total

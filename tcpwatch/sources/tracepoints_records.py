@@ -192,15 +192,11 @@ class RecordReader:
         source, destination, source6, destination6 = parser.addresses or (slice(0),) * 4
         named, ports = parser.destination, parser.ports
         one = self.handle
-        for item in items:
-            if item[0] == GENERIC:
-                _, kind, at, offset, size, span = item
-                one([(at, offset, kind, size, span)], ordered=True)
-                continue
-            pid, tid, at, flags, sk, old, new, rest = item
+        for pid, tid, at, flags, sk, old, new, rest in items:
             # The common records of a connection take no 4-tuple they do not use, and the
             # tracker's work for them is inline here (its methods where it is not the common
-            # case): a socket's end (Tracker.ended), a connect's end, a connect's start.
+            # case): a socket's end (Tracker.ended), a connect's end, a connect's start. A
+            # GENERIC record (no state) goes past the first two to the per-record path.
             if new == close and old != syn_sent:
                 forget(sk, None)
                 continue
@@ -220,6 +216,9 @@ class RecordReader:
                             row.retransmitted += 1
                         continue
                 established(sk, at)
+                continue
+            if pid == GENERIC:  # (GENERIC, type, time, offset, size, -, -, span)
+                one([(at, flags, tid, sk, rest)], ordered=True)
                 continue
             task = tid != 0 and not flags & interrupt
             if new == syn_sent:

@@ -318,6 +318,7 @@ def test_a_run_ends_at_the_first_record_of_another_kind() -> None:
     pids = [item[0] for item in items]  # a GENERIC record's first item is GENERIC
     assert pids == [1] * 3 + [GENERIC] + [1] * 20
     assert items[3][1:5] == (perf.PERF_RECORD_FORK, 6, 3 * len(state), len(other))
+    assert items[3][5:] == (GENERIC, GENERIC, span)
     assert [item[TIME_ITEM] for item in items] == [5] * 3 + [6] + [5] * 20
     corrupt = bytearray(state)
     struct.pack_into("=H", corrupt, 6, 4)
