@@ -3,11 +3,12 @@
 ``sock:inet_sock_set_state`` is most of what the rings hold (about four records per loopback
 connection) and, for one sample_type, every one of its samples has the same size. So where a
 span of the ring (one copy, perf.RingBuffer.take) holds a run of them, one ``iter_unpack`` of a
-Struct covering the whole sample (header, pid, tid, time, then the raw fields the tracker reads)
-parses the run in C, a tuple per record. A run is taken speculatively, a chunk at a time: each
-tuple's record type, size and event number are checked, and the run ends at the first record
-that is not such a sample (the chunk grows while runs go on, and starts small again after one
-ends, so a ring of mixed records wastes at most a few tuples per record). Every other record is
+Struct covering the whole sample (pid, tid, time, then the raw fields the tracker reads) parses
+the run in C, a tuple per record. A run is found a chunk at a time before it is parsed: the
+bytes of the records' type, size and event number are read as columns (a strided slice each)
+and the run ends at the first record where one differs from the run's first (the chunk grows
+while runs go on, and starts small again after one ends, so a ring of mixed records costs a
+few columns of bytes per run, never a tuple that is thrown away). Every other record is
 listed as ``GENERIC`` for the per-record path. Records of several rings are put in time order
 as RecordReader.handle orders them (a stable sort on the time, ring by ring).
 
@@ -24,8 +25,9 @@ from tcpwatch.sources import perf
 from tcpwatch.sources.tracefs import EventFormat, TracefsError
 
 GENERIC = -1  # first item of a record left to the per-record path
-# header (type, misc skipped, size), pid, tid, time, raw size (skipped): 28 bytes
-_SAMPLE_HEAD = "=I2xHIIQ4x"
+# header (type, misc, size: skipped, a run's are checked by columns), pid, tid, time, raw size
+# (skipped): 28 bytes
+_SAMPLE_HEAD = "=8xIIQ4x"
 # Read as numbers: what every record needs (a socket's end and a connect's end need no more).
 # The rest, from sport to the last address (sport, dport, family, saddr, daddr, saddr_v6,
 # daddr_v6), follows as one bytes object, read (``ports``, ``addresses``) only for the records
@@ -33,26 +35,25 @@ _SAMPLE_HEAD = "=I2xHIIQ4x"
 STATE_FIELDS = ("common_flags", "skaddr", "oldstate", "newstate")
 PORT_FIELDS = ("sport", "dport", "family")
 ADDRESS_FIELDS = ("saddr", "daddr", "saddr_v6", "daddr_v6")
-# A set_state tuple: 0 type, 1 size, 2 pid, 3 tid, 4 time, 5 flags, 6 skaddr, 7 oldstate,
-# 8 newstate, 9 the rest's bytes. A GENERIC tuple: (GENERIC, type, offset, size, time, span);
-# the time is item 4 of both.
-TIME_ITEM = 4
+DESTINATION_FIELDS = ("dport", "family", "daddr", "daddr_v6")
+# A set_state tuple: 0 pid, 1 tid, 2 time, 3 flags, 4 skaddr, 5 oldstate, 6 newstate, 7 the
+# rest's bytes. A GENERIC tuple has as many items, so the loop unpacks both alike: (GENERIC,
+# type, time, offset, size, GENERIC, GENERIC, span); GENERIC is no pid and no state, so the
+# checks of a socket's end and a connect's end pass it by. The time is item 2 of both.
+TIME_ITEM = 2
 _HEADER = perf.RECORD_HEADER.unpack_from
 _EVENT = struct.Struct("=H").unpack_from
 _TIME = struct.Struct("=Q").unpack_from
 _SAMPLE_TIME = 16  # header, pid, tid, then the time
-_TYPE_AT, _SIZE_AT = 0, 6  # a record header's type (u32) and size (u16)
+# The bytes of a record a run's records must share: the header's type (u32) and size (u16),
+# the raw record's event number (common_type, u16 at RAW_OFFSET)
+_KEY_BYTES = (0, 1, 2, 3, 6, 7, perf.RAW_OFFSET, perf.RAW_OFFSET + 1)
 
 
-def _record_key(span: bytes, position: int, raw_offset: int) -> tuple[int, int, int]:
-    """(type, size, event number) of the record at ``position``."""
-    kind, _, size = _HEADER(span, position)
-    return kind, size, _EVENT(span, position + raw_offset)[0]
-
-
-FIRST_CHUNK = 8
+FIRST_CHUNK = 64
 LAST_CHUNK = 1024
 Parsed = tuple[Any, ...]
+_Run = tuple[struct.Struct, tuple[bytes, ...]]  # a sample size's Struct, its run's columns
 
 
 class SpanParser:
@@ -61,6 +62,7 @@ class SpanParser:
     def __init__(self, state_format: EventFormat) -> None:
         self.event = state_format.id
         self.addresses: tuple[slice, ...] | None = None
+        self.destination = slice(0)
         # (sport, dport, family) of a tuple's rest; set with the addresses (only then are runs
         # parsed, so the default is never called)
         self.ports: Callable[[bytes], tuple[Any, ...]] = struct.Struct("").unpack_from
@@ -81,25 +83,45 @@ class SpanParser:
             slice(field.offset - start, field.offset - start + field.size)
             for field in (state_format.field(name) for name in ADDRESS_FIELDS)
         )
-        self._wide: dict[int, struct.Struct | None] = {}
+        # The bytes of the rest that name a connect's destination (dport, family, daddr,
+        # daddr_v6, and what lies between): a key for its label with no field read.
+        named = [state_format.field(name) for name in DESTINATION_FIELDS]
+        self.destination = slice(
+            min(field.offset for field in named) - start,
+            max(field.offset + field.size for field in named) - start,
+        )
+        self._wide: dict[int, _Run | None] = {}
 
-    def _struct(self, size: int) -> struct.Struct | None:
-        """The Struct of a whole set_state sample of ``size`` bytes (None: it would not fit)."""
+    def _struct(self, size: int) -> _Run | None:
+        """The Struct of a whole set_state sample of ``size`` bytes and the columns of a run
+        of them (_KEY_BYTES' values, LAST_CHUNK times each); None: it would not fit."""
         if size not in self._wide:
             body = f"{_SAMPLE_HEAD}{self._raw}"
             used = struct.calcsize(body)
-            self._wide[size] = struct.Struct(f"{body}{size - used}x") if used <= size else None
+            if used > size:
+                self._wide[size] = None
+            else:
+                head = perf.RECORD_HEADER.pack(perf.PERF_RECORD_SAMPLE, 0, size)
+                head += bytes(perf.RAW_OFFSET - len(head)) + struct.pack("=H", self.event)
+                columns = tuple(head[at : at + 1] * LAST_CHUNK for at in _KEY_BYTES)
+                self._wide[size] = (struct.Struct(f"{body}{size - used}x"), columns)
         return self._wide[size]
 
     @staticmethod
-    def _uniform(span: bytes, start: int, stop: int, step: int, at: int, size: int) -> bool:
-        """Whether the ``size`` bytes at ``at`` of every record from ``start`` to ``stop``
-        (``step`` apart) equal the first record's: one strided slice per byte, in C."""
-        for byte in range(at, at + size):
-            column = span[start + byte : stop : step]
-            if column.count(column[0]) != len(column):
-                return False
-        return True
+    def _run_length(
+        span: bytes, start: int, count: int, size: int, columns: tuple[bytes, ...]
+    ) -> int:
+        """How many of the ``count`` records of ``size`` bytes from ``start`` are set_state
+        samples of that size: per byte of their type, size and event number, one strided slice
+        (a column of the records' bytes) compared with what it must be, in C; where it differs,
+        the length of its prefix that does not."""
+        stop = start + count * size
+        for at, expected in zip(_KEY_BYTES, columns, strict=True):
+            column = span[start + at : stop : size]
+            if not expected.startswith(column):
+                count -= len(column.lstrip(expected[:1]))
+                stop = start + count * size
+        return count
 
     def split(self, span: bytes, out: list[Parsed]) -> int:
         """Append every record of ``span`` (whole records, ring order) to ``out``; returns how
@@ -122,28 +144,13 @@ class SpanParser:
                 and size >= raw_offset + 2
                 and _EVENT(span, position + raw_offset)[0] == event
             ):
-                wide = self._struct(size) if self._raw is not None else None
-                if wide is not None:
-                    count = min(chunk, (end - position) // size)
-                    stop = position + count * size
-                    run = list(wide.iter_unpack(view[position:stop]))
-                    expected = (kind, size, event)
-                    uniform = self._uniform
-                    if (
-                        uniform(span, position, stop, size, _TYPE_AT, 4)
-                        and uniform(span, position, stop, size, _SIZE_AT, 2)
-                        and uniform(span, position, stop, size, raw_offset, 2)
-                    ):
-                        chunk = min(chunk * 2, LAST_CHUNK)
-                    else:
-                        count = next(
-                            i
-                            for i in range(count)
-                            if _record_key(span, position + i * size, raw_offset) != expected
-                        )
-                        del run[count:]
-                        chunk = FIRST_CHUNK
-                    extend(run)
+                known = self._struct(size) if self._raw is not None else None
+                if known is not None:
+                    wide, columns = known
+                    most = min(chunk, (end - position) // size)
+                    count = self._run_length(span, position, most, size, columns)
+                    chunk = min(chunk * 2, LAST_CHUNK) if count == most else FIRST_CHUNK
+                    extend(wide.iter_unpack(view[position : position + count * size]))
                     parsed_total += count
                     position += count * size
                     continue
@@ -151,6 +158,6 @@ class SpanParser:
                 at = _TIME(span, position + _SAMPLE_TIME)[0]
             else:
                 at = _TIME(span, position + size - 8)[0]
-            append((GENERIC, kind, position, size, at, span))
+            append((GENERIC, kind, at, position, size, GENERIC, GENERIC, span))
             position += size
         return parsed_total

@@ -15,9 +15,21 @@ from dataclasses import dataclass
 
 from tcpwatch.sources import perf
 from tcpwatch.sources import tracepoints_events as events
+from tcpwatch.sources.lifecycle_events import ADDRESS_BYTES
 from tcpwatch.sources.tracefs import EventFormat, TracefsError, read_event_format
 from tcpwatch.sources.tracepoints_batch import GENERIC, TIME_ITEM, Parsed, SpanParser
-from tcpwatch.sources.tracepoints_tracker import Tracker
+from tcpwatch.sources.tracepoints_tally import BOUNDS_NS
+from tcpwatch.sources.tracepoints_tracker import (
+    CLIENT,
+    CONNECTED,
+    KEY,
+    LABEL_LIMIT,
+    NETNS,
+    RETRANSMITS,
+    ROLE,
+    STARTED,
+    Tracker,
+)
 from tcpwatch.tracepoint_stats import TracepointHost
 
 Spec = tuple[str, str]
@@ -99,6 +111,8 @@ class RecordReader:
         self.events = tuple(sorted(fmt.title for fmt in formats.values()))
         self._spans = SpanParser(formats[events.SET_STATE])
         self._held: list[Parsed] = []  # records at or after the last horizon (handle_spans)
+        # a connect's destination bytes (SpanParser.destination) -> Tracker.label's name
+        self._labels: dict[bytes, str] = {}
 
     def handle(self, records: list[perf.Record], ordered: bool = False) -> None:
         """Every record, oldest first (``ordered``: they already are, one ring's).
@@ -160,35 +174,75 @@ class RecordReader:
                 del items[cut:]
         self._counts[parser.event] += parsed
         tracker = self.tracker
-        set_state, forget = tracker.set_state, tracker.sockets.pop
-        connecting, established = tracker.connecting, tracker.established
+        set_state, connecting, established = (
+            tracker.set_state,
+            tracker.connecting,
+            tracker.established,
+        )
+        sockets, tallies, labels = tracker.sockets, tracker.tallies.get, self._labels
+        followed, forget = sockets.get, sockets.pop
+        netns_of, name_of = (table.get for table in tracker.tasks.known())
+        bounds, bucket_of = BOUNDS_NS, bisect.bisect_left
+        # A record follows one socket at most: with this much room, none can find it full.
+        roomy = len(sockets) + len(items) < tracker.socket_limit
         states = tracker.states
         close, syn_sent, connected = states.close, states.syn_sent, states.established
         interrupt = events.INTERRUPT_FLAGS
         inet, pad = events.AF_INET, events.PAD12
         source, destination, source6, destination6 = parser.addresses or (slice(0),) * 4
-        ports = parser.ports
+        named, ports = parser.destination, parser.ports
         one = self.handle
-        for item in items:
-            if item[0] == GENERIC:
-                _, kind, offset, size, at, span = item
-                one([(at, offset, kind, size, span)], ordered=True)
-                continue
-            _, _, pid, tid, at, flags, sk, old, new, rest = item
-            # The common records of a connection take no 4-tuple they do not use: a socket's
-            # end (Tracker.ended, inline), a connect's end, a connect's start.
+        for pid, tid, at, flags, sk, old, new, rest in items:
+            # The common records of a connection take no 4-tuple they do not use, and the
+            # tracker's work for them is inline here (its methods where it is not the common
+            # case): a socket's end (Tracker.ended), a connect's end, a connect's start. A
+            # GENERIC record (no state) goes past the first two to the per-record path.
             if new == close and old != syn_sent:
                 forget(sk, None)
                 continue
             if old == syn_sent and new == connected:
+                entry = followed(sk)  # Tracker.established, a followed client's connects row
+                if entry is not None and entry[ROLE] == CLIENT:
+                    tally = tallies(entry[NETNS])
+                    row = tally.connects.get(entry[KEY]) if tally is not None else None
+                    if row is not None:
+                        entry[ROLE] = CONNECTED
+                        elapsed = at - entry[STARTED]
+                        row.buckets[bucket_of(bounds, elapsed)] += 1
+                        row.count += 1
+                        row.sum_ns += elapsed
+                        if entry[RETRANSMITS]:
+                            row.syn_retransmits += entry[RETRANSMITS]
+                            row.retransmitted += 1
+                        continue
                 established(sk, at)
                 continue
-            sport, dport, family = ports(rest)
+            if pid == GENERIC:  # (GENERIC, type, time, offset, size, -, -, span)
+                one([(at, flags, tid, sk, rest)], ordered=True)
+                continue
             task = tid != 0 and not flags & interrupt
             if new == syn_sent:
+                # Tracker.connecting, a known task to a known destination, room to follow it
+                label = labels.get(rest[named])
+                inode, process = netns_of(tid), name_of(pid)
+                if (
+                    task
+                    and label is not None
+                    and inode is not None
+                    and process is not None
+                    and (roomy or len(sockets) < tracker.socket_limit)
+                ):
+                    sockets[sk] = [inode, CLIENT, (label, process), at, 0]
+                    continue
+                sport, dport, family = ports(rest)
                 to = rest[destination] + pad if family == inet else rest[destination6]
                 connecting(pid, tid, at, task, sk, family, dport, to)
+                if label is None and family in ADDRESS_BYTES:
+                    if len(labels) >= LABEL_LIMIT:
+                        labels.clear()
+                    labels[rest[named]] = tracker.label(family, to, dport)
                 continue
+            sport, dport, family = ports(rest)
             if family == inet:
                 set_state(pid, tid, at, task, sk, old, new, family, sport, dport,
                           rest[source] + pad, rest[destination] + pad)  # fmt: skip

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 
 from tcpwatch.paths import ProcPaths, read_text
 
@@ -34,6 +35,11 @@ class TaskResolver:
         self._names: dict[int, str] = {}  # pid -> comm
         self.lookups = 0  # /proc reads made, a measure of the cost
         self.gone = 0  # tasks that had exited when asked about
+
+    def known(self) -> tuple[Mapping[int, int], Mapping[int, str]]:
+        """The tables :meth:`resolve` reads first (tid -> inode, pid -> name), for a hot
+        caller's inline hit path: a miss in either must go through :meth:`resolve`."""
+        return self._netns, self._names
 
     def resolve(self, pid: int, tid: int) -> tuple[int, str] | None:
         """(netns inode, process name) of thread ``tid`` of process ``pid``; None when gone."""

@@ -170,7 +170,8 @@ class Tracker:
         sk: int, family: int, dport: int, destination: bytes,
     ) -> None:  # fmt: skip
         """CLOSE -> SYN_SENT, a connect's start (set_state's case, without the source address
-        it does not use: the readers call it directly)."""
+        it does not use: the readers call it directly; RecordReader.handle_spans has its
+        common case inline, and tests/unit/test_tracepoints_batch.py holds the two equal)."""
         if not in_task:
             self._missed("set_state", "interrupt")
             return
@@ -181,17 +182,23 @@ class Tracker:
         if len(self.sockets) >= self.socket_limit:
             self._missed("set_state", "table_full")
             return
-        named = (family, destination, dport)
+        label = self.label(family, destination, dport)
+        self.sockets[sk] = [who[0], CLIENT, (label, who[1]), time_ns, 0]
+
+    def label(self, family: int, destination: bytes, port: int) -> str:
+        """A connect's destination as its connects row names it, made once a destination."""
+        named = (family, destination, port)
         label = self._labels.get(named)
-        if label is None:  # a destination's name is made once, not at every connect
+        if label is None:
             if len(self._labels) >= LABEL_LIMIT:
                 self._labels.clear()
-            label = self._labels[named] = endpoint(address_of(family, destination), dport)
-        self.sockets[sk] = [who[0], CLIENT, (label, who[1]), time_ns, 0]
+            label = self._labels[named] = endpoint(address_of(family, destination), port)
+        return label
 
     def established(self, sk: int, time_ns: int) -> None:
         """SYN_SENT -> ESTABLISHED, a connect's end (set_state's case, without the 4-tuple it
-        does not use: the readers call it directly)."""
+        does not use: the readers call it directly; RecordReader.handle_spans has its common
+        case inline, and tests/unit/test_tracepoints_batch.py holds the two equal)."""
         entry = self.sockets.get(sk)
         if entry is None or entry[ROLE] != CLIENT:
             self._missed("set_state", "connect_unseen")  # began before the reader

@@ -10,7 +10,7 @@ import mmap
 import os
 import random
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,10 @@ import pytest
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources import perf
 from tcpwatch.sources import tracepoints_events as events
-from tcpwatch.sources.tracepoints_batch import SpanParser
+from tcpwatch.sources.tracepoints_batch import GENERIC, TIME_ITEM, SpanParser
 from tcpwatch.sources.tracepoints_records import RecordReader
 from tcpwatch.sources.tracepoints_tasks import TaskResolver
-from tcpwatch.sources.tracepoints_tracker import Tracker
+from tcpwatch.sources.tracepoints_tracker import SOCKET_LIMIT, Tracker
 
 from .tracepoint_records import (
     SOFTIRQ,
@@ -77,8 +77,8 @@ class Recording(Tracker):
     """A tracker that writes down every call the reader makes (``ended`` is the end state of
     ``sockets``: the batch path pops a socket's end inline)."""
 
-    def __init__(self, tasks: TaskResolver) -> None:
-        super().__init__(tasks, S, CHOSEN.drop_reasons, CHOSEN.reset_reasons)
+    def __init__(self, tasks: TaskResolver, socket_limit: int = SOCKET_LIMIT) -> None:
+        super().__init__(tasks, S, CHOSEN.drop_reasons, CHOSEN.reset_reasons, socket_limit)
         self.calls: list[tuple[Any, ...]] = []
 
     def set_state(self, *args: Any) -> None:
@@ -114,22 +114,36 @@ class Recording(Tracker):
         super().drop(*args)
 
 
-def reader(tmp_path: Path) -> tuple[RecordReader, Recording]:
-    tracker = Recording(TaskResolver(ProcPaths(str(tmp_path))))
+def reader(
+    tmp_path: Path, polled: bool = False, socket_limit: int = SOCKET_LIMIT
+) -> tuple[RecordReader, Recording]:
+    """A reader on a recording tracker; ``polled``: told the namespace is polled before any
+    record (its connects rows are then counted as the records come)."""
+    tracker = Recording(TaskResolver(ProcPaths(str(tmp_path))), socket_limit)
+    if polled:
+        tracker.update_contexts({}, [NS])
     return RecordReader(CHOSEN, tracker), tracker
 
 
-def _state(t: int, pid: int, sk: int, old: int, new: int, port: int, six: bool = False) -> bytes:
+def _state(
+    t: int, pid: int, sk: int, old: int, new: int, port: int, six: bool = False,
+    flags: int | None = None,
+) -> bytes:  # fmt: skip
+    """A set_state sample: ``port`` is the client's (to port 8080), or below 8000 the
+    destination's (from port 40000); a connect's start or listen is written by its task, the
+    rest in softirq, unless ``flags`` says otherwise."""
     family = events.AF_INET6 if six else events.AF_INET
     addresses: dict[str, int | bytes] = (
         {"saddr_v6": v6("fd00::1"), "daddr_v6": v6("fd00::2")}
         if six
         else {"saddr": v4("127.0.0.1"), "daddr": v4("127.0.0.2")}
     )
-    flags = 0 if new in (S.syn_sent, S.listen) else SOFTIRQ
+    if flags is None:
+        flags = 0 if new in (S.syn_sent, S.listen) else SOFTIRQ
+    sport, dport = (40000, port) if port < 8000 else (port, 8080)
     record = sample(
         F[events.SET_STATE], t, pid, flags=flags, skaddr=sk, oldstate=old, newstate=new,
-        sport=port, dport=8080, family=family, protocol=6, **addresses,
+        sport=sport, dport=dport, family=family, protocol=6, **addresses,
     )  # fmt: skip
     return bytes(record[4])
 
@@ -190,6 +204,17 @@ def cpu_records(cpu: int, connections: int, seed: int) -> Iterator[bytes]:
             )
         yield _state(t + 30, 0, sk + 0x10000, 8, S.close, 8080)  # the server's end
         yield _state(t + 40, 0, sk, 5, S.close, port, six)  # the client's end
+        if number % 13 == 5:  # a connect of a task the reader never saw (/proc: gone)
+            yield _state(t + 50, 999, 0xE000 + cpu, S.close, S.syn_sent, port, six)
+            yield _state(t + 60, 0, 0xE000 + cpu, S.syn_sent, S.established, port, six)
+            yield _state(t + 70, 0, 0xE000 + cpu, 1, S.close, port, six)
+        if number % 17 == 3:  # one written in an interrupt (not the task's)
+            yield _state(t + 50, pid, 0xE100 + cpu, S.close, S.syn_sent, port, six, SOFTIRQ)
+            yield _state(t + 60, 0, 0xE100 + cpu, 1, S.close, port, six)
+        if number % 19 == 7:  # to a destination of its own (a label made once, then known)
+            yield _state(t + 50, pid, 0xE200 + cpu, S.close, S.syn_sent, 7000 + number % 3)
+            yield _state(t + 60, 0, 0xE200 + cpu, S.syn_sent, S.established, 7000 + number % 3)
+            yield _state(t + 70, 0, 0xE200 + cpu, 1, S.close, 7000 + number % 3)
     yield bytes(lost(t + 50, 3)[4])
     yield _state(t + 60, pid, 0xA000 + cpu, S.listen, S.close, 9000 + cpu)
 
@@ -214,24 +239,45 @@ def _fill(rings: list[Ring], connections: int, wrap_at: int) -> None:
             ring.write(record)
 
 
+INLINE = ("connecting", "established")  # the batch path's common cases of these are inline
+
+
 def _outcome(read: RecordReader, tracker: Recording) -> tuple[Any, ...]:
+    """The calls but those the batch path may make inline, every followed socket as it is
+    followed, what was not attributed and why, the tasks looked up, and the drain."""
     tracker.update_contexts({}, [NS])
     host = read.host(2, 4096)
     return (
-        tracker.calls,
-        sorted(tracker.sockets),
+        [call for call in tracker.calls if call[0] not in INLINE],
+        dict(tracker.sockets),
+        dict(tracker.unattributed),
+        tracker.other_netns,
+        (tracker.tasks.lookups, tracker.tasks.gone),
         host,
         tracker.stats([NS], host),
     )
 
 
-@pytest.mark.parametrize("wrap_at", [3, 8, 100, 4096 + 17])
+def _inline(tracker: Recording) -> int:
+    return sum(call[0] in INLINE for call in tracker.calls)
+
+
+@pytest.mark.parametrize(
+    ("wrap_at", "polled", "socket_limit"),
+    [
+        (3, False, SOCKET_LIMIT),
+        (8, True, SOCKET_LIMIT),
+        (100, True, SOCKET_LIMIT),
+        (4096 + 17, False, SOCKET_LIMIT),
+        (100, True, 3),  # the table fills: connects not followed, counted
+    ],
+)
 def test_the_batch_path_makes_the_same_calls_as_the_per_record_path(
-    tmp_path: Path, rings: list[Ring], wrap_at: int
+    tmp_path: Path, rings: list[Ring], wrap_at: int, polled: bool, socket_limit: int
 ) -> None:
     _fill(rings, connections=300, wrap_at=wrap_at)
     tails = [int(struct.unpack_from("=Q", ring.map, 1032)[0]) for ring in rings]
-    one, one_tracker = reader(tmp_path)
+    one, one_tracker = reader(tmp_path, polled, socket_limit)
     records: list[perf.Record] = []
     buffers = [perf.RingBuffer(ring.fd, 64) for ring in rings]
     ends = [buffer.collect(records) for buffer in buffers]
@@ -241,16 +287,23 @@ def test_the_batch_path_makes_the_same_calls_as_the_per_record_path(
         buffer.release(end)
     for ring, tail in zip(rings, tails, strict=True):
         ring.rewind(tail)
-    batch, batch_tracker = reader(tmp_path)
+    batch, batch_tracker = reader(tmp_path, polled, socket_limit)
     batch.handle_spans([buffer.take() for buffer in buffers])
     assert all(buffer.pending() == 0 for buffer in buffers)  # taken: the space is given back
     for buffer in buffers:
         buffer.close()
+    inline_calls = (_inline(one_tracker), _inline(batch_tracker))
     expected = _outcome(one, one_tracker)
     got = _outcome(batch, batch_tracker)
-    assert len(expected[0]) > 1000  # the records reached the tracker
+    assert len(expected[0]) > 300  # the records reached the tracker
     assert got == expected
     assert batch.host(2, 4096).records["set_state"] == one.host(2, 4096).records["set_state"]
+    # Both ways through the inline cases were taken: their methods for the rest
+    assert 0 < inline_calls[1] < inline_calls[0]
+    unattributed = expected[2]
+    assert {"interrupt", "task_exited"} <= {why for event, why in unattributed}
+    if socket_limit < SOCKET_LIMIT:
+        assert unattributed[("set_state", "table_full")] > 100
 
 
 def test_a_run_ends_at_the_first_record_of_another_kind() -> None:
@@ -262,14 +315,53 @@ def test_a_run_ends_at_the_first_record_of_another_kind() -> None:
     span = state * 3 + other + state * 20
     items: list[tuple[Any, ...]] = []
     assert parser.split(span, items) == 23
-    kinds = [item[0] for item in items]
-    assert kinds == [perf.PERF_RECORD_SAMPLE] * 3 + [-1] + [perf.PERF_RECORD_SAMPLE] * 20
-    assert items[3][1:4] == (perf.PERF_RECORD_FORK, 3 * len(state), len(other))
-    assert [item[4] for item in items] == [5] * 3 + [6] + [5] * 20
+    pids = [item[0] for item in items]  # a GENERIC record's first item is GENERIC
+    assert pids == [1] * 3 + [GENERIC] + [1] * 20
+    assert items[3][1:5] == (perf.PERF_RECORD_FORK, 6, 3 * len(state), len(other))
+    assert items[3][5:] == (GENERIC, GENERIC, span)
+    assert [item[TIME_ITEM] for item in items] == [5] * 3 + [6] + [5] * 20
     corrupt = bytearray(state)
     struct.pack_into("=H", corrupt, 6, 4)
     with pytest.raises(perf.PerfError):
         parser.split(bytes(corrupt), [])
+
+
+def _changed(record: bytes, at: int, value: int) -> bytes:
+    """``record`` with the byte at ``at`` set to ``value``."""
+    return record[:at] + bytes([value]) + record[at + 1 :]
+
+
+@pytest.mark.parametrize(
+    ("odd", "generic"),
+    [
+        pytest.param(lambda r: _changed(r, 0, perf.PERF_RECORD_LOST), True, id="type"),
+        pytest.param(lambda r: _changed(r, 3, 1), True, id="type-high-byte"),
+        pytest.param(
+            lambda r: _changed(r, perf.RAW_OFFSET, r[perf.RAW_OFFSET] ^ 1), True, id="event"
+        ),
+        pytest.param(
+            lambda r: _changed(r, perf.RAW_OFFSET + 1, r[perf.RAW_OFFSET + 1] ^ 1),
+            True,
+            id="event-high-byte",
+        ),
+        # a set_state sample 8 bytes longer: a run of its own
+        pytest.param(lambda r: _changed(r, 6, len(r) + 8) + bytes(8), False, id="longer"),
+    ],
+)
+@pytest.mark.parametrize("at", [0, 1, 63, 64, 65, 200, 299])
+def test_a_run_ends_where_a_record_differs_in_type_size_or_event(
+    odd: Callable[[bytes], bytes], generic: bool, at: int
+) -> None:
+    """The run's columns (type, size, event bytes) end it at the first record that differs
+    in any of them, wherever it falls in a chunk; the rest is parsed as before."""
+    parser = SpanParser(F[events.SET_STATE])
+    records = [_state(10 + i, 1, 0xF0 + i, S.close, S.syn_sent, 40000) for i in range(300)]
+    records[at] = odd(records[at])
+    items: list[tuple[Any, ...]] = []
+    assert parser.split(b"".join(records), items) == 300 - generic
+    assert [item[0] == GENERIC for item in items] == [generic and i == at for i in range(300)]
+    parsed = [(item[TIME_ITEM], item[4]) for item in items if item[0] != GENERIC]
+    assert parsed == [(10 + i, 0xF0 + i) for i in range(300) if not generic or i != at]
 
 
 def test_a_set_state_layout_it_does_not_know_takes_the_per_record_path() -> None:
@@ -278,7 +370,7 @@ def test_a_set_state_layout_it_does_not_know_takes_the_per_record_path() -> None
     parser = SpanParser(dataclasses.replace(fmt, fields=moved))
     items: list[tuple[Any, ...]] = []
     assert parser.split(_state(5, 1, 0xF0, S.close, S.syn_sent, 40000), items) == 0
-    assert [item[0] for item in items] == [-1]
+    assert [item[0] for item in items] == [GENERIC]
 
 
 def _late_end_of_a_reused_address(tmp_path: Path, first_horizon: int | None) -> Recording:
