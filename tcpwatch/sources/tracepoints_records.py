@@ -198,7 +198,9 @@ class RecordReader:
             # case): a socket's end (Tracker.ended), a connect's end, a connect's start. A
             # GENERIC record (no state) goes past the first two to the per-record path.
             if new == close and old != syn_sent:
-                forget(sk, None)
+                gone = forget(sk, None)
+                if gone is not None and gone[ROLE] == CLIENT:
+                    tracker.end_unseen()  # its connect's end never arrived (Tracker.ended)
                 continue
             if old == syn_sent and new == connected:
                 entry = followed(sk)  # Tracker.established, a followed client's connects row

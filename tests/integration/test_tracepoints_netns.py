@@ -138,20 +138,32 @@ def test_handshake_times_match_what_the_client_measured(netns: Netns, reading: R
     share = reading.settled(netns)
     (row,) = [row for row in share.connects if row.destination == f"127.0.0.1:{port}"]
     assert row.process == "tw-client"
-    # Lost, unattributed, other namespaces' or folded records would explain a miss: say so if it
-    # fails (a rare miss of whole connects, nothing unattributed, is not explained yet).
-    assert row.count == count and row.failures == {}, (
+    # The kernel does not always deliver a connect's end: on 6.18 both records the retransmit
+    # timer writes for one slow connect (its SYN retransmission, SYN_SENT -> ESTABLISHED) went
+    # missing about once in 25 runs of this test, with its lost count at 0. The reader counts
+    # each such connect when it sees the socket close (connect_end_unseen, every namespace's)
+    # and never times it. Lost, unattributed, other namespaces' or folded records would
+    # explain any other miss: the message says.
+    unseen = share.host.unattributed.get(("set_state", "connect_end_unseen"), 0)
+    diagnostics = (
         share.host.lost, share.host.unattributed, share.host.other_netns, share.folded,
         share.connects, measured,
     )  # fmt: skip
+    assert row.failures == {} and count - unseen <= row.count <= count, diagnostics
+    missing = count - row.count
     slow = [d for d in measured if d > 1.0]
     assert len(slow) >= count // 3 - 1, measured  # the rule did make a second mode
     one_second = CONNECT_BUCKETS_SECONDS.index(1.0) + 1  # the first bucket past 1 s
-    assert sum(row.buckets[one_second:]) == len(slow)
-    assert sum(row.buckets[:one_second]) == count - len(slow)
+    assert len(slow) - missing <= sum(row.buckets[one_second:]) <= len(slow), diagnostics
+    fast = count - len(slow)
+    assert fast - missing <= sum(row.buckets[:one_second]) <= fast, diagnostics
     # The kernel's time is the handshake's; the client's adds the syscall around it and the
     # wait to be scheduled again (milliseconds on this shared machine): never less, a little more.
     assert row.sum_seconds <= sum(measured)
+    if missing:  # a connect not timed: at most its own time (the longest) fewer seconds
+        assert row.sum_seconds >= sum(sorted(measured)[:-missing]) - 0.025 * count, diagnostics
+        assert row.syn_retransmits <= retransmitted and row.retransmitted <= len(slow)
+        return
     assert row.sum_seconds == pytest.approx(sum(measured), abs=0.025 * count)
     assert row.retransmitted == len(slow)
     assert row.syn_retransmits == retransmitted  # the kernel's own count (TCPSynRetrans)

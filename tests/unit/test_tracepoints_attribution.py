@@ -235,6 +235,32 @@ def test_a_handshake_that_needed_a_retransmission_lands_past_one_second(tmp_path
     assert (row.retransmitted, row.syn_retransmits) == (1, 1)
 
 
+def test_a_connect_whose_end_never_arrived_is_counted_not_timed(tmp_path: Path) -> None:
+    """The kernel delivered neither the SYN retransmission nor the ESTABLISHED record of one
+    connect (6.18, lost count 0): the socket is next seen closing from LAST_ACK. The connect is
+    not in the row (its time is unknown) and the miss is counted; a connected client's end and
+    a socket nobody followed count nothing."""
+    last_ack = F[events.SET_STATE].value_of("newstate", "TCP_LAST_ACK")
+    fin_wait2 = F[events.SET_STATE].value_of("newstate", "TCP_FIN_WAIT2")
+    read = reader(tmp_path)
+    read.handle(
+        [
+            *born(1 * MS, 508, NS_A, "client"),
+            state(2 * MS, 508, CLIENT_SK, S.close, S.syn_sent),
+            state(1030 * MS, 508, CLIENT_SK, last_ack, S.close, sport=40008),
+            state(1031 * MS, 508, CLIENT_SK, S.close, S.syn_sent),
+            state(1032 * MS, 0, CLIENT_SK, S.syn_sent, S.established, sport=40009,
+                  flags=SOFTIRQ),
+            state(1033 * MS, 508, CLIENT_SK, last_ack, S.close, sport=40009),
+            state(1034 * MS, 0, SERVER_SK, fin_wait2, S.close, sport=8080, flags=SOFTIRQ),
+        ]
+    )  # fmt: skip
+    (row,) = share(read).connects
+    assert (row.count, row.retransmitted) == (1, 0)
+    assert read.tracker.unattributed == {("set_state", "connect_end_unseen"): 1}
+    assert read.tracker.sockets == {}
+
+
 def test_a_task_older_than_the_reader_is_read_from_proc(tmp_path: Path) -> None:
     task = tmp_path / "600" / "task" / "601" / "ns"
     task.mkdir(parents=True)
