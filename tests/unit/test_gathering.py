@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tcpwatch.config import CollectSettings
-from tcpwatch.gathering import Gathering
+from tcpwatch.gathering import Gathering, collector_paused
 from tcpwatch.model import Snapshot
 from tcpwatch.paths import ProcPaths
 from tcpwatch.sources.base import LongLivedSource, SourceContext
@@ -28,6 +29,7 @@ class PipeGatherer:
         if read_delay is not None:
             self.read_delay = read_delay
         self.reads: list[tuple[float, int]] = []
+        self.collector_on_while_reading: list[bool] = []
         self.fed = threading.Event()
         self.closed = False
 
@@ -39,6 +41,7 @@ class PipeGatherer:
             data = os.read(self.read_end, 65536)
         except BlockingIOError:
             data = b""
+        self.collector_on_while_reading.append(gc.isenabled())
         self.reads.append((time.monotonic(), len(data)))
         self.fed.set()
 
@@ -135,3 +138,29 @@ def test_a_gatherer_retired_during_its_delay_is_not_watched_again(gathering: Gat
     )
     assert status.ok, status
     assert value == 1
+
+
+def test_the_garbage_collector_waits_while_a_gatherer_reads(gathering: Gathering) -> None:
+    """A read's short-lived objects are freed by reference counting at its end: a collection in
+    the middle of it would scan them all (docs/performance.md). Put off, then back on."""
+    assert gc.isenabled()
+    prompt = PipeGatherer(read_delay=None)
+    start(gathering, "prompt", prompt)
+    for _ in range(3):
+        prompt.send()
+        prompt.wait_fed()
+    assert prompt.collector_on_while_reading == [False, False, False]
+    assert gc.isenabled()
+
+
+def test_a_collector_switched_off_before_stays_off() -> None:
+    gc.disable()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
