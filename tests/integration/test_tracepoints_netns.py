@@ -140,7 +140,7 @@ def test_handshake_times_match_what_the_client_measured(netns: Netns, reading: R
     assert row.process == "tw-client"
     # The kernel does not always deliver a connect's end: on 6.18 both records the retransmit
     # timer writes for one slow connect (its SYN retransmission, SYN_SENT -> ESTABLISHED) went
-    # missing about once in 25 runs of this test, with its lost count at 0. The reader counts
+    # missing about once in 30 runs of this test, with its lost count at 0. The reader counts
     # each such connect when it sees the socket close (connect_end_unseen, every namespace's)
     # and never times it. Lost, unattributed, other namespaces' or folded records would
     # explain any other miss: the message says.
