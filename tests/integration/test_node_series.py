@@ -46,8 +46,8 @@ HELD_PORT = 23000
 # The documented prices (docs/metrics.md, "Series arithmetic").
 PER_SCRAPE = 25
 # The tracepoints reader's own counts, once per scrape: records per event (6), lost, other
-# namespaces, buffer, sockets followed; and unattributed per (event, reason) seen, of 13.
-READER_MAX = 10 + 13
+# namespaces, buffer, sockets followed; and unattributed per (event, reason) seen, of 14.
+READER_MAX = 10 + 14
 BASE_BESIDE_HOST = 105  # a namespace beside the host's, its differing tunables aside
 BASE_HOST = 123  # the host's namespace, its tunables aside
 PER_LISTENER = 5
