@@ -274,9 +274,15 @@ class RecordReader:
         elif kind == perf.PERF_RECORD_LOST:
             self.lost += _LOST.unpack_from(buffer, offset)[1]
 
-    def host(self, cpus: int, buffer_bytes: int, lost: int | None = None) -> TracepointHost:
+    def host(
+        self,
+        cpus: int,
+        buffer_bytes: int,
+        lost: int | None = None,
+        undelivered: Mapping[str, int] | None = None,
+    ) -> TracepointHost:
         """The reader's counts; ``lost`` from the events themselves where the kernel counts it,
-        else the PERF_RECORD_LOST records read so far."""
+        else the PERF_RECORD_LOST records read so far; ``undelivered`` where it is known."""
         tracker = self.tracker
         return TracepointHost(
             records={self._names[key]: count for key, count in sorted(self._counts.items())},
@@ -287,7 +293,19 @@ class RecordReader:
             buffer_bytes=buffer_bytes,
             events=self.events,
             sockets_followed=len(tracker.sockets),
+            undelivered=dict(undelivered or {}),
         )
+
+    def taken(self) -> dict[str, int]:
+        """Records of each event taken from the rings so far: those counted (set_state when its
+        span is split, the others when handled) and the others held past the horizon."""
+        taken = dict(self._counts)
+        for item in self._held:
+            if item[0] == GENERIC and item[1] == perf.PERF_RECORD_SAMPLE:
+                kind = _SAMPLE.unpack_from(item[7], item[3])[3]
+                if kind in taken:
+                    taken[kind] += 1
+        return {self._names[key]: count for key, count in taken.items()}
 
 
 def _handlers(formats: Mapping[Spec, EventFormat], tracker: Tracker) -> dict[int, Handler]:
