@@ -223,11 +223,12 @@ class TracepointReader:
     def drain(self, so_far: Sequence[Snapshot]) -> Mapping[int, TracepointStats] | Partial:
         """Every polled namespace's share since the previous drain, after reading what the
         rings hold now (the pipeline's budget makes rows of it)."""
-        horizon = time.monotonic_ns()  # every record made before the drain: its time is before
-        # The events' counts before the wait, their lost counts after the take: what was counted
-        # and is neither taken nor lost by then was never delivered (tracepoints_delivery.py).
+        # The events' counts, then the horizon: a record counted before the count was read has
+        # its time before the horizon (tracepoints_delivery.py), so it is handled by this drain,
+        # lost, or never delivered.
         with self._lock:
             counted = self._counts() if self._counted else None
+        horizon = time.monotonic_ns()  # every record made before the drain: its time is before
         time.sleep(HOLD_NS / 1e9)  # this, and it is in its ring HOLD_NS later
         addresses = own_addresses(self._paths)  # read outside the lock: a procfs read
         contexts: dict[int, Context] = {}
@@ -251,7 +252,7 @@ class TracepointReader:
                 undelivered = self._undelivered.update(
                     per_event(zip(names, (count for count, _ in counted), strict=True)),
                     per_event(zip(names, (lost for _, lost in after), strict=True)),
-                    self.records.taken(),
+                    self.records.handled(),
                 )
                 lost = sum(lost for _, lost in after)
                 host = self.records.host(len(self.cpus), self.buffer_bytes, lost, undelivered)

@@ -2,19 +2,21 @@
 counted lost.
 
 Each event's count (``read()`` of its descriptor, PERF_FORMAT_LOST beside it) grows by one for
-every record that passed its filter, before the kernel tries to write it
+every record that passed its filter, before the kernel stamps and writes it
 (kernel/events/core.c: perf_swevent_event adds to the count, then the overflow handler writes
-the sample or counts it lost). So, per event, count = records taken + lost + records dropped
+the sample or counts it lost). So, per event, count = records written + lost + records dropped
 without a trace. Linux 6.18 drops some that way (docs/tracepoints.md, "Records the kernel does
-not deliver"); this counts them, exactly once the rings are read past them.
+not deliver"); this counts them.
 
-The count is read before the rings are taken, and the lost count after: a record counted before
-the first read is in its ring (or counted lost) by the take, at least HOLD_NS later (records are
-written with preemption off), while records counted after it only raise the records taken. So
-``count - lost - taken`` never exceeds the records dropped so far, and equals them when no record
-of that event passed the filter between the two reads; drops only grow, so the highest value
-seen is kept: per event, so a rare event (a SYN retransmission) is exact at nearly every drain
-even when a busy one (set_state) is not.
+A drain reads the counts, then takes its horizon, and handles every record older than the
+horizon (they are all in the rings HOLD_NS later); the lost counts are read after that. A record
+counted before its count was read was stamped before the horizon (the kernel stamps it a few
+instructions after counting it), so it is handled, lost, or dropped; a record handled was
+stamped, so counted, before the horizon. Hence ``count - lost - handled`` does not exceed the
+records dropped so far (a record counted during the microseconds of the reads lowers it by
+one), and equals them when no record of that event was made while the counts were being read.
+Drops only grow: the highest value seen is kept, per event, so each is exact from the first
+drain with no record of its own made during the reads.
 """
 
 from __future__ import annotations
@@ -37,14 +39,14 @@ class Undelivered:
         self._dropped: dict[str, int] = {}
 
     def update(
-        self, counted: Mapping[str, int], lost: Mapping[str, int], taken: Mapping[str, int]
+        self, counted: Mapping[str, int], lost: Mapping[str, int], handled: Mapping[str, int]
     ) -> dict[str, int]:
-        """``counted``: the events' counts read before the take; ``lost`` read after it;
-        ``taken``: records of each event taken from the rings since the reader started. Every
-        event in ``counted`` is in the answer, 0 until a record goes missing."""
+        """``counted``: the events' counts, read before the horizon; ``lost``: read after the
+        records older than it were handled; ``handled``: those records, per event, since the
+        reader started. Every event in ``counted`` is in the answer, 0 until one goes missing."""
         dropped = self._dropped
         for event, count in counted.items():
-            missing = count - lost.get(event, 0) - taken.get(event, 0)
+            missing = count - lost.get(event, 0) - handled.get(event, 0)
             if missing > dropped.get(event, 0):
                 dropped[event] = missing
             else:

@@ -296,16 +296,15 @@ class RecordReader:
             undelivered=dict(undelivered or {}),
         )
 
-    def taken(self) -> dict[str, int]:
-        """Records of each event taken from the rings so far: those counted (set_state when its
-        span is split, the others when handled) and the others held past the horizon."""
-        taken = dict(self._counts)
-        for item in self._held:
-            if item[0] == GENERIC and item[1] == perf.PERF_RECORD_SAMPLE:
-                kind = _SAMPLE.unpack_from(item[7], item[3])[3]
-                if kind in taken:
-                    taken[kind] += 1
-        return {self._names[key]: count for key, count in taken.items()}
+    def handled(self) -> dict[str, int]:
+        """Records of each event handled so far: every record taken whose time is before the
+        latest horizon (set_state is counted when its span is split, so its records held past
+        the horizon are taken off; the others are counted when handled)."""
+        handled = dict(self._counts)
+        state = self._spans.event
+        if state in handled:
+            handled[state] -= sum(1 for item in self._held if item[0] != GENERIC)
+        return {self._names[key]: count for key, count in handled.items()}
 
 
 def _handlers(formats: Mapping[Spec, EventFormat], tracker: Tracker) -> dict[int, Handler]:
