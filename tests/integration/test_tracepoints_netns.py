@@ -463,12 +463,15 @@ def wait_for_reader(check: subprocess.Popen[str], seconds: float = 30.0) -> None
 
 
 def test_check_window_finds_slow_handshakes_and_leaves_local_refusals_to_c01(
-    netns: Netns,
+    netns: Netns, reading: Reading
 ) -> None:
     """`check --window` runs the tracepoints for its window: C04 names the destination whose
     SYNs a rule drops; the closed port this namespace's own client is refused at is C01's
     finding, not also C05's (one finding per problem)."""
     slow_port, closed_port, count = 8383, 9393, 30
+    # A reader beside check's, for the records the kernel counts and never delivers: it drops
+    # them for every reader at once (docs/tracepoints.md), so this one's count is check's.
+    undelivered = reading.share(netns).host.undelivered.get("retransmit", 0)
     # Every second connect loses its first SYN and only that one (its retransmission, a second
     # later, passes): two modes, and every connect done well inside the window.
     syn = f"tcp dport {slow_port} tcp flags & (syn | ack) == syn"
@@ -495,7 +498,11 @@ def test_check_window_finds_slow_handshakes_and_leaves_local_refusals_to_c01(
     assert ("C04", f"127.0.0.1:{slow_port}") in findings, report["findings"]
     slow = findings[("C04", f"127.0.0.1:{slow_port}")]["evidence"]
     assert slow["connects"] == count and slow["processes"] == "tw-caller", slow
-    assert slow["retransmitted"] == count // 2 and slow["p90_seconds"] > 1.0, slow
+    # Every second connect retransmitted its SYN once: exact, less those whose retransmission's
+    # record the kernel never delivered (none, most runs).
+    missed = reading.settled(netns).host.undelivered.get("retransmit", 0) - undelivered
+    assert slow["retransmitted"] + missed == count // 2, (missed, slow)
+    assert slow["p90_seconds"] > 1.0, slow
     refused = findings[("C01", f"127.0.0.1:{closed_port}")]["evidence"]
     assert refused["refused"] == count, refused
     assert not [key for key in findings if key[0] == "C05"], sorted(findings)
