@@ -165,11 +165,12 @@ def test_handshake_times_match_what_the_client_measured(netns: Netns, reading: R
         assert row.syn_retransmits <= retransmitted and row.retransmitted <= len(slow)
         return
     assert row.sum_seconds == pytest.approx(sum(measured), abs=0.025 * count)
-    # The kernel's own count (TCPSynRetrans), less the SYN retransmissions' records it counted
-    # and never wrote (host-wide; no other namespace retransmits SYNs meanwhile): exact when
-    # there were none, and so is the count of connects that retransmitted.
+    # The kernel's own count (TCPSynRetrans), exactly, when it delivered every SYN
+    # retransmission's record meanwhile; else short by at most those it counted and never wrote
+    # (host-wide: another namespace's may be among them), and so is the count of connects that
+    # retransmitted.
     missed = share.host.undelivered.get("retransmit", 0) - undelivered.get("retransmit", 0)
-    assert row.syn_retransmits + missed == retransmitted, (missed, diagnostics)
+    assert retransmitted - missed <= row.syn_retransmits <= retransmitted, (missed, diagnostics)
     assert len(slow) - missed <= row.retransmitted <= len(slow), (missed, diagnostics)
 
 
@@ -260,11 +261,13 @@ def test_haproxys_failed_connects_keep_port_errno_and_process(
     assert impatient.syn_retransmits == 0
     # Linux 6.18 now and then counts a SYN retransmission's record and never writes it (once
     # in CI: 2 of the 4 here); the reader counts those (docs/tracepoints.md, "Records the
-    # kernel does not deliver"), host-wide: any missed meanwhile were this test's (no other
-    # namespace retransmits SYNs while it runs, the other tests being sequential).
+    # kernel does not deliver"). Exact when none went missing meanwhile; else short by at most
+    # those (host-wide: another namespace's may be among them).
     missed = share.host.undelivered.get("retransmit", 0) - undelivered
     assert retransmitted >= 2
-    assert blackhole.syn_retransmits + missed == retransmitted, (missed, share.host)
+    assert retransmitted - missed <= blackhole.syn_retransmits <= retransmitted, (
+        missed, share.host,
+    )  # fmt: skip
 
 
 # -- resets to a closed port ------------------------------------------------------------------
@@ -498,10 +501,11 @@ def test_check_window_finds_slow_handshakes_and_leaves_local_refusals_to_c01(
     assert ("C04", f"127.0.0.1:{slow_port}") in findings, report["findings"]
     slow = findings[("C04", f"127.0.0.1:{slow_port}")]["evidence"]
     assert slow["connects"] == count and slow["processes"] == "tw-caller", slow
-    # Every second connect retransmitted its SYN once: exact, less those whose retransmission's
-    # record the kernel never delivered (none, most runs).
+    # Every second connect retransmitted its SYN once: exactly, when the kernel delivered every
+    # retransmission's record meanwhile (most runs); else short by at most those it did not
+    # (host-wide: another namespace's may be among them).
     missed = reading.settled(netns).host.undelivered.get("retransmit", 0) - undelivered
-    assert slow["retransmitted"] + missed == count // 2, (missed, slow)
+    assert count // 2 - missed <= slow["retransmitted"] <= count // 2, (missed, slow)
     assert slow["p90_seconds"] > 1.0, slow
     refused = findings[("C01", f"127.0.0.1:{closed_port}")]["evidence"]
     assert refused["refused"] == count, refused
