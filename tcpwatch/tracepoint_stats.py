@@ -119,6 +119,9 @@ class TracepointHost:
     buffer_bytes: int  # ring buffer per CPU
     events: tuple[str, ...]  # the tracepoints opened (system:name)
     sockets_followed: int  # sockets whose later records are being attributed by address
+    # event -> records the kernel counted (they passed the filter) but neither wrote nor counted
+    # lost (tracepoints_delivery.py); empty where the kernel does not count them (before 6.0)
+    undelivered: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -200,14 +200,21 @@ class PerfEvents:
 _COUNT_AND_LOST = struct.Struct("=QQ")  # read() with PERF_FORMAT_LOST alone: value, lost
 
 
-def read_lost(fd: int) -> int:
-    """Samples of an event opened with ``count_lost`` that found its ring full, so far: exact
-    and current (PERF_RECORD_LOST tells the same only once the ring takes a record again)."""
+def read_counts(fd: int) -> tuple[int, int]:
+    """(count, lost) of an event opened with ``count_lost``: the samples that passed its filter
+    so far (the kernel adds each before it tries to write it: kernel/events/core.c,
+    perf_swevent_event) and those of them that found its ring full."""
     raw = os.read(fd, _COUNT_AND_LOST.size)
     if len(raw) < _COUNT_AND_LOST.size:
         raise PerfError(f"reading a perf event gave {len(raw)} bytes, not {_COUNT_AND_LOST.size}")
-    lost: int = _COUNT_AND_LOST.unpack(raw)[1]
-    return lost
+    count, lost = _COUNT_AND_LOST.unpack(raw)
+    return int(count), int(lost)
+
+
+def read_lost(fd: int) -> int:
+    """Samples of an event opened with ``count_lost`` that found its ring full, so far: exact
+    and current (PERF_RECORD_LOST tells the same only once the ring takes a record again)."""
+    return read_counts(fd)[1]
 
 
 def _barrier_call() -> Callable[[], object] | None:

@@ -29,6 +29,8 @@ from tcpwatch.sources import perf
 from tcpwatch.sources.base import Partial, SourceContext, host_long_lived_source
 from tcpwatch.sources.lifecycle_events import Context, make_context
 from tcpwatch.sources.tracefs import find_tracefs
+from tcpwatch.sources.tracepoints_delivery import Undelivered, per_event
+from tcpwatch.sources.tracepoints_events import EVENT_NAMES
 from tcpwatch.sources.tracepoints_records import EventSet, RecordReader, load_events
 from tcpwatch.sources.tracepoints_tasks import TaskResolver, own_addresses
 from tcpwatch.sources.tracepoints_tracker import Tracker
@@ -120,6 +122,8 @@ class TracepointReader:
             self._epoll = select.epoll()
             self._counted: bool | None = None  # PERF_FORMAT_LOST: None until an event says
             self._counting: list[int] = []
+            self._counting_events: list[str] = []  # the event of each of _counting
+            self._undelivered = Undelivered()
             try:
                 self._open(chosen, pages)
                 return
@@ -145,7 +149,7 @@ class TracepointReader:
         for cpu in self.cpus:
             owner: int | None = None
             for spec, fmt in chosen.formats.items():
-                fd = self._open_counted(fmt.id, cpu, fmt.title, wakeup)
+                fd = self._open_counted(fmt.id, cpu, fmt.title, wakeup, EVENT_NAMES[spec])
                 if spec in chosen.filters:
                     self._perf.set_filter(fd, chosen.filters[spec], fmt.title)
                 if owner is None:
@@ -158,7 +162,7 @@ class TracepointReader:
             self._perf.set_output(self._perf.open(sideband, cpu, "task side-band"), owner)
         self._perf.enable()
 
-    def _open_counted(self, config: int, cpu: int, what: str, wakeup: int) -> int:
+    def _open_counted(self, config: int, cpu: int, what: str, wakeup: int, event: str) -> int:
         if self._counted is not False:
             attr = perf.encode_attr(
                 perf.PERF_TYPE_TRACEPOINT, config, wakeup_bytes=wakeup, count_lost=True
@@ -172,6 +176,7 @@ class TracepointReader:
             else:
                 self._counted = True
                 self._counting.append(fd)
+                self._counting_events.append(event)
                 return fd
         attr = perf.encode_attr(perf.PERF_TYPE_TRACEPOINT, config, wakeup_bytes=wakeup)
         return self._perf.open(attr, cpu, what)
@@ -181,6 +186,10 @@ class TracepointReader:
         if self._counted:
             return sum(perf.read_lost(fd) for fd in self._counting)
         return self.records.lost
+
+    def _counts(self) -> list[tuple[int, int]]:
+        """(count, lost) of every counted event descriptor, in _counting's order."""
+        return [perf.read_counts(fd) for fd in self._counting]
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -214,6 +223,11 @@ class TracepointReader:
     def drain(self, so_far: Sequence[Snapshot]) -> Mapping[int, TracepointStats] | Partial:
         """Every polled namespace's share since the previous drain, after reading what the
         rings hold now (the pipeline's budget makes rows of it)."""
+        # The events' counts, then the horizon: a record counted before the count was read has
+        # its time before the horizon (tracepoints_delivery.py), so it is handled by this drain,
+        # lost, or never delivered.
+        with self._lock:
+            counted = self._counts() if self._counted else None
         horizon = time.monotonic_ns()  # every record made before the drain: its time is before
         time.sleep(HOLD_NS / 1e9)  # this, and it is in its ring HOLD_NS later
         addresses = own_addresses(self._paths)  # read outside the lock: a procfs read
@@ -232,7 +246,18 @@ class TracepointReader:
             tracker = self.records.tracker
             tracker.update_contexts(contexts, [s.identity.inode for s in so_far])
             tracker.own = (self._own_inode, addresses)
-            host = self.records.host(len(self.cpus), self.buffer_bytes, self.lost())
+            if counted is not None:
+                names = self._counting_events
+                after = self._counts()
+                undelivered = self._undelivered.update(
+                    per_event(zip(names, (count for count, _ in counted), strict=True)),
+                    per_event(zip(names, (lost for _, lost in after), strict=True)),
+                    self.records.handled(),
+                )
+                lost = sum(lost for _, lost in after)
+                host = self.records.host(len(self.cpus), self.buffer_bytes, lost, undelivered)
+            else:
+                host = self.records.host(len(self.cpus), self.buffer_bytes, self.lost())
             shares = tracker.stats((s.identity.inode for s in so_far), host)
         if self.missing:
             return Partial(shares, self.missing)

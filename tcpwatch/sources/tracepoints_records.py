@@ -274,9 +274,15 @@ class RecordReader:
         elif kind == perf.PERF_RECORD_LOST:
             self.lost += _LOST.unpack_from(buffer, offset)[1]
 
-    def host(self, cpus: int, buffer_bytes: int, lost: int | None = None) -> TracepointHost:
+    def host(
+        self,
+        cpus: int,
+        buffer_bytes: int,
+        lost: int | None = None,
+        undelivered: Mapping[str, int] | None = None,
+    ) -> TracepointHost:
         """The reader's counts; ``lost`` from the events themselves where the kernel counts it,
-        else the PERF_RECORD_LOST records read so far."""
+        else the PERF_RECORD_LOST records read so far; ``undelivered`` where it is known."""
         tracker = self.tracker
         return TracepointHost(
             records={self._names[key]: count for key, count in sorted(self._counts.items())},
@@ -287,7 +293,18 @@ class RecordReader:
             buffer_bytes=buffer_bytes,
             events=self.events,
             sockets_followed=len(tracker.sockets),
+            undelivered=dict(undelivered or {}),
         )
+
+    def handled(self) -> dict[str, int]:
+        """Records of each event handled so far: every record taken whose time is before the
+        latest horizon (set_state is counted when its span is split, so its records held past
+        the horizon are taken off; the others are counted when handled)."""
+        handled = dict(self._counts)
+        state = self._spans.event
+        if state in handled:
+            handled[state] -= sum(1 for item in self._held if item[0] != GENERIC)
+        return {self._names[key]: count for key, count in handled.items()}
 
 
 def _handlers(formats: Mapping[Spec, EventFormat], tracker: Tracker) -> dict[int, Handler]:

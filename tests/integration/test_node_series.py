@@ -45,9 +45,11 @@ HELD_PORT = 23000
 
 # The documented prices (docs/metrics.md, "Series arithmetic").
 PER_SCRAPE = 25
-# The tracepoints reader's own counts, once per scrape: records per event (6), lost, other
-# namespaces, buffer, sockets followed; and unattributed per (event, reason) seen, of 14.
-READER_MAX = 10 + 14
+# The tracepoints reader's own counts, once per scrape: records and undelivered per event
+# (6 each), lost, other namespaces, buffer, sockets followed; and unattributed per (event,
+# reason) seen, of 14.
+READER_MIN = 16
+READER_MAX = READER_MIN + 14
 BASE_BESIDE_HOST = 105  # a namespace beside the host's, its differing tunables aside
 BASE_HOST = 123  # the host's namespace, its tunables aside
 PER_LISTENER = 5
@@ -180,6 +182,7 @@ while time.monotonic() < deadline:
 READER = {
     "tcpwatch_tracepoint_records_total",
     "tcpwatch_tracepoint_records_lost_total",
+    "tcpwatch_tracepoint_records_undelivered_total",
     "tcpwatch_tracepoint_records_unattributed_total",
     "tcpwatch_tracepoint_records_other_netns_total",
     "tcpwatch_tracepoint_buffer_bytes",
@@ -274,7 +277,7 @@ def check(scrape: Samples, pods: set[str], servers: str) -> None:
     print(json.dumps({"kinds": dict(kinds), "total": len(scrape), "per_netns": report}))
 
     assert kinds["scrape"] == PER_SCRAPE
-    assert 10 <= kinds["reader"] <= READER_MAX, kinds  # the tracepoints source ran
+    assert READER_MIN <= kinds["reader"] <= READER_MAX, kinds  # the tracepoints source ran
     host = sysctls["host"]
     for netns in polled:
         counts = per_netns[netns]

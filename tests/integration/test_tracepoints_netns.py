@@ -124,7 +124,7 @@ print(json.dumps(durations))
 
 def test_handshake_times_match_what_the_client_measured(netns: Netns, reading: Reading) -> None:
     port, count = 8181, 24
-    reading.share(netns)  # from now on only this namespace is counted
+    undelivered = reading.share(netns).host.undelivered  # from now on only this namespace counts
     # Every third SYN to the port is dropped: those connects take the kernel's 1 s SYN
     # retransmission (or two: 3 s), so the distribution has two (or three) modes.
     netns.nft(
@@ -138,16 +138,16 @@ def test_handshake_times_match_what_the_client_measured(netns: Netns, reading: R
     share = reading.settled(netns)
     (row,) = [row for row in share.connects if row.destination == f"127.0.0.1:{port}"]
     assert row.process == "tw-client"
-    # The kernel does not always deliver a connect's end: on 6.18 both records the retransmit
-    # timer writes for one slow connect (its SYN retransmission, SYN_SENT -> ESTABLISHED) went
-    # missing about once in 30 runs of this test, with its lost count at 0. The reader counts
-    # each such connect when it sees the socket close (connect_end_unseen, every namespace's)
-    # and never times it. Lost, unattributed, other namespaces' or folded records would
-    # explain any other miss: the message says.
+    # The kernel does not always deliver a connect's end: on 6.18 it now and then counts a
+    # record it never writes (tcpwatch_tracepoint_records_undelivered_total; a slow connect's
+    # SYN retransmission, or its SYN_SENT -> ESTABLISHED too), with its lost count at 0. The
+    # reader counts each connect whose end it never saw when it sees the socket close
+    # (connect_end_unseen, every namespace's) and never times it. Lost, unattributed, other
+    # namespaces' or folded records would explain any other miss: the message says.
     unseen = share.host.unattributed.get(("set_state", "connect_end_unseen"), 0)
     diagnostics = (
-        share.host.lost, share.host.unattributed, share.host.other_netns, share.folded,
-        share.connects, measured,
+        share.host.lost, share.host.undelivered, share.host.unattributed, share.host.other_netns,
+        share.folded, share.connects, measured,
     )  # fmt: skip
     assert row.failures == {} and count - unseen <= row.count <= count, diagnostics
     missing = count - row.count
@@ -165,8 +165,13 @@ def test_handshake_times_match_what_the_client_measured(netns: Netns, reading: R
         assert row.syn_retransmits <= retransmitted and row.retransmitted <= len(slow)
         return
     assert row.sum_seconds == pytest.approx(sum(measured), abs=0.025 * count)
-    assert row.retransmitted == len(slow)
-    assert row.syn_retransmits == retransmitted  # the kernel's own count (TCPSynRetrans)
+    # The kernel's own count (TCPSynRetrans), exactly, when it delivered every SYN
+    # retransmission's record meanwhile; else short by at most those it counted and never wrote
+    # (host-wide: another namespace's may be among them), and so is the count of connects that
+    # retransmitted.
+    missed = share.host.undelivered.get("retransmit", 0) - undelivered.get("retransmit", 0)
+    assert retransmitted - missed <= row.syn_retransmits <= retransmitted, (missed, diagnostics)
+    assert len(slow) - missed <= row.retransmitted <= len(slow), (missed, diagnostics)
 
 
 # -- haproxy in front of dead and black-holed backends --------------------------------------
@@ -224,7 +229,7 @@ def test_haproxys_failed_connects_keep_port_errno_and_process(
         "dead_front": 8281, "blackhole_front": 8282, "impatient_front": 8283,
         "dead_port": 9999, "blackhole_port": 9998, "impatient_port": 9997,
     }  # fmt: skip
-    reading.share(netns)
+    undelivered = reading.share(netns).host.undelivered.get("retransmit", 0)
     netns.sysctl("net.ipv4.tcp_syn_retries", 1)  # the kernel gives up after 1 + 2 s
     netns.nft(
         "table inet tw {\n chain in {\n type filter hook input priority 0;\n"
@@ -242,7 +247,8 @@ def test_haproxys_failed_connects_keep_port_errno_and_process(
     netns.run(sys.executable, "-c", POKE, *map(str, fronts), timeout=60)
     netns.stop(haproxy)
     retransmitted = netns.nstat()["TcpExtTCPSynRetrans"] - before["TcpExtTCPSynRetrans"]
-    rows = {row.destination: row for row in reading.settled(netns).connects}
+    share = reading.settled(netns)
+    rows = {row.destination: row for row in share.connects}
     dead, blackhole, impatient = (
         rows[f"127.0.0.1:{ports[name]}"]
         for name in ("dead_port", "blackhole_port", "impatient_port")
@@ -251,9 +257,17 @@ def test_haproxys_failed_connects_keep_port_errno_and_process(
     assert (blackhole.process, blackhole.failures) == ("haproxy", {"ETIMEDOUT": 2})
     # Every SYN retransmission in the namespace was the black hole's: the impatient backend
     # was given up at 300 ms, before the first one (1 s).
-    assert blackhole.syn_retransmits == retransmitted >= 2
     assert (impatient.process, impatient.failures) == ("haproxy", {ABANDONED: 2})
     assert impatient.syn_retransmits == 0
+    # Linux 6.18 now and then counts a SYN retransmission's record and never writes it (once
+    # in CI: 2 of the 4 here); the reader counts those (docs/tracepoints.md, "Records the
+    # kernel does not deliver"). Exact when none went missing meanwhile; else short by at most
+    # those (host-wide: another namespace's may be among them).
+    missed = share.host.undelivered.get("retransmit", 0) - undelivered
+    assert retransmitted >= 2
+    assert retransmitted - missed <= blackhole.syn_retransmits <= retransmitted, (
+        missed, share.host,
+    )  # fmt: skip
 
 
 # -- resets to a closed port ------------------------------------------------------------------
@@ -452,12 +466,15 @@ def wait_for_reader(check: subprocess.Popen[str], seconds: float = 30.0) -> None
 
 
 def test_check_window_finds_slow_handshakes_and_leaves_local_refusals_to_c01(
-    netns: Netns,
+    netns: Netns, reading: Reading
 ) -> None:
     """`check --window` runs the tracepoints for its window: C04 names the destination whose
     SYNs a rule drops; the closed port this namespace's own client is refused at is C01's
     finding, not also C05's (one finding per problem)."""
     slow_port, closed_port, count = 8383, 9393, 30
+    # A reader beside check's, for the records the kernel counts and never delivers: it drops
+    # them for every reader at once (docs/tracepoints.md), so this one's count is check's.
+    undelivered = reading.share(netns).host.undelivered.get("retransmit", 0)
     # Every second connect loses its first SYN and only that one (its retransmission, a second
     # later, passes): two modes, and every connect done well inside the window.
     syn = f"tcp dport {slow_port} tcp flags & (syn | ack) == syn"
@@ -484,7 +501,12 @@ def test_check_window_finds_slow_handshakes_and_leaves_local_refusals_to_c01(
     assert ("C04", f"127.0.0.1:{slow_port}") in findings, report["findings"]
     slow = findings[("C04", f"127.0.0.1:{slow_port}")]["evidence"]
     assert slow["connects"] == count and slow["processes"] == "tw-caller", slow
-    assert slow["retransmitted"] == count // 2 and slow["p90_seconds"] > 1.0, slow
+    # Every second connect retransmitted its SYN once: exactly, when the kernel delivered every
+    # retransmission's record meanwhile (most runs); else short by at most those it did not
+    # (host-wide: another namespace's may be among them).
+    missed = reading.settled(netns).host.undelivered.get("retransmit", 0) - undelivered
+    assert count // 2 - missed <= slow["retransmitted"] <= count // 2, (missed, slow)
+    assert slow["p90_seconds"] > 1.0, slow
     refused = findings[("C01", f"127.0.0.1:{closed_port}")]["evidence"]
     assert refused["refused"] == count, refused
     assert not [key for key in findings if key[0] == "C05"], sorted(findings)

@@ -163,6 +163,7 @@ def tracepoints() -> TracepointStats:
             buffer_bytes=512 << 10,
             events=("sock:inet_sock_set_state", "sock:inet_sk_error_report", "skb:kfree_skb"),
             sockets_followed=40,
+            undelivered={"drop": 0, "error_report": 0, "retransmit": 1, "set_state": 0},
         ),
         folded={"connects": 3, "resets": 0, "drops": 0},
     )  # fmt: skip

@@ -109,6 +109,13 @@ def _host_families(host: TracepointHost | None) -> Iterator[Metric]:
         "collect.tracepoint_buffer. Missing from every per-namespace count.",
         [],
     )
+    undelivered = counter(
+        "tcpwatch_tracepoint_records_undelivered",
+        "Records the kernel counted for an event (they passed its filter) but neither wrote to "
+        "its ring buffer nor counted lost (Linux 6.0+; 6.18 drops some this way), per event: "
+        "missing from every per-namespace count, and not fixed by a larger buffer.",
+        ["event"],
+    )
     unattributed = counter(
         "tcpwatch_tracepoint_records_unattributed",
         "Records no namespace could be given, per event and reason (interrupt: written in "
@@ -138,9 +145,11 @@ def _host_families(host: TracepointHost | None) -> Iterator[Metric]:
         for event, count in host.records.items():
             records.add_metric([event], count)
         lost.add_metric([], host.lost)
+        for event, count in host.undelivered.items():
+            undelivered.add_metric([event], count)
         for (event, why), count in host.unattributed.items():
             unattributed.add_metric([event, why], count)
         other.add_metric([], host.other_netns)
         buffer.add_metric([], host.buffer_bytes)
         followed.add_metric([], host.sockets_followed)
-    yield from (records, lost, unattributed, other, buffer, followed)
+    yield from (records, lost, undelivered, unattributed, other, buffer, followed)
