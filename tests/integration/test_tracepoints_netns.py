@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -222,14 +222,22 @@ for t in threads:
 """
 
 
+HAPROXY_ATTEMPTS = 3
+
+
 def test_haproxys_failed_connects_keep_port_errno_and_process(
     netns: Netns, reading: Reading, tmp_path: Path
 ) -> None:
+    """Exact in an attempt in which the kernel delivered every record it counted. Linux 6.18 now
+    and then counts a record and never writes it (docs/tracepoints.md, "Records the kernel does
+    not deliver"; once in CI: 2 of the 4 SYN retransmissions here; a timed-out connect's close
+    and error report in one of 35 local runs under load); the reader counts those
+    (``undelivered``), so an attempt that fails while the kernel says it dropped records is
+    repeated, at most HAPROXY_ATTEMPTS times, and a failure with nothing dropped fails at once."""
     ports = {
         "dead_front": 8281, "blackhole_front": 8282, "impatient_front": 8283,
         "dead_port": 9999, "blackhole_port": 9998, "impatient_port": 9997,
     }  # fmt: skip
-    undelivered = reading.share(netns).host.undelivered.get("retransmit", 0)
     netns.sysctl("net.ipv4.tcp_syn_retries", 1)  # the kernel gives up after 1 + 2 s
     netns.nft(
         "table inet tw {\n chain in {\n type filter hook input priority 0;\n"
@@ -237,17 +245,46 @@ def test_haproxys_failed_connects_keep_port_errno_and_process(
     )
     config = tmp_path / "haproxy.cfg"
     config.write_text(HAPROXY.format(**ports))
-    haproxy = netns.spawn(["haproxy", "-db", "-f", str(config)], lifetime=120)
-    deadline = time.monotonic() + WAIT
-    while f":{ports['dead_front']}" not in netns.ss("-ltn") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    fronts = [ports["dead_front"]] * 3 + [ports["blackhole_front"]] * 2
-    fronts += [ports["impatient_front"]] * 2
-    before = netns.nstat()
-    netns.run(sys.executable, "-c", POKE, *map(str, fronts), timeout=60)
-    netns.stop(haproxy)
-    retransmitted = netns.nstat()["TcpExtTCPSynRetrans"] - before["TcpExtTCPSynRetrans"]
-    share = reading.settled(netns)
+    dropped_in: list[dict[str, int]] = []
+    for _ in range(HAPROXY_ATTEMPTS):
+        undelivered = dict(reading.share(netns).host.undelivered)  # the share starts here
+        haproxy = netns.spawn(["haproxy", "-db", "-f", str(config)], lifetime=120)
+        try:
+            deadline = time.monotonic() + WAIT
+            while f":{ports['dead_front']}" not in netns.ss("-ltn"):
+                assert time.monotonic() < deadline, "haproxy did not listen"
+                time.sleep(0.05)
+            fronts = [ports["dead_front"]] * 3 + [ports["blackhole_front"]] * 2
+            fronts += [ports["impatient_front"]] * 2
+            before = netns.nstat()
+            netns.run(sys.executable, "-c", POKE, *map(str, fronts), timeout=60)
+        finally:
+            netns.stop(haproxy)
+        retransmitted = netns.nstat()["TcpExtTCPSynRetrans"] - before["TcpExtTCPSynRetrans"]
+        share = reading.settled(netns)
+        dropped = {
+            event: count - undelivered.get(event, 0)
+            for event, count in share.host.undelivered.items()
+            if count > undelivered.get(event, 0)
+        }
+        try:
+            check_haproxy_rows(share, ports, retransmitted, dropped.get("retransmit", 0))
+        except (AssertionError, KeyError):
+            if not dropped:
+                raise  # every record was delivered: the reader is wrong
+            dropped_in.append(dropped)
+            continue
+        return
+    pytest.fail(f"the kernel dropped records in each of {HAPROXY_ATTEMPTS} attempts: {dropped_in}")
+
+
+def check_haproxy_rows(
+    share: TracepointStats, ports: Mapping[str, int], retransmitted: int, missed: int
+) -> None:
+    """The three backends' rows: every failure with its errno and haproxy as the process; the
+    SYN retransmissions the kernel counted (TCPSynRetrans), short by at most the retransmission
+    records it dropped meanwhile (``missed``, host-wide: another namespace's may be among them),
+    so exact when it dropped none."""
     rows = {row.destination: row for row in share.connects}
     dead, blackhole, impatient = (
         rows[f"127.0.0.1:{ports[name]}"]
@@ -259,11 +296,6 @@ def test_haproxys_failed_connects_keep_port_errno_and_process(
     # was given up at 300 ms, before the first one (1 s).
     assert (impatient.process, impatient.failures) == ("haproxy", {ABANDONED: 2})
     assert impatient.syn_retransmits == 0
-    # Linux 6.18 now and then counts a SYN retransmission's record and never writes it (once
-    # in CI: 2 of the 4 here); the reader counts those (docs/tracepoints.md, "Records the
-    # kernel does not deliver"). Exact when none went missing meanwhile; else short by at most
-    # those (host-wide: another namespace's may be among them).
-    missed = share.host.undelivered.get("retransmit", 0) - undelivered
     assert retransmitted >= 2
     assert retransmitted - missed <= blackhole.syn_retransmits <= retransmitted, (
         missed, share.host,
