@@ -127,7 +127,7 @@ def reader(
 
 def _state(
     t: int, pid: int, sk: int, old: int, new: int, port: int, six: bool = False,
-    flags: int | None = None,
+    flags: int | None = None, tid: int | None = None,
 ) -> bytes:  # fmt: skip
     """A set_state sample: ``port`` is the client's (to port 8080), or below 8000 the
     destination's (from port 40000); a connect's start or listen is written by its task, the
@@ -142,21 +142,25 @@ def _state(
         flags = 0 if new in (S.syn_sent, S.listen) else SOFTIRQ
     sport, dport = (40000, port) if port < 8000 else (port, 8080)
     record = sample(
-        F[events.SET_STATE], t, pid, flags=flags, skaddr=sk, oldstate=old, newstate=new,
+        F[events.SET_STATE], t, pid, tid, flags=flags, skaddr=sk, oldstate=old, newstate=new,
         sport=sport, dport=dport, family=family, protocol=6, **addresses,
     )  # fmt: skip
     return bytes(record[4])
 
 
 def cpu_records(cpu: int, connections: int, seed: int) -> Iterator[bytes]:
-    """One CPU's records in time order: connects, ends of sockets of other CPUs, a listener,
-    failures with their error reports, resets, drops, retransmits and side-band records, with
-    reused socket addresses (the next connect takes a freed one)."""
+    """One CPU's records in time order: connects (some by a second thread of the process),
+    ends of sockets of other CPUs, a listener, failures with their error reports, resets,
+    drops, retransmits and side-band records, with reused socket addresses (the next connect
+    takes a freed one)."""
     chance = random.Random(seed)
     t = 1_000_000 + cpu * 7  # the CPUs' times interleave
     pid = 600 + cpu
+    thread = 70_000 + cpu  # a thread id other than the pid: the two are never mixed up
     yield from (bytes(r[4]) for r in (fork(t, pid, 1), namespaces(t + 1, pid, NS)))
     yield bytes(comm(t + 2, pid, f"client{cpu}")[4])
+    yield bytes(fork(t + 3, pid, pid, thread, pid)[4])
+    yield bytes(namespaces(t + 4, pid, NS, thread)[4])
     t += 100
     yield _state(t, pid, 0xA000 + cpu, S.close, S.listen, 9000 + cpu)
     for number in range(connections):
@@ -164,7 +168,7 @@ def cpu_records(cpu: int, connections: int, seed: int) -> Iterator[bytes]:
         sk = 0xF000 + (number % 5) * 0x100 + cpu  # five addresses, reused in turn
         port = 40000 + number
         six = chance.random() < 0.2
-        yield _state(t, pid, sk, S.close, S.syn_sent, port, six)
+        yield _state(t, pid, sk, S.close, S.syn_sent, port, six, tid=thread if number % 4 else pid)
         turn = chance.random()
         if turn < 0.1:  # refused: the close, then its error report
             yield _state(t + 10, 0, sk, S.syn_sent, S.close, port, six)
