@@ -64,8 +64,7 @@ Run = tuple[int, bytes, int, int, int]
 _LOW = 0 if sys.byteorder == "little" else 3  # where an int's low byte is
 _TIMES = _SAMPLE_TIME // 8  # the time's index in a record, in u64 words
 _FLIP = bytes([1, 0]) + bytes(254)  # 0 <-> 1
-# a run's ends and starts (a byte a record), its addresses, the set of its ends' addresses
-_Columns = tuple[bytes, bytes, list[int], set[int]]
+_Columns = tuple[bytes, bytes, list[int]]  # a run's ends, starts (a byte a record), addresses
 
 
 class SpanParser:
@@ -216,10 +215,9 @@ class SpanParser:
         noted = [self._columns(*run[1:]) for run in runs]
         started: set[int] = set()
         ends: set[int] = set()
-        for _, start, addresses, run_ends in noted:
-            if 1 in start:
-                started.update(compress(addresses, start))
-            ends |= run_ends
+        for end, start, addresses in noted:
+            started.update(compress(addresses, start))
+            ends.update(compress(addresses, end))
         for item in items:  # the held records and those left to the per-record path
             if item[0] == GENERIC:
                 kind, offset, size, span = item[1], item[3], item[4], item[7]
@@ -260,15 +258,12 @@ class SpanParser:
             stop = position + count * size
             leave = 0
             if gone and noted is not None:
-                end, _, addresses, run_ends = noted[number]
-                if run_ends <= gone:  # every end of the run (a server's, mostly): no lookups
-                    leave = int.from_bytes(end, "little")
-                elif not run_ends.isdisjoint(gone):
-                    leave = int.from_bytes(bytes(map(gone.__contains__, addresses)), "little")
-                    leave &= int.from_bytes(end, "little")
+                end, _, addresses = noted[number]
+                leave = int.from_bytes(bytes(map(gone.__contains__, addresses)), "little")
+                leave &= int.from_bytes(end, "little")
             if leave and horizon is not None:
                 words = memoryview(span)[: len(span) // 8 * 8].cast("Q")
-                times = words[position // 8 + _TIMES : stop // 8 : size // 8].tolist()
+                times = words[position // 8 + _TIMES : stop // 8 : size // 8]
                 if max(compress(times, leave.to_bytes(count, "little"))) >= horizon:
                     # the ends at or past it wait (held: their tuples are made)
                     leave &= int.from_bytes(bytes(map(horizon.__gt__, times)), "little")
@@ -285,7 +280,7 @@ class SpanParser:
 
     def _columns(self, span: bytes, position: int, count: int, size: int) -> _Columns:
         """A run's ends (a byte a record: 1 for an end, CLOSE from other than SYN_SENT), its
-        starts (1 for SYN_SENT or LISTEN), its socket addresses and those of its ends.
+        starts (1 for SYN_SENT or LISTEN) and its socket addresses.
 
         By the states' low bytes only (the kernel's states are below 256): a state with other
         bits set would be read as a start it is not (a socket kept, never one left out), or as
@@ -300,6 +295,4 @@ class SpanParser:
         words = memoryview(span)[shift : shift + (len(span) - shift) // 8 * 8].cast("Q")
         first = (position + self._skaddr - shift) // 8
         addresses = words[first : first + count * size // 8 : size // 8].tolist()
-        ends = end.to_bytes(count, "little")
-        run_ends = set(compress(addresses, ends)) if 1 in ends else set()
-        return ends, new.translate(self._start), addresses, run_ends
+        return end.to_bytes(count, "little"), new.translate(self._start), addresses
