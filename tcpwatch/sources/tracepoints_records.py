@@ -17,7 +17,7 @@ from tcpwatch.sources import perf
 from tcpwatch.sources import tracepoints_events as events
 from tcpwatch.sources.lifecycle_events import ADDRESS_BYTES
 from tcpwatch.sources.tracefs import EventFormat, TracefsError, read_event_format
-from tcpwatch.sources.tracepoints_batch import GENERIC, TIME_ITEM, Parsed, Run, SpanParser
+from tcpwatch.sources.tracepoints_batch import GENERIC, TIME_ITEM, Parsed, SpanParser
 from tcpwatch.sources.tracepoints_tally import BOUNDS_NS
 from tcpwatch.sources.tracepoints_tracker import (
     CLIENT,
@@ -94,11 +94,6 @@ def event_set(formats: Mapping[Spec, EventFormat], missing: list[str] | None = N
     return EventSet(chosen, filters, states, drop_reasons, reset_reasons, tuple(notes))
 
 
-# The share of a read's set_state records that were ends of sockets nobody followed from which
-# the next read leaves them out by columns (SpanParser.parse_runs): below it, the columns cost
-# more than the tuples they save (docs/performance.md, "Ends nobody follows").
-SKIP_SHARE = 0.5
-
 _by_time = operator.itemgetter(0)
 _by_parsed_time = operator.itemgetter(TIME_ITEM)
 
@@ -114,9 +109,7 @@ class RecordReader:
         self._counts: dict[int, int] = dict.fromkeys(self._names, 0)
         self.lost = 0
         self.events = tuple(sorted(fmt.title for fmt in formats.values()))
-        self._spans = SpanParser(formats[events.SET_STATE], chosen.states)
-        self.skipping = False  # the next read leaves ends out: the last one had SKIP_SHARE or more
-        self.skipped = 0  # ends left out by columns, so far
+        self._spans = SpanParser(formats[events.SET_STATE])
         self._held: list[Parsed] = []  # records at or after the last horizon (handle_spans)
         # a connect's destination bytes (SpanParser.destination) -> Tracker.label's name
         self._labels: dict[bytes, str] = {}
@@ -168,17 +161,10 @@ class RecordReader:
         parser = self._spans
         items, self._held = self._held, []
         parsed = 0
-        runs: list[Run] | None = [] if self.skipping else None
         for span in spans:
             if span:
-                parsed += parser.split(span, items, runs)
-        # Ends nobody follows, left out by columns (when the last read had many) or counted below
-        left_out = parser.parse_runs(items, runs, self.tracker.sockets, horizon) if runs else 0
-        unfollowed = left_out
-        self.skipped += left_out
+                parsed += parser.split(span, items)
         if not items:
-            self.skipping = left_out > 0
-            self._counts[parser.event] += parsed
             return
         items.sort(key=_by_parsed_time)  # the rings' runs and the held records: nearly sorted
         if horizon is not None:
@@ -213,9 +199,7 @@ class RecordReader:
             # GENERIC record (no state) goes past the first two to the per-record path.
             if new == close and old != syn_sent:
                 gone = forget(sk, None)
-                if gone is None:
-                    unfollowed += 1
-                elif gone[ROLE] == CLIENT:
+                if gone is not None and gone[ROLE] == CLIENT:
                     tracker.end_unseen()  # its connect's end never arrived (Tracker.ended)
                 continue
             if old == syn_sent and new == connected:
@@ -267,7 +251,6 @@ class RecordReader:
             else:
                 set_state(pid, tid, at, task, sk, old, new, family, sport, dport,
                           rest[source6], rest[destination6])  # fmt: skip
-        self.skipping = unfollowed >= SKIP_SHARE * (len(items) + left_out)
 
     def record(self, buffer: events.Buffer, offset: int, kind: int, size: int) -> None:
         """One record: a sample to its event's handler, or a side-band record."""

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from tcpwatch.paths import ProcPaths
-from tcpwatch.sources import perf, tracepoints_records
+from tcpwatch.sources import perf
 from tcpwatch.sources import tracepoints_events as events
-from tcpwatch.sources.tracepoints_batch import GENERIC, TIME_ITEM, Run, SpanParser
+from tcpwatch.sources.tracepoints_batch import GENERIC, TIME_ITEM, SpanParser
 from tcpwatch.sources.tracepoints_records import RecordReader
 from tcpwatch.sources.tracepoints_tasks import TaskResolver
 from tcpwatch.sources.tracepoints_tracker import SOCKET_LIMIT, Tracker
@@ -161,9 +161,6 @@ def cpu_records(cpu: int, connections: int, seed: int) -> Iterator[bytes]:
     yield bytes(comm(t + 2, pid, f"client{cpu}")[4])
     yield bytes(fork(t + 3, pid, pid, thread, pid)[4])
     yield bytes(namespaces(t + 4, pid, NS, thread)[4])
-    # a connect that began before the reader: its handshake's end and its end, never followed
-    yield _state(t + 5, 0, 0xD000 + cpu, S.syn_sent, S.established, 41000)
-    yield _state(t + 6, 0, 0xD000 + cpu, 4, S.close, 41000)
     t += 100
     yield _state(t, pid, 0xA000 + cpu, S.close, S.listen, 9000 + cpu)
     for number in range(connections):
@@ -218,9 +215,6 @@ def cpu_records(cpu: int, connections: int, seed: int) -> Iterator[bytes]:
         if number % 17 == 3:  # one written in an interrupt (not the task's)
             yield _state(t + 50, pid, 0xE100 + cpu, S.close, S.syn_sent, port, six, SOFTIRQ)
             yield _state(t + 60, 0, 0xE100 + cpu, 1, S.close, port, six)
-        if number % 29 == 9:  # a connect in an interrupt, refused: not followed, never an end
-            yield _state(t + 50, pid, 0xE400 + cpu, S.close, S.syn_sent, port, six, SOFTIRQ)
-            yield _state(t + 60, 0, 0xE400 + cpu, S.syn_sent, S.close, port, six)
         if number % 23 == 11:  # its connect's end never arrives: seen closing from LAST_ACK
             yield _state(t + 50, pid, 0xE300 + cpu, S.close, S.syn_sent, port, six)
             yield _state(t + 70, 0, 0xE300 + cpu, 9, S.close, port, six)
@@ -275,7 +269,6 @@ def _inline(tracker: Recording) -> int:
     return sum(call[0] in INLINE for call in tracker.calls)
 
 
-@pytest.mark.parametrize("skipping", [False, True])
 @pytest.mark.parametrize(
     ("wrap_at", "polled", "socket_limit"),
     [
@@ -287,15 +280,8 @@ def _inline(tracker: Recording) -> int:
     ],
 )
 def test_the_batch_path_makes_the_same_calls_as_the_per_record_path(
-    tmp_path: Path,
-    rings: list[Ring],
-    monkeypatch: pytest.MonkeyPatch,
-    wrap_at: int,
-    polled: bool,
-    socket_limit: int,
-    skipping: bool,
+    tmp_path: Path, rings: list[Ring], wrap_at: int, polled: bool, socket_limit: int
 ) -> None:
-    """``skipping``: the ends of sockets nobody follows are left out by columns."""
     _fill(rings, connections=300, wrap_at=wrap_at)
     tails = [int(struct.unpack_from("=Q", ring.map, 1032)[0]) for ring in rings]
     one, one_tracker = reader(tmp_path, polled, socket_limit)
@@ -309,10 +295,7 @@ def test_the_batch_path_makes_the_same_calls_as_the_per_record_path(
     for ring, tail in zip(rings, tails, strict=True):
         ring.rewind(tail)
     batch, batch_tracker = reader(tmp_path, polled, socket_limit)
-    batch.skipping = skipping
-    monkeypatch.setattr(tracepoints_records, "SKIP_SHARE", 0.0 if skipping else 2.0)
     batch.handle_spans([buffer.take() for buffer in buffers])
-    assert (batch.skipped > 100) == skipping  # both ways were taken
     assert all(buffer.pending() == 0 for buffer in buffers)  # taken: the space is given back
     for buffer in buffers:
         buffer.close()
@@ -416,172 +399,3 @@ def test_records_after_the_horizon_wait_for_the_next_read(tmp_path: Path) -> Non
     # Handled as taken, the newer record first, the late end forgets the new connect.
     unordered = _late_end_of_a_reused_address(tmp_path, None)
     assert 0xF100 not in unordered.sockets
-
-
-def _skip_records(cpu: int, connections: int) -> list[bytes]:
-    """One CPU's records in time order, in long runs of set_state samples (few other records):
-    connects and their ends, the server's ends (nobody follows them), connections that last
-    across reads, connects that began before the reader, refused connects in interrupts."""
-    t = 1_000_000 + cpu * 7
-    pid = 600 + cpu
-    made = [
-        bytes(r[4]) for r in (fork(t, pid, 1), namespaces(t + 1, pid, NS), comm(t + 2, pid, "c"))
-    ]
-    late: list[tuple[int, bytes]] = []  # the ends of long connections, at their time
-    for number in range(connections):
-        t += 1000
-        while late and late[0][0] < t:
-            made.append(late.pop(0)[1])
-        sk = 0xF000 + (number % 5) * 0x100 + cpu
-        port = 40000 + number
-        if number % 9 == 4:  # lasts about 40 connections: its end comes reads later
-            sk = 0xC000 + number * 0x100 + cpu
-            made += [
-                _state(t, pid, sk, S.close, S.syn_sent, port),
-                _state(t + 20, 0, sk, S.syn_sent, S.established, port),
-            ]
-            late.append((t + 40_500, _state(t + 40_500, 0, sk, 4, S.close, port)))
-            continue
-        made += [
-            _state(t, pid, sk, S.close, S.syn_sent, port),
-            _state(t + 20, 0, sk, S.syn_sent, S.established, port),
-            _state(t + 30, 0, sk + 0x10000, 8, S.close, 8080),  # the server's end
-            _state(t + 40, 0, sk, 5, S.close, port),
-        ]
-        if number % 7 == 2:  # began before the reader: its handshake's end is counted
-            made += [
-                _state(t + 50, 0, 0xD000 + number * 0x100, S.syn_sent, S.established, port),
-                _state(t + 60, 0, 0xD000 + number * 0x100, 4, S.close, port),
-            ]
-        if number % 13 == 6:  # began before the reader and refused: its close is counted
-            made.append(_state(t + 70, 0, 0xD800 + number * 0x100, S.syn_sent, S.close, port))
-        if number % 100 == 50:  # a listener, closed a connection later
-            made.append(_state(t + 80, pid, 0xA000 + number * 0x100, S.close, S.listen, 9000))
-        if number % 100 == 51:
-            made.append(_state(t + 80, 0, 0xA000 + (number - 1) * 0x100, S.listen, S.close, 9000))
-        if number % 11 == 3:  # refused, in an interrupt: never followed, its close counted
-            made += [
-                _state(t + 50, pid, 0xE400 + cpu, S.close, S.syn_sent, port, flags=SOFTIRQ),
-                _state(t + 60, 0, 0xE400 + cpu, S.syn_sent, S.close, port),
-            ]
-    return made  # the last long connections are still open
-
-
-def _time_of(record: bytes) -> int:
-    """A sample's time, or a side-band record's (its sample_id trailer's, at its end)."""
-    kind, _, size = perf.RECORD_HEADER.unpack_from(record)
-    return int(
-        struct.unpack_from("=Q", record, 16 if kind == perf.PERF_RECORD_SAMPLE else size - 8)[0]
-    )
-
-
-@pytest.mark.parametrize("skipping", [False, True])
-def test_reads_with_horizons_leave_out_only_ends_that_change_nothing(
-    tmp_path: Path, rings: list[Ring], monkeypatch: pytest.MonkeyPatch, skipping: bool
-) -> None:
-    """The records of two CPUs read in ten takes, each with a horizon inside what the rings
-    hold (the records past it are held), against the per-record path on all of them at once:
-    the same outcome whether ends are left out by columns or not, and some were."""
-    monkeypatch.setattr(tracepoints_records, "SKIP_SHARE", 0.0 if skipping else 2.0)
-    records = [_skip_records(cpu, 400) for cpu in range(2)]
-    one, one_tracker = reader(tmp_path)
-    collected: list[perf.Record] = []
-    for cpu_records_ in records:
-        for record in cpu_records_:
-            size = struct.unpack_from("=H", record, 6)[0]
-            kind = struct.unpack_from("=I", record, 0)[0]
-            collected.append((_time_of(record), 0, kind, size, record))
-    one.handle(collected)
-    batch, batch_tracker = reader(tmp_path)
-    batch.skipping = skipping
-    rings += [Ring(64), Ring(64)]
-    buffers = [perf.RingBuffer(ring.fd, 64) for ring in rings]
-    written = [0, 0]
-    end = 1_000_000 + 400 * 1000 + 50_000
-    for turn in range(1, 11):
-        horizon = 1_000_000 + turn * 40_000
-        for cpu, ring in enumerate(rings):  # up to a little past the horizon
-            while written[cpu] < len(records[cpu]) and (
-                _time_of(records[cpu][written[cpu]]) < horizon + 3_000 or turn == 10
-            ):
-                ring.write(records[cpu][written[cpu]])
-                written[cpu] += 1
-        batch.handle_spans([buffer.take() for buffer in buffers], horizon if turn < 10 else end)
-    batch.handle_spans([buffer.take() for buffer in buffers])
-    for buffer in buffers:
-        buffer.close()
-    assert written == [len(r) for r in records]
-    expected, got = _outcome(one, one_tracker), _outcome(batch, batch_tracker)
-    assert got == expected
-    assert (batch.skipped > 500) == skipping
-    assert {"connect_unseen", "interrupt"} <= {why for _, why in expected[2]}
-    assert len(expected[1]) > 3  # sockets still followed at the end
-
-
-def _late(tmp_path: Path, skipping: bool, first: bytes, second: bytes, horizon: int) -> Recording:
-    """Two reads: ring A's ``first`` (taken at ``horizon``), then ring B's ``second``; each
-    padded with 20 ends of sockets nobody follows, so they are long runs."""
-    batch, tracker = reader(tmp_path)
-    batch.skipping = skipping
-    pid = 700
-    task = b"".join(bytes(r[4]) for r in (fork(10, pid, 1), namespaces(11, pid, NS)))
-    task += bytes(comm(12, pid, "client")[4])
-    filler = b"".join(_state(20 + i, 0, 0xB000 + i, 4, S.close, 8080) for i in range(20))
-    batch.handle_spans([task + filler + first, b""], horizon)
-    batch.handle_spans([b"", filler + second], None)
-    return tracker
-
-
-@pytest.mark.parametrize("skipping", [False, True])
-@pytest.mark.parametrize(("end", "start"), [(160, 155), (150, 149)])
-def test_an_end_past_the_horizon_waits_for_a_start_older_than_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, skipping: bool, end: int, start: int
-) -> None:
-    """Ring A holds the end of the socket at X (at or past the horizon 150); ring B's connect
-    at X (older) was written after A was taken. The end waits and ends that connect."""
-    monkeypatch.setattr(tracepoints_records, "SKIP_SHARE", 0.0)
-    x = 0xF100
-    tracker = _late(
-        tmp_path,
-        skipping,
-        _state(end, 0, x, 5, S.close, 40000),
-        _state(start, 700, x, S.close, S.syn_sent, 40000),
-        150,
-    )
-    assert x not in tracker.sockets
-    assert tracker.unattributed == {("set_state", "connect_end_unseen"): 1}
-
-
-@pytest.mark.parametrize("skipping", [False, True])
-def test_a_held_connect_keeps_the_end_that_follows_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, skipping: bool
-) -> None:
-    """A connect at X past the first read's horizon is held; the next read's end at X (a long
-    run, X not followed as that read begins) is its end, not one of a socket nobody follows."""
-    monkeypatch.setattr(tracepoints_records, "SKIP_SHARE", 0.0)
-    x = 0xF100
-    tracker = _late(
-        tmp_path,
-        skipping,
-        _state(160, 700, x, S.close, S.syn_sent, 40000),
-        _state(170, 0, x, 5, S.close, 40000),
-        150,
-    )
-    assert x not in tracker.sockets
-    assert tracker.unattributed == {("set_state", "connect_end_unseen"): 1}
-
-
-def test_a_set_state_sample_left_to_the_per_record_path_stops_the_leaving_out() -> None:
-    """Such a sample could make any socket followed: the read's runs are then parsed whole."""
-    parser = SpanParser(F[events.SET_STATE], S)
-    ends = [_state(20 + i, 0, 0xB000 + i, 4, S.close, 8080) for i in range(20)]
-    span = b"".join(ends)
-    state = (GENERIC, perf.PERF_RECORD_SAMPLE, 20, 0, len(ends[0]), GENERIC, GENERIC, span)
-    runs: list[Run] = []
-    items: list[tuple[Any, ...]] = [state]
-    assert parser.split(span, items, runs) == 20
-    assert items == [state] and len(runs) == 1
-    assert parser.parse_runs([(0, 1, 2, 3, 0xB000, 5, S.close, b"")], runs, {}, None) == 20
-    assert parser.parse_runs(items, runs, {}, None) == 0
-    assert [item[TIME_ITEM] for item in items] == [20] + [20 + i for i in range(20)]
-    assert [item[4] for item in items[1:]] == [0xB000 + i for i in range(20)]
