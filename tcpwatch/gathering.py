@@ -7,6 +7,10 @@ switched off by a reload); the gathering thread calls ``read_ready`` whenever a 
 descriptor is readable. A gatherer whose ``read_ready`` raises is stopped and reported by the
 next drain as a failed source (``tcpwatch_source_up`` 0); the poll after that starts it afresh.
 
+A gatherer with a ``share`` method is given, before it is watched, the thread's shared objects
+(a dict each kind of gatherer keeps its own key in): what only the gathering thread uses, one
+read at a time, such as the destroy readers' receive slots (lifecycle.DestroyListener.share).
+
 A gatherer with a ``read_delay`` attribute (seconds, > 0) is read in batches: after each
 ``read_ready`` its descriptor is not watched until the delay has passed, so a busy stream wakes
 the thread once per delay instead of once per message. The thread keeps feeding the others.
@@ -85,6 +89,7 @@ class Gathering:
         self._selector.register(self._wake_read, selectors.EVENT_READ, None)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._shared: dict[str, object] = {}  # the gathering thread's, handed out by ensure
 
     @property
     def keys(self) -> frozenset[GathererKey]:
@@ -105,6 +110,9 @@ class Gathering:
             if key in self._running:
                 return
         gatherer: Gatherer | HostGatherer = source.start(context)
+        share = getattr(gatherer, "share", None)
+        if share is not None:
+            share(self._shared)
         with self._lock:
             self._running[key] = _Running(gatherer)
             self._selector.register(gatherer.fileno(), selectors.EVENT_READ, key)

@@ -29,7 +29,7 @@ from tcpwatch.sources.lifecycle_peers import (
     tracked_peers,
 )
 from tcpwatch.sources.netlink import NETLINK_SOCK_DIAG, SockDiagError
-from tcpwatch.sources.recvbatch import BatchReceiver
+from tcpwatch.sources.recvbatch import SHARED_SLOTS, BatchReceiver, Slots
 
 SKNLGRP_INET_TCP_DESTROY = 1
 SKNLGRP_INET6_TCP_DESTROY = 3
@@ -40,6 +40,7 @@ SO_MEMINFO = 55  # u32[SK_MEMINFO_VARS]; index 8 is sk_drops (include/uapi/linux
 _SK_MEMINFO_DROPS = 8
 _MAX_DATAGRAMS_PER_READ = 8192  # read_ready returns after this many; the fd stays readable
 _EVENT_TRUESIZE = 1280  # receive-buffer bytes one queued destroy message takes (6.18, measured)
+_SHARED_KEY = "recvbatch.Slots"  # the destroy readers' slots in a gathering thread's shared objects
 
 
 def open_destroy_socket(receive_buffer: int = DEFAULT_RECEIVE_BUFFER) -> socket.socket:
@@ -114,11 +115,23 @@ class DestroyListener:
         events = self.receive_buffer / _EVENT_TRUESIZE
         return min(0.02, events / 4 / 20_000)
 
+    def share(self, shared: dict[str, object]) -> None:
+        """Receive into the slots every destroy reader of the calling gathering thread shares
+        (``shared``: that thread's, gathering.Gathering's), made by the first: a batch of up to
+        SHARED_SLOTS datagrams at the memory of one reader. Call before the first read; from
+        then on only that thread may call ``read_ready``."""
+        slots = shared.get(_SHARED_KEY)
+        if not isinstance(slots, Slots):
+            slots = shared[_SHARED_KEY] = Slots(SHARED_SLOTS)
+        with self._lock:
+            self._receiver = BatchReceiver(self._sock.fileno(), shared=slots)
+
     def read_ready(self) -> None:
         """Read and count every pending datagram, without blocking.
 
-        One recvmmsg per batch of up to 64 datagrams (recvbatch.py), counted under one hold of
-        the lock; at most 8,192 datagrams per call (the fd stays readable if more wait).
+        One recvmmsg per batch of up to 64 datagrams (recvbatch.py; 256 in the slots the
+        daemon's readers share, ``share``), counted under one hold of the lock; at most 8,192
+        datagrams per call (the fd stays readable if more wait).
         """
         receiver = self._receiver
         for _ in range(_MAX_DATAGRAMS_PER_READ // receiver.slots):
@@ -195,6 +208,9 @@ class LifecycleGatherer:
     @property
     def read_delay(self) -> float:
         return self.listener.read_delay
+
+    def share(self, shared: dict[str, object]) -> None:
+        self.listener.share(shared)
 
     def read_ready(self) -> None:
         self.listener.read_ready()

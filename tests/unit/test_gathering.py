@@ -164,3 +164,36 @@ def test_a_collector_switched_off_before_stays_off() -> None:
     with collector_paused():
         assert not gc.isenabled()
     assert gc.isenabled()
+
+
+class SharingGatherer(PipeGatherer):
+    """A PipeGatherer that takes the gathering thread's shared objects."""
+
+    def __init__(self) -> None:
+        super().__init__(read_delay=None)
+        self.shared: list[dict[str, object]] = []
+
+    def share(self, shared: dict[str, object]) -> None:
+        assert not self.reads, "shared objects come before the first read"
+        self.shared.append(shared)
+
+
+def test_every_gatherer_that_shares_gets_the_one_thread_objects(gathering: Gathering) -> None:
+    """Each gatherer with a ``share`` method is given, once and before it is fed, the same dict
+    (the destroy readers keep their common receive slots there); others are fed as before."""
+    first, second, plain = SharingGatherer(), SharingGatherer(), PipeGatherer(read_delay=None)
+    for name, gatherer in (("first", first), ("second", second), ("plain", plain)):
+        start(gathering, name, gatherer)
+    start(gathering, "first", first)  # already running: not shared again
+    assert len(first.shared) == len(second.shared) == 1
+    assert first.shared[0] is second.shared[0]
+    for gatherer in (first, second, plain):
+        gatherer.send()
+        gatherer.wait_fed()
+    other = Gathering()
+    try:
+        third = SharingGatherer()
+        other.ensure((1, "third"), LongLivedSource("third", None, 1, lambda c: third), CONTEXT)
+        assert third.shared[0] is not first.shared[0]  # another thread, its own objects
+    finally:
+        other.close()

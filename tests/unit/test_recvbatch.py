@@ -14,7 +14,7 @@ from tcpwatch.sources import lifecycle
 from tcpwatch.sources.lifecycle import DestroyListener
 from tcpwatch.sources.lifecycle_peers import LifecycleAggregator, table_of
 from tcpwatch.sources.netlink import NLMSG_DONE, SockDiagError
-from tcpwatch.sources.recvbatch import BatchReceiver, RecvMmsg, libc_recvmmsg
+from tcpwatch.sources.recvbatch import SHARED_SLOTS, BatchReceiver, RecvMmsg, Slots, libc_recvmmsg
 from tests.unit.test_lifecycle import OK_INFO, REFUSED_INFO, TIMEOUT_INFO, destroy_message
 
 
@@ -151,3 +151,65 @@ def test_listener_stops_after_its_per_call_limit_and_the_rest_waits(
             listener.read_ready()
             counts.append(listener.drain().events)
     assert counts == [256, 512, 768, 1000, 1000]
+
+
+def test_receivers_sharing_slots_each_read_their_own_socket_in_turn() -> None:
+    """Two sockets read in turn into one set of slots: each batch holds its own socket's
+    datagrams, in order, up to the shared slots' count."""
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        for which, (reader, writer) in enumerate(pairs):
+            reader.setblocking(False)
+            for n in range(20):
+                writer.send(bytes([which]) * (1 + n))
+        shared = Slots(16, 64)
+        receivers = [BatchReceiver(reader.fileno(), shared=shared) for reader, _ in pairs]
+        assert {(r.slots, r.slot_size) for r in receivers} == {(16, 64)}
+        assert all(r.buffer is shared.buffer for r in receivers)
+        got: list[list[bytes]] = [[], []]
+        batches = []
+        for _ in range(2):
+            for which, receiver in enumerate(receivers):
+                lengths = receiver.receive()
+                batches.append(len(lengths))
+                view = shared.buffer
+                got[which] += [bytes(view[i * 64 : i * 64 + n]) for i, n in enumerate(lengths)]
+        assert batches == [16, 16, 4, 4]
+        assert got == [[bytes([which]) * (1 + n) for n in range(20)] for which in (0, 1)]
+    finally:
+        for reader, writer in pairs:
+            reader.close()
+            writer.close()
+
+
+def test_listeners_sharing_the_thread_slots_count_exactly() -> None:
+    """DestroyListener.share: every listener given the same shared objects reads into one set
+    of SHARED_SLOTS slots, made once, and each counts its own socket's events, all of them."""
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(3)]
+    shared: dict[str, object] = {}
+    try:
+        listeners = []
+        for which, (reader, writer) in enumerate(pairs):
+            reader.setblocking(False)
+            writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            for n in range(300 + which * 100):
+                writer.send(destroy_message(sport=40000 + n, dport=5432 + which, info=OK_INFO))
+            listener = DestroyListener(sock=reader)
+            listener.share(shared)
+            listeners.append(listener)
+        (slots,) = shared.values()
+        assert isinstance(slots, Slots) and slots.count == SHARED_SLOTS
+        assert all(listener._receiver.buffer is slots.buffer for listener in listeners)
+        for listener in listeners:  # in turn, as the gathering thread reads them
+            listener.read_ready()
+        results = [table_of(listener.drain()) for listener in listeners]
+        for listener in listeners:
+            listener.close()
+    finally:
+        for reader, writer in pairs:
+            reader.close()
+            writer.close()
+    assert [(r.events, r.malformed) for r in results] == [(300, 0), (400, 0), (500, 0)]
+    assert [{row.peer: row.closed["ok"] for row in r.peers} for r in results] == [
+        {f"127.0.0.1:{5432 + which}": 300 + which * 100} for which in range(3)
+    ]

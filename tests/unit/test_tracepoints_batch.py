@@ -127,7 +127,7 @@ def reader(
 
 def _state(
     t: int, pid: int, sk: int, old: int, new: int, port: int, six: bool = False,
-    flags: int | None = None,
+    flags: int | None = None, tid: int | None = None,
 ) -> bytes:  # fmt: skip
     """A set_state sample: ``port`` is the client's (to port 8080), or below 8000 the
     destination's (from port 40000); a connect's start or listen is written by its task, the
@@ -142,21 +142,25 @@ def _state(
         flags = 0 if new in (S.syn_sent, S.listen) else SOFTIRQ
     sport, dport = (40000, port) if port < 8000 else (port, 8080)
     record = sample(
-        F[events.SET_STATE], t, pid, flags=flags, skaddr=sk, oldstate=old, newstate=new,
+        F[events.SET_STATE], t, pid, tid, flags=flags, skaddr=sk, oldstate=old, newstate=new,
         sport=sport, dport=dport, family=family, protocol=6, **addresses,
     )  # fmt: skip
     return bytes(record[4])
 
 
 def cpu_records(cpu: int, connections: int, seed: int) -> Iterator[bytes]:
-    """One CPU's records in time order: connects, ends of sockets of other CPUs, a listener,
-    failures with their error reports, resets, drops, retransmits and side-band records, with
-    reused socket addresses (the next connect takes a freed one)."""
+    """One CPU's records in time order: connects (some by a second thread of the process),
+    ends of sockets of other CPUs, a listener, failures with their error reports, resets,
+    drops, retransmits and side-band records, with reused socket addresses (the next connect
+    takes a freed one)."""
     chance = random.Random(seed)
     t = 1_000_000 + cpu * 7  # the CPUs' times interleave
     pid = 600 + cpu
+    thread = 70_000 + cpu  # a thread id other than the pid: the two are never mixed up
     yield from (bytes(r[4]) for r in (fork(t, pid, 1), namespaces(t + 1, pid, NS)))
     yield bytes(comm(t + 2, pid, f"client{cpu}")[4])
+    yield bytes(fork(t + 3, pid, pid, thread, pid)[4])
+    yield bytes(namespaces(t + 4, pid, NS, thread)[4])
     t += 100
     yield _state(t, pid, 0xA000 + cpu, S.close, S.listen, 9000 + cpu)
     for number in range(connections):
@@ -164,7 +168,7 @@ def cpu_records(cpu: int, connections: int, seed: int) -> Iterator[bytes]:
         sk = 0xF000 + (number % 5) * 0x100 + cpu  # five addresses, reused in turn
         port = 40000 + number
         six = chance.random() < 0.2
-        yield _state(t, pid, sk, S.close, S.syn_sent, port, six)
+        yield _state(t, pid, sk, S.close, S.syn_sent, port, six, tid=thread if number % 4 else pid)
         turn = chance.random()
         if turn < 0.1:  # refused: the close, then its error report
             yield _state(t + 10, 0, sk, S.syn_sent, S.close, port, six)
@@ -395,3 +399,99 @@ def test_records_after_the_horizon_wait_for_the_next_read(tmp_path: Path) -> Non
     # Handled as taken, the newer record first, the late end forgets the new connect.
     unordered = _late_end_of_a_reused_address(tmp_path, None)
     assert 0xF100 not in unordered.sockets
+
+
+def _long_run_records(cpu: int, connections: int) -> list[bytes]:
+    """One CPU's records in time order, in long runs of set_state samples (few other records):
+    connects and their ends, the server's ends (nobody follows them), connections that last
+    across reads, connects that began before the reader, refused connects in interrupts."""
+    t = 1_000_000 + cpu * 7
+    pid = 600 + cpu
+    made = [
+        bytes(r[4]) for r in (fork(t, pid, 1), namespaces(t + 1, pid, NS), comm(t + 2, pid, "c"))
+    ]
+    late: list[tuple[int, bytes]] = []  # the ends of long connections, at their time
+    for number in range(connections):
+        t += 1000
+        while late and late[0][0] < t:
+            made.append(late.pop(0)[1])
+        sk = 0xF000 + (number % 5) * 0x100 + cpu
+        port = 40000 + number
+        if number % 9 == 4:  # lasts about 40 connections: its end comes reads later
+            sk = 0xC000 + number * 0x100 + cpu
+            made += [
+                _state(t, pid, sk, S.close, S.syn_sent, port),
+                _state(t + 20, 0, sk, S.syn_sent, S.established, port),
+            ]
+            late.append((t + 40_500, _state(t + 40_500, 0, sk, 4, S.close, port)))
+            continue
+        made += [
+            _state(t, pid, sk, S.close, S.syn_sent, port),
+            _state(t + 20, 0, sk, S.syn_sent, S.established, port),
+            _state(t + 30, 0, sk + 0x10000, 8, S.close, 8080),  # the server's end
+            _state(t + 40, 0, sk, 5, S.close, port),
+        ]
+        if number % 7 == 2:  # began before the reader: its handshake's end is counted
+            made += [
+                _state(t + 50, 0, 0xD000 + number * 0x100, S.syn_sent, S.established, port),
+                _state(t + 60, 0, 0xD000 + number * 0x100, 4, S.close, port),
+            ]
+        if number % 13 == 6:  # began before the reader and refused: its close is counted
+            made.append(_state(t + 70, 0, 0xD800 + number * 0x100, S.syn_sent, S.close, port))
+        if number % 100 == 50:  # a listener, closed a connection later
+            made.append(_state(t + 80, pid, 0xA000 + number * 0x100, S.close, S.listen, 9000))
+        if number % 100 == 51:
+            made.append(_state(t + 80, 0, 0xA000 + (number - 1) * 0x100, S.listen, S.close, 9000))
+        if number % 11 == 3:  # refused, in an interrupt: never followed, its close counted
+            made += [
+                _state(t + 50, pid, 0xE400 + cpu, S.close, S.syn_sent, port, flags=SOFTIRQ),
+                _state(t + 60, 0, 0xE400 + cpu, S.syn_sent, S.close, port),
+            ]
+    return made  # the last long connections are still open
+
+
+def _time_of(record: bytes) -> int:
+    """A sample's time, or a side-band record's (its sample_id trailer's, at its end)."""
+    kind, _, size = perf.RECORD_HEADER.unpack_from(record)
+    return int(
+        struct.unpack_from("=Q", record, 16 if kind == perf.PERF_RECORD_SAMPLE else size - 8)[0]
+    )
+
+
+def test_reads_with_horizons_make_the_same_calls_as_the_per_record_path(
+    tmp_path: Path, rings: list[Ring]
+) -> None:
+    """The records of two CPUs read in ten takes, each with a horizon inside what the rings
+    hold (the records past it are held), against the per-record path on all of them at once:
+    long runs of set_state samples, sockets followed across reads, the same outcome."""
+    records = [_long_run_records(cpu, 400) for cpu in range(2)]
+    one, one_tracker = reader(tmp_path)
+    collected: list[perf.Record] = []
+    for cpu_records_ in records:
+        for record in cpu_records_:
+            size = struct.unpack_from("=H", record, 6)[0]
+            kind = struct.unpack_from("=I", record, 0)[0]
+            collected.append((_time_of(record), 0, kind, size, record))
+    one.handle(collected)
+    batch, batch_tracker = reader(tmp_path)
+    rings += [Ring(64), Ring(64)]
+    buffers = [perf.RingBuffer(ring.fd, 64) for ring in rings]
+    written = [0, 0]
+    end = 1_000_000 + 400 * 1000 + 50_000
+    for turn in range(1, 11):
+        horizon = 1_000_000 + turn * 40_000
+        for cpu, ring in enumerate(rings):  # up to a little past the horizon
+            while written[cpu] < len(records[cpu]) and (
+                _time_of(records[cpu][written[cpu]]) < horizon + 3_000 or turn == 10
+            ):
+                ring.write(records[cpu][written[cpu]])
+                written[cpu] += 1
+        batch.handle_spans([buffer.take() for buffer in buffers], horizon if turn < 10 else end)
+    batch.handle_spans([buffer.take() for buffer in buffers])
+    for buffer in buffers:
+        buffer.close()
+    assert written == [len(r) for r in records]
+    expected, got = _outcome(one, one_tracker), _outcome(batch, batch_tracker)
+    assert got == expected
+    assert {"connect_unseen", "interrupt"} <= {why for _, why in expected[2]}
+    assert len(expected[1]) > 3  # sockets still followed at the end
