@@ -30,6 +30,7 @@ from tcpwatch.rules.tracewindow import (
     handshakes_in,
     processes,
     quantile,
+    records_missed,
     resets_in,
 )
 
@@ -42,6 +43,15 @@ def _local(snapshot: Snapshot, destination: str) -> str | None:
     family = "ipv6" if ":" in address else "ipv4"
     group = local_listener(snapshot, Destination(family, address, port, 0))
     return group.name if group is not None else None
+
+
+def missed_line(missed: int) -> str:
+    """The remediation's caveat when the kernel did not deliver records during the window."""
+    return (
+        f"# the kernel did not deliver {missed} tracepoint records during the window (a full "
+        "ring, or dropped: tcpwatch_tracepoint_records_lost_total, _undelivered_total; any "
+        "namespace's): the counts here may be short by as many"
+    )
 
 
 # --- C04 -------------------------------------------------------------------------------------
@@ -115,8 +125,11 @@ def C04(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
         listener = _local(window.current, destination)
         if listener is not None:
             evidence["local_listener"] = listener
+        missed = records_missed(window)
+        if missed:
+            evidence["tracepoint_records_missed"] = missed
         add_window(evidence, window)
-        lines = []
+        lines = [missed_line(missed)] if missed else []
         if seen.retransmitted:
             lines.append(
                 f"# {seen.retransmitted} of {seen.count} connects needed a SYN retransmission "
@@ -245,9 +258,14 @@ def C05(window: Window, thresholds: Thresholds) -> Iterator[Finding]:
             evidence["clients"] = clients
         if reason == "NO_SOCKET" and port in listening:
             evidence["listening_now"] = "yes"
+        missed = records_missed(window)
+        if missed:
+            evidence["tracepoint_records_missed"] = missed
         add_window(evidence, window)
         meaning = _REASONS.get(reason, f"the kernel's reason {reason or 'unknown'}")
         lines = [f"# {meaning.format(peer=peer)}"]
+        if missed:
+            lines.append(missed_line(missed))
         if reason == "NO_SOCKET":
             lines.append(
                 f"# is anything listening on port {port} (on any address)? Something does now: "

@@ -42,6 +42,19 @@ def both(window: Window) -> tuple[TracepointStats, TracepointStats] | None:
     return now, before
 
 
+def records_missed(window: Window) -> int:
+    """Records the kernel did not give the reader during the window, every event's and every
+    namespace's (it cannot say whose): lost to a full ring, or counted and never delivered
+    (docs/tracepoints.md, "Records the kernel does not deliver"); 0 without a window."""
+    pair = both(window)
+    if pair is None:
+        return 0
+    now, before = pair
+    lost = now.host.lost - before.host.lost
+    undelivered = sum(now.host.undelivered.values()) - sum(before.host.undelivered.values())
+    return max(0, lost) + max(0, undelivered)
+
+
 def handshakes_in(window: Window) -> dict[str, Handshakes] | None:
     """Per destination, the connects of the window (rows that went backwards are left out)."""
     pair = both(window)

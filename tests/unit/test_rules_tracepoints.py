@@ -62,9 +62,16 @@ def connects(
 
 
 def stats(
-    rows: Sequence[ConnectStats] = (), resets: Sequence[ResetStats] = (), records: int = 100
+    rows: Sequence[ConnectStats] = (),
+    resets: Sequence[ResetStats] = (),
+    records: int = 100,
+    *,
+    lost: int = 0,
+    undelivered: Mapping[str, int] | None = None,
 ) -> TracepointStats:
-    host = TracepointHost({"set_state": records}, 0, {}, 0, 2, 524288, (), 0)
+    host = TracepointHost(
+        {"set_state": records}, lost, {}, 0, 2, 524288, (), 0, dict(undelivered or {})
+    )
     return TracepointStats(tuple(rows), tuple(resets), (), host)
 
 
@@ -129,6 +136,21 @@ def test_c04_stays_silent_when_fast_when_few_without_a_window_or_after_a_restart
     assert run(window(replace(snapshot(), tracepoints=slow)), "C04") == []  # no window
     restarted = stats([connects("10.0.0.9:5432", retransmitted=30)], records=10)
     assert run(tracepoint_window(slow, restarted), "C04") == []  # the reader began again
+
+
+def test_c04_and_c05_say_how_many_records_the_kernel_did_not_deliver_in_the_window() -> None:
+    rows = [connects("10.0.0.9:5432", retransmitted=30)]
+    resets = [ResetStats("sent", "127.0.0.1:9999", "NO_SOCKET", 30)]
+    before = stats(lost=5, undelivered={"retransmit": 2, "set_state": 1})
+    missed = stats(rows, resets, 300, lost=7, undelivered={"retransmit": 4, "set_state": 1})
+    for rule_id in ("C04", "C05"):
+        (finding,) = run(tracepoint_window(before, missed), rule_id)
+        assert finding.evidence["tracepoint_records_missed"] == 4  # 2 lost + 2 undelivered
+        assert "did not deliver 4 tracepoint records" in finding.remediation
+        # nothing missed in the window (the counts did not move): no key, no caveat
+        (clean,) = run(tracepoint_window(before, replace(missed, host=before.host)), rule_id)
+        assert "tracepoint_records_missed" not in clean.evidence
+        assert "did not deliver" not in clean.remediation
 
 
 def test_quantile_interpolates_inside_the_bucket_like_histogram_quantile() -> None:
@@ -324,6 +346,8 @@ def evidence_scenarios() -> list[tuple[Window, dict[str, RuleSettings]]]:
                 ResetStats("sent", "127.0.0.1:9999", "NO_SOCKET", 20),
                 ResetStats("sent", "127.0.0.1:8443", "NO_SOCKET", 20),
             ],
+            lost=3,
+            undelivered={"retransmit": 1},
         ),
         [local, listener(8443, "0.0.0.0", inode=7200)],
     )
